@@ -1,0 +1,30 @@
+"""Triton kernels of sfllm: paged-KV attention, cache writes and fused normalisation.
+
+Triton ships for Linux only; without it this package still imports, so that `kernels.reference`
+(the plain-torch versions) serves the CPU backend everywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+
+    if triton.knobs.runtime.interpret:
+        from kernels.interpreter_compat import patch_interpreter_scalar_index
+
+        patch_interpreter_scalar_index()
+
+    from kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
+    from kernels.extend_attention import extend_attention
+    from kernels.fused_norm import fused_add_rms_norm
+    from kernels.store_kv_cache import store_kv_cache
+
+    __all__ = [
+        "DecodeWorkspace",
+        "choose_num_kv_splits",
+        "decode_attention",
+        "extend_attention",
+        "fused_add_rms_norm",
+        "store_kv_cache",
+    ]

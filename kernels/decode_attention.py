@@ -1,0 +1,281 @@
+"""Split-KV (flash-decoding) attention of one new query token per sequence over its paged KV cache.
+
+Stage 1 gives each (sequence, kv head, split) one program that reads its slice of K/V once for all
+query heads of the GQA group and writes a partial output and its log-sum-exp to a workspace;
+stage 2 merges the splits. The grid depends only on shapes and `num_kv_splits`, never on the values
+of `seq_lens`, so a captured CUDA graph replays correctly with new `seq_lens` and `block_tables`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.device_check import check_kernel_inputs
+from kernels.dot_precision import dot_input_precision
+
+# Below this many tokens a split costs more in launch and merge than it gains in parallelism.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_KV_SPLITS = 32
+# Enough programs per SM to hide the latency of the gathered K/V loads.
+PROGRAMS_PER_SM = 4
+LOG2_E = math.log2(math.e)
+
+
+@dataclass
+class DecodeWorkspace:
+    """Per-split partial results; may be larger than a call needs (allocate once for the largest batch)."""
+
+    partial_out: torch.Tensor  # [batch, num_heads, num_kv_splits, head_dim], fp32, normalised per split
+    partial_lse: torch.Tensor  # [batch, num_heads, num_kv_splits], fp32, base-2 log-sum-exp; -inf if empty
+
+    @classmethod
+    def allocate(
+        cls, batch: int, num_heads: int, num_kv_splits: int, head_dim: int, device: torch.device | str
+    ) -> DecodeWorkspace:
+        return cls(
+            partial_out=torch.empty(batch, num_heads, num_kv_splits, head_dim, dtype=torch.float32, device=device),
+            partial_lse=torch.empty(batch, num_heads, num_kv_splits, dtype=torch.float32, device=device),
+        )
+
+    def fits(self, batch: int, num_heads: int, num_kv_splits: int, head_dim: int) -> bool:
+        b, h, s, d = self.partial_out.shape
+        return b >= batch and h == num_heads and s >= num_kv_splits and d == head_dim
+
+
+@dataclass(frozen=True)
+class DecodeLaunchConfig:
+    block_n: int  # cached tokens per loop step
+    num_warps: int
+    num_stages: int
+
+
+def decode_launch_config(head_dim: int) -> DecodeLaunchConfig:
+    return DecodeLaunchConfig(block_n=64, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence that fill the GPU without making any split shorter than is worth it."""
+    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(1, batch * num_kv_heads))
+    useful = math.ceil(max_seq_len / MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_KV_SPLITS))
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    qk_scale,
+    num_kv_splits,
+    stride_q_batch,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    stride_table_batch,
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+    GROUP: tl.constexpr,
+    BLOCK_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + batch)
+    # Splits are whole tiles long so that only the last tile of the last busy split is ragged.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_N) * BLOCK_N
+    split_start = split * tokens_per_split
+    split_end = tl.minimum(split_start + tokens_per_split, seq_len)
+
+    group = tl.arange(0, BLOCK_GROUP)
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + group
+    group_mask = group < GROUP
+    q = tl.load(
+        q_ptr + batch.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+        mask=group_mask[:, None],
+        other=0.0,
+    )
+
+    row_max = tl.full([BLOCK_GROUP], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_GROUP, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + batch.to(tl.int64) * stride_table_batch
+    for tile_start in range(split_start, split_end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        valid = positions < split_end
+        blocks = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        rows = blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset + kv_head * stride_cache_head
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        # Every tile holds at least one valid position, so new_max is finite and no NaN arises.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    has_tokens = row_sum > 0.0
+    out = acc / tl.where(has_tokens, row_sum, 1.0)[:, None]
+    lse = tl.where(has_tokens, row_max + tl.log2(tl.where(has_tokens, row_sum, 1.0)), float("-inf"))
+    out_rows = batch.to(tl.int64) * stride_po_batch + heads[:, None] * stride_po_head + split * stride_po_split
+    tl.store(partial_out_ptr + out_rows + dims[None, :], out, mask=group_mask[:, None])
+    tl.store(partial_lse_ptr + batch.to(tl.int64) * stride_pl_batch + heads * stride_pl_head + split, lse, mask=group_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    num_kv_splits,
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+    stride_out_batch,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    batch = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    split_mask = splits < num_kv_splits
+
+    lse = tl.load(
+        partial_lse_ptr + batch * stride_pl_batch + head * stride_pl_head + splits, mask=split_mask, other=float("-inf")
+    )
+    max_lse = tl.max(lse, axis=0)
+    # A sequence of length 0 (CUDA-graph padding) has every split empty: its output is zeros.
+    max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)
+    weights = tl.exp2(lse - max_lse)
+    total = tl.sum(weights, axis=0)
+
+    partial = tl.load(
+        partial_out_ptr + batch * stride_po_batch + head * stride_po_head + splits[:, None] * stride_po_split + dims[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + batch * stride_out_batch + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+    workspace: DecodeWorkspace | None = None,
+) -> torch.Tensor:
+    """Attention of q [B, H, D] over the first seq_lens[b] cached tokens of each sequence; returns [B, H, D].
+
+    Without `num_kv_splits` the split count comes from shapes alone (the block table's capacity);
+    without `workspace` one is allocated per call, which is safe under CUDA-graph capture too.
+    """
+    check_kernel_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("decode_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
+    if num_kv_splits is None:
+        max_seq_len = block_tables.shape[1] * block_size
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, _num_sms(q.device))
+    if workspace is None:
+        workspace = DecodeWorkspace.allocate(batch, num_heads, num_kv_splits, head_dim, q.device)
+    elif not workspace.fits(batch, num_heads, num_kv_splits, head_dim):
+        raise ValueError(
+            f"workspace {tuple(workspace.partial_out.shape)} is too small for batch {batch}, "
+            f"{num_heads} heads, {num_kv_splits} splits, head_dim {head_dim}"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    config = decode_launch_config(head_dim)
+    partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
+    _decode_partial_kernel[(batch, num_kv_heads, num_kv_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        partial_out,
+        partial_lse,
+        scale * LOG2_E,
+        num_kv_splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        GROUP=group,
+        BLOCK_GROUP=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_input_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        num_kv_splits,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,167 @@
+"""Causal attention of a ragged batch of new tokens (prefill, chunked prefill, prefix-cache hits)
+over the paged KV cache, flash-attention style: tiles of queries against tiles of cached keys, with an
+online softmax in fp32.
+
+Sequence b's q_len new tokens are the last q_len of its seq_lens[b] tokens, all already in the cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+import triton
+import triton.language as tl
+
+from kernels.device_check import check_kernel_inputs
+from kernels.dot_precision import dot_input_precision
+
+LOG2_E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class ExtendLaunchConfig:
+    block_m: int  # query tokens per program
+    block_n: int  # cached tokens per loop step
+    num_warps: int
+    num_stages: int
+
+
+def extend_launch_config(head_dim: int) -> ExtendLaunchConfig:
+    return ExtendLaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _extend_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    stride_q_token,
+    stride_q_head,
+    stride_out_token,
+    stride_out_head,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    stride_table_batch,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    query_tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    kv_head = head // GROUP
+
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = seq_len - query_len
+
+    rows = query_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < query_len
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = (query_start + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + tokens[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    query_positions = prefix_len + rows
+
+    # Causality bounds the keys this tile can see by its last row; tiles past query_len see none.
+    kv_end = tl.minimum(seq_len, prefix_len + (query_tile + 1) * BLOCK_M)
+    kv_end = tl.where(query_tile * BLOCK_M < query_len, kv_end, 0)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_batch
+    for tile_start in range(0, kv_end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        valid = positions < kv_end
+        blocks = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        cache_rows = blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset + kv_head * stride_cache_head
+        k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = valid[None, :] & (positions[None, :] <= query_positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        # Position 0 is visible to every row in the first tile, so new_max is always finite.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+    tl.store(
+        out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens q [T, H, D] of each sequence over its cache; returns [T, H, D]."""
+    check_kernel_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    batch = seq_lens.shape[0]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("extend_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+
+    config = extend_launch_config(head_dim)
+    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch)
+    _extend_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale * LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_input_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,170 @@
+"""The one configuration of an sfllm server or offline engine.
+
+Every field is a config-file key, a `--flag` and an `SFLLM_<KEY>` environment variable.
+Precedence: flag > environment > config file > default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ENV_PREFIX = "SFLLM_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or a dummy preset name"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name in the API (default: model)"})
+    load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | float16 | bfloat16"})
+    device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    cache_dir: str = field(default="~/.cache/sfllm", metadata={"help": "converted-model cache"})
+    seed: int = field(default=0, metadata={"help": "seed of dummy weights and unseeded sampling"})
+
+    host: str = field(default="0.0.0.0", metadata={"help": "HTTP bind address"})
+    port: int = field(default=8081, metadata={"help": "HTTP port"})
+    api_key: str | None = field(default=None, metadata={"help": "require this Bearer token"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    run_dir: str | None = field(default=None, metadata={"help": "folder of the IPC sockets"})
+    engine_address: str | None = field(default=None, metadata={"help": "engine socket (ipc:// or tcp://)"})
+
+    max_context_length: int | None = field(default=None, metadata={"help": "longest prompt + output"})
+    max_running_tokens: int = field(default=8192, metadata={"help": "token budget of one step"})
+    max_running_requests: int = field(default=256, metadata={"help": "requests in one batch"})
+    max_waiting_requests: int = field(default=4096, metadata={"help": "queue length per class before 503"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "KV pool size (default: from memory)"})
+    mem_fraction: float = field(default=0.85, metadata={"help": "fraction of GPU memory sfllm may use"})
+    cpu_kv_cache_gib: float = field(default=1.0, metadata={"help": "KV pool on CPU devices / swap space"})
+    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton | flash"})
+    cuda_graph_max_bs: int = field(default=32, metadata={"help": "largest captured decode batch"})
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly"})
+    disable_overlap: bool = field(default=False, metadata={"help": "wait for each step before the next"})
+    disable_prefix_cache: bool = field(default=False, metadata={"help": "no KV sharing between requests"})
+    schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs | length-bucket"})
+    preemption_mode: str = field(default="recompute", metadata={"help": "recompute | swap"})
+    background_share: float = field(default=0.5, metadata={"help": "batch share of background vs normal"})
+    max_background_wait_s: float = field(default=30.0, metadata={"help": "aging bound of background requests"})
+    profile_dir: str | None = field(default=None, metadata={"help": "where profiler traces go"})
+
+    def __post_init__(self) -> None:
+        choices = {
+            "load_format": ("auto", "safetensors", "gguf", "dummy"),
+            "dtype": ("auto", "float32", "float16", "bfloat16"),
+            "device": ("auto", "cuda", "cpu"),
+            "attention_backend": ("auto", "torch", "triton", "flash"),
+            "schedule_policy": ("fcfs", "length-bucket"),
+            "preemption_mode": ("recompute", "swap"),
+            "log_level": ("debug", "info", "warning", "error"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be positive; got {getattr(self, key)}")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ConfigError(f"mem_fraction must be in (0, 1]; got {self.mem_fraction}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        return Path(tempfile.gettempdir()) / f"sfllm-{self.port}"
+
+    def resolved_engine_address(self) -> str:
+        return self.engine_address or f"ipc://{self.resolved_run_dir() / 'engine.sock'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+
+
+def _parse_value(key: str, raw: Any) -> Any:
+    """Convert a string (flag or environment) or YAML value to the field's type."""
+    annotation = str(FIELDS[key].type)
+    if raw is None:
+        return None
+    if "bool" in annotation:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false; got {raw!r}")
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            try:
+                return kind(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key} must be {kind.__name__}; got {raw!r}") from None
+    if annotation.startswith("str"):
+        return str(raw)
+    return raw
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key; unset flags stay None so lower layers show through."""
+    parser.add_argument("--config", help="YAML file of config keys")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if "bool" in str(f.type):
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, default=None, help=f.metadata.get("help"))
+
+
+def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,
+                **overrides: Any) -> EngineConfig:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) if args is not None else None
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of keys to values")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"unknown config key {key!r} in {path}")
+            values[name] = _parse_value(name, value)
+    for env_key, raw in environ.items():
+        if not env_key.startswith(ENV_PREFIX):
+            continue
+        name = env_key[len(ENV_PREFIX):].lower()
+        if name in FIELDS:
+            values[name] = _parse_value(name, raw)
+    if args is not None:
+        for name in FIELDS:
+            raw = getattr(args, name, None)
+            if raw is not None:
+                values[name] = _parse_value(name, raw)
+    for name, value in overrides.items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown config key {name!r}")
+        values[name] = value
+    return EngineConfig(**values)

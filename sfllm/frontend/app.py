@@ -1,0 +1,68 @@
+"""The OpenAI-compatible HTTP API: routes, authentication, error shapes."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from sfllm.config import EngineConfig
+from sfllm.frontend.auth import ApiKeyMiddleware
+from sfllm.frontend.chat_completions import ChatCompletionEndpoint
+from sfllm.frontend.completions import CompletionEndpoint
+from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.errors import ModelNotFoundError, install_error_handlers
+from sfllm.frontend.openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                            CompletionResponse, ModelCard, ModelList)
+from sfllm.frontend.tokenizer import Tokenizer
+
+
+def _json_or_stream(model: type) -> dict[int | str, dict[str, object]]:
+    return {200: {"model": model, "description": "JSON; with `stream`, server-sent events of chunks "
+                                                "ending in `data: [DONE]`"}}
+
+
+def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer) -> FastAPI:
+    """The API of one served model; `engine` must be connected (see `EngineClient.connect`)."""
+    app = FastAPI(title="sfllm", description="OpenAI-compatible LLM server")
+    install_error_handlers(app)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    served_model_name = config.model_name
+    created = int(time.time())
+    completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer)
+    chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer)
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.post("/completions", response_model=None, responses=_json_or_stream(CompletionResponse))
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await completion_endpoint(body, request)
+
+    @v1.post("/chat/completions", response_model=None, responses=_json_or_stream(ChatCompletionResponse))
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat_endpoint(body, request)
+
+    def model_card() -> ModelCard:
+        max_model_len = engine.hello.max_context_length if engine.hello is not None else None
+        return ModelCard(id=served_model_name, created=created, max_model_len=max_model_len)
+
+    @v1.get("/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @v1.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> ModelCard:
+        if model_id != served_model_name:
+            raise ModelNotFoundError(model_id, served_model_name)
+        return model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while the engine answers heartbeats, else 503; never waits for generation."""
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "engine_connected": engine.connected}, status_code=503)
+
+    return app

@@ -1,0 +1,110 @@
+"""POST /v1/chat/completions: messages through the chat template in, an assistant message out."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from sfllm.frontend.choice_generation import ChoiceDelta, UsageTally, generate_choices, plan_choices
+from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.errors import api_error_from
+from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
+from sfllm.frontend.logprobs_format import chat_logprobs
+from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                            ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage)
+from sfllm.frontend.request_checks import (check_model, check_prompt_token_ids, engine_context_length,
+                                           resolve_max_tokens, resolve_priority)
+from sfllm.frontend.tokenizer import Tokenizer
+
+
+class ChatCompletionEndpoint:
+    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer) -> None:
+        self.served_model_name = served_model_name
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        check_model(body.model, self.served_model_name)
+        priority = resolve_priority(body.priority, request.headers.get("x-priority"))
+        num_top_logprobs = body.num_logprobs()
+        prompt = self.tokenizer.apply_chat_template([message.template_message() for message in body.messages])
+        check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
+        max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
+                                        engine_context_length(self.engine), "messages")
+        params = body.sampling_params(max_tokens, num_top_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = plan_choices(request_id, [prompt], [params], priority)
+        tally = UsageTally([prompt])
+        deltas = generate_choices(self.engine, self.tokenizer, choices)
+        if body.stream:
+            events = self._events(request_id, deltas, tally, num_top_logprobs, body.include_usage_in_stream())
+            return await start_event_stream(request, events)
+        response = await until_disconnect(request, self._complete(request_id, deltas, len(choices), tally,
+                                                                   num_top_logprobs))
+        return JSONResponse(response.model_dump(mode="json"))
+
+    def _logprobs(self, delta: ChoiceDelta, num_top_logprobs: int | None) -> ChatLogprobs | None:
+        if num_top_logprobs is None or delta.logprobs is None:
+            return None
+        return chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs, num_top_logprobs)
+
+    async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], num_choices: int,
+                        tally: UsageTally, num_top_logprobs: int | None) -> ChatCompletionResponse:
+        texts = [""] * num_choices
+        logprobs: list[ChatLogprobs | None] = [None] * num_choices
+        finish_reasons: list[str | None] = [None] * num_choices
+        async with aclosing(deltas):
+            async for delta in deltas:
+                tally.record(delta)
+                texts[delta.index] += delta.text
+                finish_reasons[delta.index] = delta.finish_reason
+                more = self._logprobs(delta, num_top_logprobs)
+                if more is not None:
+                    so_far = logprobs[delta.index] or ChatLogprobs(content=[])
+                    so_far.content = (so_far.content or []) + (more.content or [])
+                    logprobs[delta.index] = so_far
+        choices = [ChatChoice(index=index, message=ChatResponseMessage(content=texts[index]), logprobs=logprobs[index],
+                              finish_reason=finish_reasons[index]) for index in range(num_choices)]
+        return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
+
+    async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], tally: UsageTally,
+                      num_top_logprobs: int | None, include_usage: bool) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+        started: set[int] = set()
+
+        def chunk(choice: ChatChunkChoice) -> str:
+            return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
+                                                 choices=[choice]).model_dump_json())
+
+        def events_of(delta: ChoiceDelta) -> list[str]:
+            tally.record(delta)
+            events = []
+            if delta.index not in started:
+                started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
+                events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""))))
+            logprobs = self._logprobs(delta, num_top_logprobs)
+            if delta.text or logprobs is not None or delta.finish_reason is not None:
+                events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(content=delta.text or None),
+                                                    logprobs=logprobs, finish_reason=delta.finish_reason)))
+            return events
+
+        async with aclosing(deltas):
+            for event in events_of(await anext(deltas)):  # an error here is the response's status, not an event
+                yield event
+            try:
+                async for delta in deltas:
+                    for event in events_of(delta):
+                        yield event
+            except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
+                yield sse_event(json.dumps(api_error_from(error).body()))
+                yield SSE_DONE
+                return
+        if include_usage:
+            yield sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
+                                                choices=[], usage=tally.usage()).model_dump_json())
+        yield SSE_DONE

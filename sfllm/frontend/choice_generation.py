@@ -1,0 +1,146 @@
+"""One API request's choices: engine token streams turned into text deltas.
+
+A choice is one sample of one prompt, one GenerateRequest to the engine. Its tokens
+go through its own IncrementalDetokenizer; a stop string ends it in the frontend, and
+closing its stream aborts it in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import msgspec
+
+from sfllm.frontend.detokenizer import IncrementalDetokenizer
+from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.openai_protocol import PromptTokensDetails, Usage
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.messages import GenerateRequest, SampledLogprobs
+from sfllm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_index: int
+    request: GenerateRequest
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine output added to a choice; `num_output_tokens` counts the choice so far."""
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[SampledLogprobs] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                 priority: str) -> list[Choice]:
+    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
+    choices = []
+    now = time.time()
+    for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
+        for sample in range(prompt_params.n):
+            index = prompt_index * prompt_params.n + sample
+            seed = None if prompt_params.seed is None else prompt_params.seed + sample
+            sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
+            request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
+                                      params=sample_params, priority=priority, arrival_time=now)
+            choices.append(Choice(index=index, prompt_index=prompt_index, request=request))
+    return choices
+
+
+async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: Choice) -> AsyncIterator[ChoiceDelta]:
+    request = choice.request
+    detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params)
+    async with aclosing(engine.submit(request)) as outputs:
+        async for output in outputs:
+            consumed_before = detokenizer.num_tokens
+            text = detokenizer.append(output.token_ids)
+            num_consumed = detokenizer.num_tokens - consumed_before
+            finish_reason = output.finish_reason
+            if detokenizer.matched_stop is not None:
+                finish_reason = "stop"
+            elif finish_reason is not None:
+                text += detokenizer.flush()
+            yield ChoiceDelta(
+                index=choice.index,
+                prompt_index=choice.prompt_index,
+                text=text,
+                token_ids=output.token_ids[:num_consumed],
+                logprobs=output.logprobs[:num_consumed] if output.logprobs is not None else None,
+                finish_reason=finish_reason,
+                num_prompt_tokens=output.num_prompt_tokens or len(request.prompt_token_ids),
+                num_cached_tokens=output.num_cached_tokens,
+                num_output_tokens=detokenizer.num_tokens,
+            )
+            if finish_reason is not None:
+                return  # leaving `aclosing` aborts the engine's request if a stop string ended it
+
+
+async def generate_choices(engine: EngineClient, tokenizer: Tokenizer,
+                           choices: list[Choice]) -> AsyncIterator[ChoiceDelta]:
+    """Deltas of all choices as they come; an engine error of any choice ends the whole stream.
+
+    Closing or cancelling the iterator aborts every choice still running."""
+    if len(choices) == 1:
+        async with aclosing(_generate_choice(engine, tokenizer, choices[0])) as deltas:
+            async for delta in deltas:
+                yield delta
+        return
+
+    queue: asyncio.Queue[ChoiceDelta | Exception] = asyncio.Queue()
+
+    async def forward(choice: Choice) -> None:
+        try:
+            async with aclosing(_generate_choice(engine, tokenizer, choice)) as deltas:
+                async for delta in deltas:
+                    queue.put_nowait(delta)
+        except Exception as error:  # handed to the consumer, which raises it
+            queue.put_nowait(error)
+
+    tasks = [asyncio.create_task(forward(choice)) for choice in choices]
+    try:
+        running = len(choices)
+        while running:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finish_reason is not None:
+                running -= 1
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class UsageTally:
+    """Token counts of one API request: each prompt once, every choice's output tokens.
+
+    A prompt's cached tokens are those of its first finished choice; its other samples
+    share that prefix by construction."""
+
+    def __init__(self, prompts: list[list[int]]) -> None:
+        self._num_prompt_tokens = sum(len(prompt) for prompt in prompts)
+        self._num_output_tokens: dict[int, int] = {}
+        self._num_cached_tokens: dict[int, int] = {}
+
+    def record(self, delta: ChoiceDelta) -> None:
+        self._num_output_tokens[delta.index] = delta.num_output_tokens
+        if delta.finish_reason is not None:
+            self._num_cached_tokens.setdefault(delta.prompt_index, delta.num_cached_tokens)
+
+    def usage(self) -> Usage:
+        completion_tokens = sum(self._num_output_tokens.values())
+        return Usage(prompt_tokens=self._num_prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self._num_prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._num_cached_tokens.values())))

@@ -1,0 +1,134 @@
+"""POST /v1/completions: raw prompts in, text out, whole or streamed."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from sfllm.frontend.choice_generation import ChoiceDelta, UsageTally, generate_choices, plan_choices
+from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.errors import InvalidRequestError, api_error_from
+from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
+from sfllm.frontend.logprobs_format import completion_logprobs, extend_completion_logprobs
+from sfllm.frontend.openai_protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from sfllm.frontend.request_checks import (check_model, check_prompt_token_ids, engine_context_length,
+                                           resolve_max_tokens, resolve_priority)
+from sfllm.frontend.tokenizer import Tokenizer
+
+# OpenAI's default for /v1/completions.
+DEFAULT_MAX_TOKENS = 16
+
+
+class _ChoiceText:
+    """A choice's text and logprobs as they build up; `text_offset` counts from the echoed prompt."""
+
+    def __init__(self, index: int, echo: str) -> None:
+        self.index = index
+        self.echo = echo
+        self.started = False
+        self.text = echo
+        self.text_offset = len(echo)
+        self.logprobs: CompletionLogprobs | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta, tokenizer: Tokenizer) -> CompletionChoice:
+        """Record `delta`; returns what it adds, echo included the first time."""
+        text = delta.text if self.started else self.echo + delta.text
+        self.started = True
+        self.text += delta.text
+        self.finish_reason = delta.finish_reason
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offset)
+            self.text_offset += sum(len(token) for token in logprobs.tokens)
+            if self.logprobs is None:
+                self.logprobs = CompletionLogprobs()
+            extend_completion_logprobs(self.logprobs, logprobs)
+        return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+
+
+class CompletionEndpoint:
+    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer) -> None:
+        self.served_model_name = served_model_name
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    async def __call__(self, body: CompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        check_model(body.model, self.served_model_name)
+        priority = resolve_priority(body.priority, request.headers.get("x-priority"))
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequestError("echo together with logprobs is not supported: sfllm computes no prompt "
+                                      "logprobs", param="echo")
+        raw_prompts = body.prompts()
+        if not raw_prompts:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        prompts = [self._token_ids(prompt) for prompt in raw_prompts]
+        max_context_length = engine_context_length(self.engine)
+        params = [body.sampling_params(resolve_max_tokens(body.requested_max_tokens(), DEFAULT_MAX_TOKENS,
+                                                          len(prompt), max_context_length, "prompt"), body.logprobs)
+                  for prompt in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        choices = plan_choices(request_id, prompts, params, priority)
+        texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
+                             if body.echo else "") for choice in choices]
+        tally = UsageTally(prompts)
+        deltas = generate_choices(self.engine, self.tokenizer, choices)
+        if body.stream:
+            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream())
+            return await start_event_stream(request, events)
+        response = await until_disconnect(request, self._complete(request_id, deltas, texts, tally))
+        return JSONResponse(response.model_dump(mode="json"))
+
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        check_prompt_token_ids(token_ids, self.tokenizer.vocab_size, "prompt")
+        return token_ids
+
+    def _echo(self, raw_prompt: str | list[int], token_ids: list[int]) -> str:
+        return raw_prompt if isinstance(raw_prompt, str) else self.tokenizer.decode(token_ids)
+
+    async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
+                        tally: UsageTally) -> CompletionResponse:
+        async with aclosing(deltas):
+            async for delta in deltas:
+                texts[delta.index].add(delta, self.tokenizer)
+                tally.record(delta)
+        choices = [CompletionChoice(index=text.index, text=text.text, logprobs=text.logprobs,
+                                    finish_reason=text.finish_reason) for text in texts]
+        return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
+
+    async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
+                      tally: UsageTally, include_usage: bool) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+
+        def chunk_of(delta: ChoiceDelta) -> str | None:
+            choice = texts[delta.index].add(delta, self.tokenizer)
+            tally.record(delta)
+            if not (choice.text or choice.logprobs is not None or choice.finish_reason is not None):
+                return None
+            chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[choice])
+            return sse_event(chunk.model_dump_json())
+
+        async with aclosing(deltas):
+            first = chunk_of(await anext(deltas))  # an error here is the response's status, not an event
+            if first is not None:
+                yield first
+            try:
+                async for delta in deltas:
+                    event = chunk_of(delta)
+                    if event is not None:
+                        yield event
+            except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
+                yield sse_event(json.dumps(api_error_from(error).body()))
+                yield SSE_DONE
+                return
+        if include_usage:
+            chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[],
+                                       usage=tally.usage())
+            yield sse_event(chunk.model_dump_json())
+        yield SSE_DONE

@@ -1,0 +1,279 @@
+"""The frontend's connection to the engine: one ZeroMQ DEALER speaking `sfllm.messages`.
+
+Every send is non-blocking: a message the engine cannot take now (not connected) is
+dropped, and the request it belonged to fails at once rather than waiting for a
+reconnect that may never come. The socket only queues messages on live connections
+(IMMEDIATE), so a restarted engine never receives requests nobody waits for.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from sfllm import messages
+from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
+                            Heartbeat, Message, MessageCodec, OutputBatch, ProfileControl, RequestOutput)
+
+logger = logging.getLogger(__name__)
+
+# Ids of requests this client aborted; outputs still arriving for them are dropped quietly.
+_MAX_REMEMBERED_ABORTS = 8192
+
+
+class EngineUnavailableError(Exception):
+    """The engine is not connected or stopped answering; the request can be retried later."""
+
+
+class EngineProtocolError(Exception):
+    """The engine speaks another version of `sfllm.messages`."""
+
+    def __init__(self, engine_version: int) -> None:
+        super().__init__(f"the engine speaks protocol version {engine_version} but this frontend speaks "
+                         f"version {PROTOCOL_VERSION}; run the same sfllm version on both")
+        self.engine_version = engine_version
+
+
+class EngineRequestError(Exception):
+    """The engine refused or lost one request; `status_code` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class EngineClient:
+    """Hello, heartbeats, request streams and aborts over one DEALER socket.
+
+    Liveness has two levels: `healthy` means an `EngineStats` answered a heartbeat
+    within `stats_fresh_s` (what /health reports); `connected` means the engine said
+    hello and has not been silent for `engine_timeout_s`. Losing the connection fails
+    every request in flight; the client keeps saying hello until an engine answers, so
+    either side can be restarted alone.
+    """
+
+    def __init__(self, address: str, *, heartbeat_interval_s: float = 0.5, stats_fresh_s: float = 2.0,
+                 engine_timeout_s: float = 5.0) -> None:
+        self.address = address
+        self.client_id = uuid.uuid4().hex
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.stats_fresh_s = stats_fresh_s
+        self.engine_timeout_s = engine_timeout_s
+        self.hello: EngineHello | None = None
+        self.stats: EngineStats | None = None
+        self._codec = MessageCodec(messages.EngineToFrontend)
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._connected = False
+        self._protocol_error: EngineProtocolError | None = None
+        self._hello_received = asyncio.Event()
+        self._last_message_time = 0.0
+        self._last_stats_time = 0.0
+        self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
+        self._aborted: OrderedDict[str, None] = OrderedDict()
+        self._lost: list[str] = []  # failed while the engine was silent; aborted when it answers again
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def healthy(self) -> bool:
+        return (self._connected and self.stats is not None and self.stats.ready
+                and time.monotonic() - self._last_stats_time < self.stats_fresh_s)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def connect(self, timeout_s: float) -> EngineHello:
+        """Open the socket, start the background tasks and wait for the engine's hello."""
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._socket.connect(self.address)
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop()),
+                       asyncio.create_task(self._monitor_loop())]
+        try:
+            await asyncio.wait_for(self._hello_received.wait(), timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise EngineUnavailableError(f"the engine at {self.address} did not say hello within {timeout_s:g} s; "
+                                         "is the engine running with the same engine address?") from None
+        if self._protocol_error is not None:
+            await self.close()
+            raise self._protocol_error
+        assert self.hello is not None
+        return self.hello
+
+    async def close(self) -> None:
+        """Abort what is in flight, then close the socket."""
+        if self._connected and self._streams:
+            self._send(AbortRequest(request_ids=list(self._streams)))
+        self._connected = False
+        self._lose_connection("the frontend is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._context is not None:
+            self._context.destroy(linger=0)
+        self._socket = self._monitor = self._context = None
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Start a request and yield its outputs until the one with a finish reason.
+
+        Close the iterator early (e.g. `contextlib.aclosing`) to abort the request."""
+        if not self._connected:
+            raise EngineUnavailableError(self._unavailable_reason())
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id} is already in flight")
+        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._streams[request.request_id] = queue
+        finished = False
+        try:
+            if not self._send(request):
+                finished = True
+                raise EngineUnavailableError(f"the engine at {self.address} is not reachable")
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise EngineRequestError(item.error, item.error_code or 500)
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort([request.request_id])
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Tell the engine to drop these requests; never waits."""
+        for request_id in request_ids:
+            self._streams.pop(request_id, None)
+            self._aborted[request_id] = None
+        while len(self._aborted) > _MAX_REMEMBERED_ABORTS:
+            self._aborted.popitem(last=False)
+        if self._connected:
+            self._send(AbortRequest(request_ids=list(request_ids)))
+
+    def set_profiling(self, start: bool) -> bool:
+        """Start or stop the engine's profiler; False if the engine could not be told."""
+        return self._connected and self._send(ProfileControl(start=start))
+
+    def _send(self, message: Message) -> bool:
+        assert self._socket is not None
+        # With DONTWAIT pyzmq sends synchronously and hands back an already finished future.
+        future = self._socket.send(self._codec.encode(message), flags=zmq.DONTWAIT)
+        return future.done() and future.exception() is None
+
+    def _has_unread_message(self) -> bool:
+        """After the loop was busy for long, an answer may be waiting that was not read yet."""
+        assert self._socket is not None
+        return bool(self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def _unavailable_reason(self) -> str:
+        if self._protocol_error is not None:
+            return str(self._protocol_error)
+        return f"the engine at {self.address} is not connected"
+
+    def _lose_connection(self, reason: str) -> None:
+        if self._connected:
+            logger.warning("lost the engine at %s: %s", self.address, reason)
+        self._connected = False
+        error = EngineUnavailableError(f"the engine stopped serving this request: {reason}")
+        for request_id, queue in self._streams.items():
+            queue.put_nowait(error)
+            self._lost.append(request_id)
+        self._streams.clear()
+        del self._lost[:-_MAX_REMEMBERED_ABORTS]
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            data = await self._socket.recv()
+            try:
+                message = self._codec.decode(data)
+            except msgspec.DecodeError as error:
+                logger.error("dropping an engine message that does not decode: %s", error)
+                continue
+            self._last_message_time = time.monotonic()
+            if isinstance(message, OutputBatch):
+                self._dispatch(message.outputs)
+            elif isinstance(message, EngineStats):
+                self.stats = message
+                self._last_stats_time = self._last_message_time
+            elif isinstance(message, EngineHello):
+                self._on_hello(message)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        stale: list[str] = []
+        for output in outputs:
+            queue = self._streams.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+            elif output.finish_reason is None and output.error is None and output.request_id not in self._aborted:
+                stale.append(output.request_id)
+        if stale:
+            self.abort(stale)
+
+    def _on_hello(self, hello: EngineHello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            if self._protocol_error is None:
+                logger.error("%s", EngineProtocolError(hello.protocol_version))
+            self._protocol_error = EngineProtocolError(hello.protocol_version)
+            self._lose_connection(str(self._protocol_error))
+        else:
+            self._protocol_error = None
+            if not self._connected:
+                logger.info("connected to the engine at %s: model %s, context %d tokens, %d KV blocks of %d",
+                            self.address, hello.model_name, hello.max_context_length, hello.num_kv_blocks,
+                            hello.block_size)
+            self.hello = hello
+            self._connected = True
+            if self._lost:
+                self.abort(self._lost)
+                self._lost = []
+        self._hello_received.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            silent_s = time.monotonic() - self._last_message_time
+            if self._connected and silent_s > self.engine_timeout_s and not self._has_unread_message():
+                self._lose_connection(f"no message for {self.engine_timeout_s:g} s")
+            if self._connected:
+                self._send(Heartbeat(client_id=self.client_id))
+                await asyncio.sleep(self.heartbeat_interval_s)
+            else:
+                self._send(ClientHello(protocol_version=PROTOCOL_VERSION, client_id=self.client_id))
+                # Before the first hello, retry often: the first one usually precedes the connection.
+                first_contact = not self._hello_received.is_set()
+                await asyncio.sleep(min(0.1, self.heartbeat_interval_s) if first_contact else self.heartbeat_interval_s)
+
+    async def _monitor_loop(self) -> None:
+        """A dropped connection means the engine process is gone: fail its requests now."""
+        assert self._monitor is not None
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._lose_connection("the connection closed")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._send(ClientHello(protocol_version=PROTOCOL_VERSION, client_id=self.client_id))

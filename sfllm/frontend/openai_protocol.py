@@ -1,0 +1,269 @@
+"""OpenAI's /v1/completions and /v1/chat/completions bodies, and their SamplingParams.
+
+Requests validate strictly (a string is not a number, "yes" is not a boolean);
+unknown fields are ignored, as clients send OpenAI options sfllm has no use for.
+Every optional field also accepts null. Ranges are checked by `SamplingParams.validate`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
+
+Priority = Literal["high", "normal", "background"]
+MAX_LOGPROBS = 20
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool | None = False
+
+
+class GenerationRequest(StrictModel):
+    """What both endpoints share: model, sampling, stopping, streaming, priority."""
+    model: str | None = None
+    max_tokens: int | None = None
+    max_new_tokens: int | None = Field(default=None, description="alias of max_tokens")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    priority: Priority | None = Field(default=None, description="scheduling class; also the X-Priority header")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
+
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidSamplingParams("stream_options", "stream_options is only allowed when stream is true")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field."""
+        self.check_stream_options()
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_or(self.temperature, 1.0),
+            top_p=_or(self.top_p, 1.0),
+            top_k=-1 if self.top_k in (None, 0) else self.top_k,  # 0 means off to many clients
+            min_p=_or(self.min_p, 0.0),
+            presence_penalty=_or(self.presence_penalty, 0.0),
+            frequency_penalty=_or(self.frequency_penalty, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            seed=self.seed,
+            n=_or(self.n, 1),
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=_or(self.ignore_eos, False),
+            include_stop_str_in_output=_or(self.include_stop_str_in_output, False),
+            logprobs=logprobs,
+            skip_special_tokens=_or(self.skip_special_tokens, True),
+        )
+        params.validate(max_logprobs=MAX_LOGPROBS)
+        return params
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Prompt
+    echo: bool | None = False
+    logprobs: int | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: Any) -> Prompt:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids "
+                             "or a list of lists of token ids") from None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts, each text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(item, int) for item in self.prompt):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class ChatTextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatTextPart] | None = None
+    name: str | None = None
+
+    def template_message(self) -> dict[str, str]:
+        """The message as chat templates expect it; OpenAI's `developer` is a system message."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, list):
+            content = "\n".join(part.text for part in self.content)
+        else:
+            content = self.content or ""
+        return {"role": role, "content": content}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super().requested_max_tokens()
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per token the engine must return; None for no logprobs."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidSamplingParams("top_logprobs", "top_logprobs requires logprobs to be true")
+            return None
+        top = _or(self.top_logprobs, 0)
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidSamplingParams("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}")
+        return top
+
+
+# ---- responses -------------------------------------------------------------------------
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = []
+    token_logprobs: list[float | None] = []
+    tokens: list[str] = []
+    top_logprobs: list[dict[str, float] | None] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, and also the shape of each streamed chunk."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_fields(self, handler: Any) -> dict[str, Any]:
+        # A delta carries only what changed: `{"content": "x"}`, and `{}` with the finish reason.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sfllm"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,82 @@
+"""ZeroMQ plumbing shared by the processes: addresses, run-directory ownership, orphan safety."""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class RunDirInUse(RuntimeError):
+    pass
+
+
+class PortInUse(RuntimeError):
+    pass
+
+
+def ipc_path(address: str) -> Path | None:
+    return Path(address.removeprefix("ipc://")) if address.startswith("ipc://") else None
+
+
+def worker_address(run_dir: Path) -> str:
+    return f"ipc://{run_dir / 'worker.sock'}"
+
+
+class RunDirLock:
+    """Holds run_dir/engine.lock for the engine's lifetime: a second engine on the same
+    run directory fails at once instead of stealing the first one's sockets."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "engine.lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirInUse(f"another sfllm engine (pid {owner}) is running with run directory {self.run_dir}; "
+                              f"stop it or pass another --run-dir / --port") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+
+    def release(self, remove_paths: list[Path]) -> None:
+        for path in remove_paths:
+            path.unlink(missing_ok=True)
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+            self._file = None
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass  # not empty: something else lives there too
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortInUse(f"port {port} on {host} is already in use ({error.strerror}); "
+                            f"stop whatever listens there or pass --port") from None
+
+
+def die_with_parent() -> None:
+    """For subprocess preexec_fn: the kernel sends SIGTERM to this child if its parent dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,200 @@
+"""The contract between sfllm's processes: every message that crosses a socket.
+
+frontend <-> scheduler: hello, generate, abort, heartbeat/stats, profile control, outputs.
+scheduler <-> worker: worker ready, forward batch, forward result, shutdown.
+All are msgspec structs, encoded as msgpack; a tagged union per direction lets the
+receiver decode without guessing. `PROTOCOL_VERSION` changes whenever a struct does.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from sfllm.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+PRIORITIES = ("high", "normal", "background")
+
+
+class Message(msgspec.Struct, tag=True, kw_only=True):
+    pass
+
+
+# ---- frontend -> scheduler -------------------------------------------------------------
+
+class ClientHello(Message):
+    protocol_version: int
+    client_id: str
+
+
+class GenerateRequest(Message):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: str = "normal"
+    arrival_time: float = 0.0
+
+
+class AbortRequest(Message):
+    request_ids: list[str]
+
+
+class Heartbeat(Message):
+    """Sent every heartbeat interval; the engine answers with `EngineStats`.
+
+    A client whose heartbeats stop is gone: the engine aborts its requests."""
+    client_id: str
+
+
+class ProfileControl(Message):
+    start: bool
+
+
+class Shutdown(Message):
+    pass
+
+
+# ---- scheduler -> frontend -------------------------------------------------------------
+
+class EngineHello(Message):
+    protocol_version: int
+    model_name: str
+    max_context_length: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    block_size: int
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class SampledLogprobs(msgspec.Struct, array_like=True):
+    """The chosen token's logprob and the top alternatives of one step."""
+    logprob: float
+    top: list[TokenLogprob]
+
+
+class RequestOutput(Message):
+    """New tokens of one request since its previous output.
+
+    `error` set means the engine refused or lost the request; `error_code` is the
+    HTTP status the frontend should answer with."""
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[SampledLogprobs] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    error_code: int = 0
+
+
+class OutputBatch(Message):
+    outputs: list[RequestOutput]
+
+
+class EngineStats(Message):
+    running: dict[str, int]
+    waiting: dict[str, int]
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_cached_kv_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_steps: int
+    step_time_s: float
+    batch_size: int
+    gpu_memory_allocated: int
+    gpu_memory_reserved: int
+    ready: bool
+
+
+# ---- scheduler -> worker ---------------------------------------------------------------
+
+class SequenceSampling(Message):
+    """Installed on the worker's `slot` before the sequence's first sampled token.
+
+    The token lists feed the penalties; they are sent only when penalties are on."""
+    slot: int
+    params: SamplingParams
+    prompt_token_ids: list[int] = []
+    output_token_ids: list[int] = []
+
+
+class ForwardBatch(Message):
+    """One model step over a ragged batch of sequences, one entry per sequence.
+
+    `input_token_ids` is flat (sum of `num_new_tokens`); an id of -1 stands for the
+    token the worker sampled last for that slot, which lets the scheduler send step N+1
+    before it has read step N's tokens. `context_lens` count the sequence's tokens
+    including the new ones."""
+    step_id: int
+    slots: list[int]
+    num_new_tokens: list[int]
+    context_lens: list[int]
+    input_token_ids: list[int]
+    block_tables: list[list[int]]
+    sample: list[bool]
+    new_sequences: list[SequenceSampling] = []
+    swap_out: list[tuple[int, int]] = []
+    swap_in: list[tuple[int, int]] = []
+
+
+class StartProfile(Message):
+    directory: str
+
+
+class StopProfile(Message):
+    pass
+
+
+# ---- worker -> scheduler ---------------------------------------------------------------
+
+class WorkerReady(Message):
+    protocol_version: int
+    model_name: str
+    max_context_length: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    num_cpu_kv_blocks: int
+    block_size: int
+    pid: int
+
+
+class ForwardResult(Message):
+    """Sampled tokens of the sequences of `step_id` whose `sample` was true, in order."""
+    step_id: int
+    token_ids: list[int]
+    logprobs: list[SampledLogprobs | None]
+    forward_time_s: float = 0.0
+    gpu_memory_allocated: int = 0
+    gpu_memory_reserved: int = 0
+
+
+class WorkerFailed(Message):
+    error: str
+
+
+FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ProfileControl, Shutdown]
+EngineToFrontend = Union[EngineHello, OutputBatch, EngineStats]
+SchedulerToWorker = Union[ForwardBatch, StartProfile, StopProfile, Shutdown]
+WorkerToScheduler = Union[WorkerReady, ForwardResult, WorkerFailed]
+
+
+class MessageCodec:
+    """msgpack encoder plus a decoder for one direction's union of messages."""
+
+    def __init__(self, incoming: object) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+
+    def encode(self, message: Message) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, data: bytes) -> Message:
+        return self._decoder.decode(data)

@@ -1,0 +1,44 @@
+"""The published Qwen3 configs, for serving random weights of a real model's shape."""
+from __future__ import annotations
+
+from sfllm.model_source.model_config import ModelConfig
+
+QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+
+
+def _qwen3_config(
+    hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, tie_word_embeddings: bool
+) -> dict:
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+
+
+DUMMY_PRESET_HF_CONFIGS = {
+    "qwen3-0.6b": _qwen3_config(1024, 3072, 28, 16, tie_word_embeddings=True),
+    "qwen3-1.7b": _qwen3_config(2048, 6144, 28, 16, tie_word_embeddings=True),
+    "qwen3-4b": _qwen3_config(2560, 9728, 36, 32, tie_word_embeddings=True),
+    "qwen3-8b": _qwen3_config(4096, 12288, 36, 32, tie_word_embeddings=False),
+}
+
+
+def dummy_preset_config(name: str) -> ModelConfig:
+    return ModelConfig.from_dict(DUMMY_PRESET_HF_CONFIGS[name], QWEN3_GENERATION_CONFIG)

@@ -1,0 +1,63 @@
+"""A byte-level tokenizer for models served with dummy weights, built offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from sfllm.model_source.atomic_folder import building_folder
+
+# Bump when the saved tokenizer changes, so stale cached copies are not reused.
+DUMMY_TOKENIZER_VERSION = 1
+# In Qwen's order, at ids 256, 257, 258 right after the byte tokens.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def dummy_tokenizer_folder(cache_root: Path) -> Path:
+    """A transformers-loadable tokenizer folder under `cache_root`, built on first use.
+
+    Every byte is one token (ids 0..255, no merges), followed by the ChatML special tokens.
+    Its vocabulary is 259 tokens while a dummy model samples from its full vocabulary
+    (151936 for the Qwen3 presets): the frontend decodes ids of 259 and up as empty text,
+    and the model's EOS ids (151645, 151643) are not this tokenizer's `<|im_end|>`.
+    """
+    target = cache_root / f"dummy-tokenizer-v{DUMMY_TOKENIZER_VERSION}"
+    if target.is_dir():
+        return target
+    with building_folder(target) as scratch:
+        _byte_tokenizer().save_pretrained(scratch)
+    return target
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {character: byte for byte, character in _gpt2_byte_characters().items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=40960
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _gpt2_byte_characters() -> dict[int, str]:
+    """GPT-2's spelling of bytes in a byte-level vocabulary.
+
+    Printable bytes stand for themselves and the others move to code points 256 and up,
+    so that no vocabulary entry holds whitespace or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = {byte: chr(byte) for byte in printable}
+    for byte in range(256):
+        if byte not in characters:
+            characters[byte] = chr(256 + len(characters) - len(printable))
+    return characters

@@ -1,0 +1,132 @@
+"""KV block accounting: reference counts, the free list, and the prefix cache over it.
+
+Invariants:
+- a block is in `_free` exactly when its reference count is zero;
+- a free block may still be cached (its hash in `_cached`); allocating it evicts it,
+  least recently freed first;
+- a cached block's tokens are those of its hash: a chained hash of every token before
+  and in it, so one hash names a whole prefix. Hits compare the tokens too.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+@dataclass
+class CachedBlock:
+    block_id: int
+    parent_hash: int | None
+    token_ids: tuple[int, ...]
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self._ref_counts = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._cached: dict[int, CachedBlock] = {}
+        self._hash_of_block: dict[int, int] = {}
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfBlocks(f"{count} KV blocks asked for, {len(self._free)} free")
+        blocks = []
+        for _ in range(count):
+            block, _ = self._free.popitem(last=False)
+            self._evict(block)
+            self._ref_counts[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        # the last block of a sequence goes first, so a shared prefix's head survives longest
+        for block in reversed(blocks):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] < 0:
+                raise AssertionError(f"KV block {block} freed more often than allocated")
+            if self._ref_counts[block] == 0:
+                self._free[block] = None
+
+    def _evict(self, block: int) -> None:
+        block_hash = self._hash_of_block.pop(block, None)
+        if block_hash is not None:
+            del self._cached[block_hash]
+
+    @staticmethod
+    def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+        return hash((parent_hash, token_ids))
+
+    def match_prefix(self, token_ids: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the longest prefix of `token_ids`, at most `max_blocks` of them.
+
+        Returns (block ids, their hashes); the blocks are referenced for the caller."""
+        if not self.enable_prefix_cache:
+            return [], []
+        blocks: list[int] = []
+        hashes: list[int] = []
+        parent = None
+        size = self.block_size
+        self.prefix_queries += min(len(token_ids) // size, max_blocks) * size
+        for i in range(min(len(token_ids) // size, max_blocks)):
+            chunk = tuple(token_ids[i * size:(i + 1) * size])
+            block_hash = self.chain_hash(parent, chunk)
+            cached = self._cached.get(block_hash)
+            if cached is None or cached.token_ids != chunk or cached.parent_hash != parent:
+                break
+            blocks.append(cached.block_id)
+            hashes.append(block_hash)
+            parent = block_hash
+        for block in blocks:
+            if self._ref_counts[block] == 0:
+                del self._free[block]
+            self._ref_counts[block] += 1
+        self.prefix_hits += len(blocks) * size
+        return blocks, hashes
+
+    def register(self, block: int, parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+        """Record that a full block holds `token_ids` after the prefix named by `parent_hash`."""
+        block_hash = self.chain_hash(parent_hash, token_ids)
+        if self.enable_prefix_cache and block_hash not in self._cached and block not in self._hash_of_block:
+            self._cached[block_hash] = CachedBlock(block, parent_hash, token_ids)
+            self._hash_of_block[block] = block_hash
+        return block_hash
+
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
+
+
+class SwapSpace:
+    """CPU blocks for swapped-out requests: a plain free list."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfBlocks(f"{count} CPU swap blocks asked for, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)

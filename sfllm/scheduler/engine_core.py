@@ -1,0 +1,73 @@
+"""The engine's step loop: schedule, send to the worker, read back, turn into outputs.
+
+With overlap on, step N+1 is sent before step N's tokens are read, so the worker never
+waits for the scheduler; `--disable-overlap` reads every step back before the next.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Protocol
+
+from sfllm.config import EngineConfig
+from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
+from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
+
+
+class WorkerHandle(Protocol):
+    info: WorkerReady
+
+    def submit(self, batch: ForwardBatch) -> None: ...
+
+    def collect(self) -> ForwardResult: ...
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, worker: WorkerHandle) -> None:
+        self.config = config
+        self.worker = worker
+        info = worker.info
+        self.scheduler = Scheduler(config, info.num_kv_blocks, info.num_cpu_kv_blocks, info.max_context_length,
+                                   info.eos_token_ids)
+        self.max_in_flight = 1 if config.disable_overlap else 2
+        self._in_flight: deque[ScheduledStep] = deque()
+        self.num_steps = 0
+        self.last_step_time_s = 0.0
+        self.last_batch_size = 0
+        self._last_collect = time.perf_counter()
+        self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
+
+    def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
+        return self.scheduler.add_request(request, client_id)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        return self.scheduler.abort_requests(request_ids)
+
+    def abort_client(self, client_id: str) -> list[RequestOutput]:
+        return self.scheduler.abort_client(client_id)
+
+    def has_work(self) -> bool:
+        return bool(self._in_flight) or self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Sends at most one new step and reads back at most one; returns the outputs."""
+        if len(self._in_flight) < self.max_in_flight:
+            scheduled = self.scheduler.schedule()
+            if scheduled is not None:
+                self.worker.submit(scheduled.batch)
+                self._in_flight.append(scheduled)
+                self.last_batch_size = len(scheduled.batch.slots)
+                if len(self._in_flight) < self.max_in_flight:
+                    return []
+        if not self._in_flight:
+            return []
+        scheduled = self._in_flight.popleft()
+        result = self.worker.collect()
+        if result.step_id != scheduled.batch.step_id:
+            raise RuntimeError(f"worker answered step {result.step_id}, expected {scheduled.batch.step_id}")
+        now = time.perf_counter()
+        self.last_step_time_s = now - self._last_collect
+        self._last_collect = now
+        self.num_steps += 1
+        self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)
+        return self.scheduler.process_result(scheduled, result)

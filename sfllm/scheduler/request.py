@@ -1,0 +1,64 @@
+"""A request as the scheduler tracks it, from arrival to finish."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from sfllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    client_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: str
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    swapped_block_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    # tokens whose KV is computed or in a step already sent to the worker
+    num_computed_tokens: int = 0
+    # tokens sampled in sent steps whose results have not come back yet
+    num_pending_samples: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    enqueue_time: float = 0.0
+    first_scheduled_time: float | None = None
+    finish_reason: str | None = None
+    needs_sampling_state: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose ids the scheduler knows."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_id(self, index: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < prompt_len else self.output_token_ids[index - prompt_len]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def num_outputs_committed(self) -> int:
+        """Outputs known plus those in flight: what max_tokens is checked against when scheduling."""
+        return len(self.output_token_ids) + self.num_pending_samples

@@ -1,0 +1,365 @@
+"""Decides each step's batch and turns the worker's tokens into request outputs.
+
+A step holds, within the token budget: decodes and prefill chunks of running requests
+(high priority first), then newly admitted requests. The scheduler may send step N+1
+before step N's tokens are back: a decode whose input token is still in flight is sent
+as -1 and the worker substitutes the token it sampled last for that slot.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sfllm.config import EngineConfig
+from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, SequenceSampling
+from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
+from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.priority import PRIORITY_RANK
+from sfllm.scheduler.request import Request, RequestStatus
+from sfllm.scheduler.stop_checker import StopChecker
+from sfllm.scheduler.waiting_queue import QueueFull, WaitingQueue
+
+
+@dataclass
+class ScheduledStep:
+    batch: ForwardBatch
+    sampled: list[Request]
+
+
+@dataclass
+class _StepBuilder:
+    step_id: int
+    budget: int
+    requests: list[Request] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    input_token_ids: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    new_sequences: list[SequenceSampling] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+
+    def build(self) -> ScheduledStep:
+        batch = ForwardBatch(step_id=self.step_id, slots=self.slots, num_new_tokens=self.num_new_tokens,
+                             context_lens=self.context_lens, input_token_ids=self.input_token_ids,
+                             block_tables=self.block_tables, sample=self.sample, new_sequences=self.new_sequences,
+                             swap_out=self.swap_out, swap_in=self.swap_in)
+        return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s])
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int, num_cpu_blocks: int, max_context_length: int,
+                 eos_token_ids: list[int], clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.max_context_length = max_context_length
+        self.allocator = BlockAllocator(num_blocks, config.block_size, not config.disable_prefix_cache)
+        self.swap_space = SwapSpace(num_cpu_blocks)
+        self.waiting = WaitingQueue(config.schedule_policy, config.background_share, config.max_background_wait_s,
+                                    config.max_waiting_requests)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stop_checker = StopChecker(eos_token_ids, max_context_length)
+        self._free_slots = list(range(config.max_running_requests - 1, -1, -1))
+        self._clock = clock
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ---- requests in and out ------------------------------------------------------------
+
+    def add_request(self, message: GenerateRequest, client_id: str = "") -> RequestOutput | None:
+        """Queues the request; returns an error output instead when it can never run."""
+        if message.request_id in self.requests:
+            return _error(message.request_id, f"request id {message.request_id!r} is already in use", 400)
+        prompt_len = len(message.prompt_token_ids)
+        if prompt_len == 0:
+            return _error(message.request_id, "the prompt is empty", 400)
+        if prompt_len >= self.max_context_length:
+            return _error(message.request_id, f"the prompt has {prompt_len} tokens, but the context length is "
+                                              f"{self.max_context_length}: it must be shorter", 400)
+        if message.priority not in PRIORITY_RANK:
+            return _error(message.request_id, f"priority must be one of {', '.join(PRIORITY_RANK)}", 400)
+        request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
+                          message.priority, message.arrival_time or time.time())
+        try:
+            self.waiting.add(request, self._clock())
+        except QueueFull as error:
+            return _error(message.request_id, f"{error}; retry later", 503)
+        self.requests[request.request_id] = request
+        return None
+
+    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None and not request.is_finished:
+                outputs.append(self._finish(request, "abort"))
+        return outputs
+
+    def abort_client(self, client_id: str) -> list[RequestOutput]:
+        return self.abort_requests([r.request_id for r in self.requests.values() if r.client_id == client_id])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # ---- scheduling ---------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep | None:
+        now = self._clock()
+        step = _StepBuilder(self._step_id, self.config.max_running_tokens)
+        self._make_room_for_high_priority(now, step)
+        high_waiting = any(self.waiting.effective_rank(r, now) == 0 for r in self.waiting)
+        self.running.sort(key=lambda r: (PRIORITY_RANK[r.priority], r.arrival_time))
+        scheduled: set[int] = set()
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted while this loop made room for another
+            budget = step.budget
+            if high_waiting and request.priority != "high" and request.num_computed_tokens < request.num_tokens:
+                budget = step.budget // 2  # lower-class prefill chunks leave room for waiting high priority
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                continue
+            if not self._reserve_blocks(request, num_new, scheduled, step):
+                continue
+            self._add_to_step(step, request, num_new)
+            scheduled.add(id(request))
+        self._admit_waiting(step, now)
+        if not step.requests and not step.swap_out:
+            return None
+        self._step_id += 1
+        return step.build()
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        """Tokens to compute for a running request this step; 0 when it should sit out."""
+        if budget <= 0:
+            return 0
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > 0:
+            return min(remaining, budget)
+        # decoding: stop sending steps once the steps in flight already reach a limit
+        if request.num_pending_samples == 0:
+            return 0
+        if request.num_outputs_committed >= request.params.max_tokens:
+            return 0
+        if request.num_computed_tokens + 1 > self.max_context_length:
+            return 0
+        return 1
+
+    def _blocks_needed(self, request: Request, num_new: int) -> int:
+        total = request.num_computed_tokens + num_new
+        return max(-(-total // self.block_size) - len(request.block_ids), 0)
+
+    def _reserve_blocks(self, request: Request, num_new: int, scheduled: set[int], step: _StepBuilder) -> bool:
+        """Allocates the request's new blocks, preempting unscheduled lower requests if needed."""
+        needed = self._blocks_needed(request, num_new)
+        while needed > self.allocator.num_free:
+            candidates = [r for r in self.running if id(r) not in scheduled and r is not request]
+            victim = choose_victim(candidates)
+            if victim is None or PRIORITY_RANK[victim.priority] < PRIORITY_RANK[request.priority]:
+                victim = request
+            self._preempt(victim, step)
+            if victim is request:
+                return False
+        request.block_ids.extend(self.allocator.allocate(needed))
+        return True
+
+    def _make_room_for_high_priority(self, now: float, step: _StepBuilder) -> None:
+        """Preempts lower-class running requests while waiting high-priority ones lack a slot or blocks."""
+        high = [r for r in self.waiting.candidates(now, len(self.waiting)) if self.waiting.effective_rank(r, now) == 0
+                and r.num_pending_samples == 0]
+        slots_needed = blocks_needed = 0
+        for request in high:
+            slots_needed += 1
+            first_chunk = min(request.num_tokens, self.config.max_running_tokens)
+            blocks_needed += -(-first_chunk // self.block_size)
+            while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
+                victim = choose_victim(self.running, below_rank=PRIORITY_RANK["high"])
+                if victim is None:
+                    return
+                self._preempt(victim, step)
+
+    def _admit_waiting(self, step: _StepBuilder, now: float) -> None:
+        for request in self.waiting.candidates(now, len(self._free_slots)):
+            if step.budget <= 0 or not self._free_slots:
+                break
+            if request.num_pending_samples:
+                continue  # preempted with a step in flight: its tokens must come back first
+            admitted = self._admit(request, step)
+            if not admitted and self.config.schedule_policy == "fcfs":
+                break
+
+    def _admit(self, request: Request, step: _StepBuilder) -> bool:
+        if request.status is RequestStatus.SWAPPED:
+            return self._swap_in(request, step)
+        if request.num_computed_tokens == 0 and not request.block_ids:
+            max_cached = (request.num_tokens - 1) // self.block_size
+            blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
+            request.block_ids, request.block_hashes = blocks, hashes
+            request.num_computed_tokens = len(blocks) * self.block_size
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = request.num_computed_tokens
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        needed = self._blocks_needed(request, num_new)
+        if needed > self.allocator.num_free:
+            self._release_blocks(request)
+            return False
+        request.block_ids.extend(self.allocator.allocate(needed))
+        self.waiting.remove(request)
+        self._start_running(request)
+        self._add_to_step(step, request, num_new)
+        return True
+
+    def _start_running(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        request.slot = self._free_slots.pop()
+        request.needs_sampling_state = True
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = self._clock()
+        self.running.append(request)
+
+    def _swap_in(self, request: Request, step: _StepBuilder) -> bool:
+        num_blocks = len(request.swapped_block_ids)
+        decode = 1 if request.num_computed_tokens < request.num_tokens else 0
+        needed = num_blocks + self._blocks_needed_after_swap(request, decode)
+        if needed > self.allocator.num_free or step.budget < 1:
+            return False
+        request.block_ids = self.allocator.allocate(num_blocks)
+        step.swap_in.extend(zip(request.swapped_block_ids, request.block_ids))
+        self.swap_space.free(request.swapped_block_ids)
+        request.swapped_block_ids = []
+        self.waiting.remove(request)
+        self._start_running(request)
+        num_new = self._num_new_tokens(request, step.budget)
+        if num_new:
+            request.block_ids.extend(self.allocator.allocate(self._blocks_needed(request, num_new)))
+            self._add_to_step(step, request, num_new)
+        return True
+
+    def _blocks_needed_after_swap(self, request: Request, num_new: int) -> int:
+        total = request.num_computed_tokens + num_new
+        return max(-(-total // self.block_size) - len(request.swapped_block_ids), 0)
+
+    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int) -> None:
+        start = request.num_computed_tokens
+        end = start + num_new
+        known_end = min(end, request.num_tokens)
+        tokens = request.token_slice(start, known_end) if known_end > start else []
+        tokens.extend([-1] * (end - known_end))  # in flight: the worker has it
+        sample = end >= request.num_tokens
+        if request.needs_sampling_state:
+            penalties = request.params.has_penalties
+            step.new_sequences.append(SequenceSampling(
+                slot=request.slot, params=request.params,
+                prompt_token_ids=request.prompt_token_ids if penalties else [],
+                output_token_ids=request.output_token_ids if penalties else []))
+            request.needs_sampling_state = False
+        step.requests.append(request)
+        step.slots.append(request.slot)
+        step.num_new_tokens.append(num_new)
+        step.context_lens.append(end)
+        step.input_token_ids.extend(tokens)
+        step.block_tables.append(list(request.block_ids))
+        step.sample.append(sample)
+        step.budget -= num_new
+        request.num_computed_tokens = end
+        if sample:
+            request.num_pending_samples += 1
+        self._register_full_blocks(request)
+
+    def _register_full_blocks(self, request: Request) -> None:
+        """Offers the request's full, computed blocks whose tokens are known to the prefix cache."""
+        full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        size = self.block_size
+        for index in range(len(request.block_hashes), full):
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            tokens = tuple(request.token_slice(index * size, (index + 1) * size))
+            request.block_hashes.append(self.allocator.register(request.block_ids[index], parent, tokens))
+
+    # ---- preemption and finishing -------------------------------------------------------
+
+    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+        self.num_preemptions += 1
+        request.num_preemptions += 1
+        self.running.remove(request)
+        self._free_slots.append(request.slot)
+        request.slot = None
+        swap = (self.config.preemption_mode == "swap"
+                and len(request.block_ids) <= self.swap_space.num_free
+                and request.num_computed_tokens >= request.num_tokens)
+        if swap:
+            cpu_blocks = self.swap_space.allocate(len(request.block_ids))
+            step.swap_out.extend(zip(request.block_ids, cpu_blocks))
+            request.swapped_block_ids = cpu_blocks
+            self.allocator.free(request.block_ids)
+            request.block_ids = []
+            request.status = RequestStatus.SWAPPED
+        else:
+            self._release_blocks(request)
+            request.status = RequestStatus.WAITING
+        self.waiting.requeue(request)
+
+    def _release_blocks(self, request: Request) -> None:
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+        request.block_hashes = []
+        request.num_computed_tokens = 0
+
+    def _finish(self, request: Request, reason: str) -> RequestOutput:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self._free_slots.append(request.slot)
+            request.slot = None
+        elif request.status in (RequestStatus.WAITING, RequestStatus.SWAPPED):
+            self.waiting.remove(request)
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+        if request.swapped_block_ids:
+            self.swap_space.free(request.swapped_block_ids)
+            request.swapped_block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+        return RequestOutput(request_id=request.request_id, token_ids=[], finish_reason=reason,
+                             num_prompt_tokens=len(request.prompt_token_ids),
+                             num_cached_tokens=request.num_cached_tokens)
+
+    # ---- results ------------------------------------------------------------------------
+
+    def process_result(self, step: ScheduledStep, result: ForwardResult) -> list[RequestOutput]:
+        outputs = []
+        for row, request in enumerate(step.sampled):
+            request.num_pending_samples -= 1
+            if request.is_finished:
+                continue  # finished or aborted while this step was in flight
+            token = result.token_ids[row]
+            request.output_token_ids.append(token)
+            self._register_full_blocks(request)
+            reason = self.stop_checker.finish_reason(request, token)
+            logprobs = [result.logprobs[row]] if request.params.logprobs is not None else None
+            if reason is None:
+                outputs.append(RequestOutput(request_id=request.request_id, token_ids=[token], logprobs=logprobs,
+                                             num_prompt_tokens=len(request.prompt_token_ids),
+                                             num_cached_tokens=request.num_cached_tokens))
+            else:
+                final = self._finish(request, reason)
+                final.token_ids = [token]
+                final.logprobs = logprobs
+                outputs.append(final)
+        return outputs
+
+    def stats(self) -> dict:
+        running = {name: 0 for name in PRIORITY_RANK}
+        for request in self.running:
+            running[request.priority] += 1
+        return {"running": running, "waiting": self.waiting.counts(), "num_kv_blocks": self.allocator.num_blocks,
+                "num_free_kv_blocks": self.allocator.num_free, "num_cached_kv_blocks": self.allocator.num_cached,
+                "prefix_cache_queries": self.allocator.prefix_queries, "prefix_cache_hits": self.allocator.prefix_hits,
+                "num_preemptions": self.num_preemptions}
+
+
+def _error(request_id: str, message: str, code: int) -> RequestOutput:
+    return RequestOutput(request_id=request_id, token_ids=[], finish_reason="error", error=message, error_code=code)

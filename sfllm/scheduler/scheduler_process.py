@@ -1,0 +1,227 @@
+"""The engine process: the scheduler between its frontends (ROUTER) and its worker (PAIR).
+
+Frontends come and go: each says hello, heartbeats, sends requests and aborts. One whose
+heartbeats stop for `CLIENT_TIMEOUT_S` is gone, and its requests are aborted so their
+KV blocks come back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from sfllm.config import EngineConfig
+from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, worker_address
+from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, ForwardBatch,
+                            ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
+                            ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile, WorkerFailed,
+                            WorkerReady, WorkerToScheduler)
+from sfllm.scheduler.engine_core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+CLIENT_TIMEOUT_S = 3.0
+WORKER_START_TIMEOUT_S = 1800.0
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class RemoteWorker:
+    """The worker process behind a PAIR socket, as EngineCore's WorkerHandle."""
+
+    def __init__(self, sock: zmq.Socket, process: subprocess.Popen) -> None:
+        self.sock = sock
+        self.process = process
+        self.codec = MessageCodec(WorkerToScheduler)
+        self.info = self._wait_ready()
+
+    def _receive(self, timeout_s: float) -> object:
+        deadline = time.monotonic() + timeout_s
+        while not self.sock.poll(timeout=200):
+            if self.process.poll() is not None:
+                raise WorkerDied(f"the worker process exited with code {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise WorkerDied(f"the worker did not answer within {timeout_s:.0f} s")
+        message = self.codec.decode(self.sock.recv())
+        if isinstance(message, WorkerFailed):
+            raise WorkerDied(f"the worker failed: {message.error}")
+        return message
+
+    def _wait_ready(self) -> WorkerReady:
+        message = self._receive(WORKER_START_TIMEOUT_S)
+        if not isinstance(message, WorkerReady) or message.protocol_version != PROTOCOL_VERSION:
+            raise WorkerDied(f"the worker speaks protocol {getattr(message, 'protocol_version', '?')}, "
+                             f"the scheduler {PROTOCOL_VERSION}: install one sfllm version for both")
+        return message
+
+    def submit(self, batch: ForwardBatch) -> None:
+        self.sock.send(self.codec.encode(batch))
+
+    def send(self, message: object) -> None:
+        self.sock.send(self.codec.encode(message))
+
+    def collect(self) -> ForwardResult:
+        message = self._receive(600.0)
+        assert isinstance(message, ForwardResult)
+        return message
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket) -> None:
+        self.config = config
+        self.core = core
+        self.worker = worker
+        self.sock = frontend_sock
+        self.codec = MessageCodec(FrontendToEngine)
+        self.owner: dict[str, bytes] = {}
+        self.last_seen: dict[bytes, float] = {}
+        self.stopping = False
+
+    def _send(self, identity: bytes, message: object) -> None:
+        try:
+            self.sock.send_multipart([identity, self.codec.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # that frontend is gone or not reading; its heartbeat timeout cleans up
+
+    def _stats(self) -> EngineStats:
+        s = self.core.scheduler.stats()
+        return EngineStats(running=s["running"], waiting=s["waiting"], num_kv_blocks=s["num_kv_blocks"],
+                           num_free_kv_blocks=s["num_free_kv_blocks"], num_cached_kv_blocks=s["num_cached_kv_blocks"],
+                           prefix_cache_queries=s["prefix_cache_queries"], prefix_cache_hits=s["prefix_cache_hits"],
+                           num_preemptions=s["num_preemptions"], num_steps=self.core.num_steps,
+                           step_time_s=self.core.last_step_time_s, batch_size=self.core.last_batch_size,
+                           gpu_memory_allocated=self.core.gpu_memory[0], gpu_memory_reserved=self.core.gpu_memory[1],
+                           ready=True)
+
+    def _handle(self, identity: bytes, message: object) -> None:
+        self.last_seen[identity] = time.monotonic()
+        if isinstance(message, GenerateRequest):
+            self.owner[message.request_id] = identity
+            error = self.core.add_request(message, identity.hex())
+            if error is not None:
+                self._deliver([error])
+        elif isinstance(message, AbortRequest):
+            self._deliver(self.core.abort(message.request_ids))
+        elif isinstance(message, Heartbeat):
+            self._send(identity, self._stats())
+        elif isinstance(message, ClientHello):
+            info = self.worker.info
+            logger.info("frontend %s connected", message.client_id)
+            self._send(identity, EngineHello(protocol_version=PROTOCOL_VERSION, model_name=self.config.model_name,
+                                             max_context_length=info.max_context_length,
+                                             eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks,
+                                             block_size=info.block_size))
+        elif isinstance(message, ProfileControl):
+            directory = self.config.profile_dir or str(Path.cwd() / "sfllm-profiles")
+            self.worker.send(StartProfile(directory=directory) if message.start else StopProfile())
+        elif isinstance(message, Shutdown):
+            self.stopping = True
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_client: dict[bytes, list[RequestOutput]] = {}
+        for output in outputs:
+            identity = self.owner.get(output.request_id)
+            if output.finish_reason is not None:
+                self.owner.pop(output.request_id, None)
+            if identity is not None:
+                by_client.setdefault(identity, []).append(output)
+        for identity, batch in by_client.items():
+            self._send(identity, OutputBatch(outputs=batch))
+
+    def _drop_silent_clients(self) -> None:
+        now = time.monotonic()
+        for identity, seen in list(self.last_seen.items()):
+            if now - seen > CLIENT_TIMEOUT_S:
+                del self.last_seen[identity]
+                aborted = self.core.abort_client(identity.hex())
+                for output in aborted:
+                    self.owner.pop(output.request_id, None)
+                logger.warning("frontend %s went silent; aborted its %d requests", identity.hex(), len(aborted))
+
+    def serve(self) -> None:
+        last_check = time.monotonic()
+        while not self.stopping:
+            busy = self.core.has_work()
+            while self.sock.poll(timeout=0 if busy else 50):
+                identity, payload = self.sock.recv_multipart()
+                try:
+                    message = self.codec.decode(payload)
+                except Exception as error:  # a malformed frame must not take the engine down
+                    logger.warning("dropped an undecodable message from %s: %s", identity.hex(), error)
+                    continue
+                self._handle(identity, message)
+                busy = True
+            if time.monotonic() - last_check > 0.5:
+                self._drop_silent_clients()
+                last_check = time.monotonic()
+            if self.core.has_work():
+                self._deliver(self.core.step())
+
+
+def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+    return subprocess.Popen([sys.executable, "-m", "sfllm", "worker", "--config", str(config_path),
+                             "--worker-address", address], env=env, preexec_fn=die_with_parent)
+
+
+def run_engine(config: EngineConfig, config_path: Path) -> int:
+    run_dir = config.resolved_run_dir()
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    address = config.resolved_engine_address()
+    worker_addr = worker_address(run_dir)
+    context = zmq.Context()
+    worker_sock = context.socket(zmq.PAIR)
+    worker_sock.setsockopt(zmq.LINGER, 0)
+    worker_sock.bind(worker_addr)
+    frontend_sock = context.socket(zmq.ROUTER)
+    frontend_sock.setsockopt(zmq.LINGER, 0)
+    frontend_sock.setsockopt(zmq.SNDHWM, 0)
+    stopping = {"flag": False}
+    process = _start_worker_process(config_path, worker_addr)
+
+    def stop(*_: object) -> None:
+        stopping["flag"] = True
+        if server is not None:
+            server.stopping = True
+
+    server: EngineServer | None = None
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        worker = RemoteWorker(worker_sock, process)
+        logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
+                    worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
+        core = EngineCore(config, worker)
+        frontend_sock.bind(address)
+        server = EngineServer(config, core, worker, frontend_sock)
+        if stopping["flag"]:
+            server.stopping = True
+        logger.info("engine listening on %s", address)
+        server.serve()
+        worker.send(Shutdown())
+    except WorkerDied as error:
+        logger.error("%s", error)
+        code = 1
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        worker_sock.close()
+        frontend_sock.close()
+        context.term()
+        lock.release([p for p in (ipc_path(address), ipc_path(worker_addr)) if p is not None])
+    return code

@@ -1,0 +1,71 @@
+"""The waiting requests, one queue per priority class, and the order they are admitted in."""
+from __future__ import annotations
+
+from collections import deque
+
+from sfllm.scheduler.length_buckets import order_by_length_bucket
+from sfllm.scheduler.priority import PRIORITY_RANK, split_slots
+from sfllm.scheduler.request import Request
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class WaitingQueue:
+    def __init__(self, policy: str = "fcfs", background_share: float = 0.5, max_background_wait_s: float = 30.0,
+                 max_per_class: int = 4096) -> None:
+        self.policy = policy
+        self.background_share = background_share
+        self.max_background_wait_s = max_background_wait_s
+        self.max_per_class = max_per_class
+        self._queues: dict[str, deque[Request]] = {name: deque() for name in PRIORITY_RANK}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def __iter__(self):
+        for queue in self._queues.values():
+            yield from queue
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(q) for name, q in self._queues.items()}
+
+    def add(self, request: Request, now: float) -> None:
+        queue = self._queues[request.priority]
+        if len(queue) >= self.max_per_class:
+            raise QueueFull(f"the {request.priority} queue holds {len(queue)} requests, its limit")
+        request.enqueue_time = now
+        queue.append(request)
+
+    def requeue(self, request: Request) -> None:
+        """A preempted request goes back to the head of its class, keeping its enqueue time."""
+        self._queues[request.priority].appendleft(request)
+
+    def remove(self, request: Request) -> None:
+        self._queues[request.priority].remove(request)
+
+    def is_aged(self, request: Request, now: float) -> bool:
+        return request.priority == "background" and now - request.enqueue_time >= self.max_background_wait_s
+
+    def effective_rank(self, request: Request, now: float) -> int:
+        """Background requests that waited past the bound are admitted like high priority."""
+        return PRIORITY_RANK["high"] if self.is_aged(request, now) else PRIORITY_RANK[request.priority]
+
+    def _ordered(self, requests: list[Request]) -> list[Request]:
+        if self.policy != "length-bucket":
+            return requests
+        resumed = [r for r in requests if r.num_preemptions]
+        fresh = [r for r in requests if not r.num_preemptions]
+        return resumed + order_by_length_bucket(fresh)
+
+    def candidates(self, now: float, free_slots: int) -> list[Request]:
+        """Waiting requests in admission order, as many as the free slots allow."""
+        background = list(self._queues["background"])
+        aged = [r for r in background if self.is_aged(r, now)]
+        background = [r for r in background if not self.is_aged(r, now)]
+        high = self._ordered(list(self._queues["high"])) + aged
+        rest = max(free_slots - len(high), 0)
+        normal = self._ordered(list(self._queues["normal"]))
+        normal_slots, background_slots = split_slots(rest, len(normal), len(background), self.background_share)
+        return high[:free_slots] + normal[:normal_slots] + self._ordered(background)[:background_slots]

@@ -1,0 +1,43 @@
+"""The interface every attention backend implements, and the registry that names them."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from sfllm.worker.attention.metadata import AttentionMetadata
+from sfllm.worker.kv_cache import KVCache
+
+
+class AttentionBackend(ABC):
+    """Stores a layer's new K/V in the paged cache and attends over it."""
+
+    name: str = ""
+    supports_cuda_graphs: bool = False
+
+    def __init__(self, kv_cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.kv_cache = kv_cache
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]."""
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the layers run (workspace sizing and the like)."""
+
+
+BACKENDS: dict[str, Callable[..., AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    def register(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+    return register

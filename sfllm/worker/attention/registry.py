@@ -1,0 +1,48 @@
+"""Chooses and builds the attention backend named by --attention-backend."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from sfllm.model_source import ModelConfig
+from sfllm.worker.attention.backend import BACKENDS, AttentionBackend
+from sfllm.worker.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+_MODULES = {
+    "torch": "sfllm.worker.attention.torch_backend",
+    "triton": "sfllm.worker.attention.triton_backend",
+    "flash": "sfllm.worker.attention.flash_backend",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "flash" and importlib.util.find_spec("flash_attn") is None:
+        raise BackendUnavailable("--attention-backend flash needs the flash_attn package "
+                                 "(pip install 'sfllm[flash]'); use triton or torch instead")
+    if name in ("flash", "triton") and device.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+        if name == "flash":
+            raise BackendUnavailable("--attention-backend flash runs on CUDA devices only; use torch on CPU")
+        raise BackendUnavailable("--attention-backend triton needs a CUDA device; on CPU use the torch backend "
+                                 "(or set TRITON_INTERPRET=1 to interpret the kernels, slowly, for tests)")
+    return name
+
+
+def create_attention_backend(name: str, device: torch.device, kv_cache: KVCache, config: ModelConfig,
+                             quiet: bool = False) -> AttentionBackend:
+    resolved = resolve_backend_name(name, device)
+    importlib.import_module(_MODULES[resolved])
+    if not quiet:
+        logger.info("attention backend: %s (asked for %s, device %s)", resolved, name, device.type)
+    return BACKENDS[resolved](kv_cache, config.num_heads, config.num_kv_heads, config.head_dim)

@@ -1,0 +1,175 @@
+"""Turns a step's logits into tokens, one row per sequence, each with its own settings.
+
+Seeded rows draw their noise from a counter-based hash of (seed, position, token id),
+so a seeded request samples the same tokens whatever else shares its batch and after
+a preemption re-runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sfllm.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class PenaltyInputs:
+    repetition: torch.Tensor        # [B] float
+    presence: torch.Tensor          # [B] float
+    frequency: torch.Tensor         # [B] float
+    seen_mask: torch.Tensor         # [B, V] bool: token in prompt or output
+    output_counts: torch.Tensor     # [B, V] float: occurrences in the output
+
+
+@dataclass
+class SamplingInputs:
+    temperatures: torch.Tensor      # [B] float, 0 for greedy rows
+    greedy: torch.Tensor            # [B] bool
+    all_greedy: bool
+    top_ks: torch.Tensor | None     # [B] int64, vocab size when off
+    top_ps: torch.Tensor | None     # [B] float
+    min_ps: torch.Tensor | None     # [B] float
+    seeds: torch.Tensor | None      # [B] int64, -1 where unseeded
+    positions: torch.Tensor         # [B] int64: position of the token being sampled
+    penalties: PenaltyInputs | None
+    max_logprobs: int               # -1: nobody asked
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], positions: list[int], vocab_size: int, device: torch.device,
+              penalty_tokens: list[tuple[list[int], list[int]]] | None = None) -> SamplingInputs:
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        greedy = [p.greedy for p in params]
+        top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        need_top_k = any(k < vocab_size for k, g in zip(top_ks, greedy) if not g)
+        need_top_p = any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g)
+        need_min_p = any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g)
+        seeded = any(p.seed is not None for p in params)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        penalties = None
+        if penalty_tokens is not None:
+            penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
+        return cls(
+            temperatures=tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            greedy=tensor(greedy, torch.bool),
+            all_greedy=all(greedy),
+            top_ks=tensor(top_ks, torch.int64) if need_top_k or need_top_p else None,
+            top_ps=tensor([p.top_p for p in params], torch.float32) if need_top_k or need_top_p else None,
+            min_ps=tensor([p.min_p for p in params], torch.float32) if need_min_p else None,
+            seeds=tensor([-1 if p.seed is None else p.seed for p in params], torch.int64) if seeded else None,
+            positions=tensor(positions, torch.int64),
+            penalties=penalties,
+            max_logprobs=max(logprobs) if logprobs else -1,
+        )
+
+
+def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], list[int]]], vocab_size: int,
+                    device: torch.device) -> PenaltyInputs:
+    batch = len(params)
+    seen = torch.zeros(batch, vocab_size, dtype=torch.bool)
+    counts = torch.zeros(batch, vocab_size, dtype=torch.float32)
+    for row, (prompt, output) in enumerate(tokens):
+        if prompt:
+            seen[row, torch.tensor(prompt)] = True
+        if output:
+            out = torch.tensor(output)
+            seen[row, out] = True
+            counts[row].index_add_(0, out, torch.ones(len(output)))
+    return PenaltyInputs(
+        repetition=torch.tensor([p.repetition_penalty for p in params]).to(device),
+        presence=torch.tensor([p.presence_penalty for p in params]).to(device),
+        frequency=torch.tensor([p.frequency_penalty for p in params]).to(device),
+        seen_mask=seen.to(device),
+        output_counts=counts.to(device),
+    )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                 # [B] int64
+    logprobs: torch.Tensor | None           # [B] float: the chosen tokens'
+    top_token_ids: torch.Tensor | None      # [B, K]
+    top_logprobs: torch.Tensor | None       # [B, K]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._seed = seed
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
+        """logits: [B, V] float32 from the model."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if inputs.max_logprobs >= 0 else None
+        if inputs.penalties is not None:
+            logits = _apply_penalties(logits, inputs.penalties)
+        tokens = logits.argmax(dim=-1)
+        if not inputs.all_greedy:
+            sampled = self._sample(logits, inputs)
+            tokens = torch.where(inputs.greedy, tokens, sampled)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens, None, None, None)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_logprobs, top_ids = raw_logprobs.topk(max(inputs.max_logprobs, 1), dim=-1)
+        return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+
+    def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
+        logits = logits / temperatures[:, None]
+        if inputs.top_ks is not None:
+            logits = _top_k_top_p(logits, inputs.top_ks, inputs.top_ps)
+        probs = torch.softmax(logits, dim=-1)
+        if inputs.min_ps is not None:
+            threshold = inputs.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
+        if inputs.seeds is not None:
+            seeded = inputs.seeds >= 0
+            noise = torch.where(seeded[:, None], _seeded_exponential(inputs.seeds, inputs.positions, probs.shape[1]),
+                                noise)
+        # exponential race: argmax(p / E) samples from p
+        return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
+    repetition = p.repetition[:, None]
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(p.seen_mask, penalized, logits)
+    logits = logits - p.frequency[:, None] * p.output_counts
+    return logits - p.presence[:, None] * (p.output_counts > 0).float()
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device)
+    masked = ranks[None, :] >= top_ks[:, None]
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(masked, float("-inf")), dim=-1)
+    # drop a token when the ones above it already reach top_p (the first is always kept)
+    masked |= (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(masked, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix on int64 tensors holding values below 2**32."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def _seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    seeds = seeds.clamp(min=0)
+    row_key = _hash32((seeds & _MASK32) ^ _hash32((seeds >> 32) & _MASK32))
+    row_key = _hash32(row_key ^ (positions & _MASK32))
+    token_ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _hash32(_hash32(row_key[:, None] ^ token_ids[None, :]) ^ row_key[:, None])
+    uniform = (bits.double() + 0.5) / 2.0**32
+    return (-torch.log(uniform)).float()

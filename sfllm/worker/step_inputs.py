@@ -1,0 +1,72 @@
+"""Turns a ForwardBatch into the device tensors of one model step, in one host-to-device copy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sfllm.messages import ForwardBatch
+from sfllm.worker.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor         # [T] int64; -1 placeholders already replaced
+    positions: torch.Tensor         # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor    # [S] rows of the hidden states to sample from
+    sample_slots: torch.Tensor      # [S] worker slots of the sampled sequences
+    sample_positions: list[int]     # [S] position the sampled token will take in its sequence
+    sample_slots_host: list[int]
+
+
+def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.Tensor,
+                      device: torch.device) -> StepInputs:
+    num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
+    context_lens = np.asarray(batch.context_lens, dtype=np.int64)
+    slots = np.asarray(batch.slots, dtype=np.int64)
+    sample = np.asarray(batch.sample, dtype=bool)
+    num_seqs = len(slots)
+    num_tokens = int(num_new.sum())
+
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(num_new, out=query_start_loc[1:])
+    seq_of_token = np.repeat(np.arange(num_seqs), num_new)
+    positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (context_lens - num_new)[seq_of_token]
+
+    max_blocks = max((len(t) for t in batch.block_tables), default=0) or 1
+    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
+    for row, table in enumerate(batch.block_tables):
+        block_tables[row, :len(table)] = table
+    slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+    logits_indices = query_start_loc[1:][sample] - 1
+    sample_slots = slots[sample]
+    input_ids = np.asarray(batch.input_token_ids, dtype=np.int64)
+    token_slots = slots[seq_of_token]
+
+    # one packed copy instead of eight small ones
+    parts = [input_ids, positions, slot_mapping, query_start_loc, context_lens, logits_indices, sample_slots,
+             token_slots, block_tables.reshape(-1)]
+    sizes = [len(p) for p in parts]
+    packed = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = packed.split(sizes)
+
+    if (input_ids < 0).any():
+        ids = torch.where(ids < 0, last_tokens[t_slots], ids)
+    meta = AttentionMetadata(
+        slot_mapping=slot_map,
+        query_start_loc=qsl.int(),
+        seq_lens=seq_lens.int(),
+        block_tables=tables.view(num_seqs, max_blocks).int(),
+        max_query_len=int(num_new.max()) if num_seqs else 0,
+        max_seq_len=int(context_lens.max()) if num_seqs else 0,
+        query_lens_host=num_new.tolist(),
+        seq_lens_host=context_lens.tolist(),
+    )
+    return StepInputs(ids, pos, meta, logits_idx, s_slots, context_lens[sample].tolist(),
+                      sample_slots.tolist())

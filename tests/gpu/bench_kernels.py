@@ -1,0 +1,79 @@
+"""Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
+
+Run: python tests/gpu/bench_kernels.py
+Decode reports the KV bytes read per second (2 * batch * seq * kv_heads * head_dim * dtype bytes);
+prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim * seq^2 / 2).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from kernels import DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention  # noqa: E402
+
+BLOCK_SIZE = 16
+MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
+DTYPE = torch.bfloat16
+
+
+def paged_cache(batch: int, seq_len: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    blocks_per_seq = seq_len // BLOCK_SIZE
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, block_tables, seq_lens
+
+
+def bench_decode() -> None:
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("| model | batch | seq | splits | time (us) | KV read (GB/s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model, (num_heads, num_kv_heads, head_dim) in MODEL_SHAPES.items():
+        for seq_len in (1024, 4096):
+            for batch in (1, 16, 64, 256):
+                k_cache, v_cache, block_tables, seq_lens = paged_cache(batch, seq_len, num_kv_heads, head_dim)
+                q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
+                out = torch.empty_like(q)
+                splits = choose_num_kv_splits(batch, num_kv_heads, seq_len, num_sms)
+                workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
+                ms = triton.testing.do_bench(
+                    lambda: decode_attention(
+                        q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out, splits, workspace
+                    )
+                )
+                kv_bytes = 2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize
+                print(f"| {model} | {batch} | {seq_len} | {splits} | {ms * 1e3:.1f} | {kv_bytes / ms / 1e6:.0f} |")
+                del k_cache, v_cache
+
+
+def bench_prefill() -> None:
+    print("| model | seq | time (ms) | TFLOP/s |")
+    print("| --- | --- | --- | --- |")
+    for model, (num_heads, num_kv_heads, head_dim) in MODEL_SHAPES.items():
+        for seq_len in (1024, 4096, 8192):
+            k_cache, v_cache, block_tables, seq_lens = paged_cache(1, seq_len, num_kv_heads, head_dim)
+            q = torch.randn(seq_len, num_heads, head_dim, device="cuda", dtype=DTYPE)
+            out = torch.empty_like(q)
+            query_start_loc = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+            ms = triton.testing.do_bench(
+                lambda: extend_attention(
+                    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, head_dim**-0.5, seq_len, out
+                )
+            )
+            flops = 2 * 2 * num_heads * head_dim * seq_len * seq_len / 2
+            print(f"| {model} | {seq_len} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
+    bench_decode()
+    print()
+    bench_prefill()

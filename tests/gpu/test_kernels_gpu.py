@@ -1,0 +1,200 @@
+"""The Triton kernels at real model shapes on a GPU, against the fp32 references."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+pytest.importorskip("triton")
+
+from kernels import (  # noqa: E402
+    DecodeWorkspace,
+    choose_num_kv_splits,
+    decode_attention,
+    extend_attention,
+    fused_add_rms_norm,
+    store_kv_cache,
+)
+from kernels.reference import (  # noqa: E402
+    reference_decode_attention,
+    reference_extend_attention,
+    reference_fused_add_rms_norm,
+    reference_store_kv_cache,
+)
+
+BLOCK_SIZE = 16
+# (num_heads, num_kv_heads, head_dim)
+MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
+
+
+@dataclass
+class PagedKV:
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def make_paged_kv(
+    seq_lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_blocks: int | None = None
+) -> PagedKV:
+    """Random caches with blocks handed out in shuffled order; unused table entries hold junk block ids."""
+    blocks_per_seq = [-(-length // BLOCK_SIZE) for length in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 8
+    max_blocks = max_blocks or max(blocks_per_seq) + 1
+    order = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    block_tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), dtype=torch.int32, device="cuda")
+    start = 0
+    for seq, count in enumerate(blocks_per_seq):
+        block_tables[seq, :count] = order[start : start + count]
+        start += count
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    return PagedKV(
+        k_cache=torch.randn(shape, device="cuda").to(dtype),
+        v_cache=torch.randn(shape, device="cuda").to(dtype),
+        block_tables=block_tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+    )
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def random_lengths(batch: int, longest: int) -> list[int]:
+    lengths = torch.randint(1, longest + 1, (batch,)).tolist()
+    lengths[0] = longest
+    if batch > 2:
+        lengths[1], lengths[2] = 1, BLOCK_SIZE
+    return lengths
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("model", MODEL_SHAPES)
+def test_store_kv_cache_at_prefill_size(model: str) -> None:
+    _, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    paged = make_paged_kv([4096, 1000], num_kv_heads, head_dim, torch.bfloat16)
+    num_tokens = 4096
+    slots = torch.randperm(paged.k_cache.shape[0] * BLOCK_SIZE, device="cuda")[:num_tokens]
+    slots[torch.rand(num_tokens, device="cuda") < 0.1] = -1
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    expected_k, expected_v = paged.k_cache.clone(), paged.v_cache.clone()
+    reference_store_kv_cache(k, v, expected_k, expected_v, slots)
+
+    store_kv_cache(k, v, paged.k_cache, paged.v_cache, slots)
+
+    assert torch.equal(paged.k_cache, expected_k)
+    assert torch.equal(paged.v_cache, expected_v)
+
+
+@pytest.mark.parametrize("model", MODEL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,longest", [(1, 8192), (16, 8192), (64, 4096), (256, 2048)])
+def test_decode_attention_at_model_shapes(model: str, dtype: torch.dtype, batch: int, longest: int) -> None:
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    paged = make_paged_kv(random_lengths(batch, longest), num_kv_heads, head_dim, dtype)
+    q = torch.randn(batch, num_heads, head_dim, device="cuda").to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+
+    decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, scale, out=out)
+
+    ref = reference_decode_attention(
+        q.float(), paged.k_cache.float(), paged.v_cache.float(), paged.block_tables, paged.seq_lens, scale
+    )
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("model", MODEL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "cases",
+    [
+        [(8192, 8192)],
+        [(1, 4000), (512, 3000), (2048, 2048), (100, 7000), (17, 17), (300, 301)],
+    ],
+    ids=["prefill-8k", "mixed-extend"],
+)
+def test_extend_attention_at_model_shapes(model: str, dtype: torch.dtype, cases: list[tuple[int, int]]) -> None:
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    paged = make_paged_kv([seq_len for _, seq_len in cases], num_kv_heads, head_dim, dtype)
+    query_lens = [query_len for query_len, _ in cases]
+    query_start_loc = torch.tensor([0] + query_lens, device="cuda").cumsum(0).to(torch.int32)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, device="cuda").to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+
+    extend_attention(
+        q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, scale, max(query_lens), out
+    )
+
+    ref = reference_extend_attention(
+        q.float(), paged.k_cache.float(), paged.v_cache.float(), paged.block_tables, query_start_loc, paged.seq_lens, scale
+    )
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("model", MODEL_SHAPES)
+def test_decode_attention_replays_in_a_cuda_graph(model: str) -> None:
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    batch, max_seq_len = 32, 4096
+    max_blocks = max_seq_len // BLOCK_SIZE
+    paged = make_paged_kv([max_seq_len] * batch, num_kv_heads, head_dim, torch.bfloat16, max_blocks)
+    num_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, torch.cuda.get_device_properties(0).multi_processor_count)
+    workspace = DecodeWorkspace.allocate(batch, num_heads, num_splits, head_dim, "cuda")
+    q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    seq_lens, block_tables = paged.seq_lens.clone(), paged.block_tables.clone()
+    out = torch.empty_like(q)
+    scale = head_dim**-0.5
+
+    def run() -> None:
+        decode_attention(q, paged.k_cache, paged.v_cache, block_tables, seq_lens, scale, out, num_splits, workspace)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    for _ in range(2):
+        # New lengths (the last rows are empty padding) and a new assignment of blocks to sequences.
+        new_lens = random_lengths(batch, max_seq_len)
+        new_lens[-3:] = [0, 0, 0]
+        seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        block_tables.copy_(paged.block_tables[torch.randperm(batch, device="cuda")])
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        replayed = out.clone()
+        eager = decode_attention(q, paged.k_cache, paged.v_cache, block_tables, seq_lens, scale, None, num_splits)
+
+        assert torch.equal(replayed, eager)
+        assert torch.equal(replayed[-3:], torch.zeros_like(replayed[-3:]))
+        ref = reference_decode_attention(
+            q.float(), paged.k_cache.float(), paged.v_cache.float(), block_tables, seq_lens, scale
+        )
+        assert relative_error(replayed, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_add_rms_norm_at_model_width(dtype: torch.dtype) -> None:
+    x = torch.randn(512, 1024, device="cuda").to(dtype)
+    residual = torch.randn(512, 1024, device="cuda").to(dtype)
+    weight = torch.randn(1024, device="cuda").to(dtype)
+    expected_normed, expected_residual = reference_fused_add_rms_norm(x, residual, weight, 1e-6)
+
+    fused_add_rms_norm(x, residual, weight, 1e-6)
+
+    assert torch.equal(residual, expected_residual)
+    assert relative_error(x, expected_normed) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

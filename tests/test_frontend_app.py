@@ -1,0 +1,354 @@
+"""The HTTP API over a scripted in-process engine: shapes, streaming, errors, aborts."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from sfllm.config import EngineConfig
+from sfllm.frontend.app import create_app
+from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.messages import (PROTOCOL_VERSION, EngineHello, GenerateRequest, RequestOutput, SampledLogprobs,
+                            TokenLogprob)
+from sfllm.model_source import resolve_model
+
+MODEL = "smollm2-135m-instruct"
+SCRIPT = "The quick brown fox jumps over the lazy dog. 你好"
+
+
+class ScriptedEngine:
+    """Stands in for EngineClient: every request generates SCRIPT's tokens, one per output."""
+
+    address = "scripted://engine"
+
+    def __init__(self, tokenizer: Tokenizer, max_context_length: int = 128, delay_s: float = 0.0,
+                 error: EngineRequestError | EngineUnavailableError | None = None) -> None:
+        self.hello = EngineHello(protocol_version=PROTOCOL_VERSION, model_name=MODEL,
+                                 max_context_length=max_context_length, eos_token_ids=[2], num_kv_blocks=8,
+                                 block_size=16)
+        self.connected = True
+        self.healthy = True
+        self.delay_s = delay_s
+        self.error = error
+        self.script = tokenizer.encode(SCRIPT)
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[str] = []
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        finished = False
+        try:
+            for step in range(request.params.max_tokens):
+                await asyncio.sleep(self.delay_s)
+                token_id = self.script[step % len(self.script)]
+                logprobs = None
+                if request.params.logprobs is not None:
+                    top = [TokenLogprob(token_id=token_id, logprob=-0.25), TokenLogprob(token_id=0, logprob=-3.0)]
+                    logprobs = [SampledLogprobs(logprob=-0.25, top=top[:request.params.logprobs])]
+                finished = step == request.params.max_tokens - 1
+                yield RequestOutput(request_id=request.request_id, token_ids=[token_id], logprobs=logprobs,
+                                    finish_reason="length" if finished else None,
+                                    num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=2)
+        finally:
+            if not finished:
+                self.aborted.append(request.request_id)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.aborted.extend(request_ids)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_model_source(resolve_model(MODEL))
+
+
+@pytest.fixture
+def engine(tokenizer: Tokenizer) -> ScriptedEngine:
+    return ScriptedEngine(tokenizer)
+
+
+def post(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, body: Any, config: EngineConfig | None = None,
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    app = create_app(config or EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return await client.post(path, content=content,
+                                     headers={"content-type": "application/json", **(headers or {})})
+
+    return asyncio.run(send())
+
+
+def get(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, config: EngineConfig | None = None) -> httpx.Response:
+    app = create_app(config or EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get(path)
+
+    return asyncio.run(send())
+
+
+def sse_payloads(response: httpx.Response) -> list[Any]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(event.startswith("data: ") for event in events[:-1])
+    return [json.loads(event[len("data: "):]) for event in events[:-2]]
+
+
+def script_text(tokenizer: Tokenizer, engine: ScriptedEngine, num_tokens: int) -> str:
+    return tokenizer.decode(engine.script[:num_tokens])
+
+
+def test_completion(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    response = post(engine, tokenizer, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"] == [{"index": 0, "text": script_text(tokenizer, engine, 5), "logprobs": None,
+                                "finish_reason": "length"}]
+    prompt_tokens = len(tokenizer.encode("Hello"))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
+                             "total_tokens": prompt_tokens + 5, "prompt_tokens_details": {"cached_tokens": 2}}
+    assert engine.requests[0].request_id == body["id"] + "-0"
+    assert engine.requests[0].prompt_token_ids == tokenizer.encode("Hello")
+
+
+def test_default_max_tokens_is_16_for_completions_and_the_rest_of_the_context_for_chat(
+        engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    post(engine, tokenizer, "/v1/completions", {"prompt": "Hello"})
+    post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})
+    chat_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert engine.requests[0].params.max_tokens == 16
+    assert engine.requests[1].params.max_tokens == 128 - len(chat_prompt)
+
+
+def test_n_and_prompt_lists_fan_out(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    body = post(engine, tokenizer, "/v1/completions",
+                {"prompt": ["a", "b"], "n": 2, "seed": 10, "max_tokens": 2}).json()
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2, 3]
+    assert sorted(r.request_id for r in engine.requests) == [f"{body['id']}-{i}" for i in range(4)]
+    by_id = {r.request_id: r for r in engine.requests}
+    assert [by_id[f"{body['id']}-{i}"].params.seed for i in range(4)] == [10, 11, 10, 11]
+    assert [by_id[f"{body['id']}-{i}"].prompt_token_ids for i in range(4)] == [tokenizer.encode("a")] * 2 + [
+        tokenizer.encode("b")] * 2
+    assert all(r.params.n == 1 for r in engine.requests)
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("a")) + len(tokenizer.encode("b"))
+
+
+def test_token_id_prompts_and_echo(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    prompt_ids = tokenizer.encode("Echo me")
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": prompt_ids, "max_tokens": 3, "echo": True}).json()
+    assert body["choices"][0]["text"] == "Echo me" + script_text(tokenizer, engine, 3)
+    assert engine.requests[0].prompt_token_ids == prompt_ids
+
+
+def test_stop_string_ends_the_choice_and_aborts_the_engine_request(engine: ScriptedEngine,
+                                                                   tokenizer: Tokenizer) -> None:
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 20, "stop": ["fox"]}).json()
+    assert body["choices"][0]["text"] == "The quick brown "
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 4
+    assert engine.aborted == [engine.requests[0].request_id]
+
+
+def test_chat_completion(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = post(engine, tokenizer, "/v1/chat/completions", {"messages": messages, "max_tokens": 4}).json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": script_text(
+        tokenizer, engine, 4)}, "logprobs": None, "finish_reason": "length"}]
+    assert engine.requests[0].prompt_token_ids == tokenizer.apply_chat_template(messages)
+    assert body["usage"]["prompt_tokens"] == len(engine.requests[0].prompt_token_ids)
+
+
+def test_chat_stream(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    num_tokens = len(engine.script)  # ends after a whole character
+    response = post(engine, tokenizer, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": num_tokens, "stream": True,
+                     "n": 2, "stream_options": {"include_usage": True}})
+    chunks = sse_payloads(response)
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    for index in (0, 1):
+        deltas = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(d["delta"].get("content", "") for d in deltas) == SCRIPT
+        assert all("\ufffd" not in d["delta"].get("content", "") for d in deltas)
+        assert [d["finish_reason"] for d in deltas][-1] == "length"
+        assert all(d["finish_reason"] is None for d in deltas[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * num_tokens
+
+
+def test_completion_stream_without_usage(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 6, "stream": True})
+    chunks = sse_payloads(response)
+    assert all(chunk["object"] == "text_completion" and chunk["usage"] is None for chunk in chunks)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == script_text(tokenizer, engine, 6)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_logprobs(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 3, "logprobs": 1}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["The", " quick", " brown"]
+    assert logprobs["token_logprobs"] == [-0.25] * 3
+    assert logprobs["top_logprobs"] == [{"The": -0.25}, {" quick": -0.25}, {" brown": -0.25}]
+    assert logprobs["text_offset"] == [0, 3, 9]
+
+
+def test_chat_logprobs(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    body = post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                              "max_tokens": 2, "logprobs": True, "top_logprobs": 2})
+    content = body.json()["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == ["The", " quick"]
+    assert content[1]["bytes"] == list(b" quick") and content[1]["logprob"] == -0.25
+    assert [top["token"] for top in content[1]["top_logprobs"]] == [" quick", "<|endoftext|>"]
+    assert engine.requests[0].params.logprobs == 2
+
+
+def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1}, headers={"X-Priority": "background"})
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": "high"},
+         headers={"X-Priority": "background"})
+    assert [r.priority for r in engine.requests] == ["background", "high"]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    (b'{"prompt": ', 400, None),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 9}, 400, "temperature"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop[0]"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "max_tokens": 500}, 400, "prompt"),
+    ({"prompt": [999999]}, 400, "prompt"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo"),
+])
+def test_client_mistakes_are_openai_errors(engine: ScriptedEngine, tokenizer: Tokenizer, body: Any, status: int,
+                                           param: str | None) -> None:
+    response = post(engine, tokenizer, "/v1/completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and "type" in error and "code" in error
+    assert engine.requests == []
+
+
+def test_prompt_too_long_names_the_numbers(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "word " * 200}]
+    response = post(engine, tokenizer, "/v1/chat/completions", {"messages": messages, "max_tokens": 10})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    num_prompt_tokens = len(tokenizer.apply_chat_template(messages))
+    assert f"{num_prompt_tokens} in the prompt" in error["message"] and "128" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_queue_full_is_503_with_retry_after(tokenizer: Tokenizer, stream: bool) -> None:
+    engine = ScriptedEngine(tokenizer, error=EngineRequestError("queue full", 503))
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "stream": stream})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["message"] == "queue full"
+
+
+def test_engine_refusing_a_prompt_is_its_status(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, error=EngineRequestError("prompt too long: 9000 > 8192", 400))
+    response = post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 400 and "9000" in response.json()["error"]["message"]
+
+
+def test_engine_gone_is_503(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    engine.connected = engine.healthy = False
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": "x"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert get(engine, tokenizer, "/health").status_code == 503
+    engine = ScriptedEngine(tokenizer, error=EngineUnavailableError("the connection closed"))
+    assert post(engine, tokenizer, "/v1/completions", {"prompt": "x"}).status_code == 503
+
+
+def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    assert get(engine, tokenizer, "/health").status_code == 200
+    models = get(engine, tokenizer, "/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [(MODEL, "model", 128)]
+    served = EngineConfig(served_model_name="my-model")
+    assert post(engine, tokenizer, "/v1/completions", {"prompt": "x", "model": "my-model", "max_tokens": 1},
+                config=served).status_code == 200
+    assert get(engine, tokenizer, "/v1/models/nope").status_code == 404
+    assert get(engine, tokenizer, "/nope").json()["error"]["type"] == "not_found_error"
+    assert get(engine, tokenizer, "/openapi.json").status_code == 200
+
+
+def test_api_key(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    config = EngineConfig(api_key="sekret")
+    body = {"prompt": "x", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        response = post(engine, tokenizer, "/v1/completions", body, config=config, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert post(engine, tokenizer, "/v1/completions", b"{bad", config=config).status_code == 401
+    assert post(engine, tokenizer, "/v1/completions", body, config=config,
+                headers={"Authorization": "Bearer sekret"}).status_code == 200
+    assert get(engine, tokenizer, "/health", config=config).status_code == 200
+
+
+async def call_and_disconnect(app: Any, path: str, body: dict[str, Any], disconnect_after_chunks: int | None,
+                              disconnect_after_s: float | None = None) -> list[bytes]:
+    """Drive the ASGI app like a server whose client leaves early."""
+    left = asyncio.Event()
+    sent: list[bytes] = []
+    request_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            sent.append(message["body"])
+            if disconnect_after_chunks is not None and len(sent) >= disconnect_after_chunks:
+                left.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+             "client": ("127.0.0.1", 5000), "server": ("test", 80)}
+    if disconnect_after_s is not None:
+        asyncio.get_running_loop().call_later(disconnect_after_s, left.set)
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_client_leaving_a_stream_aborts_its_requests(tokenizer: Tokenizer, path: str) -> None:
+    engine = ScriptedEngine(tokenizer, delay_s=0.01)
+    app = create_app(EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 90, "stream": True, "n": 2}
+    sent = asyncio.run(call_and_disconnect(app, path, body, disconnect_after_chunks=3))
+    assert 3 <= len(sent) < 20
+    assert sorted(engine.aborted) == sorted(r.request_id for r in engine.requests)
+    assert len(engine.aborted) == 2
+
+
+def test_client_leaving_before_a_whole_answer_aborts_its_request(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, delay_s=0.01)
+    app = create_app(EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 90}
+    asyncio.run(call_and_disconnect(app, "/v1/chat/completions", body, None, disconnect_after_s=0.1))
+    assert engine.aborted == [engine.requests[0].request_id]

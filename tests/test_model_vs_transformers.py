@@ -1,0 +1,115 @@
+"""Greedy outputs of the offline engine, token for token against transformers (float32, CPU)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from sfllm import LLM, SamplingParams
+from sfllm.model_source import resolve_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3, 4,",
+    "Translate to French: I like apples. ->",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. Again:",
+    "Q: What is 7 times 8?\nA:",
+    "Water boils at a temperature of",
+    "In machine learning, a transformer is a neural network architecture that relies on the mechanism of "
+    "self-attention, introduced in the paper Attention Is All You Need. Its main advantage is",
+]
+NEW_TOKENS = 24
+
+
+def reference_greedy(model: transformers.PreTrainedModel, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' own generate(), one prompt at a time (no padding), EOS ignored."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, attention_mask=torch.ones(1, len(prompt_ids)))
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def smollm_reference(smollm_source) -> transformers.PreTrainedModel:
+    """SmolLM2 loaded by transformers straight from the GGUF: an independent dequantisation."""
+    gguf = smollm_source.gguf_path
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def test_smollm2_greedy_matches_transformers_in_one_batch(smollm_llm: LLM, smollm_reference) -> None:
+    token_lists = [smollm_llm.tokenizer.encode(p) for p in PROMPTS]
+    chats = [smollm_llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    all_prompts = token_lists + chats
+    assert len({len(t) for t in all_prompts}) >= 8, "prompts of different lengths"
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    results = smollm_llm.generate(all_prompts, params)
+    for prompt_ids, result in zip(all_prompts, results):
+        expected = reference_greedy(smollm_reference, prompt_ids, NEW_TOKENS)
+        assert result.outputs[0].token_ids == expected, smollm_llm.tokenizer.decode(prompt_ids)
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1], "every KV block free again"
+
+
+def test_smollm2_chat_knows_the_capital_of_france(smollm_llm: LLM) -> None:
+    result = smollm_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                             SamplingParams(temperature=0.0, max_tokens=32))[0]
+    assert "Paris" in result.outputs[0].text
+    assert result.outputs[0].finish_reason == "stop", "the chat turn ends at <|im_end|>, not at max_tokens"
+
+
+def _write_tiny_checkpoint(folder: Path, architecture: str, tokenizer_folder: Path) -> None:
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, initializer_range=0.2)
+    if architecture == "qwen3":
+        config = transformers.Qwen3Config(head_dim=16, tie_word_embeddings=False, **common)
+        model = transformers.Qwen3ForCausalLM(config)
+    elif architecture == "qwen2":
+        config = transformers.Qwen2Config(tie_word_embeddings=True, **common)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128}, **common)
+        model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)  # norms away from one, so a missing norm shows
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "qwen2", "llama"])
+def test_tiny_random_checkpoints_match_transformers(architecture: str, tmp_path: Path, smollm_source) -> None:
+    _write_tiny_checkpoint(tmp_path, architecture, smollm_source.tokenizer_folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", cache_dir=str(tmp_path / "cache"),
+              max_context_length=256)
+    prompts = [[(7 * i + 13 * j) % 49000 + 100 for j in range(length)] for i, length in
+               enumerate([1, 5, 16, 17, 33, 64, 100, 3])]
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.outputs[0].token_ids == reference_greedy(reference, prompt, 20), f"prompt of {len(prompt)}"
+    assert llm.kv_usage()[0] == llm.kv_usage()[1]
+
+
+def test_default_model_resolves_with_the_right_eos(smollm_source) -> None:
+    im_end = smollm_source.tokenizer_id("<|im_end|>")
+    assert im_end in smollm_source.source.config.eos_token_ids
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        resolve_model("/definitely/no-such-model")
