@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels.device_check import check_kernel_inputs
 from kernels.dot_precision import dot_input_precision
+from kernels.online_softmax import attend_to_kv_tile
 
 # Below this many tokens a split costs more in launch and merge than it gains in parallelism.
 MIN_TOKENS_PER_SPLIT = 256
@@ -106,8 +107,8 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + batch)
-    # Splits are whole tiles long so that only the last tile of the last busy split is ragged.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_N) * BLOCK_N
+    # Splits start on KV block boundaries; trailing splits of a short sequence may be empty.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_SIZE) * BLOCK_SIZE
     split_start = split * tokens_per_split
     split_end = tl.minimum(split_start + tokens_per_split, seq_len)
 
@@ -126,22 +127,29 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_GROUP, HEAD_DIM], dtype=tl.float32)
     table_row = block_tables_ptr + batch.to(tl.int64) * stride_table_batch
     for tile_start in range(split_start, split_end, BLOCK_N):
-        positions = tile_start + tl.arange(0, BLOCK_N)
-        valid = positions < split_end
-        blocks = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        rows = blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset + kv_head * stride_cache_head
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        # Every tile holds at least one valid position, so new_max is finite and no NaN arises.
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        probs = tl.exp2(scores - new_max[:, None])
-        rescale = tl.exp2(row_max - new_max)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
+        # Every tile starts inside the split, so each holds at least one unmasked position.
+        row_max, row_sum, acc = attend_to_kv_tile(
+            q,
+            row_max,
+            row_sum,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row,
+            kv_head * stride_cache_head,
+            tile_start,
+            split_end,
+            seq_len - 1,
+            qk_scale,
+            stride_cache_block,
+            stride_cache_offset,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            BLOCK_N,
+            BOUNDED=True,
+            CAUSAL=False,
+            DOT_PRECISION=DOT_PRECISION,
+        )
 
     has_tokens = row_sum > 0.0
     out = acc / tl.where(has_tokens, row_sum, 1.0)[:, None]

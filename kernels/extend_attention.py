@@ -14,6 +14,7 @@ import triton.language as tl
 
 from kernels.device_check import check_kernel_inputs
 from kernels.dot_precision import dot_input_precision
+from kernels.online_softmax import attend_to_kv_tile
 
 LOG2_E = math.log2(math.e)
 
@@ -76,32 +77,64 @@ def _extend_attention_kernel(
     )
     query_positions = prefix_len + rows
 
-    # Causality bounds the keys this tile can see by its last row; tiles past query_len see none.
-    kv_end = tl.minimum(seq_len, prefix_len + (query_tile + 1) * BLOCK_M)
-    kv_end = tl.where(query_tile * BLOCK_M < query_len, kv_end, 0)
+    # Keys before the tile's first query position are visible to all its rows and need no mask;
+    # causality ends the keys at the tile's last row; tiles past query_len see none.
+    tile_active = query_tile * BLOCK_M < query_len
+    kv_end = tl.where(tile_active, tl.minimum(seq_len, prefix_len + (query_tile + 1) * BLOCK_M), 0)
+    unmasked_end = tl.where(tile_active, (prefix_len + query_tile * BLOCK_M) // BLOCK_N * BLOCK_N, 0)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_batch
-    for tile_start in range(0, kv_end, BLOCK_N):
-        positions = tile_start + tl.arange(0, BLOCK_N)
-        valid = positions < kv_end
-        blocks = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        cache_rows = blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset + kv_head * stride_cache_head
-        k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = valid[None, :] & (positions[None, :] <= query_positions[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        # Position 0 is visible to every row in the first tile, so new_max is always finite.
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        probs = tl.exp2(scores - new_max[:, None])
-        rescale = tl.exp2(row_max - new_max)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
+    head_offset = kv_head * stride_cache_head
+    for tile_start in range(0, unmasked_end, BLOCK_N):
+        row_max, row_sum, acc = attend_to_kv_tile(
+            q,
+            row_max,
+            row_sum,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row,
+            head_offset,
+            tile_start,
+            kv_end,
+            query_positions,
+            qk_scale,
+            stride_cache_block,
+            stride_cache_offset,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            BLOCK_N,
+            BOUNDED=False,
+            CAUSAL=False,
+            DOT_PRECISION=DOT_PRECISION,
+        )
+    # Position 0 is visible to every row, so the first tile of either loop leaves row_max finite.
+    for tile_start in range(unmasked_end, kv_end, BLOCK_N):
+        row_max, row_sum, acc = attend_to_kv_tile(
+            q,
+            row_max,
+            row_sum,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row,
+            head_offset,
+            tile_start,
+            kv_end,
+            query_positions,
+            qk_scale,
+            stride_cache_block,
+            stride_cache_offset,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            BLOCK_N,
+            BOUNDED=True,
+            CAUSAL=True,
+            DOT_PRECISION=DOT_PRECISION,
+        )
 
     out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
     tl.store(

@@ -35,3 +35,21 @@ def smollm_source() -> DefaultModel:
 def smollm_llm(smollm_source):
     from sfllm import LLM
     return LLM(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `sfllm launch` on the default model for a test module."""
+    from servers import LaunchedServer
+    launched = LaunchedServer(tmp_path_factory.mktemp("server"))
+    yield launched
+    launched.stop()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """A server of the test's own, which the test may stop."""
+    from servers import LaunchedServer
+    launched = LaunchedServer(tmp_path)
+    yield launched
+    launched.stop()

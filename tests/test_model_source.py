@@ -301,10 +301,10 @@ BYTE_TOKENS = sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
 def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
-                dims: dict, specials: list[str], pre: str, template: str) -> None:
+                dims: dict, specials: list[str], pre: str, template: str, add_bos: bool = False) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(dims["layers"])
-    writer.add_context_length(4096)
+    writer.add_context_length(dims["context"])
     writer.add_embedding_length(dims["hidden"])
     writer.add_feed_forward_length(dims["intermediate"])
     writer.add_head_count(dims["heads"])
@@ -322,6 +322,7 @@ def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf
     writer.add_token_merges(["h e", "Ġ t"])
     writer.add_bos_token_id(tokens.index(specials[0]))
     writer.add_eos_token_id(tokens.index(specials[1]))
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(template)
     for name, (values, qtype) in tensors.items():
         writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
@@ -367,7 +368,7 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
 def test_tiny_qwen_gguf(arch: str, head_dim: int, qtype: gguf.GGMLQuantizationType, torch_dtype: torch.dtype,
                         tmp_path: Path) -> None:
     dims = {"layers": 2, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 2, "head_dim": head_dim,
-            "rope_theta": 1e6}
+            "rope_theta": 1e6, "context": 4096}
     vocab = len(BYTE_TOKENS) + 2 + len(QWEN_SPECIALS)
     weights = _random_weights(dims, vocab, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
     # llama.cpp stores matrices in the file's type and 1-D tensors as F32.
@@ -419,7 +420,7 @@ def _llama_cpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 def test_tiny_llama3_gguf(tmp_path: Path) -> None:
     dims = {"layers": 1, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 2, "head_dim": 8,
-            "rope_theta": 500000.0}
+            "rope_theta": 500000.0, "context": 131072}
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     vocab = len(BYTE_TOKENS) + 2 + len(specials)
     weights = _random_weights(dims, vocab, qkv_bias=False, qk_norm=False)
@@ -434,7 +435,7 @@ def test_tiny_llama3_gguf(tmp_path: Path) -> None:
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
     stored["rope_freqs.weight"] = ((inv_freq / scaled_inv_freq).numpy(), gguf.GGMLQuantizationType.F32)
     template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"
-    _write_gguf(tmp_path / "llama3.gguf", "llama", stored, dims, specials, "llama-bpe", template)
+    _write_gguf(tmp_path / "llama3.gguf", "llama", stored, dims, specials, "llama-bpe", template, add_bos=True)
 
     folder = convert_gguf(tmp_path / "llama3.gguf", tmp_path / "cache")
     config = ModelConfig.from_folder(folder)

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 # The engine may still be loading weights and capturing graphs when the frontend starts.
 DEFAULT_ENGINE_HELLO_TIMEOUT_S = 600.0
+# On shutdown, streams still open after this long are cut (their requests aborted).
+GRACEFUL_SHUTDOWN_S = 5
 
 
 class FrontendStartupError(RuntimeError):
@@ -56,7 +58,8 @@ async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket
     try:
         app = create_app(config, engine, tokenizer)
         server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
-                                               log_level=config.log_level))
+                                               log_level=config.log_level,
+                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:

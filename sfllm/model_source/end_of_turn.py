@@ -39,11 +39,27 @@ def chat_templates(folder: Path) -> list[str]:
 
 
 def added_token_ids(folder: Path) -> dict[str, int]:
-    ids = {token["content"]: token["id"] for token in _read_json(folder / "tokenizer.json").get("added_tokens", [])}
+    ids = {token["content"]: token["id"] for token in _tokenizer_json_added_tokens(folder / "tokenizer.json")}
     decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
     for token_id, token in decoder.items():
         ids.setdefault(token["content"], int(token_id))
     return ids
+
+
+def _tokenizer_json_added_tokens(path: Path) -> list[dict]:
+    """The "added_tokens" array of tokenizer.json, decoded without the vocabulary and merges.
+
+    Decoding the whole file takes most of a second for large vocabularies; serializers write
+    "added_tokens" before "model", so its first occurrence is the top-level key.
+    """
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    key_at = text.find('"added_tokens"')
+    if key_at < 0:
+        return []
+    tokens, _ = json.JSONDecoder().raw_decode(text, text.index("[", key_at))
+    return tokens
 
 
 def _read_json(path: Path) -> dict:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from sfllm.config import EngineConfig
 from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
+from sfllm.nvtx import nvtx_range
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 
@@ -49,20 +50,26 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self._in_flight) or self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
-        """Sends at most one new step and reads back at most one; returns the outputs."""
-        if len(self._in_flight) < self.max_in_flight:
+    def submit_next(self) -> bool:
+        """Schedules and sends one step if the pipeline has room; True if it sent one."""
+        if len(self._in_flight) >= self.max_in_flight:
+            return False
+        with nvtx_range("schedule"):
             scheduled = self.scheduler.schedule()
-            if scheduled is not None:
-                self.worker.submit(scheduled.batch)
-                self._in_flight.append(scheduled)
-                self.last_batch_size = len(scheduled.batch.slots)
-                if len(self._in_flight) < self.max_in_flight:
-                    return []
-        if not self._in_flight:
-            return []
+        if scheduled is None:
+            return False
+        self.worker.submit(scheduled.batch)
+        self._in_flight.append(scheduled)
+        self.last_batch_size = len(scheduled.batch.slots)
+        return True
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def complete(self, result: ForwardResult) -> list[RequestOutput]:
+        """Turns the oldest step's result into request outputs."""
         scheduled = self._in_flight.popleft()
-        result = self.worker.collect()
         if result.step_id != scheduled.batch.step_id:
             raise RuntimeError(f"worker answered step {result.step_id}, expected {scheduled.batch.step_id}")
         now = time.perf_counter()
@@ -71,3 +78,11 @@ class EngineCore:
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)
         return self.scheduler.process_result(scheduled, result)
+
+    def step(self) -> list[RequestOutput]:
+        """One turn of the blocking loop: send a step if there is room, then read back the oldest
+        once the pipeline is full or nothing more can be sent."""
+        submitted = self.submit_next()
+        if not self._in_flight or (submitted and len(self._in_flight) < self.max_in_flight):
+            return []
+        return self.complete(self.worker.collect())

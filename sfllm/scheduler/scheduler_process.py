@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 import zmq
 
 from sfllm.config import EngineConfig
@@ -70,8 +71,13 @@ class RemoteWorker:
 
     def collect(self) -> ForwardResult:
         message = self._receive(600.0)
-        assert isinstance(message, ForwardResult)
+        if not isinstance(message, ForwardResult):
+            raise WorkerDied(f"the worker sent {type(message).__name__} where a step result was due")
         return message
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise WorkerDied(f"the worker process exited with code {self.process.returncode}")
 
 
 class EngineServer:
@@ -147,23 +153,34 @@ class EngineServer:
                 logger.warning("frontend %s went silent; aborted its %d requests", identity.hex(), len(aborted))
 
     def serve(self) -> None:
+        """Answers frontends while the worker computes: both sockets in one poll."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.worker.sock, zmq.POLLIN)
         last_check = time.monotonic()
         while not self.stopping:
-            busy = self.core.has_work()
-            while self.sock.poll(timeout=0 if busy else 50):
-                identity, payload = self.sock.recv_multipart()
-                try:
-                    message = self.codec.decode(payload)
-                except Exception as error:  # a malformed frame must not take the engine down
-                    logger.warning("dropped an undecodable message from %s: %s", identity.hex(), error)
-                    continue
-                self._handle(identity, message)
-                busy = True
+            while self.core.submit_next():
+                pass
+            idle = self.core.num_in_flight == 0
+            events = dict(poller.poll(timeout=50 if idle else 1000))
+            if self.sock in events:
+                self._drain_frontends()
+            if self.worker.sock in events:
+                self._deliver(self.core.complete(self.worker.collect()))
             if time.monotonic() - last_check > 0.5:
+                self.worker.check_alive()
                 self._drop_silent_clients()
                 last_check = time.monotonic()
-            if self.core.has_work():
-                self._deliver(self.core.step())
+
+    def _drain_frontends(self) -> None:
+        while self.sock.poll(timeout=0):
+            identity, payload = self.sock.recv_multipart()
+            try:
+                message = self.codec.decode(payload)
+            except Exception as error:  # a malformed frame must not take the engine down
+                logger.warning("dropped an undecodable message from %s: %s", identity.hex(), error)
+                continue
+            self._handle(identity, message)
 
 
 def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
@@ -172,10 +189,12 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
                              "--worker-address", address], env=env, preexec_fn=die_with_parent)
 
 
-def run_engine(config: EngineConfig, config_path: Path) -> int:
+def run_engine(config: EngineConfig) -> int:
     run_dir = config.resolved_run_dir()
     lock = RunDirLock(run_dir)
     lock.acquire()
+    config_path = run_dir / f"worker-config-{os.getpid()}.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
     address = config.resolved_engine_address()
     worker_addr = worker_address(run_dir)
     context = zmq.Context()
@@ -223,5 +242,5 @@ def run_engine(config: EngineConfig, config_path: Path) -> int:
         worker_sock.close()
         frontend_sock.close()
         context.term()
-        lock.release([p for p in (ipc_path(address), ipc_path(worker_addr)) if p is not None])
+        lock.release([config_path] + [p for p in (ipc_path(address), ipc_path(worker_addr)) if p is not None])
     return code

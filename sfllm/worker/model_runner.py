@@ -17,6 +17,7 @@ import torch
 from sfllm.config import EngineConfig
 from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs, TokenLogprob
 from sfllm.model_source import ModelSource
+from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
 from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.cuda_graph_runner import DecodeGraphRunner
@@ -24,6 +25,7 @@ from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.memory_planner import GIB, MemoryPlan, plan_cpu_memory, plan_gpu_memory
 from sfllm.worker.sampler import Sampler, SamplerOutput, SamplingInputs
 from sfllm.worker.step_inputs import StepInputs, build_step_inputs
+from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ class ModelRunner:
         self.last_tokens = torch.zeros(self.max_slots, dtype=torch.int64, device=self.device)
         self.slots: list[SlotState | None] = [None] * self.max_slots
         self._unresolved: deque[PendingStep] = deque()
+        self.profiler = StepProfiler()
 
         self.plan = self._plan_memory()
         kv_block_bytes = self.plan.kv_block_bytes
@@ -205,24 +208,28 @@ class ModelRunner:
 
     def execute(self, batch: ForwardBatch) -> PendingStep:
         started = time.perf_counter()
+        self.profiler.step()
         with torch.inference_mode():
-            self.kv_cache.swap_out(batch.swap_out)
-            self.kv_cache.swap_in(batch.swap_in)
-            for seq in batch.new_sequences:
-                self.slots[seq.slot] = SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids))
-            if not batch.slots:
-                return PendingStep(self, batch.step_id, None, [], [], started)
-            inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
-            hidden = self._forward(inputs)
+            with nvtx_range("prepare"):
+                self.kv_cache.swap_out(batch.swap_out)
+                self.kv_cache.swap_in(batch.swap_in)
+                for seq in batch.new_sequences:
+                    self.slots[seq.slot] = SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids))
+                if not batch.slots:
+                    return PendingStep(self, batch.step_id, None, [], [], started)
+                inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
+            with nvtx_range("forward"):
+                hidden = self._forward(inputs)
             if not inputs.sample_slots_host:
                 return PendingStep(self, batch.step_id, None, [], [], started)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            states = [self.slots[s] for s in inputs.sample_slots_host]
-            sampling = self._sampling_inputs(states, inputs)
-            output = self.sampler(logits, sampling)
-            self.last_tokens[inputs.sample_slots] = output.token_ids
-            pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
-                                  [s.params.logprobs for s in states], started)
+            with nvtx_range("sample"):
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+                states = [self.slots[s] for s in inputs.sample_slots_host]
+                sampling = self._sampling_inputs(states, inputs)
+                output = self.sampler(logits, sampling)
+                self.last_tokens[inputs.sample_slots] = output.token_ids
+                pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
+                                      [s.params.logprobs for s in states], started)
         self._unresolved.append(pending)
         return pending
 

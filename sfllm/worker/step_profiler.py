@@ -47,3 +47,4 @@ class StepProfiler:
         self._profile.export_chrome_trace(str(path))
         self._profile = None
         return path
+

@@ -19,7 +19,6 @@ from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutd
 from sfllm.model_source import resolve_model
 from sfllm.worker.inprocess_worker import worker_ready
 from sfllm.worker.model_runner import ModelRunner, PendingStep
-from sfllm.worker.step_profiler import StepProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ def run_worker(config: EngineConfig, address: str) -> int:
         sock.close()
         return 1
     sock.send(codec.encode(worker_ready(runner)))
-    profiler = StepProfiler()
     pending: deque[PendingStep] = deque()
     try:
         while not stop:
@@ -60,11 +58,10 @@ def run_worker(config: EngineConfig, address: str) -> int:
             message = codec.decode(sock.recv())
             if isinstance(message, ForwardBatch):
                 pending.append(runner.execute(message))
-                profiler.step()
             elif isinstance(message, StartProfile):
-                profiler.start(message.directory)
+                runner.profiler.start(message.directory)
             elif isinstance(message, StopProfile):
-                logger.info("profiler trace written to %s", profiler.stop())
+                logger.info("profiler trace written to %s", runner.profiler.stop())
             elif isinstance(message, Shutdown):
                 break
     except Exception as error:

@@ -1,0 +1,5 @@
+import sys
+
+from sfllm.cli import main
+
+sys.exit(main())

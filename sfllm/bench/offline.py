@@ -1,0 +1,223 @@
+"""`sfllm bench offline`: the standard offline workload through the engine, against its roofline.
+
+Default workload: 256 requests, input and output lengths uniform in [100, 1024] (seed 0,
+random token ids), EOS ignored, context 4096. The memory roofline is what the workload
+must read at least: the weights once per step the engine ran, plus every decode step's
+KV context, over the device-to-device copy bandwidth measured on the spot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
+from sfllm.sampling_params import SamplingParams
+
+
+@dataclass
+class OfflineReport:
+    engine: str
+    device: str
+    model: str
+    dtype: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    wall_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    steps: int | None = None
+    copy_bandwidth_gb_s: float | None = None
+    roofline_s: float | None = None
+    roofline_fraction: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--input-len", default="100:1024", help="A[:B], uniform")
+    parser.add_argument("--output-len", default="100:1024", help="A[:B], uniform")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-context-length", type=int, default=4096)
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--max-running-tokens", type=int, default=8192)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--disable-overlap", action="store_true")
+    parser.add_argument("--mem-fraction", type=float, default=0.85)
+    parser.add_argument("--profile-steps", type=int, default=0, help="write a profiler trace of N steps")
+    parser.add_argument("--profile-dir", default="sfllm-profiles")
+    parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
+    parser.add_argument("--baseline-requests", type=int, default=64,
+                        help="requests of the workload the (slow) transformers baseline runs")
+    parser.add_argument("--baseline-batch-size", type=int, default=32)
+    parser.add_argument("--output-file", default=None)
+
+
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus written per second by a large device-to-device copy, median of 20."""
+    if device.type != "cuda":
+        return float("nan")
+    size = 1 << 30
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    src.random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * size / float(np.median(times[5:]))
+
+
+def roofline_seconds(specs: list[RequestSpec], steps: int, weight_bytes: int, kv_bytes_per_token: int,
+                     bandwidth: float) -> float:
+    kv_reads = 0
+    for spec in specs:
+        # the decode step producing output token t (t >= 1) reads input_len + t cached tokens
+        n, i = spec.output_len - 1, spec.input_len
+        kv_reads += n * i + n * (n + 1) // 2
+    return (steps * weight_bytes + kv_reads * kv_bytes_per_token) / bandwidth
+
+
+def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[OfflineReport, dict]:
+    from sfllm.llm import LLM
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+              max_context_length=args.max_context_length, max_running_requests=args.max_running_requests,
+              max_running_tokens=args.max_running_tokens, attention_backend=args.attention_backend,
+              cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
+              disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed)
+    runner = llm.engine.worker.runner
+    params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True) for s in specs]
+    prompts = [list(s.prompt) for s in specs]
+    llm.generate(prompts[:4], [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 4)  # warm-up
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    steps_before = llm.engine.num_steps
+    if args.profile_steps:
+        runner.profiler.start(args.profile_dir, args.profile_steps)
+    started = time.perf_counter()
+    results = llm.generate(prompts, params)
+    wall = time.perf_counter() - started
+    steps = llm.engine.num_steps - steps_before
+    output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    input_tokens = sum(len(p) for p in prompts)
+    report = OfflineReport("sfllm", _device_name(runner.device), args.model, str(runner.dtype), len(specs),
+                           input_tokens, output_tokens, wall, output_tokens / wall, (input_tokens + output_tokens) / wall,
+                           steps)
+    if runner.device.type == "cuda":
+        c = llm.source.config
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * runner.dtype.itemsize
+        bandwidth = measure_copy_bandwidth(runner.device)
+        report.copy_bandwidth_gb_s = bandwidth / 1e9
+        report.roofline_s = roofline_seconds(specs, steps, weight_bytes, kv_per_token, bandwidth)
+        report.roofline_fraction = report.roofline_s / wall
+    extra = {"graph_capture_s": getattr(runner.graph_runner, "capture_seconds", None),
+             "graph_capture_bytes": getattr(runner.graph_runner, "capture_bytes", None),
+             "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,
+             "preemptions": llm.engine.scheduler.num_preemptions}
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return report, extra
+
+
+def run_transformers(args: argparse.Namespace, specs: list[RequestSpec]) -> OfflineReport:
+    """The same requests through transformers' generate(), in static padded batches."""
+    import transformers
+
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.model_runner import pick_device, pick_dtype
+    source = resolve_model(args.model, args.load_format)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, source.config.torch_dtype, device)
+    if source.folder is not None and source.load_format != "dummy":
+        model = transformers.AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
+    else:
+        from sfllm.model_source.dummy_presets import transformers_config
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(source.config), dtype=dtype)
+    model = model.to(device).eval()
+    model.generation_config.eos_token_id = None
+    specs = specs[:args.baseline_requests]
+    output_tokens = input_tokens = 0
+    started = time.perf_counter()
+    for first in range(0, len(specs), args.baseline_batch_size):
+        batch = specs[first:first + args.baseline_batch_size]
+        longest = max(s.input_len for s in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, spec in enumerate(batch):  # left padding, as generate() wants for decoder-only models
+            ids[row, longest - spec.input_len:] = torch.tensor(spec.prompt)
+            mask[row, longest - spec.input_len:] = 1
+        new_tokens = max(s.output_len for s in batch)
+        with torch.no_grad():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        output_tokens += sum(s.output_len for s in batch)  # only the tokens each request asked for count
+        input_tokens += sum(s.input_len for s in batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return OfflineReport(f"transformers (static batches of {args.baseline_batch_size})", _device_name(device),
+                         args.model, str(dtype), len(specs), input_tokens, output_tokens, wall, output_tokens / wall,
+                         (input_tokens + output_tokens) / wall)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+
+
+def _print(report: OfflineReport) -> None:
+    print(f"\n== {report.engine} on {report.device}: {report.model} ({report.dtype})")
+    print(f"requests {report.requests}, input tokens {report.input_tokens}, output tokens {report.output_tokens}")
+    print(f"wall time {report.wall_s:.2f} s, output {report.output_tokens_per_s:.1f} tok/s, "
+          f"total {report.total_tokens_per_s:.1f} tok/s")
+    if report.roofline_s is not None:
+        print(f"steps {report.steps}, copy bandwidth {report.copy_bandwidth_gb_s:.0f} GB/s, memory roofline "
+              f"{report.roofline_s:.2f} s -> {100 * report.roofline_fraction:.1f}% of roofline")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sfllm bench offline", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from sfllm.model_source import resolve_model
+    vocab = resolve_model(args.model, args.load_format).config.vocab_size
+    workload = RandomTokenWorkload(parse_length_range(args.input_len), parse_length_range(args.output_len),
+                                   vocab, args.seed)
+    specs = workload.take(args.num_requests)
+    report, extra = run_sfllm(args, specs)
+    _print(report)
+    output = {"config": vars(args), "sfllm": asdict(report) | extra}
+    if args.baseline == "transformers":
+        baseline = run_transformers(args, specs)
+        _print(baseline)
+        ratio = report.output_tokens_per_s / baseline.output_tokens_per_s
+        print(f"\nsfllm / transformers output tokens/s: {ratio:.1f}x")
+        output["transformers"] = asdict(baseline)
+        output["speedup"] = ratio
+    if args.output_file:
+        with open(args.output_file, "w") as f:
+            json.dump(output, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""`sfllm launch | engine | frontend | worker | bench offline | bench serve`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sfllm.config import ConfigError, EngineConfig, add_config_arguments, load_config
+
+COMMANDS = ("launch", "engine", "frontend", "worker", "bench")
+
+
+def setup_logging(level: str, process: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{process}] %(name)s: %(message)s")
+
+
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser)
+    return parser
+
+
+def _load(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
+    args = parser.parse_args(argv)
+    try:
+        return args, load_config(args)
+    except ConfigError as error:
+        parser.error(str(error))
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["launch", *argv]  # `sfllm --model X` serves, as `sfllm launch --model X`
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: sfllm {{{','.join(COMMANDS)}}} ...\n\n"
+              "  launch    start the engine (scheduler + worker) and the HTTP frontend, and supervise them\n"
+              "  engine    start the scheduler and worker only (frontends connect to --engine-address)\n"
+              "  frontend  start an HTTP frontend for a running engine (--engine-address)\n"
+              "  bench     offline | serve benchmarks\n")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        return _bench(rest)
+    if command == "worker":
+        parser = _config_parser("sfllm worker", "the GPU worker (started by the engine)")
+        parser.add_argument("--worker-address", required=True)
+        args, config = _load(parser, rest)
+        setup_logging(config.log_level, "worker")
+        from sfllm.worker.worker_process import run_worker
+        return run_worker(config, args.worker_address)
+    parser = _config_parser(f"sfllm {command}", {
+        "launch": "serve a model over an OpenAI-compatible HTTP API",
+        "engine": "run the scheduler and worker; frontends connect to --engine-address",
+        "frontend": "run an HTTP frontend for a running engine",
+    }[command])
+    args, config = _load(parser, rest)
+    setup_logging(config.log_level, command)
+    if command == "launch":
+        from sfllm.launcher import launch
+        return launch(config)
+    if command == "engine":
+        from sfllm.launcher import run_engine_command
+        return run_engine_command(config, Path(args.config) if args.config else None)
+    from sfllm.frontend.server import run_frontend
+    run_frontend(config)
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("offline", "serve"):
+        print("usage: sfllm bench {offline,serve} ...", file=sys.stderr)
+        return 2
+    if argv[0] == "serve":
+        from sfllm.bench.serve import main as serve_main
+        return serve_main(argv[1:])
+    from sfllm.bench.offline import main as offline_main
+    return offline_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`sfllm launch`: starts the engine and the frontend as processes and supervises them.
+
+The frontend is restarted when it dies (the engine and its loaded model stay); when the
+engine dies, launch stops the frontend and exits non-zero so an orchestrator restarts
+the pod. SIGINT/SIGTERM stop the frontend first, then the engine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sfllm.config import EngineConfig
+from sfllm.ipc import PortInUse, RunDirInUse, RunDirLock, check_port_free, die_with_parent, ipc_path
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 15.0
+FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+
+
+def run_engine_command(config: EngineConfig, config_path: Path | None = None) -> int:
+    from sfllm.scheduler.scheduler_process import run_engine
+    try:
+        return run_engine(config)
+    except RunDirInUse as error:
+        logger.error("%s", error)
+        return 2
+
+
+def _child_env() -> dict[str, str]:
+    # children read the resolved config file; stale SFLLM_* values must not override it
+    return {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.run_dir = config.resolved_run_dir()
+        self.config_path = self.run_dir / f"launch-config-{os.getpid()}.yaml"
+        self.engine: subprocess.Popen | None = None
+        self.frontend: subprocess.Popen | None = None
+        self.stopping = False
+        self.frontend_restarts = 0
+
+    def _spawn(self, command: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path)],
+                                env=_child_env(), preexec_fn=die_with_parent)
+
+    def _engine_listening(self) -> bool:
+        path = ipc_path(self.config.resolved_engine_address())
+        return path.exists() if path is not None else True
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config.to_dict()))
+        self.engine = self._spawn("engine")
+        while not self._engine_listening():
+            if self.engine.poll() is not None or self.stopping:
+                raise RuntimeError(f"the engine exited with code {self.engine.returncode} before it was ready")
+            time.sleep(0.2)
+        self.frontend = self._spawn("frontend")
+
+    def supervise(self) -> int:
+        last_restart = 0.0
+        while not self.stopping:
+            time.sleep(0.2)
+            if self.engine.poll() is not None:
+                logger.error("the engine exited with code %s; stopping", self.engine.returncode)
+                return 1
+            if self.frontend.poll() is not None and not self.stopping:
+                delay = FRONTEND_RESTART_BACKOFF_S[min(self.frontend_restarts, len(FRONTEND_RESTART_BACKOFF_S) - 1)]
+                if time.monotonic() - last_restart < delay:
+                    continue
+                logger.warning("the frontend exited with code %s; restarting it", self.frontend.returncode)
+                self.frontend_restarts += 1
+                last_restart = time.monotonic()
+                self.frontend = self._spawn("frontend")
+        return 0
+
+    def stop(self) -> None:
+        for process in (self.frontend, self.engine):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.config_path.unlink(missing_ok=True)
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def launch(config: EngineConfig) -> int:
+    try:
+        check_port_free(config.host, config.port)
+        probe = RunDirLock(config.resolved_run_dir())
+        probe.acquire()  # fail now, not after the engine loaded its model
+        probe.release([])
+    except (PortInUse, RunDirInUse) as error:
+        logger.error("%s", error)
+        return 2
+    logger.info("configuration:\n%s", yaml.safe_dump(config.to_dict() | {"api_key": "***" if config.api_key else None}))
+    supervisor = Supervisor(config)
+
+    def request_stop(*_: object) -> None:
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    code = 0
+    try:
+        supervisor.start()
+        code = supervisor.supervise()
+    except RuntimeError as error:
+        logger.error("%s", error)
+        code = 1
+    finally:
+        supervisor.stop()
+    return code

@@ -1,0 +1,25 @@
+"""Attention through sfllm's Triton kernels: the default on CUDA, and safe to capture in CUDA graphs."""
+from __future__ import annotations
+
+import torch
+
+from kernels import decode_attention, extend_attention, store_kv_cache
+from sfllm.worker.attention.backend import AttentionBackend, register_backend
+from sfllm.worker.attention.metadata import AttentionMetadata
+
+
+@register_backend("triton")
+class TritonAttentionBackend(AttentionBackend):
+    supports_cuda_graphs = True
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        k_cache = self.kv_cache.keys(layer)
+        v_cache = self.kv_cache.values(layer)
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+        else:
+            out = extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                                   self.scale, meta.max_query_len)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
