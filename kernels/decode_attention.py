@@ -15,18 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
+from kernels.device_check import check_head_dim, check_kernel_inputs
 from kernels.dot_precision import dot_input_precision
-from kernels.online_softmax import attend_to_kv_tile
+from kernels.online_softmax import LOG2_E, attend_to_kv_tile
+from kernels.tile_config import TileConfig, fit_to_shared_memory
 
-# Below this many tokens a split costs more in launch and merge than it gains in parallelism.
-MIN_TOKENS_PER_SPLIT = 256
-MAX_KV_SPLITS = 32
-# Enough programs per SM to hide the latency of the gathered K/V loads.
+# Measured on an H100: below one tile of tokens a split costs more in merging than it gains in
+# parallelism, and about four programs per SM saturate memory bandwidth.
+MIN_TOKENS_PER_SPLIT = 128
+MAX_KV_SPLITS = 64
 PROGRAMS_PER_SM = 4
-LOG2_E = math.log2(math.e)
-
-
 @dataclass
 class DecodeWorkspace:
     """Per-split partial results; may be larger than a call needs (allocate once for the largest batch)."""
@@ -48,15 +46,11 @@ class DecodeWorkspace:
         return b >= batch and h == num_heads and s >= num_kv_splits and d == head_dim
 
 
-@dataclass(frozen=True)
-class DecodeLaunchConfig:
-    block_n: int  # cached tokens per loop step
-    num_warps: int
-    num_stages: int
-
-
-def decode_launch_config(head_dim: int) -> DecodeLaunchConfig:
-    return DecodeLaunchConfig(block_n=64, num_warps=4, num_stages=2)
+def decode_tile_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    # The best of a sweep on an H100 at Qwen3-0.6B and SmolLM2 shapes, batch 1 to 256 (tests/gpu/bench_kernels.py).
+    # tl.dot needs at least 16 rows, so small GQA groups are padded.
+    config = TileConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=128, num_warps=4, num_stages=3)
+    return fit_to_shared_memory(config, head_dim, dtype, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +64,9 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     """Splits per sequence that fill the GPU without making any split shorter than is worth it."""
     wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(1, batch * num_kv_heads))
     useful = math.ceil(max_seq_len / MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_KV_SPLITS))
+    splits = max(1, min(wanted, useful, MAX_KV_SPLITS))
+    # Powers of two measured steadier than the counts between them (3 splits left a mostly idle last wave).
+    return 1 << (splits.bit_length() - 1)
 
 
 @triton.jit
@@ -107,8 +103,8 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + batch)
-    # Splits start on KV block boundaries; trailing splits of a short sequence may be empty.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_SIZE) * BLOCK_SIZE
+    # Whole tiles per split keep only the last tile of a sequence ragged; trailing splits may be empty.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_N) * BLOCK_N
     split_start = split * tokens_per_split
     split_end = tl.minimum(split_start + tokens_per_split, seq_len)
 
@@ -218,9 +214,12 @@ def decode_attention(
     check_kernel_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    check_head_dim(head_dim)
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+    if out is None:
+        out = torch.empty_like(q)
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
     if num_kv_splits is None:
         max_seq_len = block_tables.shape[1] * block_size
@@ -232,13 +231,11 @@ def decode_attention(
             f"workspace {tuple(workspace.partial_out.shape)} is too small for batch {batch}, "
             f"{num_heads} heads, {num_kv_splits} splits, head_dim {head_dim}"
         )
-    if out is None:
-        out = torch.empty_like(q)
     if batch == 0:
         return out
 
     group = num_heads // num_kv_heads
-    config = decode_launch_config(head_dim)
+    config = decode_tile_config(group, head_dim, q.dtype, q.device)
     partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
     _decode_partial_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
@@ -262,7 +259,7 @@ def decode_attention(
         partial_lse.stride(0),
         partial_lse.stride(1),
         GROUP=group,
-        BLOCK_GROUP=max(16, triton.next_power_of_2(group)),
+        BLOCK_GROUP=config.block_m,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,

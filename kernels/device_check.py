@@ -1,4 +1,4 @@
-"""Refuse, with a clear message, to launch a Triton kernel where it cannot run."""
+"""Refuse, with a clear message, inputs the Triton kernels cannot run on."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +19,9 @@ def check_kernel_inputs(*tensors: torch.Tensor) -> None:
             "Triton kernels were given CPU tensors but need a GPU: use the 'torch' attention backend on CPU, "
             "or set TRITON_INTERPRET=1 before importing triton to run them (slowly) in the Triton interpreter"
         )
+
+
+def check_head_dim(head_dim: int) -> None:
+    # Tiles span the whole head dimension, and Triton tiles are powers of two; tl.dot needs at least 16.
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton kernels need head_dim to be a power of two >= 16, got {head_dim}")

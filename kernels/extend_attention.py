@@ -6,29 +6,22 @@ Sequence b's q_len new tokens are the last q_len of its seq_lens[b] tokens, all 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
+from kernels.device_check import check_head_dim, check_kernel_inputs
 from kernels.dot_precision import dot_input_precision
-from kernels.online_softmax import attend_to_kv_tile
+from kernels.online_softmax import LOG2_E, attend_to_kv_tile
+from kernels.tile_config import TileConfig, fit_to_shared_memory
 
-LOG2_E = math.log2(math.e)
-
-
-@dataclass(frozen=True)
-class ExtendLaunchConfig:
-    block_m: int  # query tokens per program
-    block_n: int  # cached tokens per loop step
-    num_warps: int
-    num_stages: int
-
-
-def extend_launch_config(head_dim: int) -> ExtendLaunchConfig:
-    return ExtendLaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+def extend_tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    # The best of a sweep on an H100 over prefills of 1k to 8k tokens (tests/gpu/bench_kernels.py).
+    if head_dim >= 128:
+        config = TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    else:
+        config = TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)
+    return fit_to_shared_memory(config, head_dim, dtype, device)
 
 
 @triton.jit
@@ -159,17 +152,18 @@ def extend_attention(
     check_kernel_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    check_head_dim(head_dim)
     batch = seq_lens.shape[0]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("extend_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
     if out is None:
         out = torch.empty_like(q)
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("extend_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
     if num_tokens == 0 or batch == 0 or max_query_len == 0:
         return out
 
-    config = extend_launch_config(head_dim)
+    config = extend_tile_config(head_dim, q.dtype, q.device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch)
     _extend_attention_kernel[grid](
         q,

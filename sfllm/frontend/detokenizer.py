@@ -37,64 +37,74 @@ class IncrementalDetokenizer:
             self._ids = []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._decoded = ""  # output text of whole characters, stop strings not yet cut
-        self.text = ""
+        self._prefix_text: str | None = None  # decode of the window's settled part, while it stays put
+        self._decoded = ""  # output text of whole characters; after a stop, cut where it ends
+        self._emitted = 0  # how much of `_decoded` is final
         self.matched_stop: str | None = None
         self.num_tokens = 0
 
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return self._decoded[:self._emitted]
+
     def append(self, token_ids: list[int]) -> str:
         """Consume new tokens; returns the text that became final. Ignores tokens after a stop."""
-        emitted = len(self.text)
+        emitted = self._emitted
         for token_id in token_ids:
             if self.matched_stop is not None:
                 break
             self.num_tokens += 1
             self._ids.append(token_id)
-            searched_from = len(self._decoded)
-            self._decoded += self._decode_complete_characters()
-            self._settle(searched_from, final=False)
-        return self.text[emitted:]
+            new_text = self._decode_complete_characters()
+            if new_text:
+                self._decoded += new_text
+                self._settle(len(self._decoded) - len(new_text), final=False)
+        return self._decoded[emitted:self._emitted]
 
     def flush(self) -> str:
         """At the end of generation: release held-back text, even a trailing partial character."""
         if self.matched_stop is not None:
             return ""
-        emitted = len(self.text)
+        emitted = self._emitted
         searched_from = len(self._decoded)
         self._decoded += self._decode(self._prefix_offset)[len(self._decode(self._prefix_offset, self._read_offset)):]
         self._prefix_offset = self._read_offset = len(self._ids)
+        self._prefix_text = None
         self._settle(searched_from, final=True)
-        return self.text[emitted:]
+        return self._decoded[emitted:self._emitted]
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special_tokens)
 
     def _decode_complete_characters(self) -> str:
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
         full_text = self._decode(self._prefix_offset)
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+        if len(full_text) <= len(self._prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
             return ""
+        new_text = full_text[len(self._prefix_text):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return full_text[len(prefix_text):]
+        self._prefix_text = None
+        return new_text
 
     def _settle(self, searched_from: int, final: bool) -> None:
         """Find a stop string in the new text, else emit all that cannot start one."""
         if not self._stops:
-            self.text = self._decoded
+            self._emitted = len(self._decoded)
             return
         # A stop string that ends in the new text may start up to len(stop) - 1 characters before it.
-        window_start = max(0, searched_from - self._longest_stop + 1)
-        match = self._first_stop(window_start)
+        match = self._first_stop(max(0, searched_from - self._longest_stop + 1))
         if match is not None:
             position, stop = match
             self.matched_stop = stop
-            self.text = self._decoded[:position + len(stop) if self._include_stop else position]
-            return
-        if final or self._include_stop:
-            self.text = self._decoded
-            return
-        self.text = self._decoded[:len(self._decoded) - self._stop_prefix_length()]
+            self._decoded = self._decoded[:position + len(stop) if self._include_stop else position]
+            self._emitted = len(self._decoded)
+        elif final or self._include_stop:
+            self._emitted = len(self._decoded)
+        else:
+            self._emitted = len(self._decoded) - self._stop_prefix_length()
 
     def _first_stop(self, window_start: int) -> tuple[int, str] | None:
         found: tuple[int, str] | None = None

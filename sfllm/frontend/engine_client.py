@@ -25,7 +25,7 @@ from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineH
 
 logger = logging.getLogger(__name__)
 
-# Ids of requests this client aborted; outputs still arriving for them are dropped quietly.
+# How many aborted request ids to remember: outputs still arriving for them are dropped quietly.
 _MAX_REMEMBERED_ABORTS = 8192
 
 
@@ -185,11 +185,6 @@ class EngineClient:
         future = self._socket.send(self._codec.encode(message), flags=zmq.DONTWAIT)
         return future.done() and future.exception() is None
 
-    def _has_unread_message(self) -> bool:
-        """After the loop was busy for long, an answer may be waiting that was not read yet."""
-        assert self._socket is not None
-        return bool(self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-
     def _unavailable_reason(self) -> str:
         if self._protocol_error is not None:
             return str(self._protocol_error)
@@ -256,8 +251,7 @@ class EngineClient:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            silent_s = time.monotonic() - self._last_message_time
-            if self._connected and silent_s > self.engine_timeout_s and not self._has_unread_message():
+            if self._connected and time.monotonic() - self._last_message_time > self.engine_timeout_s:
                 self._lose_connection(f"no message for {self.engine_timeout_s:g} s")
             if self._connected:
                 self._send(Heartbeat(client_id=self.client_id))

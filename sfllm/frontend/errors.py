@@ -119,17 +119,21 @@ def _validation_param(location: tuple[Any, ...]) -> str | None:
 
 
 def _validation_error(error: RequestValidationError) -> APIError:
+    errors = error.errors()
     # Of the errors of a union's members, the deepest is the most specific.
-    first = max(error.errors(), key=lambda e: len(e.get("loc", ())))
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
         return InvalidRequestError(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
     param = _validation_param(tuple(first.get("loc", ())))
-    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if param is None:
-        return InvalidRequestError(f"Invalid request body: {message}")
+        return InvalidRequestError("The request body must be a JSON object (sent as Content-Type: "
+                                   f"application/json): {first.get('msg', '')}")
     if first.get("type") == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequestError(f"Invalid value for '{param}': {message}", param=param)
+    # A value that fits no member of a union fails once per member: say what each expected.
+    messages = [e.get("msg", "invalid value").removeprefix("Value error, ") for e in errors
+                if _validation_param(tuple(e.get("loc", ()))) == param]
+    return InvalidRequestError(f"Invalid value for '{param}': {', or '.join(dict.fromkeys(messages))}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

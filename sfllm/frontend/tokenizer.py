@@ -56,8 +56,8 @@ class Tokenizer:
         self.eos_token_ids = tuple(eos_token_ids)
         self.num_known_tokens = len(hf_tokenizer)
         self.vocab_size = vocab_size if vocab_size is not None else self.num_known_tokens
-        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        decoder = json.loads(self._backend.to_str()).get("decoder") if self._backend is not None else None
         self._byte_level = _decoder_is_byte_level(decoder)
         self._added_tokens = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
         self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
@@ -83,8 +83,13 @@ class Tokenizer:
         return self.hf_tokenizer.encode(prompt, add_special_tokens=False)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of the ids, never "cleaned up": streamed text must equal the whole decode."""
         known = [t for t in token_ids if 0 <= t < self.num_known_tokens]
-        return self.hf_tokenizer.decode(known, skip_special_tokens=skip_special_tokens)
+        if self._backend is not None:
+            # The Rust tokenizer directly: a fifth of the cost of transformers' wrapper, on every token.
+            return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
+        return self.hf_tokenizer.decode(known, skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
 
     def _token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for; a piece of a UTF-8 character stays a piece."""

@@ -1,29 +1,32 @@
-"""Cache folders that appear complete or not at all."""
+"""Cache folders that appear complete or not at all, built by one process at a time."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 
-@contextmanager
-def building_folder(target: Path) -> Iterator[Path]:
-    """Yields an empty scratch folder beside `target` and renames it to `target` on success.
+def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, first built by `build(scratch)` in a scratch folder that is then renamed to it.
 
-    A crash or an exception leaves `target` absent, so an existing `target` is always complete.
-    If another process published `target` first, its copy is kept and ours is discarded.
+    The rename is atomic, so a crash mid-build leaves no `target` and an existing one is complete.
+    The worker and the frontend resolve the model at the same time; a lock file makes the second
+    wait for the first one's build instead of repeating it.
     """
+    if target.is_dir():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield scratch
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
+            build(scratch)
             os.rename(scratch, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target

@@ -1,7 +1,9 @@
 """The published Qwen3 configs, for serving random weights of a real model's shape."""
 from __future__ import annotations
 
-from sfllm.model_source.model_config import ModelConfig
+from transformers import AutoConfig, PretrainedConfig
+
+from sfllm.model_source.model_config import ARCHITECTURE_OF_MODEL_TYPE, ModelConfig
 
 QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
@@ -42,3 +44,29 @@ DUMMY_PRESET_HF_CONFIGS = {
 
 def dummy_preset_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(DUMMY_PRESET_HF_CONFIGS[name], QWEN3_GENERATION_CONFIG)
+
+
+def transformers_config(config: ModelConfig) -> PretrainedConfig:
+    """A transformers config of `config`'s shape, to build a randomly initialized reference model."""
+    model_type = next(name for name, arch in ARCHITECTURE_OF_MODEL_TYPE.items() if arch == config.architecture)
+    return AutoConfig.for_model(
+        model_type,
+        architectures=[config.architecture],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        # A copy: transformers adds rope_theta to the dict it is given.
+        rope_scaling=dict(config.rope_scaling) if config.rope_scaling else None,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.qkv_bias,
+        dtype=config.torch_dtype,
+        eos_token_id=list(config.eos_token_ids),
+        bos_token_id=config.bos_token_id,
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sfllm.model_source.atomic_folder import building_folder
+from sfllm.model_source.atomic_folder import cached_folder
 
 # Bump when the saved tokenizer changes, so stale cached copies are not reused.
 DUMMY_TOKENIZER_VERSION = 1
@@ -29,11 +29,7 @@ def dummy_tokenizer_folder(cache_root: Path) -> Path:
     and the model's EOS ids (151645, 151643) are not this tokenizer's `<|im_end|>`.
     """
     target = cache_root / f"dummy-tokenizer-v{DUMMY_TOKENIZER_VERSION}"
-    if target.is_dir():
-        return target
-    with building_folder(target) as scratch:
-        _byte_tokenizer().save_pretrained(scratch)
-    return target
+    return cached_folder(target, lambda scratch: _byte_tokenizer().save_pretrained(scratch))
 
 
 def _byte_tokenizer() -> PreTrainedTokenizerFast:

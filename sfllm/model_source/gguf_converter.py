@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sfllm.model_source.atomic_folder import building_folder
+from sfllm.model_source.atomic_folder import cached_folder
 from sfllm.model_source.gguf_hf_config import generation_config_from_gguf, hf_config_from_gguf
 from sfllm.model_source.gguf_metadata import GGUFMetadata
 from sfllm.model_source.gguf_tensors import converted_dtype, hf_tensor, hf_tensor_name, weight_tensors
@@ -26,11 +26,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     a cache hit only stats the file.
     """
     target = cache_dir / "converted" / conversion_key(gguf_path)
-    if target.is_dir():
-        return target
-    with building_folder(target) as scratch:
-        _convert_into(gguf_path, scratch)
-    return target
+    return cached_folder(target, lambda scratch: _convert_into(gguf_path, scratch))
 
 
 def conversion_key(gguf_path: Path) -> str:

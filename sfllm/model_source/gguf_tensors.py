@@ -72,7 +72,7 @@ def undo_rope_row_permutation(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
     HF Llama rotates the two halves of each head (`rotate_half`); llama.cpp rotates adjacent
     pairs, so its converter interleaves each head's halves: row order (h, half, i) becomes
-    (h, i, half). Swapping the last two axes back restores HF's order.
+    (h, i, half). Swapping those two axes back restores HF's order.
     """
     half_head_dim = rows.shape[0] // num_heads // 2
     heads = rows.reshape(num_heads, half_head_dim, 2, *rows.shape[1:])

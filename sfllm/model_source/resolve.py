@@ -65,13 +65,17 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
         folder = convert_gguf(path, cache_root)
     elif path.is_dir():
         if load_format == "gguf":
-            raise LoadFormatMismatch(f"model {str(path)!r} is a folder, but load_format is 'gguf' (pass the .gguf file)")
+            raise LoadFormatMismatch(
+                f"model {str(path)!r} is a folder, but load_format is 'gguf' (pass the .gguf file)"
+            )
         _check_folder(path, needs_weights=load_format != "dummy")
         folder = path
     elif path.is_file():
         raise ModelNotFound(f"model {str(path)!r} is a file but not a .gguf file; {_ACCEPTED_FORMS}")
     else:
-        raise ModelNotFound(f"model {model!r} is not a preset name, and {str(path)!r} does not exist; {_ACCEPTED_FORMS}")
+        raise ModelNotFound(
+            f"model {model!r} is not a preset name, and {str(path)!r} does not exist; {_ACCEPTED_FORMS}"
+        )
 
     config = ModelConfig.from_folder(folder)
     if load_format == "dummy":
@@ -125,7 +129,8 @@ def _missing_weights(folder: Path) -> list[str]:
         shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
         absent = [shard for shard in shards if not (folder / shard).is_file()]
         if absent:
-            return [f"{len(absent)} of the {len(shards)} shards named in {index_path.name} ({', '.join(absent[:3])}...)"]
+            named = ", ".join(absent[:3])
+            return [f"{len(absent)} of the {len(shards)} shards named in {index_path.name} ({named}...)"]
         return []
     if not any(folder.glob("*.safetensors")):
         return ["*.safetensors weights"]

@@ -46,7 +46,9 @@ def pick_dtype(name: str, config_dtype: str, device: torch.device) -> torch.dtyp
         return _DTYPES[name]
     if device.type == "cpu":
         return torch.float32
-    return _DTYPES.get(config_dtype, torch.bfloat16)
+    # as vLLM does: float32 checkpoints (and our dequantised GGUFs) run in half precision on GPUs
+    dtype = _DTYPES.get(config_dtype, torch.bfloat16)
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 @dataclass

@@ -146,20 +146,26 @@ def test_extend_attention_at_model_shapes(model: str, dtype: torch.dtype, cases:
 
 
 @pytest.mark.parametrize("model", MODEL_SHAPES)
-def test_decode_attention_replays_in_a_cuda_graph(model: str) -> None:
+@pytest.mark.parametrize("preallocated", [True, False], ids=["given-workspace", "defaults"])
+def test_decode_attention_replays_in_a_cuda_graph(model: str, preallocated: bool) -> None:
+    """With defaults the split count comes from the block table's shape and the workspace from the graph's pool."""
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
     batch, max_seq_len = 32, 4096
     max_blocks = max_seq_len // BLOCK_SIZE
     paged = make_paged_kv([max_seq_len] * batch, num_kv_heads, head_dim, torch.bfloat16, max_blocks)
-    num_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, torch.cuda.get_device_properties(0).multi_processor_count)
-    workspace = DecodeWorkspace.allocate(batch, num_heads, num_splits, head_dim, "cuda")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    num_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, num_sms)
+    workspace = DecodeWorkspace.allocate(batch, num_heads, num_splits, head_dim, "cuda") if preallocated else None
     q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     seq_lens, block_tables = paged.seq_lens.clone(), paged.block_tables.clone()
     out = torch.empty_like(q)
     scale = head_dim**-0.5
 
     def run() -> None:
-        decode_attention(q, paged.k_cache, paged.v_cache, block_tables, seq_lens, scale, out, num_splits, workspace)
+        if preallocated:
+            decode_attention(q, paged.k_cache, paged.v_cache, block_tables, seq_lens, scale, out, num_splits, workspace)
+        else:
+            decode_attention(q, paged.k_cache, paged.v_cache, block_tables, seq_lens, scale, out)
 
     run()
     torch.cuda.synchronize()

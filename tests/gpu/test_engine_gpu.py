@@ -1,0 +1,132 @@
+"""The engine on a GPU: triton backend and CUDA graphs against the torch backend and transformers.
+
+Random weights made here with transformers (no download): float32 greedy token for token,
+bf16 prefill logits within bf16 rounding, a mixed batch of long and short sequences.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+VOCAB = 32000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import transformers
+    folder = tmp_path_factory.mktemp("qwen3-random")
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=1024, intermediate_size=3072,
+                                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+                                      head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True, initializer_range=0.1, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    _copy_tokenizer(folder)
+    return folder
+
+
+def _copy_tokenizer(folder: Path) -> None:
+    from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
+    for file in dummy_tokenizer_folder(folder / "tokenizer-cache").iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+
+
+def _prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    lengths = [1, 7, 16, 33, 100, 257, 600, 1500]
+    return [torch.randint(100, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _reference(checkpoint: Path, dtype: torch.dtype):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda().eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _llm(checkpoint: Path, **overrides):
+    from sfllm import LLM
+    settings = dict(dtype="float32", max_context_length=2048, mem_fraction=0.5, cuda_graph_max_bs=16,
+                    cache_dir=str(checkpoint / "cache"))
+    settings.update(overrides)
+    return LLM(model=str(checkpoint), **settings)
+
+
+def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(checkpoint: Path) -> None:
+    from sfllm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    prompts = _prompts()
+    reference = _reference(checkpoint, torch.float32)
+    expected = [_reference_greedy(reference, p, 32) for p in prompts]
+    del reference
+    outputs = {}
+    for name, overrides in {"triton+graphs": {"attention_backend": "triton"},
+                            "triton eager": {"attention_backend": "triton", "disable_cuda_graph": True},
+                            "torch": {"attention_backend": "torch", "disable_cuda_graph": True}}.items():
+        llm = _llm(checkpoint, **overrides)
+        if name == "triton+graphs":
+            assert llm.engine.worker.runner.graph_runner is not None
+        outputs[name] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        assert llm.kv_usage()[0] == llm.kv_usage()[1]
+        del llm
+        torch.cuda.empty_cache()
+    for name, tokens in outputs.items():
+        assert tokens == expected, name
+
+
+def test_bf16_prefill_logits_within_bf16_rounding(checkpoint: Path) -> None:
+    from sfllm.messages import ForwardBatch
+    from sfllm.worker.step_inputs import build_step_inputs
+    reference = _reference(checkpoint, torch.bfloat16)
+    llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton")
+    runner = llm.engine.worker.runner
+    prompts = _prompts()[3:]
+    block_size = runner.block_size
+    tables, next_block = [], 0
+    for p in prompts:
+        count = -(-len(p) // block_size)
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
+    batch = ForwardBatch(step_id=0, slots=list(range(len(prompts))), num_new_tokens=[len(p) for p in prompts],
+                         context_lens=[len(p) for p in prompts], input_token_ids=[t for p in prompts for t in p],
+                         block_tables=tables, sample=[True] * len(prompts))
+    with torch.inference_mode():
+        inputs = build_step_inputs(batch, block_size, runner.last_tokens, runner.device)
+        hidden = runner.model(inputs.input_ids, inputs.positions, runner.backend, inputs.meta)
+        ours = runner.model.compute_logits(hidden)
+        start = 0
+        for p in prompts:
+            theirs = reference(torch.tensor([p], device="cuda")).logits[0].float()
+            mine = ours[start:start + len(p)]
+            relative = (mine - theirs).norm() / theirs.norm()
+            assert relative < 2e-2, f"prompt of {len(p)}: relative error {relative:.3e}"
+            start += len(p)
+
+
+def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path) -> None:
+    from sfllm import SamplingParams
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (40, 3, 17, 64, 5, 30, 8, 50)]
+    results = {}
+    for graphs in (True, False):
+        llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", disable_cuda_graph=not graphs)
+        results[graphs] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert results[True] == results[False]
+    assert [len(t) for t in results[True]] == [p.max_tokens for p in params]

@@ -1,0 +1,110 @@
+"""Processes of a server: a frontend killed and replaced, clean shutdown, clear errors on conflicts."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servers import LaunchedServer, alive, free_port, process_tree, start, stop, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+def _engine_stats(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=5).json()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stream_forever(url: str, started: threading.Event, errors: list) -> None:
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                          json={"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True,
+                                "stream": True}) as response:
+            for _ in response.iter_lines():
+                started.set()
+    except httpx.HTTPError as error:
+        errors.append(error)
+
+
+def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    engine = start("engine", "--run-dir", str(run_dir), "--device", "cpu", "--dtype", "float32",
+                   "--max-context-length", "4096", log=tmp_path / "engine.log")
+    frontend_args = ("--run-dir", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+                     "--max-context-length", "4096")
+    frontend = start("frontend", *frontend_args, log=tmp_path / "frontend.log")
+    try:
+        wait_healthy(url, frontend, tmp_path / "frontend.log")
+        workers_before = [p for p in process_tree(engine.pid) if p != engine.pid]
+        assert len(workers_before) == 1
+        started = threading.Event()
+        errors: list = []
+        streams = [threading.Thread(target=_stream_forever, args=(url, started, errors)) for _ in range(4)]
+        for thread in streams:
+            thread.start()
+        assert started.wait(120), "streams started"
+        time.sleep(0.5)
+        assert _engine_stats(url)["kv_blocks_free"] < _engine_stats(url)["kv_blocks_total"]
+        frontend.send_signal(signal.SIGKILL)
+        frontend.wait()
+        for thread in streams:
+            thread.join(30)
+        assert errors, "the killed frontend's clients saw their streams break"
+
+        frontend = start("frontend", *frontend_args, log=tmp_path / "frontend2.log")
+        wait_healthy(url, frontend, tmp_path / "frontend2.log")
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert reply.status_code == 200
+        _wait_for(lambda: _engine_stats(url)["kv_blocks_free"] == _engine_stats(url)["kv_blocks_total"], 30,
+                  "the vanished frontend's requests to be aborted and their KV blocks freed")
+        assert [p for p in process_tree(engine.pid) if p != engine.pid] == workers_before, "same worker process"
+    finally:
+        stop(frontend)
+        stop(engine)
+    assert not run_dir.exists() or not list(run_dir.glob("*.sock"))
+
+
+def test_launch_then_sigterm_leaves_no_process_and_no_socket(tmp_path: Path) -> None:
+    server = LaunchedServer(tmp_path)
+    tree = process_tree(server.process.pid)
+    assert len(tree) >= 4, "launch, engine, worker and frontend"
+    assert list(server.run_dir.glob("*.sock"))
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 20
+    _wait_for(lambda: not any(alive(p) for p in tree), 10, "every process to exit")
+    assert not server.run_dir.exists() or not list(server.run_dir.iterdir())
+
+
+def test_second_launch_on_a_busy_port_fails_fast_with_a_clear_error(server, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "sfllm", "launch", "--host", "127.0.0.1", "--port",
+                             str(server.port), "--run-dir", str(tmp_path / "other")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "in use" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_second_engine_on_the_same_run_dir_fails_fast(server, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "sfllm", "engine", "--run-dir", str(server.run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "another sfllm engine" in result.stderr
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200, "the first one is untouched"
