@@ -103,6 +103,8 @@ class EngineClient:
         self._socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A full receive queue would make the engine's ROUTER drop outputs silently; never let it fill.
+        self._socket.setsockopt(zmq.RCVHWM, 0)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._socket.connect(self.address)
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop()),

@@ -96,7 +96,7 @@ def api_error_from(error: Exception) -> APIError:
         if 400 <= error.status_code < 500:
             return APIError(error.status_code, str(error))
         return APIError(error.status_code, str(error), error_type="server_error")
-    logger.exception("unexpected error while serving a request", exc_info=error)
+    logger.error("unexpected error while serving a request", exc_info=error)
     return APIError(500, f"internal server error: {type(error).__name__}", error_type="server_error")
 
 
@@ -153,6 +153,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(ClientDisconnectedError, on_client_disconnected)
+    # Exception last: a bug still answers in OpenAI's shape (Starlette then re-raises it to be logged).
     for error_class in (APIError, InvalidSamplingParams, ChatTemplateError, EngineUnavailableError,
-                        EngineRequestError):
+                        EngineRequestError, Exception):
         app.add_exception_handler(error_class, on_error)
