@@ -13,8 +13,8 @@ from sfllm.config import EngineConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.messages import (PROTOCOL_VERSION, EngineHello, GenerateRequest, RequestOutput, SampledLogprobs,
-                            TokenLogprob)
+from sfllm.messages import (PROTOCOL_VERSION, EngineHello, EngineStats, GenerateRequest, RequestOutput,
+                            SampledLogprobs, TokenLogprob)
 from sfllm.model_source import resolve_model
 
 MODEL = "smollm2-135m-instruct"
@@ -33,6 +33,11 @@ class ScriptedEngine:
                                  block_size=16)
         self.connected = True
         self.healthy = True
+        self.stats = EngineStats(running={"normal": 1}, waiting={}, num_kv_blocks=8, num_free_kv_blocks=5,
+                                 num_cached_kv_blocks=1, prefix_cache_queries=0, prefix_cache_hits=0,
+                                 num_preemptions=0, num_steps=3, step_time_s=0.01, batch_size=1,
+                                 gpu_memory_allocated=0, gpu_memory_reserved=0, ready=True)
+        self.num_in_flight = 0
         self.delay_s = delay_s
         self.error = error
         self.script = tokenizer.encode(SCRIPT)
@@ -280,7 +285,10 @@ def test_engine_gone_is_503(tokenizer: Tokenizer) -> None:
 
 
 def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
-    assert get(engine, tokenizer, "/health").status_code == 200
+    health = get(engine, tokenizer, "/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["running"] == {"normal": 1}
+    assert (health.json()["kv_blocks_total"], health.json()["kv_blocks_free"]) == (8, 5)
     models = get(engine, tokenizer, "/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [(MODEL, "model", 128)]

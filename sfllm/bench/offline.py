@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from sfllm.bench.gpu_idle import gpu_idle
 from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.sampling_params import SamplingParams
 
@@ -37,6 +38,7 @@ class OfflineReport:
     copy_bandwidth_gb_s: float | None = None
     roofline_s: float | None = None
     roofline_fraction: float | None = None
+    gpu_idle_fraction: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-overlap", action="store_true")
     parser.add_argument("--mem-fraction", type=float, default=0.85)
     parser.add_argument("--profile-steps", type=int, default=0, help="write a profiler trace of N steps")
+    parser.add_argument("--profile-skip-steps", type=int, default=200, help="steps to run before the trace starts")
     parser.add_argument("--profile-dir", default="sfllm-profiles")
     parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
     parser.add_argument("--baseline-requests", type=int, default=64,
@@ -106,12 +109,13 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     runner = llm.engine.worker.runner
     params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True) for s in specs]
     prompts = [list(s.prompt) for s in specs]
-    llm.generate(prompts[:4], [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 4)  # warm-up
+    warm_up = prompts[:4]
+    llm.generate(warm_up, [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * len(warm_up))
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
     steps_before = llm.engine.num_steps
     if args.profile_steps:
-        runner.profiler.start(args.profile_dir, args.profile_steps)
+        runner.profiler.start_after(args.profile_dir, args.profile_skip_steps, args.profile_steps)
     started = time.perf_counter()
     results = llm.generate(prompts, params)
     wall = time.perf_counter() - started
@@ -129,6 +133,11 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         report.copy_bandwidth_gb_s = bandwidth / 1e9
         report.roofline_s = roofline_seconds(specs, steps, weight_bytes, kv_per_token, bandwidth)
         report.roofline_fraction = report.roofline_s / wall
+    if runner.profiler.last_trace is not None:
+        idle = gpu_idle(runner.profiler.last_trace)
+        report.gpu_idle_fraction = idle.idle_fraction
+        print(f"profiled {args.profile_steps} steps: GPU idle {100 * idle.idle_fraction:.1f}% of "
+              f"{idle.span_us / 1000:.1f} ms ({idle.num_kernels} kernels), trace {runner.profiler.last_trace}")
     extra = {"graph_capture_s": getattr(runner.graph_runner, "capture_seconds", None),
              "graph_capture_bytes": getattr(runner.graph_runner, "capture_bytes", None),
              "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,

@@ -60,9 +60,14 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine answers heartbeats, else 503; never waits for generation."""
-        if engine.healthy:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "engine_connected": engine.connected}, status_code=503)
+        """200 with the engine's latest stats while it answers heartbeats, else 503; never waits for generation."""
+        stats = engine.stats
+        if not engine.healthy or stats is None:
+            return JSONResponse({"status": "unavailable", "engine_connected": engine.connected}, status_code=503)
+        return JSONResponse({"status": "ok", "running": stats.running, "waiting": stats.waiting,
+                             "kv_blocks_total": stats.num_kv_blocks, "kv_blocks_free": stats.num_free_kv_blocks,
+                             "kv_blocks_cached": stats.num_cached_kv_blocks, "batch_size": stats.batch_size,
+                             "step_time_s": stats.step_time_s, "num_preemptions": stats.num_preemptions,
+                             "frontend_requests_in_flight": engine.num_in_flight})
 
     return app

@@ -90,7 +90,9 @@ class CompletionEndpoint:
         return token_ids
 
     def _echo(self, raw_prompt: str | list[int], token_ids: list[int]) -> str:
-        return raw_prompt if isinstance(raw_prompt, str) else self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        if isinstance(raw_prompt, str):
+            return raw_prompt
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
                         tally: UsageTally) -> CompletionResponse:

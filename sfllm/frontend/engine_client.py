@@ -57,11 +57,13 @@ class EngineClient:
     within `stats_fresh_s` (what /health reports); `connected` means the engine said
     hello and has not been silent for `engine_timeout_s`. Losing the connection fails
     every request in flight; the client keeps saying hello until an engine answers, so
-    either side can be restarted alone.
+    either side can be restarted alone. An engine process that exits is noticed at once
+    (the socket closes); `engine_timeout_s` only bounds a hung one, generously, since a
+    long step delays the engine's answers.
     """
 
     def __init__(self, address: str, *, heartbeat_interval_s: float = 0.5, stats_fresh_s: float = 2.0,
-                 engine_timeout_s: float = 5.0) -> None:
+                 engine_timeout_s: float = 10.0) -> None:
         self.address = address
         self.client_id = uuid.uuid4().hex
         self.heartbeat_interval_s = heartbeat_interval_s

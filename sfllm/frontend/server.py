@@ -48,7 +48,8 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("sfllm").setLevel(level.upper())
 
 
-async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket, engine_hello_timeout_s: float) -> None:
+async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket,
+                 engine_hello_timeout_s: float) -> None:
     engine = EngineClient(config.resolved_engine_address())
     logger.info("waiting up to %g s for the engine at %s", engine_hello_timeout_s, engine.address)
     try:

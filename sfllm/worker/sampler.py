@@ -26,14 +26,14 @@ class PenaltyInputs:
 
 @dataclass
 class SamplingInputs:
-    temperatures: torch.Tensor      # [B] float, 0 for greedy rows
-    greedy: torch.Tensor            # [B] bool
     all_greedy: bool
+    temperatures: torch.Tensor | None   # [B] float, 0 for greedy rows; None when all are greedy
+    greedy: torch.Tensor | None         # [B] bool
     top_ks: torch.Tensor | None     # [B] int64, vocab size when off
     top_ps: torch.Tensor | None     # [B] float
     min_ps: torch.Tensor | None     # [B] float
     seeds: torch.Tensor | None      # [B] int64, -1 where unseeded
-    positions: torch.Tensor         # [B] int64: position of the token being sampled
+    positions: torch.Tensor | None  # [B] int64: position of the token being sampled
     penalties: PenaltyInputs | None
     max_logprobs: int               # -1: nobody asked
 
@@ -44,24 +44,29 @@ class SamplingInputs:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        penalties = None
+        if penalty_tokens is not None:
+            penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
+        if all(greedy):
+            # the common fast path: argmax needs no per-row tensors at all
+            return cls(all_greedy=True, temperatures=None, greedy=None, top_ks=None, top_ps=None, min_ps=None,
+                       seeds=None, positions=None, penalties=penalties,
+                       max_logprobs=max(logprobs) if logprobs else -1)
         top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         need_top_k = any(k < vocab_size for k, g in zip(top_ks, greedy) if not g)
         need_top_p = any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g)
         need_min_p = any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g)
         seeded = any(p.seed is not None for p in params)
-        logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        penalties = None
-        if penalty_tokens is not None:
-            penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
         return cls(
+            all_greedy=False,
             temperatures=tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
             greedy=tensor(greedy, torch.bool),
-            all_greedy=all(greedy),
             top_ks=tensor(top_ks, torch.int64) if need_top_k or need_top_p else None,
             top_ps=tensor([p.top_p for p in params], torch.float32) if need_top_k or need_top_p else None,
             min_ps=tensor([p.min_p for p in params], torch.float32) if need_min_p else None,
             seeds=tensor([-1 if p.seed is None else p.seed for p in params], torch.int64) if seeded else None,
-            positions=tensor(positions, torch.int64),
+            positions=tensor(positions, torch.int64) if seeded else None,
             penalties=penalties,
             max_logprobs=max(logprobs) if logprobs else -1,
         )

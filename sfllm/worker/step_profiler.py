@@ -13,6 +13,8 @@ class StepProfiler:
         self._profile: profile | None = None
         self._directory: Path | None = None
         self._steps_left: int | None = None
+        self._pending_start: tuple[str, int, int] | None = None
+        self._last_trace: Path | None = None
 
     @property
     def active(self) -> bool:
@@ -30,12 +32,28 @@ class StepProfiler:
         self._profile = profile(activities=activities, record_shapes=False, with_stack=False)
         self._profile.__enter__()
 
+    def start_after(self, directory: str, skip_steps: int, num_steps: int) -> None:
+        """Profiles `num_steps` steps once `skip_steps` more have run (past warm-up and prefill)."""
+        self._pending_start = (directory, skip_steps, num_steps)
+
     def step(self) -> None:
+        if self._pending_start is not None:
+            directory, skip, num = self._pending_start
+            if skip > 0:
+                self._pending_start = (directory, skip - 1, num)
+                return
+            self._pending_start = None
+            self.start(directory, num)
+            return
         if self._steps_left is None or self._profile is None:
             return
         self._steps_left -= 1
         if self._steps_left <= 0:
             self.stop()
+
+    @property
+    def last_trace(self) -> Path | None:
+        return self._last_trace
 
     def stop(self) -> Path | None:
         if self._profile is None:
@@ -46,5 +64,6 @@ class StepProfiler:
         path = self._directory / f"worker-trace-{int(time.time() * 1000)}.json"
         self._profile.export_chrome_trace(str(path))
         self._profile = None
+        self._last_trace = path
         return path
 

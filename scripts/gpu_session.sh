@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call on a lent GPU host: install the carried wheels, then run the named stages, logs under $OUT.
+#   bash scripts/gpu_session.sh tests offline latency serve large
+# Stages: tests (GPU test suite), offline (standard workload + transformers baseline + trace),
+# latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep),
+# large (Qwen3-4B and -8B presets).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
+BENCH="python3 -m sfllm bench offline"
+
+for stage in "$@"; do
+  case $stage in
+  tests)
+    timeout 300 python3 -m pytest tests/gpu -q -x -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
+    echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
+  offline)
+    timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
+      --profile-skip-steps 300 --profile-dir /tmp/prof --baseline transformers --baseline-requests 64 \
+      >"$OUT/offline.log" 2>&1
+    echo "offline: exit $?"; grep -E "==|wall|roofline|idle|x$" "$OUT/offline.log" ;;
+  latency)
+    for n in 1 4 16; do
+      for graphs in on off; do
+        flag=""; [ $graphs = off ] && flag=--disable-cuda-graph
+        timeout 90 $BENCH --model qwen3-0.6b --num-requests $n --input-len 128 --output-len 256 \
+          --cuda-graph-max-bs 16 $flag >"$OUT/latency-$n-$graphs.log" 2>&1
+        echo "batch $n graphs $graphs: $(grep -E 'wall' "$OUT/latency-$n-$graphs.log")"
+      done
+    done
+    for overlap in on off; do
+      flag=""; [ $overlap = off ] && flag=--disable-overlap
+      timeout 120 $BENCH --model qwen3-0.6b --num-requests 64 --input-len 512 --output-len 512 \
+        --profile-steps 30 --profile-skip-steps 200 --profile-dir /tmp/prof-$overlap $flag \
+        >"$OUT/overlap-$overlap.log" 2>&1
+      echo "batch 64 overlap $overlap: $(grep -E 'wall|idle' "$OUT/overlap-$overlap.log" | tr '\n' ' ')"
+    done ;;
+  serve)
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+      --cuda-graph-max-bs 256 --max-context-length 4096 >"$OUT/server.log" 2>&1 &
+    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,200 \
+      --requests 200 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
+      --output-file "$OUT/serve.json" --plot "$OUT/serve.png" >"$OUT/serve.log" 2>&1
+    echo "serve: exit $?"; tail -40 "$OUT/serve.log"
+    pkill -TERM -f "sfllm launch"; sleep 5 ;;
+  large)
+    for model in qwen3-4b qwen3-8b; do
+      timeout 200 $BENCH --model $model --output-file "$OUT/offline-$model.json" >"$OUT/offline-$model.log" 2>&1
+      echo "$model: exit $? $(grep -E 'wall|roofline' "$OUT/offline-$model.log" | tr '\n' ' ')"
+    done ;;
+  esac
+done

@@ -1,0 +1,35 @@
+"""How long the GPU sat idle between kernels, read from a PyTorch profiler Chrome trace."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class GpuIdle:
+    span_us: float
+    busy_us: float
+    num_kernels: int
+
+    @property
+    def idle_fraction(self) -> float:
+        return 1.0 - self.busy_us / self.span_us if self.span_us > 0 else 0.0
+
+
+def gpu_idle(trace: Path) -> GpuIdle:
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not kernels:
+        return GpuIdle(0.0, 0.0, 0)
+    busy = 0.0
+    current_start, current_end = kernels[0]
+    for start, end in kernels[1:]:
+        if start > current_end:
+            busy += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    busy += current_end - current_start
+    return GpuIdle(kernels[-1][1] - kernels[0][0], busy, len(kernels))
