@@ -18,6 +18,8 @@ if importlib.util.find_spec("triton") is not None:
     from kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
     from kernels.extend_attention import extend_attention
     from kernels.fused_norm import fused_add_rms_norm
+    from kernels.rotary_qk_norm import rotary_qk_norm_
+    from kernels.silu_and_mul import silu_and_mul
     from kernels.store_kv_cache import store_kv_cache
 
     __all__ = [
@@ -26,5 +28,7 @@ if importlib.util.find_spec("triton") is not None:
         "decode_attention",
         "extend_attention",
         "fused_add_rms_norm",
+        "rotary_qk_norm_",
+        "silu_and_mul",
         "store_kv_cache",
     ]

@@ -40,6 +40,14 @@ class EngineConfig:
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
     run_dir: str | None = field(default=None, metadata={"help": "folder of the IPC sockets"})
     engine_address: str | None = field(default=None, metadata={"help": "engine socket (ipc:// or tcp://)"})
+    drain_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long running requests may finish"})
+    request_timeout_s: float | None = field(default=None, metadata={"help": "abort requests running longer"})
+    max_request_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body (413 above)"})
+    max_prompt_tokens: int | None = field(default=None, metadata={"help": "longest prompt (default: the context)"})
+    max_output_tokens: int | None = field(default=None, metadata={"help": "largest max_tokens (default: the context)"})
+    max_n: int = field(default=128, metadata={"help": "most sequences per request (n times the prompts)"})
+    max_stop_sequences: int = field(default=16, metadata={"help": "most stop strings, and stop token ids, per request"})
+    max_stop_sequence_chars: int = field(default=256, metadata={"help": "longest stop string"})
 
     max_context_length: int | None = field(default=None, metadata={"help": "longest prompt + output"})
     max_running_tokens: int = field(default=8192, metadata={"help": "token budget of one step"})
@@ -73,10 +81,15 @@ class EngineConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests")
+        positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
+                    "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
+                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s")
         for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be positive; got {getattr(self, key)}")
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be positive; got {value}")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"drain_timeout_s must be at least 0; got {self.drain_timeout_s}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ConfigError(f"mem_fraction must be in (0, 1]; got {self.mem_fraction}")
 

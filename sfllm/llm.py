@@ -48,7 +48,7 @@ class GenerationResult:
 class _Tracked:
     result: GenerationResult
     output: CompletionOutput
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: token ids only (SamplingParams.detokenize off)
     done: bool = False
 
 
@@ -101,8 +101,8 @@ class LLM:
                 request_id = f"offline-{next(self._ids)}"
                 output = CompletionOutput(index, "", [], None, [] if params.logprobs is not None else None)
                 result.outputs.append(output)
-                tracked[request_id] = _Tracked(result, output, IncrementalDetokenizer(self.tokenizer, tokens,
-                                                                                      sub_params))
+                detokenizer = IncrementalDetokenizer(self.tokenizer, tokens, sub_params) if params.detokenize else None
+                tracked[request_id] = _Tracked(result, output, detokenizer)
                 error = self.engine.add_request(GenerateRequest(request_id=request_id, prompt_token_ids=tokens,
                                                                 params=sub_params, priority=priority))
                 if error is not None:
@@ -131,16 +131,19 @@ class LLM:
         if out.error:
             raise GenerationError(out.error)
         output, detokenizer = entry.output, entry.detokenizer
+        detokenize = detokenizer is not None
         for token, logprob in zip(out.token_ids, out.logprobs or [None] * len(out.token_ids)):
-            output.text += detokenizer.append([token])
+            if detokenize:
+                output.text += detokenizer.append([token])
             output.token_ids.append(token)
             if output.logprobs is not None:
                 output.logprobs.append(logprob)
-            if detokenizer.matched_stop is not None:
+            if detokenize and detokenizer.matched_stop is not None:
                 output.finish_reason = "stop"
                 return True
         if out.finish_reason is not None:
-            output.text += detokenizer.flush()
+            if detokenize:
+                output.text += detokenizer.flush()
             output.finish_reason = out.finish_reason
             entry.result.num_cached_tokens = max(entry.result.num_cached_tokens, out.num_cached_tokens)
             return True

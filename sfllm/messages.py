@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 PRIORITIES = ("high", "normal", "background")
 
@@ -112,6 +112,16 @@ class EngineStats(Message):
     gpu_memory_allocated: int
     gpu_memory_reserved: int
     ready: bool
+    # Totals since the engine started: a restarted frontend still reports them whole.
+    num_prompt_tokens: int = 0  # of requests whose prefill completed
+    num_generation_tokens: int = 0
+    num_finished: dict[str, int] = {}  # by finish reason: stop, length, abort, error
+    queue_time_counts: list[int] = []  # per QUEUE_TIME_BUCKETS_S bound, then one for longer
+    queue_time_sum_s: float = 0.0
+
+
+# Upper bounds of the queue-time histogram: arrival in the engine until first scheduled.
+QUEUE_TIME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 # ---- scheduler -> worker ---------------------------------------------------------------

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from sfllm.model_source import ModelSource, resolve_model
+# Triton fixes interpretation when it is first imported, and transformers imports it: without a GPU,
+# the kernel tests need the interpreter switched on before anything else loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sfllm.model_source import ModelSource, resolve_model  # noqa: E402
 
 
 @dataclass

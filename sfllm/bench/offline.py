@@ -107,7 +107,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
               cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
               disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed)
     runner = llm.engine.worker.runner
-    params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True) for s in specs]
+    params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True, detokenize=False)
+              for s in specs]
     prompts = [list(s.prompt) for s in specs]
     warm_up = prompts[:4]
     llm.generate(warm_up, [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * len(warm_up))

@@ -12,8 +12,11 @@ from sfllm.frontend.chat_completions import ChatCompletionEndpoint
 from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import ModelNotFoundError, install_error_handlers
+from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
 from sfllm.frontend.openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                             CompletionResponse, ModelCard, ModelList)
+from sfllm.frontend.request_checks import RequestLimits
+from sfllm.frontend.request_gate import DrainState, RequestGateMiddleware
 from sfllm.frontend.tokenizer import Tokenizer
 
 
@@ -22,16 +25,25 @@ def _json_or_stream(model: type) -> dict[int | str, dict[str, object]]:
                                                 "ending in `data: [DONE]`"}}
 
 
-def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer) -> FastAPI:
-    """The API of one served model; `engine` must be connected (see `EngineClient.connect`)."""
+def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
+               drain: DrainState | None = None) -> FastAPI:
+    """The API of one served model; `engine` must be connected (see `EngineClient.connect`).
+
+    `drain` is how the server tells the app to stop taking requests (see `DrainState`)."""
     app = FastAPI(title="sfllm", description="OpenAI-compatible LLM server")
     install_error_handlers(app)
+    drain = drain or DrainState()
+    metrics = FrontendMetrics(engine, drain)
+    # Outermost last: metrics see every answer, the key is checked before the body is read.
+    app.add_middleware(RequestGateMiddleware, drain=drain, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     served_model_name = config.model_name
     created = int(time.time())
-    completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer)
-    chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer)
+    limits = RequestLimits.from_config(config)
+    completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
+    chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions", response_model=None, responses=_json_or_stream(CompletionResponse))
@@ -60,7 +72,9 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 with the engine's latest stats while it answers heartbeats, else 503; never waits for generation."""
+        """Liveness: 200 with the engine's latest stats while it answers heartbeats, else 503.
+
+        Never waits for generation; a draining frontend stays live until it exits."""
         stats = engine.stats
         if not engine.healthy or stats is None:
             return JSONResponse({"status": "unavailable", "engine_connected": engine.connected}, status_code=503)
@@ -68,6 +82,21 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer)
                              "kv_blocks_total": stats.num_kv_blocks, "kv_blocks_free": stats.num_free_kv_blocks,
                              "kv_blocks_cached": stats.num_cached_kv_blocks, "batch_size": stats.batch_size,
                              "step_time_s": stats.step_time_s, "num_preemptions": stats.num_preemptions,
-                             "frontend_requests_in_flight": engine.num_in_flight})
+                             "frontend_requests_in_flight": engine.num_in_flight, "draining": drain.draining})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 once the engine said hello (model loaded, graphs captured) while it stays connected;
+        503 while it is away or once this frontend drains, so load balancers send no new requests."""
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if engine.hello is None or not engine.connected:
+            return JSONResponse({"status": "engine_unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": served_model_name})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """The server's metrics in Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

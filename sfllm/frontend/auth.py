@@ -1,13 +1,17 @@
-"""The API key check of the /v1 routes; /health, /metrics and the docs stay open for probes."""
+"""The API key check: every route but the probes (/health, /ready, /metrics) needs it."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sfllm.frontend.errors import AuthenticationError
+from sfllm.frontend.request_gate import PROBE_PATHS
 
-PROTECTED_PREFIX = "/v1/"
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 class ApiKeyMiddleware:
@@ -18,13 +22,14 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = _digest(f"Bearer {api_key}".encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
             presented = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            # Constant time, so the response time does not reveal how much of a guess was right.
-            if not hmac.compare_digest(presented, self._expected):
+            # Digests compared in constant time: the response time reveals neither how much of a guess was
+            # right nor the key's length.
+            if not hmac.compare_digest(_digest(presented), self._expected):
                 await AuthenticationError().response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -15,34 +15,45 @@ from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import api_error_from
 from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import chat_logprobs
+from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                             ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage)
-from sfllm.frontend.request_checks import (check_model, check_prompt_token_ids, engine_context_length,
+from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, engine_context_length,
                                            resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
 
 class ChatCompletionEndpoint:
-    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer) -> None:
+    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
+                 limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
         self.served_model_name = served_model_name
         self.engine = engine
         self.tokenizer = tokenizer
+        self.limits = limits or RequestLimits()
+        self.metrics = metrics
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        arrival_time = time.time()
         check_model(body.model, self.served_model_name)
-        priority = resolve_priority(body.priority, request.headers.get("x-priority"))
+        outcome = request_outcome(request)
+        priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         num_top_logprobs = body.num_logprobs()
-        prompt = self.tokenizer.apply_chat_template([message.template_message() for message in body.messages])
+        self.limits.check_num_sequences(body.n or 1, 1)
+        self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
+        prompt = await self.tokenizer.apply_chat_template_async([message.template_message()
+                                                                 for message in body.messages])
         check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
+        self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
-                                        engine_context_length(self.engine), "messages")
+                                        engine_context_length(self.engine), "messages", self.limits.max_output_tokens)
         params = body.sampling_params(max_tokens, num_top_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = plan_choices(request_id, [prompt], [params], priority)
+        choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
         tally = UsageTally([prompt])
-        deltas = generate_choices(self.engine, self.tokenizer, choices)
+        deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
-            events = self._events(request_id, deltas, tally, num_top_logprobs, body.include_usage_in_stream())
+            events = self._events(request_id, deltas, tally, num_top_logprobs, body.include_usage_in_stream(),
+                                  outcome)
             return await start_event_stream(request, events)
         response = await until_disconnect(request, self._complete(request_id, deltas, len(choices), tally,
                                                                    num_top_logprobs))
@@ -73,7 +84,8 @@ class ChatCompletionEndpoint:
         return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
     async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], tally: UsageTally,
-                      num_top_logprobs: int | None, include_usage: bool) -> AsyncGenerator[str, None]:
+                      num_top_logprobs: int | None, include_usage: bool,
+                      outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
 
@@ -101,7 +113,9 @@ class ChatCompletionEndpoint:
                     for event in events_of(delta):
                         yield event
             except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
-                yield sse_event(json.dumps(api_error_from(error).body()))
+                api_error = api_error_from(error)
+                outcome.stream_error_status = api_error.status_code
+                yield sse_event(json.dumps(api_error.body()))
                 yield SSE_DONE
                 return
         if include_usage:

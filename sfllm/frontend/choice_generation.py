@@ -16,6 +16,8 @@ import msgspec
 
 from sfllm.frontend.detokenizer import IncrementalDetokenizer
 from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.errors import RequestTimeoutError
+from sfllm.frontend.metrics import FrontendMetrics
 from sfllm.frontend.openai_protocol import PromptTokensDetails, Usage
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import GenerateRequest, SampledLogprobs
@@ -44,10 +46,10 @@ class ChoiceDelta:
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 priority: str) -> list[Choice]:
+                 priority: str, arrival_time: float | None = None) -> list[Choice]:
     """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
     choices = []
-    now = time.time()
+    now = time.time() if arrival_time is None else arrival_time
     for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
         for sample in range(prompt_params.n):
             index = prompt_index * prompt_params.n + sample
@@ -59,11 +61,15 @@ def plan_choices(request_id: str, prompts: list[list[int]], params: list[Samplin
     return choices
 
 
-async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: Choice) -> AsyncIterator[ChoiceDelta]:
+async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: Choice,
+                           metrics: FrontendMetrics | None) -> AsyncIterator[ChoiceDelta]:
     request = choice.request
     detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params)
+    first_token_time: float | None = None
     async with aclosing(engine.submit(request)) as outputs:
         async for output in outputs:
+            if metrics is not None and first_token_time is None and output.token_ids:
+                first_token_time = metrics.first_token(request.arrival_time)
             consumed_before = detokenizer.num_tokens
             text = detokenizer.append(output.token_ids)
             num_consumed = detokenizer.num_tokens - consumed_before
@@ -84,25 +90,45 @@ async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: C
                 num_output_tokens=detokenizer.num_tokens,
             )
             if finish_reason is not None:
+                if metrics is not None and first_token_time is not None:
+                    metrics.sequence_finished(first_token_time, detokenizer.num_tokens)
                 return  # leaving `aclosing` aborts the engine's request if a stop string ended it
 
 
-async def generate_choices(engine: EngineClient, tokenizer: Tokenizer,
-                           choices: list[Choice]) -> AsyncIterator[ChoiceDelta]:
+async def generate_choices(engine: EngineClient, tokenizer: Tokenizer, choices: list[Choice],
+                           metrics: FrontendMetrics | None = None,
+                           timeout_s: float | None = None) -> AsyncIterator[ChoiceDelta]:
     """Deltas of all choices as they come; an engine error of any choice ends the whole stream.
 
-    Closing or cancelling the iterator aborts every choice still running."""
+    Closing or cancelling the iterator aborts every choice still running; so does running
+    past `timeout_s`, which raises RequestTimeoutError."""
     if len(choices) == 1:
-        async with aclosing(_generate_choice(engine, tokenizer, choices[0])) as deltas:
-            async for delta in deltas:
-                yield delta
-        return
+        deltas = _generate_choice(engine, tokenizer, choices[0], metrics)
+    else:
+        deltas = _merge_choices(engine, tokenizer, choices, metrics)
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    async with aclosing(deltas):
+        while True:
+            timeout = asyncio.timeout_at(deadline)
+            try:
+                async with timeout:
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not timeout.expired() or timeout_s is None:
+                    raise
+                raise RequestTimeoutError(timeout_s) from None
+            yield delta
 
+
+async def _merge_choices(engine: EngineClient, tokenizer: Tokenizer, choices: list[Choice],
+                         metrics: FrontendMetrics | None) -> AsyncIterator[ChoiceDelta]:
     queue: asyncio.Queue[ChoiceDelta | Exception] = asyncio.Queue()
 
     async def forward(choice: Choice) -> None:
         try:
-            async with aclosing(_generate_choice(engine, tokenizer, choice)) as deltas:
+            async with aclosing(_generate_choice(engine, tokenizer, choice, metrics)) as deltas:
                 async for delta in deltas:
                     queue.put_nowait(delta)
         except Exception as error:  # handed to the consumer, which raises it

@@ -15,8 +15,9 @@ from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import InvalidRequestError, api_error_from
 from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import completion_logprobs, extend_completion_logprobs
+from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from sfllm.frontend.request_checks import (check_model, check_prompt_token_ids, engine_context_length,
+from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, engine_context_length,
                                            resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
@@ -53,40 +54,49 @@ class _ChoiceText:
 
 
 class CompletionEndpoint:
-    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer) -> None:
+    def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
+                 limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
         self.served_model_name = served_model_name
         self.engine = engine
         self.tokenizer = tokenizer
+        self.limits = limits or RequestLimits()
+        self.metrics = metrics
 
     async def __call__(self, body: CompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        arrival_time = time.time()
         check_model(body.model, self.served_model_name)
-        priority = resolve_priority(body.priority, request.headers.get("x-priority"))
+        outcome = request_outcome(request)
+        priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         if body.echo and body.logprobs is not None:
             raise InvalidRequestError("echo together with logprobs is not supported: sfllm computes no prompt "
                                       "logprobs", param="echo")
         raw_prompts = body.prompts()
         if not raw_prompts:
             raise InvalidRequestError("prompt is empty", param="prompt")
-        prompts = [self._token_ids(prompt) for prompt in raw_prompts]
+        self.limits.check_num_sequences(body.n or 1, len(raw_prompts))
+        self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
+        prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
         max_context_length = engine_context_length(self.engine)
         params = [body.sampling_params(resolve_max_tokens(body.requested_max_tokens(), DEFAULT_MAX_TOKENS,
-                                                          len(prompt), max_context_length, "prompt"), body.logprobs)
+                                                          len(prompt), max_context_length, "prompt",
+                                                          self.limits.max_output_tokens), body.logprobs)
                   for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        choices = plan_choices(request_id, prompts, params, priority)
+        choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
                              if body.echo else "") for choice in choices]
         tally = UsageTally(prompts)
-        deltas = generate_choices(self.engine, self.tokenizer, choices)
+        deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
-            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream())
+            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(), outcome)
             return await start_event_stream(request, events)
         response = await until_disconnect(request, self._complete(request_id, deltas, texts, tally))
         return JSONResponse(response.model_dump(mode="json"))
 
-    def _token_ids(self, prompt: str | list[int]) -> list[int]:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    async def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        token_ids = await self.tokenizer.encode_async(prompt) if isinstance(prompt, str) else prompt
         check_prompt_token_ids(token_ids, self.tokenizer.vocab_size, "prompt")
+        self.limits.check_prompt_length(len(token_ids), "prompt")
         return token_ids
 
     def _echo(self, raw_prompt: str | list[int], token_ids: list[int]) -> str:
@@ -105,7 +115,7 @@ class CompletionEndpoint:
         return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
     async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
-                      tally: UsageTally, include_usage: bool) -> AsyncGenerator[str, None]:
+                      tally: UsageTally, include_usage: bool, outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
 
         def chunk_of(delta: ChoiceDelta) -> str | None:
@@ -126,7 +136,9 @@ class CompletionEndpoint:
                     if event is not None:
                         yield event
             except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
-                yield sse_event(json.dumps(api_error_from(error).body()))
+                api_error = api_error_from(error)
+                outcome.stream_error_status = api_error.status_code
+                yield sse_event(json.dumps(api_error.body()))
                 yield SSE_DONE
                 return
         if include_usage:

@@ -80,6 +80,25 @@ class ServiceUnavailableError(APIError):
                          headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+class ServerDrainingError(ServiceUnavailableError):
+    def __init__(self) -> None:
+        super().__init__("This server is shutting down and takes no new requests; retry on another replica.",
+                         code="server_draining")
+
+
+class RequestTooLargeError(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than this server's limit of {limit} bytes "
+                              "(max_request_body_bytes).", code="request_too_large")
+
+
+class RequestTimeoutError(APIError):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(504, f"The request ran longer than this server's limit of {timeout_s:g} s "
+                              "(request_timeout_s) and was stopped; ask for fewer tokens or retry later.",
+                         error_type="timeout_error", code="request_timeout")
+
+
 def api_error_from(error: Exception) -> APIError:
     """The HTTP error for an exception raised while serving a request."""
     if isinstance(error, APIError):

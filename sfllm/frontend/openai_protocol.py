@@ -7,7 +7,7 @@ Every optional field also accepts null. Ranges are checked by `SamplingParams.va
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
@@ -15,6 +15,9 @@ from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 
 Priority = Literal["high", "normal", "background"]
 MAX_LOGPROBS = 20
+# Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
+MAX_TOKEN_INT = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
 
 
 class StrictModel(BaseModel):
@@ -32,7 +35,7 @@ class GenerationRequest(StrictModel):
     max_new_tokens: int | None = Field(default=None, description="alias of max_tokens")
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, le=MAX_TOKEN_INT)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -40,7 +43,7 @@ class GenerationRequest(StrictModel):
     seed: int | None = None
     n: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -52,6 +55,9 @@ class GenerationRequest(StrictModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
 
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -62,7 +68,7 @@ class GenerationRequest(StrictModel):
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field."""
         self.check_stream_options()
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = self.stop_strings()
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=_or(self.temperature, 1.0),

@@ -1,6 +1,9 @@
 """What every generation request must pass before it reaches the engine."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from sfllm.config import EngineConfig
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestError, ModelNotFoundError,
                                    ServiceUnavailableError)
@@ -42,15 +45,61 @@ def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) ->
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, num_prompt_tokens: int, max_context_length: int,
-                       param: str) -> int:
+                       param: str, max_output_tokens: int | None = None) -> int:
     """The completion's token budget: as requested, or the default clipped to the room left.
 
-    `default` None means all the room the context leaves after the prompt."""
+    `default` None means all the room the context leaves after the prompt; either way no
+    more than `max_output_tokens`, the operator's limit."""
     room = max_context_length - num_prompt_tokens
     if requested is None:
         if room < 1:
             raise ContextLengthExceededError(num_prompt_tokens, None, max_context_length, param)
-        return room if default is None else min(default, room)
+        budget = room if default is None else min(default, room)
+        return budget if max_output_tokens is None else min(budget, max_output_tokens)
+    if max_output_tokens is not None and requested > max_output_tokens:
+        raise InvalidRequestError(f"max_tokens is {requested}, but this server generates at most {max_output_tokens} "
+                                  "tokens per sequence (max_output_tokens).", param="max_tokens",
+                                  code="max_tokens_too_large")
     if requested > room:
         raise ContextLengthExceededError(num_prompt_tokens, requested, max_context_length, param)
     return requested
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The operator's bounds on one request; each one broken is a 400 that names it."""
+    max_prompt_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_n: int = 128
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+    request_timeout_s: float | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> RequestLimits:
+        return cls(config.max_prompt_tokens, config.max_output_tokens, config.max_n, config.max_stop_sequences,
+                   config.max_stop_sequence_chars, config.request_timeout_s)
+
+    def check_prompt_length(self, num_tokens: int, param: str) -> None:
+        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
+            raise InvalidRequestError(f"{param} has {num_tokens} tokens, but this server accepts at most "
+                                      f"{self.max_prompt_tokens} (max_prompt_tokens).", param=param,
+                                      code="prompt_too_long")
+
+    def check_num_sequences(self, n: int, num_prompts: int) -> None:
+        if n * num_prompts > self.max_n:
+            raise InvalidRequestError(f"This request asks for {n * num_prompts} sequences (n = {n} for each of "
+                                      f"{num_prompts} prompts), but this server generates at most {self.max_n} per "
+                                      "request (max_n).", param="n", code="too_many_sequences")
+
+    def check_stops(self, stop: list[str], stop_token_ids: list[int]) -> None:
+        for param, count in (("stop", len(stop)), ("stop_token_ids", len(stop_token_ids))):
+            if count > self.max_stop_sequences:
+                raise InvalidRequestError(f"{param} has {count} entries, but this server accepts at most "
+                                          f"{self.max_stop_sequences} (max_stop_sequences).", param=param,
+                                          code="too_many_stop_sequences")
+        longest = max(stop, key=len, default="")
+        if len(longest) > self.max_stop_sequence_chars:
+            raise InvalidRequestError(f"A stop string has {len(longest)} characters, but this server accepts at most "
+                                      f"{self.max_stop_sequence_chars} (max_stop_sequence_chars).", param="stop",
+                                      code="stop_sequence_too_long")

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import uvicorn
 import uvloop
@@ -12,6 +16,7 @@ import uvloop
 from sfllm.config import EngineConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
+from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.model_source import resolve_model
 
@@ -19,8 +24,52 @@ logger = logging.getLogger(__name__)
 
 # The engine may still be loading weights and capturing graphs when the frontend starts.
 DEFAULT_ENGINE_HELLO_TIMEOUT_S = 600.0
-# On shutdown, streams still open after this long are cut (their requests aborted).
-GRACEFUL_SHUTDOWN_S = 5
+# After the drain, connections still open get this long before they are cut (their requests aborted).
+GRACEFUL_SHUTDOWN_S = 2
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM (or SIGINT) drains before it stops.
+
+    Draining: new requests get 503 and /ready turns 503, while requests in progress
+    may finish for up to `drain_timeout_s`; then the server stops, cutting what is
+    left. A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.start_drain)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def start_drain(self) -> None:
+        if self.drain.draining:
+            logger.warning("asked again to stop: stopping now, cutting %d requests", self.drain.in_flight)
+            self.should_exit = self.force_exit = True
+            return
+        logger.info("draining: no new requests; %d in progress get up to %g s", self.drain.in_flight,
+                    self.drain_timeout_s)
+        self.drain.start_draining()
+        self._drain_task = asyncio.ensure_future(self._finish_drain())
+
+    async def _finish_drain(self) -> None:
+        if not await self.drain.wait_idle(self.drain_timeout_s):
+            logger.warning("drain timeout of %g s passed with %d requests running; cutting them",
+                           self.drain_timeout_s, self.drain.in_flight)
+        self.should_exit = True
 
 
 class FrontendStartupError(RuntimeError):
@@ -57,10 +106,12 @@ async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket
     except (EngineUnavailableError, EngineProtocolError) as error:
         raise FrontendStartupError(str(error)) from error
     try:
-        app = create_app(config, engine, tokenizer)
-        server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
+        drain = DrainState()
+        app = create_app(config, engine, tokenizer, drain)
+        server = DrainingServer(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
                                                log_level=config.log_level,
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
+                                drain, config.drain_timeout_s)
         logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:

@@ -1,10 +1,12 @@
 """The model's tokenizer as the frontend uses it: text to ids, ids to text, chat templates."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -61,6 +63,9 @@ class Tokenizer:
         self._byte_level = _decoder_is_byte_level(decoder)
         self._added_tokens = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
         self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
+        # One thread: the Rust tokenizer releases the GIL while it encodes, so a long prompt does not stall
+        # the event loop (and /health) behind it; one at a time keeps its shared state uncontended.
+        self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
     @classmethod
     def from_model_source(cls, source: ModelSource) -> Tokenizer:
@@ -70,6 +75,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt, with the special tokens the model expects around one."""
         return self.hf_tokenizer.encode(text, add_special_tokens=True)
+
+    async def encode_async(self, text: str) -> list[int]:
+        """`encode` off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text)
+
+    async def apply_chat_template_async(self, messages: list[dict[str, str]]) -> list[int]:
+        """`apply_chat_template` off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.apply_chat_template,
+                                                                messages)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:

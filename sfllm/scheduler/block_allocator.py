@@ -33,8 +33,6 @@ class BlockAllocator:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[int, CachedBlock] = {}
         self._hash_of_block: dict[int, int] = {}
-        self.prefix_queries = 0
-        self.prefix_hits = 0
 
     @property
     def num_free(self) -> int:
@@ -83,7 +81,6 @@ class BlockAllocator:
         hashes: list[int] = []
         parent = None
         size = self.block_size
-        self.prefix_queries += min(len(token_ids) // size, max_blocks) * size
         for i in range(min(len(token_ids) // size, max_blocks)):
             chunk = tuple(token_ids[i * size:(i + 1) * size])
             block_hash = self.chain_hash(parent, chunk)
@@ -97,7 +94,6 @@ class BlockAllocator:
             if self._ref_counts[block] == 0:
                 del self._free[block]
             self._ref_counts[block] += 1
-        self.prefix_hits += len(blocks) * size
         return blocks, hashes
 
     def register(self, block: int, parent_hash: int | None, token_ids: tuple[int, ...]) -> int:

@@ -9,11 +9,12 @@ PRIORITY_RANK = {"high": 0, "normal": 1, "background": 2}
 def split_slots(free_slots: int, normal_waiting: int, background_waiting: int, background_share: float) -> tuple[int, int]:
     """Slots for (normal, background) once high priority has taken its own.
 
-    Each class gets its share when both wait; a class that waits for fewer slots than its
+    Each class gets its share when both wait, background's rounded down: normal outranks it,
+    and aging bounds how long background waits. A class that waits for fewer slots than its
     share leaves the rest to the other."""
     if free_slots <= 0:
         return 0, 0
-    background = min(background_waiting, math.ceil(free_slots * background_share)) if normal_waiting else free_slots
+    background = min(background_waiting, math.floor(free_slots * background_share)) if normal_waiting else free_slots
     background = min(background, background_waiting)
     normal = min(normal_waiting, free_slots - background)
     background = min(background_waiting, free_slots - normal)

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from sfllm.sampling_params import SamplingParams
+from sfllm.scheduler.priority import PRIORITY_RANK
 
 
 class RequestStatus(enum.Enum):
@@ -35,9 +36,18 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     enqueue_time: float = 0.0
+    # since when it waits for aging: its enqueue time, or its last preemption
+    waiting_since: float = 0.0
     first_scheduled_time: float | None = None
     finish_reason: str | None = None
     needs_sampling_state: bool = True
+    # a background request admitted after waiting past its bound ranks as high from then on,
+    # so that another aged request cannot push it out again (they would take turns forever)
+    aged: bool = False
+
+    @property
+    def rank(self) -> int:
+        return PRIORITY_RANK["high"] if self.aged else PRIORITY_RANK[self.priority]
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +62,9 @@ class Request:
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
     @property
     def is_finished(self) -> bool:

@@ -7,6 +7,7 @@ as -1 and the worker substitutes the token it sampled last for that slot.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,24 @@ from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.stop_checker import StopChecker
 from sfllm.scheduler.waiting_queue import QueueFull, WaitingQueue
 
+logger = logging.getLogger(__name__)
+
+STATS_LOG_INTERVAL_S = 10.0
+
 
 @dataclass
 class ScheduledStep:
     batch: ForwardBatch
     sampled: list[Request]
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache use in tokens, counted when a request is admitted (not on failed attempts)."""
+    queries: int = 0               # tokens looked up: whole blocks before each sequence's last token
+    hits: int = 0                  # of those, found cached
+    prompt_tokens: int = 0         # prompt tokens of requests admitted for the first time
+    cached_prompt_tokens: int = 0  # of those, served from the cache
 
 
 @dataclass
@@ -67,6 +81,8 @@ class Scheduler:
         self._clock = clock
         self._step_id = 0
         self.num_preemptions = 0
+        self.prefix_stats = PrefixCacheStats()
+        self._last_stats_log = clock()
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -112,13 +128,13 @@ class Scheduler:
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         self._make_room_for_high_priority(now, step)
         high_waiting = any(self.waiting.effective_rank(r, now) == 0 for r in self.waiting)
-        self.running.sort(key=lambda r: (PRIORITY_RANK[r.priority], r.arrival_time))
+        self.running.sort(key=lambda r: (r.rank, r.arrival_time))
         scheduled: set[int] = set()
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
             budget = step.budget
-            if high_waiting and request.priority != "high" and request.num_computed_tokens < request.num_tokens:
+            if high_waiting and request.rank != PRIORITY_RANK["high"] and request.num_computed_tokens < request.num_tokens:
                 budget = step.budget // 2  # lower-class prefill chunks leave room for waiting high priority
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
@@ -131,6 +147,9 @@ class Scheduler:
         if not step.requests and not step.swap_out:
             return None
         self._step_id += 1
+        if now - self._last_stats_log >= STATS_LOG_INTERVAL_S:
+            self._last_stats_log = now
+            self.log_stats()
         return step.build()
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
@@ -157,10 +176,7 @@ class Scheduler:
         """Allocates the request's new blocks, preempting unscheduled lower requests if needed."""
         needed = self._blocks_needed(request, num_new)
         while needed > self.allocator.num_free:
-            candidates = [r for r in self.running if id(r) not in scheduled and r is not request]
-            victim = choose_victim(candidates)
-            if victim is None or PRIORITY_RANK[victim.priority] < PRIORITY_RANK[request.priority]:
-                victim = request
+            victim = choose_victim([r for r in self.running if id(r) not in scheduled])  # includes `request`
             self._preempt(victim, step)
             if victim is request:
                 return False
@@ -195,25 +211,36 @@ class Scheduler:
     def _admit(self, request: Request, step: _StepBuilder) -> bool:
         if request.status is RequestStatus.SWAPPED:
             return self._swap_in(request, step)
-        if request.num_computed_tokens == 0 and not request.block_ids:
+        looked_up = 0
+        if request.num_computed_tokens == 0 and not request.block_ids and self.allocator.enable_prefix_cache:
             max_cached = (request.num_tokens - 1) // self.block_size
             blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
             request.block_ids, request.block_hashes = blocks, hashes
             request.num_computed_tokens = len(blocks) * self.block_size
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = request.num_computed_tokens
+            looked_up = max_cached * self.block_size
         num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
         needed = self._blocks_needed(request, num_new)
         if needed > self.allocator.num_free:
             self._release_blocks(request)
             return False
         request.block_ids.extend(self.allocator.allocate(needed))
+        self._count_prefix_use(request, looked_up)
         self.waiting.remove(request)
         self._start_running(request)
         self._add_to_step(step, request, num_new)
         return True
 
+    def _count_prefix_use(self, request: Request, looked_up: int) -> None:
+        stats = self.prefix_stats
+        stats.queries += looked_up
+        stats.hits += request.num_computed_tokens if looked_up else 0
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = request.num_computed_tokens
+            stats.prompt_tokens += len(request.prompt_token_ids)
+            stats.cached_prompt_tokens += request.num_cached_tokens
+
     def _start_running(self, request: Request) -> None:
+        request.aged = request.aged or self.waiting.is_aged(request, self._clock())
         request.status = RequestStatus.RUNNING
         request.slot = self._free_slots.pop()
         request.needs_sampling_state = True
@@ -262,7 +289,7 @@ class Scheduler:
         step.num_new_tokens.append(num_new)
         step.context_lens.append(end)
         step.input_token_ids.extend(tokens)
-        step.block_tables.append(list(request.block_ids))
+        step.block_tables.append(request.block_ids)  # encoded or consumed before the next change
         step.sample.append(sample)
         step.budget -= num_new
         request.num_computed_tokens = end
@@ -300,7 +327,7 @@ class Scheduler:
         else:
             self._release_blocks(request)
             request.status = RequestStatus.WAITING
-        self.waiting.requeue(request)
+        self.waiting.requeue(request, self._clock())
 
     def _release_blocks(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
@@ -357,8 +384,24 @@ class Scheduler:
             running[request.priority] += 1
         return {"running": running, "waiting": self.waiting.counts(), "num_kv_blocks": self.allocator.num_blocks,
                 "num_free_kv_blocks": self.allocator.num_free, "num_cached_kv_blocks": self.allocator.num_cached,
-                "prefix_cache_queries": self.allocator.prefix_queries, "prefix_cache_hits": self.allocator.prefix_hits,
+                "prefix_cache_queries": self.prefix_stats.queries, "prefix_cache_hits": self.prefix_stats.hits,
+                "num_prompt_tokens": self.prefix_stats.prompt_tokens,
+                "num_cached_prompt_tokens": self.prefix_stats.cached_prompt_tokens,
                 "num_preemptions": self.num_preemptions}
+
+    def log_stats(self) -> None:
+        """One line of load and prefix-cache use; `schedule` calls it every STATS_LOG_INTERVAL_S while busy."""
+        p = self.prefix_stats
+        used = self.allocator.num_blocks - self.allocator.num_free
+        logger.info("%d running, %d waiting, %d/%d KV blocks in use, %d preemptions; prefix cache: %d/%d looked-up "
+                    "tokens hit (%.1f%%), %d/%d prompt tokens cached (%.1f%%)", len(self.running), len(self.waiting),
+                    used, self.allocator.num_blocks, self.num_preemptions, p.hits, p.queries,
+                    _percent(p.hits, p.queries), p.cached_prompt_tokens, p.prompt_tokens,
+                    _percent(p.cached_prompt_tokens, p.prompt_tokens))
+
+
+def _percent(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else 0.0
 
 
 def _error(request_id: str, message: str, code: int) -> RequestOutput:

@@ -6,6 +6,7 @@ KV blocks come back.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import signal
@@ -19,11 +20,12 @@ import zmq
 
 from sfllm.config import EngineConfig
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, worker_address
-from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, ForwardBatch,
-                            ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
-                            ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile, WorkerFailed,
-                            WorkerReady, WorkerToScheduler)
+from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
+                            EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
+                            MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
+                            StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.scheduler.engine_core import EngineCore
+from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,37 @@ class RemoteWorker:
             raise WorkerDied(f"the worker process exited with code {self.process.returncode}")
 
 
+class EngineCounters:
+    """Totals since the engine started, sent in every EngineStats: they outlive any frontend."""
+
+    def __init__(self) -> None:
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_finished: dict[str, int] = {}
+        self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS_S) + 1)
+        self.queue_time_sum_s = 0.0
+        self._awaiting_first_output: dict[str, Request] = {}
+
+    def admitted(self, request: Request) -> None:
+        # The scheduler stamps enqueue and first-scheduled times on its Request; read them at the first output.
+        self._awaiting_first_output[request.request_id] = request
+
+    def count(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            request = self._awaiting_first_output.get(output.request_id)
+            if request is not None and (output.token_ids or output.finish_reason is not None):
+                del self._awaiting_first_output[output.request_id]
+                if output.token_ids:
+                    self.num_prompt_tokens += len(request.prompt_token_ids)
+                if request.first_scheduled_time is not None:
+                    queue_time = request.first_scheduled_time - request.enqueue_time
+                    self.queue_time_counts[bisect.bisect_left(QUEUE_TIME_BUCKETS_S, queue_time)] += 1
+                    self.queue_time_sum_s += queue_time
+            self.num_generation_tokens += len(output.token_ids)
+            if output.finish_reason is not None:
+                self.num_finished[output.finish_reason] = self.num_finished.get(output.finish_reason, 0) + 1
+
+
 class EngineServer:
     def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket) -> None:
         self.config = config
@@ -89,6 +122,7 @@ class EngineServer:
         self.codec = MessageCodec(FrontendToEngine)
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
+        self.counters = EngineCounters()
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:
@@ -105,7 +139,10 @@ class EngineServer:
                            num_preemptions=s["num_preemptions"], num_steps=self.core.num_steps,
                            step_time_s=self.core.last_step_time_s, batch_size=self.core.last_batch_size,
                            gpu_memory_allocated=self.core.gpu_memory[0], gpu_memory_reserved=self.core.gpu_memory[1],
-                           ready=True)
+                           ready=True, num_prompt_tokens=self.counters.num_prompt_tokens,
+                           num_generation_tokens=self.counters.num_generation_tokens,
+                           num_finished=self.counters.num_finished, queue_time_counts=self.counters.queue_time_counts,
+                           queue_time_sum_s=self.counters.queue_time_sum_s)
 
     def _handle(self, identity: bytes, message: object) -> None:
         self.last_seen[identity] = time.monotonic()
@@ -114,6 +151,8 @@ class EngineServer:
             error = self.core.add_request(message, identity.hex())
             if error is not None:
                 self._deliver([error])
+            else:
+                self.counters.admitted(self.core.scheduler.requests[message.request_id])
         elif isinstance(message, AbortRequest):
             self._deliver(self.core.abort(message.request_ids))
         elif isinstance(message, Heartbeat):
@@ -132,6 +171,7 @@ class EngineServer:
             self.stopping = True
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        self.counters.count(outputs)
         by_client: dict[bytes, list[RequestOutput]] = {}
         for output in outputs:
             identity = self.owner.get(output.request_id)
@@ -148,6 +188,7 @@ class EngineServer:
             if now - seen > CLIENT_TIMEOUT_S:
                 del self.last_seen[identity]
                 aborted = self.core.abort_client(identity.hex())
+                self.counters.count(aborted)
                 for output in aborted:
                     self.owner.pop(output.request_id, None)
                 logger.warning("frontend %s went silent; aborted its %d requests", identity.hex(), len(aborted))

@@ -35,18 +35,22 @@ class WaitingQueue:
         queue = self._queues[request.priority]
         if len(queue) >= self.max_per_class:
             raise QueueFull(f"the {request.priority} queue holds {len(queue)} requests, its limit")
-        request.enqueue_time = now
+        request.enqueue_time = request.waiting_since = now
         queue.append(request)
 
-    def requeue(self, request: Request) -> None:
-        """A preempted request goes back to the head of its class, keeping its enqueue time."""
+    def requeue(self, request: Request, now: float) -> None:
+        """A preempted request goes back to the head of its class. Its wait for aging starts
+        again: had it kept the old one, a background request pushed out by an aged one would
+        be aged too and take the slot straight back."""
+        request.waiting_since = now
         self._queues[request.priority].appendleft(request)
 
     def remove(self, request: Request) -> None:
         self._queues[request.priority].remove(request)
 
     def is_aged(self, request: Request, now: float) -> bool:
-        return request.priority == "background" and now - request.enqueue_time >= self.max_background_wait_s
+        return request.aged or (request.priority == "background"
+                                and now - request.waiting_since >= self.max_background_wait_s)
 
     def effective_rank(self, request: Request, now: float) -> int:
         """Background requests that waited past the bound are admitted like high priority."""

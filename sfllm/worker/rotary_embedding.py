@@ -1,4 +1,4 @@
-"""Rotary position embedding (neox style, as Llama and Qwen use it), with rope scaling."""
+"""The rotary position embedding table (neox style, as Llama and Qwen use it), with rope scaling."""
 from __future__ import annotations
 
 import math
@@ -44,13 +44,3 @@ class RotaryEmbedding:
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
         # cos and sin side by side: one gather per step instead of two
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
-
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D] -> rotated, same dtype."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -35,10 +37,11 @@ def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.T
     seq_of_token = np.repeat(np.arange(num_seqs), num_new)
     positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (context_lens - num_new)[seq_of_token]
 
-    max_blocks = max((len(t) for t in batch.block_tables), default=0) or 1
-    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
-    for row, table in enumerate(batch.block_tables):
-        block_tables[row, :len(table)] = table
+    table_lens = np.fromiter(map(len, batch.block_tables), dtype=np.int64, count=num_seqs)
+    max_blocks = int(table_lens.max()) if num_seqs else 1
+    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(batch.block_tables), dtype=np.int64, count=int(table_lens.sum()))
+    block_tables[np.arange(block_tables.shape[1])[None, :] < table_lens[:, None]] = flat
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
 
     logits_indices = query_start_loc[1:][sample] - 1
@@ -62,7 +65,7 @@ def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.T
         slot_mapping=slot_map,
         query_start_loc=qsl.int(),
         seq_lens=seq_lens.int(),
-        block_tables=tables.view(num_seqs, max_blocks).int(),
+        block_tables=tables.view(num_seqs, block_tables.shape[1]).int(),
         max_query_len=int(num_new.max()) if num_seqs else 0,
         max_seq_len=int(context_lens.max()) if num_seqs else 0,
         query_lens_host=num_new.tolist(),

@@ -1,0 +1,48 @@
+"""The fused layer kernels against the torch code they replace (interpreted on CPU, compiled on GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import rotary_qk_norm_, silu_and_mul  # noqa: E402
+from sfllm.worker import layer_ops  # noqa: E402
+from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the conftest interprets the kernels on CPU
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (9, 3, 64)])
+def test_rotary_qk_norm_matches_torch(with_norm: bool, heads: int, kv_heads: int, head_dim: int) -> None:
+    torch.manual_seed(0)
+    tokens = 7
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor([0, 5, 1, 300, 17, 2, 99])
+    table = RotaryEmbedding(head_dim, 512, 10000.0, None, torch.device("cpu")).cos_sin
+    q_weight = torch.rand(head_dim) + 0.5 if with_norm else None
+    k_weight = torch.rand(head_dim) + 0.5 if with_norm else None
+    q_ref, k_ref, v_ref = layer_ops.rotary_qk_norm(qkv.clone(), positions, table, heads, kv_heads, head_dim,
+                                                   q_weight, k_weight, 1e-6)
+    qkv, positions, table = qkv.to(DEVICE), positions.to(DEVICE), table.to(DEVICE)
+    if with_norm:
+        q_weight, k_weight = q_weight.to(DEVICE), k_weight.to(DEVICE)
+    fused = qkv.clone()
+    rotary_qk_norm_(fused, positions, table, heads, kv_heads, head_dim, q_weight, k_weight, 1e-6)
+    q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    assert _relative_error(q.cpu().reshape(q_ref.shape), q_ref) < 1e-5
+    assert _relative_error(k.cpu().reshape(k_ref.shape), k_ref) < 1e-5
+    assert torch.equal(v.cpu().reshape(v_ref.shape), v_ref), "v is left alone"
+
+
+def test_silu_and_mul_matches_torch() -> None:
+    torch.manual_seed(1)
+    gate_up = torch.randn(5, 2 * 1500)
+    gate, up = gate_up.chunk(2, dim=-1)
+    fused = silu_and_mul(gate_up.to(DEVICE)).cpu()
+    assert _relative_error(fused, torch.nn.functional.silu(gate) * up) < 1e-6

@@ -1,0 +1,518 @@
+"""Scheduler policies on a simulated clock and a fake KV pool, without a model.
+
+`FakeWorker` keeps the worker's side of the contract with token ids standing in for K/V:
+a step writes its input tokens into the paged pool (resolving -1 to the slot's last
+sampled token) and samples a token that hashes the whole context read back from the
+pool. A block shared, swapped, reused or freed too early therefore changes the output,
+which `expected_tokens` computes without any pool.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections import deque
+
+import pytest
+
+from sfllm.config import EngineConfig
+from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
+from sfllm.sampling_params import SamplingParams
+from sfllm.scheduler.block_allocator import BlockAllocator
+from sfllm.scheduler.engine_core import EngineCore
+from sfllm.scheduler.length_buckets import order_by_length_bucket
+from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.priority import split_slots
+from sfllm.scheduler.request import Request
+from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
+
+EOS = 2
+
+
+def next_token(context: tuple[int, ...]) -> int:
+    return zlib.crc32(repr(context).encode()) % 50_000 + 3
+
+
+def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
+    sequence = list(prompt)
+    for _ in range(max_tokens):
+        sequence.append(next_token(tuple(sequence)))
+    return sequence[len(prompt):]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeWorker:
+    def __init__(self, num_blocks: int, block_size: int, max_context_length: int, num_cpu_blocks: int = 0) -> None:
+        self.info = WorkerReady(protocol_version=PROTOCOL_VERSION, model_name="fake",
+                                max_context_length=max_context_length, eos_token_ids=[EOS],
+                                num_kv_blocks=num_blocks, num_cpu_kv_blocks=num_cpu_blocks,
+                                block_size=block_size, pid=0)
+        self.block_size = block_size
+        self.pool: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.cpu_pool: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
+        self.last_tokens: dict[int, int] = {}
+        self.batches: list[ForwardBatch] = []
+        self._results: deque[ForwardResult] = deque()
+
+    def submit(self, batch: ForwardBatch) -> None:
+        self.batches.append(batch)
+        for gpu, cpu in batch.swap_out:
+            self.cpu_pool[cpu] = list(self.pool[gpu])
+        for cpu, gpu in batch.swap_in:
+            self.pool[gpu] = list(self.cpu_pool[cpu])
+        size = self.block_size
+        inputs = iter(batch.input_token_ids)
+        # every row's K/V is stored before any row attends, as in the attention backends
+        for slot, num_new, end, table in zip(batch.slots, batch.num_new_tokens, batch.context_lens,
+                                             batch.block_tables):
+            for position in range(end - num_new, end):
+                token = next(inputs)
+                self.pool[table[position // size]][position % size] = self.last_tokens[slot] if token < 0 else token
+        sampled = []
+        for slot, end, table, sample in zip(batch.slots, batch.context_lens, batch.block_tables, batch.sample):
+            if sample:
+                context = tuple(self.pool[table[p // size]][p % size] for p in range(end))
+                assert None not in context, f"step {batch.step_id} reads K/V never written"
+                self.last_tokens[slot] = next_token(context)
+                sampled.append(self.last_tokens[slot])
+        self._results.append(ForwardResult(step_id=batch.step_id, token_ids=sampled, logprobs=[None] * len(sampled)))
+
+    def collect(self) -> ForwardResult:
+        return self._results.popleft()
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_context_length: int = 64,
+                   num_cpu_blocks: int = 0, **config) -> tuple[Scheduler, FakeWorker, FakeClock]:
+    clock = FakeClock()
+    worker = FakeWorker(num_blocks, block_size, max_context_length, num_cpu_blocks)
+    engine_config = EngineConfig(block_size=block_size, **config)
+    scheduler = Scheduler(engine_config, num_blocks, num_cpu_blocks, max_context_length, [EOS], clock=clock)
+    return scheduler, worker, clock
+
+
+def make_engine(**kwargs) -> tuple[EngineCore, FakeClock]:
+    """The real step pipeline (two steps in flight) over the fake worker and clock."""
+    scheduler, worker, clock = make_scheduler(**kwargs)
+    core = EngineCore(scheduler.config, worker)
+    core.scheduler = scheduler
+    return core, clock
+
+
+def add(scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int = 4, priority: str = "normal",
+        arrival: float = 0.0, **params) -> RequestOutput | None:
+    return scheduler.add_request(GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt, priority=priority, arrival_time=arrival or 1.0,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params)))
+
+
+def prompt_of(length: int, start: int = 10) -> list[int]:
+    return [start + i for i in range(length)]
+
+
+def step_once(scheduler: Scheduler, worker: FakeWorker) -> tuple[ScheduledStep | None, list[RequestOutput]]:
+    """One step without overlap: schedule, run, read back."""
+    step = scheduler.schedule()
+    if step is None:
+        return None, []
+    worker.submit(step.batch)
+    return step, scheduler.process_result(step, worker.collect())
+
+
+def collect_outputs(outputs: list[RequestOutput], into: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    into = {} if into is None else into
+    for out in outputs:
+        into.setdefault(out.request_id, []).extend(out.token_ids)
+    return into
+
+
+def running_ids(scheduler: Scheduler) -> list[str]:
+    return [r.request_id for r in scheduler.running]
+
+
+def run_to_end(core: EngineCore, max_steps: int = 5000) -> dict[str, RequestOutput | list]:
+    """Steps the engine until idle; returns each request's tokens and final output."""
+    tokens: dict[str, list[int]] = {}
+    finals: dict[str, RequestOutput] = {}
+    for _ in range(max_steps):
+        if not core.has_work():
+            break
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                finals[out.request_id] = out
+    else:
+        raise AssertionError(f"the engine still has work after {max_steps} steps")
+    return {"tokens": tokens, "finals": finals}
+
+
+def assert_all_free(scheduler: Scheduler) -> None:
+    allocator = scheduler.allocator
+    assert allocator.num_free == allocator.num_blocks, "every KV block back on the free list"
+    assert all(allocator.ref_count(b) == 0 for b in range(allocator.num_blocks))
+    assert scheduler.swap_space.num_free == scheduler.swap_space.num_blocks, "every swap block free"
+    assert not scheduler.running and len(scheduler.waiting) == 0 and not scheduler.requests
+    assert sorted(scheduler._free_slots) == list(range(scheduler.config.max_running_requests))
+
+
+# ---- a randomized workload against the exact expected outputs ---------------------------------
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", ["fcfs", "length-bucket"])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_random_workload_on_a_tiny_pool_gives_exact_outputs(preemption_mode: str, policy: str,
+                                                            prefix_cache: bool) -> None:
+    for seed in range(4):
+        rng = random.Random(seed)
+        core, clock = make_engine(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=8,
+                                  max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=6,
+                                  preemption_mode=preemption_mode, schedule_policy=policy,
+                                  disable_prefix_cache=not prefix_cache, max_background_wait_s=2.0)
+        scheduler = core.scheduler
+        shared = prompt_of(12, start=500)
+        expected: dict[str, list[int]] = {}
+        aborted: set[str] = set()
+        pending = []
+        for i in range(24):
+            prompt = (shared[:rng.choice([4, 8, 12])] if rng.random() < 0.5 else []) + \
+                [rng.randrange(10, 400) for _ in range(rng.randint(1, 14))]
+            max_tokens = rng.randint(1, 48 - len(prompt) - 1)
+            pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"])))
+        tokens: dict[str, list[int]] = {}
+        finals: dict[str, RequestOutput] = {}
+        for step_index in range(5000):
+            clock.now += 0.1
+            if pending and rng.random() < 0.4:
+                request_id, prompt, max_tokens, priority = pending.pop(0)
+                assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now) is None
+                expected[request_id] = expected_tokens(prompt, max_tokens)
+            if rng.random() < 0.03 and scheduler.requests:
+                victim = rng.choice(sorted(scheduler.requests))
+                aborted.add(victim)
+                for out in core.abort([victim]):
+                    finals[out.request_id] = out
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                if out.finish_reason is not None:
+                    finals[out.request_id] = out
+            if not pending and not core.has_work():
+                break
+        else:
+            raise AssertionError("the workload did not finish")
+        for request_id, want in expected.items():
+            got = tokens.get(request_id, [])
+            if request_id in aborted:
+                assert got == want[:len(got)], request_id
+            else:
+                assert got == want, f"{request_id} (seed {seed})"
+                assert finals[request_id].finish_reason == "length"
+        assert_all_free(scheduler)
+        assert scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
+
+
+# ---- priority classes -------------------------------------------------------------------------
+
+def test_high_priority_is_admitted_before_earlier_normal_and_background() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_requests=2)
+    add(scheduler, "n1", prompt_of(5), arrival=1.0)
+    add(scheduler, "b1", prompt_of(5), priority="background", arrival=2.0)
+    add(scheduler, "h1", prompt_of(5), priority="high", arrival=3.0)
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["h1", "n1"]
+
+
+def test_background_request_waiting_past_the_bound_is_admitted_like_high() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=1, background_share=0.0,
+                                              max_background_wait_s=10.0)
+    add(scheduler, "n1", prompt_of(5), max_tokens=3, arrival=1.0)
+    add(scheduler, "b1", prompt_of(5), max_tokens=3, priority="background", arrival=2.0)
+    add(scheduler, "n2", prompt_of(5), max_tokens=50, arrival=3.0)
+    add(scheduler, "n3", prompt_of(5), max_tokens=3, arrival=4.0)
+    for _ in range(4):
+        step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["n2"], "before the bound, a freed slot goes to normal"
+    clock.now = 9.9
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["n2"]
+    clock.now = 10.0
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["b1"], "aged: it preempts running normal work and goes first"
+    assert scheduler.num_preemptions == 1
+
+
+def test_aged_background_requests_do_not_preempt_each_other() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=1, max_background_wait_s=10.0)
+    add(scheduler, "b1", prompt_of(5), max_tokens=20, priority="background", arrival=1.0)
+    add(scheduler, "b2", prompt_of(5, start=50), max_tokens=20, priority="background", arrival=2.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    assert running_ids(scheduler) == ["b1"]
+    clock.now = 11.0  # both have waited past the bound since they were queued
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert running_ids(scheduler) == ["b2"] and scheduler.num_preemptions == 1
+    while scheduler.has_unfinished():
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs == {"b1": expected_tokens(prompt_of(5), 20), "b2": expected_tokens(prompt_of(5, start=50), 20)}
+    assert scheduler.num_preemptions == 1, "the promoted request keeps its slot until it finishes"
+    assert_all_free(scheduler)
+
+
+def test_split_slots_gives_each_class_its_share_and_normal_the_odd_slot() -> None:
+    assert split_slots(4, 10, 10, 0.5) == (2, 2)
+    assert split_slots(4, 10, 10, 0.25) == (3, 1)
+    assert split_slots(1, 10, 10, 0.5) == (1, 0), "normal outranks background; aging bounds its wait"
+    assert split_slots(4, 1, 10, 0.5) == (1, 3), "a class that needs fewer leaves the rest"
+    assert split_slots(4, 10, 1, 0.5) == (3, 1)
+    assert split_slots(4, 0, 10, 0.0) == (0, 4)
+    assert split_slots(0, 10, 10, 0.5) == (0, 0)
+
+
+@pytest.mark.parametrize("share, expected", [(0.5, ["n1", "n2", "b1", "b2"]), (0.25, ["n1", "n2", "n3", "b1"])])
+def test_free_slots_are_shared_between_normal_and_background(share: float, expected: list[str]) -> None:
+    scheduler, worker, _ = make_scheduler(max_running_requests=4, background_share=share)
+    for i in range(1, 5):
+        add(scheduler, f"b{i}", prompt_of(3), priority="background", arrival=float(i))
+    for i in range(1, 5):
+        add(scheduler, f"n{i}", prompt_of(3), arrival=10.0 + i)
+    step_once(scheduler, worker)
+    assert sorted(running_ids(scheduler)) == sorted(expected)
+
+
+def test_normal_is_not_starved_when_slots_free_one_at_a_time() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_requests=2, background_share=0.5,
+                                          max_background_wait_s=1e9)
+    for i in range(6):
+        add(scheduler, f"b{i}", prompt_of(3), max_tokens=2 + i, priority="background", arrival=1.0 + i)
+        add(scheduler, f"n{i}", prompt_of(3), max_tokens=2 + i, arrival=1.5 + i)
+    finished: list[str] = []
+    for _ in range(8):
+        finished += [o.request_id for o in step_once(scheduler, worker)[1] if o.finish_reason]
+    assert {"n0", "n1"} <= set(finished) | set(running_ids(scheduler))
+
+
+# ---- preemption -------------------------------------------------------------------------------
+
+def _request(request_id: str, priority: str, arrival: float) -> Request:
+    return Request(request_id, "", [1], SamplingParams(), priority, arrival)
+
+
+def test_choose_victim_takes_the_lowest_class_newest_first() -> None:
+    h, n_old, n_new = _request("h", "high", 9.0), _request("n_old", "normal", 1.0), _request("n_new", "normal", 2.0)
+    b_old, b_new = _request("b_old", "background", 3.0), _request("b_new", "background", 4.0)
+    assert choose_victim([h, n_old, n_new, b_old, b_new]).request_id == "b_new"
+    assert choose_victim([h, n_old, n_new]).request_id == "n_new"
+    assert choose_victim([h, n_old], below_rank=0).request_id == "n_old"
+    assert choose_victim([h], below_rank=0) is None, "a high arrival never preempts high work"
+    assert choose_victim([]) is None
+
+
+def test_high_arrival_preempts_the_newest_background_request_only() -> None:
+    # 10 blocks of 4: three running requests of 3 blocks each leave one free
+    scheduler, worker, _ = make_scheduler(num_blocks=10, max_context_length=40)
+    add(scheduler, "n", prompt_of(11), max_tokens=20, arrival=1.0)
+    add(scheduler, "b_old", prompt_of(11, 100), max_tokens=20, priority="background", arrival=2.0)
+    add(scheduler, "b_new", prompt_of(11, 200), max_tokens=20, priority="background", arrival=3.0)
+    step_once(scheduler, worker)
+    assert scheduler.allocator.num_free == 1
+    add(scheduler, "h", prompt_of(9, 300), max_tokens=4, priority="high", arrival=4.0)
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["n", "b_old", "h"]
+    assert [r.request_id for r in scheduler.waiting] == ["b_new"]
+    assert scheduler.num_preemptions == 1
+
+
+def test_high_arrival_waits_when_only_high_work_runs() -> None:
+    scheduler, worker, _ = make_scheduler(num_blocks=10, max_context_length=40)
+    for i in range(3):
+        add(scheduler, f"h{i}", prompt_of(11, 100 * i), max_tokens=20, priority="high", arrival=1.0 + i)
+    step_once(scheduler, worker)
+    add(scheduler, "h_late", prompt_of(9, 300), max_tokens=4, priority="high", arrival=9.0)
+    step_once(scheduler, worker)
+    assert "h_late" not in running_ids(scheduler) and scheduler.num_preemptions == 0
+
+
+def test_running_requests_short_of_blocks_preempt_the_newest_lowest_class() -> None:
+    # 9 blocks of 4; every request's decode needs a fourth block at the same step
+    scheduler, worker, _ = make_scheduler(num_blocks=9, max_context_length=36)
+    add(scheduler, "n_old", prompt_of(12), max_tokens=8, arrival=1.0)
+    add(scheduler, "n_new", prompt_of(12, 100), max_tokens=8, arrival=2.0)
+    add(scheduler, "b", prompt_of(12, 200), max_tokens=8, priority="background", arrival=0.5)
+    step_once(scheduler, worker)
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["n_old", "n_new"] and [r.request_id for r in scheduler.waiting] == ["b"]
+
+
+# ---- chunked prefill and length buckets -------------------------------------------------------
+
+def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_context_length=128)
+    add(scheduler, "d1", prompt_of(3), max_tokens=20, arrival=1.0)
+    add(scheduler, "d2", prompt_of(3, 50), max_tokens=20, arrival=2.0)
+    step_once(scheduler, worker)
+    add(scheduler, "long", prompt_of(40, 100), max_tokens=2, arrival=3.0)
+    chunks = []
+    for _ in range(3):
+        step, _ = step_once(scheduler, worker)
+        chunks.append((step.batch.num_new_tokens, step.batch.sample))
+    assert chunks == [([1, 1, 14], [True, True, False]), ([1, 1, 14], [True, True, False]),
+                      ([1, 1, 12], [True, True, True])]
+    assert all(sum(batch.num_new_tokens) <= 16 for batch in worker.batches)
+
+
+def test_lower_class_prefill_leaves_half_the_budget_when_high_waits() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=1, max_context_length=128)
+    add(scheduler, "n", prompt_of(40), max_tokens=2, arrival=1.0)
+    step_once(scheduler, worker)
+    add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=2.0)
+    step, _ = step_once(scheduler, worker)
+    assert step.batch.num_new_tokens == [5] and running_ids(scheduler) == ["h"], "the slot goes to high at once"
+
+
+def test_order_by_length_bucket_puts_the_largest_64_token_group_first() -> None:
+    class Item:
+        def __init__(self, n: int) -> None:
+            self.num_tokens = n
+    lengths = [10, 70, 130, 75, 20, 127, 80, 140]
+    ordered = [item.num_tokens for item in order_by_length_bucket([Item(n) for n in lengths])]
+    assert ordered == [70, 75, 127, 80, 10, 20, 130, 140], "4 in [64, 128), then two pairs by first arrival"
+
+
+def test_length_bucket_policy_admits_the_largest_bucket_first() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_requests=3, schedule_policy="length-bucket",
+                                          max_context_length=256, num_blocks=256)
+    for i, length in enumerate([10, 100, 20, 110, 120, 200, 105]):
+        add(scheduler, f"r{length}", prompt_of(length), arrival=1.0 + i)
+    step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["r100", "r110", "r120"]
+
+
+# ---- prefix cache -----------------------------------------------------------------------------
+
+def test_prefix_cache_shares_full_blocks_and_computes_the_last_token() -> None:
+    scheduler, worker, _ = make_scheduler(max_context_length=64)
+    prompt = prompt_of(9)
+    add(scheduler, "a", prompt, max_tokens=8, arrival=1.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    a = scheduler.requests["a"]
+    add(scheduler, "b", prompt, max_tokens=8, arrival=2.0)
+    step, out = step_once(scheduler, worker)
+    collect_outputs(out, outputs)
+    b = scheduler.requests["b"]
+    assert step.batch.num_new_tokens == [1, 1], "a decodes; b's whole prompt hit still computes its last token"
+    assert b.block_ids[:2] == a.block_ids[:2] and b.block_ids[2] != a.block_ids[2]
+    assert [scheduler.allocator.ref_count(x) for x in b.block_ids] == [2, 2, 1]
+    assert b.num_cached_tokens == 8
+    add(scheduler, "c", prompt_of(6) + [999], max_tokens=2, arrival=3.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert scheduler.requests["c"].num_cached_tokens == 4, "only whole blocks are shared"
+    while scheduler.has_unfinished():
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs["a"] == outputs["b"] == expected_tokens(prompt, 8)
+    assert_all_free(scheduler)
+    assert scheduler.allocator.num_cached > 0, "freed blocks stay cached"
+
+
+def test_prefix_cache_is_off_when_disabled() -> None:
+    scheduler, worker, _ = make_scheduler(disable_prefix_cache=True)
+    for name in ("a", "b"):
+        add(scheduler, name, prompt_of(9), max_tokens=2)
+        while scheduler.has_unfinished():
+            step_once(scheduler, worker)
+    assert scheduler.stats()["prefix_cache_hits"] == 0 and scheduler.allocator.num_cached == 0
+
+
+def test_allocator_evicts_the_least_recently_freed_cached_block() -> None:
+    allocator = BlockAllocator(4, block_size=2)
+    first = allocator.allocate(2)
+    second = allocator.allocate(2)
+    h1 = allocator.register(first[0], None, (1, 2))
+    allocator.register(first[1], h1, (3, 4))
+    h3 = allocator.register(second[0], None, (5, 6))
+    allocator.free(second)
+    allocator.free(first)  # the tail goes first: first[1] is older in the free list than first[0]
+    assert allocator.num_free == 4 and allocator.num_cached == 3
+    assert allocator.allocate(2) == [second[1], second[0]], "uncached and older blocks go first"
+    assert allocator.match_prefix([5, 6, 7], 1) == ([], []), "evicted on allocation"
+    assert allocator.match_prefix([1, 2, 3, 4, 9], 2) == (first, [h1, allocator.chain_hash(h1, (3, 4))])
+    assert [allocator.ref_count(b) for b in first] == [1, 1] and allocator.num_free == 0
+    assert allocator.match_prefix([1, 2, 3, 4], 1)[0] == [first[0]], "max_blocks caps the hit"
+    assert allocator.ref_count(first[0]) == 2
+    allocator.free([first[0]])
+    allocator.free(first)
+    assert allocator.num_free == 2 and h3 not in allocator._cached
+
+
+def test_prefix_cache_stats_count_each_admission_once() -> None:
+    scheduler, worker, _ = make_scheduler(num_blocks=8, max_context_length=32)
+    add(scheduler, "a", prompt_of(9), max_tokens=1, arrival=1.0)
+    while scheduler.has_unfinished():
+        step_once(scheduler, worker)
+    add(scheduler, "big", prompt_of(20, 100), max_tokens=4, arrival=2.0)
+    step_once(scheduler, worker)
+    add(scheduler, "b", prompt_of(9) + prompt_of(8, 200), max_tokens=1, arrival=3.0)  # 3 blocks short
+    for _ in range(3):
+        step_once(scheduler, worker)
+        assert scheduler.requests["b"] in list(scheduler.waiting)
+    while scheduler.has_unfinished():
+        step_once(scheduler, worker)
+    assert scheduler.num_preemptions == 0
+    stats = scheduler.stats()
+    # looked up (whole blocks before the last token): a 8, big 16, b 16 of which a's 8 hit
+    assert (stats["prefix_cache_queries"], stats["prefix_cache_hits"]) == (40, 8)
+    assert (stats["num_prompt_tokens"], stats["num_cached_prompt_tokens"]) == (46, 8)
+
+
+def test_stats_are_logged_periodically(caplog: pytest.LogCaptureFixture) -> None:
+    scheduler, worker, clock = make_scheduler()
+    add(scheduler, "a", prompt_of(9), max_tokens=30, arrival=1.0)
+    add(scheduler, "b", prompt_of(9), max_tokens=30, arrival=2.0)
+    with caplog.at_level(logging.INFO, logger="sfllm.scheduler.scheduler"):
+        for _ in range(10):
+            clock.now += 3.0
+            step_once(scheduler, worker)
+    lines = [r.getMessage() for r in caplog.records if "prefix cache" in r.getMessage()]
+    assert len(lines) == 2, "at 12 s and 24 s of 30"
+    assert "8/16 looked-up tokens hit (50.0%)" in lines[-1] and "8/18 prompt tokens cached (44.4%)" in lines[-1]
+
+
+# ---- limits, errors and cleanup ---------------------------------------------------------------
+
+def test_full_class_queue_answers_503_and_long_prompt_400() -> None:
+    scheduler, _, _ = make_scheduler(max_waiting_requests=2, max_context_length=32)
+    assert add(scheduler, "n1", prompt_of(3)) is None
+    assert add(scheduler, "n2", prompt_of(3)) is None
+    full = add(scheduler, "n3", prompt_of(3))
+    assert (full.finish_reason, full.error_code) == ("error", 503) and "normal queue" in full.error
+    assert add(scheduler, "h1", prompt_of(3), priority="high") is None, "each class has its own limit"
+    too_long = add(scheduler, "long", prompt_of(32))
+    assert too_long.error_code == 400 and "32 tokens" in too_long.error
+    assert add(scheduler, "fits", prompt_of(31), priority="background") is None
+    assert add(scheduler, "n1", prompt_of(3), priority="high").error_code == 400, "id in use"
+    assert add(scheduler, "empty", []).error_code == 400
+    assert add(scheduler, "bad", prompt_of(3), priority="urgent").error_code == 400
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_every_block_is_free_after_aborts_in_any_state(preemption_mode: str) -> None:
+    core, _ = make_engine(num_blocks=10, max_context_length=40, num_cpu_blocks=10, max_running_tokens=8,
+                          preemption_mode=preemption_mode)
+    scheduler = core.scheduler
+    for i in range(6):
+        add(scheduler, f"r{i}", prompt_of(10, 50 * i), max_tokens=25,
+            priority=["normal", "background", "high"][i % 3], arrival=1.0 + i)
+    for _ in range(12):
+        core.step()
+    states = {r.status.value for r in scheduler.requests.values()}
+    assert scheduler.num_preemptions > 0 and {"running", "waiting" if preemption_mode == "recompute"
+                                              else "swapped"} <= states
+    in_flight_before = core.num_in_flight
+    outputs = core.abort(sorted(scheduler.requests))
+    assert len(outputs) == 6 and all(o.finish_reason == "abort" for o in outputs)
+    assert in_flight_before > 0, "aborted with a step in flight"
+    run_to_end(core)
+    assert_all_free(scheduler)
