@@ -44,7 +44,7 @@ for stage in "$@"; do
       --cuda-graph-max-bs 256 --max-context-length 4096 >"$OUT/server.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
     timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,200 \
-      --requests 200 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
+      --requests 100 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
       --output-file "$OUT/serve.json" --plot "$OUT/serve.png" >"$OUT/serve.log" 2>&1
     echo "serve: exit $?"; tail -40 "$OUT/serve.log"
     pkill -TERM -f "sfllm launch"; sleep 5 ;;

@@ -1,8 +1,11 @@
 """`sfllm launch`: starts the engine and the frontend as processes and supervises them.
 
-The frontend is restarted when it dies (the engine and its loaded model stay); when the
-engine dies, launch stops the frontend and exits non-zero so an orchestrator restarts
-the pod. SIGINT/SIGTERM stop the frontend first, then the engine.
+Both start at once: the frontend imports and loads its tokenizer while the engine loads
+the model, then waits for the engine's hello. The frontend is restarted when it dies
+(the engine and its loaded model stay); when the engine dies (its worker with it),
+launch stops the frontend and exits non-zero so an orchestrator restarts the pod.
+SIGINT/SIGTERM go to the frontend first, which drains (see `drain_timeout_s`), then to
+the engine. Every child gets SIGTERM from the kernel if launch itself dies.
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ from pathlib import Path
 import yaml
 
 from sfllm.config import EngineConfig
-from sfllm.ipc import PortInUse, RunDirInUse, RunDirLock, check_port_free, die_with_parent, ipc_path
+from sfllm.ipc import PortInUse, RunDirInUse, RunDirLock, check_port_free, die_with_parent
 
 logger = logging.getLogger(__name__)
 
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 15.0  # for the engine, and for the frontend beyond its drain timeout
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 
 
@@ -53,18 +56,10 @@ class Supervisor:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path)],
                                 env=_child_env(), preexec_fn=die_with_parent)
 
-    def _engine_listening(self) -> bool:
-        path = ipc_path(self.config.resolved_engine_address())
-        return path.exists() if path is not None else True
-
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config.to_dict()))
         self.engine = self._spawn("engine")
-        while not self._engine_listening():
-            if self.engine.poll() is not None or self.stopping:
-                raise RuntimeError(f"the engine exited with code {self.engine.returncode} before it was ready")
-            time.sleep(0.2)
         self.frontend = self._spawn("frontend")
 
     def supervise(self) -> int:
@@ -85,12 +80,14 @@ class Supervisor:
         return 0
 
     def stop(self) -> None:
-        for process in (self.frontend, self.engine):
+        frontend_grace_s = self.config.drain_timeout_s + STOP_GRACE_S
+        for process, grace_s in ((self.frontend, frontend_grace_s), (self.engine, STOP_GRACE_S)):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
-                    process.wait(timeout=STOP_GRACE_S)
+                    process.wait(timeout=grace_s)
                 except subprocess.TimeoutExpired:
+                    logger.error("pid %d did not stop within %g s; killing it", process.pid, grace_s)
                     process.kill()
                     process.wait()
         self.config_path.unlink(missing_ok=True)

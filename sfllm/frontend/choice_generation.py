@@ -53,7 +53,8 @@ def plan_choices(request_id: str, prompts: list[list[int]], params: list[Samplin
     for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
         for sample in range(prompt_params.n):
             index = prompt_index * prompt_params.n + sample
-            seed = None if prompt_params.seed is None else prompt_params.seed + sample
+            # Wrapped into [0, 2^63): the worker keeps seeds in int64 tensors.
+            seed = None if prompt_params.seed is None else (prompt_params.seed + sample) % 2**63
             sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
             request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
                                       params=sample_params, priority=priority, arrival_time=now)

@@ -65,6 +65,11 @@ class DrainingServer(uvicorn.Server):
         self.drain.start_draining()
         self._drain_task = asyncio.ensure_future(self._finish_drain())
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        for connection in list(self.server_state.connections):
+            connection.transport.close()  # cut: its client learns now, not when the process exits
+
     async def _finish_drain(self) -> None:
         if not await self.drain.wait_idle(self.drain_timeout_s):
             logger.warning("drain timeout of %g s passed with %d requests running; cutting them",

@@ -134,7 +134,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
             budget = step.budget
-            if high_waiting and request.rank != PRIORITY_RANK["high"] and request.num_computed_tokens < request.num_tokens:
+            prefilling = request.num_computed_tokens < request.num_tokens
+            if high_waiting and prefilling and request.rank != PRIORITY_RANK["high"]:
                 budget = step.budget // 2  # lower-class prefill chunks leave room for waiting high priority
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:

@@ -9,6 +9,7 @@ import bisect
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -30,13 +31,14 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
 
 class DecodeGraphRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device, max_batch_size: int,
-                 max_context_length: int, block_size: int) -> None:
+                 max_context_length: int, block_size: int, kv_splits: Callable[[int], int | None]) -> None:
         self.model = model
         self.backend = backend
         self.device = device
         self.batch_sizes = capture_batch_sizes(max_batch_size)
         self.max_batch_size = self.batch_sizes[-1]
         self.max_context_length = max_context_length
+        self.kv_splits = kv_splits
         n = self.max_batch_size
         max_blocks = math.ceil(max_context_length / block_size)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -60,6 +62,7 @@ class DecodeGraphRunner:
             max_seq_len=self.max_context_length,
             query_lens_host=[1] * batch_size,
             seq_lens_host=[self.max_context_length] * batch_size,
+            num_kv_splits=self.kv_splits(batch_size),
         )
 
     def _run_model(self, batch_size: int) -> torch.Tensor:
@@ -89,10 +92,13 @@ class DecodeGraphRunner:
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.is_decode and meta.batch_size <= self.max_batch_size
 
+    def padded_size(self, batch_size: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch_size)]
+
     def run(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.meta
         n = meta.batch_size
-        padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+        padded = self.padded_size(n)
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)

@@ -152,10 +152,12 @@ class ModelRunner:
                                                 model_config)
         logger.info("memory layout:\n%s", self.plan.layout())
         self.graph_runner: DecodeGraphRunner | None = None
+        if self.device.type == "cuda":
+            self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend.supports_cuda_graphs:
             self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device,
                                                   min(config.cuda_graph_max_bs, self.max_slots),
-                                                  self.max_context_length, self.block_size)
+                                                  self.max_context_length, self.block_size, self._decode_kv_splits)
             self.graph_runner.capture()
 
     # ---- memory -------------------------------------------------------------------------
@@ -240,9 +242,21 @@ class ModelRunner:
         self._unresolved.append(pending)
         return pending
 
+    def _decode_kv_splits(self, batch_size: int) -> int | None:
+        """Split-KV partitions for a decode batch: the same for a batch and the graph it is padded to."""
+        if self.device.type != "cuda" or self.backend.name != "triton":
+            return None
+        from kernels import choose_num_kv_splits
+        if self.graph_runner is not None and batch_size <= self.graph_runner.max_batch_size:
+            batch_size = self.graph_runner.padded_size(batch_size)
+        return choose_num_kv_splits(batch_size, self.source.config.num_kv_heads, self.max_context_length,
+                                    self._num_sms)
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(inputs.meta):
             return self.graph_runner.run(inputs)
+        if inputs.meta.is_decode:
+            inputs.meta.num_kv_splits = self._decode_kv_splits(inputs.meta.batch_size)
         self.backend.prepare(inputs.meta)
         return self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
 

@@ -21,6 +21,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # split-KV partitions of a decode step; fixed by the runner so that a captured graph and an eager
+    # run of the same batch split alike and give the same numbers
+    num_kv_splits: int | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -18,7 +18,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache = self.kv_cache.values(layer)
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                   num_kv_splits=meta.num_kv_splits)
         else:
             out = extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                    self.scale, meta.max_query_len)

@@ -1,0 +1,97 @@
+"""The deploy files read right: Dockerfile, Kubernetes manifests and the nginx config agree with the server."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from test_frontend_app import ScriptedEngine
+
+from sfllm.config import ENV_PREFIX, FIELDS, EngineConfig
+from sfllm.frontend.app import create_app
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.model_source import resolve_model
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+            for line in lines if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def route_paths() -> set[str]:
+    tokenizer = Tokenizer.from_model_source(resolve_model("smollm2-135m-instruct"))
+    app = create_app(EngineConfig(), ScriptedEngine(tokenizer), tokenizer)  # type: ignore[arg-type]
+    return set(app.openapi()["paths"])
+
+
+def test_dockerfile_runs_sfllm_as_a_user_on_cuda_and_checks_health() -> None:
+    instructions = dockerfile_instructions()
+    names = [name for name, _ in instructions]
+    assert dict(instructions)["FROM"].startswith("nvidia/cuda:")
+    users = [args for name, args in instructions if name == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the server runs as a non-root user"
+    assert names.index("USER") < names.index("ENTRYPOINT")
+    useradd = next(args for name, args in instructions if name == "RUN" and "useradd" in args)
+    assert users[-1] in shlex.split(useradd)
+    healthcheck = dict(instructions)["HEALTHCHECK"]
+    assert "--start-period=" in healthcheck and " CMD " in f" {healthcheck} "
+    assert re.search(r"http://127\.0\.0\.1:\$\{SFLLM_PORT\}/health", healthcheck)
+    env = " ".join(args for name, args in instructions if name == "ENV")
+    port = re.search(r"SFLLM_PORT=(\d+)", env).group(1)
+    assert dict(instructions)["EXPOSE"] == port
+    assert dict(instructions)["ENTRYPOINT"] == '["sfllm", "launch"]'
+    assert dict(instructions)["STOPSIGNAL"] == "SIGTERM", "SIGTERM drains"
+    copied = [args.split()[0] for name, args in instructions if name == "COPY"]
+    assert {"sfllm", "kernels"} <= set(copied)
+
+
+def test_dockerignore_keeps_the_build_context_small() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "tests"} <= ignored
+    assert not {"sfllm", "kernels", "pyproject.toml"} & ignored
+
+
+def test_kubernetes_deployment_probes_existing_endpoints_and_asks_for_a_gpu(route_paths: set[str]) -> None:
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
+    by_kind = {document["kind"]: document for document in documents}
+    assert set(by_kind) == {"Deployment", "Service"}
+    pod = by_kind["Deployment"]["spec"]["template"]
+    assert by_kind["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert by_kind["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    port_names = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert by_kind["Service"]["spec"]["ports"][0]["targetPort"] in port_names
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/health" and probes["readinessProbe"]["path"] == "/ready"
+    for probe in probes.values():
+        assert probe["path"] in route_paths and probe["port"] in port_names
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert all(name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):].lower() in FIELDS for name in env), env
+    assert int(env["SFLLM_PORT"]) == port_names["http"]
+    assert "valueFrom" in next(item for item in container["env"] if item["name"] == "SFLLM_API_KEY")
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(env["SFLLM_DRAIN_TIMEOUT_S"]) + 5
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_nginx_config_balances_least_connections_and_streams() -> None:
+    text = (DEPLOY / "nginx.conf").read_text()
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", text, re.S)
+    assert upstream is not None
+    assert re.search(r"^\s*least_conn;", upstream.group(2), re.M)
+    servers = re.findall(r"^\s*server\s+\S+\s+([^;]*);", upstream.group(2), re.M)
+    assert len(servers) >= 2 and all("max_fails=" in s and "fail_timeout=" in s for s in servers)
+    assert f"proxy_pass http://{upstream.group(1)};" in text
+    assert "proxy_buffering off;" in text
+    body_limit = re.search(r"client_max_body_size\s+(\d+)m;", text)
+    assert int(body_limit.group(1)) << 20 == EngineConfig().max_request_body_bytes

@@ -1,0 +1,356 @@
+"""Operating the HTTP frontend, over a scripted engine: probes, metrics, API key, limits, timeouts, drain."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from test_frontend_app import MODEL, ScriptedEngine
+
+from sfllm.config import EngineConfig
+from sfllm.frontend.app import create_app
+from sfllm.frontend.request_gate import DrainState
+from sfllm.frontend.server import DrainingServer
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
+from sfllm.model_source import resolve_model
+from sfllm.sampling_params import SamplingParams
+from sfllm.scheduler.request import Request
+from sfllm.scheduler.scheduler_process import EngineCounters
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_model_source(resolve_model(MODEL))
+
+
+class Client:
+    """Requests to one app instance, each in a fresh event loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        async def send() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t") as client:
+                content = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+                return await client.request(method, path, content=content,
+                                            headers={"content-type": "application/json", **(headers or {})})
+        return asyncio.run(send())
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.request("GET", path, headers=headers)
+
+    def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.request("POST", path, body, headers)
+
+
+def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        assert family.name.startswith("sfllm_"), family.name
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def engine_stats(**changes: Any) -> EngineStats:
+    values = dict(running={"high": 0, "normal": 2, "background": 1}, waiting={"high": 0, "normal": 5, "background": 0},
+                  num_kv_blocks=8, num_free_kv_blocks=6, num_cached_kv_blocks=1, prefix_cache_queries=10,
+                  prefix_cache_hits=4, num_preemptions=3, num_steps=77, step_time_s=0.02, batch_size=3,
+                  gpu_memory_allocated=1000, gpu_memory_reserved=2000, ready=True, num_prompt_tokens=123,
+                  num_generation_tokens=456, num_finished={"stop": 3, "abort": 1},
+                  queue_time_counts=[1, 2] + [0] * (len(QUEUE_TIME_BUCKETS_S) - 2) + [1], queue_time_sum_s=200.5)
+    return EngineStats(**(values | changes))
+
+
+def test_ready_follows_the_engine_and_the_drain(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    drain = DrainState()
+    client = Client(create_app(EngineConfig(), engine, tokenizer, drain))  # type: ignore[arg-type]
+    assert client.get("/ready").json() == {"status": "ready", "model": MODEL}
+    engine.connected = False
+    assert client.get("/ready").status_code == 503
+    engine.connected = True
+    drain.start_draining()
+    ready = client.get("/ready")
+    assert (ready.status_code, ready.json()["status"]) == (503, "draining")
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["draining"] is True, "alive while it drains"
+    refused = client.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "server_draining"
+    assert client.get("/metrics").status_code == 200
+    assert engine.requests == []
+
+
+def test_metrics_count_requests_time_them_and_report_the_engine(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    engine.stats = engine_stats()
+    client = Client(create_app(EngineConfig(), engine, tokenizer))  # type: ignore[arg-type]
+    assert client.post("/v1/completions", {"prompt": "x", "max_tokens": 3}).status_code == 200
+    streamed = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                                    "stream": True, "n": 2}, headers={"X-Priority": "high"})
+    assert streamed.status_code == 200
+    assert client.post("/v1/completions", {"prompt": "x", "temperature": 9}).status_code == 400
+    assert client.post("/v1/completions", {"prompt": "x", "temperature": "hot"}).status_code == 400
+    metrics = scrape(client)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics[(name, tuple(sorted(labels.items())))]
+
+    assert value("sfllm_requests_total", status="200", priority="normal") == 1
+    assert value("sfllm_requests_total", status="200", priority="high") == 1
+    assert value("sfllm_requests_total", status="400", priority="normal") == 1, "failed in the handler"
+    assert value("sfllm_requests_total", status="400", priority="none") == 1, "failed before it: no priority"
+    assert value("sfllm_time_to_first_token_seconds_count") == 3, "one per sequence"
+    assert value("sfllm_time_per_output_token_seconds_count") == 3
+    assert value("sfllm_e2e_request_latency_seconds_count") == 2, "successful requests only"
+    assert 0 < value("sfllm_e2e_request_latency_seconds_sum") < 30
+    assert value("sfllm_engine_healthy") == 1
+    assert value("sfllm_num_requests_running", priority="normal") == 2
+    assert value("sfllm_num_requests_waiting", priority="normal") == 5
+    assert value("sfllm_kv_cache_usage_ratio") == 0.25
+    assert value("sfllm_prefix_cache_hit_rate") == 0.4
+    assert value("sfllm_prefix_cache_hits_total") == 4 and value("sfllm_prefix_cache_queries_total") == 10
+    assert value("sfllm_preemptions_total") == 3 and value("sfllm_engine_steps_total") == 77
+    assert value("sfllm_batch_size") == 3 and value("sfllm_step_time_seconds") == 0.02
+    assert value("sfllm_gpu_memory_allocated_bytes") == 1000 and value("sfllm_gpu_memory_reserved_bytes") == 2000
+    assert value("sfllm_prompt_tokens_total") == 123 and value("sfllm_generation_tokens_total") == 456
+    assert value("sfllm_requests_finished_total", reason="stop") == 3
+    assert value("sfllm_request_queue_time_seconds_bucket", le="0.01") == 1
+    assert value("sfllm_request_queue_time_seconds_bucket", le="0.025") == 3
+    assert value("sfllm_request_queue_time_seconds_bucket", le="120.0") == 3
+    assert value("sfllm_request_queue_time_seconds_bucket", le="+Inf") == 4
+    assert value("sfllm_request_queue_time_seconds_count") == 4
+    assert value("sfllm_request_queue_time_seconds_sum") == 200.5
+
+
+def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:
+    counters = EngineCounters()
+    scheduled = Request("a", "c", [1, 2, 3], SamplingParams(), "normal", 0.0, enqueue_time=10.0,
+                        first_scheduled_time=10.03)
+    never_scheduled = Request("b", "c", [1, 2], SamplingParams(), "normal", 0.0, enqueue_time=10.0)
+    counters.admitted(scheduled)
+    counters.admitted(never_scheduled)
+    counters.count([RequestOutput(request_id="a", token_ids=[5], num_prompt_tokens=3)])
+    counters.count([RequestOutput(request_id="a", token_ids=[6], finish_reason="length"),
+                    RequestOutput(request_id="b", token_ids=[], finish_reason="abort"),
+                    RequestOutput(request_id="c", token_ids=[], finish_reason="error", error="queue full")])
+    assert (counters.num_prompt_tokens, counters.num_generation_tokens) == (3, 2)
+    assert counters.num_finished == {"length": 1, "abort": 1, "error": 1}
+    assert counters.queue_time_counts[2] == 1 and sum(counters.queue_time_counts) == 1, "0.03 s: the 0.05 bucket"
+    assert counters.queue_time_sum_s == pytest.approx(0.03)
+
+
+def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(
+        tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[int, int]] = []
+    compare_digest = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return compare_digest(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    client = Client(create_app(EngineConfig(api_key="sekret"), ScriptedEngine(tokenizer), tokenizer))  # type: ignore
+    for path in ("/v1/models", "/docs", "/openapi.json"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer " + "s" * 1000}):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
+    assert client.post("/v1/completions", {"prompt": "x"}).status_code == 401
+    assert compared and all(lengths == (32, 32) for lengths in compared), "digests: equal lengths whatever is sent"
+    for path in ("/health", "/ready", "/metrics"):
+        assert client.get(path).status_code == 200, path
+    good = {"Authorization": "Bearer sekret"}
+    assert client.get("/v1/models", headers=good).status_code == 200
+    assert client.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=good).status_code == 200
+
+
+def call_asgi(app: Any, body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """POST /v1/completions with the body in chunks, as a client sending chunked transfer encoding."""
+    chunks = list(body_chunks)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"t"), *headers],
+             "client": ("127.0.0.1", 5000), "server": ("t", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_request_body_size_limit_is_413_declared_or_streamed(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    app = create_app(EngineConfig(max_request_body_bytes=1000), engine, tokenizer)  # type: ignore[arg-type]
+    declared = Client(app).post("/v1/completions", {"prompt": "x" * 2000})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    assert "1000 bytes" in declared.json()["error"]["message"]
+    status, body = call_asgi(app, [b'{"prompt": "', b"x" * 600, b"x" * 600, b'"}'],
+                             [(b"content-type", b"application/json")])
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    status, _ = call_asgi(app, [b'{"prompt": "', b"x" * 300, b'", "max_tokens": 1}'],
+                          [(b"content-type", b"application/json")])
+    assert status == 200
+    assert len(engine.requests) == 1
+
+
+@pytest.mark.parametrize(("body", "param", "code", "numbers"), [
+    ({"prompt": "word " * 20, "max_tokens": 1}, "prompt", "prompt_too_long", ["8", "max_prompt_tokens"]),
+    ({"messages": [{"role": "user", "content": "word " * 20}]}, "messages", "prompt_too_long", ["8"]),
+    ({"prompt": "x", "max_tokens": 6}, "max_tokens", "max_tokens_too_large", ["6", "5", "max_output_tokens"]),
+    ({"prompt": "x", "n": 5}, "n", "too_many_sequences", ["5", "4", "max_n"]),
+    ({"prompt": ["a", "b", "c"], "n": 2}, "n", "too_many_sequences", ["6", "4"]),
+    ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop", "too_many_stop_sequences", ["3", "2"]),
+    ({"prompt": "x", "stop_token_ids": [1, 2, 3]}, "stop_token_ids", "too_many_stop_sequences", ["3", "2"]),
+    ({"prompt": "x", "stop": "abcdef"}, "stop", "stop_sequence_too_long", ["6", "5"]),
+    ({"prompt": "x", "top_k": 2**64}, "top_k", None, []),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids[0]", None, []),
+])
+def test_limits_are_400s_that_name_the_limit(tokenizer: Tokenizer, body: dict[str, Any], param: str,
+                                            code: str | None, numbers: list[str]) -> None:
+    engine = ScriptedEngine(tokenizer)
+    config = EngineConfig(max_prompt_tokens=8, max_output_tokens=5, max_n=4, max_stop_sequences=2,
+                          max_stop_sequence_chars=5)
+    client = Client(create_app(config, engine, tokenizer))  # type: ignore[arg-type]
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = client.post(path, body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param, error
+    assert code is None or error["code"] == code
+    assert all(number in error["message"] for number in numbers), error["message"]
+    assert engine.requests == []
+
+
+def test_max_output_tokens_clips_the_default_budget(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    client = Client(create_app(EngineConfig(max_output_tokens=5), engine, tokenizer))  # type: ignore[arg-type]
+    client.post("/v1/completions", {"prompt": "x"})
+    client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert [r.params.max_tokens for r in engine.requests] == [5, 5]
+
+
+def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, delay_s=0.05)
+    client = Client(create_app(EngineConfig(request_timeout_s=0.4), engine, tokenizer))  # type: ignore[arg-type]
+    whole = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100})
+    assert whole.status_code == 504 and whole.json()["error"]["code"] == "request_timeout"
+    assert "0.4 s" in whole.json()["error"]["message"]
+    streamed = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100, "stream": True})
+    events = streamed.text.split("\n\n")
+    assert streamed.status_code == 200 and events[-2] == "data: [DONE]"
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "request_timeout"
+    assert 3 < len(events) < 40, "some tokens, then the error"
+    assert sorted(engine.aborted) == sorted(r.request_id for r in engine.requests) and len(engine.aborted) == 2
+    metrics = scrape(client)
+    assert metrics[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 2
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    app = create_app(EngineConfig(max_prompt_tokens=100), engine, tokenizer)  # type: ignore[arg-type]
+    prompt = " ".join(f"w{i % 997}" for i in range(150_000))
+
+    async def scenario() -> tuple[float, bool]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            big = asyncio.create_task(client.post("/v1/completions", json={"prompt": prompt}))
+            await asyncio.sleep(0.2)
+            started = time.perf_counter()
+            assert (await client.get("/health")).status_code == 200
+            health_s = time.perf_counter() - started
+            big_done_first = big.done()
+            assert (await big).status_code == 400
+            return health_s, big_done_first
+
+    health_s, big_done_first = asyncio.run(scenario())
+    assert not big_done_first and health_s < 0.5, "/health answered while the prompt was still being tokenized"
+
+
+class ServerThread:
+    """The frontend's real uvicorn server on a loopback port, in a thread of its own."""
+
+    def __init__(self, app: Any, drain: DrainState, drain_timeout_s: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = DrainingServer(config, drain, drain_timeout_s)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve([self.sock]),))
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def drain(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.start_drain)
+
+
+def read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, result: dict[str, Any]) -> None:
+    lines: list[str] = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                first_chunk.set()
+        result["outcome"] = "done" if "data: [DONE]" in lines else "no [DONE]"
+    except httpx.HTTPError as error:
+        result["outcome"] = f"cut: {type(error).__name__}"
+    result["lines"] = lines
+    result["ended"] = time.monotonic()
+
+
+def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_the_timeout(
+        tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, max_context_length=4096, delay_s=0.02)
+    drain = DrainState()
+    app = create_app(EngineConfig(), engine, tokenizer, drain)  # type: ignore[arg-type]
+    server = ServerThread(app, drain, drain_timeout_s=1.5)
+    results: list[dict[str, Any]] = [{}, {}]
+    started = [threading.Event(), threading.Event()]
+    bodies = [{"prompt": "x", "max_tokens": 40, "stream": True}, {"prompt": "x", "max_tokens": 3000, "stream": True}]
+    readers = [threading.Thread(target=read_stream, args=(server.url, body, event, result))
+               for body, event, result in zip(bodies, started, results)]
+    for reader in readers:
+        reader.start()
+    assert all(event.wait(10) for event in started)
+    drain_started = time.monotonic()
+    server.drain()
+    time.sleep(0.1)
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
+    assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    for reader in readers:
+        reader.join(15)
+    server.thread.join(15)
+    assert not server.thread.is_alive(), "the server exited after the drain"
+    short, long = results
+    assert short["outcome"] == "done", short
+    assert long["outcome"] != "done", "the long stream was cut"
+    assert 1.3 < long["ended"] - drain_started < 6, "cut at the drain timeout (plus the graceful second)"
+    long_request = next(r for r in engine.requests if r.params.max_tokens == 3000)
+    assert long_request.request_id in engine.aborted
