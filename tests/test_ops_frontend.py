@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
@@ -38,7 +40,8 @@ class Client:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> httpx.Response:
         async def send() -> httpx.Response:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t") as client:
                 content = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -354,3 +357,90 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
     assert 1.3 < long["ended"] - drain_started < 6, "cut at the drain timeout (plus the graceful second)"
     long_request = next(r for r in engine.requests if r.params.max_tokens == 3000)
     assert long_request.request_id in engine.aborted
+
+
+# ---- fuzzing: request bodies a client could send ---------------------------------------------
+
+_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
+JUNK = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=5)
+# Token budgets stay tiny (or are not integers at all), so every valid request is over in a few steps.
+FEW_TOKENS = st.integers(-1, 3) | JUNK.filter(lambda v: v is not None
+                                               and (isinstance(v, bool) or not isinstance(v, int)))
+_TEXT = st.text(max_size=40)
+_TOKEN_IDS = st.lists(st.integers(-3, 50_000), max_size=6)
+_COMMON = {
+    "model": st.sampled_from([MODEL, "gpt-4"]) | JUNK,
+    "temperature": st.floats(-1, 3) | JUNK,
+    "top_p": st.floats(-0.5, 1.5) | JUNK,
+    "top_k": st.integers(-2, 60_000) | JUNK,
+    "min_p": st.floats(-0.5, 1.5) | JUNK,
+    "presence_penalty": st.floats(-3, 3) | JUNK,
+    "frequency_penalty": st.floats(-3, 3) | JUNK,
+    "repetition_penalty": st.floats(-1, 11) | JUNK,
+    "seed": st.integers(-5, 2**64) | JUNK,
+    "n": st.integers(-1, 3) | JUNK,
+    "stop": _TEXT | st.lists(_TEXT, max_size=5) | JUNK,
+    "stop_token_ids": _TOKEN_IDS | JUNK,
+    "ignore_eos": st.booleans() | JUNK,
+    "skip_special_tokens": st.booleans() | JUNK,
+    "include_stop_str_in_output": st.booleans() | JUNK,
+    "stream": st.booleans() | JUNK,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | JUNK}) | JUNK,
+    "priority": st.sampled_from(["high", "normal", "background", "urgent"]) | JUNK,
+    "user": _TEXT | JUNK,
+    "max_new_tokens": FEW_TOKENS,
+}
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {"prompt": _TEXT | _TOKEN_IDS | st.lists(_TEXT, max_size=3) | st.lists(_TOKEN_IDS, max_size=3) | JUNK,
+     "max_tokens": FEW_TOKENS},
+    optional={**_COMMON, "echo": st.booleans() | JUNK, "logprobs": st.integers(-1, 25) | JUNK})
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | JUNK},
+    optional={"content": _TEXT | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                                  "text": _TEXT}), max_size=2) | JUNK,
+              "name": _TEXT | JUNK})
+CHAT_BODIES = st.fixed_dictionaries(
+    {"messages": st.lists(_MESSAGE, max_size=4) | JUNK, "max_tokens": FEW_TOKENS},
+    optional={**_COMMON, "max_completion_tokens": FEW_TOKENS, "logprobs": st.booleans() | JUNK,
+              "top_logprobs": st.integers(-1, 25) | JUNK})
+REQUESTS = (st.tuples(st.just("/v1/completions"), COMPLETION_BODIES)
+            | st.tuples(st.just("/v1/chat/completions"), CHAT_BODIES))
+PRIORITY_HEADERS = st.sampled_from([{}, {"X-Priority": "background"}, {"X-Priority": "\u00e9\u00e9"}])
+
+
+def check_answer(response: httpx.Response) -> None:
+    """No 5xx, an OpenAI error body for every 4xx, and a clean event stream for every 200 stream."""
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert response.json()["error"]["message"]
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = response.text.split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""]
+        for event in events[:-2]:
+            assert "error" not in json.loads(event.removeprefix("data: ")), event
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(request=REQUESTS, headers=PRIORITY_HEADERS)
+def test_fuzzed_requests_get_no_5xx_from_the_frontend(tokenizer: Tokenizer, request: tuple[str, Any],
+                                                      headers: dict[str, str]) -> None:
+    path, body = request
+    engine = ScriptedEngine(tokenizer)
+    client = Client(create_app(EngineConfig(max_n=8), engine, tokenizer))  # type: ignore[arg-type]
+    check_answer(client.post(path, body, headers=headers))
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"null", b"[]", b"{", b'"x"', b"\xff\xfe{}", b"[" * 50_000, b'{"prompt": "a\\ud800b"}',
+    b'{"messages": [{"role": "user", "content": "\\udfff"}]}', b'{"prompt": "x", "stop": "\\ud800"}',
+    b'{"prompt": "x", "seed": 9223372036854775807, "n": 3, "max_tokens": 1}'])
+def test_odd_bodies_are_4xx(tokenizer: Tokenizer, body: bytes) -> None:
+    engine = ScriptedEngine(tokenizer)
+    client = Client(create_app(EngineConfig(), engine, tokenizer))  # type: ignore[arg-type]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        response = client.post(path, body)
+        assert response.status_code < 500, response.text
+    seeds = [r.params.seed for r in engine.requests]
+    assert all(0 <= seed < 2**63 for seed in seeds if seed is not None), "seeds fit the worker's int64"

@@ -18,8 +18,8 @@ from sfllm.frontend.logprobs_format import chat_logprobs
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                             ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage)
-from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, engine_context_length,
-                                           resolve_max_tokens, resolve_priority)
+from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
+                                           engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
 
@@ -40,8 +40,10 @@ class ChatCompletionEndpoint:
         num_top_logprobs = body.num_logprobs()
         self.limits.check_num_sequences(body.n or 1, 1)
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
-        prompt = await self.tokenizer.apply_chat_template_async([message.template_message()
-                                                                 for message in body.messages])
+        messages = [message.template_message() for message in body.messages]
+        check_unicode([message["content"] for message in messages], "messages")
+        check_unicode(body.stop_strings(), "stop")
+        prompt = await self.tokenizer.apply_chat_template_async(messages)
         check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),

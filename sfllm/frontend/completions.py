@@ -17,8 +17,8 @@ from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_eve
 from sfllm.frontend.logprobs_format import completion_logprobs, extend_completion_logprobs
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, engine_context_length,
-                                           resolve_max_tokens, resolve_priority)
+from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
+                                           engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
 # OpenAI's default for /v1/completions.
@@ -75,6 +75,8 @@ class CompletionEndpoint:
             raise InvalidRequestError("prompt is empty", param="prompt")
         self.limits.check_num_sequences(body.n or 1, len(raw_prompts))
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
+        check_unicode([prompt for prompt in raw_prompts if isinstance(prompt, str)], "prompt")
+        check_unicode(body.stop_strings(), "stop")
         prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
         max_context_length = engine_context_length(self.engine)
         params = [body.sampling_params(resolve_max_tokens(body.requested_max_tokens(), DEFAULT_MAX_TOKENS,

@@ -1,6 +1,7 @@
 """What every generation request must pass before it reaches the engine."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sfllm.config import EngineConfig
@@ -33,6 +34,16 @@ def engine_context_length(engine: EngineClient) -> int:
     if engine.hello is None or not engine.connected:
         raise ServiceUnavailableError(f"the engine at {engine.address} is not connected")
     return engine.hello.max_context_length
+
+
+def check_unicode(texts: Iterable[str], param: str) -> None:
+    """JSON can carry unpaired surrogates ("\\ud800"), which no tokenizer takes: a client mistake."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidRequestError(f"{param} holds an unpaired surrogate (\\u{ord(text[error.start]):04x}) at "
+                                      f"character {error.start}; send valid Unicode text", param=param) from None
 
 
 def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
