@@ -5,6 +5,7 @@ bf16 prefill logits within bf16 rounding, a mixed batch of long and short sequen
 """
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,15 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 VOCAB = 32000
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """Each test builds engines of its own; the engine's reference cycles keep the last one's memory
+    until a collection runs."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +94,7 @@ def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(check
         outputs[name] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
         assert llm.kv_usage()[0] == llm.kv_usage()[1]
         del llm
+        gc.collect()  # the engine's objects hold reference cycles
         torch.cuda.empty_cache()
     for name, tokens in outputs.items():
         assert tokens == expected, name
@@ -127,6 +138,7 @@ def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path) -> None:
         llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", disable_cuda_graph=not graphs)
         results[graphs] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
         del llm
+        gc.collect()  # the engine's objects hold reference cycles
         torch.cuda.empty_cache()
     assert results[True] == results[False]
     assert [len(t) for t in results[True]] == [p.max_tokens for p in params]
