@@ -57,8 +57,11 @@ class Supervisor:
                                 env=_child_env(), preexec_fn=die_with_parent)
 
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.config.to_dict()))
+        # Owner-only: the config file holds the API key.
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as config_file:
+            config_file.write(yaml.safe_dump(self.config.to_dict()))
         self.engine = self._spawn("engine")
         self.frontend = self._spawn("frontend")
 

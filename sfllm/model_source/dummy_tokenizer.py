@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from sfllm.model_source.atomic_folder import cached_folder
 
 # Bump when the saved tokenizer changes, so stale cached copies are not reused.
-DUMMY_TOKENIZER_VERSION = 1
+DUMMY_TOKENIZER_VERSION = 2
 # In Qwen's order, at ids 256, 257, 258 right after the byte tokens.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -20,20 +20,24 @@ CHATML_TEMPLATE = (
 )
 
 
-def dummy_tokenizer_folder(cache_root: Path) -> Path:
+def dummy_tokenizer_folder(cache_root: Path, vocab_size: int = 0) -> Path:
     """A transformers-loadable tokenizer folder under `cache_root`, built on first use.
 
-    Every byte is one token (ids 0..255, no merges), followed by the ChatML special tokens.
-    Its vocabulary is 259 tokens while a dummy model samples from its full vocabulary
-    (151936 for the Qwen3 presets): the frontend decodes ids of 259 and up as empty text,
-    and the model's EOS ids (151645, 151643) are not this tokenizer's `<|im_end|>`.
+    Every byte is one token (ids 0..255, no merges), followed by the ChatML special tokens
+    (256..258). With `vocab_size`, ids 259 and up are filler words " w<id>", so that every
+    token a dummy model samples decodes to text and streams as a chunk (benchmarks time
+    those chunks); encoding never produces them. The model's EOS ids (151645, 151643 for
+    the Qwen3 presets) are not this tokenizer's `<|im_end|>`.
     """
-    target = cache_root / f"dummy-tokenizer-v{DUMMY_TOKENIZER_VERSION}"
-    return cached_folder(target, lambda scratch: _byte_tokenizer().save_pretrained(scratch))
+    target = cache_root / f"dummy-tokenizer-v{DUMMY_TOKENIZER_VERSION}-{vocab_size}"
+    return cached_folder(target, lambda scratch: _byte_tokenizer(vocab_size).save_pretrained(scratch))
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
+def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {character: byte for byte, character in _gpt2_byte_characters().items()}
+    vocab.update({token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)})
+    space = _gpt2_byte_characters()[ord(" ")]
+    vocab.update({f"{space}w{token_id}": token_id for token_id in range(len(vocab), vocab_size)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

@@ -56,7 +56,7 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
                 f"not {load_format!r}"
             )
         config = dummy_preset_config(model.lower())
-        return ModelSource(model, None, config, "dummy", dummy_tokenizer_folder(cache_root))
+        return ModelSource(model, None, config, "dummy", dummy_tokenizer_folder(cache_root, config.vocab_size))
 
     path = _bundled_gguf() if model.lower() in BUNDLED_MODEL_NAMES else Path(model).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":

@@ -1,0 +1,436 @@
+"""Operating real servers: load, faults, bad input, limits, nginx in front, drain (CPU, loopback).
+
+Two `sfllm launch` servers serve the module, started together. A has an API key and
+tight limits; B is tiny (two running, two waiting, 8 s timeout). The tests run in file
+order: the last ones kill B's worker and restart, then drain, A.
+"""
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
+from servers import LaunchedServer, alive, free_port, process_tree
+from test_ops_frontend import PRIORITY_HEADERS, REQUESTS, check_answer
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "ops-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+A_FLAGS = ("--api-key", API_KEY, "--max-output-tokens", "64", "--max-prompt-tokens", "512", "--max-n", "8",
+           "--max-stop-sequences", "4", "--max-request-body-bytes", "65536", "--drain-timeout-s", "20")
+B_FLAGS = ("--max-running-requests", "2", "--max-waiting-requests", "2", "--request-timeout-s", "8")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LaunchedServer, LaunchedServer]]:
+    started: dict[str, LaunchedServer | Exception] = {}
+
+    def start(name: str, flags: tuple[str, ...]) -> None:
+        try:
+            started[name] = LaunchedServer(tmp_path_factory.mktemp(f"server-{name}"), *flags)
+        except Exception as error:  # raised below, in the test's thread
+            started[name] = error
+
+    threads = [threading.Thread(target=start, args=args) for args in (("a", A_FLAGS), ("b", B_FLAGS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        for server in started.values():
+            if isinstance(server, Exception):
+                raise server
+        yield started["a"], started["b"]  # type: ignore[misc]
+    finally:
+        for server in started.values():
+            if isinstance(server, LaunchedServer):
+                server.stop()
+
+
+@pytest.fixture(scope="module")
+def a(servers: tuple[LaunchedServer, LaunchedServer]) -> LaunchedServer:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def b(servers: tuple[LaunchedServer, LaunchedServer]) -> LaunchedServer:
+    return servers[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def kv_idle(server: LaunchedServer) -> bool:
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    return health["kv_blocks_free"] == health["kv_blocks_total"] and not any(health["running"].values())
+
+
+def metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def role_pids(server: LaunchedServer) -> dict[str, int]:
+    """The pids of the launch's engine, worker and frontend, from their command lines."""
+    pids = {}
+    for pid in process_tree(server.process.pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for role in ("engine", "worker", "frontend"):
+            if role.encode() in argv:
+                pids[role] = pid
+    return pids
+
+
+def sse_data(lines: list[str]) -> list[Any]:
+    return [line.removeprefix("data: ") if line == "data: [DONE]" else json.loads(line.removeprefix("data: "))
+            for line in lines if line.startswith("data: ")]
+
+
+def completion(url: str, prompt: str = "Hello", max_tokens: int = 2, headers: dict[str, str] | None = None,
+               **extra: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", headers=headers, timeout=120,
+                      json={"prompt": prompt, "max_tokens": max_tokens, **extra})
+
+
+def test_probes_are_open_and_everything_else_needs_the_key(a: LaunchedServer) -> None:
+    assert httpx.get(f"{a.url}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.get(f"{a.url}/ready", timeout=10).json()["status"] == "ready"
+    assert "sfllm_engine_healthy 1.0" in httpx.get(f"{a.url}/metrics", timeout=10).text
+    assert httpx.get(f"{a.url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{a.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
+    assert completion(a.url).status_code == 401
+    assert completion(a.url, headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"prompt": "x" * 70_000}, 413, "request_too_large"),
+    ({"prompt": "hello " * 600, "max_tokens": 1}, 400, "prompt_too_long"),
+    ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens_too_large"),
+    ({"prompt": ["a", "b", "c"], "n": 3}, 400, "too_many_sequences"),
+    ({"prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, 400, "too_many_stop_sequences"),
+    ({"prompt": "x", "stop": "s" * 300}, 400, "stop_sequence_too_long"),
+])
+def test_limits_answer_with_clear_errors(a: LaunchedServer, body: dict[str, Any], status: int, code: str) -> None:
+    response = httpx.post(f"{a.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedServer) -> None:
+    before = metrics(a)
+
+    async def stream(client: httpx.AsyncClient, index: int) -> list[Any]:
+        body = {"prompt": f"Question {index}:", "max_tokens": 4, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            return sse_data([line async for line in response.aiter_lines()])
+
+    async def run_all() -> list[list[Any]]:
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=a.url, headers=AUTH, limits=limits, timeout=600) as client:
+            return await asyncio.gather(*(stream(client, i) for i in range(200)))
+
+    started = time.monotonic()
+    results = asyncio.run(run_all())
+    elapsed = time.monotonic() - started
+    for events in results:
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1] if isinstance(e, dict))
+        assert events[-2]["usage"]["completion_tokens"] == 4
+    wait_for(lambda: kv_idle(a), 30, "every KV block to be free again")
+    after = metrics(a)
+    assert metric(after, "sfllm_requests_total", status="200", priority="normal") - metric(
+        before, "sfllm_requests_total", status="200", priority="normal") == 200
+    assert metric(after, "sfllm_generation_tokens_total") - metric(before, "sfllm_generation_tokens_total") == 800
+    assert metric(after, "sfllm_requests_finished_total", reason="length") - metric(
+        before, "sfllm_requests_finished_total", reason="length") == 200
+    assert metric(after, "sfllm_request_queue_time_seconds_count") - metric(
+        before, "sfllm_request_queue_time_seconds_count") == 200
+    assert metric(after, "sfllm_time_to_first_token_seconds_count") >= 200
+    print(f"200 streams of 4 tokens in {elapsed:.1f} s")
+
+
+def stream_lines(url: str, body: dict[str, Any], headers: dict[str, str] | None, first: threading.Event,
+                 result: dict[str, Any], stop_after: int | None = None) -> None:
+    """Streams a completion into `result["lines"]`; with `stop_after`, leaves after that many lines."""
+    lines: list[str] = []
+    result["lines"] = lines
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=300) as response:
+            result["status"] = response.status_code
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+                if stop_after is not None and len(lines) >= stop_after:
+                    return
+    except httpx.HTTPError as error:
+        result["error"] = error
+    finally:
+        first.set()
+
+
+def start_streams(url: str, count: int, body: dict[str, Any], headers: dict[str, str] | None = None,
+                  stop_after: int | None = None) -> tuple[list[threading.Thread], list[dict[str, Any]]]:
+    results: list[dict[str, Any]] = [{} for _ in range(count)]
+    events = [threading.Event() for _ in range(count)]
+    threads = [threading.Thread(target=stream_lines, args=(url, body, headers, event, result, stop_after))
+               for event, result in zip(events, results)]
+    for thread in threads:
+        thread.start()
+    assert all(event.wait(180) for event in events), "every stream started"
+    return threads, results
+
+
+def test_clients_that_leave_mid_stream_have_their_requests_aborted(a: LaunchedServer) -> None:
+    before = metrics(a)
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    threads, results = start_streams(a.url, 6, body, AUTH, stop_after=2)
+    for thread in threads:
+        thread.join(60)
+    assert all(len(result["lines"]) == 2 for result in results), "each left after two events"
+    wait_for(lambda: kv_idle(a), 60, "the abandoned requests to be aborted and their KV blocks freed")
+    aborted = metric(metrics(a), "sfllm_requests_finished_total", reason="abort") - metric(
+        before, "sfllm_requests_finished_total", reason="abort")
+    assert aborted == 6
+
+
+def test_a_slow_reader_does_not_hold_up_other_clients(a: LaunchedServer) -> None:
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    slow.settimeout(120)
+    slow.connect(("127.0.0.1", a.port))
+    body = json.dumps({"prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True, "stream": True,
+                       "logprobs": 20}).encode()
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    try:
+        assert slow.recv(16).startswith(b"HTTP/1.1 200"), "the slow client's stream started"
+        started = time.monotonic()
+        replies = [completion(a.url, f"Fast client {i}:", 4, AUTH) for i in range(3)]
+        assert all(reply.status_code == 200 for reply in replies)
+        health_started = time.monotonic()
+        assert httpx.get(f"{a.url}/health", timeout=10).status_code == 200
+        assert time.monotonic() - health_started < 2, "/health answers at once"
+        assert time.monotonic() - started < 120
+    finally:
+        slow.close()
+    wait_for(lambda: kv_idle(a), 120, "the slow client's request to end and free its KV blocks")
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(request=REQUESTS, headers=PRIORITY_HEADERS)
+def test_fuzzed_requests_never_get_a_5xx(a: LaunchedServer, request: tuple[str, Any], headers: dict[str, Any]) -> None:
+    path, body = request
+    response = httpx.post(f"{a.url}{path}", content=json.dumps(body).encode(), timeout=120,
+                          headers={"content-type": "application/json", **AUTH, **headers})
+    check_answer(response)
+
+
+def test_after_the_fuzz_the_server_serves_normally(a: LaunchedServer) -> None:
+    assert role_pids(a).keys() == {"engine", "worker", "frontend"}, "no process crashed"
+    reply = completion(a.url, "1, 2, 3, 4,", 8, AUTH, temperature=0)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+    wait_for(lambda: kv_idle(a), 60, "no KV block leaked")
+
+
+def test_full_queue_is_503_with_retry_after_and_timeouts_abort(b: LaunchedServer) -> None:
+    before = metrics(b)
+    long = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True}
+    threads, streamed = start_streams(b.url, 1, {**long, "stream": True})
+    with httpx.Client(timeout=60) as client:
+        replies: list[httpx.Response] = [None] * 7  # type: ignore[list-item]
+
+        def post(index: int) -> None:
+            replies[index] = client.post(f"{b.url}/v1/completions", json=long)
+
+        posters = [threading.Thread(target=post, args=(i,)) for i in range(7)]
+        for poster in posters:
+            poster.start()
+        for poster in posters:
+            poster.join(60)
+    full = [r for r in replies if r.status_code == 503]
+    timed_out = [r for r in replies if r.status_code == 504]
+    assert full and len(full) + len(timed_out) == 7, [r.status_code for r in replies]
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "engine_overloaded" for r in full)
+    assert all(r.json()["error"]["code"] == "request_timeout" for r in timed_out)
+    threads[0].join(60)
+    events = sse_data(streamed[0]["lines"])
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
+    wait_for(lambda: kv_idle(b), 30, "the timed-out requests' KV blocks to be free")
+    after = metrics(b)
+    assert metric(after, "sfllm_requests_finished_total", reason="abort") - metric(
+        before, "sfllm_requests_finished_total", reason="abort") == 1 + len(timed_out)
+    assert metric(after, "sfllm_requests_finished_total", reason="error") - metric(
+        before, "sfllm_requests_finished_total", reason="error") == len(full)
+    assert metric(after, "sfllm_requests_total", status="503", priority="normal") == len(full)
+
+
+def nginx_config(template: str, replicas: list[str], port: int, folder: Path) -> str:
+    """deploy/nginx.conf with its upstream servers replaced by `replicas` (same parameters), on loopback."""
+    upstream = re.search(r"upstream\s+\w+\s*\{.*?\}", template, re.S)
+    assert upstream is not None
+    block = upstream.group(0)
+    servers = re.findall(r"^(\s*)server\s+\S+\s+([^;]*);\n", block, re.M)
+    indent, parameters = servers[0]
+    replaced = re.sub(r"^\s*server\s+\S+[^;]*;\n", "", block, flags=re.M).rstrip("}")
+    replaced += "".join(f"{indent}server {replica} {parameters};\n" for replica in replicas) + "}"
+    site = re.sub(r"listen\s+[^;]+;", f"listen 127.0.0.1:{port};", template.replace(block, replaced))
+    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                            "uwsgi", "scgi"))
+    return (f"daemon off;\nuser {getpass.getuser()};\nworker_processes 1;\npid {folder / 'nginx.pid'};\n"
+            f"error_log {folder / 'error.log'} warn;\nevents {{ worker_connections 1024; }}\n"
+            f"http {{\n    access_log {folder / 'access.log'};\n{temp}\n{site}\n}}\n")
+
+
+@pytest.fixture
+def nginx(a: LaunchedServer, b: LaunchedServer, tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if binary is None:
+        pytest.skip("nginx is not installed (.ci/run installs Debian's nginx-light)")
+    port = free_port()
+    config = tmp_path / "nginx.conf"
+    config.write_text(nginx_config((REPO / "deploy" / "nginx.conf").read_text(),
+                                   [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], port, tmp_path))
+    process = subprocess.Popen([binary, "-c", str(config), "-p", str(tmp_path)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 30,
+                 f"nginx to listen (see {tmp_path / 'error.log'})")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
+        a: LaunchedServer, b: LaunchedServer, nginx: str) -> None:
+    served_before = [metric(metrics(s), "sfllm_requests_total", status="200", priority="normal") for s in (a, b)]
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True, "stream": True}
+    threads, results = start_streams(nginx, 4, body, AUTH)
+    for thread in threads:
+        thread.join(120)
+    for result in results:
+        assert result.get("status") == 200 and sse_data(result["lines"])[-1] == "[DONE]", result
+    served = [metric(metrics(s), "sfllm_requests_total", status="200", priority="normal") - before
+              for s, before in zip((a, b), served_before)]
+    assert all(count >= 1 for count in served), f"both replicas served: {served}"
+
+    tree = process_tree(b.process.pid)
+    worker = role_pids(b)["worker"]
+    statuses: list[int | str] = []
+    replies: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def watch_health() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(httpx.get(f"{b.url}/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                statuses.append("refused")
+                if b.process.poll() is not None:
+                    return
+            time.sleep(0.02)
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            replies.append(completion(nginx, "Hi", 2, AUTH))
+
+    watchers = [threading.Thread(target=watch_health), threading.Thread(target=keep_asking)]
+    for watcher in watchers:
+        watcher.start()
+    time.sleep(1)
+    os.kill(worker, signal.SIGKILL)
+    try:
+        code = b.process.wait(60)
+        for _ in range(3):
+            replies.append(completion(nginx, "Hello again", 2, AUTH))
+    finally:
+        stop.set()
+        for watcher in watchers:
+            watcher.join(120)
+    assert code != 0, "launch exits non-zero when its worker dies"
+    wait_for(lambda: not any(alive(pid) for pid in tree), 30, "every process of the replica to exit")
+    assert not list(b.run_dir.glob("*.sock")), "no socket left behind"
+    after_first_failure = statuses[next(i for i, s in enumerate(statuses) if s != 200):]
+    assert 503 in after_first_failure and 200 not in after_first_failure, statuses
+    assert replies and all(reply.status_code == 200 for reply in replies), [r.status_code for r in replies]
+
+
+def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_kept(a: LaunchedServer) -> None:
+    pids = role_pids(a)
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    threads, results = start_streams(a.url, 8, body, AUTH)
+    time.sleep(0.5)
+    before = metrics(a)
+    os.kill(pids["frontend"], signal.SIGKILL)
+    for thread in threads:
+        thread.join(60)
+    assert all("error" in result or sse_data(result["lines"])[-1] != "[DONE]" for result in results)
+    wait_for(lambda: httpx.get(f"{a.url}/health", timeout=5).status_code == 200, 240, "a new frontend")
+    new_pids = role_pids(a)
+    assert new_pids["frontend"] != pids["frontend"]
+    assert (new_pids["engine"], new_pids["worker"]) == (pids["engine"], pids["worker"]), "the model stayed loaded"
+    wait_for(lambda: kv_idle(a), 60, "the dead frontend's requests to be aborted")
+    after = metrics(a)
+    assert metric(after, "sfllm_requests_finished_total", reason="abort") - metric(
+        before, "sfllm_requests_finished_total", reason="abort") == 8
+    for name in ("sfllm_generation_tokens_total", "sfllm_prompt_tokens_total",
+                 "sfllm_request_queue_time_seconds_count"):
+        assert metric(after, name) >= metric(before, name) > 0, f"{name} is the engine's total"
+    assert metric(after, "sfllm_requests_total", status="200", priority="normal") < metric(
+        before, "sfllm_requests_total", status="200", priority="normal"), "the frontend's own counts start again"
+    assert completion(a.url, "Hello", 2, AUTH).status_code == 200
+
+
+def test_sigterm_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
+    tree = process_tree(a.process.pid)
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 12, "ignore_eos": True, "stream": True}
+    threads, results = start_streams(a.url, 2, body, AUTH)
+    a.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{a.url}/ready", timeout=5).status_code == 503, 10, "/ready to turn 503")
+    refused = completion(a.url, "Hi", 2, AUTH)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
+    assert httpx.get(f"{a.url}/health", timeout=5).status_code == 200, "alive while draining"
+    for thread in threads:
+        thread.join(60)
+    for result in results:
+        assert "error" not in result and sse_data(result["lines"])[-1] == "[DONE]", result
+    assert a.process.wait(60) == 0
+    wait_for(lambda: not any(alive(pid) for pid in tree), 30, "every process to exit")
+    assert not a.run_dir.exists() or not list(a.run_dir.iterdir())
