@@ -22,8 +22,22 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
+CPU_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "cpu.yaml"
+
+
+def _default_profile(args: argparse.Namespace) -> None:
+    """Without --config on a machine without CUDA, the CPU profile is the starting point."""
+    if args.config is None and CPU_PROFILE.is_file():
+        import torch
+        if not torch.cuda.is_available():
+            args.config = str(CPU_PROFILE)
+
+
+def _load(parser: argparse.ArgumentParser, argv: list[str],
+          default_profile: bool = False) -> tuple[argparse.Namespace, EngineConfig]:
     args = parser.parse_args(argv)
+    if default_profile:
+        _default_profile(args)
     try:
         return args, load_config(args)
     except ConfigError as error:
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": "run the scheduler and worker; frontends connect to --engine-address",
         "frontend": "run an HTTP frontend for a running engine",
     }[command])
-    args, config = _load(parser, rest)
+    args, config = _load(parser, rest, default_profile=command in ("launch", "engine"))
     setup_logging(config.log_level, command)
     if command == "launch":
         from sfllm.launcher import launch
@@ -65,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "engine":
         from sfllm.launcher import run_engine_command
         return run_engine_command(config, Path(args.config) if args.config else None)
-    from sfllm.frontend.server import run_frontend
-    run_frontend(config)
+    from sfllm.frontend.server import FrontendStartupError, run_frontend
+    try:
+        run_frontend(config)
+    except FrontendStartupError as error:
+        logging.getLogger("sfllm.frontend").error("%s", error)
+        return 2
     return 0
 
 

@@ -45,7 +45,8 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     engine = start("engine", "--run-dir", str(run_dir), "--device", "cpu", "--dtype", "float32",
-                   "--max-context-length", "4096", log=tmp_path / "engine.log")
+                   "--max-context-length", "4096", "--profile-dir", str(tmp_path / "traces"),
+                   log=tmp_path / "engine.log")
     frontend_args = ("--run-dir", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
                      "--max-context-length", "4096")
     frontend = start("frontend", *frontend_args, log=tmp_path / "frontend.log")
@@ -74,6 +75,11 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
         _wait_for(lambda: _engine_stats(url)["kv_blocks_free"] == _engine_stats(url)["kv_blocks_total"], 30,
                   "the vanished frontend's requests to be aborted and their KV blocks freed")
         assert [p for p in process_tree(engine.pid) if p != engine.pid] == workers_before, "same worker process"
+
+        assert httpx.post(f"{url}/start_profile", timeout=10).status_code == 200
+        httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+        assert httpx.post(f"{url}/stop_profile", timeout=10).status_code == 200
+        _wait_for(lambda: any((tmp_path / "traces").glob("worker-trace-*.json")), 60, "the profiler trace")
     finally:
         stop(frontend)
         stop(engine)

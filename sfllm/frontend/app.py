@@ -99,4 +99,20 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
         """The server's metrics in Prometheus text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.post("/start_profile")
+    async def start_profile() -> JSONResponse:
+        """Starts a PyTorch profiler trace in the worker; it is written to --profile-dir on /stop_profile."""
+        return _profile_answer(engine.set_profiling(True), "started")
+
+    @app.post("/stop_profile")
+    async def stop_profile() -> JSONResponse:
+        return _profile_answer(engine.set_profiling(False), "stopped")
+
     return app
+
+
+def _profile_answer(sent: bool, state: str) -> JSONResponse:
+    if sent:
+        return JSONResponse({"status": state})
+    return JSONResponse({"error": {"message": "the engine is not connected", "type": "service_unavailable_error",
+                                   "param": None, "code": "engine_unavailable"}}, status_code=503)

@@ -49,6 +49,8 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
     if load_format not in LOAD_FORMATS:
         raise LoadFormatMismatch(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     cache_root = resolve_cache_dir(cache_dir)
+    if load_format == "dummy" and model.lower() in REPO_ID_PRESETS:
+        model = REPO_ID_PRESETS[model.lower()]
     if model.lower() in DUMMY_PRESET_HF_CONFIGS:
         if load_format not in ("auto", "dummy"):
             raise LoadFormatMismatch(
@@ -58,7 +60,12 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
         config = dummy_preset_config(model.lower())
         return ModelSource(model, None, config, "dummy", dummy_tokenizer_folder(cache_root, config.vocab_size))
 
-    path = _bundled_gguf() if model.lower() in BUNDLED_MODEL_NAMES else Path(model).expanduser().resolve()
+    if model.lower() in BUNDLED_MODEL_NAMES:
+        path = _bundled_gguf()
+    else:
+        path = Path(model).expanduser().resolve()
+        if not path.exists() and _looks_like_repo_id(model):
+            path = _hf_cache_snapshot(model)
     if path.is_file() and path.suffix == ".gguf":
         if load_format == "safetensors":
             raise LoadFormatMismatch(f"model {str(path)!r} is a GGUF file, but load_format is 'safetensors'")
@@ -81,6 +88,29 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
     if load_format == "dummy":
         return ModelSource(model, None, config, "dummy", folder)
     return ModelSource(model, folder, config, "safetensors", folder)
+
+
+# The performance guide's model names, run with --load-format dummy as the preset of the same shapes
+# (its "Qwen3-1.8B" is the 1.7B model).
+REPO_ID_PRESETS = {"qwen/qwen3-0.6b": "qwen3-0.6b", "qwen/qwen3-1.7b": "qwen3-1.7b", "qwen/qwen3-1.8b": "qwen3-1.7b",
+                   "qwen/qwen3-4b": "qwen3-4b", "qwen/qwen3-8b": "qwen3-8b"}
+
+
+def _looks_like_repo_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith((".", "/", "~"))
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path:
+    """A hub model already on this machine, from the Hugging Face cache (nothing is downloaded)."""
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    snapshots = sorted((hub.expanduser() / f"models--{repo_id.replace('/', '--')}" / "snapshots").glob("*/"),
+                       key=lambda p: p.stat().st_mtime)
+    if not snapshots:
+        raise ModelNotFound(
+            f"model {repo_id!r} is not in the Hugging Face cache under {hub}, and sfllm downloads nothing: "
+            f"download it on a connected machine, pass its folder, or run it with --load-format dummy; "
+            f"{_ACCEPTED_FORMS}")
+    return snapshots[-1]
 
 
 def resolve_cache_dir(cache_dir: str) -> Path:
