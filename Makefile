@@ -20,7 +20,7 @@ run: $(VENV)/.installed
 	$(PY) -m sfllm launch $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs tests $(ARGS)
+	$(PY) -m pytest -q -rs --durations=25 tests $(ARGS)
 
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests/gpu $(ARGS)

@@ -541,3 +541,24 @@ def test_tiny_sentencepiece_llama_gguf(tmp_path: Path) -> None:
     ids = tokenizer.encode("the het")
     assert ids[0] == 1  # SentencePiece Llama: BOS first
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the het"
+
+
+def test_repo_id_resolves_from_the_local_hf_cache(tmp_path: Path, monkeypatch) -> None:
+    import transformers
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(snapshot)
+    from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
+    for file in dummy_tokenizer_folder(tmp_path / "tok").iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = resolve_model("acme/tiny", cache_dir=str(tmp_path / "cache"))
+    assert source.folder == snapshot.resolve() and source.config.hidden_size == 32
+    with pytest.raises(ModelNotFound, match="acme/absent"):
+        resolve_model("acme/absent", cache_dir=str(tmp_path / "cache"))
+
+
+def test_guide_repo_ids_run_as_dummy_presets(tmp_path: Path) -> None:
+    source = resolve_model("Qwen/Qwen3-0.6B", load_format="dummy", cache_dir=str(tmp_path))
+    assert source.load_format == "dummy" and source.config.hidden_size == 1024 and source.config.num_layers == 28

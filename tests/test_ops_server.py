@@ -80,7 +80,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
         try:
             if predicate():
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
@@ -306,11 +306,14 @@ def nginx_config(template: str, replicas: list[str], port: int, folder: Path) ->
     upstream = re.search(r"upstream\s+\w+\s*\{.*?\}", template, re.S)
     assert upstream is not None
     block = upstream.group(0)
-    servers = re.findall(r"^(\s*)server\s+\S+\s+([^;]*);\n", block, re.M)
-    indent, parameters = servers[0]
-    replaced = re.sub(r"^\s*server\s+\S+[^;]*;\n", "", block, flags=re.M).rstrip("}")
-    replaced += "".join(f"{indent}server {replica} {parameters};\n" for replica in replicas) + "}"
-    site = re.sub(r"listen\s+[^;]+;", f"listen 127.0.0.1:{port};", template.replace(block, replaced))
+    lines = []
+    for line in block.splitlines(keepends=True):
+        server = re.match(r"(\s*)server\s+\S+\s+([^;]*);", line)
+        if server is None:
+            lines.append(line)
+        elif not any(line.lstrip().startswith("server ") for line in lines):
+            lines.extend(f"{server.group(1)}server {replica} {server.group(2)};\n" for replica in replicas)
+    site = re.sub(r"listen\s+[^;]+;", f"listen 127.0.0.1:{port};", template.replace(block, "".join(lines)))
     temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in ("client_body", "proxy", "fastcgi",
                                                                             "uwsgi", "scgi"))
     return (f"daemon off;\nuser {getpass.getuser()};\nworker_processes 1;\npid {folder / 'nginx.pid'};\n"

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-from kernels import store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
+from sfllm.worker.attention.triton_backend import store_layer_kv
 from sfllm.worker.kv_cache import KVCache
 
 FLASH_PAGE_MULTIPLE = 256
@@ -32,9 +32,7 @@ class FlashAttentionBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        k_cache = self.kv_cache.keys(layer)
-        v_cache = self.kv_cache.values(layer)
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_cache, v_cache = store_layer_kv(self.kv_cache, layer, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
                                           block_table=meta.block_tables, softmax_scale=self.scale, causal=True)

@@ -6,6 +6,15 @@ import torch
 from kernels import decode_attention, extend_attention, store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
+from sfllm.worker.kv_cache import KVCache
+
+
+def store_layer_kv(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes a layer's new K/V into their slots with the Triton kernel; returns the layer's caches."""
+    k_cache, v_cache = kv_cache.keys(layer), kv_cache.values(layer)
+    store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return k_cache, v_cache
 
 
 @register_backend("triton")
@@ -14,9 +23,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        k_cache = self.kv_cache.keys(layer)
-        v_cache = self.kv_cache.values(layer)
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_cache, v_cache = store_layer_kv(self.kv_cache, layer, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                                    num_kv_splits=meta.num_kv_splits)

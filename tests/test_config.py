@@ -1,0 +1,67 @@
+"""Configuration: flag > environment > config file > default; profiles; unknown keys named."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sfllm.config import ConfigError, EngineConfig, add_config_arguments, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_precedence_flag_over_environment_over_file_over_default(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("cuda_graph_max_bs: 8\nmax_running_tokens: 1000\nport: 9000\n")
+    env = {"SFLLM_CUDA_GRAPH_MAX_BS": "64", "SFLLM_MAX_RUNNING_TOKENS": "2000"}
+    config = load_config(_args("--config", str(profile), "--cuda-graph-max-bs", "128"), environ=env)
+    assert config.cuda_graph_max_bs == 128          # flag
+    assert config.max_running_tokens == 2000        # environment over file
+    assert config.port == 9000                      # file over default
+    assert config.block_size == EngineConfig().block_size  # default
+
+
+def test_unknown_key_in_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("max_runing_tokens: 10\n")
+    with pytest.raises(ConfigError, match="max_runing_tokens"):
+        load_config(_args("--config", str(profile)), environ={})
+
+
+def test_bad_values_are_errors_with_the_value() -> None:
+    with pytest.raises(ConfigError, match="attention_backend"):
+        load_config(_args("--attention-backend", "magic"), environ={})
+    with pytest.raises(ConfigError, match="mem_fraction"):
+        load_config(_args(), environ={"SFLLM_MEM_FRACTION": "1.5"})
+    with pytest.raises(ConfigError, match="disable_cuda_graph"):
+        load_config(_args(), environ={"SFLLM_DISABLE_CUDA_GRAPH": "maybe"})
+
+
+@pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_profile_loads(profile: Path) -> None:
+    config = load_config(_args("--config", str(profile)), environ={})
+    assert set(yaml.safe_load(profile.read_text())) <= set(config.to_dict())
+
+
+def test_guide_profiles_carry_the_guides_values() -> None:
+    rtx4090 = load_config(_args("--config", str(REPO / "configs" / "rtx4090.yaml")), environ={})
+    assert (rtx4090.cuda_graph_max_bs, rtx4090.max_context_length, rtx4090.max_running_tokens) == (64, 16384, 32768)
+    assert rtx4090.dtype == "float16"
+
+
+def test_python_dash_m_sfllm_works_and_a_bad_flag_is_a_clear_error() -> None:
+    ok = subprocess.run([sys.executable, "-m", "sfllm", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "launch" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "sfllm", "launch", "--attention-backend", "magic"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "attention_backend" in bad.stderr
