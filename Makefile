@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test test-gpu clean
+.PHONY: run test test-gpu nginx clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	python3 -m venv $(VENV)
@@ -19,7 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 run: $(VENV)/.installed
 	$(PY) -m sfllm launch $(ARGS)
 
-test: $(VENV)/.installed
+# the deploy tests put Debian's nginx in front of two servers
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+	(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light)
+
+test: $(VENV)/.installed nginx
 	$(PY) -m pytest -q -rs --durations=25 tests $(ARGS)
 
 test-gpu: $(VENV)/.installed

@@ -218,7 +218,10 @@ def test_dummy_tokenizer(cache_dir: Path) -> None:
         assert len(ids) == len(text.encode())  # one token per byte
         assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [256, 257, 258]
-    assert tokenizer.decode([104, 105, 151645]) == "hi"  # ids past its vocab decode as nothing
+    # every id of the model's vocabulary decodes, so a dummy model's stream has text for each token
+    assert len(tokenizer) == 151936
+    assert tokenizer.decode([104, 105, 151645]) == "hi w151645"
+    assert tokenizer.encode("w151645", add_special_tokens=False) == [ord(c) for c in "w151645"], "never encoded"
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert prompt == f"<|im_start|>user\n{CHAT[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
 

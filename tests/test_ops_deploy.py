@@ -1,6 +1,7 @@
 """The deploy files read right: Dockerfile, Kubernetes manifests and the nginx config agree with the server."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -46,7 +47,8 @@ def test_dockerfile_runs_sfllm_as_a_user_on_cuda_and_checks_health() -> None:
     env = " ".join(args for name, args in instructions if name == "ENV")
     port = re.search(r"SFLLM_PORT=(\d+)", env).group(1)
     assert dict(instructions)["EXPOSE"] == port
-    assert dict(instructions)["ENTRYPOINT"] == '["sfllm", "launch"]'
+    entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
+    assert entrypoint[-2:] == ["sfllm", "launch"] and "tini" in entrypoint[0], "an init forwards signals to launch"
     assert dict(instructions)["STOPSIGNAL"] == "SIGTERM", "SIGTERM drains"
     copied = [args.split()[0] for name, args in instructions if name == "COPY"]
     assert {"sfllm", "kernels"} <= set(copied)

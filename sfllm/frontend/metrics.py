@@ -96,7 +96,7 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         outcome = scope.setdefault("state", {}).setdefault(_OUTCOME_KEY, RequestOutcome())
-        status = CUT_SHORT
+        status: int | None = None
         completed = False
 
         async def observed_send(message: Message) -> None:
@@ -110,7 +110,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observed_send)
         except Exception:
-            status, completed = 500, True  # a bug: the outermost middleware answers 500
+            if status is None:
+                status, completed = 500, True  # a bug: the outermost middleware answers 500
             raise
         finally:
             if outcome.stream_error_status is not None:
