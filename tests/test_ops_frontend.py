@@ -361,53 +361,77 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
 
 # ---- fuzzing: request bodies a client could send ---------------------------------------------
 
-_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
+# Text with unpaired surrogates too: JSON can carry them.
+_ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | _ANY_TEXT
 JUNK = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=5)
-# Token budgets stay tiny (or are not integers at all), so every valid request is over in a few steps.
-FEW_TOKENS = st.integers(-1, 3) | JUNK.filter(lambda v: v is not None
-                                               and (isinstance(v, bool) or not isinstance(v, int)))
-_TEXT = st.text(max_size=40)
-_TOKEN_IDS = st.lists(st.integers(-3, 50_000), max_size=6)
-_COMMON = {
-    "model": st.sampled_from([MODEL, "gpt-4"]) | JUNK,
-    "temperature": st.floats(-1, 3) | JUNK,
-    "top_p": st.floats(-0.5, 1.5) | JUNK,
-    "top_k": st.integers(-2, 60_000) | JUNK,
-    "min_p": st.floats(-0.5, 1.5) | JUNK,
-    "presence_penalty": st.floats(-3, 3) | JUNK,
-    "frequency_penalty": st.floats(-3, 3) | JUNK,
-    "repetition_penalty": st.floats(-1, 11) | JUNK,
-    "seed": st.integers(-5, 2**64) | JUNK,
-    "n": st.integers(-1, 3) | JUNK,
-    "stop": _TEXT | st.lists(_TEXT, max_size=5) | JUNK,
-    "stop_token_ids": _TOKEN_IDS | JUNK,
-    "ignore_eos": st.booleans() | JUNK,
-    "skip_special_tokens": st.booleans() | JUNK,
-    "include_stop_str_in_output": st.booleans() | JUNK,
-    "stream": st.booleans() | JUNK,
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | JUNK}) | JUNK,
-    "priority": st.sampled_from(["high", "normal", "background", "urgent"]) | JUNK,
-    "user": _TEXT | JUNK,
-    "max_new_tokens": FEW_TOKENS,
+_TEXT = st.text(min_size=1, max_size=40)
+_VOCAB_SIZE = 49152  # SmolLM2's
+_TOKEN_IDS = st.lists(st.integers(0, _VOCAB_SIZE - 1), min_size=1, max_size=6)
+# Valid values; token budgets stay tiny so every valid request is over in a few engine steps.
+_SAMPLING = {
+    "model": st.just(MODEL),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 100),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "seed": st.integers(0, 2**63 - 1),
+    "n": st.integers(1, 2),
+    "stop": _TEXT | st.lists(_TEXT, max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, _VOCAB_SIZE - 1), max_size=3),
+    "ignore_eos": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "priority": st.sampled_from(["high", "normal", "background"]),
+    "user": _TEXT,
 }
-COMPLETION_BODIES = st.fixed_dictionaries(
-    {"prompt": _TEXT | _TOKEN_IDS | st.lists(_TEXT, max_size=3) | st.lists(_TOKEN_IDS, max_size=3) | JUNK,
-     "max_tokens": FEW_TOKENS},
-    optional={**_COMMON, "echo": st.booleans() | JUNK, "logprobs": st.integers(-1, 25) | JUNK})
+_STREAMING = st.sampled_from([{}, {"stream": False}, {"stream": True},
+                              {"stream": True, "stream_options": {"include_usage": True}}])
+
+
+def _streamed(bodies: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(lambda body, streaming: {**body, **streaming}, bodies, _STREAMING)
+
+
+_COMPLETION = _streamed(st.fixed_dictionaries(
+    {"prompt": _TEXT | _TOKEN_IDS | st.lists(_TEXT, min_size=1, max_size=2), "max_tokens": st.integers(1, 3)},
+    optional={**_SAMPLING, "echo": st.booleans(), "logprobs": st.integers(0, 5)}))
 _MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | JUNK},
-    optional={"content": _TEXT | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
-                                                                  "text": _TEXT}), max_size=2) | JUNK,
-              "name": _TEXT | JUNK})
-CHAT_BODIES = st.fixed_dictionaries(
-    {"messages": st.lists(_MESSAGE, max_size=4) | JUNK, "max_tokens": FEW_TOKENS},
-    optional={**_COMMON, "max_completion_tokens": FEW_TOKENS, "logprobs": st.booleans() | JUNK,
-              "top_logprobs": st.integers(-1, 25) | JUNK})
-REQUESTS = (st.tuples(st.just("/v1/completions"), COMPLETION_BODIES)
-            | st.tuples(st.just("/v1/chat/completions"), CHAT_BODIES))
+    {"role": st.sampled_from(["system", "developer", "user", "assistant"]),
+     "content": _TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}), max_size=2)},
+    optional={"name": _TEXT})
+_CHAT = _streamed(st.fixed_dictionaries(
+    {"messages": st.lists(_MESSAGE, min_size=1, max_size=3), "max_tokens": st.integers(1, 3)},
+    optional={**_SAMPLING, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5)}))
+# A key a client may misuse: each of the endpoint's own, plus some sfllm has never heard of.
+_KEYS = st.sampled_from(sorted({*_SAMPLING, "prompt", "messages", "max_tokens", "max_new_tokens",
+                                "max_completion_tokens", "echo", "logprobs", "top_logprobs", "stream",
+                                "stream_options", "tools", "logit_bias"}))
+
+
+def _with_junk(bodies: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[Any]:
+    """A valid body; or one with a field set to junk; or junk in place of the body.
+
+    A token budget set to junk stays invalid or small, so no request runs long."""
+    def corrupt(body: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+        if key in ("max_tokens", "max_new_tokens", "max_completion_tokens"):
+            if value is None:
+                value = []
+            elif isinstance(value, int) and value > 3:
+                value = -value
+        return {**body, key: value}
+
+    return bodies | st.builds(corrupt, bodies, _KEYS, JUNK) | JUNK
+
+
+REQUESTS = (st.tuples(st.just("/v1/completions"), _with_junk(_COMPLETION))
+            | st.tuples(st.just("/v1/chat/completions"), _with_junk(_CHAT)))
 PRIORITY_HEADERS = st.sampled_from([
-    {}, {"X-Priority": "background"}, {"X-Priority": "\u00e9t\u00e9".encode("latin-1")}])
+    {}, {}, {}, {"X-Priority": "background"}, {"X-Priority": "\u00e9t\u00e9".encode("latin-1")}])
 
 
 def check_answer(response: httpx.Response) -> None:

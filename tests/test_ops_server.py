@@ -1,8 +1,9 @@
 """Operating real servers: load, faults, bad input, limits, nginx in front, drain (CPU, loopback).
 
-Two `sfllm launch` servers serve the module, started together. A has an API key and
-tight limits; B is tiny (two running, two waiting, 8 s timeout). The tests run in file
-order: the last ones kill B's worker and restart, then drain, A.
+Three `sfllm launch` servers serve the module, started together. A has an API key and
+tight limits; B is tiny (two running, two waiting, 8 s timeout); C has the defaults. The
+tests run in file order: the last ones kill B's worker and C's engine, and restart, then
+drain, A.
 """
 from __future__ import annotations
 
@@ -33,22 +34,24 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "ops-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-A_FLAGS = ("--api-key", API_KEY, "--max-output-tokens", "64", "--max-prompt-tokens", "512", "--max-n", "8",
+A_FLAGS = ("--api-key", API_KEY, "--max-output-tokens", "4000", "--max-prompt-tokens", "512", "--max-n", "8",
            "--max-stop-sequences", "4", "--max-request-body-bytes", "65536", "--drain-timeout-s", "20")
 B_FLAGS = ("--max-running-requests", "2", "--max-waiting-requests", "2", "--request-timeout-s", "8")
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LaunchedServer, LaunchedServer]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LaunchedServer]]:
+    """A, B and C (a default server whose engine gets killed), started together."""
     started: dict[str, LaunchedServer | Exception] = {}
 
-    def start(name: str, flags: tuple[str, ...]) -> None:
+    def start(name: str, folder: Path, flags: tuple[str, ...]) -> None:
         try:
-            started[name] = LaunchedServer(tmp_path_factory.mktemp(f"server-{name}"), *flags)
+            started[name] = LaunchedServer(folder, *flags)
         except Exception as error:  # raised below, in the test's thread
             started[name] = error
 
-    threads = [threading.Thread(target=start, args=args) for args in (("a", A_FLAGS), ("b", B_FLAGS))]
+    threads = [threading.Thread(target=start, args=(name, tmp_path_factory.mktemp(f"server-{name}"), flags))
+               for name, flags in (("a", A_FLAGS), ("b", B_FLAGS), ("c", ()))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -57,23 +60,26 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Launched
         for server in started.values():
             if isinstance(server, Exception):
                 raise server
-        yield started["a"], started["b"]  # type: ignore[misc]
+        yield started  # type: ignore[misc]
     finally:
-        for name, server in started.items():
+        for server in started.values():
             if isinstance(server, LaunchedServer):
-                stopping = time.monotonic()
                 server.stop()
-                print(f"server {name} stopped in {time.monotonic() - stopping:.1f} s")
 
 
 @pytest.fixture(scope="module")
-def a(servers: tuple[LaunchedServer, LaunchedServer]) -> LaunchedServer:
-    return servers[0]
+def a(servers: dict[str, LaunchedServer]) -> LaunchedServer:
+    return servers["a"]
 
 
 @pytest.fixture(scope="module")
-def b(servers: tuple[LaunchedServer, LaunchedServer]) -> LaunchedServer:
-    return servers[1]
+def b(servers: dict[str, LaunchedServer]) -> LaunchedServer:
+    return servers["b"]
+
+
+@pytest.fixture(scope="module")
+def c(servers: dict[str, LaunchedServer]) -> LaunchedServer:
+    return servers["c"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -97,6 +103,13 @@ def metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return {(sample.name, frozenset(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def settled_metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Metrics once the engine is idle and its stats (sent every heartbeat, 0.5 s) show it."""
+    wait_for(lambda: kv_idle(server), 60, "the engine to be idle")
+    time.sleep(1.0)
+    return metrics(server)
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:
@@ -141,7 +154,7 @@ def test_probes_are_open_and_everything_else_needs_the_key(a: LaunchedServer) ->
 @pytest.mark.parametrize(("body", "status", "code"), [
     ({"prompt": "x" * 70_000}, 413, "request_too_large"),
     ({"prompt": "hello " * 600, "max_tokens": 1}, 400, "prompt_too_long"),
-    ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens_too_large"),
+    ({"prompt": "x", "max_tokens": 4001}, 400, "max_tokens_too_large"),
     ({"prompt": ["a", "b", "c"], "n": 3}, 400, "too_many_sequences"),
     ({"prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, 400, "too_many_stop_sequences"),
     ({"prompt": "x", "stop": "s" * 300}, 400, "stop_sequence_too_long"),
@@ -153,7 +166,7 @@ def test_limits_answer_with_clear_errors(a: LaunchedServer, body: dict[str, Any]
 
 
 def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedServer) -> None:
-    before = metrics(a)
+    before = settled_metrics(a)  # the previous tests' tokens must not count here
 
     async def stream(client: httpx.AsyncClient, index: int) -> list[Any]:
         body = {"prompt": f"Question {index}:", "max_tokens": 4, "ignore_eos": True, "stream": True,
@@ -219,8 +232,8 @@ def start_streams(url: str, count: int, body: dict[str, Any], headers: dict[str,
 
 
 def test_clients_that_leave_mid_stream_have_their_requests_aborted(a: LaunchedServer) -> None:
-    before = metrics(a)
-    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    before = settled_metrics(a)
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 6, body, AUTH, stop_after=2)
     for thread in threads:
         thread.join(60)
@@ -273,8 +286,8 @@ def test_after_the_fuzz_the_server_serves_normally(a: LaunchedServer) -> None:
 
 
 def test_full_queue_is_503_with_retry_after_and_timeouts_abort(b: LaunchedServer) -> None:
-    before = metrics(b)
-    long = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True}
+    before = settled_metrics(b)
+    long = {"prompt": "Count: 1, 2, 3,", "max_tokens": 8000, "ignore_eos": True}
     threads, streamed = start_streams(b.url, 1, {**long, "stream": True})
     with httpx.Client(timeout=60) as client:
         replies: list[httpx.Response] = [None] * 7  # type: ignore[list-item]
@@ -359,50 +372,75 @@ def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
 
     tree = process_tree(b.process.pid)
     worker = role_pids(b)["worker"]
-    statuses: list[int | str] = []
     replies: list[httpx.Response] = []
     stop = threading.Event()
-
-    def watch_health() -> None:
-        while not stop.is_set():
-            try:
-                statuses.append(httpx.get(f"{b.url}/health", timeout=2).status_code)
-            except httpx.HTTPError:
-                statuses.append("refused")
-                if b.process.poll() is not None:
-                    return
-            time.sleep(0.02)
 
     def keep_asking() -> None:
         while not stop.is_set():
             replies.append(completion(nginx, "Hi", 2, AUTH))
 
-    watchers = [threading.Thread(target=watch_health), threading.Thread(target=keep_asking)]
-    for watcher in watchers:
-        watcher.start()
+    statuses = watch_health(b, stop)
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
     time.sleep(1)
     os.kill(worker, signal.SIGKILL)
-    killed = time.monotonic()
     try:
         code = b.process.wait(60)
-        print(f"launch exited {time.monotonic() - killed:.1f} s after its worker was killed")
         for _ in range(3):
             replies.append(completion(nginx, "Hello again", 2, AUTH))
     finally:
         stop.set()
-        for watcher in watchers:
-            watcher.join(120)
+        asker.join(120)
     assert code != 0, "launch exits non-zero when its worker dies"
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "every process of the replica to exit")
     assert not list(b.run_dir.glob("*.sock")), "no socket left behind"
-    after_first_failure = statuses[next(i for i, s in enumerate(statuses) if s != 200):]
-    assert 503 in after_first_failure and 200 not in after_first_failure, statuses
+    assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
     assert replies and all(reply.status_code == 200 for reply in replies), [r.status_code for r in replies]
+
+
+def watch_health(server: LaunchedServer, stop: threading.Event) -> list[int | str]:
+    """Polls /health until `stop` or the server exited; the statuses, or the names of the errors."""
+    statuses: list[int | str] = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
+            except httpx.HTTPError as error:
+                statuses.append(type(error).__name__)
+                if server.process.poll() is not None:
+                    return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return statuses
+
+
+def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_nothing(c: LaunchedServer) -> None:
+    tree = process_tree(c.process.pid)
+    engine = role_pids(c)["engine"]
+    threads, results = start_streams(c.url, 2, {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True,
+                                                "stream": True})
+    stop = threading.Event()
+    statuses = watch_health(c, stop)
+    time.sleep(0.5)
+    os.kill(engine, signal.SIGKILL)
+    try:
+        assert c.process.wait(60) != 0
+    finally:
+        stop.set()
+    for thread in threads:
+        thread.join(60)
+    for result in results:
+        events = sse_data(result["lines"])
+        assert "error" in result or events[-2]["error"]["code"] == "engine_unavailable", events[-2:]
+    assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
+    wait_for(lambda: not any(alive(pid) for pid in tree), 30, "the worker and the frontend to exit too")
 
 
 def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_kept(a: LaunchedServer) -> None:
     pids = role_pids(a)
-    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 8, body, AUTH)
     time.sleep(0.5)
     before = metrics(a)
