@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch(config)
     if command == "engine":
         from sfllm.launcher import run_engine_command
-        return run_engine_command(config, Path(args.config) if args.config else None)
+        return run_engine_command(config)
     from sfllm.frontend.server import FrontendStartupError, run_frontend
     try:
         run_frontend(config)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import yaml
 
@@ -28,7 +27,7 @@ STOP_GRACE_S = 15.0  # for the engine, and for the frontend beyond its drain tim
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 
 
-def run_engine_command(config: EngineConfig, config_path: Path | None = None) -> int:
+def run_engine_command(config: EngineConfig) -> int:
     from sfllm.scheduler.scheduler_process import run_engine
     try:
         return run_engine(config)
