@@ -28,6 +28,8 @@ def run_worker(config: EngineConfig, address: str) -> int:
     context = zmq.Context()
     sock = context.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)
+    # a send that cannot complete means the scheduler is gone: give up instead of hanging as an orphan
+    sock.setsockopt(zmq.SNDTIMEO, 30_000)
     sock.connect(address)
     stop = False
 
@@ -45,7 +47,11 @@ def run_worker(config: EngineConfig, address: str) -> int:
         sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}")))
         sock.close()
         return 1
-    sock.send(codec.encode(worker_ready(runner)))
+    try:
+        sock.send(codec.encode(worker_ready(runner)))
+    except zmq.Again:
+        logger.error("no scheduler took the worker's ready message within 30 s; the worker exits")
+        return 1
     pending: deque[PendingStep] = deque()
     try:
         while not stop:
@@ -64,9 +70,15 @@ def run_worker(config: EngineConfig, address: str) -> int:
                 logger.info("profiler trace written to %s", runner.profiler.stop())
             elif isinstance(message, Shutdown):
                 break
+    except zmq.Again:
+        logger.error("the scheduler stopped reading; the worker exits")
+        return 1
     except Exception as error:
         logger.exception("worker failed")
-        sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}\n{traceback.format_exc()}")))
+        try:
+            sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}\n{traceback.format_exc()}")))
+        except zmq.Again:
+            pass
         time.sleep(0.2)
         return 1
     finally:
