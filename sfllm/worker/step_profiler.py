@@ -16,10 +16,6 @@ class StepProfiler:
         self._pending_start: tuple[str, int, int] | None = None
         self._last_trace: Path | None = None
 
-    @property
-    def active(self) -> bool:
-        return self._profile is not None
-
     def start(self, directory: str, num_steps: int | None = None) -> None:
         if self._profile is not None:
             return
