@@ -2,8 +2,9 @@
 # One call on a lent GPU host: install the carried wheels, then run the named stages, logs under $OUT.
 #   bash scripts/gpu_session.sh tests offline latency serve large
 # Stages: tests (GPU test suite), offline (standard workload + transformers baseline + trace),
-# latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep),
-# large (Qwen3-4B and -8B presets).
+# latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep
+# with GPU utilisation; extra server flags in $SERVE_FLAGS), burst (prefill of 200 prompts at once, profiled),
+# policy (fcfs vs length-bucket on the standard workload), large (Qwen3-4B and -8B presets).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -12,6 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
 BENCH="python3 -m sfllm bench offline"
+SERVE_FLAGS=${SERVE_FLAGS:-}
 
 for stage in "$@"; do
   case $stage in
@@ -40,14 +42,29 @@ for stage in "$@"; do
       echo "batch 64 overlap $overlap: $(grep -E 'wall|idle' "$OUT/overlap-$overlap.log" | tr '\n' ' ')"
     done ;;
   serve)
+    # Requests per level grow with concurrency so that every level runs at its concurrency for a while.
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
-      --cuda-graph-max-bs 256 --max-context-length 4096 >"$OUT/server.log" 2>&1 &
+      --cuda-graph-max-bs 256 --max-context-length 4096 $SERVE_FLAGS >"$OUT/server.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
-    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,200 \
-      --requests 100 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
+    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,150,200 \
+      --requests 50,100,200,300,300,400 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
       --output-file "$OUT/serve.json" --plot "$OUT/serve.png" >"$OUT/serve.log" 2>&1
-    echo "serve: exit $?"; tail -40 "$OUT/serve.log"
+    echo "serve: exit $?"; grep -vE "^c=|warm-up" "$OUT/serve.log" | head -32
     pkill -TERM -f "sfllm launch"; sleep 5 ;;
+  burst)
+    # The first-token latency of a burst: prefill of 200 x 512 tokens, then one token each.
+    for tokens in 8192 16384; do
+      timeout 120 $BENCH --model qwen3-0.6b --num-requests 200 --input-len 512 --output-len 2 \
+        --max-running-tokens $tokens --profile-steps 8 --profile-skip-steps 0 --profile-dir /tmp/prof-burst \
+        --output-file "$OUT/burst-$tokens.json" >"$OUT/burst-$tokens.log" 2>&1
+      echo "burst, step budget $tokens: exit $?"; grep -A12 -E "^wall|profiled" "$OUT/burst-$tokens.log"
+    done ;;
+  policy)
+    for policy in fcfs length-bucket; do
+      timeout 120 $BENCH --model qwen3-0.6b --schedule-policy $policy --output-file "$OUT/policy-$policy.json" \
+        >"$OUT/policy-$policy.log" 2>&1
+      echo "$policy: exit $? $(grep -E 'wall|roofline' "$OUT/policy-$policy.log" | tr '\n' ' ')"
+    done ;;
   large)
     for model in qwen3-4b qwen3-8b; do
       timeout 200 $BENCH --model $model --output-file "$OUT/offline-$model.json" >"$OUT/offline-$model.log" 2>&1

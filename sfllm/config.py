@@ -57,6 +57,8 @@ class EngineConfig:
     num_kv_blocks: int | None = field(default=None, metadata={"help": "KV pool size (default: from memory)"})
     mem_fraction: float = field(default=0.85, metadata={"help": "fraction of GPU memory sfllm may use"})
     cpu_kv_cache_gib: float = field(default=1.0, metadata={"help": "KV pool on CPU devices / swap space"})
+    cpu_threads: int | None = field(default=None, metadata={"help": "worker threads on a CPU device (default: all "
+                                                                     "cores)"})
     attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton | flash"})
     cuda_graph_max_bs: int = field(default=32, metadata={"help": "largest captured decode batch"})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly"})
@@ -83,7 +85,7 @@ class EngineConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
-                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s")
+                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0  # for the engine, and for the frontend beyond its drain timeout
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+BACKOFF_RESET_AFTER_S = 120.0
+SIGNAL_GAP_S = 0.5
+
+
+def _wait_quietly(process: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def run_engine_command(config: EngineConfig) -> int:
@@ -72,6 +81,8 @@ class Supervisor:
                 logger.error("the engine exited with code %s; stopping", self.engine.returncode)
                 return 1
             if self.frontend.poll() is not None and not self.stopping:
+                if time.monotonic() - last_restart > BACKOFF_RESET_AFTER_S:
+                    self.frontend_restarts = 0  # it ran long enough: a crash now is not a crash loop
                 delay = FRONTEND_RESTART_BACKOFF_S[min(self.frontend_restarts, len(FRONTEND_RESTART_BACKOFF_S) - 1)]
                 if time.monotonic() - last_restart < delay:
                     continue
@@ -82,10 +93,17 @@ class Supervisor:
         return 0
 
     def stop(self) -> None:
-        frontend_grace_s = self.config.drain_timeout_s + STOP_GRACE_S
+        # With the engine gone no request can finish, so the frontend gets no drain: its second
+        # SIGTERM cuts the connections at once (see DrainingServer).
+        engine_gone = self.engine is not None and self.engine.poll() is not None
+        frontend_grace_s = STOP_GRACE_S if engine_gone else self.config.drain_timeout_s + STOP_GRACE_S
         for process, grace_s in ((self.frontend, frontend_grace_s), (self.engine, STOP_GRACE_S)):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+                if process is self.frontend and engine_gone:
+                    _wait_quietly(process, SIGNAL_GAP_S)  # two signals at once may arrive as one
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=grace_s)
                 except subprocess.TimeoutExpired:

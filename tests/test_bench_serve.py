@@ -3,10 +3,15 @@ against a live sfllm server (tests named `live`, which need the `live_server` fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import json
 import math
 import socket
+import os
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.image
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 
 from sfllm.bench import serve
+from sfllm.bench.gpu_monitor import GpuMonitor, GpuSample, GpuUsage, mean_usage, parse_sample
 from sfllm.bench.serve import SSEDecoder, ServerTarget, chunk_has_text
 from sfllm.bench.serve_report import (
     LATENCY_METRICS,
@@ -39,7 +45,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {
     "completed", "failed", "errors", "duration_s", "total_input_tokens", "total_output_tokens",
     "request_throughput", "input_token_throughput", "output_token_throughput", "client_cpu_s",
-    "client_cpu_percent", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
+    "client_cpu_percent", "gpu_utilization_percent", "gpu_memory_percent", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
 }
 RECORD_KEYS = {
     "index", "start", "ttft", "itl", "e2e", "tpot", "prompt_tokens", "completion_tokens",
@@ -61,6 +67,34 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refusing_slowly_server(delay_s: float = 0.3) -> Iterator[str]:
+    """An HTTP server that answers every POST with a 503 after `delay_s`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(delay_s)
+            body = b'{"error": {"message": "overloaded"}}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def assert_percentiles_ordered(stats: dict[str, float | None]) -> None:
@@ -191,6 +225,63 @@ def test_json_table_and_plot(tmp_path: Path) -> None:
     assert_valid_png(tmp_path / "r.png")
 
 
+def test_gpu_usage_in_table_json_and_plot(tmp_path: Path) -> None:
+    levels = [LevelResult(1, None, [ok_record(0, 0.1, [0.01] * 7)], 1.0, 0.1, gpu=GpuUsage(42.5, 61.0, 10)),
+              LevelResult(8, None, [ok_record(0, 0.2, [0.02] * 7)], 1.5, 0.2)]
+    table = format_table(levels).splitlines()
+    gpu_row = next(line for line in table if line.startswith("GPU utilisation (%)"))
+    assert gpu_row.split()[-2:] == ["42.5", "-"]
+    assert levels[0].summary["gpu_memory_percent"] == 61.0 and levels[1].summary["gpu_utilization_percent"] is None
+    plot(levels, tmp_path / "r.png", "concurrency")
+    assert_valid_png(tmp_path / "r.png")
+
+
+# ---- GPU monitor ---------------------------------------------------------------------------
+
+def test_parse_gpu_sample() -> None:
+    assert parse_sample(" 87, 30100, 81559\n", 1.0) == GpuSample(1.0, 87.0, 30100.0, 81559.0)
+    for bad in ("[N/A], 1, 2", "1, 2", "", "Failed to initialize NVML"):
+        assert parse_sample(bad, 1.0) is None
+
+
+def test_gpu_usage_averages_only_the_window() -> None:
+    samples = [GpuSample(t, util, 500.0, 1000.0 * (1 + (t > 3))) for t, util in
+               ((0.5, 0.0), (1.0, 60.0), (2.0, 100.0), (3.0, 80.0), (4.0, 20.0))]
+    usage = mean_usage(samples, 1.0, 3.0)
+    assert usage == GpuUsage(utilization_percent=80.0, memory_percent=50.0, num_samples=3)
+    assert mean_usage(samples, 5.0, 6.0) is None
+
+
+def fake_nvidia_smi(directory: Path, utilization: int) -> Path:
+    """An `nvidia-smi` that streams one sample line every 20 ms and logs its arguments."""
+    script = directory / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {directory}/args\n"
+                      f"while true; do echo '{utilization}, 2000, 8000'; sleep 0.02; done\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_gpu_monitor_reads_a_live_sampler(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake_nvidia_smi(tmp_path, 64)
+    monitor = GpuMonitor(gpu_id=3)
+    start = time.perf_counter()
+    time.sleep(0.5)
+    usage = monitor.usage(start, time.perf_counter())
+    assert monitor.stop() == ""
+    assert usage is not None and usage.num_samples >= 3
+    assert usage.utilization_percent == 64.0 and usage.memory_percent == 25.0
+    args = (tmp_path / "args").read_text().split()
+    assert "--id=3" in args and "--format=csv,noheader,nounits" in args
+
+
+def test_gpu_monitor_on_needs_nvidia_smi(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    url = f"http://127.0.0.1:{unused_port()}"
+    assert serve.main(["--url", url, "--model", "m", "--requests", "1", "--input-len", "4", "--gpu-monitor", "on"]) == 1
+    assert "nvidia-smi not found" in capsys.readouterr().err
+
+
 # ---- workloads -------------------------------------------------------------------------
 
 def test_parse_length_range() -> None:
@@ -235,6 +326,7 @@ def test_poisson_arrivals() -> None:
 def test_contradictory_options_are_rejected() -> None:
     assert serve.main(["--endpoint", "chat"]) == 2
     assert serve.main(["--concurrency", "1", "--request-rate", "2"]) == 2
+    assert serve.main(["--concurrency", "1,2,3", "--requests", "4,5"]) == 2
     with pytest.raises(SystemExit):
         serve.main(["--concurrency", "0"])
 
@@ -250,6 +342,21 @@ def test_unreachable_server_counts_failures(tmp_path: Path) -> None:
         assert level["summary"]["completed"] == 0 and level["summary"]["failed"] == 5
         assert sum(level["summary"]["errors"].values()) == 5
         assert all(r["error"] for r in level["requests"])
+        assert level["summary"]["gpu_utilization_percent"] is None  # auto: no nvidia-smi here
+
+
+def test_requests_per_level_and_gpu_monitor_on_a_local_url(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake_nvidia_smi(tmp_path, 90)
+    out = tmp_path / "r.json"
+    # A slow-to-fail server keeps each level long enough for several samples.
+    with refusing_slowly_server() as url:
+        assert serve.main(["--url", url, "--model", "m", "--concurrency", "1,2", "--requests", "2,3", "--input-len",
+                           "4", "--output-len", "2", "--output-file", str(out)]) == 1
+    levels = json.loads(out.read_text())["levels"]
+    assert [len(level["requests"]) for level in levels] == [2, 3]
+    assert [level["summary"]["gpu_utilization_percent"] for level in levels] == [90.0, 90.0]
+    assert [level["summary"]["gpu_memory_percent"] for level in levels] == [25.0, 25.0]
 
 
 # ---- against a live sfllm server -------------------------------------------------------

@@ -110,11 +110,30 @@ def test_hello_heartbeats_and_a_streamed_request(address: str) -> None:
         assert (hello.model_name, hello.max_context_length) == ("m", 64)
         await wait_until(lambda: client.healthy)
         async with aclosing(client.submit(request())) as outputs:
-            tokens = [output.token_ids[0] async for output in outputs]
+            tokens = [token async for output in outputs for token in output.token_ids]
         assert tokens == [100, 101, 102]
         assert client.num_in_flight == 0 and router.aborted() == []
         hellos = [m for m in router.received if isinstance(m, ClientHello)]
         assert hellos[0].client_id == client.client_id and hellos[0].protocol_version == PROTOCOL_VERSION
+        await client.close()
+        await router.close()
+    run(scenario)
+
+
+def test_a_stream_behind_the_engine_gets_its_queued_outputs_merged(address: str) -> None:
+    async def scenario() -> None:
+        router = ScriptedRouter(address, reply=counting_reply(6))
+        client = EngineClient(address, **FAST)
+        await client.connect(timeout_s=5)
+        async with aclosing(client.submit(request("slow"))) as outputs:
+            first = await anext(outputs)
+            await asyncio.sleep(0.3)  # the other five arrive meanwhile
+            rest = [output async for output in outputs]
+        assert first.token_ids + [t for output in rest for t in output.token_ids] == [100, 101, 102, 103, 104, 105]
+        outputs_seen = [first, *rest]  # six without merging; the first may already hold several
+        assert len(outputs_seen) <= 2
+        assert outputs_seen[-1].finish_reason == "length" and outputs_seen[-1].num_prompt_tokens == 2
+        assert router.aborted() == []
         await client.close()
         await router.close()
     run(scenario)
@@ -186,7 +205,7 @@ def test_engine_exit_fails_requests_in_flight_and_a_new_engine_is_adopted(addres
         router = ScriptedRouter(address, reply=counting_reply(2))
         await wait_until(lambda: client.connected and client.healthy)
         async with aclosing(client.submit(request("after"))) as outputs:
-            assert [output.token_ids async for output in outputs] == [[100], [101]]
+            assert [token async for output in outputs for token in output.token_ids] == [100, 101]
         await client.close()
         await router.close()
     run(scenario)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sfllm.bench.gpu_idle import gpu_idle
+from sfllm.bench.profiler_trace import gpu_idle, top_kernels
 from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.sampling_params import SamplingParams
 
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-running-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "length-bucket"])
     parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
     parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument("--disable-overlap", action="store_true")
@@ -106,7 +107,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
               max_context_length=args.max_context_length, max_running_requests=args.max_running_requests,
               max_running_tokens=args.max_running_tokens, attention_backend=args.attention_backend,
               cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
-              disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed)
+              disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed,
+              schedule_policy=args.schedule_policy)
     runner = llm.engine.worker.runner
     params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True, detokenize=False)
               for s in specs]
@@ -140,6 +142,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         report.gpu_idle_fraction = idle.idle_fraction
         print(f"profiled {args.profile_steps} steps: GPU idle {100 * idle.idle_fraction:.1f}% of "
               f"{idle.span_us / 1000:.1f} ms ({idle.num_kernels} kernels), trace {runner.profiler.last_trace}")
+        for kernel in top_kernels(runner.profiler.last_trace):
+            print(f"  {kernel.total_us / 1000:9.2f} ms {100 * kernel.total_us / max(idle.busy_us, 1):5.1f}% "
+                  f"x{kernel.count:<5d} {kernel.name[:100]}")
     extra = {"graph_capture_s": getattr(runner.graph_runner, "capture_seconds", None),
              "graph_capture_bytes": getattr(runner.graph_runner, "capture_bytes", None),
              "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,

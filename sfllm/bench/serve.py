@@ -11,6 +11,7 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import msgspec
 import numpy as np
 from tqdm import tqdm
 
+from sfllm.bench.gpu_monitor import GpuMonitor, GpuMonitorError
 from sfllm.bench.serve_report import (
     LevelResult,
     RequestRecord,
@@ -39,6 +41,8 @@ from sfllm.bench.workload import (
     poisson_arrival_times,
 )
 from sfllm.messages import PRIORITIES
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
 
 DEFAULT_INPUT_LEN = "1024"
 DEFAULT_OUTPUT_LEN = "128"
@@ -215,7 +219,7 @@ async def run_at_concurrency(
     await asyncio.gather(*(client() for _ in range(min(concurrency, len(specs)))))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start)
+    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start, started_at=level_start)
 
 
 async def run_at_rate(
@@ -241,7 +245,7 @@ async def run_at_rate(
     records = list(await asyncio.gather(*tasks))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start)
+    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start, started_at=level_start)
 
 
 async def fetch_model_name(session: aiohttp.ClientSession, base_url: str) -> str:
@@ -258,7 +262,25 @@ async def fetch_model_name(session: aiohttp.ClientSession, base_url: str) -> str
     return models[0]["id"]
 
 
-async def run_benchmark(args: argparse.Namespace, workload: Workload) -> tuple[str, list[LevelResult]]:
+def start_gpu_monitor(args: argparse.Namespace) -> GpuMonitor | None:
+    """`--gpu-monitor auto` watches the GPU only when there is one here and the server is local."""
+    if args.gpu_monitor == "off":
+        return None
+    if args.gpu_monitor == "auto" and not (GpuMonitor.available() and urlsplit(args.url).hostname in LOCAL_HOSTS):
+        return None
+    try:
+        return GpuMonitor(args.gpu_id)
+    except GpuMonitorError as e:
+        raise BenchmarkSetupError(f"--gpu-monitor on: {e}") from None
+
+
+def requests_per_level(args: argparse.Namespace) -> list[int]:
+    num_levels = len(args.concurrency or args.request_rate or [])
+    return args.requests * num_levels if len(args.requests) == 1 else args.requests
+
+
+async def run_benchmark(args: argparse.Namespace, workload: Workload,
+                        gpu: GpuMonitor | None = None) -> tuple[str, list[LevelResult]]:
     """Warm up, then run every level in order; returns the model name and each level's result."""
     base_url = args.url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -277,13 +299,21 @@ async def run_benchmark(args: argparse.Namespace, workload: Workload) -> tuple[s
                 first_error = next(iter(warmup.summary["errors"]))
                 print(f"warning: {warmup.summary['failed']} warm-up requests failed: {first_error}", file=sys.stderr)
         levels = []
+        counts = iter(requests_per_level(args))
         for concurrency in concurrencies:
-            specs = workload.take(args.requests)
+            specs = workload.take(next(counts))
             levels.append(await run_at_concurrency(session, target, specs, concurrency, level_label(concurrency, None)))
+            _attach_gpu_usage(levels[-1], gpu)
         for i, rate in enumerate(args.request_rate or []):
-            specs = workload.take(args.requests)
+            specs = workload.take(next(counts))
             levels.append(await run_at_rate(session, target, specs, rate, args.seed + i))
+            _attach_gpu_usage(levels[-1], gpu)
     return model, levels
+
+
+def _attach_gpu_usage(level: LevelResult, gpu: GpuMonitor | None) -> None:
+    if gpu is not None:
+        level.gpu = gpu.usage(level.started_at, level.started_at + level.duration)
 
 
 def _positive_int_list(text: str) -> list[int]:
@@ -292,7 +322,7 @@ def _positive_int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every concurrency must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
     return values
 
 
@@ -324,7 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=_rate_list, metavar="R[,R...]",
                         help="comma-separated Poisson request rates per level in req/s, inf = all at once; "
                              "instead of --concurrency")
-    parser.add_argument("--requests", type=int, default=100, help="requests per level")
+    parser.add_argument("--requests", type=_positive_int_list, default=[100], metavar="N[,N...]",
+                        help="requests per level: one number for all, or one per level")
     parser.add_argument("--input-len", type=_length_range, metavar="A[:B]",
                         help=f"random prompt length in tokens, A or A:B (default: {DEFAULT_INPUT_LEN})")
     parser.add_argument("--output-len", type=_length_range, metavar="A[:B]",
@@ -340,6 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout in seconds")
     parser.add_argument("--output-file", type=Path, help="write every request and each level's summary as JSON")
     parser.add_argument("--plot", type=Path, help="write TTFT, TPOT and throughput per level as a PNG")
+    parser.add_argument("--gpu-monitor", choices=("auto", "on", "off"), default="auto",
+                        help="sample GPU utilisation and memory with nvidia-smi during each level "
+                             "(auto: when nvidia-smi is here and --url is this machine)")
+    parser.add_argument("--gpu-id", type=int, default=0, help="the GPU that --gpu-monitor watches (nvidia-smi index)")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -348,8 +383,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise OptionError("give --concurrency or --request-rate, not both")
     if not args.request_rate:
         args.concurrency = args.concurrency or [1]
-    if args.requests < 1 or args.warmup < 0:
-        raise OptionError("--requests must be at least 1 and --warmup at least 0")
+    if args.warmup < 0:
+        raise OptionError("--warmup must be at least 0")
+    num_levels = len(args.concurrency or args.request_rate)
+    if len(args.requests) not in (1, num_levels):
+        raise OptionError(f"--requests has {len(args.requests)} values for {num_levels} levels: give one, or one "
+                          "per level")
     if args.prompt_file is not None:
         if args.input_len is not None:
             raise OptionError("--input-len sets random prompts; --prompt-file prompts have their own lengths")
@@ -374,12 +413,19 @@ def run(args: argparse.Namespace) -> int:
     except (OptionError, WorkloadError, OSError) as e:
         print(f"sfllm bench serve: {e}", file=sys.stderr)
         return 2
+    gpu = None
     try:
-        model, levels = asyncio.run(run_benchmark(args, workload))
+        gpu = start_gpu_monitor(args)
+        model, levels = asyncio.run(run_benchmark(args, workload, gpu))
     except BenchmarkSetupError as e:
         print(f"sfllm bench serve: {e}", file=sys.stderr)
         return 1
-    print(f"model {model} at {args.url}, {args.endpoint}, {args.requests} requests per level")
+    finally:
+        if gpu is not None and (gpu_errors := gpu.stop()):
+            print(f"sfllm bench serve: nvidia-smi: {gpu_errors}", file=sys.stderr)
+    counts = requests_per_level(args)
+    per_level = f"{counts[0]}" if len(set(counts)) == 1 else ",".join(map(str, counts))
+    print(f"model {model} at {args.url}, {args.endpoint}, {per_level} requests per level")
     print(format_table(levels))
     if args.output_file is not None:
         write_json(args.output_file, config_json(args, model), levels)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from sfllm.bench.gpu_monitor import GpuUsage
+
 STAT_NAMES = ("mean", "p50", "p90", "p99", "max")
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
 
@@ -78,6 +80,8 @@ class LevelResult:
     records: list[RequestRecord]
     duration: float
     client_cpu: float
+    started_at: float = 0.0  # time.perf_counter() at the level's start
+    gpu: GpuUsage | None = None  # None when not monitored
 
     @property
     def label(self) -> str:
@@ -101,6 +105,8 @@ class LevelResult:
             "output_token_throughput": output_tokens * per_second,
             "client_cpu_s": self.client_cpu,
             "client_cpu_percent": 100.0 * self.client_cpu * per_second,
+            "gpu_utilization_percent": None if self.gpu is None else self.gpu.utilization_percent,
+            "gpu_memory_percent": None if self.gpu is None else self.gpu.memory_percent,
             "ttft_ms": latency_stats_ms([r.ttft for r in ok if r.ttft is not None]),
             "tpot_ms": latency_stats_ms([r.tpot for r in ok if r.tpot is not None]),
             "itl_ms": latency_stats_ms([gap for r in ok for gap in r.itl]),
@@ -138,6 +144,8 @@ def config_json(args: argparse.Namespace, model: str) -> dict[str, Any]:
         "seed": args.seed,
         "warmup": args.warmup,
         "timeout": args.timeout,
+        "gpu_monitor": args.gpu_monitor,
+        "gpu_id": args.gpu_id,
     }
 
 
@@ -153,6 +161,8 @@ _TABLE_ROWS: list[tuple[str, str, str]] = [
     ("input tokens/s", "input_token_throughput", "{:.1f}"),
     ("output tokens/s", "output_token_throughput", "{:.1f}"),
     ("client CPU (% of one core)", "client_cpu_percent", "{:.1f}"),
+    ("GPU utilisation (%)", "gpu_utilization_percent", "{:.1f}"),
+    ("GPU memory used (%)", "gpu_memory_percent", "{:.1f}"),
 ]
 
 
@@ -160,7 +170,8 @@ def format_table(levels: list[LevelResult]) -> str:
     """Metrics down, levels across; then each level's errors."""
     rows: list[tuple[str, list[str]]] = [("", [level.label for level in levels])]
     for title, key, fmt in _TABLE_ROWS:
-        rows.append((title, [fmt.format(level.summary[key]) for level in levels]))
+        values = [level.summary[key] for level in levels]
+        rows.append((title, ["-" if v is None else fmt.format(v) for v in values]))
     for metric in LATENCY_METRICS:
         for stat in STAT_NAMES:
             values = [level.summary[f"{metric}_ms"][stat] for level in levels]
@@ -187,7 +198,9 @@ def plot(levels: list[LevelResult], path: Path, x_title: str) -> None:
     # Levels are categories so that `inf` and uneven steps (1, 5, 50) stay readable.
     x = list(range(len(levels)))
     labels = [level.label.split("=", 1)[1] for level in levels]
-    fig, (ttft_ax, tpot_ax, tput_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
+    gpu_monitored = any(level.gpu is not None for level in levels)
+    fig, axes = plt.subplots(1, 4 if gpu_monitored else 3, figsize=(20 if gpu_monitored else 15, 4.5))
+    ttft_ax, tpot_ax, tput_ax = axes[:3]
     for ax, metric, title in ((ttft_ax, "ttft_ms", "TTFT (ms)"), (tpot_ax, "tpot_ms", "TPOT (ms)")):
         for stat in ("mean", "p50", "p99"):
             ax.plot(x, series(metric, stat), marker="o", label=stat)
@@ -199,10 +212,17 @@ def plot(levels: list[LevelResult], path: Path, x_title: str) -> None:
     requests_ax.plot(x, [level.summary["request_throughput"] for level in levels], marker="s", color="C1")
     requests_ax.set_ylabel("requests/s", color="C1")
     tput_ax.set_title("Throughput")
-    for ax in (ttft_ax, tpot_ax, tput_ax):
+    if gpu_monitored:
+        gpu_ax = axes[3]
+        for key, name in (("gpu_utilization_percent", "utilisation"), ("gpu_memory_percent", "memory used")):
+            gpu_ax.plot(x, [math.nan if (v := level.summary[key]) is None else v for level in levels], marker="o",
+                        label=name)
+        gpu_ax.set_title("GPU (%)")
+        gpu_ax.legend()
+    for ax in axes:
         ax.set_xticks(x, labels)
         ax.set_xlabel(x_title)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=105 if ax is axes[-1] and gpu_monitored else None)
         ax.grid(alpha=0.3)
     requests_ax.set_ylim(bottom=0)
     fig.tight_layout()

@@ -50,6 +50,20 @@ class EngineRequestError(Exception):
         self.status_code = status_code
 
 
+def _mergeable(output: RequestOutput) -> bool:
+    return output.error is None and output.finish_reason is None
+
+
+def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """`second` appended to `first`: one output with the tokens of both."""
+    logprobs = None if first.logprobs is None and second.logprobs is None else \
+        (first.logprobs or []) + (second.logprobs or [])
+    return RequestOutput(request_id=first.request_id, token_ids=first.token_ids + second.token_ids, logprobs=logprobs,
+                         finish_reason=second.finish_reason,
+                         num_prompt_tokens=second.num_prompt_tokens or first.num_prompt_tokens,
+                         num_cached_tokens=second.num_cached_tokens or first.num_cached_tokens)
+
+
 class EngineClient:
     """Hello, heartbeats, request streams and aborts over one DEALER socket.
 
@@ -152,8 +166,17 @@ class EngineClient:
             if not self._send(request):
                 finished = True
                 raise EngineUnavailableError(f"the engine at {self.address} is not reachable")
+            held: RequestOutput | Exception | None = None
             while True:
-                item = await queue.get()
+                item = held if held is not None else await queue.get()
+                held = None
+                # A stream that fell behind the engine catches up in one larger output, not many small ones.
+                while isinstance(item, RequestOutput) and _mergeable(item) and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, Exception) or following.error is not None:
+                        held = following
+                        break
+                    item = _merge(item, following)
                 if isinstance(item, Exception):
                     finished = True
                     raise item

@@ -5,6 +5,7 @@ waits for the scheduler; `--disable-overlap` reads every step back before the ne
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Protocol
@@ -13,6 +14,8 @@ from sfllm.config import EngineConfig
 from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.nvtx import nvtx_range
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerHandle(Protocol):
@@ -77,6 +80,12 @@ class EngineCore:
         self._last_collect = now
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)
+        if logger.isEnabledFor(logging.DEBUG):
+            batch = scheduled.batch
+            num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
+            logger.debug("step %d: %d decodes, %d prefill tokens in %d sequences; worker %.2f ms, %.2f ms since the "
+                         "last step", batch.step_id, num_decodes, sum(batch.num_new_tokens) - num_decodes,
+                         len(batch.slots) - num_decodes, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
         return self.scheduler.process_result(scheduled, result)
 
     def step(self) -> list[RequestOutput]:

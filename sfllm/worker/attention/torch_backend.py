@@ -1,5 +1,10 @@
-"""Attention in plain torch over the paged cache: runs anywhere, the reference of the others."""
+"""Attention in plain torch over the paged cache: runs anywhere, the reference of the others.
+
+What depends only on the step (which rows to write, which cache slots each sequence reads,
+the padding mask) is built once in `prepare`, not in each of the layers."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,49 +13,70 @@ from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
 
 
+@dataclass
+class _StepIndex:
+    write_rows: torch.Tensor | None  # rows of k/v that have a slot; None when all have
+    write_slots: torch.Tensor        # their flat KV slots
+    read_slots: torch.Tensor | None  # decode: [B * L] flat slots of every sequence's first L positions
+    read_mask: torch.Tensor | None   # decode: [B, 1, 1, L] true where the position exists
+
+
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
 
+    _meta: AttentionMetadata | None = None
+    _index: _StepIndex | None = None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        valid = meta.slot_mapping >= 0
+        padded = not bool(valid.all())
+        write_rows = valid.nonzero().squeeze(1) if padded else None
+        write_slots = meta.slot_mapping[write_rows] if padded else meta.slot_mapping
+        read_slots = read_mask = None
+        if meta.is_decode:
+            block_size = self.kv_cache.block_size
+            positions = torch.arange(meta.max_seq_len, device=meta.block_tables.device)
+            blocks = meta.block_tables[:, positions // block_size].long()
+            read_slots = (blocks * block_size + positions % block_size).flatten()
+            read_mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+        self._meta, self._index = meta, _StepIndex(write_rows, write_slots, read_slots, read_mask)
+
+    def _step_index(self, meta: AttentionMetadata) -> _StepIndex:
+        if self._meta is not meta:  # a caller that skipped prepare
+            self.prepare(meta)
+        assert self._index is not None
+        return self._index
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        k_cache = self.kv_cache.keys(layer)
-        v_cache = self.kv_cache.values(layer)
-        block_size = k_cache.shape[1]
-        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        valid = meta.slot_mapping >= 0
-        k_flat.index_copy_(0, meta.slot_mapping[valid], k[valid])
-        v_flat.index_copy_(0, meta.slot_mapping[valid], v[valid])
-        if meta.is_decode:
-            out = self._decode(q, k_flat, v_flat, meta, block_size)
+        index = self._step_index(meta)
+        k_flat = self.kv_cache.keys(layer).view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.kv_cache.values(layer).view(-1, self.num_kv_heads, self.head_dim)
+        if index.write_rows is None:
+            k_flat.index_copy_(0, index.write_slots, k)
+            v_flat.index_copy_(0, index.write_slots, v)
         else:
-            out = self._extend(q, k, v, k_flat, v_flat, meta, block_size)
+            k_flat.index_copy_(0, index.write_slots, k[index.write_rows])
+            v_flat.index_copy_(0, index.write_slots, v[index.write_rows])
+        if meta.is_decode:
+            out = self._decode(q, k_flat, v_flat, index)
+        else:
+            out = self._extend(q, k, v, k_flat, v_flat, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _gather_slots(self, meta: AttentionMetadata, block_size: int, length: int) -> torch.Tensor:
-        """[B, length] flat slots of the first `length` positions of every sequence."""
-        positions = torch.arange(length, device=meta.block_tables.device)
-        blocks = meta.block_tables[:, positions // block_size].long()
-        return blocks * block_size + positions % block_size
-
-    def _decode(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
-                meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: _StepIndex) -> torch.Tensor:
         batch = q.shape[0]
-        length = meta.max_seq_len
-        slots = self._gather_slots(meta, block_size, length)
-        keys = k_flat[slots]            # [B, L, Hkv, D]
-        values = v_flat[slots]
-        group = self.num_heads // self.num_kv_heads
-        qg = q.view(batch, self.num_kv_heads, group, self.head_dim).float()
-        scores = torch.einsum("bhgd,blhd->bhgl", qg, keys.float()) * self.scale
-        mask = torch.arange(length, device=q.device)[None, :] < meta.seq_lens[:, None]
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out = torch.einsum("bhgl,blhd->bhgd", probs, values.float())
-        return out.to(q.dtype).reshape(batch, self.num_heads, self.head_dim)
+        kv_shape = (batch, -1, self.num_kv_heads, self.head_dim)
+        # index_select over whole rows: several times faster on CPU than advanced indexing
+        keys = k_flat.flatten(1).index_select(0, index.read_slots).view(kv_shape).transpose(1, 2)  # [B, Hkv, L, D]
+        values = v_flat.flatten(1).index_select(0, index.read_slots).view(kv_shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.view(batch, self.num_heads, 1, self.head_dim), keys, values,
+                                             attn_mask=index.read_mask, scale=self.scale, enable_gqa=True)
+        return out.view(batch, self.num_heads, self.head_dim)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
-                v_flat: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+                v_flat: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        block_size = self.kv_cache.block_size
         out = torch.empty_like(q)
         start = 0
         for b, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
@@ -69,8 +95,10 @@ class TorchAttentionBackend(AttentionBackend):
     def _causal(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q: [Q, H, D] are the last Q of the K positions in keys/values [K, Hkv, D]."""
         q_len, kv_len = q.shape[0], keys.shape[0]
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        # is_causal aligns the mask to the top left, right only without a cached prefix
+        mask = None if q_len == kv_len else \
+            torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=mask, scale=self.scale, enable_gqa=True)
+            attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
         return out.transpose(0, 1)
