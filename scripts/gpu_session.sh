@@ -46,10 +46,27 @@ for stage in "$@"; do
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
       --cuda-graph-max-bs 256 --max-context-length 4096 $SERVE_FLAGS >"$OUT/server.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    python3 scripts/process_cpu_sampler.py >"$OUT/serve-cpu.log" 2>&1 &
+    sampler=$!
     timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,150,200 \
       --requests 50,100,200,300,300,400 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
       --output-file "$OUT/serve.json" --plot "$OUT/serve.png" >"$OUT/serve.log" 2>&1
-    echo "serve: exit $?"; grep -vE "^c=|warm-up" "$OUT/serve.log" | head -32
+    echo "serve: exit $?"; kill $sampler; grep -vE "^c=|warm-up" "$OUT/serve.log" | head -34
+    python3 - "$OUT/serve.json" "$OUT/serve-cpu.log" <<'PY'
+import json, sys
+levels = json.load(open(sys.argv[1]))["levels"]
+samples = [line.split() for line in open(sys.argv[2])]
+for level in levels:
+    start, end = level["started_unix"], level["started_unix"] + level["summary"]["duration_s"]
+    roles = {}
+    for t, *shares in samples:
+        if start <= float(t) <= end:
+            for share in shares:
+                role, pct = share.split(":")
+                roles.setdefault(role, []).append(float(pct.rstrip("%")))
+    print(f"c={level['concurrency']}: CPU % of one core, mean over the level:",
+          " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
+PY
     pkill -TERM -f "sfllm launch"; sleep 5 ;;
   burst)
     # The first-token latency of a burst: prefill of 200 x 512 tokens, then one token each.

@@ -141,7 +141,9 @@ def test_a_stream_behind_the_engine_gets_its_queued_outputs_merged(address: str)
 
 def test_closing_a_stream_early_aborts_the_request(address: str) -> None:
     async def scenario() -> None:
-        router = ScriptedRouter(address, reply=counting_reply(1000))
+        def unfinished(request: GenerateRequest) -> list[RequestOutput]:
+            return [RequestOutput(request_id=request.request_id, token_ids=[100 + i]) for i in range(5)]
+        router = ScriptedRouter(address, reply=unfinished)
         client = EngineClient(address, **FAST)
         await client.connect(timeout_s=5)
         async with aclosing(client.submit(request("early"))) as outputs:

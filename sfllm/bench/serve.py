@@ -215,11 +215,12 @@ async def run_at_concurrency(
             progress.done(records[i])
 
     cpu_start = time.process_time()
-    level_start = time.perf_counter()
+    level_start, started_unix = time.perf_counter(), time.time()
     await asyncio.gather(*(client() for _ in range(min(concurrency, len(specs)))))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start, started_at=level_start)
+    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start, started_at=level_start,
+                       started_unix=started_unix)
 
 
 async def run_at_rate(
@@ -235,7 +236,7 @@ async def run_at_rate(
         return record
 
     cpu_start = time.process_time()
-    level_start = time.perf_counter()
+    level_start, started_unix = time.perf_counter(), time.time()
     tasks = []
     for i, arrival in enumerate(arrivals):
         delay = level_start + arrival - time.perf_counter()
@@ -245,7 +246,8 @@ async def run_at_rate(
     records = list(await asyncio.gather(*tasks))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start, started_at=level_start)
+    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start, started_at=level_start,
+                       started_unix=started_unix)
 
 
 async def fetch_model_name(session: aiohttp.ClientSession, base_url: str) -> str:

@@ -81,6 +81,7 @@ class LevelResult:
     duration: float
     client_cpu: float
     started_at: float = 0.0  # time.perf_counter() at the level's start
+    started_unix: float = 0.0  # and time.time(), to line the level up with server logs
     gpu: GpuUsage | None = None  # None when not monitored
 
     @property
@@ -119,6 +120,7 @@ class LevelResult:
             "concurrency": self.concurrency,
             # JSON has no infinity; "inf" means every request was sent at once.
             "request_rate": "inf" if rate is not None and math.isinf(rate) else rate,
+            "started_unix": self.started_unix,
             "summary": self.summary,
             "requests": [r.to_json() for r in self.records],
         }
