@@ -69,7 +69,10 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sm
     return 1 << (splits.bit_length() - 1)
 
 
-@triton.jit
+# Values that change from step to step must not pick compiled variants (Triton specialises ints that
+# are 1 or multiples of 16): a new variant compiles for hundreds of ms in the middle of serving.
+@triton.jit(do_not_specialize=["num_kv_splits", "stride_table_batch", "stride_po_batch", "stride_po_head",
+                               "stride_pl_batch", "stride_pl_head"])
 def _decode_partial_kernel(
     q_ptr,
     k_cache_ptr,
@@ -155,7 +158,8 @@ def _decode_partial_kernel(
     tl.store(partial_lse_ptr + batch.to(tl.int64) * stride_pl_batch + heads * stride_pl_head + split, lse, mask=group_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_kv_splits", "stride_po_batch", "stride_po_head", "stride_pl_batch",
+                               "stride_pl_head"])
 def _decode_merge_kernel(
     partial_out_ptr,
     partial_lse_ptr,

@@ -24,7 +24,8 @@ def extend_tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) 
     return fit_to_shared_memory(config, head_dim, dtype, device)
 
 
-@triton.jit
+# The block-table width changes from step to step: no compiled variant per value (see decode_attention).
+@triton.jit(do_not_specialize=["stride_table_batch"])
 def _extend_attention_kernel(
     q_ptr,
     k_cache_ptr,

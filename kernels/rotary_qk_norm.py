@@ -9,28 +9,37 @@ import triton.language as tl
 from kernels.device_check import check_head_dim, check_kernel_inputs
 
 
-@triton.jit
+# A tile of BLOCK_T tokens per program: one program per (token, head) left a prefill of 8k tokens
+# running ~200k programs of 128 elements, 7x slower than its bytes allow (H100 profile).
+BLOCK_T = 16
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_qk_norm_kernel(
     qkv_ptr,
     positions_ptr,
     cos_sin_ptr,
     q_weight_ptr,
     k_weight_ptr,
+    num_tokens,
     stride_token,
     eps,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < num_tokens
     head = tl.program_id(1)  # q heads first, then k heads: the layout of the fused qkv output
     half: tl.constexpr = HEAD_DIM // 2
-    offsets = tl.arange(0, half)
-    base = qkv_ptr + token * stride_token + head * HEAD_DIM
-    x1 = tl.load(base + offsets).to(tl.float32)
-    x2 = tl.load(base + half + offsets).to(tl.float32)
+    offsets = tl.arange(0, half)[None, :]
+    mask = token_mask[:, None]
+    base = qkv_ptr + tokens.to(tl.int64)[:, None] * stride_token + head * HEAD_DIM
+    x1 = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + half + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
         weight_ptr = q_weight_ptr
         if head >= NUM_HEADS:
             weight_ptr = k_weight_ptr
@@ -41,11 +50,11 @@ def _rotary_qk_norm_kernel(
         x2 = (x2 * inv_rms).to(qkv_ptr.dtype.element_ty).to(tl.float32) * w2
         x1 = x1.to(qkv_ptr.dtype.element_ty).to(tl.float32)
         x2 = x2.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = tl.load(cos_sin_ptr + position * HEAD_DIM + offsets)
-    sin = tl.load(cos_sin_ptr + position * HEAD_DIM + half + offsets)
-    tl.store(base + offsets, (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty))
-    tl.store(base + half + offsets, (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty))
+    position = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.int64)[:, None]
+    cos = tl.load(cos_sin_ptr + position * HEAD_DIM + offsets, mask=mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * HEAD_DIM + half + offsets, mask=mask, other=0.0)
+    tl.store(base + offsets, (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + half + offsets, (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_qk_norm_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_heads: int,
@@ -61,8 +70,9 @@ def rotary_qk_norm_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
     has_norm = q_weight is not None
     if qkv.shape[0] == 0:
         return
-    _rotary_qk_norm_kernel[(qkv.shape[0], num_heads + num_kv_heads)](
+    num_tokens = qkv.shape[0]
+    _rotary_qk_norm_kernel[(triton.cdiv(num_tokens, BLOCK_T), num_heads + num_kv_heads)](
         qkv, positions, cos_sin, q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin,
-        qkv.stride(0), eps, NUM_HEADS=num_heads, HEAD_DIM=head_dim, HAS_NORM=has_norm,
-        num_warps=1 if head_dim <= 64 else 2,
+        num_tokens, qkv.stride(0), eps, NUM_HEADS=num_heads, HEAD_DIM=head_dim, HAS_NORM=has_norm,
+        BLOCK_T=BLOCK_T, num_warps=2 if head_dim <= 64 else 4,
     )

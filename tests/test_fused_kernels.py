@@ -19,11 +19,12 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("with_norm", [True, False])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (9, 3, 64)])
-def test_rotary_qk_norm_matches_torch(with_norm: bool, heads: int, kv_heads: int, head_dim: int) -> None:
+@pytest.mark.parametrize("tokens", [7, 37])  # within one tile of tokens, and over several with a ragged last
+def test_rotary_qk_norm_matches_torch(with_norm: bool, heads: int, kv_heads: int, head_dim: int,
+                                      tokens: int) -> None:
     torch.manual_seed(0)
-    tokens = 7
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
-    positions = torch.tensor([0, 5, 1, 300, 17, 2, 99])
+    positions = torch.randint(0, 512, (tokens,))
     table = RotaryEmbedding(head_dim, 512, 10000.0, None, torch.device("cpu")).cos_sin
     q_weight = torch.rand(head_dim) + 0.5 if with_norm else None
     k_weight = torch.rand(head_dim) + 0.5 if with_norm else None

@@ -107,7 +107,12 @@ async def generate_choices(engine: EngineClient, tokenizer: Tokenizer, choices: 
         deltas = _generate_choice(engine, tokenizer, choices[0], metrics)
     else:
         deltas = _merge_choices(engine, tokenizer, choices, metrics)
-    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    if timeout_s is None:
+        async with aclosing(deltas):
+            async for delta in deltas:
+                yield delta
+        return
+    deadline = asyncio.get_running_loop().time() + timeout_s
     async with aclosing(deltas):
         while True:
             timeout = asyncio.timeout_at(deadline)
@@ -117,7 +122,7 @@ async def generate_choices(engine: EngineClient, tokenizer: Tokenizer, choices: 
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                if not timeout.expired() or timeout_s is None:
+                if not timeout.expired():
                     raise
                 raise RequestTimeoutError(timeout_s) from None
             yield delta

@@ -116,7 +116,8 @@ class CompletionRequest(GenerationRequest):
         """The prompt as a list of prompts, each text or token ids."""
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if self.prompt and all(isinstance(item, int) for item in self.prompt):
+        # validated as one of the Prompt shapes: the first item tells which list it is
+        if self.prompt and isinstance(self.prompt[0], int):
             return [self.prompt]  # type: ignore[list-item]
         return list(self.prompt)  # type: ignore[arg-type]
 

@@ -49,15 +49,23 @@ def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.T
     input_ids = np.asarray(batch.input_token_ids, dtype=np.int64)
     token_slots = slots[seq_of_token]
 
-    # one packed copy instead of eight small ones
+    # One packed copy instead of eight small ones. Every part starts 16-byte aligned: Triton compiles a
+    # kernel variant per pointer alignment, and an odd token count must not trigger a new one.
     parts = [input_ids, positions, slot_mapping, query_start_loc, context_lens, logits_indices, sample_slots,
              token_slots, block_tables.reshape(-1)]
     sizes = [len(p) for p in parts]
-    packed = torch.from_numpy(np.concatenate(parts))
+    padded_sizes = [size + size % 2 for size in sizes]
+    host = np.empty(sum(padded_sizes), dtype=np.int64)  # the padding is never read
+    start = 0
+    for part, padded in zip(parts, padded_sizes):
+        host[start:start + len(part)] = part
+        start += padded
+    packed = torch.from_numpy(host)
     if device.type == "cuda":
         packed = packed.pin_memory()
     packed = packed.to(device, non_blocking=True)
-    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = packed.split(sizes)
+    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = (
+        part[:size] for part, size in zip(packed.split(padded_sizes), sizes))
 
     if (input_ids < 0).any():
         ids = torch.where(ids < 0, last_tokens[t_slots], ids)
