@@ -3,7 +3,7 @@
 #   bash scripts/gpu_session.sh tests offline latency serve large
 # Stages: tests (GPU test suite), offline (standard workload + transformers baseline + trace),
 # latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep
-# with GPU utilisation; extra server flags in $SERVE_FLAGS), burst (prefill of 200 prompts at once, profiled),
+# with GPU utilisation; extra server flags in $SERVE_FLAGS, file names tagged with $SERVE_TAG), burst (prefill of 200 prompts at once, profiled),
 # policy (fcfs vs length-bucket on the standard workload), large (Qwen3-4B and -8B presets).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
 BENCH="python3 -m sfllm bench offline"
 SERVE_FLAGS=${SERVE_FLAGS:-}
+SERVE_TAG=${SERVE_TAG:-}  # names the serve stage's files, to keep two runs apart
 
 for stage in "$@"; do
   case $stage in
@@ -44,15 +45,15 @@ for stage in "$@"; do
   serve)
     # Requests per level grow with concurrency so that every level runs at its concurrency for a while.
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
-      --cuda-graph-max-bs 256 --max-context-length 4096 $SERVE_FLAGS >"$OUT/server.log" 2>&1 &
+      --cuda-graph-max-bs 256 --max-context-length 4096 $SERVE_FLAGS >"$OUT/server$SERVE_TAG.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
-    python3 scripts/process_cpu_sampler.py >"$OUT/serve-cpu.log" 2>&1 &
+    python3 scripts/process_cpu_sampler.py >"$OUT/serve$SERVE_TAG-cpu.log" 2>&1 &
     sampler=$!
     timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,150,200 \
       --requests 50,100,200,300,300,400 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
-      --output-file "$OUT/serve.json" --plot "$OUT/serve.png" >"$OUT/serve.log" 2>&1
-    echo "serve: exit $?"; kill $sampler; grep -vE "^c=|warm-up" "$OUT/serve.log" | head -34
-    python3 - "$OUT/serve.json" "$OUT/serve-cpu.log" <<'PY'
+      --output-file "$OUT/serve$SERVE_TAG.json" --plot "$OUT/serve$SERVE_TAG.png" >"$OUT/serve$SERVE_TAG.log" 2>&1
+    echo "serve: exit $?"; kill $sampler; grep -vE "^c=|warm-up" "$OUT/serve$SERVE_TAG.log" | head -34
+    python3 - "$OUT/serve$SERVE_TAG.json" "$OUT/serve$SERVE_TAG-cpu.log" <<'PY'
 import json, sys
 levels = json.load(open(sys.argv[1]))["levels"]
 samples = [line.split() for line in open(sys.argv[2])]
@@ -67,7 +68,8 @@ for level in levels:
     print(f"c={level['concurrency']}: CPU % of one core, mean over the level:",
           " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
 PY
-    pkill -TERM -f "sfllm launch"; sleep 5 ;;
+    pkill -TERM -f "sfllm launch"
+    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   burst)
     # The first-token latency of a burst: prefill of 200 x 512 tokens, then one token each; the profiled
     # run's wall time includes writing the trace.

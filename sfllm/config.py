@@ -40,6 +40,8 @@ class EngineConfig:
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
     run_dir: str | None = field(default=None, metadata={"help": "folder of the IPC sockets"})
     engine_address: str | None = field(default=None, metadata={"help": "engine socket (ipc:// or tcp://)"})
+    frontend_processes: int = field(default=1, metadata={"help": "HTTP frontend processes sharing the port "
+                                                                  "(launch only)"})
     drain_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long running requests may finish"})
     request_timeout_s: float | None = field(default=None, metadata={"help": "abort requests running longer"})
     max_request_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body (413 above)"})
@@ -85,7 +87,7 @@ class EngineConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
-                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads")
+                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads", "frontend_processes")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

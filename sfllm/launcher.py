@@ -1,20 +1,23 @@
-"""`sfllm launch`: starts the engine and the frontend as processes and supervises them.
+"""`sfllm launch`: starts the engine and the frontends as processes and supervises them.
 
-Both start at once: the frontend imports and loads its tokenizer while the engine loads
-the model, then waits for the engine's hello. The frontend is restarted when it dies
-(the engine and its loaded model stay); when the engine dies (its worker with it),
-launch stops the frontend and exits non-zero so an orchestrator restarts the pod.
-SIGINT/SIGTERM go to the frontend first, which drains (see `drain_timeout_s`), then to
+All start at once: a frontend imports and loads its tokenizer while the engine loads
+the model, then waits for the engine's hello. `frontend_processes` frontends share the
+HTTP port (the kernel spreads connections over them); each is restarted when it dies
+(the engine and its loaded model stay). When the engine dies (its worker with it),
+launch stops the frontends and exits non-zero so an orchestrator restarts the pod.
+SIGINT/SIGTERM go to the frontends first, which drain (see `drain_timeout_s`), then to
 the engine. Every child gets SIGTERM from the kernel if launch itself dies.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import yaml
 
@@ -23,17 +26,12 @@ from sfllm.ipc import PortInUse, RunDirInUse, RunDirLock, check_port_free, die_w
 
 logger = logging.getLogger(__name__)
 
-STOP_GRACE_S = 15.0  # for the engine, and for the frontend beyond its drain timeout
+STOP_GRACE_S = 15.0  # for the engine, and for the frontends beyond their drain timeout
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 BACKOFF_RESET_AFTER_S = 120.0
 SIGNAL_GAP_S = 0.5
-
-
-def _wait_quietly(process: subprocess.Popen, timeout_s: float) -> None:
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
+# prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: it pulls in the tokenizer)
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def run_engine_command(config: EngineConfig) -> int:
@@ -50,19 +48,32 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
 
 
+@dataclass
+class FrontendSlot:
+    """One of the frontend processes, with its restart history."""
+    process: subprocess.Popen
+    started_at: float
+    restarts: int = 0
+
+
 class Supervisor:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.run_dir = config.resolved_run_dir()
         self.config_path = self.run_dir / f"launch-config-{os.getpid()}.yaml"
+        self.metrics_dir = self.run_dir / f"frontend-metrics-{os.getpid()}"
         self.engine: subprocess.Popen | None = None
-        self.frontend: subprocess.Popen | None = None
+        self.frontends: list[FrontendSlot] = []
         self.stopping = False
-        self.frontend_restarts = 0
 
-    def _spawn(self, command: str) -> subprocess.Popen:
+    def _spawn(self, command: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path)],
-                                env=_child_env(), preexec_fn=die_with_parent)
+                                env=_child_env() | (extra_env or {}), preexec_fn=die_with_parent)
+
+    def _spawn_frontend(self) -> subprocess.Popen:
+        if self.config.frontend_processes == 1:
+            return self._spawn("frontend")
+        return self._spawn("frontend", {MULTIPROCESS_DIR_ENV: str(self.metrics_dir)})
 
     def start(self) -> None:
         # Owner-only: the config file holds the API key.
@@ -70,51 +81,70 @@ class Supervisor:
         descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as config_file:
             config_file.write(yaml.safe_dump(self.config.to_dict()))
+        if self.config.frontend_processes > 1:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(mode=0o700)
         self.engine = self._spawn("engine")
-        self.frontend = self._spawn("frontend")
+        self.frontends = [FrontendSlot(self._spawn_frontend(), time.monotonic())
+                          for _ in range(self.config.frontend_processes)]
 
     def supervise(self) -> int:
-        last_restart = 0.0
         while not self.stopping:
             time.sleep(0.2)
             if self.engine.poll() is not None:
                 logger.error("the engine exited with code %s; stopping", self.engine.returncode)
                 return 1
-            if self.frontend.poll() is not None and not self.stopping:
-                if time.monotonic() - last_restart > BACKOFF_RESET_AFTER_S:
-                    self.frontend_restarts = 0  # it ran long enough: a crash now is not a crash loop
-                delay = FRONTEND_RESTART_BACKOFF_S[min(self.frontend_restarts, len(FRONTEND_RESTART_BACKOFF_S) - 1)]
-                if time.monotonic() - last_restart < delay:
-                    continue
-                logger.warning("the frontend exited with code %s; restarting it", self.frontend.returncode)
-                self.frontend_restarts += 1
-                last_restart = time.monotonic()
-                self.frontend = self._spawn("frontend")
+            for slot in self.frontends:
+                if slot.process.poll() is not None and not self.stopping:
+                    self._restart(slot)
         return 0
 
+    def _restart(self, slot: FrontendSlot) -> None:
+        now = time.monotonic()
+        if now - slot.started_at > BACKOFF_RESET_AFTER_S:
+            slot.restarts = 0  # it ran long enough: a crash now is not a crash loop
+        delay = FRONTEND_RESTART_BACKOFF_S[min(slot.restarts, len(FRONTEND_RESTART_BACKOFF_S) - 1)]
+        if slot.restarts and now - slot.started_at < delay:
+            return
+        logger.warning("frontend pid %d exited with code %s; restarting it", slot.process.pid,
+                       slot.process.returncode)
+        slot.restarts += 1
+        slot.process, slot.started_at = self._spawn_frontend(), now
+
     def stop(self) -> None:
-        # With the engine gone no request can finish, so the frontend gets no drain: its second
-        # SIGTERM cuts the connections at once (see DrainingServer).
+        # With the engine gone no request can finish, so the frontends get no drain: a second
+        # SIGTERM cuts their connections at once (see DrainingServer).
         engine_gone = self.engine is not None and self.engine.poll() is not None
+        frontends = [slot.process for slot in self.frontends if slot.process.poll() is None]
+        for process in frontends:
+            process.send_signal(signal.SIGTERM)
+        if engine_gone and frontends:
+            time.sleep(SIGNAL_GAP_S)  # two signals at once may arrive as one
+            for process in frontends:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
         frontend_grace_s = STOP_GRACE_S if engine_gone else self.config.drain_timeout_s + STOP_GRACE_S
-        for process, grace_s in ((self.frontend, frontend_grace_s), (self.engine, STOP_GRACE_S)):
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                if process is self.frontend and engine_gone:
-                    _wait_quietly(process, SIGNAL_GAP_S)  # two signals at once may arrive as one
-                    if process.poll() is None:
-                        process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    logger.error("pid %d did not stop within %g s; killing it", process.pid, grace_s)
-                    process.kill()
-                    process.wait()
+        deadline = time.monotonic() + frontend_grace_s  # they drain side by side
+        for process in frontends:
+            _wait_or_kill(process, max(deadline - time.monotonic(), 0.0))
+        if self.engine is not None and self.engine.poll() is None:
+            self.engine.send_signal(signal.SIGTERM)
+            _wait_or_kill(self.engine, STOP_GRACE_S)
         self.config_path.unlink(missing_ok=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
         try:
             self.run_dir.rmdir()
         except OSError:
             pass
+
+
+def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.error("pid %d did not stop within %g s; killing it", process.pid, timeout_s)
+        process.kill()
+        process.wait()
 
 
 def launch(config: EngineConfig) -> int:

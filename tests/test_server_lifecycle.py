@@ -1,6 +1,7 @@
 """Processes of a server: a frontend killed and replaced, clean shutdown, clear errors on conflicts."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,6 +85,38 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
         stop(frontend)
         stop(engine)
     assert not run_dir.exists() or not list(run_dir.glob("*.sock"))
+
+
+def _frontend_pids(url: str, tries: int = 40) -> set[int]:
+    """The frontend processes that answered `tries` health checks, each on a new connection."""
+    return {httpx.get(f"{url}/health", timeout=10).json()["frontend_pid"] for _ in range(tries)}
+
+
+def _requests_answered(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("sfllm_requests_total{"))
+
+
+def test_frontend_processes_share_the_port_sum_their_metrics_and_are_restarted_one_by_one(tmp_path: Path) -> None:
+    server = LaunchedServer(tmp_path, "--frontend-processes", "2")
+    try:
+        _wait_for(lambda: len(_frontend_pids(server.url)) == 2, 120, "both frontends to answer")
+        first = sorted(_frontend_pids(server.url))
+        for _ in range(6):  # each on a new connection: the kernel spreads them over both frontends
+            reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+            assert reply.status_code == 200
+        assert _requests_answered(server.url) == 6, "every scrape sums both frontends' counters"
+
+        os.kill(first[0], signal.SIGKILL)
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+        assert reply.status_code == 200, "the other frontend serves meanwhile"
+        _wait_for(lambda: len(_frontend_pids(server.url) - {first[1]}) == 1, 120, "a replacement frontend")
+        replacement = _frontend_pids(server.url) - {first[1]}
+        assert replacement and first[0] not in replacement
+        assert _requests_answered(server.url) == 7, "the killed frontend's counts survive it"
+    finally:
+        assert server.stop() == 0
+    assert not server.run_dir.exists() or not list(server.run_dir.iterdir())
 
 
 def test_launch_then_sigterm_leaves_no_process_and_no_socket(tmp_path: Path) -> None:

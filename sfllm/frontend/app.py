@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: routes, authentication, error shapes."""
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import APIRouter, FastAPI, Request
@@ -82,7 +83,8 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
                              "kv_blocks_total": stats.num_kv_blocks, "kv_blocks_free": stats.num_free_kv_blocks,
                              "kv_blocks_cached": stats.num_cached_kv_blocks, "batch_size": stats.batch_size,
                              "step_time_s": stats.step_time_s, "num_preemptions": stats.num_preemptions,
-                             "frontend_requests_in_flight": engine.num_in_flight, "draining": drain.draining})
+                             "frontend_requests_in_flight": engine.num_in_flight, "draining": drain.draining,
+                             "frontend_pid": os.getpid()})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -7,17 +7,23 @@ reason, preemptions, prefix-cache hits, queue time) and its state (running and w
 requests, KV cache, batch, step time, GPU memory) are read from its latest EngineStats
 at scrape time, so a new frontend reports the engine's totals.
 
+With several frontend processes (`--frontend-processes`), `sfllm launch` gives them one
+folder in PROMETHEUS_MULTIPROC_DIR: each scrape then sums the HTTP metrics of all of them,
+restarted ones included; the in-flight and draining gauges stay those of the process asked.
+
 Queue time is the engine's: from a request's arrival in the engine's waiting queue until
 the scheduler first puts it in a step. Time to first token runs from the frontend's
 arrival to the first output token, so it holds tokenization, queue time and prefill.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -37,6 +43,8 @@ REQUEST_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 2
 TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                            2.5, 5.0, 10.0)
 _OUTCOME_KEY = "sfllm_outcome"
+# read by prometheus_client when it is imported: set by the launcher in each frontend's environment
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -68,10 +76,14 @@ class FrontendMetrics:
         self.e2e_latency = Histogram(
             "sfllm_e2e_request_latency_seconds", "From arrival to the last byte of a successful (200) request",
             buckets=REQUEST_LATENCY_BUCKETS_S, registry=self.registry)
-        self.registry.register(EngineStatsCollector(engine, drain))
+        self.exposed = self.registry
+        if multiprocess_dir := os.environ.get(MULTIPROCESS_DIR_ENV):
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=multiprocess_dir)
+        self.exposed.register(EngineStatsCollector(engine, drain))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
     def first_token(self, arrival_time: float) -> float:
         now = time.time()

@@ -81,11 +81,16 @@ class FrontendStartupError(RuntimeError):
     """The frontend cannot start: port taken, engine absent or incompatible."""
 
 
-def _bind_http_socket(host: str, port: int) -> socket.socket:
-    """Bound before anything slow, so a taken port fails at once rather than after loading."""
+def _bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socket:
+    """Bound before anything slow, so a taken port fails at once rather than after loading.
+
+    `shared`: the other frontends of one launch bind the same port and the kernel spreads
+    connections over them (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as error:
@@ -128,7 +133,7 @@ def run_frontend(config: EngineConfig, engine_hello_timeout_s: float = DEFAULT_E
     _configure_logging(config.log_level)
     shown = {**config.to_dict(), "api_key": "<set>" if config.api_key else None}
     logger.info("frontend config: %s", json.dumps(shown, sort_keys=True))
-    sock = _bind_http_socket(config.host, config.port)
+    sock = _bind_http_socket(config.host, config.port, shared=config.frontend_processes > 1)
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         tokenizer = Tokenizer.from_model_source(source)
