@@ -1,9 +1,8 @@
 """Turns a ForwardBatch into the device tensors of one model step, in one host-to-device copy."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
