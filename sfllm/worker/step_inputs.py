@@ -52,21 +52,23 @@ def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.T
     # kernel variant per pointer alignment, and an odd token count must not trigger a new one.
     parts = [input_ids, positions, slot_mapping, query_start_loc, context_lens, logits_indices, sample_slots,
              token_slots, block_tables.reshape(-1)]
-    sizes = [len(p) for p in parts]
-    padded_sizes = [size + size % 2 for size in sizes]
-    host = np.empty(sum(padded_sizes), dtype=np.int64)  # the padding is never read
+    # Each part is followed by a pad of 0 or 1 elements; one split yields parts and pads alike.
+    parts_and_pads = [n for part in parts for n in (len(part), len(part) % 2)]
+    host = np.empty(sum(parts_and_pads), dtype=np.int64)  # the padding is never read
     start = 0
-    for part, padded in zip(parts, padded_sizes):
+    for part, pad in zip(parts, parts_and_pads[1::2]):
         host[start:start + len(part)] = part
-        start += padded
+        start += len(part) + pad
     packed = torch.from_numpy(host)
     if device.type == "cuda":
         packed = packed.pin_memory()
     packed = packed.to(device, non_blocking=True)
-    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = (
-        part[:size] for part, size in zip(packed.split(padded_sizes), sizes))
+    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = packed.split(parts_and_pads)[::2]
 
-    if (input_ids < 0).any():
+    placeholders = input_ids < 0
+    if placeholders.all():  # decoding with overlap: every token is the one sampled last
+        ids = last_tokens.index_select(0, t_slots)
+    elif placeholders.any():
         ids = torch.where(ids < 0, last_tokens[t_slots], ids)
     meta = AttentionMetadata(
         slot_mapping=slot_map,
