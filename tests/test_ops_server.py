@@ -366,9 +366,13 @@ def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
         thread.join(120)
     for result in results:
         assert result.get("status") == 200 and sse_data(result["lines"])[-1] == "[DONE]", result
-    served = [metric(metrics(s), "sfllm_requests_total", status="200", priority="normal") - before
-              for s, before in zip((a, b), served_before)]
-    assert all(count >= 1 for count in served), f"both replicas served: {served}"
+
+    def served() -> list[float]:
+        return [metric(metrics(s), "sfllm_requests_total", status="200", priority="normal") - before
+                for s, before in zip((a, b), served_before)]
+    # a request is counted once its response is done, which may be just after the client read its end
+    wait_for(lambda: sum(served()) == 4, 30, "every stream to be counted as a success")
+    assert all(count >= 1 for count in served()), f"both replicas served: {served()}"
 
     tree = process_tree(b.process.pid)
     worker = role_pids(b)["worker"]

@@ -89,7 +89,7 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
 
 def _frontend_pids(url: str, tries: int = 40) -> set[int]:
     """The frontend processes that answered `tries` health checks, each on a new connection."""
-    return {httpx.get(f"{url}/health", timeout=10).json()["frontend_pid"] for _ in range(tries)}
+    return {httpx.get(f"{url}/health", timeout=10).json()["frontend_pid"] for _ in range(tries)}  # 200 or 503
 
 
 def _requests_answered(url: str) -> float:

@@ -78,7 +78,8 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
         Never waits for generation; a draining frontend stays live until it exits."""
         stats = engine.stats
         if not engine.healthy or stats is None:
-            return JSONResponse({"status": "unavailable", "engine_connected": engine.connected}, status_code=503)
+            return JSONResponse({"status": "unavailable", "engine_connected": engine.connected,
+                                 "frontend_pid": os.getpid()}, status_code=503)
         return JSONResponse({"status": "ok", "running": stats.running, "waiting": stats.waiting,
                              "kv_blocks_total": stats.num_kv_blocks, "kv_blocks_free": stats.num_free_kv_blocks,
                              "kv_blocks_cached": stats.num_cached_kv_blocks, "batch_size": stats.batch_size,

@@ -30,6 +30,7 @@ from sfllm.scheduler.request import Request
 logger = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 3.0
+SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
 WORKER_START_TIMEOUT_S = 1800.0
 
 
@@ -66,10 +67,17 @@ class RemoteWorker:
         return message
 
     def submit(self, batch: ForwardBatch) -> None:
-        self.sock.send(self.codec.encode(batch))
+        self.send(batch)
 
     def send(self, message: object) -> None:
-        self.sock.send(self.codec.encode(message))
+        data = self.codec.encode(message)
+        # A PAIR socket whose peer is gone blocks its sends: wait in slices, checking the worker lives.
+        while True:
+            try:
+                self.sock.send(data)
+                return
+            except zmq.Again:
+                self.check_alive()
 
     def collect(self) -> ForwardResult:
         message = self._receive(600.0)
@@ -226,6 +234,9 @@ class EngineServer:
 
 def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+    # On a CPU device the worker's OpenMP threads use every core; idle ones must sleep, not spin, or
+    # another process on the machine (a second server, a test) stalls every parallel region for them.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return subprocess.Popen([sys.executable, "-m", "sfllm", "worker", "--config", str(config_path),
                              "--worker-address", address], env=env, preexec_fn=die_with_parent)
 
@@ -241,6 +252,7 @@ def run_engine(config: EngineConfig) -> int:
     context = zmq.Context()
     worker_sock = context.socket(zmq.PAIR)
     worker_sock.setsockopt(zmq.LINGER, 0)
+    worker_sock.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
     worker_sock.bind(worker_addr)
     frontend_sock = context.socket(zmq.ROUTER)
     frontend_sock.setsockopt(zmq.LINGER, 0)
