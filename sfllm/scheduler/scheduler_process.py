@@ -234,9 +234,10 @@ class EngineServer:
 
 def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
-    # On a CPU device the worker's OpenMP threads use every core; idle ones must sleep, not spin, or
-    # another process on the machine (a second server, a test) stalls every parallel region for them.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # On a CPU device the worker's OpenMP threads use every core. Idle ones spin only briefly before they
+    # sleep: with libgomp's default (300k spins) a second server on the machine stalled this one's steps
+    # for seconds; always sleeping (OMP_WAIT_POLICY=PASSIVE) cost ~20% of throughput (docs/performance.md).
+    env.setdefault("GOMP_SPINCOUNT", "10000")
     return subprocess.Popen([sys.executable, "-m", "sfllm", "worker", "--config", str(config_path),
                              "--worker-address", address], env=env, preexec_fn=die_with_parent)
 
