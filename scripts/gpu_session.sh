@@ -3,8 +3,9 @@
 #   bash scripts/gpu_session.sh tests offline latency serve large
 # Stages: tests (GPU test suite), offline (standard workload + transformers baseline + trace),
 # latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep
-# with GPU utilisation; extra server flags in $SERVE_FLAGS, file names tagged with $SERVE_TAG), burst (prefill of 200 prompts at once, profiled),
-# policy (fcfs vs length-bucket on the standard workload), large (Qwen3-4B and -8B presets).
+# with GPU utilisation; extra server flags in $SERVE_FLAGS, file names tagged with $SERVE_TAG),
+# burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
+# large (Qwen3-4B and -8B presets).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

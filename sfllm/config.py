@@ -87,7 +87,8 @@ class EngineConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
-                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads", "frontend_processes")
+                    "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads",
+                    "frontend_processes")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -19,7 +19,7 @@ QUERY = "utilization.gpu,memory.used,memory.total"
 
 @dataclass(frozen=True)
 class GpuSample:
-    at: float  # time.perf_counter() when the line was read
+    at: float  # time.time() when the line was read
     utilization_percent: float
     memory_used_mib: float
     memory_total_mib: float
@@ -81,7 +81,7 @@ class GpuMonitor:
     def _read(self) -> None:
         assert self._process.stdout is not None
         for line in self._process.stdout:
-            sample = parse_sample(line, time.perf_counter())
+            sample = parse_sample(line, time.time())
             if sample is not None:
                 with self._lock:
                     self._samples.append(sample)

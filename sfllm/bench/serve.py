@@ -219,7 +219,7 @@ async def run_at_concurrency(
     await asyncio.gather(*(client() for _ in range(min(concurrency, len(specs)))))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start, started_at=level_start,
+    return LevelResult(concurrency, None, records, duration, time.process_time() - cpu_start,
                        started_unix=started_unix)
 
 
@@ -246,7 +246,7 @@ async def run_at_rate(
     records = list(await asyncio.gather(*tasks))
     duration = time.perf_counter() - level_start
     progress.close()
-    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start, started_at=level_start,
+    return LevelResult(None, rate, records, duration, time.process_time() - cpu_start,
                        started_unix=started_unix)
 
 
@@ -315,7 +315,7 @@ async def run_benchmark(args: argparse.Namespace, workload: Workload,
 
 def _attach_gpu_usage(level: LevelResult, gpu: GpuMonitor | None) -> None:
     if gpu is not None:
-        level.gpu = gpu.usage(level.started_at, level.started_at + level.duration)
+        level.gpu = gpu.usage(level.started_unix, level.started_unix + level.duration)
 
 
 def _positive_int_list(text: str) -> list[int]:

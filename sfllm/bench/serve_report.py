@@ -80,8 +80,7 @@ class LevelResult:
     records: list[RequestRecord]
     duration: float
     client_cpu: float
-    started_at: float = 0.0  # time.perf_counter() at the level's start
-    started_unix: float = 0.0  # and time.time(), to line the level up with server logs
+    started_unix: float = 0.0  # time.time() at the level's start: lines it up with GPU samples and server logs
     gpu: GpuUsage | None = None  # None when not monitored
 
     @property

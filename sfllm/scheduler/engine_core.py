@@ -82,10 +82,10 @@ class EngineCore:
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)
         if logger.isEnabledFor(logging.DEBUG):
             batch = scheduled.batch
-            num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
-            logger.debug("step %d: %d decodes, %d prefill tokens in %d sequences; worker %.2f ms, %.2f ms since the "
-                         "last step", batch.step_id, num_decodes, sum(batch.num_new_tokens) - num_decodes,
-                         len(batch.slots) - num_decodes, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
+            single = sum(1 for n in batch.num_new_tokens if n == 1)
+            logger.debug("step %d: %d sequences of one new token, %d tokens in %d longer ones; worker %.2f ms, "
+                         "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
+                         len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
         return self.scheduler.process_result(scheduled, result)
 
     def step(self) -> list[RequestOutput]:
