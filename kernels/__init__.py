@@ -19,6 +19,7 @@ if importlib.util.find_spec("triton") is not None:
     from kernels.extend_attention import extend_attention
     from kernels.fused_norm import fused_add_rms_norm
     from kernels.rotary_qk_norm import rotary_qk_norm_
+    from kernels.sample_tokens import sample_tokens
     from kernels.silu_and_mul import silu_and_mul
     from kernels.store_kv_cache import store_kv_cache
 
@@ -29,6 +30,7 @@ if importlib.util.find_spec("triton") is not None:
         "extend_attention",
         "fused_add_rms_norm",
         "rotary_qk_norm_",
+        "sample_tokens",
         "silu_and_mul",
         "store_kv_cache",
     ]

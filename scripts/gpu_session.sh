@@ -5,7 +5,8 @@
 # latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep
 # with GPU utilisation; extra server flags in $SERVE_FLAGS, file names tagged with $SERVE_TAG),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
-# large (Qwen3-4B and -8B presets).
+# large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
+# whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,7 +21,9 @@ SERVE_TAG=${SERVE_TAG:-}  # names the serve stage's files, to keep two runs apar
 for stage in "$@"; do
   case $stage in
   tests)
-    timeout 300 python3 -m pytest tests/gpu -q -x -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
+    # the GPU suite, and the kernel tests that CI interprets on its CPU, compiled here
+    timeout 360 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py -q -x -p no:cacheprovider \
+      -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
@@ -88,6 +91,39 @@ PY
         >"$OUT/policy-$policy.log" 2>&1
       echo "$policy: exit $? $(grep -E 'wall|roofline' "$OUT/policy-$policy.log" | tr '\n' ' ')"
     done ;;
+  smallbatch)
+    for spec in "1 0" "1 1" "10 1"; do
+      read -r n temperature <<<"$spec"
+      timeout 90 $BENCH --model qwen3-0.6b --num-requests $n --input-len 512 --output-len 256 \
+        --temperature $temperature --profile-steps 100 --profile-skip-steps 50 --profile-dir /tmp/prof-sb \
+        >"$OUT/smallbatch-$n-t$temperature$SERVE_TAG.log" 2>&1
+      echo "offline batch $n temperature $temperature: exit $?"
+      grep -E "^wall|^profiled" "$OUT/smallbatch-$n-t$temperature$SERVE_TAG.log"
+      sed -n '/^GPU busy/,$p' "$OUT/smallbatch-$n-t$temperature$SERVE_TAG.log"
+    done
+    rm -rf /tmp/prof-serve
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+      --cuda-graph-max-bs 256 --max-context-length 4096 --profile-dir /tmp/prof-serve $SERVE_FLAGS \
+      >"$OUT/server-smallbatch$SERVE_TAG.log" 2>&1 &
+    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    # first without the profiler (GPU utilisation as the sweep measures it), then each level traced for 0.5 s
+    timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10 --requests 24,200 \
+      --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 \
+      --output-file "$OUT/serve-smallbatch$SERVE_TAG.json" >"$OUT/serve-smallbatch$SERVE_TAG.log" 2>&1
+    echo "served, unprofiled: exit $?"; grep -vE "^c=|warm-up" "$OUT/serve-smallbatch$SERVE_TAG.log" | head -30
+    for spec in "1 8" "10 60"; do
+      read -r c n <<<"$spec"
+      timeout 60 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency $c --requests $n \
+        --input-len 512 --output-len 256 --vocab-size 151936 --warmup 0 --gpu-monitor off >/dev/null 2>&1 &
+      bench=$!
+      sleep 2.5; curl -s -X POST localhost:8081/start_profile >/dev/null; sleep 0.5
+      curl -s -X POST localhost:8081/stop_profile >/dev/null; wait $bench
+      sleep 2; trace=$(ls -t /tmp/prof-serve/*.json | head -1)
+      echo "served, concurrency $c, worker trace:"; python3 -m sfllm.bench.profiler_trace "$trace" | tail -n +2
+    done
+    grep "engine loop" "$OUT/server-smallbatch$SERVE_TAG.log"
+    pkill -TERM -f "sfllm launch"
+    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   large)
     for model in qwen3-4b qwen3-8b; do
       timeout 200 $BENCH --model $model --output-file "$OUT/offline-$model.json" >"$OUT/offline-$model.log" 2>&1

@@ -1,4 +1,6 @@
-"""NVTX ranges that mark the phases of a step on an nsys timeline, free where CUDA is absent."""
+"""Named ranges for the phases of a step: NVTX ranges on an nsys timeline, and, while a PyTorch
+profiler records, ranges in its trace too (`sfllm.bench.step_timeline` reads them). Free where CUDA
+is absent."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +15,13 @@ def nvtx_range(name: str) -> Iterator[None]:
     if torch is None or not torch.cuda.is_available():
         yield
         return
+    profiled = torch.autograd.profiler._is_profiler_enabled
     torch.cuda.nvtx.range_push(name)
     try:
-        yield
+        if profiled:
+            with torch.profiler.record_function(name):
+                yield
+        else:
+            yield
     finally:
         torch.cuda.nvtx.range_pop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sfllm.bench import offline
-from sfllm.bench.profiler_trace import gpu_idle, top_kernels
+from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
 
 
 def write_trace(path: Path, events: list[tuple[str, str, float, float]]) -> Path:
@@ -38,6 +38,40 @@ def test_top_kernels_sums_time_per_name(tmp_path: Path) -> None:
     top = top_kernels(trace, limit=2)
     assert [(k.name, k.total_us, k.count) for k in top] == [("gemm", 40, 2), ("attn", 4, 1)]
     assert gpu_idle(write_trace(tmp_path / "empty.json", [])).num_kernels == 0
+
+
+def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path) -> None:
+    def phase(name, start, end):
+        return {"ph": "X", "cat": "user_annotation", "name": name, "ts": start, "dur": end - start}
+
+    def launch(correlation, ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1,
+                "args": {"correlation": correlation}}
+
+    def kernel(correlation, start, end):
+        return {"ph": "X", "cat": "kernel", "name": f"k{correlation}", "ts": start, "dur": end - start,
+                "args": {"correlation": correlation}}
+
+    events = [
+        launch(0, -60), kernel(0, -50, -5),
+        phase("receive", 0, 10), phase("prepare", 10, 30), launch(1, 25), kernel(1, 28, 29),
+        # 33 us idle: 5 waiting for the step (its receive starts at 0), 28 while "prepare" launched
+        phase("forward", 30, 40), launch(2, 35), kernel(2, 36, 100),  # 7 us idle: launched late in "forward"
+        phase("sample", 40, 60), launch(3, 45), kernel(3, 100, 101),
+        launch(4, 50), kernel(4, 103, 104),  # a 2 us gap: the device's own
+        launch(5, 55), kernel(5, 120, 130),  # 16 us idle, but launched long before: not the host
+        phase("send_result", 130, 135),
+    ]
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    causes = idle_causes(trace)
+    assert (causes.span_us, causes.busy_us, causes.idle_us) == (180, 122, 58)
+    assert causes.waiting_for_step_us == 5
+    assert causes.launched_late_us == {"prepare": 28, "forward": 7}
+    assert (causes.short_gaps_us, causes.not_host_us) == (2, 16)
+    assert causes.num_steps == 1 and causes.phase_us["prepare"] == [20]
+    report = format_idle_causes(causes)
+    assert "waiting for the next step" in report and "launched late in prepare" in report
 
 
 @pytest.mark.slow

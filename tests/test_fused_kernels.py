@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import rotary_qk_norm_, silu_and_mul  # noqa: E402
+from kernels import rotary_qk_norm_, sample_tokens, silu_and_mul  # noqa: E402
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -47,3 +47,31 @@ def test_silu_and_mul_matches_torch() -> None:
     gate, up = gate_up.chunk(2, dim=-1)
     fused = silu_and_mul(gate_up.to(DEVICE)).cpu()
     assert _relative_error(fused, torch.nn.functional.silu(gate) * up) < 1e-6
+
+
+def test_sample_tokens_greedy_rows_are_argmax_with_the_first_maximum() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(3, 9000)
+    logits[0, 17] = logits[0, 8500] = 50.0  # a tie across blocks of the kernel: the first wins
+    logits[1, 4100] = logits[1, 4200] = 50.0  # a tie within one block
+    out = sample_tokens(logits.to(DEVICE), torch.zeros(3, device=DEVICE),
+                        torch.tensor([7], device=DEVICE)).cpu()
+    assert out.tolist() == [17, 4100, int(logits[2].argmax())]
+
+
+def test_sample_tokens_draws_from_softmax_over_temperature() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
+    temperature = 0.7
+    rows = 128  # 1,024 draws; the interpreter runs each row as its own program
+    batch = logits.repeat(rows, 1).to(DEVICE)
+    temperatures = torch.full((rows,), temperature, device=DEVICE)
+    counts = torch.zeros(len(logits))
+    draws = [sample_tokens(batch, temperatures, torch.tensor([seed], device=DEVICE)).cpu() for seed in range(8)]
+    for tokens in draws:
+        counts += torch.bincount(tokens, minlength=len(logits)).float()
+    expected = torch.softmax(logits / temperature, dim=0) * counts.sum()
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 24.3, (counts, expected)  # the 0.001 tail of chi-square with 7 degrees of freedom
+    assert not torch.equal(draws[0], draws[1]), "another seed draws other tokens"
+    again = sample_tokens(batch, temperatures, torch.tensor([0], device=DEVICE)).cpu()
+    assert torch.equal(again, draws[0]), "the same seed draws the same tokens"

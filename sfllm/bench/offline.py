@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sfllm.bench.profiler_trace import gpu_idle, top_kernels
+from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
 from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.sampling_params import SamplingParams
 
@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", default="100:1024", help="A[:B], uniform")
     parser.add_argument("--output-len", default="100:1024", help="A[:B], uniform")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sfllm's decoding: 0 greedy, above it sampled (the baseline stays greedy)")
     parser.add_argument("--max-context-length", type=int, default=4096)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-running-tokens", type=int, default=8192)
@@ -110,8 +112,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
               disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed,
               schedule_policy=args.schedule_policy)
     runner = llm.engine.worker.runner
-    params = [SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True, detokenize=False)
-              for s in specs]
+    params = [SamplingParams(temperature=args.temperature, max_tokens=s.output_len, ignore_eos=True,
+                             detokenize=False) for s in specs]
     prompts = [list(s.prompt) for s in specs]
     warm_up = prompts[:4]
     llm.generate(warm_up, [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * len(warm_up))
@@ -145,6 +147,7 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         for kernel in top_kernels(runner.profiler.last_trace):
             print(f"  {kernel.total_us / 1000:9.2f} ms {100 * kernel.total_us / max(idle.busy_us, 1):5.1f}% "
                   f"x{kernel.count:<5d} {kernel.name[:100]}")
+        print(format_idle_causes(idle_causes(runner.profiler.last_trace)))
     extra = {"graph_capture_s": getattr(runner.graph_runner, "capture_seconds", None),
              "graph_capture_bytes": getattr(runner.graph_runner, "capture_bytes", None),
              "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,

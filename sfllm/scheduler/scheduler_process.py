@@ -25,6 +25,7 @@ from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
                             StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.scheduler.engine_core import EngineCore
+from sfllm.scheduler.loop_time import LoopTime
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class EngineServer:
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.counters = EngineCounters()
+        self.loop_time = LoopTime()
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:
@@ -207,19 +209,27 @@ class EngineServer:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.worker.sock, zmq.POLLIN)
         last_check = time.monotonic()
+        clock = self.loop_time
         while not self.stopping:
             while self.core.submit_next():
                 pass
+            clock.lap("scheduling")
             idle = self.core.num_in_flight == 0
             events = dict(poller.poll(timeout=50 if idle else 1000))
+            clock.lap("idle" if idle else "waiting for the worker")
             if self.sock in events:
                 self._drain_frontends()
+                clock.lap("frontend messages")
             if self.worker.sock in events:
                 self._deliver(self.core.complete(self.worker.collect()))
+                clock.lap("results")
             if time.monotonic() - last_check > 0.5:
                 self.worker.check_alive()
                 self._drop_silent_clients()
                 last_check = time.monotonic()
+                line = clock.report(self.core.num_steps)
+                if line is not None:
+                    logger.info("engine loop, %s", line)
 
     def _drain_frontends(self) -> None:
         while self.sock.poll(timeout=0):

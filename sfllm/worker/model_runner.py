@@ -13,6 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sfllm.config import EngineConfig
@@ -24,12 +25,14 @@ from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.cuda_graph_runner import DecodeGraphRunner
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.memory_planner import GIB, MemoryPlan, plan_cpu_memory, plan_gpu_memory
-from sfllm.worker.sampler import Sampler, SamplerOutput, SamplingInputs
+from sfllm.worker.sampler import Sampler, SamplerOutput, SamplingInputs, temperature_only
 from sfllm.worker.step_inputs import StepInputs, build_step_inputs
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
+
+GPU_MEMORY_REFRESH_S = 1.0  # reading the allocator's statistics costs ~100s of us: not on every step
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,11 +111,10 @@ class PendingStep:
             top = [TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[row, :count].tolist(),
                                                                     top_logprobs[row, :count].tolist())]
             logprobs.append(SampledLogprobs(float(chosen[row]), top))
-        cuda = torch.cuda.is_available()
+        allocated, reserved = self._runner.gpu_memory()
         return ForwardResult(step_id=self._step_id, token_ids=token_ids, logprobs=logprobs,
                              forward_time_s=time.perf_counter() - self._started,
-                             gpu_memory_allocated=torch.cuda.memory_allocated() if cuda else 0,
-                             gpu_memory_reserved=torch.cuda.memory_reserved() if cuda else 0)
+                             gpu_memory_allocated=allocated, gpu_memory_reserved=reserved)
 
 
 class ModelRunner:
@@ -135,8 +137,14 @@ class ModelRunner:
         self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed)
         self.max_slots = config.max_running_requests
         self.sampler = Sampler(config.seed)
-        self.last_tokens = torch.zeros(self.max_slots, dtype=torch.int64, device=self.device)
+        # one spare row past the slots: padding rows of a captured decode step write their token there
+        self.padding_slot = self.max_slots
+        self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self.slots: list[SlotState | None] = [None] * self.max_slots
+        self.slot_temperature = np.zeros(self.max_slots, dtype=np.float32)  # 0: greedy
+        self.slot_temperature_only = np.zeros(self.max_slots, dtype=bool)
+        self._gpu_memory = (0, 0)
+        self._gpu_memory_read = -math.inf
         self._unresolved: deque[PendingStep] = deque()
         self.profiler = StepProfiler()
 
@@ -158,7 +166,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend.supports_cuda_graphs:
             self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device,
                                                   min(config.cuda_graph_max_bs, self.max_slots),
-                                                  self.max_context_length, self.block_size, self._decode_kv_splits)
+                                                  self.max_context_length, self.block_size, self._decode_kv_splits,
+                                                  self.last_tokens, self.padding_slot, config.seed)
             self.graph_runner.capture()
 
     # ---- memory -------------------------------------------------------------------------
@@ -224,24 +233,58 @@ class ModelRunner:
                 self.kv_cache.swap_out(batch.swap_out)
                 self.kv_cache.swap_in(batch.swap_in)
                 for seq in batch.new_sequences:
-                    self.slots[seq.slot] = SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids))
-                if not batch.slots:
-                    return PendingStep(self, batch.step_id, None, [], [], started)
-                inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
-            with nvtx_range("forward"):
-                hidden = self._forward(inputs)
-            if not inputs.sample_slots_host:
+                    self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
+                graph = self.graph_runner is not None and self.graph_runner.can_run(batch)
+                if graph:
+                    self.graph_runner.stage(batch, self.slot_temperature[batch.slots])
+                elif batch.slots:
+                    inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
+            if not batch.slots:
                 return PendingStep(self, batch.step_id, None, [], [], started)
-            with nvtx_range("sample"):
-                logits = self.model.compute_logits(hidden[inputs.logits_indices])
-                states = [self.slots[s] for s in inputs.sample_slots_host]
-                sampling = self._sampling_inputs(states, inputs)
-                output = self.sampler(logits, sampling)
-                self.last_tokens[inputs.sample_slots] = output.token_ids
-                pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
-                                      [s.params.logprobs for s in states], started)
+            if graph:
+                pending = self._replay_graph(batch, started)
+            else:
+                with nvtx_range("forward"):
+                    hidden = self._forward(inputs)
+                if not inputs.sample_slots_host:
+                    return PendingStep(self, batch.step_id, None, [], [], started)
+                with nvtx_range("sample"):
+                    logits = self.model.compute_logits(hidden[inputs.logits_indices])
+                    states = [self.slots[s] for s in inputs.sample_slots_host]
+                    output = self.sampler(logits, self._sampling_inputs(states, inputs.sample_positions))
+                    self.last_tokens[inputs.sample_slots] = output.token_ids
+                    pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
+                                          [s.params.logprobs for s in states], started)
         self._unresolved.append(pending)
         return pending
+
+    def _replay_graph(self, batch: ForwardBatch, started: float) -> PendingStep:
+        """A staged decode step as one captured graph; the eager sampler redraws the rows that need more
+        than a temperature, from the graph's logits."""
+        with nvtx_range("forward"):
+            tokens, logits = self.graph_runner.replay(len(batch.slots))
+        with nvtx_range("sample"):
+            states = [self.slots[s] for s in batch.slots]
+            if self.slot_temperature_only[batch.slots].all():
+                output = SamplerOutput(tokens, None, None, None)
+            else:
+                output = self.sampler(logits, self._sampling_inputs(states, batch.context_lens))
+                self.last_tokens[self.graph_runner.inputs.device["slots"][:len(states)]] = output.token_ids
+            return PendingStep(self, batch.step_id, output, batch.slots, [s.params.logprobs for s in states],
+                               started)
+
+    def _set_slot(self, slot: int, state: SlotState) -> None:
+        self.slots[slot] = state
+        self.slot_temperature[slot] = 0.0 if state.params.greedy else state.params.temperature
+        self.slot_temperature_only[slot] = temperature_only(state.params, self.source.config.vocab_size)
+
+    def gpu_memory(self) -> tuple[int, int]:
+        """(allocated, reserved) bytes on the GPU, read at most every GPU_MEMORY_REFRESH_S."""
+        now = time.monotonic()
+        if self.device.type == "cuda" and now - self._gpu_memory_read >= GPU_MEMORY_REFRESH_S:
+            self._gpu_memory = (torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device))
+            self._gpu_memory_read = now
+        return self._gpu_memory
 
     def _decode_kv_splits(self, batch_size: int) -> int | None:
         """Split-KV partitions for a decode batch: the same for a batch and the graph it is padded to."""
@@ -254,14 +297,12 @@ class ModelRunner:
                                     self._num_sms)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs.meta):
-            return self.graph_runner.run(inputs)
         if inputs.meta.is_decode:
             inputs.meta.num_kv_splits = self._decode_kv_splits(inputs.meta.batch_size)
         self.backend.prepare(inputs.meta)
         return self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
 
-    def _sampling_inputs(self, states: list[SlotState], inputs: StepInputs) -> SamplingInputs:
+    def _sampling_inputs(self, states: list[SlotState], positions: list[int]) -> SamplingInputs:
         params = [s.params for s in states]
         penalty_tokens = None
         if any(p.has_penalties for p in params):
@@ -269,8 +310,7 @@ class ModelRunner:
             self.resolve_all()
             penalty_tokens = [(s.prompt_token_ids, s.output_token_ids) if s.params.has_penalties else ([], [])
                               for s in states]
-        return SamplingInputs.build(params, inputs.sample_positions, self.source.config.vocab_size, self.device,
-                                    penalty_tokens)
+        return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens)
 
     def resolve_through(self, pending: PendingStep) -> None:
         """Resolves launched steps in launch order up to `pending` (penalties need that order)."""

@@ -93,6 +93,17 @@ def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], 
     )
 
 
+def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
+    decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
+    if params.has_penalties or params.logprobs is not None:
+        return False
+    if params.greedy:
+        return True
+    return (params.seed is None and (params.top_k == -1 or params.top_k >= vocab_size) and params.top_p >= 1.0
+            and params.min_p == 0.0)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor                 # [B] int64

@@ -17,6 +17,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutdown, StartProfile, StopProfile,
                             WorkerFailed)
 from sfllm.model_source import resolve_model
+from sfllm.nvtx import nvtx_range
 from sfllm.worker.inprocess_worker import worker_ready
 from sfllm.worker.model_runner import ModelRunner, PendingStep
 
@@ -56,12 +57,14 @@ def run_worker(config: EngineConfig, address: str) -> int:
     try:
         while not stop:
             if pending and pending[0].ready():
-                sock.send(codec.encode(pending.popleft().result()))
+                with nvtx_range("send_result"):
+                    sock.send(codec.encode(pending.popleft().result()))
                 continue
             # a short wait while a step runs on the device, so the next one is launched early
             if not sock.poll(timeout=0.05 if pending else 100):
                 continue
-            message = codec.decode(sock.recv())
+            with nvtx_range("receive"):
+                message = codec.decode(sock.recv())
             if isinstance(message, ForwardBatch):
                 pending.append(runner.execute(message))
             elif isinstance(message, StartProfile):

@@ -142,3 +142,35 @@ def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path) -> None:
         torch.cuda.empty_cache()
     assert results[True] == results[False]
     assert [len(t) for t in results[True]] == [p.max_tokens for p in params]
+
+
+def test_sampling_inside_the_graph(checkpoint: Path) -> None:
+    """Greedy, temperature-only and other rows in one graph batch: greedy rows decode as in an all-greedy
+    eager run, temperature 1 samples other tokens, a logprobs row (the eager sampler on the graph's
+    logits) reports its sampled token first, and the same engine seed samples the same tokens again."""
+    from sfllm import SamplingParams
+    prompts = _prompts()
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    mixed = [greedy, SamplingParams(temperature=0.5, max_tokens=24, ignore_eos=True),
+             SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True),
+             SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True),
+             greedy, SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True), greedy]
+    runs = {}
+    for name, overrides, params in (("eager greedy", {"disable_cuda_graph": True}, [greedy] * len(prompts)),
+                                    ("graphs", {}, mixed), ("graphs again", {}, mixed)):
+        llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", **overrides)
+        runs[name] = [r.outputs[0] for r in llm.generate(prompts, params)]
+        assert llm.kv_usage()[0] == llm.kv_usage()[1]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    reference = [o.token_ids for o in runs["eager greedy"]]
+    sampled = [o.token_ids for o in runs["graphs"]]
+    for row in (0, 3, 5, 7):
+        assert sampled[row] == reference[row], f"row {row} should decode greedily"
+    assert sampled[2] != reference[2] and sampled[6] != reference[6], "temperature 1 samples"
+    assert all(len(t) == 24 and all(0 <= x < VOCAB for x in t) for t in sampled)
+    logprobs = runs["graphs"][3].logprobs
+    assert len(logprobs) == 24 and all(lp.top[0].token_id == token for lp, token in zip(logprobs, sampled[3]))
+    assert sampled == [o.token_ids for o in runs["graphs again"]], "one engine seed, one draw"

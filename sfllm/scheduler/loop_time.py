@@ -1,0 +1,43 @@
+"""Where the engine loop's time goes, summed by activity and logged every interval while steps run.
+
+At small batches a decode step is bound by host work; this line tells an operator whether the
+engine waits for the worker (the GPU or the worker's host work is the limit) or the worker waits
+for the engine (scheduling, results, frontend messages are).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+LOG_INTERVAL_S = 10.0
+
+
+class LoopTime:
+    """`lap(activity)` charges the time since the previous lap to `activity`: one clock read each."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self.seconds: dict[str, float] = {}
+        self._last = self._started = clock()
+        self._steps_at_start = 0
+
+    def lap(self, activity: str) -> None:
+        now = self._clock()
+        self.seconds[activity] = self.seconds.get(activity, 0.0) + now - self._last
+        self._last = now
+
+    def report(self, num_steps: int) -> str | None:
+        """Once an interval has passed: its shares and time per step of each activity (None if no step
+        ran); the next interval starts."""
+        now = self._clock()
+        elapsed = now - self._started
+        if elapsed < self.interval_s:
+            return None
+        steps = num_steps - self._steps_at_start
+        parts = [f"{activity} {100 * seconds / elapsed:.0f}% ({1e6 * seconds / max(steps, 1):.0f} us/step)"
+                 for activity, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
+        self.seconds = {}
+        self._started = now
+        self._steps_at_start = num_steps
+        return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts) if steps else None

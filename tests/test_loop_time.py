@@ -1,0 +1,24 @@
+"""The engine loop's time accounting, on a scripted clock."""
+from __future__ import annotations
+
+from sfllm.scheduler.loop_time import LoopTime
+
+
+def test_laps_are_summed_by_activity_and_reported_once_per_interval() -> None:
+    now = [0.0]
+    loop = LoopTime(interval_s=10.0, clock=lambda: now[0])
+    for _ in range(4):
+        now[0] += 1.0
+        loop.lap("waiting for the worker")
+        now[0] += 0.5
+        loop.lap("results")
+    assert loop.report(num_steps=4) is None  # 6 s: the interval has not passed
+    now[0] += 4.0
+    loop.lap("scheduling")
+    line = loop.report(num_steps=4)
+    assert line == ("4 steps in 10.0 s: waiting for the worker 40% (1000000 us/step), scheduling 40% "
+                    "(1000000 us/step), results 20% (500000 us/step)")
+    now[0] += 11.0
+    loop.lap("idle")
+    assert loop.report(num_steps=4) is None  # a new interval, and no step ran in it
+    assert loop.seconds == {}
