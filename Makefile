@@ -28,7 +28,7 @@ test: $(VENV)/.installed nginx
 	$(PY) -m pytest -q -rs --durations=25 tests $(ARGS)
 
 test-gpu: $(VENV)/.installed
-	$(PY) -m pytest -q -rs tests/gpu $(ARGS)
+	$(PY) -m pytest -q -rs tests/gpu tests/test_kernels.py tests/test_fused_kernels.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)
