@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Same host, alternating: a base commit's server and this tree's, served at concurrency 1 and 10
-# (GPU utilisation, TPOT), then the standard offline workload of each. Logs under $OUT.
+# (GPU utilisation, TPOT; other levels in $LEVELS and $REQUESTS), then the standard offline workload
+# of each. Logs under $OUT.
 #   bash scripts/ab_small_batch.sh BASE_COMMIT [ROUNDS]
 set -u
 BASE=$1
@@ -10,6 +11,8 @@ mkdir -p "$OUT" /tmp/base
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1
 git archive "$BASE" | tar -x -C /tmp/base
 HERE=$PWD
+LEVELS=${LEVELS:-1,10}
+REQUESTS=${REQUESTS:-24,200}
 
 serve() {  # serve TREE TAG
   (cd "$1" && PYTHONPATH=/tmp/site:$1 exec python3 -m sfllm launch --model qwen3-0.6b --load-format dummy \
@@ -17,7 +20,7 @@ serve() {  # serve TREE TAG
     >"$OUT/ab-server-$2.log" 2>&1) &
   for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
   PYTHONPATH=/tmp/site:$HERE timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:8081 \
-    --concurrency 1,10 --requests 24,200 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 \
+    --concurrency "$LEVELS" --requests "$REQUESTS" --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 \
     --output-file "$OUT/ab-$2.json" >"$OUT/ab-$2.log" 2>&1
   echo "$2: $(grep -E '^(GPU utilisation|TPOT p50|TTFT p50|output tokens/s)' "$OUT/ab-$2.log" | tr -s ' ' | tr '\n' ';')"
   pkill -TERM -f "sfllm launch"
