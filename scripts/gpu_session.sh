@@ -121,7 +121,7 @@ PY
       sleep 2; trace=$(ls -t /tmp/prof-serve/*.json | head -1)
       echo "served, concurrency $c, worker trace:"; python3 -m sfllm.bench.profiler_trace "$trace" | tail -n +2
     done
-    grep "engine loop" "$OUT/server-smallbatch$SERVE_TAG.log"
+    grep -E "engine loop|worker loop" "$OUT/server-smallbatch$SERVE_TAG.log"
     pkill -TERM -f "sfllm launch"
     for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   large)

@@ -1,7 +1,7 @@
 """The engine loop's time accounting, on a scripted clock."""
 from __future__ import annotations
 
-from sfllm.scheduler.loop_time import LoopTime
+from sfllm.loop_time import LoopTime
 
 
 def test_laps_are_summed_by_activity_and_reported_once_per_interval() -> None:

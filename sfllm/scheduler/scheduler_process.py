@@ -25,7 +25,7 @@ from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
                             StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.scheduler.engine_core import EngineCore
-from sfllm.scheduler.loop_time import LoopTime
+from sfllm.loop_time import LoopTime
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sfllm.config import EngineConfig
+from sfllm.loop_time import LoopTime
 from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs, TokenLogprob
 from sfllm.model_source import ModelSource
 from sfllm.nvtx import nvtx_range
@@ -147,6 +148,8 @@ class ModelRunner:
         self._gpu_memory_read = -math.inf
         self._unresolved: deque[PendingStep] = deque()
         self.profiler = StepProfiler()
+        self.num_steps = 0
+        self.loop_time: LoopTime | None = None  # the worker process's, charged with each phase of a step
 
         self.plan = self._plan_memory()
         kv_block_bytes = self.plan.kv_block_bytes
@@ -228,6 +231,7 @@ class ModelRunner:
     def execute(self, batch: ForwardBatch) -> PendingStep:
         started = time.perf_counter()
         self.profiler.step()
+        self.num_steps += 1
         with torch.inference_mode():
             with nvtx_range("prepare"):
                 self.kv_cache.swap_out(batch.swap_out)
@@ -239,6 +243,7 @@ class ModelRunner:
                     self.graph_runner.stage(batch, self.slot_temperature[batch.slots])
                 elif batch.slots:
                     inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
+            self._lap("prepare")
             if not batch.slots:
                 return PendingStep(self, batch.step_id, None, [], [], started)
             if graph:
@@ -246,6 +251,7 @@ class ModelRunner:
             else:
                 with nvtx_range("forward"):
                     hidden = self._forward(inputs)
+                self._lap("forward")
                 if not inputs.sample_slots_host:
                     return PendingStep(self, batch.step_id, None, [], [], started)
                 with nvtx_range("sample"):
@@ -255,6 +261,7 @@ class ModelRunner:
                     self.last_tokens[inputs.sample_slots] = output.token_ids
                     pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
                                           [s.params.logprobs for s in states], started)
+                self._lap("sample")
         self._unresolved.append(pending)
         return pending
 
@@ -263,6 +270,7 @@ class ModelRunner:
         than a temperature, from the graph's logits."""
         with nvtx_range("forward"):
             tokens, logits = self.graph_runner.replay(len(batch.slots))
+        self._lap("forward")
         with nvtx_range("sample"):
             states = [self.slots[s] for s in batch.slots]
             if self.slot_temperature_only[batch.slots].all():
@@ -270,8 +278,14 @@ class ModelRunner:
             else:
                 output = self.sampler(logits, self._sampling_inputs(states, batch.context_lens))
                 self.last_tokens[self.graph_runner.inputs.device["slots"][:len(states)]] = output.token_ids
-            return PendingStep(self, batch.step_id, output, batch.slots, [s.params.logprobs for s in states],
-                               started)
+            pending = PendingStep(self, batch.step_id, output, batch.slots, [s.params.logprobs for s in states],
+                                  started)
+        self._lap("sample")
+        return pending
+
+    def _lap(self, phase: str) -> None:
+        if self.loop_time is not None:
+            self.loop_time.lap(phase)
 
     def _set_slot(self, slot: int, state: SlotState) -> None:
         self.slots[slot] = state

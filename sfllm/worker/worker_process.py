@@ -14,6 +14,7 @@ from collections import deque
 import zmq
 
 from sfllm.config import EngineConfig
+from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutdown, StartProfile, StopProfile,
                             WorkerFailed)
 from sfllm.model_source import resolve_model
@@ -54,17 +55,25 @@ def run_worker(config: EngineConfig, address: str) -> int:
         logger.error("no scheduler took the worker's ready message within 30 s; the worker exits")
         return 1
     pending: deque[PendingStep] = deque()
+    clock = runner.loop_time = LoopTime()
     try:
         while not stop:
             if pending and pending[0].ready():
+                clock.lap("waiting")
                 with nvtx_range("send_result"):
                     sock.send(codec.encode(pending.popleft().result()))
+                clock.lap("sending results")
                 continue
             # a short wait while a step runs on the device, so the next one is launched early
             if not sock.poll(timeout=0.05 if pending else 100):
+                line = clock.report(runner.num_steps)
+                if line is not None:
+                    logger.info("worker loop, %s", line)
                 continue
+            clock.lap("waiting")
             with nvtx_range("receive"):
                 message = codec.decode(sock.recv())
+            clock.lap("receiving")
             if isinstance(message, ForwardBatch):
                 pending.append(runner.execute(message))
             elif isinstance(message, StartProfile):

@@ -1,8 +1,9 @@
-"""Where the engine loop's time goes, summed by activity and logged every interval while steps run.
+"""Where a process loop's time goes, summed by activity and logged every interval while steps run.
 
-At small batches a decode step is bound by host work; this line tells an operator whether the
-engine waits for the worker (the GPU or the worker's host work is the limit) or the worker waits
-for the engine (scheduling, results, frontend messages are).
+At small batches a decode step is bound by host work. The engine's line tells whether it waits for
+the worker (the GPU or the worker's host work sets the pace) or the worker waits for it (scheduling,
+results, frontend messages do); the worker's line splits its own time into waiting and the phases
+of a step.
 """
 from __future__ import annotations
 
