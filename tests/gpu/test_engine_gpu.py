@@ -145,32 +145,37 @@ def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path) -> None:
 
 
 def test_sampling_inside_the_graph(checkpoint: Path) -> None:
-    """Greedy, temperature-only and other rows in one graph batch: greedy rows decode as in an all-greedy
-    eager run, temperature 1 samples other tokens, a logprobs row (the eager sampler on the graph's
-    logits) reports its sampled token first, and the same engine seed samples the same tokens again."""
+    """Greedy, temperature-only and other rows in one graph batch. Rows the graph samples by itself: greedy
+    ones decode as in an all-greedy eager run, temperature 1 samples other tokens. Rows redrawn by the eager
+    sampler from the graph's logits (logprobs, a seed, penalties, top-p): the deterministic ones equal an
+    eager run of the same batch. The same engine seed samples the same tokens again."""
     from sfllm import SamplingParams
+
+    def params(**kwargs):
+        return SamplingParams(max_tokens=24, ignore_eos=True, **kwargs)
+
     prompts = _prompts()
-    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    mixed = [greedy, SamplingParams(temperature=0.5, max_tokens=24, ignore_eos=True),
-             SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True),
-             SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2),
-             SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True),
-             greedy, SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True), greedy]
+    greedy = params(temperature=0.0)
+    mixed = [greedy, params(temperature=0.5), params(temperature=1.0), params(temperature=0.0, logprobs=2),
+             params(temperature=0.8, top_p=0.9), params(temperature=0.9, seed=1234),
+             params(temperature=1.0), params(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5)]
     runs = {}
-    for name, overrides, params in (("eager greedy", {"disable_cuda_graph": True}, [greedy] * len(prompts)),
-                                    ("graphs", {}, mixed), ("graphs again", {}, mixed)):
+    for name, overrides, batch in (("eager greedy", {"disable_cuda_graph": True}, [greedy] * len(prompts)),
+                                   ("eager mixed", {"disable_cuda_graph": True}, mixed),
+                                   ("graphs", {}, mixed), ("graphs again", {}, mixed)):
         llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", **overrides)
-        runs[name] = [r.outputs[0] for r in llm.generate(prompts, params)]
+        runs[name] = [r.outputs[0] for r in llm.generate(prompts, batch)]
         assert llm.kv_usage()[0] == llm.kv_usage()[1]
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     reference = [o.token_ids for o in runs["eager greedy"]]
     sampled = [o.token_ids for o in runs["graphs"]]
-    for row in (0, 3, 5, 7):
-        assert sampled[row] == reference[row], f"row {row} should decode greedily"
+    assert sampled[0] == reference[0] and sampled[3] == reference[3]
     assert sampled[2] != reference[2] and sampled[6] != reference[6], "temperature 1 samples"
     assert all(len(t) == 24 and all(0 <= x < VOCAB for x in t) for t in sampled)
+    for row in (3, 5, 7):  # greedy with logprobs, seeded, greedy with penalties
+        assert sampled[row] == runs["eager mixed"][row].token_ids, f"row {row}: graph and eager disagree"
     logprobs = runs["graphs"][3].logprobs
     assert len(logprobs) == 24 and all(lp.top[0].token_id == token for lp, token in zip(logprobs, sampled[3]))
     assert sampled == [o.token_ids for o in runs["graphs again"]], "one engine seed, one draw"
