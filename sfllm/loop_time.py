@@ -20,25 +20,29 @@ class LoopTime:
         self.interval_s = interval_s
         self._clock = clock
         self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
         self._last = self._started = clock()
         self._steps_at_start = 0
 
     def lap(self, activity: str) -> None:
         now = self._clock()
         self.seconds[activity] = self.seconds.get(activity, 0.0) + now - self._last
+        self.calls[activity] = self.calls.get(activity, 0) + 1
         self._last = now
 
     def report(self, num_steps: int) -> str | None:
-        """Once an interval has passed: its shares and time per step of each activity (None if no step
-        ran); the next interval starts."""
+        """Once an interval has passed: each activity's share of it, time per step, and time per lap and
+        laps (None if no step ran); the next interval starts."""
         now = self._clock()
         elapsed = now - self._started
         if elapsed < self.interval_s:
             return None
         steps = num_steps - self._steps_at_start
-        parts = [f"{activity} {100 * seconds / elapsed:.0f}% ({1e6 * seconds / max(steps, 1):.0f} us/step)"
+        parts = [f"{activity} {100 * seconds / elapsed:.0f}% ({1e6 * seconds / max(steps, 1):.0f} us/step, "
+                 f"{1e6 * seconds / self.calls[activity]:.0f} us x {self.calls[activity]})"
                  for activity, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
         self.seconds = {}
+        self.calls = {}
         self._started = now
         self._steps_at_start = num_steps
         return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts) if steps else None

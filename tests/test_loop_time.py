@@ -16,9 +16,9 @@ def test_laps_are_summed_by_activity_and_reported_once_per_interval() -> None:
     now[0] += 4.0
     loop.lap("scheduling")
     line = loop.report(num_steps=4)
-    assert line == ("4 steps in 10.0 s: waiting for the worker 40% (1000000 us/step), scheduling 40% "
-                    "(1000000 us/step), results 20% (500000 us/step)")
+    assert line == ("4 steps in 10.0 s: waiting for the worker 40% (1000000 us/step, 1000000 us x 4), "
+                    "scheduling 40% (1000000 us/step, 4000000 us x 1), results 20% (500000 us/step, 500000 us x 4)")
     now[0] += 11.0
     loop.lap("idle")
     assert loop.report(num_steps=4) is None  # a new interval, and no step ran in it
-    assert loop.seconds == {}
+    assert loop.seconds == {} and loop.calls == {}

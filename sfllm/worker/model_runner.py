@@ -243,7 +243,7 @@ class ModelRunner:
                     self.graph_runner.stage(batch, self.slot_temperature[batch.slots])
                 elif batch.slots:
                     inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
-            self._lap("prepare")
+            self._lap("prepare" if graph else "eager prepare")
             if not batch.slots:
                 return PendingStep(self, batch.step_id, None, [], [], started)
             if graph:
@@ -251,7 +251,7 @@ class ModelRunner:
             else:
                 with nvtx_range("forward"):
                     hidden = self._forward(inputs)
-                self._lap("forward")
+                self._lap("eager forward")
                 if not inputs.sample_slots_host:
                     return PendingStep(self, batch.step_id, None, [], [], started)
                 with nvtx_range("sample"):
@@ -261,7 +261,7 @@ class ModelRunner:
                     self.last_tokens[inputs.sample_slots] = output.token_ids
                     pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
                                           [s.params.logprobs for s in states], started)
-                self._lap("sample")
+                self._lap("eager sample")
         self._unresolved.append(pending)
         return pending
 
