@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sfllm.bench import offline
-from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
+from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_host_calls, top_kernels
 
 
 def write_trace(path: Path, events: list[tuple[str, str, float, float]]) -> Path:
@@ -70,6 +70,7 @@ def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path) 
     assert causes.launched_late_us == {"prepare": 28, "forward": 7}
     assert (causes.short_gaps_us, causes.not_host_us) == (2, 16)
     assert causes.num_steps == 1 and causes.phase_us["prepare"] == [20]
+    assert [(c.name, c.total_us, c.count) for c in top_host_calls(trace, limit=1)] == [("cudaLaunchKernel", 6, 6)]
     report = format_idle_causes(causes)
     assert "waiting for the next step" in report and "launched late in prepare" in report
 

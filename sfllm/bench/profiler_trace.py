@@ -53,6 +53,17 @@ def top_kernels(trace: Path, limit: int = 10) -> list[KernelTotal]:
     return sorted(totals.values(), key=lambda t: t.total_us, reverse=True)[:limit]
 
 
+def top_host_calls(trace: Path, limit: int = 15) -> list[KernelTotal]:
+    """Host time per operator and CUDA API call name (inclusive of what they call), largest first."""
+    totals: dict[str, KernelTotal] = {}
+    for event in _load(trace):
+        if event.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver"):
+            total = totals.setdefault(event["name"], KernelTotal(event["name"], 0.0, 0))
+            total.total_us += event.get("dur", 0)
+            total.count += 1
+    return sorted(totals.values(), key=lambda t: t.total_us, reverse=True)[:limit]
+
+
 def gpu_idle(trace: Path | list[dict]) -> GpuIdle:
     kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in _gpu_events(trace))
     if not kernels:
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in argv if argv is not None else sys.argv[1:]:
         print(path)
         print(format_idle_causes(idle_causes(Path(path))))
+        print("host time by call (inclusive):")
+        for call in top_host_calls(Path(path)):
+            print(f"  {call.total_us / 1000:9.2f} ms x{call.count:<6d} {call.name[:100]}")
     return 0
 
 
