@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from sfllm.messages import ForwardBatch
-from sfllm.worker.decode_inputs import NUM_HOST_BUFFERS, DecodeInputs
+from sfllm.worker.decode_inputs import DecodeInputs
+from sfllm.worker.pinned_staging import NUM_BUFFERS, PinnedStaging
 
 BLOCK_SIZE = 4
 PADDING_SLOT = 16
@@ -41,9 +42,19 @@ def test_a_smaller_batch_after_a_larger_one_pads_over_the_stale_rows() -> None:
     inputs = DecodeInputs(max_rows=8, max_blocks=3, block_size=BLOCK_SIZE, padding_slot=PADDING_SLOT,
                           device=torch.device("cpu"))
     inputs.stage(decode_batch([1, 2, 3, 4], [2, 2, 2, 2], [[1], [2], [3], [4]]), np.ones(4, np.float32), padded=4)
-    for _ in range(NUM_HOST_BUFFERS):  # every host buffer in turn
+    for _ in range(NUM_BUFFERS):  # every host buffer in turn
         inputs.stage(decode_batch([5], [9], [[7, 8, 9]]), np.zeros(1, np.float32), padded=2)
         d = inputs.device
         assert d["slots"][:2].tolist() == [5, PADDING_SLOT]
         assert d["seq_lens"][:2].tolist() == [9, 0] and d["slot_mapping"][:2].tolist() == [9 * 4 + 0, -1]
         assert d["block_tables"][0].tolist() == [7, 8, 9]
+
+
+def test_pinned_staging_hands_buffers_out_in_turn_and_grows_them() -> None:
+    staging = PinnedStaging(torch.device("cpu"), num_buffers=2)
+    first = staging.take(16)
+    second = staging.take(16)
+    assert first.data_ptr() != second.data_ptr()
+    assert staging.take(8).data_ptr() == first.data_ptr(), "the first buffer again, and big enough"
+    grown = staging.take(64)
+    assert grown.numel() == 64 and grown.data_ptr() != second.data_ptr()

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from sfllm.messages import ForwardBatch
-
-NUM_HOST_BUFFERS = 4  # a host buffer is refilled only once its copy has run (an event says so)
+from sfllm.worker.pinned_staging import PinnedStaging
 
 
 @dataclass
@@ -50,13 +49,9 @@ class DecodeInputs:
         self.device = self._views(self.device_bytes)
         self.device["slot_mapping"].fill_(-1)
         self.device["slots"].fill_(padding_slot)
-        self._cuda = device.type == "cuda"  # on a CPU device (tests) the same layout, without pinning or events
-        self._host_bytes = [torch.zeros(offset, dtype=torch.uint8) for _ in range(NUM_HOST_BUFFERS)]
-        if self._cuda:
-            self._host_bytes = [b.pin_memory() for b in self._host_bytes]
-        self._host = [{k: v.numpy() for k, v in self._views(b).items()} for b in self._host_bytes]
-        self._copied: list[torch.cuda.Event | None] = [None] * NUM_HOST_BUFFERS
-        self._next = 0
+        self._cuda = device.type == "cuda"
+        self._staging = PinnedStaging(device)
+        self._host_views: dict[int, dict[str, np.ndarray]] = {}  # by buffer address: the staging reuses them
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         views = {}
@@ -69,11 +64,11 @@ class DecodeInputs:
     def stage(self, batch: ForwardBatch, temperatures: np.ndarray, padded: int) -> None:
         """Writes the decode batch (one new token per sequence) and `padded - len(batch.slots)` padding
         rows, then copies them to the device on the current stream."""
-        index = self._next
-        self._next = (index + 1) % NUM_HOST_BUFFERS
-        if self._copied[index] is not None:
-            self._copied[index].synchronize()
-        host = self._host[index]
+        host_bytes = self._staging.take(self.num_bytes)
+        host = self._host_views.get(host_bytes.data_ptr())
+        if host is None:
+            host_bytes.zero_()
+            host = self._host_views[host_bytes.data_ptr()] = {k: v.numpy() for k, v in self._views(host_bytes).items()}
         n = len(batch.slots)
         context_lens = np.asarray(batch.context_lens, dtype=np.int64)
         positions = context_lens - 1
@@ -97,7 +92,5 @@ class DecodeInputs:
         # Entries past a row's table are stale, never read: the kernels stop at seq_lens.
         tables_field = self.fields[-1]
         used = tables_field.offset + padded * tables_field.columns * tables_field.dtype.itemsize
-        self.device_bytes[:used].copy_(self._host_bytes[index][:used], non_blocking=self._cuda)
-        if self._cuda:
-            self._copied[index] = torch.cuda.Event()
-            self._copied[index].record()
+        self.device_bytes[:used].copy_(host_bytes[:used], non_blocking=self._cuda)
+        self._staging.copy_launched()

@@ -26,6 +26,7 @@ from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.cuda_graph_runner import DecodeGraphRunner
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.memory_planner import GIB, MemoryPlan, plan_cpu_memory, plan_gpu_memory
+from sfllm.worker.pinned_staging import PinnedStaging
 from sfllm.worker.sampler import Sampler, SamplerOutput, SamplingInputs, temperature_only
 from sfllm.worker.step_inputs import StepInputs, build_step_inputs
 from sfllm.worker.step_profiler import StepProfiler
@@ -142,6 +143,8 @@ class ModelRunner:
         self.padding_slot = self.max_slots
         self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self.slots: list[SlotState | None] = [None] * self.max_slots
+        # on a CPU device the "copy" returns the buffer itself: a fresh one per step keeps the steps apart
+        self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.slot_temperature = np.zeros(self.max_slots, dtype=np.float32)  # 0: greedy
         self.slot_temperature_only = np.zeros(self.max_slots, dtype=bool)
         self._gpu_memory = (0, 0)
@@ -242,7 +245,7 @@ class ModelRunner:
                 if graph:
                     self.graph_runner.stage(batch, self.slot_temperature[batch.slots])
                 elif batch.slots:
-                    inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
+                    inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device, self.staging)
             self._lap("prepare" if graph else "eager prepare")
             if not batch.slots:
                 return PendingStep(self, batch.step_id, None, [], [], started)

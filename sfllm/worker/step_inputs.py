@@ -9,6 +9,7 @@ import torch
 
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.metadata import AttentionMetadata
+from sfllm.worker.pinned_staging import PinnedStaging
 
 
 @dataclass
@@ -23,7 +24,8 @@ class StepInputs:
 
 
 def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.Tensor,
-                      device: torch.device) -> StepInputs:
+                      device: torch.device, staging: PinnedStaging | None = None) -> StepInputs:
+    """`staging` provides the host buffer of the copy (a fresh one when None)."""
     num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
     context_lens = np.asarray(batch.context_lens, dtype=np.int64)
     slots = np.asarray(batch.slots, dtype=np.int64)
@@ -54,15 +56,17 @@ def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.T
              token_slots, block_tables.reshape(-1)]
     # Each part is followed by a pad of 0 or 1 elements; one split yields parts and pads alike.
     parts_and_pads = [n for part in parts for n in (len(part), len(part) % 2)]
-    host = np.empty(sum(parts_and_pads), dtype=np.int64)  # the padding is never read
+    total = sum(parts_and_pads)
+    host_bytes = staging.take(8 * total) if staging is not None else torch.empty(8 * total, dtype=torch.uint8)
+    packed = host_bytes.view(torch.int64)
+    host = packed.numpy()  # the padding is never read
     start = 0
     for part, pad in zip(parts, parts_and_pads[1::2]):
         host[start:start + len(part)] = part
         start += len(part) + pad
-    packed = torch.from_numpy(host)
-    if device.type == "cuda":
-        packed = packed.pin_memory()
     packed = packed.to(device, non_blocking=True)
+    if staging is not None:
+        staging.copy_launched()
     (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = packed.split(parts_and_pads)[::2]
 
     placeholders = input_ids < 0
