@@ -248,24 +248,30 @@ class ModelRunner:
                     inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device, self.staging)
             self._lap("prepare" if graph else "eager prepare")
             if not batch.slots:
-                return PendingStep(self, batch.step_id, None, [], [], started)
-            if graph:
+                pending = PendingStep(self, batch.step_id, None, [], [], started)
+            elif graph:
                 pending = self._replay_graph(batch, started)
             else:
-                with nvtx_range("forward"):
-                    hidden = self._forward(inputs)
-                self._lap("eager forward")
-                if not inputs.sample_slots_host:
-                    return PendingStep(self, batch.step_id, None, [], [], started)
-                with nvtx_range("sample"):
-                    logits = self.model.compute_logits(hidden[inputs.logits_indices])
-                    states = [self.slots[s] for s in inputs.sample_slots_host]
-                    output = self.sampler(logits, self._sampling_inputs(states, inputs.sample_positions))
-                    self.last_tokens[inputs.sample_slots] = output.token_ids
-                    pending = PendingStep(self, batch.step_id, output, inputs.sample_slots_host,
-                                          [s.params.logprobs for s in states], started)
-                self._lap("eager sample")
+                pending = self._run_eager(batch.step_id, inputs, started)
+        # every step, sampled or not, resolves in launch order
         self._unresolved.append(pending)
+        return pending
+
+    def _run_eager(self, step_id: int, inputs: StepInputs, started: float) -> PendingStep:
+        """Any step (prefill chunks, mixed, or decode beyond the captured sizes), op by op."""
+        with nvtx_range("forward"):
+            hidden = self._forward(inputs)
+        self._lap("eager forward")
+        if not inputs.sample_slots_host:
+            return PendingStep(self, step_id, None, [], [], started)
+        with nvtx_range("sample"):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            states = [self.slots[s] for s in inputs.sample_slots_host]
+            output = self.sampler(logits, self._sampling_inputs(states, inputs.sample_positions))
+            self.last_tokens[inputs.sample_slots] = output.token_ids
+            pending = PendingStep(self, step_id, output, inputs.sample_slots_host, [s.params.logprobs for s in states],
+                                  started)
+        self._lap("eager sample")
         return pending
 
     def _replay_graph(self, batch: ForwardBatch, started: float) -> PendingStep:
