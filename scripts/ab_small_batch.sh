@@ -22,7 +22,8 @@ serve() {  # serve TREE TAG
   PYTHONPATH=/tmp/site:$HERE timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:8081 \
     --concurrency "$LEVELS" --requests "$REQUESTS" --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 \
     --output-file "$OUT/ab-$2.json" >"$OUT/ab-$2.log" 2>&1
-  echo "$2: $(grep -E '^(GPU utilisation|TPOT p50|TTFT p50|output tokens/s)' "$OUT/ab-$2.log" | tr -s ' ' | tr '\n' ';')"
+  summary=$(grep -E '^(GPU utilisation|TPOT p50|TTFT p50|output tokens/s)' "$OUT/ab-$2.log" | tr -s ' ')
+  echo "$2: $(echo "$summary" | tr '\n' ';')"
   pkill -TERM -f "sfllm launch"
   for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done
 }

@@ -22,8 +22,8 @@ for stage in "$@"; do
   case $stage in
   tests)
     # the GPU suite, and the kernel tests that CI interprets on its CPU, compiled here
-    timeout 360 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py -q -x -p no:cacheprovider \
-      -o addopts="" >"$OUT/tests.log" 2>&1
+    timeout 360 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py -q -x \
+      -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \

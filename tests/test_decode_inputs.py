@@ -24,7 +24,7 @@ def test_stage_writes_rows_and_padding() -> None:
                           device=torch.device("cpu"))
     batch = decode_batch([3, 0, 7], [6, 1, 17], [[10, 11], [2], [5, 6, 7, 8, 9]])
     inputs.stage(batch, np.array([0.0, 0.7, 1.0], dtype=np.float32), padded=4)
-    d = inputs.device
+    d = inputs.device_views
     assert d["input_ids"][:3].tolist() == [-1, -1, 42]
     assert d["positions"][:3].tolist() == [5, 0, 16]
     # the new token's KV slot: block_table[p // 4] * 4 + p % 4; the padding row stores nothing
@@ -44,7 +44,7 @@ def test_a_smaller_batch_after_a_larger_one_pads_over_the_stale_rows() -> None:
     inputs.stage(decode_batch([1, 2, 3, 4], [2, 2, 2, 2], [[1], [2], [3], [4]]), np.ones(4, np.float32), padded=4)
     for _ in range(NUM_BUFFERS):  # every host buffer in turn
         inputs.stage(decode_batch([5], [9], [[7, 8, 9]]), np.zeros(1, np.float32), padded=2)
-        d = inputs.device
+        d = inputs.device_views
         assert d["slots"][:2].tolist() == [5, PADDING_SLOT]
         assert d["seq_lens"][:2].tolist() == [9, 0] and d["slot_mapping"][:2].tolist() == [9 * 4 + 0, -1]
         assert d["block_tables"][0].tolist() == [7, 8, 9]

@@ -64,7 +64,7 @@ class DecodeGraphRunner:
         self.capture_bytes = 0
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
-        views = self.inputs.device
+        views = self.inputs.device_views
         return AttentionMetadata(
             slot_mapping=views["slot_mapping"][:batch_size],
             query_start_loc=self.query_start_loc[:batch_size + 1],
@@ -78,7 +78,7 @@ class DecodeGraphRunner:
         )
 
     def _run_step(self, batch_size: int) -> torch.Tensor:
-        views = self.inputs.device
+        views = self.inputs.device_views
         slots = views["slots"][:batch_size]
         staged_ids = views["input_ids"][:batch_size]
         input_ids = torch.where(staged_ids < 0, self.last_tokens[slots], staged_ids)

@@ -25,7 +25,7 @@ class _Field:
 
 
 class DecodeInputs:
-    """Device views (each 16-byte aligned, rows = the largest graph batch):
+    """`device_views` (each 16-byte aligned, rows = the largest graph batch):
     input_ids int64, -1 where the token is the one the slot sampled last; positions int64;
     slot_mapping int64, -1 for padding rows; slots int64, `padding_slot` for padding rows;
     seq_lens int32, 0 for padding rows; temperatures float32, 0 for greedy rows;
@@ -46,9 +46,9 @@ class DecodeInputs:
             offset += -(-max_rows * field.columns * field.dtype.itemsize // 16) * 16
         self.num_bytes = offset
         self.device_bytes = torch.zeros(offset, dtype=torch.uint8, device=device)
-        self.device = self._views(self.device_bytes)
-        self.device["slot_mapping"].fill_(-1)
-        self.device["slots"].fill_(padding_slot)
+        self.device_views = self._views(self.device_bytes)
+        self.device_views["slot_mapping"].fill_(-1)
+        self.device_views["slots"].fill_(padding_slot)
         self._cuda = device.type == "cuda"
         self._staging = PinnedStaging(device)
         self._host_views: dict[int, dict[str, np.ndarray]] = {}  # by buffer address: the staging reuses them

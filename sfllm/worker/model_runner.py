@@ -286,7 +286,7 @@ class ModelRunner:
                 output = SamplerOutput(tokens, None, None, None)
             else:
                 output = self.sampler(logits, self._sampling_inputs(states, batch.context_lens))
-                self.last_tokens[self.graph_runner.inputs.device["slots"][:len(states)]] = output.token_ids
+                self.last_tokens[self.graph_runner.inputs.device_views["slots"][:len(states)]] = output.token_ids
             pending = PendingStep(self, batch.step_id, output, batch.slots, [s.params.logprobs for s in states],
                                   started)
         self._lap("sample")
