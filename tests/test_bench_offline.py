@@ -40,7 +40,7 @@ def test_top_kernels_sums_time_per_name(tmp_path: Path) -> None:
     assert gpu_idle(write_trace(tmp_path / "empty.json", [])).num_kernels == 0
 
 
-def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path) -> None:
+def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path, capsys) -> None:
     def phase(name, start, end):
         return {"ph": "X", "cat": "user_annotation", "name": name, "ts": start, "dur": end - start}
 
@@ -73,6 +73,11 @@ def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path) 
     assert [(c.name, c.total_us, c.count) for c in top_host_calls(trace, limit=1)] == [("cudaLaunchKernel", 6, 6)]
     report = format_idle_causes(causes)
     assert "waiting for the next step" in report and "launched late in prepare" in report
+    from sfllm.bench import profiler_trace
+    capsys.readouterr()
+    assert profiler_trace.main([str(trace)]) == 0
+    printed = capsys.readouterr().out
+    assert report in printed and "cudaLaunchKernel" in printed
 
 
 @pytest.mark.slow
