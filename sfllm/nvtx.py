@@ -1,5 +1,5 @@
 """Named ranges for the phases of a step: NVTX ranges on an nsys timeline, and, while a PyTorch
-profiler records, ranges in its trace too (`sfllm.bench.step_timeline` reads them). Free where CUDA
+profiler records, ranges in its trace too (`sfllm.bench.profiler_trace` reads them). Free where CUDA
 is absent."""
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ import zmq
 
 from sfllm.config import EngineConfig
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, worker_address
+from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
                             StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.scheduler.engine_core import EngineCore
-from sfllm.loop_time import LoopTime
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)

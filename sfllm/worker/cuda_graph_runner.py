@@ -42,7 +42,7 @@ class DecodeGraphRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device, max_batch_size: int,
                  max_context_length: int, block_size: int, kv_splits: Callable[[int], int | None],
                  last_tokens: torch.Tensor, padding_slot: int, seed: int) -> None:
-        from kernels import sample_tokens
+        from kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
         self._sample_tokens = sample_tokens
         self.model = model
         self.backend = backend
