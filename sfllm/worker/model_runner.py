@@ -281,14 +281,14 @@ class ModelRunner:
             tokens, logits = self.graph_runner.replay(len(batch.slots))
         self._lap("forward")
         with nvtx_range("sample"):
-            states = [self.slots[s] for s in batch.slots]
-            if self.slot_temperature_only[batch.slots].all():
-                output = SamplerOutput(tokens, None, None, None)
+            if self.slot_temperature_only[batch.slots].all():  # no row asked for logprobs either
+                output, logprob_counts = SamplerOutput(tokens, None, None, None), [None] * len(batch.slots)
             else:
+                states = [self.slots[s] for s in batch.slots]
                 output = self.sampler(logits, self._sampling_inputs(states, batch.context_lens))
                 self.last_tokens[self.graph_runner.inputs.device_views["slots"][:len(states)]] = output.token_ids
-            pending = PendingStep(self, batch.step_id, output, batch.slots, [s.params.logprobs for s in states],
-                                  started)
+                logprob_counts = [s.params.logprobs for s in states]
+            pending = PendingStep(self, batch.step_id, output, batch.slots, logprob_counts, started)
         self._lap("sample")
         return pending
 
@@ -336,13 +336,13 @@ class ModelRunner:
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens)
 
     def resolve_through(self, pending: PendingStep) -> None:
-        """Resolves launched steps in launch order up to `pending` (penalties need that order)."""
-        while self._unresolved:
+        """Resolves launched steps in launch order up to `pending` (penalties need that order); every
+        step joins the queue when it is launched."""
+        while True:
             step = self._unresolved.popleft()
             step.resolve()
             if step is pending:
                 return
-        pending.resolve()
 
     def resolve_all(self) -> None:
         while self._unresolved:
