@@ -16,7 +16,7 @@ if importlib.util.find_spec("triton") is not None:
         patch_interpreter_scalar_index()
 
     from kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
-    from kernels.extend_attention import extend_attention
+    from kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
     from kernels.fused_norm import fused_add_rms_norm
     from kernels.rotary_qk_norm import rotary_qk_norm_
     from kernels.sample_tokens import sample_tokens
@@ -28,6 +28,8 @@ if importlib.util.find_spec("triton") is not None:
         "choose_num_kv_splits",
         "decode_attention",
         "extend_attention",
+        "extend_tile_config",
+        "extend_tiles",
         "fused_add_rms_norm",
         "rotary_qk_norm_",
         "sample_tokens",

@@ -1,5 +1,7 @@
 """Split-KV (flash-decoding) attention of one new query token per sequence over its paged KV cache.
 
+Sequence b's token is row query_start_loc[b] of q and out; sequences with another number of new
+tokens are skipped (extend_attention's), so one call serves the decode rows of a mixed batch too.
 Stage 1 gives each (sequence, kv head, split) one program that reads its slice of K/V once for all
 query heads of the GQA group and writes a partial output and its log-sum-exp to a workspace;
 stage 2 merges the splits. The grid depends only on shapes and `num_kv_splits`, never on the values
@@ -78,6 +80,7 @@ def _decode_partial_kernel(
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
+    query_start_loc_ptr,
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
@@ -105,7 +108,9 @@ def _decode_partial_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + batch)
+    token = tl.load(query_start_loc_ptr + batch)
+    one_query = tl.load(query_start_loc_ptr + batch + 1) - token == 1
+    seq_len = tl.where(one_query, tl.load(seq_lens_ptr + batch), 0)
     # Whole tiles per split keep only the last tile of a sequence ragged; trailing splits may be empty.
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_kv_splits), BLOCK_N) * BLOCK_N
     split_start = split * tokens_per_split
@@ -116,8 +121,8 @@ def _decode_partial_kernel(
     heads = kv_head * GROUP + group
     group_mask = group < GROUP
     q = tl.load(
-        q_ptr + batch.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
-        mask=group_mask[:, None],
+        q_ptr + token.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+        mask=group_mask[:, None] & one_query,
         other=0.0,
     )
 
@@ -163,6 +168,7 @@ def _decode_partial_kernel(
 def _decode_merge_kernel(
     partial_out_ptr,
     partial_lse_ptr,
+    query_start_loc_ptr,
     out_ptr,
     num_kv_splits,
     stride_po_batch,
@@ -177,6 +183,9 @@ def _decode_merge_kernel(
 ):
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + batch)
+    if tl.load(query_start_loc_ptr + batch + 1) - token != 1:
+        return
     splits = tl.arange(0, BLOCK_SPLITS)
     dims = tl.arange(0, HEAD_DIM)
     split_mask = splits < num_kv_splits
@@ -196,7 +205,8 @@ def _decode_merge_kernel(
         other=0.0,
     )
     out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + batch * stride_out_batch + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + token.to(tl.int64) * stride_out_batch + head * stride_out_head + dims,
+             out.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(
@@ -209,14 +219,19 @@ def decode_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     workspace: DecodeWorkspace | None = None,
+    query_start_loc: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B, H, D] over the first seq_lens[b] cached tokens of each sequence; returns [B, H, D].
+    """Attention of each sequence's query row over its first seq_lens[b] cached tokens: q [T, H, D] ->
+    out [T, H, D]. Without `query_start_loc` ([B + 1] int32) sequence b's row is b (T = B).
 
     Without `num_kv_splits` the split count comes from shapes alone (the block table's capacity);
     without `workspace` one is allocated per call, which is safe under CUDA-graph capture too.
     """
-    check_kernel_inputs(q, k_cache, v_cache, block_tables, seq_lens)
-    batch, num_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    if query_start_loc is None:
+        query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    check_kernel_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_head_dim(head_dim)
     if num_heads % num_kv_heads != 0:
@@ -246,6 +261,7 @@ def decode_attention(
         k_cache,
         v_cache,
         block_tables,
+        query_start_loc,
         seq_lens,
         partial_out,
         partial_lse,
@@ -274,6 +290,7 @@ def decode_attention(
     _decode_merge_kernel[(batch, num_heads)](
         partial_out,
         partial_lse,
+        query_start_loc,
         out,
         num_kv_splits,
         partial_out.stride(0),

@@ -3,9 +3,15 @@ over the paged KV cache, flash-attention style: tiles of queries against tiles o
 online softmax in fp32.
 
 Sequence b's q_len new tokens are the last q_len of its seq_lens[b] tokens, all already in the cache.
+The work comes as a list of query tiles, (sequence, first row) each, built on the host: the grid is
+the list's length, so a CUDA graph captured for a list capacity replays any batch that fits it
+(unused entries have sequence -1 and return at once).
 """
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +30,19 @@ def extend_tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) 
     return fit_to_shared_memory(config, head_dim, dtype, device)
 
 
+def extend_tiles(query_lens: np.ndarray, rows_per_tile: int, first_seq: int = 0) -> np.ndarray:
+    """[num_tiles, 2] int32 (sequence, first query row) covering the sequences with more than one new
+    token; sequences of one new token are decode_attention's (see its `query_start_loc`)."""
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    seqs = np.flatnonzero(query_lens > 1)
+    counts = -(-query_lens[seqs] // rows_per_tile)
+    tiles = np.empty((int(counts.sum()), 2), dtype=np.int32)
+    tiles[:, 0] = np.repeat(seqs + first_seq, counts)
+    starts = np.cumsum(counts) - counts
+    tiles[:, 1] = (np.arange(len(tiles)) - np.repeat(starts, counts)) * rows_per_tile
+    return tiles
+
+
 # The block-table width changes from step to step: no compiled variant per value (see decode_attention).
 @triton.jit(do_not_specialize=["stride_table_batch"])
 def _extend_attention_kernel(
@@ -34,6 +53,7 @@ def _extend_attention_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    tiles_ptr,
     qk_scale,
     stride_q_token,
     stride_q_head,
@@ -50,9 +70,12 @@ def _extend_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    query_tile = tl.program_id(0)
+    tile = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.program_id(2)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    if seq < 0:
+        return
+    first_row = tl.load(tiles_ptr + 2 * tile + 1)
     kv_head = head // GROUP
 
     query_start = tl.load(query_start_loc_ptr + seq)
@@ -60,7 +83,7 @@ def _extend_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - query_len
 
-    rows = query_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < query_len
     dims = tl.arange(0, HEAD_DIM)
     tokens = (query_start + rows).to(tl.int64)
@@ -72,10 +95,9 @@ def _extend_attention_kernel(
     query_positions = prefix_len + rows
 
     # Keys before the tile's first query position are visible to all its rows and need no mask;
-    # causality ends the keys at the tile's last row; tiles past query_len see none.
-    tile_active = query_tile * BLOCK_M < query_len
-    kv_end = tl.where(tile_active, tl.minimum(seq_len, prefix_len + (query_tile + 1) * BLOCK_M), 0)
-    unmasked_end = tl.where(tile_active, (prefix_len + query_tile * BLOCK_M) // BLOCK_N * BLOCK_N, 0)
+    # causality ends the keys at the tile's last row.
+    kv_end = tl.minimum(seq_len, prefix_len + first_row + BLOCK_M)
+    unmasked_end = (prefix_len + first_row) // BLOCK_N * BLOCK_N
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -145,12 +167,15 @@ def extend_attention(
     block_tables: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
+    tiles: torch.Tensor,
     scale: float,
-    max_query_len: int,
     out: torch.Tensor | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new tokens q [T, H, D] of each sequence over its cache; returns [T, H, D]."""
-    check_kernel_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    """Causal attention of the new tokens q [T, H, D] of each sequence over its cache, for the query rows
+    that `tiles` ([N, 2] int32 from `extend_tiles`) cover; returns [T, H, D], other rows of `out` untouched.
+    `block_m` is the rows per tile the list was built with (default: `extend_tile_config(...).block_m`)."""
+    check_kernel_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_head_dim(head_dim)
@@ -161,11 +186,15 @@ def extend_attention(
         out = torch.empty_like(q)
     if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("extend_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
-    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+    if num_tokens == 0 or batch == 0 or tiles.shape[0] == 0:
         return out
+    if tiles.dtype != torch.int32 or not tiles.is_contiguous():
+        raise ValueError("extend_attention needs tiles as a contiguous int32 [N, 2] tensor")
 
     config = extend_tile_config(head_dim, q.dtype, q.device)
-    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch)
+    if block_m is not None:
+        config = dataclasses.replace(config, block_m=block_m)
+    grid = (tiles.shape[0], num_heads)
     _extend_attention_kernel[grid](
         q,
         k_cache,
@@ -174,6 +203,7 @@ def extend_attention(
         block_tables,
         query_start_loc,
         seq_lens,
+        tiles,
         scale * LOG2_E,
         q.stride(0),
         q.stride(1),

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU host: install the carried wheels, then run the named stages, logs under $OUT.
+# Every stage runs the engine at its defaults (no tuning flags) unless the stage says otherwise.
 #   bash scripts/gpu_session.sh tests offline latency serve large
-# Stages: tests (GPU test suite), offline (standard workload + transformers baseline + trace),
-# latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server + bench serve sweep
-# with GPU utilisation; extra server flags in $SERVE_FLAGS, file names tagged with $SERVE_TAG),
+# Stages: tests (GPU test suite), ab (a base commit $BASE and this tree on one host, each at its product's
+# defaults: the standard offline workload and batch 1), offline (standard workload + transformers baseline
+# + trace), latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server, bench serve
+# at concurrency 1, 10, 50 and a burst of 600 at 200, with GPU utilisation; extra server flags in
+# $SERVE_FLAGS, file names tagged with $SERVE_TAG),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS).
@@ -25,6 +28,20 @@ for stage in "$@"; do
     timeout 360 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py -q -x \
       -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
+  ab)
+    # The base's own `bench offline` defaults were tuned (graphs to 256, context 4096): its product's
+    # defaults (LLM(), sfllm launch) were graphs to 32 and the model's whole context, given here.
+    BASE_DEFAULTS=${BASE_DEFAULTS:---cuda-graph-max-bs 32 --max-context-length 40960}
+    rm -rf /tmp/base && mkdir -p /tmp/base && git archive "$BASE" | tar -x -C /tmp/base
+    for tree in /tmp/base "$PWD"; do
+      name=new; flags=""; [ "$tree" = /tmp/base ] && name=base && flags=$BASE_DEFAULTS
+      for run in "standard" "batch1 --num-requests 1 --input-len 512 --output-len 256"; do
+        read -r tag args <<<"$run"
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m sfllm bench offline --model qwen3-0.6b \
+          $flags $args --output-file "$OUT/ab-$name-$tag.json" >"$OUT/ab-$name-$tag.log" 2>&1)
+        echo "$name $tag: exit $? $(grep -E '^wall|roofline' "$OUT/ab-$name-$tag.log" | tr '\n' ' ')"
+      done
+    done ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
       --profile-skip-steps 300 --profile-dir /tmp/prof --baseline transformers --baseline-requests 64 \
@@ -35,7 +52,7 @@ for stage in "$@"; do
       for graphs in on off; do
         flag=""; [ $graphs = off ] && flag=--disable-cuda-graph
         timeout 90 $BENCH --model qwen3-0.6b --num-requests $n --input-len 128 --output-len 256 \
-          --cuda-graph-max-bs 16 $flag >"$OUT/latency-$n-$graphs.log" 2>&1
+          $flag >"$OUT/latency-$n-$graphs.log" 2>&1
         echo "batch $n graphs $graphs: $(grep -E 'wall' "$OUT/latency-$n-$graphs.log")"
       done
     done
@@ -47,14 +64,15 @@ for stage in "$@"; do
       echo "batch 64 overlap $overlap: $(grep -E 'wall|idle' "$OUT/overlap-$overlap.log" | tr '\n' ' ')"
     done ;;
   serve)
-    # Requests per level grow with concurrency so that every level runs at its concurrency for a while.
+    # Requests per level grow with concurrency so that every level runs at its concurrency for a while;
+    # the last level is the burst of 600 requests at concurrency 200.
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
-      --cuda-graph-max-bs 256 --max-context-length 4096 $SERVE_FLAGS >"$OUT/server$SERVE_TAG.log" 2>&1 &
+      $SERVE_FLAGS >"$OUT/server$SERVE_TAG.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
     python3 scripts/process_cpu_sampler.py >"$OUT/serve$SERVE_TAG-cpu.log" 2>&1 &
     sampler=$!
-    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10,50,100,150,200 \
-      --requests 50,100,200,300,300,400 --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
+    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency ${LEVELS:-1,10,50,200} \
+      --requests ${REQUESTS:-32,100,200,600} --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
       --output-file "$OUT/serve$SERVE_TAG.json" --plot "$OUT/serve$SERVE_TAG.png" >"$OUT/serve$SERVE_TAG.log" 2>&1
     echo "serve: exit $?"; kill $sampler; grep -vE "^c=|warm-up" "$OUT/serve$SERVE_TAG.log" | head -34
     python3 - "$OUT/serve$SERVE_TAG.json" "$OUT/serve$SERVE_TAG-cpu.log" <<'PY'
@@ -103,7 +121,7 @@ PY
     done
     rm -rf /tmp/prof-serve
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
-      --cuda-graph-max-bs 256 --max-context-length 4096 --profile-dir /tmp/prof-serve $SERVE_FLAGS \
+      --profile-dir /tmp/prof-serve $SERVE_FLAGS \
       >"$OUT/server-smallbatch$SERVE_TAG.log" 2>&1 &
     for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
     # first without the profiler (GPU utilisation as the sweep measures it), then each level traced for 0.5 s

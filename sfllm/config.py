@@ -61,8 +61,9 @@ class EngineConfig:
     cpu_kv_cache_gib: float = field(default=1.0, metadata={"help": "KV pool on CPU devices / swap space"})
     cpu_threads: int | None = field(default=None, metadata={"help": "worker threads on a CPU device (default: all "
                                                                      "cores)"})
-    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton | flash"})
-    cuda_graph_max_bs: int = field(default=32, metadata={"help": "largest captured decode batch"})
+    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
+    cuda_graph_max_bs: int | None = field(default=None, metadata={
+        "help": "largest captured decode batch (default: from GPU memory, up to max_running_requests)"})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly"})
     disable_overlap: bool = field(default=False, metadata={"help": "wait for each step before the next"})
     disable_prefix_cache: bool = field(default=False, metadata={"help": "no KV sharing between requests"})
@@ -77,7 +78,7 @@ class EngineConfig:
             "load_format": ("auto", "safetensors", "gguf", "dummy"),
             "dtype": ("auto", "float32", "float16", "bfloat16"),
             "device": ("auto", "cuda", "cpu"),
-            "attention_backend": ("auto", "torch", "triton", "flash"),
+            "attention_backend": ("auto", "torch", "triton"),
             "schedule_policy": ("fcfs", "length-bucket"),
             "preemption_mode": ("recompute", "swap"),
             "log_level": ("debug", "info", "warning", "error"),
@@ -88,7 +89,7 @@ class EngineConfig:
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
                     "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads",
-                    "frontend_processes")
+                    "frontend_processes", "cuda_graph_max_bs")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

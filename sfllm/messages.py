@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 PRIORITIES = ("high", "normal", "background")
 
@@ -136,20 +136,29 @@ class SequenceSampling(Message):
     output_token_ids: list[int] = []
 
 
+class BlockTableUpdate(msgspec.Struct, array_like=True):
+    """Entries [start, start + len(block_ids)) of the block table the worker keeps for `slot`."""
+    slot: int
+    start: int
+    block_ids: list[int]
+
+
 class ForwardBatch(Message):
     """One model step over a ragged batch of sequences, one entry per sequence.
 
     `input_token_ids` is flat (sum of `num_new_tokens`); an id of -1 stands for the
     token the worker sampled last for that slot, which lets the scheduler send step N+1
     before it has read step N's tokens. `context_lens` count the sequence's tokens
-    including the new ones."""
+    including the new ones. Block tables live on the worker, one per slot: a step carries
+    only the entries that changed since the slot's last step (a whole table when a request
+    takes a slot), applied before the step runs."""
     step_id: int
     slots: list[int]
     num_new_tokens: list[int]
     context_lens: list[int]
     input_token_ids: list[int]
-    block_tables: list[list[int]]
     sample: list[bool]
+    block_table_updates: list[BlockTableUpdate] = []
     new_sequences: list[SequenceSampling] = []
     swap_out: list[tuple[int, int]] = []
     swap_in: list[tuple[int, int]] = []

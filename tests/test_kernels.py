@@ -23,10 +23,12 @@ from kernels import (  # noqa: E402
     choose_num_kv_splits,
     decode_attention,
     extend_attention,
+    extend_tiles,
     fused_add_rms_norm,
     store_kv_cache,
 )
 from kernels.decode_attention import MAX_KV_SPLITS  # noqa: E402
+from kernels.extend_attention import extend_tile_config  # noqa: E402
 from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
 from kernels.reference import (  # noqa: E402
     reference_decode_attention,
@@ -164,28 +166,41 @@ def test_decode_attention_in_16_bit(dtype: torch.dtype) -> None:
     assert relative_error(out, ref) < 2e-2
 
 
+def tiles_for(query_lens: list[int], rows_per_tile: int, capacity: int | None = None) -> torch.Tensor:
+    tiles = torch.from_numpy(extend_tiles(query_lens, rows_per_tile))
+    if capacity is not None:  # unused entries, as a CUDA graph's larger tile list has them
+        tiles = torch.cat([tiles, torch.full((capacity - len(tiles), 2), -1, dtype=torch.int32)])
+    return tiles.to(DEVICE)
+
+
+def test_extend_tiles_cover_the_rows_of_multi_token_sequences() -> None:
+    assert extend_tiles([5, 1, 0, 9, 2], 4).tolist() == [[0, 0], [0, 4], [3, 0], [3, 4], [3, 8], [4, 0]]
+    assert extend_tiles([1, 1], 4).shape == (0, 2)
+    assert extend_tiles([3], 4, first_seq=2).tolist() == [[2, 0]]
+
+
 @pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (2, 2)])
-def test_extend_attention_matches_reference(group: int, num_kv_heads: int) -> None:
+def test_extend_and_decode_attention_together_match_reference(group: int, num_kv_heads: int) -> None:
+    """A mixed batch: extend_attention takes the rows of sequences with several new tokens (tiles of 16
+    rows, from a list with unused entries), decode_attention those with one; the sequence of no new
+    tokens (a padding row) is nobody's."""
     # (query_len, seq_len): plain prefill, prefix-cache hit, a one-token extend, chunked prefill of an odd
-    # length, and an extend whose prefix spans whole key tiles (the kernel's unmasked loop).
-    cases = [(37, 37), (5, 21), (1, 16), (70, 83), (9, 150)]
+    # length, an extend whose prefix spans whole key tiles (the kernel's unmasked loop), a decode row, and
+    # an empty padding sequence.
+    cases = [(37, 37), (5, 21), (1, 16), (70, 83), (9, 150), (1, 40), (0, 0)]
     paged = make_paged_kv([seq_len for _, seq_len in cases], num_kv_heads)
     query_lens = [query_len for query_len, _ in cases]
     query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
     q = strided_heads(sum(query_lens), group * num_kv_heads)
     out = torch.full_like(q, float("nan"))
+    tiles = tiles_for(query_lens, 16, capacity=16)
 
-    extend_attention(
-        q,
-        paged.k_cache,
-        paged.v_cache,
-        paged.block_tables,
-        query_start_loc,
-        paged.seq_lens,
-        0.125,
-        max(query_lens),
-        out=out,
-    )
+    extend_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, tiles,
+                     0.125, out=out, block_m=16)
+    single_rows = query_start_loc[:-1][torch.tensor(query_lens, device=DEVICE) == 1].long()
+    assert torch.isnan(out[single_rows]).all(), "rows of one new token are not extend_attention's"
+    decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125, out=out,
+                     num_kv_splits=2, query_start_loc=query_start_loc)
 
     ref = reference_extend_attention(
         q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, 0.125
@@ -198,8 +213,10 @@ def test_extend_attention_in_16_bit(dtype: torch.dtype) -> None:
     paged = make_paged_kv([40], 2, dtype)
     q = strided_heads(24, 4, dtype)
     query_start_loc = torch.tensor([0, 24], dtype=torch.int32, device=DEVICE)
+    block_m = extend_tile_config(HEAD_DIM, dtype, torch.device(DEVICE)).block_m
 
-    out = extend_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, 0.125, 24)
+    out = extend_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens,
+                           tiles_for([24], block_m), 0.125)
 
     ref = reference_extend_attention(
         q.float(), paged.k_cache.float(), paged.v_cache.float(), paged.block_tables, query_start_loc, paged.seq_lens, 0.125

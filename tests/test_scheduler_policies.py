@@ -58,6 +58,7 @@ class FakeWorker:
         self.pool: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.cpu_pool: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
         self.last_tokens: dict[int, int] = {}
+        self.tables: dict[int, list[int]] = {}  # by slot, kept from the steps' block table updates
         self.batches: list[ForwardBatch] = []
         self._results: deque[ForwardResult] = deque()
 
@@ -67,16 +68,21 @@ class FakeWorker:
             self.cpu_pool[cpu] = list(self.pool[gpu])
         for cpu, gpu in batch.swap_in:
             self.pool[gpu] = list(self.cpu_pool[cpu])
+        for update in batch.block_table_updates:
+            table = self.tables.setdefault(update.slot, [])
+            del table[update.start:]
+            assert len(table) == update.start, f"step {batch.step_id}: slot {update.slot} table has a gap"
+            table.extend(update.block_ids)
+        tables = [self.tables[slot] for slot in batch.slots]
         size = self.block_size
         inputs = iter(batch.input_token_ids)
         # every row's K/V is stored before any row attends, as in the attention backends
-        for slot, num_new, end, table in zip(batch.slots, batch.num_new_tokens, batch.context_lens,
-                                             batch.block_tables):
+        for slot, num_new, end, table in zip(batch.slots, batch.num_new_tokens, batch.context_lens, tables):
             for position in range(end - num_new, end):
                 token = next(inputs)
                 self.pool[table[position // size]][position % size] = self.last_tokens[slot] if token < 0 else token
         sampled = []
-        for slot, end, table, sample in zip(batch.slots, batch.context_lens, batch.block_tables, batch.sample):
+        for slot, end, table, sample in zip(batch.slots, batch.context_lens, tables, batch.sample):
             if sample:
                 context = tuple(self.pool[table[p // size]][p % size] for p in range(end))
                 assert None not in context, f"step {batch.step_id} reads K/V never written"

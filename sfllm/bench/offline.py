@@ -1,8 +1,9 @@
 """`sfllm bench offline`: the standard offline workload through the engine, against its roofline.
 
 Default workload: 256 requests, input and output lengths uniform in [100, 1024] (seed 0,
-random token ids), EOS ignored, context 4096. The memory roofline is what the workload
-must read at least: the weights once per step the engine ran, plus every decode step's
+random token ids), EOS ignored. The engine runs at the product's defaults, as `LLM(model=...)`
+does; the engine flags below change only what they name. The memory roofline is what the
+workload must read at least: the weights once per step the engine ran, plus every decode step's
 KV context, over the device-to-device copy bandwidth measured on the spot.
 """
 from __future__ import annotations
@@ -45,23 +46,19 @@ class OfflineReport:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--load-format", default="dummy")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", default="100:1024", help="A[:B], uniform")
     parser.add_argument("--output-len", default="100:1024", help="A[:B], uniform")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sfllm's decoding: 0 greedy, above it sampled (the baseline stays greedy)")
-    parser.add_argument("--max-context-length", type=int, default=4096)
-    parser.add_argument("--max-running-requests", type=int, default=256)
-    parser.add_argument("--max-running-tokens", type=int, default=8192)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "length-bucket"])
-    parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
-    parser.add_argument("--disable-cuda-graph", action="store_true")
-    parser.add_argument("--disable-overlap", action="store_true")
-    parser.add_argument("--mem-fraction", type=float, default=0.85)
+    engine = parser.add_argument_group("engine settings (default: the engine's own, as `sfllm launch` and "
+                                       "`LLM()` use them)")
+    for flag, kind in ENGINE_FLAGS.items():
+        if kind is bool:
+            engine.add_argument(flag, action="store_const", const=True, default=None)
+        else:
+            engine.add_argument(flag, type=kind, default=None)
     parser.add_argument("--profile-steps", type=int, default=0, help="write a profiler trace of N steps")
     parser.add_argument("--profile-skip-steps", type=int, default=200, help="steps to run before the trace starts")
     parser.add_argument("--profile-dir", default="sfllm-profiles")
@@ -70,6 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests of the workload the (slow) transformers baseline runs")
     parser.add_argument("--baseline-batch-size", type=int, default=32)
     parser.add_argument("--output-file", default=None)
+
+
+ENGINE_FLAGS = {"--dtype": str, "--device": str, "--max-context-length": int, "--max-running-requests": int,
+                "--max-running-tokens": int, "--attention-backend": str, "--schedule-policy": str,
+                "--cuda-graph-max-bs": int, "--disable-cuda-graph": bool, "--disable-overlap": bool,
+                "--mem-fraction": float}
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The engine flags given on the command line, as LLM() keywords."""
+    names = [flag[2:].replace("-", "_") for flag in ENGINE_FLAGS]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def measure_copy_bandwidth(device: torch.device) -> float:
@@ -105,12 +114,7 @@ def roofline_seconds(specs: list[RequestSpec], steps: int, weight_bytes: int, kv
 
 def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[OfflineReport, dict]:
     from sfllm.llm import LLM
-    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              max_context_length=args.max_context_length, max_running_requests=args.max_running_requests,
-              max_running_tokens=args.max_running_tokens, attention_backend=args.attention_backend,
-              cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
-              disable_overlap=args.disable_overlap, mem_fraction=args.mem_fraction, seed=args.seed,
-              schedule_policy=args.schedule_policy)
+    llm = LLM(model=args.model, load_format=args.load_format, seed=args.seed, **engine_settings(args))
     runner = llm.engine.worker.runner
     params = [SamplingParams(temperature=args.temperature, max_tokens=s.output_len, ignore_eos=True,
                              detokenize=False) for s in specs]
@@ -150,6 +154,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         print(format_idle_causes(idle_causes(runner.profiler.last_trace)))
     extra = {"graph_capture_s": getattr(runner.graph_runner, "capture_seconds", None),
              "graph_capture_bytes": getattr(runner.graph_runner, "capture_bytes", None),
+             "decode_graph_max_batch": getattr(runner.graph_runner, "max_decode_batch", None),
+             "mixed_graph_max_tokens": runner.graph_runner.mixed_sizes[-1] if runner.graph_runner else None,
              "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,
              "preemptions": llm.engine.scheduler.num_preemptions}
     del llm, runner
@@ -166,8 +172,8 @@ def run_transformers(args: argparse.Namespace, specs: list[RequestSpec]) -> Offl
     from sfllm.model_source import resolve_model
     from sfllm.worker.model_runner import pick_device, pick_dtype
     source = resolve_model(args.model, args.load_format)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, source.config.torch_dtype, device)
+    device = pick_device(args.device or "auto")
+    dtype = pick_dtype(args.dtype or "auto", source.config.torch_dtype, device)
     if source.folder is not None and source.load_format != "dummy":
         model = transformers.AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
     else:

@@ -29,6 +29,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     swapped_block_ids: list[int] = field(default_factory=list)
     slot: int | None = None
+    # leading entries of block_ids that the worker's table for `slot` already holds
+    num_blocks_sent: int = 0
     # tokens whose KV is computed or in a step already sent to the worker
     num_computed_tokens: int = 0
     # tokens sampled in sent steps whose results have not come back yet

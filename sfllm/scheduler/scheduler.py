@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sfllm.config import EngineConfig
-from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, SequenceSampling
+from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput,
+                            SequenceSampling)
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
 from sfllm.scheduler.preemption import choose_victim
 from sfllm.scheduler.priority import PRIORITY_RANK
@@ -50,7 +51,7 @@ class _StepBuilder:
     num_new_tokens: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     input_token_ids: list[int] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
+    block_table_updates: list[BlockTableUpdate] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     new_sequences: list[SequenceSampling] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
@@ -59,8 +60,8 @@ class _StepBuilder:
     def build(self) -> ScheduledStep:
         batch = ForwardBatch(step_id=self.step_id, slots=self.slots, num_new_tokens=self.num_new_tokens,
                              context_lens=self.context_lens, input_token_ids=self.input_token_ids,
-                             block_tables=self.block_tables, sample=self.sample, new_sequences=self.new_sequences,
-                             swap_out=self.swap_out, swap_in=self.swap_in)
+                             sample=self.sample, block_table_updates=self.block_table_updates,
+                             new_sequences=self.new_sequences, swap_out=self.swap_out, swap_in=self.swap_in)
         return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s])
 
 
@@ -244,6 +245,7 @@ class Scheduler:
         request.aged = request.aged or self.waiting.is_aged(request, self._clock())
         request.status = RequestStatus.RUNNING
         request.slot = self._free_slots.pop()
+        request.num_blocks_sent = 0  # the worker's table for this slot is someone else's until sent
         request.needs_sampling_state = True
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self._clock()
@@ -290,7 +292,11 @@ class Scheduler:
         step.num_new_tokens.append(num_new)
         step.context_lens.append(end)
         step.input_token_ids.extend(tokens)
-        step.block_tables.append(request.block_ids)  # encoded or consumed before the next change
+        # while a request runs its block_ids only grow: the worker needs the new tail alone
+        if len(request.block_ids) > request.num_blocks_sent:
+            step.block_table_updates.append(BlockTableUpdate(request.slot, request.num_blocks_sent,
+                                                             request.block_ids[request.num_blocks_sent:]))
+            request.num_blocks_sent = len(request.block_ids)
         step.sample.append(sample)
         step.budget -= num_new
         request.num_computed_tokens = end

@@ -1,22 +1,25 @@
-"""Captures the whole decode step as CUDA graphs, one per batch size, and replays them.
+"""Captures whole model steps as CUDA graphs, one per step shape, and replays them.
 
-A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input
-token from `last_tokens`, runs the model and the LM head, samples (argmax or temperature, by
-`kernels.sample_tokens`, whose noise seed is a device counter the graph advances), and writes the
-tokens back to `last_tokens`. A step then costs the host one copy in, one replay and one copy out.
-Rows that need more than temperature (top-k/p, penalties, logprobs, seeds) are sampled by the
-eager sampler from the logits the graph leaves behind.
+Two families of shapes. Decode steps of B sequences of one new token each, at the performance guide's
+batch sizes up to the decode limit. Mixed steps (prefill chunks, with or without decodes, and decode
+batches past the decode limit) of up to T tokens and up to the running-request limit of sequences, at
+token counts up to the step's token budget (MAX_GRAPH_TOKENS at most: past it the GPU's own time hides
+an eager step's launches). Attention of mixed steps goes by a tile list of fixed capacity
+(kernels.extend_tiles), so no launch grid depends on the batch.
 
-A batch is padded to the next captured size: padding rows have slot `padding_slot` (a spare row
-of `last_tokens`), KV slot -1 (nothing stored) and sequence length 0 (attention output zero).
+A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
+`last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model and the
+LM head on the sampled rows, samples (argmax or temperature, by `kernels.sample_tokens`, whose noise
+seed is a device counter the graph advances), and writes the tokens back to `last_tokens`. A step then
+costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
+temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
+graph leaves behind.
 """
 from __future__ import annotations
 
 import bisect
 import logging
-import math
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,73 +27,110 @@ from tqdm import tqdm
 
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.backend import AttentionBackend
-from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.decode_inputs import DecodeInputs
+from sfllm.worker.block_tables import BlockTables
+from sfllm.worker.kv_splits import KVSplits
 from sfllm.worker.model import CausalLM
+from sfllm.worker.step_inputs import StepShape, StepStaging, device_metadata, stage_step
 
 logger = logging.getLogger(__name__)
 
+MAX_GRAPH_TOKENS = 8192
+_EMPTY_BATCH = ForwardBatch(step_id=-1, slots=[], num_new_tokens=[], context_lens=[], input_token_ids=[], sample=[])
 
-def capture_batch_sizes(max_batch_size: int) -> list[int]:
-    """The performance guide's sizes, up to the configured maximum."""
+
+def decode_batch_sizes(max_batch_size: int) -> list[int]:
+    """The performance guide's sizes, up to the maximum."""
     sizes = [1, 2, 3, 4, 6, 8, 10, 12, 14, 16] + list(range(20, 2048 + 1, 4))
     chosen = [s for s in sizes if s <= max_batch_size]
     return chosen or [1]
 
 
-class DecodeGraphRunner:
-    def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device, max_batch_size: int,
-                 max_context_length: int, block_size: int, kv_splits: Callable[[int], int | None],
-                 last_tokens: torch.Tensor, padding_slot: int, seed: int) -> None:
+def mixed_token_sizes(max_tokens: int) -> list[int]:
+    """Multiples of 64 up to 512, then eight sizes per doubling (a step pads by 12.5% at most), up to
+    `max_tokens`, which is always one of them."""
+    sizes = list(range(64, 512 + 1, 64))
+    while sizes[-1] < max_tokens:
+        # from 2^p up to 2^(p+1) in steps of 2^(p-3)
+        sizes.append(sizes[-1] + (1 << (sizes[-1].bit_length() - 4)))
+    return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
+def mixed_shape(num_tokens: int, max_seqs: int, tile_rows: int) -> StepShape:
+    num_seqs = min(num_tokens, max_seqs)
+    # every sequence of 2+ tokens rounds its tiles up once: tokens / rows, plus one per such sequence
+    num_tiles = -(-num_tokens // tile_rows) + min(num_seqs, num_tokens // 2)
+    return StepShape(num_tokens, num_seqs, num_tiles, decode_only=False)
+
+
+class CudaGraphRunner:
+    def __init__(self, model: CausalLM, backend: AttentionBackend, tables: BlockTables, last_tokens: torch.Tensor,
+                 kv_splits: KVSplits, device: torch.device, max_decode_batch: int, max_mixed_tokens: int,
+                 max_seqs: int, seed: int) -> None:
         from kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
         self._sample_tokens = sample_tokens
         self.model = model
         self.backend = backend
-        self.device = device
-        self.batch_sizes = capture_batch_sizes(max_batch_size)
-        self.max_batch_size = self.batch_sizes[-1]
-        self.max_context_length = max_context_length
-        self.kv_splits = kv_splits
+        self.tables = tables
         self.last_tokens = last_tokens
-        n = self.max_batch_size
-        self.inputs = DecodeInputs(n, math.ceil(max_context_length / block_size), block_size, padding_slot, device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)
+        self.kv_splits = kv_splits
+        self.device = device
+        self.tile_rows = backend.extend_tile_rows(model.embed_tokens.weight.dtype, device)
+        self.decode_sizes = decode_batch_sizes(max_decode_batch)
+        self.decode_shapes = {b: StepShape(b, b, 0, decode_only=True) for b in self.decode_sizes}
+        self.mixed_sizes = mixed_token_sizes(min(max_mixed_tokens, MAX_GRAPH_TOKENS))
+        self.mixed_shapes = [mixed_shape(t, max_seqs, self.tile_rows) for t in self.mixed_sizes]
+        shapes = self.shapes
+        self.staging = StepStaging(device)
+        self.inputs = torch.zeros(max(s.num_bytes for s in shapes), dtype=torch.uint8, device=device)
+        self.tensors = {shape: shape.views(self.inputs) for shape in shapes}
+        rows = max(s.num_seqs for s in shapes)
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.logits = torch.zeros(rows, model.config.vocab_size, dtype=torch.float32, device=device)
         # Philox key of the sampling noise: the engine's seed in the high bits, the step count in the low
         self.noise_seed = torch.tensor([(seed & 0x7FFFFFFF) << 32], dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[StepShape, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
 
-    def _meta(self, batch_size: int) -> AttentionMetadata:
-        views = self.inputs.device_views
-        return AttentionMetadata(
-            slot_mapping=views["slot_mapping"][:batch_size],
-            query_start_loc=self.query_start_loc[:batch_size + 1],
-            seq_lens=views["seq_lens"][:batch_size],
-            block_tables=views["block_tables"][:batch_size],
-            max_query_len=1,
-            max_seq_len=self.max_context_length,
-            query_lens_host=[1] * batch_size,
-            seq_lens_host=[self.max_context_length] * batch_size,
-            num_kv_splits=self.kv_splits(batch_size),
-        )
+    @property
+    def shapes(self) -> list[StepShape]:
+        return list(self.decode_shapes.values()) + self.mixed_shapes
 
-    def _run_step(self, batch_size: int) -> torch.Tensor:
-        views = self.inputs.device_views
-        slots = views["slots"][:batch_size]
-        staged_ids = views["input_ids"][:batch_size]
-        input_ids = torch.where(staged_ids < 0, self.last_tokens[slots], staged_ids)
-        meta = self._meta(batch_size)
+    @property
+    def max_decode_batch(self) -> int:
+        return self.decode_sizes[-1]
+
+    def shape_for(self, batch: ForwardBatch) -> StepShape | None:
+        """The smallest captured shape that holds the batch, or None (run it eagerly)."""
+        num_seqs, num_tokens = len(batch.slots), len(batch.input_token_ids)
+        if num_seqs == 0:
+            return None
+        if num_tokens == num_seqs and num_seqs <= self.max_decode_batch:
+            return self.decode_shapes[self.decode_sizes[bisect.bisect_left(self.decode_sizes, num_seqs)]]
+        index = bisect.bisect_left(self.mixed_sizes, num_tokens)
+        if index == len(self.mixed_sizes) or num_seqs > self.mixed_shapes[index].num_seqs:
+            return None
+        return self.mixed_shapes[index]
+
+    def stage(self, batch: ForwardBatch, shape: StepShape, slot_temperatures: np.ndarray) -> int:
+        """Copies the step's inputs and padding into the graph's input buffer; returns the sampled rows."""
+        host_buffer, host = self.staging.host(shape)
+        num_sampled = stage_step(batch, shape, host, slot_temperatures, self.tables.padding_slot, self.tile_rows)
+        self.staging.copy(host_buffer, self.inputs)
+        return num_sampled
+
+    def run_step(self, shape: StepShape) -> None:
+        """The work a graph of `shape` captures, on the staged inputs (capture runs it once outside the
+        graph to warm up)."""
+        t = self.tensors[shape]
+        input_ids, meta = device_metadata(t, shape, self.tables, self.last_tokens, self.kv_splits(shape.num_seqs))
         self.backend.prepare(meta)
-        hidden = self.model(input_ids, views["positions"][:batch_size], self.backend, meta)
-        logits = self.model.compute_logits(hidden)
-        tokens = self._sample_tokens(logits, views["temperatures"][:batch_size], self.noise_seed,
-                                     out=self.tokens[:batch_size])
-        self.last_tokens.index_copy_(0, slots, tokens)  # padding rows all write the spare row
+        hidden = self.model(input_ids, t.positions, self.backend, meta)
+        logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices),
+                                           out=self.logits[:shape.num_seqs])
+        tokens = self._sample_tokens(logits, t.temperatures, self.noise_seed, out=self.tokens[:shape.num_seqs])
+        self.last_tokens.index_copy_(0, t.sample_slots, tokens)  # unsampled rows all write the padding slot
         self.noise_seed.add_(1)
-        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -98,34 +138,24 @@ class DecodeGraphRunner:
         started = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
-        # capture the largest first so the smaller graphs reuse its pool memory
-        for batch_size in tqdm(sorted(self.batch_sizes, reverse=True), desc="capturing CUDA graphs", leave=False):
-            self._run_step(batch_size)  # warm-up outside the graph (kernel compilation, workspaces)
+        # the largest first, so that the smaller graphs reuse its pool memory
+        shapes = sorted(self.shapes, key=lambda s: (s.num_tokens, s.num_seqs), reverse=True)
+        for shape in tqdm(shapes, desc="capturing CUDA graphs", leave=False):
+            self.stage(_EMPTY_BATCH, shape, np.zeros(0, dtype=np.float32))
+            self.run_step(shape)  # warm-up outside the graph (kernel compilation, workspaces)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch_size] = self._run_step(batch_size)
-            self.graphs[batch_size] = graph
+                self.run_step(shape)
+            self.graphs[shape] = graph
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - before
-        logger.info("captured %d CUDA graphs (batch sizes 1..%d) in %.1f s using %.2f GiB",
-                    len(self.graphs), self.max_batch_size, self.capture_seconds, self.capture_bytes / 1024**3)
+        logger.info("captured %d CUDA graphs in %.1f s using %.2f GiB: decode steps of 1..%d sequences, mixed "
+                    "steps of %d..%d tokens", len(self.graphs), self.capture_seconds, self.capture_bytes / 1024**3,
+                    self.max_decode_batch, self.mixed_sizes[0], self.mixed_sizes[-1])
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        """A decode step that samples every sequence, within the captured sizes."""
-        return (0 < len(batch.slots) <= self.max_batch_size and len(batch.input_token_ids) == len(batch.slots)
-                and all(batch.sample))
-
-    def padded_size(self, batch_size: int) -> int:
-        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch_size)]
-
-    def stage(self, batch: ForwardBatch, temperatures: np.ndarray) -> None:
-        """Copies the step's inputs (and its padding rows) into the graphs' input buffers."""
-        self.inputs.stage(batch, temperatures, self.padded_size(len(batch.slots)))
-
-    def replay(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the staged step; returns its tokens and logits, each [batch_size], views of the graph's
-        buffers that the next replay overwrites (read them before it, in stream order)."""
-        padded = self.padded_size(batch_size)
-        self.graphs[padded].replay()
-        return self.tokens[:batch_size], self.logits[padded][:batch_size]
+    def replay(self, shape: StepShape, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs the staged step; returns the sampled rows' tokens, logits and slots: views of the graphs'
+        buffers that the next step overwrites (use them before it, in stream order)."""
+        self.graphs[shape].replay()
+        return self.tokens[:num_sampled], self.logits[:num_sampled], self.tensors[shape].sample_slots[:num_sampled]

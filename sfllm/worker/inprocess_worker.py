@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-from collections import deque
 
 from sfllm.config import EngineConfig
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, WorkerReady
 from sfllm.model_source import ModelSource
-from sfllm.worker.model_runner import ModelRunner, PendingStep
+from sfllm.worker.model_runner import ModelRunner
 
 
 def worker_ready(runner: ModelRunner) -> WorkerReady:
@@ -22,10 +21,9 @@ class InProcessWorker:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.runner = ModelRunner(config, source)
         self.info = worker_ready(self.runner)
-        self._pending: deque[PendingStep] = deque()
 
     def submit(self, batch: ForwardBatch) -> None:
-        self._pending.append(self.runner.execute(batch))
+        self.runner.execute(batch)
 
     def collect(self) -> ForwardResult:
-        return self._pending.popleft().result()
+        return self.runner.next_result(wait=True)

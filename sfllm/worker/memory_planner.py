@@ -1,11 +1,31 @@
-"""Sizes the KV pool from what is left after weights, activations and CUDA graphs."""
+"""Sizes the KV pool from what is left after weights, activations and CUDA graphs, and the decode graphs
+from the device's memory."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from sfllm.config import EngineConfig
+from sfllm.messages import BlockTableUpdate, ForwardBatch
+from sfllm.model_source import ModelConfig
+from sfllm.sampling_params import SamplingParams
+from sfllm.worker.attention.registry import create_attention_backend
+from sfllm.worker.block_tables import BlockTables
+from sfllm.worker.eager_step import EagerStep
+from sfllm.worker.kv_cache import KVCache
+from sfllm.worker.kv_splits import KVSplits
+from sfllm.worker.model import CausalLM
+from sfllm.worker.sampler import Sampler, SamplingInputs
+from sfllm.worker.step_inputs import StepStaging
+
 GIB = 1024**3
+
+# Largest captured decode batch by device memory, as the production engines choose it: 512 on cards of
+# 60 GB and more; each graph's own memory is small (the graphs share their activations and outputs).
+DECODE_GRAPH_BATCH_BY_MEMORY = ((60 * GIB, 512), (30 * GIB, 256), (16 * GIB, 128), (0, 64))
 
 
 class InsufficientMemory(RuntimeError):
@@ -23,23 +43,112 @@ class MemoryPlan:
     kv_block_bytes: int
     num_blocks: int
     block_size: int
+    num_cpu_blocks: int = 0     # swap space
+    graph_bytes: int | None = None  # measured once the graphs are captured
+    graph_note: str = ""
 
     @property
     def kv_bytes(self) -> int:
         return self.num_blocks * self.kv_block_bytes
 
     def layout(self) -> str:
+        graphs = ("CUDA graphs (reserved)", self.graph_reserve_bytes, "")
+        if self.graph_bytes is not None:
+            graphs = ("CUDA graphs", self.graph_bytes, f"{self.graph_note} (reserved "
+                                                       f"{self.graph_reserve_bytes / GIB:.2f} GiB)")
         rows = [
             ("device memory", self.total_bytes, ""),
             ("budget (mem_fraction)", self.budget_bytes, ""),
             ("model weights", self.weights_bytes, ""),
             ("KV cache pool", self.kv_bytes, f"{self.num_blocks} blocks x {self.block_size} tokens = "
                                               f"{self.num_blocks * self.block_size} tokens"),
-            ("CUDA graphs (reserved)", self.graph_reserve_bytes, ""),
+            graphs,
             ("activation buffers", self.activation_bytes, ""),
             ("context and other", self.other_bytes, ""),
         ]
         return "\n".join(f"  {name:<24} {size / GIB:8.2f} GiB  {note}" for name, size, note in rows)
+
+
+def decode_graph_limit(config: EngineConfig, device: torch.device) -> int:
+    """The largest decode batch captured as a graph: --cuda-graph-max-bs, else chosen from the device's
+    memory; never more than the running-request limit."""
+    if config.cuda_graph_max_bs is not None:
+        return min(config.cuda_graph_max_bs, config.max_running_requests)
+    total = torch.cuda.get_device_properties(device).total_memory
+    by_memory = next(batch for least, batch in DECODE_GRAPH_BATCH_BY_MEMORY if total >= least)
+    return min(by_memory, config.max_running_requests)
+
+
+def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
+                dtype: torch.dtype, max_context_length: int, decode_graph_batch: int | None) -> MemoryPlan:
+    """The KV pool and swap space for the loaded `model`; on a GPU after a profiling step.
+    `decode_graph_batch` None: no CUDA graphs."""
+    c = model_config
+    block_size = config.block_size
+    block_bytes = KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
+    min_blocks = math.ceil(max_context_length / block_size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_cpu_blocks = int(config.cpu_kv_cache_gib * GIB) // block_bytes if device.type == "cuda" else 0
+    if config.num_kv_blocks:
+        plan = MemoryPlan(0, 0, weights, 0, 0, 0, block_bytes, max(config.num_kv_blocks, min_blocks), block_size)
+    elif device.type == "cpu":
+        plan = plan_cpu_memory(config.cpu_kv_cache_gib, block_bytes, block_size, weights, min_blocks)
+    else:
+        num_tokens = min(config.max_running_tokens, max_context_length)
+        activation = profile_activation_bytes(config, c, model, device, num_tokens, max_context_length)
+        graph_reserve = 0
+        if decode_graph_batch is not None:
+            graph_reserve = graph_reserve_bytes(c, config.max_running_requests, activation, num_tokens)
+        plan = plan_gpu_memory(device, config.mem_fraction, weights, activation, graph_reserve, block_bytes,
+                               block_size, min_blocks)
+    if config.preemption_mode == "swap" and device.type == "cpu":
+        num_cpu_blocks = plan.num_blocks
+    plan.num_cpu_blocks = num_cpu_blocks
+    return plan
+
+
+def graph_reserve_bytes(c: ModelConfig, max_seqs: int, activation_bytes: int, num_tokens: int) -> int:
+    """The graphs' shared output buffers (float32 logits of every sequence) and their pool, which holds
+    about the activations of the largest mixed step (steps of up to 8192 tokens are captured)."""
+    from sfllm.worker.cuda_graph_runner import MAX_GRAPH_TOKENS
+    outputs = max_seqs * (c.vocab_size * 4 + 8)
+    pool = activation_bytes * min(1.0, MAX_GRAPH_TOKENS / num_tokens)
+    return int(outputs + pool) + 256 * 1024**2
+
+
+def profile_activation_bytes(config: EngineConfig, c: ModelConfig, model: CausalLM, device: torch.device,
+                             num_tokens: int, max_context_length: int) -> int:
+    """Peak memory of the largest step: a prompt filling the token budget beside as many one-token
+    sequences as may run, every one sampled with top-k/p, measured with a throwaway KV cache."""
+    num_seqs = min(config.max_running_requests, num_tokens)
+    long_tokens = num_tokens - (num_seqs - 1)
+    long_blocks = math.ceil(long_tokens / config.block_size)
+    scratch = KVCache(c.num_layers, long_blocks + num_seqs, config.block_size, c.num_kv_heads, c.head_dim,
+                      model.embed_tokens.weight.dtype, device)
+    backend = create_attention_backend(config.attention_backend, device, scratch, c, quiet=True)
+    tables = BlockTables(num_seqs, math.ceil(max_context_length / config.block_size), config.block_size, device)
+    last_tokens = torch.zeros(num_seqs + 1, dtype=torch.int64, device=device)
+    eager = EagerStep(model, backend, tables, last_tokens, KVSplits(backend.name, c.num_kv_heads,
+                                                                    max_context_length, device), StepStaging(device))
+    updates = [BlockTableUpdate(0, 0, list(range(long_blocks)))]
+    updates += [BlockTableUpdate(seq, 0, [long_blocks + seq]) for seq in range(1, num_seqs)]
+    batch = ForwardBatch(step_id=-1, slots=list(range(num_seqs)), num_new_tokens=[long_tokens] + [1] * (num_seqs - 1),
+                         context_lens=[long_tokens] + [1] * (num_seqs - 1), input_token_ids=[1] * num_tokens,
+                         sample=[True] * num_seqs, block_table_updates=updates)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        tables.apply(batch.block_table_updates)
+        hidden, _ = eager.forward(batch, np.ones(num_seqs + 1, dtype=np.float32))
+        logits = model.compute_logits(hidden)
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_seqs
+        Sampler(config.seed)(logits, SamplingInputs.build(params, [0] * num_seqs, c.vocab_size, device))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del scratch, backend, tables, eager, hidden, logits
+    torch.cuda.empty_cache()
+    return peak
 
 
 def plan_gpu_memory(device: torch.device, mem_fraction: float, weights_bytes: int, activation_bytes: int,

@@ -1,8 +1,8 @@
 """Executes ForwardBatches on the model: the worker's whole job, without the sockets.
 
-`execute` only launches device work and returns a `PendingStep`; reading its tokens
-(the one synchronisation of a step) happens when the caller asks for the result, so the
-next step can be launched before the previous one has finished.
+`execute` only launches device work; its `PendingStep` joins one queue in launch order, and
+`next_result` hands the results back in that order once their tokens are on the host, so the next
+step can be launched before the previous one has finished.
 """
 from __future__ import annotations
 
@@ -18,17 +18,20 @@ import torch
 
 from sfllm.config import EngineConfig
 from sfllm.loop_time import LoopTime
-from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs, TokenLogprob
+from sfllm.messages import ForwardBatch, ForwardResult
 from sfllm.model_source import ModelSource
 from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
 from sfllm.worker.attention.registry import create_attention_backend
-from sfllm.worker.cuda_graph_runner import DecodeGraphRunner
+from sfllm.worker.block_tables import BlockTables
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner, StepShape
+from sfllm.worker.eager_step import EagerStep
 from sfllm.worker.kv_cache import KVCache
-from sfllm.worker.memory_planner import GIB, MemoryPlan, plan_cpu_memory, plan_gpu_memory
-from sfllm.worker.pinned_staging import PinnedStaging
-from sfllm.worker.sampler import Sampler, SamplerOutput, SamplingInputs, temperature_only
-from sfllm.worker.step_inputs import StepInputs, build_step_inputs
+from sfllm.worker.kv_splits import KVSplits
+from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
+from sfllm.worker.pending_step import PendingStep
+from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only
+from sfllm.worker.step_inputs import StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.weight_loader import load_model
 
@@ -64,61 +67,6 @@ class SlotState:
     output_token_ids: list[int]
 
 
-class PendingStep:
-    """The launched step; `result()` waits for its tokens and packs them."""
-
-    def __init__(self, runner: ModelRunner, step_id: int, output: SamplerOutput | None, slots: list[int],
-                 logprob_counts: list[int | None], started: float) -> None:
-        self._runner = runner
-        self._step_id = step_id
-        self._slots = slots
-        self._logprob_counts = logprob_counts
-        self._started = started
-        self._result: ForwardResult | None = None
-        self._event = None
-        self._host: list[torch.Tensor | None] = []
-        if output is not None:
-            tensors = [output.token_ids, output.logprobs, output.top_token_ids, output.top_logprobs]
-            non_blocking = output.token_ids.device.type == "cuda"
-            self._host = [None if t is None else t.to("cpu", non_blocking=non_blocking) for t in tensors]
-            if non_blocking:
-                self._event = torch.cuda.Event()
-                self._event.record()
-
-    def ready(self) -> bool:
-        """True once the device finished the step (reading its result will not block)."""
-        return self._result is not None or self._event is None or self._event.query()
-
-    def result(self) -> ForwardResult:
-        if self._result is None:
-            self._runner.resolve_through(self)
-        return self._result
-
-    def resolve(self) -> None:
-        if self._event is not None:
-            self._event.synchronize()
-        self._result = self._pack()
-        self._runner.record_outputs(self._slots, self._result.token_ids)
-
-    def _pack(self) -> ForwardResult:
-        if not self._host:
-            return ForwardResult(step_id=self._step_id, token_ids=[], logprobs=[])
-        tokens, chosen, top_ids, top_logprobs = self._host
-        token_ids = tokens.tolist()
-        logprobs: list[SampledLogprobs | None] = []
-        for row, count in enumerate(self._logprob_counts):
-            if count is None:
-                logprobs.append(None)
-                continue
-            top = [TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[row, :count].tolist(),
-                                                                    top_logprobs[row, :count].tolist())]
-            logprobs.append(SampledLogprobs(float(chosen[row]), top))
-        allocated, reserved = self._runner.gpu_memory()
-        return ForwardResult(step_id=self._step_id, token_ids=token_ids, logprobs=logprobs,
-                             forward_time_s=time.perf_counter() - self._started,
-                             gpu_memory_allocated=allocated, gpu_memory_reserved=reserved)
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -139,99 +87,49 @@ class ModelRunner:
         self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed)
         self.max_slots = config.max_running_requests
         self.sampler = Sampler(config.seed)
-        # one spare row past the slots: padding rows of a captured decode step write their token there
-        self.padding_slot = self.max_slots
+        # one spare row past the slots: padding rows of a captured step write their token there
         self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
+        self.block_tables = BlockTables(self.max_slots, math.ceil(self.max_context_length / self.block_size),
+                                        self.block_size, self.device)
         self.slots: list[SlotState | None] = [None] * self.max_slots
-        # on a CPU device the "copy" returns the buffer itself: a fresh one per step keeps the steps apart
-        self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
-        self.slot_temperature = np.zeros(self.max_slots, dtype=np.float32)  # 0: greedy
-        self.slot_temperature_only = np.zeros(self.max_slots, dtype=bool)
+        self.slot_temperature = np.zeros(self.max_slots + 1, dtype=np.float32)  # 0: greedy
+        self.slot_temperature_only = np.zeros(self.max_slots + 1, dtype=bool)
         self._gpu_memory = (0, 0)
         self._gpu_memory_read = -math.inf
-        self._unresolved: deque[PendingStep] = deque()
+        self._launched: deque[PendingStep] = deque()
+        self._num_resolved = 0  # leading steps of _launched whose results are packed and recorded
         self.profiler = StepProfiler()
         self.num_steps = 0
         self.loop_time: LoopTime | None = None  # the worker process's, charged with each phase of a step
 
-        self.plan = self._plan_memory()
-        kv_block_bytes = self.plan.kv_block_bytes
-        num_cpu_blocks = int(config.cpu_kv_cache_gib * GIB) // kv_block_bytes if self.device.type == "cuda" else 0
-        if config.preemption_mode == "swap" and self.device.type == "cpu":
-            num_cpu_blocks = self.plan.num_blocks
-        self.num_cpu_blocks = num_cpu_blocks
+        graphs = self.device.type == "cuda" and not config.disable_cuda_graph
+        self.decode_graph_batch = decode_graph_limit(config, self.device) if graphs else 0
+        self.plan = plan_memory(config, model_config, self.model, self.device, self.dtype, self.max_context_length,
+                                self.decode_graph_batch if graphs else None)
+        self.num_cpu_blocks = self.plan.num_cpu_blocks
         self.kv_cache = KVCache(model_config.num_layers, self.plan.num_blocks, self.block_size,
                                 model_config.num_kv_heads, model_config.head_dim, self.dtype, self.device,
-                                num_cpu_blocks)
+                                self.num_cpu_blocks)
         self.backend = create_attention_backend(config.attention_backend, self.device, self.kv_cache,
                                                 model_config)
-        logger.info("memory layout:\n%s", self.plan.layout())
-        self.graph_runner: DecodeGraphRunner | None = None
-        if self.device.type == "cuda":
-            self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        if self.device.type == "cuda" and not config.disable_cuda_graph and self.backend.supports_cuda_graphs:
-            self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device,
-                                                  min(config.cuda_graph_max_bs, self.max_slots),
-                                                  self.max_context_length, self.block_size, self._decode_kv_splits,
-                                                  self.last_tokens, self.padding_slot, config.seed)
+        kv_splits = KVSplits(self.backend.name, model_config.num_kv_heads, self.max_context_length, self.device)
+        self.eager = EagerStep(self.model, self.backend, self.block_tables, self.last_tokens, kv_splits,
+                               StepStaging(self.device))
+        self.graph_runner: CudaGraphRunner | None = None
+        if graphs and self.backend.supports_cuda_graphs:
+            self.graph_runner = CudaGraphRunner(self.model, self.backend, self.block_tables, self.last_tokens,
+                                                kv_splits, self.device, self.decode_graph_batch,
+                                                config.max_running_tokens, self.max_slots, config.seed)
             self.graph_runner.capture()
-
-    # ---- memory -------------------------------------------------------------------------
-
-    def _kv_block_bytes(self) -> int:
-        c = self.source.config
-        return KVCache.bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype)
-
-    def _plan_memory(self) -> MemoryPlan:
-        block_bytes = self._kv_block_bytes()
-        min_blocks = math.ceil(self.max_context_length / self.block_size)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if self.config.num_kv_blocks:
-            return MemoryPlan(0, 0, weights, 0, 0, 0, block_bytes,
-                              max(self.config.num_kv_blocks, min_blocks), self.block_size)
-        if self.device.type == "cpu":
-            return plan_cpu_memory(self.config.cpu_kv_cache_gib, block_bytes, self.block_size, weights, min_blocks)
-        activation = self._profile_activation_bytes()
-        graph_reserve = 0 if self.config.disable_cuda_graph else self._graph_reserve_bytes()
-        return plan_gpu_memory(self.device, self.config.mem_fraction, weights, activation, graph_reserve,
-                               block_bytes, self.block_size, min_blocks)
-
-    def _graph_reserve_bytes(self) -> int:
-        # the graphs share one pool whose size is about one decode batch's activations at the largest size
-        c = self.source.config
-        batch = min(self.config.cuda_graph_max_bs, self.max_slots)
-        per_token = (c.hidden_size * 4 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                     + 2 * c.intermediate_size) * self.dtype.itemsize + c.vocab_size * 4 * 2
-        return batch * per_token + 256 * 1024**2
-
-    def _profile_activation_bytes(self) -> int:
-        """Peak memory of the largest prefill step, measured with a throwaway KV cache."""
-        c = self.source.config
-        num_tokens = min(self.config.max_running_tokens, self.max_context_length)
-        blocks = math.ceil(num_tokens / self.block_size)
-        scratch = KVCache(c.num_layers, blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
-        backend = create_attention_backend(self.config.attention_backend, self.device, scratch, c, quiet=True)
-        num_sampled = min(self.max_slots, num_tokens)
-        batch = ForwardBatch(step_id=-1, slots=[0], num_new_tokens=[num_tokens], context_lens=[num_tokens],
-                             input_token_ids=[1] * num_tokens, block_tables=[list(range(blocks))], sample=[True])
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        with torch.inference_mode():
-            inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device)
-            hidden = self.model(inputs.input_ids, inputs.positions, backend, inputs.meta)
-            logits = self.model.compute_logits(hidden[-num_sampled:])
-            params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_sampled
-            self.sampler(logits, SamplingInputs.build(params, [0] * num_sampled, c.vocab_size, self.device))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del scratch, backend, hidden, logits
-        torch.cuda.empty_cache()
-        return peak
+            self.plan.graph_bytes = self.graph_runner.capture_bytes
+            self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
+                                    f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
+        logger.info("memory layout:\n%s", self.plan.layout())
 
     # ---- steps --------------------------------------------------------------------------
 
     def execute(self, batch: ForwardBatch) -> PendingStep:
+        """Launches the step; its result comes from `next_result`, after those of earlier steps."""
         started = time.perf_counter()
         self.profiler.step()
         self.num_steps += 1
@@ -239,56 +137,67 @@ class ModelRunner:
             with nvtx_range("prepare"):
                 self.kv_cache.swap_out(batch.swap_out)
                 self.kv_cache.swap_in(batch.swap_in)
+                self.block_tables.apply(batch.block_table_updates)
                 for seq in batch.new_sequences:
                     self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
-                graph = self.graph_runner is not None and self.graph_runner.can_run(batch)
-                if graph:
-                    self.graph_runner.stage(batch, self.slot_temperature[batch.slots])
-                elif batch.slots:
-                    inputs = build_step_inputs(batch, self.block_size, self.last_tokens, self.device, self.staging)
-            self._lap("prepare" if graph else "eager prepare")
+                shape = self.graph_runner.shape_for(batch) if self.graph_runner is not None else None
+                if shape is not None:
+                    num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature)
+            sampled_slots = [slot for slot, sample in zip(batch.slots, batch.sample) if sample]
             if not batch.slots:
-                pending = PendingStep(self, batch.step_id, None, [], [], started)
-            elif graph:
-                pending = self._replay_graph(batch, started)
+                pending = PendingStep(batch.step_id, started, [])
+            elif shape is not None:
+                self._lap("prepare")
+                pending = self._replay_graph(batch, shape, num_sampled, sampled_slots, started)
             else:
-                pending = self._run_eager(batch.step_id, inputs, started)
-        # every step, sampled or not, resolves in launch order
-        self._unresolved.append(pending)
+                self._lap("eager prepare")
+                pending = self._run_eager(batch, sampled_slots, started)
+        self._launched.append(pending)
         return pending
 
-    def _run_eager(self, step_id: int, inputs: StepInputs, started: float) -> PendingStep:
-        """Any step (prefill chunks, mixed, or decode beyond the captured sizes), op by op."""
+    def _run_eager(self, batch: ForwardBatch, sampled_slots: list[int], started: float) -> PendingStep:
         with nvtx_range("forward"):
-            hidden = self._forward(inputs)
+            hidden, tensors = self.eager.forward(batch, self.slot_temperature)
         self._lap("eager forward")
-        if not inputs.sample_slots_host:
-            return PendingStep(self, step_id, None, [], [], started)
+        if not sampled_slots:
+            return PendingStep(batch.step_id, started, [])
         with nvtx_range("sample"):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            states = [self.slots[s] for s in inputs.sample_slots_host]
-            output = self.sampler(logits, self._sampling_inputs(states, inputs.sample_positions))
-            self.last_tokens[inputs.sample_slots] = output.token_ids
-            pending = PendingStep(self, step_id, output, inputs.sample_slots_host, [s.params.logprobs for s in states],
-                                  started)
+            logits = self.model.compute_logits(hidden)
+            states = [self.slots[s] for s in sampled_slots]
+            positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
+            output = self.sampler(logits, self._sampling_inputs(states, positions))
+            self.last_tokens.index_copy_(0, tensors.sample_slots[:len(sampled_slots)], output.token_ids)
+            pending = PendingStep(batch.step_id, started, sampled_slots, output.token_ids, output,
+                                  list(range(len(states))), [s.params.logprobs for s in states])
         self._lap("eager sample")
         return pending
 
-    def _replay_graph(self, batch: ForwardBatch, started: float) -> PendingStep:
-        """A staged decode step as one captured graph; the eager sampler redraws the rows that need more
-        than a temperature, from the graph's logits."""
+    def _replay_graph(self, batch: ForwardBatch, shape: StepShape, num_sampled: int, sampled_slots: list[int],
+                      started: float) -> PendingStep:
+        """A staged step as one captured graph; the eager sampler redraws, from the graph's logits, only the
+        rows that need more than a temperature."""
         with nvtx_range("forward"):
-            tokens, logits = self.graph_runner.replay(len(batch.slots))
+            tokens, logits, slots = self.graph_runner.replay(shape, num_sampled)
         self._lap("forward")
         with nvtx_range("sample"):
-            if self.slot_temperature_only[batch.slots].all():  # no row asked for logprobs either
-                output, logprob_counts = SamplerOutput(tokens, None, None, None), [None] * len(batch.slots)
+            redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
+            if not redraw:
+                pending = PendingStep(batch.step_id, started, sampled_slots, tokens)
             else:
-                states = [self.slots[s] for s in batch.slots]
-                output = self.sampler(logits, self._sampling_inputs(states, batch.context_lens))
-                self.last_tokens[self.graph_runner.inputs.device_views["slots"][:len(states)]] = output.token_ids
-                logprob_counts = [s.params.logprobs for s in states]
-            pending = PendingStep(self, batch.step_id, output, batch.slots, logprob_counts, started)
+                states = [self.slots[sampled_slots[row]] for row in redraw]
+                positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
+                inputs = self._sampling_inputs(states, [positions[row] for row in redraw])
+                if len(redraw) == num_sampled:
+                    output = self.sampler(logits, inputs)
+                    tokens.copy_(output.token_ids)
+                    self.last_tokens.index_copy_(0, slots, output.token_ids)
+                else:
+                    rows = torch.tensor(redraw).to(self.device, non_blocking=True)
+                    output = self.sampler(logits.index_select(0, rows), inputs)
+                    tokens.index_copy_(0, rows, output.token_ids)
+                    self.last_tokens.index_copy_(0, slots.index_select(0, rows), output.token_ids)
+                pending = PendingStep(batch.step_id, started, sampled_slots, tokens, output, redraw,
+                                      [s.params.logprobs for s in states])
         self._lap("sample")
         return pending
 
@@ -301,30 +210,6 @@ class ModelRunner:
         self.slot_temperature[slot] = 0.0 if state.params.greedy else state.params.temperature
         self.slot_temperature_only[slot] = temperature_only(state.params, self.source.config.vocab_size)
 
-    def gpu_memory(self) -> tuple[int, int]:
-        """(allocated, reserved) bytes on the GPU, read at most every GPU_MEMORY_REFRESH_S."""
-        now = time.monotonic()
-        if self.device.type == "cuda" and now - self._gpu_memory_read >= GPU_MEMORY_REFRESH_S:
-            self._gpu_memory = (torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device))
-            self._gpu_memory_read = now
-        return self._gpu_memory
-
-    def _decode_kv_splits(self, batch_size: int) -> int | None:
-        """Split-KV partitions for a decode batch: the same for a batch and the graph it is padded to."""
-        if self.device.type != "cuda" or self.backend.name != "triton":
-            return None
-        from kernels import choose_num_kv_splits
-        if self.graph_runner is not None and batch_size <= self.graph_runner.max_batch_size:
-            batch_size = self.graph_runner.padded_size(batch_size)
-        return choose_num_kv_splits(batch_size, self.source.config.num_kv_heads, self.max_context_length,
-                                    self._num_sms)
-
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if inputs.meta.is_decode:
-            inputs.meta.num_kv_splits = self._decode_kv_splits(inputs.meta.batch_size)
-        self.backend.prepare(inputs.meta)
-        return self.model(inputs.input_ids, inputs.positions, self.backend, inputs.meta)
-
     def _sampling_inputs(self, states: list[SlotState], positions: list[int]) -> SamplingInputs:
         params = [s.params for s in states]
         penalty_tokens = None
@@ -335,21 +220,37 @@ class ModelRunner:
                               for s in states]
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens)
 
-    def resolve_through(self, pending: PendingStep) -> None:
-        """Resolves launched steps in launch order up to `pending` (penalties need that order); every
-        step joins the queue when it is launched."""
-        while True:
-            step = self._unresolved.popleft()
-            step.resolve()
-            if step is pending:
-                return
+    # ---- results ------------------------------------------------------------------------
+
+    def next_result(self, wait: bool) -> ForwardResult | None:
+        """The oldest launched step's result, or None if there is none (or, without `wait`, it is not on
+        the host yet)."""
+        if not self._launched or not (wait or self._launched[0].ready()):
+            return None
+        step = self._launched.popleft()
+        if self._num_resolved:
+            self._num_resolved -= 1
+            return step.result(self._gpu_memory)
+        return self._resolve(step)
 
     def resolve_all(self) -> None:
-        while self._unresolved:
-            self._unresolved.popleft().resolve()
+        """Packs every launched step's result and records its tokens (penalties need them), in order."""
+        while self._num_resolved < len(self._launched):
+            self._resolve(self._launched[self._num_resolved])
+            self._num_resolved += 1
 
-    def record_outputs(self, slots: list[int], token_ids: list[int]) -> None:
-        for slot, token in zip(slots, token_ids):
+    def _resolve(self, step: PendingStep) -> ForwardResult:
+        result = step.result(self.gpu_memory())
+        for slot, token in zip(step.sampled_slots, result.token_ids):
             state = self.slots[slot]
             if state is not None and state.params.has_penalties:
                 state.output_token_ids.append(token)
+        return result
+
+    def gpu_memory(self) -> tuple[int, int]:
+        """(allocated, reserved) bytes on the GPU, read at most every GPU_MEMORY_REFRESH_S."""
+        now = time.monotonic()
+        if self.device.type == "cuda" and now - self._gpu_memory_read >= GPU_MEMORY_REFRESH_S:
+            self._gpu_memory = (torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device))
+            self._gpu_memory_read = now
+        return self._gpu_memory

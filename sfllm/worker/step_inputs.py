@@ -1,88 +1,194 @@
-"""Turns a ForwardBatch into the device tensors of one model step, in one host-to-device copy."""
+"""A ForwardBatch as the tensors of one model step.
+
+The host writes the batch into a pinned buffer in one layout (`StepShape`), copies it in one transfer,
+and the device completes it: placeholder tokens from `last_tokens`, KV slots and block-table rows from
+the worker's `BlockTables`. Eager steps use a shape that fits the batch exactly; a CUDA graph has one
+shape of fixed capacities, and a smaller batch fills the rest with padding: tokens of the padding slot
+(negative KV slot: nothing stored), sequences of no new tokens (attended by nobody), sampled rows that
+write the padding slot's last token, and unused attention tiles (sequence -1).
+"""
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.metadata import AttentionMetadata
+from sfllm.worker.block_tables import BlockTables
 from sfllm.worker.pinned_staging import PinnedStaging
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor         # [T] int64; -1 placeholders already replaced
-    positions: torch.Tensor         # [T] int64
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor    # [S] rows of the hidden states to sample from
-    sample_slots: torch.Tensor      # [S] worker slots of the sampled sequences
-    sample_positions: list[int]     # [S] position the sampled token will take in its sequence
-    sample_slots_host: list[int]
+class StepTensors:
+    """Views of one staged step (torch tensors on the device, or numpy arrays of the host buffer)."""
+    input_ids: torch.Tensor        # [T] int64, -1: the token the slot sampled last
+    positions: torch.Tensor        # [T] int64
+    token_slots: torch.Tensor      # [T] int64, the slot of each token's sequence
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor         # [S] int32, tokens in each sequence including the new ones
+    seq_slots: torch.Tensor        # [S] int64
+    logits_indices: torch.Tensor   # [S] int64, the token rows sampled, first the batch's sampled sequences
+    sample_slots: torch.Tensor     # [S] int64, the slot each sampled row's token goes to
+    temperatures: torch.Tensor     # [S] float32, 0: greedy
+    tiles: torch.Tensor            # [N, 2] int32, extend attention's query tiles (see kernels.extend_tiles)
 
 
-def build_step_inputs(batch: ForwardBatch, block_size: int, last_tokens: torch.Tensor,
-                      device: torch.device, staging: PinnedStaging | None = None) -> StepInputs:
-    """`staging` provides the host buffer of the copy (a fresh one when None)."""
-    num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
-    context_lens = np.asarray(batch.context_lens, dtype=np.int64)
+# (field, dtype, rows): rows count tokens ("T"), sequences ("S", "S+1") or tiles ("2N": two numbers each)
+_LAYOUT = (("input_ids", torch.int64, "T"), ("positions", torch.int64, "T"), ("token_slots", torch.int64, "T"),
+           ("query_start_loc", torch.int32, "S+1"), ("seq_lens", torch.int32, "S"), ("seq_slots", torch.int64, "S"),
+           ("logits_indices", torch.int64, "S"), ("sample_slots", torch.int64, "S"),
+           ("temperatures", torch.float32, "S"), ("tiles", torch.int32, "2N"))
+assert [name for name, _, _ in _LAYOUT] == [f.name for f in fields(StepTensors)]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The capacities of a step's inputs, which fix its buffer layout (and a CUDA graph's grid)."""
+    num_tokens: int
+    num_seqs: int
+    num_tiles: int     # extend attention tiles; 0 when every sequence has one new token
+    decode_only: bool  # every sequence has one new token: decode attention alone
+
+    def _offsets(self) -> list[tuple[int, int]]:
+        rows = {"T": self.num_tokens, "S": self.num_seqs, "S+1": self.num_seqs + 1, "2N": 2 * self.num_tiles}
+        offset, spans = 0, []
+        for _, dtype, kind in _LAYOUT:
+            # every field 16-byte aligned: Triton compiles a kernel variant per pointer alignment
+            size = rows[kind] * dtype.itemsize
+            spans.append((offset, size))
+            offset += -(-size // 16) * 16
+        return spans
+
+    @property
+    def num_bytes(self) -> int:
+        offset, size = self._offsets()[-1]
+        return offset + -(-size // 16) * 16
+
+    def views(self, buffer: torch.Tensor) -> StepTensors:
+        """Typed views of a uint8 buffer of at least `num_bytes`."""
+        views = [buffer[offset:offset + size].view(dtype)
+                 for (offset, size), (_, dtype, _) in zip(self._offsets(), _LAYOUT)]
+        views[-1] = views[-1].view(self.num_tiles, 2)
+        return StepTensors(*views)
+
+
+def exact_shape(batch: ForwardBatch, tile_rows: int | None) -> StepShape:
+    """The smallest shape that holds `batch`; `tile_rows` None: no extend tiles (a backend without them)."""
+    decode_only = len(batch.input_token_ids) == len(batch.slots)
+    num_tiles = 0
+    if tile_rows is not None and not decode_only:
+        num_tiles = sum(-(-n // tile_rows) for n in batch.num_new_tokens if n > 1)
+    return StepShape(len(batch.input_token_ids), len(batch.slots), num_tiles, decode_only)
+
+
+def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_temperatures: np.ndarray,
+               padding_slot: int, tile_rows: int | None) -> int:
+    """Writes `batch` and its padding up to `shape` into the host arrays `host`; returns the number of
+    sampled rows (the first rows of logits_indices, sample_slots and temperatures)."""
+    num_seqs, num_tokens = len(batch.slots), len(batch.input_token_ids)
     slots = np.asarray(batch.slots, dtype=np.int64)
-    sample = np.asarray(batch.sample, dtype=bool)
-    num_seqs = len(slots)
-    num_tokens = int(num_new.sum())
+    context_lens = np.asarray(batch.context_lens, dtype=np.int64)
+    qsl = host.query_start_loc
+    qsl[0] = 0
+    if num_tokens == num_seqs:  # every sequence decodes one token: the common step, kept short
+        qsl[1:num_seqs + 1] = np.arange(1, num_seqs + 1)
+        host.positions[:num_tokens] = context_lens - 1
+        host.token_slots[:num_tokens] = slots
+        num_new = None
+    else:
+        num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        np.cumsum(num_new, out=qsl[1:num_seqs + 1])
+        starts = qsl[:num_seqs].astype(np.int64)
+        seq_of_token = np.repeat(np.arange(num_seqs), num_new)
+        host.positions[:num_tokens] = np.arange(num_tokens) + (context_lens - num_new - starts)[seq_of_token]
+        host.token_slots[:num_tokens] = slots[seq_of_token]
+    # padding sequences: of no token in a mixed shape; in a decode shape, one per padding token (the
+    # decode kernel then writes zeros for it instead of leaving its row unwritten)
+    qsl[num_seqs + 1:] = np.arange(num_seqs + 1, shape.num_seqs + 1) if shape.decode_only else num_tokens
+    host.input_ids[:num_tokens] = batch.input_token_ids
+    host.input_ids[num_tokens:] = 0
+    host.positions[num_tokens:] = 0
+    host.token_slots[num_tokens:] = padding_slot
+    host.seq_lens[:num_seqs] = context_lens
+    host.seq_lens[num_seqs:] = 0
+    host.seq_slots[:num_seqs] = slots
+    host.seq_slots[num_seqs:] = padding_slot
 
-    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
-    np.cumsum(num_new, out=query_start_loc[1:])
-    seq_of_token = np.repeat(np.arange(num_seqs), num_new)
-    positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (context_lens - num_new)[seq_of_token]
+    sampled = np.flatnonzero(np.asarray(batch.sample, dtype=bool))
+    num_sampled = len(sampled)
+    host.logits_indices[:num_sampled] = qsl[1:][sampled] - 1
+    host.logits_indices[num_sampled:] = 0
+    host.sample_slots[:num_sampled] = slots[sampled]
+    host.sample_slots[num_sampled:] = padding_slot
+    host.temperatures[:num_sampled] = slot_temperatures[slots[sampled]]
+    host.temperatures[num_sampled:] = 0.0
 
-    table_lens = np.fromiter(map(len, batch.block_tables), dtype=np.int64, count=num_seqs)
-    max_blocks = int(table_lens.max()) if num_seqs else 1
-    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int64)
-    flat = np.fromiter(itertools.chain.from_iterable(batch.block_tables), dtype=np.int64, count=int(table_lens.sum()))
-    block_tables[np.arange(block_tables.shape[1])[None, :] < table_lens[:, None]] = flat
-    slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    if shape.num_tiles:
+        from kernels.extend_attention import extend_tiles  # only backends with tiles (Triton) get here
+        tiles = extend_tiles(num_new, tile_rows) if num_new is not None else np.empty((0, 2), np.int32)
+        host.tiles[:len(tiles)] = tiles
+        host.tiles[len(tiles):] = -1
+    return num_sampled
 
-    logits_indices = query_start_loc[1:][sample] - 1
-    sample_slots = slots[sample]
-    input_ids = np.asarray(batch.input_token_ids, dtype=np.int64)
-    token_slots = slots[seq_of_token]
 
-    # One packed copy instead of eight small ones. Every part starts 16-byte aligned: Triton compiles a
-    # kernel variant per pointer alignment, and an odd token count must not trigger a new one.
-    parts = [input_ids, positions, slot_mapping, query_start_loc, context_lens, logits_indices, sample_slots,
-             token_slots, block_tables.reshape(-1)]
-    # Each part is followed by a pad of 0 or 1 elements; one split yields parts and pads alike.
-    parts_and_pads = [n for part in parts for n in (len(part), len(part) % 2)]
-    total = sum(parts_and_pads)
-    host_bytes = staging.take(8 * total) if staging is not None else torch.empty(8 * total, dtype=torch.uint8)
-    packed = host_bytes.view(torch.int64)
-    host = packed.numpy()  # the padding is never read
-    start = 0
-    for part, pad in zip(parts, parts_and_pads[1::2]):
-        host[start:start + len(part)] = part
-        start += len(part) + pad
-    packed = packed.to(device, non_blocking=True)
-    if staging is not None:
-        staging.copy_launched()
-    (ids, pos, slot_map, qsl, seq_lens, logits_idx, s_slots, t_slots, tables) = packed.split(parts_and_pads)[::2]
+class StepStaging:
+    """Pinned host buffers for staged steps, and the one copy of each to the device."""
 
-    placeholders = input_ids < 0
-    if placeholders.all():  # decoding with overlap: every token is the one sampled last
-        ids = last_tokens.index_select(0, t_slots)
-    elif placeholders.any():
-        ids = torch.where(ids < 0, last_tokens[t_slots], ids)
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # on a CPU device the "copy" returns the buffer itself: a fresh one per step keeps the steps apart
+        self._pinned = PinnedStaging(device) if device.type == "cuda" else None
+        self._host_views: dict[tuple[int, StepShape], StepTensors] = {}
+
+    def host(self, shape: StepShape) -> tuple[torch.Tensor, StepTensors]:
+        """The next host buffer and its views as numpy arrays (cached per buffer and shape)."""
+        if self._pinned is None:
+            buffer = torch.empty(shape.num_bytes, dtype=torch.uint8)
+            return buffer, StepTensors(*(v.numpy() for v in _as_tuple(shape.views(buffer))))
+        buffer = self._pinned.take(shape.num_bytes)
+        key = (buffer.data_ptr(), shape)
+        views = self._host_views.get(key)
+        if views is None:
+            views = self._host_views[key] = StepTensors(*(v.numpy() for v in _as_tuple(shape.views(buffer))))
+        return buffer, views
+
+    def copy(self, host_buffer: torch.Tensor, device_buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Copies the staged bytes into `device_buffer` (a new tensor when None), in stream order."""
+        if self._pinned is None:
+            if device_buffer is None:
+                return host_buffer
+            device_buffer[:host_buffer.numel()].copy_(host_buffer)
+            return device_buffer
+        if device_buffer is None:
+            device_buffer = torch.empty_like(host_buffer, device=self.device)
+        device_buffer[:host_buffer.numel()].copy_(host_buffer, non_blocking=True)
+        self._pinned.copy_launched()
+        return device_buffer
+
+
+def _as_tuple(tensors: StepTensors) -> tuple:
+    return tuple(getattr(tensors, f.name) for f in fields(StepTensors))
+
+
+def device_metadata(tensors: StepTensors, shape: StepShape, tables: BlockTables, last_tokens: torch.Tensor,
+                    num_kv_splits: int | None,
+                    batch: ForwardBatch | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Completes a staged step on the device without reading anything back: its input ids and attention
+    metadata. `batch` gives the host-side lengths that the torch backend reads; a CUDA graph has none."""
+    ids = tensors.input_ids
+    input_ids = torch.where(ids < 0, last_tokens[tensors.token_slots], ids)
     meta = AttentionMetadata(
-        slot_mapping=slot_map,
-        query_start_loc=qsl.int(),
-        seq_lens=seq_lens.int(),
-        block_tables=tables.view(num_seqs, block_tables.shape[1]).int(),
-        max_query_len=int(num_new.max()) if num_seqs else 0,
-        max_seq_len=int(context_lens.max()) if num_seqs else 0,
-        query_lens_host=num_new.tolist(),
-        seq_lens_host=context_lens.tolist(),
+        slot_mapping=tables.kv_slots(tensors.token_slots, tensors.positions),
+        query_start_loc=tensors.query_start_loc,
+        seq_lens=tensors.seq_lens,
+        block_tables=tables.rows(tensors.seq_slots),
+        tiles=tensors.tiles,
+        decode_only=shape.decode_only,
+        num_kv_splits=num_kv_splits,
     )
-    return StepInputs(ids, pos, meta, logits_idx, s_slots, context_lens[sample].tolist(),
-                      sample_slots.tolist())
+    if batch is not None:
+        meta.query_lens_host = list(batch.num_new_tokens)
+        meta.seq_lens_host = list(batch.context_lens)
+    return input_ids, meta

@@ -1,7 +1,8 @@
 """The worker process: receives ForwardBatches from the scheduler, returns ForwardResults.
 
 It keeps up to two steps launched: while the device runs step N it already reads and
-launches step N+1, and sends step N's tokens as soon as they are ready.
+launches step N+1, and sends step N's tokens as soon as they are ready. Between messages it
+sleeps in one poll on the scheduler's socket and the completion watcher's pipe.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 import signal
 import time
 import traceback
-from collections import deque
 
 import zmq
 
@@ -19,10 +19,13 @@ from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutd
                             WorkerFailed)
 from sfllm.model_source import resolve_model
 from sfllm.nvtx import nvtx_range
+from sfllm.worker.completion_watcher import CompletionWatcher
 from sfllm.worker.inprocess_worker import worker_ready
-from sfllm.worker.model_runner import ModelRunner, PendingStep
+from sfllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+LOG_POLL_MS = 1000  # the longest sleep between loop-time reports while idle
 
 
 def run_worker(config: EngineConfig, address: str) -> int:
@@ -54,18 +57,24 @@ def run_worker(config: EngineConfig, address: str) -> int:
     except zmq.Again:
         logger.error("no scheduler took the worker's ready message within 30 s; the worker exits")
         return 1
-    pending: deque[PendingStep] = deque()
     clock = runner.loop_time = LoopTime()
+    watcher = CompletionWatcher()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(watcher.wake_fd, zmq.POLLIN)
     try:
         while not stop:
-            if pending and pending[0].ready():
+            result = runner.next_result(wait=False)
+            if result is not None:
                 clock.lap("waiting")
                 with nvtx_range("send_result"):
-                    sock.send(codec.encode(pending.popleft().result()))
+                    sock.send(codec.encode(result))
                 clock.lap("sending results")
                 continue
-            # a short wait while a step runs on the device, so the next one is launched early
-            if not sock.poll(timeout=0.05 if pending else 100):
+            events = dict(poller.poll(timeout=LOG_POLL_MS))
+            if watcher.wake_fd in events:
+                watcher.drain()
+            if sock not in events:
                 line = clock.report(runner.num_steps)
                 if line is not None:
                     logger.info("worker loop, %s", line)
@@ -75,7 +84,9 @@ def run_worker(config: EngineConfig, address: str) -> int:
                 message = codec.decode(sock.recv())
             clock.lap("receiving")
             if isinstance(message, ForwardBatch):
-                pending.append(runner.execute(message))
+                launched = runner.execute(message)
+                if launched.copied is not None:
+                    watcher.watch(launched.copied)
             elif isinstance(message, StartProfile):
                 runner.profiler.start(message.directory)
             elif isinstance(message, StopProfile):
@@ -94,6 +105,7 @@ def run_worker(config: EngineConfig, address: str) -> int:
         time.sleep(0.2)
         return 1
     finally:
+        watcher.close()
         sock.close()
         context.term()
     return 0

@@ -16,7 +16,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels import DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention  # noqa: E402
+from kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
+                     extend_tile_config, extend_tiles)
 
 BLOCK_SIZE = 16
 MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
@@ -70,10 +71,12 @@ def bench_prefill() -> None:
             q = torch.randn(seq_len, num_heads, head_dim, device="cuda", dtype=DTYPE)
             out = torch.empty_like(q)
             query_start_loc = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+            block_m = extend_tile_config(head_dim, DTYPE, q.device).block_m
+            tiles = torch.from_numpy(extend_tiles([seq_len], block_m)).cuda()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench_cudagraph(
                 lambda: extend_attention(
-                    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, head_dim**-0.5, seq_len, out
+                    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, head_dim**-0.5, out
                 )
             )
             flops = 2 * 2 * num_heads * head_dim * seq_len * seq_len / 2

@@ -78,7 +78,10 @@ def _llm(checkpoint: Path, **overrides):
 
 
 def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(checkpoint: Path) -> None:
+    """Every step of the graph engines runs as a graph: prefills and mixed steps in the mixed graphs, decode
+    batches in the decode graphs, or in the mixed graphs past the largest decode graph (batch 8 > 4)."""
     from sfllm import SamplingParams
+    from sfllm.loop_time import LoopTime
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = _prompts()
     reference = _reference(checkpoint, torch.float32)
@@ -86,14 +89,20 @@ def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(check
     del reference
     outputs = {}
     for name, overrides in {"triton+graphs": {"attention_backend": "triton"},
+                            "triton+graphs, decode past the decode graphs": {"attention_backend": "triton",
+                                                                             "cuda_graph_max_bs": 4},
                             "triton eager": {"attention_backend": "triton", "disable_cuda_graph": True},
                             "torch": {"attention_backend": "torch", "disable_cuda_graph": True}}.items():
         llm = _llm(checkpoint, **overrides)
-        if name == "triton+graphs":
-            assert llm.engine.worker.runner.graph_runner is not None
+        runner = llm.engine.worker.runner
+        runner.loop_time = LoopTime()
         outputs[name] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        if "graphs" in name:
+            assert runner.graph_runner is not None
+            assert runner.loop_time.calls.get("forward", 0) > 32, "steps ran as graphs"
+            assert "eager forward" not in runner.loop_time.calls, "no step ran eagerly"
         assert llm.kv_usage()[0] == llm.kv_usage()[1]
-        del llm
+        del llm, runner
         gc.collect()  # the engine's objects hold reference cycles
         torch.cuda.empty_cache()
     for name, tokens in outputs.items():
@@ -101,25 +110,23 @@ def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(check
 
 
 def test_bf16_prefill_logits_within_bf16_rounding(checkpoint: Path) -> None:
-    from sfllm.messages import ForwardBatch
-    from sfllm.worker.step_inputs import build_step_inputs
+    from sfllm.messages import BlockTableUpdate, ForwardBatch
     reference = _reference(checkpoint, torch.bfloat16)
     llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton")
     runner = llm.engine.worker.runner
     prompts = _prompts()[3:]
     block_size = runner.block_size
-    tables, next_block = [], 0
-    for p in prompts:
+    updates, next_block = [], 0
+    for slot, p in enumerate(prompts):
         count = -(-len(p) // block_size)
-        tables.append(list(range(next_block, next_block + count)))
+        updates.append(BlockTableUpdate(slot, 0, list(range(next_block, next_block + count))))
         next_block += count
     batch = ForwardBatch(step_id=0, slots=list(range(len(prompts))), num_new_tokens=[len(p) for p in prompts],
                          context_lens=[len(p) for p in prompts], input_token_ids=[t for p in prompts for t in p],
-                         block_tables=tables, sample=[True] * len(prompts))
+                         sample=[False] * (len(prompts) - 1) + [True], block_table_updates=updates)
     with torch.inference_mode():
-        inputs = build_step_inputs(batch, block_size, runner.last_tokens, runner.device)
-        hidden = runner.model(inputs.input_ids, inputs.positions, runner.backend, inputs.meta)
-        ours = runner.model.compute_logits(hidden)
+        runner.block_tables.apply(batch.block_table_updates)
+        ours = runner.model.compute_logits(runner.eager.hidden_states(batch, runner.slot_temperature)[0])
         start = 0
         for p in prompts:
             theirs = reference(torch.tensor([p], device="cuda")).logits[0].float()

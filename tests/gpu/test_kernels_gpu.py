@@ -17,6 +17,8 @@ from kernels import (  # noqa: E402
     choose_num_kv_splits,
     decode_attention,
     extend_attention,
+    extend_tile_config,
+    extend_tiles,
     fused_add_rms_norm,
     store_kv_cache,
 )
@@ -135,9 +137,13 @@ def test_extend_attention_at_model_shapes(model: str, dtype: torch.dtype, cases:
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
 
-    extend_attention(
-        q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, scale, max(query_lens), out
-    )
+    block_m = extend_tile_config(head_dim, dtype, q.device).block_m
+    tiles = torch.from_numpy(extend_tiles(query_lens, block_m)).cuda()
+    extend_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, query_start_loc, paged.seq_lens, tiles,
+                     scale, out)
+    # the one-token sequence is decode_attention's, as in the attention backend
+    decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, scale, out=out,
+                     query_start_loc=query_start_loc)
 
     ref = reference_extend_attention(
         q.float(), paged.k_cache.float(), paged.v_cache.float(), paged.block_tables, query_start_loc, paged.seq_lens, scale

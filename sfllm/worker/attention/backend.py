@@ -31,6 +31,11 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the layers run (workspace sizing and the like)."""
 
+    def extend_tile_rows(self, dtype: torch.dtype, device: torch.device) -> int | None:
+        """Query rows per tile of multi-token sequences, if the backend attends them by a tile list
+        (`AttentionMetadata.tiles`); None: it reads the host lengths instead."""
+        return None
+
 
 BACKENDS: dict[str, Callable[..., AttentionBackend]] = {}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 
@@ -17,7 +16,6 @@ logger = logging.getLogger(__name__)
 _MODULES = {
     "torch": "sfllm.worker.attention.torch_backend",
     "triton": "sfllm.worker.attention.triton_backend",
-    "flash": "sfllm.worker.attention.flash_backend",
 }
 
 
@@ -28,12 +26,7 @@ class BackendUnavailable(RuntimeError):
 def resolve_backend_name(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if name == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise BackendUnavailable("--attention-backend flash needs the flash_attn package "
-                                 "(pip install 'sfllm[flash]'); use triton or torch instead")
-    if name in ("flash", "triton") and device.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-        if name == "flash":
-            raise BackendUnavailable("--attention-backend flash runs on CUDA devices only; use torch on CPU")
+    if name == "triton" and device.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
         raise BackendUnavailable("--attention-backend triton needs a CUDA device; on CPU use the torch backend "
                                  "(or set TRITON_INTERPRET=1 to interpret the kernels, slowly, for tests)")
     return name

@@ -33,9 +33,9 @@ class TorchAttentionBackend(AttentionBackend):
         write_rows = valid.nonzero().squeeze(1) if padded else None
         write_slots = meta.slot_mapping[write_rows] if padded else meta.slot_mapping
         read_slots = read_mask = None
-        if meta.is_decode:
+        if meta.decode_only:
             block_size = self.kv_cache.block_size
-            positions = torch.arange(meta.max_seq_len, device=meta.block_tables.device)
+            positions = torch.arange(meta.max_seq_len_host, device=meta.block_tables.device)
             blocks = meta.block_tables[:, positions // block_size].long()
             read_slots = (blocks * block_size + positions % block_size).flatten()
             read_mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]
@@ -58,7 +58,7 @@ class TorchAttentionBackend(AttentionBackend):
         else:
             k_flat.index_copy_(0, index.write_slots, k[index.write_rows])
             v_flat.index_copy_(0, index.write_slots, v[index.write_rows])
-        if meta.is_decode:
+        if meta.decode_only:
             out = self._decode(q, k_flat, v_flat, index)
         else:
             out = self._extend(q, k, v, k_flat, v_flat, meta)

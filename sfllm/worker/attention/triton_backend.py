@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decode_attention, extend_attention, store_kv_cache
+from kernels import decode_attention, extend_attention, extend_tile_config, store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
 from sfllm.worker.kv_cache import KVCache
@@ -21,13 +21,17 @@ def store_layer_kv(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tens
 class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
 
+    def extend_tile_rows(self, dtype: torch.dtype, device: torch.device) -> int:
+        return extend_tile_config(self.head_dim, dtype, device).block_m
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = store_layer_kv(self.kv_cache, layer, k, v, meta.slot_mapping)
-        if meta.is_decode:
-            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                   num_kv_splits=meta.num_kv_splits)
-        else:
-            out = extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                                   self.scale, meta.max_query_len)
+        out = torch.empty_like(q)
+        # each kernel writes the rows of its sequences: one new token (decode), several (extend tiles)
+        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, out=out,
+                         num_kv_splits=meta.num_kv_splits, query_start_loc=meta.query_start_loc)
+        if not meta.decode_only:
+            extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                             meta.tiles, self.scale, out=out)
         return out.view(q.shape[0], self.num_heads * self.head_dim)

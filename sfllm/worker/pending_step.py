@@ -1,0 +1,68 @@
+"""A launched step's result on its way to the host.
+
+It owns the host copies of its outputs and the event that marks their copy done, so a queue of them
+resolves in launch order without the runner: the worker can launch step N+1 before step N's tokens
+are read, and a thread can sleep on the event until they are.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sfllm.messages import ForwardResult, SampledLogprobs, TokenLogprob
+from sfllm.worker.sampler import SamplerOutput
+
+
+class PendingStep:
+    def __init__(self, step_id: int, started: float, sampled_slots: list[int], tokens: torch.Tensor | None = None,
+                 sampler_output: SamplerOutput | None = None, sampler_rows: list[int] | None = None,
+                 logprob_counts: list[int | None] | None = None) -> None:
+        """`tokens` [N]: the tokens of the N sampled sequences (of `sampled_slots`). `sampler_output`, when
+        the eager sampler drew rows `sampler_rows` of them, with `logprob_counts` each (None: no logprobs)."""
+        self.step_id = step_id
+        self.sampled_slots = sampled_slots
+        self._started = started
+        self._rows = sampler_rows or []
+        self._logprob_counts = logprob_counts or []
+        self._result: ForwardResult | None = None
+        self.copied: torch.cuda.Event | None = None
+        self._tokens = self._logprobs = None
+        if tokens is None:
+            return
+        cuda = tokens.device.type == "cuda"
+        self._tokens = tokens.to("cpu", non_blocking=cuda)
+        if sampler_output is not None and sampler_output.logprobs is not None:
+            self._logprobs = [t.to("cpu", non_blocking=cuda) for t in (sampler_output.logprobs,
+                                                                       sampler_output.top_token_ids,
+                                                                       sampler_output.top_logprobs)]
+        if cuda:
+            # a blocking-sync event: a thread waiting on it sleeps instead of spinning
+            self.copied = torch.cuda.Event(blocking=True)
+            self.copied.record()
+
+    def ready(self) -> bool:
+        """True once the outputs are on the host (reading the result will not block)."""
+        return self._result is not None or self.copied is None or self.copied.query()
+
+    def result(self, gpu_memory: tuple[int, int]) -> ForwardResult:
+        """The step's ForwardResult (waits for the copy); packed once, with `gpu_memory` (allocated, reserved)."""
+        if self._result is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self._result = self._pack(gpu_memory)
+        return self._result
+
+    def _pack(self, gpu_memory: tuple[int, int]) -> ForwardResult:
+        token_ids = [] if self._tokens is None else self._tokens.tolist()
+        logprobs: list[SampledLogprobs | None] = [None] * len(token_ids)
+        if self._logprobs is not None:
+            chosen, top_ids, top_logprobs = self._logprobs
+            for index, (row, count) in enumerate(zip(self._rows, self._logprob_counts)):
+                if count is not None:
+                    top = [TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[index, :count].tolist(),
+                                                                            top_logprobs[index, :count].tolist())]
+                    logprobs[row] = SampledLogprobs(float(chosen[index]), top)
+        return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
+                             forward_time_s=time.perf_counter() - self._started,
+                             gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])

@@ -1,0 +1,107 @@
+"""What a captured graph runs, against the eager step, on the CPU: the graph runner's staging (padding to
+a graph's shape, attention tiles, decode rows in a mixed step, sampled rows) and its step function,
+run without capture with the Triton kernels interpreted, give the eager step's logits and tokens. The
+GPU suite (tests/gpu) checks the captured graphs themselves."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from sfllm.config import EngineConfig  # noqa: E402
+from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
+from sfllm.model_source import resolve_model  # noqa: E402
+from sfllm.sampling_params import SamplingParams  # noqa: E402
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner  # noqa: E402
+from sfllm.worker.kv_splits import KVSplits  # noqa: E402
+from sfllm.worker.model_runner import ModelRunner  # noqa: E402
+
+VOCAB = 512
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> ModelRunner:
+    import transformers
+
+    from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    for file in dummy_tokenizer_folder(Path(folder) / "tokenizer-cache").iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+    engine_config = EngineConfig(model=str(folder), device="cpu", dtype="float32", attention_backend="triton",
+                                 max_running_requests=8, max_running_tokens=64, max_context_length=128,
+                                 cache_dir=str(folder / "cache"))
+    return ModelRunner(engine_config, resolve_model(engine_config.model, "auto", engine_config.cache_dir))
+
+
+def graphs_for(runner: ModelRunner) -> CudaGraphRunner:
+    splits = KVSplits(runner.backend.name, runner.source.config.num_kv_heads, runner.max_context_length, runner.device)
+    return CudaGraphRunner(runner.model, runner.backend, runner.block_tables, runner.last_tokens, splits,
+                           runner.device, max_decode_batch=8, max_mixed_tokens=64, max_seqs=runner.max_slots, seed=0)
+
+
+def prompt(length: int, offset: int) -> list[int]:
+    return [(7 * i + offset) % VOCAB for i in range(length)]
+
+
+def eager_logits(runner: ModelRunner, batch: ForwardBatch) -> torch.Tensor:
+    with torch.inference_mode():
+        hidden, _ = runner.eager.forward(batch, runner.slot_temperature)
+        return runner.model.compute_logits(hidden)
+
+
+def graph_step(runner: ModelRunner, graphs: CudaGraphRunner, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = graphs.shape_for(batch)
+    assert shape is not None
+    with torch.inference_mode():
+        num_sampled = graphs.stage(batch, shape, runner.slot_temperature)
+        graphs.run_step(shape)
+    return graphs.logits[:num_sampled].clone(), graphs.tokens[:num_sampled].clone()
+
+
+def test_graph_step_equals_the_eager_step(runner: ModelRunner) -> None:
+    graphs = graphs_for(runner)
+    sequences = [SequenceSampling(slot=s, params=GREEDY) for s in range(5)]
+    # Step 1, eager: prefill slots 1 and 2 (their KV is what the next steps' decodes read).
+    first = ForwardBatch(step_id=0, slots=[1, 2], num_new_tokens=[9, 17], context_lens=[9, 17],
+                         input_token_ids=prompt(9, 1) + prompt(17, 2), sample=[True, True], new_sequences=sequences,
+                         block_table_updates=[BlockTableUpdate(1, 0, [0]), BlockTableUpdate(2, 0, [1, 2])])
+    runner.execute(first)
+    assert len(runner.next_result(wait=True).token_ids) == 2
+
+    # Step 2, a mixed step: slot 0 prefills 20 tokens, slots 1 and 2 decode the tokens step 1 sampled
+    # (placeholders), slot 3 prefills a chunk that does not sample, slot 4 a prompt of one token.
+    mixed = ForwardBatch(step_id=1, slots=[0, 1, 2, 3, 4], num_new_tokens=[20, 1, 1, 5, 1],
+                         context_lens=[20, 10, 18, 5, 1], input_token_ids=prompt(20, 3) + [-1, -1] + prompt(5, 4) + [9],
+                         sample=[True, True, True, False, True],
+                         block_table_updates=[BlockTableUpdate(0, 0, [3, 4]), BlockTableUpdate(3, 0, [5]),
+                                              BlockTableUpdate(4, 0, [6])])
+    runner.block_tables.apply(mixed.block_table_updates)
+    expected = eager_logits(runner, mixed)
+    assert graphs.shape_for(mixed).num_tokens == 64, "28 tokens pad to the smallest mixed graph"
+    logits, tokens = graph_step(runner, graphs, mixed)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert tokens.tolist() == expected.argmax(dim=-1).tolist()
+    assert runner.last_tokens[[0, 1, 2, 4]].tolist() == tokens.tolist(), "the sampled tokens are the next inputs"
+
+    # Step 3, decodes only: five of them pad to the decode graph of six.
+    decode = ForwardBatch(step_id=2, slots=[0, 1, 2, 3, 4], num_new_tokens=[1] * 5, context_lens=[21, 11, 19, 6, 2],
+                          input_token_ids=[-1, -1, -1, 11, -1], sample=[True] * 5)
+    assert graphs.shape_for(decode).decode_only and graphs.shape_for(decode).num_seqs == 6
+    expected = eager_logits(runner, decode)
+    logits, tokens = graph_step(runner, graphs, decode)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert tokens.tolist() == expected.argmax(dim=-1).tolist()
