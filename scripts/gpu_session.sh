@@ -25,7 +25,7 @@ for stage in "$@"; do
   case $stage in
   tests)
     # the GPU suite, and the kernel tests that CI interprets on its CPU, compiled here
-    timeout 360 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py -q -x \
+    timeout 330 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py tests/test_step_graphs.py -q \
       -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
   ab)
