@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
 from sfllm.config import EngineConfig  # noqa: E402
 from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
 from sfllm.model_source import resolve_model  # noqa: E402
@@ -23,6 +24,7 @@ from sfllm.worker.cuda_graph_runner import CudaGraphRunner  # noqa: E402
 from sfllm.worker.kv_splits import KVSplits  # noqa: E402
 from sfllm.worker.model_runner import ModelRunner  # noqa: E402
 
+DEVICE = "cpu" if KERNELS_INTERPRETED else "cuda"
 VOCAB = 512
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -41,9 +43,9 @@ def runner(tmp_path_factory) -> ModelRunner:
     for file in dummy_tokenizer_folder(Path(folder) / "tokenizer-cache").iterdir():
         if file.is_file():
             shutil.copy(file, folder / file.name)
-    engine_config = EngineConfig(model=str(folder), device="cpu", dtype="float32", attention_backend="triton",
+    engine_config = EngineConfig(model=str(folder), device=DEVICE, dtype="float32", attention_backend="triton",
                                  max_running_requests=8, max_running_tokens=64, max_context_length=128,
-                                 cache_dir=str(folder / "cache"))
+                                 num_kv_blocks=64, cache_dir=str(folder / "cache"))
     return ModelRunner(engine_config, resolve_model(engine_config.model, "auto", engine_config.cache_dir))
 
 
