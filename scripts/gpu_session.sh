@@ -32,7 +32,9 @@ for stage in "$@"; do
     # The base's own `bench offline` defaults were tuned (graphs to 256, context 4096): its product's
     # defaults (LLM(), sfllm launch) were graphs to 32 and the model's whole context, given here.
     BASE_DEFAULTS=${BASE_DEFAULTS:---cuda-graph-max-bs 32 --max-context-length 40960}
-    rm -rf /tmp/base && mkdir -p /tmp/base && git archive "$BASE" | tar -x -C /tmp/base
+    # $BASE: a commit, or a folder holding one's files (carried where the host has no .git)
+    rm -rf /tmp/base && mkdir -p /tmp/base
+    if [ -d "$BASE" ]; then cp -r "$BASE"/. /tmp/base; else git archive "$BASE" | tar -x -C /tmp/base; fi
     for tree in /tmp/base "$PWD"; do
       name=new; flags=""; [ "$tree" = /tmp/base ] && name=base && flags=$BASE_DEFAULTS
       for run in "standard" "batch1 --num-requests 1 --input-len 512 --output-len 256"; do
