@@ -41,6 +41,37 @@ def test_rotary_qk_norm_matches_torch(with_norm: bool, heads: int, kv_heads: int
     assert torch.equal(v.cpu().reshape(v_ref.shape), v_ref), "v is left alone"
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (9, 3, 64)])
+def test_rotary_qk_norm_can_write_k_and_v_into_the_paged_cache(heads: int, kv_heads: int, head_dim: int) -> None:
+    """Given the cache, the kernel stores rotated k and plain v at the tokens' slots (none for a negative
+    slot), rotates q in place as before, and leaves k and v in qkv alone."""
+    from kernels.reference import reference_store_kv_cache
+    torch.manual_seed(3)
+    tokens, block_size, num_blocks = 21, 4, 9
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.randint(0, 512, (tokens,))
+    table = RotaryEmbedding(head_dim, 512, 10000.0, None, torch.device("cpu")).cos_sin
+    q_weight, k_weight = torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    slots[[3, 11]] = -1
+    q_ref, k_ref, v_ref = layer_ops.rotary_qk_norm(qkv.clone(), positions, table, heads, kv_heads, head_dim,
+                                                   q_weight, k_weight, 1e-6)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_expected, v_expected = torch.randn(cache_shape), torch.randn(cache_shape)
+    k_cache, v_cache = k_expected.clone().to(DEVICE), v_expected.clone().to(DEVICE)
+    reference_store_kv_cache(k_ref, v_ref, k_expected, v_expected, slots)
+
+    fused = qkv.to(DEVICE)
+    rotary_qk_norm_(fused, positions.to(DEVICE), table.to(DEVICE), heads, kv_heads, head_dim, q_weight.to(DEVICE),
+                    k_weight.to(DEVICE), 1e-6, (k_cache, v_cache), slots.to(DEVICE))
+
+    q, k_and_v = fused.cpu().split([heads * head_dim, 2 * kv_heads * head_dim], dim=-1)
+    assert _relative_error(q.reshape(q_ref.shape), q_ref) < 1e-5
+    assert torch.equal(k_and_v, qkv[:, heads * head_dim:]), "k and v in qkv are left alone"
+    assert _relative_error(k_cache.cpu(), k_expected) < 1e-5
+    assert torch.equal(v_cache.cpu(), v_expected)
+
+
 def test_silu_and_mul_matches_torch() -> None:
     torch.manual_seed(1)
     gate_up = torch.randn(5, 2 * 1500)

@@ -41,14 +41,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   eps: float, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   slot_mapping: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Splits qkv [T, (H + 2 Hkv) * D] into q [T, H, D], k, v [T, Hkv, D] with q and k normed per head
-    (when weights are given) and rotated."""
+    (when weights are given) and rotated. Given the layer's `kv_cache` (k_cache, v_cache) and the tokens'
+    `slot_mapping`, the fused kernel writes k and v into the cache itself and returns (q, None, None)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if _use_kernels(qkv):
         from kernels import rotary_qk_norm_
-        rotary_qk_norm_(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, q_weight, k_weight, eps)
+        rotary_qk_norm_(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, q_weight, k_weight, eps,
+                        kv_cache, slot_mapping)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if kv_cache is not None:
+            return q.view(-1, num_heads, head_dim), None, None
         return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
                 v.view(-1, num_kv_heads, head_dim))
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)

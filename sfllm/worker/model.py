@@ -48,7 +48,7 @@ class Attention(nn.Module):
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
         q, k, v = rotary_qk_norm(self.qkv_proj(x), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
-                                 self.head_dim, *norms)
+                                 self.head_dim, *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
         return self.o_proj(backend.forward(self.layer, q, k, v, meta))
 
 

@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py
+Run: python tests/gpu/bench_kernels.py [sweep]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -83,8 +83,48 @@ def bench_prefill() -> None:
             print(f"| {model} | {seq_len} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
 
 
+def sweep_decode() -> None:
+    """Decode attention's KV read bandwidth (GB/s, graph replays) for each tile shape and pipeline depth, at
+    Qwen3-0.6B shapes: the data behind kernels.decode_attention.decode_tile_config."""
+    import itertools
+
+    import kernels.decode_attention as decode_module
+    from kernels.tile_config import TileConfig
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [(256, 1024), (128, 2048), (64, 4096), (16, 4096), (1, 4096)]
+    chosen = decode_module.decode_tile_config
+    print("| block_n | warps | stages | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+        config = TileConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
+        decode_module.decode_tile_config = lambda *args, config=config: config
+        cells = []
+        for batch, seq_len in shapes:
+            k_cache, v_cache, block_tables, seq_lens = paged_cache(batch, seq_len, num_kv_heads, head_dim)
+            q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
+            out = torch.empty_like(q)
+            splits = choose_num_kv_splits(batch, num_kv_heads, seq_len, num_sms)
+            workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
+            try:
+                run = lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,  # noqa: E731
+                                               head_dim**-0.5, out, splits, workspace)
+                run()
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench_cudagraph(run)
+                cells.append(f"{2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize / ms / 1e6:.0f}")
+            except Exception as error:  # a shape that does not fit the shared memory
+                cells.append(type(error).__name__)
+            del k_cache, v_cache
+        print(f"| {block_n} | {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
+    decode_module.decode_tile_config = chosen
+
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
+    if sys.argv[1:] == ["sweep"]:
+        sweep_decode()
+        sys.exit(0)
     bench_decode()
     print()
     bench_prefill()

@@ -24,9 +24,14 @@ class AttentionBackend(ABC):
         self.scale = head_dim ** -0.5
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]."""
+        """q: [T, H, D]; k, v: [T, Hkv, D], or None when already in the cache -> [T, H * D]."""
+
+    def kv_cache_to_fill(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's (k_cache, v_cache) if the layer's fused kernels may write its new K/V there
+        themselves (then `forward` gets None for them); None: `forward` stores them."""
+        return None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the layers run (workspace sizing and the like)."""

@@ -6,15 +6,6 @@ import torch
 from kernels import decode_attention, extend_attention, extend_tile_config, store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.kv_cache import KVCache
-
-
-def store_layer_kv(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Writes a layer's new K/V into their slots with the Triton kernel; returns the layer's caches."""
-    k_cache, v_cache = kv_cache.keys(layer), kv_cache.values(layer)
-    store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    return k_cache, v_cache
 
 
 @register_backend("triton")
@@ -24,9 +15,14 @@ class TritonAttentionBackend(AttentionBackend):
     def extend_tile_rows(self, dtype: torch.dtype, device: torch.device) -> int:
         return extend_tile_config(self.head_dim, dtype, device).block_m
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def kv_cache_to_fill(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_cache.keys(layer), self.kv_cache.values(layer)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
-        k_cache, v_cache = store_layer_kv(self.kv_cache, layer, k, v, meta.slot_mapping)
+        k_cache, v_cache = self.kv_cache.keys(layer), self.kv_cache.values(layer)
+        if k is not None:
+            store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         # each kernel writes the rows of its sequences: one new token (decode), several (extend tiles)
         decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, out=out,
