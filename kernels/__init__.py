@@ -21,6 +21,7 @@ if importlib.util.find_spec("triton") is not None:
     from kernels.rotary_qk_norm import rotary_qk_norm_
     from kernels.sample_tokens import sample_tokens
     from kernels.silu_and_mul import silu_and_mul
+    from kernels.skinny_matmul import skinny_matmul
     from kernels.store_kv_cache import store_kv_cache
 
     __all__ = [
@@ -34,5 +35,6 @@ if importlib.util.find_spec("triton") is not None:
         "rotary_qk_norm_",
         "sample_tokens",
         "silu_and_mul",
+        "skinny_matmul",
         "store_kv_cache",
     ]

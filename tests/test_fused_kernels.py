@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import rotary_qk_norm_, sample_tokens, silu_and_mul  # noqa: E402
+from kernels import rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_matmul  # noqa: E402
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -72,6 +72,20 @@ def test_rotary_qk_norm_can_write_k_and_v_into_the_paged_cache(heads: int, kv_he
     assert torch.equal(v_cache.cpu(), v_expected)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("depth, with_bias", [(512, False), (200, True)])  # K a multiple of the tile, or not
+def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool) -> None:
+    torch.manual_seed(4)
+    x = torch.randn(rows, depth).to(DEVICE)
+    weight = torch.randn(80, depth).to(DEVICE)  # 80 columns: the last tile of 16 or 32 is ragged
+    bias = torch.randn(80).to(DEVICE) if with_bias else None
+    out = skinny_matmul(x, weight, bias)
+    assert out.shape == (rows, 80) and out.dtype == x.dtype
+    assert _relative_error(out, torch.nn.functional.linear(x, weight, bias)) < 1e-5
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny_matmul(torch.randn(17, depth).to(DEVICE), weight)
+
+
 def test_silu_and_mul_matches_torch() -> None:
     torch.manual_seed(1)
     gate_up = torch.randn(5, 2 * 1500)
@@ -81,6 +95,7 @@ def test_silu_and_mul_matches_torch() -> None:
 
 
 def test_sample_tokens_greedy_rows_are_argmax_with_the_first_maximum() -> None:
+    """Three rows: each row's vocabulary is scanned in chunks by programs of their own."""
     torch.manual_seed(2)
     logits = torch.randn(3, 9000)
     logits[0, 17] = logits[0, 8500] = 50.0  # a tie across blocks of the kernel: the first wins

@@ -9,9 +9,21 @@ import torch
 import torch.nn.functional as F
 
 
+SKINNY_MAX_ROWS = 16  # kernels.skinny_matmul.MAX_ROWS, without importing Triton here
+
+
 def _use_kernels(x: torch.Tensor) -> bool:
     # float32 runs are for checking numbers against transformers: there the torch ops keep its rounding
     return x.is_cuda and x.dtype != torch.float32
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """layer(x); for the few rows of a small decode batch by a kernel that streams the weight at full
+    bandwidth (kernels.skinny_matmul)."""
+    if _use_kernels(x) and x.shape[0] <= SKINNY_MAX_ROWS:
+        from kernels import skinny_matmul
+        return skinny_matmul(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.layer_ops import add_rms_norm, rms_norm, rotary_qk_norm, silu_and_mul
+from sfllm.worker.layer_ops import add_rms_norm, linear, rms_norm, rotary_qk_norm, silu_and_mul
 from sfllm.worker.rotary_embedding import RotaryEmbedding
 
 
@@ -47,9 +47,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
-        q, k, v = rotary_qk_norm(self.qkv_proj(x), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
+        q, k, v = rotary_qk_norm(linear(x, self.qkv_proj), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
                                  self.head_dim, *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
-        return self.o_proj(backend.forward(self.layer, q, k, v, meta))
+        return linear(backend.forward(self.layer, q, k, v, meta), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -60,7 +60,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class DecoderLayer(nn.Module):

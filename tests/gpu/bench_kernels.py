@@ -88,7 +88,7 @@ def sweep_decode() -> None:
     Qwen3-0.6B shapes: the data behind kernels.decode_attention.decode_tile_config."""
     import itertools
 
-    import kernels.decode_attention as decode_module
+    decode_module = sys.modules["kernels.decode_attention"]  # `kernels.decode_attention` is the function
     from kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -120,9 +120,47 @@ def sweep_decode() -> None:
     decode_module.decode_tile_config = chosen
 
 
+def sweep_skinny_matmul() -> None:
+    """Microseconds per call of F.linear (cuBLAS) and of kernels.skinny_matmul: its current tile and the
+    best of a sweep, at the linear layers of Qwen3-0.6B and -8B, for 1 and 16 rows."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from kernels import skinny_matmul
+    from kernels.skinny_matmul import skinny_tile
+    shapes = {"0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024),
+              "0.6b down": (1024, 3072), "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096),
+              "8b down": (4096, 12288)}
+    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5)))
+    print("| layer | rows | weight MB | cuBLAS us | skinny (current tile) us | best tile | best us | best GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, (n, k)), rows in itertools.product(shapes.items(), (1, 16)):
+        weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
+        x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+
+        def timed(fn) -> float:
+            def run() -> None:
+                for w in weights:
+                    fn(x, w)
+            run()
+            torch.cuda.synchronize()
+            return triton.testing.do_bench_cudagraph(run) * 1e3 / len(weights)
+
+        cublas = timed(F.linear)
+        current = timed(lambda a, w: skinny_matmul(a, w))
+        assert (skinny_matmul(x, weights[0]) - F.linear(x, weights[0])).abs().max() < 0.1
+        best = min((timed(lambda a, w, t=t: skinny_matmul(a, w, tile=t)), t) for t in tiles)
+        print(f"| {name} | {rows} | {n * k * 2 / 1e6:.1f} | {cublas:.1f} | {current:.1f} ({skinny_tile(n, k)}) "
+              f"| {best[1]} | {best[0]:.1f} | {n * k * 2 / best[0] / 1e3:.0f} |", flush=True)
+        del weights
+
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
     if sys.argv[1:] == ["sweep"]:
+        sweep_skinny_matmul()
+        print()
         sweep_decode()
         sys.exit(0)
     bench_decode()
