@@ -83,6 +83,16 @@ def bench_prefill() -> None:
             print(f"| {model} | {seq_len} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
 
 
+def _graph_microseconds(run) -> float:
+    """Mean time of `run` replayed in a CUDA graph; inf when it cannot run (a tile over the shared memory)."""
+    try:
+        run()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(run) * 1e3
+    except Exception:  # triton's OutOfResources and the like
+        return float("inf")
+
+
 def sweep_decode() -> None:
     """Decode attention's KV read bandwidth (GB/s, graph replays) for each tile shape and pipeline depth, at
     Qwen3-0.6B shapes: the data behind kernels.decode_attention.decode_tile_config."""
@@ -92,67 +102,60 @@ def sweep_decode() -> None:
     from kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = [(256, 1024), (128, 2048), (64, 4096), (16, 4096), (1, 4096)]
+    shapes = [(256, 1024), (64, 4096), (1, 4096)]
     chosen = decode_module.decode_tile_config
     print("| block_n | warps | stages | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
-    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+    caches = {shape: paged_cache(shape[0], shape[1], num_kv_heads, head_dim) for shape in shapes}
+    for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
         config = TileConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
         decode_module.decode_tile_config = lambda *args, config=config: config
         cells = []
-        for batch, seq_len in shapes:
-            k_cache, v_cache, block_tables, seq_lens = paged_cache(batch, seq_len, num_kv_heads, head_dim)
+        for (batch, seq_len), (k_cache, v_cache, block_tables, seq_lens) in caches.items():
             q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
             out = torch.empty_like(q)
             splits = choose_num_kv_splits(batch, num_kv_heads, seq_len, num_sms)
             workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
-            try:
-                run = lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,  # noqa: E731
-                                               head_dim**-0.5, out, splits, workspace)
-                run()
-                torch.cuda.synchronize()
-                ms = triton.testing.do_bench_cudagraph(run)
-                cells.append(f"{2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize / ms / 1e6:.0f}")
-            except Exception as error:  # a shape that does not fit the shared memory
-                cells.append(type(error).__name__)
-            del k_cache, v_cache
+            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                              head_dim**-0.5, out, splits, workspace))
+            cells.append(f"{2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3:.0f}")
         print(f"| {block_n} | {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
     decode_module.decode_tile_config = chosen
 
 
 def sweep_skinny_matmul() -> None:
-    """Microseconds per call of F.linear (cuBLAS) and of kernels.skinny_matmul: its current tile and the
-    best of a sweep, at the linear layers of Qwen3-0.6B and -8B, for 1 and 16 rows."""
+    """Microseconds per call of F.linear (cuBLAS) and of kernels.skinny_matmul (its current tile, and the best
+    of a sweep for one row), at the linear layers of Qwen3-0.6B and -8B."""
     import itertools
 
     import torch.nn.functional as F
 
     from kernels import skinny_matmul
-    from kernels.skinny_matmul import skinny_tile
     shapes = {"0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024),
               "0.6b down": (1024, 3072), "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096),
               "8b down": (4096, 12288)}
-    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5)))
-    print("| layer | rows | weight MB | cuBLAS us | skinny (current tile) us | best tile | best us | best GB/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (name, (n, k)), rows in itertools.product(shapes.items(), (1, 16)):
+    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
+    print("| layer | weight MB | cuBLAS 1 row | skinny 1 row | best tile, 1 row | best us | best GB/s "
+          "| cuBLAS 16 rows | skinny 16 rows | best tile, 16 rows |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (n, k) in shapes.items():
         weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
-        x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
 
-        def timed(fn) -> float:
+        def timed(fn, x) -> float:
             def run() -> None:
                 for w in weights:
                     fn(x, w)
-            run()
-            torch.cuda.synchronize()
-            return triton.testing.do_bench_cudagraph(run) * 1e3 / len(weights)
+            return _graph_microseconds(run) / len(weights)
 
-        cublas = timed(F.linear)
-        current = timed(lambda a, w: skinny_matmul(a, w))
-        assert (skinny_matmul(x, weights[0]) - F.linear(x, weights[0])).abs().max() < 0.1
-        best = min((timed(lambda a, w, t=t: skinny_matmul(a, w, tile=t)), t) for t in tiles)
-        print(f"| {name} | {rows} | {n * k * 2 / 1e6:.1f} | {cublas:.1f} | {current:.1f} ({skinny_tile(n, k)}) "
-              f"| {best[1]} | {best[0]:.1f} | {n * k * 2 / best[0] / 1e3:.0f} |", flush=True)
+        cells = []
+        for rows in (1, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            assert (skinny_matmul(x, weights[0]) - F.linear(x, weights[0])).abs().max() < 0.1
+            best = min((timed(lambda a, w, t=t: skinny_matmul(a, w, tile=t), x), t) for t in tiles)
+            cells += [f"{timed(F.linear, x):.1f}", f"{timed(skinny_matmul, x):.1f}", f"{best[1]}"]
+            if rows == 1:
+                cells += [f"{best[0]:.1f}", f"{n * k * 2 / best[0] / 1e3:.0f}"]
+        print(f"| {name} | {n * k * 2 / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
         del weights
 
 
