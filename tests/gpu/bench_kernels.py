@@ -150,7 +150,8 @@ def sweep_skinny_matmul() -> None:
         cells = []
         for rows in (1, 16):
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
-            assert (skinny_matmul(x, weights[0]) - F.linear(x, weights[0])).abs().max() < 0.1
+            expected = F.linear(x, weights[0]).float()
+            assert (skinny_matmul(x, weights[0]).float() - expected).norm() / expected.norm() < 1e-2
             best = min((timed(lambda a, w, t=t: skinny_matmul(a, w, tile=t), x), t) for t in tiles)
             cells += [f"{timed(F.linear, x):.1f}", f"{timed(skinny_matmul, x):.1f}", f"{best[1]}"]
             if rows == 1:
