@@ -71,7 +71,7 @@ def graph_step(runner: ModelRunner, graphs: CudaGraphRunner, batch: ForwardBatch
     with torch.inference_mode():
         num_sampled = graphs.stage(batch, shape, runner.slot_temperature)
         graphs.run_step(shape)
-    return graphs.logits[:num_sampled].clone(), graphs.tokens[:num_sampled].clone()
+    return graphs.logits[:num_sampled].float(), graphs.tokens[:num_sampled].clone()
 
 
 def test_graph_step_equals_the_eager_step(runner: ModelRunner) -> None:

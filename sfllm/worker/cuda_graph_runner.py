@@ -85,7 +85,8 @@ class CudaGraphRunner:
         self.tensors = {shape: shape.views(self.inputs) for shape in shapes}
         rows = max(s.num_seqs for s in shapes)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.logits = torch.zeros(rows, model.config.vocab_size, dtype=torch.float32, device=device)
+        # in the model's dtype: the sampling kernel reads them so, and the eager sampler converts the rows it redraws
+        self.logits = torch.zeros(rows, model.config.vocab_size, dtype=model.embed_tokens.weight.dtype, device=device)
         # Philox key of the sampling noise: the engine's seed in the high bits, the step count in the low
         self.noise_seed = torch.tensor([(seed & 0x7FFFFFFF) << 32], dtype=torch.int64, device=device)
         self.graphs: dict[StepShape, torch.cuda.CUDAGraph] = {}
@@ -155,7 +156,7 @@ class CudaGraphRunner:
                     self.max_decode_batch, self.mixed_sizes[0], self.mixed_sizes[-1])
 
     def replay(self, shape: StepShape, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Runs the staged step; returns the sampled rows' tokens, logits and slots: views of the graphs'
-        buffers that the next step overwrites (use them before it, in stream order)."""
+        """Runs the staged step; returns the sampled rows' tokens, logits (in the model's dtype) and slots:
+        views of the graphs' buffers that the next step overwrites (use them before it, in stream order)."""
         self.graphs[shape].replay()
         return self.tokens[:num_sampled], self.logits[:num_sampled], self.tensors[shape].sample_slots[:num_sampled]

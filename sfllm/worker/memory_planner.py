@@ -108,10 +108,10 @@ def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM
 
 
 def graph_reserve_bytes(c: ModelConfig, max_seqs: int, activation_bytes: int, num_tokens: int) -> int:
-    """The graphs' shared output buffers (float32 logits of every sequence) and their pool, which holds
+    """The graphs' shared output buffers (logits of every sequence, 16-bit) and their pool, which holds
     about the activations of the largest mixed step (steps of up to 8192 tokens are captured)."""
     from sfllm.worker.cuda_graph_runner import MAX_GRAPH_TOKENS
-    outputs = max_seqs * (c.vocab_size * 4 + 8)
+    outputs = max_seqs * (c.vocab_size * 2 + 8)
     pool = activation_bytes * min(1.0, MAX_GRAPH_TOKENS / num_tokens)
     return int(outputs + pool) + 256 * 1024**2
 

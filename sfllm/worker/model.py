@@ -107,7 +107,8 @@ class CausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [N, vocab] of hidden states [N, hidden], written into `out` when given."""
+        """float32 logits [N, vocab] of hidden states [N, hidden]; or, into `out`, in the model's dtype."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
-        return logits.float() if out is None else out.copy_(logits)
+        if out is not None:
+            return torch.matmul(hidden, weight.t(), out=out)
+        return F.linear(hidden, weight).float()

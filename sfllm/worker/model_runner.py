@@ -188,12 +188,12 @@ class ModelRunner:
                 positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
                 inputs = self._sampling_inputs(states, [positions[row] for row in redraw])
                 if len(redraw) == num_sampled:
-                    output = self.sampler(logits, inputs)
+                    output = self.sampler(logits.float(), inputs)
                     tokens.copy_(output.token_ids)
                     self.last_tokens.index_copy_(0, slots, output.token_ids)
                 else:
                     rows = torch.tensor(redraw).to(self.device, non_blocking=True)
-                    output = self.sampler(logits.index_select(0, rows), inputs)
+                    output = self.sampler(logits.index_select(0, rows).float(), inputs)
                     tokens.index_copy_(0, rows, output.token_ids)
                     self.last_tokens.index_copy_(0, slots.index_select(0, rows), output.token_ids)
                 pending = PendingStep(batch.step_id, started, sampled_slots, tokens, output, redraw,
