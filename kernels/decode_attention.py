@@ -4,7 +4,7 @@ Sequence b's token is row query_start_loc[b] of q and out; sequences with anothe
 tokens are skipped (extend_attention's), so one call serves the decode rows of a mixed batch too.
 Stage 1 gives each (sequence, kv head, split) one program that reads its slice of K/V once for all
 query heads of the GQA group and writes a partial output and its log-sum-exp to a workspace;
-stage 2 merges the splits. The grid depends only on shapes and `num_kv_splits`, never on the values
+stage 2 merges the splits (with a single split, stage 1 writes the output itself). The grid depends only on shapes and `num_kv_splits`, never on the values
 of `seq_lens`, so a captured CUDA graph replays correctly with new `seq_lens` and `block_tables`.
 """
 from __future__ import annotations
@@ -87,10 +87,13 @@ def _decode_partial_kernel(
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    out_ptr,
     qk_scale,
     num_kv_splits,
     stride_q_batch,
     stride_q_head,
+    stride_out_batch,
+    stride_out_head,
     stride_cache_block,
     stride_cache_offset,
     stride_cache_head,
@@ -106,6 +109,7 @@ def _decode_partial_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -160,6 +164,10 @@ def _decode_partial_kernel(
 
     has_tokens = row_sum > 0.0
     out = acc / tl.where(has_tokens, row_sum, 1.0)[:, None]
+    if SINGLE_SPLIT:  # the final output: no merge kernel (zeros for an empty padding sequence)
+        out_rows = token.to(tl.int64) * stride_out_batch + heads[:, None] * stride_out_head + dims[None, :]
+        tl.store(out_ptr + out_rows, out.to(out_ptr.dtype.element_ty), mask=group_mask[:, None] & one_query)
+        return
     lse = tl.where(has_tokens, row_max + tl.log2(tl.where(has_tokens, row_sum, 1.0)), float("-inf"))
     out_rows = batch.to(tl.int64) * stride_po_batch + heads[:, None] * stride_po_head + split * stride_po_split
     tl.store(partial_out_ptr + out_rows + dims[None, :], out, mask=group_mask[:, None])
@@ -268,10 +276,13 @@ def decode_attention(
         seq_lens,
         partial_out,
         partial_lse,
+        out,
         scale * LOG2_E,
         num_kv_splits,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -287,9 +298,12 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         DOT_PRECISION=dot_input_precision(q.dtype),
+        SINGLE_SPLIT=num_kv_splits == 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if num_kv_splits == 1:
+        return out
     _decode_merge_kernel[(batch, num_heads)](
         partial_out,
         partial_lse,

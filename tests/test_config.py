@@ -53,10 +53,11 @@ def test_every_profile_loads(profile: Path) -> None:
     assert set(yaml.safe_load(profile.read_text())) <= set(config.to_dict())
 
 
-def test_guide_profiles_carry_the_guides_values() -> None:
+def test_guide_profiles_carry_the_guides_values_but_the_decode_graphs() -> None:
     rtx4090 = load_config(_args("--config", str(REPO / "configs" / "rtx4090.yaml")), environ={})
-    assert (rtx4090.cuda_graph_max_bs, rtx4090.max_context_length, rtx4090.max_running_tokens) == (64, 16384, 32768)
+    assert (rtx4090.max_context_length, rtx4090.max_running_tokens) == (16384, 32768)
     assert rtx4090.dtype == "float16"
+    assert rtx4090.cuda_graph_max_bs is None, "measured slower than the default: the worker chooses from memory"
 
 
 def test_python_dash_m_sfllm_works_and_a_bad_flag_is_a_clear_error() -> None:

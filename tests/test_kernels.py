@@ -121,11 +121,13 @@ def test_decode_attention_matches_reference(group: int, num_kv_heads: int, num_k
     assert relative_error(out, ref) < 1e-4
 
 
-def test_decode_attention_gives_zeros_for_empty_padding_rows() -> None:
+@pytest.mark.parametrize("num_kv_splits", [1, 4])  # the output written by stage 1 itself, or by the merge
+def test_decode_attention_gives_zeros_for_empty_padding_rows(num_kv_splits: int) -> None:
     paged = make_paged_kv([0, 23, 0], 3)
     q = strided_heads(3, 9)
 
-    out = decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125, num_kv_splits=4)
+    out = decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
+                           num_kv_splits=num_kv_splits)
 
     assert torch.isfinite(out).all()
     assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
