@@ -81,6 +81,41 @@ def engine_settings(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+class StepHostTimes:
+    """Host time of each step's launch (ModelRunner.execute: on a GPU its staging, copies and launches,
+    no waiting for the GPU; on a CPU device the step itself), recorded by wrapping the runner's execute
+    for the timed run."""
+
+    def __init__(self, runner) -> None:
+        self.decode: list[float] = []
+        self.mixed: list[tuple[int, float]] = []  # (tokens, seconds)
+        self._execute = runner.execute
+        runner.execute = self._timed
+
+    def _timed(self, batch):
+        started = time.perf_counter()
+        pending = self._execute(batch)
+        elapsed = time.perf_counter() - started
+        if len(batch.input_token_ids) == len(batch.slots):
+            self.decode.append(elapsed)
+        else:
+            self.mixed.append((len(batch.input_token_ids), elapsed))
+        return pending
+
+    def summary(self) -> str:
+        def us(values: list[float]) -> str:
+            return f"p50 {1e6 * float(np.median(values)):.0f} us, max {1e6 * max(values):.0f} us"
+        lines = []
+        if self.decode:
+            lines.append(f"  decode steps ({len(self.decode)}): {us(self.decode)}")
+        if self.mixed:
+            largest = max(tokens for tokens, _ in self.mixed)
+            lines.append(f"  prefill/mixed steps ({len(self.mixed)}): {us([t for _, t in self.mixed])}")
+            full = [t for tokens, t in self.mixed if tokens == largest]
+            lines.append(f"  steps of {largest} tokens ({len(full)}): {us(full)}")
+        return "host time per step launch:\n" + "\n".join(lines)
+
+
 def measure_copy_bandwidth(device: torch.device) -> float:
     """Bytes read plus written per second by a large device-to-device copy, median of 20."""
     if device.type != "cuda":
@@ -126,9 +161,11 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     steps_before = llm.engine.num_steps
     if args.profile_steps:
         runner.profiler.start_after(args.profile_dir, args.profile_skip_steps, args.profile_steps)
+    host_times = StepHostTimes(runner)
     started = time.perf_counter()
     results = llm.generate(prompts, params)
     wall = time.perf_counter() - started
+    print(host_times.summary())
     steps = llm.engine.num_steps - steps_before
     output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
     input_tokens = sum(len(p) for p in prompts)
