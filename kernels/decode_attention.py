@@ -4,8 +4,9 @@ Sequence b's token is row query_start_loc[b] of q and out; sequences with anothe
 tokens are skipped (extend_attention's), so one call serves the decode rows of a mixed batch too.
 Stage 1 gives each (sequence, kv head, split) one program that reads its slice of K/V once for all
 query heads of the GQA group and writes a partial output and its log-sum-exp to a workspace;
-stage 2 merges the splits (with a single split, stage 1 writes the output itself). The grid depends only on shapes and `num_kv_splits`, never on the values
-of `seq_lens`, so a captured CUDA graph replays correctly with new `seq_lens` and `block_tables`.
+stage 2 merges the splits (with a single split, stage 1 writes the output itself). The grid depends
+only on shapes and `num_kv_splits`, never on the values of `seq_lens`, so a captured CUDA graph replays
+correctly with new `seq_lens` and `block_tables`.
 """
 from __future__ import annotations
 
