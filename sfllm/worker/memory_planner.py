@@ -80,9 +80,8 @@ def decode_graph_limit(config: EngineConfig, device: torch.device) -> int:
 
 
 def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
-                dtype: torch.dtype, max_context_length: int, decode_graph_batch: int | None) -> MemoryPlan:
-    """The KV pool and swap space for the loaded `model`; on a GPU after a profiling step.
-    `decode_graph_batch` None: no CUDA graphs."""
+                dtype: torch.dtype, max_context_length: int, cuda_graphs: bool) -> MemoryPlan:
+    """The KV pool and swap space for the loaded `model`; on a GPU after a profiling step."""
     c = model_config
     block_size = config.block_size
     block_bytes = KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
@@ -96,9 +95,7 @@ def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM
     else:
         num_tokens = min(config.max_running_tokens, max_context_length)
         activation = profile_activation_bytes(config, c, model, device, num_tokens, max_context_length)
-        graph_reserve = 0
-        if decode_graph_batch is not None:
-            graph_reserve = graph_reserve_bytes(c, config.max_running_requests, activation, num_tokens)
+        graph_reserve = graph_reserve_bytes(c, config.max_running_requests, activation, num_tokens) if cuda_graphs else 0
         plan = plan_gpu_memory(device, config.mem_fraction, weights, activation, graph_reserve, block_bytes,
                                block_size, min_blocks)
     if config.preemption_mode == "swap" and device.type == "cpu":

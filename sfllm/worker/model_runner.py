@@ -24,14 +24,14 @@ from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
 from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.block_tables import BlockTables
-from sfllm.worker.cuda_graph_runner import CudaGraphRunner, StepShape
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner
 from sfllm.worker.eager_step import EagerStep
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.kv_splits import KVSplits
 from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
 from sfllm.worker.pending_step import PendingStep
 from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only
-from sfllm.worker.step_inputs import StepStaging
+from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.weight_loader import load_model
 
@@ -105,7 +105,7 @@ class ModelRunner:
         graphs = self.device.type == "cuda" and not config.disable_cuda_graph
         self.decode_graph_batch = decode_graph_limit(config, self.device) if graphs else 0
         self.plan = plan_memory(config, model_config, self.model, self.device, self.dtype, self.max_context_length,
-                                self.decode_graph_batch if graphs else None)
+                                graphs)
         self.num_cpu_blocks = self.plan.num_cpu_blocks
         self.kv_cache = KVCache(model_config.num_layers, self.plan.num_blocks, self.block_size,
                                 model_config.num_kv_heads, model_config.head_dim, self.dtype, self.device,
