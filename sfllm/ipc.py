@@ -5,17 +5,12 @@ import ctypes
 import fcntl
 import os
 import signal
-import socket
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
 class RunDirInUse(RuntimeError):
-    pass
-
-
-class PortInUse(RuntimeError):
     pass
 
 
@@ -64,16 +59,6 @@ class RunDirLock:
             self.run_dir.rmdir()
         except OSError:
             pass  # not empty: something else lives there too
-
-
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise PortInUse(f"port {port} on {host} is already in use ({error.strerror}); "
-                            f"stop whatever listens there or pass --port") from None
 
 
 def die_with_parent() -> None:

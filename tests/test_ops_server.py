@@ -2,8 +2,8 @@
 
 Three `sfllm launch` servers serve the module, started together. A has an API key and
 tight limits; B is tiny (two running, two waiting, 8 s timeout); C has the defaults. The
-tests run in file order: the last ones kill B's worker and C's engine, and restart, then
-drain, A.
+tests run in file order: the last ones kill B's worker and C's engine, then replace A's
+frontend (SIGHUP), kill it, and drain A.
 """
 from __future__ import annotations
 
@@ -440,6 +440,80 @@ def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_noth
         assert "error" in result or events[-2]["error"]["code"] == "engine_unavailable", events[-2:]
     assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "the worker and the frontend to exit too")
+
+
+def frontend_pid(server: LaunchedServer) -> int:
+    return httpx.get(f"{server.url}/health", timeout=10).json()["frontend_pid"]
+
+
+def test_sighup_replaces_the_frontend_under_streaming_load_without_a_failed_request(a: LaunchedServer) -> None:
+    """Long streams run across the handover; short requests (new connections, and keep-alive ones) keep
+    coming before, during and after it. Every one must succeed."""
+    old_frontend = frontend_pid(a)
+    phase = ["before"]  # "before" SIGHUP, "replaced" once the new frontend answers, "after" the old one exited
+    long_lines: list[list[tuple[str, str]]] = [[] for _ in range(3)]
+    short: list[list[tuple[str, bool]]] = [[] for _ in range(4)]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def long_stream(lines: list[tuple[str, str]]) -> None:
+        # Long enough to outlast the replacement's start, short enough to end within A's drain timeout (20 s).
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{a.url}/v1/completions", json=body, headers=AUTH, timeout=300) as response:
+                if response.status_code != 200:
+                    failures.append(f"long stream: {response.status_code}")
+                lines.extend((phase[0], line) for line in response.iter_lines() if line)
+        except httpx.HTTPError as error:
+            failures.append(f"long stream: {error!r}")
+
+    def short_requests(done: list[tuple[str, bool]], keep_alive: bool) -> None:
+        client = httpx.Client(base_url=a.url, headers=AUTH, timeout=120)
+        try:
+            while not stop.is_set():
+                started = phase[0]
+                try:
+                    if keep_alive:
+                        reply = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+                        ok = reply.status_code == 200
+                    else:
+                        with httpx.Client(base_url=a.url, headers=AUTH, timeout=120) as fresh:
+                            with fresh.stream("POST", "/v1/completions", json={
+                                    "prompt": "Hi", "max_tokens": 3, "stream": True}) as response:
+                                events = sse_data([line for line in response.iter_lines()])
+                            ok = response.status_code == 200 and events[-1] == "[DONE]"
+                except httpx.HTTPError as error:
+                    ok = False
+                    failures.append(f"short request started {started}: {error!r}")
+                done.append((started, ok))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=long_stream, args=(lines,)) for lines in long_lines]
+    threads += [threading.Thread(target=short_requests, args=(done, index % 2 == 0)) for index, done in
+                enumerate(short)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: all(long_lines) and all(short), 120, "every stream and request loop to be under way")
+    os.kill(a.process.pid, signal.SIGHUP)
+    try:
+        wait_for(lambda: frontend_pid(a) != old_frontend, 120, "the new frontend to answer")
+        phase[0] = "replaced"
+        wait_for(lambda: not alive(old_frontend), 120, "the old frontend to finish and exit")
+        phase[0] = "after"
+        wait_for(lambda: all(any(started == "after" for started, _ in done) for done in short), 120,
+                 "requests sent after the handover")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+    assert not failures, failures
+    assert all(ok for done in short for _, ok in done)
+    for lines in long_lines:
+        assert lines[-1][1] == "data: [DONE]" and not any("error" in line for _, line in lines), lines[-3:]
+        assert {"before", "replaced"} <= {when for when, _ in lines}, "the stream ran across the handover"
+    assert role_pids(a)["frontend"] not in (old_frontend, None)
+    wait_for(lambda: kv_idle(a), 60, "every KV block to be free again")
 
 
 def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_kept(a: LaunchedServer) -> None:

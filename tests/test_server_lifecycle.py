@@ -97,7 +97,8 @@ def _requests_answered(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("sfllm_requests_total{"))
 
 
-def test_frontend_processes_share_the_port_sum_their_metrics_and_are_restarted_one_by_one(tmp_path: Path) -> None:
+def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_replaced_one_by_one(
+        tmp_path: Path) -> None:
     server = LaunchedServer(tmp_path, "--frontend-processes", "2")
     try:
         _wait_for(lambda: len(_frontend_pids(server.url)) == 2, 120, "both frontends to answer")
@@ -114,6 +115,19 @@ def test_frontend_processes_share_the_port_sum_their_metrics_and_are_restarted_o
         replacement = _frontend_pids(server.url) - {first[1]}
         assert replacement and first[0] not in replacement
         assert _requests_answered(server.url) == 7, "the killed frontend's counts survive it"
+
+        before = _frontend_pids(server.url)
+        server.process.send_signal(signal.SIGHUP)
+        answered = []
+
+        def both_replaced() -> bool:
+            reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+            answered.append(reply.status_code)
+            pids = _frontend_pids(server.url, tries=10)
+            return not pids & before and len(pids) == 2 and not any(alive(pid) for pid in before)
+
+        _wait_for(both_replaced, 120, "a rolling restart of both frontends")
+        assert answered and set(answered) == {200}, answered
     finally:
         assert server.stop() == 0
     assert not server.run_dir.exists() or not list(server.run_dir.iterdir())
