@@ -236,6 +236,9 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     ({"prompt": "x", "stop": [1]}, 400, "stop[0]"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "model": "m" * 100_000}, 404, "model"),
+    (b'{"prompt": "x", "model": "\\ud800"}', 400, "model"),
+    (b'{"prompt": "x", "model": "ok\\udc00"}', 400, "model"),
     ({"prompt": "x", "max_tokens": 500}, 400, "prompt"),
     ({"prompt": [999999]}, 400, "prompt"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo"),
@@ -244,6 +247,7 @@ def test_client_mistakes_are_openai_errors(engine: ScriptedEngine, tokenizer: To
                                            param: str | None) -> None:
     response = post(engine, tokenizer, "/v1/completions", body)
     assert response.status_code == status
+    assert len(response.content) < 1000, "the answer does not echo a long value"
     error = response.json()["error"]
     assert error["param"] == param and error["message"] and "type" in error and "code" in error
     assert engine.requests == []

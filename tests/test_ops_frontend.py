@@ -77,14 +77,17 @@ def test_ready_follows_the_engine_and_the_drain(tokenizer: Tokenizer) -> None:
     drain = DrainState()
     client = Client(create_app(EngineConfig(), engine, tokenizer, drain))  # type: ignore[arg-type]
     assert client.get("/ready").json() == {"status": "ready", "model": MODEL}
+    assert [client.request("HEAD", path).status_code for path in ("/ready", "/health")] == [200, 200]
     engine.connected = False
     assert client.get("/ready").status_code == 503
+    assert client.request("HEAD", "/ready").status_code == 503
     engine.connected = True
     drain.start_draining()
     ready = client.get("/ready")
     assert (ready.status_code, ready.json()["status"]) == (503, "draining")
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["draining"] is True, "alive while it drains"
+    assert client.request("HEAD", "/health").status_code == 200
     refused = client.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_draining"
@@ -173,6 +176,10 @@ def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(
     good = {"Authorization": "Bearer sekret"}
     assert client.get("/v1/models", headers=good).status_code == 200
     assert client.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=good).status_code == 200
+    for scheme in ("bearer sekret", "BEARER sekret", "bEaReR  sekret"):  # RFC 7235: the scheme ignores case
+        assert client.get("/v1/models", headers={"Authorization": scheme}).status_code == 200, scheme
+    for wrong in ("Basic sekret", "Bearersekret", "sekret", "Bearer sekret2", "Bearer Sekret"):
+        assert client.get("/v1/models", headers={"Authorization": wrong}).status_code == 401, wrong
 
 
 def call_asgi(app: Any, body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:

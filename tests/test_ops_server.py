@@ -149,6 +149,10 @@ def test_probes_are_open_and_everything_else_needs_the_key(a: LaunchedServer) ->
     assert httpx.get(f"{a.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
     assert completion(a.url).status_code == 401
     assert completion(a.url, headers=AUTH).status_code == 200
+    assert completion(a.url, headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
+    for probe in ("/health", "/ready"):
+        head = httpx.head(f"{a.url}{probe}", timeout=10)
+        assert (head.status_code, head.content) == (200, b""), probe
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [

@@ -99,6 +99,9 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
             return JSONResponse({"status": "engine_unavailable"}, status_code=503)
         return JSONResponse({"status": "ready", "model": served_model_name})
 
+    for path, probe in (("/health", health), ("/ready", ready)):  # probes that read only the status use HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         """The server's metrics in Prometheus text format."""
