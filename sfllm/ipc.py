@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -59,6 +60,17 @@ class RunDirLock:
             self.run_dir.rmdir()
         except OSError:
             pass  # not empty: something else lives there too
+
+
+def remove_stale_files(run_dir: Path, prefix: str) -> None:
+    """`<prefix>-<pid>*` files and folders in `run_dir` left by processes no longer running (SIGKILLed)."""
+    for path in run_dir.glob(f"{prefix}-*"):
+        pid = path.name.removeprefix(f"{prefix}-").split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def die_with_parent() -> None:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from sfllm.config import EngineConfig
+from sfllm.config import API_KEY_ENV, EngineConfig, write_child_config
 from sfllm.http_socket import PortInUse, bind_http_socket
-from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent
+from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
 from sfllm.rolling_restart import RollingRestart
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ BACKOFF_RESET_AFTER_S = 120.0
 SIGNAL_GAP_S = 0.5
 # prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: it pulls in the tokenizer)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# In the run directory, followed by launch's pid: the children's config file, the frontends' metrics folder.
+CONFIG_FILE_PREFIX = "launch-config"
+METRICS_DIR_PREFIX = "frontend-metrics"
 
 
 def run_engine_command(config: EngineConfig) -> int:
@@ -64,8 +67,8 @@ class Supervisor:
         self.config = config
         self.http_socket = http_socket
         self.run_dir = config.resolved_run_dir()
-        self.config_path = self.run_dir / f"launch-config-{os.getpid()}.yaml"
-        self.metrics_dir = self.run_dir / f"frontend-metrics-{os.getpid()}"
+        self.config_path = self.run_dir / f"{CONFIG_FILE_PREFIX}-{os.getpid()}.yaml"
+        self.metrics_dir = self.run_dir / f"{METRICS_DIR_PREFIX}-{os.getpid()}"
         self.engine: subprocess.Popen | None = None
         self.frontends: list[FrontendSlot] = []
         self.retiring: list[subprocess.Popen] = []  # handing over to their replacements
@@ -81,6 +84,8 @@ class Supervisor:
     def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
         """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""
         env = {} if self.config.frontend_processes == 1 else {MULTIPROCESS_DIR_ENV: str(self.metrics_dir)}
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key
         args = ["--http-fd", str(self.http_socket.fileno())]
         fds = [self.http_socket.fileno()]
         read_end = write_end = None
@@ -95,11 +100,10 @@ class Supervisor:
                 os.close(write_end)  # the child's copy is the only one left: its exit closes the pipe
 
     def start(self) -> None:
-        # Owner-only: the config file holds the API key.
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as config_file:
-            config_file.write(yaml.safe_dump(self.config.to_dict()))
+        for prefix in (CONFIG_FILE_PREFIX, METRICS_DIR_PREFIX):
+            remove_stale_files(self.run_dir, prefix)
+        write_child_config(self.config, self.config_path)
         if self.config.frontend_processes > 1:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)

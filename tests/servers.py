@@ -60,10 +60,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float 
 class LaunchedServer:
     """`sfllm launch` on a free port with its own run directory."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, *extra: str, run_dir: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.run_dir = tmp / f"run-{self.port}"
+        self.run_dir = run_dir or tmp / f"run-{self.port}"
         self.log = tmp / f"launch-{self.port}.log"
         self.process = start("launch", "--host", "127.0.0.1", "--port", str(self.port), "--run-dir",
                              str(self.run_dir), "--device", "cpu", "--dtype", "float32", *extra, log=self.log)

@@ -535,6 +535,9 @@ def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_ke
     assert new_pids["frontend"] != pids["frontend"]
     assert (new_pids["engine"], new_pids["worker"]) == (pids["engine"], pids["worker"]), "the model stayed loaded"
     wait_for(lambda: kv_idle(a), 60, "the dead frontend's requests to be aborted")
+    log = a.log.read_text()
+    silent = re.findall(r"frontend (\S+) went silent; aborted its 8 requests", log)
+    assert silent and silent[0] in re.findall(r"frontend (\S+) connected", log), "the engine names it as it said hello"
     after = metrics(a)
     assert metric(after, "sfllm_requests_finished_total", reason="abort") - metric(
         before, "sfllm_requests_finished_total", reason="abort") == 8

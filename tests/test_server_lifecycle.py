@@ -133,11 +133,40 @@ def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_r
     assert not server.run_dir.exists() or not list(server.run_dir.iterdir())
 
 
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_launch_then_sigterm_leaves_no_process_and_no_socket(tmp_path: Path) -> None:
-    server = LaunchedServer(tmp_path)
+    """Also: the API key is in no file (only the frontend's environment), the files for the engine and
+    the worker are owner-only, and what a SIGKILLed launch left in the run directory is cleaned up."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead, live = _dead_pid(), os.getpid()
+    stale = [run_dir / f"launch-config-{dead}.yaml", run_dir / f"worker-config-{dead}.yaml",
+             run_dir / f"frontend-metrics-{dead}"]
+    for path in stale[:2]:
+        path.write_text("api_key: leaked-key\n")
+    stale[2].mkdir()
+    kept = run_dir / f"launch-config-{live}.yaml"
+    kept.write_text("port: 1\n")
+    server = LaunchedServer(tmp_path, "--api-key", "lifecycle-key", run_dir=run_dir)
     tree = process_tree(server.process.pid)
     assert len(tree) >= 4, "launch, engine, worker and frontend"
     assert list(server.run_dir.glob("*.sock"))
+    assert not any(path.exists() for path in stale) and kept.exists(), "only a dead process's files go"
+    written = [*run_dir.glob("launch-config-*.yaml"), *run_dir.glob("worker-config-*.yaml")]
+    assert len(written) == 3
+    for path in written:
+        assert "lifecycle-key" not in path.read_text(), path
+        if path != kept:
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer lifecycle-key"},
+                     timeout=10).status_code == 200, "the frontend has the key"
+    kept.unlink()
     started = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - started < 20

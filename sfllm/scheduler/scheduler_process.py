@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 import zmq
 
-from sfllm.config import EngineConfig
-from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, worker_address
+from sfllm.config import EngineConfig, write_child_config
+from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
@@ -35,6 +34,7 @@ logger = logging.getLogger(__name__)
 CLIENT_TIMEOUT_S = 3.0
 SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
 WORKER_START_TIMEOUT_S = 1800.0
+WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
 
 class WorkerDied(RuntimeError):
@@ -128,6 +128,11 @@ class EngineCounters:
                 self.num_finished[output.finish_reason] = self.num_finished.get(output.finish_reason, 0) + 1
 
 
+def client_name(identity: bytes) -> str:
+    """A frontend's socket identity is its client id (a hex string, see EngineClient) as bytes."""
+    return identity.decode("ascii", errors="backslashreplace")
+
+
 class EngineServer:
     def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket,
                  tokenizer: TokenizerSpec) -> None:
@@ -174,7 +179,7 @@ class EngineServer:
         self.last_seen[identity] = time.monotonic()
         if isinstance(message, GenerateRequest):
             self.owner[message.request_id] = identity
-            error = self.core.add_request(message, identity.hex())
+            error = self.core.add_request(message, client_name(identity))
             if error is not None:
                 self._deliver([error])
             else:
@@ -209,11 +214,12 @@ class EngineServer:
         for identity, seen in list(self.last_seen.items()):
             if now - seen > CLIENT_TIMEOUT_S:
                 del self.last_seen[identity]
-                aborted = self.core.abort_client(identity.hex())
+                aborted = self.core.abort_client(client_name(identity))
                 self.counters.count(aborted)
                 for output in aborted:
                     self.owner.pop(output.request_id, None)
-                logger.warning("frontend %s went silent; aborted its %d requests", identity.hex(), len(aborted))
+                logger.warning("frontend %s went silent; aborted its %d requests", client_name(identity),
+                               len(aborted))
 
     def serve(self) -> None:
         """Answers frontends while the worker computes: both sockets in one poll."""
@@ -249,7 +255,7 @@ class EngineServer:
             try:
                 message = self.codec.decode(payload)
             except Exception as error:  # a malformed frame must not take the engine down
-                logger.warning("dropped an undecodable message from %s: %s", identity.hex(), error)
+                logger.warning("dropped an undecodable message from %s: %s", client_name(identity), error)
                 continue
             self._handle(identity, message)
 
@@ -277,8 +283,9 @@ def run_engine(config: EngineConfig) -> int:
     run_dir = config.resolved_run_dir()
     lock = RunDirLock(run_dir)
     lock.acquire()
-    config_path = run_dir / f"worker-config-{os.getpid()}.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    remove_stale_files(run_dir, WORKER_CONFIG_PREFIX)
+    config_path = run_dir / f"{WORKER_CONFIG_PREFIX}-{os.getpid()}.yaml"
+    write_child_config(config, config_path)
     address = config.resolved_engine_address()
     worker_addr = worker_address(run_dir)
     context = zmq.Context()
