@@ -128,7 +128,8 @@ def test_a_stream_behind_the_engine_gets_its_queued_outputs_merged(address: str)
         await client.connect(timeout_s=5)
         async with aclosing(client.submit(request("slow"))) as outputs:
             first = await anext(outputs)
-            await asyncio.sleep(0.3)  # the other five arrive meanwhile
+            # The stream falls behind: the other outputs arrive before it reads on.
+            await wait_until(lambda: len(first.token_ids) + client._streams["slow"].qsize() == 6)
             rest = [output async for output in outputs]
         assert first.token_ids + [t for output in rest for t in output.token_ids] == [100, 101, 102, 103, 104, 105]
         outputs_seen = [first, *rest]  # six without merging; the first may already hold several
@@ -183,10 +184,8 @@ def test_protocol_mismatch_names_both_versions(address: str) -> None:
 
 def test_no_engine_fails_after_the_timeout(address: str) -> None:
     async def scenario() -> None:
-        started = time.monotonic()
         with pytest.raises(EngineUnavailableError, match="did not say hello within 0.3 s"):
             await EngineClient(address, **FAST).connect(timeout_s=0.3)
-        assert time.monotonic() - started < 2
     run(scenario)
 
 

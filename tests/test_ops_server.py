@@ -106,9 +106,10 @@ def metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]
 
 
 def settled_metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Metrics once the engine is idle and its stats (sent every heartbeat, 0.5 s) show it."""
+    """Metrics once the engine's stats show it idle (their totals then count every finished request) and the
+    frontend serves nothing (it counts a request as its answer ends)."""
     wait_for(lambda: kv_idle(server), 60, "the engine to be idle")
-    time.sleep(1.0)
+    wait_for(lambda: metric(metrics(server), "sfllm_frontend_requests_in_flight") == 0, 60, "no request in flight")
     return metrics(server)
 
 
@@ -184,9 +185,7 @@ def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedSe
         async with httpx.AsyncClient(base_url=a.url, headers=AUTH, limits=limits, timeout=600) as client:
             return await asyncio.gather(*(stream(client, i) for i in range(200)))
 
-    started = time.monotonic()
     results = asyncio.run(run_all())
-    elapsed = time.monotonic() - started
     for events in results:
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1] if isinstance(e, dict))
         assert events[-2]["usage"]["completion_tokens"] == 4
@@ -200,7 +199,6 @@ def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedSe
     assert metric(after, "sfllm_request_queue_time_seconds_count") - metric(
         before, "sfllm_request_queue_time_seconds_count") == 200
     assert metric(after, "sfllm_time_to_first_token_seconds_count") >= 200
-    print(f"200 streams of 4 tokens in {elapsed:.1f} s")
 
 
 def stream_lines(url: str, body: dict[str, Any], headers: dict[str, str] | None, first: threading.Event,
@@ -259,13 +257,16 @@ def test_a_slow_reader_does_not_hold_up_other_clients(a: LaunchedServer) -> None
                  + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     try:
         assert slow.recv(16).startswith(b"HTTP/1.1 200"), "the slow client's stream started"
-        started = time.monotonic()
+        # Were the server held up by the client that reads nothing, these would time out.
         replies = [completion(a.url, f"Fast client {i}:", 4, AUTH) for i in range(3)]
         assert all(reply.status_code == 200 for reply in replies)
-        health_started = time.monotonic()
         assert httpx.get(f"{a.url}/health", timeout=10).status_code == 200
-        assert time.monotonic() - health_started < 2, "/health answers at once"
-        assert time.monotonic() - started < 120
+        rest = b""
+        while not rest.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of a chunked body
+            chunk = slow.recv(65536)
+            assert chunk, f"the slow client's stream ends whole: {rest[-200:]!r}"
+            rest += chunk
+        assert b"data: [DONE]" in rest
     finally:
         slow.close()
     wait_for(lambda: kv_idle(a), 120, "the slow client's request to end and free its KV blocks")
@@ -390,7 +391,7 @@ def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
     statuses = watch_health(b, stop)
     asker = threading.Thread(target=keep_asking)
     asker.start()
-    time.sleep(1)
+    wait_for(lambda: len(replies) >= 2 and 200 in statuses, 60, "requests and health checks before the kill")
     os.kill(worker, signal.SIGKILL)
     try:
         code = b.process.wait(60)
@@ -431,7 +432,7 @@ def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_noth
                                                 "stream": True})
     stop = threading.Event()
     statuses = watch_health(c, stop)
-    time.sleep(0.5)
+    wait_for(lambda: 200 in statuses, 60, "a health check before the kill")
     os.kill(engine, signal.SIGKILL)
     try:
         assert c.process.wait(60) != 0
@@ -514,7 +515,8 @@ def test_sighup_replaces_the_frontend_under_streaming_load_without_a_failed_requ
     assert not failures, failures
     assert all(ok for done in short for _, ok in done)
     for lines in long_lines:
-        assert lines[-1][1] == "data: [DONE]" and not any("error" in line for _, line in lines), lines[-3:]
+        events = sse_data([line for _, line in lines])
+        assert events[-1] == "[DONE]" and not any("error" in event for event in events[:-1]), events[-3:]
         assert {"before", "replaced"} <= {when for when, _ in lines}, "the stream ran across the handover"
     assert role_pids(a)["frontend"] not in (old_frontend, None)
     wait_for(lambda: kv_idle(a), 60, "every KV block to be free again")
@@ -524,7 +526,6 @@ def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_ke
     pids = role_pids(a)
     body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 8, body, AUTH)
-    time.sleep(0.5)
     before = metrics(a)
     os.kill(pids["frontend"], signal.SIGKILL)
     for thread in threads:

@@ -61,8 +61,8 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
         for thread in streams:
             thread.start()
         assert started.wait(120), "streams started"
-        time.sleep(0.5)
-        assert _engine_stats(url)["kv_blocks_free"] < _engine_stats(url)["kv_blocks_total"]
+        _wait_for(lambda: _engine_stats(url)["kv_blocks_free"] < _engine_stats(url)["kv_blocks_total"], 30,
+                  "the engine's stats to show the streams' KV blocks")
         frontend.send_signal(signal.SIGKILL)
         frontend.wait()
         for thread in streams:
@@ -167,21 +167,18 @@ def test_launch_then_sigterm_leaves_no_process_and_no_socket(tmp_path: Path) -> 
     assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer lifecycle-key"},
                      timeout=10).status_code == 200, "the frontend has the key"
     kept.unlink()
-    started = time.monotonic()
-    assert server.stop() == 0
-    assert time.monotonic() - started < 20
+    assert server.stop() == 0, "a clean exit, not a kill after the stop timeout"
     _wait_for(lambda: not any(alive(p) for p in tree), 10, "every process to exit")
     assert not server.run_dir.exists() or not list(server.run_dir.iterdir())
 
 
 def test_second_launch_on_a_busy_port_fails_fast_with_a_clear_error(server, tmp_path: Path) -> None:
-    started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "sfllm", "launch", "--host", "127.0.0.1", "--port",
                              str(server.port), "--run-dir", str(tmp_path / "other")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "in use" in result.stderr
-    assert time.monotonic() - started < 60
+    assert not (tmp_path / "other").exists(), "it failed before starting anything"
 
 
 def test_second_engine_on_the_same_run_dir_fails_fast(server, tmp_path: Path) -> None:
