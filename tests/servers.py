@@ -26,10 +26,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(command: str, *args: str, log: Path) -> subprocess.Popen:
+def start(command: str, *args: str, log: Path, python_flags: tuple[str, ...] = ()) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "sfllm", command, *args], stdout=handle, stderr=subprocess.STDOUT,
-                            env=_env(), start_new_session=True)
+    return subprocess.Popen([sys.executable, *python_flags, "-m", "sfllm", command, *args], stdout=handle,
+                            stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import LaunchedServer, alive, free_port, process_tree, start, stop, wait_healthy
+from servers import LaunchedServer, alive, free_port, process_tree, rss_mb, start, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,8 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
             thread.join(30)
         assert errors, "the killed frontend's clients saw their streams break"
 
-        frontend = start("frontend", *frontend_args, log=tmp_path / "frontend2.log")
+        # -X importtime logs every module the process imports, lazily imported ones included.
+        frontend = start("frontend", *frontend_args, log=tmp_path / "frontend2.log", python_flags=("-X", "importtime"))
         wait_healthy(url, frontend, tmp_path / "frontend2.log")
         reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
         assert reply.status_code == 200
@@ -81,6 +82,15 @@ def test_frontend_killed_with_sigkill_is_replaced_without_touching_the_worker(tm
         httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
         assert httpx.post(f"{url}/stop_profile", timeout=10).status_code == 200
         _wait_for(lambda: any((tmp_path / "traces").glob("worker-trace-*.json")), 60, "the profiler trace")
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert chat.status_code == 200
+        imported = {line.rsplit("|", 1)[1].strip() for line in (tmp_path / "frontend2.log").read_text().splitlines()
+                    if line.startswith("import time:")}
+        assert {"fastapi", "tokenizers", "jinja2"} <= imported, "the import log is read right"
+        heavy = sorted(name for name in imported if name.split(".")[0] in ("torch", "transformers"))
+        assert not heavy, f"the frontend imported {heavy[:5]}"
+        assert rss_mb(frontend.pid) < 150, "a light frontend"
     finally:
         stop(frontend)
         stop(engine)
