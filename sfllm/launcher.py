@@ -33,7 +33,7 @@ STOP_GRACE_S = 15.0  # for the engine, and for the frontends beyond their drain 
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 BACKOFF_RESET_AFTER_S = 120.0
 SIGNAL_GAP_S = 0.5
-# prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: it pulls in the tokenizer)
+# prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: launch needs no HTTP stack)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # In the run directory, followed by launch's pid: the children's config file, the frontends' metrics folder.
 CONFIG_FILE_PREFIX = "launch-config"
