@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine": "run the scheduler and worker; frontends connect to --engine-address",
         "frontend": "run an HTTP frontend for a running engine",
     }[command])
+    if command == "frontend":
+        parser.add_argument("--http-fd", type=int, help="the HTTP port's socket, inherited (set by sfllm launch)")
+        parser.add_argument("--ready-fd", type=int, help="a pipe told once the frontend serves (set by sfllm launch)")
     args, config = _load(parser, rest, default_profile=command in ("launch", "engine"))
     setup_logging(config.log_level, command)
     if command == "launch":
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_engine_command(config)
     from sfllm.frontend.server import FrontendStartupError, run_frontend
     try:
-        run_frontend(config)
+        run_frontend(config, http_fd=args.http_fd, ready_fd=args.ready_fd)
     except FrontendStartupError as error:
         logging.getLogger("sfllm.frontend").error("%s", error)
         return 2

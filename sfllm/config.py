@@ -119,6 +119,15 @@ class EngineConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+# Only frontends need the API key: `sfllm launch` hands it to them in their environment, never in a file.
+API_KEY_ENV = f"{ENV_PREFIX}API_KEY"
+
+
+def write_child_config(config: EngineConfig, path: Path) -> None:
+    """The config file a child process reads (`--config`): owner-only, and without the API key."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as config_file:
+        config_file.write(yaml.safe_dump(config.to_dict() | {"api_key": None}))
 
 
 def _parse_value(key: str, raw: Any) -> Any:

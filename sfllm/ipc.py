@@ -4,18 +4,14 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import shutil
 import signal
-import socket
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
 class RunDirInUse(RuntimeError):
-    pass
-
-
-class PortInUse(RuntimeError):
     pass
 
 
@@ -66,14 +62,15 @@ class RunDirLock:
             pass  # not empty: something else lives there too
 
 
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise PortInUse(f"port {port} on {host} is already in use ({error.strerror}); "
-                            f"stop whatever listens there or pass --port") from None
+def remove_stale_files(run_dir: Path, prefix: str) -> None:
+    """`<prefix>-<pid>*` files and folders in `run_dir` left by processes no longer running (SIGKILLed)."""
+    for path in run_dir.glob(f"{prefix}-*"):
+        pid = path.name.removeprefix(f"{prefix}-").split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def die_with_parent() -> None:

@@ -1,9 +1,9 @@
 """`sfllm launch`: starts the engine and the frontends as processes and supervises them.
 
-All start at once: a frontend imports and loads its tokenizer while the engine loads
-the model, then waits for the engine's hello. `frontend_processes` frontends share the
-HTTP port (the kernel spreads connections over them); each is restarted when it dies
-(the engine and its loaded model stay). When the engine dies (its worker with it),
+All start at once: a frontend waits for the engine's hello, which carries the tokenizer.
+Launch binds the HTTP port and its `frontend_processes` frontends all accept on that one
+socket; each is restarted when it dies (the engine and its loaded model stay). SIGHUP
+replaces them one by one (see sfllm/rolling_restart.py). When the engine dies (its worker with it),
 launch stops the frontends and exits non-zero so an orchestrator restarts the pod.
 SIGINT/SIGTERM go to the frontends first, which drain (see `drain_timeout_s`), then to
 the engine. Every child gets SIGTERM from the kernel if launch itself dies.
@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from sfllm.config import EngineConfig
-from sfllm.ipc import PortInUse, RunDirInUse, RunDirLock, check_port_free, die_with_parent
+from sfllm.config import API_KEY_ENV, EngineConfig, write_child_config
+from sfllm.http_socket import PortInUse, bind_http_socket
+from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
+from sfllm.rolling_restart import RollingRestart
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,11 @@ STOP_GRACE_S = 15.0  # for the engine, and for the frontends beyond their drain 
 FRONTEND_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 BACKOFF_RESET_AFTER_S = 120.0
 SIGNAL_GAP_S = 0.5
-# prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: it pulls in the tokenizer)
+# prometheus_client's multiprocess folder (see sfllm/frontend/metrics.py; not imported: launch needs no HTTP stack)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# In the run directory, followed by launch's pid: the children's config file, the frontends' metrics folder.
+CONFIG_FILE_PREFIX = "launch-config"
+METRICS_DIR_PREFIX = "frontend-metrics"
 
 
 def run_engine_command(config: EngineConfig) -> int:
@@ -57,35 +63,52 @@ class FrontendSlot:
 
 
 class Supervisor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, http_socket: socket.socket) -> None:
         self.config = config
+        self.http_socket = http_socket
         self.run_dir = config.resolved_run_dir()
-        self.config_path = self.run_dir / f"launch-config-{os.getpid()}.yaml"
-        self.metrics_dir = self.run_dir / f"frontend-metrics-{os.getpid()}"
+        self.config_path = self.run_dir / f"{CONFIG_FILE_PREFIX}-{os.getpid()}.yaml"
+        self.metrics_dir = self.run_dir / f"{METRICS_DIR_PREFIX}-{os.getpid()}"
         self.engine: subprocess.Popen | None = None
         self.frontends: list[FrontendSlot] = []
+        self.retiring: list[subprocess.Popen] = []  # handing over to their replacements
+        self.rolling_restart: RollingRestart | None = None
+        self.rolling_restart_asked = False
         self.stopping = False
 
-    def _spawn(self, command: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path)],
-                                env=_child_env() | (extra_env or {}), preexec_fn=die_with_parent)
+    def _spawn(self, command: str, *args: str, extra_env: dict[str, str] | None = None,
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path), *args],
+                                env=_child_env() | (extra_env or {}), pass_fds=pass_fds, preexec_fn=die_with_parent)
 
-    def _spawn_frontend(self) -> subprocess.Popen:
-        if self.config.frontend_processes == 1:
-            return self._spawn("frontend")
-        return self._spawn("frontend", {MULTIPROCESS_DIR_ENV: str(self.metrics_dir)})
+    def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
+        """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""
+        env = {} if self.config.frontend_processes == 1 else {MULTIPROCESS_DIR_ENV: str(self.metrics_dir)}
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key
+        args = ["--http-fd", str(self.http_socket.fileno())]
+        fds = [self.http_socket.fileno()]
+        read_end = write_end = None
+        if tell_ready:
+            read_end, write_end = os.pipe()
+            args += ["--ready-fd", str(write_end)]
+            fds.append(write_end)
+        try:
+            return self._spawn("frontend", *args, extra_env=env, pass_fds=tuple(fds)), read_end
+        finally:
+            if write_end is not None:
+                os.close(write_end)  # the child's copy is the only one left: its exit closes the pipe
 
     def start(self) -> None:
-        # Owner-only: the config file holds the API key.
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as config_file:
-            config_file.write(yaml.safe_dump(self.config.to_dict()))
+        for prefix in (CONFIG_FILE_PREFIX, METRICS_DIR_PREFIX):
+            remove_stale_files(self.run_dir, prefix)
+        write_child_config(self.config, self.config_path)
         if self.config.frontend_processes > 1:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
         self.engine = self._spawn("engine")
-        self.frontends = [FrontendSlot(self._spawn_frontend(), time.monotonic())
+        self.frontends = [FrontendSlot(self.spawn_frontend()[0], time.monotonic())
                           for _ in range(self.config.frontend_processes)]
 
     def supervise(self) -> int:
@@ -94,10 +117,26 @@ class Supervisor:
             if self.engine.poll() is not None:
                 logger.error("the engine exited with code %s; stopping", self.engine.returncode)
                 return 1
+            self._roll()
             for slot in self.frontends:
-                if slot.process.poll() is not None and not self.stopping:
+                replaced = self.rolling_restart is not None and self.rolling_restart.replacing(slot)
+                if slot.process.poll() is not None and not self.stopping and not replaced:
                     self._restart(slot)
+            self.retiring = [process for process in self.retiring if process.poll() is None]
         return 0
+
+    def _roll(self) -> None:
+        if self.rolling_restart_asked:
+            self.rolling_restart_asked = False
+            if self.rolling_restart is None:
+                logger.info("rolling restart of %d frontends", len(self.frontends))
+                self.rolling_restart = RollingRestart(self)
+            else:
+                logger.warning("a rolling restart is already under way")
+        if self.rolling_restart is not None:
+            self.rolling_restart.step()
+            if self.rolling_restart.done:
+                self.rolling_restart = None
 
     def _restart(self, slot: FrontendSlot) -> None:
         now = time.monotonic()
@@ -109,13 +148,17 @@ class Supervisor:
         logger.warning("frontend pid %d exited with code %s; restarting it", slot.process.pid,
                        slot.process.returncode)
         slot.restarts += 1
-        slot.process, slot.started_at = self._spawn_frontend(), now
+        slot.process, slot.started_at = self.spawn_frontend()[0], now
 
     def stop(self) -> None:
         # With the engine gone no request can finish, so the frontends get no drain: a second
         # SIGTERM cuts their connections at once (see DrainingServer).
         engine_gone = self.engine is not None and self.engine.poll() is not None
-        frontends = [slot.process for slot in self.frontends if slot.process.poll() is None]
+        replacement = self.rolling_restart.current if self.rolling_restart is not None else None
+        candidates = [slot.process for slot in self.frontends] + self.retiring
+        if replacement is not None:
+            candidates.append(replacement.process)
+        frontends = [process for process in candidates if process.poll() is None]
         for process in frontends:
             process.send_signal(signal.SIGTERM)
         if engine_gone and frontends:
@@ -149,21 +192,30 @@ def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
 
 def launch(config: EngineConfig) -> int:
     try:
-        check_port_free(config.host, config.port)
+        http_socket = bind_http_socket(config.host, config.port)
+    except PortInUse as error:
+        logger.error("%s", error)
+        return 2
+    try:
         probe = RunDirLock(config.resolved_run_dir())
         probe.acquire()  # fail now, not after the engine loaded its model
         probe.release([])
-    except (PortInUse, RunDirInUse) as error:
+    except RunDirInUse as error:
         logger.error("%s", error)
+        http_socket.close()
         return 2
     logger.info("configuration:\n%s", yaml.safe_dump(config.to_dict() | {"api_key": "***" if config.api_key else None}))
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, http_socket)
 
     def request_stop(*_: object) -> None:
         supervisor.stopping = True
 
+    def request_rolling_restart(*_: object) -> None:
+        supervisor.rolling_restart_asked = True
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_rolling_restart)
     code = 0
     try:
         supervisor.start()
@@ -173,4 +225,5 @@ def launch(config: EngineConfig) -> int:
         code = 1
     finally:
         supervisor.stop()
+        http_socket.close()
     return code

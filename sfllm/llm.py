@@ -1,8 +1,8 @@
 """The offline API: `LLM(model=...).generate(prompts, params)`.
 
 It drives the same EngineCore, Scheduler and ModelRunner as the server, with the worker
-in this process instead of behind a socket, and the frontend's tokenizer and
-detokenizer for text.
+in this process instead of behind a socket, and the frontend's text path (tokenizer,
+fan-out to n choices, stop strings, detokenizer: sfllm/frontend/choices.py).
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from tqdm import tqdm
 
 from sfllm.config import DEFAULT_MODEL, load_config
-from sfllm.frontend.detokenizer import IncrementalDetokenizer
+from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.messages import GenerateRequest, SampledLogprobs
+from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.worker.inprocess_worker import InProcessWorker
@@ -46,17 +46,17 @@ class GenerationResult:
 
 @dataclass
 class _Tracked:
+    """One choice in flight, and where its text goes."""
+    decoder: ChoiceDecoder
     result: GenerationResult
     output: CompletionOutput
-    detokenizer: IncrementalDetokenizer | None  # None: token ids only (SamplingParams.detokenize off)
-    done: bool = False
 
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
         self.config = load_config(environ={}, model=model, **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        self.tokenizer = Tokenizer.from_model_source(self.source)
+        self.tokenizer = Tokenizer(tokenizer_spec(self.source))
         self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source))
         self._ids = itertools.count()
 
@@ -89,35 +89,39 @@ class LLM:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(token_lists)} prompts")
-        results: list[GenerationResult] = []
-        tracked: dict[str, _Tracked] = {}
-        for text, tokens, params in zip(texts, token_lists, params_list):
+        for params in params_list:
             params.validate()
-            result = GenerationResult(text, tokens)
-            results.append(result)
-            for index in range(params.n):
-                sub_params = params if params.n == 1 else msgspec.structs.replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + index)
-                request_id = f"offline-{next(self._ids)}"
-                output = CompletionOutput(index, "", [], None, [] if params.logprobs is not None else None)
-                result.outputs.append(output)
-                detokenizer = IncrementalDetokenizer(self.tokenizer, tokens, sub_params) if params.detokenize else None
-                tracked[request_id] = _Tracked(result, output, detokenizer)
-                error = self.engine.add_request(GenerateRequest(request_id=request_id, prompt_token_ids=tokens,
-                                                                params=sub_params, priority=priority))
-                if error is not None:
-                    self.engine.abort(list(tracked))
-                    self._drain()
-                    raise GenerationError(error.error)
+        results = [GenerationResult(text, tokens) for text, tokens in zip(texts, token_lists)]
+        tracked: dict[str, _Tracked] = {}
+        for choice in plan_choices(f"offline-{next(self._ids)}", token_lists, params_list, priority):
+            result = results[choice.prompt_index]
+            output = CompletionOutput(len(result.outputs), "", [], None,
+                                      [] if choice.request.params.logprobs is not None else None)
+            result.outputs.append(output)
+            tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output)
+            error = self.engine.add_request(choice.request)
+            if error is not None:
+                self.engine.abort(list(tracked))
+                self._drain()
+                raise GenerationError(error.error)
         progress = tqdm(total=len(tracked), desc="generating", disable=not use_tqdm)
         remaining = len(tracked)
         while remaining:
             for out in self.engine.step():
                 entry = tracked.get(out.request_id)
-                if entry is None or entry.done:
+                if entry is None or entry.decoder.finish_reason is not None:
                     continue
-                if self._absorb(entry, out):
-                    entry.done = True
+                if out.error:
+                    raise GenerationError(out.error)
+                delta = entry.decoder.decode(out)
+                result, output = entry.result, entry.output
+                output.text += delta.text
+                output.token_ids += delta.token_ids
+                if output.logprobs is not None:
+                    output.logprobs += delta.logprobs or []
+                if delta.finish_reason is not None:
+                    output.finish_reason = delta.finish_reason
+                    result.num_cached_tokens = max(result.num_cached_tokens, delta.num_cached_tokens)
                     remaining -= 1
                     progress.update(1)
                     if out.finish_reason is None:
@@ -125,29 +129,6 @@ class LLM:
         progress.close()
         self._drain()
         return results
-
-    def _absorb(self, entry: _Tracked, out) -> bool:
-        """Adds an engine output to its completion; True when the completion is done."""
-        if out.error:
-            raise GenerationError(out.error)
-        output, detokenizer = entry.output, entry.detokenizer
-        detokenize = detokenizer is not None
-        for token, logprob in zip(out.token_ids, out.logprobs or [None] * len(out.token_ids)):
-            if detokenize:
-                output.text += detokenizer.append([token])
-            output.token_ids.append(token)
-            if output.logprobs is not None:
-                output.logprobs.append(logprob)
-            if detokenize and detokenizer.matched_stop is not None:
-                output.finish_reason = "stop"
-                return True
-        if out.finish_reason is not None:
-            if detokenize:
-                output.text += detokenizer.flush()
-            output.finish_reason = out.finish_reason
-            entry.result.num_cached_tokens = max(entry.result.num_cached_tokens, out.num_cached_tokens)
-            return True
-        return False
 
     def _drain(self) -> None:
         """Runs the engine until steps in flight are back, so the next call starts clean."""

@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 PRIORITIES = ("high", "normal", "background")
 
@@ -58,6 +58,18 @@ class Shutdown(Message):
 
 # ---- scheduler -> frontend -------------------------------------------------------------
 
+class TokenizerSpec(msgspec.Struct):
+    """Everything a frontend needs to turn text into the model's token ids and back, without
+    transformers: the engine reads it from the model folder (see sfllm/model_source/tokenizer_spec.py)."""
+    # The `tokenizers` backend as transformers configures it (its post-processor adds BOS where the model wants).
+    tokenizer_json: str
+    chat_template: str | None
+    # bos_token, eos_token, ...: named special tokens, which chat templates read as variables.
+    special_tokens: dict[str, str]
+    # The model's: ids in [0, vocab_size) are valid prompt tokens even where the tokenizer knows fewer.
+    vocab_size: int
+
+
 class EngineHello(Message):
     protocol_version: int
     model_name: str
@@ -65,6 +77,7 @@ class EngineHello(Message):
     eos_token_ids: list[int]
     num_kv_blocks: int
     block_size: int
+    tokenizer: TokenizerSpec
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

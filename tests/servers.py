@@ -26,10 +26,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(command: str, *args: str, log: Path) -> subprocess.Popen:
+def start(command: str, *args: str, log: Path, python_flags: tuple[str, ...] = ()) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "sfllm", command, *args], stdout=handle, stderr=subprocess.STDOUT,
-                            env=_env(), start_new_session=True)
+    return subprocess.Popen([sys.executable, *python_flags, "-m", "sfllm", command, *args], stdout=handle,
+                            stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
@@ -60,10 +67,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float 
 class LaunchedServer:
     """`sfllm launch` on a free port with its own run directory."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, *extra: str, run_dir: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.run_dir = tmp / f"run-{self.port}"
+        self.run_dir = run_dir or tmp / f"run-{self.port}"
         self.log = tmp / f"launch-{self.port}.log"
         self.process = start("launch", "--host", "127.0.0.1", "--port", str(self.port), "--run-dir",
                              str(self.run_dir), "--device", "cpu", "--dtype", "float32", *extra, log=self.log)

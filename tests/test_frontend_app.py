@@ -14,11 +14,14 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import (PROTOCOL_VERSION, EngineHello, EngineStats, GenerateRequest, RequestOutput,
-                            SampledLogprobs, TokenLogprob)
-from sfllm.model_source import resolve_model
+                            SampledLogprobs, TokenizerSpec, TokenLogprob)
 
 MODEL = "smollm2-135m-instruct"
 SCRIPT = "The quick brown fox jumps over the lazy dog. 你好"
+
+
+# The app is handed its Tokenizer; the hello's spec is what the frontend's server builds one from.
+UNREAD_TOKENIZER_SPEC = TokenizerSpec(tokenizer_json="", chat_template=None, special_tokens={}, vocab_size=0)
 
 
 class ScriptedEngine:
@@ -30,7 +33,7 @@ class ScriptedEngine:
                  error: EngineRequestError | EngineUnavailableError | None = None) -> None:
         self.hello = EngineHello(protocol_version=PROTOCOL_VERSION, model_name=MODEL,
                                  max_context_length=max_context_length, eos_token_ids=[2], num_kv_blocks=8,
-                                 block_size=16)
+                                 block_size=16, tokenizer=UNREAD_TOKENIZER_SPEC)
         self.connected = True
         self.healthy = True
         self.stats = EngineStats(running={"normal": 1}, waiting={}, num_kv_blocks=8, num_free_kv_blocks=5,
@@ -67,11 +70,6 @@ class ScriptedEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         self.aborted.extend(request_ids)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_model_source(resolve_model(MODEL))
 
 
 @pytest.fixture
@@ -238,6 +236,9 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     ({"prompt": "x", "stop": [1]}, 400, "stop[0]"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "model": "m" * 100_000}, 404, "model"),
+    (b'{"prompt": "x", "model": "\\ud800"}', 400, "model"),
+    (b'{"prompt": "x", "model": "ok\\udc00"}', 400, "model"),
     ({"prompt": "x", "max_tokens": 500}, 400, "prompt"),
     ({"prompt": [999999]}, 400, "prompt"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo"),
@@ -246,6 +247,7 @@ def test_client_mistakes_are_openai_errors(engine: ScriptedEngine, tokenizer: To
                                            param: str | None) -> None:
     response = post(engine, tokenizer, "/v1/completions", body)
     assert response.status_code == status
+    assert len(response.content) < 1000, "the answer does not echo a long value"
     error = response.json()["error"]
     assert error["param"] == param and error["message"] and "type" in error and "code" in error
     assert engine.requests == []
@@ -292,9 +294,10 @@ def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None
     models = get(engine, tokenizer, "/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [(MODEL, "model", 128)]
-    served = EngineConfig(served_model_name="my-model")
-    assert post(engine, tokenizer, "/v1/completions", {"prompt": "x", "model": "my-model", "max_tokens": 1},
-                config=served).status_code == 200
+    engine.hello.model_name = "my-model"  # the engine's name for its model is the API's
+    assert post(engine, tokenizer, "/v1/completions", {"prompt": "x", "model": "my-model", "max_tokens": 1}
+                ).status_code == 200
+    assert post(engine, tokenizer, "/v1/completions", {"prompt": "x", "model": MODEL}).status_code == 404
     assert get(engine, tokenizer, "/v1/models/nope").status_code == 404
     assert get(engine, tokenizer, "/nope").json()["error"]["type"] == "not_found_error"
     assert get(engine, tokenizer, "/openapi.json").status_code == 200

@@ -7,7 +7,6 @@ import pytest
 
 from sfllm.frontend.detokenizer import IncrementalDetokenizer
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.model_source import resolve_model
 from sfllm.sampling_params import SamplingParams
 
 IM_END = 2  # <|im_end|>, a special token of SmolLM2
@@ -17,11 +16,6 @@ TEXTS = [
     "Emoji 🎉🎉 family 👨‍👩‍👧 flag 🇫🇷 done",
     "café naïve — “quotes” ∑∫√ tabs\tand\n\nnew lines  double  spaces",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_model_source(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +65,26 @@ def test_multi_token_characters_never_emit_a_replacement_character(tokenizer: To
     assert "".join(chunks) + detokenizer.flush() == text
 
 
-def test_generation_cut_inside_a_character_is_released_by_flush_only(tokenizer: Tokenizer, prompt: list[int]) -> None:
-    token_ids = tokenizer.encode("ok 🎉")[:-1]  # the emoji's last byte never comes
+@pytest.mark.parametrize("end", ["", "<|im_end|>"])
+def test_generation_cut_inside_a_character_drops_its_first_bytes(tokenizer: Tokenizer, prompt: list[int],
+                                                                  end: str) -> None:
+    whole = tokenizer.encode("ok 🎉 你好 \ufffd")  # a U+FFFD the model wrote is text like any other
+    assert tokenizer.decode(whole) == "ok 🎉 你好 \ufffd"
+    cuts = [cut for cut in range(1, len(whole)) if tokenizer.decode(whole[:cut]).endswith("\ufffd")]
+    assert tokenizer.token_bytes(whole[1]) == " 🎉".encode()[:3], "a token of a space and a first byte"
+    assert len(cuts) >= 4, "the emoji and the CJK characters take several tokens each"
+    for cut in cuts:
+        token_ids = whole[:cut] + tokenizer.encode(end)
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+        text = detokenizer.append(token_ids) + detokenizer.flush()
+        assert "\ufffd" not in text, (cut, text)
+        assert text == tokenizer.decode(token_ids).removesuffix("\ufffd"), cut
+
+
+def test_a_replacement_character_the_model_wrote_is_kept(tokenizer: Tokenizer, prompt: list[int]) -> None:
+    token_ids = tokenizer.encode("bad \ufffd")
     detokenizer = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
-    assert detokenizer.append(token_ids) == "ok"
-    assert detokenizer.flush() == tokenizer.decode(token_ids)[len("ok"):]
+    assert detokenizer.append(token_ids) + detokenizer.flush() == "bad \ufffd"
 
 
 def test_prompt_ending_inside_a_character_does_not_eat_output(tokenizer: Tokenizer) -> None:

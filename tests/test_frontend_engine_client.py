@@ -16,7 +16,7 @@ from sfllm import messages
 from sfllm.frontend.engine_client import (EngineClient, EngineProtocolError, EngineRequestError,
                                           EngineUnavailableError)
 from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
-                            Heartbeat, MessageCodec, OutputBatch, RequestOutput)
+                            Heartbeat, MessageCodec, OutputBatch, RequestOutput, TokenizerSpec)
 from sfllm.sampling_params import SamplingParams
 
 FAST = {"heartbeat_interval_s": 0.05, "stats_fresh_s": 0.3, "engine_timeout_s": 0.5}
@@ -50,7 +50,8 @@ class ScriptedRouter:
             if isinstance(message, ClientHello):
                 await self._send(identity, EngineHello(
                     protocol_version=self.protocol_version, model_name="m", max_context_length=64,
-                    eos_token_ids=[2], num_kv_blocks=4, block_size=16))
+                    eos_token_ids=[2], num_kv_blocks=4, block_size=16,
+                    tokenizer=TokenizerSpec(tokenizer_json="{}", chat_template=None, special_tokens={}, vocab_size=8)))
             elif isinstance(message, Heartbeat):
                 await self._send(identity, EngineStats(
                     running={}, waiting={}, num_kv_blocks=4, num_free_kv_blocks=4, num_cached_kv_blocks=0,
@@ -127,7 +128,8 @@ def test_a_stream_behind_the_engine_gets_its_queued_outputs_merged(address: str)
         await client.connect(timeout_s=5)
         async with aclosing(client.submit(request("slow"))) as outputs:
             first = await anext(outputs)
-            await asyncio.sleep(0.3)  # the other five arrive meanwhile
+            # The stream falls behind: the other outputs arrive before it reads on.
+            await wait_until(lambda: len(first.token_ids) + client._streams["slow"].qsize() == 6)
             rest = [output async for output in outputs]
         assert first.token_ids + [t for output in rest for t in output.token_ids] == [100, 101, 102, 103, 104, 105]
         outputs_seen = [first, *rest]  # six without merging; the first may already hold several
@@ -182,10 +184,8 @@ def test_protocol_mismatch_names_both_versions(address: str) -> None:
 
 def test_no_engine_fails_after_the_timeout(address: str) -> None:
     async def scenario() -> None:
-        started = time.monotonic()
         with pytest.raises(EngineUnavailableError, match="did not say hello within 0.3 s"):
             await EngineClient(address, **FAST).connect(timeout_s=0.3)
-        assert time.monotonic() - started < 2
     run(scenario)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
 from sfllm import SamplingParams
@@ -62,6 +63,14 @@ def test_n_and_logprobs(smollm_llm) -> None:
             assert entry.top[0].logprob >= entry.top[1].logprob
             assert entry.logprob <= entry.top[0].logprob + 1e-5
             assert math.isfinite(entry.logprob)
+
+
+def test_n_choices_wrap_their_seeds_into_int64_as_the_server_does(smollm_llm) -> None:
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    wrapped = smollm_llm.generate(PROMPT, msgspec.structs.replace(params, seed=2**63 - 1, n=2))[0].outputs
+    alone = [smollm_llm.generate(PROMPT, msgspec.structs.replace(params, seed=seed))[0].outputs[0].token_ids
+             for seed in (2**63 - 1, 0)]
+    assert [output.token_ids for output in wrapped] == alone, "the second choice's seed is 2^63 wrapped to 0"
 
 
 def test_every_block_is_free_after_the_requests(smollm_llm) -> None:

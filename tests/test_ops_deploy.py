@@ -27,7 +27,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def route_paths() -> set[str]:
-    engine = SimpleNamespace(hello=None, stats=None, connected=False, healthy=False)
+    engine = SimpleNamespace(hello=SimpleNamespace(model_name="m"), stats=None, connected=False, healthy=False)
     app = create_app(EngineConfig(), engine, tokenizer=None)  # type: ignore[arg-type]
     return set(app.openapi()["paths"])
 

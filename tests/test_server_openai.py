@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import httpx
 import openai
@@ -98,24 +99,31 @@ def test_32_concurrent_streams_complete_and_match_the_offline_api(client, smollm
     assert streamed == [r.outputs[0].text for r in offline]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 10**9}, "max_tokens"),
-    ({"prompt": "hi", "temperature": 7}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "n": "three"}, "n"),
-    ({"prompt": "hi", "model": "gpt-17"}, "model"),
-    ({"prompt": "word " * 9000, "max_tokens": 4}, "prompt"),
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "prompt"),  # context_length_exceeded
+    ("/v1/completions", {"prompt": "hi", "temperature": 7}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": "three"}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-17"}, 404, "model"),
+    ("/v1/completions", {"prompt": "hi", "model": "m" * 3_000_000}, 404, "model"),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}', 400, "model"),
+    ("/v1/chat/completions", b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}', 400, "model"),
+    ("/v1/completions", {"prompt": "word " * 9000, "max_tokens": 4}, 400, "prompt"),
 ])
-def test_bad_input_is_an_openai_error_and_the_server_still_serves(server, body, param) -> None:
-    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
-    expected = 404 if param == "model" else 400
-    assert response.status_code == expected, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "param", "code"}
-    assert error["message"]
-    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
-    assert ok.status_code == 200
+def test_bad_input_is_an_openai_error_and_the_connection_still_serves(server, path: str, body, status: int,
+                                                                      param: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # one connection for both requests
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = client.post(path, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text[:1000]
+        assert len(response.content) < 1000, "the answer does not echo a long value"
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"}
+        assert error["message"] and error["param"] == param
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+        assert client.post(path, content=content, headers={"content-type": "application/json"}).status_code == status
 
 
 def test_malformed_json_is_400(server) -> None:

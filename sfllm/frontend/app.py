@@ -28,7 +28,8 @@ def _json_or_stream(model: type) -> dict[int | str, dict[str, object]]:
 
 def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
                drain: DrainState | None = None) -> FastAPI:
-    """The API of one served model; `engine` must be connected (see `EngineClient.connect`).
+    """The API of the engine's model, under the engine's name; `engine` must be connected (see
+    `EngineClient.connect`).
 
     `drain` is how the server tells the app to stop taking requests (see `DrainState`)."""
     app = FastAPI(title="sfllm", description="OpenAI-compatible LLM server")
@@ -40,7 +41,8 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    served_model_name = config.model_name
+    assert engine.hello is not None, "create_app needs a connected engine"
+    served_model_name = engine.hello.model_name
     created = int(time.time())
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
@@ -96,6 +98,9 @@ def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
         if engine.hello is None or not engine.connected:
             return JSONResponse({"status": "engine_unavailable"}, status_code=503)
         return JSONResponse({"status": "ready", "model": served_model_name})
+
+    for path, probe in (("/health", health), ("/ready", ready)):  # probes that read only the status use HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -22,14 +22,16 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._expected = _digest(f"Bearer {api_key}".encode())
+        self._expected = _digest(api_key.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
-            presented = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            # Digests compared in constant time: the response time reveals neither how much of a guess was
-            # right nor the key's length.
-            if not hmac.compare_digest(_digest(presented), self._expected):
+            authorization = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            scheme, _, token = authorization.strip().partition(b" ")
+            # The scheme's name is case-insensitive (RFC 7235). Digests compared in constant time: the response
+            # time reveals neither how much of a guess was right nor the key's length.
+            key_matches = hmac.compare_digest(_digest(token.lstrip(b" ")), self._expected)
+            if not (key_matches and scheme.lower() == b"bearer"):
                 await AuthenticationError().response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

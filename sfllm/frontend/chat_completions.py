@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: messages through the chat template in, an assistant message out."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -10,10 +9,11 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sfllm.frontend.choice_generation import ChoiceDelta, UsageTally, generate_choices, plan_choices
+from sfllm.frontend.choice_events import choice_events
+from sfllm.frontend.choice_generation import UsageTally, generate_choices
+from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
-from sfllm.frontend.errors import api_error_from
-from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
+from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import chat_logprobs
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -85,15 +85,19 @@ class ChatCompletionEndpoint:
                               finish_reason=finish_reasons[index]) for index in range(num_choices)]
         return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
-    async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], tally: UsageTally,
-                      num_top_logprobs: int | None, include_usage: bool,
-                      outcome: RequestOutcome) -> AsyncGenerator[str, None]:
+    def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], tally: UsageTally,
+                num_top_logprobs: int | None, include_usage: bool,
+                outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
 
         def chunk(choice: ChatChunkChoice) -> str:
             return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
                                                  choices=[choice]).model_dump_json())
+
+        def usage_event() -> str:
+            return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
+                                                 choices=[], usage=tally.usage()).model_dump_json())
 
         def events_of(delta: ChoiceDelta) -> list[str]:
             tally.record(delta)
@@ -107,20 +111,4 @@ class ChatCompletionEndpoint:
                                                     logprobs=logprobs, finish_reason=delta.finish_reason)))
             return events
 
-        async with aclosing(deltas):
-            for event in events_of(await anext(deltas)):  # an error here is the response's status, not an event
-                yield event
-            try:
-                async for delta in deltas:
-                    for event in events_of(delta):
-                        yield event
-            except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
-                api_error = api_error_from(error)
-                outcome.stream_error_status = api_error.status_code
-                yield sse_event(json.dumps(api_error.body()))
-                yield SSE_DONE
-                return
-        if include_usage:
-            yield sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
-                                                choices=[], usage=tally.usage()).model_dump_json())
-        yield SSE_DONE
+        return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)

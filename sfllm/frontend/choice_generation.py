@@ -1,98 +1,36 @@
-"""One API request's choices: engine token streams turned into text deltas.
+"""One API request's choices streamed from the engine as text deltas (see choices.py), and its usage.
 
-A choice is one sample of one prompt, one GenerateRequest to the engine. Its tokens
-go through its own IncrementalDetokenizer; a stop string ends it in the frontend, and
-closing its stream aborts it in the engine.
+A choice is one sample of one prompt, one GenerateRequest to the engine. A stop string
+ends it in the frontend, and closing its stream aborts it in the engine.
 """
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
-import msgspec
-
-from sfllm.frontend.detokenizer import IncrementalDetokenizer
+from sfllm.frontend.choices import Choice, ChoiceDecoder, ChoiceDelta
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import RequestTimeoutError
 from sfllm.frontend.metrics import FrontendMetrics
 from sfllm.frontend.openai_protocol import PromptTokensDetails, Usage
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.messages import GenerateRequest, SampledLogprobs
-from sfllm.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class Choice:
-    index: int
-    prompt_index: int
-    request: GenerateRequest
-
-
-@dataclass
-class ChoiceDelta:
-    """What one engine output added to a choice; `num_output_tokens` counts the choice so far."""
-    index: int
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[SampledLogprobs] | None
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-
-
-def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 priority: str, arrival_time: float | None = None) -> list[Choice]:
-    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
-    choices = []
-    now = time.time() if arrival_time is None else arrival_time
-    for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
-        for sample in range(prompt_params.n):
-            index = prompt_index * prompt_params.n + sample
-            # Wrapped into [0, 2^63): the worker keeps seeds in int64 tensors.
-            seed = None if prompt_params.seed is None else (prompt_params.seed + sample) % 2**63
-            sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
-            request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
-                                      params=sample_params, priority=priority, arrival_time=now)
-            choices.append(Choice(index=index, prompt_index=prompt_index, request=request))
-    return choices
 
 
 async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: Choice,
                            metrics: FrontendMetrics | None) -> AsyncIterator[ChoiceDelta]:
     request = choice.request
-    detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params)
+    decoder = ChoiceDecoder(tokenizer, choice)
     first_token_time: float | None = None
     async with aclosing(engine.submit(request)) as outputs:
         async for output in outputs:
             if metrics is not None and first_token_time is None and output.token_ids:
                 first_token_time = metrics.first_token(request.arrival_time)
-            consumed_before = detokenizer.num_tokens
-            text = detokenizer.append(output.token_ids)
-            num_consumed = detokenizer.num_tokens - consumed_before
-            finish_reason = output.finish_reason
-            if detokenizer.matched_stop is not None:
-                finish_reason = "stop"
-            elif finish_reason is not None:
-                text += detokenizer.flush()
-            yield ChoiceDelta(
-                index=choice.index,
-                prompt_index=choice.prompt_index,
-                text=text,
-                token_ids=output.token_ids[:num_consumed],
-                logprobs=output.logprobs[:num_consumed] if output.logprobs is not None else None,
-                finish_reason=finish_reason,
-                num_prompt_tokens=output.num_prompt_tokens or len(request.prompt_token_ids),
-                num_cached_tokens=output.num_cached_tokens,
-                num_output_tokens=detokenizer.num_tokens,
-            )
-            if finish_reason is not None:
+            delta = decoder.decode(output)
+            yield delta
+            if delta.finish_reason is not None:
                 if metrics is not None and first_token_time is not None:
-                    metrics.sequence_finished(first_token_time, detokenizer.num_tokens)
+                    metrics.sequence_finished(first_token_time, delta.num_output_tokens)
                 return  # leaving `aclosing` aborts the engine's request if a stop string ended it
 
 

@@ -1,7 +1,6 @@
 """POST /v1/completions: raw prompts in, text out, whole or streamed."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -10,10 +9,12 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sfllm.frontend.choice_generation import ChoiceDelta, UsageTally, generate_choices, plan_choices
+from sfllm.frontend.choice_events import choice_events
+from sfllm.frontend.choice_generation import UsageTally, generate_choices
+from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
-from sfllm.frontend.errors import InvalidRequestError, api_error_from
-from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, until_disconnect
+from sfllm.frontend.errors import InvalidRequestError
+from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import completion_logprobs, extend_completion_logprobs
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
@@ -116,35 +117,20 @@ class CompletionEndpoint:
                                     finish_reason=text.finish_reason) for text in texts]
         return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
-    async def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
-                      tally: UsageTally, include_usage: bool, outcome: RequestOutcome) -> AsyncGenerator[str, None]:
+    def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
+                tally: UsageTally, include_usage: bool, outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
 
-        def chunk_of(delta: ChoiceDelta) -> str | None:
+        def events_of(delta: ChoiceDelta) -> list[str]:
             choice = texts[delta.index].add(delta, self.tokenizer)
             tally.record(delta)
             if not (choice.text or choice.logprobs is not None or choice.finish_reason is not None):
-                return None
+                return []
             chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[choice])
-            return sse_event(chunk.model_dump_json())
+            return [sse_event(chunk.model_dump_json())]
 
-        async with aclosing(deltas):
-            first = chunk_of(await anext(deltas))  # an error here is the response's status, not an event
-            if first is not None:
-                yield first
-            try:
-                async for delta in deltas:
-                    event = chunk_of(delta)
-                    if event is not None:
-                        yield event
-            except Exception as error:  # the status line is gone: report it in the stream, as OpenAI does
-                api_error = api_error_from(error)
-                outcome.stream_error_status = api_error.status_code
-                yield sse_event(json.dumps(api_error.body()))
-                yield SSE_DONE
-                return
-        if include_usage:
-            chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[],
-                                       usage=tally.usage())
-            yield sse_event(chunk.model_dump_json())
-        yield SSE_DONE
+        def usage_event() -> str:
+            return sse_event(CompletionResponse(id=request_id, created=created, model=self.served_model_name,
+                                                choices=[], usage=tally.usage()).model_dump_json())
+
+        return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)

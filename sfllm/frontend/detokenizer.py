@@ -1,18 +1,13 @@
 """Streaming token ids to text: whole characters only, stop strings cut out."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
-
+from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.sampling_params import SamplingParams
 
 # Prompt tokens decoded in front of the output so the first output token gets the
 # spacing it has in context (SentencePiece drops a leading space at the start of a text).
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-class TokenDecoder(Protocol):
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
@@ -25,7 +20,7 @@ class IncrementalDetokenizer:
     the start of one is held back until it is ruled out.
     """
 
-    def __init__(self, tokenizer: TokenDecoder, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
         self._stops = list(params.stop)
@@ -63,12 +58,17 @@ class IncrementalDetokenizer:
         return self._decoded[emitted:self._emitted]
 
     def flush(self) -> str:
-        """At the end of generation: release held-back text, even a trailing partial character."""
+        """At the end of generation: release held-back text, except the first bytes of a character
+        whose last bytes never came (they would read as U+FFFD)."""
         if self.matched_stop is not None:
             return ""
         emitted = self._emitted
         searched_from = len(self._decoded)
-        self._decoded += self._decode(self._prefix_offset)[len(self._decode(self._prefix_offset, self._read_offset)):]
+        settled_text = self._decode(self._prefix_offset, self._read_offset)
+        whole_ids, whole_tail = self._tokenizer.without_cut_character(self._ids[self._read_offset:],
+                                                                      self._skip_special_tokens)
+        self._ids[self._read_offset:] = whole_ids
+        self._decoded += self._decode(self._prefix_offset)[len(settled_text):] + whole_tail
         self._prefix_offset = self._read_offset = len(self._ids)
         self._prefix_text = None
         self._settle(searched_from, final=True)

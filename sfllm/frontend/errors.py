@@ -5,17 +5,18 @@ the request is 503 with Retry-After; only a bug in sfllm is a 500.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.http_responses import ClientDisconnectedError
-from sfllm.frontend.tokenizer import ChatTemplateError
+from sfllm.frontend.chat_template import ChatTemplateError
 from sfllm.sampling_params import InvalidSamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a message quoting the client's text stays valid even if that text holds an unpaired surrogate.
+        return Response(json.dumps(self.body()), status_code=self.status_code, headers=self.headers,
+                        media_type="application/json")
 
 
 class InvalidRequestError(APIError):
@@ -63,8 +66,18 @@ class ContextLengthExceededError(APIError):
 
 class ModelNotFoundError(APIError):
     def __init__(self, model: str, served_model_name: str) -> None:
-        super().__init__(404, f"The model `{model}` does not exist; this server serves `{served_model_name}`.",
-                         param="model", code="model_not_found")
+        super().__init__(404, f"The model `{_quoted(model)}` does not exist; this server serves "
+                              f"`{served_model_name}`.", param="model", code="model_not_found")
+
+
+# The most of a client's value an error message quotes: an answer must not grow with the request.
+MAX_QUOTED_CHARS = 64
+
+
+def _quoted(value: str) -> str:
+    if len(value) <= MAX_QUOTED_CHARS:
+        return value
+    return f"{value[:MAX_QUOTED_CHARS]}... ({len(value)} characters)"
 
 
 class AuthenticationError(APIError):
@@ -156,14 +169,14 @@ def _validation_error(error: RequestValidationError) -> APIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(_: Request, error: RequestValidationError) -> Response:
         return _validation_error(error).response()
 
-    async def on_http_exception(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def on_http_exception(_: Request, error: StarletteHTTPException) -> Response:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return APIError(error.status_code, str(error.detail), error_type=kind, headers=error.headers).response()
 
-    async def on_error(_: Request, error: Exception) -> JSONResponse:
+    async def on_error(_: Request, error: Exception) -> Response:
         return api_error_from(error).response()
 
     async def on_client_disconnected(_: Request, __: ClientDisconnectedError) -> Response:

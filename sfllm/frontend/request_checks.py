@@ -14,6 +14,7 @@ from sfllm.messages import PRIORITIES
 def check_model(requested: str | None, served_model_name: str) -> None:
     """`model` may be left out; if given it must name the one served model."""
     if requested is not None and requested != served_model_name:
+        check_unicode([requested], "model")
         raise ModelNotFoundError(requested, served_model_name)
 
 

@@ -2,7 +2,8 @@
 
 The probes (/health, /ready, /metrics) always pass, so a draining server can still tell
 its load balancer that it is leaving; every other request is counted while it runs, so
-the drain knows when the last one is done.
+the drain knows when the last one is done. A frontend handing over to its replacement
+still serves every request on its open connections, but closes each after its answer.
 """
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 class DrainState:
-    """Requests in progress, and whether the server stopped taking new ones."""
+    """Requests in progress, and whether the server stopped taking new ones (draining) or hands its
+    clients over to another frontend on the same port (handing over)."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.handing_over = False
         self.in_flight = 0
 
     def start_draining(self) -> None:
         self.draining = True
+
+    def start_handover(self) -> None:
+        self.handing_over = True
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no request is in progress; False if some still are after `timeout_s`."""
@@ -46,6 +52,8 @@ class RequestGateMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.drain.handing_over:
+            send = _closing_connection(send)
         if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
@@ -89,6 +97,18 @@ class RequestGateMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _closing_connection(send: Send) -> Send:
+    """`send` with `Connection: close` on the response: the client's next request opens a new connection,
+    which the frontends still accepting take."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return closing
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

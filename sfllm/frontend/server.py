@@ -1,14 +1,17 @@
-"""The frontend process: bind the HTTP port, load the tokenizer, meet the engine, serve."""
+"""The frontend process: bind (or inherit) the HTTP port, meet the engine, build the tokenizer it sends, serve."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import uvicorn
 import uvloop
@@ -18,7 +21,7 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.model_source import resolve_model
+from sfllm.http_socket import PortInUse, bind_http_socket
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +32,23 @@ GRACEFUL_SHUTDOWN_S = 2
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM (or SIGINT) drains before it stops.
+    """uvicorn, except that SIGTERM (or SIGINT) drains before it stops, and SIGUSR1 hands over.
 
     Draining: new requests get 503 and /ready turns 503, while requests in progress
     may finish for up to `drain_timeout_s`; then the server stops, cutting what is
-    left. A second signal stops it at once."""
+    left. A second signal stops it at once.
 
-    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float) -> None:
+    Handing over (another frontend on the shared port has started, see sfllm/http_socket.py):
+    this one accepts no more connections and serves the requests that come on its open ones,
+    each answer closing its connection; it stops once they are all closed (idle ones at
+    uvicorn's keep-alive timeout), or after `drain_timeout_s`. No client sees an error."""
+
+    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float,
+                 on_serving: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.drain = drain
         self.drain_timeout_s = drain_timeout_s
+        self.on_serving = on_serving
         self._drain_task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -47,13 +57,20 @@ class DrainingServer(uvicorn.Server):
             yield
             return
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.start_drain)
+        handlers = {signal.SIGTERM: self.start_drain, signal.SIGINT: self.start_drain,
+                    signal.SIGUSR1: self.start_handover}
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
         try:
             yield
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handlers:
                 loop.remove_signal_handler(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_serving is not None:
+            self.on_serving()
 
     def start_drain(self) -> None:
         if self.drain.draining:
@@ -64,6 +81,18 @@ class DrainingServer(uvicorn.Server):
                     self.drain_timeout_s)
         self.drain.start_draining()
         self._drain_task = asyncio.ensure_future(self._finish_drain())
+
+    def start_handover(self) -> None:
+        if self.drain.draining or self.drain.handing_over:
+            return
+        logger.info("handing over: no new connections; %d open ones close after their next answer or when idle",
+                    len(self.server_state.connections))
+        self.drain.start_handover()
+        for server in self.servers:
+            server.close()  # this process's copy of the socket: the other frontends keep accepting
+        # An answer already under way stays keep-alive: its client, told nothing, may send its next request
+        # on the connection; closing it after this answer would race that request.
+        self._drain_task = asyncio.ensure_future(self._finish_handover())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
@@ -76,29 +105,18 @@ class DrainingServer(uvicorn.Server):
                            self.drain_timeout_s, self.drain.in_flight)
         self.should_exit = True
 
+    async def _finish_handover(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.server_state.connections:
+            logger.warning("handover timeout of %g s passed with %d connections open; closing them",
+                           self.drain_timeout_s, len(self.server_state.connections))
+        self.should_exit = True
+
 
 class FrontendStartupError(RuntimeError):
     """The frontend cannot start: port taken, engine absent or incompatible."""
-
-
-def _bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socket:
-    """Bound before anything slow, so a taken port fails at once rather than after loading.
-
-    `shared`: the other frontends of one launch bind the same port and the kernel spreads
-    connections over them (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise FrontendStartupError(f"cannot listen on {host}:{port}: {error.strerror}; is another server using "
-                                   "the port? Choose another with --port") from error
-    sock.set_inheritable(True)
-    return sock
 
 
 def _configure_logging(level: str) -> None:
@@ -107,38 +125,52 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("sfllm").setLevel(level.upper())
 
 
-async def _serve(config: EngineConfig, tokenizer: Tokenizer, sock: socket.socket,
-                 engine_hello_timeout_s: float) -> None:
+async def _serve(config: EngineConfig, sock: socket.socket, engine_hello_timeout_s: float,
+                 on_serving: Callable[[], None] | None) -> None:
     engine = EngineClient(config.resolved_engine_address())
     logger.info("waiting up to %g s for the engine at %s", engine_hello_timeout_s, engine.address)
     try:
-        await engine.connect(engine_hello_timeout_s)
+        hello = await engine.connect(engine_hello_timeout_s)
     except (EngineUnavailableError, EngineProtocolError) as error:
         raise FrontendStartupError(str(error)) from error
     try:
+        tokenizer = Tokenizer(hello.tokenizer)
         drain = DrainState()
         app = create_app(config, engine, tokenizer, drain)
         server = DrainingServer(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
                                                log_level=config.log_level,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
-                                drain, config.drain_timeout_s)
-        logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
+                                drain, config.drain_timeout_s, on_serving)
+        logger.info("serving %s on http://%s:%d", hello.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:
         await engine.close()
 
 
-def run_frontend(config: EngineConfig, engine_hello_timeout_s: float = DEFAULT_ENGINE_HELLO_TIMEOUT_S) -> None:
-    """Serve the OpenAI API until interrupted; raises FrontendStartupError when it cannot start."""
+def run_frontend(config: EngineConfig, engine_hello_timeout_s: float = DEFAULT_ENGINE_HELLO_TIMEOUT_S,
+                 http_fd: int | None = None, ready_fd: int | None = None) -> None:
+    """Serve the OpenAI API until interrupted; raises FrontendStartupError when it cannot start.
+
+    `http_fd`: the port's socket, inherited from `sfllm launch`; without it the frontend binds
+    the port itself. `ready_fd`: a pipe that gets one byte once this frontend serves."""
     _configure_logging(config.log_level)
     shown = {**config.to_dict(), "api_key": "<set>" if config.api_key else None}
     logger.info("frontend config: %s", json.dumps(shown, sort_keys=True))
-    sock = _bind_http_socket(config.host, config.port, shared=config.frontend_processes > 1)
+    if http_fd is not None:
+        sock = socket.socket(fileno=http_fd)
+    else:
+        try:
+            sock = bind_http_socket(config.host, config.port)  # before anything slow: a taken port fails at once
+        except PortInUse as error:
+            raise FrontendStartupError(str(error)) from error
     try:
-        source = resolve_model(config.model, config.load_format, config.cache_dir)
-        tokenizer = Tokenizer.from_model_source(source)
-        logger.info("tokenizer of %s loaded from %s", source.name, source.tokenizer_folder)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(config, tokenizer, sock, engine_hello_timeout_s))
+            runner.run(_serve(config, sock, engine_hello_timeout_s,
+                              None if ready_fd is None else functools.partial(_tell_ready, ready_fd)))
     finally:
         sock.close()
+
+
+def _tell_ready(ready_fd: int) -> None:
+    with os.fdopen(ready_fd, "wb") as pipe:
+        pipe.write(b"1")

@@ -1,40 +1,26 @@
-"""The model's tokenizer as the frontend uses it: text to ids, ids to text, chat templates."""
+"""The model's tokenizer as the frontend uses it: text to ids, ids to text, chat templates.
+
+Built from the engine's TokenizerSpec with `tokenizers` and jinja2 alone: the frontend
+process never imports transformers or torch, so it starts in about a second.
+"""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import json
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import jinja2
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import tokenizers
 
-if TYPE_CHECKING:
-    from sfllm.model_source import ModelSource
+from sfllm.byte_level_alphabet import character_bytes
+from sfllm.frontend.chat_template import ChatTemplate
+from sfllm.messages import TokenizerSpec
 
 _BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class ChatTemplateError(ValueError):
-    """The chat template refused the messages, or the model has no template."""
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character table, inverted: how byte-level BPE spells bytes."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(char): byte for byte, char in zip(printable, chars)}
 
 
 def _decoder_is_byte_level(decoder: dict[str, Any] | None) -> bool:
@@ -45,36 +31,37 @@ def _decoder_is_byte_level(decoder: dict[str, Any] | None) -> bool:
     return any(_decoder_is_byte_level(part) for part in decoder.get("decoders") or [])
 
 
+def _cut_character_length(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character that they do not finish."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data, final=False)
+    return len(decoder.getstate()[0])
+
+
 class Tokenizer:
-    """A Hugging Face tokenizer plus what the model says about it.
+    """The `tokenizers` backend, the chat template and the model's vocabulary size.
 
     `vocab_size` is the model's: ids in [0, vocab_size) are valid prompt tokens even
     where the tokenizer knows fewer (dummy models); such ids decode as empty text.
     """
 
-    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, eos_token_ids: Sequence[int],
-                 vocab_size: int | None = None) -> None:
-        self.hf_tokenizer = hf_tokenizer
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.num_known_tokens = len(hf_tokenizer)
-        self.vocab_size = vocab_size if vocab_size is not None else self.num_known_tokens
-        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-        decoder = json.loads(self._backend.to_str()).get("decoder") if self._backend is not None else None
-        self._byte_level = _decoder_is_byte_level(decoder)
-        self._added_tokens = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
+    def __init__(self, spec: TokenizerSpec) -> None:
+        self._backend = tokenizers.Tokenizer.from_str(spec.tokenizer_json)
+        self.chat_template = ChatTemplate(spec.chat_template, spec.special_tokens)
+        self.num_known_tokens = self._backend.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = spec.vocab_size
+        self._byte_level = _decoder_is_byte_level(json.loads(spec.tokenizer_json).get("decoder"))
+        added = self._backend.get_added_tokens_decoder()
+        self._added_tokens = {token_id: token.content for token_id, token in added.items()}
+        self._special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
         self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
         # One thread: the Rust tokenizer releases the GIL while it encodes, so a long prompt does not stall
         # the event loop (and /health) behind it; one at a time keeps its shared state uncontended.
         self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
-    @classmethod
-    def from_model_source(cls, source: ModelSource) -> Tokenizer:
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_folder), local_files_only=True)
-        return cls(hf_tokenizer, source.config.eos_token_ids, source.config.vocab_size)
-
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt, with the special tokens the model expects around one."""
-        return self.hf_tokenizer.encode(text, add_special_tokens=True)
+        return self._backend.encode(text, add_special_tokens=True).ids
 
     async def encode_async(self, text: str) -> list[int]:
         """`encode` off the event loop."""
@@ -86,24 +73,32 @@ class Tokenizer:
                                                                 messages)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        try:
-            prompt = self.hf_tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except jinja2.TemplateError as error:
-            raise ChatTemplateError(f"the chat template rejected the messages: {error}") from error
-        except ValueError as error:
-            raise ChatTemplateError(str(error)) from error
+        """Token ids of the rendered conversation; raises ChatTemplateError if the template refuses it."""
+        prompt = self.chat_template.render(messages, add_generation_prompt)
         # The template already wrote the special tokens (BOS and friends); adding them again would double them.
-        return self.hf_tokenizer.encode(prompt, add_special_tokens=False)
+        return self._backend.encode(prompt, add_special_tokens=False).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of the ids, never "cleaned up": streamed text must equal the whole decode."""
         known = [t for t in token_ids if 0 <= t < self.num_known_tokens]
-        if self._backend is not None:
-            # The Rust tokenizer directly: a fifth of the cost of transformers' wrapper, on every token.
-            return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
-        return self.hf_tokenizer.decode(known, skip_special_tokens=skip_special_tokens,
-                                        clean_up_tokenization_spaces=False)
+        return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
+
+    def without_cut_character(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> tuple[list[int], str]:
+        """The ids without the first bytes of a character that they end in (generation stopped inside it).
+
+        Returns the ids whose text holds whole characters only, and the whole characters of
+        the dropped token the cut one starts in (a byte-level token may hold " " and a first byte)."""
+        ids = list(token_ids)
+        while ids and skip_special_tokens and ids[-1] in self._special_ids:
+            ids.pop()  # shows no text
+        cut = _cut_character_length(b"".join(self.token_bytes(t) for t in ids))
+        if not cut:
+            return list(token_ids), ""
+        while True:
+            token = self.token_bytes(ids.pop())
+            if len(token) >= cut:
+                return ids, token[:len(token) - cut].decode("utf-8", errors="replace")
+            cut -= len(token)
 
     def _token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for; a piece of a UTF-8 character stays a piece."""
@@ -111,11 +106,11 @@ class Tokenizer:
             return b""
         if token_id in self._added_tokens:
             return self._added_tokens[token_id].encode()
-        token = self.hf_tokenizer.convert_ids_to_tokens(token_id)
+        token = self._backend.id_to_token(token_id)
         byte_fallback = _BYTE_FALLBACK_TOKEN.fullmatch(token)
         if byte_fallback:
             return bytes([int(byte_fallback.group(1), 16)])
-        alphabet = _byte_level_alphabet()
+        alphabet = character_bytes()
         if self._byte_level and all(char in alphabet for char in token):
             return bytes(alphabet[char] for char in token)
         return token.replace("▁", " ").encode()

@@ -13,7 +13,7 @@ def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """`target`, first built by `build(scratch)` in a scratch folder that is then renamed to it.
 
     The rename is atomic, so a crash mid-build leaves no `target` and an existing one is complete.
-    The worker and the frontend resolve the model at the same time; a lock file makes the second
+    The worker and the engine resolve the model at the same time; a lock file makes the second
     wait for the first one's build instead of repeating it.
     """
     if target.is_dir():

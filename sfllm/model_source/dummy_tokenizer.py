@@ -6,6 +6,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from sfllm.byte_level_alphabet import byte_characters, character_bytes
 from sfllm.model_source.atomic_folder import cached_folder
 
 # Bump when the saved tokenizer changes, so stale cached copies are not reused.
@@ -34,9 +35,9 @@ def dummy_tokenizer_folder(cache_root: Path, vocab_size: int = 0) -> Path:
 
 
 def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    vocab = {character: byte for byte, character in _gpt2_byte_characters().items()}
+    vocab = dict(character_bytes())
     vocab.update({token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)})
-    space = _gpt2_byte_characters()[ord(" ")]
+    space = byte_characters()[ord(" ")]
     vocab.update({f"{space}w{token_id}": token_id for token_id in range(len(vocab), vocab_size)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -48,16 +49,3 @@ def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
-
-def _gpt2_byte_characters() -> dict[int, str]:
-    """GPT-2's spelling of bytes in a byte-level vocabulary.
-
-    Printable bytes stand for themselves and the others move to code points 256 and up,
-    so that no vocabulary entry holds whitespace or control characters.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    characters = {byte: chr(byte) for byte in printable}
-    for byte in range(256):
-        if byte not in characters:
-            characters[byte] = chr(256 + len(characters) - len(printable))
-    return characters

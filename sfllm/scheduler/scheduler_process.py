@@ -15,16 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 import zmq
 
-from sfllm.config import EngineConfig
-from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, worker_address
+from sfllm.config import EngineConfig, write_child_config
+from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
-                            StopProfile, WorkerFailed, WorkerReady, WorkerToScheduler)
+                            StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
+from sfllm.model_source import resolve_model
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.scheduler.request import Request
 
@@ -33,9 +34,14 @@ logger = logging.getLogger(__name__)
 CLIENT_TIMEOUT_S = 3.0
 SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
 WORKER_START_TIMEOUT_S = 1800.0
+WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
 
 class WorkerDied(RuntimeError):
+    pass
+
+
+class TokenizerUnavailable(RuntimeError):
     pass
 
 
@@ -122,13 +128,25 @@ class EngineCounters:
                 self.num_finished[output.finish_reason] = self.num_finished.get(output.finish_reason, 0) + 1
 
 
+def client_name(identity: bytes) -> str:
+    """A frontend's socket identity is its client id (a hex string, see EngineClient) as bytes."""
+    return identity.decode("ascii", errors="backslashreplace")
+
+
 class EngineServer:
-    def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket) -> None:
+    def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket,
+                 tokenizer: TokenizerSpec) -> None:
         self.config = config
         self.core = core
         self.worker = worker
         self.sock = frontend_sock
         self.codec = MessageCodec(FrontendToEngine)
+        info = worker.info
+        # Encoded once: it carries the tokenizer (megabytes for large vocabularies) to every frontend that says hello.
+        self.hello = self.codec.encode(EngineHello(
+            protocol_version=PROTOCOL_VERSION, model_name=config.model_name, max_context_length=info.max_context_length,
+            eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
+            tokenizer=tokenizer))
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.counters = EngineCounters()
@@ -136,8 +154,11 @@ class EngineServer:
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:
+        self._send_encoded(identity, self.codec.encode(message))
+
+    def _send_encoded(self, identity: bytes, data: bytes) -> None:
         try:
-            self.sock.send_multipart([identity, self.codec.encode(message)], flags=zmq.NOBLOCK)
+            self.sock.send_multipart([identity, data], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # that frontend is gone or not reading; its heartbeat timeout cleans up
 
@@ -158,7 +179,7 @@ class EngineServer:
         self.last_seen[identity] = time.monotonic()
         if isinstance(message, GenerateRequest):
             self.owner[message.request_id] = identity
-            error = self.core.add_request(message, identity.hex())
+            error = self.core.add_request(message, client_name(identity))
             if error is not None:
                 self._deliver([error])
             else:
@@ -168,12 +189,8 @@ class EngineServer:
         elif isinstance(message, Heartbeat):
             self._send(identity, self._stats())
         elif isinstance(message, ClientHello):
-            info = self.worker.info
             logger.info("frontend %s connected", message.client_id)
-            self._send(identity, EngineHello(protocol_version=PROTOCOL_VERSION, model_name=self.config.model_name,
-                                             max_context_length=info.max_context_length,
-                                             eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks,
-                                             block_size=info.block_size))
+            self._send_encoded(identity, self.hello)
         elif isinstance(message, ProfileControl):
             directory = self.config.profile_dir or str(Path.cwd() / "sfllm-profiles")
             self.worker.send(StartProfile(directory=directory) if message.start else StopProfile())
@@ -197,11 +214,12 @@ class EngineServer:
         for identity, seen in list(self.last_seen.items()):
             if now - seen > CLIENT_TIMEOUT_S:
                 del self.last_seen[identity]
-                aborted = self.core.abort_client(identity.hex())
+                aborted = self.core.abort_client(client_name(identity))
                 self.counters.count(aborted)
                 for output in aborted:
                     self.owner.pop(output.request_id, None)
-                logger.warning("frontend %s went silent; aborted its %d requests", identity.hex(), len(aborted))
+                logger.warning("frontend %s went silent; aborted its %d requests", client_name(identity),
+                               len(aborted))
 
     def serve(self) -> None:
         """Answers frontends while the worker computes: both sockets in one poll."""
@@ -237,7 +255,7 @@ class EngineServer:
             try:
                 message = self.codec.decode(payload)
             except Exception as error:  # a malformed frame must not take the engine down
-                logger.warning("dropped an undecodable message from %s: %s", identity.hex(), error)
+                logger.warning("dropped an undecodable message from %s: %s", client_name(identity), error)
                 continue
             self._handle(identity, message)
 
@@ -252,12 +270,22 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
                              "--worker-address", address], env=env, preexec_fn=die_with_parent)
 
 
+def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
+    """Made while the worker loads the model: frontends get the tokenizer from the engine, so they need no
+    transformers (nor the model's files)."""
+    try:
+        return tokenizer_spec(resolve_model(config.model, config.load_format, config.cache_dir))
+    except (OSError, ValueError) as error:  # the model is absent, or its files are not what they should be
+        raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
+
+
 def run_engine(config: EngineConfig) -> int:
     run_dir = config.resolved_run_dir()
     lock = RunDirLock(run_dir)
     lock.acquire()
-    config_path = run_dir / f"worker-config-{os.getpid()}.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    remove_stale_files(run_dir, WORKER_CONFIG_PREFIX)
+    config_path = run_dir / f"{WORKER_CONFIG_PREFIX}-{os.getpid()}.yaml"
+    write_child_config(config, config_path)
     address = config.resolved_engine_address()
     worker_addr = worker_address(run_dir)
     context = zmq.Context()
@@ -281,18 +309,19 @@ def run_engine(config: EngineConfig) -> int:
     signal.signal(signal.SIGINT, stop)
     code = 0
     try:
+        tokenizer = _tokenizer_for_frontends(config)
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
         core = EngineCore(config, worker)
         frontend_sock.bind(address)
-        server = EngineServer(config, core, worker, frontend_sock)
+        server = EngineServer(config, core, worker, frontend_sock, tokenizer)
         if stopping["flag"]:
             server.stopping = True
         logger.info("engine listening on %s", address)
         server.serve()
         worker.send(Shutdown())
-    except WorkerDied as error:
+    except (WorkerDied, TokenizerUnavailable) as error:
         logger.error("%s", error)
         code = 1
     finally:

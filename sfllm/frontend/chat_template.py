@@ -1,0 +1,90 @@
+"""Chat templates rendered as transformers' `apply_chat_template` renders them, without transformers.
+
+Hugging Face templates are Jinja written for one environment: sandboxed, `trim_blocks` and
+`lstrip_blocks`, loop controls, a `tojson` that keeps non-ASCII text and takes json.dumps'
+options, the globals `raise_exception` and `strftime_now`, and the `{% generation %}` tag
+(which only marks the assistant's part). The variables are the messages, `tools`,
+`documents`, `add_generation_prompt` and the named special tokens (`bos_token`, ...).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """The chat template refused the messages, or the model has no template."""
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks what the assistant wrote; rendering keeps the text."""
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _render_body(caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters (<, >, &, '), which would change the prompt.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+# What a template can raise on messages it does not expect: a bad request, not a bug of the server.
+_RENDER_ERRORS = (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError)
+
+
+class ChatTemplate:
+    """One model's template, compiled once; `render` is safe to call from several threads."""
+
+    def __init__(self, source: str | None, special_tokens: dict[str, str]) -> None:
+        self._special_tokens = dict(special_tokens)
+        self._template: jinja2.Template | None = None
+        # A template that cannot serve chats leaves the rest of the API working; each chat request says why.
+        self._unusable = "this model has no chat template; use /v1/completions with a prompt"
+        if source is not None:
+            try:
+                self._template = _environment().from_string(source)
+            except jinja2.TemplateSyntaxError as error:
+                self._unusable = f"the model's chat template does not compile: {error}"
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ChatTemplateError(self._unusable)
+        if not messages:
+            raise ChatTemplateError("messages is empty; it must hold at least one message")
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self._special_tokens)
+        except _RENDER_ERRORS as error:
+            raise ChatTemplateError(f"the chat template rejected the messages: {error}") from error

@@ -1,0 +1,103 @@
+"""From token ids to choices and back to text: the one path of the server and of the offline LLM.
+
+Prompts are tokenized by the Tokenizer (`encode`, `apply_chat_template`); `plan_choices` fans
+each out to its `n` choices, one GenerateRequest each; a ChoiceDecoder turns one choice's
+engine outputs into text deltas, cutting at a stop string. The server streams the engine's
+outputs through it (choice_generation.py), the offline LLM steps its engine (llm.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from sfllm.frontend.detokenizer import IncrementalDetokenizer
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.messages import GenerateRequest, RequestOutput, SampledLogprobs
+from sfllm.sampling_params import SamplingParams
+
+# Seeds are wrapped into [0, 2^63): the worker keeps them in int64 tensors.
+SEED_BOUND = 2**63
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_index: int
+    request: GenerateRequest
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine output added to a choice; `num_output_tokens` counts the choice so far."""
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[SampledLogprobs] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                 priority: str, arrival_time: float | None = None) -> list[Choice]:
+    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
+    choices = []
+    now = time.time() if arrival_time is None else arrival_time
+    for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
+        for sample in range(prompt_params.n):
+            index = prompt_index * prompt_params.n + sample
+            seed = None if prompt_params.seed is None else (prompt_params.seed + sample) % SEED_BOUND
+            sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
+            request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
+                                      params=sample_params, priority=priority, arrival_time=now)
+            choices.append(Choice(index=index, prompt_index=prompt_index, request=request))
+    return choices
+
+
+class ChoiceDecoder:
+    """One choice's engine outputs as text deltas: detokenized, cut at the first stop string.
+
+    A stop string finishes the choice ("stop") before the engine knows: when a delta has a
+    finish reason but the engine's output had none, the caller aborts the engine's request.
+    Without `detokenize` in its params the choice is token ids only, and stop strings are not
+    looked for."""
+
+    def __init__(self, tokenizer: Tokenizer, choice: Choice) -> None:
+        self.choice = choice
+        request = choice.request
+        self._detokenizer = (IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params)
+                             if request.params.detokenize else None)
+        self.num_output_tokens = 0
+        self.finish_reason: str | None = None
+
+    def decode(self, output: RequestOutput) -> ChoiceDelta:
+        """The delta of `output`; tokens after a stop string are not part of it."""
+        detokenizer = self._detokenizer
+        finish_reason = output.finish_reason
+        if detokenizer is None:
+            text, num_consumed = "", len(output.token_ids)
+        else:
+            consumed_before = detokenizer.num_tokens
+            text = detokenizer.append(output.token_ids)
+            num_consumed = detokenizer.num_tokens - consumed_before
+            if detokenizer.matched_stop is not None:
+                finish_reason = "stop"
+            elif finish_reason is not None:
+                text += detokenizer.flush()
+        self.num_output_tokens += num_consumed
+        self.finish_reason = finish_reason
+        return ChoiceDelta(
+            index=self.choice.index,
+            prompt_index=self.choice.prompt_index,
+            text=text,
+            token_ids=output.token_ids[:num_consumed],
+            logprobs=output.logprobs[:num_consumed] if output.logprobs is not None else None,
+            finish_reason=finish_reason,
+            num_prompt_tokens=output.num_prompt_tokens or len(self.choice.request.prompt_token_ids),
+            num_cached_tokens=output.num_cached_tokens,
+            num_output_tokens=self.num_output_tokens,
+        )

@@ -1,0 +1,155 @@
+"""The frontend's tokenizer, built from the engine's TokenizerSpec without transformers, against transformers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from transformers import AutoTokenizer
+
+from sfllm.frontend.chat_template import ChatTemplateError
+from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.messages import TokenizerSpec
+from sfllm.model_source import resolve_model
+from sfllm.model_source.tokenizer_spec import tokenizer_spec
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour ! ça va ?"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "日本語で 🎉 <b>&</b>\n\ttabs"}],
+    [{"role": "user", "content": "Think first."},
+     {"role": "assistant", "content": "<think>\nhm\n</think>\n\nYes."}, {"role": "user", "content": "Why?"}],
+]
+
+# In the style of Qwen3's template: whitespace control, a namespace, reversed loops, string methods,
+# tojson with options, raise_exception, the generation tag, loop controls, the special-token variables, and
+# blocks that rely on trim_blocks and lstrip_blocks.
+QWEN_STYLE_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('unknown role: ' + message.role) }}
+    {%- endif %}
+    {%- if message.role == 'system' and loop.first %}
+        {%- continue %}
+    {%- endif %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- generation %}
+        {%- if loop.index0 > ns.last_query_index and reasoning %}
+            {{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- content }}
+        {%- endgeneration %}
+        {{- '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{{- '<|im_start|>meta\\n' + {'turns': messages|length, 'last': messages[-1].content}|tojson(indent=1) }}
+{{- (messages[-1]|tojson(ensure_ascii=True, sort_keys=True)) + eos_token + '\\n' -}}
+{% if add_generation_prompt %}
+    {% if messages|length > 1 %}
+<|im_start|>assistant
+    {% else %}
+<|im_start|>assistant (first turn)
+    {% endif %}
+{% endif %}
+"""
+
+
+@pytest.fixture(scope="module")
+def smollm_hf_tokenizer(smollm_source) -> AutoTokenizer:
+    return AutoTokenizer.from_pretrained(smollm_source.tokenizer_folder)
+
+
+@pytest.fixture(scope="module")
+def qwen_source(tmp_path_factory: pytest.TempPathFactory):
+    return resolve_model("qwen3-0.6b", load_format="dummy", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def qwen_style_spec(qwen_source) -> TokenizerSpec:
+    return msgspec.structs.replace(tokenizer_spec(qwen_source), chat_template=QWEN_STYLE_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def qwen_hf_tokenizer(qwen_source) -> AutoTokenizer:
+    return AutoTokenizer.from_pretrained(qwen_source.tokenizer_folder)
+
+
+def transformers_ids(hf_tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool,
+                     chat_template: str | None = None) -> list[int]:
+    return hf_tokenizer.apply_chat_template(messages, chat_template=chat_template,
+                                            add_generation_prompt=add_generation_prompt)["input_ids"]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_default_model_chat_prompts_equal_transformers(tokenizer: Tokenizer, smollm_hf_tokenizer,
+                                                       messages: list[dict[str, str]],
+                                                       add_generation_prompt: bool) -> None:
+    ours = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert ours == transformers_ids(smollm_hf_tokenizer, messages, add_generation_prompt)
+
+
+@pytest.mark.parametrize("text", ["Hello, world!", "  spaces\n\ttabs 日本語 🎉", "<|im_start|>user\nhi<|im_end|>",
+                                  "1234567 digits"])
+def test_default_model_prompts_and_text_equal_transformers(tokenizer: Tokenizer, smollm_hf_tokenizer,
+                                                           text: str) -> None:
+    ids = tokenizer.encode(text)
+    assert ids == smollm_hf_tokenizer.encode(text)
+    for skip_special_tokens in (True, False):
+        assert tokenizer.decode(ids, skip_special_tokens) == smollm_hf_tokenizer.decode(
+            ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_qwen_style_template_equals_transformers(qwen_style_spec: TokenizerSpec, qwen_hf_tokenizer,
+                                                 messages: list[dict[str, str]], add_generation_prompt: bool) -> None:
+    ours = Tokenizer(qwen_style_spec).apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert ours == transformers_ids(qwen_hf_tokenizer, messages, add_generation_prompt, QWEN_STYLE_TEMPLATE)
+    assert "<|im_end|>" in qwen_style_spec.special_tokens.values(), "the eos_token variable is the dummy tokenizer's"
+
+
+def test_template_errors_are_chat_template_errors(qwen_style_spec: TokenizerSpec) -> None:
+    spec = qwen_style_spec
+    with pytest.raises(ChatTemplateError, match="unknown role: tool"):
+        Tokenizer(spec).apply_chat_template([{"role": "tool", "content": "x"}])
+    broken = Tokenizer(msgspec.structs.replace(spec, chat_template="{% for %}"))
+    assert broken.encode("still encodes") == Tokenizer(spec).encode("still encodes")
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        broken.apply_chat_template([{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        Tokenizer(msgspec.structs.replace(spec, chat_template=None)).apply_chat_template([{"role": "user",
+                                                                                          "content": "x"}])
+
+
+def test_a_model_with_named_templates_chats_with_the_default_one(smollm_source, tmp_path: Path) -> None:
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for file in smollm_source.tokenizer_folder.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "config.json":
+            (folder / file.name).write_bytes(file.read_bytes())
+    hf_tokenizer = AutoTokenizer.from_pretrained(smollm_source.tokenizer_folder)
+    hf_tokenizer.chat_template = {"default": "{{ messages[0]['content'] }}!", "tool_use": "tools"}
+    hf_tokenizer.save_pretrained(folder)
+    spec = tokenizer_spec(resolve_model(str(folder), load_format="dummy"))
+    assert Tokenizer(spec).apply_chat_template([{"role": "user", "content": "hi"}]) == hf_tokenizer.encode("hi!")
