@@ -21,7 +21,7 @@ from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
-from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
 from sfllm.scheduler.request import Request
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
@@ -308,9 +308,40 @@ def test_choose_victim_takes_the_lowest_class_newest_first() -> None:
     b_old, b_new = _request("b_old", "background", 3.0), _request("b_new", "background", 4.0)
     assert choose_victim([h, n_old, n_new, b_old, b_new]).request_id == "b_new"
     assert choose_victim([h, n_old, n_new]).request_id == "n_new"
-    assert choose_victim([h, n_old], below_rank=0).request_id == "n_old"
-    assert choose_victim([h], below_rank=0) is None, "a high arrival never preempts high work"
+    b_new.aged = True
+    assert choose_victim([h, n_old, b_new]).request_id == "n_old", "an aged request ranks as high"
     assert choose_victim([]) is None
+
+
+def test_high_may_push_out_aged_background_but_aged_background_may_not() -> None:
+    h, n, b, aged = (_request("h", "high", 1.0), _request("n", "normal", 1.0), _request("b", "background", 1.0),
+                     _request("aged", "background", 1.0))
+    aged.aged = True
+    assert [may_push_out(h, r) for r in (h, n, b, aged)] == [False, True, True, True]
+    assert [may_push_out(aged, r) for r in (h, n, b, aged)] == [False, True, True, False]
+
+
+def test_high_arrival_preempts_aged_background_work_last() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=2, background_share=0.0,
+                                              max_background_wait_s=10.0)
+    add(scheduler, "n1", prompt_of(5), max_tokens=30, arrival=1.0)
+    add(scheduler, "n2", prompt_of(5, 50), max_tokens=30, arrival=2.0)
+    add(scheduler, "b", prompt_of(5, 100), max_tokens=30, priority="background", arrival=3.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    clock.now = 10.0  # b waited past the bound: aged, it pushes out n2 and ranks as high from then on
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert running_ids(scheduler) == ["n1", "b"] and scheduler.requests["b"].aged
+    add(scheduler, "h1", prompt_of(5, 200), max_tokens=3, priority="high", arrival=11.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert sorted(running_ids(scheduler)) == ["b", "h1"], "high pushes out unaged work first"
+    add(scheduler, "h2", prompt_of(5, 250), max_tokens=3, priority="high", arrival=12.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert sorted(running_ids(scheduler)) == ["h1", "h2"], "then aged work: high does not wait behind aging"
+    while scheduler.has_unfinished():
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs == {name: expected_tokens(prompt_of(5, start), n) for name, start, n in
+                       (("n1", 10, 30), ("n2", 50, 30), ("b", 100, 30), ("h1", 200, 3), ("h2", 250, 3))}
+    assert_all_free(scheduler)
 
 
 def test_high_arrival_preempts_the_newest_background_request_only() -> None:

@@ -16,7 +16,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput,
                             SequenceSampling)
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
-from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.stop_checker import StopChecker
@@ -195,7 +195,7 @@ class Scheduler:
             first_chunk = min(request.num_tokens, self.config.max_running_tokens)
             blocks_needed += -(-first_chunk // self.block_size)
             while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
-                victim = choose_victim(self.running, below_rank=PRIORITY_RANK["high"])
+                victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
                 self._preempt(victim, step)
