@@ -226,6 +226,8 @@ def test_high_priority_is_admitted_before_earlier_normal_and_background() -> Non
     add(scheduler, "b1", prompt_of(5), priority="background", arrival=2.0)
     add(scheduler, "h1", prompt_of(5), priority="high", arrival=3.0)
     step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["h1"], "high's first step is its own"
+    step_once(scheduler, worker)
     assert running_ids(scheduler) == ["h1", "n1"]
 
 
@@ -397,13 +399,23 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes() -> None:
     assert all(sum(batch.num_new_tokens) <= 16 for batch in worker.batches)
 
 
-def test_lower_class_prefill_leaves_half_the_budget_when_high_waits() -> None:
-    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=1, max_context_length=128)
-    add(scheduler, "n", prompt_of(40), max_tokens=2, arrival=1.0)
-    step_once(scheduler, worker)
-    add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=2.0)
+def tokens_by_request(scheduler: Scheduler, step: ScheduledStep) -> dict[str, int]:
+    by_slot = {r.slot: r.request_id for r in scheduler.requests.values() if r.slot is not None}
+    return {by_slot[slot]: n for slot, n in zip(step.batch.slots, step.batch.num_new_tokens)}
+
+
+def test_lower_class_prefill_sits_out_until_high_priority_has_its_first_token() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=4, max_context_length=128)
+    add(scheduler, "d", prompt_of(3), max_tokens=20, arrival=1.0)
+    add(scheduler, "n", prompt_of(60, 100), max_tokens=2, arrival=2.0)
     step, _ = step_once(scheduler, worker)
-    assert step.batch.num_new_tokens == [5] and running_ids(scheduler) == ["h"], "the slot goes to high at once"
+    assert tokens_by_request(scheduler, step) == {"d": 3, "n": 13}
+    add(scheduler, "h", prompt_of(40, 300), max_tokens=5, priority="high", arrival=3.0)
+    add(scheduler, "late", prompt_of(20, 500), max_tokens=2, arrival=3.5)
+    chunks = [tokens_by_request(scheduler, step_once(scheduler, worker)[0]) for _ in range(4)]
+    assert chunks[:3] == [{"d": 1, "h": 15}, {"h": 16}, {"h": 9, "d": 1}], \
+        "while high prefills, it takes the budget first, lower classes only decode, and nothing else is admitted"
+    assert chunks[3] == {"h": 1, "d": 1, "n": 14}, "after its last chunk, lower-class prefill goes on"
 
 
 def test_order_by_length_bucket_puts_the_largest_64_token_group_first() -> None:

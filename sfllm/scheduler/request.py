@@ -69,6 +69,11 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
     @property
+    def is_prefilling(self) -> bool:
+        """More to compute than a decode's one token: a prompt, or prompt and outputs again after a recompute."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 

@@ -128,24 +128,25 @@ class Scheduler:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         self._make_room_for_high_priority(now, step)
-        high_waiting = any(self.waiting.effective_rank(r, now) == 0 for r in self.waiting)
+        # Until high priority has its first token, lower classes only decode: their prefill chunks
+        # would make the steps that high priority waits for, and its own, longer.
+        high_first = (any(self.waiting.effective_rank(r, now) == 0 for r in self.waiting)
+                      or any(r.rank == PRIORITY_RANK["high"] and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
         scheduled: set[int] = set()
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
-            budget = step.budget
-            prefilling = request.num_computed_tokens < request.num_tokens
-            if high_waiting and prefilling and request.rank != PRIORITY_RANK["high"]:
-                budget = step.budget // 2  # lower-class prefill chunks leave room for waiting high priority
-            num_new = self._num_new_tokens(request, budget)
+            if high_first and request.is_prefilling and request.rank != PRIORITY_RANK["high"]:
+                continue
+            num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
                 continue
             if not self._reserve_blocks(request, num_new, scheduled, step):
                 continue
             self._add_to_step(step, request, num_new)
             scheduled.add(id(request))
-        self._admit_waiting(step, now)
+        self._admit_waiting(step, now, high_first)
         if not step.requests and not step.swap_out:
             return None
         self._step_id += 1
@@ -200,12 +201,14 @@ class Scheduler:
                     return
                 self._preempt(victim, step)
 
-    def _admit_waiting(self, step: _StepBuilder, now: float) -> None:
+    def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
         for request in self.waiting.candidates(now, len(self._free_slots)):
             if step.budget <= 0 or not self._free_slots:
                 break
             if request.num_pending_samples:
                 continue  # preempted with a step in flight: its tokens must come back first
+            if high_first and request.is_prefilling and self.waiting.effective_rank(request, now) != 0:
+                continue
             admitted = self._admit(request, step)
             if not admitted and self.config.schedule_policy == "fcfs":
                 break
