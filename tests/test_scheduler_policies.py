@@ -361,6 +361,32 @@ def test_high_arrival_preempts_the_newest_background_request_only() -> None:
     assert scheduler.num_preemptions == 1
 
 
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_request_preempted_for_its_slot_keeps_its_kv_and_resumes_with_a_decode(preemption_mode: str) -> None:
+    core, _ = make_engine(max_running_requests=2, num_cpu_blocks=16, preemption_mode=preemption_mode)
+    scheduler, worker = core.scheduler, core.worker
+    add(scheduler, "b1", prompt_of(12), max_tokens=12, priority="background", arrival=1.0)
+    add(scheduler, "b2", prompt_of(12, 100), max_tokens=12, priority="background", arrival=2.0)
+    outputs: dict[str, list[int]] = {}
+    for _ in range(4):
+        collect_outputs(core.step(), outputs)
+    free_before = scheduler.allocator.num_free
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=3, priority="high", arrival=3.0)
+    collect_outputs(core.step(), outputs)
+    b2 = scheduler.requests["b2"]
+    assert running_ids(scheduler) == ["b1", "h"] and b2.block_ids, "b2 gave up its slot, not its blocks"
+    assert scheduler.allocator.num_free == free_before - 2 and not worker.batches[-1].swap_out
+    while "b2" not in running_ids(scheduler):
+        collect_outputs(core.step(), outputs)
+    resumed = worker.batches[-1]
+    assert resumed.num_new_tokens[resumed.slots.index(b2.slot)] == 1, "a decode, not a recompute of its context"
+    while core.has_work():
+        collect_outputs(core.step(), outputs)
+    assert outputs == {"b1": expected_tokens(prompt_of(12), 12), "b2": expected_tokens(prompt_of(12, 100), 12),
+                       "h": expected_tokens(prompt_of(5, 300), 3)}
+    assert_all_free(scheduler)
+
+
 def test_high_arrival_waits_when_only_high_work_runs() -> None:
     scheduler, worker, _ = make_scheduler(num_blocks=10, max_context_length=40)
     for i in range(3):

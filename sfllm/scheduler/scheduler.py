@@ -193,13 +193,13 @@ class Scheduler:
         slots_needed = blocks_needed = 0
         for request in high:
             slots_needed += 1
-            first_chunk = min(request.num_tokens, self.config.max_running_tokens)
-            blocks_needed += -(-first_chunk // self.block_size)
+            first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
+            blocks_needed += self._blocks_needed(request, first_chunk)
             while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
                 victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
-                self._preempt(victim, step)
+                self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
 
     def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
         for request in self.waiting.candidates(now, len(self._free_slots)):
@@ -318,7 +318,11 @@ class Scheduler:
 
     # ---- preemption and finishing -------------------------------------------------------
 
-    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+    def _preempt(self, request: Request, step: _StepBuilder, keep_blocks: bool = False) -> None:
+        """Takes a running request out of the batch, back to the head of its queue.
+
+        With `keep_blocks` (only its slot was needed) its KV stays in the pool and it resumes where it
+        stopped, with no recompute and no swap; else it is swapped out or its blocks are released."""
         self.num_preemptions += 1
         request.num_preemptions += 1
         self.running.remove(request)
@@ -327,7 +331,9 @@ class Scheduler:
         swap = (self.config.preemption_mode == "swap"
                 and len(request.block_ids) <= self.swap_space.num_free
                 and request.num_computed_tokens >= request.num_tokens)
-        if swap:
+        if keep_blocks:
+            request.status = RequestStatus.WAITING
+        elif swap:
             cpu_blocks = self.swap_space.allocate(len(request.block_ids))
             step.swap_out.extend(zip(request.block_ids, cpu_blocks))
             request.swapped_block_ids = cpu_blocks
