@@ -425,8 +425,12 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes() -> None:
     assert all(sum(batch.num_new_tokens) <= 16 for batch in worker.batches)
 
 
-def tokens_by_request(scheduler: Scheduler, step: ScheduledStep) -> dict[str, int]:
-    by_slot = {r.slot: r.request_id for r in scheduler.requests.values() if r.slot is not None}
+def step_tokens(scheduler: Scheduler, worker: FakeWorker) -> dict[str, int]:
+    """One step without overlap; the tokens it computed, by request id."""
+    step = scheduler.schedule()
+    by_slot = {r.slot: r.request_id for r in scheduler.running}
+    worker.submit(step.batch)
+    scheduler.process_result(step, worker.collect())
     return {by_slot[slot]: n for slot, n in zip(step.batch.slots, step.batch.num_new_tokens)}
 
 
@@ -434,14 +438,27 @@ def test_lower_class_prefill_sits_out_until_high_priority_has_its_first_token() 
     scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=4, max_context_length=128)
     add(scheduler, "d", prompt_of(3), max_tokens=20, arrival=1.0)
     add(scheduler, "n", prompt_of(60, 100), max_tokens=2, arrival=2.0)
-    step, _ = step_once(scheduler, worker)
-    assert tokens_by_request(scheduler, step) == {"d": 3, "n": 13}
+    assert step_tokens(scheduler, worker) == {"d": 3, "n": 13}
     add(scheduler, "h", prompt_of(40, 300), max_tokens=5, priority="high", arrival=3.0)
     add(scheduler, "late", prompt_of(20, 500), max_tokens=2, arrival=3.5)
-    chunks = [tokens_by_request(scheduler, step_once(scheduler, worker)[0]) for _ in range(4)]
+    chunks = [step_tokens(scheduler, worker) for _ in range(4)]
     assert chunks[:3] == [{"d": 1, "h": 15}, {"h": 16}, {"h": 9, "d": 1}], \
         "while high prefills, it takes the budget first, lower classes only decode, and nothing else is admitted"
     assert chunks[3] == {"h": 1, "d": 1, "n": 14}, "after its last chunk, lower-class prefill goes on"
+
+
+def test_aged_background_prefill_sits_out_for_high_priority_too() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_tokens=16, max_running_requests=2, max_context_length=128,
+                                              background_share=0.0, max_background_wait_s=10.0)
+    add(scheduler, "d", prompt_of(3), max_tokens=30, arrival=1.0)
+    add(scheduler, "n", prompt_of(3, 50), max_tokens=30, arrival=2.0)
+    add(scheduler, "b", prompt_of(60, 100), max_tokens=2, priority="background", arrival=3.0)
+    step_once(scheduler, worker)
+    clock.now = 10.0
+    assert step_tokens(scheduler, worker) == {"d": 1, "b": 15} and scheduler.requests["b"].aged
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
+    assert step_tokens(scheduler, worker) == {"h": 5}, "h pushed out d; aged b waits for h's first token"
+    assert step_tokens(scheduler, worker) == {"b": 16}
 
 
 def test_order_by_length_bucket_puts_the_largest_64_token_group_first() -> None:
