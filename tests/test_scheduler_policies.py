@@ -250,19 +250,18 @@ def test_background_request_waiting_past_the_bound_is_admitted_like_high() -> No
     assert scheduler.num_preemptions == 1
 
 
-def test_aged_background_requests_do_not_preempt_each_other() -> None:
+def test_aged_background_request_does_not_push_out_background_work() -> None:
     scheduler, worker, clock = make_scheduler(max_running_requests=1, max_background_wait_s=10.0)
     add(scheduler, "b1", prompt_of(5), max_tokens=20, priority="background", arrival=1.0)
     add(scheduler, "b2", prompt_of(5, start=50), max_tokens=20, priority="background", arrival=2.0)
     outputs = collect_outputs(step_once(scheduler, worker)[1])
     assert running_ids(scheduler) == ["b1"]
-    clock.now = 11.0  # both have waited past the bound since they were queued
-    collect_outputs(step_once(scheduler, worker)[1], outputs)
-    assert running_ids(scheduler) == ["b2"] and scheduler.num_preemptions == 1
+    clock.now = 11.0  # b2 has waited past the bound: first come first served still bounds its wait
     while scheduler.has_unfinished():
         collect_outputs(step_once(scheduler, worker)[1], outputs)
+        assert running_ids(scheduler) in (["b1"], ["b2"], [])
     assert outputs == {"b1": expected_tokens(prompt_of(5), 20), "b2": expected_tokens(prompt_of(5, start=50), 20)}
-    assert scheduler.num_preemptions == 1, "the promoted request keeps its slot until it finishes"
+    assert scheduler.num_preemptions == 0
     assert_all_free(scheduler)
 
 
@@ -315,12 +314,12 @@ def test_choose_victim_takes_the_lowest_class_newest_first() -> None:
     assert choose_victim([]) is None
 
 
-def test_high_may_push_out_aged_background_but_aged_background_may_not() -> None:
+def test_high_pushes_out_any_lower_class_and_aged_background_only_normal() -> None:
     h, n, b, aged = (_request("h", "high", 1.0), _request("n", "normal", 1.0), _request("b", "background", 1.0),
                      _request("aged", "background", 1.0))
     aged.aged = True
     assert [may_push_out(h, r) for r in (h, n, b, aged)] == [False, True, True, True]
-    assert [may_push_out(aged, r) for r in (h, n, b, aged)] == [False, True, True, False]
+    assert [may_push_out(aged, r) for r in (h, n, b, aged)] == [False, True, False, False]
 
 
 def test_high_arrival_preempts_aged_background_work_last() -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request
 
 
@@ -21,8 +20,9 @@ def may_push_out(waiting: Request, running: Request) -> bool:
 
     A high-priority request may push out any normal or background work, aged background
     too (choose_victim takes aged requests last): aging bounds background's wait behind
-    normal work, not behind high priority. An aged background request only pushes out
-    work that ranks below it: two aged requests would take turns forever."""
+    normal work, not behind high priority. An aged background request pushes out normal
+    work only: behind other background work, first come first served bounds its wait, and
+    pushing that out would only trade one prefill for another."""
     if waiting.priority == "high":
         return running.priority != "high"
-    return running.rank > PRIORITY_RANK["high"]
+    return running.priority == "normal"

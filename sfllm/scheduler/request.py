@@ -43,8 +43,8 @@ class Request:
     first_scheduled_time: float | None = None
     finish_reason: str | None = None
     needs_sampling_state: bool = True
-    # a background request admitted after waiting past its bound ranks as high from then on,
-    # so that another aged request cannot push it out again (they would take turns forever)
+    # a background request admitted after waiting past its bound ranks as high from then on:
+    # short of blocks, the normal work it pushed out gives way before it does
     aged: bool = False
 
     @property

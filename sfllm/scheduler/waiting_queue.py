@@ -40,8 +40,7 @@ class WaitingQueue:
 
     def requeue(self, request: Request, now: float) -> None:
         """A preempted request goes back to the head of its class. Its wait for aging starts
-        again: had it kept the old one, a background request pushed out by an aged one would
-        be aged too and take the slot straight back."""
+        again: the time it ran is no wait."""
         request.waiting_since = now
         self._queues[request.priority].appendleft(request)
 
