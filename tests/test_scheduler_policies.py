@@ -386,6 +386,20 @@ def test_request_preempted_for_its_slot_keeps_its_kv_and_resumes_with_a_decode(p
     assert_all_free(scheduler)
 
 
+def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=2, max_background_wait_s=10.0,
+                                              max_context_length=128)
+    add(scheduler, "b1", prompt_of(12), max_tokens=30, priority="background", arrival=1.0)
+    add(scheduler, "b2", prompt_of(12, 100), max_tokens=30, priority="background", arrival=2.0)
+    add(scheduler, "b3", prompt_of(40, 200), max_tokens=30, priority="background", arrival=3.0)
+    step_tokens(scheduler, worker)
+    clock.now = 11.0  # b3 is aged, but waits behind running background work
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
+    assert step_tokens(scheduler, worker) == {"b1": 1, "h": 5}
+    assert scheduler.requests["b2"].is_paused and scheduler.waiting.is_aged(scheduler.requests["b3"], clock.now)
+    assert step_tokens(scheduler, worker) == {"b1": 1, "b2": 1}, "b2 takes h's slot back with a decode"
+
+
 def test_high_arrival_waits_when_only_high_work_runs() -> None:
     scheduler, worker, _ = make_scheduler(num_blocks=10, max_context_length=40)
     for i in range(3):

@@ -74,6 +74,11 @@ class Request:
         return self.num_tokens - self.num_computed_tokens > 1
 
     @property
+    def is_paused(self) -> bool:
+        """Waiting with its KV blocks: preempted for its slot alone, it resumes where it stopped."""
+        return self.status is RequestStatus.WAITING and bool(self.block_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
