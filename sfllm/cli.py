@@ -1,4 +1,4 @@
-"""`sfllm launch | engine | frontend | worker | bench offline | bench serve`."""
+"""`sfllm launch | engine | frontend | worker | bench offline | bench serve | bench priority`."""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
               "  launch    start the engine (scheduler + worker) and the HTTP frontend, and supervise them\n"
               "  engine    start the scheduler and worker only (frontends connect to --engine-address)\n"
               "  frontend  start an HTTP frontend for a running engine (--engine-address)\n"
-              "  bench     offline | serve benchmarks\n")
+              "  bench     offline | serve | priority benchmarks\n")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
@@ -92,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("offline", "serve"):
-        print("usage: sfllm bench {offline,serve} ...", file=sys.stderr)
+    if not argv or argv[0] not in ("offline", "serve", "priority"):
+        print("usage: sfllm bench {offline,serve,priority} ...", file=sys.stderr)
         return 2
     if argv[0] == "serve":
         from sfllm.bench.serve import main as serve_main
         return serve_main(argv[1:])
+    if argv[0] == "priority":
+        from sfllm.bench.priority import main as priority_main
+        return priority_main(argv[1:])
     from sfllm.bench.offline import main as offline_main
     return offline_main(argv[1:])
 

@@ -21,7 +21,7 @@ from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
 from sfllm.scheduler.engine_core import EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
-from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
 from sfllm.scheduler.request import Request
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
@@ -226,6 +226,8 @@ def test_high_priority_is_admitted_before_earlier_normal_and_background() -> Non
     add(scheduler, "b1", prompt_of(5), priority="background", arrival=2.0)
     add(scheduler, "h1", prompt_of(5), priority="high", arrival=3.0)
     step_once(scheduler, worker)
+    assert running_ids(scheduler) == ["h1"], "high's first step is its own"
+    step_once(scheduler, worker)
     assert running_ids(scheduler) == ["h1", "n1"]
 
 
@@ -248,19 +250,18 @@ def test_background_request_waiting_past_the_bound_is_admitted_like_high() -> No
     assert scheduler.num_preemptions == 1
 
 
-def test_aged_background_requests_do_not_preempt_each_other() -> None:
+def test_aged_background_request_does_not_push_out_background_work() -> None:
     scheduler, worker, clock = make_scheduler(max_running_requests=1, max_background_wait_s=10.0)
     add(scheduler, "b1", prompt_of(5), max_tokens=20, priority="background", arrival=1.0)
     add(scheduler, "b2", prompt_of(5, start=50), max_tokens=20, priority="background", arrival=2.0)
     outputs = collect_outputs(step_once(scheduler, worker)[1])
     assert running_ids(scheduler) == ["b1"]
-    clock.now = 11.0  # both have waited past the bound since they were queued
-    collect_outputs(step_once(scheduler, worker)[1], outputs)
-    assert running_ids(scheduler) == ["b2"] and scheduler.num_preemptions == 1
+    clock.now = 11.0  # b2 has waited past the bound: first come first served still bounds its wait
     while scheduler.has_unfinished():
         collect_outputs(step_once(scheduler, worker)[1], outputs)
+        assert running_ids(scheduler) in (["b1"], ["b2"], [])
     assert outputs == {"b1": expected_tokens(prompt_of(5), 20), "b2": expected_tokens(prompt_of(5, start=50), 20)}
-    assert scheduler.num_preemptions == 1, "the promoted request keeps its slot until it finishes"
+    assert scheduler.num_preemptions == 0
     assert_all_free(scheduler)
 
 
@@ -308,9 +309,40 @@ def test_choose_victim_takes_the_lowest_class_newest_first() -> None:
     b_old, b_new = _request("b_old", "background", 3.0), _request("b_new", "background", 4.0)
     assert choose_victim([h, n_old, n_new, b_old, b_new]).request_id == "b_new"
     assert choose_victim([h, n_old, n_new]).request_id == "n_new"
-    assert choose_victim([h, n_old], below_rank=0).request_id == "n_old"
-    assert choose_victim([h], below_rank=0) is None, "a high arrival never preempts high work"
+    b_new.aged = True
+    assert choose_victim([h, n_old, b_new]).request_id == "n_old", "an aged request ranks as high"
     assert choose_victim([]) is None
+
+
+def test_high_pushes_out_any_lower_class_and_aged_background_only_normal() -> None:
+    h, n, b, aged = (_request("h", "high", 1.0), _request("n", "normal", 1.0), _request("b", "background", 1.0),
+                     _request("aged", "background", 1.0))
+    aged.aged = True
+    assert [may_push_out(h, r) for r in (h, n, b, aged)] == [False, True, True, True]
+    assert [may_push_out(aged, r) for r in (h, n, b, aged)] == [False, True, False, False]
+
+
+def test_high_arrival_preempts_aged_background_work_last() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=2, background_share=0.0,
+                                              max_background_wait_s=10.0)
+    add(scheduler, "n1", prompt_of(5), max_tokens=30, arrival=1.0)
+    add(scheduler, "n2", prompt_of(5, 50), max_tokens=30, arrival=2.0)
+    add(scheduler, "b", prompt_of(5, 100), max_tokens=30, priority="background", arrival=3.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    clock.now = 10.0  # b waited past the bound: aged, it pushes out n2 and ranks as high from then on
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert running_ids(scheduler) == ["n1", "b"] and scheduler.requests["b"].aged
+    add(scheduler, "h1", prompt_of(5, 200), max_tokens=3, priority="high", arrival=11.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert sorted(running_ids(scheduler)) == ["b", "h1"], "high pushes out unaged work first"
+    add(scheduler, "h2", prompt_of(5, 250), max_tokens=3, priority="high", arrival=12.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert sorted(running_ids(scheduler)) == ["h1", "h2"], "then aged work: high does not wait behind aging"
+    while scheduler.has_unfinished():
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs == {name: expected_tokens(prompt_of(5, start), n) for name, start, n in
+                       (("n1", 10, 30), ("n2", 50, 30), ("b", 100, 30), ("h1", 200, 3), ("h2", 250, 3))}
+    assert_all_free(scheduler)
 
 
 def test_high_arrival_preempts_the_newest_background_request_only() -> None:
@@ -326,6 +358,46 @@ def test_high_arrival_preempts_the_newest_background_request_only() -> None:
     assert running_ids(scheduler) == ["n", "b_old", "h"]
     assert [r.request_id for r in scheduler.waiting] == ["b_new"]
     assert scheduler.num_preemptions == 1
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_request_preempted_for_its_slot_keeps_its_kv_and_resumes_with_a_decode(preemption_mode: str) -> None:
+    core, _ = make_engine(max_running_requests=2, num_cpu_blocks=16, preemption_mode=preemption_mode)
+    scheduler, worker = core.scheduler, core.worker
+    add(scheduler, "b1", prompt_of(12), max_tokens=12, priority="background", arrival=1.0)
+    add(scheduler, "b2", prompt_of(12, 100), max_tokens=12, priority="background", arrival=2.0)
+    outputs: dict[str, list[int]] = {}
+    for _ in range(4):
+        collect_outputs(core.step(), outputs)
+    free_before = scheduler.allocator.num_free
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=3, priority="high", arrival=3.0)
+    collect_outputs(core.step(), outputs)
+    b2 = scheduler.requests["b2"]
+    assert running_ids(scheduler) == ["b1", "h"] and b2.block_ids, "b2 gave up its slot, not its blocks"
+    assert scheduler.allocator.num_free == free_before - 2 and not worker.batches[-1].swap_out
+    while "b2" not in running_ids(scheduler):
+        collect_outputs(core.step(), outputs)
+    resumed = worker.batches[-1]
+    assert resumed.num_new_tokens[resumed.slots.index(b2.slot)] == 1, "a decode, not a recompute of its context"
+    while core.has_work():
+        collect_outputs(core.step(), outputs)
+    assert outputs == {"b1": expected_tokens(prompt_of(12), 12), "b2": expected_tokens(prompt_of(12, 100), 12),
+                       "h": expected_tokens(prompt_of(5, 300), 3)}
+    assert_all_free(scheduler)
+
+
+def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_requests=2, max_background_wait_s=10.0,
+                                              max_context_length=128)
+    add(scheduler, "b1", prompt_of(12), max_tokens=30, priority="background", arrival=1.0)
+    add(scheduler, "b2", prompt_of(12, 100), max_tokens=30, priority="background", arrival=2.0)
+    add(scheduler, "b3", prompt_of(40, 200), max_tokens=30, priority="background", arrival=3.0)
+    step_tokens(scheduler, worker)
+    clock.now = 11.0  # b3 is aged, but waits behind running background work
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
+    assert step_tokens(scheduler, worker) == {"b1": 1, "h": 5}
+    assert scheduler.requests["b2"].is_paused and scheduler.waiting.is_aged(scheduler.requests["b3"], clock.now)
+    assert step_tokens(scheduler, worker) == {"b1": 1, "b2": 1}, "b2 takes h's slot back with a decode"
 
 
 def test_high_arrival_waits_when_only_high_work_runs() -> None:
@@ -366,13 +438,40 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes() -> None:
     assert all(sum(batch.num_new_tokens) <= 16 for batch in worker.batches)
 
 
-def test_lower_class_prefill_leaves_half_the_budget_when_high_waits() -> None:
-    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=1, max_context_length=128)
-    add(scheduler, "n", prompt_of(40), max_tokens=2, arrival=1.0)
+def step_tokens(scheduler: Scheduler, worker: FakeWorker) -> dict[str, int]:
+    """One step without overlap; the tokens it computed, by request id."""
+    step = scheduler.schedule()
+    by_slot = {r.slot: r.request_id for r in scheduler.running}
+    worker.submit(step.batch)
+    scheduler.process_result(step, worker.collect())
+    return {by_slot[slot]: n for slot, n in zip(step.batch.slots, step.batch.num_new_tokens)}
+
+
+def test_lower_class_prefill_sits_out_until_high_priority_has_its_first_token() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=4, max_context_length=128)
+    add(scheduler, "d", prompt_of(3), max_tokens=20, arrival=1.0)
+    add(scheduler, "n", prompt_of(60, 100), max_tokens=2, arrival=2.0)
+    assert step_tokens(scheduler, worker) == {"d": 3, "n": 13}
+    add(scheduler, "h", prompt_of(40, 300), max_tokens=5, priority="high", arrival=3.0)
+    add(scheduler, "late", prompt_of(20, 500), max_tokens=2, arrival=3.5)
+    chunks = [step_tokens(scheduler, worker) for _ in range(4)]
+    assert chunks[:3] == [{"d": 1, "h": 15}, {"h": 16}, {"h": 9, "d": 1}], \
+        "while high prefills, it takes the budget first, lower classes only decode, and nothing else is admitted"
+    assert chunks[3] == {"h": 1, "d": 1, "n": 14}, "after its last chunk, lower-class prefill goes on"
+
+
+def test_aged_background_prefill_sits_out_for_high_priority_too() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_tokens=16, max_running_requests=2, max_context_length=128,
+                                              background_share=0.0, max_background_wait_s=10.0)
+    add(scheduler, "d", prompt_of(3), max_tokens=30, arrival=1.0)
+    add(scheduler, "n", prompt_of(3, 50), max_tokens=30, arrival=2.0)
+    add(scheduler, "b", prompt_of(60, 100), max_tokens=2, priority="background", arrival=3.0)
     step_once(scheduler, worker)
-    add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=2.0)
-    step, _ = step_once(scheduler, worker)
-    assert step.batch.num_new_tokens == [5] and running_ids(scheduler) == ["h"], "the slot goes to high at once"
+    clock.now = 10.0
+    assert step_tokens(scheduler, worker) == {"d": 1, "b": 15} and scheduler.requests["b"].aged
+    add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
+    assert step_tokens(scheduler, worker) == {"h": 5}, "h pushed out d; aged b waits for h's first token"
+    assert step_tokens(scheduler, worker) == {"b": 16}
 
 
 def test_order_by_length_bucket_puts_the_largest_64_token_group_first() -> None:

@@ -338,7 +338,7 @@ def _rate_list(text: str) -> list[float]:
     return values
 
 
-def _length_range(text: str) -> LengthRange:
+def length_range_argument(text: str) -> LengthRange:
     try:
         return parse_length_range(text)
     except WorkloadError as e:
@@ -358,9 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of --concurrency")
     parser.add_argument("--requests", type=_positive_int_list, default=[100], metavar="N[,N...]",
                         help="requests per level: one number for all, or one per level")
-    parser.add_argument("--input-len", type=_length_range, metavar="A[:B]",
+    parser.add_argument("--input-len", type=length_range_argument, metavar="A[:B]",
                         help=f"random prompt length in tokens, A or A:B (default: {DEFAULT_INPUT_LEN})")
-    parser.add_argument("--output-len", type=_length_range, metavar="A[:B]",
+    parser.add_argument("--output-len", type=length_range_argument, metavar="A[:B]",
                         default=parse_length_range(DEFAULT_OUTPUT_LEN),
                         help=f"max_tokens per request, A or A:B (default: {DEFAULT_OUTPUT_LEN})")
     parser.add_argument("--prompt-file", type=Path, help="text prompts, one per line (instead of random token ids)")

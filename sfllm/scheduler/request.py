@@ -43,8 +43,8 @@ class Request:
     first_scheduled_time: float | None = None
     finish_reason: str | None = None
     needs_sampling_state: bool = True
-    # a background request admitted after waiting past its bound ranks as high from then on,
-    # so that another aged request cannot push it out again (they would take turns forever)
+    # a background request admitted after waiting past its bound ranks as high from then on:
+    # short of blocks, the normal work it pushed out gives way before it does
     aged: bool = False
 
     @property
@@ -67,6 +67,16 @@ class Request:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len:end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More to compute than a decode's one token: a prompt, or prompt and outputs again after a recompute."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
+    def is_paused(self) -> bool:
+        """Waiting with its KV blocks: preempted for its slot alone, it resumes where it stopped."""
+        return self.status is RequestStatus.WAITING and bool(self.block_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -16,7 +16,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput,
                             SequenceSampling)
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
-from sfllm.scheduler.preemption import choose_victim
+from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.stop_checker import StopChecker
@@ -128,24 +128,25 @@ class Scheduler:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         self._make_room_for_high_priority(now, step)
-        high_waiting = any(self.waiting.effective_rank(r, now) == 0 for r in self.waiting)
+        # Until high priority has its first token, other requests (aged ones too) only decode: their
+        # prefill chunks would make the steps that high priority waits for, and its own, longer.
+        high_first = (any(r.priority == "high" for r in self.waiting)
+                      or any(r.priority == "high" and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
         scheduled: set[int] = set()
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
-            budget = step.budget
-            prefilling = request.num_computed_tokens < request.num_tokens
-            if high_waiting and prefilling and request.rank != PRIORITY_RANK["high"]:
-                budget = step.budget // 2  # lower-class prefill chunks leave room for waiting high priority
-            num_new = self._num_new_tokens(request, budget)
+            if high_first and request.is_prefilling and request.priority != "high":
+                continue
+            num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
                 continue
             if not self._reserve_blocks(request, num_new, scheduled, step):
                 continue
             self._add_to_step(step, request, num_new)
             scheduled.add(id(request))
-        self._admit_waiting(step, now)
+        self._admit_waiting(step, now, high_first)
         if not step.requests and not step.swap_out:
             return None
         self._step_id += 1
@@ -192,20 +193,22 @@ class Scheduler:
         slots_needed = blocks_needed = 0
         for request in high:
             slots_needed += 1
-            first_chunk = min(request.num_tokens, self.config.max_running_tokens)
-            blocks_needed += -(-first_chunk // self.block_size)
+            first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
+            blocks_needed += self._blocks_needed(request, first_chunk)
             while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
-                victim = choose_victim(self.running, below_rank=PRIORITY_RANK["high"])
+                victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
-                self._preempt(victim, step)
+                self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
 
-    def _admit_waiting(self, step: _StepBuilder, now: float) -> None:
+    def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
         for request in self.waiting.candidates(now, len(self._free_slots)):
             if step.budget <= 0 or not self._free_slots:
                 break
             if request.num_pending_samples:
                 continue  # preempted with a step in flight: its tokens must come back first
+            if high_first and request.is_prefilling and request.priority != "high":
+                continue
             admitted = self._admit(request, step)
             if not admitted and self.config.schedule_policy == "fcfs":
                 break
@@ -315,7 +318,11 @@ class Scheduler:
 
     # ---- preemption and finishing -------------------------------------------------------
 
-    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+    def _preempt(self, request: Request, step: _StepBuilder, keep_blocks: bool = False) -> None:
+        """Takes a running request out of the batch, back to the head of its queue.
+
+        With `keep_blocks` (only its slot was needed) its KV stays in the pool and it resumes where it
+        stopped, with no recompute and no swap; else it is swapped out or its blocks are released."""
         self.num_preemptions += 1
         request.num_preemptions += 1
         self.running.remove(request)
@@ -324,7 +331,9 @@ class Scheduler:
         swap = (self.config.preemption_mode == "swap"
                 and len(request.block_ids) <= self.swap_space.num_free
                 and request.num_computed_tokens >= request.num_tokens)
-        if swap:
+        if keep_blocks:
+            request.status = RequestStatus.WAITING
+        elif swap:
             cpu_blocks = self.swap_space.allocate(len(request.block_ids))
             step.swap_out.extend(zip(request.block_ids, cpu_blocks))
             request.swapped_block_ids = cpu_blocks

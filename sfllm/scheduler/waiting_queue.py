@@ -40,8 +40,7 @@ class WaitingQueue:
 
     def requeue(self, request: Request, now: float) -> None:
         """A preempted request goes back to the head of its class. Its wait for aging starts
-        again: had it kept the old one, a background request pushed out by an aged one would
-        be aged too and take the slot straight back."""
+        again: the time it ran is no wait."""
         request.waiting_since = now
         self._queues[request.priority].appendleft(request)
 
@@ -64,12 +63,16 @@ class WaitingQueue:
         return resumed + order_by_length_bucket(fresh)
 
     def candidates(self, now: float, free_slots: int) -> list[Request]:
-        """Waiting requests in admission order, as many as the free slots allow."""
+        """Waiting requests in admission order, as many as the free slots allow: high priority,
+        then background requests that high priority paused (they resume with a decode, and their
+        KV blocks come back sooner), then aged background, then normal and background by their shares."""
         background = list(self._queues["background"])
+        paused = [r for r in background if r.is_paused]
+        background = [r for r in background if not r.is_paused]
         aged = [r for r in background if self.is_aged(r, now)]
         background = [r for r in background if not self.is_aged(r, now)]
-        high = self._ordered(list(self._queues["high"])) + aged
-        rest = max(free_slots - len(high), 0)
+        first = self._ordered(list(self._queues["high"])) + paused + aged
+        rest = max(free_slots - len(first), 0)
         normal = self._ordered(list(self._queues["normal"]))
         normal_slots, background_slots = split_slots(rest, len(normal), len(background), self.background_share)
-        return high[:free_slots] + normal[:normal_slots] + self._ordered(background)[:background_slots]
+        return first[:free_slots] + normal[:normal_slots] + self._ordered(background)[:background_slots]
