@@ -7,6 +7,8 @@
 # + trace), latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server, bench serve
 # at concurrency 1, 10, 50 and a burst of 600 at 200, with GPU utilisation; extra server flags in
 # $SERVE_FLAGS, file names tagged with $SERVE_TAG),
+# priority (a high-priority probe's TTFT alone and under 600 background streams of 1024-token prompts and
+# 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS).
@@ -92,6 +94,19 @@ for level in levels:
     print(f"c={level['concurrency']}: CPU % of one core, mean over the level:",
           " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
 PY
+    pkill -TERM -f "sfllm launch"
+    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
+  priority)
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+      >"$OUT/server-priority.log" 2>&1 &
+    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:8081 --probes 10 --warmup 2 \
+      --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
+      --vocab-size 151936 --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
+    echo "priority: exit $?"; grep -vE "it/s\]|req/s\]" "$OUT/priority.log" | tail -12
+    pkill -KILL -f "sfllm frontend"; started=$(date +%s.%N)
+    until curl -sf localhost:8081/health >/dev/null; do sleep 0.05; done
+    echo "every frontend SIGKILLed: /health 200 again after $(echo "$(date +%s.%N) - $started" | bc) s"
     pkill -TERM -f "sfllm launch"
     for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   burst)
