@@ -104,9 +104,9 @@ PY
       --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
       --vocab-size 151936 --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
     echo "priority: exit $?"; grep -vE "it/s\]|req/s\]" "$OUT/priority.log" | tail -12
-    pkill -KILL -f "sfllm frontend"; started=$(date +%s.%N)
+    pkill -KILL -f "sfllm frontend"; started=$(date +%s%N)
     until curl -sf localhost:8081/health >/dev/null; do sleep 0.05; done
-    echo "every frontend SIGKILLed: /health 200 again after $(echo "$(date +%s.%N) - $started" | bc) s"
+    echo "every frontend SIGKILLed: /health 200 again after $(( ($(date +%s%N) - started) / 1000000 )) ms"
     pkill -TERM -f "sfllm launch"
     for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   burst)
