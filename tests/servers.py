@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,3 +99,21 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def watch_health(server: LaunchedServer, stop: threading.Event) -> list[int | str]:
+    """Polls /health until `stop` or the server exited; the statuses, or the names of the errors."""
+    statuses: list[int | str] = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
+            except httpx.HTTPError as error:
+                statuses.append(type(error).__name__)
+                if server.process.poll() is not None:
+                    return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return statuses
