@@ -237,11 +237,11 @@ def test_offline_two_ranks_generate_what_one_device_does(checkpoint: Path, one_d
 def test_launched_two_ranks_serve_one_devices_text_and_end_when_a_rank_dies(checkpoint: Path, tmp_path: Path,
                                                                            one_device: list) -> None:
     """The greedy, seeded and penalised requests (whose tokens do not depend on the batch) answer what one
-    device generated offline; then rank 1 is killed: a 503 on /health, launch exits non-zero within seconds,
-    and no process of the server is left."""
+    device generated offline; then rank 1 is killed in the middle of a stream: the stream ends in an error,
+    /health answers 503, launch exits non-zero within seconds naming the rank, and no process is left."""
     import httpx
     server = LaunchedServer(tmp_path, "--model", str(checkpoint), "--tensor-parallel-size", "2",
-                            "--max-context-length", "128", "--max-running-tokens", "16",
+                            "--max-context-length", "256", "--max-running-tokens", "16",
                             "--cache-dir", str(checkpoint / "cache"))
     try:
         for row in (0, 3, 4):
@@ -253,14 +253,22 @@ def test_launched_two_ranks_serve_one_devices_text_and_end_when_a_rank_dies(chec
             assert reply.json()["choices"][0]["text"] == one_device[row].text, f"row {row}"
         tree = process_tree(server.process.pid)
         rank_1 = next(pid for pid in tree if b"--tensor-parallel-rank" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        events: list[str] = []
+        streaming = threading.Thread(target=_stream, args=(server.url, events))
+        streaming.start()
+        deadline = time.monotonic() + 60
+        while len(events) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         stop = threading.Event()
         statuses = watch_health(server, stop)
         os.kill(rank_1, signal.SIGKILL)
         killed = time.monotonic()
         code = server.process.wait(30)
         stop.set()
+        streaming.join(30)
         assert code != 0 and time.monotonic() - killed < 15, "launch exits non-zero within seconds"
         assert f"tensor-parallel rank 1 (pid {rank_1}) was killed by signal 9" in server.log.read_text()
+        assert 3 <= len(events) < 250 and '"finish_reason":"length"' not in "".join(events), "cut mid-stream"
         assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
         deadline = time.monotonic() + 20
         while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
@@ -268,3 +276,14 @@ def test_launched_two_ranks_serve_one_devices_text_and_end_when_a_rank_dies(chec
         assert not any(alive(pid) for pid in tree), "no rank or other process is left"
     finally:
         server.stop()
+
+
+def _stream(url: str, events: list[str]) -> None:
+    """The events of a 250-token stream, until it ends or breaks."""
+    import httpx
+    body = {"prompt": prompt(4, 0), "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            events.extend(line for line in response.iter_lines() if line)
+    except httpx.HTTPError:
+        pass  # the connection breaks when the frontend stops
