@@ -147,7 +147,8 @@ PY
     pkill -TERM -f "sfllm launch"
     for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
   tp)
-    timeout 400 python3 -m pytest tests/gpu/test_tensor_parallel_gpu.py -q -rs -p no:cacheprovider -o addopts="" \
+    timeout 500 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_tensor_parallel_gpu.py -q -rs \
+      -p no:cacheprovider -o addopts="" \
       >"$OUT/tp-tests.log" 2>&1
     echo "tp tests: exit $?"; tail -3 "$OUT/tp-tests.log"
     for tp in 1 2; do

@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the graph step functions, before Triton is first imported
 
-from servers import LaunchedServer, alive, process_tree, watch_health  # noqa: E402
+from servers import LaunchedServer, alive, fault_rank_mid_stream, process_tree  # noqa: E402
 from test_step_graphs import graphs_for  # noqa: E402
 from tiny_models import write_tiny_qwen3  # noqa: E402
 
@@ -251,39 +250,16 @@ def test_launched_two_ranks_serve_one_devices_text_and_end_when_a_rank_dies(chec
                 "seed": params.seed, "repetition_penalty": params.repetition_penalty,
                 "presence_penalty": params.presence_penalty, "ignore_eos": True})
             assert reply.json()["choices"][0]["text"] == one_device[row].text, f"row {row}"
-        tree = process_tree(server.process.pid)
-        rank_1 = next(pid for pid in tree if b"--tensor-parallel-rank" in Path(f"/proc/{pid}/cmdline").read_bytes())
-        events: list[str] = []
-        streaming = threading.Thread(target=_stream, args=(server.url, events))
-        streaming.start()
-        deadline = time.monotonic() + 60
-        while len(events) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        stop = threading.Event()
-        statuses = watch_health(server, stop)
-        os.kill(rank_1, signal.SIGKILL)
-        killed = time.monotonic()
-        code = server.process.wait(30)
-        stop.set()
-        streaming.join(30)
-        assert code != 0 and time.monotonic() - killed < 15, "launch exits non-zero within seconds"
-        assert f"tensor-parallel rank 1 (pid {rank_1}) was killed by signal 9" in server.log.read_text()
+        fault = fault_rank_mid_stream(server, signal.SIGKILL, {"prompt": prompt(4, 0), "max_tokens": 250,
+                                                               "temperature": 0, "ignore_eos": True}, 3, 30)
+        assert fault.exit_code != 0 and fault.seconds_to_exit < 15, "launch exits non-zero within seconds"
+        assert f"tensor-parallel rank 1 (pid {fault.rank_pid}) was killed by signal 9" in server.log.read_text()
+        events = fault.stream_events
         assert 3 <= len(events) < 250 and '"finish_reason":"length"' not in "".join(events), "cut mid-stream"
-        assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
+        assert 503 in fault.health and 200 not in fault.health[fault.health.index(503):], fault.health
         deadline = time.monotonic() + 20
-        while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in fault.tree) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(alive(pid) for pid in tree), "no rank or other process is left"
+        assert not any(alive(pid) for pid in fault.tree), "no rank or other process is left"
     finally:
         server.stop()
-
-
-def _stream(url: str, events: list[str]) -> None:
-    """The events of a 250-token stream, until it ends or breaks."""
-    import httpx
-    body = {"prompt": prompt(4, 0), "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": True}
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            events.extend(line for line in response.iter_lines() if line)
-    except httpx.HTTPError:
-        pass  # the connection breaks when the frontend stops
