@@ -5,8 +5,10 @@ rank dies. Everything runs in float32, where a TP 2 step differs from a TP 1 ste
 all-reduce's sums (logits agree to ~1e-6): greedy tokens must be equal."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -113,6 +115,21 @@ def test_safetensors_shards_stitch_back_to_the_whole_model(checkpoint: Path, siz
 def test_gguf_shards_stitch_back_to_the_whole_model(smollm_source) -> None:
     """The bundled SmolLM2 GGUF (converted once, then read as safetensors), over 3 ranks."""
     _assert_shards_stitch_back(smollm_source.source, 3)
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_refused_though_a_ranks_part_would_fit(checkpoint: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A config of 2 heads over a checkpoint of 4: rank 0 of 2 would read 16 of o_proj's 64 columns without
+    noticing (the checkpoint's first tensor of the attention)."""
+    from sfllm.worker.weight_loader import WeightLoadError
+    folder = tmp_path / "mislabelled"
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("cache", "tokenizer-cache"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_attention_heads": 2}))
+    source = resolve_model(str(folder))
+    with pytest.raises(WeightLoadError, match=r"layers\.0\.self_attn\.o_proj\.weight: checkpoint shape \(64, 64\) "
+                                              r"but the model expects \(64, 32\)"):
+        load_model(source, torch.float32, torch.device("cpu"), 64, shard=ModelShard.of(source.config, 0, 2))
 
 
 def test_dummy_shards_are_the_one_device_dummy_model_cut() -> None:

@@ -20,11 +20,12 @@ class IndivisibleModel(ValueError):
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """A rank's part of a full (unfused) checkpoint tensor: `rows` or `columns` [start, end) of it, written
-    into rows [start, end) of the rank's parameter (`destination`; None: the whole parameter)."""
+    """A rank's part of a full (unfused) checkpoint tensor of `full` rows or columns: [start, end) of them,
+    written into rows `destination` of the rank's parameter (None: the whole parameter)."""
     dim: int | None  # 0: rows, 1: columns, None: the whole tensor
     start: int = 0
     end: int = 0
+    full: int = 0
     destination: tuple[int, int] | None = None
 
     def of(self, tensor):
@@ -32,6 +33,12 @@ class TensorSlice:
         if self.dim is None:
             return tensor[:]
         return tensor[self.start:self.end] if self.dim == 0 else tensor[:, self.start:self.end]
+
+    def full_shape(self, part_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the whole checkpoint tensor whose part has `part_shape`."""
+        if self.dim is None:
+            return part_shape
+        return tuple(self.full if d == self.dim else n for d, n in enumerate(part_shape))
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ModelShard:
     head_dim: int
     first_head: int          # of the model's query heads
     first_kv_head: int
+    model_kv_heads: int
     intermediate_size: int   # MLP width of this rank
     vocab_rows: int          # embedding / LM head rows of every rank, padding included
     vocab_size: int          # the model's
@@ -63,7 +71,7 @@ class ModelShard:
         return cls(rank=rank, size=size, num_heads=num_heads, num_kv_heads=max(kv_heads // size, 1),
                    head_dim=config.head_dim, first_head=rank * num_heads,
                    # the KV head of this rank's first query head (query heads share KV heads in groups)
-                   first_kv_head=rank * num_heads * kv_heads // heads,
+                   first_kv_head=rank * num_heads * kv_heads // heads, model_kv_heads=kv_heads,
                    intermediate_size=config.intermediate_size // size, vocab_rows=-(-config.vocab_size // size),
                    vocab_size=config.vocab_size)
 
@@ -85,20 +93,20 @@ class ModelShard:
         (q, k, v = 0, 1, 2 of qkv_proj; gate, up = 0, 1 of gate_up_proj)."""
         d = self.head_dim
         q, kv = self.num_heads * d, self.num_kv_heads * d
+        all_q, all_kv = q * self.size, self.model_kv_heads * d
         if ".qkv_proj." in parameter:
-            first, rows, offset = [(self.first_head * d, q, 0), (self.first_kv_head * d, kv, q),
-                                   (self.first_kv_head * d, kv, q + kv)][piece]
-            return TensorSlice(0, first, first + rows, (offset, offset + rows))
+            first, rows, full, offset = [(self.first_head * d, q, all_q, 0), (self.first_kv_head * d, kv, all_kv, q),
+                                         (self.first_kv_head * d, kv, all_kv, q + kv)][piece]
+            return TensorSlice(0, first, first + rows, full, (offset, offset + rows))
+        width = self.intermediate_size
         if ".gate_up_proj." in parameter:
-            width = self.intermediate_size
-            first = self.rank * width
-            return TensorSlice(0, first, first + width, (piece * width, (piece + 1) * width))
+            return TensorSlice(0, self.rank * width, (self.rank + 1) * width, width * self.size,
+                               (piece * width, (piece + 1) * width))
         if ".o_proj." in parameter:
-            return TensorSlice(1, self.first_head * d, self.first_head * d + q)
+            return TensorSlice(1, self.first_head * d, self.first_head * d + q, all_q)
         if ".down_proj." in parameter:
-            first = self.rank * self.intermediate_size
-            return TensorSlice(1, first, first + self.intermediate_size)
+            return TensorSlice(1, self.rank * width, (self.rank + 1) * width, width * self.size)
         if parameter.startswith(("embed_tokens.", "lm_head.")):
             rows = self.real_vocab_rows
-            return TensorSlice(0, self.first_token, self.first_token + rows, (0, rows))
+            return TensorSlice(0, self.first_token, self.first_token + rows, self.vocab_size, (0, rows))
         return TensorSlice(None)

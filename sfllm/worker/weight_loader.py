@@ -105,14 +105,11 @@ class _Filling:
         destination = self.params[param_name].data
         if part.destination is not None:
             destination = destination[part.destination[0]:part.destination[1]]
-        values = part.of(tensor)
-        if destination.shape != values.shape:
-            shard = self.model.shard
-            full_shape = tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
-            cut = "" if shard.size == 1 else f", of which rank {shard.rank} of {shard.size} takes {tuple(values.shape)},"
-            raise WeightLoadError(f"{source_name}: checkpoint shape {full_shape}{cut} but the model expects "
-                                  f"{tuple(destination.shape)}")
-        destination.copy_(values)
+        full_shape = tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+        expected = part.full_shape(tuple(destination.shape))
+        if full_shape != expected:
+            raise WeightLoadError(f"{source_name}: checkpoint shape {full_shape} but the model expects {expected}")
+        destination.copy_(part.of(tensor))
         self.unwritten[param_name] -= destination.numel()
 
     def missing(self) -> list[str]:
