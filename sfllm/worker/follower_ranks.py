@@ -68,6 +68,8 @@ class FollowerRanks:
             sock.setsockopt(zmq.SNDTIMEO, int(STEP_TIMEOUT_S * 1000))
             sock.bind(address)
             self._sockets.append(sock)
+            # die_with_parent: the kernel signals a rank when the thread that started it ends (rank 0 starts them
+            # from the thread that builds the worker: the worker process's main thread, or the LLM's creator)
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "sfllm", "worker", "--config", str(config_path), "--worker-address", address,
                  "--tensor-parallel-rank", str(rank), "--rendezvous", str(self.rendezvous)],
@@ -129,7 +131,7 @@ class FollowerRanks:
     def _find_failure(self) -> str | None:
         for rank, process in enumerate(self.processes, 1):
             code = process.poll()
-            if code is not None:
+            if code:  # 0: it took a Shutdown, which rank 0 relays when it stops too
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 return f"tensor-parallel rank {rank} (pid {process.pid}) {how}"
         age = self._unfinished_step_age()

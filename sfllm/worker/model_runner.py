@@ -143,6 +143,7 @@ class ModelRunner:
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
                                     f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
         logger.info("memory layout%s:\n%s", rank, self.plan.layout())
+        self.group.wait_for_all("ready")  # no rank's first step waits in a collective for another's last allocation
 
     # ---- steps --------------------------------------------------------------------------
 
