@@ -136,7 +136,7 @@ class CausalLM(nn.Module):
         """float32 logits [N, vocab] of hidden states [N, hidden]; or, in the model's dtype, into `out`
         [N, shard.padded_vocab_size], of which the result is a view."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if self.group.size == 1 and out is not None:
-            return torch.matmul(hidden, weight.t(), out=out)
+        if self.group.size == 1:
+            return F.linear(hidden, weight).float() if out is None else torch.matmul(hidden, weight.t(), out=out)
         logits = self.group.gather_columns(F.linear(hidden, weight), out)[:, :self.config.vocab_size]
-        return logits if out is not None else logits.float()
+        return logits.float() if out is None else logits

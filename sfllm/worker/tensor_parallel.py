@@ -53,9 +53,7 @@ class TensorParallelGroup:
         return x
 
     def gather_columns(self, local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, size * C] from every rank's [B, C], rank after rank (into `out` when given)."""
-        if self.size == 1:
-            return local if out is None else out.copy_(local)
+        """[B, size * C] from every rank's [B, C], rank after rank (into `out` when given); a group of two or more."""
         rows, columns = local.shape
         gathered = torch.empty(self.size * rows, columns, dtype=local.dtype, device=local.device)
         _all_gather_into(gathered, local.contiguous())
