@@ -1,12 +1,17 @@
-"""The worker in the caller's process: what the offline LLM API drives."""
+"""The worker in the caller's process: what the offline LLM API drives (with tensor parallelism, rank 0,
+the other ranks in processes of their own)."""
 from __future__ import annotations
 
 import os
+import weakref
 
 from sfllm.config import EngineConfig
-from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, WorkerReady
+from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, MessageCodec, SchedulerToWorker, WorkerReady
 from sfllm.model_source import ModelSource
+from sfllm.worker.follower_ranks import FollowerRanks, RankFailed, start_rank_zero
 from sfllm.worker.model_runner import ModelRunner
+
+LOST_RANK_WAIT_S = 1.0
 
 
 def worker_ready(runner: ModelRunner) -> WorkerReady:
@@ -19,11 +24,30 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
 
 class InProcessWorker:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.runner = ModelRunner(config, source)
+        self.runner, self.followers = start_rank_zero(config, source)
         self.info = worker_ready(self.runner)
+        self._codec = MessageCodec(SchedulerToWorker)
+        # the other ranks stop with this object, or at the interpreter's exit
+        self.close = weakref.finalize(self, _stop, self.followers)
 
     def submit(self, batch: ForwardBatch) -> None:
-        self.runner.execute(batch)
+        if self.followers is None:
+            self.runner.execute(batch)
+            return
+        self.followers.check()
+        self.followers.relay(self._codec.encode(batch))
+        try:
+            self.runner.execute(batch)
+        except RuntimeError as error:
+            lost = self.followers.lost_rank(LOST_RANK_WAIT_S)
+            if lost is None:
+                raise
+            raise RankFailed(lost) from error
 
     def collect(self) -> ForwardResult:
         return self.runner.next_result(wait=True)
+
+
+def _stop(followers: FollowerRanks | None) -> None:
+    if followers is not None:
+        followers.close()

@@ -22,7 +22,7 @@ class PendingStep:
         the eager sampler drew rows `sampler_rows` of them, with `logprob_counts` each (None: no logprobs)."""
         self.step_id = step_id
         self.sampled_slots = sampled_slots
-        self._started = started
+        self.started = started
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
         self._result: ForwardResult | None = None
@@ -64,5 +64,5 @@ class PendingStep:
                                                                             top_logprobs[index, :count].tolist())]
                     logprobs[row] = SampledLogprobs(float(chosen[index]), top)
         return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
-                             forward_time_s=time.perf_counter() - self._started,
+                             forward_time_s=time.perf_counter() - self.started,
                              gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])
