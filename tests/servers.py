@@ -127,6 +127,16 @@ def watch_health(server: LaunchedServer, stop: threading.Event) -> list[int | st
     return statuses
 
 
+def assert_health_stays_down(statuses: list[int | str]) -> None:
+    """From the first /health answer after a fault that is not 200 on (a 503, or no answer once the replica
+    stops), none is 200: the replica never looks healthy again. Whether a 503 comes before the frontends stop
+    is a race with launch's exit; a stalled engine shows the 503 itself (test_ops_server.py)."""
+    failures = [index for index, status in enumerate(statuses) if status != 200]
+    assert failures and 200 not in statuses[failures[0]:], statuses
+    down = (503, "ConnectError", "ReadError", "RemoteProtocolError")
+    assert all(status in down for status in statuses[failures[0]:]), statuses
+
+
 @dataclass
 class RankFault:
     """What followed a signal to tensor-parallel rank 1 of a launched server in the middle of a stream."""

@@ -26,7 +26,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
-from servers import LaunchedServer, alive, free_port, process_tree, watch_health
+from servers import (LaunchedServer, alive, assert_health_stays_down, free_port, process_tree,
+                     watch_health)
 from test_ops_frontend import PRIORITY_HEADERS, REQUESTS, check_answer
 
 pytestmark = pytest.mark.slow
@@ -403,11 +404,11 @@ def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
     assert code != 0, "launch exits non-zero when its worker dies"
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "every process of the replica to exit")
     assert not list(b.run_dir.glob("*.sock")), "no socket left behind"
-    assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
+    assert_health_stays_down(statuses)
     assert replies and all(reply.status_code == 200 for reply in replies), [r.status_code for r in replies]
 
 
-def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_nothing(c: LaunchedServer) -> None:
+def test_a_stalled_engine_turns_health_503_and_a_killed_one_ends_launch_non_zero_leaving_nothing(c: LaunchedServer) -> None:
     tree = process_tree(c.process.pid)
     engine = role_pids(c)["engine"]
     threads, results = start_streams(c.url, 2, {"prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "ignore_eos": True,
@@ -415,6 +416,16 @@ def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_noth
     stop = threading.Event()
     statuses = watch_health(c, stop)
     wait_for(lambda: 200 in statuses, 60, "a health check before the kill")
+    # A stalled engine first: its stats go stale and /health turns 503, the streams wait, and /health is
+    # 200 again once the engine runs on.
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        wait_for(lambda: 503 in statuses, 30, "/health to turn 503 while the engine is stopped")
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    wait_for(lambda: 200 in statuses[statuses.index(503):], 30, "/health to be 200 again")
+    assert all(thread.is_alive() for thread in threads), "the streams outlived the stall"
+    killed_at = len(statuses)
     os.kill(engine, signal.SIGKILL)
     try:
         assert c.process.wait(60) != 0
@@ -425,7 +436,7 @@ def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_noth
     for result in results:
         events = sse_data(result["lines"])
         assert "error" in result or events[-2]["error"]["code"] == "engine_unavailable", events[-2:]
-    assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
+    assert_health_stays_down(statuses[killed_at:])
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "the worker and the frontend to exit too")
 
 
