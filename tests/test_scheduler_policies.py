@@ -19,7 +19,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
-from sfllm.scheduler.engine_core import EngineCore
+from sfllm.scheduler.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
@@ -419,6 +419,30 @@ def test_running_requests_short_of_blocks_preempt_the_newest_lowest_class() -> N
     step_once(scheduler, worker)
     step_once(scheduler, worker)
     assert running_ids(scheduler) == ["n_old", "n_new"] and [r.request_id for r in scheduler.waiting] == ["b"]
+
+
+# ---- the step pipeline ------------------------------------------------------------------------
+
+def test_server_sends_the_next_step_just_before_a_long_step_ends() -> None:
+    scheduler, worker, clock = make_scheduler()
+    core = EngineCore(scheduler.config, worker, clock=clock)
+    core.scheduler = scheduler
+    add(scheduler, "b", prompt_of(5), max_tokens=50, priority="background")
+    assert core.submit_due() and core.submit_due(), "no step measured yet: two in flight"
+    clock.now = 1.0
+    core.complete(worker.collect())
+    assert not core.submit_due(), "steps take 1 s: the next goes in when the running one is about to end"
+    clock.now = 1.5
+    add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=1.5)
+    assert core.seconds_until_due() == pytest.approx(0.5 - SEND_AHEAD_S)
+    clock.now = 2.0 - SEND_AHEAD_S
+    assert core.submit_due()
+    assert scheduler.requests["h"].slot in worker.batches[2].slots, "h is in the step after the one it arrived in"
+    clock.now = 2.0
+    core.complete(worker.collect())
+    clock.now = 2.01
+    core.complete(worker.collect())
+    assert core.submit_due() and core.submit_due() and core.num_in_flight == 2, "a 10 ms step: two in flight"
 
 
 # ---- chunked prefill and length buckets -------------------------------------------------------
