@@ -400,6 +400,22 @@ def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -
     assert step_tokens(scheduler, worker) == {"b1": 1, "b2": 1}, "b2 takes h's slot back with a decode"
 
 
+def test_paused_requests_give_their_blocks_to_high_priority_that_lacks_them() -> None:
+    # 8 blocks of 4 tokens, one slot: b is paused for h1 with its 3 blocks, and h2 needs 6
+    scheduler, worker, _ = make_scheduler(num_blocks=8, max_running_requests=1, max_context_length=32)
+    add(scheduler, "b", prompt_of(12), max_tokens=4, priority="background", arrival=1.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    add(scheduler, "h1", prompt_of(3, 100), max_tokens=2, priority="high", arrival=2.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert scheduler.requests["b"].is_paused
+    add(scheduler, "h2", prompt_of(22, 200), max_tokens=2, priority="high", arrival=3.0)
+    for _ in range(40):
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs == {"b": expected_tokens(prompt_of(12), 4), "h1": expected_tokens(prompt_of(3, 100), 2),
+                       "h2": expected_tokens(prompt_of(22, 200), 2)}
+    assert_all_free(scheduler)
+
+
 def test_high_arrival_waits_when_only_high_work_runs() -> None:
     scheduler, worker, _ = make_scheduler(num_blocks=10, max_context_length=40)
     for i in range(3):

@@ -178,6 +178,7 @@ class Scheduler:
     def _reserve_blocks(self, request: Request, num_new: int, scheduled: set[int], step: _StepBuilder) -> bool:
         """Allocates the request's new blocks, preempting unscheduled lower requests if needed."""
         needed = self._blocks_needed(request, num_new)
+        self._release_paused_blocks(needed)
         while needed > self.allocator.num_free:
             victim = choose_victim([r for r in self.running if id(r) not in scheduled])  # includes `request`
             self._preempt(victim, step)
@@ -195,11 +196,21 @@ class Scheduler:
             slots_needed += 1
             first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
             blocks_needed += self._blocks_needed(request, first_chunk)
+            self._release_paused_blocks(blocks_needed)
             while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
                 victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
                 self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
+
+    def _release_paused_blocks(self, needed: int) -> None:
+        """Releases paused requests' KV, the lowest class and newest first, until `needed` blocks are free:
+        running work and high priority come before a paused request's KV, which it will recompute."""
+        while needed > self.allocator.num_free:
+            victim = choose_victim(r for r in self.waiting if r.is_paused)
+            if victim is None:
+                return
+            self._release_blocks(victim)
 
     def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
         for request in self.waiting.candidates(now, len(self._free_slots)):
