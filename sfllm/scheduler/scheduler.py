@@ -128,8 +128,8 @@ class Scheduler:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         self._make_room_for_high_priority(now, step)
-        # Until high priority has its first token, other requests (aged ones too) only decode: their
-        # prefill chunks would make the steps that high priority waits for, and its own, longer.
+        # Until high priority has its first token, its steps are its own: other requests (aged ones
+        # too) sit out, so that its prefill step is as short as the request alone.
         high_first = (any(r.priority == "high" for r in self.waiting)
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
@@ -137,7 +137,7 @@ class Scheduler:
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
-            if high_first and request.is_prefilling and request.priority != "high":
+            if high_first and request.priority != "high":
                 continue
             num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
@@ -218,7 +218,7 @@ class Scheduler:
                 break
             if request.num_pending_samples:
                 continue  # preempted with a step in flight: its tokens must come back first
-            if high_first and request.is_prefilling and request.priority != "high":
+            if high_first and request.priority != "high":
                 continue
             admitted = self._admit(request, step)
             if not admitted and self.config.schedule_policy == "fcfs":
