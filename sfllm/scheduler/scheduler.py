@@ -1,7 +1,9 @@
 """Decides each step's batch and turns the worker's tokens into request outputs.
 
 A step holds, within the token budget: decodes and prefill chunks of running requests
-(high priority first), then newly admitted requests. The scheduler may send step N+1
+(high priority first), then newly admitted requests; until a high-priority request has its
+first token, only high-priority work. A request preempted for its slot alone is paused: it
+keeps its KV blocks and resumes with a decode. The scheduler may send step N+1
 before step N's tokens are back: a decode whose input token is still in flight is sent
 as -1 and the worker substitutes the token it sampled last for that slot.
 """
