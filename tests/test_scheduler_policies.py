@@ -19,7 +19,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
-from sfllm.scheduler.engine_core import EngineCore
+from sfllm.scheduler.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
@@ -395,9 +395,25 @@ def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -
     step_tokens(scheduler, worker)
     clock.now = 11.0  # b3 is aged, but waits behind running background work
     add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
-    assert step_tokens(scheduler, worker) == {"b1": 1, "h": 5}
+    assert step_tokens(scheduler, worker) == {"h": 5}
     assert scheduler.requests["b2"].is_paused and scheduler.waiting.is_aged(scheduler.requests["b3"], clock.now)
     assert step_tokens(scheduler, worker) == {"b1": 1, "b2": 1}, "b2 takes h's slot back with a decode"
+
+
+def test_paused_requests_give_their_blocks_to_high_priority_that_lacks_them() -> None:
+    # 8 blocks of 4 tokens, one slot: b is paused for h1 with its 3 blocks, and h2 needs 6
+    scheduler, worker, _ = make_scheduler(num_blocks=8, max_running_requests=1, max_context_length=32)
+    add(scheduler, "b", prompt_of(12), max_tokens=4, priority="background", arrival=1.0)
+    outputs = collect_outputs(step_once(scheduler, worker)[1])
+    add(scheduler, "h1", prompt_of(3, 100), max_tokens=2, priority="high", arrival=2.0)
+    collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert scheduler.requests["b"].is_paused
+    add(scheduler, "h2", prompt_of(22, 200), max_tokens=2, priority="high", arrival=3.0)
+    for _ in range(40):
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert outputs == {"b": expected_tokens(prompt_of(12), 4), "h1": expected_tokens(prompt_of(3, 100), 2),
+                       "h2": expected_tokens(prompt_of(22, 200), 2)}
+    assert_all_free(scheduler)
 
 
 def test_high_arrival_waits_when_only_high_work_runs() -> None:
@@ -419,6 +435,30 @@ def test_running_requests_short_of_blocks_preempt_the_newest_lowest_class() -> N
     step_once(scheduler, worker)
     step_once(scheduler, worker)
     assert running_ids(scheduler) == ["n_old", "n_new"] and [r.request_id for r in scheduler.waiting] == ["b"]
+
+
+# ---- the step pipeline ------------------------------------------------------------------------
+
+def test_server_sends_the_next_step_just_before_a_long_step_ends() -> None:
+    scheduler, worker, clock = make_scheduler()
+    core = EngineCore(scheduler.config, worker, clock=clock)
+    core.scheduler = scheduler
+    add(scheduler, "b", prompt_of(5), max_tokens=50, priority="background")
+    assert core.submit_due() and core.submit_due(), "no step measured yet: two in flight"
+    clock.now = 1.0
+    core.complete(worker.collect())
+    assert not core.submit_due(), "steps take 1 s: the next goes in when the running one is about to end"
+    clock.now = 1.5
+    add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=1.5)
+    assert core.seconds_until_due() == pytest.approx(0.5 - SEND_AHEAD_S)
+    clock.now = 2.0 - SEND_AHEAD_S
+    assert core.submit_due()
+    assert scheduler.requests["h"].slot in worker.batches[2].slots, "h is in the step after the one it arrived in"
+    clock.now = 2.0
+    core.complete(worker.collect())
+    clock.now = 2.01
+    core.complete(worker.collect())
+    assert core.submit_due() and core.submit_due() and core.num_in_flight == 2, "a 10 ms step: two in flight"
 
 
 # ---- chunked prefill and length buckets -------------------------------------------------------
@@ -447,7 +487,7 @@ def step_tokens(scheduler: Scheduler, worker: FakeWorker) -> dict[str, int]:
     return {by_slot[slot]: n for slot, n in zip(step.batch.slots, step.batch.num_new_tokens)}
 
 
-def test_lower_class_prefill_sits_out_until_high_priority_has_its_first_token() -> None:
+def test_other_requests_sit_out_until_high_priority_has_its_first_token() -> None:
     scheduler, worker, _ = make_scheduler(max_running_tokens=16, max_running_requests=4, max_context_length=128)
     add(scheduler, "d", prompt_of(3), max_tokens=20, arrival=1.0)
     add(scheduler, "n", prompt_of(60, 100), max_tokens=2, arrival=2.0)
@@ -455,8 +495,7 @@ def test_lower_class_prefill_sits_out_until_high_priority_has_its_first_token() 
     add(scheduler, "h", prompt_of(40, 300), max_tokens=5, priority="high", arrival=3.0)
     add(scheduler, "late", prompt_of(20, 500), max_tokens=2, arrival=3.5)
     chunks = [step_tokens(scheduler, worker) for _ in range(4)]
-    assert chunks[:3] == [{"d": 1, "h": 15}, {"h": 16}, {"h": 9, "d": 1}], \
-        "while high prefills, it takes the budget first, lower classes only decode, and nothing else is admitted"
+    assert chunks[:3] == [{"h": 16}, {"h": 16}, {"h": 8}], "while high prefills, its steps are its own"
     assert chunks[3] == {"h": 1, "d": 1, "n": 14}, "after its last chunk, lower-class prefill goes on"
 
 

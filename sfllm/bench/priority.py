@@ -34,7 +34,7 @@ class ProbeSeries:
 
     name: str
     records: list[RequestRecord] = field(default_factory=list)
-    # background requests in flight when each probe was sent (None for the idle phase)
+    # background requests in flight when each probe was sent (empty for the probes alone)
     flood_in_flight: list[int] = field(default_factory=list)
 
     @property

@@ -2,12 +2,16 @@
 
 With overlap on, step N+1 is sent before step N's tokens are read, so the worker never
 waits for the scheduler; `--disable-overlap` reads every step back before the next.
+The server sends step N+1 only `SEND_AHEAD_S` before step N is due to end (`submit_due`):
+a request that arrives while a long step runs then gets into the next step, not the one
+after it; steps shorter than that are sent at once, as before.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import EngineConfig
@@ -16,6 +20,10 @@ from sfllm.nvtx import nvtx_range
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 logger = logging.getLogger(__name__)
+
+# Enough for the worker to take the next step in and launch it before the device finishes the one
+# it runs (an eager GPU step takes 15-25 ms of host work, docs/performance.md).
+SEND_AHEAD_S = 0.05
 
 
 class WorkerHandle(Protocol):
@@ -27,7 +35,8 @@ class WorkerHandle(Protocol):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: WorkerHandle) -> None:
+    def __init__(self, config: EngineConfig, worker: WorkerHandle,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
         self.worker = worker
         info = worker.info
@@ -35,10 +44,14 @@ class EngineCore:
                                    info.eos_token_ids)
         self.max_in_flight = 1 if config.disable_overlap else 2
         self._in_flight: deque[ScheduledStep] = deque()
+        self._clock = clock
         self.num_steps = 0
         self.last_step_time_s = 0.0
         self.last_batch_size = 0
-        self._last_collect = time.perf_counter()
+        self._last_collect = clock()
+        # when the oldest step in flight started on the worker, and how long the last one took there
+        self._running_since = self._last_collect
+        self._last_step_duration_s = 0.0
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
@@ -62,9 +75,24 @@ class EngineCore:
         if scheduled is None:
             return False
         self.worker.submit(scheduled.batch)
+        if not self._in_flight:
+            self._running_since = self._clock()
         self._in_flight.append(scheduled)
         self.last_batch_size = len(scheduled.batch.slots)
         return True
+
+    def seconds_until_due(self) -> float:
+        """Seconds until the next step should be sent (0 or less: now). Into an empty pipeline at once,
+        else SEND_AHEAD_S before the step in flight is due to end, taken to last as long as the last one."""
+        if not self._in_flight:
+            return 0.0
+        return self._running_since + self._last_step_duration_s - SEND_AHEAD_S - self._clock()
+
+    def submit_due(self) -> bool:
+        """`submit_next`, but a step goes behind the one in flight only once that is about to end."""
+        if self.seconds_until_due() > 0:
+            return False
+        return self.submit_next()
 
     @property
     def num_in_flight(self) -> int:
@@ -75,9 +103,11 @@ class EngineCore:
         scheduled = self._in_flight.popleft()
         if result.step_id != scheduled.batch.step_id:
             raise RuntimeError(f"worker answered step {result.step_id}, expected {scheduled.batch.step_id}")
-        now = time.perf_counter()
+        now = self._clock()
         self.last_step_time_s = now - self._last_collect
         self._last_collect = now
+        self._last_step_duration_s = now - self._running_since
+        self._running_since = now  # the next step in flight, if any, starts now
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)
         if logger.isEnabledFor(logging.DEBUG):

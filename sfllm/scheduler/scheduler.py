@@ -1,7 +1,9 @@
 """Decides each step's batch and turns the worker's tokens into request outputs.
 
 A step holds, within the token budget: decodes and prefill chunks of running requests
-(high priority first), then newly admitted requests. The scheduler may send step N+1
+(high priority first), then newly admitted requests; until a high-priority request has its
+first token, only high-priority work. A request preempted for its slot alone is paused: it
+keeps its KV blocks and resumes with a decode. The scheduler may send step N+1
 before step N's tokens are back: a decode whose input token is still in flight is sent
 as -1 and the worker substitutes the token it sampled last for that slot.
 """
@@ -128,8 +130,8 @@ class Scheduler:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         self._make_room_for_high_priority(now, step)
-        # Until high priority has its first token, other requests (aged ones too) only decode: their
-        # prefill chunks would make the steps that high priority waits for, and its own, longer.
+        # Until high priority has its first token, its steps are its own: other requests (aged ones
+        # too) sit out, so that its prefill step is as short as the request alone.
         high_first = (any(r.priority == "high" for r in self.waiting)
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
@@ -137,7 +139,7 @@ class Scheduler:
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted while this loop made room for another
-            if high_first and request.is_prefilling and request.priority != "high":
+            if high_first and request.priority != "high":
                 continue
             num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
@@ -178,6 +180,7 @@ class Scheduler:
     def _reserve_blocks(self, request: Request, num_new: int, scheduled: set[int], step: _StepBuilder) -> bool:
         """Allocates the request's new blocks, preempting unscheduled lower requests if needed."""
         needed = self._blocks_needed(request, num_new)
+        self._release_paused_blocks(needed)
         while needed > self.allocator.num_free:
             victim = choose_victim([r for r in self.running if id(r) not in scheduled])  # includes `request`
             self._preempt(victim, step)
@@ -195,11 +198,21 @@ class Scheduler:
             slots_needed += 1
             first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
             blocks_needed += self._blocks_needed(request, first_chunk)
+            self._release_paused_blocks(blocks_needed)
             while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
                 victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
                 self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
+
+    def _release_paused_blocks(self, needed: int) -> None:
+        """Releases paused requests' KV, the lowest class and newest first, until `needed` blocks are free:
+        running work and high priority come before a paused request's KV, which it will recompute."""
+        while needed > self.allocator.num_free:
+            victim = choose_victim(r for r in self.waiting if r.is_paused)
+            if victim is None:
+                return
+            self._release_blocks(victim)
 
     def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
         for request in self.waiting.candidates(now, len(self._free_slots)):
@@ -207,7 +220,7 @@ class Scheduler:
                 break
             if request.num_pending_samples:
                 continue  # preempted with a step in flight: its tokens must come back first
-            if high_first and request.is_prefilling and request.priority != "high":
+            if high_first and request.priority != "high":
                 continue
             admitted = self._admit(request, step)
             if not admitted and self.config.schedule_policy == "fcfs":

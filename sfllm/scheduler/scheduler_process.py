@@ -229,11 +229,12 @@ class EngineServer:
         last_check = time.monotonic()
         clock = self.loop_time
         while not self.stopping:
-            while self.core.submit_next():
+            while self.core.submit_due():
                 pass
             clock.lap("scheduling")
             idle = self.core.num_in_flight == 0
-            events = dict(poller.poll(timeout=50 if idle else 1000))
+            due_ms = 1000 * self.core.seconds_until_due()
+            events = dict(poller.poll(timeout=50 if idle else (1 + int(due_ms) if due_ms > 0 else 1000)))
             clock.lap("idle" if idle else "waiting for the worker")
             if self.sock in events:
                 self._drain_frontends()
