@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from sfllm.config import EngineConfig
-from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, WorkerReady
+from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GrammarMask, WorkerReady
 from sfllm.model_source import ModelSource
 from sfllm.worker.model_runner import ModelRunner
 
@@ -14,7 +14,7 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
                        max_context_length=runner.max_context_length,
                        eos_token_ids=list(runner.source.config.eos_token_ids),
                        num_kv_blocks=runner.kv_cache.num_blocks, num_cpu_kv_blocks=runner.num_cpu_blocks,
-                       block_size=runner.block_size, pid=os.getpid())
+                       block_size=runner.block_size, vocab_size=runner.source.config.vocab_size, pid=os.getpid())
 
 
 class InProcessWorker:
@@ -24,6 +24,9 @@ class InProcessWorker:
 
     def submit(self, batch: ForwardBatch) -> None:
         self.runner.execute(batch)
+
+    def send_grammar_mask(self, mask: GrammarMask) -> None:
+        self.runner.apply_grammar_mask(mask)
 
     def collect(self) -> ForwardResult:
         return self.runner.next_result(wait=True)
