@@ -42,6 +42,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # with SamplingParams.prompt_logprobs: of prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[SampledLogprobs] | None = None
 
 
 @dataclass
@@ -116,6 +118,8 @@ class LLM:
                     raise GenerationError(out.error)
                 delta = entry.decoder.decode(out)
                 result, output = entry.result, entry.output
+                if delta.prompt_logprobs is not None:
+                    result.prompt_logprobs = delta.prompt_logprobs
                 output.text += delta.text
                 output.token_ids += delta.token_ids
                 if output.logprobs is not None:
