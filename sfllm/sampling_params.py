@@ -101,10 +101,17 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("logit_bias", all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for bias in self.logit_bias.values()),
              f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
-        if vocab_size is not None:
-            outside = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
-            checks.append(("logit_bias", outside is None,
-                           f"logit_bias holds token id {outside}, outside the vocabulary [0, {vocab_size})"))
         for param, ok, message in checks:
             if not ok:
                 raise InvalidSamplingParams(param, message)
+        if vocab_size is not None:
+            self.check_vocabulary(vocab_size)
+        if self.structured_output is not None:
+            from sfllm.structured_output import grammar_of  # llguidance: only where grammars are used
+            grammar_of(self.structured_output)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        outside = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
+        if outside is not None:
+            raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "
+                                                      f"[0, {vocab_size})")

@@ -13,7 +13,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
-from sfllm.structured_output import grammar_of
 
 Priority = Literal["high", "normal", "background"]
 MAX_LOGPROBS = 20
@@ -151,8 +150,6 @@ class GenerationRequest(RequestBody):
             logit_bias=self.token_logit_bias(),
         )
         params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
-        if params.structured_output is not None:
-            grammar_of(params.structured_output)  # a bad schema is the client's 400, before the engine sees it
         return params
 
 

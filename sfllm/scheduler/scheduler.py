@@ -119,7 +119,8 @@ class Scheduler:
         if message.priority not in PRIORITY_RANK:
             return _error(message.request_id, f"priority must be one of {', '.join(PRIORITY_RANK)}", 400)
         try:
-            message.params.validate(vocab_size=self.vocab_size)
+            if self.vocab_size is not None:
+                message.params.check_vocabulary(self.vocab_size)
             matcher = self._matcher(message.params)
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400)
