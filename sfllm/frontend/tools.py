@@ -78,7 +78,7 @@ def _arguments(message_index: int, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidRequestError(f"messages[{message_index}]: a tool call's arguments are not JSON: {error}",
-                                  param="messages") from None
+                                  param=f"messages[{message_index}]") from None
 
 
 def _template_message(index: int, message: ChatMessage, template_takes_tools: bool) -> dict[str, Any]:
