@@ -19,12 +19,12 @@ from sfllm.frontend.logprobs_format import chat_logprobs, prompt_logprobs_by_tok
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                             ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                                            ChatToolCall, FunctionCall, FunctionCallDelta, PromptLogprobs,
-                                            ToolCallChunk)
+                                            PromptLogprobs)
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import ToolCallDelta, ToolCallParser
+from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
 from sfllm.frontend.tools import ChatTools
 
 

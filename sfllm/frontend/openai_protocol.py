@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolCallChunk, ToolChoice
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
 
 Priority = Literal["high", "normal", "background"]
@@ -19,10 +20,6 @@ MAX_LOGPROBS = 20
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
 MAX_TOKEN_INT = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class RequestBody(StrictModel):
@@ -197,41 +194,6 @@ class ChatTextPart(StrictModel):
     text: str
 
 
-class FunctionDefinition(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ChatTool(StrictModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(StrictModel):
-    name: str
-
-
-class NamedToolChoice(StrictModel):
-    type: Literal["function"]
-    function: FunctionName
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-class FunctionCall(StrictModel):
-    name: str
-    arguments: str  # JSON text
-
-
-class ChatToolCall(StrictModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatTextPart] | None = None
@@ -372,27 +334,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-
-
-class FunctionCallDelta(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_fields(self, handler: Any) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
-
-
-class ToolCallChunk(BaseModel):
-    """A piece of a streamed tool call: id, type and name in its first chunk, then arguments."""
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCallDelta
-
-    @model_serializer(mode="wrap")
-    def _without_absent_fields(self, handler: Any) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatDelta(BaseModel):

@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from sfllm.frontend.errors import InvalidRequestError
-from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage, ChatTool, NamedToolChoice
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
+from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
 from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG
 from sfllm.sampling_params import StructuredOutput
 from sfllm.structured_output import JSON_LAYOUT, grammar_of

@@ -444,6 +444,8 @@ class Scheduler:
                 outputs.append(failed)
                 continue
             reason = self.stop_checker.finish_reason(request, token)
+            if reason is None and request.matcher is not None and request.matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
             logprobs = [result.logprobs[row]] if request.params.logprobs is not None else None
             output = self._finish(request, reason) if reason is not None else RequestOutput(
                 request_id=request.request_id, token_ids=[], num_prompt_tokens=len(request.prompt_token_ids),
