@@ -2,6 +2,8 @@
 bitmask of the rows the eager sampler draws (sfllm.worker.sampler applies it)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -26,9 +28,15 @@ def grammar_bitmask(packed: bytes, grammar_rows: list[int], drawn_rows: list[int
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """`logits` [B, V] with -inf where the bit of the token is clear."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    # bytes of little-endian words, each looked up as its 8 bits: half the time of shifting every word 32 ways
+    allowed = _byte_bits(bitmask.device)[bitmask.view(torch.uint8).long()].flatten(1)
     vocab = logits.shape[1]
     if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary: never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+    return torch.where(allowed[:, :vocab], logits, float("-inf"))
+
+
+@functools.cache
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte value b."""
+    return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
