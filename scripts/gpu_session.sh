@@ -13,7 +13,9 @@
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
 # structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
-# throughput ratio and the grammar masks' time per step).
+# throughput ratio and the grammar masks' time per step),
+# tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
+# and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -74,7 +76,7 @@ for stage in "$@"; do
     # the last level is the burst of 600 requests at concurrency 200.
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
       $SERVE_FLAGS >"$OUT/server$SERVE_TAG.log" 2>&1 &
-    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    for i in $(seq 1 300); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
     python3 scripts/process_cpu_sampler.py >"$OUT/serve$SERVE_TAG-cpu.log" 2>&1 &
     sampler=$!
     timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency ${LEVELS:-1,10,50,200} \
@@ -167,6 +169,26 @@ PY
         --structured-output $so --output-file "$OUT/structured-$so.json" >"$OUT/structured-$so.log" 2>&1
       echo "structured $so: exit $?"; grep -E "wall time|grammar masks" "$OUT/structured-$so.log"
     done ;;
+  tp)
+    timeout 500 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_tensor_parallel_gpu.py -q -rs \
+      -p no:cacheprovider -o addopts="" \
+      >"$OUT/tp-tests.log" 2>&1
+    echo "tp tests: exit $?"; tail -3 "$OUT/tp-tests.log"
+    for tp in 1 2; do
+      # batch-1 TPOT, served (the serve stage at concurrency 1 only)
+      LEVELS=1 REQUESTS=64 SERVE_TAG=-8b-tp$tp SERVE_FLAGS="--model qwen3-8b --tensor-parallel-size $tp" \
+        bash "$0" serve
+      timeout 300 $BENCH --model qwen3-8b --tensor-parallel-size $tp --output-file "$OUT/tp$tp-8b-standard.json" \
+        >"$OUT/tp$tp-8b-standard.log" 2>&1
+      echo "qwen3-8b tp $tp standard workload: exit $? $(grep -E '^wall|roofline' "$OUT/tp$tp-8b-standard.log" | tr '\n' ' ')"
+    done
+    # the all-reduce's share of a batch-1 decode step: its NCCL kernels in the kernel list
+    timeout 200 $BENCH --model qwen3-8b --tensor-parallel-size 2 --num-requests 1 --input-len 512 --output-len 256 \
+      --profile-steps 50 --profile-skip-steps 100 --profile-dir /tmp/prof-tp >"$OUT/tp2-8b-profile.log" 2>&1
+    echo "qwen3-8b tp 2 batch-1 decode profile: exit $?"; grep -A14 "^profiled" "$OUT/tp2-8b-profile.log"
+    timeout 600 $BENCH --model qwen3-32b --tensor-parallel-size 2 --output-file "$OUT/tp2-32b-standard.json" \
+      >"$OUT/tp2-32b-standard.log" 2>&1
+    echo "qwen3-32b tp 2 standard workload: exit $? $(grep -E '^wall|roofline' "$OUT/tp2-32b-standard.log" | tr '\n' ' ')" ;;
   large)
     for model in qwen3-4b qwen3-8b; do
       timeout 200 $BENCH --model $model --output-file "$OUT/offline-$model.json" >"$OUT/offline-$model.log" 2>&1

@@ -60,9 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         return _bench(rest)
     if command == "worker":
-        parser = _config_parser("sfllm worker", "the GPU worker (started by the engine)")
+        parser = _config_parser("sfllm worker", "the GPU worker (started by the engine; with tensor parallelism "
+                                                "its rank 0, which starts the other ranks)")
         parser.add_argument("--worker-address", required=True)
+        parser.add_argument("--tensor-parallel-rank", type=int, default=0)
+        parser.add_argument("--rendezvous", type=Path, help="the tensor-parallel group's meeting file (ranks 1..N-1)")
         args, config = _load(parser, rest)
+        if args.tensor_parallel_rank:
+            setup_logging(config.log_level, f"worker rank {args.tensor_parallel_rank}")
+            from sfllm.worker.follower_process import run_follower
+            return run_follower(config, args.worker_address, args.tensor_parallel_rank, args.rendezvous)
         setup_logging(config.log_level, "worker")
         from sfllm.worker.worker_process import run_worker
         return run_worker(config, args.worker_address)

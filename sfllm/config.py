@@ -30,6 +30,8 @@ class EngineConfig:
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | float16 | bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "GPUs one model is split over (tensor parallelism: one worker process per GPU, NCCL; gloo on CPU)"})
     cache_dir: str = field(default="~/.cache/sfllm", metadata={"help": "converted-model cache"})
     seed: int = field(default=0, metadata={"help": "seed of dummy weights and unseeded sampling"})
 
@@ -92,7 +94,7 @@ class EngineConfig:
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
                     "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads",
-                    "frontend_processes", "cuda_graph_max_bs")
+                    "frontend_processes", "cuda_graph_max_bs", "tensor_parallel_size")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -1,4 +1,5 @@
-"""ZeroMQ plumbing shared by the processes: addresses, run-directory ownership, orphan safety."""
+"""ZeroMQ plumbing shared by the processes: addresses, run-directory ownership, orphan safety, the
+environment of worker processes."""
 from __future__ import annotations
 
 import ctypes
@@ -77,3 +78,14 @@ def die_with_parent() -> None:
     """For subprocess preexec_fn: the kernel sends SIGTERM to this child if its parent dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment for a worker process (every tensor-parallel rank): this one's, less SFLLM_* (a worker
+    reads its resolved config file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+    # On a CPU device the worker's OpenMP threads use every core. Idle ones spin only briefly before they
+    # sleep: with libgomp's default (300k spins) a second server on the machine stalled this one's steps
+    # for seconds; always sleeping (OMP_WAIT_POLICY=PASSIVE) cost ~20% of throughput (docs/performance.md).
+    env.setdefault("GOMP_SPINCOUNT", "10000")
+    return env

@@ -6,7 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -105,3 +107,64 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def watch_health(server: LaunchedServer, stop: threading.Event) -> list[int | str]:
+    """Polls /health until `stop` or the server exited; the statuses, or the names of the errors."""
+    statuses: list[int | str] = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
+            except httpx.HTTPError as error:
+                statuses.append(type(error).__name__)
+                if server.process.poll() is not None:
+                    return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return statuses
+
+
+@dataclass
+class RankFault:
+    """What followed a signal to tensor-parallel rank 1 of a launched server in the middle of a stream."""
+    rank_pid: int
+    exit_code: int
+    seconds_to_exit: float
+    stream_events: list[str]   # the stream's SSE lines, until it ended or broke
+    health: list[int | str]    # /health statuses from the signal on
+    tree: list[int]            # the server's processes before the signal
+
+
+def fault_rank_mid_stream(server: LaunchedServer, fault: signal.Signals, body: dict, events_before: int,
+                          wait_s: float) -> RankFault:
+    """Streams `body` from /v1/completions, sends `fault` to rank 1 once `events_before` events came, and waits up
+    to `wait_s` for launch to exit."""
+    tree = process_tree(server.process.pid)
+    rank = next(pid for pid in tree if b"--tensor-parallel-rank" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    events: list[str] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"stream": True},
+                              timeout=120) as response:
+                events.extend(line for line in response.iter_lines() if line)
+        except httpx.HTTPError:
+            pass  # the connection breaks when the frontend stops
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    deadline = time.monotonic() + 120
+    while len(events) < events_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop = threading.Event()
+    health = watch_health(server, stop)
+    os.kill(rank, fault)
+    signalled = time.monotonic()
+    code = server.process.wait(wait_s)
+    seconds = time.monotonic() - signalled
+    stop.set()
+    streaming.join(60)
+    return RankFault(rank, code, seconds, events, health, tree)

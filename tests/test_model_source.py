@@ -210,6 +210,7 @@ PRESETS = {  # hidden, intermediate, layers, heads, tied
     "qwen3-1.7b": (2048, 6144, 28, 16, True),
     "qwen3-4b": (2560, 9728, 36, 32, True),
     "qwen3-8b": (4096, 12288, 36, 32, False),
+    "qwen3-32b": (5120, 25600, 64, 64, False),
 }
 
 

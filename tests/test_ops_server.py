@@ -26,7 +26,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
-from servers import LaunchedServer, alive, free_port, process_tree
+from servers import LaunchedServer, alive, free_port, process_tree, watch_health
 from test_ops_frontend import PRIORITY_HEADERS, REQUESTS, check_answer
 
 pytestmark = pytest.mark.slow
@@ -405,24 +405,6 @@ def test_nginx_balances_streams_and_routes_around_a_replica_whose_worker_died(
     assert not list(b.run_dir.glob("*.sock")), "no socket left behind"
     assert 503 in statuses and 200 not in statuses[statuses.index(503):], statuses
     assert replies and all(reply.status_code == 200 for reply in replies), [r.status_code for r in replies]
-
-
-def watch_health(server: LaunchedServer, stop: threading.Event) -> list[int | str]:
-    """Polls /health until `stop` or the server exited; the statuses, or the names of the errors."""
-    statuses: list[int | str] = []
-
-    def watch() -> None:
-        while not stop.is_set():
-            try:
-                statuses.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
-            except httpx.HTTPError as error:
-                statuses.append(type(error).__name__)
-                if server.process.poll() is not None:
-                    return
-            time.sleep(0.02)
-
-    threading.Thread(target=watch, daemon=True).start()
-    return statuses
 
 
 def test_a_killed_engine_turns_health_503_and_launch_exits_non_zero_leaving_nothing(c: LaunchedServer) -> None:

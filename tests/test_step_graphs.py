@@ -5,8 +5,6 @@ GPU suite (tests/gpu) checks the captured graphs themselves."""
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
+from tiny_models import write_tiny_qwen3  # noqa: E402
+
 from sfllm.config import EngineConfig  # noqa: E402
 from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
 from sfllm.model_source import resolve_model  # noqa: E402
@@ -31,18 +31,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> ModelRunner:
-    import transformers
-
-    from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
-    folder = tmp_path_factory.mktemp("tiny-qwen3")
-    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
-    for file in dummy_tokenizer_folder(Path(folder) / "tokenizer-cache").iterdir():
-        if file.is_file():
-            shutil.copy(file, folder / file.name)
+    folder = write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), VOCAB, tie_word_embeddings=True)
     engine_config = EngineConfig(model=str(folder), device=DEVICE, dtype="float32", attention_backend="triton",
                                  max_running_requests=8, max_running_tokens=64, max_context_length=128,
                                  num_kv_blocks=64, cache_dir=str(folder / "cache"))
@@ -50,7 +39,7 @@ def runner(tmp_path_factory) -> ModelRunner:
 
 
 def graphs_for(runner: ModelRunner) -> CudaGraphRunner:
-    splits = KVSplits(runner.backend.name, runner.source.config.num_kv_heads, runner.max_context_length, runner.device)
+    splits = KVSplits(runner.backend.name, runner.shard.num_kv_heads, runner.max_context_length, runner.device)
     return CudaGraphRunner(runner.model, runner.backend, runner.block_tables, runner.last_tokens, splits,
                            runner.device, max_decode_batch=8, max_mixed_tokens=64, max_seqs=runner.max_slots, seed=0)
 

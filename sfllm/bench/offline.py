@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = {"--dtype": str, "--device": str, "--max-context-length": int, "--max-running-requests": int,
                 "--max-running-tokens": int, "--attention-backend": str, "--schedule-policy": str,
                 "--cuda-graph-max-bs": int, "--disable-cuda-graph": bool, "--disable-overlap": bool,
-                "--mem-fraction": float}
+                "--mem-fraction": float, "--tensor-parallel-size": int}
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
@@ -190,9 +190,10 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
                            input_tokens, output_tokens, wall, output_tokens / wall, (input_tokens + output_tokens) / wall,
                            steps)
     if runner.device.type == "cuda":
+        # with tensor parallelism, one rank's: each GPU reads its part of the weights and KV cache at once
         c = llm.source.config
         weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * runner.dtype.itemsize
+        kv_per_token = 2 * c.num_layers * runner.shard.num_kv_heads * c.head_dim * runner.dtype.itemsize
         bandwidth = measure_copy_bandwidth(runner.device)
         report.copy_bandwidth_gb_s = bandwidth / 1e9
         report.roofline_s = roofline_seconds(specs, steps, weight_bytes, kv_per_token, bandwidth)

@@ -39,6 +39,7 @@ DUMMY_PRESET_HF_CONFIGS = {
     "qwen3-1.7b": _qwen3_config(2048, 6144, 28, 16, tie_word_embeddings=True),
     "qwen3-4b": _qwen3_config(2560, 9728, 36, 32, tie_word_embeddings=True),
     "qwen3-8b": _qwen3_config(4096, 12288, 36, 32, tie_word_embeddings=False),
+    "qwen3-32b": _qwen3_config(5120, 25600, 64, 64, tie_word_embeddings=False),  # 65 GB in bf16: two cards
 }
 
 

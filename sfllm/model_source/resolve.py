@@ -42,7 +42,7 @@ class ModelSource:
 def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAULT_CACHE_DIR) -> ModelSource:
     """Finds, and for a GGUF converts, the model the user named.
 
-    `model` is a dummy preset name (qwen3-0.6b|1.7b|4b|8b), the bundled "smollm2-135m-instruct",
+    `model` is a dummy preset name (qwen3-0.6b|1.7b|4b|8b|32b), the bundled "smollm2-135m-instruct",
     a .gguf file or a HuggingFace folder. `load_format="dummy"` keeps the config and tokenizer of a
     real model but asks for random weights.
     """
@@ -93,7 +93,7 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
 # The performance guide's model names, run with --load-format dummy as the preset of the same shapes
 # (its "Qwen3-1.8B" is the 1.7B model).
 REPO_ID_PRESETS = {"qwen/qwen3-0.6b": "qwen3-0.6b", "qwen/qwen3-1.7b": "qwen3-1.7b", "qwen/qwen3-1.8b": "qwen3-1.7b",
-                   "qwen/qwen3-4b": "qwen3-4b", "qwen/qwen3-8b": "qwen3-8b"}
+                   "qwen/qwen3-4b": "qwen3-4b", "qwen/qwen3-8b": "qwen3-8b", "qwen/qwen3-32b": "qwen3-32b"}
 
 
 def _looks_like_repo_id(model: str) -> bool:

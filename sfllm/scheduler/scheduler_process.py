@@ -18,7 +18,7 @@ from pathlib import Path
 import zmq
 
 from sfllm.config import EngineConfig, write_child_config
-from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address
+from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, GrammarMask,
@@ -264,13 +264,9 @@ class EngineServer:
 
 
 def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
-    # On a CPU device the worker's OpenMP threads use every core. Idle ones spin only briefly before they
-    # sleep: with libgomp's default (300k spins) a second server on the machine stalled this one's steps
-    # for seconds; always sleeping (OMP_WAIT_POLICY=PASSIVE) cost ~20% of throughput (docs/performance.md).
-    env.setdefault("GOMP_SPINCOUNT", "10000")
+    """The worker (with tensor parallelism its rank 0, which starts the other ranks)."""
     return subprocess.Popen([sys.executable, "-m", "sfllm", "worker", "--config", str(config_path),
-                             "--worker-address", address], env=env, preexec_fn=die_with_parent)
+                             "--worker-address", address], env=worker_environment(), preexec_fn=die_with_parent)
 
 
 def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:

@@ -8,9 +8,10 @@ an eager step's launches). Attention of mixed steps goes by a tile list of fixed
 (kernels.extend_tiles), so no launch grid depends on the batch.
 
 A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
-`last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model and the
-LM head on the sampled rows, samples (argmax or temperature, by `kernels.sample_tokens`, whose noise
-seed is a device counter the graph advances), and writes the tokens back to `last_tokens`. A step then
+`last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model (a
+tensor-parallel rank's all-reduces and logits gather captured with it) and the LM head on the sampled
+rows, samples (argmax or temperature, by `kernels.sample_tokens`, whose noise seed is a device counter
+the graph advances: every rank draws the same tokens), and writes the tokens back to `last_tokens`. A step then
 costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
 temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
 graph leaves behind.
@@ -85,8 +86,10 @@ class CudaGraphRunner:
         self.tensors = {shape: shape.views(self.inputs) for shape in shapes}
         rows = max(s.num_seqs for s in shapes)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
-        # in the model's dtype: the sampling kernel reads them so, and the eager sampler converts the rows it redraws
-        self.logits = torch.zeros(rows, model.config.vocab_size, dtype=model.embed_tokens.weight.dtype, device=device)
+        # in the model's dtype: the sampling kernel reads them so, and the eager sampler converts the rows it redraws;
+        # as wide as the ranks' padded vocabulary, of which the model's is a view
+        self.logits = torch.zeros(rows, model.shard.padded_vocab_size, dtype=model.embed_tokens.weight.dtype,
+                                  device=device)
         # Philox key of the sampling noise: the engine's seed in the high bits, the step count in the low
         self.noise_seed = torch.tensor([(seed & 0x7FFFFFFF) << 32], dtype=torch.int64, device=device)
         self.graphs: dict[StepShape, torch.cuda.CUDAGraph] = {}
@@ -159,4 +162,5 @@ class CudaGraphRunner:
         """Runs the staged step; returns the sampled rows' tokens, logits (in the model's dtype) and slots:
         views of the graphs' buffers that the next step overwrites (use them before it, in stream order)."""
         self.graphs[shape].replay()
-        return self.tokens[:num_sampled], self.logits[:num_sampled], self.tensors[shape].sample_slots[:num_sampled]
+        return (self.tokens[:num_sampled], self.logits[:num_sampled, :self.model.config.vocab_size],
+                self.tensors[shape].sample_slots[:num_sampled])

@@ -1,12 +1,20 @@
-"""The worker in the caller's process: what the offline LLM API drives."""
+"""The worker in the caller's process: what the offline LLM API drives (with tensor parallelism, rank 0,
+the other ranks in processes of their own)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
+import weakref
 
 from sfllm.config import EngineConfig
-from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GrammarMask, WorkerReady
+from sfllm.messages import (PROTOCOL_VERSION, ForwardBatch, ForwardResult, GrammarMask, MessageCodec,
+                            SchedulerToWorker, WorkerReady)
 from sfllm.model_source import ModelSource
+from sfllm.worker.follower_ranks import FollowerRanks, RankFailed, start_rank_zero
 from sfllm.worker.model_runner import ModelRunner
+
+LOST_RANK_WAIT_S = 1.0
 
 
 def worker_ready(runner: ModelRunner) -> WorkerReady:
@@ -19,14 +27,36 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
 
 class InProcessWorker:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.runner = ModelRunner(config, source)
+        self.runner, self.followers = start_rank_zero(config, source)
         self.info = worker_ready(self.runner)
+        self._codec = MessageCodec(SchedulerToWorker)
+        # the other ranks stop with this object, or at the interpreter's exit
+        self.close = weakref.finalize(self, _stop, self.followers)
 
     def submit(self, batch: ForwardBatch) -> None:
-        self.runner.execute(batch)
+        self._on_every_rank(batch, self.runner.execute)
 
     def send_grammar_mask(self, mask: GrammarMask) -> None:
-        self.runner.apply_grammar_mask(mask)
+        self._on_every_rank(mask, self.runner.apply_grammar_mask)
+
+    def _on_every_rank(self, message: ForwardBatch | GrammarMask, run: Callable[[Any], object]) -> None:
+        if self.followers is None:
+            run(message)
+            return
+        self.followers.check()
+        self.followers.relay(self._codec.encode(message))
+        try:
+            run(message)
+        except RuntimeError as error:
+            lost = self.followers.lost_rank(LOST_RANK_WAIT_S)
+            if lost is None:
+                raise
+            raise RankFailed(lost) from error
 
     def collect(self) -> ForwardResult:
         return self.runner.next_result(wait=True)
+
+
+def _stop(followers: FollowerRanks | None) -> None:
+    if followers is not None:
+        followers.close()

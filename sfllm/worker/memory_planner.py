@@ -46,6 +46,15 @@ class MemoryPlan:
     num_cpu_blocks: int = 0     # swap space
     graph_bytes: int | None = None  # measured once the graphs are captured
     graph_note: str = ""
+    kv_note: str = ""
+
+    def agree(self, num_blocks: int, num_cpu_blocks: int) -> None:
+        """Takes the tensor-parallel ranks' common pool, the smallest rank's: a block lives on every rank
+        (each holds its KV heads of it), so every rank must have as many."""
+        if num_blocks < self.num_blocks:
+            self.kv_note = f", the smallest rank's (this one had room for {self.num_blocks})"
+        self.num_blocks = num_blocks
+        self.num_cpu_blocks = num_cpu_blocks
 
     @property
     def kv_bytes(self) -> int:
@@ -61,7 +70,7 @@ class MemoryPlan:
             ("budget (mem_fraction)", self.budget_bytes, ""),
             ("model weights", self.weights_bytes, ""),
             ("KV cache pool", self.kv_bytes, f"{self.num_blocks} blocks x {self.block_size} tokens = "
-                                              f"{self.num_blocks * self.block_size} tokens"),
+                                              f"{self.num_blocks * self.block_size} tokens{self.kv_note}"),
             graphs,
             ("activation buffers", self.activation_bytes, ""),
             ("context and other", self.other_bytes, ""),
@@ -81,10 +90,11 @@ def decode_graph_limit(config: EngineConfig, device: torch.device) -> int:
 
 def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
                 dtype: torch.dtype, max_context_length: int, cuda_graphs: bool) -> MemoryPlan:
-    """The KV pool and swap space for the loaded `model`; on a GPU after a profiling step."""
+    """The KV pool and swap space for the loaded `model` (a tensor-parallel rank's part of it: its KV heads);
+    on a GPU after a profiling step."""
     c = model_config
     block_size = config.block_size
-    block_bytes = KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
+    block_bytes = KVCache.bytes_per_block(c.num_layers, block_size, model.shard.num_kv_heads, c.head_dim, dtype)
     min_blocks = math.ceil(max_context_length / block_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     num_cpu_blocks = int(config.cpu_kv_cache_gib * GIB) // block_bytes if device.type == "cuda" else 0
@@ -120,12 +130,13 @@ def profile_activation_bytes(config: EngineConfig, c: ModelConfig, model: Causal
     num_seqs = min(config.max_running_requests, num_tokens)
     long_tokens = num_tokens - (num_seqs - 1)
     long_blocks = math.ceil(long_tokens / config.block_size)
-    scratch = KVCache(c.num_layers, long_blocks + num_seqs, config.block_size, c.num_kv_heads, c.head_dim,
+    shard = model.shard
+    scratch = KVCache(c.num_layers, long_blocks + num_seqs, config.block_size, shard.num_kv_heads, c.head_dim,
                       model.embed_tokens.weight.dtype, device)
-    backend = create_attention_backend(config.attention_backend, device, scratch, c, quiet=True)
+    backend = create_attention_backend(config.attention_backend, device, scratch, shard, quiet=True)
     tables = BlockTables(num_seqs, math.ceil(max_context_length / config.block_size), config.block_size, device)
     last_tokens = torch.zeros(num_seqs + 1, dtype=torch.int64, device=device)
-    eager = EagerStep(model, backend, tables, last_tokens, KVSplits(backend.name, c.num_kv_heads,
+    eager = EagerStep(model, backend, tables, last_tokens, KVSplits(backend.name, shard.num_kv_heads,
                                                                     max_context_length, device), StepStaging(device))
     updates = [BlockTableUpdate(0, 0, list(range(long_blocks)))]
     updates += [BlockTableUpdate(seq, 0, [long_blocks + seq]) for seq in range(1, num_seqs)]

@@ -2,7 +2,9 @@
 
 Differences between the three are configuration: Qwen2 has a QKV bias, Qwen3 normalises
 q and k per head, tied or untied embeddings. Projections are fused (QKV, gate+up) so a
-layer runs four matrix products.
+layer runs four matrix products. Under tensor parallelism each rank holds its `ModelShard`
+and sums the row-parallel products (and the embedding) over the ranks with an all-reduce;
+every rank gathers the whole vocabulary's logits.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.attention.metadata import AttentionMetadata
 from sfllm.worker.layer_ops import add_rms_norm, linear, rms_norm, rotary_qk_norm, silu_and_mul
+from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.rotary_embedding import RotaryEmbedding
+from sfllm.worker.tensor_parallel import TensorParallelGroup
 
 
 class RMSNorm(nn.Module):
@@ -31,11 +35,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.group = group
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -49,25 +54,44 @@ class Attention(nn.Module):
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
         q, k, v = rotary_qk_norm(linear(x, self.qkv_proj), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
                                  self.head_dim, *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
-        return linear(backend.forward(self.layer, q, k, v, meta), self.o_proj)
+        return self.group.all_reduce(linear(backend.forward(self.layer, q, k, v, meta), self.o_proj))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.group = group
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * shard.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(shard.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
+        return self.group.all_reduce(linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding rows of the rank's token ids; a token of another rank's range embeds as zeros here, so
+    the all-reduce over the ranks gives every token its row."""
+
+    def __init__(self, shard: ModelShard, hidden_size: int, group: TensorParallelGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shard.vocab_rows, hidden_size))
+        self.first_token = shard.first_token
+        self.group = group
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first_token
+        elsewhere = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        return self.group.all_reduce(x.masked_fill_(elsewhere[:, None], 0.0))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer, shard, group)
+        self.mlp = MLP(config, shard, group)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -83,14 +107,16 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """Parameter names follow transformers' checkpoints, except the fused projections."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.shard = shard
+        self.group = group
+        self.embed_tokens = VocabParallelEmbedding(shard, config.hidden_size, group)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, shard, group) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+            config.hidden_size, shard.vocab_rows, bias=False)
         self.rope: RotaryEmbedding | None = None
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -107,8 +133,10 @@ class CausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [N, vocab] of hidden states [N, hidden]; or, into `out`, in the model's dtype."""
+        """float32 logits [N, vocab] of hidden states [N, hidden]; or, in the model's dtype, into `out`
+        [N, shard.padded_vocab_size], of which the result is a view."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if out is not None:
-            return torch.matmul(hidden, weight.t(), out=out)
-        return F.linear(hidden, weight).float()
+        if self.group.size == 1:
+            return F.linear(hidden, weight).float() if out is None else torch.matmul(hidden, weight.t(), out=out)
+        logits = self.group.gather_columns(F.linear(hidden, weight), out)[:, :self.config.vocab_size]
+        return logits.float() if out is None else logits

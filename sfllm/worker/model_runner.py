@@ -29,11 +29,13 @@ from sfllm.worker.eager_step import EagerStep
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.kv_splits import KVSplits
 from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
+from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.pending_step import PendingStep
 from sfllm.worker.prompt_logprobs import prompt_token_logprobs
 from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
+from sfllm.worker.tensor_parallel import TensorParallelGroup
 from sfllm.worker.token_mask import grammar_bitmask
 from sfllm.worker.weight_loader import load_model
 
@@ -44,12 +46,18 @@ GPU_MEMORY_REFRESH_S = 1.0  # reading the allocator's statistics costs ~100s of 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: int = 0, size: int = 1) -> torch.device:
+    """The device of tensor-parallel rank `rank` of `size`: GPU `rank`, or the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    if size > torch.cuda.device_count():
+        raise RuntimeError(f"--tensor-parallel-size {size} needs {size} GPUs, one per rank, but torch sees "
+                           f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    return torch.device("cuda", rank)
 
 
 def pick_dtype(name: str, config_dtype: str, device: torch.device) -> torch.dtype:
@@ -84,23 +92,32 @@ class SlotState:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
+        """The whole model on one device, or with `group` this rank's part of it; every rank runs every step
+        (with the same inputs, the same decisions and the same collectives) and samples the same tokens."""
         self.config = config
         self.source = source
         model_config = source.config
-        self.device = pick_device(config.device)
+        self.group = group or TensorParallelGroup(0, 1, pick_device(config.device))
+        self.shard = ModelShard.of(model_config, self.group.rank, self.group.size)
+        self.device = self.group.device
         self.dtype = pick_dtype(config.dtype, model_config.torch_dtype, self.device)
         if self.device.type == "cpu":
-            # All cores by default: the frontend and scheduler mostly wait while a step computes.
-            # On a machine busy with other work, fewer threads avoid an OpenMP team stalling on a
+            # All cores by default, shared by the ranks: the frontend and scheduler mostly wait while a step
+            # computes. On a machine busy with other work, fewer threads avoid an OpenMP team stalling on a
             # preempted member (seen: a small matmul at 2.7 ms with 2 threads, 16 us with 1).
-            torch.set_num_threads(config.cpu_threads or len(os.sched_getaffinity(0)))
-        logger.info("device %s, dtype %s (--dtype %s)", self.device, str(self.dtype).removeprefix("torch."),
-                    config.dtype)
+            torch.set_num_threads(config.cpu_threads or max(len(os.sched_getaffinity(0)) // self.group.size, 1))
+        else:
+            torch.cuda.set_device(self.device)
+        rank = f" (tensor-parallel rank {self.group.rank} of {self.group.size})" if self.group.size > 1 else ""
+        logger.info("device %s, dtype %s (--dtype %s)%s", self.device, str(self.dtype).removeprefix("torch."),
+                    config.dtype, rank)
         self.max_context_length = min(config.max_context_length or model_config.max_position_embeddings,
                                       model_config.max_position_embeddings)
         self.block_size = config.block_size
-        self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed)
+        self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed, self.shard,
+                                self.group)
+        self.group.wait_for_all("weights loaded")
         self.max_slots = config.max_running_requests
         self.sampler = Sampler(config.seed)
         # one spare row past the slots: padding rows of a captured step write their token there
@@ -120,16 +137,17 @@ class ModelRunner:
         self.loop_time: LoopTime | None = None  # the worker process's, charged with each phase of a step
 
         graphs = self.device.type == "cuda" and not config.disable_cuda_graph
-        self.decode_graph_batch = decode_graph_limit(config, self.device) if graphs else 0
+        # the ranks must capture the same graphs and plan the same KV pool: each sizes its own, the smallest wins
+        self.decode_graph_batch = self.group.min(decode_graph_limit(config, self.device)) if graphs else 0
         self.plan = plan_memory(config, model_config, self.model, self.device, self.dtype, self.max_context_length,
                                 graphs)
+        self.plan.agree(self.group.min(self.plan.num_blocks), self.group.min(self.plan.num_cpu_blocks))
         self.num_cpu_blocks = self.plan.num_cpu_blocks
         self.kv_cache = KVCache(model_config.num_layers, self.plan.num_blocks, self.block_size,
-                                model_config.num_kv_heads, model_config.head_dim, self.dtype, self.device,
+                                self.shard.num_kv_heads, model_config.head_dim, self.dtype, self.device,
                                 self.num_cpu_blocks)
-        self.backend = create_attention_backend(config.attention_backend, self.device, self.kv_cache,
-                                                model_config)
-        kv_splits = KVSplits(self.backend.name, model_config.num_kv_heads, self.max_context_length, self.device)
+        self.backend = create_attention_backend(config.attention_backend, self.device, self.kv_cache, self.shard)
+        kv_splits = KVSplits(self.backend.name, self.shard.num_kv_heads, self.max_context_length, self.device)
         self.eager = EagerStep(self.model, self.backend, self.block_tables, self.last_tokens, kv_splits,
                                StepStaging(self.device))
         self.graph_runner: CudaGraphRunner | None = None
@@ -141,7 +159,8 @@ class ModelRunner:
             self.plan.graph_bytes = self.graph_runner.capture_bytes
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
                                     f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
-        logger.info("memory layout:\n%s", self.plan.layout())
+        logger.info("memory layout%s:\n%s", rank, self.plan.layout())
+        self.group.wait_for_all("ready")  # no rank's first step waits in a collective for another's last allocation
 
     # ---- steps --------------------------------------------------------------------------
 
@@ -300,6 +319,12 @@ class ModelRunner:
             if state is not None and state.params.has_penalties:
                 state.output_token_ids.append(token)
         return result
+
+    def unfinished_step_age(self) -> float:
+        """Seconds since the oldest launched step whose outputs are not on the host yet was launched (0: none);
+        called from the tensor-parallel watch's thread."""
+        now = time.perf_counter()
+        return max((now - step.started for step in list(self._launched) if not step.ready()), default=0.0)
 
     def gpu_memory(self) -> tuple[int, int]:
         """(allocated, reserved) bytes on the GPU, read at most every GPU_MEMORY_REFRESH_S."""

@@ -24,7 +24,7 @@ class PendingStep:
         `prompt_logprobs`: already on the host, one list per entry of the batch's `prompt_logprobs`."""
         self.step_id = step_id
         self.sampled_slots = sampled_slots
-        self._started = started
+        self.started = started
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
         self._prompt_logprobs = prompt_logprobs or []
@@ -68,5 +68,5 @@ class PendingStep:
                     logprobs[row] = SampledLogprobs(float(chosen[index]), top)
         return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
                              prompt_logprobs=self._prompt_logprobs,
-                             forward_time_s=time.perf_counter() - self._started,
+                             forward_time_s=time.perf_counter() - self.started,
                              gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])

@@ -2,11 +2,13 @@
 
 It keeps up to two steps launched: while the device runs step N it already reads and
 launches step N+1, and sends step N's tokens as soon as they are ready. Between messages it
-sleeps in one poll on the scheduler's socket and the completion watcher's pipe.
+sleeps in one poll on the scheduler's socket and the completion watcher's pipe. With tensor
+parallelism it is rank 0: it relays every message to the other ranks and reports a lost rank.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import traceback
@@ -20,12 +22,13 @@ from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerTo
 from sfllm.model_source import resolve_model
 from sfllm.nvtx import nvtx_range
 from sfllm.worker.completion_watcher import CompletionWatcher
+from sfllm.worker.follower_ranks import start_rank_zero
 from sfllm.worker.inprocess_worker import worker_ready
-from sfllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-LOG_POLL_MS = 1000  # the longest sleep between loop-time reports while idle
+LOG_POLL_MS = 1000  # the longest sleep between loop-time reports (and checks of the other ranks) while idle
+LOST_RANK_WAIT_S = 1.0
 
 
 def run_worker(config: EngineConfig, address: str) -> int:
@@ -46,7 +49,7 @@ def run_worker(config: EngineConfig, address: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
-        runner = ModelRunner(config, source)
+        runner, followers = start_rank_zero(config, source)
     except Exception as error:
         logger.exception("worker failed to start")
         sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}")))
@@ -56,6 +59,8 @@ def run_worker(config: EngineConfig, address: str) -> int:
         sock.send(codec.encode(worker_ready(runner)))
     except zmq.Again:
         logger.error("no scheduler took the worker's ready message within 30 s; the worker exits")
+        if followers is not None:
+            followers.close(graceful=False)
         return 1
     clock = runner.loop_time = LoopTime()
     watcher = CompletionWatcher()
@@ -64,6 +69,8 @@ def run_worker(config: EngineConfig, address: str) -> int:
     poller.register(watcher.wake_fd, zmq.POLLIN)
     try:
         while not stop:
+            if followers is not None:
+                followers.check()
             result = runner.next_result(wait=False)
             if result is not None:
                 clock.lap("waiting")
@@ -81,7 +88,10 @@ def run_worker(config: EngineConfig, address: str) -> int:
                 continue
             clock.lap("waiting")
             with nvtx_range("receive"):
-                message = codec.decode(sock.recv())
+                data = sock.recv()
+                if followers is not None:
+                    followers.relay(data)
+                message = codec.decode(data)
             clock.lap("receiving")
             if isinstance(message, (ForwardBatch, GrammarMask)):
                 if isinstance(message, ForwardBatch):
@@ -101,13 +111,21 @@ def run_worker(config: EngineConfig, address: str) -> int:
         return 1
     except Exception as error:
         logger.exception("worker failed")
+        reason = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+        lost = followers.lost_rank(LOST_RANK_WAIT_S) if followers is not None else None
         try:
-            sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}\n{traceback.format_exc()}")))
+            sock.send(codec.encode(WorkerFailed(error=lost or reason)))
         except zmq.Again:
             pass
         time.sleep(0.2)
+        if lost is not None:
+            # the device may still run a collective that waits for the lost rank: no clean-up may wait for it
+            followers.close(graceful=False)
+            os._exit(1)
         return 1
     finally:
+        if followers is not None:
+            followers.close()
         watcher.close()
         sock.close()
         context.term()

@@ -79,7 +79,8 @@ def _llm(checkpoint: Path, **overrides):
 
 def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(checkpoint: Path) -> None:
     """Every step of the graph engines runs as a graph: prefills and mixed steps in the mixed graphs, decode
-    batches in the decode graphs, or in the mixed graphs past the largest decode graph (batch 8 > 4)."""
+    batches in the decode graphs, or in the mixed graphs past the largest decode graph (batch 8 > 4); on a host
+    of two GPUs also over two tensor-parallel ranks."""
     from sfllm import SamplingParams
     from sfllm.loop_time import LoopTime
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -88,11 +89,13 @@ def test_float32_greedy_triton_graphs_equal_torch_backend_and_transformers(check
     expected = [_reference_greedy(reference, p, 32) for p in prompts]
     del reference
     outputs = {}
-    for name, overrides in {"triton+graphs": {"attention_backend": "triton"},
-                            "triton+graphs, decode past the decode graphs": {"attention_backend": "triton",
-                                                                             "cuda_graph_max_bs": 4},
-                            "triton eager": {"attention_backend": "triton", "disable_cuda_graph": True},
-                            "torch": {"attention_backend": "torch", "disable_cuda_graph": True}}.items():
+    engines = {"triton+graphs": {"attention_backend": "triton"},
+               "triton+graphs, decode past the decode graphs": {"attention_backend": "triton", "cuda_graph_max_bs": 4},
+               "triton eager": {"attention_backend": "triton", "disable_cuda_graph": True},
+               "torch": {"attention_backend": "torch", "disable_cuda_graph": True}}
+    if torch.cuda.device_count() >= 2:  # the all-reduces and the logits gather captured in the graphs
+        engines["triton+graphs, tensor parallel 2"] = {"attention_backend": "triton", "tensor_parallel_size": 2}
+    for name, overrides in engines.items():
         llm = _llm(checkpoint, **overrides)
         runner = llm.engine.worker.runner
         runner.loop_time = LoopTime()
@@ -135,13 +138,17 @@ def test_bf16_prefill_logits_within_bf16_rounding(checkpoint: Path) -> None:
             start += len(p)
 
 
-def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path) -> None:
+@pytest.mark.parametrize("tensor_parallel_size", [1, pytest.param(2, marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs"))])
+def test_graph_replay_equals_eager_on_a_mixed_batch(checkpoint: Path, tensor_parallel_size: int) -> None:
+    """With two ranks, the all-reduces and the logits gather captured in the graphs compute what eager ones do."""
     from sfllm import SamplingParams
     prompts = _prompts()
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (40, 3, 17, 64, 5, 30, 8, 50)]
     results = {}
     for graphs in (True, False):
-        llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", disable_cuda_graph=not graphs)
+        llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", disable_cuda_graph=not graphs,
+                   tensor_parallel_size=tensor_parallel_size)
         results[graphs] = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
         del llm
         gc.collect()  # the engine's objects hold reference cycles

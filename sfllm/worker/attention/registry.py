@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import BACKENDS, AttentionBackend
 from sfllm.worker.kv_cache import KVCache
+from sfllm.worker.model_shard import ModelShard
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,11 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return name
 
 
-def create_attention_backend(name: str, device: torch.device, kv_cache: KVCache, config: ModelConfig,
+def create_attention_backend(name: str, device: torch.device, kv_cache: KVCache, shard: ModelShard,
                              quiet: bool = False) -> AttentionBackend:
+    """The backend for the heads of `shard` (the whole model's, or a tensor-parallel rank's)."""
     resolved = resolve_backend_name(name, device)
     importlib.import_module(_MODULES[resolved])
     if not quiet:
         logger.info("attention backend: %s (asked for %s, device %s)", resolved, name, device.type)
-    return BACKENDS[resolved](kv_cache, config.num_heads, config.num_kv_heads, config.head_dim)
+    return BACKENDS[resolved](kv_cache, shard.num_heads, shard.num_kv_heads, shard.head_dim)

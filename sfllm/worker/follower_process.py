@@ -1,0 +1,54 @@
+"""A tensor-parallel rank other than 0: runs every step that rank 0 relays to it and reports nothing.
+
+Rank 0 starts it (sfllm.worker.follower_ranks) and watches it; the kernel sends it SIGTERM when rank 0
+dies, and SIGTERM ends it at once, inside a collective too (no handler waits for Python to run).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import zmq
+
+from sfllm.config import EngineConfig
+from sfllm.messages import ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown
+from sfllm.model_source import resolve_model
+from sfllm.worker.model_runner import ModelRunner, pick_device
+from sfllm.worker.tensor_parallel import TensorParallelGroup
+
+logger = logging.getLogger(__name__)
+
+
+def run_follower(config: EngineConfig, address: str, rank: int, rendezvous: Path) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
+    codec = MessageCodec(SchedulerToWorker)
+    context = zmq.Context()
+    sock = context.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    size = config.tensor_parallel_size
+    group: TensorParallelGroup | None = None
+    try:
+        source = resolve_model(config.model, config.load_format, config.cache_dir)
+        group = TensorParallelGroup(rank, size, pick_device(config.device, rank, size), rendezvous)
+        runner = ModelRunner(config, source, group)
+        while True:
+            message = codec.decode(sock.recv())
+            if isinstance(message, (ForwardBatch, GrammarMask)):
+                if isinstance(message, ForwardBatch):
+                    runner.execute(message)
+                else:
+                    runner.apply_grammar_mask(message)
+                while runner.next_result(wait=False) is not None:
+                    pass  # rank 0 reports these tokens: it drew the same
+            elif isinstance(message, Shutdown):
+                return 0
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        return 1
+    finally:
+        if group is not None:
+            group.close()
+        sock.close()
+        context.term()

@@ -1,0 +1,25 @@
+"""Small random checkpoints written by transformers, with a tokenizer, for tests that run the engine."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
+
+
+def write_tiny_qwen3(folder: Path, vocab_size: int, tie_word_embeddings: bool) -> Path:
+    """Two layers of 4 attention heads and 2 KV heads (head_dim 16, hidden 64, MLP 128), seed 0, with the dummy
+    byte tokenizer (ids past its bytes decode as filler words)."""
+    config = transformers.Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
+                                      initializer_range=0.2)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    for file in dummy_tokenizer_folder(folder / "tokenizer-cache", vocab_size).iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+    return folder
