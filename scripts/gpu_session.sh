@@ -12,6 +12,8 @@
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
+# structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
+# throughput ratio and the grammar masks' time per step),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
 # and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline).
 set -u
@@ -161,6 +163,12 @@ PY
     grep -E "engine loop|worker loop" "$OUT/server-smallbatch$SERVE_TAG.log"
     pkill -TERM -f "sfllm launch"
     for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
+  structured)
+    for so in none json_schema; do
+      timeout 300 $BENCH --model qwen3-0.6b --load-format dummy --num-requests 64 --input-len 512 --output-len 512 \
+        --structured-output $so --output-file "$OUT/structured-$so.json" >"$OUT/structured-$so.log" 2>&1
+      echo "structured $so: exit $?"; grep -E "wall time|grammar masks" "$OUT/structured-$so.log"
+    done ;;
   tp)
     timeout 500 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_tensor_parallel_gpu.py -q -rs \
       -p no:cacheprovider -o addopts="" \

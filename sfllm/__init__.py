@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sfllm.sampling_params import SamplingParams
+from sfllm.sampling_params import SamplingParams, StructuredOutput
 
 if TYPE_CHECKING:
     from sfllm.llm import LLM
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput"]
 __version__ = "0.1.0"
 
 

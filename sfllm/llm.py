@@ -42,6 +42,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # with SamplingParams.prompt_logprobs: of prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[SampledLogprobs] | None = None
 
 
 @dataclass
@@ -56,8 +58,9 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
         self.config = load_config(environ={}, model=model, **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        self.tokenizer = Tokenizer(tokenizer_spec(self.source))
-        self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source))
+        spec = tokenizer_spec(self.source)
+        self.tokenizer = Tokenizer(spec)
+        self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source), spec)
         self._ids = itertools.count()
 
     @property
@@ -90,7 +93,7 @@ class LLM:
         if len(params_list) != len(token_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(token_lists)} prompts")
         for params in params_list:
-            params.validate()
+            params.validate(vocab_size=self.tokenizer.vocab_size)
         results = [GenerationResult(text, tokens) for text, tokens in zip(texts, token_lists)]
         tracked: dict[str, _Tracked] = {}
         for choice in plan_choices(f"offline-{next(self._ids)}", token_lists, params_list, priority):
@@ -115,6 +118,8 @@ class LLM:
                     raise GenerationError(out.error)
                 delta = entry.decoder.decode(out)
                 result, output = entry.result, entry.output
+                if delta.prompt_logprobs is not None:
+                    result.prompt_logprobs = delta.prompt_logprobs
                 output.text += delta.text
                 output.token_ids += delta.token_ids
                 if output.logprobs is not None:

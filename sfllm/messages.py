@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 PRIORITIES = ("high", "normal", "background")
 
@@ -99,6 +99,8 @@ class RequestOutput(Message):
     request_id: str
     token_ids: list[int]
     logprobs: list[SampledLogprobs] | None = None
+    # in the first output of a request that asked: the prompt's tokens 1.. each given those before it
+    prompt_logprobs: list[SampledLogprobs] | None = None
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
@@ -156,6 +158,14 @@ class BlockTableUpdate(msgspec.Struct, array_like=True):
     block_ids: list[int]
 
 
+class PromptLogprobTargets(msgspec.Struct, array_like=True):
+    """Row `row` of a step computes the logprobs of `token_ids`, the prompt tokens that follow its new
+    tokens' positions (the prompt ends inside or right after the chunk: fewer targets than tokens)."""
+    row: int
+    num_top: int
+    token_ids: list[int]
+
+
 class ForwardBatch(Message):
     """One model step over a ragged batch of sequences, one entry per sequence.
 
@@ -175,6 +185,19 @@ class ForwardBatch(Message):
     new_sequences: list[SequenceSampling] = []
     swap_out: list[tuple[int, int]] = []
     swap_in: list[tuple[int, int]] = []
+    # Sampled rows (indices among those whose `sample` is true) that a grammar constrains, and their
+    # token bitmask (int32 words, bit t % 32 of word t // 32 allows token t; one row after another). An
+    # empty mask means a GrammarMask follows: a row's previous token was still in flight when this
+    # step was sent, and the grammar needs it first.
+    grammar_rows: list[int] = []
+    grammar_mask: bytes = b""
+    prompt_logprobs: list[PromptLogprobTargets] = []
+
+
+class GrammarMask(Message):
+    """The bitmask of step `step_id`'s grammar rows, sent before any later step."""
+    step_id: int
+    bitmask: bytes
 
 
 class StartProfile(Message):
@@ -195,6 +218,7 @@ class WorkerReady(Message):
     num_kv_blocks: int
     num_cpu_kv_blocks: int
     block_size: int
+    vocab_size: int
     pid: int
 
 
@@ -203,6 +227,8 @@ class ForwardResult(Message):
     step_id: int
     token_ids: list[int]
     logprobs: list[SampledLogprobs | None]
+    # per entry of the batch's `prompt_logprobs`, one per target token
+    prompt_logprobs: list[list[SampledLogprobs]] = []
     forward_time_s: float = 0.0
     gpu_memory_allocated: int = 0
     gpu_memory_reserved: int = 0
@@ -214,7 +240,7 @@ class WorkerFailed(Message):
 
 FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ProfileControl, Shutdown]
 EngineToFrontend = Union[EngineHello, OutputBatch, EngineStats]
-SchedulerToWorker = Union[ForwardBatch, StartProfile, StopProfile, Shutdown]
+SchedulerToWorker = Union[ForwardBatch, GrammarMask, StartProfile, StopProfile, Shutdown]
 WorkerToScheduler = Union[WorkerReady, ForwardResult, WorkerFailed]
 
 

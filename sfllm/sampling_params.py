@@ -1,7 +1,12 @@
 """Per-request sampling and stopping settings, shared by every process."""
 from __future__ import annotations
 
+import json
+from typing import Any, Literal
+
 import msgspec
+
+MAX_LOGIT_BIAS = 100.0
 
 
 class InvalidSamplingParams(ValueError):
@@ -10,6 +15,29 @@ class InvalidSamplingParams(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class StructuredOutput(msgspec.Struct, frozen=True):
+    """What the output's text must match: a JSON schema, a regular expression, or a grammar in Lark or
+    GBNF (llama.cpp's EBNF); sfllm/structured_output.py turns it into the grammar engine's form."""
+    kind: Literal["json_schema", "regex", "grammar"]
+    definition: str
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutput:
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    @classmethod
+    def json_object(cls) -> StructuredOutput:
+        return cls.json_schema({"type": "object"})
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredOutput:
+        return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, grammar: str) -> StructuredOutput:
+        return cls("grammar", grammar)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -28,8 +56,13 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    # logprobs of the prompt's tokens (each given the ones before it) with this many alternatives
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_output: StructuredOutput | None = None
+    # added to the logits of these token ids before sampling
+    logit_bias: dict[int, float] = {}
 
     @property
     def greedy(self) -> bool:
@@ -40,7 +73,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
-    def validate(self, max_logprobs: int = 20) -> None:
+    @property
+    def constrained(self) -> bool:
+        return self.structured_output is not None
+
+    def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
         checks = [
             ("max_tokens", self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             ("temperature", 0.0 <= self.temperature <= 2.0,
@@ -59,7 +96,22 @@ class SamplingParams(msgspec.Struct, kw_only=True):
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
+             f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}"),
+            ("logit_bias", all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for bias in self.logit_bias.values()),
+             f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for param, ok, message in checks:
             if not ok:
                 raise InvalidSamplingParams(param, message)
+        if vocab_size is not None:
+            self.check_vocabulary(vocab_size)
+        if self.structured_output is not None:
+            from sfllm.structured_output import grammar_of  # llguidance: only where grammars are used
+            grammar_of(self.structured_output)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        outside = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
+        if outside is not None:
+            raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "
+                                                      f"[0, {vocab_size})")

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from sfllm.frontend.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatDelta, CompletionRequest
 from sfllm.frontend.request_checks import check_model, check_prompt_token_ids, resolve_max_tokens, resolve_priority
+from sfllm.frontend.tools import ChatTools
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -125,7 +126,7 @@ def test_chat_messages_become_template_messages() -> None:
         {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
         {"role": "assistant", "content": None},
     ]})
-    assert [m.template_message() for m in request.messages] == [
+    assert ChatTools(request).template_messages(request.messages, template_takes_tools=False) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hello\nthere"},
         {"role": "assistant", "content": ""},

@@ -113,3 +113,35 @@ def test_default_model_resolves_with_the_right_eos(smollm_source) -> None:
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         resolve_model("/definitely/no-such-model")
+
+
+def test_prompt_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_reference) -> None:
+    """Each prompt token's logprob given the tokens before it, and the top alternatives, against transformers'
+    log-softmax over the same weights (float32); a repeated prompt (a prefix-cache hit otherwise) and a
+    prompt split into prefill chunks give the same numbers."""
+    prompts = [smollm_llm.tokenizer.encode(p) for p in PROMPTS[:3] + PROMPTS[-1:]]
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3)
+    first = smollm_llm.generate(prompts, params)
+    again = smollm_llm.generate(prompts, params)
+    for prompt_ids, result, repeated in zip(prompts, first, again):
+        with torch.no_grad():
+            logits = smollm_reference(torch.tensor([prompt_ids])).logits[0].float()
+        expected = torch.log_softmax(logits, dim=-1)[:-1]
+        targets = torch.tensor(prompt_ids[1:])
+        got = result.prompt_logprobs
+        assert len(got) == len(prompt_ids) - 1
+        chosen = torch.tensor([entry.logprob for entry in got])
+        torch.testing.assert_close(chosen, expected.gather(1, targets[:, None]).squeeze(1), atol=2e-3, rtol=0)
+        top_values, top_ids = expected.topk(3, dim=-1)
+        for position, entry in enumerate(got):
+            assert [t.token_id for t in entry.top][:1] == top_ids[position, :1].tolist()
+            torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top]), top_values[position],
+                                       atol=2e-3, rtol=0)
+        assert [e.logprob for e in repeated.prompt_logprobs] == [e.logprob for e in got]
+    assert first[-1].num_cached_tokens == again[-1].num_cached_tokens == 0, "such requests bypass the prefix cache"
+    chunked = LLM(dtype="float32", device="cpu", max_running_tokens=16, max_context_length=256)
+    long_prompt = prompts[-1]
+    split = chunked.generate([long_prompt], params)[0].prompt_logprobs
+    assert len(long_prompt) > 16
+    torch.testing.assert_close(torch.tensor([e.logprob for e in split]),
+                               torch.tensor([e.logprob for e in first[-1].prompt_logprobs]), atol=1e-4, rtol=0)

@@ -1,12 +1,14 @@
 """The offline `LLM` API on the real model: sampling, stops, n, logprobs, and clear errors."""
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import msgspec
 import pytest
 
-from sfllm import SamplingParams
+from sfllm import SamplingParams, StructuredOutput
 from sfllm.llm import GenerationError
 from sfllm.sampling_params import InvalidSamplingParams
 from sfllm.worker.attention.registry import BackendUnavailable, resolve_backend_name
@@ -106,3 +108,85 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_refused(monkeypatch) -
     with pytest.raises(BackendUnavailable, match="torch backend"):
         resolve_backend_name("triton", torch.device("cpu"))
     assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+
+
+# ---- structured outputs, logit bias ----------------------------------------------------------------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+QUESTIONS = ["Describe a person as JSON.", "Give me JSON about Bob, who is 42.", "Hello!", "Who wrote Hamlet?"]
+
+
+def chats(llm) -> list[list[int]]:
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def test_json_schema_outputs_validate_and_unconstrained_rows_are_unchanged(smollm_llm) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    prompts = chats(smollm_llm)
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [r.outputs[0].token_ids for r in smollm_llm.generate(prompts, plain)]
+    constrained = SamplingParams(temperature=0.0, max_tokens=60, structured_output=StructuredOutput.json_schema(PERSON))
+    sampled = msgspec.structs.replace(constrained, temperature=0.9, seed=3)
+    results = smollm_llm.generate(prompts * 3, [plain] * 4 + [constrained] * 4 + [sampled] * 4)
+    assert [r.outputs[0].token_ids for r in results[:4]] == alone, "a grammar in the batch changes no other row"
+    for result in results[4:]:
+        output = result.outputs[0]
+        assert output.finish_reason == "stop", output.text
+        jsonschema.validate(json.loads(output.text), PERSON)
+    free, total = smollm_llm.kv_usage()
+    assert free == total
+
+
+def test_regex_and_grammar_constrain_the_text(smollm_llm) -> None:
+    regex = SamplingParams(temperature=0.9, seed=5, max_tokens=20, structured_output=StructuredOutput.regex(r"(yes|no)\."))
+    grammar = SamplingParams(temperature=0.9, seed=5, max_tokens=20,
+                             structured_output=StructuredOutput.grammar('root ::= "The answer is " [0-9] [0-9]? "."'))
+    for result in smollm_llm.generate(["Is the sky blue?"] * 3, regex):
+        assert re.fullmatch(r"(yes|no)\.", result.outputs[0].text)
+    for result in smollm_llm.generate(["What is 7 times 8?"] * 3, grammar):
+        assert re.fullmatch(r"The answer is [0-9]{1,2}\.", result.outputs[0].text)
+
+
+def test_a_grammar_that_cannot_finish_ends_by_length(smollm_llm) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=5, structured_output=StructuredOutput.regex("a{50}"))
+    output = smollm_llm.generate(PROMPT, params)[0].outputs[0]
+    assert output.finish_reason == "length" and len(output.token_ids) == 5 and set(output.text) == {"a"}
+
+
+def test_invalid_grammar_is_refused(smollm_llm) -> None:
+    with pytest.raises(InvalidSamplingParams, match="regex"):
+        smollm_llm.generate(PROMPT, SamplingParams(structured_output=StructuredOutput.regex("[a-z")))
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
+def test_logit_bias_moves_the_draw(smollm_llm) -> None:
+    greedy = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    first = greedy.outputs[0].token_ids[0]
+    banned = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                        logit_bias={first: -100.0}))[0]
+    assert banned.outputs[0].token_ids[0] != first
+    forced = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.8, max_tokens=4, ignore_eos=True,
+                                                        logit_bias={1234: 100.0}))[0]
+    assert forced.outputs[0].token_ids == [1234] * 4
+    with pytest.raises(InvalidSamplingParams) as error:
+        smollm_llm.generate(PROMPT, SamplingParams(logit_bias={10**6: 1.0}))
+    assert error.value.param == "logit_bias"
+
+
+def test_grammar_state_survives_preemption(smollm_llm) -> None:
+    """A pool too small for the batch preempts constrained requests mid-answer; they resume where their
+    grammar stood and answer what a roomy pool answers."""
+    from sfllm import LLM
+    prompts = chats(smollm_llm)[:3] * 2
+    params = SamplingParams(temperature=0.0, max_tokens=32, structured_output=StructuredOutput.json_schema(PERSON))
+    expected = [r.outputs[0].text for r in smollm_llm.generate(prompts, params)]
+    for text in expected:
+        json.loads(text)
+    for mode in ("recompute", "swap"):
+        small = LLM(dtype="float32", device="cpu", max_context_length=128, num_kv_blocks=8, block_size=16,
+                    preemption_mode=mode, cpu_kv_cache_gib=0.01)
+        results = small.generate(prompts, params)
+        assert small.engine.scheduler.num_preemptions > 0, mode
+        assert [r.outputs[0].text for r in results] == expected, mode

@@ -27,6 +27,7 @@ from sfllm.scheduler.request import Request
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 EOS = 2
+VOCAB = 50_003
 
 
 def next_token(context: tuple[int, ...]) -> int:
@@ -53,7 +54,7 @@ class FakeWorker:
         self.info = WorkerReady(protocol_version=PROTOCOL_VERSION, model_name="fake",
                                 max_context_length=max_context_length, eos_token_ids=[EOS],
                                 num_kv_blocks=num_blocks, num_cpu_kv_blocks=num_cpu_blocks,
-                                block_size=block_size, pid=0)
+                                block_size=block_size, vocab_size=VOCAB, pid=0)
         self.block_size = block_size
         self.pool: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.cpu_pool: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]

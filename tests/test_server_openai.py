@@ -14,6 +14,17 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["timezone"],
+             "properties": {"timezone": {"type": "string", "maxLength": 30}}}}}]
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population", "coastal"],
+        "properties": {"city": {"type": "string", "maxLength": 24},
+                       "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+                       "coastal": {"type": "boolean"}}}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +121,25 @@ def test_32_concurrent_streams_complete_and_match_the_offline_api(client, smollm
     ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}', 400, "model"),
     ("/v1/chat/completions", b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}', 400, "model"),
     ("/v1/completions", {"prompt": "word " * 9000, "max_tokens": 4}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"the": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "regex", "regex": "[a-"}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"messages": CAPITAL, "functions": [{"name": "f"}]}, 400, "functions"),
+    ("/v1/chat/completions", {"messages": CAPITAL, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": CAPITAL, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CAPITAL, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CAPITAL, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": "x"}}}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": CAPITAL + [{"role": "tool", "content": "22"}]}, 400, "messages[1]"),
+    ("/v1/chat/completions", {"messages": CAPITAL + [{"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city"}}]}]},
+     400, "messages[1]"),
 ])
 def test_bad_input_is_an_openai_error_and_the_connection_still_serves(server, path: str, body, status: int,
                                                                       param: str) -> None:
@@ -143,3 +173,97 @@ def test_docs_and_openapi(server) -> None:
     assert httpx.get(f"{server.url}/docs", timeout=30).status_code == 200
     schema = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
     assert "/v1/chat/completions" in schema["paths"]
+
+
+# ---- structured outputs, tools, prompt logprobs ---------------------------------------------------------
+
+def streamed_chat(client, **kwargs) -> tuple[str, dict[int, dict], str | None]:
+    """The stream's text, its tool calls assembled from their deltas by index, and its finish reason."""
+    text, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = call["id"] or delta.id
+                call["name"] += delta.function.name or "" if delta.function else ""
+                call["arguments"] += delta.function.arguments or "" if delta.function else ""
+            finish = choice.finish_reason or finish
+    return text, calls, finish
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_json_schema_answers_validate_and_stream_the_same(client, temperature: float) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for question in ["Give me the largest city of France as JSON.", "Describe Tokyo.", "Hello!"]:
+        kwargs = dict(messages=[{"role": "user", "content": question}], temperature=temperature, seed=11,
+                      max_tokens=60, response_format=response_format)
+        reply = client.chat.completions.create(model=MODEL, **kwargs)
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content), CITY)
+        text, calls, finish = streamed_chat(client, **kwargs)
+        assert (text, calls, finish) == (reply.choices[0].message.content, {}, "stop")
+    plain = client.completions.create(model=MODEL, prompt="A JSON object about a cat:", temperature=0, max_tokens=40,
+                                      extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(plain.choices[0].text), dict)
+
+
+def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        kwargs = dict(messages=ask, temperature=0, max_tokens=80, tools=TOOLS, tool_choice=choice)
+        reply = client.chat.completions.create(model=MODEL, **kwargs)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert message.content is None and message.tool_calls
+        for call in message.tool_calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if isinstance(choice, dict):
+            assert [c.function.name for c in message.tool_calls] == ["get_time"]
+        text, calls, finish = streamed_chat(client, **kwargs)
+        assert (text, finish) == ("", "tool_calls")
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+            (c.function.name, c.function.arguments) for c in message.tool_calls]
+        assert all(c["id"].startswith("call_") for c in calls.values())
+    call = message.tool_calls[0]
+    history = ask + [message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "14:05 in Paris"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    none = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS, tool_choice="none", temperature=0,
+                                          max_tokens=16)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+
+
+def test_echo_with_logprobs_returns_the_prompts_in_openai_layout(client, smollm_llm) -> None:
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=1, echo=True, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    prompt_ids = smollm_llm.tokenizer.encode(prompt)
+    assert reply.choices[0].text.startswith(prompt)
+    assert len(logprobs.tokens) == len(prompt_ids) + 1
+    assert "".join(logprobs.tokens[:len(prompt_ids)]) == prompt
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    offline = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    assert logprobs.token_logprobs[1:len(prompt_ids)] == pytest.approx(
+        [e.logprob for e in offline.prompt_logprobs], abs=1e-4)
+    for top, entry in zip(logprobs.top_logprobs[1:], offline.prompt_logprobs):
+        assert len(top) >= 2 and max(top.values()) == pytest.approx(entry.top[0].logprob, abs=1e-4)
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    extension = chat.choices[0].model_extra["prompt_logprobs"]
+    assert extension[0] is None and len(extension) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 and list(entry.values())[0] <= 0 for entry in extension[1:])
+
+
+def test_logit_bias_changes_the_answer(client, smollm_llm) -> None:
+    plain = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=3)
+    assert plain.choices[0].text.startswith(" 5")
+    banana = smollm_llm.tokenizer.encode(" banana")[0]
+    biased = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0.7, max_tokens=3,
+                                       logit_bias={str(banana): 100})
+    assert biased.choices[0].text == smollm_llm.tokenizer.decode([banana] * 3)

@@ -21,7 +21,14 @@ import torch
 
 from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
 from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
-from sfllm.sampling_params import SamplingParams
+from sfllm.loop_time import LoopTime
+from sfllm.sampling_params import SamplingParams, StructuredOutput
+
+BENCH_SCHEMA = {"type": "object", "required": ["id", "notes"], "properties": {
+    "id": {"type": "integer"},
+    "notes": {"type": "array", "minItems": 200, "items": {
+        "type": "object", "required": ["title", "score"],
+        "properties": {"title": {"type": "string"}, "score": {"type": "number"}}}}}}
 
 
 @dataclass
@@ -52,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sfllm's decoding: 0 greedy, above it sampled (the baseline stays greedy)")
+    parser.add_argument("--structured-output", choices=["none", "json_schema"], default="none",
+                        help="json_schema: every request follows BENCH_SCHEMA, a list of records too long to close "
+                             "within the output lengths, so both runs decode the same tokens")
     engine = parser.add_argument_group("engine settings (default: the engine's own, as `sfllm launch` and "
                                        "`LLM()` use them)")
     for flag, kind in ENGINE_FLAGS.items():
@@ -151,8 +161,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     from sfllm.llm import LLM
     llm = LLM(model=args.model, load_format=args.load_format, seed=args.seed, **engine_settings(args))
     runner = llm.engine.worker.runner
+    structured_output = StructuredOutput.json_schema(BENCH_SCHEMA) if args.structured_output == "json_schema" else None
     params = [SamplingParams(temperature=args.temperature, max_tokens=s.output_len, ignore_eos=True,
-                             detokenize=False) for s in specs]
+                             detokenize=False, structured_output=structured_output) for s in specs]
     prompts = [list(s.prompt) for s in specs]
     warm_up = prompts[:4]
     llm.generate(warm_up, [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * len(warm_up))
@@ -162,10 +173,16 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     if args.profile_steps:
         runner.profiler.start_after(args.profile_dir, args.profile_skip_steps, args.profile_steps)
     host_times = StepHostTimes(runner)
+    engine_loop = llm.engine.loop_time = LoopTime(interval_s=0.0)
     started = time.perf_counter()
     results = llm.generate(prompts, params)
     wall = time.perf_counter() - started
     print(host_times.summary())
+    if structured_output is not None:
+        masks = engine_loop.seconds.get("grammar masks", 0.0)
+        steps_run = max(llm.engine.num_steps - steps_before, 1)
+        print(f"grammar masks: {1e6 * masks / steps_run:.0f} us/step in the engine ({100 * masks / wall:.1f}% of the "
+              f"wall time), {engine_loop.calls.get('grammar masks', 0)} masks")
     steps = llm.engine.num_steps - steps_before
     output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
     input_tokens = sum(len(p) for p in prompts)

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template in, an assistant message out."""
+"""POST /v1/chat/completions: messages through the chat template in, an assistant message out (its text, or
+the tool calls read from it)."""
 from __future__ import annotations
 
 import time
@@ -14,13 +15,17 @@ from sfllm.frontend.choice_generation import UsageTally, generate_choices
 from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
-from sfllm.frontend.logprobs_format import chat_logprobs
+from sfllm.frontend.logprobs_format import chat_logprobs, prompt_logprobs_by_token
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                            ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage)
+                                            ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
+                                            PromptLogprobs)
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.frontend.tool_call_parser import ToolCallDelta, ToolCallParser
+from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
+from sfllm.frontend.tools import ChatTools
 
 
 class ChatCompletionEndpoint:
@@ -37,27 +42,31 @@ class ChatCompletionEndpoint:
         check_model(body.model, self.served_model_name)
         outcome = request_outcome(request)
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
+        body.check_supported()
         num_top_logprobs = body.num_logprobs()
         self.limits.check_num_sequences(body.n or 1, 1)
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
-        messages = [message.template_message() for message in body.messages]
+        tools = ChatTools(body)
+        messages = tools.template_messages(body.messages, self.tokenizer.chat_template.takes_tools)
         check_unicode([message["content"] for message in messages], "messages")
         check_unicode(body.stop_strings(), "stop")
-        prompt = await self.tokenizer.apply_chat_template_async(messages)
+        prompt = await self.tokenizer.apply_chat_template_async(messages, tools.template_tools())
         check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
                                         engine_context_length(self.engine), "messages", self.limits.max_output_tokens)
-        params = body.sampling_params(max_tokens, num_top_logprobs)
+        params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
+                                      tools.structured_output())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
+        messages_out = [AssistantMessage(tools.enabled) for _ in choices]
         tally = UsageTally([prompt])
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
-            events = self._events(request_id, deltas, tally, num_top_logprobs, body.include_usage_in_stream(),
-                                  outcome)
+            events = self._events(request_id, deltas, messages_out, tally, num_top_logprobs,
+                                  body.include_usage_in_stream(), outcome)
             return await start_event_stream(request, events)
-        response = await until_disconnect(request, self._complete(request_id, deltas, len(choices), tally,
+        response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally,
                                                                    num_top_logprobs))
         return JSONResponse(response.model_dump(mode="json"))
 
@@ -66,27 +75,32 @@ class ChatCompletionEndpoint:
             return None
         return chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs, num_top_logprobs)
 
-    async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], num_choices: int,
-                        tally: UsageTally, num_top_logprobs: int | None) -> ChatCompletionResponse:
-        texts = [""] * num_choices
-        logprobs: list[ChatLogprobs | None] = [None] * num_choices
-        finish_reasons: list[str | None] = [None] * num_choices
+    async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None],
+                        messages: list[AssistantMessage], tally: UsageTally,
+                        num_top_logprobs: int | None) -> ChatCompletionResponse:
+        logprobs: list[ChatLogprobs | None] = [None] * len(messages)
+        prompt_logprobs: list[PromptLogprobs | None] = [None] * len(messages)
         async with aclosing(deltas):
             async for delta in deltas:
                 tally.record(delta)
-                texts[delta.index] += delta.text
-                finish_reasons[delta.index] = delta.finish_reason
+                messages[delta.index].add(delta)
+                if delta.prompt_logprobs is not None:
+                    prompt_logprobs[delta.index] = self._prompt_logprobs(delta)
                 more = self._logprobs(delta, num_top_logprobs)
                 if more is not None:
                     so_far = logprobs[delta.index] or ChatLogprobs(content=[])
                     so_far.content = (so_far.content or []) + (more.content or [])
                     logprobs[delta.index] = so_far
-        choices = [ChatChoice(index=index, message=ChatResponseMessage(content=texts[index]), logprobs=logprobs[index],
-                              finish_reason=finish_reasons[index]) for index in range(num_choices)]
+        choices = [ChatChoice(index=index, message=message.message(), logprobs=logprobs[index],
+                              finish_reason=message.finish_reason, prompt_logprobs=prompt_logprobs[index])
+                   for index, message in enumerate(messages)]
         return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
-    def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], tally: UsageTally,
-                num_top_logprobs: int | None, include_usage: bool,
+    def _prompt_logprobs(self, delta: ChoiceDelta) -> PromptLogprobs:
+        return prompt_logprobs_by_token(self.tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
+
+    def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], messages: list[AssistantMessage],
+                tally: UsageTally, num_top_logprobs: int | None, include_usage: bool,
                 outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
@@ -106,9 +120,48 @@ class ChatCompletionEndpoint:
                 started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
                 events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""))))
             logprobs = self._logprobs(delta, num_top_logprobs)
-            if delta.text or logprobs is not None or delta.finish_reason is not None:
-                events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(content=delta.text or None),
-                                                    logprobs=logprobs, finish_reason=delta.finish_reason)))
+            message = messages[delta.index]
+            text, calls = message.add(delta)
+            if text or calls or logprobs is not None or delta.finish_reason is not None:
+                chunks = [ToolCallChunk(index=call.index, id=call.id, type="function" if call.id else None,
+                                        function=FunctionCallDelta(name=call.name, arguments=call.arguments))
+                          for call in calls]
+                events.append(chunk(ChatChunkChoice(
+                    index=delta.index, delta=ChatDelta(content=text or None, tool_calls=chunks or None),
+                    logprobs=logprobs, finish_reason=message.finish_reason,
+                    prompt_logprobs=self._prompt_logprobs(delta) if delta.prompt_logprobs is not None else None)))
             return events
 
         return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)
+
+
+class AssistantMessage:
+    """One choice's assistant message as it streams in: its text, and with tools on, the calls read from it."""
+
+    def __init__(self, read_tool_calls: bool) -> None:
+        self.parser = ToolCallParser() if read_tool_calls else None
+        self.content = ""
+        self.finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> tuple[str, list[ToolCallDelta]]:
+        """What `delta` adds: text, and pieces of tool calls."""
+        if self.parser is None:
+            text, calls = delta.text, []
+        else:
+            parsed = self.parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                rest = self.parser.finish()
+                parsed.content += rest.content
+                parsed.tool_calls += rest.tool_calls
+            text, calls = parsed.content, parsed.tool_calls
+        self.content += text
+        if delta.finish_reason is not None:
+            called = self.parser is not None and self.parser.calls and delta.finish_reason == "stop"
+            self.finish_reason = "tool_calls" if called else delta.finish_reason
+        return text, calls
+
+    def message(self) -> ChatResponseMessage:
+        calls = [ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                 for call in (self.parser.calls if self.parser is not None else [])]
+        return ChatResponseMessage(content=self.content if self.content or not calls else None,
+                                   tool_calls=calls or None)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -70,21 +71,25 @@ class ChatTemplate:
     def __init__(self, source: str | None, special_tokens: dict[str, str]) -> None:
         self._special_tokens = dict(special_tokens)
         self._template: jinja2.Template | None = None
+        self.takes_tools = False  # whether the template reads the variable `tools`
         # A template that cannot serve chats leaves the rest of the API working; each chat request says why.
         self._unusable = "this model has no chat template; use /v1/completions with a prompt"
         if source is not None:
             try:
-                self._template = _environment().from_string(source)
+                environment = _environment()
+                self._template = environment.from_string(source)
+                self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(source))
             except jinja2.TemplateSyntaxError as error:
                 self._unusable = f"the model's chat template does not compile: {error}"
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise ChatTemplateError(self._unusable)
         if not messages:
             raise ChatTemplateError("messages is empty; it must hold at least one message")
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
+            return self._template.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._special_tokens)
         except _RENDER_ERRORS as error:
             raise ChatTemplateError(f"the chat template rejected the messages: {error}") from error

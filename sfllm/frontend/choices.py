@@ -40,6 +40,9 @@ class ChoiceDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    prompt_token_ids: list[int]
+    # in a choice's first delta, if asked for: the logprobs of prompt tokens 1..
+    prompt_logprobs: list[SampledLogprobs] | None = None
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -100,4 +103,6 @@ class ChoiceDecoder:
             num_prompt_tokens=output.num_prompt_tokens or len(self.choice.request.prompt_token_ids),
             num_cached_tokens=output.num_cached_tokens,
             num_output_tokens=self.num_output_tokens,
+            prompt_token_ids=self.choice.request.prompt_token_ids,
+            prompt_logprobs=output.prompt_logprobs,
         )

@@ -15,9 +15,11 @@ from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
-from sfllm.frontend.logprobs_format import completion_logprobs, extend_completion_logprobs
+from sfllm.frontend.logprobs_format import (completion_logprobs, extend_completion_logprobs, prompt_completion_logprobs,
+                                            prompt_logprobs_by_token)
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
-from sfllm.frontend.openai_protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from sfllm.frontend.openai_protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                            PromptLogprobs)
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
@@ -27,15 +29,18 @@ DEFAULT_MAX_TOKENS = 16
 
 
 class _ChoiceText:
-    """A choice's text and logprobs as they build up; `text_offset` counts from the echoed prompt."""
+    """A choice's text and logprobs as they build up; `text_offset` counts from the echoed prompt, whose
+    tokens' logprobs (`echo` with `logprobs`) come first."""
 
-    def __init__(self, index: int, echo: str) -> None:
+    def __init__(self, index: int, echo: str, echo_logprobs: bool) -> None:
         self.index = index
         self.echo = echo
+        self.echo_logprobs = echo_logprobs
         self.started = False
         self.text = echo
         self.text_offset = len(echo)
         self.logprobs: CompletionLogprobs | None = None
+        self.prompt_logprobs: PromptLogprobs | None = None
         self.finish_reason: str | None = None
 
     def add(self, delta: ChoiceDelta, tokenizer: Tokenizer) -> CompletionChoice:
@@ -45,13 +50,25 @@ class _ChoiceText:
         self.text += delta.text
         self.finish_reason = delta.finish_reason
         logprobs = None
+        if self.echo_logprobs and delta.prompt_logprobs is not None:
+            logprobs = prompt_completion_logprobs(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
         if delta.logprobs is not None:
-            logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offset)
-            self.text_offset += sum(len(token) for token in logprobs.tokens)
+            more = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offset)
+            self.text_offset += sum(len(token) for token in more.tokens)
+            if logprobs is None:
+                logprobs = more
+            else:
+                extend_completion_logprobs(logprobs, more)
+        if logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = CompletionLogprobs()
             extend_completion_logprobs(self.logprobs, logprobs)
-        return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        prompt_logprobs = None
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_by_token(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
+            self.prompt_logprobs = prompt_logprobs
+        return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                                prompt_logprobs=prompt_logprobs)
 
 
 class CompletionEndpoint:
@@ -68,9 +85,10 @@ class CompletionEndpoint:
         check_model(body.model, self.served_model_name)
         outcome = request_outcome(request)
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
-        if body.echo and body.logprobs is not None:
-            raise InvalidRequestError("echo together with logprobs is not supported: sfllm computes no prompt "
-                                      "logprobs", param="echo")
+        body.check_supported()
+        echo_logprobs = bool(body.echo) and body.logprobs is not None
+        if echo_logprobs:  # the prompt's tokens with as many alternatives as the completion's
+            body.prompt_logprobs = max(body.prompt_logprobs or 0, body.logprobs)
         raw_prompts = body.prompts()
         if not raw_prompts:
             raise InvalidRequestError("prompt is empty", param="prompt")
@@ -82,12 +100,13 @@ class CompletionEndpoint:
         max_context_length = engine_context_length(self.engine)
         params = [body.sampling_params(resolve_max_tokens(body.requested_max_tokens(), DEFAULT_MAX_TOKENS,
                                                           len(prompt), max_context_length, "prompt",
-                                                          self.limits.max_output_tokens), body.logprobs)
+                                                          self.limits.max_output_tokens), body.logprobs,
+                                       self.tokenizer.vocab_size)
                   for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
-                             if body.echo else "") for choice in choices]
+                             if body.echo else "", echo_logprobs) for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
@@ -114,7 +133,8 @@ class CompletionEndpoint:
                 texts[delta.index].add(delta, self.tokenizer)
                 tally.record(delta)
         choices = [CompletionChoice(index=text.index, text=text.text, logprobs=text.logprobs,
-                                    finish_reason=text.finish_reason) for text in texts]
+                                    finish_reason=text.finish_reason, prompt_logprobs=text.prompt_logprobs)
+                   for text in texts]
         return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],

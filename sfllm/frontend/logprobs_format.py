@@ -53,3 +53,18 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[Sam
                for alternative in sampled.top[:num_top]]
         content.append(ChatTokenLogprob(token=entry.token, logprob=entry.logprob, bytes=entry.bytes, top_logprobs=top))
     return ChatLogprobs(content=content)
+
+
+def prompt_completion_logprobs(tokenizer: Tokenizer, prompt_token_ids: list[int],
+                               logprobs: list[SampledLogprobs]) -> CompletionLogprobs:
+    """An echoed prompt's part of completions' logprobs: the first token has none (null), as in OpenAI's."""
+    first = tokenizer.token_text(prompt_token_ids[0])
+    result = completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, len(first))
+    return CompletionLogprobs(tokens=[first] + result.tokens, token_logprobs=[None] + result.token_logprobs,
+                              top_logprobs=[None] + result.top_logprobs, text_offset=[0] + result.text_offset)
+
+
+def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
+                             logprobs: list[SampledLogprobs]) -> list[dict[str, float] | None]:
+    """The `prompt_logprobs` extension: per prompt token, its logprob and the top alternatives' by token text."""
+    return [None] + completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, 0).top_logprobs

@@ -1,17 +1,19 @@
 """OpenAI's /v1/completions and /v1/chat/completions bodies, and their SamplingParams.
 
 Requests validate strictly (a string is not a number, "yes" is not a boolean);
-unknown fields are ignored, as clients send OpenAI options sfllm has no use for.
+unknown fields are ignored, as clients send OpenAI options sfllm has no use for, except those
+that would change the answer and that sfllm does not implement (`UNSUPPORTED`): a 400 names them.
 Every optional field also accepts null. Ranges are checked by `SamplingParams.validate`.
 """
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
+from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolCallChunk, ToolChoice
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
 
 Priority = Literal["high", "normal", "background"]
 MAX_LOGPROBS = 20
@@ -20,16 +22,48 @@ MAX_TOKEN_INT = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class RequestBody(StrictModel):
+    # unknown fields are kept (and not checked) so that `check_supported` can see them
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(StrictModel):
     include_usage: bool | None = False
 
 
-class GenerationRequest(StrictModel):
-    """What both endpoints share: model, sampling, stopping, streaming, priority."""
+class JsonSchemaFormat(StrictModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # the output always follows the schema: grammars do not approximate it, strict or not
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's text, json_object and json_schema; and the extensions regex and grammar (Lark or GBNF)."""
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput.json_object()
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise InvalidSamplingParams("response_format", "response_format of type json_schema needs "
+                                                               "json_schema.schema")
+            return StructuredOutput.json_schema(self.json_schema.schema_)
+        text = self.regex if self.type == "regex" else self.grammar
+        if text is None:
+            raise InvalidSamplingParams("response_format", f"response_format of type {self.type} needs {self.type}")
+        return StructuredOutput(self.type, text)
+
+
+class GenerationRequest(RequestBody):
+    """What both endpoints share: model, sampling, stopping, streaming, priority, structured outputs."""
     model: str | None = None
     max_tokens: int | None = None
     max_new_tokens: int | None = Field(default=None, description="alias of max_tokens")
@@ -51,6 +85,18 @@ class GenerationRequest(StrictModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: Priority | None = Field(default=None, description="scheduling class; also the X-Priority header")
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = Field(default=None, description="extension: logprobs of the prompt's tokens, with "
+                                                                  "this many alternatives")
+    # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
+
+    def check_supported(self) -> None:
+        extra = self.model_extra or {}
+        for name in self.UNSUPPORTED:
+            if extra.get(name) not in (None, False, "", [], {}):
+                raise InvalidSamplingParams(name, f"{name} is not supported by this server")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
@@ -65,8 +111,18 @@ class GenerationRequest(StrictModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidSamplingParams("stream_options", "stream_options is only allowed when stream is true")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field."""
+    def token_logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise InvalidSamplingParams("logit_bias", f"logit_bias keys are token ids; got {key!r}")
+            bias[int(key)] = value
+        return bias
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int | None = None,
+                        structured_output: StructuredOutput | None = None) -> SamplingParams:
+        """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field.
+        `structured_output`, where given, replaces the response format's (a forced tool call's grammar)."""
         self.check_stream_options()
         stop = self.stop_strings()
         params = SamplingParams(
@@ -85,9 +141,12 @@ class GenerationRequest(StrictModel):
             ignore_eos=_or(self.ignore_eos, False),
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False),
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=_or(self.skip_special_tokens, True),
+            structured_output=structured_output or (self.response_format and self.response_format.structured_output()),
+            logit_bias=self.token_logit_bias(),
         )
-        params.validate(max_logprobs=MAX_LOGPROBS)
+        params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
         return params
 
 
@@ -102,6 +161,14 @@ class CompletionRequest(GenerationRequest):
     prompt: Prompt
     echo: bool | None = False
     logprobs: int | None = None
+    best_of: int | None = None
+    UNSUPPORTED = ("suffix",)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of > _or(self.n, 1):
+            raise InvalidSamplingParams("best_of", f"best_of ({self.best_of}) greater than n is not supported by this "
+                                                   "server: it returns every sample it draws")
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -128,18 +195,24 @@ class ChatTextPart(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatTextPart] | None = None
     name: str | None = None
+    tool_calls: list[ChatToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def template_message(self) -> dict[str, str]:
-        """The message as chat templates expect it; OpenAI's `developer` is a system message."""
-        role = "system" if self.role == "developer" else self.role
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message of role tool needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages have tool_calls, not {self.role} messages")
+        return self
+
+    def text(self) -> str:
         if isinstance(self.content, list):
-            content = "\n".join(part.text for part in self.content)
-        else:
-            content = self.content or ""
-        return {"role": role, "content": content}
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -147,6 +220,10 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -185,11 +262,23 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = []
 
 
+PromptLogprobs = list[dict[str, float] | None]  # per prompt token: token text -> logprob, None for the first
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("prompt_logprobs",))
+
+
+def _without_none(fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if not (key in names and value is None)}
 
 
 class CompletionResponse(BaseModel):
@@ -219,6 +308,11 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ChatToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("tool_calls",))
 
 
 class ChatChoice(BaseModel):
@@ -226,6 +320,11 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("prompt_logprobs",))
 
 
 class ChatCompletionResponse(BaseModel):
@@ -240,6 +339,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent_fields(self, handler: Any) -> dict[str, Any]:
@@ -252,6 +352,11 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("prompt_logprobs",))
 
 
 class ChatCompletionChunk(BaseModel):

@@ -67,14 +67,16 @@ class Tokenizer:
         """`encode` off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text)
 
-    async def apply_chat_template_async(self, messages: list[dict[str, str]]) -> list[int]:
+    async def apply_chat_template_async(self, messages: list[dict[str, Any]],
+                                        tools: list[dict[str, Any]] | None = None) -> list[int]:
         """`apply_chat_template` off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.apply_chat_template,
-                                                                messages)
+                                                                messages, True, tools)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered conversation; raises ChatTemplateError if the template refuses it."""
-        prompt = self.chat_template.render(messages, add_generation_prompt)
+        prompt = self.chat_template.render(messages, add_generation_prompt, tools)
         # The template already wrote the special tokens (BOS and friends); adding them again would double them.
         return self._backend.encode(prompt, add_special_tokens=False).ids
 

@@ -5,6 +5,12 @@ waits for the scheduler; `--disable-overlap` reads every step back before the ne
 The server sends step N+1 only `SEND_AHEAD_S` before step N is due to end (`submit_due`):
 a request that arrives while a long step runs then gets into the next step, not the one
 after it; steps shorter than that are sent at once, as before.
+
+A grammar row of step N+1 whose token of step N is in flight cannot be masked when N+1 is sent: the
+worker runs N+1's forward and waits with its sampling for a GrammarMask, which goes out as soon as
+step N's tokens are in, before step N+2. The mask is computed while the device runs N+1's forward,
+and constrained requests still decode every step (having them sit out every other step, waiting
+for their token, would halve their throughput).
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import EngineConfig
-from sfllm.messages import ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
+from sfllm.loop_time import LoopTime
+from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
+                            WorkerReady)
 from sfllm.nvtx import nvtx_range
+from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -31,17 +40,23 @@ class WorkerHandle(Protocol):
 
     def submit(self, batch: ForwardBatch) -> None: ...
 
+    def send_grammar_mask(self, mask: GrammarMask) -> None: ...
+
     def collect(self) -> ForwardResult: ...
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: WorkerHandle,
+    def __init__(self, config: EngineConfig, worker: WorkerHandle, tokenizer: TokenizerSpec | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        """`tokenizer`: the model's, for grammars (None: requests with a structured output are refused)."""
         self.config = config
         self.worker = worker
         info = worker.info
+        grammars = None if tokenizer is None else GrammarMatchers(tokenizer.tokenizer_json, info.vocab_size,
+                                                                   info.eos_token_ids)
         self.scheduler = Scheduler(config, info.num_kv_blocks, info.num_cpu_kv_blocks, info.max_context_length,
-                                   info.eos_token_ids)
+                                   info.eos_token_ids, grammars=grammars, vocab_size=info.vocab_size)
+        self.loop_time: LoopTime | None = None  # the engine process's: grammar masks are charged to it
         self.max_in_flight = 1 if config.disable_overlap else 2
         self._in_flight: deque[ScheduledStep] = deque()
         self._clock = clock
@@ -74,6 +89,8 @@ class EngineCore:
             scheduled = self.scheduler.schedule()
         if scheduled is None:
             return False
+        if scheduled.grammar_requests and not scheduled.mask_late:
+            scheduled.batch.grammar_mask = self._grammar_mask(scheduled, "scheduling")
         self.worker.submit(scheduled.batch)
         if not self._in_flight:
             self._running_since = self._clock()
@@ -116,7 +133,22 @@ class EngineCore:
             logger.debug("step %d: %d sequences of one new token, %d tokens in %d longer ones; worker %.2f ms, "
                          "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
                          len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
-        return self.scheduler.process_result(scheduled, result)
+        outputs = self.scheduler.process_result(scheduled, result)
+        # the next step's grammar rows waited for these tokens: its mask goes out before any later step
+        if self._in_flight and self._in_flight[0].mask_late:
+            following = self._in_flight[0]
+            following.mask_late = False
+            mask = self._grammar_mask(following, "results")
+            self.worker.send_grammar_mask(GrammarMask(step_id=following.batch.step_id, bitmask=mask))
+        return outputs
+
+    def _grammar_mask(self, step: ScheduledStep, phase_before: str) -> bytes:
+        if self.loop_time is not None:
+            self.loop_time.lap(phase_before)
+        mask = self.scheduler.grammar_mask(step)
+        if self.loop_time is not None:
+            self.loop_time.lap("grammar masks")
+        return mask
 
     def step(self) -> list[RequestOutput]:
         """One turn of the blocking loop: send a step if there is room, then read back the oldest

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
+from sfllm.messages import SampledLogprobs
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.priority import PRIORITY_RANK
 
@@ -46,6 +48,11 @@ class Request:
     # a background request admitted after waiting past its bound ranks as high from then on:
     # short of blocks, the normal work it pushed out gives way before it does
     aged: bool = False
+    # the grammar's state after the output tokens known so far (an llguidance.LLMatcher), if constrained
+    matcher: Any = None
+    # of prompt tokens 1.., filled as prefill chunks come back, if asked for; sent with the first output
+    prompt_logprobs: list[SampledLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def rank(self) -> int:

@@ -13,11 +13,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sfllm.config import EngineConfig
-from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput,
-                            SequenceSampling)
+from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
+                            RequestOutput, SequenceSampling)
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
+from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
@@ -33,6 +36,12 @@ STATS_LOG_INTERVAL_S = 10.0
 class ScheduledStep:
     batch: ForwardBatch
     sampled: list[Request]
+    # the requests of the batch's grammar rows, in order; the step's mask is late (a GrammarMask follows
+    # the batch) when one of them had a token in flight as the step was built
+    grammar_requests: list[Request] = field(default_factory=list)
+    mask_late: bool = False
+    # the requests of the batch's prompt_logprobs entries, with the prompt position of their first target
+    prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,18 +67,26 @@ class _StepBuilder:
     new_sequences: list[SequenceSampling] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    grammar_rows: list[int] = field(default_factory=list)
+    grammar_requests: list[Request] = field(default_factory=list)
+    mask_late: bool = False
+    prompt_logprobs: list[PromptLogprobTargets] = field(default_factory=list)
+    prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
 
     def build(self) -> ScheduledStep:
         batch = ForwardBatch(step_id=self.step_id, slots=self.slots, num_new_tokens=self.num_new_tokens,
                              context_lens=self.context_lens, input_token_ids=self.input_token_ids,
                              sample=self.sample, block_table_updates=self.block_table_updates,
-                             new_sequences=self.new_sequences, swap_out=self.swap_out, swap_in=self.swap_in)
-        return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s])
+                             new_sequences=self.new_sequences, swap_out=self.swap_out, swap_in=self.swap_in,
+                             grammar_rows=self.grammar_rows, prompt_logprobs=self.prompt_logprobs)
+        return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s], self.grammar_requests,
+                             self.mask_late, self.prompt_logprob_requests)
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int, num_cpu_blocks: int, max_context_length: int,
-                 eos_token_ids: list[int], clock: Callable[[], float] = time.monotonic) -> None:
+                 eos_token_ids: list[int], clock: Callable[[], float] = time.monotonic,
+                 grammars: GrammarMatchers | None = None, vocab_size: int | None = None) -> None:
         self.config = config
         self.block_size = config.block_size
         self.max_context_length = max_context_length
@@ -80,6 +97,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stop_checker = StopChecker(eos_token_ids, max_context_length)
+        self.grammars = grammars  # None: no tokenizer for grammars (a constrained request is refused)
+        self.vocab_size = vocab_size
         self._free_slots = list(range(config.max_running_requests - 1, -1, -1))
         self._clock = clock
         self._step_id = 0
@@ -101,14 +120,30 @@ class Scheduler:
                                               f"{self.max_context_length}: it must be shorter", 400)
         if message.priority not in PRIORITY_RANK:
             return _error(message.request_id, f"priority must be one of {', '.join(PRIORITY_RANK)}", 400)
+        try:
+            if self.vocab_size is not None:
+                message.params.check_vocabulary(self.vocab_size)
+            matcher = self._matcher(message.params)
+        except InvalidSamplingParams as error:
+            return _error(message.request_id, str(error), 400)
         request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
-                          message.priority, message.arrival_time or time.time())
+                          message.priority, message.arrival_time or time.time(), matcher=matcher)
+        if message.params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * (prompt_len - 1)
         try:
             self.waiting.add(request, self._clock())
         except QueueFull as error:
             return _error(message.request_id, f"{error}; retry later", 503)
         self.requests[request.request_id] = request
         return None
+
+    def _matcher(self, params: SamplingParams) -> Any:
+        if params.structured_output is None:
+            return None
+        if self.grammars is None:
+            raise InvalidSamplingParams("response_format", "this engine was started without a tokenizer for "
+                                                           "grammars: structured outputs are not available")
+        return self.grammars.matcher(params.structured_output)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = []
@@ -230,7 +265,9 @@ class Scheduler:
         if request.status is RequestStatus.SWAPPED:
             return self._swap_in(request, step)
         looked_up = 0
-        if request.num_computed_tokens == 0 and not request.block_ids and self.allocator.enable_prefix_cache:
+        # prompt logprobs need the logits of every prompt position, which cached blocks do not keep
+        if (request.num_computed_tokens == 0 and not request.block_ids and self.allocator.enable_prefix_cache
+                and request.prompt_logprobs is None):
             max_cached = (request.num_tokens - 1) // self.block_size
             blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
             request.block_ids, request.block_hashes = blocks, hashes
@@ -303,6 +340,12 @@ class Scheduler:
                 prompt_token_ids=request.prompt_token_ids if penalties else [],
                 output_token_ids=request.output_token_ids if penalties else []))
             request.needs_sampling_state = False
+        if sample and request.matcher is not None:
+            step.grammar_rows.append(sum(step.sample))
+            step.grammar_requests.append(request)
+            # its previous token is not back yet: the grammar can only mask this step once it is
+            step.mask_late |= request.num_pending_samples > 0
+        self._add_prompt_logprob_targets(step, request, start, end)
         step.requests.append(request)
         step.slots.append(request.slot)
         step.num_new_tokens.append(num_new)
@@ -319,6 +362,15 @@ class Scheduler:
         if sample:
             request.num_pending_samples += 1
         self._register_full_blocks(request)
+
+    def _add_prompt_logprob_targets(self, step: _StepBuilder, request: Request, start: int, end: int) -> None:
+        """Positions start..end-1 predict prompt tokens start+1..end: those within the prompt are targets."""
+        prompt = request.prompt_token_ids
+        if request.prompt_logprobs is None or request.prompt_logprobs_sent or start + 1 >= len(prompt):
+            return
+        targets = prompt[start + 1:min(end + 1, len(prompt))]
+        step.prompt_logprobs.append(PromptLogprobTargets(len(step.slots), request.params.prompt_logprobs, targets))
+        step.prompt_logprob_requests.append((request, start))
 
     def _register_full_blocks(self, request: Request) -> None:
         """Offers the request's full, computed blocks whose tokens are known to the prefix cache."""
@@ -378,6 +430,7 @@ class Scheduler:
             request.swapped_block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        request.matcher = None
         del self.requests[request.request_id]
         return RequestOutput(request_id=request.request_id, token_ids=[], finish_reason=reason,
                              num_prompt_tokens=len(request.prompt_token_ids),
@@ -386,6 +439,9 @@ class Scheduler:
     # ---- results ------------------------------------------------------------------------
 
     def process_result(self, step: ScheduledStep, result: ForwardResult) -> list[RequestOutput]:
+        for (request, start), entries in zip(step.prompt_logprob_requests, result.prompt_logprobs):
+            if request.prompt_logprobs is not None:
+                request.prompt_logprobs[start:start + len(entries)] = entries
         outputs = []
         for row, request in enumerate(step.sampled):
             request.num_pending_samples -= 1
@@ -394,18 +450,31 @@ class Scheduler:
             token = result.token_ids[row]
             request.output_token_ids.append(token)
             self._register_full_blocks(request)
+            if request.matcher is not None and not accepts(request.matcher, token):
+                error = f"the grammar refused token {token}: {request.matcher.get_error()}"
+                failed = self._finish(request, "error")
+                failed.error, failed.error_code = error, 500
+                outputs.append(failed)
+                continue
             reason = self.stop_checker.finish_reason(request, token)
+            if reason is None and request.matcher is not None and request.matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
             logprobs = [result.logprobs[row]] if request.params.logprobs is not None else None
-            if reason is None:
-                outputs.append(RequestOutput(request_id=request.request_id, token_ids=[token], logprobs=logprobs,
-                                             num_prompt_tokens=len(request.prompt_token_ids),
-                                             num_cached_tokens=request.num_cached_tokens))
-            else:
-                final = self._finish(request, reason)
-                final.token_ids = [token]
-                final.logprobs = logprobs
-                outputs.append(final)
+            output = self._finish(request, reason) if reason is not None else RequestOutput(
+                request_id=request.request_id, token_ids=[], num_prompt_tokens=len(request.prompt_token_ids),
+                num_cached_tokens=request.num_cached_tokens)
+            output.token_ids = [token]
+            output.logprobs = logprobs
+            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+                output.prompt_logprobs = request.prompt_logprobs
+                request.prompt_logprobs_sent = True
+            outputs.append(output)
         return outputs
+
+    def grammar_mask(self, step: ScheduledStep) -> bytes:
+        """The packed bitmask of the step's grammar rows, from its requests' grammars as they stand: call it
+        once the tokens before the step are all in."""
+        return self.grammars.masks([None if r.is_finished else r.matcher for r in step.grammar_requests])
 
     def stats(self) -> dict:
         running = {name: 0 for name in PRIORITY_RANK}

@@ -21,9 +21,9 @@ from sfllm.config import EngineConfig, write_child_config
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
-                            EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, Heartbeat,
-                            MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
-                            StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
+                            EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, GrammarMask,
+                            Heartbeat, MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown,
+                            StartProfile, StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.scheduler.engine_core import EngineCore
@@ -85,6 +85,9 @@ class RemoteWorker:
                 return
             except zmq.Again:
                 self.check_alive()
+
+    def send_grammar_mask(self, mask: GrammarMask) -> None:
+        self.send(mask)
 
     def collect(self) -> ForwardResult:
         message = self._receive(600.0)
@@ -150,7 +153,7 @@ class EngineServer:
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.counters = EngineCounters()
-        self.loop_time = LoopTime()
+        self.loop_time = core.loop_time = LoopTime()
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:
@@ -310,7 +313,7 @@ def run_engine(config: EngineConfig) -> int:
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
-        core = EngineCore(config, worker)
+        core = EngineCore(config, worker, tokenizer)
         frontend_sock.bind(address)
         server = EngineServer(config, core, worker, frontend_sock, tokenizer)
         if stopping["flag"]:

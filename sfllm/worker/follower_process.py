@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from sfllm.config import EngineConfig
-from sfllm.messages import ForwardBatch, MessageCodec, SchedulerToWorker, Shutdown
+from sfllm.messages import ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown
 from sfllm.model_source import resolve_model
 from sfllm.worker.model_runner import ModelRunner, pick_device
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -35,8 +35,11 @@ def run_follower(config: EngineConfig, address: str, rank: int, rendezvous: Path
         runner = ModelRunner(config, source, group)
         while True:
             message = codec.decode(sock.recv())
-            if isinstance(message, ForwardBatch):
-                runner.execute(message)
+            if isinstance(message, (ForwardBatch, GrammarMask)):
+                if isinstance(message, ForwardBatch):
+                    runner.execute(message)
+                else:
+                    runner.apply_grammar_mask(message)
                 while runner.next_result(wait=False) is not None:
                     pass  # rank 0 reports these tokens: it drew the same
             elif isinstance(message, Shutdown):

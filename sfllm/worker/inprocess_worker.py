@@ -3,10 +3,13 @@ the other ranks in processes of their own)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 import weakref
 
 from sfllm.config import EngineConfig
-from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, MessageCodec, SchedulerToWorker, WorkerReady
+from sfllm.messages import (PROTOCOL_VERSION, ForwardBatch, ForwardResult, GrammarMask, MessageCodec,
+                            SchedulerToWorker, WorkerReady)
 from sfllm.model_source import ModelSource
 from sfllm.worker.follower_ranks import FollowerRanks, RankFailed, start_rank_zero
 from sfllm.worker.model_runner import ModelRunner
@@ -19,7 +22,7 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
                        max_context_length=runner.max_context_length,
                        eos_token_ids=list(runner.source.config.eos_token_ids),
                        num_kv_blocks=runner.kv_cache.num_blocks, num_cpu_kv_blocks=runner.num_cpu_blocks,
-                       block_size=runner.block_size, pid=os.getpid())
+                       block_size=runner.block_size, vocab_size=runner.source.config.vocab_size, pid=os.getpid())
 
 
 class InProcessWorker:
@@ -31,13 +34,19 @@ class InProcessWorker:
         self.close = weakref.finalize(self, _stop, self.followers)
 
     def submit(self, batch: ForwardBatch) -> None:
+        self._on_every_rank(batch, self.runner.execute)
+
+    def send_grammar_mask(self, mask: GrammarMask) -> None:
+        self._on_every_rank(mask, self.runner.apply_grammar_mask)
+
+    def _on_every_rank(self, message: ForwardBatch | GrammarMask, run: Callable[[Any], object]) -> None:
         if self.followers is None:
-            self.runner.execute(batch)
+            run(message)
             return
         self.followers.check()
-        self.followers.relay(self._codec.encode(batch))
+        self.followers.relay(self._codec.encode(message))
         try:
-            self.runner.execute(batch)
+            run(message)
         except RuntimeError as error:
             lost = self.followers.lost_rank(LOST_RANK_WAIT_S)
             if lost is None:

@@ -11,14 +11,14 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sfllm.config import EngineConfig
 from sfllm.loop_time import LoopTime
-from sfllm.messages import ForwardBatch, ForwardResult
+from sfllm.messages import ForwardBatch, ForwardResult, GrammarMask, SampledLogprobs
 from sfllm.model_source import ModelSource
 from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
@@ -31,10 +31,12 @@ from sfllm.worker.kv_splits import KVSplits
 from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.pending_step import PendingStep
+from sfllm.worker.prompt_logprobs import prompt_token_logprobs
 from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
+from sfllm.worker.token_mask import grammar_bitmask
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,20 @@ def pick_dtype(name: str, config_dtype: str, device: torch.device) -> torch.dtyp
     # as vLLM does: float32 checkpoints (and our dequantised GGUFs) run in half precision on GPUs
     dtype = _DTYPES.get(config_dtype, torch.bfloat16)
     return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+@dataclass
+class StepLogits:
+    """A launched step up to its sampled rows' logits: what sampling starts from, now or once the step's
+    grammar mask is in."""
+    batch: ForwardBatch
+    started: float
+    sampled_slots: list[int]
+    logits: torch.Tensor | None      # [N, V] of the N sampled rows
+    slots: torch.Tensor | None       # [N]: their slots, where their tokens go in `last_tokens`
+    tokens: torch.Tensor | None      # [N]: the graph's draws; None where the eager sampler draws every row
+    redraw: list[int]                # rows the eager sampler draws
+    prompt_logprobs: list[list[SampledLogprobs]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +130,7 @@ class ModelRunner:
         self._gpu_memory = (0, 0)
         self._gpu_memory_read = -math.inf
         self._launched: deque[PendingStep] = deque()
+        self._awaiting_mask: StepLogits | None = None  # launched, sampling once its GrammarMask is in
         self._num_resolved = 0  # leading steps of _launched whose results are packed and recorded
         self.profiler = StepProfiler()
         self.num_steps = 0
@@ -147,8 +164,12 @@ class ModelRunner:
 
     # ---- steps --------------------------------------------------------------------------
 
-    def execute(self, batch: ForwardBatch) -> PendingStep:
-        """Launches the step; its result comes from `next_result`, after those of earlier steps."""
+    def execute(self, batch: ForwardBatch) -> PendingStep | None:
+        """Launches the step; its result comes from `next_result`, after those of earlier steps. None when
+        its sampling waits for the grammar mask that follows it (`apply_grammar_mask` launches it then)."""
+        if self._awaiting_mask is not None:
+            raise RuntimeError(f"step {batch.step_id} arrived before the grammar mask of step "
+                               f"{self._awaiting_mask.batch.step_id}")
         started = time.perf_counter()
         self.profiler.step()
         self.num_steps += 1
@@ -159,65 +180,96 @@ class ModelRunner:
                 self.block_tables.apply(batch.block_table_updates)
                 for seq in batch.new_sequences:
                     self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
-                shape = self.graph_runner.shape_for(batch) if self.graph_runner is not None else None
+                # prompt logprobs need every position's hidden state, which only the eager step keeps
+                graph = self.graph_runner is not None and not batch.prompt_logprobs
+                shape = self.graph_runner.shape_for(batch) if graph else None
                 if shape is not None:
                     num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature)
             sampled_slots = [slot for slot, sample in zip(batch.slots, batch.sample) if sample]
             if not batch.slots:
-                pending = PendingStep(batch.step_id, started, [])
+                step = None
             elif shape is not None:
                 self._lap("prepare")
-                pending = self._replay_graph(batch, shape, num_sampled, sampled_slots, started)
+                step = self._replay_graph(batch, shape, num_sampled, sampled_slots, started)
             else:
                 self._lap("eager prepare")
-                pending = self._run_eager(batch, sampled_slots, started)
+                step = self._run_eager(batch, sampled_slots, started)
+            if step is None:
+                pending = PendingStep(batch.step_id, started, [])
+            elif batch.grammar_rows and not batch.grammar_mask:
+                self._awaiting_mask = step
+                return None
+            else:
+                pending = self._sample(step, batch.grammar_mask)
         self._launched.append(pending)
         return pending
 
-    def _run_eager(self, batch: ForwardBatch, sampled_slots: list[int], started: float) -> PendingStep:
-        with nvtx_range("forward"):
-            hidden, tensors = self.eager.forward(batch, self.slot_temperature)
-        self._lap("eager forward")
-        if not sampled_slots:
-            return PendingStep(batch.step_id, started, [])
-        with nvtx_range("sample"):
-            logits = self.model.compute_logits(hidden)
-            states = [self.slots[s] for s in sampled_slots]
-            positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
-            output = self.sampler(logits, self._sampling_inputs(states, positions))
-            self.last_tokens.index_copy_(0, tensors.sample_slots[:len(sampled_slots)], output.token_ids)
-            pending = PendingStep(batch.step_id, started, sampled_slots, output.token_ids, output,
-                                  list(range(len(states))), [s.params.logprobs for s in states])
-        self._lap("eager sample")
+    def apply_grammar_mask(self, message: GrammarMask) -> PendingStep:
+        """Samples the step that waited for this mask; its result queues behind the earlier steps'."""
+        step, self._awaiting_mask = self._awaiting_mask, None
+        if step is None or step.batch.step_id != message.step_id:
+            raise RuntimeError(f"a grammar mask for step {message.step_id} arrived, but no step waits for one")
+        with torch.inference_mode():
+            pending = self._sample(step, message.bitmask)
+        self._launched.append(pending)
         return pending
 
+    def _run_eager(self, batch: ForwardBatch, sampled_slots: list[int], started: float) -> StepLogits | None:
+        prompt_logprobs: list[list[SampledLogprobs]] = []
+        with nvtx_range("forward"):
+            if batch.prompt_logprobs:
+                every_hidden, tensors = self.eager.hidden_states(batch, self.slot_temperature)
+                prompt_logprobs = prompt_token_logprobs(self.model, batch, every_hidden)
+                hidden = every_hidden.index_select(0, tensors.logits_indices[:len(sampled_slots)])
+            else:
+                hidden, tensors = self.eager.forward(batch, self.slot_temperature)
+        self._lap("eager forward")
+        if not sampled_slots:
+            return StepLogits(batch, started, [], None, None, None, [], prompt_logprobs) if prompt_logprobs else None
+        logits = self.model.compute_logits(hidden)
+        return StepLogits(batch, started, sampled_slots, logits, tensors.sample_slots[:len(sampled_slots)], None,
+                          list(range(len(sampled_slots))), prompt_logprobs)
+
     def _replay_graph(self, batch: ForwardBatch, shape: StepShape, num_sampled: int, sampled_slots: list[int],
-                      started: float) -> PendingStep:
+                      started: float) -> StepLogits:
         """A staged step as one captured graph; the eager sampler redraws, from the graph's logits, only the
         rows that need more than a temperature."""
         with nvtx_range("forward"):
             tokens, logits, slots = self.graph_runner.replay(shape, num_sampled)
         self._lap("forward")
+        redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
+        return StepLogits(batch, started, sampled_slots, logits, slots, tokens, redraw)
+
+    def _sample(self, step: StepLogits, grammar_mask: bytes) -> PendingStep:
+        """The step's tokens: the graph's, with the rows in `step.redraw` drawn by the eager sampler (after
+        the grammar mask, logit bias, penalties, top-k/p...)."""
+        batch = step.batch
+        if not step.redraw:
+            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, step.tokens,
+                                  prompt_logprobs=step.prompt_logprobs)
+            self._lap("sample")
+            return pending
         with nvtx_range("sample"):
-            redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
-            if not redraw:
-                pending = PendingStep(batch.step_id, started, sampled_slots, tokens)
+            states = [self.slots[step.sampled_slots[row]] for row in step.redraw]
+            positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
+            bitmask = None
+            if batch.grammar_rows:
+                bitmask = grammar_bitmask(grammar_mask, batch.grammar_rows, step.redraw,
+                                          self.source.config.vocab_size, self.device)
+            inputs = self._sampling_inputs(states, [positions[row] for row in step.redraw], bitmask)
+            tokens = step.tokens
+            if len(step.redraw) == len(step.sampled_slots):
+                output = self.sampler(step.logits.float(), inputs)
+                tokens = output.token_ids if tokens is None else tokens.copy_(output.token_ids)
+                self.last_tokens.index_copy_(0, step.slots, output.token_ids)
             else:
-                states = [self.slots[sampled_slots[row]] for row in redraw]
-                positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
-                inputs = self._sampling_inputs(states, [positions[row] for row in redraw])
-                if len(redraw) == num_sampled:
-                    output = self.sampler(logits.float(), inputs)
-                    tokens.copy_(output.token_ids)
-                    self.last_tokens.index_copy_(0, slots, output.token_ids)
-                else:
-                    rows = torch.tensor(redraw).to(self.device, non_blocking=True)
-                    output = self.sampler(logits.index_select(0, rows).float(), inputs)
-                    tokens.index_copy_(0, rows, output.token_ids)
-                    self.last_tokens.index_copy_(0, slots.index_select(0, rows), output.token_ids)
-                pending = PendingStep(batch.step_id, started, sampled_slots, tokens, output, redraw,
-                                      [s.params.logprobs for s in states])
-        self._lap("sample")
+                rows = torch.tensor(step.redraw).to(self.device, non_blocking=True)
+                output = self.sampler(step.logits.index_select(0, rows).float(), inputs)
+                tokens.index_copy_(0, rows, output.token_ids)
+                self.last_tokens.index_copy_(0, step.slots.index_select(0, rows), output.token_ids)
+            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, tokens, output, step.redraw,
+                                  [s.params.logprobs for s in states], step.prompt_logprobs)
+        self._lap("sample" if step.tokens is not None else "eager sample")
         return pending
 
     def _lap(self, phase: str) -> None:
@@ -229,7 +281,8 @@ class ModelRunner:
         self.slot_temperature[slot] = 0.0 if state.params.greedy else state.params.temperature
         self.slot_temperature_only[slot] = temperature_only(state.params, self.source.config.vocab_size)
 
-    def _sampling_inputs(self, states: list[SlotState], positions: list[int]) -> SamplingInputs:
+    def _sampling_inputs(self, states: list[SlotState], positions: list[int],
+                         token_bitmask: torch.Tensor | None = None) -> SamplingInputs:
         params = [s.params for s in states]
         penalty_tokens = None
         if any(p.has_penalties for p in params):
@@ -237,7 +290,8 @@ class ModelRunner:
             self.resolve_all()
             penalty_tokens = [(s.prompt_token_ids, s.output_token_ids) if s.params.has_penalties else ([], [])
                               for s in states]
-        return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens)
+        return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
+                                    token_bitmask)
 
     # ---- results ------------------------------------------------------------------------
 

@@ -17,14 +17,17 @@ from sfllm.worker.sampler import SamplerOutput
 class PendingStep:
     def __init__(self, step_id: int, started: float, sampled_slots: list[int], tokens: torch.Tensor | None = None,
                  sampler_output: SamplerOutput | None = None, sampler_rows: list[int] | None = None,
-                 logprob_counts: list[int | None] | None = None) -> None:
+                 logprob_counts: list[int | None] | None = None,
+                 prompt_logprobs: list[list[SampledLogprobs]] | None = None) -> None:
         """`tokens` [N]: the tokens of the N sampled sequences (of `sampled_slots`). `sampler_output`, when
-        the eager sampler drew rows `sampler_rows` of them, with `logprob_counts` each (None: no logprobs)."""
+        the eager sampler drew rows `sampler_rows` of them, with `logprob_counts` each (None: no logprobs).
+        `prompt_logprobs`: already on the host, one list per entry of the batch's `prompt_logprobs`."""
         self.step_id = step_id
         self.sampled_slots = sampled_slots
         self.started = started
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
+        self._prompt_logprobs = prompt_logprobs or []
         self._result: ForwardResult | None = None
         self.copied: torch.cuda.Event | None = None
         self._tokens = self._logprobs = None
@@ -64,5 +67,6 @@ class PendingStep:
                                                                             top_logprobs[index, :count].tolist())]
                     logprobs[row] = SampledLogprobs(float(chosen[index]), top)
         return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
+                             prompt_logprobs=self._prompt_logprobs,
                              forward_time_s=time.perf_counter() - self.started,
                              gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])

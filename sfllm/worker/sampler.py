@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from sfllm.sampling_params import SamplingParams
+from sfllm.worker.token_mask import apply_bitmask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -25,6 +26,13 @@ class PenaltyInputs:
 
 
 @dataclass
+class LogitBias:
+    rows: torch.Tensor      # [K] int64
+    token_ids: torch.Tensor  # [K] int64
+    values: torch.Tensor    # [K] float
+
+
+@dataclass
 class SamplingInputs:
     all_greedy: bool
     temperatures: torch.Tensor | None   # [B] float, 0 for greedy rows; None when all are greedy
@@ -36,10 +44,13 @@ class SamplingInputs:
     positions: torch.Tensor | None  # [B] int64: position of the token being sampled
     penalties: PenaltyInputs | None
     max_logprobs: int               # -1: nobody asked
+    logit_bias: LogitBias | None = None
+    token_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32: grammars' allowed tokens
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], vocab_size: int, device: torch.device,
-              penalty_tokens: list[tuple[list[int], list[int]]] | None = None) -> SamplingInputs:
+              penalty_tokens: list[tuple[list[int], list[int]]] | None = None,
+              token_bitmask: torch.Tensor | None = None) -> SamplingInputs:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
@@ -48,11 +59,13 @@ class SamplingInputs:
         penalties = None
         if penalty_tokens is not None:
             penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
+        logit_bias = _logit_bias(params, device) if any(p.logit_bias for p in params) else None
         if all(greedy):
             # the common fast path: argmax needs no per-row tensors at all
             return cls(all_greedy=True, temperatures=None, greedy=None, top_ks=None, top_ps=None, min_ps=None,
                        seeds=None, positions=None, penalties=penalties,
-                       max_logprobs=max(logprobs) if logprobs else -1)
+                       max_logprobs=max(logprobs) if logprobs else -1, logit_bias=logit_bias,
+                       token_bitmask=token_bitmask)
         top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         need_top_k = any(k < vocab_size for k, g in zip(top_ks, greedy) if not g)
         need_top_p = any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g)
@@ -69,7 +82,17 @@ class SamplingInputs:
             positions=tensor(positions, torch.int64) if seeded else None,
             penalties=penalties,
             max_logprobs=max(logprobs) if logprobs else -1,
+            logit_bias=logit_bias,
+            token_bitmask=token_bitmask,
         )
+
+
+def _logit_bias(params: list[SamplingParams], device: torch.device) -> LogitBias:
+    rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
+    token_ids = [token for p in params for token in p.logit_bias]
+    values = [value for p in params for value in p.logit_bias.values()]
+    return LogitBias(torch.tensor(rows).to(device), torch.tensor(token_ids).to(device),
+                     torch.tensor(values, dtype=torch.float32).to(device))
 
 
 def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], list[int]]], vocab_size: int,
@@ -96,7 +119,7 @@ def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], 
 def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
     """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
     decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
-    if params.has_penalties or params.logprobs is not None:
+    if params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias:
         return False
     if params.greedy:
         return True
@@ -127,6 +150,11 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if inputs.max_logprobs >= 0 else None
         if inputs.penalties is not None:
             logits = _apply_penalties(logits, inputs.penalties)
+        if inputs.logit_bias is not None:
+            bias = inputs.logit_bias
+            logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
+        if inputs.token_bitmask is not None:
+            logits = apply_bitmask(logits, inputs.token_bitmask)
         tokens = logits.argmax(dim=-1)
         if not inputs.all_greedy:
             sampled = self._sample(logits, inputs)

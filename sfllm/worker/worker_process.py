@@ -17,8 +17,8 @@ import zmq
 
 from sfllm.config import EngineConfig
 from sfllm.loop_time import LoopTime
-from sfllm.messages import (ForwardBatch, MessageCodec, SchedulerToWorker, Shutdown, StartProfile, StopProfile,
-                            WorkerFailed)
+from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown, StartProfile,
+                            StopProfile, WorkerFailed)
 from sfllm.model_source import resolve_model
 from sfllm.nvtx import nvtx_range
 from sfllm.worker.completion_watcher import CompletionWatcher
@@ -93,9 +93,12 @@ def run_worker(config: EngineConfig, address: str) -> int:
                     followers.relay(data)
                 message = codec.decode(data)
             clock.lap("receiving")
-            if isinstance(message, ForwardBatch):
-                launched = runner.execute(message)
-                if launched.copied is not None:
+            if isinstance(message, (ForwardBatch, GrammarMask)):
+                if isinstance(message, ForwardBatch):
+                    launched = runner.execute(message)
+                else:
+                    launched = runner.apply_grammar_mask(message)
+                if launched is not None and launched.copied is not None:
                     watcher.watch(launched.copied)
             elif isinstance(message, StartProfile):
                 runner.profiler.start(message.directory)

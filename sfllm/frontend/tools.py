@@ -1,0 +1,112 @@
+"""A chat request's tools: the messages as its chat template takes them, and the grammar that forces a call.
+
+A template that renders `tools` gets them and the history's calls and results as transformers passes
+them. One that does not (SmolLM2's) still serves tools: the tools are described in the system message,
+past calls are written into the assistant's text and results as `<tool_response>` user turns, all in
+the Hermes format that sfllm/frontend/tool_call_parser.py reads. `tool_choice` `required` or a named
+function is a grammar (a JSON schema per tool inside a Lark rule), so the call comes whatever the model.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sfllm.frontend.errors import InvalidRequestError
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
+from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
+from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG
+from sfllm.sampling_params import StructuredOutput
+from sfllm.structured_output import JSON_LAYOUT, grammar_of
+
+_ANY_ARGUMENTS = {"type": "object"}
+
+
+class ChatTools:
+    def __init__(self, body: ChatCompletionRequest) -> None:
+        self.tools = body.tools or []
+        choice = body.tool_choice or ("auto" if self.tools else "none")
+        self.forced_name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        self.required = choice == "required" or self.forced_name is not None
+        self.parallel = body.parallel_tool_calls is not False and self.forced_name is None
+        if self.required and not self.tools:
+            raise InvalidRequestError(f"tool_choice {_choice_text(choice)} needs tools", param="tool_choice")
+        names = [tool.function.name for tool in self.tools]
+        if self.forced_name is not None and self.forced_name not in names:
+            raise InvalidRequestError(f"tool_choice names the function {self.forced_name!r}, which is not among "
+                                      f"tools ({', '.join(names)})", param="tool_choice")
+        if self.required and body.response_format is not None and body.response_format.type != "text":
+            raise InvalidRequestError("response_format cannot be combined with tool_choice required or a named "
+                                      "function: the tool call is the format", param="response_format")
+        # with "none" the model is not told of the tools, and its text is never read as calls
+        self.enabled = bool(self.tools) and choice != "none"
+
+    def template_messages(self, messages: list[ChatMessage], template_takes_tools: bool) -> list[dict[str, Any]]:
+        rendered = [_template_message(index, message, template_takes_tools) for index, message in enumerate(messages)]
+        if self.enabled and not template_takes_tools:
+            rendered = _with_tools_described(rendered, self.tools)
+        return rendered
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.enabled else None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The grammar of one call (of the named function), or of one or more (any tool), when forced."""
+        if not self.required:
+            return None
+        tools = [t for t in self.tools if self.forced_name in (None, t.function.name)]
+        bodies = [f"call_{index}: %json{json.dumps(_call_schema(tool))}" for index, tool in enumerate(tools)]
+        calls = "call" if not self.parallel else 'call ("\\n" call)*'
+        lark = "\n".join([f"start: {calls}", f"call: {json.dumps(OPEN_TAG + chr(10))} body "
+                          f"{json.dumps(chr(10) + CLOSE_TAG)}",
+                          "body: " + " | ".join(f"call_{index}" for index in range(len(tools))), *bodies])
+        structured_output = StructuredOutput.grammar(lark)
+        grammar_of(structured_output, param="tools")  # a bad parameters schema is the client's 400
+        return structured_output
+
+
+def _choice_text(choice: Any) -> str:
+    return f"naming {choice.function.name!r}" if isinstance(choice, NamedToolChoice) else repr(choice)
+
+
+def _call_schema(tool: ChatTool) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"const": tool.function.name},
+                                             "arguments": tool.function.parameters or _ANY_ARGUMENTS},
+            "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_LAYOUT}
+
+
+def _arguments(message_index: int, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"messages[{message_index}]: a tool call's arguments are not JSON: {error}",
+                                  param=f"messages[{message_index}]") from None
+
+
+def _template_message(index: int, message: ChatMessage, template_takes_tools: bool) -> dict[str, Any]:
+    """The message as chat templates expect it; OpenAI's `developer` is a system message."""
+    role = "system" if message.role == "developer" else message.role
+    content = message.text()
+    calls = [{"name": call.function.name, "arguments": _arguments(index, call.function.arguments)}
+             for call in message.tool_calls or []]
+    if template_takes_tools:
+        rendered: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": function}
+                                      for call, function in zip(message.tool_calls, calls)]
+        if message.tool_call_id is not None:
+            rendered["tool_call_id"] = message.tool_call_id
+        return rendered
+    if role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
+    written = [f"{OPEN_TAG}\n{json.dumps(call, ensure_ascii=False)}\n{CLOSE_TAG}" for call in calls]
+    return {"role": role, "content": "\n".join(([content] if content else []) + written)}
+
+
+def _with_tools_described(messages: list[dict[str, Any]], tools: list[ChatTool]) -> list[dict[str, Any]]:
+    described = "\n".join(json.dumps(tool.function.model_dump(exclude_none=True), ensure_ascii=False)
+                          for tool in tools)
+    instructions = ("You can call these functions:\n" + described + "\n\nTo call one, answer with " + OPEN_TAG +
+                    '\n{"name": <function name>, "arguments": <arguments as a JSON object>}\n' + CLOSE_TAG)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + instructions}] + messages[1:]
+    return [{"role": "system", "content": instructions}] + messages

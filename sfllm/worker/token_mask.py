@@ -1,0 +1,42 @@
+"""Grammar masks on the worker: the scheduler's packed bitmask of a step's constrained rows, as the
+bitmask of the rows the eager sampler draws (sfllm.worker.sampler applies it)."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+_ALL_ALLOWED = -1  # every bit of an int32 word set
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def grammar_bitmask(packed: bytes, grammar_rows: list[int], drawn_rows: list[int], vocab_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """[len(drawn_rows), words] int32: the packed mask's row for each grammar row, all bits set for the
+    rest. Every grammar row is a drawn row (a constrained row never keeps the graph's token)."""
+    words = bitmask_words(vocab_size)
+    grammar = np.frombuffer(packed, dtype="<i4").reshape(len(grammar_rows), words)
+    mask = np.full((len(drawn_rows), words), _ALL_ALLOWED, dtype=np.int32)
+    index_of = {row: index for index, row in enumerate(drawn_rows)}
+    mask[[index_of[row] for row in grammar_rows]] = grammar
+    return torch.from_numpy(mask).to(device, non_blocking=True)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` [B, V] with -inf where the bit of the token is clear."""
+    # bytes of little-endian words, each looked up as its 8 bits: half the time of shifting every word 32 ways
+    allowed = _byte_bits(bitmask.device)[bitmask.view(torch.uint8).long()].flatten(1)
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return torch.where(allowed[:, :vocab], logits, float("-inf"))
+
+
+@functools.cache
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte value b."""
+    return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()

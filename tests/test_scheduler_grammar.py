@@ -1,0 +1,89 @@
+"""Grammar masks between the scheduler and a worker, in engine steps: with overlap a constrained row's mask
+follows its step (after the previous step's tokens are in, before the next step), and without overlap it
+rides in the step; either way every token the worker draws is one the grammar allows."""
+from __future__ import annotations
+
+import re
+from collections import deque
+
+import numpy as np
+import pytest
+
+from sfllm.config import EngineConfig
+from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
+from sfllm.sampling_params import SamplingParams, StructuredOutput
+from sfllm.scheduler.engine_core import EngineCore
+
+PATTERN = r"[0-9]{3}-[a-z]{2}!"
+
+
+class MaskingWorker:
+    """Draws the smallest token a row's mask allows (token 100 for unconstrained rows); records the messages."""
+
+    def __init__(self, vocab_size: int, eos: int) -> None:
+        self.info = WorkerReady(protocol_version=PROTOCOL_VERSION, model_name="fake", max_context_length=256,
+                                eos_token_ids=[eos], num_kv_blocks=64, num_cpu_kv_blocks=0, block_size=16,
+                                vocab_size=vocab_size, pid=0)
+        self.words = (vocab_size + 31) // 32
+        self.messages: list[ForwardBatch | GrammarMask] = []
+        self._waiting: ForwardBatch | None = None
+        self._results: deque[ForwardResult] = deque()
+
+    def submit(self, batch: ForwardBatch) -> None:
+        assert self._waiting is None, "a step came before the mask the previous step waits for"
+        self.messages.append(batch)
+        if batch.grammar_rows and not batch.grammar_mask:
+            self._waiting = batch
+        else:
+            self._draw(batch, batch.grammar_mask)
+
+    def send_grammar_mask(self, mask: GrammarMask) -> None:
+        assert self._waiting is not None and self._waiting.step_id == mask.step_id
+        self.messages.append(mask)
+        batch, self._waiting = self._waiting, None
+        self._draw(batch, mask.bitmask)
+
+    def _draw(self, batch: ForwardBatch, packed: bytes) -> None:
+        rows = np.frombuffer(packed, dtype="<u4").reshape(len(batch.grammar_rows), self.words)
+        masks = dict(zip(batch.grammar_rows, rows))
+        tokens = []
+        for row in range(sum(batch.sample)):
+            if row in masks:
+                bits = np.unpackbits(masks[row].view(np.uint8), bitorder="little")
+                tokens.append(int(np.flatnonzero(bits)[0]))
+            else:
+                tokens.append(100)
+        self._results.append(ForwardResult(step_id=batch.step_id, token_ids=tokens, logprobs=[None] * len(tokens)))
+
+    def collect(self) -> ForwardResult:
+        return self._results.popleft()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_masks_reach_the_worker_in_order_and_constrain_every_token(smollm_tokenizer_spec, tokenizer,
+                                                                   overlap: bool) -> None:
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(EngineConfig(disable_overlap=not overlap), worker, smollm_tokenizer_spec)
+    constrained = SamplingParams(max_tokens=30, structured_output=StructuredOutput.regex(PATTERN))
+    for index, params in enumerate([constrained, SamplingParams(max_tokens=6, ignore_eos=True), constrained]):
+        assert core.add_request(GenerateRequest(request_id=f"r{index}", prompt_token_ids=[5, 6, 7 + index],
+                                                params=params)) is None
+    outputs: dict[str, list[int]] = {}
+    reasons = {}
+    while core.has_work():
+        for output in core.step():
+            outputs.setdefault(output.request_id, []).extend(output.token_ids)
+            reasons[output.request_id] = output.finish_reason or reasons.get(output.request_id)
+    for request_id in ("r0", "r2"):
+        assert re.fullmatch(PATTERN, tokenizer.decode(outputs[request_id])), tokenizer.decode(outputs[request_id])
+        assert reasons[request_id] == "stop"
+    assert outputs["r1"] == [100] * 6
+    late = [m for m in worker.messages if isinstance(m, GrammarMask)]
+    if overlap:
+        assert late, "decodes of constrained rows were sent before their previous tokens were in"
+        for mask in late:
+            index = next(i for i, m in enumerate(worker.messages) if isinstance(m, ForwardBatch)
+                         and m.step_id == mask.step_id)
+            assert worker.messages[index + 1] is mask, "the mask comes right after its step, before the next"
+    else:
+        assert not late
