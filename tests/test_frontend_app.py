@@ -241,7 +241,6 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     (b'{"prompt": "x", "model": "ok\\udc00"}', 400, "model"),
     ({"prompt": "x", "max_tokens": 500}, 400, "prompt"),
     ({"prompt": [999999]}, 400, "prompt"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo"),
 ])
 def test_client_mistakes_are_openai_errors(engine: ScriptedEngine, tokenizer: Tokenizer, body: Any, status: int,
                                            param: str | None) -> None:
