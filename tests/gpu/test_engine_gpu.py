@@ -192,3 +192,32 @@ def test_sampling_inside_the_graph(checkpoint: Path) -> None:
     logprobs = runs["graphs"][3].logprobs
     assert len(logprobs) == 24 and all(lp.top[0].token_id == token for lp, token in zip(logprobs, sampled[3]))
     assert sampled == [o.token_ids for o in runs["graphs again"]], "one engine seed, one draw"
+
+
+def test_constrained_rows_of_graph_steps_draw_what_eager_steps_draw(checkpoint: Path) -> None:
+    """Grammar rows of graph steps are drawn by the eager sampler from the graph's logits, their masks computed
+    while the forward runs (overlap on): the same tokens as an eager engine, every constrained answer matches its
+    regex, the unconstrained rows beside them are unchanged, and no KV block is left."""
+    import re
+
+    from sfllm import SamplingParams
+    from sfllm.structured_output import StructuredOutput
+    pattern = r"[0-9]{3}-[a-z]{4}"
+    constrained = SamplingParams(temperature=0.0, max_tokens=24, structured_output=StructuredOutput.regex(pattern))
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = _prompts()
+    params = [constrained if index % 2 else plain for index in range(len(prompts))]
+    outputs = {}
+    for name, overrides in {"graphs": {"attention_backend": "triton"},
+                            "eager": {"attention_backend": "triton", "disable_cuda_graph": True}}.items():
+        llm = _llm(checkpoint, **overrides)
+        results = llm.generate(prompts, params)
+        outputs[name] = [r.outputs[0].token_ids for r in results]
+        for result, sampling in zip(results, params):
+            if sampling is constrained:
+                assert re.fullmatch(pattern, result.outputs[0].text), (name, result.outputs[0].text)
+        assert llm.kv_usage()[0] == llm.kv_usage()[1]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert outputs["graphs"] == outputs["eager"]
