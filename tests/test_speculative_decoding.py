@@ -83,7 +83,8 @@ def test_rejection_sampling_of_a_point_mass_draft_preserves_the_target_distribut
     draft = 1
     num = 40_000
     logits = torch.stack([p.log(), q.log()] * num)
-    inputs = SamplingInputs.build([SamplingParams(temperature=1.0)] * (2 * num), list(range(2 * num)), 5, torch.device("cpu"))
+    inputs = SamplingInputs.build([SamplingParams(temperature=1.0)] * (2 * num), list(range(2 * num)), 5,
+                                  torch.device("cpu"))
     draws = Sampler(seed=3)(logits, inputs).token_ids.tolist()
     _, _, emitted = verify_drafts(draws, [None] * len(draws), [[draft]] * num)
     first = torch.bincount(torch.tensor([e[0] for e in emitted]), minlength=5).float() / num

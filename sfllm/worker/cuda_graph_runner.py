@@ -10,8 +10,10 @@ an eager step's launches). Attention of mixed steps goes by a tile list of fixed
 A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
 `last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model (a
 tensor-parallel rank's all-reduces and logits gather captured with it) and the LM head on the sampled
-rows (with speculative decoding, every draft position of a verifying sequence too), samples (argmax or temperature, by `kernels.sample_tokens`, whose noise seed is a device counter
-the graph advances: every rank draws the same tokens), and writes the tokens back to `last_tokens`. A step then
+rows (with speculative decoding, every draft position of a verifying sequence too: small sizes of (1 + K)
+tokens per sequence are captured for verify steps), samples (argmax or temperature, by
+`kernels.sample_tokens`, whose noise seed is a device counter the graph advances: every rank draws the same
+tokens), and writes the tokens back to `last_tokens`. A step then
 costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
 temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
 graph leaves behind.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sfllm.config import EngineConfig
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.block_tables import BlockTables
@@ -66,6 +69,13 @@ def mixed_shape(num_tokens: int, max_seqs: int, tile_rows: int, max_draft_rows: 
                      num_extra_rows=min(num_tokens - num_seqs, max_draft_rows))
 
 
+def speculative_graph_sizes(config: EngineConfig) -> tuple[int, int]:
+    """(draft tokens per sequence, sequences) a verify step may have: what the graphs make room for."""
+    if config.speculative_method is None:
+        return 0, 0
+    return config.num_speculative_tokens, min(config.speculative_max_batch_size, config.max_running_requests)
+
+
 def verify_token_sizes(num_speculative_tokens: int, max_batch_size: int, smallest_mixed: int) -> list[int]:
     """Token counts of small verify steps, (1 + K) per speculating sequence, below the smallest mixed size
     (a batch-1 verify step of 1 + K tokens would otherwise pad to 64)."""
@@ -93,7 +103,8 @@ class CudaGraphRunner:
         self.decode_sizes = decode_batch_sizes(max_decode_batch)
         self.decode_shapes = {b: StepShape(b, b, 0, decode_only=True) for b in self.decode_sizes}
         mixed_sizes = mixed_token_sizes(min(max_mixed_tokens, MAX_GRAPH_TOKENS))
-        self.mixed_sizes = verify_token_sizes(num_speculative_tokens, max_speculative_batch, mixed_sizes[0]) + mixed_sizes
+        verify_sizes = verify_token_sizes(num_speculative_tokens, max_speculative_batch, mixed_sizes[0])
+        self.mixed_sizes = verify_sizes + mixed_sizes
         max_draft_rows = num_speculative_tokens * max_speculative_batch
         self.mixed_shapes = [mixed_shape(t, max_seqs, self.tile_rows, max_draft_rows) for t in self.mixed_sizes]
         shapes = self.shapes

@@ -24,7 +24,7 @@ from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
 from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.block_tables import BlockTables
-from sfllm.worker.cuda_graph_runner import CudaGraphRunner
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner, speculative_graph_sizes
 from sfllm.worker.eager_step import EagerStep
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.kv_splits import KVSplits
@@ -89,13 +89,6 @@ class SlotState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-
-
-def speculative_graph_sizes(config: EngineConfig) -> tuple[int, int]:
-    """(draft tokens per sequence, sequences) a verify step may have: what the graphs make room for."""
-    if config.speculative_method is None:
-        return 0, 0
-    return config.num_speculative_tokens, min(config.speculative_max_batch_size, config.max_running_requests)
 
 
 def sampled_row_slots(batch: ForwardBatch) -> list[int]:
