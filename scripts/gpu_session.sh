@@ -196,17 +196,20 @@ PY
     timeout 300 python3 -m pytest tests/gpu/test_speculative_gpu.py tests/test_step_graphs.py -q -p no:cacheprovider \
       -o addopts="" >"$OUT/spec-tests.log" 2>&1
     echo "spec tests: exit $?"; tail -3 "$OUT/spec-tests.log"
-    # batch 1: with drafts (accepted where the random model loops) and forced to be rejected; batch 64: rejected
-    # (auto-off lifted so that the overhead shows). Each against the same workload without speculation.
-    NO_AUTO_OFF="--speculative-max-batch-size 64 --speculative-min-acceptance-rate 0"
+    # batch 1: with drafts (accepted where the random model loops); then drafts forced to be rejected, at the
+    # defaults (auto-off: a request stops drafting after 16 steps, a step of more than 32 requests has no drafts)
+    # and with auto-off lifted (the raw cost of a verify step) at batch 1 and 64. Each against plain decoding.
     for run in "b1 --num-requests 1 --input-len 512 --output-len 512" \
                "b64 --num-requests 64 --input-len 512 --output-len 256"; do
       read -r tag args <<<"$run"
-      for mode in plain ngram reject; do
-        [ "$tag" = b64 ] && [ "$mode" = ngram ] && continue
-        flags=""
-        [ "$mode" = ngram ] && flags="--speculative-method ngram"
-        [ "$mode" = reject ] && flags="--speculative-method ngram --spec-force-reject $NO_AUTO_OFF"
+      for mode in plain ngram reject reject-raw; do
+        case $mode in
+          plain) flags="" ;;
+          ngram) flags="--speculative-method ngram" ;;
+          reject) flags="--speculative-method ngram --spec-force-reject" ;;
+          reject-raw) flags="--speculative-method ngram --spec-force-reject --speculative-max-batch-size 64 \
+            --speculative-min-acceptance-rate 0" ;;
+        esac
         timeout 240 $BENCH --model qwen3-0.6b $args $flags --output-file "$OUT/spec-$tag-$mode.json" \
           >"$OUT/spec-$tag-$mode.log" 2>&1
         echo "spec $tag $mode: exit $? $(grep -E '^wall|^speculation' "$OUT/spec-$tag-$mode.log" | tr '\n' ' ')"

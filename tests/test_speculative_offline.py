@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfllm import SamplingParams
+from sfllm import SamplingParams, StructuredOutput
 
 PARAGRAPH = ("The committee met on Tuesday to review the budget. After a long discussion, the members agreed to "
              "fund the new library, repair the old bridge, and plant two hundred trees along the river.")
@@ -29,9 +29,12 @@ def run(llm, speculate: bool, conversations, params: SamplingParams):
 
 
 def test_greedy_and_seeded_outputs_equal_plain_decoding(speculating) -> None:
-    conversations = [REPEAT, [{"role": "user", "content": "Name three colours and a fruit."}]]
+    """The second request of the greedy batch follows a grammar: it does not draft, and its grammar row comes
+    after the drafting request's rows of the step (the mask's rows count every draft position)."""
+    conversations = [REPEAT, [{"role": "user", "content": "Name three colours and a fruit, as JSON."}]]
     speculation = speculating.engine.scheduler.speculation
-    for params in (SamplingParams(temperature=0.0, max_tokens=32),
+    json_object = SamplingParams(temperature=0.0, max_tokens=24, structured_output=StructuredOutput.json_object())
+    for params in ([SamplingParams(temperature=0.0, max_tokens=32), json_object],
                    SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=16)):
         accepted_before = speculation.num_accepted
         plain = run(speculating, False, conversations, params)
