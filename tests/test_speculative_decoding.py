@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import random
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from test_scheduler_policies import (EOS, FakeWorker, add, assert_all_free, drain, make_engine, make_scheduler,
-                                     prompt_of, step_once)
+from test_scheduler_policies import (FakeWorker, add, assert_all_free, make_engine, make_scheduler, prompt_of,
+                                     step_once)
 
 from sfllm.config import ConfigError, EngineConfig, load_config
 from sfllm.messages import ForwardBatch, ForwardResult
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler import speculation as speculation_module
 from sfllm.scheduler.draft_proposer import NgramProposer
+from sfllm.scheduler.scheduler_process import EngineCounters, EngineServer
 from sfllm.worker.pending_step import verify_drafts
 from sfllm.worker.sampler import Sampler, SamplingInputs
 
@@ -258,24 +260,29 @@ def test_rejected_drafts_give_back_their_blocks_and_the_request_continues_after_
 
 
 def test_drafts_stop_at_max_tokens_and_the_context() -> None:
-    scheduler, worker, _ = make_scheduler(block_size=4, max_context_length=24, **SPEC)
+    """Drafts always right (the fake model's own tokens), yet a request never gets more than max_tokens, nor a
+    verify row past the context."""
+    scheduler, _, _ = make_scheduler(block_size=4, max_context_length=24, **SPEC)
+    scheduler.speculation.proposer = OracleProposer()
     worker = VerifyingFakeWorker(64, 4, 24)
-    add(scheduler, "a", [1, 2, 3, 4, 5, 6, 7] * 2, max_tokens=3)
-    add(scheduler, "b", [1, 2, 3, 4, 5, 6, 7] * 3, max_tokens=50)  # 21 tokens: room for 3 more in 24
-    outputs = {}
+    add(scheduler, "a", prompt_of(14), max_tokens=3)
+    add(scheduler, "b", prompt_of(21, start=100), max_tokens=50)  # room for 3 tokens in the context of 24
+    outputs, drafts = {}, []
     for _ in range(20):
         step, outs = step_once(scheduler, worker)
         if step is None:
             break
-        for slot, drafts, n in zip(step.batch.slots, step.batch.num_draft_tokens or [0] * 2, step.batch.context_lens):
-            assert n <= 23, "a verify row never reaches past the context"
+        drafts.append(step.batch.num_draft_tokens)
+        assert max(step.batch.context_lens) <= 23, "a verify row never reaches past the context"
         for out in outs:
             outputs.setdefault(out.request_id, []).extend(out.token_ids)
-    assert len(outputs["a"]) == 3 and len(outputs["b"]) == 3
+    assert drafts == [[], [1, 1]], "after the prefill, one draft each: two tokens left for a, the context for b"
+    assert outputs == {"a": expected_outputs(prompt_of(14), 3, [])[0],
+                       "b": expected_outputs(prompt_of(21, start=100), 3, [])[0]}
     assert_all_free(scheduler)
 
 
-def test_speculation_turns_off_above_the_batch_size_and_for_requests_whose_drafts_fail(monkeypatch) -> None:
+def test_speculation_turns_off_above_the_batch_size_and_for_requests_whose_drafts_fail() -> None:
     scheduler, _, _ = make_scheduler(block_size=4, **(SPEC | {"speculative_max_batch_size": 1,
                                                               "speculative_min_acceptance_rate": 0.5}))
     worker = VerifyingFakeWorker(64, 4, 64)
@@ -309,10 +316,15 @@ def test_the_engine_waits_for_a_step_with_drafts_before_sending_the_next() -> No
     core, _, worker = spec_engine(block_size=4)
     add(core.scheduler, "a", [1, 2, 3, 4, 5, 6, 7] * 2, max_tokens=30)
     max_in_flight = 0
-    drain_steps = 0
     while core.has_work():
         core.step()
         max_in_flight = max(max_in_flight, core.num_in_flight)
-        drain_steps += 1
     assert max_in_flight == 1 and core.scheduler.speculation.num_accepted > 0
     assert_all_free(core.scheduler)
+    # what frontends get in EngineStats (their /metrics), and the engine loop's log line
+    stats = EngineServer._stats(SimpleNamespace(core=core, counters=EngineCounters()))
+    speculation = core.scheduler.speculation
+    assert (stats.num_spec_proposed_tokens, stats.num_spec_accepted_tokens) == \
+        (speculation.num_proposed, speculation.num_accepted)
+    assert core.scheduler.speculation_summary().startswith(
+        f"{speculation.num_accepted}/{speculation.num_proposed} draft tokens accepted")
