@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,7 +351,7 @@ class Scheduler:
         total = request.num_computed_tokens + num_new
         return max(-(-total // self.block_size) - len(request.swapped_block_ids), 0)
 
-    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, drafts: list[int] = ()) -> None:
+    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, drafts: Sequence[int] = ()) -> None:
         """`drafts` follow the decode of the request's last known token (its row grows by them)."""
         start = request.num_computed_tokens
         end = start + num_new
