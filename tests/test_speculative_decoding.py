@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_scheduler_policies import (FakeWorker, add, assert_all_free, make_engine, make_scheduler, prompt_of,
-                                     step_once)
+from test_scheduler_policies import (FakeWorker, add, assert_all_free, drain, make_engine, make_scheduler,
+                                     prompt_of, step_once)
 
 from sfllm.config import ConfigError, EngineConfig, load_config
 from sfllm.messages import ForwardBatch, ForwardResult
@@ -314,6 +314,7 @@ def test_requests_with_logprobs_penalties_or_grammars_never_speculate() -> None:
 
 def test_the_engine_waits_for_a_step_with_drafts_before_sending_the_next() -> None:
     core, _, worker = spec_engine(block_size=4)
+    core.scheduler.speculation.proposer = OracleProposer()
     add(core.scheduler, "a", [1, 2, 3, 4, 5, 6, 7] * 2, max_tokens=30)
     max_in_flight = 0
     while core.has_work():
@@ -328,3 +329,25 @@ def test_the_engine_waits_for_a_step_with_drafts_before_sending_the_next() -> No
         (speculation.num_proposed, speculation.num_accepted)
     assert core.scheduler.speculation_summary().startswith(
         f"{speculation.num_accepted}/{speculation.num_proposed} draft tokens accepted")
+
+
+def test_a_request_without_matches_looks_again_only_after_a_backoff_and_keeps_the_overlap_meanwhile() -> None:
+    class NoMatch:
+        calls = 0
+
+        def propose(self, tokens: list[int], max_drafts: int) -> list[int]:
+            NoMatch.calls += 1
+            return []
+
+    core, _, worker = spec_engine(block_size=4)
+    core.scheduler.speculation.proposer = NoMatch()
+    sent_behind = []  # per step sent: whether another was in flight
+    submit = worker.submit
+    worker.submit = lambda batch: (sent_behind.append(core.num_in_flight > 0), submit(batch))
+    add(core.scheduler, "a", prompt_of(5), max_tokens=40)
+    drain(core)
+    backoff = speculation_module.NO_MATCH_BACKOFF_STEPS
+    assert NoMatch.calls in (40 // (backoff + 1), -(-40 // (backoff + 1))), "one look per backoff"
+    assert sum(sent_behind) >= len(sent_behind) // 2, "steps overlap while the request backs off"
+    assert not all(sent_behind)
+    assert_all_free(core.scheduler)

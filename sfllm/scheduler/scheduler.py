@@ -5,7 +5,9 @@ A step holds, within the token budget: decodes and prefill chunks of running req
 first token, only high-priority work. A request preempted for its slot alone is paused: it
 keeps its KV blocks and resumes with a decode. The scheduler may send step N+1
 before step N's tokens are back: a decode whose input token is still in flight is sent
-as -1 and the worker substitutes the token it sampled last for that slot.
+as -1 and the worker substitutes the token it sampled last for that slot. With speculative decoding a
+decode may carry drafts (sfllm/scheduler/speculation.py): its row verifies them, and once the step is
+back the request keeps the KV of its accepted tokens only.
 """
 from __future__ import annotations
 
@@ -218,8 +220,12 @@ class Scheduler:
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
         """Drafts for a decode of the request's last known token, if it speculates and they fit in the free
         KV blocks (drafts never preempt anyone)."""
-        if (num_new != 1 or request.num_pending_samples or request.num_tokens - request.num_computed_tokens != 1
-                or not self.speculation.eligible(request)):
+        if num_new != 1:
+            return []
+        if not self.speculation.eligible(request):
+            self.speculation.count_step(request)
+            return []
+        if request.num_pending_samples or request.num_tokens - request.num_computed_tokens != 1:
             return []
         drafts = self.speculation.drafts(request, budget)
         if drafts and self._blocks_needed(request, 1 + len(drafts)) > self.allocator.num_free:

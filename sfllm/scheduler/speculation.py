@@ -8,7 +8,9 @@ are accepted; elsewhere it costs. So:
 - a request stops speculating once, after WARMUP_STEPS steps, its drafts were accepted for fewer than
   `speculative_min_acceptance_rate` of the draft slots it was offered (k per step, matched or not);
 - a request whose sampling needs its own previous tokens or returns per-token extras (penalties, logprobs,
-  a grammar) never speculates: those would need the drafts' effect replayed inside one row.
+  a grammar) never speculates: those would need the drafts' effect replayed inside one row;
+- a request whose last tokens match nothing earlier decodes NO_MATCH_BACKOFF_STEPS steps plainly (with the
+  overlap) before it looks again.
 
 Drafts never reach past `max_tokens` or the context; a stop token among the accepted ones ends the request
 there (Scheduler.process_result), so outputs are exactly those of plain decoding.
@@ -22,6 +24,9 @@ from sfllm.scheduler.request import Request
 # Steps a request speculates before its acceptance rate may turn it off. Like the config defaults
 # (batch size 32, rate 0.1), chosen from the peers' reports (vLLM, SGLang), not yet measured on a GPU.
 WARMUP_STEPS = 16
+# Steps a request decodes plainly after its context had no match for its last tokens: meanwhile it does not
+# hold the overlap of steps back (one step without overlap per probe instead of every step).
+NO_MATCH_BACKOFF_STEPS = 8
 
 
 class Speculation:
@@ -40,9 +45,15 @@ class Speculation:
         return self.enabled and num_running <= self.max_batch_size
 
     def eligible(self, request: Request) -> bool:
+        """Whether the request may draft in its next decode."""
         params = request.params
-        return (not request.speculation_off and request.matcher is None and params.logprobs is None
-                and not params.has_penalties)
+        return (not request.speculation_off and request.spec_backoff == 0 and request.matcher is None
+                and params.logprobs is None and not params.has_penalties)
+
+    def count_step(self, request: Request) -> None:
+        """A decode step of the request went out: its backoff, if any, is one step shorter."""
+        if request.spec_backoff:
+            request.spec_backoff -= 1
 
     def drafts(self, request: Request, budget: int) -> list[int]:
         """Drafts to follow the request's next decode (of its last known token); [] when it has none.
@@ -56,6 +67,7 @@ class Speculation:
         request.num_spec_steps += 1
         drafts = self.proposer.propose(request.prompt_token_ids + request.output_token_ids, max_drafts)
         if not drafts:
+            request.spec_backoff = NO_MATCH_BACKOFF_STEPS
             self.judge(request)
         return drafts
 
