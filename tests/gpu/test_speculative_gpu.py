@@ -57,7 +57,9 @@ def test_seeded_and_temperature_rows_with_drafts(checkpoint: Path) -> None:  # n
               SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
               SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True),
               SamplingParams(temperature=0.5, top_k=20, seed=9, max_tokens=48, ignore_eos=True)]
-    plain, _ = _run(checkpoint, prompts, params, dtype="bfloat16")
-    drafted, facts = _run(checkpoint, prompts, params, dtype="bfloat16", **SPEC)
+    # float32: a verify row's logits come from the extend kernels, a decode's from the decode ones; in bf16 their
+    # rounding differs enough to move a seeded draw
+    plain, _ = _run(checkpoint, prompts, params, dtype="float32")
+    drafted, facts = _run(checkpoint, prompts, params, dtype="float32", **SPEC)
     assert [drafted[i] for i in (0, 1, 3)] == [plain[i] for i in (0, 1, 3)]
     assert len(drafted[2]) == 48 and facts["kv_free"] and facts["proposed"] > 0
