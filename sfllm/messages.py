@@ -242,6 +242,7 @@ class ForwardResult(Message):
     # when the step verified drafts: per sampled sequence, the tokens it emits (its accepted drafts, then the
     # target's own token at the first rejected position or after the last draft); token_ids holds the last
     accepted_token_ids: list[list[int]] = []
+    accepted_logprobs: list[list[SampledLogprobs | None]] = []  # of those tokens, where asked for
     # per entry of the batch's `prompt_logprobs`, one per target token
     prompt_logprobs: list[list[SampledLogprobs]] = []
     forward_time_s: float = 0.0

@@ -14,7 +14,7 @@ from test_scheduler_policies import (FakeWorker, add, assert_all_free, drain, ma
                                      prompt_of, step_once)
 
 from sfllm.config import ConfigError, EngineConfig, load_config
-from sfllm.messages import ForwardBatch, ForwardResult
+from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler import speculation as speculation_module
 from sfllm.scheduler.draft_proposer import NgramProposer
@@ -70,9 +70,12 @@ def test_config_names_and_checks_the_speculation_keys(tmp_path) -> None:
 def test_verify_keeps_drafts_up_to_the_first_difference_and_the_target_token_there() -> None:
     # sequence a: 2 drafts, both equal to the draws (bonus token 30); b: first draft differs; c: no drafts
     rows = [10, 20, 30, 11, 99, 13, 12]
-    last, logprobs, emitted = verify_drafts(rows, [None] * 7, [[10, 20], [5, 12], []])
+    row_logprobs = [SampledLogprobs(-0.1 * row, []) for row in range(7)]
+    last, logprobs, emitted, emitted_logprobs = verify_drafts(rows, row_logprobs, [[10, 20], [5, 12], []])
     assert emitted == [[10, 20, 30], [11], [12]]
     assert last == [30, 11, 12]
+    assert emitted_logprobs == [row_logprobs[0:3], row_logprobs[3:4], row_logprobs[6:7]], "each emitted row's"
+    assert logprobs == [row_logprobs[0], row_logprobs[3], row_logprobs[6]]
 
 
 def test_rejection_sampling_of_a_point_mass_draft_preserves_the_target_distribution() -> None:
@@ -88,7 +91,7 @@ def test_rejection_sampling_of_a_point_mass_draft_preserves_the_target_distribut
     inputs = SamplingInputs.build([SamplingParams(temperature=1.0)] * (2 * num), list(range(2 * num)), 5,
                                   torch.device("cpu"))
     draws = Sampler(seed=3)(logits, inputs).token_ids.tolist()
-    _, _, emitted = verify_drafts(draws, [None] * len(draws), [[draft]] * num)
+    _, _, emitted, _ = verify_drafts(draws, [None] * len(draws), [[draft]] * num)
     first = torch.bincount(torch.tensor([e[0] for e in emitted]), minlength=5).float() / num
     accepted = [e for e in emitted if len(e) == 2]
     rejected = torch.bincount(torch.tensor([e[0] for e in emitted if len(e) == 1]), minlength=5).float()
@@ -156,8 +159,10 @@ class VerifyingFakeWorker(FakeWorker):
             self.last_tokens[slot] = emitted[-1]
             last.append(emitted[-1])
             accepted.append(emitted)
+        drafted = bool(batch.num_draft_tokens)
         self._results.append(ForwardResult(step_id=batch.step_id, token_ids=last, logprobs=[None] * len(last),
-                                           accepted_token_ids=accepted if batch.num_draft_tokens else []))
+                                           accepted_token_ids=accepted if drafted else [],
+                                           accepted_logprobs=[[None] * len(e) for e in accepted] if drafted else []))
 
 
 def spec_engine(**kwargs):
@@ -301,14 +306,16 @@ def test_speculation_turns_off_above_the_batch_size_and_for_requests_whose_draft
     assert scheduler.requests["a"].speculation_off and not scheduler.speculation_wanted()
 
 
-def test_requests_with_logprobs_penalties_or_grammars_never_speculate() -> None:
+def test_requests_with_penalties_never_speculate_and_with_logprobs_do() -> None:
     scheduler, _, _ = make_scheduler(block_size=4, **SPEC)
+    scheduler.speculation.proposer = OracleProposer()
     worker = VerifyingFakeWorker(64, 4, 64)
-    add(scheduler, "lp", [1, 2, 3, 4, 5, 6, 7] * 2, max_tokens=10, logprobs=1)
-    add(scheduler, "pen", [1, 2, 3, 4, 5, 6, 7] * 2, max_tokens=10, presence_penalty=0.5)
-    for _ in range(6):
-        step, _ = step_once(scheduler, worker)
-        assert not step.batch.num_draft_tokens
+    add(scheduler, "pen", prompt_of(14), max_tokens=10, presence_penalty=0.5)
+    add(scheduler, "lp", prompt_of(14), max_tokens=10, logprobs=1)
+    step_once(scheduler, worker)
+    step, outputs = step_once(scheduler, worker)
+    assert step.batch.num_draft_tokens == [0, 3]
+    assert [len(o.token_ids) for o in outputs] == [1, 4] and len(outputs[1].logprobs) == 4
     scheduler.abort_requests(["lp", "pen"])
 
 

@@ -29,18 +29,24 @@ def run(llm, speculate: bool, conversations, params: SamplingParams):
 
 
 def test_greedy_and_seeded_outputs_equal_plain_decoding(speculating) -> None:
-    """The second request of the greedy batch follows a grammar: it does not draft, and its grammar row comes
-    after the drafting request's rows of the step (the mask's rows count every draft position)."""
+    """The greedy batch's first request asks for logprobs (each accepted draft's are its row's); the second
+    follows a grammar: it does not draft, and its grammar row comes after the drafting request's rows of the
+    step (the mask's rows count every draft position)."""
     conversations = [REPEAT, [{"role": "user", "content": "Name three colours and a fruit, as JSON."}]]
     speculation = speculating.engine.scheduler.speculation
     json_object = SamplingParams(temperature=0.0, max_tokens=24, structured_output=StructuredOutput.json_object())
-    for params in ([SamplingParams(temperature=0.0, max_tokens=32), json_object],
+    for params in ([SamplingParams(temperature=0.0, max_tokens=32, logprobs=2), json_object],
                    SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=16)):
         accepted_before = speculation.num_accepted
         plain = run(speculating, False, conversations, params)
         drafted = run(speculating, True, conversations, params)
         assert [o.token_ids for o in drafted] == [o.token_ids for o in plain], params
         assert [o.finish_reason for o in drafted] == [o.finish_reason for o in plain]
+        if isinstance(params, list):
+            assert len(drafted[0].logprobs) == len(drafted[0].token_ids) == len(plain[0].logprobs)
+        for ours, theirs in zip(drafted[0].logprobs or [], plain[0].logprobs or []):  # a draft row's are a decode's
+            assert [t.token_id for t in ours.top] == [t.token_id for t in theirs.top]
+            assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
         assert speculation.num_accepted > accepted_before, "the repeated paragraph's drafts are accepted"
     free, total = speculating.kv_usage()
     assert free == total

@@ -487,18 +487,21 @@ class Scheduler:
             num_drafts, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
             if request.is_finished:
                 continue  # finished or aborted while this step was in flight
-            tokens = result.accepted_token_ids[row] if result.accepted_token_ids else [result.token_ids[row]]
+            if result.accepted_token_ids:
+                tokens, logprobs = result.accepted_token_ids[row], result.accepted_logprobs[row]
+            else:
+                tokens, logprobs = [result.token_ids[row]], [result.logprobs[row]]
             if num_drafts:
                 self._roll_back_drafts(request, num_drafts - (len(tokens) - 1))
                 self.speculation.record(request, num_drafts, len(tokens) - 1)
-            output = self._emit(request, tokens, result.logprobs[row])
+            output = self._emit(request, tokens, logprobs)
             if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
                 output.prompt_logprobs = request.prompt_logprobs
                 request.prompt_logprobs_sent = True
             outputs.append(output)
         return outputs
 
-    def _emit(self, request: Request, tokens: list[int], logprobs: SampledLogprobs | None) -> RequestOutput:
+    def _emit(self, request: Request, tokens: list[int], logprobs: list[SampledLogprobs | None]) -> RequestOutput:
         """Appends the step's tokens one by one until one finishes the request: a stop or the length limit
         among accepted drafts ends it there, as decoding them one step at a time would."""
         emitted: list[int] = []
@@ -522,7 +525,7 @@ class Scheduler:
                                    num_prompt_tokens=len(request.prompt_token_ids),
                                    num_cached_tokens=request.num_cached_tokens)
         output.token_ids = emitted
-        output.logprobs = [logprobs] if request.params.logprobs is not None else None
+        output.logprobs = logprobs[:len(emitted)] if request.params.logprobs is not None else None
         return output
 
     def _roll_back_drafts(self, request: Request, rejected: int) -> None:

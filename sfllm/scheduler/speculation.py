@@ -7,8 +7,8 @@ are accepted; elsewhere it costs. So:
 - a step of more than `speculative_max_batch_size` running requests has no drafts;
 - a request stops speculating once, after WARMUP_STEPS steps, its drafts were accepted for fewer than
   `speculative_min_acceptance_rate` of the draft slots it was offered (k per step, matched or not);
-- a request whose sampling needs its own previous tokens or returns per-token extras (penalties, logprobs,
-  a grammar) never speculates: those would need the drafts' effect replayed inside one row;
+- a request whose sampling depends on its own previous tokens (penalties, a grammar) never speculates:
+  those would need the drafts' effect replayed inside one row (logprobs are per row: they speculate);
 - a request whose last tokens match nothing earlier decodes NO_MATCH_BACKOFF_STEPS steps plainly (with the
   overlap) before it looks again.
 
@@ -48,7 +48,7 @@ class Speculation:
         """Whether the request may draft in its next decode."""
         params = request.params
         return (not request.speculation_off and request.spec_backoff == 0 and request.matcher is None
-                and params.logprobs is None and not params.has_penalties)
+                and not params.has_penalties)
 
     def count_step(self, request: Request) -> None:
         """A decode step of the request went out: its backoff, if any, is one step shorter."""

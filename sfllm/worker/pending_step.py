@@ -73,16 +73,18 @@ class PendingStep:
                                                                             top_logprobs[index, :count].tolist())]
                     logprobs[row] = SampledLogprobs(float(chosen[index]), top)
         accepted: list[list[int]] = []
+        accepted_logprobs: list[list[SampledLogprobs | None]] = []
         if self.drafts is not None:
-            token_ids, logprobs, accepted = verify_drafts(token_ids, logprobs, self.drafts)
+            token_ids, logprobs, accepted, accepted_logprobs = verify_drafts(token_ids, logprobs, self.drafts)
         return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
-                             accepted_token_ids=accepted, prompt_logprobs=self._prompt_logprobs,
+                             accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs,
+                             prompt_logprobs=self._prompt_logprobs,
                              forward_time_s=time.perf_counter() - self.started,
                              gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])
 
 
-def verify_drafts(row_tokens: list[int], row_logprobs: list[SampledLogprobs | None],
-                  drafts: list[list[int]]) -> tuple[list[int], list[SampledLogprobs | None], list[list[int]]]:
+def verify_drafts(row_tokens: list[int], row_logprobs: list[SampledLogprobs | None], drafts: list[list[int]]
+                  ) -> tuple[list[int], list[SampledLogprobs | None], list[list[int]], list[list[SampledLogprobs | None]]]:
     """Per sequence: its tokens up to the first that differs from its draft at that position, and that one.
 
     Each row drew its token as plain decoding would, given the drafts before it; so while the drafts equal
@@ -90,9 +92,10 @@ def verify_drafts(row_tokens: list[int], row_logprobs: list[SampledLogprobs | No
     plain decoding's next token. Greedy: the longest prefix where draft == argmax, then the target's token.
     Sampled: a draft d survives with probability p(d), and a draw that differs from d is distributed as p
     without d, renormalised: rejection sampling of a point-mass draft, whose result is distributed exactly
-    as p (with a seed, it is the very token the seed gives without drafts). Returns (each sequence's last
-    token, its first row's logprobs, its emitted tokens)."""
-    last, logprobs, emitted = [], [], []
+    as p (with a seed, it is the very token the seed gives without drafts). A row's logprobs are the target's
+    at its position, given the drafts before it: those of plain decoding for every emitted token. Returns
+    (each sequence's last token, its first row's logprobs, its emitted tokens, their logprobs)."""
+    last, logprobs, emitted, emitted_logprobs = [], [], [], []
     row = 0
     for draft in drafts:
         tokens = row_tokens[row:row + len(draft) + 1]
@@ -100,7 +103,8 @@ def verify_drafts(row_tokens: list[int], row_logprobs: list[SampledLogprobs | No
         while accepted < len(draft) and tokens[accepted] == draft[accepted]:
             accepted += 1
         emitted.append(tokens[:accepted + 1])
+        emitted_logprobs.append(row_logprobs[row:row + accepted + 1])
         last.append(tokens[accepted])
         logprobs.append(row_logprobs[row])
         row += len(draft) + 1
-    return last, logprobs, emitted
+    return last, logprobs, emitted, emitted_logprobs
