@@ -79,6 +79,7 @@ class Speculation:
         self.judge(request)
 
     def judge(self, request: Request) -> None:
+        """Turns the request's speculation off for good once its warm-up shows its drafts do not pay."""
         if (request.num_spec_steps >= WARMUP_STEPS
                 and request.num_spec_accepted < self.min_acceptance_rate * self.num_tokens * request.num_spec_steps):
             request.speculation_off = True
