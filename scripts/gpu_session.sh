@@ -15,7 +15,10 @@
 # structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
 # throughput ratio and the grammar masks' time per step),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
-# and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline).
+# and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline),
+# spec (speculative decoding, issue 16: its GPU tests; batch 1 with drafts accepted (dummy weights, greedy: random
+# models loop), and the overhead when no draft is accepted (--spec-force-reject) at batch 1 and 64, each against
+# the same run without speculation; not yet run).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -189,6 +192,29 @@ PY
     timeout 600 $BENCH --model qwen3-32b --tensor-parallel-size 2 --output-file "$OUT/tp2-32b-standard.json" \
       >"$OUT/tp2-32b-standard.log" 2>&1
     echo "qwen3-32b tp 2 standard workload: exit $? $(grep -E '^wall|roofline' "$OUT/tp2-32b-standard.log" | tr '\n' ' ')" ;;
+  spec)
+    timeout 300 python3 -m pytest tests/gpu/test_speculative_gpu.py tests/test_step_graphs.py -q -p no:cacheprovider \
+      -o addopts="" >"$OUT/spec-tests.log" 2>&1
+    echo "spec tests: exit $?"; tail -3 "$OUT/spec-tests.log"
+    # batch 1: with drafts (accepted where the random model loops); then drafts forced to be rejected, at the
+    # defaults (auto-off: a request stops drafting after 16 steps, a step of more than 32 requests has no drafts)
+    # and with auto-off lifted (the raw cost of a verify step) at batch 1 and 64. Each against plain decoding.
+    for run in "b1 --num-requests 1 --input-len 512 --output-len 512" \
+               "b64 --num-requests 64 --input-len 512 --output-len 256"; do
+      read -r tag args <<<"$run"
+      for mode in plain ngram reject reject-raw; do
+        case $mode in
+          plain) flags="" ;;
+          ngram) flags="--speculative-method ngram" ;;
+          reject) flags="--speculative-method ngram --spec-force-reject" ;;
+          reject-raw) flags="--speculative-method ngram --spec-force-reject --speculative-max-batch-size 64 \
+            --speculative-min-acceptance-rate 0" ;;
+        esac
+        timeout 240 $BENCH --model qwen3-0.6b $args $flags --output-file "$OUT/spec-$tag-$mode.json" \
+          >"$OUT/spec-$tag-$mode.log" 2>&1
+        echo "spec $tag $mode: exit $? $(grep -E '^wall|^speculation' "$OUT/spec-$tag-$mode.log" | tr '\n' ' ')"
+      done
+    done ;;
   large)
     for model in qwen3-4b qwen3-8b; do
       timeout 200 $BENCH --model $model --output-file "$OUT/offline-$model.json" >"$OUT/offline-$model.log" 2>&1

@@ -69,6 +69,15 @@ class EngineConfig:
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly"})
     disable_overlap: bool = field(default=False, metadata={"help": "wait for each step before the next"})
     disable_prefix_cache: bool = field(default=False, metadata={"help": "no KV sharing between requests"})
+    speculative_method: str | None = field(default=None, metadata={
+        "help": "ngram: draft tokens by prompt lookup and verify them in one step (default: off)"})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "draft tokens per speculating request and step"})
+    speculative_ngram_min: int = field(default=2, metadata={"help": "shortest suffix the n-gram proposer matches"})
+    speculative_ngram_max: int = field(default=4, metadata={"help": "longest suffix the n-gram proposer matches"})
+    speculative_max_batch_size: int = field(default=32, metadata={
+        "help": "no drafts in a step of more running requests (large batches are compute-bound)"})
+    speculative_min_acceptance_rate: float = field(default=0.1, metadata={
+        "help": "a request whose drafts are accepted less often stops speculating"})
     schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs | length-bucket"})
     preemption_mode: str = field(default="recompute", metadata={"help": "recompute | swap"})
     background_share: float = field(default=0.5, metadata={"help": "batch share of background vs normal"})
@@ -87,20 +96,29 @@ class EngineConfig:
             "schedule_policy": ("fcfs", "length-bucket"),
             "preemption_mode": ("recompute", "swap"),
             "log_level": ("debug", "info", "warning", "error"),
+            "speculative_method": (None, "ngram"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be one of {', '.join(str(a) for a in allowed)}; "
+                                  f"got {getattr(self, key)!r}")
         positive = ("max_running_tokens", "max_running_requests", "block_size", "max_waiting_requests",
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
                     "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads",
-                    "frontend_processes", "cuda_graph_max_bs", "tensor_parallel_size")
+                    "frontend_processes", "cuda_graph_max_bs", "tensor_parallel_size", "num_speculative_tokens",
+                    "speculative_ngram_min", "speculative_max_batch_size")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive; got {value}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"drain_timeout_s must be at least 0; got {self.drain_timeout_s}")
+        if self.speculative_ngram_max < self.speculative_ngram_min:
+            raise ConfigError(f"speculative_ngram_max ({self.speculative_ngram_max}) must be at least "
+                              f"speculative_ngram_min ({self.speculative_ngram_min})")
+        if not 0.0 <= self.speculative_min_acceptance_rate <= 1.0:
+            raise ConfigError(f"speculative_min_acceptance_rate must be in [0, 1]; got "
+                              f"{self.speculative_min_acceptance_rate}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ConfigError(f"mem_fraction must be in (0, 1]; got {self.mem_fraction}")
 

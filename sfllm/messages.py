@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 PRIORITIES = ("high", "normal", "background")
 
@@ -133,6 +133,8 @@ class EngineStats(Message):
     num_finished: dict[str, int] = {}  # by finish reason: stop, length, abort, error
     queue_time_counts: list[int] = []  # per QUEUE_TIME_BUCKETS_S bound, then one for longer
     queue_time_sum_s: float = 0.0
+    num_spec_proposed_tokens: int = 0  # draft tokens verified
+    num_spec_accepted_tokens: int = 0  # of those, accepted
 
 
 # Upper bounds of the queue-time histogram: arrival in the engine until first scheduled.
@@ -192,6 +194,16 @@ class ForwardBatch(Message):
     grammar_rows: list[int] = []
     grammar_mask: bytes = b""
     prompt_logprobs: list[PromptLogprobTargets] = []
+    # Speculative decoding: per sequence, how many of its new tokens are drafts (its last ones, after the
+    # token it decodes); empty when no sequence has any. A sampled sequence with k drafts has 1 + k
+    # sampled rows, one per position, in order; `grammar_rows` count such rows.
+    num_draft_tokens: list[int] = []
+
+    def sampled_rows(self) -> list[int]:
+        """Rows of logits each sampled sequence has: one, plus one per draft."""
+        if not self.num_draft_tokens:
+            return [1] * sum(self.sample)
+        return [1 + drafts for drafts, sample in zip(self.num_draft_tokens, self.sample) if sample]
 
 
 class GrammarMask(Message):
@@ -227,6 +239,10 @@ class ForwardResult(Message):
     step_id: int
     token_ids: list[int]
     logprobs: list[SampledLogprobs | None]
+    # when the step verified drafts: per sampled sequence, the tokens it emits (its accepted drafts, then the
+    # target's own token at the first rejected position or after the last draft); token_ids holds the last
+    accepted_token_ids: list[list[int]] = []
+    accepted_logprobs: list[list[SampledLogprobs | None]] = []  # of those tokens, where asked for
     # per entry of the batch's `prompt_logprobs`, one per target token
     prompt_logprobs: list[list[SampledLogprobs]] = []
     forward_time_s: float = 0.0

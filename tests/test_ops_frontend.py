@@ -69,7 +69,8 @@ def engine_stats(**changes: Any) -> EngineStats:
                   prefix_cache_hits=4, num_preemptions=3, num_steps=77, step_time_s=0.02, batch_size=3,
                   gpu_memory_allocated=1000, gpu_memory_reserved=2000, ready=True, num_prompt_tokens=123,
                   num_generation_tokens=456, num_finished={"stop": 3, "abort": 1},
-                  queue_time_counts=[1, 2] + [0] * (len(QUEUE_TIME_BUCKETS_S) - 2) + [1], queue_time_sum_s=200.5)
+                  queue_time_counts=[1, 2] + [0] * (len(QUEUE_TIME_BUCKETS_S) - 2) + [1], queue_time_sum_s=200.5,
+                  num_spec_proposed_tokens=40, num_spec_accepted_tokens=30)
     return EngineStats(**(values | changes))
 
 
@@ -130,6 +131,7 @@ def test_metrics_count_requests_time_them_and_report_the_engine(tokenizer: Token
     assert value("sfllm_gpu_memory_allocated_bytes") == 1000 and value("sfllm_gpu_memory_reserved_bytes") == 2000
     assert value("sfllm_prompt_tokens_total") == 123 and value("sfllm_generation_tokens_total") == 456
     assert value("sfllm_requests_finished_total", reason="stop") == 3
+    assert value("sfllm_spec_proposed_tokens_total") == 40 and value("sfllm_spec_accepted_tokens_total") == 30
     assert value("sfllm_request_queue_time_seconds_bucket", le="0.01") == 1
     assert value("sfllm_request_queue_time_seconds_bucket", le="0.025") == 3
     assert value("sfllm_request_queue_time_seconds_bucket", le="120.0") == 3

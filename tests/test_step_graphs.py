@@ -96,3 +96,30 @@ def test_graph_step_equals_the_eager_step(runner: ModelRunner) -> None:
     logits, tokens = graph_step(runner, graphs, decode)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert tokens.tolist() == expected.argmax(dim=-1).tolist()
+
+
+def test_graph_verify_step_equals_the_eager_step(runner: ModelRunner) -> None:
+    """Speculative decoding's verify step: a sequence of one token and three drafts samples all four
+    positions, in a graph of the small sizes kept for verify steps, as the eager step does."""
+    splits = KVSplits(runner.backend.name, runner.shard.num_kv_heads, runner.max_context_length, runner.device)
+    graphs = CudaGraphRunner(runner.model, runner.backend, runner.block_tables, runner.last_tokens, splits,
+                             runner.device, max_decode_batch=8, max_mixed_tokens=64, max_seqs=runner.max_slots, seed=0,
+                             num_speculative_tokens=3, max_speculative_batch=2)
+    assert graphs.mixed_sizes[:3] == [4, 8, 64], "(1 + K) per speculating sequence, then the mixed sizes"
+    sequences = [SequenceSampling(slot=s, params=GREEDY) for s in (5, 6)]
+    first = ForwardBatch(step_id=10, slots=[5, 6], num_new_tokens=[6, 11], context_lens=[6, 11],
+                         input_token_ids=prompt(6, 5) + prompt(11, 6), sample=[True, True], new_sequences=sequences,
+                         block_table_updates=[BlockTableUpdate(5, 0, [7]), BlockTableUpdate(6, 0, [8])])
+    runner.execute(first)
+    runner.next_result(wait=True)
+    # slot 5 decodes its sampled token and three drafts; slot 6 decodes one token without drafts
+    verify = ForwardBatch(step_id=11, slots=[5, 6], num_new_tokens=[4, 1], context_lens=[10, 12],
+                          input_token_ids=[-1, 3, 4, 5, -1], sample=[True, True], num_draft_tokens=[3, 0])
+    expected = eager_logits(runner, verify)
+    assert expected.shape[0] == 5, "four rows for slot 5, one for slot 6"
+    shape = graphs.shape_for(verify)
+    assert shape.num_tokens == 8 and shape.num_logit_rows >= 5
+    logits, tokens = graph_step(runner, graphs, verify)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert tokens.tolist() == expected.argmax(dim=-1).tolist()
+    assert runner.last_tokens[[5, 6]].tolist() == [tokens[3].item(), tokens[4].item()], "each sequence's last row"

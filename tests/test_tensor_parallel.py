@@ -235,6 +235,20 @@ def one_device(checkpoint: Path) -> list:
     return [r.outputs[0] for r in llm.generate(_prompts(), SAMPLED)]
 
 
+class KnownContinuation:
+    """Drafts the tokens that followed a prompt in another run."""
+
+    def __init__(self, outputs: dict[tuple[int, ...], list[int]]) -> None:
+        self.outputs = outputs
+
+    def propose(self, tokens: list[int], max_drafts: int) -> list[int]:
+        for prompt, output in self.outputs.items():
+            if tuple(tokens[:len(prompt)]) == prompt and len(tokens) > len(prompt):
+                done = len(tokens) - len(prompt)
+                return output[done:done + max_drafts]
+        return []
+
+
 def test_offline_two_ranks_generate_what_one_device_does(checkpoint: Path, one_device: list) -> None:
     """Prefill chunked over steps (16-token budget), overlapped steps, every kind of sampling."""
     llm = LLM(model=str(checkpoint), dtype="float32", device="cpu", max_context_length=128, max_running_tokens=16,
@@ -244,6 +258,16 @@ def test_offline_two_ranks_generate_what_one_device_does(checkpoint: Path, one_d
         assert len(followers.processes) == 1 and llm.engine.worker.runner.shard.num_heads == 2
         outputs = [r.outputs[0] for r in llm.generate(_prompts(), SAMPLED)]
         assert [o.token_ids for o in outputs] == [o.token_ids for o in one_device]
+        assert llm.kv_usage()[0] == llm.kv_usage()[1]
+        # speculative decoding, drafting one device's continuation: every rank verifies the drafts its relayed
+        # steps carry; greedy and seeded requests (whose drafts are all right) and penalised ones (never
+        # drafting) give the same tokens, the unseeded ones reject most of theirs
+        speculation = llm.engine.scheduler.speculation
+        speculation.enabled = True
+        speculation.proposer = KnownContinuation({tuple(p): o.token_ids for p, o in zip(_prompts(), one_device)})
+        drafted = [r.outputs[0] for r in llm.generate(_prompts(), SAMPLED)]
+        assert [drafted[i].token_ids for i in (0, 3, 4)] == [one_device[i].token_ids for i in (0, 3, 4)]
+        assert 0 < speculation.num_accepted < speculation.num_proposed
         assert llm.kv_usage()[0] == llm.kv_usage()[1]
     finally:
         llm.engine.worker.close()

@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sfllm's decoding: 0 greedy, above it sampled (the baseline stays greedy)")
+    parser.add_argument("--workload", choices=["random", "repeat"], default="random",
+                        help="repeat: chat prompts asking to repeat a paragraph word for word (the model's own "
+                             "tokenizer; output up to --output-len tokens, EOS ends it), where speculative "
+                             "decoding's n-gram drafts are accepted")
+    parser.add_argument("--spec-force-reject", action="store_true",
+                        help="with --speculative-method: drafts the target almost never samples (a token after "
+                             "the last one), for speculation's overhead when nothing is accepted")
     parser.add_argument("--structured-output", choices=["none", "json_schema"], default="none",
                         help="json_schema: every request follows BENCH_SCHEMA, a list of records too long to close "
                              "within the output lengths, so both runs decode the same tokens")
@@ -82,7 +89,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = {"--dtype": str, "--device": str, "--max-context-length": int, "--max-running-requests": int,
                 "--max-running-tokens": int, "--attention-backend": str, "--schedule-policy": str,
                 "--cuda-graph-max-bs": int, "--disable-cuda-graph": bool, "--disable-overlap": bool,
-                "--mem-fraction": float, "--tensor-parallel-size": int}
+                "--mem-fraction": float, "--tensor-parallel-size": int, "--cpu-threads": int,
+                "--speculative-method": str, "--num-speculative-tokens": int, "--speculative-ngram-min": int,
+                "--speculative-ngram-max": int, "--speculative-max-batch-size": int,
+                "--speculative-min-acceptance-rate": float}
+
+REPEAT_PARAGRAPHS = (
+    "The committee met on Tuesday to review the budget. After a long discussion, the members agreed to fund the "
+    "new library, repair the old bridge, and plant two hundred trees along the river before the end of spring.",
+    "Our shop opens at nine in the morning and closes at six in the evening. On Saturdays we close at noon, and "
+    "on Sundays we stay closed so that everyone who works here can spend the day with their families.",
+    "To make the bread, mix the flour with warm water, salt and yeast, knead the dough for ten minutes, let it "
+    "rise for an hour in a warm place, then bake it for forty minutes until the crust is golden brown.",
+    "The train to the coast leaves from platform four every two hours. Tickets can be bought at the station or "
+    "online, and children under twelve travel for half the price when they are with an adult.",
+)
+
+
+def repeat_prompts(llm, count: int) -> list[list[int]]:
+    """Chat prompts asking the model to repeat a text of two paragraphs: its answer is mostly in its prompt."""
+    def text(i: int) -> str:
+        return "\n\n".join(REPEAT_PARAGRAPHS[(i + j) % len(REPEAT_PARAGRAPHS)] for j in range(2))
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Repeat this text word for word:\n\n"
+                                                f"{text(i)}"}]) for i in range(count)]
+
+
+class RejectedDrafts:
+    """Drafts of the token after the last one, repeated: a model of real weights or random ones almost never
+    samples them, so every verify step pays for its drafts and gains nothing."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def propose(self, token_ids: list[int], max_drafts: int) -> list[int]:
+        return [(token_ids[-1] + 1) % self.vocab_size] * max_drafts
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
@@ -161,8 +201,14 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     from sfllm.llm import LLM
     llm = LLM(model=args.model, load_format=args.load_format, seed=args.seed, **engine_settings(args))
     runner = llm.engine.worker.runner
+    speculation = llm.engine.scheduler.speculation
+    if args.spec_force_reject:
+        speculation.proposer = RejectedDrafts(llm.source.config.vocab_size)
     structured_output = StructuredOutput.json_schema(BENCH_SCHEMA) if args.structured_output == "json_schema" else None
-    params = [SamplingParams(temperature=args.temperature, max_tokens=s.output_len, ignore_eos=True,
+    repeat = args.workload == "repeat"
+    if repeat:
+        specs = [RequestSpec(p, s.output_len, len(p)) for p, s in zip(repeat_prompts(llm, len(specs)), specs)]
+    params = [SamplingParams(temperature=args.temperature, max_tokens=s.output_len, ignore_eos=not repeat,
                              detokenize=False, structured_output=structured_output) for s in specs]
     prompts = [list(s.prompt) for s in specs]
     warm_up = prompts[:4]
@@ -185,6 +231,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
               f"wall time), {engine_loop.calls.get('grammar masks', 0)} masks")
     steps = llm.engine.num_steps - steps_before
     output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    if speculation.enabled:
+        print(f"speculation: {llm.engine.scheduler.speculation_summary()} (with the warm-up), {steps} steps for "
+              f"{output_tokens} output tokens")
     input_tokens = sum(len(p) for p in prompts)
     report = OfflineReport("sfllm", _device_name(runner.device), args.model, str(runner.dtype), len(specs),
                            input_tokens, output_tokens, wall, output_tokens / wall, (input_tokens + output_tokens) / wall,
@@ -212,7 +261,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
              "decode_graph_max_batch": getattr(runner.graph_runner, "max_decode_batch", None),
              "mixed_graph_max_tokens": runner.graph_runner.mixed_sizes[-1] if runner.graph_runner else None,
              "kv_blocks": runner.kv_cache.num_blocks, "attention_backend": runner.backend.name,
-             "preemptions": llm.engine.scheduler.num_preemptions}
+             "preemptions": llm.engine.scheduler.num_preemptions,
+             "spec_proposed_tokens": speculation.num_proposed, "spec_accepted_tokens": speculation.num_accepted}
     del llm, runner
     gc.collect()  # the engine's objects hold reference cycles; free its GPU memory for the baseline
     if torch.cuda.is_available():
@@ -284,6 +334,8 @@ def main(argv: list[str]) -> int:
     workload = RandomTokenWorkload(parse_length_range(args.input_len), parse_length_range(args.output_len),
                                    vocab, args.seed)
     specs = workload.take(args.num_requests)
+    if args.workload == "repeat" and args.baseline != "none":
+        parser.error("--workload repeat has no baseline: its prompts are made with the engine's tokenizer")
     report, extra = run_sfllm(args, specs)
     _print(report)
     output = {"config": vars(args), "sfllm": asdict(report) | extra}

@@ -181,6 +181,10 @@ class EngineStatsCollector(Collector):
                                   value=stats.num_prompt_tokens)
         yield CounterMetricFamily("sfllm_generation_tokens", "Output tokens generated",
                                   value=stats.num_generation_tokens)
+        yield CounterMetricFamily("sfllm_spec_proposed_tokens", "Draft tokens verified (speculative decoding)",
+                                  value=stats.num_spec_proposed_tokens)
+        yield CounterMetricFamily("sfllm_spec_accepted_tokens", "Draft tokens accepted (speculative decoding)",
+                                  value=stats.num_spec_accepted_tokens)
         finished = CounterMetricFamily("sfllm_requests_finished", "Engine requests (one per sequence) finished, "
                                        "by reason: stop, length, abort, error", labels=["reason"])
         for reason, count in stats.num_finished.items():

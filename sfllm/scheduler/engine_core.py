@@ -11,6 +11,13 @@ worker runs N+1's forward and waits with its sampling for a GrammarMask, which g
 step N's tokens are in, before step N+2. The mask is computed while the device runs N+1's forward,
 and constrained requests still decode every step (having them sit out every other step, waiting
 for their token, would halve their throughput).
+
+Speculative decoding pauses the overlap: a step's drafts continue the tokens of the step before, and
+how many of a request's drafts are accepted is known only once its step is back. While the scheduler
+may draft (`Scheduler.speculation_wanted`: few enough running requests, one of them speculating), a
+step is sent only into an empty pipeline; the host's scheduling and result handling then add to every
+step's time (the cost in docs/performance.md). Above `speculative_max_batch_size`, or once every
+request's speculation is off, the overlap is back.
 """
 from __future__ import annotations
 
@@ -84,6 +91,8 @@ class EngineCore:
     def submit_next(self) -> bool:
         """Schedules and sends one step if the pipeline has room; True if it sent one."""
         if len(self._in_flight) >= self.max_in_flight:
+            return False
+        if self._in_flight and self.scheduler.speculation_wanted():
             return False
         with nvtx_range("schedule"):
             scheduled = self.scheduler.schedule()

@@ -5,25 +5,28 @@ A step holds, within the token budget: decodes and prefill chunks of running req
 first token, only high-priority work. A request preempted for its slot alone is paused: it
 keeps its KV blocks and resumes with a decode. The scheduler may send step N+1
 before step N's tokens are back: a decode whose input token is still in flight is sent
-as -1 and the worker substitutes the token it sampled last for that slot.
+as -1 and the worker substitutes the token it sampled last for that slot. With speculative decoding a
+decode may carry drafts (sfllm/scheduler/speculation.py): its row verifies them, and once the step is
+back the request keeps the KV of its accepted tokens only.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sfllm.config import EngineConfig
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
-                            RequestOutput, SequenceSampling)
+                            RequestOutput, SampledLogprobs, SequenceSampling)
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
 from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
+from sfllm.scheduler.speculation import Speculation
 from sfllm.scheduler.stop_checker import StopChecker
 from sfllm.scheduler.waiting_queue import QueueFull, WaitingQueue
 
@@ -72,13 +75,16 @@ class _StepBuilder:
     mask_late: bool = False
     prompt_logprobs: list[PromptLogprobTargets] = field(default_factory=list)
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
+    num_draft_tokens: list[int] = field(default_factory=list)
+    num_sampled_rows: int = 0  # rows of logits so far: one per sampled sequence, plus one per draft
 
     def build(self) -> ScheduledStep:
         batch = ForwardBatch(step_id=self.step_id, slots=self.slots, num_new_tokens=self.num_new_tokens,
                              context_lens=self.context_lens, input_token_ids=self.input_token_ids,
                              sample=self.sample, block_table_updates=self.block_table_updates,
                              new_sequences=self.new_sequences, swap_out=self.swap_out, swap_in=self.swap_in,
-                             grammar_rows=self.grammar_rows, prompt_logprobs=self.prompt_logprobs)
+                             grammar_rows=self.grammar_rows, prompt_logprobs=self.prompt_logprobs,
+                             num_draft_tokens=self.num_draft_tokens if any(self.num_draft_tokens) else [])
         return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s], self.grammar_requests,
                              self.mask_late, self.prompt_logprob_requests)
 
@@ -104,6 +110,7 @@ class Scheduler:
         self._step_id = 0
         self.num_preemptions = 0
         self.prefix_stats = PrefixCacheStats()
+        self.speculation = Speculation(config, max_context_length)
         self._last_stats_log = clock()
 
     # ---- requests in and out ------------------------------------------------------------
@@ -170,6 +177,7 @@ class Scheduler:
         high_first = (any(r.priority == "high" for r in self.waiting)
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
+        speculate = self.speculation.active(len(self.running))
         scheduled: set[int] = set()
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
@@ -179,9 +187,10 @@ class Scheduler:
             num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
                 continue
-            if not self._reserve_blocks(request, num_new, scheduled, step):
+            drafts = self._drafts(request, num_new, step.budget) if speculate else []
+            if not self._reserve_blocks(request, num_new + len(drafts), scheduled, step):
                 continue
-            self._add_to_step(step, request, num_new)
+            self._add_to_step(step, request, num_new, drafts)
             scheduled.add(id(request))
         self._admit_waiting(step, now, high_first)
         if not step.requests and not step.swap_out:
@@ -194,7 +203,7 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         """Tokens to compute for a running request this step; 0 when it should sit out."""
-        if budget <= 0:
+        if budget <= 0 or request.num_drafts_in_flight:
             return 0
         remaining = request.num_tokens - request.num_computed_tokens
         if remaining > 0:
@@ -207,6 +216,28 @@ class Scheduler:
         if request.num_computed_tokens + 1 > self.max_context_length:
             return 0
         return 1
+
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """Drafts for a decode of the request's last known token, if it speculates and they fit in the free
+        KV blocks (drafts never preempt anyone)."""
+        if num_new != 1:
+            return []
+        if not self.speculation.eligible(request):
+            self.speculation.count_step(request)
+            return []
+        if request.num_pending_samples or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        drafts = self.speculation.drafts(request, budget)
+        if drafts and self._blocks_needed(request, 1 + len(drafts)) > self.allocator.num_free:
+            return []
+        return drafts
+
+    def speculation_wanted(self) -> bool:
+        """Whether the next step may carry drafts: then it waits for the step in flight, whose tokens its
+        drafts continue (EngineCore pauses the overlap)."""
+        speculation = self.speculation
+        return (speculation.active(len(self.running))
+                and any(speculation.eligible(r) and not r.is_prefilling for r in self.running))
 
     def _blocks_needed(self, request: Request, num_new: int) -> int:
         total = request.num_computed_tokens + num_new
@@ -326,13 +357,17 @@ class Scheduler:
         total = request.num_computed_tokens + num_new
         return max(-(-total // self.block_size) - len(request.swapped_block_ids), 0)
 
-    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int) -> None:
+    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, drafts: Sequence[int] = ()) -> None:
+        """`drafts` follow the decode of the request's last known token (its row grows by them)."""
         start = request.num_computed_tokens
         end = start + num_new
         known_end = min(end, request.num_tokens)
         tokens = request.token_slice(start, known_end) if known_end > start else []
         tokens.extend([-1] * (end - known_end))  # in flight: the worker has it
         sample = end >= request.num_tokens
+        tokens.extend(drafts)
+        num_new += len(drafts)
+        end += len(drafts)
         if request.needs_sampling_state:
             penalties = request.params.has_penalties
             step.new_sequences.append(SequenceSampling(
@@ -341,7 +376,7 @@ class Scheduler:
                 output_token_ids=request.output_token_ids if penalties else []))
             request.needs_sampling_state = False
         if sample and request.matcher is not None:
-            step.grammar_rows.append(sum(step.sample))
+            step.grammar_rows.append(step.num_sampled_rows)
             step.grammar_requests.append(request)
             # its previous token is not back yet: the grammar can only mask this step once it is
             step.mask_late |= request.num_pending_samples > 0
@@ -357,10 +392,13 @@ class Scheduler:
                                                              request.block_ids[request.num_blocks_sent:]))
             request.num_blocks_sent = len(request.block_ids)
         step.sample.append(sample)
+        step.num_draft_tokens.append(len(drafts))
         step.budget -= num_new
         request.num_computed_tokens = end
         if sample:
             request.num_pending_samples += 1
+            request.num_drafts_in_flight = len(drafts)
+            step.num_sampled_rows += 1 + len(drafts)
         self._register_full_blocks(request)
 
     def _add_prompt_logprob_targets(self, step: _StepBuilder, request: Request, start: int, end: int) -> None:
@@ -393,9 +431,10 @@ class Scheduler:
         self.running.remove(request)
         self._free_slots.append(request.slot)
         request.slot = None
+        # with drafts in flight its KV reaches past what the result will keep: recompute instead
         swap = (self.config.preemption_mode == "swap"
                 and len(request.block_ids) <= self.swap_space.num_free
-                and request.num_computed_tokens >= request.num_tokens)
+                and request.num_computed_tokens >= request.num_tokens and not request.num_drafts_in_flight)
         if keep_blocks:
             request.status = RequestStatus.WAITING
         elif swap:
@@ -445,31 +484,61 @@ class Scheduler:
         outputs = []
         for row, request in enumerate(step.sampled):
             request.num_pending_samples -= 1
+            num_drafts, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
             if request.is_finished:
                 continue  # finished or aborted while this step was in flight
-            token = result.token_ids[row]
-            request.output_token_ids.append(token)
-            self._register_full_blocks(request)
-            if request.matcher is not None and not accepts(request.matcher, token):
-                error = f"the grammar refused token {token}: {request.matcher.get_error()}"
-                failed = self._finish(request, "error")
-                failed.error, failed.error_code = error, 500
-                outputs.append(failed)
-                continue
-            reason = self.stop_checker.finish_reason(request, token)
-            if reason is None and request.matcher is not None and request.matcher.is_stopped():
-                reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
-            logprobs = [result.logprobs[row]] if request.params.logprobs is not None else None
-            output = self._finish(request, reason) if reason is not None else RequestOutput(
-                request_id=request.request_id, token_ids=[], num_prompt_tokens=len(request.prompt_token_ids),
-                num_cached_tokens=request.num_cached_tokens)
-            output.token_ids = [token]
-            output.logprobs = logprobs
+            if result.accepted_token_ids:
+                tokens, logprobs = result.accepted_token_ids[row], result.accepted_logprobs[row]
+            else:
+                tokens, logprobs = [result.token_ids[row]], [result.logprobs[row]]
+            if num_drafts:
+                self._roll_back_drafts(request, num_drafts - (len(tokens) - 1))
+                self.speculation.record(request, num_drafts, len(tokens) - 1)
+            output = self._emit(request, tokens, logprobs)
             if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
                 output.prompt_logprobs = request.prompt_logprobs
                 request.prompt_logprobs_sent = True
             outputs.append(output)
         return outputs
+
+    def _emit(self, request: Request, tokens: list[int], logprobs: list[SampledLogprobs | None]) -> RequestOutput:
+        """Appends the step's tokens one by one until one finishes the request: a stop or the length limit
+        among accepted drafts ends it there, as decoding them one step at a time would."""
+        emitted: list[int] = []
+        for token in tokens:
+            request.output_token_ids.append(token)
+            emitted.append(token)
+            self._register_full_blocks(request)
+            if request.matcher is not None and not accepts(request.matcher, token):
+                error = f"the grammar refused token {token}: {request.matcher.get_error()}"
+                failed = self._finish(request, "error")
+                failed.error, failed.error_code = error, 500
+                return failed
+            reason = self.stop_checker.finish_reason(request, token)
+            if reason is None and request.matcher is not None and request.matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
+            if reason is not None:
+                output = self._finish(request, reason)
+                break
+        else:
+            output = RequestOutput(request_id=request.request_id, token_ids=[],
+                                   num_prompt_tokens=len(request.prompt_token_ids),
+                                   num_cached_tokens=request.num_cached_tokens)
+        output.token_ids = emitted
+        output.logprobs = logprobs[:len(emitted)] if request.params.logprobs is not None else None
+        return output
+
+    def _roll_back_drafts(self, request: Request, rejected: int) -> None:
+        """Forgets the KV of rejected drafts: the request continues after its accepted tokens, and blocks
+        past them go back to the pool (none of them is in the prefix cache: only blocks of known tokens
+        are registered). A request preempted meanwhile has released its KV already."""
+        if rejected == 0 or not request.block_ids:
+            return
+        request.num_computed_tokens -= rejected
+        keep = -(-request.num_computed_tokens // self.block_size)
+        self.allocator.free(request.block_ids[keep:])
+        del request.block_ids[keep:]
+        request.num_blocks_sent = min(request.num_blocks_sent, keep)
 
     def grammar_mask(self, step: ScheduledStep) -> bytes:
         """The packed bitmask of the step's grammar rows, from its requests' grammars as they stand: call it
@@ -485,7 +554,9 @@ class Scheduler:
                 "prefix_cache_queries": self.prefix_stats.queries, "prefix_cache_hits": self.prefix_stats.hits,
                 "num_prompt_tokens": self.prefix_stats.prompt_tokens,
                 "num_cached_prompt_tokens": self.prefix_stats.cached_prompt_tokens,
-                "num_preemptions": self.num_preemptions}
+                "num_preemptions": self.num_preemptions,
+                "num_spec_proposed_tokens": self.speculation.num_proposed,
+                "num_spec_accepted_tokens": self.speculation.num_accepted}
 
     def log_stats(self) -> None:
         """One line of load and prefix-cache use; `schedule` calls it every STATS_LOG_INTERVAL_S while busy."""
@@ -496,6 +567,12 @@ class Scheduler:
                     used, self.allocator.num_blocks, self.num_preemptions, p.hits, p.queries,
                     _percent(p.hits, p.queries), p.cached_prompt_tokens, p.prompt_tokens,
                     _percent(p.cached_prompt_tokens, p.prompt_tokens))
+        if self.speculation.enabled:
+            logger.info("speculation: %s", self.speculation_summary())
+
+    def speculation_summary(self) -> str:
+        s = self.speculation
+        return f"{s.num_accepted}/{s.num_proposed} draft tokens accepted ({100 * s.acceptance_rate:.1f}%)"
 
 
 def _percent(part: int, whole: int) -> float:

@@ -176,7 +176,9 @@ class EngineServer:
                            ready=True, num_prompt_tokens=self.counters.num_prompt_tokens,
                            num_generation_tokens=self.counters.num_generation_tokens,
                            num_finished=self.counters.num_finished, queue_time_counts=self.counters.queue_time_counts,
-                           queue_time_sum_s=self.counters.queue_time_sum_s)
+                           queue_time_sum_s=self.counters.queue_time_sum_s,
+                           num_spec_proposed_tokens=s["num_spec_proposed_tokens"],
+                           num_spec_accepted_tokens=s["num_spec_accepted_tokens"])
 
     def _handle(self, identity: bytes, message: object) -> None:
         self.last_seen[identity] = time.monotonic()
@@ -251,6 +253,9 @@ class EngineServer:
                 last_check = time.monotonic()
                 line = clock.report(self.core.num_steps)
                 if line is not None:
+                    scheduler = self.core.scheduler
+                    if scheduler.speculation.enabled:
+                        line += f"; speculation: {scheduler.speculation_summary()}"
                     logger.info("engine loop, %s", line)
 
     def _drain_frontends(self) -> None:

@@ -10,8 +10,10 @@ an eager step's launches). Attention of mixed steps goes by a tile list of fixed
 A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
 `last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model (a
 tensor-parallel rank's all-reduces and logits gather captured with it) and the LM head on the sampled
-rows, samples (argmax or temperature, by `kernels.sample_tokens`, whose noise seed is a device counter
-the graph advances: every rank draws the same tokens), and writes the tokens back to `last_tokens`. A step then
+rows (with speculative decoding, every draft position of a verifying sequence too: small sizes of (1 + K)
+tokens per sequence are captured for verify steps), samples (argmax or temperature, by
+`kernels.sample_tokens`, whose noise seed is a device counter the graph advances: every rank draws the same
+tokens), and writes the tokens back to `last_tokens`. A step then
 costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
 temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
 graph leaves behind.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sfllm.config import EngineConfig
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.block_tables import BlockTables
@@ -56,17 +59,38 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
-def mixed_shape(num_tokens: int, max_seqs: int, tile_rows: int) -> StepShape:
+def mixed_shape(num_tokens: int, max_seqs: int, tile_rows: int, max_draft_rows: int = 0) -> StepShape:
+    """`max_draft_rows`: sampled rows a step may have past one per sequence (speculative decoding's drafts);
+    rows are tokens, so a shape never needs more than its tokens."""
     num_seqs = min(num_tokens, max_seqs)
     # every sequence of 2+ tokens rounds its tiles up once: tokens / rows, plus one per such sequence
     num_tiles = -(-num_tokens // tile_rows) + min(num_seqs, num_tokens // 2)
-    return StepShape(num_tokens, num_seqs, num_tiles, decode_only=False)
+    return StepShape(num_tokens, num_seqs, num_tiles, decode_only=False,
+                     num_extra_rows=min(num_tokens - num_seqs, max_draft_rows))
+
+
+def speculative_graph_sizes(config: EngineConfig) -> tuple[int, int]:
+    """(draft tokens per sequence, sequences) a verify step may have: what the graphs make room for."""
+    if config.speculative_method is None:
+        return 0, 0
+    return config.num_speculative_tokens, min(config.speculative_max_batch_size, config.max_running_requests)
+
+
+def verify_token_sizes(num_speculative_tokens: int, max_batch_size: int, smallest_mixed: int) -> list[int]:
+    """Token counts of small verify steps, (1 + K) per speculating sequence, below the smallest mixed size
+    (a batch-1 verify step of 1 + K tokens would otherwise pad to 64)."""
+    if num_speculative_tokens <= 0:
+        return []
+    row = 1 + num_speculative_tokens
+    return [row * b for b in decode_batch_sizes(max_batch_size) if row * b < smallest_mixed]
 
 
 class CudaGraphRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, tables: BlockTables, last_tokens: torch.Tensor,
                  kv_splits: KVSplits, device: torch.device, max_decode_batch: int, max_mixed_tokens: int,
-                 max_seqs: int, seed: int) -> None:
+                 max_seqs: int, seed: int, num_speculative_tokens: int = 0, max_speculative_batch: int = 0) -> None:
+        """`num_speculative_tokens` K > 0: mixed steps also verify drafts, of up to `max_speculative_batch`
+        sequences of K each (their logits at every draft position come out of the graph)."""
         from kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
         self._sample_tokens = sample_tokens
         self.model = model
@@ -78,13 +102,16 @@ class CudaGraphRunner:
         self.tile_rows = backend.extend_tile_rows(model.embed_tokens.weight.dtype, device)
         self.decode_sizes = decode_batch_sizes(max_decode_batch)
         self.decode_shapes = {b: StepShape(b, b, 0, decode_only=True) for b in self.decode_sizes}
-        self.mixed_sizes = mixed_token_sizes(min(max_mixed_tokens, MAX_GRAPH_TOKENS))
-        self.mixed_shapes = [mixed_shape(t, max_seqs, self.tile_rows) for t in self.mixed_sizes]
+        mixed_sizes = mixed_token_sizes(min(max_mixed_tokens, MAX_GRAPH_TOKENS))
+        verify_sizes = verify_token_sizes(num_speculative_tokens, max_speculative_batch, mixed_sizes[0])
+        self.mixed_sizes = verify_sizes + mixed_sizes
+        max_draft_rows = num_speculative_tokens * max_speculative_batch
+        self.mixed_shapes = [mixed_shape(t, max_seqs, self.tile_rows, max_draft_rows) for t in self.mixed_sizes]
         shapes = self.shapes
         self.staging = StepStaging(device)
         self.inputs = torch.zeros(max(s.num_bytes for s in shapes), dtype=torch.uint8, device=device)
         self.tensors = {shape: shape.views(self.inputs) for shape in shapes}
-        rows = max(s.num_seqs for s in shapes)
+        rows = max(s.num_logit_rows for s in shapes)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         # in the model's dtype: the sampling kernel reads them so, and the eager sampler converts the rows it redraws;
         # as wide as the ranks' padded vocabulary, of which the model's is a view
@@ -114,7 +141,10 @@ class CudaGraphRunner:
         index = bisect.bisect_left(self.mixed_sizes, num_tokens)
         if index == len(self.mixed_sizes) or num_seqs > self.mixed_shapes[index].num_seqs:
             return None
-        return self.mixed_shapes[index]
+        shape = self.mixed_shapes[index]
+        if batch.num_draft_tokens and sum(batch.sampled_rows()) > shape.num_logit_rows:
+            return None
+        return shape
 
     def stage(self, batch: ForwardBatch, shape: StepShape, slot_temperatures: np.ndarray) -> int:
         """Copies the step's inputs and padding into the graph's input buffer; returns the sampled rows."""
@@ -130,9 +160,9 @@ class CudaGraphRunner:
         input_ids, meta = device_metadata(t, shape, self.tables, self.last_tokens, self.kv_splits(shape.num_seqs))
         self.backend.prepare(meta)
         hidden = self.model(input_ids, t.positions, self.backend, meta)
-        logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices),
-                                           out=self.logits[:shape.num_seqs])
-        tokens = self._sample_tokens(logits, t.temperatures, self.noise_seed, out=self.tokens[:shape.num_seqs])
+        rows = shape.num_logit_rows
+        logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices), out=self.logits[:rows])
+        tokens = self._sample_tokens(logits, t.temperatures, self.noise_seed, out=self.tokens[:rows])
         self.last_tokens.index_copy_(0, t.sample_slots, tokens)  # unsampled rows all write the padding slot
         self.noise_seed.add_(1)
 

@@ -31,7 +31,7 @@ class EagerStep:
         """Hidden states [N, hidden] of the batch's N sampled rows, and the step's tensors (whose first N
         sample_slots are those rows' slots)."""
         hidden, tensors = self.hidden_states(batch, slot_temperatures)
-        return hidden.index_select(0, tensors.logits_indices[:sum(batch.sample)]), tensors
+        return hidden.index_select(0, tensors.logits_indices[:sum(batch.sampled_rows())]), tensors
 
     def hidden_states(self, batch: ForwardBatch, slot_temperatures: np.ndarray) -> tuple[torch.Tensor, StepTensors]:
         """Hidden states [T, hidden] of all the batch's new tokens, and the step's tensors."""

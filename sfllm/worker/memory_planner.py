@@ -105,7 +105,7 @@ def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM
     else:
         num_tokens = min(config.max_running_tokens, max_context_length)
         activation = profile_activation_bytes(config, c, model, device, num_tokens, max_context_length)
-        graph_reserve = graph_reserve_bytes(c, config.max_running_requests, activation, num_tokens) if cuda_graphs else 0
+        graph_reserve = graph_reserve_bytes(c, graph_logit_rows(config), activation, num_tokens) if cuda_graphs else 0
         plan = plan_gpu_memory(device, config.mem_fraction, weights, activation, graph_reserve, block_bytes,
                                block_size, min_blocks)
     if config.preemption_mode == "swap" and device.type == "cpu":
@@ -114,11 +114,18 @@ def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM
     return plan
 
 
-def graph_reserve_bytes(c: ModelConfig, max_seqs: int, activation_bytes: int, num_tokens: int) -> int:
-    """The graphs' shared output buffers (logits of every sequence, 16-bit) and their pool, which holds
+def graph_logit_rows(config: EngineConfig) -> int:
+    """Rows of the graphs' logits buffer: one per sequence, plus the drafts of a verify step's sequences."""
+    from sfllm.worker.cuda_graph_runner import speculative_graph_sizes
+    drafts, sequences = speculative_graph_sizes(config)
+    return config.max_running_requests + drafts * sequences
+
+
+def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, num_tokens: int) -> int:
+    """The graphs' shared output buffers (`logit_rows` rows of logits, 16-bit) and their pool, which holds
     about the activations of the largest mixed step (steps of up to 8192 tokens are captured)."""
     from sfllm.worker.cuda_graph_runner import MAX_GRAPH_TOKENS
-    outputs = max_seqs * (c.vocab_size * 2 + 8)
+    outputs = logit_rows * (c.vocab_size * 2 + 8)
     pool = activation_bytes * min(1.0, MAX_GRAPH_TOKENS / num_tokens)
     return int(outputs + pool) + 256 * 1024**2
 

@@ -24,7 +24,7 @@ from sfllm.nvtx import nvtx_range
 from sfllm.sampling_params import SamplingParams
 from sfllm.worker.attention.registry import create_attention_backend
 from sfllm.worker.block_tables import BlockTables
-from sfllm.worker.cuda_graph_runner import CudaGraphRunner
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner, speculative_graph_sizes
 from sfllm.worker.eager_step import EagerStep
 from sfllm.worker.kv_cache import KVCache
 from sfllm.worker.kv_splits import KVSplits
@@ -76,7 +76,7 @@ class StepLogits:
     grammar mask is in."""
     batch: ForwardBatch
     started: float
-    sampled_slots: list[int]
+    sampled_slots: list[int]         # [N]: each sampled row's sequence slot (a speculating one has 1 + k rows)
     logits: torch.Tensor | None      # [N, V] of the N sampled rows
     slots: torch.Tensor | None       # [N]: their slots, where their tokens go in `last_tokens`
     tokens: torch.Tensor | None      # [N]: the graph's draws; None where the eager sampler draws every row
@@ -89,6 +89,29 @@ class SlotState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+
+
+def sampled_row_slots(batch: ForwardBatch) -> list[int]:
+    """The slot of each sampled row: a sampled sequence's, once per row it has (1 + its drafts)."""
+    rows = iter(batch.sampled_rows())
+    return [slot for slot, sample in zip(batch.slots, batch.sample) if sample for _ in range(next(rows))]
+
+
+def sampled_row_positions(batch: ForwardBatch) -> list[int]:
+    """The position of the token each sampled row draws (what seeded sampling hashes): a row of k drafts
+    draws positions context_len - k .. context_len."""
+    drafts = batch.num_draft_tokens or [0] * len(batch.slots)
+    return [n - k + i for n, k, sample in zip(batch.context_lens, drafts, batch.sample) if sample
+            for i in range(k + 1)]
+
+
+def draft_tokens(batch: ForwardBatch) -> list[list[int]] | None:
+    """Each sampled sequence's drafts (the last of its new tokens), or None when the batch has none."""
+    if not batch.num_draft_tokens:
+        return None
+    ends = np.cumsum(batch.num_new_tokens).tolist()
+    return [batch.input_token_ids[end - k:end] for end, k, sample in zip(ends, batch.num_draft_tokens, batch.sample)
+            if sample]
 
 
 class ModelRunner:
@@ -154,7 +177,8 @@ class ModelRunner:
         if graphs and self.backend.supports_cuda_graphs:
             self.graph_runner = CudaGraphRunner(self.model, self.backend, self.block_tables, self.last_tokens,
                                                 kv_splits, self.device, self.decode_graph_batch,
-                                                config.max_running_tokens, self.max_slots, config.seed)
+                                                config.max_running_tokens, self.max_slots, config.seed,
+                                                *speculative_graph_sizes(config))
             self.graph_runner.capture()
             self.plan.graph_bytes = self.graph_runner.capture_bytes
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
@@ -185,7 +209,7 @@ class ModelRunner:
                 shape = self.graph_runner.shape_for(batch) if graph else None
                 if shape is not None:
                     num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature)
-            sampled_slots = [slot for slot, sample in zip(batch.slots, batch.sample) if sample]
+            sampled_slots = sampled_row_slots(batch)
             if not batch.slots:
                 step = None
             elif shape is not None:
@@ -195,7 +219,7 @@ class ModelRunner:
                 self._lap("eager prepare")
                 step = self._run_eager(batch, sampled_slots, started)
             if step is None:
-                pending = PendingStep(batch.step_id, started, [])
+                pending = PendingStep(batch.step_id, started, [], None)
             elif batch.grammar_rows and not batch.grammar_mask:
                 self._awaiting_mask = step
                 return None
@@ -244,14 +268,15 @@ class ModelRunner:
         """The step's tokens: the graph's, with the rows in `step.redraw` drawn by the eager sampler (after
         the grammar mask, logit bias, penalties, top-k/p...)."""
         batch = step.batch
+        drafts = draft_tokens(batch)
         if not step.redraw:
-            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, step.tokens,
+            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, step.tokens,
                                   prompt_logprobs=step.prompt_logprobs)
             self._lap("sample")
             return pending
         with nvtx_range("sample"):
             states = [self.slots[step.sampled_slots[row]] for row in step.redraw]
-            positions = [n for n, sample in zip(batch.context_lens, batch.sample) if sample]
+            positions = sampled_row_positions(batch)
             bitmask = None
             if batch.grammar_rows:
                 bitmask = grammar_bitmask(grammar_mask, batch.grammar_rows, step.redraw,
@@ -267,8 +292,8 @@ class ModelRunner:
                 output = self.sampler(step.logits.index_select(0, rows).float(), inputs)
                 tokens.index_copy_(0, rows, output.token_ids)
                 self.last_tokens.index_copy_(0, step.slots.index_select(0, rows), output.token_ids)
-            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, tokens, output, step.redraw,
-                                  [s.params.logprobs for s in states], step.prompt_logprobs)
+            pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, tokens, output,
+                                  step.redraw, [s.params.logprobs for s in states], step.prompt_logprobs)
         self._lap("sample" if step.tokens is not None else "eager sample")
         return pending
 
@@ -314,10 +339,11 @@ class ModelRunner:
 
     def _resolve(self, step: PendingStep) -> ForwardResult:
         result = step.result(self.gpu_memory())
-        for slot, token in zip(step.sampled_slots, result.token_ids):
+        emitted = result.accepted_token_ids or [[token] for token in result.token_ids]
+        for slot, tokens in zip(step.sequence_slots, emitted):
             state = self.slots[slot]
             if state is not None and state.params.has_penalties:
-                state.output_token_ids.append(token)
+                state.output_token_ids.extend(tokens)
         return result
 
     def unfinished_step_age(self) -> float:

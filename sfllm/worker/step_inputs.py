@@ -29,17 +29,18 @@ class StepTensors:
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor         # [S] int32, tokens in each sequence including the new ones
     seq_slots: torch.Tensor        # [S] int64
-    logits_indices: torch.Tensor   # [S] int64, the token rows sampled, first the batch's sampled sequences
-    sample_slots: torch.Tensor     # [S] int64, the slot each sampled row's token goes to
-    temperatures: torch.Tensor     # [S] float32, 0: greedy
+    logits_indices: torch.Tensor   # [L] int64, the token rows sampled, first the batch's sampled rows
+    sample_slots: torch.Tensor     # [L] int64, the slot each sampled row's token goes to
+    temperatures: torch.Tensor     # [L] float32, 0: greedy
     tiles: torch.Tensor            # [N, 2] int32, extend attention's query tiles (see kernels.extend_tiles)
 
 
-# (field, dtype, rows): rows count tokens ("T"), sequences ("S", "S+1") or tiles ("2N": two numbers each)
+# (field, dtype, rows): rows count tokens ("T"), sequences ("S", "S+1"), sampled rows ("L": a sequence's
+# last token, and each of its drafts' positions with speculative decoding) or tiles ("2N": two numbers each)
 _LAYOUT = (("input_ids", torch.int64, "T"), ("positions", torch.int64, "T"), ("token_slots", torch.int64, "T"),
            ("query_start_loc", torch.int32, "S+1"), ("seq_lens", torch.int32, "S"), ("seq_slots", torch.int64, "S"),
-           ("logits_indices", torch.int64, "S"), ("sample_slots", torch.int64, "S"),
-           ("temperatures", torch.float32, "S"), ("tiles", torch.int32, "2N"))
+           ("logits_indices", torch.int64, "L"), ("sample_slots", torch.int64, "L"),
+           ("temperatures", torch.float32, "L"), ("tiles", torch.int32, "2N"))
 assert [name for name, _, _ in _LAYOUT] == [f.name for f in fields(StepTensors)]
 
 
@@ -50,9 +51,15 @@ class StepShape:
     num_seqs: int
     num_tiles: int     # extend attention tiles; 0 when every sequence has one new token
     decode_only: bool  # every sequence has one new token: decode attention alone
+    num_extra_rows: int = 0  # sampled rows past one per sequence: drafts' positions (speculative decoding)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_seqs + self.num_extra_rows
 
     def _offsets(self) -> list[tuple[int, int]]:
-        rows = {"T": self.num_tokens, "S": self.num_seqs, "S+1": self.num_seqs + 1, "2N": 2 * self.num_tiles}
+        rows = {"T": self.num_tokens, "S": self.num_seqs, "S+1": self.num_seqs + 1, "L": self.num_logit_rows,
+                "2N": 2 * self.num_tiles}
         offset, spans = 0, []
         for _, dtype, kind in _LAYOUT:
             # every field 16-byte aligned: Triton compiles a kernel variant per pointer alignment
@@ -80,7 +87,8 @@ def exact_shape(batch: ForwardBatch, tile_rows: int | None) -> StepShape:
     num_tiles = 0
     if tile_rows is not None and not decode_only:
         num_tiles = sum(-(-n // tile_rows) for n in batch.num_new_tokens if n > 1)
-    return StepShape(len(batch.input_token_ids), len(batch.slots), num_tiles, decode_only)
+    return StepShape(len(batch.input_token_ids), len(batch.slots), num_tiles, decode_only,
+                     sum(batch.num_draft_tokens))
 
 
 def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_temperatures: np.ndarray,
@@ -118,11 +126,15 @@ def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_te
 
     sampled = np.flatnonzero(np.asarray(batch.sample, dtype=bool))
     num_sampled = len(sampled)
-    host.logits_indices[:num_sampled] = qsl[1:][sampled] - 1
+    if batch.num_draft_tokens:
+        row_slots = _stage_draft_rows(batch, sampled, qsl, slots, host, padding_slot)
+        num_sampled = len(row_slots)
+    else:
+        host.logits_indices[:num_sampled] = qsl[1:][sampled] - 1
+        host.sample_slots[:num_sampled] = row_slots = slots[sampled]
     host.logits_indices[num_sampled:] = 0
-    host.sample_slots[:num_sampled] = slots[sampled]
     host.sample_slots[num_sampled:] = padding_slot
-    host.temperatures[:num_sampled] = slot_temperatures[slots[sampled]]
+    host.temperatures[:num_sampled] = slot_temperatures[row_slots]
     host.temperatures[num_sampled:] = 0.0
 
     if shape.num_tiles:
@@ -131,6 +143,25 @@ def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_te
         host.tiles[:len(tiles)] = tiles
         host.tiles[len(tiles):] = -1
     return num_sampled
+
+
+def _stage_draft_rows(batch: ForwardBatch, sampled: np.ndarray, qsl: np.ndarray, slots: np.ndarray,
+                      host: StepTensors, padding_slot: int) -> np.ndarray:
+    """Sampled rows when sequences carry drafts: a sequence with k drafts samples its last 1 + k positions
+    (the token after its decoded one, then after each draft). Only the last row writes the slot's
+    `last_tokens` entry (the others the padding slot's): a speculating request's next step is sent after
+    its tokens are back, with them, so the entry only has to be some token of the slot's. Returns each row's
+    sequence slot."""
+    drafts = np.asarray(batch.num_draft_tokens, dtype=np.int64)[sampled]
+    rows = drafts + 1
+    num_rows = int(rows.sum())
+    row_seq = np.repeat(sampled, rows)
+    first_row = np.repeat(np.cumsum(rows) - rows, rows)
+    offset = np.arange(num_rows) - first_row  # 0..k within the sequence
+    host.logits_indices[:num_rows] = qsl[1:][row_seq] - 1 - np.repeat(drafts, rows) + offset
+    row_slots = slots[row_seq]
+    host.sample_slots[:num_rows] = np.where(offset == np.repeat(drafts, rows), row_slots, padding_slot)
+    return row_slots
 
 
 class StepStaging:
