@@ -41,7 +41,7 @@ METRICS_DIR_PREFIX = "frontend-metrics"
 
 
 def run_engine_command(config: EngineConfig) -> int:
-    from sfllm.scheduler.scheduler_process import run_engine
+    from sfllm.engine.engine_process import run_engine
     try:
         return run_engine(config)
     except RunDirInUse as error:

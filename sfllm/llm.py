@@ -19,7 +19,7 @@ from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
-from sfllm.scheduler.engine_core import EngineCore
+from sfllm.engine.engine_core import EngineCore
 from sfllm.worker.inprocess_worker import InProcessWorker
 
 

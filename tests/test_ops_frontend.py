@@ -26,7 +26,7 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.request import Request
-from sfllm.scheduler.scheduler_process import EngineCounters
+from sfllm.engine.engine_process import EngineCounters
 
 
 class Client:

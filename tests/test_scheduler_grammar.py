@@ -12,7 +12,7 @@ import pytest
 from sfllm.config import EngineConfig
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
 from sfllm.sampling_params import SamplingParams, StructuredOutput
-from sfllm.scheduler.engine_core import EngineCore
+from sfllm.engine.engine_core import EngineCore
 
 PATTERN = r"[0-9]{3}-[a-z]{2}!"
 

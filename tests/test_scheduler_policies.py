@@ -19,7 +19,7 @@ from sfllm.config import EngineConfig
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
-from sfllm.scheduler.engine_core import SEND_AHEAD_S, EngineCore
+from sfllm.engine.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots

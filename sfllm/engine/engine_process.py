@@ -26,7 +26,7 @@ from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest
                             StartProfile, StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
-from sfllm.scheduler.engine_core import EngineCore
+from sfllm.engine.engine_core import EngineCore
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
