@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from sfllm.config import API_KEY_ENV, EngineConfig, write_child_config
+from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, write_config_file
 from sfllm.http_socket import PortInUse, bind_http_socket
 from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
 from sfllm.rolling_restart import RollingRestart
@@ -63,7 +63,7 @@ class FrontendSlot:
 
 
 class Supervisor:
-    def __init__(self, config: EngineConfig, http_socket: socket.socket) -> None:
+    def __init__(self, config: ServerConfig, http_socket: socket.socket) -> None:
         self.config = config
         self.http_socket = http_socket
         self.run_dir = config.resolved_run_dir()
@@ -103,7 +103,8 @@ class Supervisor:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for prefix in (CONFIG_FILE_PREFIX, METRICS_DIR_PREFIX):
             remove_stale_files(self.run_dir, prefix)
-        write_child_config(self.config, self.config_path)
+        # the API key goes to the frontends in their environment, never into a file
+        write_config_file(self.config.to_dict() | {"api_key": None}, self.config_path)
         if self.config.frontend_processes > 1:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
@@ -190,7 +191,7 @@ def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
         process.wait()
 
 
-def launch(config: EngineConfig) -> int:
+def launch(config: ServerConfig) -> int:
     try:
         http_socket = bind_http_socket(config.host, config.port)
     except PortInUse as error:

@@ -60,7 +60,7 @@ class LLM:
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
         spec = tokenizer_spec(self.source)
         self.tokenizer = Tokenizer(spec)
-        self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source), spec)
+        self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source), spec)
         self._ids = itertools.count()
 
     @property

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sfllm.config import ENV_PREFIX, FIELDS, EngineConfig
+from sfllm.config import ENV_PREFIX, FIELDS, ServerConfig
 from sfllm.frontend.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def route_paths() -> set[str]:
     engine = SimpleNamespace(hello=SimpleNamespace(model_name="m"), stats=None, connected=False, healthy=False)
-    app = create_app(EngineConfig(), engine, tokenizer=None)  # type: ignore[arg-type]
+    app = create_app(ServerConfig().frontend(), engine, tokenizer=None)  # type: ignore[arg-type]
     return set(app.openapi()["paths"])
 
 
@@ -94,4 +94,4 @@ def test_nginx_config_balances_least_connections_and_streams() -> None:
     assert f"proxy_pass http://{upstream.group(1)};" in text
     assert "proxy_buffering off;" in text
     body_limit = re.search(r"client_max_body_size\s+(\d+)m;", text)
-    assert int(body_limit.group(1)) << 20 == EngineConfig().max_request_body_bytes
+    assert int(body_limit.group(1)) << 20 == ServerConfig().max_request_body_bytes

@@ -7,6 +7,7 @@ KV blocks come back.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from sfllm.config import EngineConfig, write_child_config
+from sfllm.config import EngineConfig, write_config_file
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.engine.engine_core import EngineCore
@@ -220,13 +221,13 @@ def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
 
 
 def run_engine(config: EngineConfig) -> int:
-    run_dir = config.resolved_run_dir()
+    run_dir = config.run_dir
     lock = RunDirLock(run_dir)
     lock.acquire()
     remove_stale_files(run_dir, WORKER_CONFIG_PREFIX)
     config_path = run_dir / f"{WORKER_CONFIG_PREFIX}-{os.getpid()}.yaml"
-    write_child_config(config, config_path)
-    address = config.resolved_engine_address()
+    write_config_file(dataclasses.asdict(config.worker), config_path)
+    address = config.engine_address
     worker_addr = worker_address(run_dir)
     context = zmq.Context()
     worker_sock = context.socket(zmq.PAIR)
@@ -253,7 +254,7 @@ def run_engine(config: EngineConfig) -> int:
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
-        core = EngineCore(config, worker, tokenizer)
+        core = EngineCore(config.scheduler, worker, tokenizer)
         frontend_sock.bind(address)
         server = EngineServer(config, core, worker, frontend_sock, tokenizer)
         if stopping["flag"]:
