@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +53,14 @@ def test_dockerfile_runs_sfllm_as_a_user_on_cuda_and_checks_health() -> None:
     assert dict(instructions)["STOPSIGNAL"] == "SIGTERM", "SIGTERM drains"
     copied = [args.split()[0] for name, args in instructions if name == "COPY"]
     assert {"sfllm", "kernels"} <= set(copied)
+
+
+def test_the_kernels_install_inside_sfllm_and_every_package_is_listed() -> None:
+    """No top-level `kernels` package (Hugging Face's has that name): the folder installs as sfllm.kernels."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "sfllm").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders | {"sfllm.kernels"}
+    assert setuptools["package-dir"] == {"sfllm.kernels": "kernels"}
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
+from sfllm.kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
 from tiny_models import write_tiny_qwen3  # noqa: E402
 
 from sfllm.config import ServerConfig  # noqa: E402

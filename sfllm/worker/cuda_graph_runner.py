@@ -5,12 +5,12 @@ batch sizes up to the decode limit. Mixed steps (prefill chunks, with or without
 batches past the decode limit) of up to T tokens and up to the running-request limit of sequences, at
 token counts up to the step's token budget (MAX_GRAPH_TOKENS at most: past it the GPU's own time hides
 an eager step's launches). Attention of mixed steps goes by a tile list of fixed capacity
-(kernels.extend_tiles), so no launch grid depends on the batch.
+(sfllm.kernels.extend_tiles), so no launch grid depends on the batch.
 
 A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
 `last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model (a
 tensor-parallel rank's all-reduces and logits gather captured with it) and the LM head on the sampled
-rows, samples (argmax or temperature, by `kernels.sample_tokens`, whose noise seed is a device counter
+rows, samples (argmax or temperature, by `sfllm.kernels.sample_tokens`, whose noise seed is a device counter
 the graph advances: every rank draws the same tokens), and writes the tokens back to `last_tokens`. A step then
 costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
 temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
@@ -67,7 +67,7 @@ class CudaGraphRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, tables: BlockTables, last_tokens: torch.Tensor,
                  kv_splits: KVSplits, device: torch.device, max_decode_batch: int, max_mixed_tokens: int,
                  max_seqs: int, seed: int) -> None:
-        from kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
+        from sfllm.kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
         self._sample_tokens = sample_tokens
         self.model = model
         self.backend = backend
