@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, write_config_file
+from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config_environment, write_config_file
 from sfllm.http_socket import PortInUse, bind_http_socket
 from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
 from sfllm.rolling_restart import RollingRestart
@@ -47,11 +47,6 @@ def run_engine_command(config: EngineConfig) -> int:
     except RunDirInUse as error:
         logger.error("%s", error)
         return 2
-
-
-def _child_env() -> dict[str, str]:
-    # children read the resolved config file; stale SFLLM_* values must not override it
-    return {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
 
 
 @dataclass
@@ -79,7 +74,8 @@ class Supervisor:
     def _spawn(self, command: str, *args: str, extra_env: dict[str, str] | None = None,
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path), *args],
-                                env=_child_env() | (extra_env or {}), pass_fds=pass_fds, preexec_fn=die_with_parent)
+                                env=without_config_environment() | (extra_env or {}), pass_fds=pass_fds,
+                                preexec_fn=die_with_parent)
 
     def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
         """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""
