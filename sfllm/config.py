@@ -13,7 +13,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -28,6 +27,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ServerConfig:
+    """Every option, flat, as users give it (flags, environment, profiles, `LLM(...)` keywords); `sfllm launch`
+    holds it whole, and hands each process its part."""
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or a dummy preset name"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name in the API (default: model)"})
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy"})
@@ -226,11 +227,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 API_KEY_ENV = f"{ENV_PREFIX}API_KEY"
 
 
-def without_config_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def without_config_environment() -> dict[str, str]:
     """The environment for a child process that reads its configuration from a file: stale SFLLM_* values
     must not override it."""
-    environ = os.environ if environ is None else environ
-    return {key: value for key, value in environ.items() if not key.startswith(ENV_PREFIX)}
+    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
 
 
 def write_config_file(values: dict[str, Any], path: Path) -> None:
