@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
-from sfllm.config import FrontendConfig, ServerConfig
+from sfllm.config import ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
