@@ -1,6 +1,7 @@
 """The deploy files read right: Dockerfile, Kubernetes manifests and the nginx config agree with the server."""
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import re
 import shlex
@@ -61,6 +62,13 @@ def test_the_kernels_install_inside_sfllm_and_every_package_is_listed() -> None:
     folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "sfllm").rglob("__init__.py")}
     assert set(setuptools["packages"]) == folders | {"sfllm.kernels"}
     assert setuptools["package-dir"] == {"sfllm.kernels": "kernels"}
+
+
+def test_a_source_tree_on_the_path_finds_sfllm_kernels() -> None:
+    """The GPU hosts run the tree from PYTHONPATH, installing nothing: the package itself finds the folder."""
+    import sfllm
+    spec = importlib.machinery.PathFinder.find_spec("sfllm.kernels", sfllm.__path__)
+    assert spec is not None and Path(spec.origin) == REPO / "kernels" / "__init__.py"
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:
