@@ -13,13 +13,13 @@ from typing import Any
 from tqdm import tqdm
 
 from sfllm.config import DEFAULT_MODEL, load_config
+from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
-from sfllm.engine.engine_core import EngineCore
 from sfllm.worker.inprocess_worker import InProcessWorker
 
 

@@ -1,4 +1,4 @@
-"""The engine process: the scheduler between its frontends (ROUTER) and its worker (PAIR).
+"""The engine process: the engine core between its frontends (ROUTER) and its worker (PAIR).
 
 Frontends come and go: each says hello, heartbeats, sends requests and aborts. One whose
 heartbeats stop for `CLIENT_TIMEOUT_S` is gone, and its requests are aborted so their
@@ -19,10 +19,10 @@ from pathlib import Path
 import zmq
 
 from sfllm.config import EngineConfig, write_config_file
-from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
-from sfllm.loop_time import LoopTime
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
+from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
+from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
                             ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile, TokenizerSpec)
