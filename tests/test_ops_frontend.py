@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
 from sfllm.config import ServerConfig
+from sfllm.engine.engine_process import EngineCounters
 from sfllm.frontend.app import create_app
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
@@ -26,7 +27,6 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.request import Request
-from sfllm.engine.engine_process import EngineCounters
 
 
 class Client:

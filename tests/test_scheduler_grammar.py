@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from sfllm.config import ServerConfig
+from sfllm.engine.engine_core import EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
 from sfllm.sampling_params import SamplingParams, StructuredOutput
-from sfllm.engine.engine_core import EngineCore
 
 PATTERN = r"[0-9]{3}-[a-z]{2}!"
 

@@ -16,10 +16,10 @@ from collections import deque
 import pytest
 
 from sfllm.config import ServerConfig
+from sfllm.engine.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
-from sfllm.engine.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
