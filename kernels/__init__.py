@@ -1,6 +1,6 @@
 """Triton kernels of sfllm: paged-KV attention, cache writes and fused normalisation.
 
-Triton ships for Linux only; without it this package still imports, so that `kernels.reference`
+Triton ships for Linux only; without it this package still imports, so that `sfllm.kernels.reference`
 (the plain-torch versions) serves the CPU backend everywhere.
 """
 from __future__ import annotations
@@ -11,18 +11,18 @@ if importlib.util.find_spec("triton") is not None:
     import triton
 
     if triton.knobs.runtime.interpret:
-        from kernels.interpreter_compat import patch_interpreter_scalar_index
+        from sfllm.kernels.interpreter_compat import patch_interpreter_scalar_index
 
         patch_interpreter_scalar_index()
 
-    from kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
-    from kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
-    from kernels.fused_norm import fused_add_rms_norm
-    from kernels.rotary_qk_norm import rotary_qk_norm_
-    from kernels.sample_tokens import sample_tokens
-    from kernels.silu_and_mul import silu_and_mul
-    from kernels.skinny_matmul import skinny_matmul
-    from kernels.store_kv_cache import store_kv_cache
+    from sfllm.kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
+    from sfllm.kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
+    from sfllm.kernels.fused_norm import fused_add_rms_norm
+    from sfllm.kernels.rotary_qk_norm import rotary_qk_norm_
+    from sfllm.kernels.sample_tokens import sample_tokens
+    from sfllm.kernels.silu_and_mul import silu_and_mul
+    from sfllm.kernels.skinny_matmul import skinny_matmul
+    from sfllm.kernels.store_kv_cache import store_kv_cache
 
     __all__ = [
         "DecodeWorkspace",

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_head_dim, check_kernel_inputs
-from kernels.dot_precision import dot_input_precision
-from kernels.online_softmax import LOG2_E, attend_to_kv_tile
-from kernels.tile_config import TileConfig, fit_to_shared_memory
+from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
+from sfllm.kernels.dot_precision import dot_input_precision
+from sfllm.kernels.online_softmax import LOG2_E, attend_to_kv_tile
+from sfllm.kernels.tile_config import TileConfig, fit_to_shared_memory
 
 def extend_tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     # The best of a sweep on an H100 over prefills of 1k to 8k tokens (tests/gpu/bench_kernels.py).

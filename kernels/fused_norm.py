@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
+from sfllm.kernels.device_check import check_kernel_inputs
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_head_dim, check_kernel_inputs
+from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 
 # A tile of BLOCK_T tokens per program: one program per (token, head) left a prefill of 8k tokens
 # running ~200k programs of 128 elements, 3.6x slower than its bytes allow (H100 profile).

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
+from sfllm.kernels.device_check import check_kernel_inputs
 
 BLOCK = 4096
 # about as many programs as fill an H100/H200 twice over, at least one block of the vocabulary each

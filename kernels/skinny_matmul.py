@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device_check import check_kernel_inputs
-from kernels.dot_precision import dot_input_precision
+from sfllm.kernels.device_check import check_kernel_inputs
+from sfllm.kernels.dot_precision import dot_input_precision
 
 MAX_ROWS = 16
 # Up to here the kernel beat cuBLAS at every layer of Qwen3-0.6B and -8B on an H200 (1 row: o_proj of the

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sfllm.config import ConfigError, EngineConfig, add_config_arguments, load_config
+from sfllm.config import ConfigError, ServerConfig, add_config_arguments, load_config
 
 COMMANDS = ("launch", "engine", "frontend", "worker", "bench")
 
@@ -34,7 +34,7 @@ def _default_profile(args: argparse.Namespace) -> None:
 
 
 def _load(parser: argparse.ArgumentParser, argv: list[str],
-          default_profile: bool = False) -> tuple[argparse.Namespace, EngineConfig]:
+          default_profile: bool = False) -> tuple[argparse.Namespace, ServerConfig]:
     args = parser.parse_args(argv)
     if default_profile:
         _default_profile(args)
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.tensor_parallel_rank:
             setup_logging(config.log_level, f"worker rank {args.tensor_parallel_rank}")
             from sfllm.worker.follower_process import run_follower
-            return run_follower(config, args.worker_address, args.tensor_parallel_rank, args.rendezvous)
+            return run_follower(config.worker(), args.worker_address, args.tensor_parallel_rank, args.rendezvous)
         setup_logging(config.log_level, "worker")
         from sfllm.worker.worker_process import run_worker
-        return run_worker(config, args.worker_address)
+        return run_worker(config.worker(), args.worker_address)
     parser = _config_parser(f"sfllm {command}", {
         "launch": "serve a model over an OpenAI-compatible HTTP API",
         "engine": "run the scheduler and worker; frontends connect to --engine-address",
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return launch(config)
     if command == "engine":
         from sfllm.launcher import run_engine_command
-        return run_engine_command(config)
+        return run_engine_command(config.engine())
     from sfllm.frontend.server import FrontendStartupError, run_frontend
     try:
-        run_frontend(config, http_fd=args.http_fd, ready_fd=args.ready_fd)
+        run_frontend(config.frontend(), http_fd=args.http_fd, ready_fd=args.ready_fd)
     except FrontendStartupError as error:
         logging.getLogger("sfllm.frontend").error("%s", error)
         return 2

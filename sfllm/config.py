@@ -1,7 +1,9 @@
-"""The one configuration of an sfllm server or offline engine.
+"""The configuration of an sfllm server or offline engine, and the part of it each process reads.
 
-Every field is a config-file key, a `--flag` and an `SFLLM_<KEY>` environment variable.
-Precedence: flag > environment > config file > default.
+Every option is defined once, in `ServerConfig`: a config-file key, a `--flag` and an `SFLLM_<KEY>`
+environment variable. Precedence: flag > environment > config file > default. Each process gets
+only its part: `FrontendConfig`, `EngineConfig` (with the engine core's `SchedulerConfig` and the
+`WorkerConfig` it hands its worker), `WorkerConfig`. `sfllm launch` alone holds the whole.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -24,7 +26,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class EngineConfig:
+class ServerConfig:
+    """Every option, flat, as users give it (flags, environment, profiles, `LLM(...)` keywords); `sfllm launch`
+    holds it whole, and hands each process its part."""
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or a dummy preset name"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name in the API (default: model)"})
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy"})
@@ -122,10 +126,6 @@ class EngineConfig:
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ConfigError(f"mem_fraction must be in (0, 1]; got {self.mem_fraction}")
 
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model
-
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir)
@@ -137,17 +137,134 @@ class EngineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _part(self, cls: type[_Part], **resolved: Any) -> _Part:
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name not in resolved},
+                   **resolved)
 
-FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    def frontend(self) -> FrontendConfig:
+        return self._part(FrontendConfig, engine_address=self.resolved_engine_address())
+
+    def scheduler(self) -> SchedulerConfig:
+        return self._part(SchedulerConfig)
+
+    def worker(self) -> WorkerConfig:
+        return self._part(WorkerConfig)
+
+    def engine(self) -> EngineConfig:
+        return self._part(EngineConfig, run_dir=self.resolved_run_dir(), engine_address=self.resolved_engine_address(),
+                          scheduler=self.scheduler(), worker=self.worker())
+
+
+# The parts below name their fields as ServerConfig does; the values (and the defaults, the help and the checks
+# behind them) come from there.
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """A frontend process's: HTTP, authentication, the bounds on one request, and where the engine is."""
+    engine_address: str  # resolved: engine_address, or the socket in the run directory
+    host: str
+    port: int
+    api_key: str | None
+    log_level: str
+    access_log: bool
+    drain_timeout_s: float
+    request_timeout_s: float | None
+    max_request_body_bytes: int
+    max_prompt_tokens: int | None
+    max_output_tokens: int | None
+    max_n: int
+    max_stop_sequences: int
+    max_stop_sequence_chars: int
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The engine core's and its scheduler's: a step's budget and the scheduling policies."""
+    max_running_tokens: int
+    max_running_requests: int
+    max_waiting_requests: int
+    block_size: int
+    disable_prefix_cache: bool
+    disable_overlap: bool
+    schedule_policy: str
+    preemption_mode: str
+    background_share: float
+    max_background_wait_s: float
+    speculative_method: str | None
+    num_speculative_tokens: int
+    speculative_ngram_min: int
+    speculative_ngram_max: int
+    speculative_max_batch_size: int
+    speculative_min_acceptance_rate: float
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A worker process's (every tensor-parallel rank's): the model, the device, the memory plan, the graphs.
+
+    Its values are options as given (nothing resolved), so that it travels as a config file (`write_config_file`)."""
+    model: str
+    load_format: str
+    cache_dir: str
+    dtype: str
+    device: str
+    tensor_parallel_size: int
+    seed: int
+    log_level: str
+    max_context_length: int | None
+    max_running_tokens: int
+    max_running_requests: int
+    block_size: int
+    num_kv_blocks: int | None
+    mem_fraction: float
+    cpu_kv_cache_gib: float
+    cpu_threads: int | None
+    attention_backend: str
+    cuda_graph_max_bs: int | None
+    disable_cuda_graph: bool
+    preemption_mode: str  # swap plans a CPU pool
+    speculative_method: str | None  # verify steps: graphs and logits rows for every draft position
+    num_speculative_tokens: int
+    speculative_max_batch_size: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine process's: where frontends find it, the model it names and tokenizes for them, its engine core's
+    configuration, and the worker's, which it hands to the worker it starts."""
+    run_dir: Path  # resolved: run_dir, or the folder named after the port
+    engine_address: str  # resolved: engine_address, or the socket in the run directory
+    model: str
+    load_format: str
+    cache_dir: str
+    served_model_name: str | None
+    log_level: str
+    profile_dir: str | None
+    scheduler: SchedulerConfig
+    worker: WorkerConfig
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+_Part = TypeVar("_Part", FrontendConfig, SchedulerConfig, WorkerConfig, EngineConfig)
+FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 # Only frontends need the API key: `sfllm launch` hands it to them in their environment, never in a file.
 API_KEY_ENV = f"{ENV_PREFIX}API_KEY"
 
 
-def write_child_config(config: EngineConfig, path: Path) -> None:
-    """The config file a child process reads (`--config`): owner-only, and without the API key."""
+def without_config_environment() -> dict[str, str]:
+    """The environment for a child process that reads its configuration from a file: stale SFLLM_* values
+    must not override it."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+
+
+def write_config_file(values: dict[str, Any], path: Path) -> None:
+    """A config file a child process reads (`--config`), owner-only."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as config_file:
-        config_file.write(yaml.safe_dump(config.to_dict() | {"api_key": None}))
+        config_file.write(yaml.safe_dump(values))
 
 
 def _parse_value(key: str, raw: Any) -> Any:
@@ -187,7 +304,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,
-                **overrides: Any) -> EngineConfig:
+                **overrides: Any) -> ServerConfig:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None) if args is not None else None
@@ -218,4 +335,4 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
         if name not in FIELDS:
             raise ConfigError(f"unknown config key {name!r}")
         values[name] = value
-    return EngineConfig(**values)
+    return ServerConfig(**values)

@@ -9,6 +9,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from sfllm.config import without_config_environment
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -83,7 +85,7 @@ def die_with_parent() -> None:
 def worker_environment() -> dict[str, str]:
     """The environment for a worker process (every tensor-parallel rank): this one's, less SFLLM_* (a worker
     reads its resolved config file)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+    env = without_config_environment()
     # On a CPU device the worker's OpenMP threads use every core. Idle ones spin only briefly before they
     # sleep: with libgomp's default (300k spins) a second server on the machine stalled this one's steps
     # for seconds; always sleeping (OMP_WAIT_POLICY=PASSIVE) cost ~20% of throughput (docs/performance.md).

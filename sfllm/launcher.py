@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from sfllm.config import API_KEY_ENV, EngineConfig, write_child_config
+from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config_environment, write_config_file
 from sfllm.http_socket import PortInUse, bind_http_socket
 from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
 from sfllm.rolling_restart import RollingRestart
@@ -41,17 +41,12 @@ METRICS_DIR_PREFIX = "frontend-metrics"
 
 
 def run_engine_command(config: EngineConfig) -> int:
-    from sfllm.scheduler.scheduler_process import run_engine
+    from sfllm.engine.engine_process import run_engine
     try:
         return run_engine(config)
     except RunDirInUse as error:
         logger.error("%s", error)
         return 2
-
-
-def _child_env() -> dict[str, str]:
-    # children read the resolved config file; stale SFLLM_* values must not override it
-    return {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
 
 
 @dataclass
@@ -63,7 +58,7 @@ class FrontendSlot:
 
 
 class Supervisor:
-    def __init__(self, config: EngineConfig, http_socket: socket.socket) -> None:
+    def __init__(self, config: ServerConfig, http_socket: socket.socket) -> None:
         self.config = config
         self.http_socket = http_socket
         self.run_dir = config.resolved_run_dir()
@@ -79,7 +74,8 @@ class Supervisor:
     def _spawn(self, command: str, *args: str, extra_env: dict[str, str] | None = None,
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path), *args],
-                                env=_child_env() | (extra_env or {}), pass_fds=pass_fds, preexec_fn=die_with_parent)
+                                env=without_config_environment() | (extra_env or {}), pass_fds=pass_fds,
+                                preexec_fn=die_with_parent)
 
     def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
         """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""
@@ -103,7 +99,8 @@ class Supervisor:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for prefix in (CONFIG_FILE_PREFIX, METRICS_DIR_PREFIX):
             remove_stale_files(self.run_dir, prefix)
-        write_child_config(self.config, self.config_path)
+        # the API key goes to the frontends in their environment, never into a file
+        write_config_file(self.config.to_dict() | {"api_key": None}, self.config_path)
         if self.config.frontend_processes > 1:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
@@ -190,7 +187,7 @@ def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
         process.wait()
 
 
-def launch(config: EngineConfig) -> int:
+def launch(config: ServerConfig) -> int:
     try:
         http_socket = bind_http_socket(config.host, config.port)
     except PortInUse as error:

@@ -13,13 +13,13 @@ from typing import Any
 from tqdm import tqdm
 
 from sfllm.config import DEFAULT_MODEL, load_config
+from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
-from sfllm.scheduler.engine_core import EngineCore
 from sfllm.worker.inprocess_worker import InProcessWorker
 
 
@@ -60,7 +60,7 @@ class LLM:
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
         spec = tokenizer_spec(self.source)
         self.tokenizer = Tokenizer(spec)
-        self.engine = EngineCore(self.config, InProcessWorker(self.config, self.source), spec)
+        self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source), spec)
         self._ids = itertools.count()
 
     @property

@@ -7,7 +7,7 @@ receiver decode without guessing. `PROTOCOL_VERSION` changes whenever a struct d
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Literal, Union, get_args
 
 import msgspec
 
@@ -15,7 +15,9 @@ from sfllm.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 6
 
-PRIORITIES = ("high", "normal", "background")
+# The scheduling classes of a request, highest first.
+Priority = Literal["high", "normal", "background"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
 class Message(msgspec.Struct, tag=True, kw_only=True):

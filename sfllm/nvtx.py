@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
-    # never imports torch itself: the scheduler process runs without it
+    # never imports torch itself: the engine process runs without it
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         yield

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from sfllm.config import without_config_environment
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,7 +25,7 @@ def free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFLLM_")}
+    env = without_config_environment()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

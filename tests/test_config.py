@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from sfllm.cli import main
-from sfllm.config import ConfigError, EngineConfig, add_config_arguments, load_config
+from sfllm.config import FIELDS, ConfigError, ServerConfig, add_config_arguments, load_config, write_config_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ def test_precedence_flag_over_environment_over_file_over_default(tmp_path: Path)
     assert config.cuda_graph_max_bs == 128          # flag
     assert config.max_running_tokens == 2000        # environment over file
     assert config.port == 9000                      # file over default
-    assert config.block_size == EngineConfig().block_size  # default
+    assert config.block_size == ServerConfig().block_size  # default
 
 
 def test_unknown_key_in_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -59,6 +60,36 @@ def test_guide_profiles_carry_the_guides_values_but_the_decode_graphs() -> None:
     assert (rtx4090.max_context_length, rtx4090.max_running_tokens) == (16384, 32768)
     assert rtx4090.dtype == "float16"
     assert rtx4090.cuda_graph_max_bs is None, "measured slower than the default: the worker chooses from memory"
+
+
+def _options(part: object) -> dict[str, object]:
+    """A process's configuration as options: the parts it hands on (the engine's scheduler and worker) flattened."""
+    options: dict[str, object] = {}
+    for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        options |= _options(value) if dataclasses.is_dataclass(value) else {f.name: value}
+    return options
+
+
+def test_each_process_gets_its_part_and_every_option_reaches_one() -> None:
+    config = ServerConfig(model="m", port=9000, api_key="k", max_n=3, block_size=8, device="cpu", profile_dir="p")
+    parts = {"frontend": _options(config.frontend()), "engine": _options(config.engine()),
+             "worker": _options(config.worker())}
+    resolved = {"run_dir": config.resolved_run_dir(), "engine_address": config.resolved_engine_address()}
+    for process, options in parts.items():
+        for name, value in options.items():
+            assert value == resolved.get(name, getattr(config, name)), (process, name)
+    # launch alone reads frontend_processes: it starts that many frontends
+    assert set(FIELDS) - set().union(*parts.values()) == {"frontend_processes"}
+    assert set(parts["frontend"]) & set(parts["worker"]) == {"log_level"}, "the frontend knows no model or device"
+    assert "api_key" in parts["frontend"] and "api_key" not in parts["engine"] | parts["worker"]
+    assert config.engine().model_name == "m" and ServerConfig(served_model_name="n").engine().model_name == "n"
+
+
+def test_the_workers_config_file_gives_it_the_same_config(tmp_path: Path) -> None:
+    worker = ServerConfig(model="m", tensor_parallel_size=2, num_kv_blocks=64, disable_cuda_graph=True).worker()
+    write_config_file(dataclasses.asdict(worker), tmp_path / "worker.yaml")
+    assert load_config(_args("--config", str(tmp_path / "worker.yaml")), environ={}).worker() == worker
 
 
 def test_python_dash_m_sfllm_works() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sfllm.config import EngineConfig
+from sfllm.config import FrontendConfig, ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.tokenizer import Tokenizer
@@ -77,9 +77,9 @@ def engine(tokenizer: Tokenizer) -> ScriptedEngine:
     return ScriptedEngine(tokenizer)
 
 
-def post(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, body: Any, config: EngineConfig | None = None,
+def post(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, body: Any, config: FrontendConfig | None = None,
          headers: dict[str, str] | None = None) -> httpx.Response:
-    app = create_app(config or EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+    app = create_app(config or ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
 
     async def send() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -91,8 +91,9 @@ def post(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, body: Any, con
     return asyncio.run(send())
 
 
-def get(engine: ScriptedEngine, tokenizer: Tokenizer, path: str, config: EngineConfig | None = None) -> httpx.Response:
-    app = create_app(config or EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+def get(engine: ScriptedEngine, tokenizer: Tokenizer, path: str,
+        config: FrontendConfig | None = None) -> httpx.Response:
+    app = create_app(config or ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
 
     async def send() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -303,7 +304,7 @@ def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None
 
 
 def test_api_key(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
-    config = EngineConfig(api_key="sekret")
+    config = ServerConfig(api_key="sekret").frontend()
     body = {"prompt": "x", "max_tokens": 1}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         response = post(engine, tokenizer, "/v1/completions", body, config=config, headers=headers)
@@ -348,7 +349,7 @@ async def call_and_disconnect(app: Any, path: str, body: dict[str, Any], disconn
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_client_leaving_a_stream_aborts_its_requests(tokenizer: Tokenizer, path: str) -> None:
     engine = ScriptedEngine(tokenizer, delay_s=0.01)
-    app = create_app(EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+    app = create_app(ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
     body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 90, "stream": True, "n": 2}
     sent = asyncio.run(call_and_disconnect(app, path, body, disconnect_after_chunks=3))
     assert 3 <= len(sent) < 20
@@ -358,7 +359,7 @@ def test_client_leaving_a_stream_aborts_its_requests(tokenizer: Tokenizer, path:
 
 def test_client_leaving_before_a_whole_answer_aborts_its_request(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, delay_s=0.01)
-    app = create_app(EngineConfig(), engine, tokenizer)  # type: ignore[arg-type]
+    app = create_app(ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 90}
     asyncio.run(call_and_disconnect(app, "/v1/chat/completions", body, None, disconnect_after_s=0.1))
     assert engine.aborted == [engine.requests[0].request_id]

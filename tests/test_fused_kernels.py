@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_matmul  # noqa: E402
+from sfllm.kernels import rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_matmul  # noqa: E402
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_rotary_qk_norm_matches_torch(with_norm: bool, heads: int, kv_heads: int
 def test_rotary_qk_norm_can_write_k_and_v_into_the_paged_cache(heads: int, kv_heads: int, head_dim: int) -> None:
     """Given the cache, the kernel stores rotated k and plain v at the tokens' slots (none for a negative
     slot), rotates q in place as before, and leaves k and v in qkv alone."""
-    from kernels.reference import reference_store_kv_cache
+    from sfllm.kernels.reference import reference_store_kv_cache
     torch.manual_seed(3)
     tokens, block_size, num_blocks = 21, 4, 9
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels import (  # noqa: E402
+from sfllm.kernels import (  # noqa: E402
     DecodeWorkspace,
     choose_num_kv_splits,
     decode_attention,
@@ -27,10 +27,10 @@ from kernels import (  # noqa: E402
     fused_add_rms_norm,
     store_kv_cache,
 )
-from kernels.decode_attention import MAX_KV_SPLITS  # noqa: E402
-from kernels.extend_attention import extend_tile_config  # noqa: E402
-from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from sfllm.kernels.decode_attention import MAX_KV_SPLITS  # noqa: E402
+from sfllm.kernels.extend_attention import extend_tile_config  # noqa: E402
+from sfllm.kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
+from sfllm.kernels.reference import (  # noqa: E402
     reference_decode_attention,
     reference_extend_attention,
     reference_fused_add_rms_norm,
@@ -250,7 +250,7 @@ def test_split_count_fills_the_gpu_only_when_sequences_are_long_enough() -> None
 def test_kernels_refuse_cpu_tensors_without_the_interpreter() -> None:
     script = """
 import torch
-from kernels import decode_attention
+from sfllm.kernels import decode_attention
 q = torch.randn(1, 2, 64)
 cache = torch.randn(1, 16, 2, 64)
 try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sfllm import launcher, rolling_restart
-from sfllm.config import EngineConfig
+from sfllm.config import ServerConfig
 from sfllm.launcher import BACKOFF_RESET_AFTER_S, FRONTEND_RESTART_BACKOFF_S, FrontendSlot, Supervisor
 from sfllm.rolling_restart import REPLACEMENT_START_TIMEOUT_S, RollingRestart
 
@@ -39,7 +39,7 @@ class FakeProcess:
 @pytest.fixture
 def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
     with socket.socket() as http_socket:
-        yield Supervisor(EngineConfig(run_dir=str(tmp_path)), http_socket)
+        yield Supervisor(ServerConfig(run_dir=str(tmp_path)), http_socket)
 
 
 def test_a_crash_loop_backs_off_and_a_long_healthy_run_resets_the_backoff(supervisor: Supervisor,

@@ -1,16 +1,18 @@
 """The deploy files read right: Dockerfile, Kubernetes manifests and the nginx config agree with the server."""
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from sfllm.config import ENV_PREFIX, FIELDS, EngineConfig
+from sfllm.config import ENV_PREFIX, FIELDS, ServerConfig
 from sfllm.frontend.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +30,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def route_paths() -> set[str]:
     engine = SimpleNamespace(hello=SimpleNamespace(model_name="m"), stats=None, connected=False, healthy=False)
-    app = create_app(EngineConfig(), engine, tokenizer=None)  # type: ignore[arg-type]
+    app = create_app(ServerConfig().frontend(), engine, tokenizer=None)  # type: ignore[arg-type]
     return set(app.openapi()["paths"])
 
 
@@ -52,6 +54,21 @@ def test_dockerfile_runs_sfllm_as_a_user_on_cuda_and_checks_health() -> None:
     assert dict(instructions)["STOPSIGNAL"] == "SIGTERM", "SIGTERM drains"
     copied = [args.split()[0] for name, args in instructions if name == "COPY"]
     assert {"sfllm", "kernels"} <= set(copied)
+
+
+def test_the_kernels_install_inside_sfllm_and_every_package_is_listed() -> None:
+    """No top-level `kernels` package (Hugging Face's has that name): the folder installs as sfllm.kernels."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "sfllm").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders | {"sfllm.kernels"}
+    assert setuptools["package-dir"] == {"sfllm.kernels": "kernels"}
+
+
+def test_a_source_tree_on_the_path_finds_sfllm_kernels() -> None:
+    """The GPU hosts run the tree from PYTHONPATH, installing nothing: the package itself finds the folder."""
+    import sfllm
+    spec = importlib.machinery.PathFinder.find_spec("sfllm.kernels", sfllm.__path__)
+    assert spec is not None and Path(spec.origin) == REPO / "kernels" / "__init__.py"
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:
@@ -94,4 +111,4 @@ def test_nginx_config_balances_least_connections_and_streams() -> None:
     assert f"proxy_pass http://{upstream.group(1)};" in text
     assert "proxy_buffering off;" in text
     body_limit = re.search(r"client_max_body_size\s+(\d+)m;", text)
-    assert int(body_limit.group(1)) << 20 == EngineConfig().max_request_body_bytes
+    assert int(body_limit.group(1)) << 20 == ServerConfig().max_request_body_bytes

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
-from sfllm.config import EngineConfig
+from sfllm.config import ServerConfig
+from sfllm.engine.engine_process import EngineCounters
 from sfllm.frontend.app import create_app
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
@@ -26,7 +27,6 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.request import Request
-from sfllm.scheduler.scheduler_process import EngineCounters
 
 
 class Client:
@@ -77,7 +77,7 @@ def engine_stats(**changes: Any) -> EngineStats:
 def test_ready_follows_the_engine_and_the_drain(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer)
     drain = DrainState()
-    client = Client(create_app(EngineConfig(), engine, tokenizer, drain))  # type: ignore[arg-type]
+    client = Client(create_app(ServerConfig().frontend(), engine, tokenizer, drain))  # type: ignore[arg-type]
     assert client.get("/ready").json() == {"status": "ready", "model": MODEL}
     assert [client.request("HEAD", path).status_code for path in ("/ready", "/health")] == [200, 200]
     engine.connected = False
@@ -100,7 +100,7 @@ def test_ready_follows_the_engine_and_the_drain(tokenizer: Tokenizer) -> None:
 def test_metrics_count_requests_time_them_and_report_the_engine(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer)
     engine.stats = engine_stats()
-    client = Client(create_app(EngineConfig(), engine, tokenizer))  # type: ignore[arg-type]
+    client = Client(create_app(ServerConfig().frontend(), engine, tokenizer))  # type: ignore[arg-type]
     assert client.post("/v1/completions", {"prompt": "x", "max_tokens": 3}).status_code == 200
     streamed = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
                                                     "stream": True, "n": 2}, headers={"X-Priority": "high"})
@@ -167,7 +167,8 @@ def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(
         return compare_digest(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    client = Client(create_app(EngineConfig(api_key="sekret"), ScriptedEngine(tokenizer), tokenizer))  # type: ignore
+    config = ServerConfig(api_key="sekret").frontend()
+    client = Client(create_app(config, ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
     for path in ("/v1/models", "/docs", "/openapi.json"):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer " + "s" * 1000}):
             response = client.get(path, headers=headers)
@@ -211,7 +212,7 @@ def call_asgi(app: Any, body_chunks: list[bytes], headers: list[tuple[bytes, byt
 
 def test_request_body_size_limit_is_413_declared_or_streamed(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer)
-    app = create_app(EngineConfig(max_request_body_bytes=1000), engine, tokenizer)  # type: ignore[arg-type]
+    app = create_app(ServerConfig(max_request_body_bytes=1000).frontend(), engine, tokenizer)  # type: ignore[arg-type]
     declared = Client(app).post("/v1/completions", {"prompt": "x" * 2000})
     assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
     assert "1000 bytes" in declared.json()["error"]["message"]
@@ -239,8 +240,8 @@ def test_request_body_size_limit_is_413_declared_or_streamed(tokenizer: Tokenize
 def test_limits_are_400s_that_name_the_limit(tokenizer: Tokenizer, body: dict[str, Any], param: str,
                                             code: str | None, numbers: list[str]) -> None:
     engine = ScriptedEngine(tokenizer)
-    config = EngineConfig(max_prompt_tokens=8, max_output_tokens=5, max_n=4, max_stop_sequences=2,
-                          max_stop_sequence_chars=5)
+    config = ServerConfig(max_prompt_tokens=8, max_output_tokens=5, max_n=4, max_stop_sequences=2,
+                          max_stop_sequence_chars=5).frontend()
     client = Client(create_app(config, engine, tokenizer))  # type: ignore[arg-type]
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     response = client.post(path, body)
@@ -253,7 +254,8 @@ def test_limits_are_400s_that_name_the_limit(tokenizer: Tokenizer, body: dict[st
 
 def test_max_output_tokens_clips_the_default_budget(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer)
-    client = Client(create_app(EngineConfig(max_output_tokens=5), engine, tokenizer))  # type: ignore[arg-type]
+    config = ServerConfig(max_output_tokens=5).frontend()
+    client = Client(create_app(config, engine, tokenizer))  # type: ignore[arg-type]
     client.post("/v1/completions", {"prompt": "x"})
     client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
     assert [r.params.max_tokens for r in engine.requests] == [5, 5]
@@ -261,7 +263,8 @@ def test_max_output_tokens_clips_the_default_budget(tokenizer: Tokenizer) -> Non
 
 def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, delay_s=0.05)
-    client = Client(create_app(EngineConfig(request_timeout_s=0.4), engine, tokenizer))  # type: ignore[arg-type]
+    config = ServerConfig(request_timeout_s=0.4).frontend()
+    client = Client(create_app(config, engine, tokenizer))  # type: ignore[arg-type]
     whole = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100})
     assert whole.status_code == 504 and whole.json()["error"]["code"] == "request_timeout"
     assert "0.4 s" in whole.json()["error"]["message"]
@@ -277,7 +280,7 @@ def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokeniz
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = ScriptedEngine(tokenizer)
-    app = create_app(EngineConfig(max_prompt_tokens=100), engine, tokenizer)  # type: ignore[arg-type]
+    app = create_app(ServerConfig(max_prompt_tokens=100).frontend(), engine, tokenizer)  # type: ignore[arg-type]
     tokenizing, release = threading.Event(), threading.Event()
     encode = tokenizer.encode
 
@@ -348,7 +351,7 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
         tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, max_context_length=4096, delay_s=0.02)
     drain = DrainState()
-    app = create_app(EngineConfig(), engine, tokenizer, drain)  # type: ignore[arg-type]
+    app = create_app(ServerConfig().frontend(), engine, tokenizer, drain)  # type: ignore[arg-type]
     server = ServerThread(app, drain, drain_timeout_s=1.5)
     results: list[dict[str, Any]] = [{"lines": []}, {"lines": []}]
     started = [threading.Event(), threading.Event()]
@@ -381,7 +384,7 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
 def test_a_handover_takes_no_new_connection_and_closes_each_open_one_after_its_next_answer(
         tokenizer: Tokenizer) -> None:
     drain = DrainState()
-    server = ServerThread(create_app(EngineConfig(), ScriptedEngine(tokenizer), tokenizer, drain), drain, 30)
+    server = ServerThread(create_app(ServerConfig().frontend(), ScriptedEngine(tokenizer), tokenizer, drain), drain, 30)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert "connection" not in client.get("/health").headers, "a keep-alive connection"
         server.hand_over()
@@ -484,7 +487,8 @@ def check_answer(response: httpx.Response) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_client(tokenizer: Tokenizer) -> Client:
-    return Client(create_app(EngineConfig(max_n=8), ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
+    config = ServerConfig(max_n=8).frontend()
+    return Client(create_app(config, ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
 
 
 @settings(max_examples=150, deadline=None, database=None, derandomize=True,
@@ -502,7 +506,7 @@ def test_fuzzed_requests_get_no_5xx_from_the_frontend(fuzz_client: Client, reque
     b'{"prompt": "x", "seed": 9223372036854775807, "n": 3, "max_tokens": 1}'])
 def test_odd_bodies_are_4xx(tokenizer: Tokenizer, body: bytes) -> None:
     engine = ScriptedEngine(tokenizer)
-    client = Client(create_app(EngineConfig(), engine, tokenizer))  # type: ignore[arg-type]
+    client = Client(create_app(ServerConfig().frontend(), engine, tokenizer))  # type: ignore[arg-type]
     for path in ("/v1/completions", "/v1/chat/completions"):
         response = client.post(path, body)
         assert response.status_code < 500, response.text

@@ -9,10 +9,10 @@ from collections import deque
 import numpy as np
 import pytest
 
-from sfllm.config import EngineConfig
+from sfllm.config import ServerConfig
+from sfllm.engine.engine_core import EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
 from sfllm.sampling_params import SamplingParams, StructuredOutput
-from sfllm.scheduler.engine_core import EngineCore
 
 PATTERN = r"[0-9]{3}-[a-z]{2}!"
 
@@ -63,7 +63,7 @@ class MaskingWorker:
 def test_masks_reach_the_worker_in_order_and_constrain_every_token(smollm_tokenizer_spec, tokenizer,
                                                                    overlap: bool) -> None:
     worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
-    core = EngineCore(EngineConfig(disable_overlap=not overlap), worker, smollm_tokenizer_spec)
+    core = EngineCore(ServerConfig(disable_overlap=not overlap).scheduler(), worker, smollm_tokenizer_spec)
     constrained = SamplingParams(max_tokens=30, structured_output=StructuredOutput.regex(PATTERN))
     for index, params in enumerate([constrained, SamplingParams(max_tokens=6, ignore_eos=True), constrained]):
         assert core.add_request(GenerateRequest(request_id=f"r{index}", prompt_token_ids=[5, 6, 7 + index],

@@ -15,11 +15,11 @@ from collections import deque
 
 import pytest
 
-from sfllm.config import EngineConfig
+from sfllm.config import ServerConfig
+from sfllm.engine.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
-from sfllm.scheduler.engine_core import SEND_AHEAD_S, EngineCore
 from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
@@ -99,8 +99,8 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_context_length
                    num_cpu_blocks: int = 0, **config) -> tuple[Scheduler, FakeWorker, FakeClock]:
     clock = FakeClock()
     worker = FakeWorker(num_blocks, block_size, max_context_length, num_cpu_blocks)
-    engine_config = EngineConfig(block_size=block_size, **config)
-    scheduler = Scheduler(engine_config, num_blocks, num_cpu_blocks, max_context_length, [EOS], clock=clock)
+    scheduler_config = ServerConfig(block_size=block_size, **config).scheduler()
+    scheduler = Scheduler(scheduler_config, num_blocks, num_cpu_blocks, max_context_length, [EOS], clock=clock)
     return scheduler, worker, clock
 
 

@@ -13,12 +13,12 @@ import torch
 from test_scheduler_policies import (FakeWorker, add, assert_all_free, drain, make_engine, make_scheduler,
                                      prompt_of, step_once)
 
-from sfllm.config import ConfigError, EngineConfig, load_config
+from sfllm.config import ConfigError, ServerConfig, load_config
 from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler import speculation as speculation_module
 from sfllm.scheduler.draft_proposer import NgramProposer
-from sfllm.scheduler.scheduler_process import EngineCounters, EngineServer
+from sfllm.engine.engine_process import EngineCounters, EngineServer
 from sfllm.worker.pending_step import verify_drafts
 from sfllm.worker.sampler import Sampler, SamplingInputs
 
@@ -54,7 +54,7 @@ def test_ngram_proposer_is_cheap_on_a_long_context() -> None:
 def test_config_names_and_checks_the_speculation_keys(tmp_path) -> None:
     config = load_config(environ={"SFLLM_SPECULATIVE_METHOD": "ngram", "SFLLM_NUM_SPECULATIVE_TOKENS": "5"})
     assert config.speculative_method == "ngram" and config.num_speculative_tokens == 5
-    assert EngineConfig().speculative_method is None, "off by default"
+    assert ServerConfig().speculative_method is None, "off by default"
     profile = tmp_path / "profile.yaml"
     profile.write_text("speculative_method: ngram\nspeculative_ngram_min: 1\nspeculative_ngram_max: 5\n")
     config = load_config(type("Args", (), {"config": str(profile)})(), environ={})
@@ -62,7 +62,7 @@ def test_config_names_and_checks_the_speculation_keys(tmp_path) -> None:
     for bad in ({"speculative_method": "eagle"}, {"num_speculative_tokens": 0},
                 {"speculative_ngram_min": 4, "speculative_ngram_max": 3}, {"speculative_min_acceptance_rate": 2.0}):
         with pytest.raises(ConfigError):
-            EngineConfig(**bad)
+            ServerConfig(**bad)
 
 
 # ---- the verify rule and the sampler at draft positions ----------------------------------------

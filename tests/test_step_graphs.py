@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
+from sfllm.kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
 from tiny_models import write_tiny_qwen3  # noqa: E402
 
-from sfllm.config import EngineConfig  # noqa: E402
+from sfllm.config import ServerConfig  # noqa: E402
 from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
 from sfllm.model_source import resolve_model  # noqa: E402
 from sfllm.sampling_params import SamplingParams  # noqa: E402
@@ -32,10 +32,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> ModelRunner:
     folder = write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), VOCAB, tie_word_embeddings=True)
-    engine_config = EngineConfig(model=str(folder), device=DEVICE, dtype="float32", attention_backend="triton",
+    worker_config = ServerConfig(model=str(folder), device=DEVICE, dtype="float32", attention_backend="triton",
                                  max_running_requests=8, max_running_tokens=64, max_context_length=128,
-                                 num_kv_blocks=64, cache_dir=str(folder / "cache"))
-    return ModelRunner(engine_config, resolve_model(engine_config.model, "auto", engine_config.cache_dir))
+                                 num_kv_blocks=64, cache_dir=str(folder / "cache")).worker()
+    return ModelRunner(worker_config, resolve_model(worker_config.model, "auto", worker_config.cache_dir))
 
 
 def graphs_for(runner: ModelRunner) -> CudaGraphRunner:

@@ -24,7 +24,7 @@ from test_step_graphs import graphs_for  # noqa: E402
 from tiny_models import write_tiny_qwen3  # noqa: E402
 
 from sfllm import LLM, SamplingParams  # noqa: E402
-from sfllm.config import EngineConfig  # noqa: E402
+from sfllm.config import ServerConfig, WorkerConfig  # noqa: E402
 from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
 from sfllm.model_source import resolve_model  # noqa: E402
 from sfllm.worker.model_runner import ModelRunner  # noqa: E402
@@ -146,9 +146,10 @@ def test_dummy_shards_are_the_one_device_dummy_model_cut() -> None:
 
 # ---- the ranks draw the same tokens ------------------------------------------------------------------
 
-def _engine_config(folder: str) -> EngineConfig:
-    return EngineConfig(model=folder, device="cpu", dtype="float32", attention_backend="triton", max_running_requests=8,
-                        max_running_tokens=64, max_context_length=128, num_kv_blocks=64, cache_dir=f"{folder}/cache")
+def _worker_config(folder: str) -> WorkerConfig:
+    return ServerConfig(model=folder, device="cpu", dtype="float32", attention_backend="triton", max_running_requests=8,
+                        max_running_tokens=64, max_context_length=128, num_kv_blocks=64,
+                        cache_dir=f"{folder}/cache").worker()
 
 
 def _run_steps(runner: ModelRunner) -> dict:
@@ -186,7 +187,7 @@ def _run_steps(runner: ModelRunner) -> dict:
 
 def _rank_main(rank: int, size: int, rendezvous: str, folder: str, results) -> None:
     group = TensorParallelGroup(rank, size, torch.device("cpu"), Path(rendezvous))
-    config = _engine_config(folder)
+    config = _worker_config(folder)
     results.put((rank, _run_steps(ModelRunner(config, resolve_model(folder, "auto", config.cache_dir), group))))
     group.close()
 
@@ -196,7 +197,7 @@ def test_every_rank_draws_what_one_device_draws(checkpoint: Path, tmp_path: Path
     tokens; the graphs' sampling kernel with temperature noise. Each rank's tokens (and the slots' last tokens,
     the next steps' inputs) are the other's, bit for bit, and one device's; logits agree within the rounding
     of the all-reduce's order."""
-    config = _engine_config(str(checkpoint))
+    config = _worker_config(str(checkpoint))
     alone = _run_steps(ModelRunner(config, resolve_model(str(checkpoint), "auto", config.cache_dir)))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from sfllm.config import EngineConfig
+from sfllm.config import FrontendConfig
 from sfllm.frontend.auth import ApiKeyMiddleware
 from sfllm.frontend.chat_completions import ChatCompletionEndpoint
 from sfllm.frontend.completions import CompletionEndpoint
@@ -26,7 +26,7 @@ def _json_or_stream(model: type) -> dict[int | str, dict[str, object]]:
                                                 "ending in `data: [DONE]`"}}
 
 
-def create_app(config: EngineConfig, engine: EngineClient, tokenizer: Tokenizer,
+def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenizer,
                drain: DrainState | None = None) -> FastAPI:
     """The API of the engine's model, under the engine's name; `engine` must be connected (see
     `EngineClient.connect`).

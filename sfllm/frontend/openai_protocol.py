@@ -13,9 +13,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolCallChunk, ToolChoice
+from sfllm.messages import Priority
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
 
-Priority = Literal["high", "normal", "background"]
 MAX_LOGPROBS = 20
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
 MAX_TOKEN_INT = 2**31 - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sfllm.config import EngineConfig
+from sfllm.config import FrontendConfig
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestError, ModelNotFoundError,
                                    ServiceUnavailableError)
@@ -90,7 +90,7 @@ class RequestLimits:
     request_timeout_s: float | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> RequestLimits:
+    def from_config(cls, config: FrontendConfig) -> RequestLimits:
         return cls(config.max_prompt_tokens, config.max_output_tokens, config.max_n, config.max_stop_sequences,
                    config.max_stop_sequence_chars, config.request_timeout_s)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 import uvloop
 
-from sfllm.config import EngineConfig
+from sfllm.config import FrontendConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
 from sfllm.frontend.request_gate import DrainState
@@ -125,9 +126,9 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("sfllm").setLevel(level.upper())
 
 
-async def _serve(config: EngineConfig, sock: socket.socket, engine_hello_timeout_s: float,
+async def _serve(config: FrontendConfig, sock: socket.socket, engine_hello_timeout_s: float,
                  on_serving: Callable[[], None] | None) -> None:
-    engine = EngineClient(config.resolved_engine_address())
+    engine = EngineClient(config.engine_address)
     logger.info("waiting up to %g s for the engine at %s", engine_hello_timeout_s, engine.address)
     try:
         hello = await engine.connect(engine_hello_timeout_s)
@@ -147,14 +148,14 @@ async def _serve(config: EngineConfig, sock: socket.socket, engine_hello_timeout
         await engine.close()
 
 
-def run_frontend(config: EngineConfig, engine_hello_timeout_s: float = DEFAULT_ENGINE_HELLO_TIMEOUT_S,
+def run_frontend(config: FrontendConfig, engine_hello_timeout_s: float = DEFAULT_ENGINE_HELLO_TIMEOUT_S,
                  http_fd: int | None = None, ready_fd: int | None = None) -> None:
     """Serve the OpenAI API until interrupted; raises FrontendStartupError when it cannot start.
 
     `http_fd`: the port's socket, inherited from `sfllm launch`; without it the frontend binds
     the port itself. `ready_fd`: a pipe that gets one byte once this frontend serves."""
     _configure_logging(config.log_level)
-    shown = {**config.to_dict(), "api_key": "<set>" if config.api_key else None}
+    shown = {**dataclasses.asdict(config), "api_key": "<set>" if config.api_key else None}
     logger.info("frontend config: %s", json.dumps(shown, sort_keys=True))
     if http_fd is not None:
         sock = socket.socket(fileno=http_fd)

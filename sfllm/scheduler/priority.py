@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "background": 2}
+from sfllm.messages import PRIORITIES
+
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}  # 0 is the highest
 
 
 def split_slots(free_slots: int, normal_waiting: int, background_waiting: int, background_share: float) -> tuple[int, int]:

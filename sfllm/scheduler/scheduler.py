@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfllm.config import EngineConfig
+from sfllm.config import SchedulerConfig
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
                             RequestOutput, SampledLogprobs, SequenceSampling)
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
@@ -90,7 +90,7 @@ class _StepBuilder:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int, num_cpu_blocks: int, max_context_length: int,
+    def __init__(self, config: SchedulerConfig, num_blocks: int, num_cpu_blocks: int, max_context_length: int,
                  eos_token_ids: list[int], clock: Callable[[], float] = time.monotonic,
                  grammars: GrammarMatchers | None = None, vocab_size: int | None = None) -> None:
         self.config = config

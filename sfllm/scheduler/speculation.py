@@ -17,7 +17,7 @@ there (Scheduler.process_result), so outputs are exactly those of plain decoding
 """
 from __future__ import annotations
 
-from sfllm.config import EngineConfig
+from sfllm.config import SchedulerConfig
 from sfllm.scheduler.draft_proposer import DraftProposer, NgramProposer
 from sfllm.scheduler.request import Request
 
@@ -30,7 +30,7 @@ NO_MATCH_BACKOFF_STEPS = 8
 
 
 class Speculation:
-    def __init__(self, config: EngineConfig, max_context_length: int, proposer: DraftProposer | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, max_context_length: int, proposer: DraftProposer | None = None) -> None:
         self.enabled = config.speculative_method is not None
         self.num_tokens = config.num_speculative_tokens
         self.max_batch_size = config.speculative_max_batch_size

@@ -5,14 +5,14 @@ batch sizes up to the decode limit. Mixed steps (prefill chunks, with or without
 batches past the decode limit) of up to T tokens and up to the running-request limit of sequences, at
 token counts up to the step's token budget (MAX_GRAPH_TOKENS at most: past it the GPU's own time hides
 an eager step's launches). Attention of mixed steps goes by a tile list of fixed capacity
-(kernels.extend_tiles), so no launch grid depends on the batch.
+(sfllm.kernels.extend_tiles), so no launch grid depends on the batch.
 
 A graph runs from the staged inputs to the sampled tokens: it takes each placeholder input token from
 `last_tokens`, reads KV slots and block tables from the worker's `BlockTables`, runs the model (a
 tensor-parallel rank's all-reduces and logits gather captured with it) and the LM head on the sampled
 rows (with speculative decoding, every draft position of a verifying sequence too: small sizes of (1 + K)
 tokens per sequence are captured for verify steps), samples (argmax or temperature, by
-`kernels.sample_tokens`, whose noise seed is a device counter the graph advances: every rank draws the same
+`sfllm.kernels.sample_tokens`, whose noise seed is a device counter the graph advances: every rank draws the same
 tokens), and writes the tokens back to `last_tokens`. A step then
 costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
 temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.block_tables import BlockTables
@@ -69,7 +69,7 @@ def mixed_shape(num_tokens: int, max_seqs: int, tile_rows: int, max_draft_rows: 
                      num_extra_rows=min(num_tokens - num_seqs, max_draft_rows))
 
 
-def speculative_graph_sizes(config: EngineConfig) -> tuple[int, int]:
+def speculative_graph_sizes(config: WorkerConfig) -> tuple[int, int]:
     """(draft tokens per sequence, sequences) a verify step may have: what the graphs make room for."""
     if config.speculative_method is None:
         return 0, 0
@@ -91,7 +91,7 @@ class CudaGraphRunner:
                  max_seqs: int, seed: int, num_speculative_tokens: int = 0, max_speculative_batch: int = 0) -> None:
         """`num_speculative_tokens` K > 0: mixed steps also verify drafts, of up to `max_speculative_batch`
         sequences of K each (their logits at every draft position come out of the graph)."""
-        from kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
+        from sfllm.kernels import sample_tokens  # Triton: imported only where graphs are captured (CUDA)
         self._sample_tokens = sample_tokens
         self.model = model
         self.backend = backend

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import zmq
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.messages import ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown
 from sfllm.model_source import resolve_model
 from sfllm.worker.model_runner import ModelRunner, pick_device
@@ -20,7 +20,7 @@ from sfllm.worker.tensor_parallel import TensorParallelGroup
 logger = logging.getLogger(__name__)
 
 
-def run_follower(config: EngineConfig, address: str, rank: int, rendezvous: Path) -> int:
+def run_follower(config: WorkerConfig, address: str, rank: int, rendezvous: Path) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
     codec = MessageCodec(SchedulerToWorker)
     context = zmq.Context()

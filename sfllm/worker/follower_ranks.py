@@ -15,6 +15,7 @@ frees its GPU, and the scheduler (or the offline caller's shell) sees it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,10 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 import zmq
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig, write_config_file
 from sfllm.ipc import die_with_parent, worker_environment
 from sfllm.messages import MessageCodec, SchedulerToWorker, Shutdown
 from sfllm.model_source import ModelSource
@@ -51,13 +51,12 @@ class RankFailed(RuntimeError):
 
 
 class FollowerRanks:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: WorkerConfig) -> None:
         """Starts ranks 1..N-1; they load the model while rank 0 does."""
-        # owner-only (mkdtemp): the config file holds the API key
-        self.folder = Path(tempfile.mkdtemp(prefix="sfllm-tp-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="sfllm-tp-"))  # owner-only
         self.rendezvous = self.folder / "rendezvous"
         config_path = self.folder / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config.to_dict()))
+        write_config_file(dataclasses.asdict(config), config_path)
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self.processes: list[subprocess.Popen] = []
@@ -174,7 +173,7 @@ class FollowerRanks:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_rank_zero(config: EngineConfig, source: ModelSource) -> tuple[ModelRunner, FollowerRanks | None]:
+def start_rank_zero(config: WorkerConfig, source: ModelSource) -> tuple[ModelRunner, FollowerRanks | None]:
     """The worker's ModelRunner: the whole model, or with --tensor-parallel-size N rank 0's part of it, with
     ranks 1..N-1 started beside it."""
     size = config.tensor_parallel_size

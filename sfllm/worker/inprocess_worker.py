@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 import weakref
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.messages import (PROTOCOL_VERSION, ForwardBatch, ForwardResult, GrammarMask, MessageCodec,
                             SchedulerToWorker, WorkerReady)
 from sfllm.model_source import ModelSource
@@ -26,7 +26,7 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
 
 
 class InProcessWorker:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: WorkerConfig, source: ModelSource) -> None:
         self.runner, self.followers = start_rank_zero(config, source)
         self.info = worker_ready(self.runner)
         self._codec = MessageCodec(SchedulerToWorker)

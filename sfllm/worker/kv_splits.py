@@ -19,5 +19,5 @@ class KVSplits:
         """The count for a step of `num_seqs` sequences; None where the backend decides (no split-KV)."""
         if not self._enabled:
             return None
-        from kernels import choose_num_kv_splits
+        from sfllm.kernels import choose_num_kv_splits
         return choose_num_kv_splits(num_seqs, self._num_kv_heads, self._max_context_length, self._num_sms)

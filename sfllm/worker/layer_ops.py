@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-SKINNY_ROWS = 8  # kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
+SKINNY_ROWS = 8  # sfllm.kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -19,9 +19,9 @@ def _use_kernels(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     """layer(x); for the few rows of a small decode batch by a kernel that streams the weight at full
-    bandwidth (kernels.skinny_matmul)."""
+    bandwidth (sfllm.kernels.skinny_matmul)."""
     if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
-        from kernels import skinny_matmul
+        from sfllm.kernels import skinny_matmul
         return skinny_matmul(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -37,7 +37,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual); in place on CUDA."""
     if _use_kernels(x):
-        from kernels import fused_add_rms_norm
+        from sfllm.kernels import fused_add_rms_norm
         return fused_add_rms_norm(x, residual, weight, eps)
     residual = x + residual
     return rms_norm(residual, weight, eps), residual
@@ -45,7 +45,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if _use_kernels(gate_up):
-        from kernels import silu_and_mul as fused
+        from sfllm.kernels import silu_and_mul as fused
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -61,7 +61,7 @@ def rotary_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     `slot_mapping`, the fused kernel writes k and v into the cache itself and returns (q, None, None)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if _use_kernels(qkv):
-        from kernels import rotary_qk_norm_
+        from sfllm.kernels import rotary_qk_norm_
         rotary_qk_norm_(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, q_weight, k_weight, eps,
                         kv_cache, slot_mapping)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.messages import BlockTableUpdate, ForwardBatch
 from sfllm.model_source import ModelConfig
 from sfllm.sampling_params import SamplingParams
@@ -78,7 +78,7 @@ class MemoryPlan:
         return "\n".join(f"  {name:<24} {size / GIB:8.2f} GiB  {note}" for name, size, note in rows)
 
 
-def decode_graph_limit(config: EngineConfig, device: torch.device) -> int:
+def decode_graph_limit(config: WorkerConfig, device: torch.device) -> int:
     """The largest decode batch captured as a graph: --cuda-graph-max-bs, else chosen from the device's
     memory; never more than the running-request limit."""
     if config.cuda_graph_max_bs is not None:
@@ -88,7 +88,7 @@ def decode_graph_limit(config: EngineConfig, device: torch.device) -> int:
     return min(by_memory, config.max_running_requests)
 
 
-def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
+def plan_memory(config: WorkerConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
                 dtype: torch.dtype, max_context_length: int, cuda_graphs: bool) -> MemoryPlan:
     """The KV pool and swap space for the loaded `model` (a tensor-parallel rank's part of it: its KV heads);
     on a GPU after a profiling step."""
@@ -114,7 +114,7 @@ def plan_memory(config: EngineConfig, model_config: ModelConfig, model: CausalLM
     return plan
 
 
-def graph_logit_rows(config: EngineConfig) -> int:
+def graph_logit_rows(config: WorkerConfig) -> int:
     """Rows of the graphs' logits buffer: one per sequence, plus the drafts of a verify step's sequences."""
     from sfllm.worker.cuda_graph_runner import speculative_graph_sizes
     drafts, sequences = speculative_graph_sizes(config)
@@ -130,7 +130,7 @@ def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, 
     return int(outputs + pool) + 256 * 1024**2
 
 
-def profile_activation_bytes(config: EngineConfig, c: ModelConfig, model: CausalLM, device: torch.device,
+def profile_activation_bytes(config: WorkerConfig, c: ModelConfig, model: CausalLM, device: torch.device,
                              num_tokens: int, max_context_length: int) -> int:
     """Peak memory of the largest step: a prompt filling the token budget beside as many one-token
     sequences as may run, every one sampled with top-k/p, measured with a throwaway KV cache."""

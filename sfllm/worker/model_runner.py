@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.loop_time import LoopTime
 from sfllm.messages import ForwardBatch, ForwardResult, GrammarMask, SampledLogprobs
 from sfllm.model_source import ModelSource
@@ -115,7 +115,7 @@ def draft_tokens(batch: ForwardBatch) -> list[list[int]] | None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
+    def __init__(self, config: WorkerConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
         """The whole model on one device, or with `group` this rank's part of it; every rank runs every step
         (with the same inputs, the same decisions and the same collectives) and samples the same tokens."""
         self.config = config

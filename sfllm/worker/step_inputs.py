@@ -32,7 +32,7 @@ class StepTensors:
     logits_indices: torch.Tensor   # [L] int64, the token rows sampled, first the batch's sampled rows
     sample_slots: torch.Tensor     # [L] int64, the slot each sampled row's token goes to
     temperatures: torch.Tensor     # [L] float32, 0: greedy
-    tiles: torch.Tensor            # [N, 2] int32, extend attention's query tiles (see kernels.extend_tiles)
+    tiles: torch.Tensor            # [N, 2] int32, extend attention's query tiles (see sfllm.kernels.extend_tiles)
 
 
 # (field, dtype, rows): rows count tokens ("T"), sequences ("S", "S+1"), sampled rows ("L": a sequence's
@@ -138,7 +138,7 @@ def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_te
     host.temperatures[num_sampled:] = 0.0
 
     if shape.num_tiles:
-        from kernels.extend_attention import extend_tiles  # only backends with tiles (Triton) get here
+        from sfllm.kernels.extend_attention import extend_tiles  # only backends with tiles (Triton) get here
         tiles = extend_tiles(num_new, tile_rows) if num_new is not None else np.empty((0, 2), np.int32)
         host.tiles[:len(tiles)] = tiles
         host.tiles[len(tiles):] = -1

@@ -15,7 +15,7 @@ import traceback
 
 import zmq
 
-from sfllm.config import EngineConfig
+from sfllm.config import WorkerConfig
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown, StartProfile,
                             StopProfile, WorkerFailed)
@@ -31,7 +31,7 @@ LOG_POLL_MS = 1000  # the longest sleep between loop-time reports (and checks of
 LOST_RANK_WAIT_S = 1.0
 
 
-def run_worker(config: EngineConfig, address: str) -> int:
+def run_worker(config: WorkerConfig, address: str) -> int:
     codec = MessageCodec(SchedulerToWorker)
     context = zmq.Context()
     sock = context.socket(zmq.PAIR)

@@ -16,7 +16,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
+from sfllm.kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
                      extend_tile_config, extend_tiles)
 
 BLOCK_SIZE = 16
@@ -95,11 +95,11 @@ def _graph_microseconds(run) -> float:
 
 def sweep_decode() -> None:
     """Decode attention's KV read bandwidth (GB/s, graph replays) for each tile shape and pipeline depth, at
-    Qwen3-0.6B shapes: the data behind kernels.decode_attention.decode_tile_config."""
+    Qwen3-0.6B shapes: the data behind sfllm.kernels.decode_attention.decode_tile_config."""
     import itertools
 
-    decode_module = sys.modules["kernels.decode_attention"]  # `kernels.decode_attention` is the function
-    from kernels.tile_config import TileConfig
+    decode_module = sys.modules["sfllm.kernels.decode_attention"]  # `sfllm.kernels.decode_attention` is the function
+    from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(256, 1024), (64, 4096), (1, 4096)]
@@ -124,13 +124,13 @@ def sweep_decode() -> None:
 
 
 def sweep_skinny_matmul() -> None:
-    """Microseconds per call of F.linear (cuBLAS) and of kernels.skinny_matmul (its current tile, and the best
+    """Microseconds per call of F.linear (cuBLAS) and of sfllm.kernels.skinny_matmul (its current tile, and the best
     of a sweep for one row), at the linear layers of Qwen3-0.6B and -8B."""
     import itertools
 
     import torch.nn.functional as F
 
-    from kernels import skinny_matmul
+    from sfllm.kernels import skinny_matmul
     shapes = {"0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024),
               "0.6b down": (1024, 3072), "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096),
               "8b down": (4096, 12288)}

@@ -12,7 +12,7 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from kernels import (  # noqa: E402
+from sfllm.kernels import (  # noqa: E402
     DecodeWorkspace,
     choose_num_kv_splits,
     decode_attention,
@@ -22,7 +22,7 @@ from kernels import (  # noqa: E402
     fused_add_rms_norm,
     store_kv_cache,
 )
-from kernels.reference import (  # noqa: E402
+from sfllm.kernels.reference import (  # noqa: E402
     reference_decode_attention,
     reference_extend_attention,
     reference_fused_add_rms_norm,

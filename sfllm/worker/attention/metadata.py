@@ -13,7 +13,7 @@ class AttentionMetadata:
     The new tokens of all sequences are concatenated in batch order (T in total);
     slot_mapping[t] is the flat KV slot (block * block_size + offset) of token t, negative for
     padding tokens of a CUDA-graph batch. Sequences of one new token are attended as decodes, the
-    others by query tiles (`tiles`, see kernels.extend_tiles); a CUDA graph's padding sequences have
+    others by query tiles (`tiles`, see sfllm.kernels.extend_tiles); a CUDA graph's padding sequences have
     no new tokens."""
     slot_mapping: torch.Tensor      # [T] int64
     query_start_loc: torch.Tensor   # [B + 1] int32

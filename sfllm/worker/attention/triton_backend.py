@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decode_attention, extend_attention, extend_tile_config, store_kv_cache
+from sfllm.kernels import decode_attention, extend_attention, extend_tile_config, store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from sfllm.config import EngineConfig
+from sfllm.config import SchedulerConfig
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -53,7 +53,7 @@ class WorkerHandle(Protocol):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: WorkerHandle, tokenizer: TokenizerSpec | None = None,
+    def __init__(self, config: SchedulerConfig, worker: WorkerHandle, tokenizer: TokenizerSpec | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """`tokenizer`: the model's, for grammars (None: requests with a structured output are refused)."""
         self.config = config

@@ -1,4 +1,4 @@
-"""The engine process: the scheduler between its frontends (ROUTER) and its worker (PAIR).
+"""The engine process: the engine core between its frontends (ROUTER) and its worker (PAIR).
 
 Frontends come and go: each says hello, heartbeats, sends requests and aborts. One whose
 heartbeats stop for `CLIENT_TIMEOUT_S` is gone, and its requests are aborted so their
@@ -7,6 +7,7 @@ KV blocks come back.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 import signal
@@ -17,87 +18,27 @@ from pathlib import Path
 
 import zmq
 
-from sfllm.config import EngineConfig, write_child_config
+from sfllm.config import EngineConfig, write_config_file
+from sfllm.engine.engine_core import EngineCore
+from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
-                            EngineStats, ForwardBatch, ForwardResult, FrontendToEngine, GenerateRequest, GrammarMask,
-                            Heartbeat, MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown,
-                            StartProfile, StopProfile, TokenizerSpec, WorkerFailed, WorkerReady, WorkerToScheduler)
+                            EngineStats, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
+                            ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile, TokenizerSpec)
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
-from sfllm.scheduler.engine_core import EngineCore
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 3.0
 SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
-WORKER_START_TIMEOUT_S = 1800.0
 WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
-
-
-class WorkerDied(RuntimeError):
-    pass
 
 
 class TokenizerUnavailable(RuntimeError):
     pass
-
-
-class RemoteWorker:
-    """The worker process behind a PAIR socket, as EngineCore's WorkerHandle."""
-
-    def __init__(self, sock: zmq.Socket, process: subprocess.Popen) -> None:
-        self.sock = sock
-        self.process = process
-        self.codec = MessageCodec(WorkerToScheduler)
-        self.info = self._wait_ready()
-
-    def _receive(self, timeout_s: float) -> object:
-        deadline = time.monotonic() + timeout_s
-        while not self.sock.poll(timeout=200):
-            if self.process.poll() is not None:
-                raise WorkerDied(f"the worker process exited with code {self.process.returncode}")
-            if time.monotonic() > deadline:
-                raise WorkerDied(f"the worker did not answer within {timeout_s:.0f} s")
-        message = self.codec.decode(self.sock.recv())
-        if isinstance(message, WorkerFailed):
-            raise WorkerDied(f"the worker failed: {message.error}")
-        return message
-
-    def _wait_ready(self) -> WorkerReady:
-        message = self._receive(WORKER_START_TIMEOUT_S)
-        if not isinstance(message, WorkerReady) or message.protocol_version != PROTOCOL_VERSION:
-            raise WorkerDied(f"the worker speaks protocol {getattr(message, 'protocol_version', '?')}, "
-                             f"the scheduler {PROTOCOL_VERSION}: install one sfllm version for both")
-        return message
-
-    def submit(self, batch: ForwardBatch) -> None:
-        self.send(batch)
-
-    def send(self, message: object) -> None:
-        data = self.codec.encode(message)
-        # A PAIR socket whose peer is gone blocks its sends: wait in slices, checking the worker lives.
-        while True:
-            try:
-                self.sock.send(data)
-                return
-            except zmq.Again:
-                self.check_alive()
-
-    def send_grammar_mask(self, mask: GrammarMask) -> None:
-        self.send(mask)
-
-    def collect(self) -> ForwardResult:
-        message = self._receive(600.0)
-        if not isinstance(message, ForwardResult):
-            raise WorkerDied(f"the worker sent {type(message).__name__} where a step result was due")
-        return message
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise WorkerDied(f"the worker process exited with code {self.process.returncode}")
 
 
 class EngineCounters:
@@ -285,13 +226,13 @@ def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
 
 
 def run_engine(config: EngineConfig) -> int:
-    run_dir = config.resolved_run_dir()
+    run_dir = config.run_dir
     lock = RunDirLock(run_dir)
     lock.acquire()
     remove_stale_files(run_dir, WORKER_CONFIG_PREFIX)
     config_path = run_dir / f"{WORKER_CONFIG_PREFIX}-{os.getpid()}.yaml"
-    write_child_config(config, config_path)
-    address = config.resolved_engine_address()
+    write_config_file(dataclasses.asdict(config.worker), config_path)
+    address = config.engine_address
     worker_addr = worker_address(run_dir)
     context = zmq.Context()
     worker_sock = context.socket(zmq.PAIR)
@@ -318,7 +259,7 @@ def run_engine(config: EngineConfig) -> int:
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
-        core = EngineCore(config, worker, tokenizer)
+        core = EngineCore(config.scheduler, worker, tokenizer)
         frontend_sock.bind(address)
         server = EngineServer(config, core, worker, frontend_sock, tokenizer)
         if stopping["flag"]:
