@@ -61,8 +61,12 @@ class ScriptedEngine:
                     top = [TokenLogprob(token_id=token_id, logprob=-0.25), TokenLogprob(token_id=0, logprob=-3.0)]
                     logprobs = [SampledLogprobs(logprob=-0.25, top=top[:request.params.logprobs])]
                 finished = step == request.params.max_tokens - 1
+                prompt_logprobs = None
+                if step == 0 and request.params.prompt_logprobs is not None:  # prompt token i's logprob: -i
+                    prompt_logprobs = [SampledLogprobs(logprob=-float(i), top=[TokenLogprob(token_id=0, logprob=-5.0)])
+                                       for i in range(1, len(request.prompt_token_ids))]
                 yield RequestOutput(request_id=request.request_id, token_ids=[token_id], logprobs=logprobs,
-                                    finish_reason="length" if finished else None,
+                                    prompt_logprobs=prompt_logprobs, finish_reason="length" if finished else None,
                                     num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=2)
         finally:
             if not finished:
@@ -156,6 +160,41 @@ def test_token_id_prompts_and_echo(engine: ScriptedEngine, tokenizer: Tokenizer)
     body = post(engine, tokenizer, "/v1/completions", {"prompt": prompt_ids, "max_tokens": 3, "echo": True}).json()
     assert body["choices"][0]["text"] == "Echo me" + script_text(tokenizer, engine, 3)
     assert engine.requests[0].prompt_token_ids == prompt_ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_and_max_tokens_0_scores_the_prompt_alone(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                     stream: bool) -> None:
+    """lm-eval's loglikelihood request: the prompt's logprobs, and no generated token in text, logprobs or usage."""
+    prompt = "Score this prompt"
+    prompt_ids = tokenizer.encode(prompt)
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                           "logprobs": 1, "stream": stream,
+                                                           **({"stream_options": {"include_usage": True}}
+                                                              if stream else {})})
+    assert response.status_code == 200, response.text
+    if stream:
+        payloads = sse_payloads(response)
+        choices = [choice for payload in payloads for choice in payload["choices"]]
+        text = "".join(choice["text"] for choice in choices)
+        logprobs = [choice["logprobs"] for choice in choices if choice["logprobs"] is not None]
+        assert len(logprobs) == 1
+        logprobs, finish_reason, usage = logprobs[0], choices[-1]["finish_reason"], payloads[-1]["usage"]
+    else:
+        body = response.json()
+        choice = body["choices"][0]
+        text, logprobs, finish_reason, usage = choice["text"], choice["logprobs"], choice["finish_reason"], body["usage"]
+    assert text == prompt
+    assert logprobs["tokens"] == [tokenizer.token_text(token) for token in prompt_ids]
+    assert logprobs["token_logprobs"] == [None] + [-float(i) for i in range(1, len(prompt_ids))]
+    assert logprobs["text_offset"][0] == 0 and len(logprobs["text_offset"]) == len(prompt_ids)
+    assert finish_reason == "length"
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(prompt_ids)
+
+
+def test_max_tokens_0_without_echo_is_still_a_400(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
 
 
 def test_stop_string_ends_the_choice_and_aborts_the_engine_request(engine: ScriptedEngine,

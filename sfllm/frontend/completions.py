@@ -1,6 +1,7 @@
 """POST /v1/completions: raw prompts in, text out, whole or streamed."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -71,6 +72,14 @@ class _ChoiceText:
                                 prompt_logprobs=prompt_logprobs)
 
 
+async def _prompt_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenerator[ChoiceDelta, None]:
+    """The deltas without their generated tokens: each choice ends with "length" after none."""
+    async with aclosing(deltas):
+        async for delta in deltas:
+            yield dataclasses.replace(delta, text="", token_ids=[], logprobs=None, num_output_tokens=0,
+                                      finish_reason=None if delta.finish_reason is None else "length")
+
+
 class CompletionEndpoint:
     def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
                  limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
@@ -98,7 +107,11 @@ class CompletionEndpoint:
         check_unicode(body.stop_strings(), "stop")
         prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
         max_context_length = engine_context_length(self.engine)
-        params = [body.sampling_params(resolve_max_tokens(body.requested_max_tokens(), DEFAULT_MAX_TOKENS,
+        # `echo` with `max_tokens` 0 scores the prompt (lm-eval's loglikelihood): the engine samples one
+        # token, as it cannot run a prompt without, and the answer leaves it out
+        echo_only = bool(body.echo) and body.requested_max_tokens() == 0
+        requested_max_tokens = 1 if echo_only else body.requested_max_tokens()
+        params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, DEFAULT_MAX_TOKENS,
                                                           len(prompt), max_context_length, "prompt",
                                                           self.limits.max_output_tokens), body.logprobs,
                                        self.tokenizer.vocab_size)
@@ -109,6 +122,8 @@ class CompletionEndpoint:
                              if body.echo else "", echo_logprobs) for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
+        if echo_only:
+            deltas = _prompt_only(deltas)
         if body.stream:
             events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(), outcome)
             return await start_event_stream(request, events)
