@@ -402,3 +402,10 @@ def test_client_leaving_before_a_whole_answer_aborts_its_request(tokenizer: Toke
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 90}
     asyncio.run(call_and_disconnect(app, "/v1/chat/completions", body, None, disconnect_after_s=0.1))
     assert engine.aborted == [engine.requests[0].request_id]
+
+
+@pytest.mark.parametrize("bias", [{"²": 1}, {"1_000": 1}, {"9" * 5000: 1}, {"-3": 1}, {"5": 100.5}])
+def test_logit_bias_that_is_no_token_id_or_out_of_range_is_a_400(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                  bias: dict[str, float]) -> None:
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "logit_bias": bias})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias"

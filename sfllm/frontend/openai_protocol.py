@@ -7,6 +7,7 @@ Every optional field also accepts null. Ranges are checked by `SamplingParams.va
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -20,6 +21,8 @@ MAX_LOGPROBS = 20
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
 MAX_TOKEN_INT = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
+# a logit_bias key: a token id in ASCII digits (str.isdigit also takes "²", and int() refuses 4301 digits)
+_TOKEN_ID_KEY = re.compile(r"\s*-?[0-9]{1,18}\s*")
 
 
 class RequestBody(StrictModel):
@@ -114,7 +117,7 @@ class GenerationRequest(RequestBody):
     def token_logit_bias(self) -> dict[int, float]:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().lstrip("-").isdigit():
+            if not _TOKEN_ID_KEY.fullmatch(key):
                 raise InvalidSamplingParams("logit_bias", f"logit_bias keys are token ids; got {key!r}")
             bias[int(key)] = value
         return bias
