@@ -409,3 +409,33 @@ def test_logit_bias_that_is_no_token_id_or_out_of_range_is_a_400(engine: Scripte
                                                                   bias: dict[str, float]) -> None:
     response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "logit_bias": bias})
     assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias"
+
+
+def assert_offsets_index_the_text(text: str, logprobs: dict[str, Any]) -> None:
+    """Each token starts at its text_offset in the text; a token of stray bytes (a piece of a character)
+    at the offset of the character it ends in or the next."""
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    for token, offset in zip(logprobs["tokens"], offsets):
+        if "\\x" not in token:
+            assert text[offset:offset + len(token)] == token, (token, offset, text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                               stream: bool) -> None:
+    """SCRIPT ends in 你好, which the byte-level vocabulary splits into pieces of characters ("\\xe4\\xbd")."""
+    prompt = "你好 échoed, "
+    response = post(engine, tokenizer, "/v1/completions", {"prompt": prompt, "max_tokens": len(engine.script),
+                                                           "echo": True, "logprobs": 0, "stream": stream})
+    if stream:
+        choices = [payload["choices"][0] for payload in sse_payloads(response)]
+        text = "".join(choice["text"] for choice in choices)
+        logprobs = {key: [value for choice in choices if choice["logprobs"] for value in choice["logprobs"][key]]
+                    for key in ("tokens", "text_offset")}
+    else:
+        choice = response.json()["choices"][0]
+        text, logprobs = choice["text"], choice["logprobs"]
+    assert text == prompt + SCRIPT
+    assert len(logprobs["tokens"]) == len(tokenizer.encode(prompt)) + len(engine.script)
+    assert_offsets_index_the_text(text, logprobs)

@@ -16,8 +16,8 @@ from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
-from sfllm.frontend.logprobs_format import (completion_logprobs, extend_completion_logprobs, prompt_completion_logprobs,
-                                            prompt_logprobs_by_token)
+from sfllm.frontend.logprobs_format import (TextOffsets, completion_logprobs, extend_completion_logprobs,
+                                            prompt_completion_logprobs, prompt_logprobs_by_token)
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
 from sfllm.frontend.openai_protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                             PromptLogprobs)
@@ -39,7 +39,7 @@ class _ChoiceText:
         self.echo_logprobs = echo_logprobs
         self.started = False
         self.text = echo
-        self.text_offset = len(echo)
+        self.text_offsets: TextOffsets | None = None  # of the generated tokens, from the first delta on
         self.logprobs: CompletionLogprobs | None = None
         self.prompt_logprobs: PromptLogprobs | None = None
         self.finish_reason: str | None = None
@@ -54,8 +54,9 @@ class _ChoiceText:
         if self.echo_logprobs and delta.prompt_logprobs is not None:
             logprobs = prompt_completion_logprobs(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
         if delta.logprobs is not None:
-            more = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offset)
-            self.text_offset += sum(len(token) for token in more.tokens)
+            if self.text_offsets is None:
+                self.text_offsets = TextOffsets(tokenizer, len(self.echo))
+            more = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offsets)
             if logprobs is None:
                 logprobs = more
             else:

@@ -1,6 +1,7 @@
 """Engine logprobs in the two shapes OpenAI uses: completions' lists and chat's per-token objects."""
 from __future__ import annotations
 
+import codecs
 import math
 
 from sfllm.frontend.openai_protocol import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
@@ -15,11 +16,27 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _LOWEST_LOGPROB
 
 
+class TextOffsets:
+    """Where each of a text's tokens starts in it, in characters. A token's shown text is no measure: a
+    byte-level vocabulary splits a character into tokens shown as stray bytes ("\\xe4\\xbd"); a token
+    adds the characters its bytes complete."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int) -> None:
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = start
+
+    def add(self, token_id: int) -> int:
+        """The offset of `token_id`, the text's next token."""
+        offset = self.offset
+        self.offset += len(self._decoder.decode(self._tokenizer.token_bytes(token_id)))
+        return offset
+
+
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[SampledLogprobs],
-                        first_text_offset: int) -> CompletionLogprobs:
+                        offsets: TextOffsets) -> CompletionLogprobs:
     """Tokens, their logprobs, the top alternatives plus the sampled token, and where each starts."""
     result = CompletionLogprobs()
-    offset = first_text_offset
     for token_id, sampled in zip(token_ids, logprobs):
         text = tokenizer.token_text(token_id)
         top = {tokenizer.token_text(alternative.token_id): _finite(alternative.logprob) for alternative in sampled.top}
@@ -27,8 +44,7 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: li
         result.tokens.append(text)
         result.token_logprobs.append(_finite(sampled.logprob))
         result.top_logprobs.append(top)
-        result.text_offset.append(offset)
-        offset += len(text)
+        result.text_offset.append(offsets.add(token_id))
     return result
 
 
@@ -59,7 +75,9 @@ def prompt_completion_logprobs(tokenizer: Tokenizer, prompt_token_ids: list[int]
                                logprobs: list[SampledLogprobs]) -> CompletionLogprobs:
     """An echoed prompt's part of completions' logprobs: the first token has none (null), as in OpenAI's."""
     first = tokenizer.token_text(prompt_token_ids[0])
-    result = completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, len(first))
+    offsets = TextOffsets(tokenizer, 0)
+    offsets.add(prompt_token_ids[0])
+    result = completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, offsets)
     return CompletionLogprobs(tokens=[first] + result.tokens, token_logprobs=[None] + result.token_logprobs,
                               top_logprobs=[None] + result.top_logprobs, text_offset=[0] + result.text_offset)
 
@@ -67,4 +85,5 @@ def prompt_completion_logprobs(tokenizer: Tokenizer, prompt_token_ids: list[int]
 def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
                              logprobs: list[SampledLogprobs]) -> list[dict[str, float] | None]:
     """The `prompt_logprobs` extension: per prompt token, its logprob and the top alternatives' by token text."""
-    return [None] + completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, 0).top_logprobs
+    return [None] + completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs,
+                                        TextOffsets(tokenizer, 0)).top_logprobs
