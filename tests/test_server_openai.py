@@ -254,6 +254,10 @@ def test_echo_with_logprobs_returns_the_prompts_in_openai_layout(client, smollm_
         [e.logprob for e in offline.prompt_logprobs], abs=1e-4)
     for top, entry in zip(logprobs.top_logprobs[1:], offline.prompt_logprobs):
         assert len(top) >= 2 and max(top.values()) == pytest.approx(entry.top[0].logprob, abs=1e-4)
+    scored = client.completions.create(model=MODEL, prompt=[prompt_ids], max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0  # lm-eval's loglikelihood
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:len(prompt_ids)],
+                                                                          abs=1e-4)
     chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1, extra_body={"prompt_logprobs": 0})
     extension = chat.choices[0].model_extra["prompt_logprobs"]
     assert extension[0] is None and len(extension) == chat.usage.prompt_tokens
