@@ -87,3 +87,24 @@ def test_masks_reach_the_worker_in_order_and_constrain_every_token(smollm_tokeni
             assert worker.messages[index + 1] is mask, "the mask comes right after its step, before the next"
     else:
         assert not late
+
+
+def test_a_grammar_that_fails_once_masked_ends_its_request_as_the_clients_error(smollm_tokenizer_spec) -> None:
+    """A schema llguidance accepts but cannot mask (a $ref to itself and nothing else) is found out at the first
+    mask: the request ends with a 400 saying so in a line, its blocks and grammar freed; the engine goes on."""
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    endless = StructuredOutput.json_schema({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})
+    requests = {"bad": SamplingParams(max_tokens=8, structured_output=endless),
+                "good": SamplingParams(max_tokens=30, structured_output=StructuredOutput.regex(PATTERN))}
+    for request_id, params in requests.items():
+        assert core.add_request(GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7],
+                                                params=params)) is None
+    finished = {}
+    while core.has_work():
+        finished.update((output.request_id, output) for output in core.step() if output.finish_reason is not None)
+    assert finished["good"].finish_reason == "stop"
+    bad = finished["bad"]
+    assert bad.finish_reason == "error" and bad.error_code == 400
+    assert "grammar" in bad.error and "\n" not in bad.error and len(bad.error) < 300, bad.error
+    assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests

@@ -509,11 +509,12 @@ class Scheduler:
             request.output_token_ids.append(token)
             emitted.append(token)
             self._register_full_blocks(request)
-            if request.matcher is not None and not accepts(request.matcher, token):
-                error = f"the grammar refused token {token}: {request.matcher.get_error()}"
-                failed = self._finish(request, "error")
-                failed.error, failed.error_code = error, 500
-                return failed
+            if request.matcher is not None:
+                # a grammar already in error failed when masked (one llguidance rejects only then): the
+                # client's; a token refused by a sound grammar is the server's
+                late_rejection = request.matcher.is_error()
+                if not accepts(request.matcher, token):
+                    return self._grammar_failure(request, token, late_rejection)
             reason = self.stop_checker.finish_reason(request, token)
             if reason is None and request.matcher is not None and request.matcher.is_stopped():
                 reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
@@ -527,6 +528,15 @@ class Scheduler:
         output.token_ids = emitted
         output.logprobs = logprobs[:len(emitted)] if request.params.logprobs is not None else None
         return output
+
+    def _grammar_failure(self, request: Request, token: int, late_rejection: bool) -> RequestOutput:
+        reason = request.matcher.get_error().strip().splitlines()[0]  # the rest is llguidance's state dump
+        failed = self._finish(request, "error")
+        if late_rejection:
+            failed.error, failed.error_code = f"the structured output's grammar failed once applied: {reason}", 400
+        else:
+            failed.error, failed.error_code = f"the grammar refused token {token}: {reason}", 500
+        return failed
 
     def _roll_back_drafts(self, request: Request, rejected: int) -> None:
         """Forgets the KV of rejected drafts: the request continues after its accepted tokens, and blocks
