@@ -439,3 +439,24 @@ def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedE
     assert text == prompt + SCRIPT
     assert len(logprobs["tokens"]) == len(tokenizer.encode(prompt)) + len(engine.script)
     assert_offsets_index_the_text(text, logprobs)
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/chat/completions", "guided_json", {"type": "object"}),  # vLLM's
+    ("/v1/completions", "guided_regex", "[0-9]+"),
+    ("/v1/completions", "guided_choice", ["yes", "no"]),
+    ("/v1/chat/completions", "guided_grammar", 'root ::= "a"'),
+    ("/v1/chat/completions", "structured_outputs", {"json": {"type": "object"}}),
+    ("/v1/completions", "json_schema", '{"type": "object"}'),  # SGLang's
+    ("/v1/chat/completions", "regex", "[0-9]+"),
+    ("/v1/completions", "ebnf", 'root ::= "a"'),
+])
+def test_other_servers_structured_output_fields_are_a_400_not_ignored(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                      path: str, field: str, value: Any) -> None:
+    """A client of vLLM or SGLang asking for a constraint in their fields must not get unconstrained text."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    response = post(engine, tokenizer, path, {**body, "max_tokens": 2, field: value})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and "response_format" in error["message"]
+    assert not engine.requests

@@ -94,12 +94,20 @@ class GenerationRequest(RequestBody):
                                                                   "this many alternatives")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
+    # vLLM's and SGLang's constraints: ignored, their clients would get unconstrained text
+    OTHER_SERVERS_CONSTRAINTS: ClassVar[tuple[str, ...]] = (
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",  # vLLM
+        "json_schema", "regex", "ebnf")  # SGLang
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
         for name in self.UNSUPPORTED:
             if extra.get(name) not in (None, False, "", [], {}):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server")
+        for name in self.OTHER_SERVERS_CONSTRAINTS:
+            if extra.get(name) not in (None, False, "", [], {}):
+                raise InvalidSamplingParams(name, f"{name} is not supported by this server; constrain the output "
+                                                  "with response_format (json_schema, regex or grammar)")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
