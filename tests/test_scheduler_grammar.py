@@ -108,3 +108,25 @@ def test_a_grammar_that_fails_once_masked_ends_its_request_as_the_clients_error(
     assert bad.finish_reason == "error" and bad.error_code == 400
     assert "grammar" in bad.error and "\n" not in bad.error and len(bad.error) < 300, bad.error
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_abort_mid_answer_frees_the_grammar_and_the_blocks(smollm_tokenizer_spec, overlap: bool) -> None:
+    """A client gone mid-answer: with its step (and with overlap, its late mask) in flight, the request's matcher
+    and blocks go at once; the step's mask still comes, and the other constrained request finishes."""
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig(disable_overlap=not overlap).scheduler(), worker, smollm_tokenizer_spec)
+    constrained = SamplingParams(max_tokens=30, structured_output=StructuredOutput.regex(PATTERN))
+    for request_id in ("gone", "kept"):
+        assert core.add_request(GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7],
+                                                params=constrained)) is None
+    gone = core.scheduler.requests["gone"]
+    finished = {}
+    for _ in range(3):
+        finished.update((o.request_id, o.finish_reason) for o in core.step() if o.finish_reason is not None)
+    core.abort(["gone"])
+    assert gone.matcher is None and not gone.block_ids
+    while core.has_work():
+        finished.update((o.request_id, o.finish_reason) for o in core.step() if o.finish_reason is not None)
+    assert finished == {"kept": "stop"}
+    assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
