@@ -183,13 +183,26 @@ def test_echo_with_logprobs_and_max_tokens_0_scores_the_prompt_alone(engine: Scr
     else:
         body = response.json()
         choice = body["choices"][0]
-        text, logprobs, finish_reason, usage = choice["text"], choice["logprobs"], choice["finish_reason"], body["usage"]
+        text, logprobs, finish_reason = choice["text"], choice["logprobs"], choice["finish_reason"]
+        usage = body["usage"]
     assert text == prompt
     assert logprobs["tokens"] == [tokenizer.token_text(token) for token in prompt_ids]
     assert logprobs["token_logprobs"] == [None] + [-float(i) for i in range(1, len(prompt_ids))]
     assert logprobs["text_offset"][0] == 0 and len(logprobs["text_offset"]) == len(prompt_ids)
     assert finish_reason == "length"
     assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(prompt_ids)
+    assert all("prompt_logprobs" not in choice for choice in (choices if stream else [choice])), \
+        "OpenAI's layout only: the prompt_logprobs extension was not asked for"
+
+
+def test_prompt_logprobs_extension_asked_with_echo_comes_as_well(engine: ScriptedEngine,
+                                                                  tokenizer: Tokenizer) -> None:
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": "Score this", "max_tokens": 1, "echo": True,
+                                                       "logprobs": 1, "prompt_logprobs": 0}).json()
+    choice = body["choices"][0]
+    assert choice["prompt_logprobs"][0] is None
+    assert len(choice["prompt_logprobs"]) == len(tokenizer.encode("Score this"))
+    assert choice["logprobs"]["token_logprobs"][0] is None
 
 
 def test_max_tokens_0_without_echo_is_still_a_400(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:

@@ -33,10 +33,11 @@ class _ChoiceText:
     """A choice's text and logprobs as they build up; `text_offset` counts from the echoed prompt, whose
     tokens' logprobs (`echo` with `logprobs`) come first."""
 
-    def __init__(self, index: int, echo: str, echo_logprobs: bool) -> None:
+    def __init__(self, index: int, echo: str, echo_logprobs: bool, prompt_logprobs_asked: bool) -> None:
         self.index = index
         self.echo = echo
         self.echo_logprobs = echo_logprobs
+        self.prompt_logprobs_asked = prompt_logprobs_asked  # the extension, not only echo's logprobs
         self.started = False
         self.text = echo
         self.text_offsets: TextOffsets | None = None  # of the generated tokens, from the first delta on
@@ -66,7 +67,7 @@ class _ChoiceText:
                 self.logprobs = CompletionLogprobs()
             extend_completion_logprobs(self.logprobs, logprobs)
         prompt_logprobs = None
-        if delta.prompt_logprobs is not None:
+        if delta.prompt_logprobs is not None and self.prompt_logprobs_asked:
             prompt_logprobs = prompt_logprobs_by_token(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
             self.prompt_logprobs = prompt_logprobs
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
@@ -97,6 +98,7 @@ class CompletionEndpoint:
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         body.check_supported()
         echo_logprobs = bool(body.echo) and body.logprobs is not None
+        prompt_logprobs_asked = body.prompt_logprobs is not None
         if echo_logprobs:  # the prompt's tokens with as many alternatives as the completion's
             body.prompt_logprobs = max(body.prompt_logprobs or 0, body.logprobs)
         raw_prompts = body.prompts()
@@ -120,7 +122,7 @@ class CompletionEndpoint:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
-                             if body.echo else "", echo_logprobs) for choice in choices]
+                             if body.echo else "", echo_logprobs, prompt_logprobs_asked) for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if echo_only:
