@@ -473,3 +473,36 @@ def test_other_servers_structured_output_fields_are_a_400_not_ignored(engine: Sc
     error = response.json()["error"]
     assert error["param"] == field and "response_format" in error["message"]
     assert not engine.requests
+
+
+# What decides the format: a template that takes tools and asks for Llama 3's "parameters" JSON.
+LLAMA3_TEMPLATE = ("{% if tools %}Respond in the format {\"name\": function name, \"parameters\": "
+                   "dictionary of argument name and its value}.\n"
+                   "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}"
+                   "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: ")
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_tokenizer_spec) -> None:
+    import msgspec
+    tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=LLAMA3_TEMPLATE))
+    assert tokenizer.chat_template.tool_call_format == "llama3_json"
+    engine = ScriptedEngine(tokenizer)
+    engine.script = tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL],
+            "max_tokens": len(engine.script)}
+    message = post(engine, tokenizer, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    assert message["content"] is None
+    assert [call["function"] for call in message["tool_calls"]] == [{"name": "get_weather",
+                                                                     "arguments": '{"city": "Paris"}'}]
+    assert "get_weather" in tokenizer.decode(engine.requests[0].prompt_token_ids), "the template got the tools"
+    chunks = sse_payloads(post(engine, tokenizer, "/v1/chat/completions", body | {"stream": True}))
+    deltas = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"] and deltas[0]["index"] == 0
+    assert "".join(delta["function"].get("arguments", "") for delta in deltas) == '{"city": "Paris"}'
+    engine.script = tokenizer.encode("It is sunny in Paris.")
+    plain = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": len(engine.script)}).json()
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny in Paris."} | {
+        key: value for key, value in plain["choices"][0]["message"].items() if key not in ("role", "content")}
+    assert not plain["choices"][0]["message"].get("tool_calls")

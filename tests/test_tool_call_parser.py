@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sfllm.frontend.tool_call_parser import ToolCallParser
+from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallParser
 
 NESTED = ('<tool_call>\n{"name": "plan", "arguments": {"steps": [{"do": "a } ] \\" <tool_call>", "n": 1}, '
           '{"do": "b", "tags": ["x", {"y": null}]}], "ok": true}}\n</tool_call>')
@@ -14,9 +14,10 @@ TWO_CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {
              '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
 
 
-def parse(pieces: list[str]) -> tuple[str, dict[int, str], dict[int, str], ToolCallParser]:
+def parse(pieces: list[str], parser: ToolCallParser | Llama3JsonToolCallParser | None = None,
+          ) -> tuple[str, dict[int, str], dict[int, str], ToolCallParser | Llama3JsonToolCallParser]:
     """Content, names and arguments by call index, assembled from the deltas, as a streaming client does."""
-    parser = ToolCallParser()
+    parser = parser or ToolCallParser()
     content, names, arguments = "", {}, {}
     for parsed in [parser.feed(piece) for piece in pieces] + [parser.finish()]:
         content += parsed.content
@@ -93,3 +94,24 @@ def test_plain_text_passes_through_with_its_spacing() -> None:
     text = "Paris is the capital.\n\nIt has  two  spaces. "
     for pieces in splits(text, 0):
         assert parse(pieces)[0] == text
+
+
+LLAMA3_CALLS = ('<|python_tag|>{"name": "plan", "parameters": {"steps": [{"do": "a } ] \\" ;", "n": 1}], "ok": true}}; '
+                '{"name": "get_time", "parameters": {}}')
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_llama3_json_calls_split_anywhere(seed: int) -> None:
+    for pieces in splits(LLAMA3_CALLS, seed):
+        content, names, arguments, parser = parse(pieces, Llama3JsonToolCallParser())
+        assert content == "" and names == {0: "plan", 1: "get_time"}, pieces
+        assert json.loads(arguments[0]) == {"steps": [{"do": 'a } ] " ;', "n": 1}], "ok": True}
+        assert arguments[1] == "{}"
+        assert [(call.name, call.arguments) for call in parser.calls] == [("plan", arguments[0]), ("get_time", "{}")]
+
+
+@pytest.mark.parametrize("text", ["The weather in Paris is mild.", '  {"answer": 42}', "<b>bold</b>", "<|python"])
+def test_llama3_text_that_is_no_call_is_content(text: str) -> None:
+    for pieces in splits(text, 0) if len(text) > 13 else [[text], list(text)]:
+        content, names, _, parser = parse(pieces, Llama3JsonToolCallParser())
+        assert (content, names, parser.calls) == (text, {}, []), pieces

@@ -23,7 +23,7 @@ from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCom
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.frontend.tool_call_parser import ToolCallDelta, ToolCallParser
+from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
 from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
 from sfllm.frontend.tools import ChatTools
 
@@ -59,7 +59,8 @@ class ChatCompletionEndpoint:
                                       tools.structured_output())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
-        messages_out = [AssistantMessage(tools.enabled) for _ in choices]
+        messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format))
+                        for _ in choices]
         tally = UsageTally([prompt])
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
@@ -138,8 +139,8 @@ class ChatCompletionEndpoint:
 class AssistantMessage:
     """One choice's assistant message as it streams in: its text, and with tools on, the calls read from it."""
 
-    def __init__(self, read_tool_calls: bool) -> None:
-        self.parser = ToolCallParser() if read_tool_calls else None
+    def __init__(self, parser: ToolCallParser | Llama3JsonToolCallParser | None) -> None:
+        self.parser = parser
         self.content = ""
         self.finish_reason: str | None = None
 

@@ -72,6 +72,7 @@ class ChatTemplate:
         self._special_tokens = dict(special_tokens)
         self._template: jinja2.Template | None = None
         self.takes_tools = False  # whether the template reads the variable `tools`
+        self.tool_call_format = "hermes"  # how the model writes calls: sfllm/frontend/tool_call_parser.py
         # A template that cannot serve chats leaves the rest of the API working; each chat request says why.
         self._unusable = "this model has no chat template; use /v1/completions with a prompt"
         if source is not None:
@@ -79,6 +80,9 @@ class ChatTemplate:
                 environment = _environment()
                 self._template = environment.from_string(source)
                 self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(source))
+                # Llama 3.1-3.3's templates ask for bare JSON calls ("parameters", after <|python_tag|>)
+                if self.takes_tools and ("<|python_tag|>" in source or '"parameters": dictionary' in source):
+                    self.tool_call_format = "llama3_json"
             except jinja2.TemplateSyntaxError as error:
                 self._unusable = f"the model's chat template does not compile: {error}"
 

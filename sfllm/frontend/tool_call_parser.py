@@ -5,9 +5,16 @@ write, and that sfllm's tool-call grammars force (sfllm/frontend/tools.py):
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-Text outside the tags is the message's content. A call's name goes out as soon as it is read and its
-arguments as they are written, character by character of the JSON value, so the deltas of a stream
-join into the very string the whole answer has: both come from this one parser.
+Text outside the tags is the message's content. Llama 3.1-3.3 answer a call with JSON alone instead (after
+`<|python_tag|>` when the text keeps special tokens), calls separated by `;`:
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+`Llama3JsonToolCallParser` reads that: an answer that starts with `{` is calls, any other is content.
+
+In both, a call's name goes out as soon as it is read and its arguments as they are written, character by
+character of the JSON value, so the deltas of a stream join into the very string the whole answer has: both
+come from one parser.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 # name first, then arguments: the order the format and the grammars write
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_LLAMA3_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
+PYTHON_TAG = "<|python_tag|>"
 
 
 @dataclass
@@ -183,3 +192,89 @@ def _held_back(text: str) -> int:
         if OPEN_TAG.startswith(text[-length:]):
             return length + len(text[:-length]) - len(text[:-length].rstrip())
     return len(text) - len(text.rstrip())
+
+
+class Llama3JsonToolCallParser:
+    """Llama 3's JSON tool calls, streamed as ToolCallParser streams Hermes calls (same deltas, same `calls`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self._buffer = ""
+        self._state = "start"  # start, head, arguments, close (the call's "}"), between (";" or the end), content
+        self._scanner: _ArgumentsScanner | None = None
+        self._skipped = ""  # the space and tag before the first "{": content again if no call follows
+
+    def feed(self, text: str) -> ParsedText:
+        parsed = ParsedText()
+        self._buffer += text
+        while self._buffer:
+            before = (self._buffer, self._state)
+            getattr(self, f"_read_{self._state}")(parsed)
+            if (self._buffer, self._state) == before:
+                break  # waiting for more text
+        return parsed
+
+    def finish(self) -> ParsedText:
+        """The end of the output: text that never became a call is content; an unfinished call keeps what it has."""
+        parsed = ParsedText()
+        if self._state in ("start", "content") or (self._state == "head" and not self.calls):
+            parsed.content = self._skipped + self._buffer
+        self._buffer = ""
+        return parsed
+
+    def _read_start(self, parsed: ParsedText) -> None:
+        text = self._buffer.lstrip()
+        if text.startswith(PYTHON_TAG):
+            text = text[len(PYTHON_TAG):].lstrip()
+        if not text or (PYTHON_TAG.startswith(text) and not self._buffer.lstrip().startswith(PYTHON_TAG)):
+            return  # nothing yet, or a possible start of the tag
+        if text.startswith("{"):
+            self._skipped = self._buffer[:len(self._buffer) - len(text)]
+            self._buffer, self._state = text, "head"
+        else:
+            self._state = "content"
+
+    def _read_content(self, parsed: ParsedText) -> None:
+        parsed.content += self._buffer
+        self._buffer = ""
+
+    def _read_head(self, parsed: ParsedText) -> None:
+        head = _LLAMA3_HEAD.match(self._buffer)
+        if head is not None:
+            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=json.loads(f'"{head.group(1)}"'), arguments="")
+            self.calls.append(call)
+            parsed.tool_calls.append(ToolCallDelta(len(self.calls) - 1, id=call.id, name=call.name))
+            self._buffer, self._state, self._scanner = self._buffer[head.end():], "arguments", _ArgumentsScanner()
+            return
+        if not self.calls and len(self._buffer) > 4096:
+            # long JSON that names no function first: an answer, not a call
+            self._buffer, self._skipped, self._state = self._skipped + self._buffer, "", "content"
+
+    def _read_arguments(self, parsed: ParsedText) -> None:
+        scanner, taken, value = self._scanner, 0, []
+        for char in self._buffer:
+            belongs = scanner.take(char)
+            if scanner.done and not belongs:
+                break
+            taken += 1
+            if belongs:
+                value.append(char)
+            if scanner.done:
+                break
+        self._buffer = self._buffer[taken:]
+        if value:
+            parsed.tool_calls.append(ToolCallDelta(len(self.calls) - 1, arguments="".join(value)))
+            self.calls[-1].arguments += "".join(value)
+        if scanner.done:
+            self._state = "close"
+
+    def _read_close(self, parsed: ParsedText) -> None:
+        end = self._buffer.find("}")
+        if end >= 0:
+            self._buffer, self._state = self._buffer[end + 1:], "between"
+
+    def _read_between(self, parsed: ParsedText) -> None:
+        text = self._buffer.lstrip().lstrip(";").lstrip()
+        if not text:
+            return
+        self._buffer, self._state = text, ("head" if text.startswith("{") else "content")

@@ -14,7 +14,7 @@ from typing import Any
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
 from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
-from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG
+from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG, Llama3JsonToolCallParser, ToolCallParser
 from sfllm.sampling_params import StructuredOutput
 from sfllm.structured_output import JSON_LAYOUT, grammar_of
 
@@ -45,6 +45,15 @@ class ChatTools:
         if self.enabled and not template_takes_tools:
             rendered = _with_tools_described(rendered, self.tools)
         return rendered
+
+    def parser(self, template_format: str) -> ToolCallParser | Llama3JsonToolCallParser | None:
+        """The reader of the model's calls: forced calls follow the grammar's format (Hermes) whatever the
+        model's; free ones the format its template asks for."""
+        if not self.enabled:
+            return None
+        if template_format == "llama3_json" and not self.required:
+            return Llama3JsonToolCallParser()
+        return ToolCallParser()
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.enabled else None
