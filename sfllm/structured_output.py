@@ -19,8 +19,10 @@ from llguidance.gbnf_to_lark import any_to_lark
 from sfllm.sampling_params import InvalidSamplingParams, StructuredOutput
 
 
-# JSON as json.dumps writes it, on one line: with free whitespace small models wander into blank lines
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON as json.dumps writes it, on one line: with free whitespace small models wander into blank lines. A
+# `oneOf` whose branches llguidance cannot prove exclusive is taken as `anyOf`, as xgrammar and outlines do
+# (Pydantic writes `oneOf` for its unions); without it such schemas would be refused.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
 
 
 class InvalidGrammar(InvalidSamplingParams):
@@ -37,7 +39,7 @@ def grammar_of(structured_output: StructuredOutput, param: str = "response_forma
             raise InvalidGrammar(param, f"the JSON schema is not JSON: {error}") from None
         if not isinstance(schema, dict):
             raise InvalidGrammar(param, "the JSON schema must be an object")
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     elif kind == "regex":
         grammar = llguidance.LLMatcher.grammar_from_regex(definition)
     else:

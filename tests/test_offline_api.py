@@ -139,6 +139,19 @@ def test_json_schema_outputs_validate_and_unconstrained_rows_are_unchanged(smoll
     assert free == total
 
 
+def test_a_one_of_schema_is_followed_as_any_of(smollm_llm) -> None:
+    """Pydantic writes `oneOf` for unions; branches llguidance cannot prove exclusive are taken as `anyOf`."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pet = {"oneOf": [{"type": "object", "properties": {"cat": {"type": "string", "maxLength": 10}},
+                      "required": ["cat"], "additionalProperties": False},
+                     {"type": "object", "properties": {"dog": {"type": "integer"}}, "required": ["dog"],
+                      "additionalProperties": False}]}
+    params = SamplingParams(temperature=0.0, max_tokens=30, structured_output=StructuredOutput.json_schema(pet))
+    output = smollm_llm.generate(chats(smollm_llm)[:1], params)[0].outputs[0]
+    assert output.finish_reason == "stop", output.text
+    jsonschema.validate(json.loads(output.text), pet)
+
+
 def test_regex_and_grammar_constrain_the_text(smollm_llm) -> None:
     regex = SamplingParams(temperature=0.9, seed=5, max_tokens=20, structured_output=StructuredOutput.regex(r"(yes|no)\."))
     grammar = SamplingParams(temperature=0.9, seed=5, max_tokens=20,

@@ -16,7 +16,7 @@ from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
 from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
 from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG, Llama3JsonToolCallParser, ToolCallParser
 from sfllm.sampling_params import StructuredOutput
-from sfllm.structured_output import JSON_LAYOUT, grammar_of
+from sfllm.structured_output import JSON_OPTIONS, grammar_of
 
 _ANY_ARGUMENTS = {"type": "object"}
 
@@ -80,7 +80,7 @@ def _choice_text(choice: Any) -> str:
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     return {"type": "object", "properties": {"name": {"const": tool.function.name},
                                              "arguments": tool.function.parameters or _ANY_ARGUMENTS},
-            "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_LAYOUT}
+            "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
 
 
 def _arguments(message_index: int, text: str) -> Any:
