@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -91,6 +91,7 @@ class SampledLogprobs(msgspec.Struct, array_like=True):
     """The chosen token's logprob and the top alternatives of one step."""
     logprob: float
     top: list[TokenLogprob]
+    rank: int | None = None  # the chosen token's rank (1: the likeliest); computed for prompt logprobs
 
 
 class RequestOutput(Message):

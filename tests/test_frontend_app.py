@@ -201,7 +201,12 @@ def test_prompt_logprobs_extension_asked_with_echo_comes_as_well(engine: Scripte
                                                        "logprobs": 1, "prompt_logprobs": 0}).json()
     choice = body["choices"][0]
     assert choice["prompt_logprobs"][0] is None
-    assert len(choice["prompt_logprobs"]) == len(tokenizer.encode("Score this"))
+    prompt_ids = tokenizer.encode("Score this")
+    assert len(choice["prompt_logprobs"]) == len(prompt_ids)
+    # vLLM's layout: by token id, the prompt's own token (its logprob is -i in the script) and the top ones
+    assert choice["prompt_logprobs"][1] == {
+        str(prompt_ids[1]): {"logprob": -1.0, "rank": None, "decoded_token": tokenizer.token_text(prompt_ids[1])},
+        "0": {"logprob": -5.0, "rank": 1, "decoded_token": tokenizer.token_text(0)}}
     assert choice["logprobs"]["token_logprobs"][0] is None
 
 

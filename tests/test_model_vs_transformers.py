@@ -133,6 +133,10 @@ def test_prompt_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_
         chosen = torch.tensor([entry.logprob for entry in got])
         torch.testing.assert_close(chosen, expected.gather(1, targets[:, None]).squeeze(1), atol=2e-3, rtol=0)
         top_values, top_ids = expected.topk(3, dim=-1)
+        own = expected.gather(1, targets[:, None])  # ranks within the logprobs' tolerance of near ties
+        surely_above, maybe_above = (expected > own + 2e-3).sum(-1) + 1, (expected > own - 2e-3).sum(-1) + 1
+        assert all(low <= entry.rank <= high for entry, low, high in zip(got, surely_above.tolist(),
+                                                                        maybe_above.tolist()))
         for position, entry in enumerate(got):
             assert [t.token_id for t in entry.top][:1] == top_ids[position, :1].tolist()
             torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top]), top_values[position],

@@ -261,7 +261,8 @@ def test_echo_with_logprobs_returns_the_prompts_in_openai_layout(client, smollm_
     chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1, extra_body={"prompt_logprobs": 0})
     extension = chat.choices[0].model_extra["prompt_logprobs"]
     assert extension[0] is None and len(extension) == chat.usage.prompt_tokens
-    assert all(len(entry) == 1 and list(entry.values())[0] <= 0 for entry in extension[1:])
+    assert all(len(entry) == 1 and list(entry.values())[0]["logprob"] <= 0 and list(entry.values())[0]["rank"] >= 1
+               for entry in extension[1:])
 
 
 def test_logit_bias_changes_the_answer(client, smollm_llm) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import codecs
 import math
 
-from sfllm.frontend.openai_protocol import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+from sfllm.frontend.openai_protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+                                            PromptLogprobs, PromptTokenLogprob)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import SampledLogprobs
 
@@ -83,7 +84,16 @@ def prompt_completion_logprobs(tokenizer: Tokenizer, prompt_token_ids: list[int]
 
 
 def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
-                             logprobs: list[SampledLogprobs]) -> list[dict[str, float] | None]:
-    """The `prompt_logprobs` extension: per prompt token, its logprob and the top alternatives' by token text."""
-    return [None] + completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs,
-                                        TextOffsets(tokenizer, 0)).top_logprobs
+                             logprobs: list[SampledLogprobs]) -> PromptLogprobs:
+    """The `prompt_logprobs` extension in vLLM's layout: per prompt token after the first, by token id, the
+    token's own logprob and rank and the top alternatives' (ranked by their order)."""
+    entries: PromptLogprobs = [None]
+    for token_id, sampled in zip(prompt_token_ids[1:], logprobs):
+        entry = {str(token_id): PromptTokenLogprob(logprob=_finite(sampled.logprob), rank=sampled.rank,
+                                                   decoded_token=tokenizer.token_text(token_id))}
+        for rank, alternative in enumerate(sampled.top, 1):
+            entry.setdefault(str(alternative.token_id), PromptTokenLogprob(
+                logprob=_finite(alternative.logprob), rank=rank,
+                decoded_token=tokenizer.token_text(alternative.token_id)))
+        entries.append(entry)
+    return entries

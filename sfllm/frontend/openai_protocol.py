@@ -273,7 +273,14 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = []
 
 
-PromptLogprobs = list[dict[str, float] | None]  # per prompt token: token text -> logprob, None for the first
+class PromptTokenLogprob(BaseModel):
+    """vLLM's layout of a prompt logprob: keyed by token id, the prompt's own token and the top alternatives."""
+    logprob: float
+    rank: int | None  # 1: the likeliest token
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]  # per prompt token; None for the first
 
 
 class CompletionChoice(BaseModel):

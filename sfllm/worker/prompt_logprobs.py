@@ -24,11 +24,13 @@ def prompt_token_logprobs(model: CausalLM, batch: ForwardBatch, hidden: torch.Te
         for offset in range(0, len(targets.token_ids), SLICE):
             ids = targets.token_ids[offset:offset + SLICE]
             logprobs = torch.log_softmax(model.compute_logits(hidden[first + offset:first + offset + len(ids)]), -1)
-            chosen = logprobs.gather(1, torch.tensor(ids, device=logprobs.device)[:, None]).squeeze(1).tolist()
+            chosen = logprobs.gather(1, torch.tensor(ids, device=logprobs.device)[:, None])
+            ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
             top_logprobs, top_ids = logprobs.topk(max(targets.num_top, 1), dim=-1)
             top_logprobs = top_logprobs[:, :targets.num_top].tolist()
             top_ids = top_ids[:, :targets.num_top].tolist()
-            entries.extend(SampledLogprobs(lp, [TokenLogprob(i, t) for i, t in zip(row_ids, row_lps)])
-                           for lp, row_ids, row_lps in zip(chosen, top_ids, top_logprobs))
+            entries.extend(SampledLogprobs(lp, [TokenLogprob(i, t) for i, t in zip(row_ids, row_lps)], rank)
+                           for lp, rank, row_ids, row_lps in zip(chosen.squeeze(1).tolist(), ranks, top_ids,
+                                                                 top_logprobs))
         results.append(entries)
     return results
