@@ -358,3 +358,26 @@ def test_a_request_without_matches_looks_again_only_after_a_backoff_and_keeps_th
     assert sum(sent_behind) >= len(sent_behind) // 2, "steps overlap while the request backs off"
     assert not all(sent_behind)
     assert_all_free(core.scheduler)
+
+
+def test_steps_whose_drafts_do_not_fit_in_the_free_blocks_do_not_count_against_speculation(monkeypatch) -> None:
+    """Short of KV blocks a request gets fewer drafts (or none), never a judgement for slots it was not
+    offered: a request whose every draft is right keeps speculating through a full pool."""
+    monkeypatch.setattr(speculation_module, "WARMUP_STEPS", 4)
+    scheduler, _, _ = make_scheduler(num_blocks=16, block_size=4, **(SPEC | {"speculative_min_acceptance_rate": 0.5}))
+    scheduler.speculation.proposer = OracleProposer()
+    worker = VerifyingFakeWorker(16, 4, 64)
+    add(scheduler, "a", prompt_of(13), max_tokens=40)
+    step_once(scheduler, worker)  # the prefill: 4 blocks, positions 0..15
+    request = scheduler.requests["a"]
+    taken = scheduler.allocator.allocate(scheduler.allocator.num_free)  # someone else's: the pool is full
+    while request.num_computed_tokens < len(request.block_ids) * 4:  # its next decode fits in its own blocks
+        step, _ = step_once(scheduler, worker)
+        assert step.batch.context_lens[0] <= 16, "no draft past its blocks"
+    scheduler.allocator.free(taken)
+    for _ in range(4):
+        step_once(scheduler, worker)
+    assert not request.speculation_off, "every draft it was given was accepted"
+    assert scheduler.speculation.num_accepted == scheduler.speculation.num_proposed > 0
+    scheduler.abort_requests(["a"])
+    assert_all_free(scheduler)

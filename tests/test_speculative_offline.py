@@ -67,3 +67,29 @@ def test_stops_and_max_tokens_end_where_plain_decoding_ends(speculating) -> None
     assert len(drafted.token_ids) == 9
     free, total = speculating.kv_usage()
     assert free == total
+
+
+def test_a_freed_slots_step_in_flight_does_not_add_to_its_next_requests_penalty_history(smollm_llm) -> None:
+    """A request aborted (or preempted) while its step is in flight frees its slot, which the next request gets
+    at once; that step's tokens (a verify step's several) are the old request's, not part of the penalties the
+    worker keeps for the new one."""
+    from sfllm.messages import GenerateRequest
+    core, runner = smollm_llm.engine, smollm_llm.engine.worker.runner
+    greedy = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    core.add_request(GenerateRequest(request_id="a", prompt_token_ids=smollm_llm.tokenizer.encode("Count to fifty:"),
+                                     params=greedy))
+    for _ in range(6):  # decoding, a step in flight
+        core.step()
+    assert core.num_in_flight == 1 and core.scheduler.requests["a"].output_token_ids
+    core.abort(["a"])
+    penalised = SamplingParams(temperature=0.0, max_tokens=3, presence_penalty=1.5, ignore_eos=True)
+    core.add_request(GenerateRequest(request_id="b", prompt_token_ids=smollm_llm.tokenizer.encode("Colours:"),
+                                     params=penalised))
+    histories = []
+    while core.has_work():
+        core.step()
+        request = core.scheduler.requests.get("b")
+        if request is not None and request.slot is not None:
+            histories.append((runner.slots[request.slot].output_token_ids[:len(request.output_token_ids)],
+                              request.output_token_ids[:]))
+    assert histories and all(worker == known for worker, known in histories)

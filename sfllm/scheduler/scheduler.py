@@ -218,8 +218,8 @@ class Scheduler:
         return 1
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
-        """Drafts for a decode of the request's last known token, if it speculates and they fit in the free
-        KV blocks (drafts never preempt anyone)."""
+        """Drafts for a decode of the request's last known token, if it speculates: as many as fit in its KV
+        blocks and the free ones (drafts never preempt anyone)."""
         if num_new != 1:
             return []
         if not self.speculation.eligible(request):
@@ -227,10 +227,8 @@ class Scheduler:
             return []
         if request.num_pending_samples or request.num_tokens - request.num_computed_tokens != 1:
             return []
-        drafts = self.speculation.drafts(request, budget)
-        if drafts and self._blocks_needed(request, 1 + len(drafts)) > self.allocator.num_free:
-            return []
-        return drafts
+        room = (len(request.block_ids) + self.allocator.num_free) * self.block_size - request.num_computed_tokens
+        return self.speculation.drafts(request, budget, room)
 
     def speculation_wanted(self) -> bool:
         """Whether the next step may carry drafts: then it waits for the step in flight, whose tokens its

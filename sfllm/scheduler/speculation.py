@@ -55,11 +55,13 @@ class Speculation:
         if request.spec_backoff:
             request.spec_backoff -= 1
 
-    def drafts(self, request: Request, budget: int) -> list[int]:
+    def drafts(self, request: Request, budget: int, room: int) -> list[int]:
         """Drafts to follow the request's next decode (of its last known token); [] when it has none.
 
-        Its emitted tokens (accepted drafts and one more) stay within max_tokens and the context."""
-        max_drafts = min(self.num_tokens, budget - 1,
+        `room`: KV slots the row may fill (its blocks' and the free ones'): drafts that do not fit are not
+        offered, nor counted against the request. Its emitted tokens (accepted drafts and one more) stay
+        within max_tokens and the context."""
+        max_drafts = min(self.num_tokens, budget - 1, room - 1,
                          request.params.max_tokens - len(request.output_token_ids) - 1,
                          self.max_context_length - request.num_tokens - 1)
         if max_drafts <= 0:

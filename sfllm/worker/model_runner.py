@@ -225,7 +225,7 @@ class ModelRunner:
                 return None
             else:
                 pending = self._sample(step, batch.grammar_mask)
-        self._launched.append(pending)
+        self._launch(pending)
         return pending
 
     def apply_grammar_mask(self, message: GrammarMask) -> PendingStep:
@@ -235,7 +235,7 @@ class ModelRunner:
             raise RuntimeError(f"a grammar mask for step {message.step_id} arrived, but no step waits for one")
         with torch.inference_mode():
             pending = self._sample(step, message.bitmask)
-        self._launched.append(pending)
+        self._launch(pending)
         return pending
 
     def _run_eager(self, batch: ForwardBatch, sampled_slots: list[int], started: float) -> StepLogits | None:
@@ -340,11 +340,16 @@ class ModelRunner:
     def _resolve(self, step: PendingStep) -> ForwardResult:
         result = step.result(self.gpu_memory())
         emitted = result.accepted_token_ids or [[token] for token in result.token_ids]
-        for slot, tokens in zip(step.sequence_slots, emitted):
-            state = self.slots[slot]
+        for state, tokens in zip(step.slot_states, emitted):
             if state is not None and state.params.has_penalties:
                 state.output_token_ids.extend(tokens)
         return result
+
+    def _launch(self, pending: PendingStep) -> None:
+        """Queues a launched step, with its sequences' slot states as they are now: a slot freed while the
+        step is in flight may be the next request's by the time its tokens are recorded."""
+        pending.slot_states = [self.slots[slot] for slot in pending.sequence_slots]
+        self._launched.append(pending)
 
     def unfinished_step_age(self) -> float:
         """Seconds since the oldest launched step whose outputs are not on the host yet was launched (0: none);

@@ -31,6 +31,7 @@ class PendingStep:
             firsts = np.cumsum([0] + [1 + len(d) for d in drafts[:-1]]).tolist()
             self.sequence_slots = [sampled_slots[row] for row in firsts]
         self.started = started
+        self.slot_states: list = []  # per sequence, the worker's state of its slot at launch (ModelRunner's)
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
         self._prompt_logprobs = prompt_logprobs or []
