@@ -381,3 +381,20 @@ def test_steps_whose_drafts_do_not_fit_in_the_free_blocks_do_not_count_against_s
     assert scheduler.speculation.num_accepted == scheduler.speculation.num_proposed > 0
     scheduler.abort_requests(["a"])
     assert_all_free(scheduler)
+
+
+def test_steps_with_room_for_fewer_drafts_are_judged_by_the_slots_they_offered(monkeypatch) -> None:
+    """A budget of 3 tokens leaves a decode room for 2 of its 3 drafts: a request whose every draft is right
+    has accepted all it was offered, and keeps speculating at a rate over 2/3."""
+    monkeypatch.setattr(speculation_module, "WARMUP_STEPS", 4)
+    scheduler, _, _ = make_scheduler(max_running_tokens=3, **(SPEC | {"speculative_min_acceptance_rate": 0.8}))
+    scheduler.speculation.proposer = OracleProposer()
+    worker = VerifyingFakeWorker(64, 4, 64)
+    add(scheduler, "a", prompt_of(6), max_tokens=40)
+    request = scheduler.requests["a"]
+    while request.num_spec_steps < 8 and not request.is_finished:
+        step_once(scheduler, worker)
+    assert request.num_spec_slots == 2 * request.num_spec_steps >= 16, "two slots a step"
+    assert not request.speculation_off, "every draft it was given was accepted"
+    scheduler.abort_requests(["a"])
+    assert_all_free(scheduler)

@@ -54,10 +54,11 @@ class Request:
     prompt_logprobs: list[SampledLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False
     # speculative decoding: drafts in the request's step in flight (it sits out until that step is back,
-    # whose accepted tokens decide where it continues); steps it asked for drafts in, drafts accepted;
-    # decode steps left before it looks for drafts again after finding none
+    # whose accepted tokens decide where it continues); steps it asked for drafts in, the draft slots those
+    # offered, drafts accepted; decode steps left before it looks for drafts again after finding none
     num_drafts_in_flight: int = 0
     num_spec_steps: int = 0
+    num_spec_slots: int = 0
     num_spec_accepted: int = 0
     spec_backoff: int = 0
     speculation_off: bool = False

@@ -6,7 +6,8 @@ differs from its own token. It pays where a step is bound by reading the weights
 are accepted; elsewhere it costs. So:
 - a step of more than `speculative_max_batch_size` running requests has no drafts;
 - a request stops speculating once, after WARMUP_STEPS steps, its drafts were accepted for fewer than
-  `speculative_min_acceptance_rate` of the draft slots it was offered (k per step, matched or not);
+  `speculative_min_acceptance_rate` of the draft slots it was offered (matched or not: k per step, or fewer
+  where max_tokens, the context, the step's budget or the free blocks left less room);
 - a request whose sampling depends on its own previous tokens (penalties, a grammar) never speculates:
   those would need the drafts' effect replayed inside one row (logprobs are per row: they speculate);
 - a request whose last tokens match nothing earlier decodes NO_MATCH_BACKOFF_STEPS steps plainly (with the
@@ -67,6 +68,7 @@ class Speculation:
         if max_drafts <= 0:
             return []
         request.num_spec_steps += 1
+        request.num_spec_slots += max_drafts
         drafts = self.proposer.propose(request.prompt_token_ids + request.output_token_ids, max_drafts)
         if not drafts:
             request.spec_backoff = NO_MATCH_BACKOFF_STEPS
@@ -83,7 +85,7 @@ class Speculation:
     def judge(self, request: Request) -> None:
         """Turns the request's speculation off for good once its warm-up shows its drafts do not pay."""
         if (request.num_spec_steps >= WARMUP_STEPS
-                and request.num_spec_accepted < self.min_acceptance_rate * self.num_tokens * request.num_spec_steps):
+                and request.num_spec_accepted < self.min_acceptance_rate * request.num_spec_slots):
             request.speculation_off = True
 
     @property
