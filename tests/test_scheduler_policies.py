@@ -162,6 +162,44 @@ def assert_all_free(scheduler: Scheduler) -> None:
 
 # ---- a randomized workload against the exact expected outputs ---------------------------------
 
+def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
+                        pending: list[tuple[str, list[int], int, str, list[int]]],
+                        expected: dict[str, tuple[list[int], str]], abort_rate: float, seed: int) -> None:
+    """Sends `pending` over time (and aborts some requests at `abort_rate` a step) until all is done; each
+    request that was not aborted gives its `expected` tokens and finish reason, an aborted one a prefix of
+    them, and every block is free at the end."""
+    scheduler = core.scheduler
+    aborted: set[str] = set()
+    tokens: dict[str, list[int]] = {}
+    finals: dict[str, RequestOutput] = {}
+    for _ in range(5000):
+        clock.now += 0.1
+        if pending and rng.random() < 0.4:
+            request_id, prompt, max_tokens, priority, stop = pending.pop(0)
+            assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,
+                       stop_token_ids=stop) is None
+        if rng.random() < abort_rate and scheduler.requests:
+            victim = rng.choice(sorted(scheduler.requests))
+            aborted.add(victim)
+            for out in core.abort([victim]):
+                finals[out.request_id] = out
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                finals[out.request_id] = out
+        if not pending and not core.has_work():
+            break
+    else:
+        raise AssertionError("the workload did not finish")
+    for request_id, (want, reason) in expected.items():
+        got = tokens.get(request_id, [])
+        if request_id in aborted:
+            assert got == want[:len(got)], request_id
+        else:
+            assert (got, finals[request_id].finish_reason) == (want, reason), f"{request_id} (seed {seed})"
+    assert_all_free(scheduler)
+
+
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
 @pytest.mark.parametrize("policy", ["fcfs", "length-bucket"])
 @pytest.mark.parametrize("prefix_cache", [True, False])
@@ -178,7 +216,6 @@ def test_random_workload_on_a_tiny_pool_gives_exact_outputs(preemption_mode: str
         scheduler = core.scheduler
         shared = prompt_of(12, start=500)
         expected: dict[str, tuple[list[int], str]] = {}
-        aborted: set[str] = set()
         pending = []
         for i in range(24):
             prompt = (shared[:rng.choice([4, 8, 12])] if rng.random() < 0.5 else []) + \
@@ -188,34 +225,7 @@ def test_random_workload_on_a_tiny_pool_gives_exact_outputs(preemption_mode: str
             stop = [rng.choice(want)] if rng.random() < 0.2 else []
             expected[f"r{i}"] = (want[:want.index(stop[0]) + 1], "stop") if stop else (want, "length")
             pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"]), stop))
-        tokens: dict[str, list[int]] = {}
-        finals: dict[str, RequestOutput] = {}
-        for _ in range(5000):
-            clock.now += 0.1
-            if pending and rng.random() < 0.4:
-                request_id, prompt, max_tokens, priority, stop = pending.pop(0)
-                assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,
-                           stop_token_ids=stop) is None
-            if rng.random() < 0.03 and scheduler.requests:
-                victim = rng.choice(sorted(scheduler.requests))
-                aborted.add(victim)
-                for out in core.abort([victim]):
-                    finals[out.request_id] = out
-            for out in core.step():
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-                if out.finish_reason is not None:
-                    finals[out.request_id] = out
-            if not pending and not core.has_work():
-                break
-        else:
-            raise AssertionError("the workload did not finish")
-        for request_id, (want, reason) in expected.items():
-            got = tokens.get(request_id, [])
-            if request_id in aborted:
-                assert got == want[:len(got)], request_id
-            else:
-                assert (got, finals[request_id].finish_reason) == (want, reason), f"{request_id} (seed {seed})"
-        assert_all_free(scheduler)
+        run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed)
         assert scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
 
 

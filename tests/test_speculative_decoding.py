@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_scheduler_policies import (FakeWorker, add, assert_all_free, drain, make_engine, make_scheduler,
-                                     prompt_of, step_once)
+                                     prompt_of, run_random_workload, step_once)
 
 from sfllm.config import ConfigError, ServerConfig, load_config
 from sfllm.messages import ForwardBatch, ForwardResult, SampledLogprobs
@@ -183,7 +183,7 @@ def test_random_workload_with_drafts_gives_the_exact_outputs_and_frees_every_blo
                                           max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=5,
                                           preemption_mode=preemption_mode, max_background_wait_s=2.0)
         scheduler = core.scheduler
-        expected, pending, aborted = {}, [], set()
+        expected, pending = {}, []
         for i in range(20):
             prompt = [rng.randrange(10, 40) for _ in range(rng.randint(1, 14))]
             max_tokens = rng.randint(1, 60 - len(prompt))
@@ -191,33 +191,7 @@ def test_random_workload_with_drafts_gives_the_exact_outputs_and_frees_every_blo
             stop = [rng.choice(want)] if rng.random() < 0.3 else []
             expected[f"r{i}"] = expected_outputs(prompt, min(max_tokens, 48 - len(prompt)), stop)
             pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"]), stop))
-        tokens, finals = {}, {}
-        for _ in range(5000):
-            clock.now += 0.1
-            if pending and rng.random() < 0.4:
-                request_id, prompt, max_tokens, priority, stop = pending.pop(0)
-                assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,
-                           stop_token_ids=stop) is None
-            if rng.random() < 0.02 and scheduler.requests:
-                victim = rng.choice(sorted(scheduler.requests))
-                aborted.add(victim)
-                for out in core.abort([victim]):
-                    finals[out.request_id] = out
-            for out in core.step():
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-                if out.finish_reason is not None:
-                    finals[out.request_id] = out
-            if not pending and not core.has_work():
-                break
-        else:
-            raise AssertionError("the workload did not finish")
-        for request_id, (want, reason) in expected.items():
-            got = tokens.get(request_id, [])
-            if request_id in aborted:
-                assert got == want[:len(got)], request_id
-            else:
-                assert (got, finals[request_id].finish_reason) == (want, reason), f"{request_id} (seed {seed})"
-        assert_all_free(scheduler)
+        run_random_workload(core, clock, rng, pending, expected, abort_rate=0.02, seed=seed)
         spec = scheduler.speculation
         assert 0 < spec.num_accepted < spec.num_proposed, "drafts accepted and rejected"
         # drafts of requests aborted while their step was in flight are not counted

@@ -155,20 +155,8 @@ class ToolCallParser:
     def _read_arguments(self, parsed: ParsedText) -> None:
         scanner = self._scanner
         if not scanner.done:
-            taken, value = 0, []
-            for char in self._buffer:
-                belongs = scanner.take(char)
-                if scanner.done and not belongs:
-                    break  # the separator after the value: no part of it
-                taken += 1
-                if belongs:
-                    value.append(char)
-                if scanner.done:
-                    break
+            taken = _add_arguments(scanner, self._buffer, self.calls, parsed)
             self._buffer = self._buffer[taken:]
-            if value:
-                parsed.tool_calls.append(ToolCallDelta(len(self.calls) - 1, arguments="".join(value)))
-                self.calls[-1].arguments += "".join(value)
             if not scanner.done:
                 return
         end = self._buffer.find(CLOSE_TAG)
@@ -183,6 +171,25 @@ class ToolCallParser:
         delta = ToolCallDelta(len(self.calls) - 1, id=call.id, name=name)
         parsed.tool_calls.append(delta)
         return delta
+
+
+def _add_arguments(scanner: _ArgumentsScanner, text: str, calls: list[ToolCall], parsed: ParsedText) -> int:
+    """Gives the part of `text` that continues the last call's arguments to that call and to `parsed`; returns
+    how many characters of `text` it took (the leading space too, not the separator after the value)."""
+    taken, value = 0, []
+    for char in text:
+        belongs = scanner.take(char)
+        if scanner.done and not belongs:
+            break  # the separator after the value: no part of it
+        taken += 1
+        if belongs:
+            value.append(char)
+        if scanner.done:
+            break
+    if value:
+        parsed.tool_calls.append(ToolCallDelta(len(calls) - 1, arguments="".join(value)))
+        calls[-1].arguments += "".join(value)
+    return taken
 
 
 def _held_back(text: str) -> int:
@@ -251,21 +258,8 @@ class Llama3JsonToolCallParser:
             self._buffer, self._skipped, self._state = self._skipped + self._buffer, "", "content"
 
     def _read_arguments(self, parsed: ParsedText) -> None:
-        scanner, taken, value = self._scanner, 0, []
-        for char in self._buffer:
-            belongs = scanner.take(char)
-            if scanner.done and not belongs:
-                break
-            taken += 1
-            if belongs:
-                value.append(char)
-            if scanner.done:
-                break
-        self._buffer = self._buffer[taken:]
-        if value:
-            parsed.tool_calls.append(ToolCallDelta(len(self.calls) - 1, arguments="".join(value)))
-            self.calls[-1].arguments += "".join(value)
-        if scanner.done:
+        self._buffer = self._buffer[_add_arguments(self._scanner, self._buffer, self.calls, parsed):]
+        if self._scanner.done:
             self._state = "close"
 
     def _read_close(self, parsed: ParsedText) -> None:
