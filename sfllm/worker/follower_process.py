@@ -36,10 +36,7 @@ def run_follower(config: WorkerConfig, address: str, rank: int, rendezvous: Path
         while True:
             message = codec.decode(sock.recv())
             if isinstance(message, (ForwardBatch, GrammarMask)):
-                if isinstance(message, ForwardBatch):
-                    runner.execute(message)
-                else:
-                    runner.apply_grammar_mask(message)
+                runner.take(message)
                 while runner.next_result(wait=False) is not None:
                     pass  # rank 0 reports these tokens: it drew the same
             elif isinstance(message, Shutdown):

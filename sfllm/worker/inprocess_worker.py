@@ -3,8 +3,6 @@ the other ranks in processes of their own)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
 import weakref
 
 from sfllm.config import WorkerConfig
@@ -34,19 +32,19 @@ class InProcessWorker:
         self.close = weakref.finalize(self, _stop, self.followers)
 
     def submit(self, batch: ForwardBatch) -> None:
-        self._on_every_rank(batch, self.runner.execute)
+        self._on_every_rank(batch)
 
     def send_grammar_mask(self, mask: GrammarMask) -> None:
-        self._on_every_rank(mask, self.runner.apply_grammar_mask)
+        self._on_every_rank(mask)
 
-    def _on_every_rank(self, message: ForwardBatch | GrammarMask, run: Callable[[Any], object]) -> None:
+    def _on_every_rank(self, message: ForwardBatch | GrammarMask) -> None:
         if self.followers is None:
-            run(message)
+            self.runner.take(message)
             return
         self.followers.check()
         self.followers.relay(self._codec.encode(message))
         try:
-            run(message)
+            self.runner.take(message)
         except RuntimeError as error:
             lost = self.followers.lost_rank(LOST_RANK_WAIT_S)
             if lost is None:

@@ -188,6 +188,11 @@ class ModelRunner:
 
     # ---- steps --------------------------------------------------------------------------
 
+    def take(self, message: ForwardBatch | GrammarMask) -> PendingStep | None:
+        """A step message from the scheduler (rank 0 relays the same to every rank): `execute` a step, or
+        `apply_grammar_mask` to the one that waits for its mask."""
+        return self.execute(message) if isinstance(message, ForwardBatch) else self.apply_grammar_mask(message)
+
     def execute(self, batch: ForwardBatch) -> PendingStep | None:
         """Launches the step; its result comes from `next_result`, after those of earlier steps. None when
         its sampling waits for the grammar mask that follows it (`apply_grammar_mask` launches it then)."""

@@ -94,10 +94,7 @@ def run_worker(config: WorkerConfig, address: str) -> int:
                 message = codec.decode(data)
             clock.lap("receiving")
             if isinstance(message, (ForwardBatch, GrammarMask)):
-                if isinstance(message, ForwardBatch):
-                    launched = runner.execute(message)
-                else:
-                    launched = runner.apply_grammar_mask(message)
+                launched = runner.take(message)
                 if launched is not None and launched.copied is not None:
                     watcher.watch(launched.copied)
             elif isinstance(message, StartProfile):
