@@ -22,13 +22,18 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1
+# installed once per host: two sessions may run side by side, one per GPU (CUDA_VISIBLE_DEVICES)
+[ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+  .whl/*.whl >"$OUT/pip.log" 2>&1 && touch /tmp/site/.installed; }
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
 BENCH="python3 -m sfllm bench offline"
+# stops the server this stage launched (not another session's on the other GPU) and waits for its exit
+stop_server() { kill -TERM "$server"; for i in $(seq 1 60); do kill -0 "$server" 2>/dev/null || break; sleep 1; done; }
 SERVE_FLAGS=${SERVE_FLAGS:-}
 SERVE_TAG=${SERVE_TAG:-}  # names the serve stage's files, to keep two runs apart
+PORT=${PORT:-8081}  # one per session where two share a host
 
 for stage in "$@"; do
   case $stage in
@@ -77,12 +82,13 @@ for stage in "$@"; do
   serve)
     # Requests per level grow with concurrency so that every level runs at its concurrency for a while;
     # the last level is the burst of 600 requests at concurrency 200.
-    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 \
       $SERVE_FLAGS >"$OUT/server$SERVE_TAG.log" 2>&1 &
-    for i in $(seq 1 300); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    server=$!
+    for i in $(seq 1 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
     python3 scripts/process_cpu_sampler.py >"$OUT/serve$SERVE_TAG-cpu.log" 2>&1 &
     sampler=$!
-    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency ${LEVELS:-1,10,50,200} \
+    timeout 300 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency ${LEVELS:-1,10,50,200} \
       --requests ${REQUESTS:-32,100,200,600} --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
       --output-file "$OUT/serve$SERVE_TAG.json" --plot "$OUT/serve$SERVE_TAG.png" >"$OUT/serve$SERVE_TAG.log" 2>&1
     echo "serve: exit $?"; kill $sampler; grep -vE "^c=|warm-up" "$OUT/serve$SERVE_TAG.log" | head -34
@@ -101,21 +107,20 @@ for level in levels:
     print(f"c={level['concurrency']}: CPU % of one core, mean over the level:",
           " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
 PY
-    pkill -TERM -f "sfllm launch"
-    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
+    stop_server ;;
   priority)
-    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 \
       >"$OUT/server-priority.log" 2>&1 &
-    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
-    timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:8081 --probes 10 --warmup 2 \
+    server=$!
+    for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+    timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT --probes 10 --warmup 2 \
       --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
       --vocab-size 151936 --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
     echo "priority: exit $?"; grep -vE "it/s\]|req/s\]" "$OUT/priority.log" | tail -12
-    pkill -KILL -f "sfllm frontend"; started=$(date +%s%N)
-    until curl -sf localhost:8081/health >/dev/null; do sleep 0.05; done
+    pkill -KILL -P "$server" -f "sfllm frontend"; started=$(date +%s%N)
+    until curl -sf localhost:$PORT/health >/dev/null; do sleep 0.05; done
     echo "every frontend SIGKILLed: /health 200 again after $(( ($(date +%s%N) - started) / 1000000 )) ms"
-    pkill -TERM -f "sfllm launch"
-    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
+    stop_server ;;
   burst)
     # The first-token latency of a burst: prefill of 200 x 512 tokens, then one token each; the profiled
     # run's wall time includes writing the trace.
@@ -144,28 +149,28 @@ PY
       sed -n '/^GPU busy/,$p' "$OUT/smallbatch-$n-t$temperature$SERVE_TAG.log"
     done
     rm -rf /tmp/prof-serve
-    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port 8081 --host 127.0.0.1 \
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 \
       --profile-dir /tmp/prof-serve $SERVE_FLAGS \
       >"$OUT/server-smallbatch$SERVE_TAG.log" 2>&1 &
-    for i in $(seq 1 120); do curl -sf localhost:8081/health >/dev/null && break; sleep 1; done
+    server=$!
+    for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
     # first without the profiler (GPU utilisation as the sweep measures it), then each level traced for 0.5 s
-    timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency 1,10 --requests 24,200 \
+    timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency 1,10 --requests 24,200 \
       --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 \
       --output-file "$OUT/serve-smallbatch$SERVE_TAG.json" >"$OUT/serve-smallbatch$SERVE_TAG.log" 2>&1
     echo "served, unprofiled: exit $?"; grep -vE "^c=|warm-up" "$OUT/serve-smallbatch$SERVE_TAG.log" | head -30
     for spec in "1 8" "10 60"; do
       read -r c n <<<"$spec"
-      timeout 60 python3 -m sfllm bench serve --url http://127.0.0.1:8081 --concurrency $c --requests $n \
+      timeout 60 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency $c --requests $n \
         --input-len 512 --output-len 256 --vocab-size 151936 --warmup 0 --gpu-monitor off >/dev/null 2>&1 &
       bench=$!
-      sleep 2.5; curl -s -X POST localhost:8081/start_profile >/dev/null; sleep 0.5
-      curl -s -X POST localhost:8081/stop_profile >/dev/null; wait $bench
+      sleep 2.5; curl -s -X POST localhost:$PORT/start_profile >/dev/null; sleep 0.5
+      curl -s -X POST localhost:$PORT/stop_profile >/dev/null; wait $bench
       sleep 2; trace=$(ls -t /tmp/prof-serve/*.json | head -1)
       echo "served, concurrency $c, worker trace:"; python3 -m sfllm.bench.profiler_trace "$trace" | tail -n +2
     done
     grep -E "engine loop|worker loop" "$OUT/server-smallbatch$SERVE_TAG.log"
-    pkill -TERM -f "sfllm launch"
-    for i in $(seq 1 60); do pgrep -f "sfllm launch" >/dev/null || break; sleep 1; done ;;
+    stop_server ;;
   structured)
     for so in none json_schema; do
       timeout 300 $BENCH --model qwen3-0.6b --load-format dummy --num-requests 64 --input-len 512 --output-len 512 \
@@ -173,7 +178,7 @@ PY
       echo "structured $so: exit $?"; grep -E "wall time|grammar masks" "$OUT/structured-$so.log"
     done ;;
   tp)
-    timeout 500 python3 -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_tensor_parallel_gpu.py -q -rs \
+    timeout 200 python3 -m pytest tests/gpu/test_tensor_parallel_gpu.py -q -rs \
       -p no:cacheprovider -o addopts="" \
       >"$OUT/tp-tests.log" 2>&1
     echo "tp tests: exit $?"; tail -3 "$OUT/tp-tests.log"
