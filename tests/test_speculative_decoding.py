@@ -34,9 +34,10 @@ def test_ngram_proposer_continues_the_latest_match_of_the_longest_suffix() -> No
     tokens = [5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7]
     assert proposer.propose(tokens, 2) == [9, 2], "the latest occurrence of (6, 7)"
     assert proposer.propose(tokens + [9], 3) == [2, 6, 7], "(6, 7, 9) beats a shorter match"
-    assert proposer.propose([1, 2, 3, 1, 2, 3, 1, 2], 10) == [3, 1, 2], "runs up to the end of the tokens"
+    assert proposer.propose([1, 2, 3, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1], "past the end: period 3 repeats"
     assert proposer.propose([1, 2, 3, 4], 4) == [], "no earlier occurrence"
-    assert proposer.propose([4, 4], 3) == [4]
+    assert proposer.propose([4, 4], 3) == [4, 4, 4], "a run of one token"
+    assert proposer.propose([7, 1, 2, 1, 2], 4) == [1, 2, 1, 2]
     assert proposer.propose(tokens, 0) == []
     assert NgramProposer(2, 3).propose([1, 2, 3, 9, 3], 2) == [], "a one-token match is below min_n"
     assert NgramProposer(2, 3).propose([3, 9, 2, 3, 9], 2) == [2, 3]

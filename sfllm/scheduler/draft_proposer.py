@@ -17,7 +17,10 @@ class DraftProposer(Protocol):
 
 
 class NgramProposer:
-    """The most recent earlier occurrence of the longest suffix of `min_n`..`max_n` tokens: the tokens after it."""
+    """The most recent earlier occurrence of the longest suffix of `min_n`..`max_n` tokens: the tokens after it.
+
+    A match d tokens back says the text repeats with period d: where the tokens after it run out before
+    `max_drafts`, they repeat (a run of one token, "ab ab ab", a table rule) rather than stop short."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         if not 1 <= min_n <= max_n:
@@ -39,6 +42,6 @@ class NgramProposer:
             window = tokens[candidates[:, None] + np.arange(1 - n, 1)]  # [C, n]: the n tokens ending at each
             matches = candidates[(window == tokens[length - n:]).all(axis=1)]
             if matches.size:
-                start = int(matches[-1]) + 1
-                return tokens[start:start + max_drafts].tolist()
+                after = tokens[int(matches[-1]) + 1:]
+                return np.resize(after, max_drafts).tolist()  # repeated where it is shorter
         return []

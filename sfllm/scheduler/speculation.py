@@ -22,8 +22,8 @@ from sfllm.config import SchedulerConfig
 from sfllm.scheduler.draft_proposer import DraftProposer, NgramProposer
 from sfllm.scheduler.request import Request
 
-# Steps a request speculates before its acceptance rate may turn it off. Like the config defaults
-# (batch size 32, rate 0.1), chosen from the peers' reports (vLLM, SGLang), not yet measured on a GPU.
+# Steps a request speculates before its acceptance rate may turn it off: the peers' order of magnitude (vLLM,
+# SGLang); the rate itself is a measured break-even (config.py), the batch limit in docs/performance.md.
 WARMUP_STEPS = 16
 # Steps a request decodes plainly after its context had no match for its last tokens: meanwhile it does not
 # hold the overlap of steps back (one step without overlap per probe instead of every step).
