@@ -32,7 +32,7 @@ from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.pending_step import PendingStep
 from sfllm.worker.prompt_logprobs import prompt_token_logprobs
-from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only
+from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only, to_device
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -293,7 +293,7 @@ class ModelRunner:
                 tokens = output.token_ids if tokens is None else tokens.copy_(output.token_ids)
                 self.last_tokens.index_copy_(0, step.slots, output.token_ids)
             else:
-                rows = torch.tensor(step.redraw).to(self.device, non_blocking=True)
+                rows = to_device(step.redraw, torch.int64, self.device)
                 output = self.sampler(step.logits.index_select(0, rows).float(), inputs)
                 tokens.index_copy_(0, rows, output.token_ids)
                 self.last_tokens.index_copy_(0, step.slots.index_select(0, rows), output.token_ids)

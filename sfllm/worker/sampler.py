@@ -52,7 +52,7 @@ class SamplingInputs:
               penalty_tokens: list[tuple[list[int], list[int]]] | None = None,
               token_bitmask: torch.Tensor | None = None) -> SamplingInputs:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         greedy = [p.greedy for p in params]
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
@@ -91,8 +91,15 @@ def _logit_bias(params: list[SamplingParams], device: torch.device) -> LogitBias
     rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
     token_ids = [token for p in params for token in p.logit_bias]
     values = [value for p in params for value in p.logit_bias.values()]
-    return LogitBias(torch.tensor(rows).to(device), torch.tensor(token_ids).to(device),
-                     torch.tensor(values, dtype=torch.float32).to(device))
+    return LogitBias(to_device(rows, torch.int64, device), to_device(token_ids, torch.int64, device),
+                     to_device(values, torch.float32, device))
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on `device` without waiting for the GPU: a copy from pageable memory waits for every kernel
+    queued before it (the driver syncs the stream), which would stall the host behind the step in flight;
+    from pinned memory (PyTorch's cached pinned blocks) it is queued like a kernel."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], list[int]]], vocab_size: int,
