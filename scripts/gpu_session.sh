@@ -12,6 +12,7 @@
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
+# redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9),
 # structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
 # throughput ratio and the grammar masks' time per step),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
@@ -29,6 +30,11 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
 BENCH="python3 -m sfllm bench offline"
+# $BASE (a commit, or a folder holding one's files, carried where the host has no .git) into /tmp/base
+unpack_base() {
+  rm -rf /tmp/base && mkdir -p /tmp/base
+  if [ -d "$BASE" ]; then cp -r "$BASE"/. /tmp/base; else git archive "$BASE" | tar -x -C /tmp/base; fi
+}
 # stops the server this stage launched (not another session's on the other GPU) and waits for its exit
 stop_server() { kill -TERM "$server"; for i in $(seq 1 60); do kill -0 "$server" 2>/dev/null || break; sleep 1; done; }
 SERVE_FLAGS=${SERVE_FLAGS:-}
@@ -47,8 +53,7 @@ for stage in "$@"; do
     # defaults (LLM(), sfllm launch) were graphs to 32 and the model's whole context, given here.
     BASE_DEFAULTS=${BASE_DEFAULTS:---cuda-graph-max-bs 32 --max-context-length 40960}
     # $BASE: a commit, or a folder holding one's files (carried where the host has no .git)
-    rm -rf /tmp/base && mkdir -p /tmp/base
-    if [ -d "$BASE" ]; then cp -r "$BASE"/. /tmp/base; else git archive "$BASE" | tar -x -C /tmp/base; fi
+    unpack_base
     for tree in /tmp/base "$PWD"; do
       name=new; flags=""; [ "$tree" = /tmp/base ] && name=base && flags=$BASE_DEFAULTS
       for run in "standard" "batch1 --num-requests 1 --input-len 512 --output-len 256"; do
@@ -176,6 +181,22 @@ PY
       timeout 300 $BENCH --model qwen3-0.6b --load-format dummy --num-requests 64 --input-len 512 --output-len 512 \
         --structured-output $so --output-file "$OUT/structured-$so.json" >"$OUT/structured-$so.log" 2>&1
       echo "structured $so: exit $?"; grep -E "wall time|grammar masks" "$OUT/structured-$so.log"
+    done ;;
+  redraw)
+    # Rows the eager sampler redraws from a graph step's logits (grammar, top-k/p, seeds, logit bias), A/B on one
+    # host: $BASE's and this tree's 64 x 512 tokens, greedy then under a JSON schema; this tree's at temperature 1
+    # and then with top-p 0.9 as well
+    unpack_base
+    for spec in "base none" "base schema" "new t1" "new topp"; do
+      read -r name tag <<<"$spec"
+      tree=$PWD; [ $name = base ] && tree=/tmp/base
+      case $tag in
+        none) args="" ;; schema) args="--structured-output json_schema" ;;
+        t1) args="--temperature 1" ;; topp) args="--temperature 1 --top-p 0.9" ;;
+      esac
+      (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m sfllm bench offline --model qwen3-0.6b \
+        --num-requests 64 --input-len 512 --output-len 512 $args >"$OUT/redraw-$name-$tag.log" 2>&1)
+      echo "$name $tag: exit $? $(grep -E '^wall|grammar masks' "$OUT/redraw-$name-$tag.log" | tr '\n' ' ')"
     done ;;
   tp)
     # one pytest a fault, so that a hang in the second leaves the first's report in the log
