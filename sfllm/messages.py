@@ -193,9 +193,10 @@ class ForwardBatch(Message):
     # Sampled rows (indices among those whose `sample` is true) that a grammar constrains, and their
     # token bitmask (int32 words, bit t % 32 of word t // 32 allows token t; one row after another). An
     # empty mask means a GrammarMask follows: a row's previous token was still in flight when this
-    # step was sent, and the grammar needs it first.
+    # step was sent, and the grammar needs it first. A view, not bytes: the scheduler's reused buffer when
+    # sent (the worker copies it at once), the received message's bytes when decoded.
     grammar_rows: list[int] = []
-    grammar_mask: bytes = b""
+    grammar_mask: memoryview = memoryview(b"")
     prompt_logprobs: list[PromptLogprobTargets] = []
     # Speculative decoding: per sequence, how many of its new tokens are drafts (its last ones, after the
     # token it decodes); empty when no sequence has any. A sampled sequence with k drafts has 1 + k
@@ -212,7 +213,7 @@ class ForwardBatch(Message):
 class GrammarMask(Message):
     """The bitmask of step `step_id`'s grammar rows, sent before any later step."""
     step_id: int
-    bitmask: bytes
+    bitmask: memoryview  # as ForwardBatch.grammar_mask
 
 
 class StartProfile(Message):

@@ -13,6 +13,7 @@ from sfllm.config import ServerConfig
 from sfllm.engine.engine_core import EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
 from sfllm.sampling_params import SamplingParams, StructuredOutput
+from sfllm.scheduler.grammar_matchers import GrammarMatchers
 
 PATTERN = r"[0-9]{3}-[a-z]{2}!"
 
@@ -130,3 +131,23 @@ def test_an_abort_mid_answer_frees_the_grammar_and_the_blocks(smollm_tokenizer_s
         finished.update((o.request_id, o.finish_reason) for o in core.step() if o.finish_reason is not None)
     assert finished == {"kept": "stop"}
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
+
+
+def test_masks_reuse_one_buffer_and_rows_without_a_live_grammar_allow_every_token(smollm_tokenizer_spec) -> None:
+    """The scheduler fills each step's masks into the buffer of the step before: a row whose request finished
+    (or whose grammar failed) since then allows every token, not the token it allowed a step earlier."""
+    vocab = smollm_tokenizer_spec.vocab_size
+    grammars = GrammarMatchers(smollm_tokenizer_spec.tokenizer_json, vocab, [2])
+    digits, letters, more_letters = (grammars.matcher(StructuredOutput.regex(pattern))
+                                     for pattern in (r"[0-9]+", r"[a-z]+", r"[a-z]+"))
+
+    def rows(packed: memoryview, count: int) -> np.ndarray:
+        return np.frombuffer(packed, dtype="<u4").reshape(count, -1)
+
+    first = rows(grammars.masks([digits, letters, more_letters]), 3).copy()
+    assert (first[0] == np.frombuffer(digits.compute_bitmask(), dtype="<u4")[:first.shape[1]]).all()
+    assert (first[1] == first[2]).all() and not (first[0] == first[1]).all() and (first != 0xFFFFFFFF).any()
+    letters.consume_token(100_000)  # out of the vocabulary: the matcher is in error
+    second = rows(grammars.masks([None, digits, letters]), 3)
+    assert (second[0] == 0xFFFFFFFF).all() and (second[2] == 0xFFFFFFFF).all()
+    assert (second[1] == first[0]).all()

@@ -151,7 +151,7 @@ class EngineCore:
             self.worker.send_grammar_mask(GrammarMask(step_id=following.batch.step_id, bitmask=mask))
         return outputs
 
-    def _grammar_mask(self, step: ScheduledStep, phase_before: str) -> bytes:
+    def _grammar_mask(self, step: ScheduledStep, phase_before: str) -> memoryview:
         if self.loop_time is not None:
             self.loop_time.lap(phase_before)
         mask = self.scheduler.grammar_mask(step)

@@ -3,7 +3,9 @@
 The scheduler knows every request's accepted tokens in order, across preemptions (recompute and swap
 keep the output tokens) and whatever the prefix cache served (the grammar reads outputs only): it owns
 each request's matcher, advances it with every token that comes back, and sends each step the bitmask
-of its constrained rows. The masks of a batch are filled in llguidance's threads, outside the GIL.
+of its constrained rows. The masks of a batch are filled in llguidance's threads, outside the GIL, into one
+buffer reused step after step: a grammar row's mask is on the critical path of an overlapped step, and
+allocating and copying 1.2 MB per step (64 rows of a 152k vocabulary) took a third as long as filling it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class GrammarMatchers:
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None  # ~0.3 s to build: on the first grammar
         self._executor = llguidance.LLExecutor()
+        self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
         """A matcher at the start of the grammar; raises InvalidGrammar."""
@@ -33,14 +36,23 @@ class GrammarMatchers:
             raise InvalidGrammar("response_format", matcher.get_error())
         return matcher
 
-    def masks(self, matchers: list[llguidance.LLMatcher | None]) -> bytes:
+    def masks(self, matchers: list[llguidance.LLMatcher | None]) -> memoryview:
         """The packed bitmask of the next token of each matcher, one row each; a row of None (its request
-        finished) or of a matcher in error allows every token: its token is never read."""
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), self.vocab_size)
-        live = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None and not matcher.is_error()]
+        finished) or of a matcher in error allows every token: its token is never read. The view is of a
+        buffer the next call overwrites: send it (the worker copies it at once) before asking for more."""
+        if len(self._bitmask) < len(matchers):
+            self._bitmask = llguidance.numpy.allocate_token_bitmask(max(len(matchers), 2 * len(self._bitmask)),
+                                                                    self.vocab_size)
+        bitmask = self._bitmask[:len(matchers)]
+        live = []
+        for row, matcher in enumerate(matchers):
+            if matcher is None or matcher.is_error():
+                bitmask[row] = -1
+            else:
+                live.append((matcher, row))  # llguidance writes the whole row, even for a matcher that fails
         if live:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, live, bitmask)
-        return bitmask.astype("<i4", copy=False).tobytes()
+        return memoryview(bitmask).cast("B")
 
 
 def accepts(matcher: llguidance.LLMatcher, token: int) -> bool:

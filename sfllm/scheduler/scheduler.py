@@ -548,9 +548,9 @@ class Scheduler:
         del request.block_ids[keep:]
         request.num_blocks_sent = min(request.num_blocks_sent, keep)
 
-    def grammar_mask(self, step: ScheduledStep) -> bytes:
+    def grammar_mask(self, step: ScheduledStep) -> memoryview:
         """The packed bitmask of the step's grammar rows, from its requests' grammars as they stand: call it
-        once the tokens before the step are all in."""
+        once the tokens before the step are all in, and send it before the next (see GrammarMatchers.masks)."""
         return self.grammars.masks([None if r.is_finished else r.matcher for r in step.grammar_requests])
 
     def stats(self) -> dict:

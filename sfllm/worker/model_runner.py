@@ -36,7 +36,7 @@ from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only, to_d
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
-from sfllm.worker.token_mask import grammar_bitmask
+from sfllm.worker.token_mask import GrammarBitmasks
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class ModelRunner:
         self.group.wait_for_all("weights loaded")
         self.max_slots = config.max_running_requests
         self.sampler = Sampler(config.seed)
+        self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size, self.device)
         # one spare row past the slots: padding rows of a captured step write their token there
         self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self.block_tables = BlockTables(self.max_slots, math.ceil(self.max_context_length / self.block_size),
@@ -269,7 +270,7 @@ class ModelRunner:
         redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
         return StepLogits(batch, started, sampled_slots, logits, slots, tokens, redraw)
 
-    def _sample(self, step: StepLogits, grammar_mask: bytes) -> PendingStep:
+    def _sample(self, step: StepLogits, grammar_mask: memoryview) -> PendingStep:
         """The step's tokens: the graph's, with the rows in `step.redraw` drawn by the eager sampler (after
         the grammar mask, logit bias, penalties, top-k/p...)."""
         batch = step.batch
@@ -284,8 +285,7 @@ class ModelRunner:
             positions = sampled_row_positions(batch)
             bitmask = None
             if batch.grammar_rows:
-                bitmask = grammar_bitmask(grammar_mask, batch.grammar_rows, step.redraw,
-                                          self.source.config.vocab_size, self.device)
+                bitmask = self.grammar_bitmasks.bitmask(grammar_mask, batch.grammar_rows, step.redraw)
             inputs = self._sampling_inputs(states, [positions[row] for row in step.redraw], bitmask)
             tokens = step.tokens
             if len(step.redraw) == len(step.sampled_slots):

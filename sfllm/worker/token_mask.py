@@ -7,6 +7,8 @@ import functools
 import numpy as np
 import torch
 
+from sfllm.worker.pinned_staging import PinnedStaging
+
 _ALL_ALLOWED = -1  # every bit of an int32 word set
 
 
@@ -14,16 +16,34 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def grammar_bitmask(packed: bytes, grammar_rows: list[int], drawn_rows: list[int], vocab_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """[len(drawn_rows), words] int32: the packed mask's row for each grammar row, all bits set for the
-    rest. Every grammar row is a drawn row (a constrained row never keeps the graph's token)."""
-    words = bitmask_words(vocab_size)
-    grammar = np.frombuffer(packed, dtype="<i4").reshape(len(grammar_rows), words)
-    mask = np.full((len(drawn_rows), words), _ALL_ALLOWED, dtype=np.int32)
-    index_of = {row: index for index, row in enumerate(drawn_rows)}
-    mask[[index_of[row] for row in grammar_rows]] = grammar
-    return torch.from_numpy(mask).to(device, non_blocking=True)
+class GrammarBitmasks:
+    """[len(drawn_rows), words] int32 on the device: the packed mask's row for each grammar row, all bits set
+    for the rest. Every grammar row is a drawn row (a constrained row never keeps the graph's token).
+
+    Staged in pinned buffers taken in turn, for an asynchronous copy: a grammar row's mask is on the critical
+    path of an overlapped step. On a CPU device the bitmask is the buffer itself, read by the sampler before
+    the buffer comes round again."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.words = bitmask_words(vocab_size)
+        self.device = device
+        self._staging = PinnedStaging(device, num_buffers=2)
+
+    def bitmask(self, packed: memoryview | bytes, grammar_rows: list[int], drawn_rows: list[int]) -> torch.Tensor:
+        grammar = np.frombuffer(packed, dtype="<i4").reshape(len(grammar_rows), self.words)
+        host = self._staging.take(len(drawn_rows) * self.words * 4).view(torch.int32).view(len(drawn_rows), -1)
+        mask = host.numpy()
+        if grammar_rows == drawn_rows:  # the rows of a batch of constrained requests only: one plain copy
+            mask[:] = grammar
+        else:
+            mask.fill(_ALL_ALLOWED)
+            index_of = {row: index for index, row in enumerate(drawn_rows)}
+            mask[[index_of[row] for row in grammar_rows]] = grammar
+        if self.device.type != "cuda":
+            return host
+        bitmask = host.to(self.device, non_blocking=True)
+        self._staging.copy_launched()
+        return bitmask
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
