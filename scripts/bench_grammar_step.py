@@ -97,9 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     source = resolve_model("qwen3-0.6b", "dummy")
     grammars = GrammarMatchers(tokenizer_spec(source).tokenizer_json, source.config.vocab_size,
-                               list(source.config.eos_token_ids))
-    if args.threads is not None:
-        grammars._executor = llguidance.LLExecutor(num_threads=args.threads)  # what the engine builds, resized
+                               list(source.config.eos_token_ids), num_threads=args.threads)
     started = time.perf_counter()
     paths = token_paths(grammars, args.rows, args.steps, args.seed)
     print(f"{args.rows} paths of up to {args.steps} tokens drawn in {time.perf_counter() - started:.1f} s")

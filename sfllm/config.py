@@ -80,7 +80,7 @@ class ServerConfig:
     speculative_ngram_max: int = field(default=4, metadata={"help": "longest suffix the n-gram proposer matches"})
     speculative_max_batch_size: int = field(default=32, metadata={
         "help": "no drafts in a step of more running requests (large batches are compute-bound)"})
-    # measured break-even at batch 1: a verify step without the overlap costs 2.1 decode steps on an H200 and
+    # measured break-even at batch 1: a verify step without the overlap costs 2.1-2.2 decode steps on an H200 and
     # 2.3 on the CI CPU, so fewer than ~0.3 x 4 accepted drafts a step lose time (docs/performance.md)
     speculative_min_acceptance_rate: float = field(default=0.3, metadata={
         "help": "a request whose drafts are accepted less often stops speculating"})

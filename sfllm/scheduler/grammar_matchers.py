@@ -17,12 +17,14 @@ from sfllm.structured_output import InvalidGrammar, grammar_of
 
 
 class GrammarMatchers:
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int],
+                 num_threads: int | None = None) -> None:
         self._tokenizer_json = tokenizer_json
         self._eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None  # ~0.3 s to build: on the first grammar
-        self._executor = llguidance.LLExecutor()
+        # llguidance's default thread count (80% of the CPUs, up to 32) unless given
+        self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
