@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -211,7 +211,9 @@ class ForwardBatch(Message):
 
 
 class GrammarMask(Message):
-    """The bitmask of step `step_id`'s grammar rows, sent before any later step."""
+    """The bitmask of step `step_id`'s grammar rows, sent right after the step that follows `step_id` (or
+    after `step_id` itself when none follows yet), before any later step: the worker stages the following
+    step while it waits for the mask and launches it after `step_id`'s sampling."""
     step_id: int
     bitmask: memoryview  # as ForwardBatch.grammar_mask
 

@@ -8,9 +8,12 @@ after it; steps shorter than that are sent at once, as before.
 
 A grammar row of step N+1 whose token of step N is in flight cannot be masked when N+1 is sent: the
 worker runs N+1's forward and waits with its sampling for a GrammarMask, which goes out as soon as
-step N's tokens are in, before step N+2. The mask is computed while the device runs N+1's forward,
-and constrained requests still decode every step (having them sit out every other step, waiting
-for their token, would halve their throughput).
+step N's tokens are in, right behind step N+2. N+2 goes first (whether or not it is due) because its
+forward reads N+1's tokens: the worker stages it while the mask is computed and launches it as soon as
+N+1's sampling is, so the device waits neither for the scheduling nor for the staging of N+2. Both the
+mask and N+2's host work are done while the device runs N+1's forward, and constrained requests still
+decode every step (having them sit out every other step, waiting for their token, would halve their
+throughput).
 
 Speculative decoding pauses the overlap: a step's drafts continue the tokens of the step before, and
 how many of a request's drafts are accepted is known only once its step is back. While the scheduler
@@ -143,11 +146,14 @@ class EngineCore:
                          "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
                          len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
         outputs = self.scheduler.process_result(scheduled, result)
-        # the next step's grammar rows waited for these tokens: its mask goes out before any later step
+        # the next step's grammar rows waited for these tokens: its mask goes out now, behind the step after it
         if self._in_flight and self._in_flight[0].mask_late:
             following = self._in_flight[0]
             following.mask_late = False
-            mask = self._grammar_mask(following, "results")
+            if self.loop_time is not None:
+                self.loop_time.lap("results")
+            self.submit_next()
+            mask = self._grammar_mask(following, "scheduling")
             self.worker.send_grammar_mask(GrammarMask(step_id=following.batch.step_id, bitmask=mask))
         return outputs
 

@@ -71,24 +71,37 @@ def pick_dtype(name: str, config_dtype: str, device: torch.device) -> torch.dtyp
 
 
 @dataclass
+class SlotState:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass
+class StagedStep:
+    """A step whose host work is done, ready to launch: its graph's inputs copied (`shape`; None: eager)."""
+    batch: ForwardBatch
+    started: float
+    shape: StepShape | None
+    num_sampled: int
+    # every slot's state as of this step: a slot freed while the step is in flight may be the next request's by
+    # the time its tokens are drawn or recorded
+    slot_states: list[SlotState | None]
+
+
+@dataclass
 class StepLogits:
     """A launched step up to its sampled rows' logits: what sampling starts from, now or once the step's
     grammar mask is in."""
     batch: ForwardBatch
     started: float
+    slot_states: list[SlotState | None]  # as StagedStep's
     sampled_slots: list[int]         # [N]: each sampled row's sequence slot (a speculating one has 1 + k rows)
     logits: torch.Tensor | None      # [N, V] of the N sampled rows
     slots: torch.Tensor | None       # [N]: their slots, where their tokens go in `last_tokens`
     tokens: torch.Tensor | None      # [N]: the graph's draws; None where the eager sampler draws every row
     redraw: list[int]                # rows the eager sampler draws
     prompt_logprobs: list[list[SampledLogprobs]] = field(default_factory=list)
-
-
-@dataclass
-class SlotState:
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
 
 
 def sampled_row_slots(batch: ForwardBatch) -> list[int]:
@@ -155,6 +168,7 @@ class ModelRunner:
         self._gpu_memory_read = -math.inf
         self._launched: deque[PendingStep] = deque()
         self._awaiting_mask: StepLogits | None = None  # launched, sampling once its GrammarMask is in
+        self._held: StagedStep | None = None  # staged behind _awaiting_mask, launched after its sampling
         self._num_resolved = 0  # leading steps of _launched whose results are packed and recorded
         self.profiler = StepProfiler()
         self.num_steps = 0
@@ -189,62 +203,84 @@ class ModelRunner:
 
     # ---- steps --------------------------------------------------------------------------
 
-    def take(self, message: ForwardBatch | GrammarMask) -> PendingStep | None:
+    def take(self, message: ForwardBatch | GrammarMask) -> list[PendingStep]:
         """A step message from the scheduler (rank 0 relays the same to every rank): `execute` a step, or
-        `apply_grammar_mask` to the one that waits for its mask."""
+        `apply_grammar_mask` to the one that waits for its mask. Returns the steps it launched."""
         return self.execute(message) if isinstance(message, ForwardBatch) else self.apply_grammar_mask(message)
 
-    def execute(self, batch: ForwardBatch) -> PendingStep | None:
-        """Launches the step; its result comes from `next_result`, after those of earlier steps. None when
-        its sampling waits for the grammar mask that follows it (`apply_grammar_mask` launches it then)."""
+    def execute(self, batch: ForwardBatch) -> list[PendingStep]:
+        """Launches the step; its result comes from `next_result`, after those of earlier steps. Nothing is
+        launched when its sampling waits for the grammar mask that follows it (`apply_grammar_mask` launches
+        it then), nor when it comes while the step before waits for its mask: the engine sends step N+1
+        before step N's mask, so that N+1 is staged by the time the mask is in, and launched right after
+        N's sampling (its forward reads N's tokens)."""
+        if self._held is not None:
+            raise RuntimeError(f"step {batch.step_id} arrived while step {self._held.batch.step_id} waits for the "
+                               f"grammar mask of step {self._awaiting_mask.batch.step_id}")
+        staged = self._stage(batch)
         if self._awaiting_mask is not None:
-            raise RuntimeError(f"step {batch.step_id} arrived before the grammar mask of step "
-                               f"{self._awaiting_mask.batch.step_id}")
-        started = time.perf_counter()
-        self.profiler.step()
-        self.num_steps += 1
-        with torch.inference_mode():
-            with nvtx_range("prepare"):
-                self.kv_cache.swap_out(batch.swap_out)
-                self.kv_cache.swap_in(batch.swap_in)
-                self.block_tables.apply(batch.block_table_updates)
-                for seq in batch.new_sequences:
-                    self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
-                # prompt logprobs need every position's hidden state, which only the eager step keeps
-                graph = self.graph_runner is not None and not batch.prompt_logprobs
-                shape = self.graph_runner.shape_for(batch) if graph else None
-                if shape is not None:
-                    num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature)
-            sampled_slots = sampled_row_slots(batch)
-            if not batch.slots:
-                step = None
-            elif shape is not None:
-                self._lap("prepare")
-                step = self._replay_graph(batch, shape, num_sampled, sampled_slots, started)
-            else:
-                self._lap("eager prepare")
-                step = self._run_eager(batch, sampled_slots, started)
-            if step is None:
-                pending = PendingStep(batch.step_id, started, [], None)
-            elif batch.grammar_rows and not batch.grammar_mask:
-                self._awaiting_mask = step
-                return None
-            else:
-                pending = self._sample(step, batch.grammar_mask)
-        self._launch(pending)
-        return pending
+            if staged.batch.grammar_mask:  # a view of the scheduler's buffer, which the next mask overwrites
+                staged.batch.grammar_mask = memoryview(bytes(staged.batch.grammar_mask))
+            self._held = staged
+            return []
+        return self._launch_staged(staged)
 
-    def apply_grammar_mask(self, message: GrammarMask) -> PendingStep:
-        """Samples the step that waited for this mask; its result queues behind the earlier steps'."""
+    def apply_grammar_mask(self, message: GrammarMask) -> list[PendingStep]:
+        """Samples the step that waited for this mask, then launches the step held behind it, if any; their
+        results queue behind the earlier steps'."""
         step, self._awaiting_mask = self._awaiting_mask, None
         if step is None or step.batch.step_id != message.step_id:
             raise RuntimeError(f"a grammar mask for step {message.step_id} arrived, but no step waits for one")
         with torch.inference_mode():
             pending = self._sample(step, message.bitmask)
         self._launch(pending)
-        return pending
+        if self._held is None:
+            return [pending]
+        staged, self._held = self._held, None
+        return [pending, *self._launch_staged(staged)]
 
-    def _run_eager(self, batch: ForwardBatch, sampled_slots: list[int], started: float) -> StepLogits | None:
+    def _stage(self, batch: ForwardBatch) -> StagedStep:
+        """A step's host work before its launch: swaps, block-table updates, new sequences' slots and, for a
+        graph step, its inputs copied into the graphs' buffer (in stream order: a step launched before reads
+        its own, already copied)."""
+        started = time.perf_counter()
+        self.profiler.step()
+        self.num_steps += 1
+        with torch.inference_mode(), nvtx_range("prepare"):
+            self.kv_cache.swap_out(batch.swap_out)
+            self.kv_cache.swap_in(batch.swap_in)
+            self.block_tables.apply(batch.block_table_updates)
+            for seq in batch.new_sequences:
+                self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
+            # prompt logprobs need every position's hidden state, which only the eager step keeps
+            graph = self.graph_runner is not None and not batch.prompt_logprobs
+            shape = self.graph_runner.shape_for(batch) if graph and batch.slots else None
+            num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature) if shape is not None else 0
+        self._lap("prepare" if shape is not None else "eager prepare")
+        return StagedStep(batch, started, shape, num_sampled, list(self.slots))
+
+    def _launch_staged(self, staged: StagedStep) -> list[PendingStep]:
+        batch = staged.batch
+        with torch.inference_mode():
+            sampled_slots = sampled_row_slots(batch)
+            if not batch.slots:
+                step = None
+            elif staged.shape is not None:
+                step = self._replay_graph(staged, sampled_slots)
+            else:
+                step = self._run_eager(staged, sampled_slots)
+            if step is None:
+                pending = PendingStep(batch.step_id, staged.started, [], None)
+            elif batch.grammar_rows and not batch.grammar_mask:
+                self._awaiting_mask = step
+                return []
+            else:
+                pending = self._sample(step, batch.grammar_mask)
+        self._launch(pending)
+        return [pending]
+
+    def _run_eager(self, staged: StagedStep, sampled_slots: list[int]) -> StepLogits | None:
+        batch = staged.batch
         prompt_logprobs: list[list[SampledLogprobs]] = []
         with nvtx_range("forward"):
             if batch.prompt_logprobs:
@@ -255,20 +291,25 @@ class ModelRunner:
                 hidden, tensors = self.eager.forward(batch, self.slot_temperature)
         self._lap("eager forward")
         if not sampled_slots:
-            return StepLogits(batch, started, [], None, None, None, [], prompt_logprobs) if prompt_logprobs else None
+            if not prompt_logprobs:
+                return None
+            return StepLogits(batch, staged.started, staged.slot_states, [], None, None, None, [], prompt_logprobs)
         logits = self.model.compute_logits(hidden)
-        return StepLogits(batch, started, sampled_slots, logits, tensors.sample_slots[:len(sampled_slots)], None,
-                          list(range(len(sampled_slots))), prompt_logprobs)
+        return StepLogits(batch, staged.started, staged.slot_states, sampled_slots, logits,
+                          tensors.sample_slots[:len(sampled_slots)], None, list(range(len(sampled_slots))),
+                          prompt_logprobs)
 
-    def _replay_graph(self, batch: ForwardBatch, shape: StepShape, num_sampled: int, sampled_slots: list[int],
-                      started: float) -> StepLogits:
+    def _replay_graph(self, staged: StagedStep, sampled_slots: list[int]) -> StepLogits:
         """A staged step as one captured graph; the eager sampler redraws, from the graph's logits, only the
         rows that need more than a temperature."""
+        batch = staged.batch
         with nvtx_range("forward"):
-            tokens, logits, slots = self.graph_runner.replay(shape, num_sampled)
+            tokens, logits, slots = self.graph_runner.replay(staged.shape, staged.num_sampled)
+            if batch.grammar_rows and not batch.grammar_mask:
+                slots = slots.clone()  # a view of the graphs' inputs, which the step held behind this one restages
         self._lap("forward")
         redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
-        return StepLogits(batch, started, sampled_slots, logits, slots, tokens, redraw)
+        return StepLogits(batch, staged.started, staged.slot_states, sampled_slots, logits, slots, tokens, redraw)
 
     def _sample(self, step: StepLogits, grammar_mask: memoryview) -> PendingStep:
         """The step's tokens: the graph's, with the rows in `step.redraw` drawn by the eager sampler (after
@@ -278,10 +319,11 @@ class ModelRunner:
         if not step.redraw:
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, step.tokens,
                                   prompt_logprobs=step.prompt_logprobs)
+            pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
             self._lap("sample")
             return pending
         with nvtx_range("sample"):
-            states = [self.slots[step.sampled_slots[row]] for row in step.redraw]
+            states = [step.slot_states[step.sampled_slots[row]] for row in step.redraw]
             positions = sampled_row_positions(batch)
             bitmask = None
             if batch.grammar_rows:
@@ -299,6 +341,7 @@ class ModelRunner:
                 self.last_tokens.index_copy_(0, step.slots.index_select(0, rows), output.token_ids)
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, tokens, output,
                                   step.redraw, [s.params.logprobs for s in states], step.prompt_logprobs)
+            pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
         self._lap("sample" if step.tokens is not None else "eager sample")
         return pending
 
@@ -351,9 +394,6 @@ class ModelRunner:
         return result
 
     def _launch(self, pending: PendingStep) -> None:
-        """Queues a launched step, with its sequences' slot states as they are now: a slot freed while the
-        step is in flight may be the next request's by the time its tokens are recorded."""
-        pending.slot_states = [self.slots[slot] for slot in pending.sequence_slots]
         self._launched.append(pending)
 
     def unfinished_step_age(self) -> float:

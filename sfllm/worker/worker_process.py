@@ -94,9 +94,9 @@ def run_worker(config: WorkerConfig, address: str) -> int:
                 message = codec.decode(data)
             clock.lap("receiving")
             if isinstance(message, (ForwardBatch, GrammarMask)):
-                launched = runner.take(message)
-                if launched is not None and launched.copied is not None:
-                    watcher.watch(launched.copied)
+                for launched in runner.take(message):
+                    if launched.copied is not None:
+                        watcher.watch(launched.copied)
             elif isinstance(message, StartProfile):
                 runner.profiler.start(message.directory)
             elif isinstance(message, StopProfile):
