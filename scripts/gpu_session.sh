@@ -185,9 +185,10 @@ PY
   redraw)
     # Rows the eager sampler redraws from a graph step's logits (grammar, top-k/p, seeds, logit bias), A/B on one
     # host: $BASE's and this tree's 64 x 512 tokens, greedy then under a JSON schema; this tree's at temperature 1
-    # and then with top-p 0.9 as well
+    # and then with top-p 0.9 as well ($REDRAW_RUNS: other "tree run" pairs, comma-separated)
     unpack_base
-    for spec in "base none" "base schema" "new t1" "new topp"; do
+    IFS=, read -r -a runs <<<"${REDRAW_RUNS:-base none,base schema,new t1,new topp}"
+    for spec in "${runs[@]}"; do
       read -r name tag <<<"$spec"
       tree=$PWD; [ $name = base ] && tree=/tmp/base
       case $tag in
