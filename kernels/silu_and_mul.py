@@ -9,21 +9,15 @@ from sfllm.kernels.device_check import check_kernel_inputs
 
 
 @triton.jit
-def silu_times(gate, up):
-    """silu(gate) * up in up's dtype, silu rounded to it before the product, as the unfused torch code does."""
-    gate32 = gate.to(tl.float32)
-    activated = (gate32 / (1.0 + tl.exp(-gate32))).to(up.dtype)
-    return (activated * up).to(up.dtype)
-
-
-@triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = columns < size
-    gate = tl.load(gate_up_ptr + row * stride_in + columns, mask=mask, other=0.0)
+    gate = tl.load(gate_up_ptr + row * stride_in + columns, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + size + columns, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_out + columns, silu_times(gate, up), mask=mask)
+    # silu rounded to the activation dtype before the product, as the unfused torch code does
+    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + columns, activated * up, mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from sfllm.kernels.device_check import check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
-from sfllm.kernels.silu_and_mul import silu_times
 
 MAX_ROWS = 16
 # Up to here the kernel beat cuBLAS at every layer of Qwen3-0.6B and -8B on an H200 (1 row: o_proj of the
@@ -37,10 +36,8 @@ def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, stride_x, stride_w, stride_out,
-                          HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """SILU_AND_MUL: x is the gate/up projection [M, 2K], and the product's input silu(gate) * up."""
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     depth = tl.arange(0, BLOCK_K)
@@ -52,16 +49,12 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
     for start in range(0, K, BLOCK_K):
         ks = start + depth
         if EVEN_K:
-            x_mask = row_mask[:, None]
-            w_mask = column_mask[:, None]
+            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=column_mask[:, None], other=0.0)
         else:
             k_mask = ks < K
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            w_mask = column_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0)
-        if SILU_AND_MUL:
-            x = silu_times(x, tl.load(x_rows + K + ks[None, :], mask=x_mask, other=0.0))
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=column_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)[None, :]
@@ -70,17 +63,15 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: tuple[int, int, int, int] | None = None, silu_and_mul: bool = False) -> torch.Tensor:
+                  tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, as F.linear.
-    `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages). `silu_and_mul`: x is a gate/up
-    projection [M, 2K] and the product is sfllm.kernels.silu_and_mul(x) @ weight^T, in one kernel (a small decode
-    batch's MLP: one launch fewer per layer)."""
+    `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     check_kernel_inputs(x, weight, *([] if bias is None else [bias]))
-    num_rows, depth = x.shape[0], x.shape[1] // 2 if silu_and_mul else x.shape[1]
+    num_rows, depth = x.shape
     num_columns = weight.shape[0]
-    if num_rows > MAX_ROWS or weight.shape[1] != depth or (silu_and_mul and x.shape[1] != 2 * depth):
-        raise ValueError(f"skinny_matmul takes at most {MAX_ROWS} rows of x and a weight of x's width"
-                         f"{' / 2' if silu_and_mul else ''}; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if num_rows > MAX_ROWS or weight.shape[1] != depth:
+        raise ValueError(f"skinny_matmul takes at most {MAX_ROWS} rows of x and a weight of x's width; got "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul needs rows of x and of the weight contiguous")
     out = torch.empty(num_rows, num_columns, dtype=x.dtype, device=x.device)
@@ -89,7 +80,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_n, block_k, num_warps, num_stages = tile or skinny_tile(num_columns, depth)
     _skinny_matmul_kernel[(triton.cdiv(num_columns, block_n),)](
         x, weight, bias if bias is not None else weight, out, num_rows, num_columns, depth, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -43,15 +43,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(residual, weight, eps), residual
 
 
-def silu_and_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """layer(silu_and_mul(gate_up)): an MLP's down projection; for the few rows of a small decode batch in one
-    kernel, the activation computed where the product reads it."""
-    if _use_kernels(gate_up) and gate_up.shape[0] <= SKINNY_ROWS:
-        from sfllm.kernels import skinny_matmul
-        return skinny_matmul(gate_up, layer.weight, layer.bias, silu_and_mul=True)
-    return linear(silu_and_mul(gate_up), layer)
-
-
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if _use_kernels(gate_up):
         from sfllm.kernels import silu_and_mul as fused
