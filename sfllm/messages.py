@@ -211,9 +211,9 @@ class ForwardBatch(Message):
 
 
 class GrammarMask(Message):
-    """The bitmask of step `step_id`'s grammar rows, sent right after the step that follows `step_id` (or
-    after `step_id` itself when none follows yet), before any later step: the worker stages the following
-    step while it waits for the mask and launches it after `step_id`'s sampling."""
+    """The bitmask of step `step_id`'s grammar rows, sent after `step_id` and at most one step more, before
+    any later step: a worker in its own process gets the step that follows first, stages it while it waits
+    for the mask and launches it after `step_id`'s sampling."""
     step_id: int
     bitmask: memoryview  # as ForwardBatch.grammar_mask
 

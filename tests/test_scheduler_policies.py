@@ -50,6 +50,8 @@ class FakeClock:
 
 
 class FakeWorker:
+    in_own_process = False
+
     def __init__(self, num_blocks: int, block_size: int, max_context_length: int, num_cpu_blocks: int = 0) -> None:
         self.info = WorkerReady(protocol_version=PROTOCOL_VERSION, model_name="fake",
                                 max_context_length=max_context_length, eos_token_ids=[EOS],

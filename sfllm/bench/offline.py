@@ -222,7 +222,8 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     if args.profile_steps:
         runner.profiler.start_after(args.profile_dir, args.profile_skip_steps, args.profile_steps)
     host_times = StepHostTimes(runner)
-    engine_loop = llm.engine.loop_time = LoopTime(interval_s=0.0)
+    # one clock for the engine and the worker in this process: the host's time per step, phase by phase
+    engine_loop = llm.engine.loop_time = runner.loop_time = LoopTime(interval_s=0.0)
     started = time.perf_counter()
     results = llm.generate(prompts, params)
     wall = time.perf_counter() - started
@@ -232,6 +233,7 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         steps_run = max(llm.engine.num_steps - steps_before, 1)
         print(f"grammar masks: {1e6 * masks / steps_run:.0f} us/step in the engine ({100 * masks / wall:.1f}% of the "
               f"wall time), {engine_loop.calls.get('grammar masks', 0)} masks")
+    print(f"host loop: {engine_loop.report(llm.engine.num_steps - steps_before)}")
     steps = llm.engine.num_steps - steps_before
     output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
     if speculation.enabled:

@@ -8,12 +8,13 @@ after it; steps shorter than that are sent at once, as before.
 
 A grammar row of step N+1 whose token of step N is in flight cannot be masked when N+1 is sent: the
 worker runs N+1's forward and waits with its sampling for a GrammarMask, which goes out as soon as
-step N's tokens are in, right behind step N+2. N+2 goes first (whether or not it is due) because its
-forward reads N+1's tokens: the worker stages it while the mask is computed and launches it as soon as
-N+1's sampling is, so the device waits neither for the scheduling nor for the staging of N+2. Both the
-mask and N+2's host work are done while the device runs N+1's forward, and constrained requests still
-decode every step (having them sit out every other step, waiting for their token, would halve their
-throughput).
+step N's tokens are in. A worker in its own process gets it right behind step N+2, which goes first
+(whether or not it is due): the worker stages N+2 while the engine fills the mask and launches it as
+soon as N+1's sampling is (N+2's forward reads N+1's tokens), so the device waits neither for the
+scheduling nor for the staging of N+2. A worker in the engine's process (the offline API) would only
+do the same work one thing after another, with N+1's sampling behind it: there the mask goes first.
+Either way constrained requests still decode every step (having them sit out every other step,
+waiting for their token, would halve their throughput).
 
 Speculative decoding pauses the overlap: a step's drafts continue the tokens of the step before, and
 how many of a request's drafts are accepted is known only once its step is back. While the scheduler
@@ -47,6 +48,8 @@ SEND_AHEAD_S = 0.05
 
 class WorkerHandle(Protocol):
     info: WorkerReady
+    # True when the worker runs in another process: it stages a step while the engine fills a grammar mask
+    in_own_process: bool
 
     def submit(self, batch: ForwardBatch) -> None: ...
 
@@ -99,6 +102,8 @@ class EngineCore:
             return False
         with nvtx_range("schedule"):
             scheduled = self.scheduler.schedule()
+        if self.loop_time is not None:
+            self.loop_time.lap("scheduling")
         if scheduled is None:
             return False
         if scheduled.grammar_requests and not scheduled.mask_late:
@@ -146,14 +151,18 @@ class EngineCore:
                          "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
                          len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
         outputs = self.scheduler.process_result(scheduled, result)
-        # the next step's grammar rows waited for these tokens: its mask goes out now, behind the step after it
+        # the next step's grammar rows waited for these tokens: its mask goes out now (behind the step after
+        # it, for a worker that stages that step meanwhile)
         if self._in_flight and self._in_flight[0].mask_late:
             following = self._in_flight[0]
             following.mask_late = False
-            if self.loop_time is not None:
-                self.loop_time.lap("results")
-            self.submit_next()
-            mask = self._grammar_mask(following, "scheduling")
+            phase = "results"
+            if self.worker.in_own_process:
+                if self.loop_time is not None:
+                    self.loop_time.lap("results")
+                self.submit_next()
+                phase = "scheduling"
+            mask = self._grammar_mask(following, phase)
             self.worker.send_grammar_mask(GrammarMask(step_id=following.batch.step_id, bitmask=mask))
         return outputs
 
@@ -171,4 +180,10 @@ class EngineCore:
         submitted = self.submit_next()
         if not self._in_flight or (submitted and len(self._in_flight) < self.max_in_flight):
             return []
-        return self.complete(self.worker.collect())
+        result = self.worker.collect()
+        if self.loop_time is not None:
+            self.loop_time.lap("waiting for the worker")
+        outputs = self.complete(result)
+        if self.loop_time is not None:
+            self.loop_time.lap("results")
+        return outputs

@@ -18,6 +18,7 @@ class WorkerDied(RuntimeError):
 
 class RemoteWorker:
     """The worker process behind a PAIR socket, as EngineCore's WorkerHandle."""
+    in_own_process = True
 
     def __init__(self, sock: zmq.Socket, process: subprocess.Popen) -> None:
         self.sock = sock

@@ -24,6 +24,7 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
 
 
 class InProcessWorker:
+    in_own_process = False
     def __init__(self, config: WorkerConfig, source: ModelSource) -> None:
         self.runner, self.followers = start_rank_zero(config, source)
         self.info = worker_ready(self.runner)
