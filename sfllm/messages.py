@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -252,6 +252,9 @@ class ForwardResult(Message):
     # per entry of the batch's `prompt_logprobs`, one per target token
     prompt_logprobs: list[list[SampledLogprobs]] = []
     forward_time_s: float = 0.0
+    # the worker's host time from taking the step in to launching its forward (staging; on a CPU, the forward
+    # itself): how long before the step in flight ends the engine sends the next one (engine/send_timing.py)
+    launch_time_s: float = 0.0
     gpu_memory_allocated: int = 0
     gpu_memory_reserved: int = 0
 

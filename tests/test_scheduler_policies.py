@@ -16,7 +16,9 @@ from collections import deque
 import pytest
 
 from sfllm.config import ServerConfig
-from sfllm.engine.engine_core import SEND_AHEAD_S, EngineCore
+from sfllm.engine.engine_core import EngineCore
+from sfllm.engine.send_timing import (RECENT_STEPS, SEND_AHEAD_FACTOR, SEND_AHEAD_MAX_S, SEND_AHEAD_MIN_S,
+                                      SEND_AHEAD_SLACK_S, SendTiming)
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, RequestOutput, WorkerReady
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator
@@ -459,19 +461,39 @@ def test_server_sends_the_next_step_just_before_a_long_step_ends() -> None:
     add(scheduler, "b", prompt_of(5), max_tokens=50, priority="background")
     assert core.submit_due() and core.submit_due(), "no step measured yet: two in flight"
     clock.now = 1.0
-    core.complete(worker.collect())
+    result = worker.collect()
+    result.launch_time_s = 0.002  # the worker's host time before the step's launch
+    core.complete(result)
+    ahead = core.send_timing.send_ahead_s()
+    assert ahead == pytest.approx(SEND_AHEAD_FACTOR * 0.002 + SEND_AHEAD_SLACK_S)
     assert not core.submit_due(), "steps take 1 s: the next goes in when the running one is about to end"
     clock.now = 1.5
     add(scheduler, "h", prompt_of(5, 100), max_tokens=2, priority="high", arrival=1.5)
-    assert core.seconds_until_due() == pytest.approx(0.5 - SEND_AHEAD_S)
-    clock.now = 2.0 - SEND_AHEAD_S
+    assert core.seconds_until_due() == pytest.approx(0.5 - ahead)
+    clock.now = 2.0 - ahead
     assert core.submit_due()
     assert scheduler.requests["h"].slot in worker.batches[2].slots, "h is in the step after the one it arrived in"
     clock.now = 2.0
     core.complete(worker.collect())
     clock.now = 2.01
-    core.complete(worker.collect())
-    assert core.submit_due() and core.submit_due() and core.num_in_flight == 2, "a 10 ms step: two in flight"
+    core.complete(worker.collect())  # h's prompt and b's decode: 6 tokens in 10 ms
+    assert core.submit_due() and not core.submit_due()
+    assert core.seconds_until_due() == pytest.approx(0.01 - ahead), "the last step's 10 ms, not the 1 s of before"
+
+
+def test_the_send_ahead_follows_the_host_time_of_recent_steps_and_a_step_is_timed_by_its_size() -> None:
+    timing = SendTiming()
+    assert timing.send_ahead_s() == SEND_AHEAD_MAX_S, "nothing measured: as far ahead as ever needed"
+    timing.record(8192, duration_s=0.015, schedule_s=0.001, launch_s=0.0015)
+    assert timing.send_ahead_s() == pytest.approx(SEND_AHEAD_FACTOR * 0.0025 + SEND_AHEAD_SLACK_S)
+    timing.record(256, duration_s=0.003, schedule_s=0.0005, launch_s=0.0005)
+    assert timing.expected_duration_s(8000) == 0.015 and timing.expected_duration_s(200) == 0.003
+    assert timing.expected_duration_s(1000) == 0.003, "a size not seen yet: the last step's time"
+    timing.record(300, duration_s=0.05, schedule_s=0.001, launch_s=0.04)  # a long eager step's host work
+    assert timing.send_ahead_s() == SEND_AHEAD_MAX_S
+    for _ in range(RECENT_STEPS):
+        timing.record(256, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
+    assert timing.send_ahead_s() == SEND_AHEAD_MIN_S, "the eager step is forgotten after RECENT_STEPS graph steps"
 
 
 # ---- chunked prefill and length buckets -------------------------------------------------------

@@ -2,9 +2,9 @@
 
 With overlap on, step N+1 is sent before step N's tokens are read, so the worker never
 waits for the scheduler; `--disable-overlap` reads every step back before the next.
-The server sends step N+1 only `SEND_AHEAD_S` before step N is due to end (`submit_due`):
-a request that arrives while a long step runs then gets into the next step, not the one
-after it; steps shorter than that are sent at once, as before.
+The server sends step N+1 only shortly before step N is due to end (`submit_due`, timed by
+send_timing.py): a request that arrives while a long step runs then gets into the next step,
+not the one after it; steps shorter than the host work a step needs are sent at once.
 
 A grammar row of step N+1 whose token of step N is in flight cannot be masked when N+1 is sent: the
 worker runs N+1's forward and waits with its sampling for a GrammarMask, which goes out as soon as
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
+from sfllm.engine.send_timing import SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -40,10 +41,6 @@ from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 logger = logging.getLogger(__name__)
-
-# Enough for the worker to take the next step in and launch it before the device finishes the one
-# it runs (an eager GPU step takes 15-25 ms of host work, docs/performance.md).
-SEND_AHEAD_S = 0.05
 
 
 class WorkerHandle(Protocol):
@@ -77,9 +74,8 @@ class EngineCore:
         self.last_step_time_s = 0.0
         self.last_batch_size = 0
         self._last_collect = clock()
-        # when the oldest step in flight started on the worker, and how long the last one took there
-        self._running_since = self._last_collect
-        self._last_step_duration_s = 0.0
+        self._running_since = self._last_collect  # when the oldest step in flight started on the worker
+        self.send_timing = SendTiming()
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
@@ -100,6 +96,7 @@ class EngineCore:
             return False
         if self._in_flight and self.scheduler.speculation_wanted():
             return False
+        started = self._clock()
         with nvtx_range("schedule"):
             scheduled = self.scheduler.schedule()
         if self.loop_time is not None:
@@ -109,18 +106,22 @@ class EngineCore:
         if scheduled.grammar_requests and not scheduled.mask_late:
             scheduled.batch.grammar_mask = self._grammar_mask(scheduled, "scheduling")
         self.worker.submit(scheduled.batch)
+        now = self._clock()
+        scheduled.schedule_s = now - started
         if not self._in_flight:
-            self._running_since = self._clock()
+            self._running_since = now
         self._in_flight.append(scheduled)
         self.last_batch_size = len(scheduled.batch.slots)
         return True
 
     def seconds_until_due(self) -> float:
         """Seconds until the next step should be sent (0 or less: now). Into an empty pipeline at once,
-        else SEND_AHEAD_S before the step in flight is due to end, taken to last as long as the last one."""
+        else the send-ahead time before the step in flight is expected to end."""
         if not self._in_flight:
             return 0.0
-        return self._running_since + self._last_step_duration_s - SEND_AHEAD_S - self._clock()
+        timing = self.send_timing
+        expected = timing.expected_duration_s(sum(self._in_flight[0].batch.num_new_tokens))
+        return self._running_since + expected - timing.send_ahead_s() - self._clock()
 
     def submit_due(self) -> bool:
         """`submit_next`, but a step goes behind the one in flight only once that is about to end."""
@@ -140,7 +141,8 @@ class EngineCore:
         now = self._clock()
         self.last_step_time_s = now - self._last_collect
         self._last_collect = now
-        self._last_step_duration_s = now - self._running_since
+        self.send_timing.record(sum(scheduled.batch.num_new_tokens), now - self._running_since,
+                                scheduled.schedule_s, result.launch_time_s)
         self._running_since = now  # the next step in flight, if any, starts now
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)

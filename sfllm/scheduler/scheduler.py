@@ -45,6 +45,7 @@ class ScheduledStep:
     mask_late: bool = False
     # the requests of the batch's prompt_logprobs entries, with the prompt position of their first target
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
+    schedule_s: float = 0.0  # the engine's host time to build and send it
 
 
 @dataclass

@@ -82,6 +82,7 @@ class StagedStep:
     """A step whose host work is done, ready to launch: its graph's inputs copied (`shape`; None: eager)."""
     batch: ForwardBatch
     started: float
+    staging_s: float
     shape: StepShape | None
     num_sampled: int
     # every slot's state as of this step: a slot freed while the step is in flight may be the next request's by
@@ -102,6 +103,7 @@ class StepLogits:
     tokens: torch.Tensor | None      # [N]: the graph's draws; None where the eager sampler draws every row
     redraw: list[int]                # rows the eager sampler draws
     prompt_logprobs: list[list[SampledLogprobs]] = field(default_factory=list)
+    launch_time_s: float = 0.0       # host time from taking the step in to launching its forward
 
 
 def sampled_row_slots(batch: ForwardBatch) -> list[int]:
@@ -257,10 +259,11 @@ class ModelRunner:
             shape = self.graph_runner.shape_for(batch) if graph and batch.slots else None
             num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature) if shape is not None else 0
         self._lap("prepare" if shape is not None else "eager prepare")
-        return StagedStep(batch, started, shape, num_sampled, list(self.slots))
+        return StagedStep(batch, started, time.perf_counter() - started, shape, num_sampled, list(self.slots))
 
     def _launch_staged(self, staged: StagedStep) -> list[PendingStep]:
         batch = staged.batch
+        launch_started = time.perf_counter()
         with torch.inference_mode():
             sampled_slots = sampled_row_slots(batch)
             if not batch.slots:
@@ -269,12 +272,16 @@ class ModelRunner:
                 step = self._replay_graph(staged, sampled_slots)
             else:
                 step = self._run_eager(staged, sampled_slots)
+            launch_time_s = staged.staging_s + time.perf_counter() - launch_started
             if step is None:
                 pending = PendingStep(batch.step_id, staged.started, [], None)
+                pending.launch_time_s = launch_time_s
             elif batch.grammar_rows and not batch.grammar_mask:
+                step.launch_time_s = launch_time_s
                 self._awaiting_mask = step
                 return []
             else:
+                step.launch_time_s = launch_time_s
                 pending = self._sample(step, batch.grammar_mask)
         self._launch(pending)
         return [pending]
@@ -320,6 +327,7 @@ class ModelRunner:
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, step.tokens,
                                   prompt_logprobs=step.prompt_logprobs)
             pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
+            pending.launch_time_s = step.launch_time_s
             self._lap("sample")
             return pending
         with nvtx_range("sample"):
@@ -342,6 +350,7 @@ class ModelRunner:
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, tokens, output,
                                   step.redraw, [s.params.logprobs for s in states], step.prompt_logprobs)
             pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
+            pending.launch_time_s = step.launch_time_s
         self._lap("sample" if step.tokens is not None else "eager sample")
         return pending
 

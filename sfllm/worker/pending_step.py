@@ -32,6 +32,7 @@ class PendingStep:
             self.sequence_slots = [sampled_slots[row] for row in firsts]
         self.started = started
         self.slot_states: list = []  # per sequence, the worker's state of its slot at launch (ModelRunner's)
+        self.launch_time_s = 0.0  # ForwardResult.launch_time_s
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
         self._prompt_logprobs = prompt_logprobs or []
@@ -80,7 +81,7 @@ class PendingStep:
         return ForwardResult(step_id=self.step_id, token_ids=token_ids, logprobs=logprobs,
                              accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs,
                              prompt_logprobs=self._prompt_logprobs,
-                             forward_time_s=time.perf_counter() - self.started,
+                             forward_time_s=time.perf_counter() - self.started, launch_time_s=self.launch_time_s,
                              gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])
 
 

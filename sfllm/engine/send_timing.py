@@ -1,0 +1,51 @@
+"""When the server sends the next step: as late as the device still gets it in time.
+
+A step sent while another runs waits behind it on the worker; a request that arrives meanwhile (a
+high-priority one) can only join the step after. So the engine holds the next step back until the one
+in flight is about to end, by `send_ahead_s`: the host time the next step needs before the device can
+start it (the engine's scheduling and the worker's staging, both measured over the last steps, with
+room to spare), never less than SEND_AHEAD_MIN_S nor more than SEND_AHEAD_MAX_S. When the step in
+flight will end comes from the last step of the same size: a decode step after a long prefill step
+must not be expected to last as long, or the device would wait for the step after it.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+SEND_AHEAD_MIN_S = 0.002
+# Enough for any step's host work (an eager GPU step takes 15-25 ms, docs/performance.md); also where the
+# send-ahead stays on a CPU, whose worker computes the forward as it "launches" it
+SEND_AHEAD_MAX_S = 0.05
+# room for the spread of host times and the message's way to the worker
+SEND_AHEAD_FACTOR = 1.5
+SEND_AHEAD_SLACK_S = 0.001
+RECENT_STEPS = 32
+
+
+def size_class(num_tokens: int) -> int:
+    """Steps of (2^(k-1), 2^k] tokens are expected to take as long as each other."""
+    return max(num_tokens - 1, 0).bit_length()
+
+
+class SendTiming:
+    def __init__(self) -> None:
+        self._host_s: deque[float] = deque(maxlen=RECENT_STEPS)  # scheduling + the worker's staging, per step
+        self._duration_by_size: dict[int, float] = {}
+        self._last_duration_s = 0.0
+
+    def record(self, num_tokens: int, duration_s: float, schedule_s: float, launch_s: float) -> None:
+        """A step is back: `duration_s` from the end of the step before (or its sending, into an empty
+        pipeline) to its result, `schedule_s` the engine's and `launch_s` the worker's host time for it."""
+        self._duration_by_size[size_class(num_tokens)] = duration_s
+        self._last_duration_s = duration_s
+        self._host_s.append(schedule_s + launch_s)
+
+    def expected_duration_s(self, num_tokens: int) -> float:
+        """How long a step of `num_tokens` will take: the last of its size, else the last step's."""
+        return self._duration_by_size.get(size_class(num_tokens), self._last_duration_s)
+
+    def send_ahead_s(self) -> float:
+        if not self._host_s:
+            return SEND_AHEAD_MAX_S
+        needed = SEND_AHEAD_FACTOR * max(self._host_s) + SEND_AHEAD_SLACK_S
+        return min(SEND_AHEAD_MAX_S, max(SEND_AHEAD_MIN_S, needed))
