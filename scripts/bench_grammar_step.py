@@ -21,7 +21,7 @@ import llguidance
 import numpy as np
 import torch
 
-from sfllm.bench.offline import BENCH_SCHEMA
+from sfllm.bench.workload import BENCH_SCHEMA
 from sfllm.messages import GrammarMask, MessageCodec, SchedulerToWorker
 from sfllm.model_source.resolve import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec

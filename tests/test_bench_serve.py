@@ -153,6 +153,10 @@ def test_payload_asks_for_usage_and_carries_extensions() -> None:
     body = chat.payload(RequestSpec(prompt="hello", output_len=4, input_len=None))
     assert chat.url == "http://h:1/v1/chat/completions"
     assert body["messages"] == [{"role": "user", "content": "hello"}] and "priority" not in body
+    assert "response_format" not in body
+    constrained = ServerTarget("http://h:1", "completions", "m", True, None, {"type": "integer"})
+    assert constrained.payload(spec)["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "bench", "schema": {"type": "integer"}}}
 
 
 # ---- statistics ------------------------------------------------------------------------
@@ -391,6 +395,17 @@ def test_live_benchmark_matches_server_usage(live_server, tmp_path: Path) -> Non
         for metric in LATENCY_METRICS:
             assert_percentiles_ordered(summary[f"{metric}_ms"])
     assert_valid_png(png)
+
+
+def test_live_benchmark_under_a_json_schema_decodes_every_token(live_server, tmp_path: Path) -> None:
+    """--json-schema: the server takes the schema (a 400 would count as a failure) and, the records being too many
+    to close, every request decodes all of its tokens, as the unconstrained run does."""
+    out = tmp_path / "results.json"
+    rc = serve.main(["--url", live_server.url, "--concurrency", "4", "--requests", "4", "--input-len", "16",
+                     "--output-len", "12", "--vocab-size", "1000", "--json-schema", "--output-file", str(out)])
+    assert rc == 0
+    records = json.loads(out.read_text())["levels"][0]["requests"]
+    assert [(r["status"], r["completion_tokens"]) for r in records] == [(200, 12)] * 4
 
 
 @pytest.mark.slow

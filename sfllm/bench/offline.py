@@ -20,15 +20,9 @@ import numpy as np
 import torch
 
 from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
-from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
+from sfllm.bench.workload import BENCH_SCHEMA, RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.loop_time import LoopTime
 from sfllm.sampling_params import SamplingParams, StructuredOutput
-
-BENCH_SCHEMA = {"type": "object", "required": ["id", "notes"], "properties": {
-    "id": {"type": "integer"},
-    "notes": {"type": "array", "minItems": 200, "items": {
-        "type": "object", "required": ["title", "score"],
-        "properties": {"title": {"type": "string"}, "score": {"type": "number"}}}}}}
 
 
 @dataclass

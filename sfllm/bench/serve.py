@@ -31,6 +31,7 @@ from sfllm.bench.serve_report import (
     write_json,
 )
 from sfllm.bench.workload import (
+    BENCH_SCHEMA,
     LengthRange,
     PromptFileWorkload,
     RandomTokenWorkload,
@@ -94,6 +95,7 @@ class ServerTarget:
     model: str
     ignore_eos: bool
     priority: str | None
+    json_schema: dict | None = None  # every request's response_format
 
     @property
     def url(self) -> str:
@@ -113,6 +115,9 @@ class ServerTarget:
             body["prompt"] = spec.prompt
         if self.priority is not None:
             body["priority"] = self.priority
+        if self.json_schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "bench", "schema": self.json_schema}}
         return body
 
 
@@ -292,7 +297,8 @@ async def run_benchmark(args: argparse.Namespace, workload: Workload,
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         model = args.model or await fetch_model_name(session, base_url)
-        target = ServerTarget(base_url, args.endpoint, model, args.ignore_eos, args.priority)
+        target = ServerTarget(base_url, args.endpoint, model, args.ignore_eos, args.priority,
+                              BENCH_SCHEMA if args.json_schema else None)
         if args.warmup > 0:
             warmup = await run_at_concurrency(
                 session, target, workload.take(args.warmup), max(concurrencies, default=args.warmup), "warm-up"
@@ -368,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction,
                         help="generate exactly --output-len tokens (default: on for random prompts)")
     parser.add_argument("--priority", choices=PRIORITIES, help="request priority (default: the server's)")
+    parser.add_argument("--json-schema", action="store_true",
+                        help="every request constrained to BENCH_SCHEMA (response_format json_schema), a list of "
+                             "records too long to close: structured outputs' throughput against a run without")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     parser.add_argument("--warmup", type=int, default=0, help="uncounted requests sent before the first level")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout in seconds")

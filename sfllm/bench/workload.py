@@ -8,6 +8,15 @@ from typing import Protocol
 import numpy as np
 
 
+# What the structured-output benchmarks constrain every request to: a list of records too long to close
+# within their output lengths, so that a run with it and one without decode the same number of tokens
+BENCH_SCHEMA = {"type": "object", "required": ["id", "notes"], "properties": {
+    "id": {"type": "integer"},
+    "notes": {"type": "array", "minItems": 200, "items": {
+        "type": "object", "required": ["title", "score"],
+        "properties": {"title": {"type": "string"}, "score": {"type": "number"}}}}}}
+
+
 class WorkloadError(ValueError):
     pass
 
