@@ -14,7 +14,7 @@
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
 # redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9),
 # structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
-# throughput ratio and the grammar masks' time per step),
+# throughput ratio and the grammar masks' time per step; offline, then served at concurrency 64),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
 # and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline),
 # spec (speculative decoding, issue 16: its GPU tests; batch 1 with drafts accepted (dummy weights, greedy: random
@@ -180,8 +180,21 @@ PY
     for so in none json_schema; do
       timeout 300 $BENCH --model qwen3-0.6b --load-format dummy --num-requests 64 --input-len 512 --output-len 512 \
         --structured-output $so --output-file "$OUT/structured-$so.json" >"$OUT/structured-$so.log" 2>&1
-      echo "structured $so: exit $?"; grep -E "wall time|grammar masks" "$OUT/structured-$so.log"
-    done ;;
+      echo "structured $so: exit $?"; grep -E "wall time|grammar masks|host loop" "$OUT/structured-$so.log"
+    done
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 \
+      >"$OUT/server-structured.log" 2>&1 &
+    server=$!
+    for i in $(seq 1 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+    for so in none json_schema; do
+      flag=""; [ $so = json_schema ] && flag=--json-schema
+      timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency 64 --requests 128 \
+        --input-len 512 --output-len 512 --vocab-size 151936 --warmup 8 --gpu-monitor off $flag \
+        --output-file "$OUT/structured-served-$so.json" >"$OUT/structured-served-$so.log" 2>&1
+      echo "served $so: exit $? $(grep -E 'output tokens/s|TPOT p50' "$OUT/structured-served-$so.log" | tr -s ' ' | tr '\n' ';')"
+    done
+    grep -E "engine loop|worker loop" "$OUT/server-structured.log" | tail -2
+    stop_server ;;
   redraw)
     # Rows the eager sampler redraws from a graph step's logits (grammar, top-k/p, seeds, logit bias), A/B on one
     # host: $BASE's and this tree's 64 x 512 tokens, greedy then under a JSON schema; this tree's at temperature 1

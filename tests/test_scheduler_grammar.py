@@ -171,3 +171,21 @@ def test_masks_reuse_one_buffer_and_rows_without_a_live_grammar_allow_every_toke
     second = rows(grammars.masks([None, digits, letters]), 3)
     assert (second[0] == 0xFFFFFFFF).all() and (second[2] == 0xFFFFFFFF).all()
     assert (second[1] == first[0]).all()
+
+
+def test_a_model_without_an_end_of_sequence_token_serves_and_refuses_grammars_as_the_clients_error(
+        smollm_tokenizer_spec) -> None:
+    """llguidance needs an EOS to end an output: without one the engine still starts (its tokenizer is built
+    with the engine), and a constrained request is a 400 naming response_format, its blocks untouched."""
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    worker.info.eos_token_ids = []
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    refused = core.add_request(GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], params=SamplingParams(
+        max_tokens=4, structured_output=StructuredOutput.regex(PATTERN))))
+    assert refused is not None and refused.error_code == 400 and "end-of-sequence" in refused.error
+    assert core.add_request(GenerateRequest(request_id="plain", prompt_token_ids=[5, 6, 7],
+                                            params=SamplingParams(max_tokens=3, ignore_eos=True))) is None
+    tokens = []
+    while core.has_work():
+        tokens += [t for output in core.step() for t in output.token_ids]
+    assert tokens == [100] * 3 and core.scheduler.allocator.num_free == worker.info.num_kv_blocks

@@ -19,20 +19,26 @@ from sfllm.structured_output import InvalidGrammar, grammar_of
 class GrammarMatchers:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int],
                  num_threads: int | None = None) -> None:
-        self._tokenizer_json = tokenizer_json
-        self._eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
-        self._tokenizer: llguidance.LLTokenizer | None = None  # ~0.3 s to build: on the first grammar
+        # Built now, with the engine: 0.36 s for Qwen3's 151,936 tokens on the CI machine, holding the GIL.
+        # Built on the first grammar instead, it stalled every stream of the engine's loop that long, and it
+        # was most of what a constrained step seemed to cost more in the offline benchmark (docs/performance.md).
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self.unavailable = ""  # why structured outputs cannot be served, when they cannot
+        if not eos_token_ids:
+            self.unavailable = ("structured outputs are not available for this model: it has no end-of-sequence "
+                                "token, which a grammar needs to end the output")
+        else:
+            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids)
         # llguidance's default thread count (80% of the CPUs, up to 32) unless given
         self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
         """A matcher at the start of the grammar; raises InvalidGrammar."""
-        grammar = grammar_of(structured_output)
         if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
-                                                     eos_token=self._eos_token_ids)
+            raise InvalidGrammar("response_format", self.unavailable)
+        grammar = grammar_of(structured_output)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidGrammar("response_format", matcher.get_error())
