@@ -14,6 +14,7 @@ from sfllm.engine.engine_core import EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
 from sfllm.sampling_params import SamplingParams, StructuredOutput
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
+from sfllm.structured_output import InvalidGrammar
 
 PATTERN = r"[0-9]{3}-[a-z]{2}!"
 
@@ -189,3 +190,11 @@ def test_a_model_without_an_end_of_sequence_token_serves_and_refuses_grammars_as
     while core.has_work():
         tokens += [t for output in core.step() for t in output.token_ids]
     assert tokens == [100] * 3 and core.scheduler.allocator.num_free == worker.info.num_kv_blocks
+
+
+def test_a_tokenizer_the_grammar_engine_cannot_read_leaves_grammars_refused_and_the_engine_serving() -> None:
+    grammars = GrammarMatchers('{"model": {"type": "Unigram"}}', 1000, [2])
+    assert grammars.unavailable.startswith("structured outputs are not available for this model's tokenizer")
+    with pytest.raises(InvalidGrammar) as refused:
+        grammars.matcher(StructuredOutput.regex(PATTERN))
+    assert refused.value.param == "response_format" and "\n" not in str(refused.value)

@@ -29,7 +29,11 @@ class GrammarMatchers:
             self.unavailable = ("structured outputs are not available for this model: it has no end-of-sequence "
                                 "token, which a grammar needs to end the output")
         else:
-            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids)
+            try:
+                self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids)
+            except (ValueError, RuntimeError) as error:  # a tokenizer llguidance cannot read: the rest still serves
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                self.unavailable = f"structured outputs are not available for this model's tokenizer: {first_line}"
         # llguidance's default thread count (80% of the CPUs, up to 32) unless given
         self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)

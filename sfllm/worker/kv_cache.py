@@ -50,4 +50,7 @@ class KVCache:
         src = torch.tensor([p[0] for p in pairs])
         dst = torch.tensor([p[1] for p in pairs])
         gathered = source.index_select(2, src.to(source.device))
-        target.index_copy_(2, dst.to(target.device), gathered.to(target.device, non_blocking=True))
+        # to the host, a blocking copy: a non-blocking one lands in pinned memory that index_copy_ would read
+        # before the copy is done (a swap-out is a preemption: rare enough to wait for the device)
+        to_host = target.device.type == "cpu" and source.device.type != "cpu"
+        target.index_copy_(2, dst.to(target.device), gathered.to(target.device, non_blocking=not to_host))

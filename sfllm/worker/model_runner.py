@@ -230,9 +230,10 @@ class ModelRunner:
     def apply_grammar_mask(self, message: GrammarMask) -> list[PendingStep]:
         """Samples the step that waited for this mask, then launches the step held behind it, if any; their
         results queue behind the earlier steps'."""
-        step, self._awaiting_mask = self._awaiting_mask, None
+        step = self._awaiting_mask
         if step is None or step.batch.step_id != message.step_id:
             raise RuntimeError(f"a grammar mask for step {message.step_id} arrived, but no step waits for one")
+        self._awaiting_mask = None
         with torch.inference_mode():
             pending = self._sample(step, message.bitmask)
         self._launch(pending)
