@@ -4,6 +4,7 @@ rides in the step; either way every token the worker draws is one the grammar al
 from __future__ import annotations
 
 import re
+import threading
 from collections import deque
 
 import numpy as np
@@ -198,3 +199,41 @@ def test_a_tokenizer_the_grammar_engine_cannot_read_leaves_grammars_refused_and_
     with pytest.raises(InvalidGrammar) as refused:
         grammars.matcher(StructuredOutput.regex(PATTERN))
     assert refused.value.param == "response_format" and "\n" not in str(refused.value)
+
+
+def test_a_grammar_still_being_built_holds_up_only_its_own_request(smollm_tokenizer_spec, tokenizer,
+                                                                    monkeypatch) -> None:
+    """A new request's matcher and first mask are built in a thread (a lexer like a{1000000}'s takes 0.4 s at
+    the first mask); the request is admitted once they are done, and meanwhile the others decode."""
+    built = threading.Event()
+    build = GrammarMatchers._build
+
+    def held_build(self, grammar):
+        assert built.wait(30), "the test never let the grammar finish"
+        return build(self, grammar)
+
+    monkeypatch.setattr(GrammarMatchers, "_build", held_build)
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    constrained = SamplingParams(max_tokens=30, structured_output=StructuredOutput.regex(PATTERN))
+    assert core.add_request(GenerateRequest(request_id="constrained", prompt_token_ids=[5, 6, 7],
+                                            params=constrained)) is None
+    assert core.add_request(GenerateRequest(request_id="plain", prompt_token_ids=[5, 6, 8],
+                                            params=SamplingParams(max_tokens=5, ignore_eos=True))) is None
+    outputs: dict[str, list[int]] = {"constrained": [], "plain": []}
+    reasons = {}
+    while reasons.get("plain") is None:
+        for output in core.step():
+            outputs[output.request_id].extend(output.token_ids)
+            reasons[output.request_id] = output.finish_reason
+    assert outputs == {"constrained": [], "plain": [100] * 5} and core.scheduler.grammars_compiling()
+    assert core.add_request(GenerateRequest(request_id="gone", prompt_token_ids=[5, 6, 9], params=constrained)) is None
+    assert [o.finish_reason for o in core.abort(["gone"])] == ["abort"], "a client may leave while its grammar builds"
+    built.set()
+    while core.has_work():
+        for output in core.step():
+            outputs[output.request_id].extend(output.token_ids)
+            reasons[output.request_id] = output.finish_reason
+    assert re.fullmatch(PATTERN, tokenizer.decode(outputs["constrained"])) and reasons["constrained"] == "stop"
+    assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.grammars_compiling()
+    assert not core.scheduler.requests

@@ -42,6 +42,9 @@ from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
 
 logger = logging.getLogger(__name__)
 
+# how often a loop with nothing to run but a grammar being built looks again
+GRAMMAR_POLL_S = 0.0005
+
 
 class WorkerHandle(Protocol):
     info: WorkerReady
@@ -180,6 +183,8 @@ class EngineCore:
         """One turn of the blocking loop: send a step if there is room, then read back the oldest
         once the pipeline is full or nothing more can be sent."""
         submitted = self.submit_next()
+        if not self._in_flight and self.scheduler.grammars_compiling():
+            time.sleep(GRAMMAR_POLL_S)  # the grammar's thread needs the GIL now and then: no busy loop
         if not self._in_flight or (submitted and len(self._in_flight) < self.max_in_flight):
             return []
         result = self.worker.collect()

@@ -180,7 +180,11 @@ class EngineServer:
             clock.lap("scheduling")
             idle = self.core.num_in_flight == 0
             due_ms = 1000 * self.core.seconds_until_due()
-            events = dict(poller.poll(timeout=50 if idle else (1 + int(due_ms) if due_ms > 0 else 1000)))
+            if idle:
+                timeout = 1 if self.core.scheduler.grammars_compiling() else 50
+            else:
+                timeout = 1 + int(due_ms) if due_ms > 0 else 1000
+            events = dict(poller.poll(timeout=timeout))
             clock.lap("idle" if idle else "waiting for the worker")
             if self.sock in events:
                 self._drain_frontends()

@@ -50,6 +50,8 @@ class Request:
     aged: bool = False
     # the grammar's state after the output tokens known so far (an llguidance.LLMatcher), if constrained
     matcher: Any = None
+    # while the matcher is being built (GrammarMatchers.compile), its future: the request waits until it is done
+    matcher_ready: Any = None
     # of prompt tokens 1.., filled as prefill chunks come back, if asked for; sent with the first output
     prompt_logprobs: list[SampledLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False

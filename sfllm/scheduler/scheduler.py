@@ -131,11 +131,11 @@ class Scheduler:
         try:
             if self.vocab_size is not None:
                 message.params.check_vocabulary(self.vocab_size)
-            matcher = self._matcher(message.params)
+            matcher_ready = self._compile_grammar(message.params)
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400)
         request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
-                          message.priority, message.arrival_time or time.time(), matcher=matcher)
+                          message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
         if message.params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * (prompt_len - 1)
         try:
@@ -145,13 +145,18 @@ class Scheduler:
         self.requests[request.request_id] = request
         return None
 
-    def _matcher(self, params: SamplingParams) -> Any:
+    def _compile_grammar(self, params: SamplingParams) -> Any:
         if params.structured_output is None:
             return None
         if self.grammars is None:
             raise InvalidSamplingParams("response_format", "this engine was started without a tokenizer for "
                                                            "grammars: structured outputs are not available")
-        return self.grammars.matcher(params.structured_output)
+        return self.grammars.compile(params.structured_output)
+
+    def grammars_compiling(self) -> bool:
+        """Whether a waiting request waits only for its grammar's matcher: a loop with nothing else to do
+        should look again soon."""
+        return any(r.matcher_ready is not None for r in self.waiting)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = []
@@ -285,6 +290,10 @@ class Scheduler:
                 break
             if request.num_pending_samples:
                 continue  # preempted with a step in flight: its tokens must come back first
+            if request.matcher_ready is not None:
+                if not request.matcher_ready.done():
+                    continue  # its grammar's matcher is still being built
+                request.matcher, request.matcher_ready = request.matcher_ready.result(), None
             if high_first and request.priority != "high":
                 continue
             admitted = self._admit(request, step)
@@ -468,7 +477,7 @@ class Scheduler:
             request.swapped_block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        request.matcher = None
+        request.matcher = request.matcher_ready = None
         del self.requests[request.request_id]
         return RequestOutput(request_id=request.request_id, token_ids=[], finish_reason=reason,
                              num_prompt_tokens=len(request.prompt_token_ids),
