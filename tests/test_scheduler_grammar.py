@@ -237,3 +237,22 @@ def test_a_grammar_still_being_built_holds_up_only_its_own_request(smollm_tokeni
     assert re.fullmatch(PATTERN, tokenizer.decode(outputs["constrained"])) and reasons["constrained"] == "stop"
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.grammars_compiling()
     assert not core.scheduler.requests
+
+
+def test_a_grammar_beyond_the_engines_limits_is_the_clients_error(smollm_tokenizer_spec) -> None:
+    """`a{1000000}` allows one token, "aaaa", which llguidance cannot consume within its limits ("too many
+    expressions constructed"): a 400 saying so in a line, not a server error; the other request goes on."""
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    huge = SamplingParams(max_tokens=4, structured_output=StructuredOutput.regex("a{1000000}"))
+    assert core.add_request(GenerateRequest(request_id="huge", prompt_token_ids=[5, 6, 7], params=huge)) is None
+    assert core.add_request(GenerateRequest(request_id="plain", prompt_token_ids=[5, 6, 8],
+                                            params=SamplingParams(max_tokens=3, ignore_eos=True))) is None
+    finished = {}
+    while core.has_work():
+        finished.update((o.request_id, o) for o in core.step() if o.finish_reason is not None)
+    assert finished["plain"].finish_reason == "length"
+    huge_output = finished["huge"]
+    assert huge_output.finish_reason == "error" and huge_output.error_code == 400, huge_output.error
+    assert "limits" in huge_output.error and "\n" not in huge_output.error
+    assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests

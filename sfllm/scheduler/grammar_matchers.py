@@ -90,6 +90,15 @@ class GrammarMatchers:
         return memoryview(bitmask).cast("B")
 
 
+# llguidance's errors when a grammar outgrows its resource limits (LLParserLimits), e.g. `a{1000000}`, whose
+# only allowed token "aaaa" cannot be consumed: the grammar's fault, not the server's
+LIMIT_ERRORS = ("too many expressions constructed", "fuel exhausted", "too many states", "too many items", "exceeded")
+
+
+def exceeded_limits(error: str) -> bool:
+    return any(text in error.lower() for text in LIMIT_ERRORS)
+
+
 def accepts(matcher: llguidance.LLMatcher, token: int) -> bool:
     """Advances the matcher past `token`; False when the grammar does not allow it."""
     return matcher.consume_token(token) and not matcher.is_error()

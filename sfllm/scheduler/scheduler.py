@@ -22,7 +22,7 @@ from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, Gener
                             RequestOutput, SampledLogprobs, SequenceSampling)
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
-from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts
+from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts, exceeded_limits
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
@@ -542,6 +542,9 @@ class Scheduler:
         failed = self._finish(request, "error")
         if late_rejection:
             failed.error, failed.error_code = f"the structured output's grammar failed once applied: {reason}", 400
+        elif exceeded_limits(reason):
+            failed.error, failed.error_code = f"the structured output's grammar exceeds the limits of the grammar " \
+                                              f"engine: {reason}", 400
         else:
             failed.error, failed.error_code = f"the grammar refused token {token}: {reason}", 500
         return failed
