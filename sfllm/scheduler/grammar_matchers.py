@@ -8,7 +8,7 @@ buffer reused step after step: a grammar row's mask is on the critical path of a
 allocating and copying 1.2 MB per step (64 rows of a 152k vocabulary) took a third as long as filling it.
 
 A new request's matcher is built in a thread of its own, with its first mask (`compile`): llguidance builds a
-grammar's lexer at the first mask, 19 ms for the offline bench's schema and 0.39 s for `a{1000000}` (CI
+grammar's lexer at the first mask, about 1 ms for the offline bench's schema but 0.39 s for `a{1000000}` (CI
 machine), which on the engine's loop every stream would wait for. The scheduler admits the request once
 that is done.
 """
@@ -29,7 +29,7 @@ class GrammarMatchers:
         self.vocab_size = vocab_size
         # Built now, with the engine: 0.36 s for Qwen3's 151,936 tokens on the CI machine, holding the GIL.
         # Built on the first grammar instead, it stalled every stream of the engine's loop that long, and it
-        # was most of what a constrained step seemed to cost more in the offline benchmark (docs/performance.md).
+        # fell inside the offline benchmark's timed run (docs/performance.md).
         self._tokenizer: llguidance.LLTokenizer | None = None
         self.unavailable = ""  # why structured outputs cannot be served, when they cannot
         if not eos_token_ids:
