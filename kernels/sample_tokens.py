@@ -6,7 +6,12 @@ device memory, so a captured CUDA graph draws fresh noise on every replay.
 A row's vocabulary is scanned in chunks by programs of their own when the batch is too small to fill
 the GPU (one program reading a 152k vocabulary alone took 33 us at batch 1); a second kernel then picks
 each row's best chunk. The noise of a logit depends on its row and column only, so the draw is the
-same however the rows are chunked."""
+same however the rows are chunked.
+
+With a grammar's packed bitmask ([B, ceil(V / 32)] int32, bit j of word w allows token 32 w + j) the
+draw is over the allowed tokens only: the Gumbel race restricted to a subset draws from the softmax
+renormalised over it, so a constrained row needs no masked copy of its logits. The eager sampler
+draws its constrained rows this way, one launch where masking and drawing took a dozen."""
 from __future__ import annotations
 
 import torch
@@ -21,11 +26,16 @@ TARGET_PROGRAMS = 128
 
 
 @triton.jit
-def _sample_chunk_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, values_ptr, indices_ptr, out_ptr,
-                         vocab_size, chunk_size, num_chunks, SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_chunk_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, bitmask_ptr, bitmask_words,
+                         values_ptr, indices_ptr, out_ptr, vocab_size, chunk_size, num_chunks,
+                         SINGLE_CHUNK: tl.constexpr, ALL_GREEDY: tl.constexpr, HAS_BITMASK: tl.constexpr,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    temperature = tl.load(temperatures_ptr + row)
+    if ALL_GREEDY:
+        temperature = 0.0
+    else:
+        temperature = tl.load(temperatures_ptr + row)
     greedy = temperature == 0.0
     inverse_temperature = 1.0 / tl.where(greedy, 1.0, temperature)
     seed = tl.load(seed_ptr)
@@ -41,6 +51,10 @@ def _sample_chunk_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, val
         if not greedy:
             uniform = tl.rand(seed, row * vocab_size + columns)
             values = values * inverse_temperature - tl.log(-tl.log(uniform))
+        if HAS_BITMASK:
+            words = tl.load(bitmask_ptr + row.to(tl.int64) * bitmask_words + columns // 32,
+                            mask=mask & (columns < bitmask_words * 32), other=0)
+            mask = mask & (((words >> (columns % 32)) & 1) != 0)
         values = tl.where(mask, values, float("-inf"))
         block_best = tl.max(values, axis=0)
         # the first maximum wins, within a block (argmax) and across blocks (strictly greater)
@@ -65,14 +79,20 @@ def _pick_chunk_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNK
     tl.store(out_ptr + row, tl.load(indices_ptr + row * num_chunks + best).to(tl.int64))
 
 
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] (unit column stride), temperatures [B] float32 (0: greedy), seed [1] int64 ->
-    token ids [B] int64, written into `out` when given."""
-    check_kernel_inputs(logits, temperatures, seed)
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed: torch.Tensor,
+                  out: torch.Tensor | None = None, bitmask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """logits [B, V] (unit column stride), temperatures [B] float32 (0: greedy; None: every row greedy),
+    seed [1] int64 -> token ids [B] int64, written into `out` when given. `bitmask` [B, W] int32: only the
+    tokens whose bit is set are drawn (none past 32 W; a row with none draws token 0)."""
+    check_kernel_inputs(logits, seed, *(t for t in (temperatures, bitmask) if t is not None))
     if logits.stride(1) != 1:
         raise ValueError("sample_tokens needs logits whose rows are contiguous")
     batch, vocab_size = logits.shape
+    if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape[0] != batch
+                                or not bitmask.is_contiguous()):
+        raise ValueError(f"sample_tokens needs a contiguous int32 bitmask of {batch} rows, got "
+                         f"{bitmask.dtype} {tuple(bitmask.shape)}")
     if out is None:
         out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if not batch:
@@ -83,9 +103,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.
     num_chunks = triton.cdiv(vocab_size, chunk_size)
     values = torch.empty(batch * num_chunks, dtype=torch.float32, device=logits.device)
     indices = torch.empty(batch * num_chunks, dtype=torch.int32, device=logits.device)
-    _sample_chunk_kernel[(batch, num_chunks)](logits, logits.stride(0), temperatures, seed, values, indices, out,
-                                              vocab_size, chunk_size, num_chunks, SINGLE_CHUNK=num_chunks == 1,
-                                              BLOCK=BLOCK, num_warps=8)
+    _sample_chunk_kernel[(batch, num_chunks)](
+        logits, logits.stride(0), logits if temperatures is None else temperatures, seed,
+        logits if bitmask is None else bitmask, 0 if bitmask is None else bitmask.shape[1], values, indices, out,
+        vocab_size, chunk_size, num_chunks, SINGLE_CHUNK=num_chunks == 1, ALL_GREEDY=temperatures is None,
+        HAS_BITMASK=bitmask is not None, BLOCK=BLOCK, num_warps=8)
     if num_chunks > 1:
         _pick_chunk_kernel[(batch,)](values, indices, out, num_chunks,
                                      BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)

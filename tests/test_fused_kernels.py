@@ -105,19 +105,66 @@ def test_sample_tokens_greedy_rows_are_argmax_with_the_first_maximum() -> None:
     assert out.tolist() == [17, 4100, int(logits[2].argmax())]
 
 
+def _packed_bitmask(allowed: list[list[int]], vocab: int) -> torch.Tensor:
+    words = torch.zeros(len(allowed), (vocab + 31) // 32, dtype=torch.int64)
+    for row, tokens in enumerate(allowed):
+        for token in tokens:
+            words[row, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 as the sign bit
+
+
 def test_sample_tokens_draws_from_softmax_over_temperature() -> None:
+    """Four draws of the batch over the whole vocabulary, four under a bitmask allowing four tokens: from the
+    softmax renormalised over them."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
     temperature = 0.7
-    rows = 128  # 1,024 draws; the interpreter runs each row as its own program
+    rows = 128  # 512 draws of each kind; the interpreter runs each row as its own program
+    allowed = [1, 2, 4, 6]
     batch = logits.repeat(rows, 1).to(DEVICE)
     temperatures = torch.full((rows,), temperature, device=DEVICE)
-    counts = torch.zeros(len(logits))
-    draws = [sample_tokens(batch, temperatures, torch.tensor([seed], device=DEVICE)).cpu() for seed in range(8)]
-    for tokens in draws:
-        counts += torch.bincount(tokens, minlength=len(logits)).float()
-    expected = torch.softmax(logits / temperature, dim=0) * counts.sum()
-    chi_square = ((counts - expected) ** 2 / expected).sum().item()
-    assert chi_square < 24.3, (counts, expected)  # the 0.001 tail of chi-square with 7 degrees of freedom
-    assert not torch.equal(draws[0], draws[1]), "another seed draws other tokens"
-    again = sample_tokens(batch, temperatures, torch.tensor([0], device=DEVICE)).cpu()
-    assert torch.equal(again, draws[0]), "the same seed draws the same tokens"
+    bitmask = _packed_bitmask([allowed] * rows, len(logits)).to(DEVICE)
+
+    def draw(seed: int, masked: bool) -> torch.Tensor:
+        return sample_tokens(batch, temperatures, torch.tensor([seed], device=DEVICE),
+                             bitmask=bitmask if masked else None).cpu()
+
+    # the 0.001 tail of chi-square with len(tokens) - 1 degrees of freedom
+    for masked, tokens, tail in ((False, list(range(len(logits))), 24.3), (True, allowed, 16.3)):
+        draws = [draw(seed, masked) for seed in range(4)]
+        counts = sum(torch.bincount(tokens_drawn, minlength=len(logits)).float() for tokens_drawn in draws)
+        assert counts.sum() == counts[tokens].sum(), counts
+        expected = torch.softmax(logits[tokens] / temperature, dim=0) * counts.sum()
+        chi_square = ((counts[tokens] - expected) ** 2 / expected).sum().item()
+        assert chi_square < tail, (masked, counts, expected)
+        assert not torch.equal(draws[0], draws[1]), "another seed draws other tokens"
+        assert torch.equal(draw(0, masked), draws[0]), "the same seed draws the same tokens"
+
+
+def test_sample_tokens_under_a_bitmask_draws_only_allowed_tokens() -> None:
+    """Greedy rows take the best allowed token (the sign bit's token too, and one in a later chunk); a row
+    allowing a single token takes it whatever its logit; a token past the mask's width is never drawn."""
+    torch.manual_seed(3)
+    vocab = 9000
+    logits = torch.randn(4, vocab)
+    logits[0, 5] = logits[1, 12] = 30.0  # each row's best token, disallowed
+    allowed = [[31, 63, 100], [8500, 40], [2], [7, 8]]
+    logits[0, 63] = 10.0
+    logits[1, 8500] = 9.0
+    logits[2, 2] = -30.0
+    bitmask = _packed_bitmask(allowed, vocab)
+    out = sample_tokens(logits.to(DEVICE), None, torch.tensor([5], device=DEVICE), bitmask=bitmask.to(DEVICE)).cpu()
+    assert out[:3].tolist() == [63, 8500, 2]
+    assert out[3].item() == 7 + int(logits[3, 8] > logits[3, 7])
+
+    narrow = _packed_bitmask([[0]], 32).to(DEVICE).expand(2, 1).contiguous()
+    narrow[1] = -1  # the first 32 tokens allowed; the 40 past them are not
+    wide = torch.zeros(2, 72)
+    wide[:, 50] = 100.0
+    wide[0, 3] = wide[1, 20] = 1.0
+    assert sample_tokens(wide.to(DEVICE), None, torch.tensor([0], device=DEVICE), bitmask=narrow).tolist() == [0, 20]
+
+
+def test_sample_tokens_refuses_a_bitmask_of_another_batch() -> None:
+    with pytest.raises(ValueError, match="bitmask of 2 rows"):
+        sample_tokens(torch.zeros(2, 64, device=DEVICE), None, torch.tensor([0], device=DEVICE),
+                      bitmask=torch.zeros(3, 2, dtype=torch.int32, device=DEVICE))

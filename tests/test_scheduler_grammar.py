@@ -34,9 +34,13 @@ class MaskingWorker:
         self._waiting: ForwardBatch | None = None
         self._held: ForwardBatch | None = None
         self._results: deque[ForwardResult] = deque()
+        self.in_flight = self.deepest = 0  # steps sent and not collected: now, and the most at once
 
     def submit(self, batch: ForwardBatch) -> None:
         self.messages.append(batch)
+        self.in_flight += 1
+        self.deepest = max(self.deepest, self.in_flight)
+        assert len(batch.input_token_ids) == sum(batch.num_new_tokens), "one input token per new token"
         if self._waiting is None:
             self._start(batch)
             return
@@ -72,6 +76,7 @@ class MaskingWorker:
         self._results.append(ForwardResult(step_id=batch.step_id, token_ids=tokens, logprobs=[None] * len(tokens)))
 
     def collect(self) -> ForwardResult:
+        self.in_flight -= 1
         return self._results.popleft()
 
 
@@ -106,8 +111,10 @@ def test_masks_reach_the_worker_in_order_and_constrain_every_token(smollm_tokeni
             behind_next += len(between)
         if in_own_process:
             assert behind_next, "the step after a late mask's goes before the mask, to be staged while it is filled"
+            assert worker.deepest == 3, "it went out before the tokens the mask waits for were in"
         else:
             assert not behind_next, "in the engine's process nothing is staged meanwhile: the mask goes first"
+            assert worker.deepest == 2
     else:
         assert not late
 

@@ -8,11 +8,13 @@ not the one after it; steps shorter than the host work a step needs are sent at 
 
 A grammar row of step N+1 whose token of step N is in flight cannot be masked when N+1 is sent: the
 worker runs N+1's forward and waits with its sampling for a GrammarMask, which goes out as soon as
-step N's tokens are in. A worker in its own process gets it right behind step N+2, which goes first
-(whether or not it is due): the worker stages N+2 while the engine fills the mask and launches it as
-soon as N+1's sampling is (N+2's forward reads N+1's tokens), so the device waits neither for the
-scheduling nor for the staging of N+2. A worker in the engine's process (the offline API) would only
-do the same work one thing after another, with N+1's sampling behind it: there the mask goes first.
+step N's tokens are in. A worker in its own process has step N+2 by then: while the newest step in flight
+waits for a late mask, one more step may go out behind it (three in flight), which the worker stages and
+holds, and launches as soon as N+1's sampling is (N+2's forward reads N+1's tokens). So once N's tokens
+are in, only the results and the mask stand between the device and its next step; N+2's scheduling and
+staging ran while the device computed. A worker in the engine's process (the offline API) would do the
+same work on the same thread, which is the device's bottleneck there either way: there the pipeline
+stays at two steps and the mask goes out before the next step is scheduled.
 Either way constrained requests still decode every step (having them sit out every other step,
 waiting for their token, would halve their throughput).
 
@@ -70,7 +72,6 @@ class EngineCore:
         self.scheduler = Scheduler(config, info.num_kv_blocks, info.num_cpu_kv_blocks, info.max_context_length,
                                    info.eos_token_ids, grammars=grammars, vocab_size=info.vocab_size)
         self.loop_time: LoopTime | None = None  # the engine process's: grammar masks are charged to it
-        self.max_in_flight = 1 if config.disable_overlap else 2
         self._in_flight: deque[ScheduledStep] = deque()
         self._clock = clock
         self.num_steps = 0
@@ -93,9 +94,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self._in_flight) or self.scheduler.has_unfinished()
 
+    def pipeline_depth(self) -> int:
+        """How many steps may be in flight now: one without overlap, two with it, and three while the newest
+        waits for a late grammar mask and the worker, in its own process, stages the next step meanwhile."""
+        if self.config.disable_overlap:
+            return 1
+        if self.worker.in_own_process and self._in_flight and self._in_flight[-1].mask_late:
+            return 3
+        return 2
+
     def submit_next(self) -> bool:
         """Schedules and sends one step if the pipeline has room; True if it sent one."""
-        if len(self._in_flight) >= self.max_in_flight:
+        if len(self._in_flight) >= self.pipeline_depth():
             return False
         if self._in_flight and self.scheduler.speculation_wanted():
             return False
@@ -156,18 +166,11 @@ class EngineCore:
                          "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
                          len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
         outputs = self.scheduler.process_result(scheduled, result)
-        # the next step's grammar rows waited for these tokens: its mask goes out now (behind the step after
-        # it, for a worker that stages that step meanwhile)
+        # the next step's grammar rows waited for these tokens: its mask goes out now
         if self._in_flight and self._in_flight[0].mask_late:
             following = self._in_flight[0]
             following.mask_late = False
-            phase = "results"
-            if self.worker.in_own_process:
-                if self.loop_time is not None:
-                    self.loop_time.lap("results")
-                self.submit_next()
-                phase = "scheduling"
-            mask = self._grammar_mask(following, phase)
+            mask = self._grammar_mask(following, "results")
             self.worker.send_grammar_mask(GrammarMask(step_id=following.batch.step_id, bitmask=mask))
         return outputs
 
@@ -185,7 +188,7 @@ class EngineCore:
         submitted = self.submit_next()
         if not self._in_flight and self.scheduler.grammars_compiling():
             time.sleep(GRAMMAR_POLL_S)  # the grammar's thread needs the GIL now and then: no busy loop
-        if not self._in_flight or (submitted and len(self._in_flight) < self.max_in_flight):
+        if not self._in_flight or (submitted and len(self._in_flight) < self.pipeline_depth()):
             return []
         result = self.worker.collect()
         if self.loop_time is not None:

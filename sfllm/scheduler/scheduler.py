@@ -369,7 +369,7 @@ class Scheduler:
         """`drafts` follow the decode of the request's last known token (its row grows by them)."""
         start = request.num_computed_tokens
         end = start + num_new
-        known_end = min(end, request.num_tokens)
+        known_end = max(min(end, request.num_tokens), start)
         tokens = request.token_slice(start, known_end) if known_end > start else []
         tokens.extend([-1] * (end - known_end))  # in flight: the worker has it
         sample = end >= request.num_tokens

@@ -340,12 +340,12 @@ class ModelRunner:
             inputs = self._sampling_inputs(states, [positions[row] for row in step.redraw], bitmask)
             tokens = step.tokens
             if len(step.redraw) == len(step.sampled_slots):
-                output = self.sampler(step.logits.float(), inputs)
-                tokens = output.token_ids if tokens is None else tokens.copy_(output.token_ids)
+                output = self.sampler(step.logits, inputs, out=tokens)
+                tokens = output.token_ids
                 self.last_tokens.index_copy_(0, step.slots, output.token_ids)
             else:
                 rows = to_device(step.redraw, torch.int64, self.device)
-                output = self.sampler(step.logits.index_select(0, rows).float(), inputs)
+                output = self.sampler(step.logits.index_select(0, rows), inputs)
                 tokens.index_copy_(0, rows, output.token_ids)
                 self.last_tokens.index_copy_(0, step.slots.index_select(0, rows), output.token_ids)
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, tokens, output,

@@ -145,6 +145,7 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._noise_seeds: dict[torch.device, torch.Tensor] = {}
         self._seed = seed
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -152,25 +153,55 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
-    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
-        """logits: [B, V] float32 from the model."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if inputs.max_logprobs >= 0 else None
+    def _noise_seed(self, device: torch.device) -> torch.Tensor:
+        """The device counter keying the kernel's noise, one step on per draw; bit 31 set: never a seed of the
+        captured graphs' counter (sfllm.worker.cuda_graph_runner), which counts up from the same seed."""
+        if device not in self._noise_seeds:
+            self._noise_seeds[device] = torch.tensor([((self._seed & 0x7FFFFFFF) << 32) | 1 << 31],
+                                                     dtype=torch.int64, device=device)
+        return self._noise_seeds[device]
+
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """logits: [B, V] from the model, float32 or the model's dtype; the tokens go into `out` [B] when given."""
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if inputs.max_logprobs >= 0 else None
         if inputs.penalties is not None:
-            logits = _apply_penalties(logits, inputs.penalties)
+            logits = _apply_penalties(logits.float(), inputs.penalties)
         if inputs.logit_bias is not None:
             bias = inputs.logit_bias
-            logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
+            logits = logits.float().index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
+        if logits.device.type == "cuda" and inputs.top_ks is None and inputs.min_ps is None and inputs.seeds is None:
+            tokens = self._draw_with_kernel(logits, inputs, out)
+        else:
+            tokens = self._draw(logits.float(), inputs)
+            if out is not None:
+                tokens = out.copy_(tokens)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens, None, None, None)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_logprobs, top_ids = raw_logprobs.topk(max(inputs.max_logprobs, 1), dim=-1)
+        return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+
+    def _draw_with_kernel(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """Argmax or temperature, over a grammar's allowed tokens, in one pass over the logits (no masked or
+        float32 copy of them): the same draw as `_draw`, in a launch or two instead of a dozen."""
+        from sfllm.kernels import sample_tokens  # Triton: only on a GPU
+
+        seed = self._noise_seed(logits.device)
+        tokens = sample_tokens(logits, inputs.temperatures, seed, out=out, bitmask=inputs.token_bitmask)
+        if not inputs.all_greedy:
+            seed.add_(1)
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         if inputs.token_bitmask is not None:
             logits = apply_bitmask(logits, inputs.token_bitmask)
         tokens = logits.argmax(dim=-1)
         if not inputs.all_greedy:
             sampled = self._sample(logits, inputs)
             tokens = torch.where(inputs.greedy, tokens, sampled)
-        if raw_logprobs is None:
-            return SamplerOutput(tokens, None, None, None)
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top_logprobs, top_ids = raw_logprobs.topk(max(inputs.max_logprobs, 1), dim=-1)
-        return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+        return tokens
 
     def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)

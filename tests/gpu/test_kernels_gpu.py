@@ -210,3 +210,40 @@ def test_fused_add_rms_norm_at_model_width(dtype: torch.dtype) -> None:
 
     assert torch.equal(residual, expected_residual)
     assert relative_error(x, expected_normed) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
+    """The eager sampler's one-kernel draw (CUDA) against its torch path (CPU) at Qwen3's vocabulary, from bf16
+    logits: greedy rows under grammar masks, with logit bias and logprobs, take the same tokens with the same
+    logprobs; rows at a temperature draw only allowed tokens."""
+    from sfllm.sampling_params import SamplingParams
+    from sfllm.worker.sampler import Sampler, SamplingInputs
+
+    vocab, rows = 151936, 64
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, vocab, generator=generator).to(torch.bfloat16)
+    allowed = torch.rand(rows, vocab, generator=generator) < 0.01
+    allowed[:, 151935] = True  # the last word's high bit
+    allowed[::4, 7] = True  # the biased token, allowed where it is biased
+    bits = allowed.view(rows, -1, 32).long() << torch.arange(32)
+    bitmask = bits.sum(-1).sub(torch.where(allowed.view(rows, -1, 32)[..., 31], 2**32, 0)).to(torch.int32)
+    params = [SamplingParams(temperature=0.0, logit_bias={7: 50.0} if row % 4 == 0 else {},
+                             logprobs=2 if row % 3 == 0 else None) for row in range(rows)]
+    positions = list(range(rows))
+    drawn = {}
+    for device in ("cpu", "cuda"):
+        inputs = SamplingInputs.build(params, positions, vocab, torch.device(device),
+                                      token_bitmask=bitmask.to(device))
+        out = Sampler(seed=1)(logits.to(device), inputs)
+        drawn[device] = out
+    assert drawn["cuda"].token_ids.cpu().tolist() == drawn["cpu"].token_ids.tolist()
+    assert allowed.gather(1, drawn["cpu"].token_ids[:, None]).all()
+    assert drawn["cpu"].token_ids[::4].tolist() == [7] * (rows // 4)
+    torch.testing.assert_close(drawn["cuda"].logprobs.cpu(), drawn["cpu"].logprobs, rtol=1e-4, atol=1e-4)
+
+    warm = [SamplingParams(temperature=1.0) for _ in range(rows)]
+    inputs = SamplingInputs.build(warm, positions, vocab, torch.device("cuda"), token_bitmask=bitmask.cuda())
+    sampler = Sampler(seed=1)
+    draws = [sampler(logits.cuda(), inputs).token_ids.cpu() for _ in range(2)]
+    assert all(allowed.gather(1, tokens[:, None]).all() for tokens in draws)
+    assert not torch.equal(draws[0], draws[1]), "each draw takes fresh noise"
