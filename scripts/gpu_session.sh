@@ -8,8 +8,7 @@
 # at concurrency 1, 10, 50 and a burst of 600 at 200, with GPU utilisation; extra server flags in
 # $SERVE_FLAGS, file names tagged with $SERVE_TAG),
 # priority (a high-priority probe's TTFT alone and under 600 background streams of 1024-token prompts and
-# 512 outputs, and with $BASE set the same again by $BASE's client; then every frontend SIGKILLed and the time
-# until /health answers again),
+# 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
@@ -119,18 +118,10 @@ PY
       >"$OUT/server-priority.log" 2>&1 &
     server=$!
     for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
-    PRIORITY_ARGS="--probes 10 --warmup 2 --probe-input-len 512 --probe-output-len 8 --background-requests 600 \
-      --input-len 1024 --output-len 512 --vocab-size 151936"
-    timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT $PRIORITY_ARGS \
-      --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
+    timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT --probes 10 --warmup 2 \
+      --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
+      --vocab-size 151936 --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
     echo "priority: exit $?"; grep -vE "it/s\]|req/s\]" "$OUT/priority.log" | tail -12
-    if [ -n "${BASE:-}" ]; then  # the same server measured by $BASE's client (e.g. one whose flood shares its loop)
-      unpack_base
-      (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base timeout 150 python3 -m sfllm bench priority \
-        --url http://127.0.0.1:$PORT $PRIORITY_ARGS --output-file "$OUT/priority-base-client.json" \
-        >"$OUT/priority-base-client.log" 2>&1)
-      echo "priority, $BASE's client: exit $?"; grep -E "TTFT|x$" "$OUT/priority-base-client.log"
-    fi
     pkill -KILL -P "$server" -f "sfllm frontend"; started=$(date +%s%N)
     until curl -sf localhost:$PORT/health >/dev/null; do sleep 0.05; done
     echo "every frontend SIGKILLed: /health 200 again after $(( ($(date +%s%N) - started) / 1000000 )) ms"
