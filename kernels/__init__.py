@@ -19,7 +19,7 @@ if importlib.util.find_spec("triton") is not None:
     from sfllm.kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
     from sfllm.kernels.fused_norm import fused_add_rms_norm
     from sfllm.kernels.rotary_qk_norm import rotary_qk_norm_
-    from sfllm.kernels.sample_tokens import sample_tokens
+    from sfllm.kernels.sample_tokens import sample_tokens, warm_up_sample_tokens
     from sfllm.kernels.silu_and_mul import silu_and_mul
     from sfllm.kernels.skinny_matmul import skinny_matmul
     from sfllm.kernels.store_kv_cache import store_kv_cache
@@ -37,4 +37,5 @@ if importlib.util.find_spec("triton") is not None:
         "silu_and_mul",
         "skinny_matmul",
         "store_kv_cache",
+        "warm_up_sample_tokens",
     ]

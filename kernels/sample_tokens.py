@@ -112,3 +112,22 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed:
         _pick_chunk_kernel[(batch,)](values, indices, out, num_chunks,
                                      BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)
     return out
+
+
+def warm_up_sample_tokens(vocab_size: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compiles the variants of the kernel a step can meet, so that no request waits for Triton (a compile takes
+    about a second, and every stream of the engine would wait with it): logits in the model's dtype or float32,
+    rows `row_stride` apart (a graph's padded logits) or contiguous, greedy or at a temperature, under a grammar's
+    bitmask or not, a row's vocabulary in one program or in several."""
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    for rows in (1, TARGET_PROGRAMS):  # several programs a row, then one
+        temperatures = torch.ones(rows, dtype=torch.float32, device=device)
+        bitmask = torch.full((rows, triton.cdiv(vocab_size, 32)), -1, dtype=torch.int32, device=device)
+        for logits_dtype in dict.fromkeys((dtype, torch.float32)):
+            views = [torch.zeros(rows, vocab_size, dtype=logits_dtype, device=device)]
+            if row_stride != vocab_size:
+                views.append(torch.zeros(rows, row_stride, dtype=logits_dtype, device=device)[:, :vocab_size])
+            for logits in views:
+                for row_temperatures in (None, temperatures):
+                    for row_bitmask in (None, bitmask):
+                        sample_tokens(logits, row_temperatures, seed, bitmask=row_bitmask)

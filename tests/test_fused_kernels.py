@@ -1,6 +1,8 @@
 """The fused layer kernels against the torch code they replace (interpreted on CPU, compiled on GPU)."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -168,3 +170,25 @@ def test_sample_tokens_refuses_a_bitmask_of_another_batch() -> None:
     with pytest.raises(ValueError, match="bitmask of 2 rows"):
         sample_tokens(torch.zeros(2, 64, device=DEVICE), None, torch.tensor([0], device=DEVICE),
                       bitmask=torch.zeros(3, 2, dtype=torch.int32, device=DEVICE))
+
+
+def test_warm_up_runs_every_variant_a_step_can_meet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits in the model's dtype and float32, padded rows and contiguous ones, greedy and sampled, with and
+    without a bitmask, one program a row and several: each combination once, and each a valid call."""
+    module = importlib.import_module("sfllm.kernels.sample_tokens")  # the package's name is the function's
+    monkeypatch.setattr(module, "TARGET_PROGRAMS", 2)  # two rows fill it: fast in the interpreter
+    calls = []
+    real = module.sample_tokens
+
+    def recording(logits, temperatures, seed, out=None, bitmask=None):
+        calls.append((logits.dtype, logits.stride(0), temperatures is None, bitmask is None, len(logits)))
+        return real(logits, temperatures, seed, out=out, bitmask=bitmask)
+
+    monkeypatch.setattr(module, "sample_tokens", recording)
+    vocab = module.BLOCK + 40  # two blocks: a single row is scanned by two programs
+    module.warm_up_sample_tokens(vocab, vocab + 24, torch.float16, torch.device(DEVICE))
+    assert sorted(set(calls), key=str) == sorted(calls, key=str) and len(calls) == 32
+    assert {(dtype, stride) for dtype, stride, *_ in calls} == {
+        (torch.float16, vocab + 24), (torch.float16, vocab), (torch.float32, vocab + 24), (torch.float32, vocab)}
+    assert {(greedy, unmasked, rows) for _, _, greedy, unmasked, rows in calls} == {
+        (g, u, r) for g in (True, False) for u in (True, False) for r in (1, 2)}

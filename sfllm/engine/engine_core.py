@@ -12,7 +12,9 @@ step N's tokens are in. A worker in its own process has step N+2 by then: while 
 waits for a late mask, one more step may go out behind it (three in flight), which the worker stages and
 holds, and launches as soon as N+1's sampling is (N+2's forward reads N+1's tokens). So once N's tokens
 are in, only the results and the mask stand between the device and its next step; N+2's scheduling and
-staging ran while the device computed. A worker in the engine's process (the offline API) would do the
+staging ran while the device computed. The price: N+2 is due when N+1 is (both are timed against N's end), so
+a request that arrives meanwhile joins N+3, one step later than without grammars; and a request that ended in
+N has a wasted row in N+2 as well as in N+1. A worker in the engine's process (the offline API) would do the
 same work on the same thread, which is the device's bottleneck there either way: there the pipeline
 stays at two steps and the mask goes out before the next step is scheduled.
 Either way constrained requests still decode every step (having them sit out every other step,
@@ -129,7 +131,8 @@ class EngineCore:
 
     def seconds_until_due(self) -> float:
         """Seconds until the next step should be sent (0 or less: now). Into an empty pipeline at once,
-        else the send-ahead time before the step in flight is expected to end."""
+        else the send-ahead time before the oldest step in flight is expected to end (a third step, behind one
+        that waits for its grammar mask, is due when the second was)."""
         if not self._in_flight:
             return 0.0
         timing = self.send_timing

@@ -6,6 +6,7 @@ a preemption re-runs it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,7 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._noise_seeds: dict[torch.device, torch.Tensor] = {}
+        self._sample_tokens: Callable[..., torch.Tensor] | None = None
         self._seed = seed
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -157,8 +159,9 @@ class Sampler:
         """The device counter keying the kernel's noise, one step on per draw; bit 31 set: never a seed of the
         captured graphs' counter (sfllm.worker.cuda_graph_runner), which counts up from the same seed."""
         if device not in self._noise_seeds:
-            self._noise_seeds[device] = torch.tensor([((self._seed & 0x7FFFFFFF) << 32) | 1 << 31],
-                                                     dtype=torch.int64, device=device)
+            with torch.inference_mode(False):  # a normal tensor: advanced inside inference mode or out of it
+                self._noise_seeds[device] = torch.tensor([((self._seed & 0x7FFFFFFF) << 32) | 1 << 31],
+                                                         dtype=torch.int64, device=device)
         return self._noise_seeds[device]
 
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None = None
@@ -186,10 +189,11 @@ class Sampler:
                           ) -> torch.Tensor:
         """Argmax or temperature, over a grammar's allowed tokens, in one pass over the logits (no masked or
         float32 copy of them): the same draw as `_draw`, in a launch or two instead of a dozen."""
-        from sfllm.kernels import sample_tokens  # Triton: only on a GPU
-
+        if self._sample_tokens is None:
+            from sfllm.kernels import sample_tokens  # Triton: only on a GPU
+            self._sample_tokens = sample_tokens
         seed = self._noise_seed(logits.device)
-        tokens = sample_tokens(logits, inputs.temperatures, seed, out=out, bitmask=inputs.token_bitmask)
+        tokens = self._sample_tokens(logits, inputs.temperatures, seed, out=out, bitmask=inputs.token_bitmask)
         if not inputs.all_greedy:
             seed.add_(1)
         return tokens
