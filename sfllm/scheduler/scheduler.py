@@ -250,6 +250,8 @@ class Scheduler:
     def _reserve_blocks(self, request: Request, num_new: int, scheduled: set[int], step: _StepBuilder) -> bool:
         """Allocates the request's new blocks, preempting unscheduled lower requests if needed."""
         needed = self._blocks_needed(request, num_new)
+        if needed == 0:  # most decodes: the last block has room
+            return True
         self._release_paused_blocks(needed)
         while needed > self.allocator.num_free:
             victim = choose_victim([r for r in self.running if id(r) not in scheduled])  # includes `request`
@@ -420,8 +422,10 @@ class Scheduler:
 
     def _register_full_blocks(self, request: Request) -> None:
         """Offers the request's full, computed blocks whose tokens are known to the prefix cache."""
-        full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         size = self.block_size
+        if request.num_computed_tokens < (len(request.block_hashes) + 1) * size:
+            return  # no block filled since the last call: what most decode steps find
+        full = min(request.num_computed_tokens, request.num_tokens) // size
         for index in range(len(request.block_hashes), full):
             parent = request.block_hashes[-1] if request.block_hashes else None
             tokens = tuple(request.token_slice(index * size, (index + 1) * size))
