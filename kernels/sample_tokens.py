@@ -115,8 +115,8 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed:
 
 
 def warm_up_sample_tokens(vocab_size: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compiles the variants of the kernel a step can meet, so that no request waits for Triton (a compile takes
-    about a second, and every stream of the engine would wait with it): logits in the model's dtype or float32,
+    """Compiles the variants of the kernel a step can meet, so that no request waits for Triton to compile one
+    (every stream of the engine would wait with it): logits in the model's dtype or float32,
     rows `row_stride` apart (a graph's padded logits) or contiguous, greedy or at a temperature, under a grammar's
     bitmask or not, a row's vocabulary in one program or in several."""
     seed = torch.zeros(1, dtype=torch.int64, device=device)

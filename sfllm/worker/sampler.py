@@ -167,12 +167,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None = None
                  ) -> SamplerOutput:
         """logits: [B, V] from the model, float32 or the model's dtype; the tokens go into `out` [B] when given."""
-        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if inputs.max_logprobs >= 0 else None
+        if inputs.max_logprobs >= 0 or inputs.penalties is not None or inputs.logit_bias is not None:
+            logits = logits.float()  # once, for what reads or changes the values
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if inputs.max_logprobs >= 0 else None
         if inputs.penalties is not None:
-            logits = _apply_penalties(logits.float(), inputs.penalties)
+            logits = _apply_penalties(logits, inputs.penalties)
         if inputs.logit_bias is not None:
             bias = inputs.logit_bias
-            logits = logits.float().index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
+            logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
         if logits.device.type == "cuda" and inputs.top_ks is None and inputs.min_ps is None and inputs.seeds is None:
             tokens = self._draw_with_kernel(logits, inputs, out)
         else:
