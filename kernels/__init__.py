@@ -21,7 +21,7 @@ if importlib.util.find_spec("triton") is not None:
     from sfllm.kernels.rotary_qk_norm import rotary_qk_norm_
     from sfllm.kernels.sample_tokens import sample_tokens, warm_up_sample_tokens
     from sfllm.kernels.silu_and_mul import silu_and_mul
-    from sfllm.kernels.skinny_matmul import skinny_matmul
+    from sfllm.kernels.skinny_matmul import skinny_gate_up_silu, skinny_matmul
     from sfllm.kernels.store_kv_cache import store_kv_cache
 
     __all__ = [
@@ -35,6 +35,7 @@ if importlib.util.find_spec("triton") is not None:
         "rotary_qk_norm_",
         "sample_tokens",
         "silu_and_mul",
+        "skinny_gate_up_silu",
         "skinny_matmul",
         "store_kv_cache",
         "warm_up_sample_tokens",

@@ -5,6 +5,11 @@ shapes read a Qwen3-0.6B layer's weights at about a quarter of the H200's bandwi
 for 31 MB, nvjet tiles with split-K). Here each program owns BLOCK_N output columns and streams their
 weight rows along K, several tiles in flight, with the rows of x (padded to 16 for the tensor cores)
 read from L2.
+
+`skinny_gate_up_silu` is the same pass over a gate/up projection's weight ([gate; up] stacked) with SwiGLU's
+activation applied where the two products meet: each program streams the gate rows of its columns and the up
+rows of the same columns, so the activation needs no launch of its own and the projection's output is never
+written (one launch a layer less at batch 1).
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, stride_x, stride_w, stride_out,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """out[:, :N] = x @ w[:N]^T; GATED: silu(x @ w[:N]^T) * (x @ w[N:2N]^T), w holding 2N rows."""
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     depth = tl.arange(0, BLOCK_K)
@@ -45,42 +52,77 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
     column_mask = columns < N
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
     w_rows = w_ptr + columns[:, None].to(tl.int64) * stride_w
+    up_rows = w_rows + N * stride_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         ks = start + depth
         if EVEN_K:
-            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=column_mask[:, None], other=0.0)
+            x_mask = row_mask[:, None]
+            w_mask = column_mask[:, None]
         else:
             k_mask = ks < K
-            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=column_mask[:, None] & k_mask[None, :], other=0.0)
+            x_mask = row_mask[:, None] & k_mask[None, :]
+            w_mask = column_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if GATED:
+            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            up_acc += tl.dot(x, tl.trans(up), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up_acc += tl.load(bias_ptr + N + columns, mask=column_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    if GATED:
+        # rounded where the unfused code rounds: the projection's output, then silu before the product
+        gate = acc.to(dtype).to(tl.float32)
+        result = (gate / (1.0 + tl.exp(-gate))).to(dtype) * up_acc.to(dtype)
+    else:
+        result = acc.to(dtype)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_out + columns[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & column_mask[None, :])
+    tl.store(out, result, mask=row_mask[:, None] & column_mask[None, :])
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, as F.linear.
     `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    return _launch(x, weight, bias, tile, gated=False)
+
+
+def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """silu(gate) * up of the projection x @ weight^T (+ bias) whose first half of columns is gate and second up:
+    [M, K] x [2I, K] -> [M, I], as silu_and_mul(F.linear(x, weight, bias)) rounds it. `tile` as skinny_matmul's,
+    its BLOCK_N counting the columns of one half (the default: half of the whole projection's tile, so that a
+    program streams as many weight rows as it would for the projection alone)."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"a gate/up projection has an even number of rows; got {weight.shape[0]}")
+    if tile is None:
+        block_n, block_k, num_warps, num_stages = skinny_tile(weight.shape[0], weight.shape[1])
+        tile = (max(16, block_n // 2), block_k, num_warps, num_stages)
+    return _launch(x, weight, bias, tile, gated=True)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            tile: tuple[int, int, int, int] | None, gated: bool) -> torch.Tensor:
     check_kernel_inputs(x, weight, *([] if bias is None else [bias]))
     num_rows, depth = x.shape
-    num_columns = weight.shape[0]
     if num_rows > MAX_ROWS or weight.shape[1] != depth:
         raise ValueError(f"skinny_matmul takes at most {MAX_ROWS} rows of x and a weight of x's width; got "
                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul needs rows of x and of the weight contiguous")
+    num_columns = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty(num_rows, num_columns, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
     block_n, block_k, num_warps, num_stages = tile or skinny_tile(num_columns, depth)
     _skinny_matmul_kernel[(triton.cdiv(num_columns, block_n),)](
         x, weight, bias if bias is not None else weight, out, num_rows, num_columns, depth, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -2,8 +2,10 @@
 # One call on a lent GPU host: install the carried wheels, then run the named stages, logs under $OUT.
 # Every stage runs the engine at its defaults (no tuning flags) unless the stage says otherwise.
 #   bash scripts/gpu_session.sh tests offline latency serve large
-# Stages: tests (GPU test suite), ab (a base commit $BASE and this tree on one host, each at its product's
-# defaults: the standard offline workload and batch 1), offline (standard workload + transformers baseline
+# Stages: tests (GPU test suite), batch1 (batch 1 served and offline, $BASE against this tree on one host,
+# alternating $ROUNDS times, 2 by default; then the gate/up kernels timed unless KERNEL_SWEEP=0), ab (a base
+# commit $BASE and this tree on one host, each at its product's defaults: the standard offline workload and
+# batch 1), offline (standard workload + transformers baseline
 # + trace), latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server, bench serve
 # at concurrency 1, 10, 50 and a burst of 600 at 200, with GPU utilisation; extra server flags in
 # $SERVE_FLAGS, file names tagged with $SERVE_TAG),
@@ -63,6 +65,31 @@ for stage in "$@"; do
         echo "$name $tag: exit $? $(grep -E '^wall|roofline' "$OUT/ab-$name-$tag.log" | tr '\n' ' ')"
       done
     done ;;
+  batch1)
+    # Batch 1 A/B on one host, alternating $ROUNDS times: $BASE's and this tree's server at concurrency 1 (TPOT p50) and
+    # their offline batch-1 wall time, at each tree's defaults; then this tree's gate/up kernels timed
+    unpack_base
+    for round in $(seq 1 "${ROUNDS:-2}"); do
+      for tree in /tmp/base "$PWD"; do
+        name=new; [ "$tree" = /tmp/base ] && name=base
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 90 python3 -m sfllm bench offline --model qwen3-0.6b \
+          --num-requests 1 --input-len 512 --output-len 256 >"$OUT/batch1-$name-$round-offline.log" 2>&1)
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree exec python3 -m sfllm launch --model qwen3-0.6b --load-format dummy \
+          --port $PORT --host 127.0.0.1 >"$OUT/batch1-$name-$round-server.log" 2>&1) &
+        server=$!; started=$(date +%s)
+        for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+        echo "$name round $round: server ready after $(( $(date +%s) - started )) s"
+        timeout 90 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency 1 --requests 32 \
+          --input-len 512 --output-len 256 --vocab-size 151936 --warmup 4 --gpu-monitor off \
+          >"$OUT/batch1-$name-$round-serve.log" 2>&1
+        echo "$name round $round: offline $(grep -E '^wall' "$OUT/batch1-$name-$round-offline.log"); served \
+$(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' | tr '\n' ';')"
+        stop_server
+      done
+    done
+    [ "${KERNEL_SWEEP:-1}" = 1 ] || continue
+    timeout 120 python3 tests/gpu/bench_kernels.py gate_up >"$OUT/gate-up-sweep.log" 2>&1
+    echo "gate_up sweep: exit $?"; cat "$OUT/gate-up-sweep.log" ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
       --profile-skip-steps 300 --profile-dir /tmp/prof --baseline transformers --baseline-requests 64 \

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from sfllm.kernels import rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_matmul  # noqa: E402
+from sfllm.kernels import (rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_gate_up_silu,  # noqa: E402
+                           skinny_matmul)
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -86,6 +87,23 @@ def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool) ->
     assert _relative_error(out, torch.nn.functional.linear(x, weight, bias)) < 1e-5
     with pytest.raises(ValueError, match="at most 16 rows"):
         skinny_matmul(torch.randn(17, depth).to(DEVICE), weight)
+
+
+@pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True)])
+def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: int, depth: int,
+                                                                         with_bias: bool) -> None:
+    """Gate and up of 40 columns each: the last tile of each half is ragged, and a row's gate and up products
+    must come from the rows 40 apart."""
+    torch.manual_seed(5)
+    x = torch.randn(rows, depth).to(DEVICE)
+    weight = torch.randn(80, depth).to(DEVICE)
+    bias = torch.randn(80).to(DEVICE) if with_bias else None
+    out = skinny_gate_up_silu(x, weight, bias)
+    gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+    assert out.shape == (rows, 40) and out.dtype == x.dtype
+    assert _relative_error(out, torch.nn.functional.silu(gate) * up) < 1e-5
+    with pytest.raises(ValueError, match="even number of rows"):
+        skinny_gate_up_silu(x, weight[:79])
 
 
 def test_silu_and_mul_matches_torch() -> None:

@@ -26,6 +26,15 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     return layer(x)
 
 
+def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection layer(x); for a small decode batch in the projection's own
+    kernel (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
+    if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
+        from sfllm.kernels import skinny_gate_up_silu
+        return skinny_gate_up_silu(x, layer.weight, layer.bias)
+    return silu_and_mul(layer(x))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # computed in float32 and rounded before the weight, as transformers does
     x32 = x.float()

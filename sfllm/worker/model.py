@@ -15,7 +15,7 @@ from torch import nn
 from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.layer_ops import add_rms_norm, linear, rms_norm, rotary_qk_norm, silu_and_mul
+from sfllm.worker.layer_ops import add_rms_norm, gate_up_silu, linear, rms_norm, rotary_qk_norm
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.rotary_embedding import RotaryEmbedding
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -65,7 +65,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(shard.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
+        return self.group.all_reduce(linear(gate_up_silu(x, self.gate_up_proj), self.down_proj))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -160,8 +160,50 @@ def sweep_skinny_matmul() -> None:
         del weights
 
 
+def sweep_gate_up_silu() -> None:
+    """Microseconds per graph-replayed call of a gate/up projection then its activation (skinny_matmul and
+    silu_and_mul, two launches) against skinny_gate_up_silu (one), at 1 and 8 rows, its default tile and the best
+    of a sweep; then the LM head's GEMM, cuBLAS against skinny_matmul."""
+    import itertools
+
+    from sfllm.kernels import silu_and_mul, skinny_gate_up_silu, skinny_matmul
+    shapes = {"0.6b gate_up": (6144, 1024), "8b gate_up": (24576, 4096)}
+    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
+    print("| layer | rows | projection + activation | fused, default tile | fused, best tile | best us |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (n, k) in shapes.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
+
+        def timed(fn, x) -> float:
+            def run() -> None:
+                for w in weights:
+                    fn(x, w)
+            return _graph_microseconds(run) / len(weights)
+
+        for rows in (1, 8):
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            best = min((timed(lambda a, w, t=t: skinny_gate_up_silu(a, w, tile=t), x), t) for t in tiles)
+            print(f"| {name} | {rows} | {timed(lambda a, w: silu_and_mul(skinny_matmul(a, w)), x):.1f} | "
+                  f"{timed(skinny_gate_up_silu, x):.1f} | {best[1]} | {best[0]:.1f} |", flush=True)
+        del weights
+    print("\n| LM head | rows | cuBLAS | skinny_matmul, default tile | best tile | best us |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (n, k) in {"0.6b lm_head": (151936, 1024), "8b lm_head": (151936, 4096)}.items():
+        weight = torch.randn(n, k, device="cuda", dtype=DTYPE)  # more than L2 alone
+        for rows in (1, 8):
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            best = min((_graph_microseconds(lambda t=t: skinny_matmul(x, weight, tile=t)), t) for t in tiles)
+            print(f"| {name} | {rows} | {_graph_microseconds(lambda: torch.matmul(x, weight.t())):.1f} | "
+                  f"{_graph_microseconds(lambda: skinny_matmul(x, weight)):.1f} | {best[1]} | {best[0]:.1f} |",
+                  flush=True)
+        del weight
+
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
+    if sys.argv[1:] == ["gate_up"]:
+        sweep_gate_up_silu()
+        sys.exit(0)
     if sys.argv[1:] == ["sweep"]:
         sweep_skinny_matmul()
         print()
