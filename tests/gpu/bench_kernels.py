@@ -8,6 +8,8 @@ seq^2 / 2).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -96,8 +98,6 @@ def _graph_microseconds(run) -> float:
 def sweep_decode() -> None:
     """Decode attention's KV read bandwidth (GB/s, graph replays) for each tile shape and pipeline depth, at
     Qwen3-0.6B shapes: the data behind sfllm.kernels.decode_attention.decode_tile_config."""
-    import itertools
-
     decode_module = sys.modules["sfllm.kernels.decode_attention"]  # `sfllm.kernels.decode_attention` is the function
     from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
@@ -123,29 +123,33 @@ def sweep_decode() -> None:
     decode_module.decode_tile_config = chosen
 
 
+SKINNY_TILES = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
+
+
+def _microseconds_over_weights(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    """Graph-replayed microseconds of fn(x, w), averaged over weights read in turn (together more than L2)."""
+    def run() -> None:
+        for w in weights:
+            fn(x, w)
+    return _graph_microseconds(run) / len(weights)
+
+
 def sweep_skinny_matmul() -> None:
     """Microseconds per call of F.linear (cuBLAS) and of sfllm.kernels.skinny_matmul (its current tile, and the best
     of a sweep for one row), at the linear layers of Qwen3-0.6B and -8B."""
-    import itertools
-
     import torch.nn.functional as F
 
     from sfllm.kernels import skinny_matmul
     shapes = {"0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024),
               "0.6b down": (1024, 3072), "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096),
               "8b down": (4096, 12288)}
-    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
+    tiles = SKINNY_TILES
     print("| layer | weight MB | cuBLAS 1 row | skinny 1 row | best tile, 1 row | best us | best GB/s "
           "| cuBLAS 16 rows | skinny 16 rows | best tile, 16 rows |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, (n, k) in shapes.items():
         weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
-
-        def timed(fn, x) -> float:
-            def run() -> None:
-                for w in weights:
-                    fn(x, w)
-            return _graph_microseconds(run) / len(weights)
+        timed = functools.partial(_microseconds_over_weights, weights=weights)
 
         cells = []
         for rows in (1, 16):
@@ -164,21 +168,14 @@ def sweep_gate_up_silu() -> None:
     """Microseconds per graph-replayed call of a gate/up projection then its activation (skinny_matmul and
     silu_and_mul, two launches) against skinny_gate_up_silu (one), at 1 and 8 rows, its default tile and the best
     of a sweep; then the LM head's GEMM, cuBLAS against skinny_matmul."""
-    import itertools
-
     from sfllm.kernels import silu_and_mul, skinny_gate_up_silu, skinny_matmul
     shapes = {"0.6b gate_up": (6144, 1024), "8b gate_up": (24576, 4096)}
-    tiles = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
+    tiles = SKINNY_TILES
     print("| layer | rows | projection + activation | fused, default tile | fused, best tile | best us |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, (n, k) in shapes.items():
         weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
-
-        def timed(fn, x) -> float:
-            def run() -> None:
-                for w in weights:
-                    fn(x, w)
-            return _graph_microseconds(run) / len(weights)
+        timed = functools.partial(_microseconds_over_weights, weights=weights)
 
         for rows in (1, 8):
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
