@@ -66,8 +66,9 @@ for stage in "$@"; do
       done
     done ;;
   batch1)
-    # Batch 1 A/B on one host, alternating $ROUNDS times: $BASE's and this tree's server at concurrency 1 (TPOT p50) and
-    # their offline batch-1 wall time, at each tree's defaults; then this tree's gate/up kernels timed
+    # Batch 1 A/B on one host, alternating $ROUNDS times: $BASE's and this tree's server at concurrency 1
+    # (TPOT p50) and their offline batch-1 wall time, at each tree's defaults; then this tree's gate/up
+    # kernels timed (unless KERNEL_SWEEP=0)
     unpack_base
     for round in $(seq 1 "${ROUNDS:-2}"); do
       for tree in /tmp/base "$PWD"; do
