@@ -176,7 +176,6 @@ def sweep_gate_up_silu() -> None:
     for name, (n, k) in shapes.items():
         weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]  # rotated: more than L2
         timed = functools.partial(_microseconds_over_weights, weights=weights)
-
         for rows in (1, 8):
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
             best = min((timed(lambda a, w, t=t: skinny_gate_up_silu(a, w, tile=t), x), t) for t in tiles)
