@@ -89,6 +89,7 @@ def _decode_partial_kernel(
     partial_out_ptr,
     partial_lse_ptr,
     out_ptr,
+    batch_order_ptr,
     qk_scale,
     num_kv_splits,
     stride_q_batch,
@@ -111,9 +112,13 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
-    batch = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # The heads of a sequence are neighbours in the grid; with ORDERED, the sequences come longest first
+    kv_head = tl.program_id(0)
+    batch = tl.program_id(1)
+    if ORDERED:
+        batch = tl.load(batch_order_ptr + batch)
     split = tl.program_id(2)
 
     token = tl.load(query_start_loc_ptr + batch)
@@ -232,9 +237,13 @@ def decode_attention(
     num_kv_splits: int | None = None,
     workspace: DecodeWorkspace | None = None,
     query_start_loc: torch.Tensor | None = None,
+    batch_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's query row over its first seq_lens[b] cached tokens: q [T, H, D] ->
     out [T, H, D]. Without `query_start_loc` ([B + 1] int32) sequence b's row is b (T = B).
+    `batch_order` ([B] int32, a permutation of the sequences) is the order the programs take them in:
+    longest first, the last wave of programs is not left to one long sequence (ignored for batches whose
+    heads do not outnumber the SMs).
 
     Without `num_kv_splits` the split count comes from shapes alone (the block table's capacity);
     without `workspace` one is allocated per call, which is safe under CUDA-graph capture too.
@@ -268,7 +277,13 @@ def decode_attention(
     group = num_heads // num_kv_heads
     config = decode_tile_config(group, head_dim, q.dtype, q.device, batch)
     partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
-    _decode_partial_kernel[(batch, num_kv_heads, num_kv_splits)](
+    if batch_order is not None and batch_order.shape != (batch,):
+        raise ValueError(f"batch_order has shape {tuple(batch_order.shape)}, expected ({batch},)")
+    if batch_order is not None and batch * num_kv_heads <= _num_sms(q.device):
+        # a program per SM at most for the sequences' heads: they start together, and the order's load would
+        # only add latency to every program (at batch 1, to every layer of a step that launches are bound by)
+        batch_order = None
+    _decode_partial_kernel[(num_kv_heads, batch, num_kv_splits)](
         q,
         k_cache,
         v_cache,
@@ -278,6 +293,7 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
+        seq_lens if batch_order is None else batch_order,  # any pointer when unordered: never read
         scale * LOG2_E,
         num_kv_splits,
         q.stride(0),
@@ -300,6 +316,7 @@ def decode_attention(
         BLOCK_N=config.block_n,
         DOT_PRECISION=dot_input_precision(q.dtype),
         SINGLE_SPLIT=num_kv_splits == 1,
+        ORDERED=batch_order is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

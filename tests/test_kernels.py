@@ -121,6 +121,28 @@ def test_decode_attention_matches_reference(group: int, num_kv_heads: int, num_k
     assert relative_error(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_attention_in_any_batch_order_gives_the_same_rows(num_kv_splits: int) -> None:
+    # the order is used once the sequences' heads outnumber the SMs
+    num_sms = 1 if KERNELS_INTERPRETED else torch.cuda.get_device_properties(0).multi_processor_count
+    seq_lens = ([1, 17, 70, 32, 0, 5] * (num_sms // 6 + 1))[:max(6, num_sms // 2 + 1)]
+    paged = make_paged_kv(seq_lens, 2)
+    q = strided_heads(len(seq_lens), 4)
+    unordered = decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
+                                 num_kv_splits=num_kv_splits)
+    longest_first = torch.argsort(paged.seq_lens, descending=True, stable=True).to(torch.int32)
+
+    ordered = decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
+                               num_kv_splits=num_kv_splits, batch_order=longest_first)
+
+    assert torch.equal(ordered, unordered)  # each row is computed alike, only at another time
+    ref = reference_decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125)
+    assert relative_error(ordered, ref) < 1e-4
+    with pytest.raises(ValueError, match="batch_order"):
+        decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
+                         num_kv_splits=num_kv_splits, batch_order=longest_first[:-1])
+
+
 @pytest.mark.parametrize("num_kv_splits", [1, 4])  # the output written by stage 1 itself, or by the merge
 def test_decode_attention_gives_zeros_for_empty_padding_rows(num_kv_splits: int) -> None:
     paged = make_paged_kv([0, 23, 0], 3)

@@ -29,6 +29,7 @@ class StepTensors:
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor         # [S] int32, tokens in each sequence including the new ones
     seq_slots: torch.Tensor        # [S] int64
+    decode_order: torch.Tensor     # [S] int32, the sequences longest first: the order decode attention takes them in
     logits_indices: torch.Tensor   # [L] int64, the token rows sampled, first the batch's sampled rows
     sample_slots: torch.Tensor     # [L] int64, the slot each sampled row's token goes to
     temperatures: torch.Tensor     # [L] float32, 0: greedy
@@ -39,7 +40,7 @@ class StepTensors:
 # last token, and each of its drafts' positions with speculative decoding) or tiles ("2N": two numbers each)
 _LAYOUT = (("input_ids", torch.int64, "T"), ("positions", torch.int64, "T"), ("token_slots", torch.int64, "T"),
            ("query_start_loc", torch.int32, "S+1"), ("seq_lens", torch.int32, "S"), ("seq_slots", torch.int64, "S"),
-           ("logits_indices", torch.int64, "L"), ("sample_slots", torch.int64, "L"),
+           ("decode_order", torch.int32, "S"), ("logits_indices", torch.int64, "L"), ("sample_slots", torch.int64, "L"),
            ("temperatures", torch.float32, "L"), ("tiles", torch.int32, "2N"))
 assert [name for name, _, _ in _LAYOUT] == [f.name for f in fields(StepTensors)]
 
@@ -123,6 +124,9 @@ def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_te
     host.seq_lens[num_seqs:] = 0
     host.seq_slots[:num_seqs] = slots
     host.seq_slots[num_seqs:] = padding_slot
+    # A wave of attention programs ends with its longest sequence: starting the longest first keeps the
+    # last wave from waiting on one of them (docs/performance.md, "longest first")
+    host.decode_order[:] = np.argsort(-host.seq_lens, kind="stable")
 
     sampled = np.flatnonzero(np.asarray(batch.sample, dtype=bool))
     num_sampled = len(sampled)
@@ -217,6 +221,7 @@ def device_metadata(tensors: StepTensors, shape: StepShape, tables: BlockTables,
         block_tables=tables.rows(tensors.seq_slots),
         tiles=tensors.tiles,
         decode_only=shape.decode_only,
+        decode_order=tensors.decode_order,
         num_kv_splits=num_kv_splits,
     )
     if batch is not None:

@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | ragged]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -9,10 +9,13 @@ seq^2 / 2).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton.testing
 
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sfllm.kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
                      extend_tile_config, extend_tiles)
+from sfllm.bench.workload import LengthRange  # noqa: E402
 
 BLOCK_SIZE = 16
 MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
@@ -195,8 +199,92 @@ def sweep_gate_up_silu() -> None:
         del weight
 
 
+def _standard_workload_contexts(step: int) -> np.ndarray:
+    """Context lengths of the sequences decoding at `step` of the standard offline workload (256 requests, input
+    and output lengths uniform in [100, 1024]), in request order, as if every request decoded from step 0."""
+    rng = np.random.default_rng(0)
+    inputs, outputs = (np.asarray(LengthRange(100, 1024).sample(rng, 256)) for _ in range(2))
+    return (inputs + step)[outputs > step]
+
+
+def _load_base_decode_attention():
+    """$BASE_DECODE_KERNEL (another tree's kernels/decode_attention.py) as a module, or None."""
+    path = os.environ.get("BASE_DECODE_KERNEL")
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("base_decode_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_ragged_decode() -> None:
+    """Decode attention over the batches of the standard offline workload, whose sequences differ in length:
+    KV read GB/s (graph replays) at every 128th step, for the split count the engine chooses and for fixed
+    ones, with the sequences in request order and longest first; then the attention time of the whole
+    workload (28 layers, every step, interpolated), the figure that moves its fraction of roofline."""
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    max_context = 40960  # the model's, which sizes the engine's split choice
+    base = _load_base_decode_attention()
+    steps = list(range(0, 1024, 128))
+    largest = _standard_workload_contexts(0).size
+    blocks_per_seq = 2048 // BLOCK_SIZE
+    num_blocks = largest * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+    variants = ["base", "chosen"] if base is not None else ["chosen"]
+    variants += ["chosen, longest first", "1 split, longest first", "2 splits, longest first",
+                 "4 splits, longest first"]
+    print("| step | batch | mean context | chosen splits | " + " | ".join(variants) + " |  (GB/s of KV read)")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
+    seconds = {v: [] for v in variants}
+    for step in steps:
+        contexts = _standard_workload_contexts(step)
+        batch = contexts.size
+        seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
+        order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
+        q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
+        out = torch.empty_like(q)
+        block_tables = tables[:batch]
+        chosen = choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms)
+        workspace = DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
+        runs = {
+            "chosen": lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
+                                               chosen, workspace),
+            "chosen, longest first": lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                              head_dim**-0.5, out, chosen, workspace,
+                                                              batch_order=order),
+        }
+        for splits in (1, 2, 4):
+            runs[f"{splits} split{'s' if splits > 1 else ''}, longest first"] = (
+                lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
+                                                  s, workspace, batch_order=order))
+        if base is not None:
+            base_workspace = base.DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
+            runs["base"] = lambda: base.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5,
+                                                         out, chosen, base_workspace)
+        kv_bytes = 2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize
+        cells = []
+        for name in variants:
+            us = _graph_microseconds(runs[name])
+            seconds[name].append(us * 1e-6)
+            cells.append(f"{kv_bytes / us / 1e3:.0f}")
+        print(f"| {step} | {batch} | {contexts.mean():.0f} | {chosen} | " + " | ".join(cells) + " |", flush=True)
+    every_step = np.arange(1024)
+    print("\nattention of the whole workload (28 layers, each step interpolated from the table):")
+    for name in variants:
+        total = 28 * np.interp(every_step, steps, seconds[name]).sum()
+        print(f"  {name}: {total:.3f} s")
+
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
+    if sys.argv[1:] == ["ragged"]:
+        bench_ragged_decode()
+        sys.exit(0)
     if sys.argv[1:] == ["gate_up"]:
         sweep_gate_up_silu()
         sys.exit(0)

@@ -24,6 +24,7 @@ class AttentionMetadata:
     # split-KV partitions of the decode rows; fixed by the runner so that a captured graph and an eager
     # run of the same batch split alike and give the same numbers
     num_kv_splits: int | None = None
+    decode_order: torch.Tensor | None = None  # [B] int32, the sequences longest first (for the decode kernel)
     # Host copies of the lengths, for the torch backend; a CUDA graph's steps have none.
     query_lens_host: list[int] | None = None
     seq_lens_host: list[int] | None = None

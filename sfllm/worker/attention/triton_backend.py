@@ -26,7 +26,8 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         # each kernel writes the rows of its sequences: one new token (decode), several (extend tiles)
         decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, out=out,
-                         num_kv_splits=meta.num_kv_splits, query_start_loc=meta.query_start_loc)
+                         num_kv_splits=meta.num_kv_splits, query_start_loc=meta.query_start_loc,
+                         batch_order=meta.decode_order)
         if not meta.decode_only:
             extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                              meta.tiles, self.scale, out=out)
