@@ -11,6 +11,8 @@
 # $SERVE_FLAGS, file names tagged with $SERVE_TAG),
 # priority (a high-priority probe's TTFT alone and under 600 background streams of 1024-token prompts and
 # 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
+# (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
+# ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
@@ -91,6 +93,12 @@ $(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' |
     [ "${KERNEL_SWEEP:-1}" = 1 ] || continue
     timeout 120 python3 tests/gpu/bench_kernels.py gate_up >"$OUT/gate-up-sweep.log" 2>&1
     echo "gate_up sweep: exit $?"; cat "$OUT/gate-up-sweep.log" ;;
+  ragged)
+    # decode attention over the standard workload's batches of unequal sequences ($BASE's kernel beside)
+    unpack_base
+    BASE_DECODE_KERNEL=/tmp/base/kernels/decode_attention.py timeout 180 python3 tests/gpu/bench_kernels.py ragged \
+      >"$OUT/ragged.log" 2>&1
+    echo "ragged: exit $?"; cat "$OUT/ragged.log" ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
       --profile-skip-steps 300 --profile-dir /tmp/prof --baseline transformers --baseline-requests 64 \
@@ -142,7 +150,7 @@ for level in levels:
 PY
     stop_server ;;
   priority)
-    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 \
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 $SERVE_FLAGS \
       >"$OUT/server-priority.log" 2>&1 &
     server=$!
     for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
@@ -150,6 +158,7 @@ PY
       --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
       --vocab-size 151936 --output-file "$OUT/priority.json" >"$OUT/priority.log" 2>&1
     echo "priority: exit $?"; grep -vE "it/s\]|req/s\]" "$OUT/priority.log" | tail -12
+    case "$SERVE_FLAGS" in *debug*) python3 scripts/priority_waits.py "$OUT/server-priority.log" ;; esac
     pkill -KILL -P "$server" -f "sfllm frontend"; started=$(date +%s%N)
     until curl -sf localhost:$PORT/health >/dev/null; do sleep 0.05; done
     echo "every frontend SIGKILLed: /health 200 again after $(( ($(date +%s%N) - started) / 1000000 )) ms"

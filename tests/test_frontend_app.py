@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -285,6 +286,20 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": "high"},
          headers={"X-Priority": "background"})
     assert [r.priority for r in engine.requests] == ["background", "high"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_debug_log_says_when_a_high_priority_stream_got_and_wrote_its_first_token(
+        engine: ScriptedEngine, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True}
+    with caplog.at_level(logging.DEBUG, logger="sfllm.frontend.choice_generation"):
+        post(engine, tokenizer, path, body, headers={"X-Priority": "normal"})
+        post(engine, tokenizer, path, body, headers={"X-Priority": "high"})
+    lines = [record.getMessage() for record in caplog.records if record.name == "sfllm.frontend.choice_generation"]
+    high = engine.requests[1].request_id  # the choice's id: the API request's, then "-0"
+    assert [line.split(":")[0] for line in lines] == [f"high-priority request {high}",
+                                                      f"high-priority request {high.rsplit('-', 1)[0]}"]
+    assert "first output in the frontend at" in lines[0] and "first event written at" in lines[1]
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -145,8 +146,8 @@ def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:
     scheduled = Request("a", "c", [1, 2, 3], SamplingParams(), "normal", 0.0, enqueue_time=10.0,
                         first_scheduled_time=10.03)
     never_scheduled = Request("b", "c", [1, 2], SamplingParams(), "normal", 0.0, enqueue_time=10.0)
-    counters.admitted(scheduled)
-    counters.admitted(never_scheduled)
+    counters.admitted(scheduled, 0.0, str)
+    counters.admitted(never_scheduled, 0.0, str)
     counters.count([RequestOutput(request_id="a", token_ids=[5], num_prompt_tokens=3)])
     counters.count([RequestOutput(request_id="a", token_ids=[6], finish_reason="length"),
                     RequestOutput(request_id="b", token_ids=[], finish_reason="abort"),
@@ -155,6 +156,27 @@ def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:
     assert counters.num_finished == {"length": 1, "abort": 1, "error": 1}
     assert counters.queue_time_counts[2] == 1 and sum(counters.queue_time_counts) == 1, "0.03 s: the 0.05 bucket"
     assert counters.queue_time_sum_s == pytest.approx(0.03)
+
+
+def test_engine_counters_log_where_a_high_priority_first_token_waited(caplog: pytest.LogCaptureFixture) -> None:
+    counters = EngineCounters()
+    now = time.monotonic()
+    high = Request("h", "c", [1, 2], SamplingParams(), "high", 0.0, enqueue_time=now, first_scheduled_time=now + 0.004)
+    normal = Request("n", "c", [1, 2], SamplingParams(), "normal", 0.0, enqueue_time=now, first_scheduled_time=now)
+    unasked = Request("u", "c", [1, 2], SamplingParams(), "high", 0.0, enqueue_time=now, first_scheduled_time=now)
+
+    def no_state() -> str:
+        raise AssertionError("the engine's state is read for the debug log alone")
+
+    counters.admitted(unasked, time.time(), no_state)  # INFO: nothing recorded
+    with caplog.at_level(logging.DEBUG, logger="sfllm.engine.engine_process"):
+        counters.admitted(high, time.time() - 0.001, lambda: "2 steps in flight")
+        counters.admitted(normal, time.time(), lambda: "never asked")
+        counters.count([RequestOutput(request_id=r, token_ids=[5], num_prompt_tokens=2) for r in ("h", "n", "u")])
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("high-priority request h: at the engine ")
+    assert "(2 steps in flight); scheduled 4.0 ms later, first output sent at " in lines[0]
 
 
 def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(

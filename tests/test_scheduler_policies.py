@@ -27,6 +27,7 @@ from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
 from sfllm.scheduler.request import Request
 from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
+from sfllm.scheduler.waiting_queue import WaitingQueue
 
 EOS = 2
 VOCAB = 50_003
@@ -335,6 +336,24 @@ def test_high_pushes_out_any_lower_class_and_aged_background_only_normal() -> No
     aged.aged = True
     assert [may_push_out(h, r) for r in (h, n, b, aged)] == [False, True, True, True]
     assert [may_push_out(aged, r) for r in (h, n, b, aged)] == [False, True, False, False]
+
+
+def test_ranked_high_keeps_the_admission_order_of_those_ranking_as_high() -> None:
+    queue = WaitingQueue(max_background_wait_s=10.0)
+    paused_aged, paused_young = _request("paused_aged", "background", 1.0), _request("paused_young", "background", 2.0)
+    for request in (paused_aged, paused_young):
+        request.block_ids = [3]  # preempted for its slot alone: it kept its KV
+    requests = [_request("b_aged", "background", 0.0), paused_aged, _request("n", "normal", 1.0),
+                _request("h", "high", 1.0), paused_young, _request("b_young", "background", 5.0)]
+    for request in requests:
+        queue.add(request, request.arrival_time)
+
+    ranked = [r.request_id for r in queue.ranked_high(now=11.0)]
+
+    assert ranked == ["h", "paused_aged", "b_aged"]
+    admission_order = queue.candidates(11.0, len(requests))
+    assert ranked == [r.request_id for r in admission_order if r.priority == "high" or queue.is_aged(r, 11.0)]
+    assert queue.candidates(11.0, 0) == []
 
 
 def test_high_arrival_preempts_aged_background_work_last() -> None:

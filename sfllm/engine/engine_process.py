@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -51,22 +52,34 @@ class EngineCounters:
         self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS_S) + 1)
         self.queue_time_sum_s = 0.0
         self._awaiting_first_output: dict[str, Request] = {}
+        # high-priority requests, for the debug log: (the frontend's arrival time, the engine's state on arrival)
+        self._high_priority_arrivals: dict[str, tuple[float, str]] = {}
 
-    def admitted(self, request: Request) -> None:
+    def admitted(self, request: Request, frontend_arrival_time: float, engine_state: Callable[[], str]) -> None:
         # The scheduler stamps enqueue and first-scheduled times on its Request; read them at the first output.
         self._awaiting_first_output[request.request_id] = request
+        if request.priority == "high" and logger.isEnabledFor(logging.DEBUG):
+            self._high_priority_arrivals[request.request_id] = (frontend_arrival_time, engine_state())
 
     def count(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             request = self._awaiting_first_output.get(output.request_id)
             if request is not None and (output.token_ids or output.finish_reason is not None):
                 del self._awaiting_first_output[output.request_id]
+                high_priority = self._high_priority_arrivals.pop(output.request_id, None)
                 if output.token_ids:
                     self.num_prompt_tokens += len(request.prompt_token_ids)
                 if request.first_scheduled_time is not None:
                     queue_time = request.first_scheduled_time - request.enqueue_time
                     self.queue_time_counts[bisect.bisect_left(QUEUE_TIME_BUCKETS_S, queue_time)] += 1
                     self.queue_time_sum_s += queue_time
+                    if high_priority is not None:  # where its first token waited, from the frontend's clock
+                        frontend_arrival, engine_state = high_priority
+                        to_engine = request.enqueue_time - time.monotonic() + time.time() - frontend_arrival
+                        logger.debug("high-priority request %s: at the engine %.1f ms after the frontend took it "
+                                     "(%s); scheduled %.1f ms later, first output sent at %.1f ms",
+                                     output.request_id, 1e3 * to_engine, engine_state, 1e3 * queue_time,
+                                     1e3 * (time.time() - frontend_arrival))
             self.num_generation_tokens += len(output.token_ids)
             if output.finish_reason is not None:
                 self.num_finished[output.finish_reason] = self.num_finished.get(output.finish_reason, 0) + 1
@@ -129,7 +142,8 @@ class EngineServer:
             if error is not None:
                 self._deliver([error])
             else:
-                self.counters.admitted(self.core.scheduler.requests[message.request_id])
+                self.counters.admitted(self.core.scheduler.requests[message.request_id], message.arrival_time,
+                                       self._pipeline_state)
         elif isinstance(message, AbortRequest):
             self._deliver(self.core.abort(message.request_ids))
         elif isinstance(message, Heartbeat):
@@ -142,6 +156,11 @@ class EngineServer:
             self.worker.send(StartProfile(directory=directory) if message.start else StopProfile())
         elif isinstance(message, Shutdown):
             self.stopping = True
+
+    def _pipeline_state(self) -> str:
+        core = self.core
+        return (f"{core.num_in_flight} steps in flight, the next due in {1e3 * core.seconds_until_due():.1f} ms, "
+                f"sent {1e3 * core.send_timing.send_ahead_s():.1f} ms before the one in flight ends")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self.counters.count(outputs)

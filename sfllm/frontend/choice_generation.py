@@ -6,7 +6,9 @@ ends it in the frontend, and closing its stream aborts it in the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from sfllm.frontend.choices import Choice, ChoiceDecoder, ChoiceDelta
@@ -16,22 +18,38 @@ from sfllm.frontend.metrics import FrontendMetrics
 from sfllm.frontend.openai_protocol import PromptTokensDetails, Usage
 from sfllm.frontend.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: Choice,
                            metrics: FrontendMetrics | None) -> AsyncIterator[ChoiceDelta]:
     request = choice.request
     decoder = ChoiceDecoder(tokenizer, choice)
     first_token_time: float | None = None
+    first_output = True
     async with aclosing(engine.submit(request)) as outputs:
         async for output in outputs:
-            if metrics is not None and first_token_time is None and output.token_ids:
-                first_token_time = metrics.first_token(request.arrival_time)
+            if first_output and output.token_ids:
+                first_output = False
+                if request.priority == "high" and logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("high-priority request %s: first output in the frontend at %.1f ms",
+                                 request.request_id, 1e3 * (time.time() - request.arrival_time))
+                if metrics is not None:
+                    first_token_time = metrics.first_token(request.arrival_time)
             delta = decoder.decode(output)
             yield delta
             if delta.finish_reason is not None:
                 if metrics is not None and first_token_time is not None:
                     metrics.sequence_finished(first_token_time, delta.num_output_tokens)
                 return  # leaving `aclosing` aborts the engine's request if a stop string ended it
+
+
+def high_priority_trace(request_id: str, priority: str, arrival_time: float) -> Callable[[], None] | None:
+    """For the debug log of a high-priority stream: logs when its first event was written."""
+    if priority != "high" or not logger.isEnabledFor(logging.DEBUG):
+        return None
+    return lambda: logger.debug("high-priority request %s: first event written at %.1f ms", request_id,
+                                1e3 * (time.time() - arrival_time))
 
 
 async def generate_choices(engine: EngineClient, tokenizer: Tokenizer, choices: list[Choice],

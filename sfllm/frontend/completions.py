@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from sfllm.frontend.choice_events import choice_events
-from sfllm.frontend.choice_generation import UsageTally, generate_choices
+from sfllm.frontend.choice_generation import UsageTally, generate_choices, high_priority_trace
 from sfllm.frontend.choices import ChoiceDelta, plan_choices
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import InvalidRequestError
@@ -129,7 +129,7 @@ class CompletionEndpoint:
             deltas = _prompt_only(deltas)
         if body.stream:
             events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(), outcome)
-            return await start_event_stream(request, events)
+            return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
         response = await until_disconnect(request, self._complete(request_id, deltas, texts, tally))
         return JSONResponse(response.model_dump(mode="json"))
 

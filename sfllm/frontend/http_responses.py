@@ -6,7 +6,7 @@ engine's requests instead of computing tokens nobody will read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
@@ -50,13 +50,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 class EventStreamResponse(StreamingResponse):
     """`text/event-stream` of already-formatted events; `events` is closed however the response ends."""
 
-    def __init__(self, first_event: str, events: AsyncGenerator[str, None]) -> None:
+    def __init__(self, first_event: str, events: AsyncGenerator[str, None],
+                 first_event_written: Callable[[], None] | None = None) -> None:
         self._events = events
+        self._first_event_written = first_event_written
         super().__init__(self._body(first_event), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _body(self, first_event: str) -> AsyncIterator[str]:
         yield first_event
+        if self._first_event_written is not None:  # asked for the next chunk: the first one was sent
+            self._first_event_written()
         async for event in self._events:
             yield event
 
@@ -67,7 +71,8 @@ class EventStreamResponse(StreamingResponse):
             await self._events.aclose()
 
 
-async def start_event_stream(request: Request, events: AsyncGenerator[str, None]) -> EventStreamResponse:
+async def start_event_stream(request: Request, events: AsyncGenerator[str, None],
+                             first_event_written: Callable[[], None] | None = None) -> EventStreamResponse:
     """Wait for the first event before answering, so an error before it gets its own HTTP status."""
     first_event = await until_disconnect(request, anext(events))
-    return EventStreamResponse(first_event, events)
+    return EventStreamResponse(first_event, events, first_event_written)

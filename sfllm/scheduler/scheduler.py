@@ -180,7 +180,7 @@ class Scheduler:
         self._make_room_for_high_priority(now, step)
         # Until high priority has its first token, its steps are its own: other requests (aged ones
         # too) sit out, so that its prefill step is as short as the request alone.
-        high_first = (any(r.priority == "high" for r in self.waiting)
+        high_first = (self.waiting.num_waiting("high") > 0
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
         speculate = self.speculation.active(len(self.running))
@@ -263,8 +263,7 @@ class Scheduler:
 
     def _make_room_for_high_priority(self, now: float, step: _StepBuilder) -> None:
         """Preempts lower-class running requests while waiting high-priority ones lack a slot or blocks."""
-        high = [r for r in self.waiting.candidates(now, len(self.waiting)) if self.waiting.effective_rank(r, now) == 0
-                and r.num_pending_samples == 0]
+        high = [r for r in self.waiting.ranked_high(now) if r.num_pending_samples == 0]
         slots_needed = blocks_needed = 0
         for request in high:
             slots_needed += 1

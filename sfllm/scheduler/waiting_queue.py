@@ -31,6 +31,9 @@ class WaitingQueue:
     def counts(self) -> dict[str, int]:
         return {name: len(q) for name, q in self._queues.items()}
 
+    def num_waiting(self, priority: str) -> int:
+        return len(self._queues[priority])
+
     def add(self, request: Request, now: float) -> None:
         queue = self._queues[request.priority]
         if len(queue) >= self.max_per_class:
@@ -48,12 +51,9 @@ class WaitingQueue:
         self._queues[request.priority].remove(request)
 
     def is_aged(self, request: Request, now: float) -> bool:
+        """A background request that waited past the bound is admitted like high priority."""
         return request.aged or (request.priority == "background"
                                 and now - request.waiting_since >= self.max_background_wait_s)
-
-    def effective_rank(self, request: Request, now: float) -> int:
-        """Background requests that waited past the bound are admitted like high priority."""
-        return PRIORITY_RANK["high"] if self.is_aged(request, now) else PRIORITY_RANK[request.priority]
 
     def _ordered(self, requests: list[Request]) -> list[Request]:
         if self.policy != "length-bucket":
@@ -62,10 +62,19 @@ class WaitingQueue:
         fresh = [r for r in requests if not r.num_preemptions]
         return resumed + order_by_length_bucket(fresh)
 
+    def ranked_high(self, now: float) -> list[Request]:
+        """The waiting requests admitted like high priority, in the order of `candidates`: high priority, then
+        aged background (paused first). Cheaper than `candidates` when many lower requests wait."""
+        aged = [r for r in self._queues["background"] if self.is_aged(r, now)]
+        return (self._ordered(list(self._queues["high"])) + [r for r in aged if r.is_paused]
+                + [r for r in aged if not r.is_paused])
+
     def candidates(self, now: float, free_slots: int) -> list[Request]:
         """Waiting requests in admission order, as many as the free slots allow: high priority,
         then background requests that high priority paused (they resume with a decode, and their
         KV blocks come back sooner), then aged background, then normal and background by their shares."""
+        if free_slots <= 0:
+            return []
         background = list(self._queues["background"])
         paused = [r for r in background if r.is_paused]
         background = [r for r in background if not r.is_paused]
