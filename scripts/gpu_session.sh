@@ -13,6 +13,7 @@
 # 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
+# extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
@@ -99,6 +100,10 @@ $(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' |
     BASE_DECODE_KERNEL=/tmp/base/kernels/decode_attention.py timeout 180 python3 tests/gpu/bench_kernels.py ragged \
       >"$OUT/ragged.log" 2>&1
     echo "ragged: exit $?"; cat "$OUT/ragged.log" ;;
+  extend)
+    # extend attention's tiles over the standard workload's first prefill steps, and longest-first tile order
+    timeout 240 python3 tests/gpu/bench_kernels.py extend >"$OUT/extend.log" 2>&1
+    echo "extend: exit $?"; cat "$OUT/extend.log" ;;
   offline)
     timeout 240 $BENCH --model qwen3-0.6b --output-file "$OUT/offline-0.6b.json" --profile-steps 30 \
       --profile-skip-steps 300 --profile-dir /tmp/prof --baseline transformers --baseline-requests 64 \

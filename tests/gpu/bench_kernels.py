@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up | ragged]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | ragged | extend]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -8,6 +8,7 @@ seq^2 / 2).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -125,6 +126,76 @@ def sweep_decode() -> None:
             cells.append(f"{2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3:.0f}")
         print(f"| {block_n} | {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
     decode_module.decode_tile_config = chosen
+
+
+def _standard_prefill_steps(num_steps: int, budget: int = 8192) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(query lengths, sequence lengths) of the standard offline workload's first steps: its prompts in order,
+    chunked at the step's token budget (a chunk that continues a prompt attends to the part before it too)."""
+    rng = np.random.default_rng(0)
+    prompts = LengthRange(100, 1024).sample(rng, 256)
+    steps, index, done = [], 0, 0
+    for _ in range(num_steps):
+        query_lens, seq_lens, left = [], [], budget
+        while left > 0 and index < len(prompts):
+            chunk = min(prompts[index] - done, left)
+            query_lens.append(chunk)
+            seq_lens.append(done + chunk)
+            left -= chunk
+            index, done = (index + 1, 0) if done + chunk == prompts[index] else (index, done + chunk)
+        steps.append((np.asarray(query_lens), np.asarray(seq_lens)))
+    return steps
+
+
+def sweep_extend() -> None:
+    """Extend attention's TFLOP/s (causal, graph replays) over the standard workload's first prefill steps, for
+    each tile shape and pipeline depth, with the query tiles in the order the step lists them and with the
+    tiles that attend to the most keys first: the data behind extend_tile_config on this card."""
+    extend_module = sys.modules["sfllm.kernels.extend_attention"]
+    from sfllm.kernels.tile_config import TileConfig
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    chosen = extend_module.extend_tile_config
+    steps = _standard_prefill_steps(3)
+    print("| block_m | block_n | warps | stages | " + " | ".join(f"step {i}, listed / most keys first"
+                                                            for i in range(len(steps))) + " |  (TFLOP/s)")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in steps) + " |")
+    inputs = []
+    for query_lens, seq_lens in steps:
+        blocks_per_seq = -(-int(seq_lens.max()) // BLOCK_SIZE)
+        num_blocks = len(seq_lens) * blocks_per_seq
+        shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+        k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(len(seq_lens), blocks_per_seq)
+        query_start_loc = torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)).cuda()
+        q = torch.randn(int(query_lens.sum()), num_heads, head_dim, device="cuda", dtype=DTYPE)
+        prefix = seq_lens - query_lens
+        flops = 4 * head_dim * num_heads * float(np.sum(query_lens * prefix + query_lens * (query_lens + 1) / 2))
+        inputs.append((query_lens, prefix, k_cache, v_cache, block_tables, query_start_loc,
+                       torch.from_numpy(seq_lens.astype(np.int32)).cuda(), q, flops))
+    tiles_tried = list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3)))
+    for block_m, block_n, warps, stages in [(None, None, None, None)] + tiles_tried:
+        if block_m is None:
+            config = chosen(head_dim, DTYPE, torch.device("cuda"))
+        else:
+            config = TileConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        extend_module.extend_tile_config = lambda *args, config=config: config
+        cells = []
+        for query_lens, prefix, k_cache, v_cache, block_tables, query_start_loc, seq_lens, q, flops in inputs:
+            listed = extend_tiles(query_lens, config.block_m)
+            keys = prefix[listed[:, 0]] + listed[:, 1] + config.block_m  # keys a tile attends to, at most
+            orders = (listed, listed[np.argsort(-keys, kind="stable")])
+            out = torch.empty_like(q)
+            timed = []
+            for tiles in orders:
+                tiles = torch.from_numpy(np.ascontiguousarray(tiles)).cuda()
+                us = _graph_microseconds(lambda t=tiles: extend_attention(
+                    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, t, head_dim**-0.5, out))
+                timed.append(f"{flops / us / 1e6:.0f}")
+            cells.append(" / ".join(timed))
+        name = "default: " + ", ".join(str(v) for v in dataclasses.astuple(config)) if block_m is None else \
+            f"{block_m} | {block_n} | {warps} | {stages}"
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    extend_module.extend_tile_config = chosen
 
 
 SKINNY_TILES = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
@@ -282,6 +353,9 @@ def bench_ragged_decode() -> None:
 
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
+    if sys.argv[1:] == ["extend"]:
+        sweep_extend()
+        sys.exit(0)
     if sys.argv[1:] == ["ragged"]:
         bench_ragged_decode()
         sys.exit(0)
