@@ -26,6 +26,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
+from sfllm.frontend.engine_client import HEARTBEAT_INTERVAL_S
 from servers import (LaunchedServer, alive, assert_health_stays_down, free_port, process_tree,
                      watch_health)
 from test_ops_frontend import PRIORITY_HEADERS, REQUESTS, check_answer
@@ -108,9 +109,13 @@ def metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]
 
 def settled_metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Metrics once the engine's stats show it idle (their totals then count every finished request) and the
-    frontend serves nothing (it counts a request as its answer ends)."""
+    frontend serves nothing (it counts a request as its answer ends). The frontend asks for the engine's
+    stats every heartbeat: stats from before the last requests ran would show it idle too, so the metrics are
+    read again two heartbeats later."""
     wait_for(lambda: kv_idle(server), 60, "the engine to be idle")
     wait_for(lambda: metric(metrics(server), "sfllm_frontend_requests_in_flight") == 0, 60, "no request in flight")
+    time.sleep(2 * HEARTBEAT_INTERVAL_S + 0.1)
+    assert kv_idle(server), "the engine went back to work"
     return metrics(server)
 
 
@@ -190,8 +195,7 @@ def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedSe
     for events in results:
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1] if isinstance(e, dict))
         assert events[-2]["usage"]["completion_tokens"] == 4
-    wait_for(lambda: kv_idle(a), 30, "every KV block to be free again")
-    after = metrics(a)
+    after = settled_metrics(a)  # and every KV block free again
     assert metric(after, "sfllm_requests_total", status="200", priority="normal") - metric(
         before, "sfllm_requests_total", status="200", priority="normal") == 200
     assert metric(after, "sfllm_generation_tokens_total") - metric(before, "sfllm_generation_tokens_total") == 800
@@ -241,8 +245,8 @@ def test_clients_that_leave_mid_stream_have_their_requests_aborted(a: LaunchedSe
     for thread in threads:
         thread.join(60)
     assert all(len(result["lines"]) == 2 for result in results), "each left after two events"
-    wait_for(lambda: kv_idle(a), 60, "the abandoned requests to be aborted and their KV blocks freed")
-    aborted = metric(metrics(a), "sfllm_requests_finished_total", reason="abort") - metric(
+    after = settled_metrics(a)  # the abandoned requests aborted and their KV blocks freed
+    aborted = metric(after, "sfllm_requests_finished_total", reason="abort") - metric(
         before, "sfllm_requests_finished_total", reason="abort")
     assert aborted == 6
 

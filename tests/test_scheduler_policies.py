@@ -483,7 +483,7 @@ def test_server_sends_the_next_step_just_before_a_long_step_ends() -> None:
     result = worker.collect()
     result.launch_time_s = 0.002  # the worker's host time before the step's launch
     core.complete(result)
-    ahead = core.send_timing.send_ahead_s()
+    ahead = core.send_ahead_s()
     assert ahead == pytest.approx(SEND_AHEAD_FACTOR * 0.002 + SEND_AHEAD_SLACK_S)
     assert not core.submit_due(), "steps take 1 s: the next goes in when the running one is about to end"
     clock.now = 1.5
@@ -500,19 +500,25 @@ def test_server_sends_the_next_step_just_before_a_long_step_ends() -> None:
     assert core.seconds_until_due() == pytest.approx(0.01 - ahead), "the last step's 10 ms, not the 1 s of before"
 
 
-def test_the_send_ahead_follows_the_host_time_of_recent_steps_and_a_step_is_timed_by_its_size() -> None:
+def test_the_send_ahead_follows_the_host_time_of_recent_steps_of_a_size_and_a_step_is_timed_by_its_size() -> None:
     timing = SendTiming()
-    assert timing.send_ahead_s() == SEND_AHEAD_MAX_S, "nothing measured: as far ahead as ever needed"
+    assert timing.send_ahead_s(256) == SEND_AHEAD_MAX_S, "nothing measured: as far ahead as ever needed"
     timing.record(8192, duration_s=0.015, schedule_s=0.001, launch_s=0.0015)
-    assert timing.send_ahead_s() == pytest.approx(SEND_AHEAD_FACTOR * 0.0025 + SEND_AHEAD_SLACK_S)
+    assert timing.send_ahead_s(256) == pytest.approx(SEND_AHEAD_FACTOR * 0.0025 + SEND_AHEAD_SLACK_S), \
+        "a size not seen yet: the most any recent step took"
     timing.record(256, duration_s=0.003, schedule_s=0.0005, launch_s=0.0005)
     assert timing.expected_duration_s(8000) == 0.015 and timing.expected_duration_s(200) == 0.003
     assert timing.expected_duration_s(1000) == 0.003, "a size not seen yet: the last step's time"
+    assert timing.send_ahead_s(256) == pytest.approx(SEND_AHEAD_FACTOR * 0.001 + SEND_AHEAD_SLACK_S), \
+        "decodes after a prefill: the decodes' host time"
+    assert timing.send_ahead_s(8000) == pytest.approx(SEND_AHEAD_FACTOR * 0.0025 + SEND_AHEAD_SLACK_S)
     timing.record(300, duration_s=0.05, schedule_s=0.001, launch_s=0.04)  # a long eager step's host work
-    assert timing.send_ahead_s() == SEND_AHEAD_MAX_S
-    for _ in range(RECENT_STEPS):
-        timing.record(256, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
-    assert timing.send_ahead_s() == SEND_AHEAD_MIN_S, "the eager step is forgotten after RECENT_STEPS graph steps"
+    assert timing.send_ahead_s(300) == SEND_AHEAD_MAX_S
+    for _ in range(RECENT_STEPS - 1):
+        timing.record(300, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
+    assert timing.send_ahead_s(300) == SEND_AHEAD_MAX_S, "the eager step counts for RECENT_STEPS steps of its size"
+    timing.record(300, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
+    assert timing.send_ahead_s(300) == SEND_AHEAD_MIN_S, "and is forgotten after them"
 
 
 # ---- chunked prefill and length buckets -------------------------------------------------------

@@ -135,9 +135,13 @@ class EngineCore:
         that waits for its grammar mask, is due when the second was)."""
         if not self._in_flight:
             return 0.0
-        timing = self.send_timing
-        expected = timing.expected_duration_s(sum(self._in_flight[0].batch.num_new_tokens))
-        return self._running_since + expected - timing.send_ahead_s() - self._clock()
+        expected = self.send_timing.expected_duration_s(sum(self._in_flight[0].batch.num_new_tokens))
+        return self._running_since + expected - self.send_ahead_s() - self._clock()
+
+    def send_ahead_s(self) -> float:
+        """How long before the step in flight ends the next is sent: the host time of steps like the newest."""
+        newest = sum(self._in_flight[-1].batch.num_new_tokens) if self._in_flight else 0
+        return self.send_timing.send_ahead_s(newest)
 
     def submit_due(self) -> bool:
         """`submit_next`, but a step goes behind the one in flight only once that is about to end."""

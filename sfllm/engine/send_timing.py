@@ -3,10 +3,12 @@
 A step sent while another runs waits behind it on the worker; a request that arrives meanwhile (a
 high-priority one) can only join the step after. So the engine holds the next step back until the one
 in flight is about to end, by `send_ahead_s`: the host time the next step needs before the device can
-start it (the engine's scheduling and the worker's staging, both measured over the last steps, with
-room to spare), never less than SEND_AHEAD_MIN_S nor more than SEND_AHEAD_MAX_S. When the step in
-flight will end comes from the last step of the same size: a decode step after a long prefill step
-must not be expected to last as long, or the device would wait for the step after it.
+start it (the engine's scheduling and the worker's staging, with room to spare), never less than
+SEND_AHEAD_MIN_S nor more than SEND_AHEAD_MAX_S. Both times come from recent steps of the same size: a
+decode step after a long prefill step must not be expected to last as long, or the device would wait for
+the step after it; and the next step, expected to be like the newest in flight, needs the host time of
+steps of that size: a decode step's, not that of the 8,192-token prefill steps or the high-priority
+prefills among the last decodes (a step of another size than expected may start late, by the difference).
 """
 from __future__ import annotations
 
@@ -29,23 +31,33 @@ def size_class(num_tokens: int) -> int:
 
 class SendTiming:
     def __init__(self) -> None:
-        self._host_s: deque[float] = deque(maxlen=RECENT_STEPS)  # scheduling + the worker's staging, per step
+        # scheduling + the worker's staging of the last RECENT_STEPS steps of each size
+        self._host_s_by_size: dict[int, deque[float]] = {}
         self._duration_by_size: dict[int, float] = {}
         self._last_duration_s = 0.0
 
     def record(self, num_tokens: int, duration_s: float, schedule_s: float, launch_s: float) -> None:
         """A step is back: `duration_s` from the end of the step before (or its sending, into an empty
         pipeline) to its result, `schedule_s` the engine's and `launch_s` the worker's host time for it."""
-        self._duration_by_size[size_class(num_tokens)] = duration_s
+        size = size_class(num_tokens)
+        self._duration_by_size[size] = duration_s
         self._last_duration_s = duration_s
-        self._host_s.append(schedule_s + launch_s)
+        self._host_s_by_size.setdefault(size, deque(maxlen=RECENT_STEPS)).append(schedule_s + launch_s)
 
     def expected_duration_s(self, num_tokens: int) -> float:
         """How long a step of `num_tokens` will take: the last of its size, else the last step's."""
         return self._duration_by_size.get(size_class(num_tokens), self._last_duration_s)
 
-    def send_ahead_s(self) -> float:
-        if not self._host_s:
+    def send_ahead_s(self, num_tokens: int) -> float:
+        """How long before the step in flight ends to send the next, expected to be of `num_tokens` like the
+        newest in flight: from the most host time a recent step of that size took; a size not seen yet gets
+        the most of any recent step, and nothing measured yet the most there is."""
+        recent = self._host_s_by_size.get(size_class(num_tokens))
+        if recent:
+            host_s = max(recent)
+        elif self._host_s_by_size:
+            host_s = max(max(times) for times in self._host_s_by_size.values())
+        else:
             return SEND_AHEAD_MAX_S
-        needed = SEND_AHEAD_FACTOR * max(self._host_s) + SEND_AHEAD_SLACK_S
+        needed = SEND_AHEAD_FACTOR * host_s + SEND_AHEAD_SLACK_S
         return min(SEND_AHEAD_MAX_S, max(SEND_AHEAD_MIN_S, needed))

@@ -64,6 +64,9 @@ def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
                          num_cached_tokens=second.num_cached_tokens or first.num_cached_tokens)
 
 
+HEARTBEAT_INTERVAL_S = 0.5  # how often the engine's stats (health, metrics) are asked for
+
+
 class EngineClient:
     """Hello, heartbeats, request streams and aborts over one DEALER socket.
 
@@ -76,8 +79,8 @@ class EngineClient:
     long step delays the engine's answers.
     """
 
-    def __init__(self, address: str, *, heartbeat_interval_s: float = 0.5, stats_fresh_s: float = 2.0,
-                 engine_timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, *, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 stats_fresh_s: float = 2.0, engine_timeout_s: float = 10.0) -> None:
         self.address = address
         self.client_id = uuid.uuid4().hex
         self.heartbeat_interval_s = heartbeat_interval_s
