@@ -12,6 +12,7 @@
 # priority (a high-priority probe's TTFT alone and under 600 background streams of 1024-token prompts and
 # 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
+# serve_ab ($BASE's and this tree's servers alternately: bench serve at $LEVELS and the priority probes),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
 # extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
@@ -154,6 +155,32 @@ for level in levels:
           " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
 PY
     stop_server ;;
+  serve_ab)
+    # $BASE's and this tree's servers alternately ($ROUNDS, 1 by default), each at its defaults plus $SERVE_FLAGS:
+    # bench serve at $LEVELS (1,50,200) and the priority probes, with this tree's clients
+    unpack_base
+    for round in $(seq 1 "${ROUNDS:-1}"); do
+      for tree in /tmp/base "$PWD"; do
+        name=new; [ "$tree" = /tmp/base ] && name=base
+        tag=$name-$round
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree exec python3 -m sfllm launch --model qwen3-0.6b --load-format dummy \
+          --port $PORT --host 127.0.0.1 $SERVE_FLAGS >"$OUT/serve-ab-$tag-server.log" 2>&1) &
+        server=$!
+        for i in $(seq 1 150); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+        timeout 150 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency ${LEVELS:-1,50,200} \
+          --requests ${REQUESTS:-32,200,600} --input-len 512 --output-len 256 --vocab-size 151936 --warmup 8 \
+          --gpu-monitor off >"$OUT/serve-ab-$tag-serve.log" 2>&1
+        echo "$name round $round serve: $(grep -E '^ +c=|TPOT p50|TTFT p50|TTFT p99' \
+          "$OUT/serve-ab-$tag-serve.log" | tr -s ' ' | tr '\n' ';')"
+        timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT --probes 10 --warmup 2 \
+          --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
+          --vocab-size 151936 >"$OUT/serve-ab-$tag-priority.log" 2>&1
+        echo "$name round $round priority: $(grep -E 'TTFT p50' "$OUT/serve-ab-$tag-priority.log" | tr -s ' ' \
+          | tr '\n' ';')"
+        case "$SERVE_FLAGS" in *debug*) python3 scripts/priority_waits.py "$OUT/serve-ab-$tag-server.log" ;; esac
+        stop_server
+      done
+    done ;;
   priority)
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 $SERVE_FLAGS \
       >"$OUT/server-priority.log" 2>&1 &
@@ -312,3 +339,7 @@ PY
     done ;;
   esac
 done
+# at most 8 files come back from a lent host: more go into one archive
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar czf /tmp/logs.tgz . && find . -mindepth 1 -delete && mv /tmp/logs.tgz .)
+fi
