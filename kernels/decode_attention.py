@@ -277,8 +277,10 @@ def decode_attention(
     group = num_heads // num_kv_heads
     config = decode_tile_config(group, head_dim, q.dtype, q.device, batch)
     partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
-    if batch_order is not None and batch_order.shape != (batch,):
-        raise ValueError(f"batch_order has shape {tuple(batch_order.shape)}, expected ({batch},)")
+    if batch_order is not None and (batch_order.shape != (batch,) or batch_order.dtype != torch.int32
+                                    or batch_order.stride(0) != 1 or batch_order.device != q.device):
+        raise ValueError(f"batch_order must be a contiguous int32 [{batch}] tensor on {q.device}, got "
+                         f"{batch_order.dtype} {tuple(batch_order.shape)} on {batch_order.device}")
     if batch_order is not None and batch * num_kv_heads <= _num_sms(q.device):
         # a program per SM at most for the sequences' heads: they start together, and the order's load would
         # only add latency to every program (at batch 1, to every layer of a step that launches are bound by)

@@ -53,6 +53,8 @@ def run(scheduler: Scheduler, steps: int, warmup: int) -> tuple[list[float], lis
             in_flight.append(step)
         if len(in_flight) < 2 and step is not None:
             continue
+        if not in_flight:
+            raise SystemExit(f"the flood ended after {index} steps: ask for fewer --steps or a longer --output-len")
         done = in_flight.popleft()
         tokens = [1 + row % 1000 for row in range(len(done.sampled))]
         result = ForwardResult(step_id=done.batch.step_id, token_ids=tokens, logprobs=[None] * len(tokens))

@@ -96,10 +96,10 @@ $(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' |
     timeout 120 python3 tests/gpu/bench_kernels.py gate_up >"$OUT/gate-up-sweep.log" 2>&1
     echo "gate_up sweep: exit $?"; cat "$OUT/gate-up-sweep.log" ;;
   ragged)
-    # decode attention over the standard workload's batches of unequal sequences ($BASE's kernel beside)
-    unpack_base
-    BASE_DECODE_KERNEL=/tmp/base/kernels/decode_attention.py timeout 180 python3 tests/gpu/bench_kernels.py ragged \
-      >"$OUT/ragged.log" 2>&1
+    # decode attention over the standard workload's batches of unequal sequences ($BASE's kernel beside, if set)
+    base_kernel=""
+    if [ -n "${BASE:-}" ]; then unpack_base; base_kernel=/tmp/base/kernels/decode_attention.py; fi
+    BASE_DECODE_KERNEL=$base_kernel timeout 180 python3 tests/gpu/bench_kernels.py ragged >"$OUT/ragged.log" 2>&1
     echo "ragged: exit $?"; cat "$OUT/ragged.log" ;;
   extend)
     # extend attention's tiles over the standard workload's first prefill steps, and longest-first tile order
@@ -291,7 +291,7 @@ PY
     for tp in 1 2; do
       # batch-1 TPOT, served (the serve stage at concurrency 1 only)
       LEVELS=1 REQUESTS=64 SERVE_TAG=-8b-tp$tp SERVE_FLAGS="--model qwen3-8b --tensor-parallel-size $tp" \
-        bash "$0" serve
+        GPU_SESSION_NESTED=1 bash "$0" serve
       timeout 300 $BENCH --model qwen3-8b --tensor-parallel-size $tp --output-file "$OUT/tp$tp-8b-standard.json" \
         >"$OUT/tp$tp-8b-standard.log" 2>&1
       echo "qwen3-8b tp $tp standard workload: exit $? $(grep -E '^wall|roofline' "$OUT/tp$tp-8b-standard.log" | tr '\n' ' ')"
@@ -339,7 +339,8 @@ PY
     done ;;
   esac
 done
-# at most 8 files come back from a lent host: more go into one archive
-if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
-  (cd "$OUT" && tar czf /tmp/logs.tgz . && find . -mindepth 1 -delete && mv /tmp/logs.tgz .)
+# at most 8 files come back from a lent host: more go into one archive (by the outermost call only)
+if [ -z "${GPU_SESSION_NESTED:-}" ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  archive=$(mktemp /tmp/gpu-session-logs.XXXXXX)
+  (cd "$OUT" && tar czf "$archive" . && find . -mindepth 1 -delete && mv "$archive" logs.tgz)
 fi

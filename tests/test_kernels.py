@@ -141,6 +141,25 @@ def test_decode_attention_in_any_batch_order_gives_the_same_rows(num_kv_splits: 
     with pytest.raises(ValueError, match="batch_order"):
         decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
                          num_kv_splits=num_kv_splits, batch_order=longest_first[:-1])
+    with pytest.raises(ValueError, match="batch_order"):
+        decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125,
+                         num_kv_splits=num_kv_splits, batch_order=longest_first.long())
+
+
+def test_decode_attention_takes_the_sequences_in_the_order_given() -> None:
+    num_sms = 1 if KERNELS_INTERPRETED else torch.cuda.get_device_properties(0).multi_processor_count
+    seq_lens = ([9, 17, 30] * (num_sms // 3 + 1))[:max(3, num_sms // 2 + 1)]  # heads outnumber the SMs
+    paged = make_paged_kv(seq_lens, 2)
+    q = strided_heads(len(seq_lens), 4)
+    out = torch.full_like(q, float("nan"))
+    only_the_second = torch.ones(len(seq_lens), dtype=torch.int32, device=DEVICE)  # not a permutation: a probe
+
+    decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125, out=out,
+                     num_kv_splits=1, batch_order=only_the_second)
+
+    ref = reference_decode_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, 0.125)
+    assert relative_error(out[1], ref[1]) < 1e-4
+    assert torch.isnan(out[0]).all() and torch.isnan(out[2:]).all(), "the programs computed the second sequence only"
 
 
 @pytest.mark.parametrize("num_kv_splits", [1, 4])  # the output written by stage 1 itself, or by the merge

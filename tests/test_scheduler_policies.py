@@ -353,7 +353,6 @@ def test_ranked_high_keeps_the_admission_order_of_those_ranking_as_high() -> Non
     assert ranked == ["h", "paused_aged", "b_aged"]
     admission_order = queue.candidates(11.0, len(requests))
     assert ranked == [r.request_id for r in admission_order if r.priority == "high" or queue.is_aged(r, 11.0)]
-    assert queue.candidates(11.0, 0) == []
 
 
 def test_high_arrival_preempts_aged_background_work_last() -> None:
@@ -514,11 +513,13 @@ def test_the_send_ahead_follows_the_host_time_of_recent_steps_of_a_size_and_a_st
     assert timing.send_ahead_s(8000) == pytest.approx(SEND_AHEAD_FACTOR * 0.0025 + SEND_AHEAD_SLACK_S)
     timing.record(300, duration_s=0.05, schedule_s=0.001, launch_s=0.04)  # a long eager step's host work
     assert timing.send_ahead_s(300) == SEND_AHEAD_MAX_S
+    assert timing.send_ahead_s(20000) == SEND_AHEAD_MAX_S, "a size not among the recent steps: the most of them"
     for _ in range(RECENT_STEPS - 1):
-        timing.record(300, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
-    assert timing.send_ahead_s(300) == SEND_AHEAD_MAX_S, "the eager step counts for RECENT_STEPS steps of its size"
-    timing.record(300, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
-    assert timing.send_ahead_s(300) == SEND_AHEAD_MIN_S, "and is forgotten after them"
+        timing.record(256, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
+    assert timing.send_ahead_s(300) == SEND_AHEAD_MAX_S, "the eager step counts for RECENT_STEPS steps"
+    assert timing.send_ahead_s(256) == SEND_AHEAD_MIN_S, "but not for steps of another size"
+    timing.record(256, duration_s=0.003, schedule_s=0.0002, launch_s=0.0002)
+    assert timing.send_ahead_s(300) == timing.send_ahead_s(20000) == SEND_AHEAD_MIN_S, "then it is forgotten"
 
 
 # ---- chunked prefill and length buckets -------------------------------------------------------

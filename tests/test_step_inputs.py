@@ -55,6 +55,7 @@ def test_values_of_a_mixed_batch() -> None:
     assert meta.block_tables[:, :2].tolist() == [[10, 11], [3, 4], [8, 0]]
     assert meta.block_tables.dtype == meta.seq_lens.dtype == torch.int32
     assert meta.tiles.tolist() == [[0, 0], [0, 2]]
+    assert meta.decode_order.tolist() == [1, 0, 2], "the longest sequence first"
     assert not meta.decode_only and meta.query_lens_host == [3, 1, 1] and meta.seq_lens_host == [5, 7, 1]
     assert num_sampled == 2
     assert tensors.logits_indices.tolist() == [3, 4, 0]
@@ -75,6 +76,7 @@ def test_padding_to_a_graph_shape() -> None:
     assert (meta.slot_mapping[5:] < 0).all() and (meta.slot_mapping[:5] >= 0).all()
     assert meta.query_start_loc.tolist() == [0, 3, 4, 5, 5, 5]
     assert meta.seq_lens.tolist() == [5, 7, 1, 0, 0]
+    assert meta.decode_order.tolist() == [1, 0, 2, 3, 4], "padding sequences last"
     assert meta.block_tables[3:].eq(-1).all(), "padding sequences read the padding slot's table"
     assert meta.tiles.tolist() == [[0, 0], [0, 2], [-1, -1], [-1, -1]]
     assert tensors.sample_slots.tolist() == [2, 9] + [PADDING_SLOT] * 3

@@ -58,7 +58,8 @@ class EngineCounters:
     def admitted(self, request: Request, frontend_arrival_time: float, engine_state: Callable[[], str]) -> None:
         # The scheduler stamps enqueue and first-scheduled times on its Request; read them at the first output.
         self._awaiting_first_output[request.request_id] = request
-        if request.priority == "high" and logger.isEnabledFor(logging.DEBUG):
+        # (a frontend always stamps its arrival time; a client of the engine's socket might not)
+        if request.priority == "high" and frontend_arrival_time > 0 and logger.isEnabledFor(logging.DEBUG):
             self._high_priority_arrivals[request.request_id] = (frontend_arrival_time, engine_state())
 
     def count(self, outputs: list[RequestOutput]) -> None:

@@ -7,8 +7,9 @@ start it (the engine's scheduling and the worker's staging, with room to spare),
 SEND_AHEAD_MIN_S nor more than SEND_AHEAD_MAX_S. Both times come from recent steps of the same size: a
 decode step after a long prefill step must not be expected to last as long, or the device would wait for
 the step after it; and the next step, expected to be like the newest in flight, needs the host time of
-steps of that size: a decode step's, not that of the 8,192-token prefill steps or the high-priority
-prefills among the last decodes (a step of another size than expected may start late, by the difference).
+steps of that size among the recent ones: a decode step's, not that of the 8,192-token prefill steps or the
+high-priority prefills among the last decodes (a step of another size than expected may start late, by the
+difference).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def size_class(num_tokens: int) -> int:
 
 class SendTiming:
     def __init__(self) -> None:
-        # scheduling + the worker's staging of the last RECENT_STEPS steps of each size
-        self._host_s_by_size: dict[int, deque[float]] = {}
+        # (size class, scheduling + the worker's staging) of the last RECENT_STEPS steps
+        self._host_s: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS)
         self._duration_by_size: dict[int, float] = {}
         self._last_duration_s = 0.0
 
@@ -42,7 +43,7 @@ class SendTiming:
         size = size_class(num_tokens)
         self._duration_by_size[size] = duration_s
         self._last_duration_s = duration_s
-        self._host_s_by_size.setdefault(size, deque(maxlen=RECENT_STEPS)).append(schedule_s + launch_s)
+        self._host_s.append((size, schedule_s + launch_s))
 
     def expected_duration_s(self, num_tokens: int) -> float:
         """How long a step of `num_tokens` will take: the last of its size, else the last step's."""
@@ -50,14 +51,12 @@ class SendTiming:
 
     def send_ahead_s(self, num_tokens: int) -> float:
         """How long before the step in flight ends to send the next, expected to be of `num_tokens` like the
-        newest in flight: from the most host time a recent step of that size took; a size not seen yet gets
-        the most of any recent step, and nothing measured yet the most there is."""
-        recent = self._host_s_by_size.get(size_class(num_tokens))
-        if recent:
-            host_s = max(recent)
-        elif self._host_s_by_size:
-            host_s = max(max(times) for times in self._host_s_by_size.values())
-        else:
+        newest in flight: from the most host time a step of that size took among the last RECENT_STEPS; with
+        none of that size among them, the most any of them took, and with nothing measured yet the most there is."""
+        if not self._host_s:
             return SEND_AHEAD_MAX_S
+        size = size_class(num_tokens)
+        same_size = [host_s for step_size, host_s in self._host_s if step_size == size]
+        host_s = max(same_size) if same_size else max(host_s for _, host_s in self._host_s)
         needed = SEND_AHEAD_FACTOR * host_s + SEND_AHEAD_SLACK_S
         return min(SEND_AHEAD_MAX_S, max(SEND_AHEAD_MIN_S, needed))

@@ -73,7 +73,7 @@ class WaitingQueue:
         """Waiting requests in admission order, as many as the free slots allow: high priority,
         then background requests that high priority paused (they resume with a decode, and their
         KV blocks come back sooner), then aged background, then normal and background by their shares."""
-        if free_slots <= 0:
+        if free_slots <= 0:  # the answer, without sorting every waiting request into it
             return []
         background = list(self._queues["background"])
         paused = [r for r in background if r.is_paused]
