@@ -370,10 +370,14 @@ class Scheduler:
         """`drafts` follow the decode of the request's last known token (its row grows by them)."""
         start = request.num_computed_tokens
         end = start + num_new
-        known_end = max(min(end, request.num_tokens), start)
-        tokens = request.token_slice(start, known_end) if known_end > start else []
-        tokens.extend([-1] * (end - known_end))  # in flight: the worker has it
-        sample = end >= request.num_tokens
+        num_tokens = request.num_tokens
+        if start >= num_tokens:  # a decode of a token in flight (the worker has it): the common step
+            tokens = [-1] * num_new
+        elif end <= num_tokens:
+            tokens = request.token_slice(start, end)
+        else:
+            tokens = request.token_slice(start, num_tokens) + [-1] * (end - num_tokens)
+        sample = end >= num_tokens
         tokens.extend(drafts)
         num_new += len(drafts)
         end += len(drafts)
@@ -389,7 +393,8 @@ class Scheduler:
             step.grammar_requests.append(request)
             # its previous token is not back yet: the grammar can only mask this step once it is
             step.mask_late |= request.num_pending_samples > 0
-        self._add_prompt_logprob_targets(step, request, start, end)
+        if request.prompt_logprobs is not None:
+            self._add_prompt_logprob_targets(step, request, start, end)
         step.requests.append(request)
         step.slots.append(request.slot)
         step.num_new_tokens.append(num_new)
