@@ -135,12 +135,12 @@ class EngineCore:
         that waits for its grammar mask, is due when the second was)."""
         if not self._in_flight:
             return 0.0
-        expected = self.send_timing.expected_duration_s(sum(self._in_flight[0].batch.num_new_tokens))
+        expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
         return self._running_since + expected - self.send_ahead_s() - self._clock()
 
     def send_ahead_s(self) -> float:
         """How long before the step in flight ends the next is sent: the host time of steps like the newest."""
-        newest = sum(self._in_flight[-1].batch.num_new_tokens) if self._in_flight else 0
+        newest = self._in_flight[-1].num_tokens if self._in_flight else 0
         return self.send_timing.send_ahead_s(newest)
 
     def submit_due(self) -> bool:
@@ -161,7 +161,7 @@ class EngineCore:
         now = self._clock()
         self.last_step_time_s = now - self._last_collect
         self._last_collect = now
-        self.send_timing.record(sum(scheduled.batch.num_new_tokens), now - self._running_since,
+        self.send_timing.record(scheduled.num_tokens, now - self._running_since,
                                 scheduled.schedule_s, result.launch_time_s)
         self._running_since = now  # the next step in flight, if any, starts now
         self.num_steps += 1

@@ -47,6 +47,11 @@ class ScheduledStep:
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
     schedule_s: float = 0.0  # the engine's host time to build and send it
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step computes: every row's new tokens, drafts included (the sum of num_new_tokens)."""
+        return len(self.batch.input_token_ids)
+
 
 @dataclass
 class PrefixCacheStats:

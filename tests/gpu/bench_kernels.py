@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sfllm.kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
                      extend_tile_config, extend_tiles)
-from sfllm.bench.workload import LengthRange  # noqa: E402
+from sfllm.bench.workload import LengthRange, RandomTokenWorkload  # noqa: E402
 
 BLOCK_SIZE = 16
 MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
@@ -127,11 +127,17 @@ def sweep_decode() -> None:
     decode_module.decode_tile_config = chosen
 
 
+@functools.lru_cache(maxsize=1)
+def _standard_workload_lengths() -> tuple[np.ndarray, np.ndarray]:
+    """(input lengths, output lengths) of `sfllm bench offline`'s default workload, drawn as it draws them."""
+    specs = RandomTokenWorkload(LengthRange(100, 1024), LengthRange(100, 1024), vocab_size=2, seed=0).take(256)
+    return np.array([s.input_len for s in specs]), np.array([s.output_len for s in specs])
+
+
 def _standard_prefill_steps(num_steps: int, budget: int = 8192) -> list[tuple[np.ndarray, np.ndarray]]:
     """(query lengths, sequence lengths) of the standard offline workload's first steps: its prompts in order,
     chunked at the step's token budget (a chunk that continues a prompt attends to the part before it too)."""
-    rng = np.random.default_rng(0)
-    prompts = LengthRange(100, 1024).sample(rng, 256)
+    prompts = _standard_workload_lengths()[0].tolist()
     steps, index, done = [], 0, 0
     for _ in range(num_steps):
         query_lens, seq_lens, left = [], [], budget
@@ -272,8 +278,7 @@ def sweep_gate_up_silu() -> None:
 def _standard_workload_contexts(step: int) -> np.ndarray:
     """Context lengths of the sequences decoding at `step` of the standard offline workload (256 requests, input
     and output lengths uniform in [100, 1024]), in request order, as if every request decoded from step 0."""
-    rng = np.random.default_rng(0)
-    inputs, outputs = (np.asarray(LengthRange(100, 1024).sample(rng, 256)) for _ in range(2))
+    inputs, outputs = _standard_workload_lengths()
     return (inputs + step)[outputs > step]
 
 
