@@ -172,9 +172,10 @@ PY
           --gpu-monitor off >"$OUT/serve-ab-$tag-serve.log" 2>&1
         echo "$name round $round serve: $(grep -E '^ +c=|TPOT p50|TTFT p50|TTFT p99' \
           "$OUT/serve-ab-$tag-serve.log" | tr -s ' ' | tr '\n' ';')"
+        # another seed than bench serve's: its prompts are in the prefix cache now
         timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT --probes 10 --warmup 2 \
           --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 --output-len 512 \
-          --vocab-size 151936 >"$OUT/serve-ab-$tag-priority.log" 2>&1
+          --vocab-size 151936 --seed 1 >"$OUT/serve-ab-$tag-priority.log" 2>&1
         echo "$name round $round priority: $(grep -E 'TTFT p50' "$OUT/serve-ab-$tag-priority.log" | tr -s ' ' \
           | tr '\n' ';')"
         case "$SERVE_FLAGS" in *debug*) python3 scripts/priority_waits.py "$OUT/serve-ab-$tag-server.log" ;; esac

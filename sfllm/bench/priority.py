@@ -221,7 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=length_range_argument, default=parse_length_range("512"),
                         metavar="A[:B]", help="background max_tokens (ignore_eos is on)")
     parser.add_argument("--vocab-size", type=int, default=32000, help="random token ids are drawn from [0, this)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the prompts (the probes' are `sfllm bench serve --seed` S's at the same lengths: "
+                             "against a server that ran it, take another, or its prefix cache serves them)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout in seconds")
     parser.add_argument("--output-file", type=Path, help="write the probes, the flood and the ratio as JSON")
 

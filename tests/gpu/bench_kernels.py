@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up | ragged | extend]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | ragged | extend]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -244,6 +244,34 @@ def sweep_skinny_matmul() -> None:
         del weights
 
 
+def sweep_gemm_backends() -> None:
+    """Microseconds per graph-replayed F.linear at the decode batches of the standard workload (a layer's four
+    GEMMs of Qwen3-0.6B and -8B, weights rotated past L2), with torch's cuBLAS and its cuBLASLt backend."""
+    import torch.nn.functional as F
+    layers = {"0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
+              "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}}
+    print("| model | rows | GEMM | cuBLAS us | cuBLASLt us | cuBLAS TFLOP/s | cuBLASLt TFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for model, shapes in layers.items():
+        weights = {name: [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]
+                   for name, (n, k) in shapes.items()}
+        for rows in (16, 32, 64, 128, 200, 256):
+            totals = [0.0, 0.0]
+            for name, (n, k) in shapes.items():
+                x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+                times = []
+                for backend in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(backend)
+                    times.append(_microseconds_over_weights(F.linear, x, weights[name]))
+                torch.backends.cuda.preferred_blas_library("cublas")
+                totals = [t + u for t, u in zip(totals, times)]
+                flops = 2 * rows * n * k
+                print(f"| {model} | {rows} | {name} | {times[0]:.1f} | {times[1]:.1f} | {flops / times[0] / 1e6:.0f} "
+                      f"| {flops / times[1] / 1e6:.0f} |", flush=True)
+            print(f"| {model} | {rows} | **layer** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | | |", flush=True)
+        del weights
+
+
 def sweep_gate_up_silu() -> None:
     """Microseconds per graph-replayed call of a gate/up projection then its activation (skinny_matmul and
     silu_and_mul, two launches) against skinny_gate_up_silu (one), at 1 and 8 rows, its default tile and the best
@@ -367,6 +395,9 @@ if __name__ == "__main__":
         sys.exit(0)
     if sys.argv[1:] == ["ragged"]:
         bench_ragged_decode()
+        sys.exit(0)
+    if sys.argv[1:] == ["gemm"]:
+        sweep_gemm_backends()
         sys.exit(0)
     if sys.argv[1:] == ["gate_up"]:
         sweep_gate_up_silu()
