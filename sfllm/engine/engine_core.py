@@ -170,8 +170,10 @@ class EngineCore:
             batch = scheduled.batch
             single = sum(1 for n in batch.num_new_tokens if n == 1)
             logger.debug("step %d: %d sequences of one new token, %d tokens in %d longer ones; worker %.2f ms, "
-                         "%.2f ms since the last step", batch.step_id, single, sum(batch.num_new_tokens) - single,
-                         len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s)
+                         "%.2f ms since the last step; host time before its launch: scheduling %.2f ms, the worker's "
+                         "%.2f ms", batch.step_id, single, sum(batch.num_new_tokens) - single,
+                         len(batch.slots) - single, 1e3 * result.forward_time_s, 1e3 * self.last_step_time_s,
+                         1e3 * scheduled.schedule_s, 1e3 * result.launch_time_s)
         outputs = self.scheduler.process_result(scheduled, result)
         # the next step's grammar rows waited for these tokens: its mask goes out now
         if self._in_flight and self._in_flight[0].mask_late:

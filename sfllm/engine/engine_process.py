@@ -22,6 +22,7 @@ import zmq
 from sfllm.config import EngineConfig, write_config_file
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
+from sfllm.gc_freeze import freeze_startup_objects
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
@@ -212,6 +213,9 @@ class EngineServer:
             if self.worker.sock in events:
                 self._deliver(self.core.complete(self.worker.collect()))
                 clock.lap("results")
+                # a request that came while the results were read joins the step about to be scheduled
+                self._drain_frontends()
+                clock.lap("frontend messages")
             if time.monotonic() - last_check > 0.5:
                 self.worker.check_alive()
                 self._drop_silent_clients()
@@ -289,6 +293,7 @@ def run_engine(config: EngineConfig) -> int:
         if stopping["flag"]:
             server.stopping = True
         logger.info("engine listening on %s", address)
+        freeze_startup_objects()
         server.serve()
         worker.send(Shutdown())
     except (WorkerDied, TokenizerUnavailable) as error:

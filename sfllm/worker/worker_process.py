@@ -16,6 +16,7 @@ import traceback
 import zmq
 
 from sfllm.config import WorkerConfig
+from sfllm.gc_freeze import freeze_startup_objects
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown, StartProfile,
                             StopProfile, WorkerFailed)
@@ -62,6 +63,7 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         if followers is not None:
             followers.close(graceful=False)
         return 1
+    freeze_startup_objects()
     clock = runner.loop_time = LoopTime()
     watcher = CompletionWatcher()
     poller = zmq.Poller()
