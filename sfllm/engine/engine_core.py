@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import SendTiming, size_class
+from sfllm.engine.send_timing import SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -82,9 +82,6 @@ class EngineCore:
         self._last_collect = clock()
         self._running_since = self._last_collect  # when the oldest step in flight started on the worker
         self.send_timing = SendTiming()
-        # nothing could be sent while the step in flight ran: the device may wait for the next step through no
-        # fault of the send-ahead
-        self._ran_dry = False
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
@@ -108,9 +105,8 @@ class EngineCore:
             return 3
         return 2
 
-    def submit_next(self, timed: bool = False) -> bool:
-        """Schedules and sends one step if the pipeline has room; True if it sent one. `timed`: it was due by
-        the send-ahead, which its result then judges."""
+    def submit_next(self) -> bool:
+        """Schedules and sends one step if the pipeline has room; True if it sent one."""
         if len(self._in_flight) >= self.pipeline_depth():
             return False
         if self._in_flight and self.scheduler.speculation_wanted():
@@ -121,13 +117,7 @@ class EngineCore:
         if self.loop_time is not None:
             self.loop_time.lap("scheduling")
         if scheduled is None:
-            self._ran_dry = bool(self._in_flight)
             return False
-        behind = self._in_flight[-1] if self._in_flight else None
-        # a step held for a grammar mask waits on the worker whatever the timing
-        if timed and behind is not None and not self._ran_dry and not behind.mask_late and not scheduled.mask_late:
-            scheduled.timed_by = size_class(behind.num_tokens)
-        self._ran_dry = False
         if scheduled.grammar_requests and not scheduled.mask_late:
             scheduled.batch.grammar_mask = self._grammar_mask(scheduled, "scheduling")
         self.worker.submit(scheduled.batch)
@@ -153,15 +143,11 @@ class EngineCore:
         newest = self._in_flight[-1].num_tokens if self._in_flight else 0
         return self.send_timing.send_ahead_s(newest)
 
-    def send_margin_s(self) -> float:
-        """The learnt part of `send_ahead_s` (engine/send_timing.py)."""
-        return self.send_timing.margin_s(self._in_flight[-1].num_tokens if self._in_flight else 0)
-
     def submit_due(self) -> bool:
         """`submit_next`, but a step goes behind the one in flight only once that is about to end."""
         if self.seconds_until_due() > 0:
             return False
-        return self.submit_next(timed=True)
+        return self.submit_next()
 
     @property
     def num_in_flight(self) -> int:
@@ -177,8 +163,6 @@ class EngineCore:
         self._last_collect = now
         self.send_timing.record(scheduled.num_tokens, now - self._running_since,
                                 scheduled.schedule_s, result.launch_time_s)
-        if scheduled.timed_by is not None:
-            self.send_timing.judge(scheduled.timed_by, late=result.device_was_idle)
         self._running_since = now  # the next step in flight, if any, starts now
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)

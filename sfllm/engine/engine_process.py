@@ -162,8 +162,7 @@ class EngineServer:
     def _pipeline_state(self) -> str:
         core = self.core
         return (f"{core.num_in_flight} steps in flight, the next due in {1e3 * core.seconds_until_due():.1f} ms, "
-                f"sent {1e3 * core.send_ahead_s():.1f} ms before the one in flight ends, margin "
-                f"{1e3 * core.send_margin_s():.2f} ms")
+                f"sent {1e3 * core.send_ahead_s():.1f} ms before the one in flight ends")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self.counters.count(outputs)
