@@ -213,25 +213,42 @@ def test_random_workload_on_a_tiny_pool_gives_exact_outputs(preemption_mode: str
     """Arrivals of all classes over time, shared prefixes, stop tokens, the context limit and
     aborts, on 16 blocks of 4 tokens with two steps in flight."""
     for seed in range(4):
-        rng = random.Random(seed)
-        core, clock = make_engine(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=8,
-                                  max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=6,
-                                  preemption_mode=preemption_mode, schedule_policy=policy,
-                                  disable_prefix_cache=not prefix_cache, max_background_wait_s=2.0)
-        scheduler = core.scheduler
-        shared = prompt_of(12, start=500)
-        expected: dict[str, tuple[list[int], str]] = {}
-        pending = []
-        for i in range(24):
-            prompt = (shared[:rng.choice([4, 8, 12])] if rng.random() < 0.5 else []) + \
-                [rng.randrange(10, 400) for _ in range(rng.randint(1, 14))]
-            max_tokens = rng.randint(1, 60 - len(prompt))  # some run into the context length of 48
-            want = expected_tokens(prompt, min(max_tokens, 48 - len(prompt)))
-            stop = [rng.choice(want)] if rng.random() < 0.2 else []
-            expected[f"r{i}"] = (want[:want.index(stop[0]) + 1], "stop") if stop else (want, "length")
-            pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"]), stop))
-        run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed)
-        assert scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
+        core = run_tiny_pool_workload(seed, preemption_mode, policy, prefix_cache)
+        assert core.scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
+
+
+def run_tiny_pool_workload(seed: int, preemption_mode: str, policy: str, prefix_cache: bool) -> EngineCore:
+    rng = random.Random(seed)
+    core, clock = make_engine(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=8,
+                              max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=6,
+                              preemption_mode=preemption_mode, schedule_policy=policy,
+                              disable_prefix_cache=not prefix_cache, max_background_wait_s=2.0)
+    shared = prompt_of(12, start=500)
+    expected: dict[str, tuple[list[int], str]] = {}
+    pending = []
+    for i in range(24):
+        prompt = (shared[:rng.choice([4, 8, 12])] if rng.random() < 0.5 else []) + \
+            [rng.randrange(10, 400) for _ in range(rng.randint(1, 14))]
+        max_tokens = rng.randint(1, 60 - len(prompt))  # some run into the context length of 48
+        want = expected_tokens(prompt, min(max_tokens, 48 - len(prompt)))
+        stop = [rng.choice(want)] if rng.random() < 0.2 else []
+        expected[f"r{i}"] = (want[:want.index(stop[0]) + 1], "stop") if stop else (want, "length")
+        pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"]), stop))
+    run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed)
+    return core
+
+
+def test_a_plain_decode_gets_the_row_the_general_path_would_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same random workloads, with and without the shortcut for a decode of a token in flight: every
+    step the worker gets is the same."""
+    for seed, preemption_mode, prefix_cache in [(0, "recompute", True), (1, "swap", True), (2, "recompute", False)]:
+        fast = run_tiny_pool_workload(seed, preemption_mode, "fcfs", prefix_cache)
+        with monkeypatch.context() as patch:
+            patch.setattr(Scheduler, "_add_plain_decode", lambda self, step, request: False)
+            general = run_tiny_pool_workload(seed, preemption_mode, "fcfs", prefix_cache)
+        assert general.worker.batches == fast.worker.batches
+        plain = sum(1 for batch in fast.worker.batches for token in batch.input_token_ids if token == -1)
+        assert plain > 100, "the workloads decode tokens in flight"
 
 
 # ---- priority classes -------------------------------------------------------------------------

@@ -195,6 +195,9 @@ class Scheduler:
                 continue  # preempted while this loop made room for another
             if high_first and request.priority != "high":
                 continue
+            if not speculate and self._add_plain_decode(step, request):
+                scheduled.add(id(request))
+                continue
             num_new = self._num_new_tokens(request, step.budget)
             if num_new == 0:
                 continue
@@ -370,6 +373,32 @@ class Scheduler:
     def _blocks_needed_after_swap(self, request: Request, num_new: int) -> int:
         total = request.num_computed_tokens + num_new
         return max(-(-total // self.block_size) - len(request.swapped_block_ids), 0)
+
+    def _add_plain_decode(self, step: _StepBuilder, request: Request) -> bool:
+        """Adds the request's row if it is the common case under load, a decode of the token in flight with
+        room in its last block and nothing more to send or look at (`_num_new_tokens`, `_reserve_blocks` and
+        `_add_to_step` would do the same, at twice the host time); False, adding nothing, otherwise."""
+        end = request.num_computed_tokens + 1
+        size = self.block_size
+        if (step.budget <= 0 or request.num_tokens != end - 1 or request.num_pending_samples == 0
+                or request.num_drafts_in_flight or request.needs_sampling_state or request.matcher is not None
+                or request.prompt_logprobs is not None or end > len(request.block_ids) * size
+                or len(request.block_ids) > request.num_blocks_sent or end > self.max_context_length
+                or end >= (len(request.block_hashes) + 1) * size
+                or len(request.output_token_ids) + request.num_pending_samples >= request.params.max_tokens):
+            return False
+        step.requests.append(request)
+        step.slots.append(request.slot)
+        step.num_new_tokens.append(1)
+        step.context_lens.append(end)
+        step.input_token_ids.append(-1)
+        step.sample.append(True)
+        step.num_draft_tokens.append(0)
+        step.budget -= 1
+        step.num_sampled_rows += 1
+        request.num_computed_tokens = end
+        request.num_pending_samples += 1
+        return True
 
     def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, drafts: Sequence[int] = ()) -> None:
         """`drafts` follow the decode of the request's last known token (its row grows by them)."""
