@@ -12,6 +12,7 @@ from pathlib import Path
 import zmq
 
 from sfllm.config import WorkerConfig
+from sfllm.gc_freeze import freeze_startup_objects
 from sfllm.messages import ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown
 from sfllm.model_source import resolve_model
 from sfllm.worker.model_runner import ModelRunner, pick_device
@@ -33,6 +34,7 @@ def run_follower(config: WorkerConfig, address: str, rank: int, rendezvous: Path
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         group = TensorParallelGroup(rank, size, pick_device(config.device, rank, size), rendezvous)
         runner = ModelRunner(config, source, group)
+        freeze_startup_objects()  # rank 0 waits for this rank in every collective: its pauses are everyone's
         while True:
             message = codec.decode(sock.recv())
             if isinstance(message, (ForwardBatch, GrammarMask)):
