@@ -389,25 +389,13 @@ def bench_ragged_decode() -> None:
         print(f"  {name}: {total:.3f} s")
 
 
+# each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
+MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
+         "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")
-    if sys.argv[1:] == ["extend"]:
-        sweep_extend()
-        sys.exit(0)
-    if sys.argv[1:] == ["ragged"]:
-        bench_ragged_decode()
-        sys.exit(0)
-    if sys.argv[1:] == ["gemm"]:
-        sweep_gemm_backends()
-        sys.exit(0)
-    if sys.argv[1:] == ["gate_up"]:
-        sweep_gate_up_silu()
-        sys.exit(0)
-    if sys.argv[1:] == ["sweep"]:
-        sweep_skinny_matmul()
-        print()
-        sweep_decode()
-        sys.exit(0)
-    bench_decode()
-    print()
-    bench_prefill()
+    for index, bench in enumerate(MODES.get(" ".join(sys.argv[1:]), MODES[""])):
+        if index:
+            print()
+        bench()
