@@ -255,9 +255,6 @@ class ForwardResult(Message):
     # the worker's host time from taking the step in to launching its forward (staging; on a CPU, the forward
     # itself): how long before the step in flight ends the engine sends the next one (engine/send_timing.py)
     launch_time_s: float = 0.0
-    # the device had finished every step before this one when its forward was launched: sent behind a step in
-    # flight, it came too late to follow that step without a gap (always so on a CPU, which computes at launch)
-    device_was_idle: bool = False
     gpu_memory_allocated: int = 0
     gpu_memory_reserved: int = 0
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import SendTiming, size_class
+from sfllm.engine.send_timing import SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -82,9 +82,6 @@ class EngineCore:
         self._last_collect = clock()
         self._running_since = self._last_collect  # when the oldest step in flight started on the worker
         self.send_timing = SendTiming()
-        # the pipeline had room for the next step, but the send-ahead held it back: that step is judged by
-        # whether the device waited for it (a step sent as soon as it could be is not the send-ahead's doing)
-        self._held_back = False
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
@@ -108,9 +105,8 @@ class EngineCore:
             return 3
         return 2
 
-    def submit_next(self, timed: bool = False) -> bool:
-        """Schedules and sends one step if the pipeline has room; True if it sent one. `timed`: the send-ahead
-        held it back until now, and its result judges the send-ahead."""
+    def submit_next(self) -> bool:
+        """Schedules and sends one step if the pipeline has room; True if it sent one."""
         if len(self._in_flight) >= self.pipeline_depth():
             return False
         if self._in_flight and self.scheduler.speculation_wanted():
@@ -120,13 +116,8 @@ class EngineCore:
             scheduled = self.scheduler.schedule()
         if self.loop_time is not None:
             self.loop_time.lap("scheduling")
-        self._held_back = False
         if scheduled is None:
             return False
-        behind = self._in_flight[-1] if self._in_flight else None
-        # a step held for a grammar mask waits on the worker whatever the timing
-        if timed and behind is not None and not behind.mask_late and not scheduled.mask_late:
-            scheduled.timed_by = size_class(behind.num_tokens)
         if scheduled.grammar_requests and not scheduled.mask_late:
             scheduled.batch.grammar_mask = self._grammar_mask(scheduled, "scheduling")
         self.worker.submit(scheduled.batch)
@@ -152,18 +143,11 @@ class EngineCore:
         newest = self._in_flight[-1].num_tokens if self._in_flight else 0
         return self.send_timing.send_ahead_s(newest)
 
-    def send_margin_s(self) -> float:
-        """The learnt part of `send_ahead_s` (engine/send_timing.py)."""
-        return self.send_timing.margin_s(self._in_flight[-1].num_tokens if self._in_flight else 0)
-
     def submit_due(self) -> bool:
         """`submit_next`, but a step goes behind the one in flight only once that is about to end."""
-        if len(self._in_flight) >= self.pipeline_depth():
-            return False
         if self.seconds_until_due() > 0:
-            self._held_back = True
             return False
-        return self.submit_next(timed=self._held_back)
+        return self.submit_next()
 
     @property
     def num_in_flight(self) -> int:
@@ -179,8 +163,6 @@ class EngineCore:
         self._last_collect = now
         self.send_timing.record(scheduled.num_tokens, now - self._running_since,
                                 scheduled.schedule_s, result.launch_time_s)
-        if scheduled.timed_by is not None:
-            self.send_timing.judge(scheduled.timed_by, late=result.device_was_idle)
         self._running_since = now  # the next step in flight, if any, starts now
         self.num_steps += 1
         self.gpu_memory = (result.gpu_memory_allocated, result.gpu_memory_reserved)

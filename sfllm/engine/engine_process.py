@@ -162,8 +162,7 @@ class EngineServer:
     def _pipeline_state(self) -> str:
         core = self.core
         return (f"{core.num_in_flight} steps in flight, the next due in {1e3 * core.seconds_until_due():.1f} ms, "
-                f"sent {1e3 * core.send_ahead_s():.1f} ms before the one in flight ends, margin "
-                f"{1e3 * core.send_margin_s():.2f} ms")
+                f"sent {1e3 * core.send_ahead_s():.1f} ms before the one in flight ends")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self.counters.count(outputs)
@@ -204,13 +203,8 @@ class EngineServer:
             due_ms = 1000 * self.core.seconds_until_due()
             if idle:
                 timeout = 1 if self.core.scheduler.grammars_compiling() else 50
-            elif due_ms >= 1:
-                timeout = int(due_ms)  # poll takes whole milliseconds: wake early, then sleep the rest
-            elif due_ms > 0:
-                time.sleep(due_ms / 1e3)
-                timeout = 0
             else:
-                timeout = 1000
+                timeout = 1 + int(due_ms) if due_ms > 0 else 1000
             events = dict(poller.poll(timeout=timeout))
             clock.lap("idle" if idle else "waiting for the worker")
             if self.sock in events:

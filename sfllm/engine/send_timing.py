@@ -3,21 +3,13 @@
 A step sent while another runs waits behind it on the worker; a request that arrives meanwhile (a
 high-priority one) can only join the step after. So the engine holds the next step back until the one
 in flight is about to end, by `send_ahead_s`: the host time the next step needs before the device can
-start it (the engine's scheduling and the worker's staging) plus a margin, never less than SEND_AHEAD_MIN_S
-nor more than SEND_AHEAD_MAX_S. Both times come from recent steps of the same size: a decode step after a
-long prefill step must not be expected to last as long, or the device would wait for the step after it;
-and the next step, expected to be like the newest in flight, needs the host time of steps of that size
-among the recent ones: a decode step's, not that of the 8,192-token prefill steps or the high-priority
-prefills among the last decodes (a step of another size than expected may start late, by the difference).
-
-The margin covers what the host time does not: the message's way to the worker, a late wake-up of the
-engine's loop, a step that ends earlier than the last of its size. It is learnt per size from the worker's
-answer to each step sent behind another: whether the device had already finished when the step was
-launched (`ForwardResult.device_was_idle`), for the steps that the send-ahead held back (one sent as soon
-as the pipeline had room, or after a turn with nothing to send, was not late by the margin's fault). A late
-step doubles its size's margin; a step in time shrinks it by 3%. So the margin settles where a few percent
-of the steps come late, each by little, while every millisecond of margin is a millisecond that a request
-arriving meanwhile may wait behind the queued step.
+start it (the engine's scheduling and the worker's staging, with room to spare), never less than
+SEND_AHEAD_MIN_S nor more than SEND_AHEAD_MAX_S. Both times come from recent steps of the same size: a
+decode step after a long prefill step must not be expected to last as long, or the device would wait for
+the step after it; and the next step, expected to be like the newest in flight, needs the host time of
+steps of that size among the recent ones: a decode step's, not that of the 8,192-token prefill steps or the
+high-priority prefills among the last decodes (a step of another size than expected may start late, by the
+difference).
 """
 from __future__ import annotations
 
@@ -27,14 +19,10 @@ SEND_AHEAD_MIN_S = 0.002
 # Enough for any step's host work (an eager GPU step takes 15-25 ms, docs/performance.md); also where the
 # send-ahead stays on a CPU, whose worker computes the forward as it "launches" it
 SEND_AHEAD_MAX_S = 0.05
+# room for the spread of host times and the message's way to the worker
+SEND_AHEAD_FACTOR = 1.5
+SEND_AHEAD_SLACK_S = 0.001
 RECENT_STEPS = 32
-# a size's margin before any of its steps was judged: what the fixed rule of before gave a decode step
-# (1.5x its host time + 1 ms) at ~1-2 ms of host time
-MARGIN_START_S = 0.0015
-MARGIN_MIN_S = 0.0002
-MARGIN_MAX_S = 0.005
-# per step in time; against a late step's doubling this settles where ~4% of the judged steps come late
-MARGIN_DECAY = 0.97
 
 
 def size_class(num_tokens: int) -> int:
@@ -48,7 +36,6 @@ class SendTiming:
         self._host_s: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS)
         self._duration_by_size: dict[int, float] = {}
         self._last_duration_s = 0.0
-        self._margin_by_size: dict[int, float] = {}
 
     def record(self, num_tokens: int, duration_s: float, schedule_s: float, launch_s: float) -> None:
         """A step is back: `duration_s` from the end of the step before (or its sending, into an empty
@@ -58,32 +45,18 @@ class SendTiming:
         self._last_duration_s = duration_s
         self._host_s.append((size, schedule_s + launch_s))
 
-    def judge(self, size: int, late: bool) -> None:
-        """A step sent behind another, timed by the send-ahead of size class `size`, came `late` (the device
-        had finished the step before) or in time."""
-        margin = self._margin_by_size.get(size, MARGIN_START_S)
-        if late:
-            margin = min(MARGIN_MAX_S, 2 * margin)
-        else:
-            margin = max(MARGIN_MIN_S, MARGIN_DECAY * margin)
-        self._margin_by_size[size] = margin
-
-    def margin_s(self, num_tokens: int) -> float:
-        return self._margin_by_size.get(size_class(num_tokens), MARGIN_START_S)
-
     def expected_duration_s(self, num_tokens: int) -> float:
         """How long a step of `num_tokens` will take: the last of its size, else the last step's."""
         return self._duration_by_size.get(size_class(num_tokens), self._last_duration_s)
 
     def send_ahead_s(self, num_tokens: int) -> float:
         """How long before the step in flight ends to send the next, expected to be of `num_tokens` like the
-        newest in flight: the most host time a step of that size took among the last RECENT_STEPS (with none of
-        that size among them, the most any of them took) plus that size's margin; with nothing measured yet the
-        most there is."""
+        newest in flight: from the most host time a step of that size took among the last RECENT_STEPS; with
+        none of that size among them, the most any of them took, and with nothing measured yet the most there is."""
         if not self._host_s:
             return SEND_AHEAD_MAX_S
         size = size_class(num_tokens)
         same_size = [host_s for step_size, host_s in self._host_s if step_size == size]
         host_s = max(same_size) if same_size else max(host_s for _, host_s in self._host_s)
-        needed = host_s + self._margin_by_size.get(size, MARGIN_START_S)
+        needed = SEND_AHEAD_FACTOR * host_s + SEND_AHEAD_SLACK_S
         return min(SEND_AHEAD_MAX_S, max(SEND_AHEAD_MIN_S, needed))

@@ -46,9 +46,6 @@ class ScheduledStep:
     # the requests of the batch's prompt_logprobs entries, with the prompt position of their first target
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
     schedule_s: float = 0.0  # the engine's host time to build and send it
-    # the size class of the step in flight whose send-ahead timed this one's sending (engine/send_timing.py),
-    # judged by whether the device waited for it; None when it was not sent by that timing
-    timed_by: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -104,7 +104,6 @@ class StepLogits:
     redraw: list[int]                # rows the eager sampler draws
     prompt_logprobs: list[list[SampledLogprobs]] = field(default_factory=list)
     launch_time_s: float = 0.0       # host time from taking the step in to launching its forward
-    device_was_idle: bool = False    # the device had finished every step before this one when it was launched
 
 
 def sampled_row_slots(batch: ForwardBatch) -> list[int]:
@@ -170,8 +169,6 @@ class ModelRunner:
         self._gpu_memory = (0, 0)
         self._gpu_memory_read = -math.inf
         self._launched: deque[PendingStep] = deque()
-        # marks the end of the newest launched step's work on the device (None on a CPU, where it is done at launch)
-        self._device_done: torch.cuda.Event | None = None
         self._awaiting_mask: StepLogits | None = None  # launched, sampling once its GrammarMask is in
         self._held: StagedStep | None = None  # staged behind _awaiting_mask, launched after its sampling
         self._num_resolved = 0  # leading steps of _launched whose results are packed and recorded
@@ -271,7 +268,6 @@ class ModelRunner:
     def _launch_staged(self, staged: StagedStep) -> list[PendingStep]:
         batch = staged.batch
         launch_started = time.perf_counter()
-        device_was_idle = self._device_done is None or self._device_done.query()
         with torch.inference_mode():
             sampled_slots = sampled_row_slots(batch)
             if not batch.slots:
@@ -283,13 +279,13 @@ class ModelRunner:
             launch_time_s = staged.staging_s + time.perf_counter() - launch_started
             if step is None:
                 pending = PendingStep(batch.step_id, staged.started, [], None)
-                pending.launch_time_s, pending.device_was_idle = launch_time_s, device_was_idle
+                pending.launch_time_s = launch_time_s
             elif batch.grammar_rows and not batch.grammar_mask:
-                step.launch_time_s, step.device_was_idle = launch_time_s, device_was_idle
+                step.launch_time_s = launch_time_s
                 self._awaiting_mask = step
                 return []
             else:
-                step.launch_time_s, step.device_was_idle = launch_time_s, device_was_idle
+                step.launch_time_s = launch_time_s
                 pending = self._sample(step, batch.grammar_mask)
         self._launch(pending)
         return [pending]
@@ -335,7 +331,7 @@ class ModelRunner:
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, step.tokens,
                                   prompt_logprobs=step.prompt_logprobs)
             pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
-            pending.launch_time_s, pending.device_was_idle = step.launch_time_s, step.device_was_idle
+            pending.launch_time_s = step.launch_time_s
             self._lap("sample")
             return pending
         with nvtx_range("sample"):
@@ -358,7 +354,7 @@ class ModelRunner:
             pending = PendingStep(batch.step_id, step.started, step.sampled_slots, drafts, tokens, output,
                                   step.redraw, [s.params.logprobs for s in states], step.prompt_logprobs)
             pending.slot_states = [step.slot_states[slot] for slot in pending.sequence_slots]
-            pending.launch_time_s, pending.device_was_idle = step.launch_time_s, step.device_was_idle
+            pending.launch_time_s = step.launch_time_s
         self._lap("sample" if step.tokens is not None else "eager sample")
         return pending
 
@@ -412,9 +408,6 @@ class ModelRunner:
 
     def _launch(self, pending: PendingStep) -> None:
         self._launched.append(pending)
-        if self.device.type == "cuda":
-            self._device_done = torch.cuda.Event()
-            self._device_done.record()
 
     def unfinished_step_age(self) -> float:
         """Seconds since the oldest launched step whose outputs are not on the host yet was launched (0: none);

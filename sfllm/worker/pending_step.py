@@ -33,7 +33,6 @@ class PendingStep:
         self.started = started
         self.slot_states: list = []  # per sequence, the worker's state of its slot at launch (ModelRunner's)
         self.launch_time_s = 0.0  # ForwardResult.launch_time_s
-        self.device_was_idle = False  # ForwardResult.device_was_idle
         self._rows = sampler_rows or []
         self._logprob_counts = logprob_counts or []
         self._prompt_logprobs = prompt_logprobs or []
@@ -83,7 +82,7 @@ class PendingStep:
                              accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs,
                              prompt_logprobs=self._prompt_logprobs,
                              forward_time_s=time.perf_counter() - self.started, launch_time_s=self.launch_time_s,
-                             device_was_idle=self.device_was_idle, gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])
+                             gpu_memory_allocated=gpu_memory[0], gpu_memory_reserved=gpu_memory[1])
 
 
 def verify_drafts(row_tokens: list[int], row_logprobs: list[SampledLogprobs | None], drafts: list[list[int]]
