@@ -14,6 +14,7 @@
 # (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
 # serve_ab ($BASE's and this tree's servers alternately: bench serve at $LEVELS and the priority probes),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
+# halves (a decode step's layers in two halves on two streams against the whole batch on one, Qwen3-0.6B and -8B),
 # extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
@@ -101,6 +102,9 @@ $(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' |
     if [ -n "${BASE:-}" ]; then unpack_base; base_kernel=/tmp/base/kernels/decode_attention.py; fi
     BASE_DECODE_KERNEL=$base_kernel timeout 180 python3 tests/gpu/bench_kernels.py ragged >"$OUT/ragged.log" 2>&1
     echo "ragged: exit $?"; cat "$OUT/ragged.log" ;;
+  halves)
+    timeout 300 python3 tests/gpu/bench_kernels.py halves >"$OUT/halves.log" 2>&1
+    echo "halves: exit $?"; cat "$OUT/halves.log" ;;
   extend)
     # extend attention's tiles over the standard workload's first prefill steps, and longest-first tile order
     timeout 240 python3 tests/gpu/bench_kernels.py extend >"$OUT/extend.log" 2>&1

@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | ragged | extend]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | halves | ragged | extend]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -389,8 +389,128 @@ def bench_ragged_decode() -> None:
         print(f"  {name}: {total:.3f} s")
 
 
+class _TakingTurns:
+    """An attention backend whose kernels wait for the other half's attention of the layer before (A) or of the
+    same layer (B): the two halves' attention kernels run one after another, each half's other work beside them."""
+
+    def __init__(self, inner, done: list, wait_for: list | None, offset: int) -> None:
+        self.inner, self.done, self.wait_for, self.offset = inner, done, wait_for, offset
+
+    def kv_cache_to_fill(self, layer: int):
+        return self.inner.kv_cache_to_fill(layer)
+
+    def forward(self, layer: int, q, k, v, meta):
+        waited = layer - self.offset
+        if self.wait_for is not None and waited >= 0:
+            torch.cuda.current_stream().wait_event(self.wait_for[waited])
+        out = self.inner.forward(layer, q, k, v, meta)
+        self.done[layer].record()
+        return out
+
+
+def bench_two_halves() -> None:
+    """A decode step's layers (the real model, dummy weights) at batches of the standard offline workload, in one
+    CUDA graph, microseconds per step: the whole batch on one stream; two halves one after another on one
+    stream; two halves on two streams, free and with their attention kernels taking turns (so that one half's
+    GEMMs and norms run beside the other's attention). The question: how much of a step's non-attention time
+    two halves can hide behind attention."""
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.attention.metadata import AttentionMetadata
+    from sfllm.worker.attention.registry import create_attention_backend
+    from sfllm.worker.kv_cache import KVCache
+    from sfllm.worker.weight_loader import load_model
+    device = torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("| model | step | batch | mean context | one stream | halves, one stream | halves, two streams "
+          "| halves, taking turns | turns vs one stream |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in ("qwen3-0.6b", "qwen3-8b"):
+        source = resolve_model(name, "dummy")
+        config = source.config
+        model = load_model(source, DTYPE, device, 4096)
+        for step in (128, 384, 640):
+            contexts = _standard_workload_contexts(step)
+            batch = contexts.size
+            blocks = -(-contexts // BLOCK_SIZE)
+            kv_cache = KVCache(config.num_layers, int(blocks.sum()), BLOCK_SIZE, config.num_kv_heads,
+                               config.head_dim, DTYPE, device)
+            backend = create_attention_backend("triton", device, kv_cache, model.shard, quiet=True)
+            tables = torch.zeros(batch, int(blocks.max()), dtype=torch.int32)
+            starts = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+            for b in range(batch):
+                tables[b, :blocks[b]] = torch.arange(starts[b], starts[b] + blocks[b])
+            tables = tables.to(device)
+            seq_lens = torch.from_numpy(contexts.astype(np.int32)).to(device)
+            last = seq_lens.long() - 1
+            slots = tables.gather(1, (last // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE + last % BLOCK_SIZE
+            ids = torch.randint(0, config.vocab_size, (batch,), device=device)
+
+            def part(lo: int, hi: int):
+                n = hi - lo
+                meta = AttentionMetadata(
+                    slot_mapping=slots[lo:hi].clone(), query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
+                    seq_lens=seq_lens[lo:hi].clone(), block_tables=tables[lo:hi].clone(),
+                    tiles=torch.empty(0, 2, dtype=torch.int32, device=device), decode_only=True,
+                    num_kv_splits=choose_num_kv_splits(n, config.num_kv_heads, 40960, num_sms),
+                    decode_order=torch.argsort(seq_lens[lo:hi], descending=True, stable=True).to(torch.int32))
+                return ids[lo:hi].clone(), last[lo:hi].clone(), meta
+
+            whole = part(0, batch)
+            halves = [part(0, batch // 2), part(batch // 2, batch)]
+            side = torch.cuda.Stream()
+            done = [[torch.cuda.Event() for _ in range(config.num_layers)] for _ in range(2)]
+            turns = [_TakingTurns(backend, done[0], done[1], 1), _TakingTurns(backend, done[1], done[0], 0)]
+
+            def one_stream():
+                return model(whole[0], whole[1], backend, whole[2])
+
+            def in_halves(two_streams: bool, backends):
+                main = torch.cuda.current_stream()  # the capturing stream under a graph
+                streams = [main, side if two_streams else main]
+                side.wait_stream(main)
+                xs, residuals = [None, None], [None, None]
+                for h, (ids_h, _, _) in enumerate(halves):
+                    with torch.cuda.stream(streams[h]):
+                        xs[h] = model.embed_tokens(ids_h)
+                for layer in model.layers:
+                    for h, (_, positions, meta) in enumerate(halves):
+                        with torch.cuda.stream(streams[h]):
+                            xs[h], residuals[h] = layer(xs[h], residuals[h], positions, model.rope, backends[h], meta)
+                outs = []
+                for h in range(2):
+                    with torch.cuda.stream(streams[h]):
+                        outs.append(model.norm(xs[h], residuals[h])[0])
+                main.wait_stream(side)
+                return torch.cat(outs)
+
+            runs = {"one stream": one_stream,
+                    "halves, one stream": lambda: in_halves(False, [backend, backend]),
+                    "halves, two streams": lambda: in_halves(True, [backend, backend]),
+                    "halves, taking turns": lambda: in_halves(True, turns)}
+            with torch.inference_mode():
+                expected = one_stream().float()
+                cells = []
+                for label, run in runs.items():
+                    got = run().float()
+                    torch.cuda.synchronize()
+                    error = ((got - expected).norm() / expected.norm()).item()
+                    assert error < 5e-2, f"{label} differs from one stream: relative error {error:.3g}"
+                    try:
+                        cells.append(triton.testing.do_bench_cudagraph(run) * 1e3)
+                    except Exception as error:  # a capture that fails is this bench's finding: say which
+                        print(f"{name} step {step} {label}: {type(error).__name__}: {error}", flush=True)
+                        cells.append(float("inf"))
+            print(f"| {name} | {step} | {batch} | {contexts.mean():.0f} | " + " | ".join(f"{c:.0f}" for c in cells)
+                  + f" | {cells[3] / cells[0]:.3f} |", flush=True)
+            del kv_cache, backend
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
+
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
+         "halves": [bench_two_halves],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":
