@@ -13,6 +13,7 @@
 # 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
 # serve_ab ($BASE's and this tree's servers alternately: bench serve at $LEVELS and the priority probes),
+# priority_clients (one server of this tree; $BASE's and this tree's `bench priority` clients alternately),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
 # halves (a decode step's layers in two halves on two streams against the whole batch on one, Qwen3-0.6B and -8B),
 # extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
@@ -186,6 +187,25 @@ PY
         stop_server
       done
     done ;;
+  priority_clients)
+    # the same server measured by two priority clients in turn ($ROUNDS, 2 by default): $BASE's and this tree's
+    unpack_base
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 $SERVE_FLAGS \
+      >"$OUT/server-priority-clients.log" 2>&1 &
+    server=$!
+    for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+    for round in $(seq 1 "${ROUNDS:-2}"); do
+      for tree in /tmp/base "$PWD"; do
+        name=new; [ "$tree" = /tmp/base ] && name=base
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT \
+          --probes 10 --warmup 2 --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 \
+          --output-len 512 --vocab-size 151936 --seed $((10 + round)) >"$OUT/priority-$name-client-$round.log" 2>&1)
+        echo "$name client, round $round: $(grep -E 'TTFT p50' "$OUT/priority-$name-client-$round.log" | tr -s ' ' \
+          | tr '\n' ';')"
+      done
+    done
+    case "$SERVE_FLAGS" in *debug*) python3 scripts/priority_waits.py "$OUT/server-priority-clients.log" ;; esac
+    stop_server ;;
   priority)
     python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 $SERVE_FLAGS \
       >"$OUT/server-priority.log" 2>&1 &

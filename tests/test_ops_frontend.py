@@ -14,18 +14,20 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
 from sfllm.config import ServerConfig
-from sfllm.engine.engine_process import EngineCounters
+from sfllm.engine.engine_process import FRONTEND_MESSAGES_PER_READ, EngineCounters, EngineServer
 from sfllm.frontend.app import create_app
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.messages import QUEUE_TIME_BUCKETS_S, EngineStats, RequestOutput
+from sfllm.messages import (QUEUE_TIME_BUCKETS_S, AbortRequest, EngineStats, FrontendToEngine, MessageCodec,
+                            RequestOutput)
 from sfllm.sampling_params import SamplingParams
 from sfllm.scheduler.request import Request
 
@@ -156,6 +158,36 @@ def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:
     assert counters.num_finished == {"length": 1, "abort": 1, "error": 1}
     assert counters.queue_time_counts[2] == 1 and sum(counters.queue_time_counts) == 1, "0.03 s: the 0.05 bucket"
     assert counters.queue_time_sum_s == pytest.approx(0.03)
+
+
+def test_the_engine_reads_a_bounded_number_of_frontend_messages_per_turn() -> None:
+    """A flood of frontend messages is handled over several loop turns, in order, none dropped."""
+    context = zmq.Context()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://engine")
+        dealer.setsockopt(zmq.IDENTITY, b"frontend-1")
+        dealer.connect("inproc://engine")
+        codec = MessageCodec(FrontendToEngine)
+        total = 2 * FRONTEND_MESSAGES_PER_READ + 10
+        for index in range(total):
+            dealer.send(codec.encode(AbortRequest(request_ids=[f"r{index}"])))
+        handled: list[str] = []
+        server = EngineServer.__new__(EngineServer)  # only the socket, the codec and the handler are used
+        server.sock, server.codec = router, codec
+        server._handle = lambda identity, message: handled.append(message.request_ids[0])
+        turns = 0
+        while len(handled) < total:
+            assert router.poll(timeout=1000), f"{total - len(handled)} messages never arrived"
+            before = len(handled)
+            server._drain_frontends()
+            assert 0 < len(handled) - before <= FRONTEND_MESSAGES_PER_READ
+            turns += 1
+        assert turns >= 3 and handled == [f"r{index}" for index in range(total)]
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        context.term()
 
 
 def test_engine_counters_log_where_a_high_priority_first_token_waited(caplog: pytest.LogCaptureFixture) -> None:

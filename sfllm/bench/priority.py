@@ -5,6 +5,8 @@ server; then `--concurrency` background streams start, and once all of them are 
 server streams tokens for one, the same number of probes are sent one after another again.
 The flood is cancelled when the last probe is done. Every probe has its own random prompt:
 a repeated prompt would be served from the prefix cache under load and look cheaper.
+
+The flood runs in a process of its own (flood_process.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from sfllm.bench.flood_process import FloodOutcome, FloodProcess
 from sfllm.bench.serve import BenchmarkSetupError, ServerTarget, fetch_model_name, length_range_argument, send_request
 from sfllm.bench.serve_report import RequestRecord, error_summary, latency_stats_ms
 from sfllm.bench.workload import RandomTokenWorkload, RequestSpec, parse_length_range
@@ -50,24 +53,6 @@ class ProbeSeries:
     def to_json(self) -> dict[str, Any]:
         return {"ttft_ms": self.ttft_ms, "failed": self.failed, "errors": error_summary(self.records),
                 "flood_in_flight": self.flood_in_flight, "requests": [r.to_json() for r in self.records]}
-
-
-@dataclass
-class FloodOutcome:
-    """The background requests: how many were sent, and how those that ended before the cancel did."""
-
-    sent: int = 0
-    records: list[RequestRecord] = field(default_factory=list)
-
-    @property
-    def in_flight(self) -> int:
-        return self.sent - len(self.records)
-
-    def to_json(self) -> dict[str, Any]:
-        ok = [r for r in self.records if r.ok]
-        return {"sent": self.sent, "completed": len(ok), "failed": len(self.records) - len(ok),
-                "cancelled": self.in_flight, "errors": error_summary(self.records),
-                "output_tokens": sum(r.completion_tokens or 0 for r in ok)}
 
 
 @dataclass
@@ -120,38 +105,12 @@ def format_report(result: PriorityResult) -> str:
 
 
 async def send_probes(session: aiohttp.ClientSession, target: ServerTarget, specs: list[RequestSpec],
-                      series: ProbeSeries, flood: FloodOutcome | None = None) -> None:
+                      series: ProbeSeries, flood: FloodProcess | None = None) -> None:
     start = time.perf_counter()
     for index, spec in enumerate(specs):
         if flood is not None:
             series.flood_in_flight.append(flood.in_flight)
         series.records.append(await send_request(session, target, spec, index, start))
-
-
-async def run_flood(session: aiohttp.ClientSession, target: ServerTarget, specs: list[RequestSpec],
-                    concurrency: int, flood: FloodOutcome) -> None:
-    """Keeps `concurrency` background requests in flight until `specs` run out or it is cancelled."""
-    unsent = iter(enumerate(specs))
-    start = time.perf_counter()
-
-    async def client() -> None:
-        for index, spec in unsent:
-            flood.sent += 1
-            flood.records.append(await send_request(session, target, spec, index, start))
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-
-
-def _first_response_event() -> tuple[aiohttp.TraceConfig, asyncio.Event]:
-    """An event set when the first response of a session arrives: sfllm answers a stream with its first token."""
-    answered = asyncio.Event()
-
-    async def on_request_end(*_: object) -> None:
-        answered.set()
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_end.append(on_request_end)
-    return trace, answered
 
 
 async def run_benchmark(args: argparse.Namespace) -> tuple[str, PriorityResult]:
@@ -160,30 +119,21 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[str, PriorityResult]:
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     probes = RandomTokenWorkload(args.probe_input_len, args.probe_output_len, args.vocab_size, args.seed)
     background = RandomTokenWorkload(args.input_len, args.output_len, args.vocab_size, args.seed + 1)
-    trace, flood_answered = _first_response_event()
-    # Two sessions: a probe never waits for one of the flood's connections.
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as probe_session, \
-            aiohttp.ClientSession(timeout=timeout, headers=headers, trace_configs=[trace],
-                                  connector=aiohttp.TCPConnector(limit=args.concurrency)) as flood_session:
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as probe_session:
         model = args.model or await fetch_model_name(probe_session, base_url)
         probe_target = ServerTarget(base_url, "completions", model, True, "high")
         flood_target = ServerTarget(base_url, "completions", model, True, "background")
-        alone, under_load, flood = ProbeSeries("alone"), ProbeSeries("under load"), FloodOutcome()
+        alone, under_load = ProbeSeries("alone"), ProbeSeries("under load")
         await send_probes(probe_session, probe_target, probes.take(args.warmup), ProbeSeries("warm-up"))
         await send_probes(probe_session, probe_target, probes.take(args.probes), alone)
-        flood_task = asyncio.create_task(
-            run_flood(flood_session, flood_target, background.take(args.background_requests), args.concurrency, flood))
+        flood = FloodProcess(flood_target, background.take(args.background_requests), args.concurrency,
+                             args.timeout, headers)
         try:
-            while flood.sent < args.concurrency and not flood_task.done():
-                await asyncio.sleep(0.01)
-            answered = asyncio.create_task(flood_answered.wait())
-            await asyncio.wait([flood_task, answered], return_when=asyncio.FIRST_COMPLETED)
-            answered.cancel()
+            await flood.running(args.concurrency)
             await send_probes(probe_session, probe_target, probes.take(args.probes), under_load, flood)
         finally:
-            flood_task.cancel()
-            await asyncio.gather(flood_task, return_exceptions=True)
-    return model, PriorityResult(alone, under_load, flood, args.concurrency)
+            outcome = flood.stop()
+    return model, PriorityResult(alone, under_load, outcome, args.concurrency)
 
 
 def config_json(args: argparse.Namespace, model: str) -> dict[str, Any]:

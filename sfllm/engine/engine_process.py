@@ -35,6 +35,9 @@ from sfllm.scheduler.request import Request
 logger = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 3.0
+# messages handled per read of the frontends' socket: a steady stream of them (a burst of hundreds of requests,
+# heartbeats of many frontends) must not keep the engine from sending its next step; the rest wait one loop turn
+FRONTEND_MESSAGES_PER_READ = 256
 SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
 WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
@@ -228,7 +231,10 @@ class EngineServer:
                     logger.info("engine loop, %s", line)
 
     def _drain_frontends(self) -> None:
-        while self.sock.poll(timeout=0):
+        """Handles the frontends' messages that wait, up to FRONTEND_MESSAGES_PER_READ."""
+        for _ in range(FRONTEND_MESSAGES_PER_READ):
+            if not self.sock.poll(timeout=0):
+                return
             identity, payload = self.sock.recv_multipart()
             try:
                 message = self.codec.decode(payload)

@@ -1,6 +1,6 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | halves | ragged | extend]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | ragged | extend]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -244,18 +246,25 @@ def sweep_skinny_matmul() -> None:
         del weights
 
 
+# (N, K) of a decoder layer's four GEMMs (x [rows, K] @ W^T, W [N, K]), fused as the engine runs them
+LAYER_GEMMS = {"0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
+               "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}}
+
+
+def _rotated_weights(shapes: dict[str, tuple[int, int]]) -> dict[str, list[torch.Tensor]]:
+    """Four copies of each GEMM's weight, read in turn by _microseconds_over_weights (together past L2)."""
+    return {name: [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)] for name, (n, k) in shapes.items()}
+
+
 def sweep_gemm_backends() -> None:
     """Microseconds per graph-replayed F.linear at the decode batches of the standard workload (a layer's four
     GEMMs of Qwen3-0.6B and -8B, four copies of each weight read in turn: past an H200's 50 MB L2 for the 8B, not
     all of it for the 0.6B, whose times are therefore a floor), with torch's cuBLAS and its cuBLASLt backend."""
     import torch.nn.functional as F
-    layers = {"0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
-              "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}}
     print("| model | rows | GEMM | cuBLAS us | cuBLASLt us | cuBLAS TFLOP/s | cuBLASLt TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for model, shapes in layers.items():
-        weights = {name: [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(4)]
-                   for name, (n, k) in shapes.items()}
+    for model, shapes in LAYER_GEMMS.items():
+        weights = _rotated_weights(shapes)
         for rows in (16, 32, 64, 128, 200, 256):
             totals = [0.0, 0.0]
             for name, (n, k) in shapes.items():
@@ -508,9 +517,91 @@ def bench_two_halves() -> None:
         torch.cuda.empty_cache()
 
 
+def bench_bandwidth() -> None:
+    """The card's memory bandwidth two ways, GB/s over 4 GiB (far past L2): a copy (bytes read + written, the
+    roofline's figure) and reads alone (a row sum, whose output is 1/4096 of its input): whether a kernel that
+    only reads, like decode attention, has room above the copy figure."""
+    x = torch.randn(2**31 // DTYPE.itemsize * 2, device="cuda", dtype=DTYPE)  # 4 GiB
+    y = torch.empty_like(x)
+    rows = x.view(-1, 4096)
+    out = torch.empty(rows.shape[0], device="cuda", dtype=torch.float32)
+    nbytes = x.numel() * x.element_size()
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=500)
+    read_ms = triton.testing.do_bench(lambda: torch.sum(rows, dim=1, dtype=torch.float32, out=out), warmup=50, rep=500)
+    print("| measure | GB/s |")
+    print("| --- | --- |")
+    print(f"| copy (read + write) | {2 * nbytes / copy_ms / 1e6:.0f} |")
+    print(f"| read (row sums) | {nbytes / read_ms / 1e6:.0f} |")
+
+
+@triton.jit
+def _tiled_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = x @ w^T, one BLOCK_M x BLOCK_N tile per program (a plain tiled GEMM, for the gemm_triton sweep)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    depth = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + (start + depth)[None, :], mask=rows[:, None] < M,
+                    other=0.0)
+        b = tl.load(w_ptr + columns[:, None].to(tl.int64) * stride_w + (start + depth)[None, :],
+                    mask=columns[:, None] < N, other=0.0)
+        acc += tl.dot(a, tl.trans(b))
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + columns[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (columns[None, :] < N))
+
+
+TILED_MATMUL_CONFIGS = list(itertools.product((32, 64, 128), (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))))
+
+
+def _tiled_matmul(x: torch.Tensor, w: torch.Tensor, config, out: torch.Tensor) -> torch.Tensor:
+    block_m, block_n, block_k, (warps, stages) = config
+    m, k = x.shape
+    n = w.shape[0]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _tiled_matmul_kernel[grid](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out
+
+
+def sweep_gemm_triton() -> None:
+    """Whether a plain Triton GEMM, its tile swept per shape, beats cuBLAS on a layer's four GEMMs at the decode
+    batches of the standard workload: microseconds per graph-replayed call (four copies of each weight read in
+    turn), cuBLAS against the best tile of TILED_MATMUL_CONFIGS."""
+    import torch.nn.functional as F
+    print("| model | rows | GEMM | cuBLAS us | best Triton us | best tile (M, N, K, (warps, stages)) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model, shapes in LAYER_GEMMS.items():
+        weights = _rotated_weights(shapes)
+        for rows in (64, 128, 200, 256) if model == "0.6b" else (128, 256):
+            totals = [0.0, 0.0]
+            for name, (n, k) in shapes.items():
+                x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+                out = torch.empty(rows, n, device="cuda", dtype=DTYPE)
+                expected = F.linear(x, weights[name][0]).float()
+                cublas = _microseconds_over_weights(F.linear, x, weights[name])
+                best = (float("inf"), None)
+                for config in TILED_MATMUL_CONFIGS:
+                    try:
+                        got = _tiled_matmul(x, weights[name][0], config, out).float()
+                    except Exception:  # a tile over the shared memory
+                        continue
+                    if (got - expected).norm() / expected.norm() > 1e-2:
+                        raise AssertionError(f"tile {config} computes another product at {name}, {rows} rows")
+                    us = _microseconds_over_weights(lambda a, w, c=config: _tiled_matmul(a, w, c, out), x,
+                                                    weights[name])
+                    best = min(best, (us, config), key=lambda t: t[0])
+                totals = [totals[0] + cublas, totals[1] + best[0]]
+                print(f"| {model} | {rows} | {name} | {cublas:.1f} | {best[0]:.1f} | {best[1]} |", flush=True)
+            print(f"| {model} | {rows} | **layer** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | |", flush=True)
+        del weights
+
+
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
-         "halves": [bench_two_halves],
+         "halves": [bench_two_halves], "bandwidth": [bench_bandwidth],
+         "gemm_triton": [sweep_gemm_triton],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":

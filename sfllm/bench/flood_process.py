@@ -1,0 +1,127 @@
+"""The background requests of `sfllm bench priority`, sent and read by a process of their own.
+
+Reading hundreds of streams (~30k tokens a second from one H200) keeps a Python client's event loop busy,
+and a probe timed on that loop waits for it (on one server, the probes' p50 under load came out 1-2.5 ms
+lower with the flood here: docs/performance.md, sixth session). The child shares its counts with the
+probes' process and hands back its records when stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from sfllm.bench.serve import ServerTarget, send_request
+from sfllm.bench.serve_report import RequestRecord, error_summary
+from sfllm.bench.workload import RequestSpec
+
+
+@dataclass
+class FloodOutcome:
+    """The background requests: how many were sent, and how those that ended before the cancel did."""
+
+    sent: int = 0
+    records: list[RequestRecord] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - len(self.records)
+
+    def to_json(self) -> dict[str, Any]:
+        ok = [r for r in self.records if r.ok]
+        return {"sent": self.sent, "completed": len(ok), "failed": len(self.records) - len(ok),
+                "cancelled": self.in_flight, "errors": error_summary(self.records),
+                "output_tokens": sum(r.completion_tokens or 0 for r in ok)}
+
+
+async def run_flood(session: aiohttp.ClientSession, target: ServerTarget, specs: list[RequestSpec],
+                    concurrency: int, flood: FloodOutcome) -> None:
+    """Keeps `concurrency` background requests in flight until `specs` run out or it is cancelled."""
+    unsent = iter(enumerate(specs))
+    start = time.perf_counter()
+
+    async def client() -> None:
+        for index, spec in unsent:
+            flood.sent += 1
+            flood.records.append(await send_request(session, target, spec, index, start))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+class FloodProcess:
+    """The background requests, sent and read by a child process; its counts shared with this one."""
+
+    def __init__(self, target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
+                 headers: dict[str, str]) -> None:
+        context = multiprocessing.get_context("spawn")  # no copy of this process's event loop
+        self._sent = context.Value("i", 0)
+        self._finished = context.Value("i", 0)
+        self._answered = context.Event()  # the server answered a background request: it streams for the flood
+        self._done = context.Event()  # every request sent and finished
+        self._stop = context.Event()
+        self._records, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_flood_process_main, daemon=True,
+            args=(target, specs, concurrency, timeout, headers, self._sent, self._finished, self._answered,
+                  self._done, self._stop, child_end))
+        self._process.start()
+        child_end.close()
+
+    @property
+    def in_flight(self) -> int:
+        return self._sent.value - self._finished.value
+
+    async def running(self, concurrency: int) -> None:
+        """Returns once `concurrency` requests are sent and the server answered one (or the flood ended)."""
+        while not self._done.is_set() and self._process.is_alive() and (
+                self._sent.value < concurrency or not self._answered.is_set()):
+            await asyncio.sleep(0.01)
+
+    def stop(self, wait_s: float = 60.0) -> FloodOutcome:
+        """Cancels what is in flight; the requests sent and the records of those that ended."""
+        self._stop.set()
+        outcome = FloodOutcome(sent=self._sent.value)
+        try:
+            if self._records.poll(wait_s):
+                outcome.sent, outcome.records = self._records.recv()
+        except EOFError:  # the child died without its records: what it sent stays counted, as cancelled
+            pass
+        self._process.join(5.0)
+        if self._process.is_alive():
+            self._process.kill()
+        return outcome
+
+
+def _flood_process_main(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
+                        headers: dict[str, str], sent, finished, answered, done, stop, records) -> None:
+    flood = asyncio.run(_flood_until_stopped(target, specs, concurrency, timeout, headers, sent, finished,
+                                             answered, done, stop))
+    records.send((flood.sent, flood.records))
+    records.close()
+
+
+async def _flood_until_stopped(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
+                               headers: dict[str, str], sent, finished, answered, done, stop) -> FloodOutcome:
+    async def on_request_end(*_: object) -> None:
+        answered.set()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    flood = FloodOutcome()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
+                                     trace_configs=[trace], connector=connector) as session:
+        task = asyncio.create_task(run_flood(session, target, specs, concurrency, flood))
+        while not stop.is_set() and not task.done():
+            sent.value, finished.value = flood.sent, len(flood.records)
+            await asyncio.sleep(0.005)
+        sent.value, finished.value = flood.sent, len(flood.records)
+        if task.done():
+            done.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return flood
