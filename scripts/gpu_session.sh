@@ -195,11 +195,14 @@ PY
     server=$!
     for i in $(seq 1 120); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
     for round in $(seq 1 "${ROUNDS:-2}"); do
-      for tree in /tmp/base "$PWD"; do
+      # each run its own seed (prompts already in the prefix cache would be cheaper), the first client alternating
+      trees="/tmp/base $PWD"; [ $((round % 2)) = 0 ] && trees="$PWD /tmp/base"
+      for tree in $trees; do
         name=new; [ "$tree" = /tmp/base ] && name=base
+        seed=$((10 + 2 * round)); [ $name = new ] && seed=$((seed + 100))
         (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 150 python3 -m sfllm bench priority --url http://127.0.0.1:$PORT \
           --probes 10 --warmup 2 --probe-input-len 512 --probe-output-len 8 --background-requests 600 --input-len 1024 \
-          --output-len 512 --vocab-size 151936 --seed $((10 + round)) >"$OUT/priority-$name-client-$round.log" 2>&1)
+          --output-len 512 --vocab-size 151936 --seed $seed >"$OUT/priority-$name-client-$round.log" 2>&1)
         echo "$name client, round $round: $(grep -E 'TTFT p50' "$OUT/priority-$name-client-$round.log" | tr -s ' ' \
           | tr '\n' ';')"
       done

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from sfllm.bench.serve import ServerTarget, send_request
+from sfllm.bench.serve import BenchmarkSetupError, ServerTarget, send_request
 from sfllm.bench.serve_report import RequestRecord, error_summary
 from sfllm.bench.workload import RequestSpec
 
@@ -73,13 +73,18 @@ class FloodProcess:
 
     @property
     def in_flight(self) -> int:
-        return self._sent.value - self._finished.value
+        if not self._process.is_alive() and not self._done.is_set():
+            return 0  # the child died: nothing of its is in flight
+        finished = self._finished.value  # read before `sent`, which the child writes first: never under-counted
+        return self._sent.value - finished
 
     async def running(self, concurrency: int) -> None:
         """Returns once `concurrency` requests are sent and the server answered one (or the flood ended)."""
         while not self._done.is_set() and self._process.is_alive() and (
                 self._sent.value < concurrency or not self._answered.is_set()):
             await asyncio.sleep(0.01)
+        if not self._done.is_set() and not self._process.is_alive():
+            raise BenchmarkSetupError(f"the flood's process exited ({self._process.exitcode}) before the flood ran")
 
     def stop(self, wait_s: float = 60.0) -> FloodOutcome:
         """Cancels what is in flight; the requests sent and the records of those that ended."""
