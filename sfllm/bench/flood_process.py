@@ -52,44 +52,52 @@ async def run_flood(session: aiohttp.ClientSession, target: ServerTarget, specs:
     await asyncio.gather(*(client() for _ in range(concurrency)))
 
 
+@dataclass
+class _SharedState:
+    """What the child shares with the probes' process while it runs."""
+
+    sent: Any  # multiprocessing Values of int: requests sent, and of those, finished
+    finished: Any
+    answered: Any  # multiprocessing Events: the server answered a background request (it streams for the flood),
+    done: Any  # every request sent and finished,
+    stop: Any  # the probes' process asks the child to cancel what is in flight and hand back its records
+
+
 class FloodProcess:
     """The background requests, sent and read by a child process; its counts shared with this one."""
 
     def __init__(self, target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
                  headers: dict[str, str]) -> None:
         context = multiprocessing.get_context("spawn")  # no copy of this process's event loop
-        self._sent = context.Value("i", 0)
-        self._finished = context.Value("i", 0)
-        self._answered = context.Event()  # the server answered a background request: it streams for the flood
-        self._done = context.Event()  # every request sent and finished
-        self._stop = context.Event()
+        self._state = _SharedState(context.Value("i", 0), context.Value("i", 0), context.Event(), context.Event(),
+                                   context.Event())
         self._records, child_end = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_flood_process_main, daemon=True,
-            args=(target, specs, concurrency, timeout, headers, self._sent, self._finished, self._answered,
-                  self._done, self._stop, child_end))
+        self._process = context.Process(target=_flood_process_main, daemon=True,
+                                        args=(target, specs, concurrency, timeout, headers, self._state, child_end))
         self._process.start()
         child_end.close()
 
     @property
     def in_flight(self) -> int:
-        if not self._process.is_alive() and not self._done.is_set():
+        state = self._state
+        if not self._process.is_alive() and not state.done.is_set():
             return 0  # the child died: nothing of its is in flight
-        finished = self._finished.value  # read before `sent`, which the child writes first: never under-counted
-        return self._sent.value - finished
+        finished = state.finished.value  # read before `sent`, which the child writes first: never under-counted
+        return state.sent.value - finished
 
     async def running(self, concurrency: int) -> None:
         """Returns once `concurrency` requests are sent and the server answered one (or the flood ended)."""
-        while not self._done.is_set() and self._process.is_alive() and (
-                self._sent.value < concurrency or not self._answered.is_set()):
+        state = self._state
+        while not state.done.is_set() and self._process.is_alive() and (
+                state.sent.value < concurrency or not state.answered.is_set()):
             await asyncio.sleep(0.01)
-        if not self._done.is_set() and not self._process.is_alive():
+        if not state.done.is_set() and not self._process.is_alive():
             raise BenchmarkSetupError(f"the flood's process exited ({self._process.exitcode}) before the flood ran")
 
     def stop(self, wait_s: float = 60.0) -> FloodOutcome:
         """Cancels what is in flight; the requests sent and the records of those that ended."""
-        self._stop.set()
-        outcome = FloodOutcome(sent=self._sent.value)
+        self._state.stop.set()
+        outcome = FloodOutcome(sent=self._state.sent.value)
         try:
             if self._records.poll(wait_s):
                 outcome.sent, outcome.records = self._records.recv()
@@ -102,17 +110,16 @@ class FloodProcess:
 
 
 def _flood_process_main(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
-                        headers: dict[str, str], sent, finished, answered, done, stop, records) -> None:
-    flood = asyncio.run(_flood_until_stopped(target, specs, concurrency, timeout, headers, sent, finished,
-                                             answered, done, stop))
+                        headers: dict[str, str], state: _SharedState, records) -> None:
+    flood = asyncio.run(_flood_until_stopped(target, specs, concurrency, timeout, headers, state))
     records.send((flood.sent, flood.records))
     records.close()
 
 
 async def _flood_until_stopped(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
-                               headers: dict[str, str], sent, finished, answered, done, stop) -> FloodOutcome:
+                               headers: dict[str, str], state: _SharedState) -> FloodOutcome:
     async def on_request_end(*_: object) -> None:
-        answered.set()
+        state.answered.set()
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(on_request_end)
@@ -121,12 +128,12 @@ async def _flood_until_stopped(target: ServerTarget, specs: list[RequestSpec], c
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
                                      trace_configs=[trace], connector=connector) as session:
         task = asyncio.create_task(run_flood(session, target, specs, concurrency, flood))
-        while not stop.is_set() and not task.done():
-            sent.value, finished.value = flood.sent, len(flood.records)
+        while not state.stop.is_set() and not task.done():
+            state.sent.value, state.finished.value = flood.sent, len(flood.records)
             await asyncio.sleep(0.005)
-        sent.value, finished.value = flood.sent, len(flood.records)
+        state.sent.value, state.finished.value = flood.sent, len(flood.records)
         if task.done():
-            done.set()
+            state.done.set()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     return flood

@@ -511,7 +511,7 @@ def bench_two_halves() -> None:
                         cells.append(float("inf"))
             print(f"| {name} | {step} | {batch} | {contexts.mean():.0f} | " + " | ".join(f"{c:.0f}" for c in cells)
                   + f" | {cells[3] / cells[0]:.3f} |", flush=True)
-            del kv_cache, backend
+            del kv_cache, backend, turns, runs  # the events' backends and the runs hold the cache too
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
