@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 from sfllm.kernels.online_softmax import LOG2_E, attend_to_kv_tile
@@ -113,7 +114,9 @@ def _decode_partial_kernel(
     DOT_PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     ORDERED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     # The heads of a sequence are neighbours in the grid; with ORDERED, the sequences come longest first
     kv_head = tl.program_id(0)
     batch = tl.program_id(1)
@@ -197,7 +200,9 @@ def _decode_merge_kernel(
     stride_out_head,
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     token = tl.load(query_start_loc_ptr + batch)
@@ -321,6 +326,7 @@ def decode_attention(
         ORDERED=batch_order is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(q.device),
     )
     if num_kv_splits == 1:
         return out
@@ -340,5 +346,6 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
         num_warps=4,
+        **launch_options(q.device),
     )
     return out

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 from sfllm.kernels.online_softmax import LOG2_E, attend_to_kv_tile
@@ -69,7 +70,9 @@ def _extend_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(tiles_ptr + 2 * tile)
@@ -221,5 +224,6 @@ def extend_attention(
         DOT_PRECISION=dot_input_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(q.device),
     )
     return out

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 
 
@@ -18,7 +19,9 @@ def _fused_add_rms_norm_kernel(
     hidden_size,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -63,5 +66,6 @@ def fused_add_rms_norm(
         eps,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
+        **launch_options(x.device),
     )
     return x, residual

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 
 # A tile of BLOCK_T tokens per program: one program per (token, head) left a prefill of 8k tokens
@@ -36,7 +37,9 @@ def _rotary_qk_norm_kernel(
     HAS_NORM: tl.constexpr,
     STORE_KV: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < num_tokens
     head = tl.program_id(1)  # q heads, then k heads, then (when storing) v heads: the fused qkv layout
@@ -121,5 +124,5 @@ def rotary_qk_norm_(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
         slot_mapping if kv_cache is not None else positions, num_tokens, qkv.stride(0),
         slot_stride or 0, head_stride or 0, eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, HAS_NORM=has_norm, STORE_KV=kv_cache is not None, BLOCK_T=BLOCK_T,
-        num_warps=2 if head_dim <= 64 else 4,
+        num_warps=2 if head_dim <= 64 else 4, **launch_options(qkv.device),
     )

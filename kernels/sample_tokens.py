@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 
 BLOCK = 4096
@@ -29,7 +30,8 @@ TARGET_PROGRAMS = 128
 def _sample_chunk_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, bitmask_ptr, bitmask_words,
                          values_ptr, indices_ptr, out_ptr, vocab_size, chunk_size, num_chunks,
                          SINGLE_CHUNK: tl.constexpr, ALL_GREEDY: tl.constexpr, HAS_BITMASK: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if ALL_GREEDY:
@@ -70,7 +72,9 @@ def _sample_chunk_kernel(logits_ptr, stride_row, temperatures_ptr, seed_ptr, bit
 
 
 @triton.jit
-def _pick_chunk_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNKS: tl.constexpr):
+def _pick_chunk_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNKS: tl.constexpr,
+                       PDL: tl.constexpr):
+    wait_then_release(PDL)
     row = tl.program_id(0)
     chunks = tl.arange(0, BLOCK_CHUNKS)
     mask = chunks < num_chunks
@@ -107,10 +111,12 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed:
         logits, logits.stride(0), logits if temperatures is None else temperatures, seed,
         logits if bitmask is None else bitmask, 0 if bitmask is None else bitmask.shape[1], values, indices, out,
         vocab_size, chunk_size, num_chunks, SINGLE_CHUNK=num_chunks == 1, ALL_GREEDY=temperatures is None,
-        HAS_BITMASK=bitmask is not None, BLOCK=BLOCK, num_warps=8)
+        HAS_BITMASK=bitmask is not None, BLOCK=BLOCK, num_warps=8,
+        **launch_options(logits.device))
     if num_chunks > 1:
         _pick_chunk_kernel[(batch,)](values, indices, out, num_chunks,
-                                     BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)
+                                     BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1,
+                                     **launch_options(logits.device))
     return out
 
 

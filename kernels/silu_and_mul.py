@@ -5,11 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = columns < size
@@ -29,5 +31,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = 1024
     _silu_and_mul_kernel[(gate_up.shape[0], triton.cdiv(size, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), size, BLOCK=block, num_warps=4)
+        gate_up, out, gate_up.stride(0), out.stride(0), size, BLOCK=block, num_warps=4,
+        **launch_options(gate_up.device))
     return out

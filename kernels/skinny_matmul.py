@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 
@@ -39,11 +40,20 @@ def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
     return (32, 512, 4, 4) if num_columns <= 4096 else (64, 256, 4, 4)
 
 
+@triton.jit
+def _tile(rows_ptr, start, depth, row_mask, K, EVEN_K: tl.constexpr):
+    """The [rows, BLOCK_K] tile at depth `start` of the rows at rows_ptr (zeros past K and masked rows)."""
+    ks = start + depth
+    if EVEN_K:
+        return tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None], other=0.0)
+    return tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, stride_x, stride_w, stride_out,
                           HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, CONSTANT_WEIGHT: tl.constexpr, PDL: tl.constexpr):
     """out[:, :N] = x @ w[:N]^T; GATED: silu(x @ w[:N]^T) * (x @ w[N:2N]^T), w holding 2N rows."""
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -53,22 +63,25 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
     w_rows = w_ptr + columns[:, None].to(tl.int64) * stride_w
     up_rows = w_rows + N * stride_w
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        ks = start + depth
-        if EVEN_K:
-            x_mask = row_mask[:, None]
-            w_mask = column_mask[:, None]
-        else:
-            k_mask = ks < K
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            w_mask = column_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0)
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+    if not CONSTANT_WEIGHT:
+        wait_then_release(PDL)
+    # A constant weight's first tile is read before waiting for the kernel before, which cannot have written it:
+    # its latency passes while that kernel ends (at batch 1, a good part of this one's time).
+    w = _tile(w_rows, 0, depth, column_mask, K, EVEN_K)
+    if GATED:
+        up = _tile(up_rows, 0, depth, column_mask, K, EVEN_K)
+    if CONSTANT_WEIGHT:
+        wait_then_release(PDL)
+    x = _tile(x_rows, 0, depth, row_mask, K, EVEN_K)
+    acc = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if GATED:
+        up_acc = tl.dot(x, tl.trans(up), input_precision=DOT_PRECISION)
+    for start in range(BLOCK_K, K, BLOCK_K):
+        x = _tile(x_rows, start, depth, row_mask, K, EVEN_K)
+        w = _tile(w_rows, start, depth, column_mask, K, EVEN_K)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if GATED:
-            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            up = _tile(up_rows, start, depth, column_mask, K, EVEN_K)
             up_acc += tl.dot(x, tl.trans(up), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)[None, :]
@@ -86,28 +99,31 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  tile: tuple[int, int, int, int] | None = None, constant_weight: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, as F.linear.
-    `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    return _launch(x, weight, bias, tile, gated=False)
+    `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages). `constant_weight`: no kernel
+    launched since the weight was loaded writes it (a model's parameters), so the kernel starts reading it before
+    the kernel before it has finished (sfllm.kernels.dependent_launch)."""
+    return _launch(x, weight, bias, tile, gated=False, constant_weight=constant_weight)
 
 
 def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                        tile: tuple[int, int, int, int] | None = None, constant_weight: bool = False
+                        ) -> torch.Tensor:
     """silu(gate) * up of the projection x @ weight^T (+ bias) whose first half of columns is gate and second up:
     [M, K] x [2I, K] -> [M, I], as silu_and_mul(F.linear(x, weight, bias)) rounds it. `tile` as skinny_matmul's,
     its BLOCK_N counting the columns of one half (the default: half of the whole projection's tile, so that a
-    program streams as many weight rows as it would for the projection alone)."""
+    program streams as many weight rows as it would for the projection alone). `constant_weight` as skinny_matmul's."""
     if weight.shape[0] % 2:
         raise ValueError(f"a gate/up projection has an even number of rows; got {weight.shape[0]}")
     if tile is None:
         block_n, block_k, num_warps, num_stages = skinny_tile(weight.shape[0], weight.shape[1])
         tile = (max(16, block_n // 2), block_k, num_warps, num_stages)
-    return _launch(x, weight, bias, tile, gated=True)
+    return _launch(x, weight, bias, tile, gated=True, constant_weight=constant_weight)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            tile: tuple[int, int, int, int] | None, gated: bool) -> torch.Tensor:
+            tile: tuple[int, int, int, int] | None, gated: bool, constant_weight: bool) -> torch.Tensor:
     check_kernel_inputs(x, weight, *([] if bias is None else [bias]))
     num_rows, depth = x.shape
     if num_rows > MAX_ROWS or weight.shape[1] != depth:
@@ -124,5 +140,5 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x, weight, bias if bias is not None else weight, out, num_rows, num_columns, depth, x.stride(0),
         weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        CONSTANT_WEIGHT=constant_weight, num_warps=num_warps, num_stages=num_stages, **launch_options(x.device))
     return out

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 
 
@@ -26,7 +27,9 @@ def _store_kv_cache_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_HEADS)
@@ -80,4 +83,5 @@ def store_kv_cache(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
+        **launch_options(k.device),
     )

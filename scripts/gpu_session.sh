@@ -16,6 +16,7 @@
 # priority_clients (one server of this tree; $BASE's and this tree's `bench priority` clients alternately),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
 # halves (a decode step's layers in two halves on two streams against the whole batch on one, Qwen3-0.6B and -8B),
+# pdl (a decode step's layers with the kernels launched early and after, Qwen3-0.6B and -8B),
 # extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
@@ -57,9 +58,10 @@ for stage in "$@"; do
       -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
   ab)
-    # The base's own `bench offline` defaults were tuned (graphs to 256, context 4096): its product's
-    # defaults (LLM(), sfllm launch) were graphs to 32 and the model's whole context, given here.
-    BASE_DEFAULTS=${BASE_DEFAULTS:---cuda-graph-max-bs 32 --max-context-length 40960}
+    # babc62b's own `bench offline` defaults were tuned (graphs to 256, context 4096): its product's
+    # defaults (LLM(), sfllm launch) were graphs to 32 and the model's whole context, given here unless
+    # $BASE_DEFAULTS says otherwise (BASE_DEFAULTS= for a base whose bench runs the product's defaults).
+    BASE_DEFAULTS=${BASE_DEFAULTS---cuda-graph-max-bs 32 --max-context-length 40960}
     # $BASE: a commit, or a folder holding one's files (carried where the host has no .git)
     unpack_base
     for tree in /tmp/base "$PWD"; do
@@ -106,6 +108,9 @@ $(grep -E 'TPOT p50|TTFT p50' "$OUT/batch1-$name-$round-serve.log" | tr -s ' ' |
   halves)
     timeout 300 python3 tests/gpu/bench_kernels.py halves >"$OUT/halves.log" 2>&1
     echo "halves: exit $?"; cat "$OUT/halves.log" ;;
+  pdl)
+    timeout 300 python3 tests/gpu/bench_kernels.py pdl >"$OUT/pdl.log" 2>&1
+    echo "pdl: exit $?"; cat "$OUT/pdl.log" ;;
   extend)
     # extend attention's tiles over the standard workload's first prefill steps, and longest-first tile order
     timeout 240 python3 tests/gpu/bench_kernels.py extend >"$OUT/extend.log" 2>&1

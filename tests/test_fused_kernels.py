@@ -90,15 +90,16 @@ def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool) ->
 
 
 @pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True)])
-def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: int, depth: int,
-                                                                         with_bias: bool) -> None:
+@pytest.mark.parametrize("constant_weight", [False, True])  # the weight's first tile read before the wait, or after
+def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: int, depth: int, with_bias: bool,
+                                                                         constant_weight: bool) -> None:
     """Gate and up of 40 columns each: the last tile of each half is ragged, and a row's gate and up products
     must come from the rows 40 apart."""
     torch.manual_seed(5)
     x = torch.randn(rows, depth).to(DEVICE)
     weight = torch.randn(80, depth).to(DEVICE)
     bias = torch.randn(80).to(DEVICE) if with_bias else None
-    out = skinny_gate_up_silu(x, weight, bias)
+    out = skinny_gate_up_silu(x, weight, bias, constant_weight=constant_weight)
     gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
     assert out.shape == (rows, 40) and out.dtype == x.dtype
     assert _relative_error(out, torch.nn.functional.silu(gate) * up) < 1e-5

@@ -22,7 +22,7 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     bandwidth (sfllm.kernels.skinny_matmul)."""
     if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
         from sfllm.kernels import skinny_matmul
-        return skinny_matmul(x, layer.weight, layer.bias)
+        return skinny_matmul(x, layer.weight, layer.bias, constant_weight=True)
     return layer(x)
 
 
@@ -31,7 +31,7 @@ def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     kernel (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
     if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
         from sfllm.kernels import skinny_gate_up_silu
-        return skinny_gate_up_silu(x, layer.weight, layer.bias)
+        return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
     return silu_and_mul(layer(x))
 
 

@@ -1,6 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
-Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | ragged | extend]
+Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
+     extend]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sfllm.kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
                      extend_tile_config, extend_tiles)
 from sfllm.bench.workload import LengthRange, RandomTokenWorkload  # noqa: E402
+from decode_step import DecodeStep  # noqa: E402  (this folder, the script's own)
 
 BLOCK_SIZE = 16
 MODEL_SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2": (9, 3, 64)}
@@ -424,12 +426,8 @@ def bench_two_halves() -> None:
     GEMMs and norms run beside the other's attention). The question: how much of a step's non-attention time
     two halves can hide behind attention."""
     from sfllm.model_source import resolve_model
-    from sfllm.worker.attention.metadata import AttentionMetadata
-    from sfllm.worker.attention.registry import create_attention_backend
-    from sfllm.worker.kv_cache import KVCache
     from sfllm.worker.weight_loader import load_model
     device = torch.device("cuda")
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("| model | step | batch | mean context | one stream | halves, one stream | halves, two streams "
           "| halves, taking turns | turns vs one stream |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -440,30 +438,9 @@ def bench_two_halves() -> None:
         for step in (128, 384, 640):
             contexts = _standard_workload_contexts(step)
             batch = contexts.size
-            blocks = -(-contexts // BLOCK_SIZE)
-            kv_cache = KVCache(config.num_layers, int(blocks.sum()), BLOCK_SIZE, config.num_kv_heads,
-                               config.head_dim, DTYPE, device)
-            backend = create_attention_backend("triton", device, kv_cache, model.shard, quiet=True)
-            tables = torch.zeros(batch, int(blocks.max()), dtype=torch.int32)
-            starts = np.concatenate([[0], np.cumsum(blocks)[:-1]])
-            for b in range(batch):
-                tables[b, :blocks[b]] = torch.arange(starts[b], starts[b] + blocks[b])
-            tables = tables.to(device)
-            seq_lens = torch.from_numpy(contexts.astype(np.int32)).to(device)
-            last = seq_lens.long() - 1
-            slots = tables.gather(1, (last // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE + last % BLOCK_SIZE
-            ids = torch.randint(0, config.vocab_size, (batch,), device=device)
-
-            def part(lo: int, hi: int):
-                n = hi - lo
-                meta = AttentionMetadata(
-                    slot_mapping=slots[lo:hi].clone(), query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
-                    seq_lens=seq_lens[lo:hi].clone(), block_tables=tables[lo:hi].clone(),
-                    tiles=torch.empty(0, 2, dtype=torch.int32, device=device), decode_only=True,
-                    num_kv_splits=choose_num_kv_splits(n, config.num_kv_heads, 40960, num_sms),
-                    decode_order=torch.argsort(seq_lens[lo:hi], descending=True, stable=True).to(torch.int32))
-                return ids[lo:hi].clone(), last[lo:hi].clone(), meta
-
+            decode = DecodeStep.build(model, config, contexts, DTYPE)
+            backend = decode.backend
+            part = decode.rows
             whole = part(0, batch)
             halves = [part(0, batch // 2), part(batch // 2, batch)]
             side = torch.cuda.Stream()
@@ -511,7 +488,58 @@ def bench_two_halves() -> None:
                         cells.append(float("inf"))
             print(f"| {name} | {step} | {batch} | {contexts.mean():.0f} | " + " | ".join(f"{c:.0f}" for c in cells)
                   + f" | {cells[3] / cells[0]:.3f} |", flush=True)
-            del kv_cache, backend, turns, runs  # the events' backends and the runs hold the cache too
+            del decode, backend, turns, runs  # the events' backends and the runs hold the cache too
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
+
+def _weights_after_the_wait(function):
+    """`function` (a skinny GEMM) told that its weight is not constant, whatever its caller says."""
+    return lambda *args, **keywords: function(*args, **{**keywords, "constant_weight": False})
+
+
+def bench_dependent_launch() -> None:
+    """A decode step's layers (the real model, dummy weights) in one CUDA graph, microseconds per replay, with this
+    package's kernels launched after the kernel before them has finished, launched early but reading nothing
+    before it has (the skinny GEMMs' weights included), and launched early (programmatic dependent launch,
+    sfllm.kernels.dependent_launch): batch 1 and 8 at a context of 640 (a 512-token prompt, 128 tokens out), then
+    the standard offline workload's batches. The launches' outputs must be equal to the bit."""
+    import sfllm.kernels
+    from sfllm.kernels import dependent_launch
+    skinny = {name: getattr(sfllm.kernels, name) for name in ("skinny_matmul", "skinny_gate_up_silu")}
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.weight_loader import load_model
+    device = torch.device("cuda")
+    if not dependent_launch.dependent_launch(device):
+        print("this GPU has no programmatic dependent launch (compute capability 9 or later)")
+        return
+    print("| model | batch | mean context | launched after | early, weights after the wait | launched early "
+          "| early / after |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    cases = [("batch 1", np.array([640])), ("batch 8", np.full(8, 640))]
+    cases += [(f"step {step}", _standard_workload_contexts(step)) for step in (128, 384, 640)]
+    for name in ("qwen3-0.6b", "qwen3-8b"):
+        source = resolve_model(name, "dummy")
+        model = load_model(source, DTYPE, device, 4096)
+        for _, contexts in cases:
+            decode = DecodeStep.build(model, source.config, contexts, DTYPE)
+            inputs = decode.rows(0, contexts.size)
+            times, outputs = [], []
+            with torch.inference_mode():
+                for early, weights_early in ((False, False), (True, False), (True, True)):
+                    dependent_launch.ENABLED = early
+                    for function_name, function in skinny.items():  # layer_ops imports them at each call
+                        setattr(sfllm.kernels, function_name,
+                                function if weights_early else _weights_after_the_wait(function))
+                    outputs.append(decode.run(*inputs).clone())
+                    times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
+            dependent_launch.ENABLED = True
+            assert all(torch.equal(outputs[0], out) for out in outputs), \
+                f"{name} batch {contexts.size}: the launches' outputs differ"
+            print(f"| {name} | {contexts.size} | {contexts.mean():.0f} | {times[0]:.0f} | {times[1]:.0f} | "
+                  f"{times[2]:.0f} | {times[2] / times[0]:.3f} |", flush=True)
+            del decode, inputs
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
@@ -600,7 +628,7 @@ def sweep_gemm_triton() -> None:
 
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
-         "halves": [bench_two_halves], "bandwidth": [bench_bandwidth],
+         "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 

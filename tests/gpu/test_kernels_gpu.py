@@ -265,3 +265,36 @@ def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
     draws = [sampler(logits.cuda(), inputs).token_ids.cpu() for _ in range(2)]
     assert all(allowed.gather(1, tokens[:, None]).all() for tokens in draws)
     assert not torch.equal(draws[0], draws[1]), "each draw takes fresh noise"
+
+
+@pytest.mark.parametrize("batch", [1, 64])  # the skinny kernels' GEMMs, cuBLAS's
+def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3-0.6B's decode step (dummy weights) captured with every kernel of sfllm.kernels launched early
+    (programmatic dependent launch) gives, replay after replay with new tokens, what the same kernels give launched
+    one after another: a kernel that touched memory before the one before it had finished would differ."""
+    import numpy as np
+
+    from decode_step import DecodeStep
+    from sfllm.kernels import dependent_launch
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.weight_loader import load_model
+
+    if not dependent_launch.dependent_launch(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or later")
+    source = resolve_model("qwen3-0.6b", "dummy")
+    model = load_model(source, torch.bfloat16, torch.device("cuda"), 4096)
+    contexts = np.random.default_rng(0).integers(1, 2048, batch)
+    decode = DecodeStep.build(model, source.config, contexts, torch.bfloat16)
+    ids, positions, meta = decode.rows(0, batch)
+    with torch.inference_mode():
+        decode.run(ids, positions, meta)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            early = decode.run(ids, positions, meta)
+        monkeypatch.setattr(dependent_launch, "ENABLED", False)
+        for _ in range(3):
+            ids.copy_(torch.randint_like(ids, source.config.vocab_size))
+            graph.replay()
+            after = decode.run(ids, positions, meta)
+            assert torch.equal(early, after)
