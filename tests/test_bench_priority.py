@@ -91,3 +91,62 @@ def test_live_probes_get_their_first_token_while_the_flood_runs(tmp_path: Path) 
     assert data["ttft_p50_ratio"] == pytest.approx(p50s[1] / p50s[0])
     # the two slots are the flood's; the probes' first tokens came long before a background stream of 200 tokens ended
     assert data["flood"]["completed"] == 0
+
+
+# The probes' process of these tests: a flood against a server that takes connections and never answers, so its
+# requests stay in flight; it prints the flood process's pid, then waits to be signalled, and stops the flood on
+# its way out as `bench priority` does.
+FLOOD_PARENT = """
+import sys, time
+from sfllm.bench.flood_process import FloodProcess
+from sfllm.bench.serve import ServerTarget
+from sfllm.bench.workload import RequestSpec
+flood = FloodProcess(ServerTarget(sys.argv[1], "completions", "m", True, "background"),
+                     [RequestSpec([1, 2, 3], 8, 3)] * 4, 2, 60.0, {})
+try:
+    print(flood._process.pid, flush=True)
+    time.sleep(60)
+finally:
+    outcome = flood.stop()
+    print("stopped", outcome.sent, outcome.in_flight, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signalled", ["killed", "interrupted"])
+def test_the_flood_process_ends_with_the_probes_process(signalled: str) -> None:
+    """Killed outright, the probes' process leaves no flood running against the server; Ctrl-C (SIGINT to the
+    process group) stops the flood through the probes' process, with no traceback from the flood's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from servers import alive
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted = []
+    try:
+        parent = subprocess.Popen([sys.executable, "-c", FLOOD_PARENT, f"http://127.0.0.1:{silent.getsockname()[1]}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        child = int(parent.stdout.readline())
+        silent.settimeout(20)
+        while len(accepted) < 2:  # both of the flood's requests are in flight
+            accepted.append(silent.accept()[0])
+        if signalled == "killed":
+            parent.kill()
+        else:
+            os.killpg(parent.pid, signal.SIGINT)
+        out, err = parent.communicate(timeout=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(child):
+            time.sleep(0.05)
+        assert not alive(child), "the flood process outlived the probes' process"
+        if signalled == "interrupted":
+            assert "stopped 2 2" in out, out + err
+            assert "SpawnProcess" not in err and err.count("Traceback") == 1, err  # the probes' process's only
+    finally:
+        for connection in accepted:
+            connection.close()
+        silent.close()

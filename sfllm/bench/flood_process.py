@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,13 +55,18 @@ async def run_flood(session: aiohttp.ClientSession, target: ServerTarget, specs:
 
 @dataclass
 class _SharedState:
-    """What the child shares with the probes' process while it runs."""
+    """What the child shares with the probes' process while it runs: multiprocessing Values of int without locks
+    (a child killed while it held a lock would hang the probes' process at its next read). Each has one writer."""
 
-    sent: Any  # multiprocessing Values of int: requests sent, and of those, finished
-    finished: Any
-    answered: Any  # multiprocessing Events: the server answered a background request (it streams for the flood),
-    done: Any  # every request sent and finished,
-    stop: Any  # the probes' process asks the child to cancel what is in flight and hand back its records
+    sent: Any  # requests sent, and of those,
+    finished: Any  # finished
+    answered: Any  # 1: the server answered a background request (it streams for the flood)
+    done: Any  # 1: every request sent and finished
+    stop: Any  # 1: the probes' process asks the child to cancel what is in flight and hand back its records
+
+    @classmethod
+    def create(cls, context: Any) -> "_SharedState":
+        return cls(*(context.Value("i", 0, lock=False) for _ in range(5)))
 
 
 class FloodProcess:
@@ -69,8 +75,7 @@ class FloodProcess:
     def __init__(self, target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
                  headers: dict[str, str]) -> None:
         context = multiprocessing.get_context("spawn")  # no copy of this process's event loop
-        self._state = _SharedState(context.Value("i", 0), context.Value("i", 0), context.Event(), context.Event(),
-                                   context.Event())
+        self._state = _SharedState.create(context)
         self._records, child_end = context.Pipe(duplex=False)
         self._process = context.Process(target=_flood_process_main, daemon=True,
                                         args=(target, specs, concurrency, timeout, headers, self._state, child_end))
@@ -80,7 +85,7 @@ class FloodProcess:
     @property
     def in_flight(self) -> int:
         state = self._state
-        if not self._process.is_alive() and not state.done.is_set():
+        if not self._process.is_alive() and not state.done.value:
             return 0  # the child died: nothing of its is in flight
         finished = state.finished.value  # read before `sent`, which the child writes first: never under-counted
         return state.sent.value - finished
@@ -88,15 +93,15 @@ class FloodProcess:
     async def running(self, concurrency: int) -> None:
         """Returns once `concurrency` requests are sent and the server answered one (or the flood ended)."""
         state = self._state
-        while not state.done.is_set() and self._process.is_alive() and (
-                state.sent.value < concurrency or not state.answered.is_set()):
+        while not state.done.value and self._process.is_alive() and (
+                state.sent.value < concurrency or not state.answered.value):
             await asyncio.sleep(0.01)
-        if not state.done.is_set() and not self._process.is_alive():
+        if not state.done.value and not self._process.is_alive():
             raise BenchmarkSetupError(f"the flood's process exited ({self._process.exitcode}) before the flood ran")
 
     def stop(self, wait_s: float = 60.0) -> FloodOutcome:
         """Cancels what is in flight; the requests sent and the records of those that ended."""
-        self._state.stop.set()
+        self._state.stop.value = 1
         outcome = FloodOutcome(sent=self._state.sent.value)
         try:
             if self._records.poll(wait_s):
@@ -111,15 +116,20 @@ class FloodProcess:
 
 def _flood_process_main(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
                         headers: dict[str, str], state: _SharedState, records) -> None:
+    # Ctrl-C reaches the whole process group: the probes' process stops the flood, this one only follows
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     flood = asyncio.run(_flood_until_stopped(target, specs, concurrency, timeout, headers, state))
-    records.send((flood.sent, flood.records))
+    try:
+        records.send((flood.sent, flood.records))
+    except OSError:  # the probes' process is gone: nobody reads the records
+        pass
     records.close()
 
 
 async def _flood_until_stopped(target: ServerTarget, specs: list[RequestSpec], concurrency: int, timeout: float,
                                headers: dict[str, str], state: _SharedState) -> FloodOutcome:
     async def on_request_end(*_: object) -> None:
-        state.answered.set()
+        state.answered.value = 1
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(on_request_end)
@@ -128,12 +138,14 @@ async def _flood_until_stopped(target: ServerTarget, specs: list[RequestSpec], c
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
                                      trace_configs=[trace], connector=connector) as session:
         task = asyncio.create_task(run_flood(session, target, specs, concurrency, flood))
-        while not state.stop.is_set() and not task.done():
+        parent = multiprocessing.parent_process()
+        # a probes' process killed outright sets no stop: the flood ends with it, not with the server
+        while not state.stop.value and not task.done() and parent.is_alive():
             state.sent.value, state.finished.value = flood.sent, len(flood.records)
             await asyncio.sleep(0.005)
         state.sent.value, state.finished.value = flood.sent, len(flood.records)
         if task.done():
-            state.done.set()
+            state.done.value = 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     return flood
