@@ -16,7 +16,8 @@
 # priority_clients (one server of this tree; $BASE's and this tree's `bench priority` clients alternately),
 # ragged (decode attention over the standard workload's batches, $BASE's kernel beside this tree's),
 # halves (a decode step's layers in two halves on two streams against the whole batch on one, Qwen3-0.6B and -8B),
-# pdl (a decode step's layers with the kernels launched early and after, Qwen3-0.6B and -8B),
+# pdl (a decode step's layers with the kernels launched early and after, Qwen3-0.6B and -8B; then at 12 and 16
+# sequences with the skinny GEMMs against cuBLAS),
 # extend (extend attention's tiles over the standard workload's prefill steps, listed and most keys first),
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace

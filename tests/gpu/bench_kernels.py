@@ -543,6 +543,39 @@ def bench_dependent_launch() -> None:
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
+    _skinny_rows_launched_early()
+
+
+def _skinny_rows_launched_early() -> None:
+    """Launched early, the skinny GEMMs may beat cuBLAS past the 8 rows they are used for (at 16 rows they were
+    even launched after, `sweep`): a decode step's layers at 12 and 16 sequences with the layers' GEMMs by cuBLAS
+    and by the skinny kernels (sfllm.worker.layer_ops.SKINNY_ROWS 8 and 16), microseconds per graph replay."""
+    from sfllm.model_source import resolve_model
+    from sfllm.worker import layer_ops
+    from sfllm.worker.weight_loader import load_model
+    print("\n| model | batch | cuBLAS GEMMs | skinny GEMMs | skinny / cuBLAS |")
+    print("| --- | --- | --- | --- | --- |")
+    default_rows = layer_ops.SKINNY_ROWS
+    for name in ("qwen3-0.6b", "qwen3-8b"):
+        source = resolve_model(name, "dummy")
+        model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+        for batch in (12, 16):
+            decode = DecodeStep.build(model, source.config, np.full(batch, 640), DTYPE)
+            inputs = decode.rows(0, batch)
+            times, outputs = [], []
+            with torch.inference_mode():
+                for rows in (8, 16):
+                    layer_ops.SKINNY_ROWS = rows
+                    outputs.append(decode.run(*inputs).float())
+                    times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
+            layer_ops.SKINNY_ROWS = default_rows
+            error = ((outputs[1] - outputs[0]).norm() / outputs[0].norm()).item()
+            assert error < 5e-2, f"{name} batch {batch}: the skinny GEMMs' step differs by {error:.3g}"
+            print(f"| {name} | {batch} | {times[0]:.0f} | {times[1]:.0f} | {times[1] / times[0]:.3f} |", flush=True)
+            del decode, inputs
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
 
 
 def bench_bandwidth() -> None:
