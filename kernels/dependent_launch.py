@@ -30,16 +30,17 @@ def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def dependent_launch(device: torch.device) -> bool:
-    """Whether kernels on `device` launch early: a CUDA GPU of compute capability 9 or later, compiled kernels."""
-    if not ENABLED or KERNELS_INTERPRETED or device.type != "cuda":
+def launches_early(device: torch.device) -> bool:
+    """Whether kernels on `device` launch early: an NVIDIA GPU of compute capability 9 or later (ROCm's torch also
+    says "cuda", and an MI300 also says 9: griddepcontrol is NVIDIA's), compiled kernels."""
+    if not ENABLED or KERNELS_INTERPRETED or device.type != "cuda" or torch.version.hip is not None:
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a launch: the kernel's PDL constexpr and, where it is on, Triton's launch_pdl."""
-    if dependent_launch(device):
+    if launches_early(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

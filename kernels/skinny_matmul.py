@@ -135,6 +135,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     out = torch.empty(num_rows, num_columns, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
+    if depth == 0:  # no products, the bias alone, as F.linear (the kernel reads a first tile whatever K is)
+        projected = torch.nn.functional.linear(x, weight, bias)
+        if not gated:
+            return projected
+        gate, up = projected.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
     block_n, block_k, num_warps, num_stages = tile or skinny_tile(num_columns, depth)
     _skinny_matmul_kernel[(triton.cdiv(num_columns, block_n),)](
         x, weight, bias if bias is not None else weight, out, num_rows, num_columns, depth, x.stride(0),

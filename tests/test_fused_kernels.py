@@ -77,14 +77,17 @@ def test_rotary_qk_norm_can_write_k_and_v_into_the_paged_cache(heads: int, kv_he
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("depth, with_bias", [(512, False), (200, True)])  # K a multiple of the tile, or not
-def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("constant_weight", [False, True])  # the weight's first tile read before the wait, or after
+def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool, constant_weight: bool) -> None:
     torch.manual_seed(4)
     x = torch.randn(rows, depth).to(DEVICE)
     weight = torch.randn(80, depth).to(DEVICE)  # 80 columns: the last tile of 16 or 32 is ragged
     bias = torch.randn(80).to(DEVICE) if with_bias else None
-    out = skinny_matmul(x, weight, bias)
+    out = skinny_matmul(x, weight, bias, constant_weight=constant_weight)
     assert out.shape == (rows, 80) and out.dtype == x.dtype
     assert _relative_error(out, torch.nn.functional.linear(x, weight, bias)) < 1e-5
+    empty = skinny_matmul(x[:, :0], weight[:, :0], bias)  # no depth: the bias alone, or zeros
+    assert torch.equal(empty, torch.nn.functional.linear(x[:, :0], weight[:, :0], bias))
     with pytest.raises(ValueError, match="at most 16 rows"):
         skinny_matmul(torch.randn(17, depth).to(DEVICE), weight)
 

@@ -83,6 +83,10 @@ class FloodProcess:
         child_end.close()
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
     def in_flight(self) -> int:
         state = self._state
         if not self._process.is_alive() and not state.done.value:

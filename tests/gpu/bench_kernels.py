@@ -511,7 +511,7 @@ def bench_dependent_launch() -> None:
     from sfllm.model_source import resolve_model
     from sfllm.worker.weight_loader import load_model
     device = torch.device("cuda")
-    if not dependent_launch.dependent_launch(device):
+    if not dependent_launch.launches_early(device):
         print("this GPU has no programmatic dependent launch (compute capability 9 or later)")
         return
     print("| model | batch | mean context | launched after | early, weights after the wait | launched early "
@@ -526,15 +526,19 @@ def bench_dependent_launch() -> None:
             decode = DecodeStep.build(model, source.config, contexts, DTYPE)
             inputs = decode.rows(0, contexts.size)
             times, outputs = [], []
-            with torch.inference_mode():
-                for early, weights_early in ((False, False), (True, False), (True, True)):
-                    dependent_launch.ENABLED = early
-                    for function_name, function in skinny.items():  # layer_ops imports them at each call
-                        setattr(sfllm.kernels, function_name,
-                                function if weights_early else _weights_after_the_wait(function))
-                    outputs.append(decode.run(*inputs).clone())
-                    times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
-            dependent_launch.ENABLED = True
+            try:
+                with torch.inference_mode():
+                    for early, weights_early in ((False, False), (True, False), (True, True)):
+                        dependent_launch.ENABLED = early
+                        for function_name, function in skinny.items():  # layer_ops imports them at each call
+                            setattr(sfllm.kernels, function_name,
+                                    function if weights_early else _weights_after_the_wait(function))
+                        outputs.append(decode.run(*inputs).clone())
+                        times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
+            finally:
+                dependent_launch.ENABLED = True
+                for function_name, function in skinny.items():
+                    setattr(sfllm.kernels, function_name, function)
             assert all(torch.equal(outputs[0], out) for out in outputs), \
                 f"{name} batch {contexts.size}: the launches' outputs differ"
             print(f"| {name} | {contexts.size} | {contexts.mean():.0f} | {times[0]:.0f} | {times[1]:.0f} | "
@@ -563,12 +567,14 @@ def _skinny_rows_launched_early() -> None:
             decode = DecodeStep.build(model, source.config, np.full(batch, 640), DTYPE)
             inputs = decode.rows(0, batch)
             times, outputs = [], []
-            with torch.inference_mode():
-                for rows in (8, 16):
-                    layer_ops.SKINNY_ROWS = rows
-                    outputs.append(decode.run(*inputs).float())
-                    times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
-            layer_ops.SKINNY_ROWS = default_rows
+            try:
+                with torch.inference_mode():
+                    for rows in (8, 16):
+                        layer_ops.SKINNY_ROWS = rows
+                        outputs.append(decode.run(*inputs).float())
+                        times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
+            finally:
+                layer_ops.SKINNY_ROWS = default_rows
             error = ((outputs[1] - outputs[0]).norm() / outputs[0].norm()).item()
             assert error < 5e-2, f"{name} batch {batch}: the skinny GEMMs' step differs by {error:.3g}"
             print(f"| {name} | {batch} | {times[0]:.0f} | {times[1]:.0f} | {times[1] / times[0]:.3f} |", flush=True)

@@ -269,9 +269,11 @@ def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
 
 @pytest.mark.parametrize("batch", [1, 64])  # the skinny kernels' GEMMs, cuBLAS's
 def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Qwen3-0.6B's decode step (dummy weights) captured with every kernel of sfllm.kernels launched early
-    (programmatic dependent launch) gives, replay after replay with new tokens, what the same kernels give launched
-    one after another: a kernel that touched memory before the one before it had finished would differ."""
+    """Qwen3-0.6B's decode step (dummy weights: its norms, skinny or cuBLAS GEMMs, rotary and KV store, decode
+    attention) captured with the kernels launched early (programmatic dependent launch) gives, replay after replay
+    with new tokens, what the same kernels give launched one after another. A kernel that read what the kernel
+    before it writes before that one had finished would likely differ (likelier at batch 1, where every kernel of
+    a layer is ours)."""
     import numpy as np
 
     from decode_step import DecodeStep
@@ -279,7 +281,7 @@ def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monke
     from sfllm.model_source import resolve_model
     from sfllm.worker.weight_loader import load_model
 
-    if not dependent_launch.dependent_launch(torch.device("cuda")):
+    if not dependent_launch.launches_early(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9 or later")
     source = resolve_model("qwen3-0.6b", "dummy")
     model = load_model(source, torch.bfloat16, torch.device("cuda"), 4096)
