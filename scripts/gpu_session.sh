@@ -55,7 +55,8 @@ for stage in "$@"; do
   case $stage in
   tests)
     # the GPU suite, and the kernel tests that CI interprets on its CPU, compiled here
-    timeout 330 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py tests/test_step_graphs.py -q \
+    timeout 330 python3 -m pytest tests/gpu tests/test_kernels.py tests/test_fused_kernels.py tests/test_step_graphs.py \
+      tests/test_held_steps.py -q \
       -p no:cacheprovider -o addopts="" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; tail -3 "$OUT/tests.log" ;;
   ab)

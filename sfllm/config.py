@@ -60,6 +60,11 @@ class ServerConfig:
     max_context_length: int | None = field(default=None, metadata={"help": "longest prompt + output"})
     max_running_tokens: int = field(default=8192, metadata={"help": "token budget of one step"})
     max_running_requests: int = field(default=256, metadata={"help": "requests in one batch"})
+    # A few slots past the batch limit spare a high-priority arrival under a full batch from pushing out a running
+    # request, and let it run at once, in a step of its own that the worker puts before the step it holds
+    # (sfllm/engine/engine_core.py): there is no slot to take from a request that step is about to decode.
+    high_priority_slots: int = field(default=4, metadata={
+        "help": "sequence slots past max_running_requests that only high-priority requests take"})
     max_waiting_requests: int = field(default=4096, metadata={"help": "queue length per class before 503"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     num_kv_blocks: int | None = field(default=None, metadata={"help": "KV pool size (default: from memory)"})
@@ -69,7 +74,7 @@ class ServerConfig:
                                                                      "cores)"})
     attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     cuda_graph_max_bs: int | None = field(default=None, metadata={
-        "help": "largest captured decode batch (default: from GPU memory, up to max_running_requests)"})
+        "help": "largest captured decode batch (default: from GPU memory, up to the sequence slots)"})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly"})
     disable_overlap: bool = field(default=False, metadata={"help": "wait for each step before the next"})
     disable_prefix_cache: bool = field(default=False, metadata={"help": "no KV sharing between requests"})
@@ -117,6 +122,8 @@ class ServerConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive; got {value}")
+        if self.high_priority_slots < 0:
+            raise ConfigError(f"high_priority_slots must be at least 0; got {self.high_priority_slots}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"drain_timeout_s must be at least 0; got {self.drain_timeout_s}")
         if self.speculative_ngram_max < self.speculative_ngram_min:
@@ -184,6 +191,7 @@ class SchedulerConfig:
     """The engine core's and its scheduler's: a step's budget and the scheduling policies."""
     max_running_tokens: int
     max_running_requests: int
+    high_priority_slots: int
     max_waiting_requests: int
     block_size: int
     disable_prefix_cache: bool
@@ -216,6 +224,7 @@ class WorkerConfig:
     max_context_length: int | None
     max_running_tokens: int
     max_running_requests: int
+    high_priority_slots: int
     block_size: int
     num_kv_blocks: int | None
     mem_fraction: float
@@ -248,6 +257,11 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+
+def num_sequence_slots(config: SchedulerConfig | WorkerConfig) -> int:
+    """The slots the scheduler hands out and the worker keeps state for: the batch limit and high priority's."""
+    return config.max_running_requests + config.high_priority_slots
 
 
 _Part = TypeVar("_Part", FrontendConfig, SchedulerConfig, WorkerConfig, EngineConfig)

@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -202,6 +202,12 @@ class ForwardBatch(Message):
     # token it decodes); empty when no sequence has any. A sampled sequence with k drafts has 1 + k
     # sampled rows, one per position, in order; `grammar_rows` count such rows.
     num_draft_tokens: list[int] = []
+    # A step sent behind a long one: the worker stages it at once but may launch it up to `hold_s` seconds after
+    # taking it in (earlier if the steps before it end), so that an `urgent` step that comes meanwhile runs before
+    # it. An urgent step holds high-priority prompts alone, none of whose slots, blocks or cached prefix the
+    # held step writes (Scheduler.schedule_urgent): it is correct on either side of the held step.
+    hold_s: float = 0.0
+    urgent: bool = False
 
     def sampled_rows(self) -> list[int]:
         """Rows of logits each sampled sequence has: one, plus one per draft."""

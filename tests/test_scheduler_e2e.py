@@ -169,7 +169,7 @@ def test_high_priority_first_token_stays_fast_under_a_background_flood(tiny_mode
     normal = steps_to_first_token(llm, "normal", prompt, "normal")
     assert llm.engine.scheduler.num_preemptions == 0
     loaded = steps_to_first_token(llm, "high", prompt, "high")
-    assert llm.engine.scheduler.num_preemptions == 1, "the high request pushed a background one out"
+    assert llm.engine.scheduler.num_preemptions == 0, "the high request took a slot of its own, past the batch limit"
     drain(llm)
     assert loaded <= 2 * unloaded, (unloaded, loaded)
     assert normal >= 10 * unloaded, "the measure tells a queued request from a preferred one"

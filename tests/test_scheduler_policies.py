@@ -12,10 +12,11 @@ import logging
 import random
 import zlib
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
-from sfllm.config import ServerConfig
+from sfllm.config import ServerConfig, num_sequence_slots
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.send_timing import (RECENT_STEPS, SEND_AHEAD_FACTOR, SEND_AHEAD_MAX_S, SEND_AHEAD_MIN_S,
                                       SEND_AHEAD_SLACK_S, SendTiming)
@@ -162,23 +163,25 @@ def assert_all_free(scheduler: Scheduler) -> None:
     assert all(allocator.ref_count(b) == 0 for b in range(allocator.num_blocks))
     assert scheduler.swap_space.num_free == scheduler.swap_space.num_blocks, "every swap block free"
     assert not scheduler.running and len(scheduler.waiting) == 0 and not scheduler.requests
-    assert sorted(scheduler._free_slots) == list(range(scheduler.config.max_running_requests))
+    assert sorted(scheduler._free_slots) == list(range(num_sequence_slots(scheduler.config)))
 
 
 # ---- a randomized workload against the exact expected outputs ---------------------------------
 
 def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
                         pending: list[tuple[str, list[int], int, str, list[int]]],
-                        expected: dict[str, tuple[list[int], str]], abort_rate: float, seed: int) -> None:
+                        expected: dict[str, tuple[list[int], str]], abort_rate: float, seed: int,
+                        turn_s: float = 0.1, each_turn: Callable[[], object] | None = None) -> None:
     """Sends `pending` over time (and aborts some requests at `abort_rate` a step) until all is done; each
     request that was not aborted gives its `expected` tokens and finish reason, an aborted one a prefix of
-    them, and every block is free at the end."""
+    them, and every block is free at the end. A turn: `turn_s` on the clock, maybe an arrival and an abort,
+    `each_turn`, one `EngineCore.step`."""
     scheduler = core.scheduler
     aborted: set[str] = set()
     tokens: dict[str, list[int]] = {}
     finals: dict[str, RequestOutput] = {}
     for _ in range(5000):
-        clock.now += 0.1
+        clock.now += turn_s
         if pending and rng.random() < 0.4:
             request_id, prompt, max_tokens, priority, stop = pending.pop(0)
             assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,
@@ -188,6 +191,8 @@ def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
             aborted.add(victim)
             for out in core.abort([victim]):
                 finals[out.request_id] = out
+        if each_turn is not None:
+            each_turn()
         for out in core.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
             if out.finish_reason is not None:
@@ -223,6 +228,15 @@ def run_tiny_pool_workload(seed: int, preemption_mode: str, policy: str, prefix_
                               max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=6,
                               preemption_mode=preemption_mode, schedule_policy=policy,
                               disable_prefix_cache=not prefix_cache, max_background_wait_s=2.0)
+    pending, expected = tiny_pool_requests(rng)
+    run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed)
+    return core
+
+
+def tiny_pool_requests(rng: random.Random, priorities: tuple[str, ...] = ("high", "normal", "background")
+                       ) -> tuple[list[tuple[str, list[int], int, str, list[int]]], dict[str, tuple[list[int], str]]]:
+    """24 requests for a context of 48 (some run into it), half of them sharing a prefix, a fifth with a stop
+    token, each of a class drawn from `priorities`. Returns (run_random_workload's `pending`, `expected`)."""
     shared = prompt_of(12, start=500)
     expected: dict[str, tuple[list[int], str]] = {}
     pending = []
@@ -233,9 +247,8 @@ def run_tiny_pool_workload(seed: int, preemption_mode: str, policy: str, prefix_
         want = expected_tokens(prompt, min(max_tokens, 48 - len(prompt)))
         stop = [rng.choice(want)] if rng.random() < 0.2 else []
         expected[f"r{i}"] = (want[:want.index(stop[0]) + 1], "stop") if stop else (want, "length")
-        pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "background"]), stop))
-    run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed)
-    return core
+        pending.append((f"r{i}", prompt, max_tokens, rng.choice(priorities), stop))
+    return pending, expected
 
 
 def test_a_plain_decode_gets_the_row_the_general_path_would_give(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -385,7 +398,7 @@ def test_ranked_high_keeps_the_admission_order_of_those_ranking_as_high() -> Non
 
 
 def test_high_arrival_preempts_aged_background_work_last() -> None:
-    scheduler, worker, clock = make_scheduler(max_running_requests=2, background_share=0.0,
+    scheduler, worker, clock = make_scheduler(high_priority_slots=0, max_running_requests=2, background_share=0.0,
                                               max_background_wait_s=10.0)
     add(scheduler, "n1", prompt_of(5), max_tokens=30, arrival=1.0)
     add(scheduler, "n2", prompt_of(5, 50), max_tokens=30, arrival=2.0)
@@ -424,7 +437,8 @@ def test_high_arrival_preempts_the_newest_background_request_only() -> None:
 
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
 def test_request_preempted_for_its_slot_keeps_its_kv_and_resumes_with_a_decode(preemption_mode: str) -> None:
-    core, _ = make_engine(max_running_requests=2, num_cpu_blocks=16, preemption_mode=preemption_mode)
+    core, _ = make_engine(high_priority_slots=0, max_running_requests=2, num_cpu_blocks=16,
+                          preemption_mode=preemption_mode)
     scheduler, worker = core.scheduler, core.worker
     add(scheduler, "b1", prompt_of(12), max_tokens=12, priority="background", arrival=1.0)
     add(scheduler, "b2", prompt_of(12, 100), max_tokens=12, priority="background", arrival=2.0)
@@ -449,7 +463,7 @@ def test_request_preempted_for_its_slot_keeps_its_kv_and_resumes_with_a_decode(p
 
 
 def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -> None:
-    scheduler, worker, clock = make_scheduler(max_running_requests=2, max_background_wait_s=10.0,
+    scheduler, worker, clock = make_scheduler(high_priority_slots=0, max_running_requests=2, max_background_wait_s=10.0,
                                               max_context_length=128)
     add(scheduler, "b1", prompt_of(12), max_tokens=30, priority="background", arrival=1.0)
     add(scheduler, "b2", prompt_of(12, 100), max_tokens=30, priority="background", arrival=2.0)
@@ -464,7 +478,8 @@ def test_background_request_paused_by_high_priority_resumes_before_aged_ones() -
 
 def test_paused_requests_give_their_blocks_to_high_priority_that_lacks_them() -> None:
     # 8 blocks of 4 tokens, one slot: b is paused for h1 with its 3 blocks, and h2 needs 6
-    scheduler, worker, _ = make_scheduler(num_blocks=8, max_running_requests=1, max_context_length=32)
+    scheduler, worker, _ = make_scheduler(high_priority_slots=0, num_blocks=8, max_running_requests=1,
+                                          max_context_length=32)
     add(scheduler, "b", prompt_of(12), max_tokens=4, priority="background", arrival=1.0)
     outputs = collect_outputs(step_once(scheduler, worker)[1])
     add(scheduler, "h1", prompt_of(3, 100), max_tokens=2, priority="high", arrival=2.0)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import SendTiming
+from sfllm.engine.send_timing import HOLD_MARGIN_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -120,6 +120,7 @@ class EngineCore:
             return False
         if scheduled.grammar_requests and not scheduled.mask_late:
             scheduled.batch.grammar_mask = self._grammar_mask(scheduled, "scheduling")
+        self._hold(scheduled)
         self.worker.submit(scheduled.batch)
         now = self._clock()
         scheduled.schedule_s = now - started
@@ -127,6 +128,40 @@ class EngineCore:
             self._running_since = now
         self._in_flight.append(scheduled)
         self.last_batch_size = len(scheduled.batch.slots)
+        return True
+
+    def _hold(self, scheduled: ScheduledStep) -> None:
+        """Lets the worker hold the step until shortly before the one in flight is expected to end
+        (send_timing.py), where that one is long and neither waits for a grammar mask."""
+        if (not self.worker.in_own_process or len(self._in_flight) != 1 or scheduled.grammar_requests
+                or self._in_flight[0].grammar_requests):
+            return
+        expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
+        now = self._clock()
+        hold_s = self._running_since + expected - HOLD_MARGIN_S - now
+        if expected >= HOLD_MIN_STEP_S and hold_s > 0:
+            scheduled.batch.hold_s = hold_s
+            scheduled.held_until = now + hold_s
+
+    def submit_urgent(self) -> bool:
+        """Sends the waiting high-priority requests' first chunks as a step of their own
+        (`Scheduler.schedule_urgent`) while the worker still holds the newest step: their first token then
+        waits for the step in flight alone, not for the held one too. True if it sent one."""
+        if (len(self._in_flight) < 2 or self._clock() > self._in_flight[1].held_until - URGENT_MARGIN_S
+                or not self.scheduler.waiting.num_waiting("high")):
+            return False
+        started = self._clock()
+        scheduled = self.scheduler.schedule_urgent()
+        if scheduled is None:
+            return False
+        self.worker.submit(scheduled.batch)
+        now = self._clock()
+        scheduled.schedule_s = now - started
+        held = self._in_flight[1]
+        self._in_flight.append(scheduled)
+        logger.debug("urgent step %d: %d high-priority requests, %d tokens, sent %.1f ms before the hold of step %d "
+                     "ends", scheduled.batch.step_id, len(scheduled.batch.slots), scheduled.num_tokens,
+                     1e3 * (held.held_until - now), held.batch.step_id)
         return True
 
     def seconds_until_due(self) -> float:
@@ -154,10 +189,13 @@ class EngineCore:
         return len(self._in_flight)
 
     def complete(self, result: ForwardResult) -> list[RequestOutput]:
-        """Turns the oldest step's result into request outputs."""
-        scheduled = self._in_flight.popleft()
-        if result.step_id != scheduled.batch.step_id:
-            raise RuntimeError(f"worker answered step {result.step_id}, expected {scheduled.batch.step_id}")
+        """Turns a step's result into request outputs: the oldest step's, or an urgent step's that the worker
+        ran before a step it held."""
+        scheduled = next((s for s in self._in_flight if s.batch.step_id == result.step_id), None)
+        if scheduled is None or (scheduled is not self._in_flight[0] and not scheduled.batch.urgent):
+            raise RuntimeError(f"worker answered step {result.step_id}, expected {self._in_flight[0].batch.step_id}"
+                               if self._in_flight else f"worker answered step {result.step_id}, none in flight")
+        self._in_flight.remove(scheduled)
         now = self._clock()
         self.last_step_time_s = now - self._last_collect
         self._last_collect = now

@@ -213,6 +213,8 @@ class EngineServer:
             if self.sock in events:
                 self._drain_frontends()
                 clock.lap("frontend messages")
+                if self.core.submit_urgent():
+                    clock.lap("scheduling")
             if self.worker.sock in events:
                 self._deliver(self.core.complete(self.worker.collect()))
                 clock.lap("results")

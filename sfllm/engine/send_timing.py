@@ -24,6 +24,17 @@ SEND_AHEAD_FACTOR = 1.5
 SEND_AHEAD_SLACK_S = 0.001
 RECENT_STEPS = 32
 
+# The hold: a step sent behind one expected to last at least HOLD_MIN_STEP_S may wait on the worker, staged,
+# until HOLD_MARGIN_S before the step in flight is expected to end (or until that step ends, if sooner), so
+# that a high-priority arrival's urgent step can still go before it. Shorter steps are not held: the step a
+# high-priority request waits behind is short anyway, while a hold that ends only with the step before costs
+# the device the launch (~0.1-0.2 ms). The margin covers the worker's wake-up (its poll counts whole ms) and
+# the launch. An urgent step is worth sending while the held step has URGENT_MARGIN_S of its hold left, the
+# message's way to the worker.
+HOLD_MIN_STEP_S = 0.004
+HOLD_MARGIN_S = 0.0015
+URGENT_MARGIN_S = 0.0003
+
 
 def size_class(num_tokens: int) -> int:
     """Steps of (2^(k-1), 2^k] tokens are expected to take as long as each other."""

@@ -10,6 +10,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -33,6 +34,7 @@ class BlockAllocator:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[int, CachedBlock] = {}
         self._hash_of_block: dict[int, int] = {}
+        self.num_frees = 0  # blocks given back so far, a running count: a change says some block was released
 
     @property
     def num_free(self) -> int:
@@ -55,6 +57,7 @@ class BlockAllocator:
 
     def free(self, blocks: list[int]) -> None:
         # the last block of a sequence goes first, so a shared prefix's head survives longest
+        self.num_frees += len(blocks)
         for block in reversed(blocks):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] < 0:
@@ -71,8 +74,10 @@ class BlockAllocator:
     def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent_hash, token_ids))
 
-    def match_prefix(self, token_ids: list[int], max_blocks: int) -> tuple[list[int], list[int]]:
-        """Cached blocks holding the longest prefix of `token_ids`, at most `max_blocks` of them.
+    def match_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = ()
+                     ) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the longest prefix of `token_ids`, at most `max_blocks` of them, and none from
+        the first block in `stop_at` on.
 
         Returns (block ids, their hashes); the blocks are referenced for the caller."""
         if not self.enable_prefix_cache:
@@ -85,7 +90,8 @@ class BlockAllocator:
             chunk = tuple(token_ids[i * size:(i + 1) * size])
             block_hash = self.chain_hash(parent, chunk)
             cached = self._cached.get(block_hash)
-            if cached is None or cached.token_ids != chunk or cached.parent_hash != parent:
+            if (cached is None or cached.token_ids != chunk or cached.parent_hash != parent
+                    or cached.block_id in stop_at):
                 break
             blocks.append(cached.block_id)
             hashes.append(block_hash)

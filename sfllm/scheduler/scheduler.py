@@ -8,6 +8,10 @@ before step N's tokens are back: a decode whose input token is still in flight i
 as -1 and the worker substitutes the token it sampled last for that slot. With speculative decoding a
 decode may carry drafts (sfllm/scheduler/speculation.py): its row verifies them, and once the step is
 back the request keeps the KV of its accepted tokens only.
+
+High priority has `high_priority_slots` slots past the batch limit, so that under a full batch it pushes out
+no one for a slot; and a high-priority arrival may get a step of its own (`schedule_urgent`) that the worker
+runs before the newest step, which it holds until the step before ends.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfllm.config import SchedulerConfig
+from sfllm.config import SchedulerConfig, num_sequence_slots
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
                             RequestOutput, SampledLogprobs, SequenceSampling)
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
@@ -46,6 +50,7 @@ class ScheduledStep:
     # the requests of the batch's prompt_logprobs entries, with the prompt position of their first target
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
     schedule_s: float = 0.0  # the engine's host time to build and send it
+    held_until: float = 0.0  # by the engine's clock, when the worker launches it at the latest, if it holds it
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +116,13 @@ class Scheduler:
         self.stop_checker = StopChecker(eos_token_ids, max_context_length)
         self.grammars = grammars  # None: no tokenizer for grammars (a constrained request is refused)
         self.vocab_size = vocab_size
-        self._free_slots = list(range(config.max_running_requests - 1, -1, -1))
+        self._free_slots = list(range(num_sequence_slots(config) - 1, -1, -1))
+        self._num_slot_releases = 0  # a running count, as the allocator's num_frees
+        # What an urgent step must leave alone, as of the newest `schedule`: the blocks it offered to the prefix
+        # cache (their KV is that step's to compute), and the counts of released blocks and slots then (one
+        # released since may still be that step's to write).
+        self._blocks_filled_by_newest_step: set[int] = set()
+        self._releases_at_newest_step = (0, 0)
         self._clock = clock
         self._step_id = 0
         self.num_preemptions = 0
@@ -182,6 +193,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
+        self._blocks_filled_by_newest_step = set()
         self._make_room_for_high_priority(now, step)
         # Until high priority has its first token, its steps are its own: other requests (aged ones
         # too) sit out, so that its prefill step is as short as the request alone.
@@ -210,10 +222,55 @@ class Scheduler:
         if not step.requests and not step.swap_out:
             return None
         self._step_id += 1
+        self._releases_at_newest_step = (self.allocator.num_frees, self._num_slot_releases)
         if now - self._last_stats_log >= STATS_LOG_INTERVAL_S:
             self._last_stats_log = now
             self.log_stats()
         return step.build()
+
+    def schedule_urgent(self) -> ScheduledStep | None:
+        """A step of waiting high-priority requests' first chunks alone, which the worker may run before the
+        newest step `schedule` built (held, not yet launched) or after it: either way correct, because it takes
+        no slot or block released since that step was built (the step may still write it), and no cached
+        block whose KV that step computes. None when no request can go so, or a release since makes it unsafe:
+        they wait for the next step, as they would without it. Requests with a grammar, a paused or swapped
+        KV or a token in flight take the next step too."""
+        if (self.allocator.num_frees, self._num_slot_releases) != self._releases_at_newest_step:
+            return None
+        step = _StepBuilder(self._step_id, self.config.max_running_tokens)
+        for request in self.waiting.ranked_high(self._clock()):
+            if step.budget <= 0 or not self._free_slots:
+                break
+            if (request.priority != "high" or request.status is not RequestStatus.WAITING or request.block_ids
+                    or request.num_pending_samples or request.matcher is not None
+                    or request.matcher_ready is not None):
+                continue
+            # The chunk's blocks, cached ones included, stay those it would have without the cache, which must
+            # be free: a cached block it shares may come off the free list, and giving one back would be a
+            # release (the check above).
+            chunk_blocks = -(-min(request.num_tokens, step.budget) // self.block_size)
+            if chunk_blocks > self.allocator.num_free:
+                continue
+            looked_up = 0
+            if self.allocator.enable_prefix_cache and request.prompt_logprobs is None:
+                max_cached = min((request.num_tokens - 1) // self.block_size, chunk_blocks - 1)
+                request.block_ids, request.block_hashes = self.allocator.match_prefix(
+                    request.token_slice(0, request.num_tokens), max_cached, self._blocks_filled_by_newest_step)
+                request.num_computed_tokens = len(request.block_ids) * self.block_size
+                looked_up = max_cached * self.block_size
+            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget,
+                          chunk_blocks * self.block_size - request.num_computed_tokens)
+            request.block_ids.extend(self.allocator.allocate(self._blocks_needed(request, num_new)))
+            self._count_prefix_use(request, looked_up)
+            self.waiting.remove(request)
+            self._start_running(request)
+            self._add_to_step(step, request, num_new)
+        if not step.requests:
+            return None
+        self._step_id += 1
+        scheduled = step.build()
+        scheduled.batch.urgent = True
+        return scheduled
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         """Tokens to compute for a running request this step; 0 when it should sit out."""
@@ -272,17 +329,26 @@ class Scheduler:
     def _make_room_for_high_priority(self, now: float, step: _StepBuilder) -> None:
         """Preempts lower-class running requests while waiting high-priority ones lack a slot or blocks."""
         high = [r for r in self.waiting.ranked_high(now) if r.num_pending_samples == 0]
-        slots_needed = blocks_needed = 0
+        high_slots_needed = other_slots_needed = blocks_needed = 0
         for request in high:
-            slots_needed += 1
+            if request.priority == "high":
+                high_slots_needed += 1
+            else:
+                other_slots_needed += 1  # aged background: within the batch limit
             first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
             blocks_needed += self._blocks_needed(request, first_chunk)
             self._release_paused_blocks(blocks_needed)
-            while slots_needed > len(self._free_slots) or blocks_needed > self.allocator.num_free:
+            while (high_slots_needed + other_slots_needed > len(self._free_slots)
+                   or 0 < other_slots_needed > self._batch_room() - high_slots_needed
+                   or blocks_needed > self.allocator.num_free):
                 victim = choose_victim(r for r in self.running if may_push_out(request, r))
                 if victim is None:
                     return
                 self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
+
+    def _batch_room(self) -> int:
+        """Requests that may still start within the batch limit: what any class but high may take."""
+        return self.config.max_running_requests - len(self.running)
 
     def _release_paused_blocks(self, needed: int) -> None:
         """Releases paused requests' KV, the lowest class and newest first, until `needed` blocks are free:
@@ -294,7 +360,9 @@ class Scheduler:
             self._release_blocks(victim)
 
     def _admit_waiting(self, step: _StepBuilder, now: float, high_first: bool) -> None:
-        for request in self.waiting.candidates(now, len(self._free_slots)):
+        # high priority may take every free slot, the other classes what the batch limit leaves
+        free_slots = min(len(self._free_slots), max(self._batch_room(), 0) + self.waiting.num_waiting("high"))
+        for request in self.waiting.candidates(now, free_slots):
             if step.budget <= 0 or not self._free_slots:
                 break
             if request.num_pending_samples:
@@ -303,7 +371,7 @@ class Scheduler:
                 if not request.matcher_ready.done():
                     continue  # its grammar's matcher is still being built
                 request.matcher, request.matcher_ready = request.matcher_ready.result(), None
-            if high_first and request.priority != "high":
+            if request.priority != "high" and (high_first or self._batch_room() <= 0):
                 continue
             admitted = self._admit(request, step)
             if not admitted and self.config.schedule_policy == "fcfs":
@@ -447,7 +515,9 @@ class Scheduler:
             request.num_pending_samples += 1
             request.num_drafts_in_flight = len(drafts)
             step.num_sampled_rows += 1 + len(drafts)
+        registered = len(request.block_hashes)
         self._register_full_blocks(request)
+        self._blocks_filled_by_newest_step.update(request.block_ids[registered:len(request.block_hashes)])
 
     def _add_prompt_logprob_targets(self, step: _StepBuilder, request: Request, start: int, end: int) -> None:
         """Positions start..end-1 predict prompt tokens start+1..end: those within the prompt are targets."""
@@ -478,9 +548,7 @@ class Scheduler:
         stopped, with no recompute and no swap; else it is swapped out or its blocks are released."""
         self.num_preemptions += 1
         request.num_preemptions += 1
-        self.running.remove(request)
-        self._free_slots.append(request.slot)
-        request.slot = None
+        self._release_slot(request)
         # with drafts in flight its KV reaches past what the result will keep: recompute instead
         swap = (self.config.preemption_mode == "swap"
                 and len(request.block_ids) <= self.swap_space.num_free
@@ -499,6 +567,12 @@ class Scheduler:
             request.status = RequestStatus.WAITING
         self.waiting.requeue(request, self._clock())
 
+    def _release_slot(self, request: Request) -> None:
+        self.running.remove(request)
+        self._free_slots.append(request.slot)
+        request.slot = None
+        self._num_slot_releases += 1
+
     def _release_blocks(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
         request.block_ids = []
@@ -507,9 +581,7 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: str) -> RequestOutput:
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
-            self._free_slots.append(request.slot)
-            request.slot = None
+            self._release_slot(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.SWAPPED):
             self.waiting.remove(request)
         self.allocator.free(request.block_ids)

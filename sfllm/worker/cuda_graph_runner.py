@@ -192,5 +192,9 @@ class CudaGraphRunner:
         """Runs the staged step; returns the sampled rows' tokens, logits (in the model's dtype) and slots:
         views of the graphs' buffers that the next step overwrites (use them before it, in stream order)."""
         self.graphs[shape].replay()
+        return self.outputs(shape, num_sampled)
+
+    def outputs(self, shape: StepShape, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `replay` returns, of the step of `shape` run last."""
         return (self.tokens[:num_sampled], self.logits[:num_sampled, :self.model.config.vocab_size],
                 self.tensors[shape].sample_slots[:num_sampled])

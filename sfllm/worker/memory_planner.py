@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sfllm.config import WorkerConfig
+from sfllm.config import WorkerConfig, num_sequence_slots
 from sfllm.messages import BlockTableUpdate, ForwardBatch
 from sfllm.model_source import ModelConfig
 from sfllm.sampling_params import SamplingParams
@@ -80,12 +80,13 @@ class MemoryPlan:
 
 def decode_graph_limit(config: WorkerConfig, device: torch.device) -> int:
     """The largest decode batch captured as a graph: --cuda-graph-max-bs, else chosen from the device's
-    memory; never more than the running-request limit."""
+    memory; never more than the sequence slots (the batch limit and high priority's)."""
+    slots = num_sequence_slots(config)
     if config.cuda_graph_max_bs is not None:
-        return min(config.cuda_graph_max_bs, config.max_running_requests)
+        return min(config.cuda_graph_max_bs, slots)
     total = torch.cuda.get_device_properties(device).total_memory
     by_memory = next(batch for least, batch in DECODE_GRAPH_BATCH_BY_MEMORY if total >= least)
-    return min(by_memory, config.max_running_requests)
+    return min(by_memory, slots)
 
 
 def plan_memory(config: WorkerConfig, model_config: ModelConfig, model: CausalLM, device: torch.device,
@@ -118,7 +119,7 @@ def graph_logit_rows(config: WorkerConfig) -> int:
     """Rows of the graphs' logits buffer: one per sequence, plus the drafts of a verify step's sequences."""
     from sfllm.worker.cuda_graph_runner import speculative_graph_sizes
     drafts, sequences = speculative_graph_sizes(config)
-    return config.max_running_requests + drafts * sequences
+    return num_sequence_slots(config) + drafts * sequences
 
 
 def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, num_tokens: int) -> int:

@@ -3,6 +3,11 @@
 `execute` only launches device work; its `PendingStep` joins one queue in launch order, and
 `next_result` hands the results back in that order once their tokens are on the host, so the next
 step can be launched before the previous one has finished.
+
+A step the engine lets the worker hold (`ForwardBatch.hold_s`) is staged at once and deferred: launched by
+`launch_due` once its hold is over or every step before it has finished, or before any later message's step
+but an urgent one, which goes before it. A graph step deferred behind an urgent graph step has its inputs
+staged again at launch: there is one input buffer for every graph.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sfllm.config import WorkerConfig
+from sfllm.config import WorkerConfig, num_sequence_slots
 from sfllm.loop_time import LoopTime
 from sfllm.messages import ForwardBatch, ForwardResult, GrammarMask, SampledLogprobs
 from sfllm.model_source import ModelSource
@@ -156,7 +161,7 @@ class ModelRunner:
         self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed, self.shard,
                                 self.group)
         self.group.wait_for_all("weights loaded")
-        self.max_slots = config.max_running_requests
+        self.max_slots = num_sequence_slots(config)
         self.sampler = Sampler(config.seed)
         self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size, self.device)
         # one spare row past the slots: padding rows of a captured step write their token there
@@ -171,6 +176,13 @@ class ModelRunner:
         self._launched: deque[PendingStep] = deque()
         self._awaiting_mask: StepLogits | None = None  # launched, sampling once its GrammarMask is in
         self._held: StagedStep | None = None  # staged behind _awaiting_mask, launched after its sampling
+        # staged with a hold (see the module's docstring); set only where `may_defer` (a worker in its own
+        # process without other ranks, whose loop calls `launch_due`)
+        self._deferred: StagedStep | None = None
+        self._deferred_until = 0.0  # time.perf_counter()
+        self._deferred_inputs_stale = False  # an urgent graph step overwrote its staged inputs
+        self.may_defer = False
+        self.num_urgent_first = 0  # urgent steps launched before a deferred step
         self._num_resolved = 0  # leading steps of _launched whose results are packed and recorded
         self.profiler = StepProfiler()
         self.num_steps = 0
@@ -211,7 +223,35 @@ class ModelRunner:
     def take(self, message: ForwardBatch | GrammarMask) -> list[PendingStep]:
         """A step message from the scheduler (rank 0 relays the same to every rank): `execute` a step, or
         `apply_grammar_mask` to the one that waits for its mask. Returns the steps it launched."""
-        return self.execute(message) if isinstance(message, ForwardBatch) else self.apply_grammar_mask(message)
+        if isinstance(message, ForwardBatch) and message.urgent and self._deferred is not None:
+            staged = self._stage(message)
+            self._deferred_inputs_stale |= staged.shape is not None
+            self.num_urgent_first += 1
+            return self._launch_staged(staged)
+        launched = self._launch_deferred() if self._deferred is not None else []
+        if isinstance(message, ForwardBatch):
+            return launched + self.execute(message)
+        return launched + self.apply_grammar_mask(message)
+
+    def launch_due(self, now: float) -> list[PendingStep]:
+        """Launches the deferred step if its hold is over or the steps before it have all finished."""
+        if self._deferred is None:
+            return []
+        if now < self._deferred_until and self._launched and not self._launched[-1].ready():
+            return []
+        return self._launch_deferred()
+
+    def seconds_until_due(self, now: float) -> float | None:
+        """Until the deferred step's hold is over (None: none is deferred)."""
+        return None if self._deferred is None else max(self._deferred_until - now, 0.0)
+
+    def _launch_deferred(self) -> list[PendingStep]:
+        staged, self._deferred = self._deferred, None
+        if self._deferred_inputs_stale and staged.shape is not None:
+            with torch.inference_mode():
+                self.graph_runner.stage(staged.batch, staged.shape, self.slot_temperature)
+        self._deferred_inputs_stale = False
+        return self._launch_staged(staged)
 
     def execute(self, batch: ForwardBatch) -> list[PendingStep]:
         """Launches the step; its result comes from `next_result`, after those of earlier steps. Nothing is
@@ -227,6 +267,11 @@ class ModelRunner:
             if staged.batch.grammar_mask:  # a view of the scheduler's buffer, which the next mask overwrites
                 staged.batch.grammar_mask = memoryview(bytes(staged.batch.grammar_mask))
             self._held = staged
+            return []
+        # (the step before still running: a step launched into an idle device gains nothing by waiting)
+        if batch.hold_s > 0 and self.may_defer and self._launched and not self._launched[-1].ready():
+            self._deferred = staged
+            self._deferred_until = staged.started + batch.hold_s
             return []
         return self._launch_staged(staged)
 

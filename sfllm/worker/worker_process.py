@@ -2,12 +2,14 @@
 
 It keeps up to two steps launched: while the device runs step N it already reads and
 launches step N+1, and sends step N's tokens as soon as they are ready. Between messages it
-sleeps in one poll on the scheduler's socket and the completion watcher's pipe. With tensor
-parallelism it is rank 0: it relays every message to the other ranks and reports a lost rank.
+sleeps in one poll on the scheduler's socket and the completion watcher's pipe, or until a held
+step is due (ModelRunner.launch_due). With tensor parallelism it is rank 0: it relays every message
+to the other ranks, and holds no step (every rank must run the steps in the order they came).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -65,6 +67,7 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         return 1
     freeze_startup_objects()
     clock = runner.loop_time = LoopTime()
+    runner.may_defer = followers is None
     watcher = CompletionWatcher()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -73,6 +76,9 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         while not stop:
             if followers is not None:
                 followers.check()
+            for launched in runner.launch_due(time.perf_counter()):
+                if launched.copied is not None:
+                    watcher.watch(launched.copied)
             result = runner.next_result(wait=False)
             if result is not None:
                 clock.lap("waiting")
@@ -80,12 +86,16 @@ def run_worker(config: WorkerConfig, address: str) -> int:
                     sock.send(codec.encode(result))
                 clock.lap("sending results")
                 continue
-            events = dict(poller.poll(timeout=LOG_POLL_MS))
+            due_s = runner.seconds_until_due(time.perf_counter())
+            timeout = LOG_POLL_MS if due_s is None else min(LOG_POLL_MS, math.ceil(1000 * due_s))
+            events = dict(poller.poll(timeout=timeout))
             if watcher.wake_fd in events:
                 watcher.drain()
             if sock not in events:
                 line = clock.report(runner.num_steps)
                 if line is not None:
+                    if runner.num_urgent_first:
+                        line += f"; {runner.num_urgent_first} urgent steps launched before a held step so far"
                     logger.info("worker loop, %s", line)
                 continue
             clock.lap("waiting")
