@@ -193,7 +193,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         now = self._clock()
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
-        self._blocks_filled_by_newest_step = set()
+        filled_before, self._blocks_filled_by_newest_step = self._blocks_filled_by_newest_step, set()
         self._make_room_for_high_priority(now, step)
         # Until high priority has its first token, its steps are its own: other requests (aged ones
         # too) sit out, so that its prefill step is as short as the request alone.
@@ -220,6 +220,7 @@ class Scheduler:
             scheduled.add(id(request))
         self._admit_waiting(step, now, high_first)
         if not step.requests and not step.swap_out:
+            self._blocks_filled_by_newest_step = filled_before  # (no step: the newest is still the one before)
             return None
         self._step_id += 1
         self._releases_at_newest_step = (self.allocator.num_frees, self._num_slot_releases)
