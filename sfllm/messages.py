@@ -208,6 +208,8 @@ class ForwardBatch(Message):
     # held step writes (Scheduler.schedule_urgent): it is correct on either side of the held step.
     hold_s: float = 0.0
     urgent: bool = False
+    # (only the forward waits: a held step's swaps and block-table entries are applied as it is staged, on
+    # receipt, so blocks it swaps out are copied before any later step writes them)
 
     def sampled_rows(self) -> list[int]:
         """Rows of logits each sampled sequence has: one, plus one per draft."""
@@ -244,6 +246,9 @@ class WorkerReady(Message):
     block_size: int
     vocab_size: int
     pid: int
+    # whether it holds a step sent with `hold_s` (a GPU worker in its own process without other ranks): else
+    # the engine sends no hold and no urgent step, which would only run behind the step it was to precede
+    holds_steps: bool = False
 
 
 class ForwardResult(Message):

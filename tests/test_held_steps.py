@@ -103,6 +103,8 @@ def test_an_urgent_step_runs_before_a_held_step_and_both_give_their_tokens(runne
     assert [p.step_id for p in runner.take(urgent)] == [12], "the urgent step goes first"
     assert runner.launch_due(time.perf_counter()) == [], "the held step waits for its hold or the steps before"
     monkeypatch.undo()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
     assert [p.step_id for p in runner.launch_due(time.perf_counter())] == [11], "the steps before it are done"
     results = [runner.next_result(wait=True) for _ in range(3)]
     assert [r.step_id for r in results] == [10, 12, 11], "results in launch order"

@@ -171,17 +171,20 @@ def assert_all_free(scheduler: Scheduler) -> None:
 def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
                         pending: list[tuple[str, list[int], int, str, list[int]]],
                         expected: dict[str, tuple[list[int], str]], abort_rate: float, seed: int,
-                        turn_s: float = 0.1, each_turn: Callable[[], object] | None = None) -> None:
+                        turn_s: float = 0.1, before_arrivals: Callable[[], object] | None = None,
+                        each_turn: Callable[[], object] | None = None) -> None:
     """Sends `pending` over time (and aborts some requests at `abort_rate` a step) until all is done; each
     request that was not aborted gives its `expected` tokens and finish reason, an aborted one a prefix of
-    them, and every block is free at the end. A turn: `turn_s` on the clock, maybe an arrival and an abort,
-    `each_turn`, one `EngineCore.step`."""
+    them, and every block is free at the end. A turn: `turn_s` on the clock, `before_arrivals`, maybe an
+    arrival and an abort, `each_turn`, one `EngineCore.step`."""
     scheduler = core.scheduler
     aborted: set[str] = set()
     tokens: dict[str, list[int]] = {}
     finals: dict[str, RequestOutput] = {}
     for _ in range(5000):
         clock.now += turn_s
+        if before_arrivals is not None:
+            before_arrivals()
         if pending and rng.random() < 0.4:
             request_id, prompt, max_tokens, priority, stop = pending.pop(0)
             assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,

@@ -30,6 +30,7 @@ class HoldingWorker(FakeWorker):
     def __init__(self, clock: FakeClock, jump: bool, num_blocks: int, block_size: int,
                  max_context_length: int) -> None:
         super().__init__(num_blocks, block_size, max_context_length)
+        self.info.holds_steps = True
         self.clock = clock
         self.jump = jump
         self.held: ForwardBatch | None = None
@@ -174,20 +175,17 @@ def test_random_workloads_with_urgent_steps_give_exact_outputs(jump: bool) -> No
     (aborts, shared prefixes, the context limit and preemptions among them), the worker running each urgent
     step before the held step or after it."""
     num_urgent = 0
-    for seed in range(6):
+    for seed in range(10):
         rng = random.Random(seed)
         core, worker, clock = make_holding_engine(jump, num_blocks=24, max_context_length=48,
-                                                  max_running_tokens=rng.choice([16, 64]), max_running_requests=3,
-                                                  high_priority_slots=rng.choice([0, 2]), max_background_wait_s=2.0)
+                                                  max_running_tokens=rng.choice([32, 64]), max_running_requests=3,
+                                                  high_priority_slots=rng.choice([1, 2]), max_background_wait_s=2.0)
         pending, expected = tiny_pool_requests(rng, ("high", "high", "normal", "background"))
-
-        def send_then_urgent(core: EngineCore = core) -> None:  # as the server: the next step, then arrivals
-            core.submit_next()
-            core.submit_urgent()
+        # as the server: the next step goes out, requests arrive, an urgent step for them
         run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed, turn_s=0.001,
-                            each_turn=send_then_urgent)
+                            before_arrivals=core.submit_next, each_turn=core.submit_urgent)
         num_urgent += worker.num_jumped if jump else worker.num_urgent
-    assert num_urgent >= 6, "urgent steps were sent (and, where the worker jumps, run before a held step)"
+    assert num_urgent >= 30, "urgent steps were sent (and, where the worker jumps, run before a held step)"
 
 
 def test_high_priority_takes_the_slots_past_the_batch_limit_and_no_other_class_does() -> None:

@@ -107,8 +107,8 @@ class EngineCore:
 
     def submit_next(self) -> bool:
         """Schedules and sends one step if the pipeline has room; True if it sent one."""
-        if len(self._in_flight) >= self.pipeline_depth():
-            return False
+        if self._num_regular_in_flight() >= self.pipeline_depth():
+            return False  # (an urgent step is not counted: the device needs the next step behind it)
         if self._in_flight and self.scheduler.speculation_wanted():
             return False
         started = self._clock()
@@ -130,11 +130,15 @@ class EngineCore:
         self.last_batch_size = len(scheduled.batch.slots)
         return True
 
+    def _num_regular_in_flight(self) -> int:
+        return sum(not step.batch.urgent for step in self._in_flight)
+
     def _hold(self, scheduled: ScheduledStep) -> None:
         """Lets the worker hold the step until shortly before the one in flight is expected to end
-        (send_timing.py), where that one is long and neither waits for a grammar mask."""
-        if (not self.worker.in_own_process or len(self._in_flight) != 1 or scheduled.grammar_requests
-                or self._in_flight[0].grammar_requests):
+        (send_timing.py), where that one is long, neither waits for a grammar mask, and an urgent step could
+        be built (a free slot and free blocks)."""
+        if (not self.worker.info.holds_steps or len(self._in_flight) != 1 or scheduled.grammar_requests
+                or self._in_flight[0].grammar_requests or not self.scheduler.has_room_for_urgent()):
             return
         expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
         now = self._clock()
@@ -175,7 +179,8 @@ class EngineCore:
 
     def send_ahead_s(self) -> float:
         """How long before the step in flight ends the next is sent: the host time of steps like the newest."""
-        newest = self._in_flight[-1].num_tokens if self._in_flight else 0
+        regular = [step for step in self._in_flight if not step.batch.urgent]
+        newest = regular[-1].num_tokens if regular else 0
         return self.send_timing.send_ahead_s(newest)
 
     def submit_due(self) -> bool:

@@ -230,37 +230,38 @@ class Scheduler:
         return step.build()
 
     def schedule_urgent(self) -> ScheduledStep | None:
-        """A step of waiting high-priority requests' first chunks alone, which the worker may run before the
+        """A step of waiting high-priority requests' prompts alone, which the worker may run before the
         newest step `schedule` built (held, not yet launched) or after it: either way correct, because it takes
         no slot or block released since that step was built (the step may still write it), and no cached
         block whose KV that step computes. None when no request can go so, or a release since makes it unsafe:
         they wait for the next step, as they would without it. Requests with a grammar, a paused or swapped
-        KV or a token in flight take the next step too."""
+        KV or a token in flight take the next step too, and so do those from the first that does not fit (in the
+        token budget, the slots or the free blocks) on."""
         if (self.allocator.num_frees, self._num_slot_releases) != self._releases_at_newest_step:
             return None
         step = _StepBuilder(self._step_id, self.config.max_running_tokens)
         for request in self.waiting.ranked_high(self._clock()):
-            if step.budget <= 0 or not self._free_slots:
-                break
             if (request.priority != "high" or request.status is not RequestStatus.WAITING or request.block_ids
                     or request.num_pending_samples or request.matcher is not None
                     or request.matcher_ready is not None):
                 continue
-            # The chunk's blocks, cached ones included, stay those it would have without the cache, which must
-            # be free: a cached block it shares may come off the free list, and giving one back would be a
-            # release (the check above).
-            chunk_blocks = -(-min(request.num_tokens, step.budget) // self.block_size)
+            # first come, first served among those that may go; one longer than the budget (what is left of
+            # it) goes by the next regular step, which shares its whole cached prefix
+            if request.num_tokens > step.budget or not self._free_slots:
+                break
+            # every block of the prompt, cached ones included, must be free: a cached block it shares may come
+            # off the free list, and giving one back would be a release (the check above)
+            chunk_blocks = -(-request.num_tokens // self.block_size)
             if chunk_blocks > self.allocator.num_free:
-                continue
+                break
             looked_up = 0
             if self.allocator.enable_prefix_cache and request.prompt_logprobs is None:
-                max_cached = min((request.num_tokens - 1) // self.block_size, chunk_blocks - 1)
+                max_cached = (request.num_tokens - 1) // self.block_size
                 request.block_ids, request.block_hashes = self.allocator.match_prefix(
                     request.token_slice(0, request.num_tokens), max_cached, self._blocks_filled_by_newest_step)
                 request.num_computed_tokens = len(request.block_ids) * self.block_size
                 looked_up = max_cached * self.block_size
-            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget,
-                          chunk_blocks * self.block_size - request.num_computed_tokens)
+            num_new = request.num_tokens - request.num_computed_tokens
             request.block_ids.extend(self.allocator.allocate(self._blocks_needed(request, num_new)))
             self._count_prefix_use(request, looked_up)
             self.waiting.remove(request)
@@ -272,6 +273,10 @@ class Scheduler:
         scheduled = step.build()
         scheduled.batch.urgent = True
         return scheduled
+
+    def has_room_for_urgent(self) -> bool:
+        """Whether a slot and a block are free: what an urgent step needs first."""
+        return bool(self._free_slots) and self.allocator.num_free > 0
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         """Tokens to compute for a running request this step; 0 when it should sit out."""

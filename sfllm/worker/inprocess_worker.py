@@ -20,7 +20,8 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
                        max_context_length=runner.max_context_length,
                        eos_token_ids=list(runner.source.config.eos_token_ids),
                        num_kv_blocks=runner.kv_cache.num_blocks, num_cpu_kv_blocks=runner.num_cpu_blocks,
-                       block_size=runner.block_size, vocab_size=runner.source.config.vocab_size, pid=os.getpid())
+                       block_size=runner.block_size, vocab_size=runner.source.config.vocab_size, pid=os.getpid(),
+                       holds_steps=runner.may_defer)
 
 
 class InProcessWorker:

@@ -58,6 +58,8 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}")))
         sock.close()
         return 1
+    # on a CPU a step has run by the time the next comes: nothing to hold
+    runner.may_defer = followers is None and runner.device.type == "cuda"
     try:
         sock.send(codec.encode(worker_ready(runner)))
     except zmq.Again:
@@ -67,7 +69,6 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         return 1
     freeze_startup_objects()
     clock = runner.loop_time = LoopTime()
-    runner.may_defer = followers is None
     watcher = CompletionWatcher()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
