@@ -14,11 +14,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sfllm.kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
-from tiny_models import write_tiny_qwen3  # noqa: E402
+from tiny_models import tiny_qwen3_runner  # noqa: E402
 
-from sfllm.config import ServerConfig  # noqa: E402
 from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
-from sfllm.model_source import resolve_model  # noqa: E402
 from sfllm.sampling_params import SamplingParams  # noqa: E402
 from sfllm.worker.cuda_graph_runner import CudaGraphRunner  # noqa: E402
 from sfllm.worker.kv_splits import KVSplits  # noqa: E402
@@ -31,11 +29,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> ModelRunner:
-    folder = write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), VOCAB, tie_word_embeddings=True)
-    worker_config = ServerConfig(model=str(folder), device=DEVICE, dtype="float32", attention_backend="triton",
-                                 max_running_requests=8, max_running_tokens=64, max_context_length=128,
-                                 num_kv_blocks=64, cache_dir=str(folder / "cache")).worker()
-    return ModelRunner(worker_config, resolve_model(worker_config.model, "auto", worker_config.cache_dir))
+    return tiny_qwen3_runner(tmp_path_factory.mktemp("tiny-qwen3"), VOCAB, DEVICE)
 
 
 def graphs_for(runner: ModelRunner) -> CudaGraphRunner:

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 
 from sfllm.model_source.dummy_tokenizer import dummy_tokenizer_folder
+
+if TYPE_CHECKING:
+    from sfllm.worker.model_runner import ModelRunner
 
 
 def write_tiny_qwen3(folder: Path, vocab_size: int, tie_word_embeddings: bool) -> Path:
@@ -23,3 +27,16 @@ def write_tiny_qwen3(folder: Path, vocab_size: int, tie_word_embeddings: bool) -
         if file.is_file():
             shutil.copy(file, folder / file.name)
     return folder
+
+
+def tiny_qwen3_runner(folder: Path, vocab_size: int, device: str) -> ModelRunner:
+    """A float32 ModelRunner on a tiny tied Qwen3 written to `folder`: 8 requests (slots past them for high
+    priority), steps of 64 tokens, a context of 128, 64 KV blocks, the Triton attention backend."""
+    from sfllm.config import ServerConfig
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.model_runner import ModelRunner
+    folder = write_tiny_qwen3(folder, vocab_size, tie_word_embeddings=True)
+    worker_config = ServerConfig(model=str(folder), device=device, dtype="float32", attention_backend="triton",
+                                 max_running_requests=8, max_running_tokens=64, max_context_length=128,
+                                 num_kv_blocks=64, cache_dir=str(folder / "cache")).worker()
+    return ModelRunner(worker_config, resolve_model(worker_config.model, "auto", worker_config.cache_dir))
