@@ -246,6 +246,7 @@ class ModelRunner:
         return None if self._deferred is None else max(self._deferred_until - now, 0.0)
 
     def _launch_deferred(self) -> list[PendingStep]:
+        self._lap("waiting")  # (the hold: not the launch's time)
         staged, self._deferred = self._deferred, None
         if self._deferred_inputs_stale and staged.shape is not None:
             with torch.inference_mode():
