@@ -118,8 +118,9 @@ def make_engine(**kwargs) -> tuple[EngineCore, FakeClock]:
     return core, clock
 
 
-def add(scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int = 4, priority: str = "normal",
-        arrival: float = 0.0, **params) -> RequestOutput | None:
+def add(scheduler: Scheduler | EngineCore, request_id: str, prompt: list[int], max_tokens: int = 4,
+        priority: str = "normal", arrival: float = 0.0, **params) -> RequestOutput | None:
+    """Queues a request on the scheduler, or through the engine core (which notes high-priority arrivals)."""
     return scheduler.add_request(GenerateRequest(
         request_id=request_id, prompt_token_ids=prompt, priority=priority, arrival_time=arrival or 1.0,
         params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params)))
@@ -187,7 +188,7 @@ def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
             before_arrivals()
         if pending and rng.random() < 0.4:
             request_id, prompt, max_tokens, priority, stop = pending.pop(0)
-            assert add(scheduler, request_id, prompt, max_tokens, priority, arrival=clock.now,
+            assert add(core, request_id, prompt, max_tokens, priority, arrival=clock.now,
                        stop_token_ids=stop) is None
         if rng.random() < abort_rate and scheduler.requests:
             victim = rng.choice(sorted(scheduler.requests))

@@ -15,7 +15,7 @@ from test_scheduler_policies import (FakeClock, FakeWorker, add, assert_all_free
                                      tiny_pool_requests)
 
 from sfllm.engine.engine_core import EngineCore
-from sfllm.engine.send_timing import HOLD_MIN_STEP_S
+from sfllm.engine.send_timing import HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MIN_STEP_S
 from sfllm.messages import ForwardBatch, ForwardResult
 
 STEP_S = 2 * HOLD_MIN_STEP_S  # what each step takes on the fake clock: long enough to be held
@@ -78,18 +78,6 @@ def run_until_done(core: EngineCore, outputs: dict[str, list[int]]) -> None:
     raise AssertionError("the engine still has work")
 
 
-def run_background_load(core: EngineCore, count: int, max_tokens: int = 20) -> dict[str, list[int]]:
-    """`count` background requests, run until they decode with a step in flight."""
-    outputs: dict[str, list[int]] = {}
-    for i in range(count):
-        add(core.scheduler, f"b{i}", prompt_of(6, 100 * (i + 1)), max_tokens=max_tokens, priority="background",
-            arrival=1.0 + i)
-    for _ in range(6):
-        collect_outputs(core.step(), outputs)
-    assert core.num_in_flight == 1
-    return outputs
-
-
 def send_held_step(core: EngineCore) -> ForwardBatch:
     """The step after the one in flight, which the worker holds."""
     assert core.submit_next() and core.num_in_flight == 2 and core.worker.held is not None
@@ -102,12 +90,29 @@ def start_background_load(core: EngineCore, count: int) -> dict[str, list[int]]:
     return outputs
 
 
+def run_background_load(core: EngineCore, count: int, max_tokens: int = 20,
+                        high_priority_first: bool = True) -> dict[str, list[int]]:
+    """`count` background requests, run until they decode with a step in flight; after a high-priority request
+    unless not `high_priority_first` (steps are held only within a while of one)."""
+    if high_priority_first:
+        add(core, "warm-up", prompt_of(3, 5000), max_tokens=1, priority="high", arrival=0.5)
+    outputs: dict[str, list[int]] = {}
+    for i in range(count):
+        add(core, f"b{i}", prompt_of(6, 100 * (i + 1)), max_tokens=max_tokens, priority="background",
+            arrival=1.0 + i)
+    for _ in range(6):
+        collect_outputs(core.step(), outputs)
+    assert core.num_in_flight == 1
+    outputs.pop("warm-up", None)
+    return outputs
+
+
 @pytest.mark.parametrize("jump", [True, False])
 def test_a_high_priority_arrival_runs_before_the_held_step(jump: bool) -> None:
     core, worker, _ = make_holding_engine(jump, max_running_requests=3, high_priority_slots=1)
     outputs = start_background_load(core, 3)
     held = worker.held
-    add(core.scheduler, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
+    add(core, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
     assert core.submit_urgent()
     urgent = worker.batches[-1]
     assert urgent.urgent and urgent.slots == [core.scheduler.requests["h"].slot] and urgent.num_new_tokens == [9]
@@ -121,10 +126,23 @@ def test_a_high_priority_arrival_runs_before_the_held_step(jump: bool) -> None:
     assert_all_free(core.scheduler)
 
 
+def test_steps_are_held_only_within_a_while_of_a_high_priority_arrival() -> None:
+    core, worker, clock = make_holding_engine(max_running_requests=3, high_priority_slots=1)
+    run_background_load(core, 3, high_priority_first=False)
+    assert core.submit_next() and worker.held is None, "no high-priority request yet: nothing to hold for"
+    add(core, "h", prompt_of(9, 900), max_tokens=1, priority="high", arrival=clock.now)
+    for _ in range(3):
+        core.step()
+    assert core.num_in_flight == 1 and core.submit_next() and worker.held is not None
+    clock.now += HOLD_AFTER_HIGH_PRIORITY_S
+    core.step()
+    assert core.submit_next() and worker.held is None, "none came lately"
+
+
 def test_no_urgent_step_once_the_held_step_is_due_or_launched() -> None:
     core, worker, clock = make_holding_engine(max_running_requests=3, high_priority_slots=1)
     start_background_load(core, 3)
-    add(core.scheduler, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
+    add(core, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
     clock.now += STEP_S
     assert not core.submit_urgent(), "past the hold: the worker has launched it, the next step takes h"
     core.step()  # the step in flight is back: the held step is the oldest now
@@ -139,7 +157,7 @@ def test_an_abort_while_a_step_is_held_keeps_high_priority_for_the_next_step() -
     core, worker, _ = make_holding_engine(max_running_requests=3, high_priority_slots=1)
     outputs = start_background_load(core, 3)
     core.abort(["b1"])
-    add(core.scheduler, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
+    add(core, "h", prompt_of(9, 900), max_tokens=3, priority="high", arrival=10.0)
     assert not core.submit_urgent() and worker.num_urgent == 0
     run_until_done(core, outputs)
     assert outputs["h"] == expected_tokens(prompt_of(9, 900), 3)
@@ -152,16 +170,16 @@ def test_an_urgent_step_does_not_read_cached_blocks_that_the_held_step_fills() -
     core, worker, _ = make_holding_engine(max_running_requests=4, high_priority_slots=1, max_running_tokens=64)
     outputs = run_background_load(core, 2)
     shared = prompt_of(12, 700)
-    add(core.scheduler, "n", shared + [5], max_tokens=2, arrival=20.0)
+    add(core, "n", shared + [5], max_tokens=2, arrival=20.0)
     held = send_held_step(core)
     assert 13 in held.num_new_tokens, "the held step prefills n"
-    add(core.scheduler, "h", shared + [6], max_tokens=2, priority="high", arrival=21.0)
+    add(core, "h", shared + [6], max_tokens=2, priority="high", arrival=21.0)
     assert core.submit_urgent()
     assert worker.batches[-1].num_new_tokens == [13], "no cached block of the held step's: all 13 computed"
     run_until_done(core, outputs)
     assert outputs["h"] == expected_tokens(shared + [6], 2) and outputs["n"] == expected_tokens(shared + [5], 2)
     # once n's blocks are written, the next high-priority request shares them
-    add(core.scheduler, "h2", shared + [7], max_tokens=2, priority="high", arrival=30.0)
+    add(core, "h2", shared + [7], max_tokens=2, priority="high", arrival=30.0)
     collect_outputs(step_once(core.scheduler, worker)[1], outputs)
     assert worker.batches[-1].num_new_tokens == [1], "12 of its 13 tokens cached"
     run_until_done(core, outputs)

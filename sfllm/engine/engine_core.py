@@ -36,7 +36,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import HOLD_MARGIN_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
+from sfllm.engine.send_timing import (HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MARGIN_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S,
+                                      SendTiming)
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -83,8 +84,11 @@ class EngineCore:
         self._running_since = self._last_collect  # when the oldest step in flight started on the worker
         self.send_timing = SendTiming()
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
+        self._high_priority_arrival = -float("inf")  # the last one's, by the clock
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
+        if request.priority == "high":
+            self._high_priority_arrival = self._clock()
         return self.scheduler.add_request(request, client_id)
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -135,13 +139,14 @@ class EngineCore:
 
     def _hold(self, scheduled: ScheduledStep) -> None:
         """Lets the worker hold the step until shortly before the one in flight is expected to end
-        (send_timing.py), where that one is long, neither waits for a grammar mask, and an urgent step could
-        be built (a free slot and free blocks)."""
+        (send_timing.py), where that one is long, neither waits for a grammar mask, high-priority requests
+        have come lately, and an urgent step could be built (a free slot and free blocks)."""
+        now = self._clock()
         if (not self.worker.info.holds_steps or len(self._in_flight) != 1 or scheduled.grammar_requests
-                or self._in_flight[0].grammar_requests or not self.scheduler.has_room_for_urgent()):
+                or self._in_flight[0].grammar_requests or now - self._high_priority_arrival > HOLD_AFTER_HIGH_PRIORITY_S
+                or not self.scheduler.has_room_for_urgent()):
             return
         expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
-        now = self._clock()
         hold_s = self._running_since + expected - HOLD_MARGIN_S - now
         if expected >= HOLD_MIN_STEP_S and hold_s > 0:
             scheduled.batch.hold_s = hold_s
