@@ -36,8 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import (HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MARGIN_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S,
-                                      SendTiming)
+from sfllm.engine.send_timing import HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -138,8 +137,7 @@ class EngineCore:
         return sum(not step.batch.urgent for step in self._in_flight)
 
     def _hold(self, scheduled: ScheduledStep) -> None:
-        """Lets the worker hold the step until shortly before the one in flight is expected to end
-        (send_timing.py), where that one is long, neither waits for a grammar mask, high-priority requests
+        """Lets the worker hold the step until the one in flight ends or is expected to (send_timing.py), where that one is long, neither waits for a grammar mask, high-priority requests
         have come lately, and an urgent step could be built (a free slot and free blocks)."""
         now = self._clock()
         if (not self.worker.info.holds_steps or len(self._in_flight) != 1 or scheduled.grammar_requests
@@ -147,7 +145,7 @@ class EngineCore:
                 or not self.scheduler.has_room_for_urgent()):
             return
         expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
-        hold_s = self._running_since + expected - HOLD_MARGIN_S - now
+        hold_s = self._running_since + expected - now
         if expected >= HOLD_MIN_STEP_S and hold_s > 0:
             scheduled.batch.hold_s = hold_s
             scheduled.held_until = now + hold_s

@@ -24,18 +24,17 @@ SEND_AHEAD_FACTOR = 1.5
 SEND_AHEAD_SLACK_S = 0.001
 RECENT_STEPS = 32
 
-# The hold: a step sent behind one expected to last at least HOLD_MIN_STEP_S may wait on the worker, staged,
-# until HOLD_MARGIN_S before the step in flight is expected to end (or until that step ends, if sooner), so
-# that a high-priority arrival's urgent step can still go before it. Shorter steps are not held: the step a
-# high-priority request waits behind is short anyway, while a hold that ends only with the step before costs
-# the device the launch (~0.1-0.2 ms). The margin covers the worker's wake-up (its poll counts whole ms) and
-# the launch. An urgent step is worth sending while the held step has URGENT_MARGIN_S of its hold left, the
-# message's way to the worker.
+# The hold: a step sent behind one expected to last at least HOLD_MIN_STEP_S waits on the worker, staged, until
+# the step in flight ends, or is expected to (whichever comes first), so that a high-priority arrival's urgent
+# step can go before it all along the step in flight. The price: the device waits for the worker's wake-up and
+# the launch (~0.1-0.3 ms) after each held step's predecessor, the reason shorter steps are not held (the step a
+# high-priority request waits behind is short anyway). A hold that ended some time before the step in flight
+# (measured: 1.5 ms, 2026-12-03) left a window in which back-to-back probes kept arriving, too late for it.
+# An urgent step is worth sending while the held step has URGENT_MARGIN_S of its hold left (the message's way).
 HOLD_MIN_STEP_S = 0.004
-HOLD_MARGIN_S = 0.0015
 URGENT_MARGIN_S = 0.0003
 # Steps are held only within this long of a high-priority arrival: a server without that traffic pays nothing
-# (measured: a burst's steps of ~6 ms ran 4% longer with holds, 2026-12-03), and requests of an interactive
+# (a burst's steps of ~6 ms ran 4% longer with holds in one A/B, 2026-12-03), and requests of an interactive
 # user come closer together than that.
 HOLD_AFTER_HIGH_PRIORITY_S = 60.0
 
