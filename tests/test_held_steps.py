@@ -8,28 +8,22 @@ graphs' step functions run uncaptured (with the Triton kernels interpreted), on 
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
+from tiny_models import tiny_qwen3_runner
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling
+from sfllm.sampling_params import SamplingParams
+from sfllm.worker.cuda_graph_runner import CudaGraphRunner
+from sfllm.worker.kv_splits import KVSplits
+from sfllm.worker.model_runner import ModelRunner
+from sfllm.worker.pending_step import PendingStep
+from sfllm.worker.step_inputs import StepShape
 
-from sfllm.kernels.device_check import KERNELS_INTERPRETED  # noqa: E402
-from tiny_models import tiny_qwen3_runner  # noqa: E402
-
-from sfllm.messages import BlockTableUpdate, ForwardBatch, SequenceSampling  # noqa: E402
-from sfllm.sampling_params import SamplingParams  # noqa: E402
-from sfllm.worker.cuda_graph_runner import CudaGraphRunner  # noqa: E402
-from sfllm.worker.kv_splits import KVSplits  # noqa: E402
-from sfllm.worker.model_runner import ModelRunner  # noqa: E402
-from sfllm.worker.pending_step import PendingStep  # noqa: E402
-from sfllm.worker.step_inputs import StepShape  # noqa: E402
-
-DEVICE = "cpu" if KERNELS_INTERPRETED else "cuda"
+# (conftest.py has the Triton kernels interpreted where there is no GPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 512
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -46,6 +40,7 @@ class UncapturedGraphs(CudaGraphRunner):
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> ModelRunner:
+    pytest.importorskip("triton")
     runner = tiny_qwen3_runner(tmp_path_factory.mktemp("tiny-qwen3"), VOCAB, DEVICE)
     if runner.graph_runner is None:
         splits = KVSplits(runner.backend.name, runner.shard.num_kv_heads, runner.max_context_length, runner.device)

@@ -137,11 +137,13 @@ class EngineCore:
         return sum(not step.batch.urgent for step in self._in_flight)
 
     def _hold(self, scheduled: ScheduledStep) -> None:
-        """Lets the worker hold the step until the one in flight ends or is expected to (send_timing.py), where that one is long, neither waits for a grammar mask, high-priority requests
-        have come lately, and an urgent step could be built (a free slot and free blocks)."""
+        """Lets the worker hold the step until the one in flight ends or is expected to (send_timing.py), where
+        that one is long, neither waits for a grammar mask, a high-priority request came lately, and an urgent
+        step could be built (a free slot and a free block)."""
         now = self._clock()
         if (not self.worker.info.holds_steps or len(self._in_flight) != 1 or scheduled.grammar_requests
-                or self._in_flight[0].grammar_requests or now - self._high_priority_arrival > HOLD_AFTER_HIGH_PRIORITY_S
+                or self._in_flight[0].grammar_requests
+                or now - self._high_priority_arrival > HOLD_AFTER_HIGH_PRIORITY_S
                 or not self.scheduler.has_room_for_urgent()):
             return
         expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)
@@ -151,7 +153,7 @@ class EngineCore:
             scheduled.held_until = now + hold_s
 
     def submit_urgent(self) -> bool:
-        """Sends the waiting high-priority requests' first chunks as a step of their own
+        """Sends the waiting high-priority requests' prompts as a step of their own
         (`Scheduler.schedule_urgent`) while the worker still holds the newest step: their first token then
         waits for the step in flight alone, not for the held one too. True if it sent one."""
         if (len(self._in_flight) < 2 or self._clock() > self._in_flight[1].held_until - URGENT_MARGIN_S

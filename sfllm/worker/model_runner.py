@@ -176,7 +176,7 @@ class ModelRunner:
         self._launched: deque[PendingStep] = deque()
         self._awaiting_mask: StepLogits | None = None  # launched, sampling once its GrammarMask is in
         self._held: StagedStep | None = None  # staged behind _awaiting_mask, launched after its sampling
-        # staged with a hold (see the module's docstring); set only where `may_defer` (a worker in its own
+        # staged with a hold (see the module's docstring); only where `may_defer` (a GPU worker in its own
         # process without other ranks, whose loop calls `launch_due`)
         self._deferred: StagedStep | None = None
         self._deferred_until = 0.0  # time.perf_counter()
