@@ -47,6 +47,9 @@ def test_bad_values_are_errors_with_the_value() -> None:
         load_config(_args(), environ={"SFLLM_MEM_FRACTION": "1.5"})
     with pytest.raises(ConfigError, match="disable_cuda_graph"):
         load_config(_args(), environ={"SFLLM_DISABLE_CUDA_GRAPH": "maybe"})
+    with pytest.raises(ConfigError, match="high_priority_slots must be at least 0; got -1"):
+        load_config(_args("--high-priority-slots", "-1"), environ={})
+    assert load_config(_args("--high-priority-slots", "0"), environ={}).high_priority_slots == 0
 
 
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
