@@ -11,7 +11,7 @@ back the request keeps the KV of its accepted tokens only.
 
 High priority has `high_priority_slots` slots past the batch limit, so that under a full batch it pushes out
 no one for a slot; and a high-priority arrival may get a step of its own (`schedule_urgent`) that the worker
-runs before the newest step, which it holds until the step before ends.
+runs before the newest step, which it holds until the step before ends (or is expected to).
 """
 from __future__ import annotations
 
@@ -251,8 +251,8 @@ class Scheduler:
                 break
             # every block of the prompt, cached ones included, must be free: a cached block it shares may come
             # off the free list, and giving one back would be a release (the check above)
-            chunk_blocks = -(-request.num_tokens // self.block_size)
-            if chunk_blocks > self.allocator.num_free:
+            prompt_blocks = -(-request.num_tokens // self.block_size)
+            if prompt_blocks > self.allocator.num_free:
                 break
             looked_up = 0
             if self.allocator.enable_prefix_cache and request.prompt_logprobs is None:
