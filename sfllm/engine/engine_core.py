@@ -184,8 +184,7 @@ class EngineCore:
 
     def send_ahead_s(self) -> float:
         """How long before the step in flight ends the next is sent: the host time of steps like the newest."""
-        regular = [step for step in self._in_flight if not step.batch.urgent]
-        newest = regular[-1].num_tokens if regular else 0
+        newest = next((step.num_tokens for step in reversed(self._in_flight) if not step.batch.urgent), 0)
         return self.send_timing.send_ahead_s(newest)
 
     def submit_due(self) -> bool:

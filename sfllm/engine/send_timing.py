@@ -26,10 +26,11 @@ RECENT_STEPS = 32
 
 # The hold: a step sent behind one expected to last at least HOLD_MIN_STEP_S waits on the worker, staged, until
 # the step in flight ends, or is expected to (whichever comes first), so that a high-priority arrival's urgent
-# step can go before it all along the step in flight. The price: the device waits for the worker's wake-up and
-# the launch (~0.1-0.3 ms) after each held step's predecessor, the reason shorter steps are not held (the step a
-# high-priority request waits behind is short anyway). A hold that ended some time before the step in flight
-# (measured: 1.5 ms, 2026-12-03) left a window in which back-to-back probes kept arriving, too late for it.
+# step can go before it all along the step in flight. The price: where the step in flight ends before it was
+# expected to, the device waits for the worker's wake-up and the launch (estimated ~0.1-0.3 ms, not measured
+# alone), the reason shorter steps are not held (the step a high-priority request waits behind is short anyway).
+# A hold that ended 1.5 ms before the step in flight (2026-12-03) left a window in which back-to-back probes kept
+# arriving, too late for it.
 # An urgent step is worth sending while the held step has URGENT_MARGIN_S of its hold left (the message's way).
 HOLD_MIN_STEP_S = 0.004
 URGENT_MARGIN_S = 0.0003

@@ -73,13 +73,16 @@ def run_worker(config: WorkerConfig, address: str) -> int:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(watcher.wake_fd, zmq.POLLIN)
+
+    def watch(launched: list) -> None:  # the loop wakes when each launched step's tokens are on the host
+        for step in launched:
+            if step.copied is not None:
+                watcher.watch(step.copied)
     try:
         while not stop:
             if followers is not None:
                 followers.check()
-            for launched in runner.launch_due(time.perf_counter()):
-                if launched.copied is not None:
-                    watcher.watch(launched.copied)
+            watch(runner.launch_due(time.perf_counter()))
             result = runner.next_result(wait=False)
             if result is not None:
                 clock.lap("waiting")
@@ -107,9 +110,7 @@ def run_worker(config: WorkerConfig, address: str) -> int:
                 message = codec.decode(data)
             clock.lap("receiving")
             if isinstance(message, (ForwardBatch, GrammarMask)):
-                for launched in runner.take(message):
-                    if launched.copied is not None:
-                        watcher.watch(launched.copied)
+                watch(runner.take(message))
             elif isinstance(message, StartProfile):
                 runner.profiler.start(message.directory)
             elif isinstance(message, StopProfile):
