@@ -50,6 +50,8 @@ def test_bad_values_are_errors_with_the_value() -> None:
     with pytest.raises(ConfigError, match="high_priority_slots must be at least 0; got -1"):
         load_config(_args("--high-priority-slots", "-1"), environ={})
     assert load_config(_args("--high-priority-slots", "0"), environ={}).high_priority_slots == 0
+    with pytest.raises(ConfigError, match="high_priority_step_tokens must be at least 0; got -1"):
+        load_config(_args("--high-priority-step-tokens", "-1"), environ={})
 
 
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -27,7 +27,7 @@ from sfllm.scheduler.length_buckets import order_by_length_bucket
 from sfllm.scheduler.preemption import choose_victim, may_push_out
 from sfllm.scheduler.priority import split_slots
 from sfllm.scheduler.request import Request
-from sfllm.scheduler.scheduler import ScheduledStep, Scheduler
+from sfllm.scheduler.scheduler import HIGH_PRIORITY_LATELY_S, ScheduledStep, Scheduler
 from sfllm.scheduler.waiting_queue import WaitingQueue
 
 EOS = 2
@@ -120,7 +120,7 @@ def make_engine(**kwargs) -> tuple[EngineCore, FakeClock]:
 
 def add(scheduler: Scheduler | EngineCore, request_id: str, prompt: list[int], max_tokens: int = 4,
         priority: str = "normal", arrival: float = 0.0, **params) -> RequestOutput | None:
-    """Queues a request on the scheduler, or through the engine core (which notes high-priority arrivals)."""
+    """Queues a request on the scheduler, or through the engine core."""
     return scheduler.add_request(GenerateRequest(
         request_id=request_id, prompt_token_ids=prompt, priority=priority, arrival_time=arrival or 1.0,
         params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params)))
@@ -620,6 +620,29 @@ def test_aged_background_prefill_sits_out_for_high_priority_too() -> None:
     add(scheduler, "h", prompt_of(5, 300), max_tokens=1, priority="high", arrival=11.0)
     assert step_tokens(scheduler, worker) == {"h": 5}, "h pushed out d; aged b waits for h's first token"
     assert step_tokens(scheduler, worker) == {"b": 16}
+
+
+def test_steps_without_high_priority_prompts_are_short_while_it_came_lately() -> None:
+    scheduler, worker, clock = make_scheduler(max_running_tokens=32, high_priority_step_tokens=8,
+                                              max_running_requests=4, max_context_length=128)
+    add(scheduler, "n1", prompt_of(40, 100), max_tokens=30, arrival=1.0)
+    assert step_tokens(scheduler, worker) == {"n1": 32}, "no high priority yet: the whole budget"
+    add(scheduler, "h", prompt_of(20, 300), max_tokens=30, priority="high", arrival=2.0)
+    assert step_tokens(scheduler, worker) == {"h": 20}, "a step with its prompt keeps the whole budget"
+    add(scheduler, "n2", prompt_of(40, 500), max_tokens=2, arrival=3.0)
+    assert step_tokens(scheduler, worker) == {"h": 1, "n1": 7}
+    assert step_tokens(scheduler, worker) == {"h": 1, "n1": 1, "n2": 6}
+    clock.now += HIGH_PRIORITY_LATELY_S + 1
+    assert step_tokens(scheduler, worker) == {"h": 1, "n1": 1, "n2": 30}, "none came lately: the whole budget"
+
+
+def test_high_priority_step_tokens_0_keeps_the_whole_budget() -> None:
+    scheduler, worker, _ = make_scheduler(max_running_tokens=32, high_priority_step_tokens=0,
+                                          max_running_requests=4, max_context_length=128)
+    add(scheduler, "h", prompt_of(4, 300), max_tokens=30, priority="high", arrival=1.0)
+    assert step_tokens(scheduler, worker) == {"h": 4}
+    add(scheduler, "n", prompt_of(40, 500), max_tokens=2, arrival=2.0)
+    assert step_tokens(scheduler, worker) == {"h": 1, "n": 31}
 
 
 def test_order_by_length_bucket_puts_the_largest_64_token_group_first() -> None:

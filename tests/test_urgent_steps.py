@@ -15,8 +15,9 @@ from test_scheduler_policies import (FakeClock, FakeWorker, add, assert_all_free
                                      tiny_pool_requests)
 
 from sfllm.engine.engine_core import EngineCore
-from sfllm.engine.send_timing import HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MIN_STEP_S
+from sfllm.engine.send_timing import HOLD_MIN_STEP_S
 from sfllm.messages import ForwardBatch, ForwardResult
+from sfllm.scheduler.scheduler import HIGH_PRIORITY_LATELY_S
 
 STEP_S = 2 * HOLD_MIN_STEP_S  # what each step takes on the fake clock: long enough to be held
 
@@ -134,7 +135,7 @@ def test_steps_are_held_only_within_a_while_of_a_high_priority_arrival() -> None
     for _ in range(3):
         core.step()
     assert core.num_in_flight == 1 and core.submit_next() and worker.held is not None
-    clock.now += HOLD_AFTER_HIGH_PRIORITY_S
+    clock.now += HIGH_PRIORITY_LATELY_S
     core.step()
     assert core.submit_next() and worker.held is None, "none came lately"
 
@@ -197,7 +198,8 @@ def test_random_workloads_with_urgent_steps_give_exact_outputs(jump: bool) -> No
         rng = random.Random(seed)
         core, worker, clock = make_holding_engine(jump, num_blocks=24, max_context_length=48,
                                                   max_running_tokens=rng.choice([32, 64]), max_running_requests=3,
-                                                  high_priority_slots=rng.choice([1, 2]), max_background_wait_s=2.0)
+                                                  high_priority_slots=rng.choice([1, 2]), max_background_wait_s=2.0,
+                                                  high_priority_step_tokens=rng.choice([0, 5, 12]))
         pending, expected = tiny_pool_requests(rng, ("high", "high", "normal", "background"))
         # as the server: the next step goes out, requests arrive, an urgent step for them
         run_random_workload(core, clock, rng, pending, expected, abort_rate=0.03, seed=seed, turn_s=0.001,

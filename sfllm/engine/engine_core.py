@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sfllm.config import SchedulerConfig
-from sfllm.engine.send_timing import HOLD_AFTER_HIGH_PRIORITY_S, HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
+from sfllm.engine.send_timing import HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
                             WorkerReady)
@@ -83,11 +83,8 @@ class EngineCore:
         self._running_since = self._last_collect  # when the oldest step in flight started on the worker
         self.send_timing = SendTiming()
         self.gpu_memory = (0, 0)  # (allocated, reserved) in the worker, as of the last step
-        self._high_priority_arrival = -float("inf")  # the last one's, by the clock
 
     def add_request(self, request: GenerateRequest, client_id: str = "") -> RequestOutput | None:
-        if request.priority == "high":
-            self._high_priority_arrival = self._clock()
         return self.scheduler.add_request(request, client_id)
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -143,7 +140,7 @@ class EngineCore:
         now = self._clock()
         if (not self.worker.info.holds_steps or len(self._in_flight) != 1 or scheduled.grammar_requests
                 or self._in_flight[0].grammar_requests
-                or now - self._high_priority_arrival > HOLD_AFTER_HIGH_PRIORITY_S
+                or not self.scheduler.high_priority_lately()
                 or not self.scheduler.has_room_for_urgent()):
             return
         expected = self.send_timing.expected_duration_s(self._in_flight[0].num_tokens)

@@ -34,10 +34,9 @@ RECENT_STEPS = 32
 # An urgent step is worth sending while the held step has URGENT_MARGIN_S of its hold left (the message's way).
 HOLD_MIN_STEP_S = 0.004
 URGENT_MARGIN_S = 0.0003
-# Steps are held only within this long of a high-priority arrival: a server without that traffic pays nothing
-# (a burst's steps of ~6 ms ran 4% longer with holds in one A/B, 2026-12-03), and requests of an interactive
-# user come closer together than that.
-HOLD_AFTER_HIGH_PRIORITY_S = 60.0
+# Steps are held only while high priority came lately (sfllm/scheduler/scheduler.py, HIGH_PRIORITY_LATELY_S): a
+# server without that traffic pays nothing (a burst's steps of ~6 ms ran 4% longer with holds in one A/B,
+# 2026-12-03).
 
 
 def size_class(num_tokens: int) -> int:

@@ -37,6 +37,11 @@ from sfllm.scheduler.waiting_queue import QueueFull, WaitingQueue
 logger = logging.getLogger(__name__)
 
 STATS_LOG_INTERVAL_S = 10.0
+# High priority came lately: within this long of its last arrival. Then steps without its prompts are kept to
+# `high_priority_step_tokens`, and the engine holds long steps for urgent ones (sfllm/engine/send_timing.py), so
+# that the next arrival waits behind a short step; requests of an interactive user come closer together than
+# this, and a server without that traffic pays nothing.
+HIGH_PRIORITY_LATELY_S = 60.0
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Scheduler:
         self.prefix_stats = PrefixCacheStats()
         self.speculation = Speculation(config, max_context_length)
         self._last_stats_log = clock()
+        self._high_priority_arrival = -float("inf")  # the last one's, by the clock
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -159,7 +165,12 @@ class Scheduler:
         except QueueFull as error:
             return _error(message.request_id, f"{error}; retry later", 503)
         self.requests[request.request_id] = request
+        if request.priority == "high":
+            self._high_priority_arrival = self._clock()
         return None
+
+    def high_priority_lately(self) -> bool:
+        return self._clock() - self._high_priority_arrival <= HIGH_PRIORITY_LATELY_S
 
     def _compile_grammar(self, params: SamplingParams) -> Any:
         if params.structured_output is None:
@@ -199,6 +210,8 @@ class Scheduler:
         # too) sit out, so that its prefill step is as short as the request alone.
         high_first = (self.waiting.num_waiting("high") > 0
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
+        if not high_first and self.high_priority_lately():
+            step.budget = min(step.budget, self.config.high_priority_step_tokens or step.budget)
         self.running.sort(key=lambda r: (r.rank, r.arrival_time))
         speculate = self.speculation.active(len(self.running))
         scheduled: set[int] = set()
