@@ -22,9 +22,12 @@ from sfllm.kernels.device_check import check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 
 MAX_ROWS = 16
-# Up to here the kernel beat cuBLAS at every layer of Qwen3-0.6B and -8B on an H200 (1 row: o_proj of the
-# 0.6B 4.4 us against 12.4); at 16 rows the two were even (tests/gpu/bench_kernels.py sweep).
-FASTER_THAN_CUBLAS_ROWS = 8
+# Launched after the kernel before, this kernel beat cuBLAS at every layer of Qwen3-0.6B and -8B on an H200 up to 8
+# rows (1 row: o_proj of the 0.6B 4.4 us against 12.4) and was even at 16 (tests/gpu/bench_kernels.py sweep).
+# Launched early (dependent_launch.py), it reads a weight tile while the kernel before ends: a whole decode step's
+# layers at 12 and 16 sequences took 0.85 and 0.91 of cuBLAS's time on the 0.6B, 0.96 on the 8B (bench_kernels.py
+# pdl, 2026-12-03).
+FASTER_THAN_CUBLAS_ROWS = 16
 
 
 def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:

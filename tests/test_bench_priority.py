@@ -137,7 +137,12 @@ def test_the_flood_process_ends_with_the_probes_process(signalled: str) -> None:
             parent.kill()
         else:
             os.killpg(parent.pid, signal.SIGINT)
-        parent.wait(timeout=20)
+        try:
+            parent.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            out, err = parent.communicate(timeout=5)
+            pytest.fail(f"the probes' process did not end within 20 s of SIGINT:\n{out}\n{err}")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and alive(child):
             time.sleep(0.05)

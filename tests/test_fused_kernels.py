@@ -92,7 +92,7 @@ def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool, co
         skinny_matmul(torch.randn(17, depth).to(DEVICE), weight)
 
 
-@pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True)])
+@pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True), (16, 512, False)])
 @pytest.mark.parametrize("constant_weight", [False, True])  # the weight's first tile read before the wait, or after
 def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: int, depth: int, with_bias: bool,
                                                                          constant_weight: bool) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-SKINNY_ROWS = 8  # sfllm.kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
+SKINNY_ROWS = 16  # sfllm.kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
 
 
 def _use_kernels(x: torch.Tensor) -> bool:

@@ -551,9 +551,9 @@ def bench_dependent_launch() -> None:
 
 
 def _skinny_rows_launched_early() -> None:
-    """Launched early, the skinny GEMMs may beat cuBLAS past the 8 rows they are used for (at 16 rows they were
-    even launched after, `sweep`): a decode step's layers at 12 and 16 sequences with the layers' GEMMs by cuBLAS
-    and by the skinny kernels (sfllm.worker.layer_ops.SKINNY_ROWS 8 and 16), microseconds per graph replay."""
+    """Launched early, the skinny GEMMs beat cuBLAS past 8 rows (at 16 rows they were even launched after,
+    `sweep`), the reason layer_ops.SKINNY_ROWS is 16: a decode step's layers at 12 and 16 sequences with the layers'
+    GEMMs by cuBLAS and by the skinny kernels (SKINNY_ROWS 8 and 16), microseconds per graph replay."""
     from sfllm.model_source import resolve_model
     from sfllm.worker import layer_ops
     from sfllm.worker.weight_loader import load_model
