@@ -102,7 +102,9 @@ def test_live_probes_get_their_first_token_while_the_flood_runs(tmp_path: Path) 
 # requests stay in flight; it prints the flood process's pid, then waits to be signalled, and stops the flood on
 # its way out as `bench priority` does.
 FLOOD_PARENT = """
-import sys, time
+import signal, sys, time
+# Ctrl-C at a terminal; a test run started in the background (no job control) hands its children SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from sfllm.bench.flood_process import FloodProcess
 from sfllm.bench.serve import ServerTarget
 from sfllm.bench.workload import RequestSpec
