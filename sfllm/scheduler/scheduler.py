@@ -11,7 +11,9 @@ back the request keeps the KV of its accepted tokens only.
 
 High priority has `high_priority_slots` slots past the batch limit, so that under a full batch it pushes out
 no one for a slot; and a high-priority arrival may get a step of its own (`schedule_urgent`) that the worker
-runs before the newest step, which it holds until the step before ends (or is expected to).
+runs before the newest step, which it holds until the step before ends (or is expected to). Within a minute of a
+high-priority arrival, a step that carries none of its prompts keeps to `high_priority_step_tokens`, so that the next
+arrival waits behind a short step.
 """
 from __future__ import annotations
 
