@@ -373,3 +373,15 @@ def test_steps_with_room_for_fewer_drafts_are_judged_by_the_slots_they_offered(m
     assert not request.speculation_off, "every draft it was given was accepted"
     scheduler.abort_requests(["a"])
     assert_all_free(scheduler)
+
+
+def test_verify_graphs_make_room_for_high_prioritys_slots_too() -> None:
+    """A verify step has at most `speculative_max_batch_size` sequences, and may have as many as run: past a low
+    `max_running_requests`, with high priority's slots, it still gets a graph."""
+    from sfllm.worker.cuda_graph_runner import speculative_graph_sizes
+    config = ServerConfig(speculative_method="ngram", num_speculative_tokens=3, max_running_requests=4,
+                          high_priority_slots=2)
+    assert speculative_graph_sizes(config.worker()) == (3, 6)
+    default_limits = ServerConfig(speculative_method="ngram", num_speculative_tokens=3)
+    assert speculative_graph_sizes(default_limits.worker()) == (3, 32)
+    assert speculative_graph_sizes(ServerConfig().worker()) == (0, 0)

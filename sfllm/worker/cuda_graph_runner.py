@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sfllm.config import WorkerConfig
+from sfllm.config import WorkerConfig, num_sequence_slots
 from sfllm.messages import ForwardBatch
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.block_tables import BlockTables
@@ -73,7 +73,7 @@ def speculative_graph_sizes(config: WorkerConfig) -> tuple[int, int]:
     """(draft tokens per sequence, sequences) a verify step may have: what the graphs make room for."""
     if config.speculative_method is None:
         return 0, 0
-    return config.num_speculative_tokens, min(config.speculative_max_batch_size, config.max_running_requests)
+    return config.num_speculative_tokens, min(config.speculative_max_batch_size, num_sequence_slots(config))
 
 
 def verify_token_sizes(num_speculative_tokens: int, max_batch_size: int, smallest_mixed: int) -> list[int]:

@@ -134,8 +134,9 @@ def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, 
 def profile_activation_bytes(config: WorkerConfig, c: ModelConfig, model: CausalLM, device: torch.device,
                              num_tokens: int, max_context_length: int) -> int:
     """Peak memory of the largest step: a prompt filling the token budget beside as many one-token
-    sequences as may run, every one sampled with top-k/p, measured with a throwaway KV cache."""
-    num_seqs = min(config.max_running_requests, num_tokens)
+    sequences as may run (high priority's slots too), every one sampled with top-k/p, measured with a throwaway KV
+    cache."""
+    num_seqs = min(num_sequence_slots(config), num_tokens)
     long_tokens = num_tokens - (num_seqs - 1)
     long_blocks = math.ceil(long_tokens / config.block_size)
     shard = model.shard
