@@ -19,6 +19,9 @@ import yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ENV_PREFIX = "SFLLM_"
+# The step budget near high-priority traffic, by the worker's device: ~5 ms of Qwen3-0.6B prefill on an H200; on a
+# CPU, 2,048 tokens of SmolLM2-135M take seconds and 256 tokens cost no throughput (docs/performance.md, ninth session).
+HIGH_PRIORITY_STEP_TOKENS = {"cuda": 2048, "cpu": 256}
 
 
 class ConfigError(ValueError):
@@ -66,10 +69,11 @@ class ServerConfig:
     high_priority_slots: int = field(default=4, metadata={
         "help": "sequence slots past max_running_requests that only high-priority requests take"})
     # A high-priority arrival waits for the step in flight (an 8,192-token prefill step of a flood takes ~15-20 ms
-    # on an H200 with Qwen3-0.6B): while that traffic is about, steps that carry none of its prompts are kept short.
-    high_priority_step_tokens: int = field(default=2048, metadata={
+    # on an H200 with Qwen3-0.6B): while that traffic is about, steps that carry none of its prompts are kept short
+    # (HIGH_PRIORITY_STEP_TOKENS by the worker's device).
+    high_priority_step_tokens: int | None = field(default=None, metadata={
         "help": "token budget of a step without high-priority prompts within a minute of a high-priority arrival "
-                "(0: max_running_tokens)"})
+                "(default: 2048 on a GPU, 256 on a CPU; 0: max_running_tokens)"})
     max_waiting_requests: int = field(default=4096, metadata={"help": "queue length per class before 503"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     num_kv_blocks: int | None = field(default=None, metadata={"help": "KV pool size (default: from memory)"})
@@ -128,7 +132,7 @@ class ServerConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive; got {value}")
         for key in ("high_priority_slots", "high_priority_step_tokens"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be at least 0; got {getattr(self, key)}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"drain_timeout_s must be at least 0; got {self.drain_timeout_s}")
@@ -198,7 +202,7 @@ class SchedulerConfig:
     max_running_tokens: int
     max_running_requests: int
     high_priority_slots: int
-    high_priority_step_tokens: int
+    high_priority_step_tokens: int | None  # None: HIGH_PRIORITY_STEP_TOKENS[the worker's device type]
     max_waiting_requests: int
     block_size: int
     disable_prefix_cache: bool
@@ -264,6 +268,13 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+
+def with_device_defaults(config: SchedulerConfig, device_type: str) -> SchedulerConfig:
+    """`config` with the values left to the worker's device (its `WorkerReady.device_type`) filled in."""
+    if config.high_priority_step_tokens is not None:
+        return config
+    return dataclasses.replace(config, high_priority_step_tokens=HIGH_PRIORITY_STEP_TOKENS.get(device_type, 2048))
 
 
 def num_sequence_slots(config: SchedulerConfig | WorkerConfig) -> int:

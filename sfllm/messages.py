@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -249,6 +249,7 @@ class WorkerReady(Message):
     # whether it holds a step sent with `hold_s` (a GPU worker in its own process without other ranks): else
     # the engine sends no hold and no urgent step, which would only run behind the step it was to precede
     holds_steps: bool = False
+    device_type: str = "cpu"  # its torch device's: "cuda" or "cpu" (defaults that depend on the step's speed)
 
 
 class ForwardResult(Message):

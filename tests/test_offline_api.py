@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from sfllm import SamplingParams, StructuredOutput
+from sfllm.config import HIGH_PRIORITY_STEP_TOKENS
 from sfllm.llm import GenerationError
 from sfllm.sampling_params import InvalidSamplingParams
 from sfllm.worker.attention.registry import BackendUnavailable, resolve_backend_name
@@ -79,6 +80,11 @@ def test_every_block_is_free_after_the_requests(smollm_llm) -> None:
     smollm_llm.generate([PROMPT] * 5, SamplingParams(temperature=0.0, max_tokens=4))
     free, total = smollm_llm.kv_usage()
     assert free == total
+
+
+def test_the_worker_names_its_device_and_the_engine_takes_its_defaults(smollm_llm) -> None:
+    assert smollm_llm.engine.worker.info.device_type == "cpu"
+    assert smollm_llm.engine.scheduler.config.high_priority_step_tokens == HIGH_PRIORITY_STEP_TOKENS["cpu"]
 
 
 @pytest.mark.parametrize("params, field", [

@@ -636,6 +636,17 @@ def test_steps_without_high_priority_prompts_are_short_while_it_came_lately() ->
     assert step_tokens(scheduler, worker) == {"h": 1, "n1": 1, "n2": 30}, "none came lately: the whole budget"
 
 
+@pytest.mark.parametrize("device_type, expected", [("cuda", 2048), ("cpu", 256)])
+def test_the_step_budget_near_high_priority_is_the_workers_devices_unless_given(device_type: str,
+                                                                               expected: int) -> None:
+    scheduler, worker, _ = make_scheduler()
+    worker.info.device_type = device_type
+    assert scheduler.config.high_priority_step_tokens is None
+    assert EngineCore(scheduler.config, worker).scheduler.config.high_priority_step_tokens == expected
+    given = ServerConfig(high_priority_step_tokens=100).scheduler()
+    assert EngineCore(given, worker).scheduler.config.high_priority_step_tokens == 100
+
+
 def test_high_priority_step_tokens_0_keeps_the_whole_budget() -> None:
     scheduler, worker, _ = make_scheduler(max_running_tokens=32, high_priority_step_tokens=0,
                                           max_running_requests=4, max_context_length=128)

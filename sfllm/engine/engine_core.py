@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from sfllm.config import SchedulerConfig
+from sfllm.config import SchedulerConfig, with_device_defaults
 from sfllm.engine.send_timing import HOLD_MIN_STEP_S, URGENT_MARGIN_S, SendTiming
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, RequestOutput, TokenizerSpec,
@@ -66,9 +66,10 @@ class EngineCore:
     def __init__(self, config: SchedulerConfig, worker: WorkerHandle, tokenizer: TokenizerSpec | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """`tokenizer`: the model's, for grammars (None: requests with a structured output are refused)."""
+        info = worker.info
+        config = with_device_defaults(config, info.device_type)
         self.config = config
         self.worker = worker
-        info = worker.info
         grammars = None if tokenizer is None else GrammarMatchers(tokenizer.tokenizer_json, info.vocab_size,
                                                                    info.eos_token_ids)
         self.scheduler = Scheduler(config, info.num_kv_blocks, info.num_cpu_kv_blocks, info.max_context_length,

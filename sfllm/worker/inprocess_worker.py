@@ -21,7 +21,7 @@ def worker_ready(runner: ModelRunner) -> WorkerReady:
                        eos_token_ids=list(runner.source.config.eos_token_ids),
                        num_kv_blocks=runner.kv_cache.num_blocks, num_cpu_kv_blocks=runner.num_cpu_blocks,
                        block_size=runner.block_size, vocab_size=runner.source.config.vocab_size, pid=os.getpid(),
-                       holds_steps=runner.may_defer)
+                       holds_steps=runner.may_defer, device_type=runner.device.type)
 
 
 class InProcessWorker:
