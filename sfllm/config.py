@@ -274,7 +274,8 @@ def with_device_defaults(config: SchedulerConfig, device_type: str) -> Scheduler
     """`config` with the values left to the worker's device (its `WorkerReady.device_type`) filled in."""
     if config.high_priority_step_tokens is not None:
         return config
-    return dataclasses.replace(config, high_priority_step_tokens=HIGH_PRIORITY_STEP_TOKENS.get(device_type, 2048))
+    step_tokens = HIGH_PRIORITY_STEP_TOKENS.get(device_type, HIGH_PRIORITY_STEP_TOKENS["cuda"])
+    return dataclasses.replace(config, high_priority_step_tokens=step_tokens)
 
 
 def num_sequence_slots(config: SchedulerConfig | WorkerConfig) -> int:
