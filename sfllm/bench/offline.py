@@ -212,6 +212,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     llm.generate(warm_up, [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * len(warm_up))
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
+    # the roofline's bandwidth: the card's, read before and after the run (one reading varied by ~3% between runs
+    # of equal wall time), the higher of the two
+    bandwidth_before = measure_copy_bandwidth(runner.device)
     steps_before = llm.engine.num_steps
     if args.profile_steps:
         runner.profiler.start_after(args.profile_dir, args.profile_skip_steps, args.profile_steps)
@@ -242,7 +245,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
         c = llm.source.config
         weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
         kv_per_token = 2 * c.num_layers * runner.shard.num_kv_heads * c.head_dim * runner.dtype.itemsize
-        bandwidth = measure_copy_bandwidth(runner.device)
+        bandwidth_after = measure_copy_bandwidth(runner.device)
+        bandwidth = max(bandwidth_before, bandwidth_after)
+        print(f"copy bandwidth before / after the run: {bandwidth_before / 1e9:.0f} / {bandwidth_after / 1e9:.0f} GB/s")
         report.copy_bandwidth_gb_s = bandwidth / 1e9
         report.roofline_s = roofline_seconds(specs, steps, weight_bytes, kv_per_token, bandwidth)
         report.roofline_fraction = report.roofline_s / wall
