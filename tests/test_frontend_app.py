@@ -526,3 +526,58 @@ def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_token
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny in Paris."} | {
         key: value for key, value in plain["choices"][0]["message"].items() if key not in ("role", "content")}
     assert not plain["choices"][0]["message"].get("tool_calls")
+
+
+def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs reach the template; a
+    combination that cannot hold is a 400 and reaches no engine."""
+    import msgspec
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant{% if enable_thinking is false %} (no thinking){% endif %}:"
+                "{% endif %}")
+    tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=template))
+    engine = ScriptedEngine(tokenizer)
+    asked = [{"role": "user", "content": "Capital of France?"}]
+    started = asked + [{"role": "assistant", "content": "The capital is"}]
+    cases = [({"messages": asked}, "user: Capital of France?\nassistant:"),
+             ({"messages": asked, "chat_template_kwargs": {"enable_thinking": False}},
+              "user: Capital of France?\nassistant (no thinking):"),
+             ({"messages": asked, "add_generation_prompt": False}, "user: Capital of France?\n"),
+             ({"messages": started, "continue_final_message": True},
+              "user: Capital of France?\nassistant: The capital is")]
+    for body, prompt in cases:
+        response = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": 2})
+        assert response.status_code == 200, response.text
+        assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == prompt
+    requests_sent = len(engine.requests)
+    for body, param in [
+            ({"messages": started, "continue_final_message": True, "add_generation_prompt": True}, "messages"),
+            ({"messages": asked, "chat_template_kwargs": {"tools": []}}, "messages"),
+            ({"messages": asked, "chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+            ({"messages": asked, "chat_template": "{{ messages }}"}, "chat_template")]:
+        response = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": 2})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert len(engine.requests) == requests_sent
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/chat/completions", "min_tokens", 5),  # vLLM's
+    ("/v1/completions", "bad_words", ["x"]),
+    ("/v1/completions", "allowed_token_ids", [1, 2]),
+    ("/v1/chat/completions", "truncate_prompt_tokens", 8),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "min_new_tokens", 3),  # SGLang's
+    ("/v1/chat/completions", "no_stop_trim", True),
+])
+def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                              path: str, field: str, value: Any) -> None:
+    """An option of vLLM or SGLang that would change the answer and that sfllm lacks is refused, not dropped; its
+    value that changes nothing (min_tokens 0, use_beam_search false) is served."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    response = post(engine, tokenizer, path, {**body, "max_tokens": 2, field: value})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field and "not supported" in response.json()["error"]["message"]
+    assert not engine.requests
+    inert = {"min_tokens": 0, "min_new_tokens": 0, "use_beam_search": False, "no_stop_trim": False}.get(field)
+    if inert is not None:
+        assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200

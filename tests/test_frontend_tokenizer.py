@@ -153,3 +153,55 @@ def test_a_model_with_named_templates_chats_with_the_default_one(smollm_source, 
     hf_tokenizer.save_pretrained(folder)
     spec = tokenizer_spec(resolve_model(str(folder), load_format="dummy"))
     assert Tokenizer(spec).apply_chat_template([{"role": "user", "content": "hi"}]) == hf_tokenizer.encode("hi!")
+
+
+# The end of Qwen3's template: a closed, empty reasoning block when the request turns thinking off.
+THINKING_SWITCH_TEMPLATE = """\
+{%- for message in messages %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+
+@pytest.mark.parametrize("variables", [None, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_request_variables_reach_the_template_as_transformers_passes_them(qwen_style_spec: TokenizerSpec,
+                                                                          qwen_hf_tokenizer,
+                                                                          variables: dict | None) -> None:
+    messages = CONVERSATIONS[0]
+    tokenizer = Tokenizer(msgspec.structs.replace(qwen_style_spec, chat_template=THINKING_SWITCH_TEMPLATE))
+    ours = tokenizer.apply_chat_template(messages, variables=variables)
+    assert ours == qwen_hf_tokenizer.apply_chat_template(messages, chat_template=THINKING_SWITCH_TEMPLATE,
+                                                         add_generation_prompt=True, **(variables or {}))["input_ids"]
+    assert ("</think>" in tokenizer.decode(ours, skip_special_tokens=False)) == (variables == {"enable_thinking": False})
+
+
+@pytest.mark.parametrize("last", ["The capital of France is", "The capital is ", "  Paris, of course.\n"])
+def test_continue_final_message_equals_transformers(tokenizer: Tokenizer, smollm_hf_tokenizer, last: str) -> None:
+    messages = CONVERSATIONS[0] + [{"role": "assistant", "content": last}]
+    ours = tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ours == smollm_hf_tokenizer.apply_chat_template(messages, add_generation_prompt=False,
+                                                           continue_final_message=True)["input_ids"]
+    text = tokenizer.decode(ours, skip_special_tokens=False)
+    assert text.rstrip().endswith(last.strip()) and text.count("<|im_end|>") == 2, "the assistant's turn stays open"
+
+
+def test_template_options_that_cannot_hold_are_chat_template_errors(tokenizer: Tokenizer,
+                                                                    smollm_tokenizer_spec: TokenizerSpec) -> None:
+    messages = CONVERSATIONS[0] + [{"role": "assistant", "content": "Paris"}]
+    with pytest.raises(ChatTemplateError, match="cannot both be true"):
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="may not set add_generation_prompt, messages"):
+        tokenizer.apply_chat_template(messages, variables={"messages": [], "add_generation_prompt": False, "x": 1})
+    with pytest.raises(ChatTemplateError, match="with text to continue"):
+        tokenizer.apply_chat_template(messages[:1] + [{"role": "assistant", "content": " "}],
+                                      add_generation_prompt=False, continue_final_message=True)
+    shouting = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=(
+        "{% for m in messages %}{{ m.content | upper }}\n{% endfor %}")))
+    with pytest.raises(ChatTemplateError, match="cannot be continued"):
+        shouting.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)

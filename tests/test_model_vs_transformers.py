@@ -63,6 +63,17 @@ def test_smollm2_chat_knows_the_capital_of_france(smollm_llm: LLM) -> None:
     assert result.outputs[0].finish_reason == "stop", "the chat turn ends at <|im_end|>, not at max_tokens"
 
 
+def test_smollm2_continues_its_own_started_answer(smollm_llm: LLM) -> None:
+    conversation = [{"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": "The capital of France is"}]
+    result = smollm_llm.chat(conversation, SamplingParams(temperature=0.0, max_tokens=4), add_generation_prompt=False,
+                             continue_final_message=True)[0]
+    hf = transformers.AutoTokenizer.from_pretrained(smollm_llm.source.tokenizer_folder)
+    assert result.prompt_token_ids == hf.apply_chat_template(conversation, add_generation_prompt=False,
+                                                             continue_final_message=True)["input_ids"]
+    assert result.outputs[0].text.strip().startswith("Paris"), result.outputs[0].text
+
+
 def _write_tiny_checkpoint(folder: Path, architecture: str, tokenizer_folder: Path) -> None:
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -50,7 +50,8 @@ class ChatCompletionEndpoint:
         messages = tools.template_messages(body.messages, self.tokenizer.chat_template.takes_tools)
         check_unicode([message["content"] for message in messages], "messages")
         check_unicode(body.stop_strings(), "stop")
-        prompt = await self.tokenizer.apply_chat_template_async(messages, tools.template_tools())
+        prompt = await self.tokenizer.apply_chat_template_async(messages, tools.template_tools(),
+                                                                **body.template_options())
         check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),

@@ -4,7 +4,8 @@ Hugging Face templates are Jinja written for one environment: sandboxed, `trim_b
 `lstrip_blocks`, loop controls, a `tojson` that keeps non-ASCII text and takes json.dumps'
 options, the globals `raise_exception` and `strftime_now`, and the `{% generation %}` tag
 (which only marks the assistant's part). The variables are the messages, `tools`,
-`documents`, `add_generation_prompt` and the named special tokens (`bos_token`, ...).
+`documents`, `add_generation_prompt` and the named special tokens (`bos_token`, ...), plus any a request
+names (`chat_template_kwargs`, e.g. Qwen3's `enable_thinking`).
 """
 from __future__ import annotations
 
@@ -86,14 +87,45 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as error:
                 self._unusable = f"the model's chat template does not compile: {error}"
 
+    def reserved_variables(self) -> set[str]:
+        """The variables `render` sets itself, which a request's own variables may not replace."""
+        return {"messages", "tools", "documents", "add_generation_prompt", *self._special_tokens}
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None) -> str:
+               tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+               variables: dict[str, Any] | None = None) -> str:
+        """The conversation as the model's prompt. `continue_final_message`: the text ends where the last
+        message's content does (no end of turn after it), so the model writes on in that message, as
+        transformers' option of that name. `variables`: more for the template, none of `reserved_variables`."""
         if self._template is None:
             raise ChatTemplateError(self._unusable)
         if not messages:
             raise ChatTemplateError("messages is empty; it must hold at least one message")
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the "
+                                    "first continues the last message, the second opens a new one")
+        clashing = sorted(self.reserved_variables() & set(variables or {}))
+        if clashing:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clashing)}: the server sets them")
         try:
-            return self._template.render(messages=messages, tools=tools, documents=None,
+            text = self._template.render(**(variables or {}), messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._special_tokens)
         except _RENDER_ERRORS as error:
             raise ChatTemplateError(f"the chat template rejected the messages: {error}") from error
+        return _cut_after_final_message(text, messages[-1]) if continue_final_message else text
+
+
+def _cut_after_final_message(text: str, message: dict[str, Any]) -> str:
+    """`text` up to the end of the last place the message's content appears in it. A template may strip the
+    content: then up to the end of its stripped form."""
+    content = message.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a last message with text to continue")
+    stripped = content.strip()
+    start = text.rfind(stripped)
+    if start < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not write the last message's "
+                                "text as it is, so it cannot be continued")
+    kept = content.lstrip()  # its trailing whitespace too, where the template kept it
+    end = start + (len(kept) if text.startswith(kept, start) else len(stripped))
+    return text[:end]

@@ -98,11 +98,22 @@ class GenerationRequest(RequestBody):
     OTHER_SERVERS_CONSTRAINTS: ClassVar[tuple[str, ...]] = (
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",  # vLLM
         "json_schema", "regex", "ebnf")  # SGLang
+    # vLLM's and SGLang's sampling options that change the answer and that sfllm does not implement, with the
+    # values that leave it as it is (their clients send them so)
+    OTHER_SERVERS_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "min_tokens": (0,), "bad_words": (), "allowed_token_ids": (), "truncate_prompt_tokens": (),
+        "use_beam_search": (),  # vLLM
+        "min_new_tokens": (0,), "no_stop_trim": ()}  # SGLang
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
         for name in self.UNSUPPORTED:
             if extra.get(name) not in (None, False, "", [], {}):
+                raise InvalidSamplingParams(name, f"{name} is not supported by this server")
+        for name, inert in self.OTHER_SERVERS_OPTIONS.items():
+            value = extra.get(name)
+            if value not in (None, False, "", [], {}) and not any(value == v and type(value) is type(v)
+                                                                  for v in inert):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server")
         for name in self.OTHER_SERVERS_CONSTRAINTS:
             if extra.get(name) not in (None, False, "", [], {}):
@@ -234,7 +245,20 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
+    # vLLM's options of the chat template (ChatTemplate.render); unset, add_generation_prompt is true unless
+    # continue_final_message is
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="more variables for the chat "
+                                                                                  "template, e.g. enable_thinking")
+    UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
+
+    def template_options(self) -> dict[str, Any]:
+        """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""
+        continue_final = bool(self.continue_final_message)
+        add_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
+        return {"add_generation_prompt": add_prompt, "continue_final_message": continue_final,
+                "variables": self.chat_template_kwargs}
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:

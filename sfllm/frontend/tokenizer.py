@@ -68,15 +68,20 @@ class Tokenizer:
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text)
 
     async def apply_chat_template_async(self, messages: list[dict[str, Any]],
-                                        tools: list[dict[str, Any]] | None = None) -> list[int]:
+                                        tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+                                        continue_final_message: bool = False,
+                                        variables: dict[str, Any] | None = None) -> list[int]:
         """`apply_chat_template` off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.apply_chat_template,
-                                                                messages, True, tools)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._encode_thread, functools.partial(self.apply_chat_template, messages, add_generation_prompt, tools,
+                                                   continue_final_message, variables))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of the rendered conversation; raises ChatTemplateError if the template refuses it."""
-        prompt = self.chat_template.render(messages, add_generation_prompt, tools)
+                            tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                            variables: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of the rendered conversation (ChatTemplate.render's options); raises ChatTemplateError if
+        the template refuses it."""
+        prompt = self.chat_template.render(messages, add_generation_prompt, tools, continue_final_message, variables)
         # The template already wrote the special tokens (BOS and friends); adding them again would double them.
         return self._backend.encode(prompt, add_special_tokens=False).ids
 
