@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -197,6 +197,9 @@ class ForwardBatch(Message):
     # sent (the worker copies it at once), the received message's bytes when decoded.
     grammar_rows: list[int] = []
     grammar_mask: memoryview = memoryview(b"")
+    # Sampled rows (as `grammar_rows` count them) whose request is short of its min_tokens: the worker masks
+    # its EOS (unless ignore_eos) and stop_token_ids there.
+    min_tokens_rows: list[int] = []
     prompt_logprobs: list[PromptLogprobTargets] = []
     # Speculative decoding: per sequence, how many of its new tokens are drafts (its last ones, after the
     # token it decodes); empty when no sequence has any. A sampled sequence with k drafts has 1 + k

@@ -42,6 +42,9 @@ class StructuredOutput(msgspec.Struct, frozen=True):
 
 class SamplingParams(msgspec.Struct, kw_only=True):
     max_tokens: int = 16
+    # the output's first min_tokens tokens are never EOS (unless ignore_eos) nor a stop_token_id, and no stop
+    # string ends in their text
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -95,6 +98,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}"),
+            ("min_tokens", not (self.min_tokens and self.structured_output is not None),
+             "min_tokens cannot be combined with a structured output (or a forced tool call): its grammar decides "
+             "where the output may end"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
              f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}"),

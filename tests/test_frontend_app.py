@@ -561,23 +561,36 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/chat/completions", "min_tokens", 5),  # vLLM's
-    ("/v1/completions", "bad_words", ["x"]),
+    ("/v1/completions", "bad_words", ["x"]),  # vLLM's
     ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/chat/completions", "truncate_prompt_tokens", 8),
     ("/v1/completions", "use_beam_search", True),
-    ("/v1/completions", "min_new_tokens", 3),  # SGLang's
-    ("/v1/chat/completions", "no_stop_trim", True),
+    ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
 ])
 def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
                                                               path: str, field: str, value: Any) -> None:
     """An option of vLLM or SGLang that would change the answer and that sfllm lacks is refused, not dropped; its
-    value that changes nothing (min_tokens 0, use_beam_search false) is served."""
+    value that changes nothing (use_beam_search false) is served."""
     body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
     response = post(engine, tokenizer, path, {**body, "max_tokens": 2, field: value})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field and "not supported" in response.json()["error"]["message"]
     assert not engine.requests
-    inert = {"min_tokens": 0, "min_new_tokens": 0, "use_beam_search": False, "no_stop_trim": False}.get(field)
+    inert = {"use_beam_search": False, "no_stop_trim": False}.get(field)
     if inert is not None:
         assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200
+
+
+def test_min_tokens_reaches_the_engine_and_bad_values_are_a_400(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for body, expected in [({"prompt": "x", "max_tokens": 6, "min_tokens": 4}, 4),
+                           ({**chat, "max_tokens": 6, "min_new_tokens": 3}, 3), ({"prompt": "x", "max_tokens": 6}, 0)]:
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        assert post(engine, tokenizer, path, body).status_code == 200
+        assert engine.requests[-1].params.min_tokens == expected
+    sent = len(engine.requests)
+    for body in [{"prompt": "x", "max_tokens": 3, "min_tokens": 4}, {"prompt": "x", "min_tokens": -1},
+                 {"prompt": "x", "min_tokens": 2, "response_format": {"type": "json_object"}}]:
+        response = post(engine, tokenizer, "/v1/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens", response.text
+    assert len(engine.requests) == sent

@@ -175,3 +175,22 @@ def test_ids_beyond_the_tokenizer_decode_as_nothing(tokenizer: Tokenizer, prompt
     detokenizer = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
     assert detokenizer.append(token_ids) + detokenizer.flush() == "Hello world"
     assert detokenizer.num_tokens == len(token_ids)
+
+
+
+@pytest.mark.parametrize(("stop", "min_tokens", "text"), [
+    ("fox", 0, "The "), ("fox", 1, "The "), ("fox", 2, "The fox and the "),
+    ("fox", 5, "The fox and the fox ran, then the "),
+    ("fox", 10, "The fox and the fox ran, then the fox slept."),
+    (" and the f", 4, "The fox"), (" and the f", 5, "The fox and the fox ran, then the fox slept.")])
+def test_a_stop_string_counts_only_where_it_ends_past_min_tokens(tokenizer: Tokenizer, prompt: list[int], stop: str,
+                                                                 min_tokens: int, text: str) -> None:
+    """vLLM's rule: a stop string that ends in the text of the first min_tokens tokens is passed over; one that
+    starts there and ends after them counts ("The| fox| and| the| fox| ran|,| then| the| fox| slept|.")."""
+    token_ids = tokenizer.encode("The fox and the fox ran, then the fox slept.")
+    assert [tokenizer.decode([t]) for t in token_ids[:5]] == ["The", " fox", " and", " the", " fox"]
+    for chunk_size in (1, 3):
+        params = SamplingParams(stop=[stop], min_tokens=min_tokens, max_tokens=20)
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt, params)
+        streamed = "".join(stream(detokenizer, token_ids, [chunk_size] * len(token_ids))) + detokenizer.flush()
+        assert streamed == text, (min_tokens, chunk_size)

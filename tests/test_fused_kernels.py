@@ -129,6 +129,20 @@ def test_sample_tokens_greedy_rows_are_argmax_with_the_first_maximum() -> None:
     assert out.tolist() == [17, 4100, int(logits[2].argmax())]
 
 
+def test_sample_tokens_never_draws_a_token_of_logit_minus_infinity() -> None:
+    """What the eager sampler makes of a token a row may not draw (an ending token short of min_tokens): a
+    greedy and a hot row whose best tokens are -inf draw among the rest."""
+    torch.manual_seed(4)
+    logits = torch.randn(2, 9000)
+    banned = [5, 8500, 40]
+    logits[:, banned] = float("-inf")
+    logits[:, 41] = 10.0  # past any of the 9,000 normal draws
+    for seed in range(3):
+        out = sample_tokens(logits.to(DEVICE), torch.tensor([0.0, 5.0], device=DEVICE),
+                            torch.tensor([seed], device=DEVICE)).cpu()
+        assert out[0].item() == 41 and out[1].item() not in banned
+
+
 def _packed_bitmask(allowed: list[list[int]], vocab: int) -> torch.Tensor:
     words = torch.zeros(len(allowed), (vocab + 31) // 32, dtype=torch.int64)
     for row, tokens in enumerate(allowed):

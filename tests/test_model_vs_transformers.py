@@ -160,3 +160,33 @@ def test_prompt_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_
     assert len(long_prompt) > 16
     torch.testing.assert_close(torch.tensor([e.logprob for e in split]),
                                torch.tensor([e.logprob for e in first[-1].prompt_logprobs]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("min_tokens", [1, 12])
+def test_min_tokens_holds_off_the_end_as_transformers_min_new_tokens(smollm_llm: LLM, smollm_reference,
+                                                                    min_tokens: int) -> None:
+    """A chat answer that greedy decoding ends after a few tokens, made to go on: the same tokens as
+    transformers' min_new_tokens (EOS masked until then), EOS included where both end."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt_ids = smollm_llm.tokenizer.apply_chat_template(question)
+    eos = list(smollm_llm.source.config.eos_token_ids)
+    plain = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0]
+    assert plain.finish_reason == "stop" and len(plain.token_ids) < 12, "the premise: the answer ends early"
+    result = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=20,
+                                                              min_tokens=min_tokens))[0].outputs[0]
+    with torch.no_grad():
+        out = smollm_reference.generate(torch.tensor([prompt_ids]), max_new_tokens=20, min_new_tokens=min_tokens,
+                                        do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                        attention_mask=torch.ones(1, len(prompt_ids)))
+    expected = out[0, len(prompt_ids):].tolist()
+    assert len(result.token_ids) >= min_tokens
+    assert result.token_ids == expected[:len(result.token_ids)] and len(result.token_ids) in (len(expected),
+                                                                                             len(expected) - 1)
+    assert not set(result.token_ids[:min_tokens]) & set(eos)
+    # a stop token id and a stop string that the first tokens hold are passed over until min_tokens
+    first_word = plain.token_ids[0]
+    held = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=20, min_tokens=min_tokens,
+                                                            stop_token_ids=[first_word], stop=[plain.text[:4]]))
+    output = held[0].outputs[0]
+    assert len(output.token_ids) >= min_tokens and first_word not in output.token_ids[:min_tokens]
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1], "every KV block free again"

@@ -799,3 +799,29 @@ def test_every_block_is_free_after_aborts_in_any_state(preemption_mode: str) -> 
     assert in_flight_before > 0, "aborted with a step in flight"
     drain(core)
     assert_all_free(scheduler)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_rows_short_of_min_tokens_are_marked_with_tokens_in_flight(overlap: bool) -> None:
+    """Every sampled row of a request whose output has fewer than min_tokens tokens (counting those in flight)
+    is in the step's min_tokens_rows, and no other row is."""
+    core, _ = make_engine(num_blocks=64, block_size=4, max_context_length=64, disable_overlap=not overlap)
+    min_tokens = {"a": 5, "b": 0, "c": 2}
+    for index, (request_id, minimum) in enumerate(min_tokens.items()):
+        add(core, request_id, prompt_of(3 + index), max_tokens=8, min_tokens=minimum)
+    drain(core)
+    owners = dict(zip(core.worker.batches[0].slots, min_tokens))  # all three start in the first step, in order
+    assert len(owners) == 3
+    produced = dict.fromkeys(min_tokens, 0)
+    marked = 0
+    for batch in core.worker.batches:
+        sampled = [slot for slot, sample in zip(batch.slots, batch.sample) if sample]
+        expected = []
+        for row, slot in enumerate(sampled):
+            request_id = owners[slot]
+            if produced[request_id] < min_tokens[request_id]:
+                expected.append(row)
+            produced[request_id] += 1
+        assert batch.min_tokens_rows == expected, batch.step_id
+        marked += len(expected)
+    assert marked == 5 + 2 and produced == dict.fromkeys(min_tokens, 8)

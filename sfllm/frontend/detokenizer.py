@@ -26,6 +26,10 @@ class IncrementalDetokenizer:
         self._stops = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
         self._longest_stop = max((len(s) for s in self._stops), default=0)
+        # a stop string counts only where it ends past the text of the first min_tokens tokens (vLLM's rule);
+        # where that text ends is known once they have come
+        self._min_tokens = params.min_tokens
+        self._stops_from: int | None = 0 if params.min_tokens == 0 else None
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         if self._decode(0).endswith(_REPLACEMENT_CHAR):
             # A prompt ending inside a character would make the output's first bytes look decoded already.
@@ -54,6 +58,9 @@ class IncrementalDetokenizer:
             new_text = self._decode_complete_characters()
             if new_text:
                 self._decoded += new_text
+            if self._stops_from is None and self.num_tokens == self._min_tokens:
+                self._stops_from = len(self._decoded)
+            if new_text:
                 self._settle(len(self._decoded) - len(new_text), final=False)
         return self._decoded[emitted:self._emitted]
 
@@ -95,7 +102,9 @@ class IncrementalDetokenizer:
             self._emitted = len(self._decoded)
             return
         # A stop string that ends in the new text may start up to len(stop) - 1 characters before it.
-        match = self._first_stop(max(0, searched_from - self._longest_stop + 1))
+        match = None
+        if self._stops_from is not None:
+            match = self._first_stop(max(0, searched_from - self._longest_stop + 1))
         if match is not None:
             position, stop = match
             self.matched_stop = stop
@@ -109,7 +118,7 @@ class IncrementalDetokenizer:
     def _first_stop(self, window_start: int) -> tuple[int, str] | None:
         found: tuple[int, str] | None = None
         for stop in self._stops:
-            position = self._decoded.find(stop, window_start)
+            position = self._decoded.find(stop, max(window_start, self._stops_from - len(stop) + 1))
             if position != -1 and (found is None or position < found[0]):
                 found = (position, stop)
         return found

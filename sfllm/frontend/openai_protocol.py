@@ -70,6 +70,9 @@ class GenerationRequest(RequestBody):
     model: str | None = None
     max_tokens: int | None = None
     max_new_tokens: int | None = Field(default=None, description="alias of max_tokens")
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_INT,
+                                   description="vLLM's: no end (EOS, stop_token_ids, stop strings) before this many")
+    min_new_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_INT, description="alias of min_tokens")
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(default=None, le=MAX_TOKEN_INT)
@@ -101,9 +104,8 @@ class GenerationRequest(RequestBody):
     # vLLM's and SGLang's sampling options that change the answer and that sfllm does not implement, with the
     # values that leave it as it is (their clients send them so)
     OTHER_SERVERS_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "min_tokens": (0,), "bad_words": (), "allowed_token_ids": (), "truncate_prompt_tokens": (),
-        "use_beam_search": (),  # vLLM
-        "min_new_tokens": (0,), "no_stop_trim": ()}  # SGLang
+        "bad_words": (), "allowed_token_ids": (), "truncate_prompt_tokens": (), "use_beam_search": (),  # vLLM
+        "no_stop_trim": ()}  # SGLang
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
@@ -149,6 +151,7 @@ class GenerationRequest(RequestBody):
         stop = self.stop_strings()
         params = SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=_or(self.min_tokens, _or(self.min_new_tokens, 0)),
             temperature=_or(self.temperature, 1.0),
             top_p=_or(self.top_p, 1.0),
             top_k=-1 if self.top_k in (None, 0) else self.top_k,  # 0 means off to many clients

@@ -91,6 +91,7 @@ class _StepBuilder:
     grammar_rows: list[int] = field(default_factory=list)
     grammar_requests: list[Request] = field(default_factory=list)
     mask_late: bool = False
+    min_tokens_rows: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobTargets] = field(default_factory=list)
     prompt_logprob_requests: list[tuple[Request, int]] = field(default_factory=list)
     num_draft_tokens: list[int] = field(default_factory=list)
@@ -101,7 +102,8 @@ class _StepBuilder:
                              context_lens=self.context_lens, input_token_ids=self.input_token_ids,
                              sample=self.sample, block_table_updates=self.block_table_updates,
                              new_sequences=self.new_sequences, swap_out=self.swap_out, swap_in=self.swap_in,
-                             grammar_rows=self.grammar_rows, prompt_logprobs=self.prompt_logprobs,
+                             grammar_rows=self.grammar_rows, min_tokens_rows=self.min_tokens_rows,
+                             prompt_logprobs=self.prompt_logprobs,
                              num_draft_tokens=self.num_draft_tokens if any(self.num_draft_tokens) else [])
         return ScheduledStep(batch, [r for r, s in zip(self.requests, self.sample) if s], self.grammar_requests,
                              self.mask_late, self.prompt_logprob_requests)
@@ -474,7 +476,9 @@ class Scheduler:
                 or request.prompt_logprobs is not None or end > len(request.block_ids) * size
                 or len(request.block_ids) > request.num_blocks_sent or end > self.max_context_length
                 or end >= (len(request.block_hashes) + 1) * size
-                or len(request.output_token_ids) + request.num_pending_samples >= request.params.max_tokens):
+                or len(request.output_token_ids) + request.num_pending_samples >= request.params.max_tokens
+                or (request.params.min_tokens
+                    and len(request.output_token_ids) + request.num_pending_samples < request.params.min_tokens)):
             return False
         step.requests.append(request)
         step.slots.append(request.slot)
@@ -516,6 +520,11 @@ class Scheduler:
             step.grammar_requests.append(request)
             # its previous token is not back yet: the grammar can only mask this step once it is
             step.mask_late |= request.num_pending_samples > 0
+        if sample and request.params.min_tokens:
+            # each earlier step in flight brings exactly one token: no drafts before min_tokens (`_drafts`)
+            produced = len(request.output_token_ids) + request.num_pending_samples
+            step.min_tokens_rows.extend(step.num_sampled_rows + row for row in range(1 + len(drafts))
+                                        if produced + row < request.params.min_tokens)
         if request.prompt_logprobs is not None:
             self._add_prompt_logprob_targets(step, request, start, end)
         step.requests.append(request)

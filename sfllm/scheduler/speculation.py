@@ -48,8 +48,9 @@ class Speculation:
     def eligible(self, request: Request) -> bool:
         """Whether the request may draft in its next decode."""
         params = request.params
+        # short of min_tokens, a step's rows must know their output index, which drafts in flight blur
         return (not request.speculation_off and request.spec_backoff == 0 and request.matcher is None
-                and not params.has_penalties)
+                and not params.has_penalties and len(request.output_token_ids) >= params.min_tokens)
 
     def count_step(self, request: Request) -> None:
         """A decode step of the request went out: its backoff, if any, is one step shorter."""

@@ -386,7 +386,11 @@ class ModelRunner:
             bitmask = None
             if batch.grammar_rows:
                 bitmask = self.grammar_bitmasks.bitmask(grammar_mask, batch.grammar_rows, step.redraw)
-            inputs = self._sampling_inputs(states, [positions[row] for row in step.redraw], bitmask)
+            unending = None
+            if batch.min_tokens_rows:
+                short = set(batch.min_tokens_rows)
+                unending = [row in short for row in step.redraw]
+            inputs = self._sampling_inputs(states, [positions[row] for row in step.redraw], bitmask, unending)
             tokens = step.tokens
             if len(step.redraw) == len(step.sampled_slots):
                 output = self.sampler(step.logits, inputs, out=tokens)
@@ -414,7 +418,9 @@ class ModelRunner:
         self.slot_temperature_only[slot] = temperature_only(state.params, self.source.config.vocab_size)
 
     def _sampling_inputs(self, states: list[SlotState], positions: list[int],
-                         token_bitmask: torch.Tensor | None = None) -> SamplingInputs:
+                         token_bitmask: torch.Tensor | None = None,
+                         unending: list[bool] | None = None) -> SamplingInputs:
+        """`unending`: per row, whether its request is short of min_tokens (its ending tokens are masked)."""
         params = [s.params for s in states]
         penalty_tokens = None
         if any(p.has_penalties for p in params):
@@ -422,8 +428,13 @@ class ModelRunner:
             self.resolve_all()
             penalty_tokens = [(s.prompt_token_ids, s.output_token_ids) if s.params.has_penalties else ([], [])
                               for s in states]
+        banned = None
+        if unending is not None and any(unending):
+            eos = list(self.source.config.eos_token_ids)
+            banned = [p.stop_token_ids + ([] if p.ignore_eos else eos) if short else []
+                      for p, short in zip(params, unending)]
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
-                                    token_bitmask)
+                                    token_bitmask, banned)
 
     # ---- results ------------------------------------------------------------------------
 

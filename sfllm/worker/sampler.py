@@ -51,7 +51,10 @@ class SamplingInputs:
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], vocab_size: int, device: torch.device,
               penalty_tokens: list[tuple[list[int], list[int]]] | None = None,
-              token_bitmask: torch.Tensor | None = None) -> SamplingInputs:
+              token_bitmask: torch.Tensor | None = None,
+              banned_tokens: list[list[int]] | None = None) -> SamplingInputs:
+        """`banned_tokens`: per row, token ids it may not draw (a request short of its min_tokens: its ending
+        tokens), given a logit of -inf with the logit bias."""
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, dtype, device)
 
@@ -60,7 +63,10 @@ class SamplingInputs:
         penalties = None
         if penalty_tokens is not None:
             penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
-        logit_bias = _logit_bias(params, device) if any(p.logit_bias for p in params) else None
+        banned_tokens = banned_tokens if banned_tokens is not None and any(banned_tokens) else None
+        logit_bias = None
+        if banned_tokens is not None or any(p.logit_bias for p in params):
+            logit_bias = _logit_bias(params, device, banned_tokens)
         if all(greedy):
             # the common fast path: argmax needs no per-row tensors at all
             return cls(all_greedy=True, temperatures=None, greedy=None, top_ks=None, top_ps=None, min_ps=None,
@@ -88,10 +94,15 @@ class SamplingInputs:
         )
 
 
-def _logit_bias(params: list[SamplingParams], device: torch.device) -> LogitBias:
+def _logit_bias(params: list[SamplingParams], device: torch.device,
+                banned_tokens: list[list[int]] | None = None) -> LogitBias:
     rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
     token_ids = [token for p in params for token in p.logit_bias]
     values = [value for p in params for value in p.logit_bias.values()]
+    for row, banned in enumerate(banned_tokens or []):
+        rows += [row] * len(banned)
+        token_ids += banned
+        values += [float("-inf")] * len(banned)
     return LogitBias(to_device(rows, torch.int64, device), to_device(token_ids, torch.int64, device),
                      to_device(values, torch.float32, device))
 
@@ -127,7 +138,8 @@ def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], 
 def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
     """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
     decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
-    if params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias:
+    if (params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias
+            or params.min_tokens):
         return False
     if params.greedy:
         return True
