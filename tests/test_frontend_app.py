@@ -594,3 +594,34 @@ def test_min_tokens_reaches_the_engine_and_bad_values_are_a_400(engine: Scripted
         response = post(engine, tokenizer, "/v1/completions", body)
         assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens", response.text
     assert len(engine.requests) == sent
+
+
+def test_tokenize_and_detokenize_as_vllm_serves_them(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """A prompt's ids (with and without its special tokens), a chat's ids as the chat endpoint sends them, the
+    vocabulary's strings, and the text back; mistakes are 400s; no request reaches the engine."""
+    body = post(engine, tokenizer, "/tokenize", {"prompt": "Hello world", "return_token_strs": True}).json()
+    assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == engine.hello.max_context_length
+    assert "".join(body["token_strs"]).replace("Ġ", " ") == "Hello world"
+    bare = post(engine, tokenizer, "/tokenize", {"prompt": "Hello", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer.encode("Hello", add_special_tokens=False) and bare["token_strs"] is None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How"}]
+    chat = post(engine, tokenizer, "/tokenize", {"messages": messages, "continue_final_message": True}).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=False,
+                                                           continue_final_message=True)
+    post(engine, tokenizer, "/v1/chat/completions", {"messages": messages[:1], "tools": [WEATHER_TOOL],
+                                                      "max_tokens": 1})
+    with_tools = post(engine, tokenizer, "/tokenize", {"messages": messages[:1], "tools": [WEATHER_TOOL]}).json()
+    assert with_tools["tokens"] == engine.requests[-1].prompt_token_ids, "the chat endpoint's prompt, tools and all"
+    text = post(engine, tokenizer, "/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
+    assert text == tokenizer.decode(chat["tokens"], skip_special_tokens=False) and text.endswith("Hello! How")
+    sent = len(engine.requests)
+    for path, request, param in [
+            ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"), ("/tokenize", {}, "prompt"),
+            ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
+            ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+            ("/detokenize", {"tokens": [tokenizer.num_known_tokens]}, "tokens"),
+            ("/detokenize", {"tokens": [-1]}, "tokens[0]")]:
+        response = post(engine, tokenizer, path, request)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, response.text
+    assert len(engine.requests) == sent

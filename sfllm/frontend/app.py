@@ -18,6 +18,8 @@ from sfllm.frontend.openai_protocol import (ChatCompletionRequest, ChatCompletio
                                             CompletionResponse, ModelCard, ModelList)
 from sfllm.frontend.request_checks import RequestLimits
 from sfllm.frontend.request_gate import DrainState, RequestGateMiddleware
+from sfllm.frontend.tokenize_endpoints import (DetokenizeRequest, DetokenizeResponse, TokenizeEndpoints,
+                                               TokenizeRequest, TokenizeResponse)
 from sfllm.frontend.tokenizer import Tokenizer
 
 
@@ -72,6 +74,17 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         return model_card()
 
     app.include_router(v1)
+    tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine.hello.max_context_length)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """A prompt's or a chat's token ids, as the completion endpoints would send them to the model."""
+        return await tokenize_endpoints.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of token ids, special tokens included."""
+        return await tokenize_endpoints.detokenize(body)
 
     @app.get("/health")
     async def health() -> JSONResponse:

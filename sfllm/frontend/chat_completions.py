@@ -28,6 +28,15 @@ from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCal
 from sfllm.frontend.tools import ChatTools
 
 
+async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: ChatTools) -> list[int]:
+    """The token ids of a chat request's conversation, its tools described as the template wants them."""
+    messages = tools.template_messages(body.messages, tokenizer.chat_template.takes_tools)
+    check_unicode([message["content"] for message in messages], "messages")
+    prompt = await tokenizer.apply_chat_template_async(messages, tools.template_tools(), **body.template_options())
+    check_prompt_token_ids(prompt, tokenizer.vocab_size, "messages")
+    return prompt
+
+
 class ChatCompletionEndpoint:
     def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
                  limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
@@ -47,12 +56,8 @@ class ChatCompletionEndpoint:
         self.limits.check_num_sequences(body.n or 1, 1)
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
         tools = ChatTools(body)
-        messages = tools.template_messages(body.messages, self.tokenizer.chat_template.takes_tools)
-        check_unicode([message["content"] for message in messages], "messages")
         check_unicode(body.stop_strings(), "stop")
-        prompt = await self.tokenizer.apply_chat_template_async(messages, tools.template_tools(),
-                                                                **body.template_options())
-        check_prompt_token_ids(prompt, self.tokenizer.vocab_size, "messages")
+        prompt = await chat_prompt(self.tokenizer, body, tools)
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
                                         engine_context_length(self.engine), "messages", self.limits.max_output_tokens)

@@ -59,13 +59,14 @@ class Tokenizer:
         # the event loop (and /health) behind it; one at a time keeps its shared state uncontended.
         self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a raw prompt, with the special tokens the model expects around one."""
-        return self._backend.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a raw prompt, with the special tokens the model expects around one (unless told not)."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    async def encode_async(self, text: str) -> list[int]:
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`encode` off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text)
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text,
+                                                                add_special_tokens)
 
     async def apply_chat_template_async(self, messages: list[dict[str, Any]],
                                         tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
@@ -121,6 +122,11 @@ class Tokenizer:
         if self._byte_level and all(char in alphabet for char in token):
             return bytes(alphabet[char] for char in token)
         return token.replace("▁", " ").encode()
+
+    def vocabulary_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token as the vocabulary spells it ("Ġthe", "<|im_end|>"), as transformers' convert_ids_to_tokens;
+        "" for an id the tokenizer does not know."""
+        return [self._backend.id_to_token(t) or "" if 0 <= t < self.num_known_tokens else "" for t in token_ids]
 
     def token_text(self, token_id: int) -> str:
         """How one token reads on its own, as OpenAI's logprobs show it: stray bytes as \\xNN."""
