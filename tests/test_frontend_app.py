@@ -563,7 +563,6 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/completions", "bad_words", ["x"]),  # vLLM's
     ("/v1/completions", "allowed_token_ids", [1, 2]),
-    ("/v1/chat/completions", "truncate_prompt_tokens", 8),
     ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
 ])
@@ -624,4 +623,26 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(engine: ScriptedEngine, tok
             ("/detokenize", {"tokens": [-1]}, "tokens[0]")]:
         response = post(engine, tokenizer, path, request)
         assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, response.text
+    assert len(engine.requests) == sent
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """vLLM's left truncation, on both endpoints: the engine gets the last k tokens, an echo shows them, -1 keeps
+    what the context holds, and more than the context is a 400."""
+    prompt = tokenizer.encode("one two three four five six seven eight")
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "echo": True,
+                                                       "truncate_prompt_tokens": 3}).json()
+    assert engine.requests[-1].prompt_token_ids == prompt[-3:]
+    assert body["choices"][0]["text"].startswith(tokenizer.decode(prompt[-3:])) and body["usage"]["prompt_tokens"] == 3
+    post(engine, tokenizer, "/v1/completions", {"prompt": "one two three", "max_tokens": 1,
+                                                "truncate_prompt_tokens": -1})
+    assert engine.requests[-1].prompt_token_ids == tokenizer.encode("one two three")
+    messages = [{"role": "user", "content": "Hi"}]
+    post(engine, tokenizer, "/v1/chat/completions", {"messages": messages, "max_tokens": 1,
+                                                     "truncate_prompt_tokens": 4})
+    assert engine.requests[-1].prompt_token_ids == tokenizer.apply_chat_template(messages)[-4:]
+    sent = len(engine.requests)
+    for value in (engine.hello.max_context_length + 1, -2):
+        response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
     assert len(engine.requests) == sent

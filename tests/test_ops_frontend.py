@@ -338,10 +338,10 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer: Tokenizer, mon
     tokenizing, release = threading.Event(), threading.Event()
     encode = tokenizer.encode
 
-    def held_encode(text: str) -> list[int]:
+    def held_encode(text: str, *args) -> list[int]:
         tokenizing.set()
         assert release.wait(30), "released once /health answered"
-        return encode(text)
+        return encode(text, *args)
 
     monkeypatch.setattr(tokenizer, "encode", held_encode)
 

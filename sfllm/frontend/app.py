@@ -74,7 +74,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         return model_card()
 
     app.include_router(v1)
-    tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine.hello.max_context_length)
+    tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -57,7 +57,7 @@ class ChatCompletionEndpoint:
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
         tools = ChatTools(body)
         check_unicode(body.stop_strings(), "stop")
-        prompt = await chat_prompt(self.tokenizer, body, tools)
+        prompt = body.truncated(await chat_prompt(self.tokenizer, body, tools), engine_context_length(self.engine))
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
                                         engine_context_length(self.engine), "messages", self.limits.max_output_tokens)

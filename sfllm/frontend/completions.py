@@ -110,6 +110,13 @@ class CompletionEndpoint:
         check_unicode(body.stop_strings(), "stop")
         prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
         max_context_length = engine_context_length(self.engine)
+        if body.truncate_prompt_tokens is not None:
+            cut = [body.truncated(prompt, max_context_length) for prompt in prompts]
+            # an echo shows what the model read
+            raw_prompts = [ids if len(ids) < len(full) else raw for raw, full, ids in zip(raw_prompts, prompts, cut)]
+            prompts = cut
+        for prompt in prompts:
+            self.limits.check_prompt_length(len(prompt), "prompt")
         # `echo` with `max_tokens` 0 scores the prompt (lm-eval's loglikelihood): the engine samples one
         # token, as it cannot run a prompt without, and the answer leaves it out
         echo_only = bool(body.echo) and body.requested_max_tokens() == 0
@@ -136,7 +143,6 @@ class CompletionEndpoint:
     async def _token_ids(self, prompt: str | list[int]) -> list[int]:
         token_ids = await self.tokenizer.encode_async(prompt) if isinstance(prompt, str) else prompt
         check_prompt_token_ids(token_ids, self.tokenizer.vocab_size, "prompt")
-        self.limits.check_prompt_length(len(token_ids), "prompt")
         return token_ids
 
     def _echo(self, raw_prompt: str | list[int], token_ids: list[int]) -> str:

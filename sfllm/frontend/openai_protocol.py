@@ -73,6 +73,8 @@ class GenerationRequest(RequestBody):
     min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_INT,
                                    description="vLLM's: no end (EOS, stop_token_ids, stop strings) before this many")
     min_new_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_INT, description="alias of min_tokens")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_INT,
+                                               description="vLLM's: keep the prompt's last k tokens (-1: the context)")
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(default=None, le=MAX_TOKEN_INT)
@@ -104,7 +106,7 @@ class GenerationRequest(RequestBody):
     # vLLM's and SGLang's sampling options that change the answer and that sfllm does not implement, with the
     # values that leave it as it is (their clients send them so)
     OTHER_SERVERS_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "bad_words": (), "allowed_token_ids": (), "truncate_prompt_tokens": (), "use_beam_search": (),  # vLLM
+        "bad_words": (), "allowed_token_ids": (), "use_beam_search": (),  # vLLM
         "no_stop_trim": ()}  # SGLang
 
     def check_supported(self) -> None:
@@ -124,6 +126,17 @@ class GenerationRequest(RequestBody):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
+
+    def truncated(self, prompt: list[int], max_context_length: int) -> list[int]:
+        """The prompt's last `truncate_prompt_tokens` tokens (-1: as many as the context holds), as vLLM cuts it."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return prompt
+        if keep > max_context_length:
+            raise InvalidSamplingParams("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) is more than the "
+                                                                  f"model's context ({max_context_length} tokens)")
+        keep = max_context_length if keep == -1 else keep
+        return prompt[-keep:] if 0 < keep < len(prompt) else prompt
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

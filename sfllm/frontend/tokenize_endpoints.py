@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from sfllm.frontend.chat_completions import chat_prompt
+from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage, TokenId
 from sfllm.frontend.request_checks import check_model, check_unicode
@@ -46,10 +47,10 @@ class DetokenizeResponse(StrictModel):
 
 
 class TokenizeEndpoints:
-    def __init__(self, served_model_name: str, tokenizer: Tokenizer, max_model_len: int | None) -> None:
+    def __init__(self, served_model_name: str, tokenizer: Tokenizer, engine: EngineClient) -> None:
         self.served_model_name = served_model_name
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        self.engine = engine  # its context length, as its latest hello says (none needed to tokenize)
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         check_model(body.model, self.served_model_name)
@@ -67,8 +68,9 @@ class TokenizeEndpoints:
                 continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs)
             tokens = await chat_prompt(self.tokenizer, chat, ChatTools(chat))
         strings = self.tokenizer.vocabulary_strings(tokens) if body.return_token_strs else None
-        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens,
-                                token_strs=strings)
+        hello = self.engine.hello
+        return TokenizeResponse(count=len(tokens), max_model_len=hello.max_context_length if hello else None,
+                                tokens=tokens, token_strs=strings)
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         check_model(body.model, self.served_model_name)
