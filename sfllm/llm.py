@@ -78,14 +78,17 @@ class LLM:
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             priority: str = "normal", use_tqdm: bool = False, add_generation_prompt: bool = True,
+             priority: str = "normal", use_tqdm: bool = False, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerationResult]:
         """Each conversation rendered by the model's chat template, then generated. `continue_final_message`:
         the model writes on in the last message; `chat_template_kwargs`: more variables for the template (Qwen3's
-        `enable_thinking`, ...), as vLLM's LLM.chat takes them."""
+        `enable_thinking`, ...), as vLLM's LLM.chat takes them. `add_generation_prompt` left out: true unless
+        continuing the final message."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
         token_lists = [self.tokenizer.apply_chat_template(c, add_generation_prompt, None, continue_final_message,
                                                           chat_template_kwargs) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params, priority, use_tqdm)

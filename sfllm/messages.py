@@ -198,7 +198,7 @@ class ForwardBatch(Message):
     grammar_rows: list[int] = []
     grammar_mask: memoryview = memoryview(b"")
     # Sampled rows (as `grammar_rows` count them) whose request is short of its min_tokens: the worker masks
-    # its EOS (unless ignore_eos) and stop_token_ids there.
+    # the model's EOS and the request's stop_token_ids there.
     min_tokens_rows: list[int] = []
     prompt_logprobs: list[PromptLogprobTargets] = []
     # Speculative decoding: per sequence, how many of its new tokens are drafts (its last ones, after the

@@ -42,8 +42,8 @@ class StructuredOutput(msgspec.Struct, frozen=True):
 
 class SamplingParams(msgspec.Struct, kw_only=True):
     max_tokens: int = 16
-    # the output's first min_tokens tokens are never EOS (unless ignore_eos) nor a stop_token_id, and no stop
-    # string ends in their text
+    # the output's first min_tokens tokens are never EOS (even with ignore_eos, as vLLM masks it) nor a
+    # stop_token_id, and no stop string ends in their text
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = -1
@@ -119,6 +119,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             grammar_of(self.structured_output)
 
     def check_vocabulary(self, vocab_size: int) -> None:
+        stop_outside = next((t for t in self.stop_token_ids if not 0 <= t < vocab_size), None)
+        if stop_outside is not None:  # the sampler masks them before min_tokens: it indexes the logits with them
+            raise InvalidSamplingParams("stop_token_ids", f"stop_token_ids holds token id {stop_outside}, outside the "
+                                                          f"vocabulary [0, {vocab_size})")
         outside = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
         if outside is not None:
             raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "

@@ -551,8 +551,9 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
         assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == prompt
     requests_sent = len(engine.requests)
     for body, param in [
-            ({"messages": started, "continue_final_message": True, "add_generation_prompt": True}, "messages"),
-            ({"messages": asked, "chat_template_kwargs": {"tools": []}}, "messages"),
+            ({"messages": started, "continue_final_message": True, "add_generation_prompt": True},
+             "continue_final_message"),
+            ({"messages": asked, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
             ({"messages": asked, "chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
             ({"messages": asked, "chat_template": "{{ messages }}"}, "chat_template")]:
         response = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": 2})
@@ -565,6 +566,9 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
+    ("/v1/chat/completions", "echo", True),  # vLLM's on chat
+    ("/v1/chat/completions", "add_special_tokens", True),
+    ("/v1/chat/completions", "documents", [{"title": "a", "text": "b"}]),
 ])
 def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
                                                               path: str, field: str, value: Any) -> None:
@@ -575,7 +579,7 @@ def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedE
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field and "not supported" in response.json()["error"]["message"]
     assert not engine.requests
-    inert = {"use_beam_search": False, "no_stop_trim": False}.get(field)
+    inert = {"use_beam_search": False, "no_stop_trim": False, "echo": False, "add_special_tokens": False}.get(field)
     if inert is not None:
         assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200
 
@@ -588,10 +592,12 @@ def test_min_tokens_reaches_the_engine_and_bad_values_are_a_400(engine: Scripted
         assert post(engine, tokenizer, path, body).status_code == 200
         assert engine.requests[-1].params.min_tokens == expected
     sent = len(engine.requests)
-    for body in [{"prompt": "x", "max_tokens": 3, "min_tokens": 4}, {"prompt": "x", "min_tokens": -1},
-                 {"prompt": "x", "min_tokens": 2, "response_format": {"type": "json_object"}}]:
+    for body, param in [({"prompt": "x", "max_tokens": 3, "min_tokens": 4}, "min_tokens"),
+                        ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+                        ({"prompt": "x", "min_tokens": 2, "response_format": {"type": "json_object"}}, "min_tokens"),
+                        ({"prompt": "x", "min_tokens": 1, "stop_token_ids": [tokenizer.vocab_size]}, "stop_token_ids")]:
         response = post(engine, tokenizer, "/v1/completions", body)
-        assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens", response.text
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert len(engine.requests) == sent
 
 
@@ -619,6 +625,7 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(engine: ScriptedEngine, tok
             ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"), ("/tokenize", {}, "prompt"),
             ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
             ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+            ("/tokenize", {"messages": messages, "chat_template": "{{ messages }}"}, "chat_template"),
             ("/detokenize", {"tokens": [tokenizer.num_known_tokens]}, "tokens"),
             ("/detokenize", {"tokens": [-1]}, "tokens[0]")]:
         response = post(engine, tokenizer, path, request)
@@ -642,7 +649,7 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(engine: ScriptedEn
                                                      "truncate_prompt_tokens": 4})
     assert engine.requests[-1].prompt_token_ids == tokenizer.apply_chat_template(messages)[-4:]
     sent = len(engine.requests)
-    for value in (engine.hello.max_context_length + 1, -2):
+    for value in (engine.hello.max_context_length + 1, 0, -2):
         response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": value})
         assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
     assert len(engine.requests) == sent

@@ -22,7 +22,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class ChatTemplateError(ValueError):
-    """The chat template refused the messages, or the model has no template."""
+    """The chat template refused the messages, or the model has no template; `param` names the request's field
+    at fault."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -103,10 +108,12 @@ class ChatTemplate:
             raise ChatTemplateError("messages is empty; it must hold at least one message")
         if continue_final_message and add_generation_prompt:
             raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the "
-                                    "first continues the last message, the second opens a new one")
+                                    "first continues the last message, the second opens a new one",
+                                    param="continue_final_message")
         clashing = sorted(self.reserved_variables() & set(variables or {}))
         if clashing:
-            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clashing)}: the server sets them")
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clashing)}: the server sets them",
+                                    param="chat_template_kwargs")
         try:
             text = self._template.render(**(variables or {}), messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._special_tokens)

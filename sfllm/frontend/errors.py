@@ -119,7 +119,7 @@ def api_error_from(error: Exception) -> APIError:
     if isinstance(error, InvalidSamplingParams):
         return InvalidRequestError(str(error), param=error.param)
     if isinstance(error, ChatTemplateError):
-        return InvalidRequestError(str(error), param="messages")
+        return InvalidRequestError(str(error), param=error.param)
     if isinstance(error, EngineUnavailableError):
         return ServiceUnavailableError(str(error))
     if isinstance(error, EngineRequestError):

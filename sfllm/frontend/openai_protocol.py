@@ -103,21 +103,15 @@ class GenerationRequest(RequestBody):
     OTHER_SERVERS_CONSTRAINTS: ClassVar[tuple[str, ...]] = (
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",  # vLLM
         "json_schema", "regex", "ebnf")  # SGLang
-    # vLLM's and SGLang's sampling options that change the answer and that sfllm does not implement, with the
-    # values that leave it as it is (their clients send them so)
-    OTHER_SERVERS_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "bad_words": (), "allowed_token_ids": (), "use_beam_search": (),  # vLLM
-        "no_stop_trim": ()}  # SGLang
+    # vLLM's and SGLang's options that change the answer and that sfllm does not implement
+    OTHER_SERVERS_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "bad_words", "allowed_token_ids", "use_beam_search",  # vLLM
+        "no_stop_trim")  # SGLang
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
-        for name in self.UNSUPPORTED:
+        for name in self.UNSUPPORTED + self.OTHER_SERVERS_OPTIONS:
             if extra.get(name) not in (None, False, "", [], {}):
-                raise InvalidSamplingParams(name, f"{name} is not supported by this server")
-        for name, inert in self.OTHER_SERVERS_OPTIONS.items():
-            value = extra.get(name)
-            if value not in (None, False, "", [], {}) and not any(value == v and type(value) is type(v)
-                                                                  for v in inert):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server")
         for name in self.OTHER_SERVERS_CONSTRAINTS:
             if extra.get(name) not in (None, False, "", [], {}):
@@ -132,6 +126,9 @@ class GenerationRequest(RequestBody):
         keep = self.truncate_prompt_tokens
         if keep is None:
             return prompt
+        if keep == 0:
+            raise InvalidSamplingParams("truncate_prompt_tokens", "truncate_prompt_tokens must be at least 1, or -1 "
+                                                                  "for the context's worth")
         if keep > max_context_length:
             raise InvalidSamplingParams("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) is more than the "
                                                                   f"model's context ({max_context_length} tokens)")
@@ -268,6 +265,9 @@ class ChatCompletionRequest(GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="more variables for the chat "
                                                                                   "template, e.g. enable_thinking")
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
+    # vLLM's chat options (set: the last message's text before the answer, BOS and such again, a RAG
+    # template's documents)
+    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo", "add_special_tokens", "documents")
 
     def template_options(self) -> dict[str, Any]:
         """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""

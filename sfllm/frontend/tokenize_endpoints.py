@@ -27,6 +27,7 @@ class TokenizeRequest(StrictModel):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(default=None, description="not supported, as on the chat endpoint")
     return_token_strs: bool | None = False
 
 
@@ -56,6 +57,8 @@ class TokenizeEndpoints:
         check_model(body.model, self.served_model_name)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give either prompt or messages", param="prompt")
+        if body.chat_template is not None:
+            raise InvalidRequestError("chat_template is not supported by this server", param="chat_template")
         if body.messages is None:
             check_unicode([body.prompt], "prompt")
             tokens = await self.tokenizer.encode_async(body.prompt, body.add_special_tokens is not False)

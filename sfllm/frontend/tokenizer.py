@@ -126,7 +126,7 @@ class Tokenizer:
     def vocabulary_strings(self, token_ids: Sequence[int]) -> list[str]:
         """Each token as the vocabulary spells it ("Ġthe", "<|im_end|>"), as transformers' convert_ids_to_tokens;
         "" for an id the tokenizer does not know."""
-        return [self._backend.id_to_token(t) or "" if 0 <= t < self.num_known_tokens else "" for t in token_ids]
+        return [(self._backend.id_to_token(t) or "") if 0 <= t < self.num_known_tokens else "" for t in token_ids]
 
     def token_text(self, token_id: int) -> str:
         """How one token reads on its own, as OpenAI's logprobs show it: stray bytes as \\xNN."""

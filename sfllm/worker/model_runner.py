@@ -431,8 +431,7 @@ class ModelRunner:
         banned = None
         if unending is not None and any(unending):
             eos = list(self.source.config.eos_token_ids)
-            banned = [p.stop_token_ids + ([] if p.ignore_eos else eos) if short else []
-                      for p, short in zip(params, unending)]
+            banned = [p.stop_token_ids + eos if short else [] for p, short in zip(params, unending)]
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
                                     token_bitmask, banned)
 
