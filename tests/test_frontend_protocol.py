@@ -5,7 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from sfllm.frontend.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
-from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatDelta, CompletionRequest
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from sfllm.frontend.openai_responses import ChatDelta
 from sfllm.frontend.request_checks import check_model, check_prompt_token_ids, resolve_max_tokens, resolve_priority
 from sfllm.frontend.tools import ChatTools
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams

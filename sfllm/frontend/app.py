@@ -14,8 +14,8 @@ from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import ModelNotFoundError, install_error_handlers
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
-from sfllm.frontend.openai_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                            CompletionResponse, ModelCard, ModelList)
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from sfllm.frontend.request_checks import RequestLimits
 from sfllm.frontend.request_gate import DrainState, RequestGateMiddleware
 from sfllm.frontend.tokenize_endpoints import (DetokenizeRequest, DetokenizeResponse, TokenizeEndpoints,

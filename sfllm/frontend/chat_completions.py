@@ -17,9 +17,9 @@ from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import chat_logprobs, prompt_logprobs_by_token
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
-from sfllm.frontend.openai_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                            ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                                            PromptLogprobs)
+from sfllm.frontend.openai_protocol import ChatCompletionRequest
+from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                             ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ from sfllm.frontend.choices import Choice, ChoiceDecoder, ChoiceDelta
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import RequestTimeoutError
 from sfllm.frontend.metrics import FrontendMetrics
-from sfllm.frontend.openai_protocol import PromptTokensDetails, Usage
+from sfllm.frontend.openai_responses import PromptTokensDetails, Usage
 from sfllm.frontend.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

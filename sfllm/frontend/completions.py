@@ -19,8 +19,8 @@ from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_
 from sfllm.frontend.logprobs_format import (TextOffsets, completion_logprobs, extend_completion_logprobs,
                                             prompt_completion_logprobs, prompt_logprobs_by_token)
 from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outcome
-from sfllm.frontend.openai_protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                            PromptLogprobs)
+from sfllm.frontend.openai_protocol import CompletionRequest
+from sfllm.frontend.openai_responses import CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprobs
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer

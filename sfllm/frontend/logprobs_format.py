@@ -4,8 +4,8 @@ from __future__ import annotations
 import codecs
 import math
 
-from sfllm.frontend.openai_protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
-                                            PromptLogprobs, PromptTokenLogprob)
+from sfllm.frontend.openai_responses import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+                                             PromptLogprobs, PromptTokenLogprob)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import SampledLogprobs
 
