@@ -45,6 +45,14 @@ def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
     return sequence[len(prompt):]
 
 
+def unending_token(context: tuple[int, ...], banned: list[int]) -> int:
+    """The fake model's token where its request is short of min_tokens: the next one not banned."""
+    token = next_token(context)
+    while token in banned:
+        token += 1
+    return token
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -65,6 +73,7 @@ class FakeWorker:
         self.pool: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.cpu_pool: list[list[int | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
         self.last_tokens: dict[int, int] = {}
+        self.params: dict[int, SamplingParams] = {}  # by slot, from the steps' new sequences
         self.tables: dict[int, list[int]] = {}  # by slot, kept from the steps' block table updates
         self.batches: list[ForwardBatch] = []
         self._results: deque[ForwardResult] = deque()
@@ -80,6 +89,9 @@ class FakeWorker:
             del table[update.start:]
             assert len(table) == update.start, f"step {batch.step_id}: slot {update.slot} table has a gap"
             table.extend(update.block_ids)
+        for sequence in batch.new_sequences:
+            self.params[sequence.slot] = sequence.params
+        unending = set(batch.min_tokens_rows)
         tables = [self.tables[slot] for slot in batch.slots]
         size = self.block_size
         inputs = iter(batch.input_token_ids)
@@ -93,7 +105,10 @@ class FakeWorker:
             if sample:
                 context = tuple(self.pool[table[p // size]][p % size] for p in range(end))
                 assert None not in context, f"step {batch.step_id} reads K/V never written"
-                self.last_tokens[slot] = next_token(context)
+                if len(sampled) in unending:  # as the worker masks the model's EOS and the stop tokens
+                    self.last_tokens[slot] = unending_token(context, self.params[slot].stop_token_ids + [EOS])
+                else:
+                    self.last_tokens[slot] = next_token(context)
                 sampled.append(self.last_tokens[slot])
         self._results.append(ForwardResult(step_id=batch.step_id, token_ids=sampled, logprobs=[None] * len(sampled)))
 
@@ -187,9 +202,9 @@ def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
         if before_arrivals is not None:
             before_arrivals()
         if pending and rng.random() < 0.4:
-            request_id, prompt, max_tokens, priority, stop = pending.pop(0)
+            request_id, prompt, max_tokens, priority, stop, *more = pending.pop(0)
             assert add(core, request_id, prompt, max_tokens, priority, arrival=clock.now,
-                       stop_token_ids=stop) is None
+                       stop_token_ids=stop, **(more[0] if more else {})) is None
         if rng.random() < abort_rate and scheduler.requests:
             victim = rng.choice(sorted(scheduler.requests))
             aborted.add(victim)
@@ -825,3 +840,35 @@ def test_rows_short_of_min_tokens_are_marked_with_tokens_in_flight(overlap: bool
         assert batch.min_tokens_rows == expected, batch.step_id
         marked += len(expected)
     assert marked == 5 + 2 and produced == dict.fromkeys(min_tokens, 8)
+
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_min_tokens_holds_with_preemption_aborts_and_steps_in_flight(preemption_mode: str) -> None:
+    """Requests whose stop token comes early, each with a min_tokens, on the tiny pool: the fake model draws the
+    next token that is neither EOS nor a stop token where the step marks the row, so an output equals the
+    expected one only if every step marked exactly the rows short of min_tokens, through preemption."""
+    for seed in range(4):
+        rng = random.Random(seed)
+        core, clock = make_engine(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=8,
+                                  max_running_tokens=rng.choice([8, 16, 64]), max_running_requests=6,
+                                  preemption_mode=preemption_mode)
+        pending, expected = [], {}
+        for i in range(16):
+            prompt = [rng.randrange(10, 400) for _ in range(rng.randint(1, 14))]
+            max_tokens = rng.randint(2, 48 - len(prompt))
+            plain = expected_tokens(prompt, max_tokens)
+            stop = [plain[rng.randrange(min(4, len(plain)))]]  # early: min_tokens passes over it
+            min_tokens = rng.randint(0, max_tokens)
+            sequence, reason = list(prompt), "length"
+            while len(sequence) - len(prompt) < max_tokens:
+                short = len(sequence) - len(prompt) < min_tokens
+                token = unending_token(tuple(sequence), stop + [EOS]) if short else next_token(tuple(sequence))
+                sequence.append(token)
+                if token in stop:
+                    reason = "stop"
+                    break
+            expected[f"m{i}"] = (sequence[len(prompt):], reason)
+            pending.append((f"m{i}", prompt, max_tokens, "normal", stop, {"min_tokens": min_tokens}))
+        run_random_workload(core, clock, rng, pending, expected, abort_rate=0.02, seed=seed)
+        assert core.scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
