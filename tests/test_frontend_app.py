@@ -254,6 +254,21 @@ def test_chat_stream(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     assert chunks[-1]["usage"]["completion_tokens"] == 2 * num_tokens
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                    path: str) -> None:
+    """vLLM's stream option: every chunk carries the usage so far (with include_usage; without it, none does)."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    body |= {"max_tokens": 6, "stream": True, "n": 2}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = sse_payloads(post(engine, tokenizer, path, body | {"stream_options": options}))
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert all(chunk["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] > 0 for chunk in chunks)
+    assert counts == sorted(counts) and counts[0] < counts[-1] == 12 and chunks[-1]["choices"] == []
+    alone = sse_payloads(post(engine, tokenizer, path, body | {"stream_options": {"continuous_usage_stats": True}}))
+    assert all(chunk.get("usage") is None for chunk in alone)
+
+
 def test_completion_stream_without_usage(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 6, "stream": True})
     chunks = sse_payloads(response)

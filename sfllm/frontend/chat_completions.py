@@ -71,7 +71,7 @@ class ChatCompletionEndpoint:
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
             events = self._events(request_id, deltas, messages_out, tally, num_top_logprobs,
-                                  body.include_usage_in_stream(), outcome)
+                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), outcome)
             return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
         response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally,
                                                                    num_top_logprobs))
@@ -107,14 +107,15 @@ class ChatCompletionEndpoint:
         return prompt_logprobs_by_token(self.tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], messages: list[AssistantMessage],
-                tally: UsageTally, num_top_logprobs: int | None, include_usage: bool,
+                tally: UsageTally, num_top_logprobs: int | None, include_usage: bool, usage_in_every_chunk: bool,
                 outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
 
         def chunk(choice: ChatChunkChoice) -> str:
             return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
-                                                 choices=[choice]).model_dump_json())
+                                                 choices=[choice], usage=tally.usage() if usage_in_every_chunk else None
+                                                 ).model_dump_json())
 
         def usage_event() -> str:
             return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,

@@ -135,7 +135,8 @@ class CompletionEndpoint:
         if echo_only:
             deltas = _prompt_only(deltas)
         if body.stream:
-            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(), outcome)
+            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(),
+                                  body.usage_in_every_chunk(), outcome)
             return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
         response = await until_disconnect(request, self._complete(request_id, deltas, texts, tally))
         return JSONResponse(response.model_dump(mode="json"))
@@ -162,7 +163,8 @@ class CompletionEndpoint:
         return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
-                tally: UsageTally, include_usage: bool, outcome: RequestOutcome) -> AsyncGenerator[str, None]:
+                tally: UsageTally, include_usage: bool, usage_in_every_chunk: bool,
+                outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
 
         def events_of(delta: ChoiceDelta) -> list[str]:
@@ -170,7 +172,8 @@ class CompletionEndpoint:
             tally.record(delta)
             if not (choice.text or choice.logprobs is not None or choice.finish_reason is not None):
                 return []
-            chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[choice])
+            chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[choice],
+                                       usage=tally.usage() if usage_in_every_chunk else None)
             return [sse_event(chunk.model_dump_json())]
 
         def usage_event() -> str:

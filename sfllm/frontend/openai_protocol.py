@@ -31,6 +31,8 @@ class RequestBody(StrictModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(default=False, description="vLLM's: with include_usage, the usage "
+                                                                           "so far in every chunk too")
 
 
 class JsonSchemaFormat(StrictModel):
@@ -139,6 +141,9 @@ class GenerationRequest(RequestBody):
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage_in_stream() and bool(self.stream_options.continuous_usage_stats)
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
