@@ -57,10 +57,12 @@ class ChatCompletionEndpoint:
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
         tools = ChatTools(body)
         check_unicode(body.stop_strings(), "stop")
-        prompt = body.truncated(await chat_prompt(self.tokenizer, body, tools), engine_context_length(self.engine))
+        prompt = await chat_prompt(self.tokenizer, body, tools)
+        max_context_length = engine_context_length(self.engine)
+        prompt = body.truncated(prompt, max_context_length)
         self.limits.check_prompt_length(len(prompt), "messages")
-        max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt),
-                                        engine_context_length(self.engine), "messages", self.limits.max_output_tokens)
+        max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt), max_context_length,
+                                        "messages", self.limits.max_output_tokens)
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
                                       tools.structured_output())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

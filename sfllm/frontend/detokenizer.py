@@ -56,8 +56,7 @@ class IncrementalDetokenizer:
             self.num_tokens += 1
             self._ids.append(token_id)
             new_text = self._decode_complete_characters()
-            if new_text:
-                self._decoded += new_text
+            self._decoded += new_text
             if self._stops_from is None and self.num_tokens == self._min_tokens:
                 self._stops_from = len(self._decoded)
             if new_text:

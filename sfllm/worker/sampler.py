@@ -63,9 +63,8 @@ class SamplingInputs:
         penalties = None
         if penalty_tokens is not None:
             penalties = _penalty_inputs(params, penalty_tokens, vocab_size, device)
-        banned_tokens = banned_tokens if banned_tokens is not None and any(banned_tokens) else None
         logit_bias = None
-        if banned_tokens is not None or any(p.logit_bias for p in params):
+        if banned_tokens or any(p.logit_bias for p in params):
             logit_bias = _logit_bias(params, device, banned_tokens)
         if all(greedy):
             # the common fast path: argmax needs no per-row tensors at all
