@@ -22,8 +22,11 @@ from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 
 BLOCK = 4096
-# about as many programs as fill an H100/H200 twice over, at least one block of the vocabulary each
-TARGET_PROGRAMS = 128
+# Programs for the whole batch, at least one block of the vocabulary each. A row's blocks are read one after another,
+# so a batch wants many programs, not just enough to fill the SMs: greedy over Qwen3's 152k vocabulary on an H200,
+# 128 programs took 48 / 57 / 58 us at 128 / 200 / 256 rows, 2,048 took 16.7 / 25.1 / 31.1 (1.1-1.8x the bytes'
+# time), and no fewer at 16-64 rows (tests/gpu/bench_kernels.py sample, 2026-12-03).
+TARGET_PROGRAMS = 2048
 
 
 @triton.jit
@@ -84,11 +87,12 @@ def _pick_chunk_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNK
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed: torch.Tensor,
-                  out: torch.Tensor | None = None, bitmask: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  out: torch.Tensor | None = None, bitmask: torch.Tensor | None = None,
+                  chunks_per_row: int | None = None) -> torch.Tensor:
     """logits [B, V] (unit column stride), temperatures [B] float32 (0: greedy; None: every row greedy),
     seed [1] int64 -> token ids [B] int64, written into `out` when given. `bitmask` [B, W] int32: only the
-    tokens whose bit is set are drawn (none past 32 W; a row with none draws token 0)."""
+    tokens whose bit is set are drawn (none past 32 W; a row with none draws token 0). `chunks_per_row`: how
+    many programs scan a row (default: about TARGET_PROGRAMS for the batch); the draw is the same whatever it is."""
     check_kernel_inputs(logits, seed, *(t for t in (temperatures, bitmask) if t is not None))
     if logits.stride(1) != 1:
         raise ValueError("sample_tokens needs logits whose rows are contiguous")
@@ -102,7 +106,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor | None, seed:
     if not batch:
         return out
     blocks = triton.cdiv(vocab_size, BLOCK)
-    num_chunks = max(1, min(blocks, TARGET_PROGRAMS // batch))
+    num_chunks = max(1, min(blocks, chunks_per_row or TARGET_PROGRAMS // batch))
     chunk_size = triton.cdiv(blocks, num_chunks) * BLOCK
     num_chunks = triton.cdiv(vocab_size, chunk_size)
     values = torch.empty(batch * num_chunks, dtype=torch.float32, device=logits.device)
@@ -126,14 +130,15 @@ def warm_up_sample_tokens(vocab_size: int, row_stride: int, dtype: torch.dtype, 
     rows `row_stride` apart (a graph's padded logits) or contiguous, greedy or at a temperature, under a grammar's
     bitmask or not, a row's vocabulary in one program or in several."""
     seed = torch.zeros(1, dtype=torch.int64, device=device)
-    for rows in (1, TARGET_PROGRAMS):  # several programs a row, then one
-        temperatures = torch.ones(rows, dtype=torch.float32, device=device)
-        bitmask = torch.full((rows, triton.cdiv(vocab_size, 32)), -1, dtype=torch.int32, device=device)
+    temperatures = torch.ones(1, dtype=torch.float32, device=device)
+    bitmask = torch.full((1, triton.cdiv(vocab_size, 32)), -1, dtype=torch.int32, device=device)
+    for chunks_per_row in (None, 1):  # several programs a row, then one (the variant of batches past TARGET_PROGRAMS)
         for logits_dtype in dict.fromkeys((dtype, torch.float32)):
-            views = [torch.zeros(rows, vocab_size, dtype=logits_dtype, device=device)]
+            views = [torch.zeros(1, vocab_size, dtype=logits_dtype, device=device)]
             if row_stride != vocab_size:
-                views.append(torch.zeros(rows, row_stride, dtype=logits_dtype, device=device)[:, :vocab_size])
+                views.append(torch.zeros(1, row_stride, dtype=logits_dtype, device=device)[:, :vocab_size])
             for logits in views:
                 for row_temperatures in (None, temperatures):
                     for row_bitmask in (None, bitmask):
-                        sample_tokens(logits, row_temperatures, seed, bitmask=row_bitmask)
+                        sample_tokens(logits, row_temperatures, seed, bitmask=row_bitmask,
+                                      chunks_per_row=chunks_per_row)

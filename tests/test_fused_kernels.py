@@ -211,19 +211,20 @@ def test_warm_up_runs_every_variant_a_step_can_meet(monkeypatch: pytest.MonkeyPa
     """Logits in the model's dtype and float32, padded rows and contiguous ones, greedy and sampled, with and
     without a bitmask, one program a row and several: each combination once, and each a valid call."""
     module = importlib.import_module("sfllm.kernels.sample_tokens")  # the package's name is the function's
-    monkeypatch.setattr(module, "TARGET_PROGRAMS", 2)  # two rows fill it: fast in the interpreter
     calls = []
     real = module.sample_tokens
 
-    def recording(logits, temperatures, seed, out=None, bitmask=None):
-        calls.append((logits.dtype, logits.stride(0), temperatures is None, bitmask is None, len(logits)))
-        return real(logits, temperatures, seed, out=out, bitmask=bitmask)
+    def recording(logits, temperatures, seed, out=None, bitmask=None, chunks_per_row=None):
+        blocks = -(-logits.shape[1] // module.BLOCK)
+        programs = max(1, min(blocks, chunks_per_row or module.TARGET_PROGRAMS // len(logits)))
+        calls.append((logits.dtype, logits.stride(0), temperatures is None, bitmask is None, programs))
+        return real(logits, temperatures, seed, out=out, bitmask=bitmask, chunks_per_row=chunks_per_row)
 
     monkeypatch.setattr(module, "sample_tokens", recording)
-    vocab = module.BLOCK + 40  # two blocks: a single row is scanned by two programs
+    vocab = module.BLOCK + 40  # two blocks: a row is scanned by two programs, or by one
     module.warm_up_sample_tokens(vocab, vocab + 24, torch.float16, torch.device(DEVICE))
     assert sorted(set(calls), key=str) == sorted(calls, key=str) and len(calls) == 32
     assert {(dtype, stride) for dtype, stride, *_ in calls} == {
         (torch.float16, vocab + 24), (torch.float16, vocab), (torch.float32, vocab + 24), (torch.float32, vocab)}
-    assert {(greedy, unmasked, rows) for _, _, greedy, unmasked, rows in calls} == {
-        (g, u, r) for g in (True, False) for u in (True, False) for r in (1, 2)}
+    assert {(greedy, unmasked, programs) for _, _, greedy, unmasked, programs in calls} == {
+        (g, u, n) for g in (True, False) for u in (True, False) for n in (1, 2)}

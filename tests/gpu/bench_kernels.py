@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     extend]
+     extend | sample]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -601,6 +601,29 @@ def bench_bandwidth() -> None:
     print(f"| read (row sums) | {nbytes / read_ms / 1e6:.0f} |")
 
 
+def sweep_sample_programs() -> None:
+    """Greedy sampling over Qwen3's vocabulary (bf16 logits in rows padded as the decode graphs' are), microseconds
+    per graph replay by sfllm.kernels.sample_tokens with TARGET_PROGRAMS (programs for the whole batch) at several
+    values: the data behind its choice. The last column is the logits' read time at 4.2 TB/s."""
+    module = sys.modules["sfllm.kernels.sample_tokens"]  # `sfllm.kernels.sample_tokens` is the function
+    vocab, targets, chosen = 151936, (128, 512, 1024, 2048, 4096), module.TARGET_PROGRAMS
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    print("| rows | " + " | ".join(f"{t} programs" for t in targets) + " | bytes at 4.2 TB/s |")
+    print("| --- | " + " | ".join("---" for _ in targets) + " | --- |")
+    try:
+        for rows in (16, 32, 64, 128, 200, 256):
+            logits = torch.randn(rows, vocab + 64, device="cuda", dtype=DTYPE)[:, :vocab]
+            out = torch.empty(rows, dtype=torch.int64, device="cuda")
+            cells = []
+            for target in targets:
+                module.TARGET_PROGRAMS = target
+                module.sample_tokens(logits, None, seed, out)
+                assert torch.equal(out, logits.float().argmax(-1)), f"{target} programs at {rows} rows"
+                cells.append(f"{_graph_microseconds(lambda: module.sample_tokens(logits, None, seed, out)):.1f}")
+            print(f"| {rows} | " + " | ".join(cells) + f" | {rows * vocab * DTYPE.itemsize / 4.2e6:.1f} |", flush=True)
+    finally:
+        module.TARGET_PROGRAMS = chosen
+
 @triton.jit
 def _tiled_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -668,7 +691,7 @@ def sweep_gemm_triton() -> None:
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
-         "gemm_triton": [sweep_gemm_triton],
+         "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":
