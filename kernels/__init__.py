@@ -15,8 +15,7 @@ if importlib.util.find_spec("triton") is not None:
 
         patch_interpreter_scalar_index()
 
-    from sfllm.kernels.decode_attention import (DecodeWorkspace, NewTokenRotary, choose_num_kv_splits,
-                                                   decode_attention)
+    from sfllm.kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
     from sfllm.kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
     from sfllm.kernels.fused_norm import fused_add_rms_norm
     from sfllm.kernels.rotary_qk_norm import rotary_qk_norm_
@@ -27,7 +26,6 @@ if importlib.util.find_spec("triton") is not None:
 
     __all__ = [
         "DecodeWorkspace",
-        "NewTokenRotary",
         "choose_num_kv_splits",
         "decode_attention",
         "extend_attention",

@@ -7,10 +7,6 @@ query heads of the GQA group and writes a partial output and its log-sum-exp to 
 stage 2 merges the splits (with a single split, stage 1 writes the output itself). The grid depends
 only on shapes and `num_kv_splits`, never on the values of `seq_lens`, so a captured CUDA graph replays
 correctly with new `seq_lens` and `block_tables`.
-
-Given `NewTokenRotary`, stage 1 also does rotary_qk_norm_'s work for a decode step: it takes q, k and v as the
-QKV projection left them, norms and rotates q itself, and the program whose split holds the new position writes
-that token's k and v to the cache before it reads them. A decode step's layer then launches one kernel less.
 """
 from __future__ import annotations
 
@@ -26,7 +22,6 @@ from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 from sfllm.kernels.online_softmax import LOG2_E, attend_to_kv_tile
-from sfllm.kernels.rotary_qk_norm import norm_and_rotate
 from sfllm.kernels.tile_config import TileConfig, fit_to_shared_memory
 
 # Measured on an H100: below one tile of tokens a split costs more in merging than it gains in
@@ -53,20 +48,6 @@ class DecodeWorkspace:
     def fits(self, batch: int, num_heads: int, num_kv_splits: int, head_dim: int) -> bool:
         b, h, s, d = self.partial_out.shape
         return b >= batch and h == num_heads and s >= num_kv_splits and d == head_dim
-
-
-@dataclass
-class NewTokenRotary:
-    """What rotary_qk_norm_ would take for a decode step's new tokens: their positions [T], the float32 cos_sin
-    table [max_positions, D] (cos, then sin), the per-head norm's weights and eps (Qwen3) or None, and the flat cache
-    slots [T] int64 their k and v go to (negative: a padding token, written nowhere)."""
-
-    positions: torch.Tensor
-    cos_sin: torch.Tensor
-    slot_mapping: torch.Tensor
-    q_weight: torch.Tensor | None = None
-    k_weight: torch.Tensor | None = None
-    eps: float = 1e-6
 
 
 def decode_tile_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -110,14 +91,6 @@ def _decode_partial_kernel(
     partial_lse_ptr,
     out_ptr,
     batch_order_ptr,
-    positions_ptr,
-    cos_sin_ptr,
-    q_weight_ptr,
-    k_weight_ptr,
-    slot_mapping_ptr,
-    eps,
-    k_column,
-    v_column,
     qk_scale,
     num_kv_splits,
     stride_q_batch,
@@ -141,8 +114,6 @@ def _decode_partial_kernel(
     DOT_PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     ORDERED: tl.constexpr,
-    ROTATE: tl.constexpr,
-    HAS_NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_then_release(PDL)
@@ -165,36 +136,11 @@ def _decode_partial_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + group
     group_mask = group < GROUP
-    if ROTATE:
-        half: tl.constexpr = HEAD_DIM // 2
-        halves = tl.arange(0, half)[None, :]
-        row = q_ptr + token.to(tl.int64) * stride_q_batch
-        cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token, mask=one_query, other=0).to(tl.int64) * HEAD_DIM
-        dtype = q_ptr.dtype.element_ty
-        q_halves = row + heads[:, None] * stride_q_head + halves
-        q_mask = group_mask[:, None] & one_query
-        q1, q2 = norm_and_rotate(tl.load(q_halves, mask=q_mask, other=0.0).to(tl.float32),
-                                 tl.load(q_halves + half, mask=q_mask, other=0.0).to(tl.float32),
-                                 q_weight_ptr, cos_sin_row, eps, dtype, HEAD_DIM, HAS_NORM)
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_GROUP, HEAD_DIM))
-        slot = tl.load(slot_mapping_ptr + token, mask=one_query, other=-1).to(tl.int64)
-        holds_new_token = one_query & (slot >= 0) & (split == (seq_len - 1) // tl.maximum(tokens_per_split, 1))
-        k_halves = row + k_column + kv_head * HEAD_DIM + halves
-        k1, k2 = norm_and_rotate(tl.load(k_halves, mask=holds_new_token, other=0.0).to(tl.float32),
-                                 tl.load(k_halves + half, mask=holds_new_token, other=0.0).to(tl.float32),
-                                 k_weight_ptr, cos_sin_row, eps, dtype, HEAD_DIM, HAS_NORM)
-        new_row = slot * stride_cache_offset + kv_head * stride_cache_head
-        tl.store(k_cache_ptr + new_row + halves, k1, mask=holds_new_token)
-        tl.store(k_cache_ptr + new_row + half + halves, k2, mask=holds_new_token)
-        v = tl.load(row + v_column + kv_head * HEAD_DIM + dims[None, :], mask=holds_new_token, other=0.0)
-        tl.store(v_cache_ptr + new_row + dims[None, :], v, mask=holds_new_token)
-        tl.debug_barrier()  # the loop below reads that row back: every thread of the program sees it written
-    else:
-        q = tl.load(
-            q_ptr + token.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
-            mask=group_mask[:, None] & one_query,
-            other=0.0,
-        )
+    q = tl.load(
+        q_ptr + token.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+        mask=group_mask[:, None] & one_query,
+        other=0.0,
+    )
 
     row_max = tl.full([BLOCK_GROUP], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
@@ -297,14 +243,9 @@ def decode_attention(
     workspace: DecodeWorkspace | None = None,
     query_start_loc: torch.Tensor | None = None,
     batch_order: torch.Tensor | None = None,
-    rotary: NewTokenRotary | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's query row over its first seq_lens[b] cached tokens: q [T, H, D] ->
     out [T, H, D]. Without `query_start_loc` ([B + 1] int32) sequence b's row is b (T = B).
-    With `rotary`, q is the q part (a view) of the QKV projection's output qkv [T, (H + 2 Hkv) * D], before the
-    per-head norm and RoPE, which the kernel applies; each row's k and v, after q, are normed and rotated (k) and
-    written to the cache by the kernel, which then attends over them (rotary_qk_norm_'s work, for sequences of one
-    new token only: with others in the batch, run rotary_qk_norm_ instead).
     `batch_order` ([B] int32, a permutation of the sequences) is the order the programs take them in:
     longest first, the last wave of programs is not left to one long sequence (ignored for batches whose
     heads do not outnumber the SMs).
@@ -322,15 +263,7 @@ def decode_attention(
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if rotary is not None:
-        check_kernel_inputs(q, rotary.positions, rotary.cos_sin, rotary.slot_mapping)
-        # (a row's stride is never used where there is one row: torch may give such a view any)
-        if (q.stride(1) != head_dim or (q.shape[0] > 1 and q.stride(0) < (num_heads + 2 * num_kv_heads) * head_dim)
-                or rotary.cos_sin.dtype != torch.float32 or rotary.cos_sin.shape[-1] != head_dim
-                or k_cache.stride(0) != block_size * k_cache.stride(1)):
-            raise ValueError("decode_attention's rotary needs q as the q part of whole qkv rows, a float32 cos_sin "
-                             "table of head_dim columns and a cache of contiguous blocks")
+        out = torch.empty_like(q)
     if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention needs a contiguous head dimension and k_cache, v_cache of one layout")
     if num_kv_splits is None:
@@ -368,7 +301,6 @@ def decode_attention(
         partial_lse,
         out,
         seq_lens if batch_order is None else batch_order,  # any pointer when unordered: never read
-        *_rotary_arguments(rotary, num_heads, num_kv_heads, head_dim, seq_lens),
         scale * LOG2_E,
         num_kv_splits,
         q.stride(0),
@@ -392,8 +324,6 @@ def decode_attention(
         DOT_PRECISION=dot_input_precision(q.dtype),
         SINGLE_SPLIT=num_kv_splits == 1,
         ORDERED=batch_order is not None,
-        ROTATE=rotary is not None,
-        HAS_NORM=rotary is not None and rotary.q_weight is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(q.device),
@@ -419,15 +349,3 @@ def decode_attention(
         **launch_options(q.device),
     )
     return out
-
-
-def _rotary_arguments(rotary: NewTokenRotary | None, num_heads: int, num_kv_heads: int, head_dim: int,
-                      any_tensor: torch.Tensor) -> tuple:
-    """The partial kernel's positions, cos_sin, q_weight, k_weight, slot_mapping, eps, k_column and v_column (any
-    pointer where the kernel reads none)."""
-    if rotary is None:
-        return (any_tensor,) * 5 + (0.0, 0, 0)
-    has_norm = rotary.q_weight is not None
-    return (rotary.positions, rotary.cos_sin, rotary.q_weight if has_norm else rotary.cos_sin,
-            rotary.k_weight if has_norm else rotary.cos_sin, rotary.slot_mapping, rotary.eps,
-            num_heads * head_dim, (num_heads + num_kv_heads) * head_dim)

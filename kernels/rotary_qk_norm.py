@@ -16,28 +16,6 @@ from sfllm.kernels.device_check import check_head_dim, check_kernel_inputs
 BLOCK_T = 16
 
 
-@triton.jit
-def norm_and_rotate(x1, x2, weight_ptr, cos_sin_rows, eps, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HAS_NORM: tl.constexpr):
-    """The halves x1, x2 [R, HEAD_DIM / 2] (float32) of R heads -> their halves after the optional per-head RMS
-    norm (weight at weight_ptr) and RoPE (cos_sin_rows [R, 1]: each head's row of the table), in `dtype`. Every
-    kernel that rotates calls this, so that they all round alike."""
-    half: tl.constexpr = HEAD_DIM // 2
-    offsets = tl.arange(0, half)[None, :]
-    if HAS_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(weight_ptr + offsets).to(tl.float32)
-        w2 = tl.load(weight_ptr + half + offsets).to(tl.float32)
-        # rounded to the activation dtype before the weight, as the unfused module does
-        x1 = (x1 * inv_rms).to(dtype).to(tl.float32) * w1
-        x2 = (x2 * inv_rms).to(dtype).to(tl.float32) * w2
-        x1 = x1.to(dtype).to(tl.float32)
-        x2 = x2.to(dtype).to(tl.float32)
-    cos = tl.load(cos_sin_rows + offsets)
-    sin = tl.load(cos_sin_rows + half + offsets)
-    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
-
-
 @triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_qk_norm_kernel(
     qkv_ptr,
@@ -83,12 +61,23 @@ def _rotary_qk_norm_kernel(
             return
     x1 = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + half + offsets, mask=mask, other=0.0).to(tl.float32)
-    weight_ptr = q_weight_ptr
-    if head >= NUM_HEADS:
-        weight_ptr = k_weight_ptr
+    if HAS_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+        weight_ptr = q_weight_ptr
+        if head >= NUM_HEADS:
+            weight_ptr = k_weight_ptr
+        w1 = tl.load(weight_ptr + offsets).to(tl.float32)
+        w2 = tl.load(weight_ptr + half + offsets).to(tl.float32)
+        # rounded to the activation dtype before the weight, as the unfused module does
+        x1 = (x1 * inv_rms).to(qkv_ptr.dtype.element_ty).to(tl.float32) * w1
+        x2 = (x2 * inv_rms).to(qkv_ptr.dtype.element_ty).to(tl.float32) * w2
+        x1 = x1.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+        x2 = x2.to(qkv_ptr.dtype.element_ty).to(tl.float32)
     position = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.int64)[:, None]
-    rotated1, rotated2 = norm_and_rotate(x1, x2, weight_ptr, cos_sin_ptr + position * HEAD_DIM, eps,
-                                         qkv_ptr.dtype.element_ty, HEAD_DIM, HAS_NORM)
+    cos = tl.load(cos_sin_ptr + position * HEAD_DIM + offsets, mask=mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * HEAD_DIM + half + offsets, mask=mask, other=0.0)
+    rotated1 = (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty)
+    rotated2 = (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty)
     if STORE_KV:  # a k head's go to the cache only (the attention reads them there), a q head's in place
         is_k = head >= NUM_HEADS
         tl.store(k_cache_ptr + cache_row, rotated1, mask=cache_mask & is_k)

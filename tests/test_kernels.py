@@ -176,49 +176,6 @@ def test_decode_attention_gives_zeros_for_empty_padding_rows(num_kv_splits: int)
     assert relative_error(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize("with_norm", [True, False])
-@pytest.mark.parametrize("num_kv_splits", [1, 3])  # the new token in the only split, or in the last of several
-@pytest.mark.parametrize("ordered", [False, True])
-@pytest.mark.parametrize("seq_lens", [[1, 37, 70, 0], [45]])
-def test_decode_attention_norms_rotates_and_stores_the_new_tokens_itself(with_norm: bool, num_kv_splits: int,
-                                                                           ordered: bool, seq_lens: list[int]) -> None:
-    """Given the QKV projection's rows as they are, the decode kernel does rotary_qk_norm_'s work itself: the
-    output and both caches equal those of rotary_qk_norm_ then decode_attention. Sequences of 1, 37 and 70 tokens
-    (the new one alone, within one tile, past several) and a padding sequence with no token, which writes
-    nothing; and one row alone, whose view torch may give any row stride."""
-    from sfllm.kernels import NewTokenRotary, rotary_qk_norm_
-    from sfllm.worker.rotary_embedding import RotaryEmbedding
-    heads, kv_heads, eps = 6, 3, 1e-6
-    paged = make_paged_kv(seq_lens, kv_heads)
-    tokens = sum(length > 0 for length in seq_lens)
-    positions = paged.seq_lens[:tokens].long() - 1
-    slots = (paged.block_tables[torch.arange(tokens), positions // BLOCK_SIZE].long() * BLOCK_SIZE
-             + positions % BLOCK_SIZE)
-    query_start_loc = torch.tensor(list(range(tokens + 1)) + [tokens] * (len(seq_lens) - tokens), dtype=torch.int32,
-                                   device=DEVICE)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * HEAD_DIM, device=DEVICE)
-    table = RotaryEmbedding(HEAD_DIM, 512, 10000.0, None, torch.device("cpu")).cos_sin.to(DEVICE)
-    weights = (torch.rand(HEAD_DIM, device=DEVICE) + 0.5, torch.rand(HEAD_DIM, device=DEVICE) + 0.5) if with_norm \
-        else (None, None)
-    order = torch.argsort(paged.seq_lens, descending=True).to(torch.int32) if ordered else None
-    expected_k, expected_v = paged.k_cache.clone(), paged.v_cache.clone()
-    rotated = qkv.clone()
-    rotary_qk_norm_(rotated, positions, table, heads, kv_heads, HEAD_DIM, *weights, eps, (expected_k, expected_v),
-                    slots)
-    expected = decode_attention(rotated[:, :heads * HEAD_DIM].view(tokens, heads, HEAD_DIM), expected_k, expected_v,
-                                paged.block_tables, paged.seq_lens, 0.125, num_kv_splits=num_kv_splits,
-                                query_start_loc=query_start_loc, batch_order=order)
-
-    out = decode_attention(qkv[:, :heads * HEAD_DIM].view(tokens, heads, HEAD_DIM), paged.k_cache, paged.v_cache,
-                           paged.block_tables, paged.seq_lens, 0.125, num_kv_splits=num_kv_splits,
-                           query_start_loc=query_start_loc, batch_order=order,
-                           rotary=NewTokenRotary(positions, table, slots, *weights, eps))
-
-    assert torch.equal(paged.v_cache, expected_v)
-    assert relative_error(paged.k_cache, expected_k) < 1e-6
-    assert relative_error(out, expected) < 1e-6
-
-
 def test_decode_attention_uses_a_larger_preallocated_workspace() -> None:
     paged = make_paged_kv([9, 50], 2)
     q = strided_heads(2, 4)

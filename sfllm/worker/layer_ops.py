@@ -12,7 +12,7 @@ import torch.nn.functional as F
 SKINNY_ROWS = 16  # sfllm.kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
 
 
-def uses_kernels(x: torch.Tensor) -> bool:
+def _use_kernels(x: torch.Tensor) -> bool:
     # float32 runs are for checking numbers against transformers: there the torch ops keep its rounding
     return x.is_cuda and x.dtype != torch.float32
 
@@ -20,7 +20,7 @@ def uses_kernels(x: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     """layer(x); for the few rows of a small decode batch by a kernel that streams the weight at full
     bandwidth (sfllm.kernels.skinny_matmul)."""
-    if uses_kernels(x) and x.shape[0] <= SKINNY_ROWS:
+    if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
         from sfllm.kernels import skinny_matmul
         return skinny_matmul(x, layer.weight, layer.bias, constant_weight=True)
     return layer(x)
@@ -29,7 +29,7 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     """silu(gate) * up of the gate/up projection layer(x); for a small decode batch in the projection's own
     kernel (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
-    if uses_kernels(x) and x.shape[0] <= SKINNY_ROWS:
+    if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
         from sfllm.kernels import skinny_gate_up_silu
         return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
     return silu_and_mul(layer(x))
@@ -45,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual); in place on CUDA."""
-    if uses_kernels(x):
+    if _use_kernels(x):
         from sfllm.kernels import fused_add_rms_norm
         return fused_add_rms_norm(x, residual, weight, eps)
     residual = x + residual
@@ -53,7 +53,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if uses_kernels(gate_up):
+    if _use_kernels(gate_up):
         from sfllm.kernels import silu_and_mul as fused
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -69,7 +69,7 @@ def rotary_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     (when weights are given) and rotated. Given the layer's `kv_cache` (k_cache, v_cache) and the tokens'
     `slot_mapping`, the fused kernel writes k and v into the cache itself and returns (q, None, None)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    if uses_kernels(qkv):
+    if _use_kernels(qkv):
         from sfllm.kernels import rotary_qk_norm_
         rotary_qk_norm_(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, q_weight, k_weight, eps,
                         kv_cache, slot_mapping)

@@ -52,13 +52,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
-        qkv = linear(x, self.qkv_proj)
-        out = backend.decode_from_qkv(self.layer, qkv, positions, rope.cos_sin, *norms, meta)
-        if out is None:
-            q, k, v = rotary_qk_norm(qkv, positions, rope.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim,
-                                     *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
-            out = backend.forward(self.layer, q, k, v, meta)
-        return self.group.all_reduce(linear(out, self.o_proj))
+        q, k, v = rotary_qk_norm(linear(x, self.qkv_proj), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
+                                 self.head_dim, *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
+        return self.group.all_reduce(linear(backend.forward(self.layer, q, k, v, meta), self.o_proj))
 
 
 class MLP(nn.Module):

@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     extend | sample | rotate]
+     extend | sample]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -601,41 +601,6 @@ def bench_bandwidth() -> None:
     print(f"| read (row sums) | {nbytes / read_ms / 1e6:.0f} |")
 
 
-def bench_rotating_decode() -> None:
-    """A decode step's layers (the real model, dummy weights) in one CUDA graph, microseconds per replay, with the
-    rotary kernel then decode attention, and with the decode kernel rotating q and k and storing the new k and v
-    itself (TritonAttentionBackend.decode_from_qkv): batch 1, 8 and 32, then the standard offline workload's."""
-    from sfllm.model_source import resolve_model
-    from sfllm.worker.attention.triton_backend import TritonAttentionBackend
-    from sfllm.worker.weight_loader import load_model
-    rotating = TritonAttentionBackend.decode_from_qkv
-    print("| model | batch | mean context | rotary kernel, then decode | decode rotating | ratio | max abs difference |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    cases = [np.array([640]), np.full(8, 640), np.full(32, 900)]
-    cases += [_standard_workload_contexts(step) for step in (128, 384, 640, 896)]
-    for name in ("qwen3-0.6b", "qwen3-8b"):
-        source = resolve_model(name, "dummy")
-        model = load_model(source, DTYPE, torch.device("cuda"), 4096)
-        for contexts in cases:
-            decode = DecodeStep.build(model, source.config, contexts, DTYPE)
-            inputs = decode.rows(0, contexts.size)
-            times, outputs = [], []
-            try:
-                with torch.inference_mode():
-                    for rotate in (False, True):
-                        TritonAttentionBackend.decode_from_qkv = rotating if rotate else lambda *args: None
-                        outputs.append(decode.run(*inputs).float().clone())
-                        times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
-            finally:
-                TritonAttentionBackend.decode_from_qkv = rotating
-            difference = (outputs[0] - outputs[1]).abs().max().item()
-            print(f"| {name} | {contexts.size} | {contexts.mean():.0f} | {times[0]:.0f} | {times[1]:.0f} | "
-                  f"{times[1] / times[0]:.3f} | {difference:.3g} |", flush=True)
-            del decode, inputs
-            torch.cuda.empty_cache()
-        del model
-        torch.cuda.empty_cache()
-
 def sweep_sample_programs() -> None:
     """Greedy sampling over Qwen3's vocabulary (bf16 logits in rows padded as the decode graphs' are), microseconds
     per graph replay by sfllm.kernels.sample_tokens with TARGET_PROGRAMS (programs for the whole batch) at several
@@ -727,7 +692,6 @@ def sweep_gemm_triton() -> None:
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs],
-         "rotate": [bench_rotating_decode],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":

@@ -28,14 +28,6 @@ class AttentionBackend(ABC):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D], or None when already in the cache -> [T, H * D]."""
 
-    def decode_from_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                        q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                        meta: AttentionMetadata) -> torch.Tensor | None:
-        """`forward` for a step of decodes only, from the QKV projection's output [T, (H + 2 Hkv) * D] before the
-        per-head norm and RoPE (layer_ops.rotary_qk_norm's arguments), which the backend applies itself along
-        with the cache writes -> [T, H * D]; None where it does not (the caller then runs rotary_qk_norm)."""
-        return None
-
     def kv_cache_to_fill(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The layer's (k_cache, v_cache) if the layer's fused kernels may write its new K/V there
         themselves (then `forward` gets None for them); None: `forward` stores them."""

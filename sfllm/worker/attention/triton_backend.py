@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from sfllm.kernels import NewTokenRotary, decode_attention, extend_attention, extend_tile_config, store_kv_cache
+from sfllm.kernels import decode_attention, extend_attention, extend_tile_config, store_kv_cache
 from sfllm.worker.attention.backend import AttentionBackend, register_backend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.layer_ops import uses_kernels
 
 
 @register_backend("triton")
@@ -18,19 +17,6 @@ class TritonAttentionBackend(AttentionBackend):
 
     def kv_cache_to_fill(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv_cache.keys(layer), self.kv_cache.values(layer)
-
-    def decode_from_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                        q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                        meta: AttentionMetadata) -> torch.Tensor | None:
-        # where rotary_qk_norm would run its kernel; the decode kernel then does its work without the launch
-        if not meta.decode_only or not uses_kernels(qkv):
-            return None
-        q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
-        out = decode_attention(q, self.kv_cache.keys(layer), self.kv_cache.values(layer), meta.block_tables,
-                               meta.seq_lens, self.scale, num_kv_splits=meta.num_kv_splits,
-                               query_start_loc=meta.query_start_loc, batch_order=meta.decode_order,
-                               rotary=NewTokenRotary(positions, cos_sin, meta.slot_mapping, q_weight, k_weight, eps))
-        return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
