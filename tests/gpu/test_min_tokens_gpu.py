@@ -12,18 +12,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MIN_TOKENS = 4
 
 
-@pytest.fixture(scope="module")
-def llm():
-    from sfllm import LLM
-    engine = LLM(model="qwen3-0.6b", load_format="dummy", cuda_graph_max_bs=16)
-    yield engine
-    del engine
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """The engine is the test's own: once its frame is gone, a collection frees the device for the suite's
+    next files, whose servers start in processes of their own (a module-scoped fixture kept it past its
+    teardown: pytest holds a fixture's value until its finalizers have run)."""
+    yield
     gc.collect()
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_rows_short_of_min_tokens_pass_over_their_ending_tokens_beside_plain_rows(llm, temperature: float) -> None:
+def test_rows_short_of_min_tokens_pass_over_their_ending_tokens_beside_plain_rows() -> None:
+    from sfllm import LLM
+    llm = LLM(model="qwen3-0.6b", load_format="dummy", cuda_graph_max_bs=16)
+    for temperature in (0.0, 0.8):
+        _check_min_tokens_beside_plain_rows(llm, temperature)
+
+
+def _check_min_tokens_beside_plain_rows(llm, temperature: float) -> None:
     from sfllm import SamplingParams
     prompts = [[100 + i] * 8 for i in range(12)]
     plain = [r.outputs[0].token_ids for r in llm.generate(prompts, SamplingParams(
