@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     extend | sample]
+     extend | sample | batch]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -601,6 +601,53 @@ def bench_bandwidth() -> None:
     print(f"| read (row sums) | {nbytes / read_ms / 1e6:.0f} |")
 
 
+def bench_by_batch() -> None:
+    """Qwen3-0.6B's fixed costs by decode batch, every size the decode graphs capture from 16 to 256: a layer's four
+    cuBLAS GEMMs (graph replays, four copies of each weight read in turn), and a whole decode step (the layers, the
+    LM head and greedy sampling) at a context of 64 tokens, where attention is a small part. Then whether running a
+    batch at the fastest larger size would pay: the mean over the sizes as they are and at the best size >= each."""
+    import torch.nn.functional as F
+
+    from sfllm.kernels import sample_tokens
+    from sfllm.model_source import resolve_model
+    from sfllm.worker.cuda_graph_runner import decode_batch_sizes
+    from sfllm.worker.weight_loader import load_model
+    sizes = [b for b in decode_batch_sizes(256) if b >= 16]
+    shapes = LAYER_GEMMS["0.6b"]
+    weights = _rotated_weights(shapes)
+    gemms = {}
+    print("| rows | layer's GEMMs (us) | " + " | ".join(shapes) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+    for rows in sizes:
+        each = [_microseconds_over_weights(F.linear, torch.randn(rows, k, device="cuda", dtype=DTYPE), weights[name])
+                for name, (_, k) in shapes.items()]
+        gemms[rows] = sum(each)
+        print(f"| {rows} | {gemms[rows]:.1f} | " + " | ".join(f"{us:.1f}" for us in each) + " |", flush=True)
+    del weights
+    source = resolve_model("qwen3-0.6b", "dummy")
+    model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+    vocab = source.config.vocab_size
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    steps = {}
+    print("\n| batch | decode step at a context of 64 (us) |")
+    print("| --- | --- |")
+    with torch.inference_mode():
+        for batch in sizes:
+            decode = DecodeStep.build(model, source.config, np.full(batch, 64), DTYPE)
+            inputs = decode.rows(0, batch)
+            logits = torch.empty(batch, model.shard.padded_vocab_size, device="cuda", dtype=DTYPE)
+            tokens = torch.empty(batch, dtype=torch.int64, device="cuda")
+
+            def step() -> None:
+                sample_tokens(model.compute_logits(decode.run(*inputs), logits)[:, :vocab], None, seed, tokens)
+            steps[batch] = _graph_microseconds(step)
+            print(f"| {batch} | {steps[batch]:.0f} |", flush=True)
+            del decode, inputs
+    for name, times in (("a layer's GEMMs", gemms), ("a decode step", steps)):
+        best = [min(times[s] for s in sizes if s >= b) for b in sizes]
+        print(f"{name}, mean over the sizes: {np.mean([times[b] for b in sizes]):.1f} us as they are, "
+              f"{np.mean(best):.1f} us at the fastest size >= each")
+
 def sweep_sample_programs() -> None:
     """Greedy sampling over Qwen3's vocabulary (bf16 logits in rows padded as the decode graphs' are), microseconds
     per graph replay by sfllm.kernels.sample_tokens with TARGET_PROGRAMS (programs for the whole batch) at several
@@ -691,7 +738,7 @@ def sweep_gemm_triton() -> None:
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
-         "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs],
+         "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "batch": [bench_by_batch],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":
