@@ -66,6 +66,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     structured_output: StructuredOutput | None = None
     # added to the logits of these token ids before sampling
     logit_bias: dict[int, float] = {}
+    # the only token ids the output may hold (vLLM's), None: any
+    allowed_token_ids: list[int] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +110,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
              f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}"),
             ("logit_bias", all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for bias in self.logit_bias.values()),
              f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must hold at least one token id"),
+            ("allowed_token_ids", not (self.allowed_token_ids is not None and self.structured_output is not None),
+             "allowed_token_ids cannot be combined with a structured output (or a forced tool call): the grammar "
+             "decides which tokens may come"),
         ]
         for param, ok, message in checks:
             if not ok:
@@ -127,3 +134,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         if outside is not None:
             raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "
                                                       f"[0, {vocab_size})")
+        outside = next((t for t in self.allowed_token_ids or [] if not 0 <= t < vocab_size), None)
+        if outside is not None:
+            raise InvalidSamplingParams("allowed_token_ids", f"allowed_token_ids holds token id {outside}, outside "
+                                                             f"the vocabulary [0, {vocab_size})")

@@ -578,7 +578,6 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
 
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/completions", "bad_words", ["x"]),  # vLLM's
-    ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
     ("/v1/chat/completions", "echo", True),  # vLLM's on chat
@@ -597,6 +596,25 @@ def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedE
     inert = {"use_beam_search": False, "no_stop_trim": False, "echo": False, "add_special_tokens": False}.get(field)
     if inert is not None:
         assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200
+
+
+def test_allowed_token_ids_reach_the_engine_and_bad_values_are_a_400(engine: ScriptedEngine,
+                                                                     tokenizer: Tokenizer) -> None:
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for body, expected in [({"prompt": "x", "max_tokens": 2, "allowed_token_ids": [5, 3]}, [5, 3]),
+                           ({**chat, "max_tokens": 2, "allowed_token_ids": [7]}, [7]),
+                           ({"prompt": "x", "max_tokens": 2}, None)]:
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        assert post(engine, tokenizer, path, body).status_code == 200
+        assert engine.requests[-1].params.allowed_token_ids == expected
+    sent = len(engine.requests)
+    for body in [{"prompt": "x", "allowed_token_ids": []}, {"prompt": "x", "allowed_token_ids": [-1]},
+                 {"prompt": "x", "allowed_token_ids": [10**9]}, {"prompt": "x", "allowed_token_ids": ["a"]},
+                 {"prompt": "x", "allowed_token_ids": [3], "response_format": {"type": "json_object"}}]:
+        response = post(engine, tokenizer, "/v1/completions", body | {"max_tokens": 2})
+        param = response.json()["error"]["param"]  # a bad item is named by its index: allowed_token_ids[0]
+        assert response.status_code == 400 and param.startswith("allowed_token_ids"), response.text
+    assert len(engine.requests) == sent
 
 
 def test_min_tokens_reaches_the_engine_and_bad_values_are_a_400(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:

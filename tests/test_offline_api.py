@@ -194,6 +194,28 @@ def test_logit_bias_moves_the_draw(smollm_llm) -> None:
     assert error.value.param == "logit_bias"
 
 
+def test_allowed_token_ids_hold_the_draw_to_their_tokens(smollm_llm) -> None:
+    """Greedy keeps to the allowed tokens, beside an unrestricted row of the same batch that keeps its own; sixteen
+    samples of a first token draw among the allowed only, and not always the same; an empty set or an id outside
+    the vocabulary is refused."""
+    greedy = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    first = greedy.outputs[0].token_ids[0]
+    allowed = [first + 1, 4321, 77, 1234]
+    restricted, plain, sampled = smollm_llm.generate([PROMPT] * 3, [
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, allowed_token_ids=allowed),
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        SamplingParams(n=16, temperature=2.0, max_tokens=1, allowed_token_ids=allowed[1:])])
+    assert set(restricted.outputs[0].token_ids) <= set(allowed)
+    assert plain.outputs[0].token_ids == greedy.outputs[0].token_ids, "the row beside keeps its tokens"
+    drawn = [output.token_ids[0] for output in sampled.outputs]
+    assert set(drawn) <= set(allowed[1:]) and len(set(drawn)) > 1, drawn
+    for bad in ([], [10**6]):
+        with pytest.raises(InvalidSamplingParams) as error:
+            smollm_llm.generate(PROMPT, SamplingParams(allowed_token_ids=bad))
+        assert error.value.param == "allowed_token_ids"
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
 def test_grammar_state_survives_preemption(smollm_llm) -> None:
     """A pool too small for the batch preempts constrained requests mid-answer; they resume where their
     grammar stood and answer what a roomy pool answers."""

@@ -87,6 +87,8 @@ class GenerationRequest(RequestBody):
     n: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
+    allowed_token_ids: list[TokenId] | None = Field(default=None, description="vLLM's: the only tokens the output "
+                                                                             "may hold")
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -106,7 +108,7 @@ class GenerationRequest(RequestBody):
         "json_schema", "regex", "ebnf")  # SGLang
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement
     OTHER_SERVERS_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "bad_words", "allowed_token_ids", "use_beam_search",  # vLLM
+        "bad_words", "use_beam_search",  # vLLM
         "no_stop_trim")  # SGLang
 
     def check_supported(self) -> None:
@@ -184,6 +186,7 @@ class GenerationRequest(RequestBody):
             skip_special_tokens=_or(self.skip_special_tokens, True),
             structured_output=structured_output or (self.response_format and self.response_format.structured_output()),
             logit_bias=self.token_logit_bias(),
+            allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
         )
         params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
         return params

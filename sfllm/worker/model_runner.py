@@ -41,7 +41,7 @@ from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only, to_d
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
-from sfllm.worker.token_mask import GrammarBitmasks
+from sfllm.worker.token_mask import GrammarBitmasks, packed_token_set, restrict_to_token_sets
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class SlotState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    allowed_tokens: np.ndarray | None = None  # params.allowed_token_ids packed as a bitmask row, once
 
 
 @dataclass
@@ -303,7 +304,10 @@ class ModelRunner:
             self.kv_cache.swap_in(batch.swap_in)
             self.block_tables.apply(batch.block_table_updates)
             for seq in batch.new_sequences:
-                self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)))
+                allowed = seq.params.allowed_token_ids
+                self._set_slot(seq.slot, SlotState(seq.params, seq.prompt_token_ids, list(seq.output_token_ids),
+                                                   None if allowed is None else
+                                                   packed_token_set(allowed, self.source.config.vocab_size)))
             # prompt logprobs need every position's hidden state, which only the eager step keeps
             graph = self.graph_runner is not None and not batch.prompt_logprobs
             shape = self.graph_runner.shape_for(batch) if graph and batch.slots else None
@@ -432,6 +436,7 @@ class ModelRunner:
         if unending is not None and any(unending):
             eos = list(self.source.config.eos_token_ids)
             banned = [p.stop_token_ids + eos if short else [] for p, short in zip(params, unending)]
+        token_bitmask = restrict_to_token_sets(token_bitmask, [s.allowed_tokens for s in states], self.device)
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
                                     token_bitmask, banned)
 

@@ -138,7 +138,7 @@ def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
     """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
     decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
     if (params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias
-            or params.min_tokens):
+            or params.min_tokens or params.allowed_token_ids is not None):
         return False
     if params.greedy:
         return True

@@ -46,6 +46,31 @@ class GrammarBitmasks:
         return bitmask
 
 
+def packed_token_set(token_ids: list[int], vocab_size: int) -> np.ndarray:
+    """The bitmask row [ceil(V / 32)] int32 whose set bits are exactly `token_ids`."""
+    words = np.zeros(bitmask_words(vocab_size), dtype=np.uint32)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    np.bitwise_or.at(words, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    return words.view(np.int32)
+
+
+def restrict_to_token_sets(bitmask: torch.Tensor | None, token_sets: list[np.ndarray | None],
+                           device: torch.device) -> torch.Tensor | None:
+    """`bitmask` [B, W] (None: every token allowed) with each row b of a set token_sets[b] (a packed_token_set)
+    allowing its tokens only: requests' allowed_token_ids, beside a grammar's mask."""
+    given = [token_set for token_set in token_sets if token_set is not None]
+    if not given:
+        return bitmask
+    host = np.full((len(token_sets), given[0].shape[0]), _ALL_ALLOWED, dtype=np.int32)
+    for row, token_set in enumerate(token_sets):
+        if token_set is not None:
+            host[row] = token_set
+    restricted = torch.from_numpy(host)
+    if device.type == "cuda":  # pinned, for a copy queued behind the step in flight rather than one waiting for it
+        restricted = restricted.pin_memory().to(device, non_blocking=True)
+    return restricted if bitmask is None else bitmask & restricted
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """`logits` [B, V] with -inf where the bit of the token is clear."""
     # bytes of little-endian words, each looked up as its 8 bits: half the time of shifting every word 32 ways
