@@ -101,6 +101,7 @@ class LLM:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(token_lists)} prompts")
+        params_list = [params.with_bad_words_tokenized(self.tokenizer.encode_text) for params in params_list]
         for params in params_list:
             params.validate(vocab_size=self.tokenizer.vocab_size)
         results = [GenerationResult(text, tokens) for text, tokens in zip(texts, token_lists)]

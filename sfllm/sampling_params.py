@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
+
+from sfllm.bad_words import bad_words_token_ids
 
 MAX_LOGIT_BIAS = 100.0
 
@@ -68,6 +71,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logit_bias: dict[int, float] = {}
     # the only token ids the output may hold (vLLM's), None: any
     allowed_token_ids: list[int] | None = None
+    # words the output may not contain (vLLM's), and the token sequences they ban, which the side holding the
+    # tokenizer fills in (sfllm.bad_words): the engine reads those only
+    bad_words: list[str] = []
+    bad_words_token_ids: list[list[int]] = []
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +88,17 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     @property
     def constrained(self) -> bool:
         return self.structured_output is not None
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Whether drawing a token reads the output so far: penalties, or a bad word of several tokens."""
+        return self.has_penalties or any(len(sequence) > 1 for sequence in self.bad_words_token_ids)
+
+    def with_bad_words_tokenized(self, encode: Callable[[str], list[int]]) -> SamplingParams:
+        """These settings with bad_words_token_ids from bad_words (`encode`: text -> ids, no special tokens)."""
+        if not self.bad_words:
+            return self
+        return msgspec.structs.replace(self, bad_words_token_ids=bad_words_token_ids(self.bad_words, encode))
 
     def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
         checks = [
@@ -115,6 +133,14 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("allowed_token_ids", not (self.allowed_token_ids is not None and self.structured_output is not None),
              "allowed_token_ids cannot be combined with a structured output (or a forced tool call): the grammar "
              "decides which tokens may come"),
+            ("bad_words", all(isinstance(word, str) and word.strip() for word in self.bad_words),
+             "bad_words must be words, not empty or blank"),
+            ("bad_words", all(self.bad_words_token_ids), "bad_words_token_ids must not hold an empty sequence"),
+            ("bad_words", not (self.bad_words and not self.bad_words_token_ids),
+             "bad_words must be tokenized before they reach the engine (SamplingParams.with_bad_words_tokenized)"),
+            ("bad_words", not ((self.bad_words or self.bad_words_token_ids) and self.structured_output is not None),
+             "bad_words cannot be combined with a structured output (or a forced tool call): the grammar decides "
+             "which tokens may come"),
         ]
         for param, ok, message in checks:
             if not ok:
@@ -134,6 +160,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         if outside is not None:
             raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "
                                                       f"[0, {vocab_size})")
+        outside = next((t for sequence in self.bad_words_token_ids for t in sequence if not 0 <= t < vocab_size), None)
+        if outside is not None:
+            raise InvalidSamplingParams("bad_words", f"bad_words_token_ids holds token id {outside}, outside the "
+                                                     f"vocabulary [0, {vocab_size})")
         outside = next((t for t in self.allowed_token_ids or [] if not 0 <= t < vocab_size), None)
         if outside is not None:
             raise InvalidSamplingParams("allowed_token_ids", f"allowed_token_ids holds token id {outside}, outside "

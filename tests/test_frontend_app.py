@@ -577,8 +577,7 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/completions", "bad_words", ["x"]),  # vLLM's
-    ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "use_beam_search", True),  # vLLM's
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
     ("/v1/chat/completions", "echo", True),  # vLLM's on chat
     ("/v1/chat/completions", "add_special_tokens", True),
@@ -614,6 +613,25 @@ def test_allowed_token_ids_reach_the_engine_and_bad_values_are_a_400(engine: Scr
         response = post(engine, tokenizer, "/v1/completions", body | {"max_tokens": 2})
         param = response.json()["error"]["param"]  # a bad item is named by its index: allowed_token_ids[0]
         assert response.status_code == 400 and param.startswith("allowed_token_ids"), response.text
+    assert len(engine.requests) == sent
+
+
+def test_bad_words_reach_the_engine_tokenized_and_bad_values_are_a_400(engine: ScriptedEngine,
+                                                                      tokenizer: Tokenizer) -> None:
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    expected = [tokenizer.encode_text("Paris"), tokenizer.encode_text(" Paris")]
+    for body in ({"prompt": "x", "max_tokens": 2, "bad_words": ["Paris"]},
+                 {**chat, "max_tokens": 2, "bad_words": [" Paris"]}):
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        assert post(engine, tokenizer, path, body).status_code == 200
+        assert engine.requests[-1].params.bad_words_token_ids == expected
+    sent = len(engine.requests)
+    for body in [{"prompt": "x", "bad_words": [" "]}, {"prompt": "x", "bad_words": [3]},
+                 {"prompt": "x", "bad_words": "Paris"},
+                 {"prompt": "x", "bad_words": ["Paris"], "response_format": {"type": "json_object"}}]:
+        response = post(engine, tokenizer, "/v1/completions", body | {"max_tokens": 2})
+        param = response.json()["error"]["param"]
+        assert response.status_code == 400 and param.startswith("bad_words"), response.text
     assert len(engine.requests) == sent
 
 

@@ -216,6 +216,36 @@ def test_allowed_token_ids_hold_the_draw_to_their_tokens(smollm_llm) -> None:
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
 
 
+def test_bad_words_keep_their_tokens_out(smollm_llm) -> None:
+    """A sequence of two tokens bans its second only after its first (the greedy answer's first two tokens: the
+    first stays, the second goes); a word bans itself as the tokenizer writes it, after a space or not; a row
+    beside keeps its tokens; a word that is blank, or one with a structured output, is refused."""
+    plain_params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    greedy = smollm_llm.generate(PROMPT, plain_params)[0].outputs[0]
+    first, second = greedy.token_ids[:2]
+    pair = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                      bad_words_token_ids=[[first, second]]))[0].outputs[0]
+    assert pair.token_ids[0] == first and pair.token_ids[1] != second
+    elsewhere = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                           bad_words_token_ids=[[first + 1, second]]))[0].outputs[0]
+    assert elsewhere.token_ids == greedy.token_ids, "after another token the second is free"
+    word = greedy.text.split()[0]
+    banned, plain = smollm_llm.generate([PROMPT] * 2, [
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, bad_words=[word]), plain_params])
+    assert plain.outputs[0].token_ids == greedy.token_ids
+    tokens = banned.outputs[0].token_ids
+    for spelled in (word, " " + word):
+        ids = smollm_llm.tokenizer.encode_text(spelled)
+        assert not any(tokens[i:i + len(ids)] == ids for i in range(len(tokens))), (spelled, ids, tokens)
+    assert tokens != greedy.token_ids
+    for bad in (SamplingParams(bad_words=[" "]),
+                SamplingParams(bad_words=["x"], structured_output=StructuredOutput.regex("[a-z]+"))):
+        with pytest.raises(InvalidSamplingParams) as error:
+            smollm_llm.generate(PROMPT, bad)
+        assert error.value.param == "bad_words"
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
 def test_grammar_state_survives_preemption(smollm_llm) -> None:
     """A pool too small for the batch preempts constrained requests mid-answer; they resume where their
     grammar stood and answer what a roomy pool answers."""

@@ -64,7 +64,7 @@ class ChatCompletionEndpoint:
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt), max_context_length,
                                         "messages", self.limits.max_output_tokens)
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
-                                      tools.structured_output())
+                                      tools.structured_output(), encode=self.tokenizer.encode_text)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format))

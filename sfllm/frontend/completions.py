@@ -124,7 +124,7 @@ class CompletionEndpoint:
         params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, DEFAULT_MAX_TOKENS,
                                                           len(prompt), max_context_length, "prompt",
                                                           self.limits.max_output_tokens), body.logprobs,
-                                       self.tokenizer.vocab_size)
+                                       self.tokenizer.vocab_size, encode=self.tokenizer.encode_text)
                   for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)

@@ -8,6 +8,7 @@ Every optional field also accepts null. Ranges are checked by `SamplingParams.va
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,6 +90,7 @@ class GenerationRequest(RequestBody):
     stop_token_ids: list[TokenId] | None = None
     allowed_token_ids: list[TokenId] | None = Field(default=None, description="vLLM's: the only tokens the output "
                                                                              "may hold")
+    bad_words: list[str] | None = Field(default=None, description="vLLM's: words the output may not contain")
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -108,7 +110,7 @@ class GenerationRequest(RequestBody):
         "json_schema", "regex", "ebnf")  # SGLang
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement
     OTHER_SERVERS_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "bad_words", "use_beam_search",  # vLLM
+        "use_beam_search",  # vLLM
         "no_stop_trim")  # SGLang
 
     def check_supported(self) -> None:
@@ -160,9 +162,11 @@ class GenerationRequest(RequestBody):
         return bias
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int | None = None,
-                        structured_output: StructuredOutput | None = None) -> SamplingParams:
+                        structured_output: StructuredOutput | None = None,
+                        encode: Callable[[str], list[int]] | None = None) -> SamplingParams:
         """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field.
-        `structured_output`, where given, replaces the response format's (a forced tool call's grammar)."""
+        `structured_output`, where given, replaces the response format's (a forced tool call's grammar);
+        `encode` (text -> ids, no special tokens) tokenizes the bad words."""
         self.check_stream_options()
         stop = self.stop_strings()
         params = SamplingParams(
@@ -187,7 +191,10 @@ class GenerationRequest(RequestBody):
             structured_output=structured_output or (self.response_format and self.response_format.structured_output()),
             logit_bias=self.token_logit_bias(),
             allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
+            bad_words=list(self.bad_words or []),
         )
+        if encode is not None:
+            params = params.with_bad_words_tokenized(encode)
         params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
         return params
 

@@ -63,6 +63,10 @@ class Tokenizer:
         """Token ids of a raw prompt, with the special tokens the model expects around one (unless told not)."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a piece of text, without the special tokens of a prompt (a bad word's, a stop word's)."""
+        return self.encode(text, add_special_tokens=False)
+
     async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`encode` off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, self.encode, text,

@@ -48,9 +48,11 @@ class Speculation:
     def eligible(self, request: Request) -> bool:
         """Whether the request may draft in its next decode."""
         params = request.params
-        # short of min_tokens, a step's rows must know their output index, which drafts in flight blur
+        # short of min_tokens, a step's rows must know their output index, which drafts in flight blur; a bad
+        # word's ban reads the tokens before the drawn one, which a draft's rows do not have
         return (not request.speculation_off and request.spec_backoff == 0 and request.matcher is None
-                and not params.has_penalties and len(request.output_token_ids) >= params.min_tokens)
+                and not params.has_penalties and not params.bad_words_token_ids
+                and len(request.output_token_ids) >= params.min_tokens)
 
     def count_step(self, request: Request) -> None:
         """A decode step of the request went out: its backoff, if any, is one step shorter."""

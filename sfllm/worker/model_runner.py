@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sfllm.bad_words import banned_next_tokens
 from sfllm.config import WorkerConfig, num_sequence_slots
 from sfllm.loop_time import LoopTime
 from sfllm.messages import ForwardBatch, ForwardResult, GrammarMask, SampledLogprobs
@@ -426,16 +427,20 @@ class ModelRunner:
                          unending: list[bool] | None = None) -> SamplingInputs:
         """`unending`: per row, whether its request is short of min_tokens (its ending tokens are masked)."""
         params = [s.params for s in states]
+        if any(p.reads_output_tokens for p in params):
+            # penalties and bad words of several tokens read the previous steps' tokens: those results first
+            self.resolve_all()
         penalty_tokens = None
         if any(p.has_penalties for p in params):
-            # penalties read the previous steps' tokens: those results must be in first
-            self.resolve_all()
             penalty_tokens = [(s.prompt_token_ids, s.output_token_ids) if s.params.has_penalties else ([], [])
                               for s in states]
         banned = None
-        if unending is not None and any(unending):
+        short = unending or [False] * len(states)
+        if any(short) or any(p.bad_words_token_ids for p in params):
             eos = list(self.source.config.eos_token_ids)
-            banned = [p.stop_token_ids + eos if short else [] for p, short in zip(params, unending)]
+            banned = [(p.stop_token_ids + eos if unended else []) + banned_next_tokens(p.bad_words_token_ids,
+                                                                                        s.output_token_ids)
+                      for p, s, unended in zip(params, states, short)]
         token_bitmask = restrict_to_token_sets(token_bitmask, [s.allowed_tokens for s in states], self.device)
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
                                     token_bitmask, banned)
@@ -454,7 +459,8 @@ class ModelRunner:
         return self._resolve(step)
 
     def resolve_all(self) -> None:
-        """Packs every launched step's result and records its tokens (penalties need them), in order."""
+        """Packs every launched step's result and records its tokens (penalties and bad words need them), in
+        order."""
         while self._num_resolved < len(self._launched):
             self._resolve(self._launched[self._num_resolved])
             self._num_resolved += 1
@@ -463,7 +469,7 @@ class ModelRunner:
         result = step.result(self.gpu_memory())
         emitted = result.accepted_token_ids or [[token] for token in result.token_ids]
         for state, tokens in zip(step.slot_states, emitted):
-            if state is not None and state.params.has_penalties:
+            if state is not None and state.params.reads_output_tokens:
                 state.output_token_ids.extend(tokens)
         return result
 

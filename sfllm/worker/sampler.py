@@ -54,7 +54,7 @@ class SamplingInputs:
               token_bitmask: torch.Tensor | None = None,
               banned_tokens: list[list[int]] | None = None) -> SamplingInputs:
         """`banned_tokens`: per row, token ids it may not draw (a request short of its min_tokens: its ending
-        tokens), given a logit of -inf with the logit bias."""
+        tokens; its bad words' next tokens), given a logit of -inf with the logit bias."""
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, dtype, device)
 
@@ -138,7 +138,7 @@ def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
     """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
     decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
     if (params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias
-            or params.min_tokens or params.allowed_token_ids is not None):
+            or params.min_tokens or params.allowed_token_ids is not None or params.bad_words_token_ids):
         return False
     if params.greedy:
         return True
