@@ -98,6 +98,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         """These settings with bad_words_token_ids from bad_words (`encode`: text -> ids, no special tokens)."""
         if not self.bad_words:
             return self
+        if isinstance(self.bad_words, str) or not all(isinstance(word, str) for word in self.bad_words):
+            raise InvalidSamplingParams("bad_words", "bad_words must be a list of strings")
         return msgspec.structs.replace(self, bad_words_token_ids=bad_words_token_ids(self.bad_words, encode))
 
     def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
@@ -133,8 +135,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("allowed_token_ids", not (self.allowed_token_ids is not None and self.structured_output is not None),
              "allowed_token_ids cannot be combined with a structured output (or a forced tool call): the grammar "
              "decides which tokens may come"),
-            ("bad_words", all(isinstance(word, str) and word.strip() for word in self.bad_words),
-             "bad_words must be words, not empty or blank"),
+            ("bad_words", all(word.strip() for word in self.bad_words), "bad_words must be words, not empty or blank"),
             ("bad_words", all(self.bad_words_token_ids), "bad_words_token_ids must not hold an empty sequence"),
             ("bad_words", not (self.bad_words and not self.bad_words_token_ids),
              "bad_words must be tokenized before they reach the engine (SamplingParams.with_bad_words_tokenized)"),
@@ -145,6 +146,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         for param, ok, message in checks:
             if not ok:
                 raise InvalidSamplingParams(param, message)
+        if self.allowed_token_ids is not None:
+            always_banned = {sequence[0] for sequence in self.bad_words_token_ids if len(sequence) == 1}
+            if always_banned.issuperset(self.allowed_token_ids):
+                raise InvalidSamplingParams("allowed_token_ids", "every token of allowed_token_ids is one of the "
+                                                                 "bad_words: nothing is left to draw")
         if vocab_size is not None:
             self.check_vocabulary(vocab_size)
         if self.structured_output is not None:

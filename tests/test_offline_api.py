@@ -219,7 +219,8 @@ def test_allowed_token_ids_hold_the_draw_to_their_tokens(smollm_llm) -> None:
 def test_bad_words_keep_their_tokens_out(smollm_llm) -> None:
     """A sequence of two tokens bans its second only after its first (the greedy answer's first two tokens: the
     first stays, the second goes); a word bans itself as the tokenizer writes it, after a space or not; a row
-    beside keeps its tokens; a word that is blank, or one with a structured output, is refused."""
+    beside keeps its tokens; a word that is blank, a string for a list, one with a structured output, and
+    allowed tokens all banned are refused."""
     plain_params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     greedy = smollm_llm.generate(PROMPT, plain_params)[0].outputs[0]
     first, second = greedy.token_ids[:2]
@@ -238,26 +239,41 @@ def test_bad_words_keep_their_tokens_out(smollm_llm) -> None:
         ids = smollm_llm.tokenizer.encode_text(spelled)
         assert not any(tokens[i:i + len(ids)] == ids for i in range(len(tokens))), (spelled, ids, tokens)
     assert tokens != greedy.token_ids
-    for bad in (SamplingParams(bad_words=[" "]),
-                SamplingParams(bad_words=["x"], structured_output=StructuredOutput.regex("[a-z]+"))):
+    for bad, param in ((SamplingParams(bad_words=[" "]), "bad_words"), (SamplingParams(bad_words="x"), "bad_words"),
+                       (SamplingParams(bad_words=["x"], structured_output=StructuredOutput.regex("[a-z]+")),
+                        "bad_words"),
+                       (SamplingParams(allowed_token_ids=[first], bad_words_token_ids=[[first]]), "allowed_token_ids")):
         with pytest.raises(InvalidSamplingParams) as error:
             smollm_llm.generate(PROMPT, bad)
-        assert error.value.param == "bad_words"
+        assert error.value.param == param
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
 
 
-def test_grammar_state_survives_preemption(smollm_llm) -> None:
+def test_grammar_state_and_bad_words_survive_preemption(smollm_llm) -> None:
     """A pool too small for the batch preempts constrained requests mid-answer; they resume where their
-    grammar stood and answer what a roomy pool answers."""
+    grammar stood and answer what a roomy pool answers. So do requests banning every pair of tokens of their
+    plain answers: a resumed request's new slot gets its output so far, or a pair split by the preemption
+    would pass (2 did when it did not)."""
     from sfllm import LLM
     prompts = chats(smollm_llm)[:3] * 2
     params = SamplingParams(temperature=0.0, max_tokens=32, structured_output=StructuredOutput.json_schema(PERSON))
     expected = [r.outputs[0].text for r in smollm_llm.generate(prompts, params)]
     for text in expected:
         json.loads(text)
+    plain = smollm_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    pairs = sorted({(a, b) for r in plain for a, b in zip(r.outputs[0].token_ids, r.outputs[0].token_ids[1:])})
+    banning = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                             bad_words_token_ids=[list(pair) for pair in pairs])
+    unbanned = [r.outputs[0].token_ids for r in smollm_llm.generate(prompts, banning)]
+    assert not any(pair in pairs for tokens in unbanned for pair in zip(tokens, tokens[1:]))
     for mode in ("recompute", "swap"):
         small = LLM(dtype="float32", device="cpu", max_context_length=128, num_kv_blocks=8, block_size=16,
                     preemption_mode=mode, cpu_kv_cache_gib=0.01)
         results = small.generate(prompts, params)
         assert small.engine.scheduler.num_preemptions > 0, mode
         assert [r.outputs[0].text for r in results] == expected, mode
+        if mode == "recompute":  # the slot's history is sent the same way in both modes
+            preempted = small.engine.scheduler.num_preemptions
+            results = small.generate(prompts, banning)
+            assert small.engine.scheduler.num_preemptions > preempted
+            assert [r.outputs[0].token_ids for r in results] == unbanned

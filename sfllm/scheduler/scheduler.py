@@ -509,11 +509,13 @@ class Scheduler:
         num_new += len(drafts)
         end += len(drafts)
         if request.needs_sampling_state:
+            # penalties read the prompt and the output so far, bad words of several tokens the output: a request
+            # resumed after a preemption brings them to its new slot
             penalties = request.params.has_penalties
             step.new_sequences.append(SequenceSampling(
                 slot=request.slot, params=request.params,
                 prompt_token_ids=request.prompt_token_ids if penalties else [],
-                output_token_ids=request.output_token_ids if penalties else []))
+                output_token_ids=request.output_token_ids if request.params.reads_output_tokens else []))
             request.needs_sampling_state = False
         if sample and request.matcher is not None:
             step.grammar_rows.append(step.num_sampled_rows)
