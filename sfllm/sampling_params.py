@@ -92,7 +92,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     @property
     def reads_output_tokens(self) -> bool:
         """Whether drawing a token reads the output so far: penalties, or a bad word of several tokens."""
-        return self.has_penalties or any(len(sequence) > 1 for sequence in self.bad_words_token_ids)
+        # read for every row of every step the worker resolves: the empty list answers without a generator
+        return self.has_penalties or (bool(self.bad_words_token_ids)
+                                      and any(len(sequence) > 1 for sequence in self.bad_words_token_ids))
 
     def with_bad_words_tokenized(self, encode: Callable[[str], list[int]]) -> SamplingParams:
         """These settings with bad_words_token_ids from bad_words (`encode`: text -> ids, no special tokens)."""
