@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sfllm.worker.token_mask import GrammarBitmasks, apply_bitmask
+from sfllm.worker.token_mask import TokenBitmasks, apply_bitmask
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> list[list[int]]:
@@ -18,7 +18,7 @@ def test_bits_allow_exactly_their_tokens_and_other_rows_allow_all() -> None:
     packed[0, 1] = (1 << 5) | (1 << 31)  # tokens 37 and 63: the sign bit too
     packed[0, 3] = 1 << 3                # token 99
     packed[1, 0] = 1                     # token 0
-    bitmask = GrammarBitmasks(vocab, torch.device("cpu")).bitmask(memoryview(packed.astype("<u4")).cast("B"),
+    bitmask = TokenBitmasks(vocab, torch.device("cpu")).bitmask(memoryview(packed.astype("<u4")).cast("B"),
                                                                   [1, 3], [0, 1, 2, 3])
     assert allowed_tokens(bitmask, vocab) == [list(range(vocab)), [37, 63, 99], list(range(vocab)), [0]]
 
@@ -27,7 +27,7 @@ def test_a_reused_buffer_keeps_no_row_of_an_earlier_step() -> None:
     """Steps of constrained rows only, each allowing one token, then on the same buffers a step with a drawn
     row no grammar constrains: that row allows every token, the grammar rows their own step's token."""
     vocab = 64
-    masks = GrammarBitmasks(vocab, torch.device("cpu"))
+    masks = TokenBitmasks(vocab, torch.device("cpu"))
 
     def packed(tokens: list[int]) -> bytes:
         rows = np.zeros((len(tokens), 2), dtype="<u4")

@@ -42,7 +42,7 @@ from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only, to_d
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
-from sfllm.worker.token_mask import GrammarBitmasks, packed_token_set, restrict_to_token_sets
+from sfllm.worker.token_mask import TokenBitmasks, packed_token_set
 from sfllm.worker.weight_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class ModelRunner:
         self.group.wait_for_all("weights loaded")
         self.max_slots = num_sequence_slots(config)
         self.sampler = Sampler(config.seed)
-        self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size, self.device)
+        self.token_bitmasks = TokenBitmasks(model_config.vocab_size, self.device)
         # one spare row past the slots: padding rows of a captured step write their token there
         self.last_tokens = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self.block_tables = BlockTables(self.max_slots, math.ceil(self.max_context_length / self.block_size),
@@ -388,9 +388,8 @@ class ModelRunner:
         with nvtx_range("sample"):
             states = [step.slot_states[step.sampled_slots[row]] for row in step.redraw]
             positions = sampled_row_positions(batch)
-            bitmask = None
-            if batch.grammar_rows:
-                bitmask = self.grammar_bitmasks.bitmask(grammar_mask, batch.grammar_rows, step.redraw)
+            bitmask = self.token_bitmasks.bitmask(grammar_mask, batch.grammar_rows, step.redraw,
+                                                  [state.allowed_tokens for state in states])
             unending = None
             if batch.min_tokens_rows:
                 short = set(batch.min_tokens_rows)
@@ -441,7 +440,6 @@ class ModelRunner:
             banned = [(p.stop_token_ids + eos if unended else []) + banned_next_tokens(p.bad_words_token_ids,
                                                                                         s.output_token_ids)
                       for p, s, unended in zip(params, states, short)]
-        token_bitmask = restrict_to_token_sets(token_bitmask, [s.allowed_tokens for s in states], self.device)
         return SamplingInputs.build(params, positions, self.source.config.vocab_size, self.device, penalty_tokens,
                                     token_bitmask, banned)
 
