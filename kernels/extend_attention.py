@@ -23,9 +23,11 @@ from sfllm.kernels.online_softmax import LOG2_E, attend_to_kv_tile
 from sfllm.kernels.tile_config import TileConfig, fit_to_shared_memory
 
 def extend_tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    # The best of a sweep on an H100 over prefills of 1k to 8k tokens (tests/gpu/bench_kernels.py).
+    # head_dim 128: the best over the standard workload's prefill steps (prompts of 100-1,024 tokens, 20% over
+    # 128 x 128) and single prompts of 2k and 8k tokens on an H200 (`bench_kernels.py extend`); below it, the
+    # best of a sweep on an H100 over prefills of 1k to 8k tokens.
     if head_dim >= 128:
-        config = TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+        config = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     else:
         config = TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)
     return fit_to_shared_memory(config, head_dim, dtype, device)

@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     extend | sample | batch]
+     layouts | ragged_tiles | extend | sample | batch]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -163,9 +163,11 @@ def sweep_extend() -> None:
     from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     chosen = extend_module.extend_tile_config
-    steps = _standard_prefill_steps(3)
-    print("| block_m | block_n | warps | stages | " + " | ".join(f"step {i}, listed / most keys first"
-                                                            for i in range(len(steps))) + " |  (TFLOP/s)")
+    # the workload's first steps, then single prompts of 2k and 8k tokens (where the order changes nothing)
+    steps = _standard_prefill_steps(3) + [(np.array([n]), np.array([n])) for n in (2048, 8192)]
+    print("| block_m | block_n | warps | stages | " + " | ".join(
+        [f"step {i}, listed / most keys first" for i in range(len(steps) - 2)] + ["2k prompt", "8k prompt"])
+        + " |  (TFLOP/s)")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in steps) + " |")
     inputs = []
     for query_lens, seq_lens in steps:
@@ -192,7 +194,7 @@ def sweep_extend() -> None:
         for query_lens, prefix, k_cache, v_cache, block_tables, query_start_loc, seq_lens, q, flops in inputs:
             listed = extend_tiles(query_lens, config.block_m)
             keys = prefix[listed[:, 0]] + listed[:, 1] + config.block_m  # keys a tile attends to, at most
-            orders = (listed, listed[np.argsort(-keys, kind="stable")])
+            orders = (listed, listed[np.argsort(-keys, kind="stable")]) if len(query_lens) > 1 else (listed,)
             out = torch.empty_like(q)
             timed = []
             for tiles in orders:
@@ -398,6 +400,119 @@ def bench_ragged_decode() -> None:
     for name in variants:
         total = 28 * np.interp(every_step, steps, seconds[name]).sum()
         print(f"  {name}: {total:.3f} s")
+
+
+def sweep_ragged_layouts() -> None:
+    """Decode attention over the standard workload's batches (as `ragged`, longest first, the engine's split
+    choice) for two KV cache layouts, block sizes and tiles: per layer the cache is [blocks, block_size, kv_heads,
+    head_dim] (NHD, the engine's) or [blocks, kv_heads, block_size, head_dim] (HND: a head's tokens of a block
+    contiguous), the kernel reading either through the same strides. Prints KV read GB/s per step and the whole
+    workload's attention time (28 layers, interpolated), the figure that moves its fraction of roofline."""
+    decode_module = sys.modules["sfllm.kernels.decode_attention"]
+    from sfllm.kernels.tile_config import TileConfig
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    steps = [0, 128, 256, 512, 768, 896]
+    largest = _standard_workload_contexts(0).size
+    chosen_config = decode_module.decode_tile_config
+    tiles = [None, (64, 4, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2), (128, 8, 2), (32, 2, 3)]
+    variants = [("NHD", 16, t) for t in tiles] + [("HND", 16, t) for t in tiles]
+    variants += [(layout, size, None) for layout in ("NHD", "HND") for size in (32, 64)]
+    print("| layout | block size | tile (block_n, warps, stages) | " + " | ".join(f"step {s}" for s in steps)
+          + " | workload attention (s) |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in steps) + " | --- |")
+    caches = {}
+    for layout, block_size, tile in variants:
+        if (layout, block_size) not in caches:
+            caches.clear()
+            torch.cuda.empty_cache()
+            blocks_per_seq = 2048 // block_size
+            num_blocks = largest * blocks_per_seq
+            if layout == "NHD":
+                shape, view = (num_blocks, block_size, num_kv_heads, head_dim), lambda t: t
+            else:
+                shape, view = (num_blocks, num_kv_heads, block_size, head_dim), lambda t: t.transpose(1, 2)
+            k_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
+            v_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
+            tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+            caches[(layout, block_size)] = (k_cache, v_cache, tables)
+        k_cache, v_cache, tables = caches[(layout, block_size)]
+        if tile is not None:
+            config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
+            decode_module.decode_tile_config = lambda *args, config=config: config
+        seconds, cells = [], []
+        for step in steps:
+            contexts = _standard_workload_contexts(step)
+            batch = contexts.size
+            seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
+            order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
+            q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
+            out = torch.empty_like(q)
+            splits = choose_num_kv_splits(batch, num_kv_heads, 40960, num_sms)
+            workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
+            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
+                                                              head_dim**-0.5, out, splits, workspace,
+                                                              batch_order=order))
+            seconds.append(us * 1e-6)
+            cells.append(f"{2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3:.0f}")
+        decode_module.decode_tile_config = chosen_config
+        total = 28 * np.interp(np.arange(1024), steps, seconds).sum()
+        print(f"| {layout} | {block_size} | {tile or 'chosen'} | " + " | ".join(cells) + f" | {total:.3f} |",
+              flush=True)
+
+
+def sweep_ragged_tiles() -> None:
+    """Decode attention over the standard workload's batches (longest first) for each tile and split count:
+    KV read GB/s per step, the best per step, and the workload's attention time (28 layers, interpolated) for
+    each fixed choice and for the best per step: the data behind decode_tile_config's choice by batch."""
+    decode_module = sys.modules["sfllm.kernels.decode_attention"]
+    from sfllm.kernels.tile_config import TileConfig
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    steps = [0, 128, 256, 384, 512, 576, 640, 704, 768, 832, 896, 960]
+    largest = _standard_workload_contexts(0).size
+    blocks_per_seq = 2048 // BLOCK_SIZE
+    num_blocks = largest * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+    chosen_config = decode_module.decode_tile_config
+    tiles = [None, (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 3)]
+    variants = [(tile, factor) for factor in (1, 2) for tile in tiles]
+    seconds = {v: [] for v in variants}
+    print("| step | batch | mean context | chosen splits | " + " | ".join(
+        f"{t or 'chosen'} x{f}" for t, f in variants) + " |  (GB/s of KV read; xF: F times the chosen splits)")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
+    for step in steps:
+        contexts = _standard_workload_contexts(step)
+        batch = contexts.size
+        seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
+        order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
+        q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
+        out = torch.empty_like(q)
+        chosen = choose_num_kv_splits(batch, num_kv_heads, 40960, num_sms)
+        workspace = DecodeWorkspace.allocate(batch, num_heads, 2 * chosen, head_dim, "cuda")
+        kv_bytes = 2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize
+        cells = []
+        for tile, factor in variants:
+            if tile is not None:
+                config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
+                decode_module.decode_tile_config = lambda *args, config=config: config
+            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
+                                                              head_dim**-0.5, out, factor * chosen, workspace,
+                                                              batch_order=order))
+            decode_module.decode_tile_config = chosen_config
+            seconds[(tile, factor)].append(us * 1e-6)
+            cells.append(f"{kv_bytes / us / 1e3:.0f}")
+        print(f"| {step} | {batch} | {contexts.mean():.0f} | {chosen} | " + " | ".join(cells) + " |", flush=True)
+    every_step = np.arange(1024)
+    print("\nattention of the whole workload (28 layers, each step interpolated from the table):")
+    for variant in variants:
+        total = 28 * np.interp(every_step, steps, seconds[variant]).sum()
+        print(f"  {variant[0] or 'chosen'} x{variant[1]}: {total:.3f} s")
+    best = np.min(np.array(list(seconds.values())), axis=0)
+    print(f"  the best per step: {28 * np.interp(every_step, steps, best).sum():.3f} s")
 
 
 class _TakingTurns:
@@ -736,7 +851,8 @@ def sweep_gemm_triton() -> None:
 
 
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
-MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "gemm": [sweep_gemm_backends],
+MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
+         "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "batch": [bench_by_batch],
          "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
