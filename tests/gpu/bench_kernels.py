@@ -335,6 +335,44 @@ def _load_base_decode_attention():
     return module
 
 
+def _ragged_caches(block_size: int = BLOCK_SIZE, heads_inside: bool = False) -> tuple[torch.Tensor, ...]:
+    """(k_cache, v_cache, block_tables): 2,048 tokens for each sequence of the standard workload's largest decode
+    batch, its blocks in random order; with `heads_inside` the cache is [blocks, kv_heads, block_size, head_dim]
+    (HND), seen through the engine's [blocks, block_size, kv_heads, head_dim] (NHD) view."""
+    _, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    largest = _standard_workload_contexts(0).size
+    blocks_per_seq = 2048 // block_size
+    num_blocks = largest * blocks_per_seq
+    if heads_inside:
+        shape, view = (num_blocks, num_kv_heads, block_size, head_dim), lambda t: t.transpose(1, 2)
+    else:
+        shape, view = (num_blocks, block_size, num_kv_heads, head_dim), lambda t: t
+    k_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
+    v_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+def _ragged_step(step: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(contexts, seq_lens, the longest-first order, q, out) of the standard workload's decode batch at `step`."""
+    num_heads, _, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    contexts = _standard_workload_contexts(step)
+    seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
+    order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
+    q = torch.randn(contexts.size, num_heads, head_dim, device="cuda", dtype=DTYPE)
+    return contexts, seq_lens, order, q, torch.empty_like(q)
+
+
+def _kv_read_gb_s(contexts: np.ndarray, us: float) -> float:
+    _, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
+    return 2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3
+
+
+def _workload_attention_s(steps: list[int], seconds: list[float]) -> float:
+    """Decode attention over the whole standard workload: 28 layers, every step interpolated from `steps`."""
+    return 28 * np.interp(np.arange(1024), steps, seconds).sum()
+
+
 def bench_ragged_decode() -> None:
     """Decode attention over the batches of the standard offline workload, whose sequences differ in length:
     KV read GB/s (graph replays) at every 128th step, for the split count the engine chooses and for fixed
@@ -345,13 +383,7 @@ def bench_ragged_decode() -> None:
     max_context = 40960  # the model's, which sizes the engine's split choice
     base = _load_base_decode_attention()
     steps = list(range(0, 1024, 128))
-    largest = _standard_workload_contexts(0).size
-    blocks_per_seq = 2048 // BLOCK_SIZE
-    num_blocks = largest * blocks_per_seq
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+    k_cache, v_cache, tables = _ragged_caches()
     variants = ["base", "chosen"] if base is not None else ["chosen"]
     variants += ["chosen, longest first", "1 split, longest first", "2 splits, longest first",
                  "4 splits, longest first"]
@@ -359,12 +391,8 @@ def bench_ragged_decode() -> None:
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
     seconds = {v: [] for v in variants}
     for step in steps:
-        contexts = _standard_workload_contexts(step)
+        contexts, seq_lens, order, q, out = _ragged_step(step)
         batch = contexts.size
-        seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
-        order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
-        q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
-        out = torch.empty_like(q)
         block_tables = tables[:batch]
         chosen = choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms)
         workspace = DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
@@ -383,7 +411,6 @@ def bench_ragged_decode() -> None:
             base_workspace = base.DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
             runs["base"] = lambda: base.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5,
                                                          out, chosen, base_workspace)
-        kv_bytes = 2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize
         cells = []
         runs["chosen"]()
         expected = out.float().clone()
@@ -393,13 +420,11 @@ def bench_ragged_decode() -> None:
             assert (out.float() - expected).abs().max().item() < 2e-2, f"{name} at step {step} differs"
             us = _graph_microseconds(runs[name])
             seconds[name].append(us * 1e-6)
-            cells.append(f"{kv_bytes / us / 1e3:.0f}")
+            cells.append(f"{_kv_read_gb_s(contexts, us):.0f}")
         print(f"| {step} | {batch} | {contexts.mean():.0f} | {chosen} | " + " | ".join(cells) + " |", flush=True)
-    every_step = np.arange(1024)
     print("\nattention of the whole workload (28 layers, each step interpolated from the table):")
     for name in variants:
-        total = 28 * np.interp(every_step, steps, seconds[name]).sum()
-        print(f"  {name}: {total:.3f} s")
+        print(f"  {name}: {_workload_attention_s(steps, seconds[name]):.3f} s")
 
 
 def sweep_ragged_layouts() -> None:
@@ -413,7 +438,6 @@ def sweep_ragged_layouts() -> None:
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     steps = [0, 128, 256, 512, 768, 896]
-    largest = _standard_workload_contexts(0).size
     chosen_config = decode_module.decode_tile_config
     tiles = [None, (64, 4, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2), (128, 8, 2), (32, 2, 3)]
     variants = [("NHD", 16, t) for t in tiles] + [("HND", 16, t) for t in tiles]
@@ -426,39 +450,25 @@ def sweep_ragged_layouts() -> None:
         if (layout, block_size) not in caches:
             caches.clear()
             torch.cuda.empty_cache()
-            blocks_per_seq = 2048 // block_size
-            num_blocks = largest * blocks_per_seq
-            if layout == "NHD":
-                shape, view = (num_blocks, block_size, num_kv_heads, head_dim), lambda t: t
-            else:
-                shape, view = (num_blocks, num_kv_heads, block_size, head_dim), lambda t: t.transpose(1, 2)
-            k_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
-            v_cache = view(torch.randn(shape, device="cuda", dtype=DTYPE))
-            tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
-            caches[(layout, block_size)] = (k_cache, v_cache, tables)
+            caches[(layout, block_size)] = _ragged_caches(block_size, heads_inside=layout == "HND")
         k_cache, v_cache, tables = caches[(layout, block_size)]
         if tile is not None:
             config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
             decode_module.decode_tile_config = lambda *args, config=config: config
         seconds, cells = [], []
         for step in steps:
-            contexts = _standard_workload_contexts(step)
+            contexts, seq_lens, order, q, out = _ragged_step(step)
             batch = contexts.size
-            seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
-            order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
-            q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
-            out = torch.empty_like(q)
             splits = choose_num_kv_splits(batch, num_kv_heads, 40960, num_sms)
             workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
             us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
                                                               head_dim**-0.5, out, splits, workspace,
                                                               batch_order=order))
             seconds.append(us * 1e-6)
-            cells.append(f"{2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3:.0f}")
+            cells.append(f"{_kv_read_gb_s(contexts, us):.0f}")
         decode_module.decode_tile_config = chosen_config
-        total = 28 * np.interp(np.arange(1024), steps, seconds).sum()
-        print(f"| {layout} | {block_size} | {tile or 'chosen'} | " + " | ".join(cells) + f" | {total:.3f} |",
-              flush=True)
+        print(f"| {layout} | {block_size} | {tile or 'chosen'} | " + " | ".join(cells)
+              + f" | {_workload_attention_s(steps, seconds):.3f} |", flush=True)
 
 
 def sweep_ragged_tiles() -> None:
@@ -470,13 +480,7 @@ def sweep_ragged_tiles() -> None:
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     steps = [0, 128, 256, 384, 512, 576, 640, 704, 768, 832, 896, 960]
-    largest = _standard_workload_contexts(0).size
-    blocks_per_seq = 2048 // BLOCK_SIZE
-    num_blocks = largest * blocks_per_seq
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(largest, blocks_per_seq)
+    k_cache, v_cache, tables = _ragged_caches()
     chosen_config = decode_module.decode_tile_config
     tiles = [None, (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 3)]
     variants = [(tile, factor) for factor in (1, 2) for tile in tiles]
@@ -485,15 +489,10 @@ def sweep_ragged_tiles() -> None:
         f"{t or 'chosen'} x{f}" for t, f in variants) + " |  (GB/s of KV read; xF: F times the chosen splits)")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
     for step in steps:
-        contexts = _standard_workload_contexts(step)
+        contexts, seq_lens, order, q, out = _ragged_step(step)
         batch = contexts.size
-        seq_lens = torch.from_numpy(contexts.astype(np.int32)).cuda()
-        order = torch.from_numpy(np.argsort(-contexts, kind="stable").astype(np.int32)).cuda()
-        q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
-        out = torch.empty_like(q)
         chosen = choose_num_kv_splits(batch, num_kv_heads, 40960, num_sms)
         workspace = DecodeWorkspace.allocate(batch, num_heads, 2 * chosen, head_dim, "cuda")
-        kv_bytes = 2 * int(contexts.sum()) * num_kv_heads * head_dim * DTYPE.itemsize
         cells = []
         for tile, factor in variants:
             if tile is not None:
@@ -504,15 +503,13 @@ def sweep_ragged_tiles() -> None:
                                                               batch_order=order))
             decode_module.decode_tile_config = chosen_config
             seconds[(tile, factor)].append(us * 1e-6)
-            cells.append(f"{kv_bytes / us / 1e3:.0f}")
+            cells.append(f"{_kv_read_gb_s(contexts, us):.0f}")
         print(f"| {step} | {batch} | {contexts.mean():.0f} | {chosen} | " + " | ".join(cells) + " |", flush=True)
-    every_step = np.arange(1024)
     print("\nattention of the whole workload (28 layers, each step interpolated from the table):")
-    for variant in variants:
-        total = 28 * np.interp(every_step, steps, seconds[variant]).sum()
-        print(f"  {variant[0] or 'chosen'} x{variant[1]}: {total:.3f} s")
+    for (tile, factor), timed in seconds.items():
+        print(f"  {tile or 'chosen'} x{factor}: {_workload_attention_s(steps, timed):.3f} s")
     best = np.min(np.array(list(seconds.values())), axis=0)
-    print(f"  the best per step: {28 * np.interp(every_step, steps, best).sum():.3f} s")
+    print(f"  the best per step: {_workload_attention_s(steps, best):.3f} s")
 
 
 class _TakingTurns:
