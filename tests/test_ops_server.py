@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 API_KEY = "ops-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 A_FLAGS = ("--api-key", API_KEY, "--max-output-tokens", "4000", "--max-prompt-tokens", "512", "--max-n", "8",
-           "--max-stop-sequences", "4", "--max-request-body-bytes", "65536", "--drain-timeout-s", "20")
+           "--max-stop-sequences", "4", "--max-request-body-bytes", "65536", "--drain-timeout-s", "60")
 B_FLAGS = ("--max-running-requests", "2", "--max-waiting-requests", "2", "--request-timeout-s", "8")
 
 
@@ -460,7 +460,8 @@ def test_sighup_replaces_the_frontend_under_streaming_load_without_a_failed_requ
     stop = threading.Event()
 
     def long_stream(lines: list[tuple[str, str]]) -> None:
-        # Long enough to outlast the replacement's start, short enough to end within A's drain timeout (20 s).
+        # Long enough to outlast the replacement's start, short enough to end within A's drain timeout (60 s: on a
+        # loaded 2-core machine, 20 s cut these streams off).
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 60, "ignore_eos": True, "stream": True}
         try:
             with httpx.stream("POST", f"{a.url}/v1/completions", json=body, headers=AUTH, timeout=300) as response:
