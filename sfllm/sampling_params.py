@@ -160,19 +160,14 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             grammar_of(self.structured_output)
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        stop_outside = next((t for t in self.stop_token_ids if not 0 <= t < vocab_size), None)
-        if stop_outside is not None:  # the sampler masks them before min_tokens: it indexes the logits with them
-            raise InvalidSamplingParams("stop_token_ids", f"stop_token_ids holds token id {stop_outside}, outside the "
-                                                          f"vocabulary [0, {vocab_size})")
-        outside = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
-        if outside is not None:
-            raise InvalidSamplingParams("logit_bias", f"logit_bias holds token id {outside}, outside the vocabulary "
-                                                      f"[0, {vocab_size})")
-        outside = next((t for sequence in self.bad_words_token_ids for t in sequence if not 0 <= t < vocab_size), None)
-        if outside is not None:
-            raise InvalidSamplingParams("bad_words", f"bad_words_token_ids holds token id {outside}, outside the "
-                                                     f"vocabulary [0, {vocab_size})")
-        outside = next((t for t in self.allowed_token_ids or [] if not 0 <= t < vocab_size), None)
-        if outside is not None:
-            raise InvalidSamplingParams("allowed_token_ids", f"allowed_token_ids holds token id {outside}, outside "
-                                                             f"the vocabulary [0, {vocab_size})")
+        # the sampler indexes the logits with stop ids (masked before min_tokens), bias ids, banned and allowed ids
+        banned = [t for sequence in self.bad_words_token_ids for t in sequence]
+        token_ids = (("stop_token_ids", "stop_token_ids", self.stop_token_ids),
+                     ("logit_bias", "logit_bias", self.logit_bias),
+                     ("bad_words", "bad_words_token_ids", banned),
+                     ("allowed_token_ids", "allowed_token_ids", self.allowed_token_ids or []))
+        for param, field, ids in token_ids:
+            outside = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if outside is not None:
+                raise InvalidSamplingParams(param, f"{field} holds token id {outside}, outside the vocabulary "
+                                                   f"[0, {vocab_size})")

@@ -19,7 +19,7 @@ def test_bits_allow_exactly_their_tokens_and_other_rows_allow_all() -> None:
     packed[0, 3] = 1 << 3                # token 99
     packed[1, 0] = 1                     # token 0
     bitmask = TokenBitmasks(vocab, torch.device("cpu")).bitmask(memoryview(packed.astype("<u4")).cast("B"),
-                                                                  [1, 3], [0, 1, 2, 3])
+                                                                [1, 3], [0, 1, 2, 3])
     assert allowed_tokens(bitmask, vocab) == [list(range(vocab)), [37, 63, 99], list(range(vocab)), [0]]
 
 

@@ -104,8 +104,8 @@ class GenerationRequest(RequestBody):
                                                                   "this many alternatives")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
-    # vLLM's and SGLang's constraints: a 400 that names response_format (ignored, their clients would get
-    # unconstrained text)
+    # vLLM's and SGLang's constraints: a 400 that points to response_format (ignored, their clients would get
+    # unconstrained text and not know it)
     OTHER_SERVERS_CONSTRAINTS: ClassVar[tuple[str, ...]] = (
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",  # vLLM
         "json_schema", "regex", "ebnf")  # SGLang

@@ -9,11 +9,13 @@ seq^2 / 2).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,32 +105,42 @@ def _graph_microseconds(run) -> float:
         return float("inf")
 
 
+@contextlib.contextmanager
+def _decode_tile(tile: tuple[int, int, int] | None) -> Iterator[None]:
+    """Inside: decode_attention runs at `tile` (block_n, warps, stages; None: the engine's choice)."""
+    decode_module = sys.modules["sfllm.kernels.decode_attention"]  # `sfllm.kernels.decode_attention` is the function
+    from sfllm.kernels.tile_config import TileConfig
+    chosen = decode_module.decode_tile_config
+    if tile is not None:
+        config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
+        decode_module.decode_tile_config = lambda *args: config
+    try:
+        yield
+    finally:
+        decode_module.decode_tile_config = chosen
+
+
 def sweep_decode() -> None:
     """Decode attention's KV read bandwidth (GB/s, graph replays) for each tile shape and pipeline depth, at
     Qwen3-0.6B shapes: the data behind sfllm.kernels.decode_attention.decode_tile_config."""
-    decode_module = sys.modules["sfllm.kernels.decode_attention"]  # `sfllm.kernels.decode_attention` is the function
-    from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(256, 1024), (64, 4096), (1, 4096)]
-    chosen = decode_module.decode_tile_config
     print("| block_n | warps | stages | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in shapes) + " |")
     caches = {shape: paged_cache(shape[0], shape[1], num_kv_heads, head_dim) for shape in shapes}
     for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
-        config = TileConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
-        decode_module.decode_tile_config = lambda *args, config=config: config
         cells = []
         for (batch, seq_len), (k_cache, v_cache, block_tables, seq_lens) in caches.items():
             q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=DTYPE)
             out = torch.empty_like(q)
             splits = choose_num_kv_splits(batch, num_kv_heads, seq_len, num_sms)
             workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
-            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                              head_dim**-0.5, out, splits, workspace))
+            with _decode_tile((block_n, warps, stages)):
+                us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                                  head_dim**-0.5, out, splits, workspace))
             cells.append(f"{2 * batch * seq_len * num_kv_heads * head_dim * DTYPE.itemsize / us / 1e3:.0f}")
         print(f"| {block_n} | {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
-    decode_module.decode_tile_config = chosen
 
 
 @functools.lru_cache(maxsize=1)
@@ -433,12 +445,9 @@ def sweep_ragged_layouts() -> None:
     head_dim] (NHD, the engine's) or [blocks, kv_heads, block_size, head_dim] (HND: a head's tokens of a block
     contiguous), the kernel reading either through the same strides. Prints KV read GB/s per step and the whole
     workload's attention time (28 layers, interpolated), the figure that moves its fraction of roofline."""
-    decode_module = sys.modules["sfllm.kernels.decode_attention"]
-    from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     steps = [0, 128, 256, 512, 768, 896]
-    chosen_config = decode_module.decode_tile_config
     tiles = [None, (64, 4, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2), (128, 8, 2), (32, 2, 3)]
     variants = [("NHD", 16, t) for t in tiles] + [("HND", 16, t) for t in tiles]
     variants += [(layout, size, None) for layout in ("NHD", "HND") for size in (32, 64)]
@@ -452,21 +461,18 @@ def sweep_ragged_layouts() -> None:
             torch.cuda.empty_cache()
             caches[(layout, block_size)] = _ragged_caches(block_size, heads_inside=layout == "HND")
         k_cache, v_cache, tables = caches[(layout, block_size)]
-        if tile is not None:
-            config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
-            decode_module.decode_tile_config = lambda *args, config=config: config
         seconds, cells = [], []
         for step in steps:
             contexts, seq_lens, order, q, out = _ragged_step(step)
             batch = contexts.size
             splits = choose_num_kv_splits(batch, num_kv_heads, 40960, num_sms)
             workspace = DecodeWorkspace.allocate(batch, num_heads, splits, head_dim, "cuda")
-            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
-                                                              head_dim**-0.5, out, splits, workspace,
-                                                              batch_order=order))
+            with _decode_tile(tile):
+                us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
+                                                                  head_dim**-0.5, out, splits, workspace,
+                                                                  batch_order=order))
             seconds.append(us * 1e-6)
             cells.append(f"{_kv_read_gb_s(contexts, us):.0f}")
-        decode_module.decode_tile_config = chosen_config
         print(f"| {layout} | {block_size} | {tile or 'chosen'} | " + " | ".join(cells)
               + f" | {_workload_attention_s(steps, seconds):.3f} |", flush=True)
 
@@ -475,13 +481,10 @@ def sweep_ragged_tiles() -> None:
     """Decode attention over the standard workload's batches (longest first) for each tile and split count:
     KV read GB/s per step, the best per step, and the workload's attention time (28 layers, interpolated) for
     each fixed choice and for the best per step: the data behind decode_tile_config's choice by batch."""
-    decode_module = sys.modules["sfllm.kernels.decode_attention"]
-    from sfllm.kernels.tile_config import TileConfig
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     steps = [0, 128, 256, 384, 512, 576, 640, 704, 768, 832, 896, 960]
     k_cache, v_cache, tables = _ragged_caches()
-    chosen_config = decode_module.decode_tile_config
     tiles = [None, (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 3)]
     variants = [(tile, factor) for factor in (1, 2) for tile in tiles]
     seconds = {v: [] for v in variants}
@@ -495,13 +498,10 @@ def sweep_ragged_tiles() -> None:
         workspace = DecodeWorkspace.allocate(batch, num_heads, 2 * chosen, head_dim, "cuda")
         cells = []
         for tile, factor in variants:
-            if tile is not None:
-                config = TileConfig(block_m=16, block_n=tile[0], num_warps=tile[1], num_stages=tile[2])
-                decode_module.decode_tile_config = lambda *args, config=config: config
-            us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
-                                                              head_dim**-0.5, out, factor * chosen, workspace,
-                                                              batch_order=order))
-            decode_module.decode_tile_config = chosen_config
+            with _decode_tile(tile):
+                us = _graph_microseconds(lambda: decode_attention(q, k_cache, v_cache, tables[:batch], seq_lens,
+                                                                  head_dim**-0.5, out, factor * chosen, workspace,
+                                                                  batch_order=order))
             seconds[(tile, factor)].append(us * 1e-6)
             cells.append(f"{_kv_read_gb_s(contexts, us):.0f}")
         print(f"| {step} | {batch} | {contexts.mean():.0f} | {chosen} | " + " | ".join(cells) + " |", flush=True)
