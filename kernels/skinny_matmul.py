@@ -4,7 +4,8 @@ With one to sixteen rows a linear layer is a pass over its weight, but cuBLAS's 
 shapes read a Qwen3-0.6B layer's weights at about a quarter of the H200's bandwidth (profiled: 29 us
 for 31 MB, nvjet tiles with split-K). Here each program owns BLOCK_N output columns and streams their
 weight rows along K, several tiles in flight, with the rows of x (padded to 16 for the tensor cores)
-read from L2.
+read from L2. Past SKINNY_ROWS rows the programs also split the rows, in tiles of BLOCK_M (BATCH_TILE):
+the programs of one weight tile are neighbours in the grid, so it comes from DRAM once.
 
 `skinny_gate_up_silu` is the same pass over a gate/up projection's weight ([gate; up] stacked) with SwiGLU's
 activation applied where the two products meet: each program streams the gate rows of its columns and the up
@@ -21,13 +22,8 @@ from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 
-MAX_ROWS = 16
-# Launched after the kernel before, this kernel beat cuBLAS at every layer of Qwen3-0.6B and -8B on an H200 up to 8
-# rows (1 row: o_proj of the 0.6B 4.4 us against 12.4) and was even at 16 (tests/gpu/bench_kernels.py sweep).
-# Launched early (dependent_launch.py), it reads a weight tile while the kernel before ends: a whole decode step's
-# layers at 12 and 16 sequences took 0.85 and 0.91 of cuBLAS's time on the 0.6B, 0.96 on the 8B (bench_kernels.py
-# pdl, 2026-12-03).
-FASTER_THAN_CUBLAS_ROWS = 16
+# Up to this many rows a program holds all of them (skinny_tile's tiles).
+SKINNY_ROWS = 16
 
 
 def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
@@ -41,6 +37,12 @@ def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
     if num_columns >= 16384:
         return 64, 128, 4, 3
     return (32, 512, 4, 4) if num_columns <= 4096 else (64, 256, 4, 4)
+
+
+# Past SKINNY_ROWS: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), BLOCK_N counting one half's columns in the
+# gated kernel. The best of 36 tiles at 32 and 64 rows for each GEMM of a Qwen3-0.6B layer, launched early
+# (tests/gpu/bench_kernels.py batch_gemm, H200, 2026-12-03).
+BATCH_TILE = (64, 32, 128, 4, 4)
 
 
 @triton.jit
@@ -57,9 +59,10 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
                           HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, CONSTANT_WEIGHT: tl.constexpr, PDL: tl.constexpr):
-    """out[:, :N] = x @ w[:N]^T; GATED: silu(x @ w[:N]^T) * (x @ w[N:2N]^T), w holding 2N rows."""
-    columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
+    """out[:, :N] = x @ w[:N]^T; GATED: silu(x @ w[:N]^T) * (x @ w[N:2N]^T), w holding 2N rows. Grid: (row tiles,
+    column tiles)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     depth = tl.arange(0, BLOCK_K)
     row_mask = rows < num_rows
     column_mask = columns < N
@@ -102,16 +105,17 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, N, K, strid
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: tuple[int, int, int, int] | None = None, constant_weight: bool = False) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, as F.linear.
-    `tile` overrides skinny_tile's (BLOCK_N, BLOCK_K, num_warps, num_stages). `constant_weight`: no kernel
+                  tile: tuple[int, ...] | None = None, constant_weight: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, as F.linear. `tile` overrides the
+    choice (skinny_tile's, or BATCH_TILE past SKINNY_ROWS rows): (BLOCK_N, BLOCK_K, num_warps, num_stages) for
+    programs of 16 rows, or (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). `constant_weight`: no kernel
     launched since the weight was loaded writes it (a model's parameters), so the kernel starts reading it before
     the kernel before it has finished (sfllm.kernels.dependent_launch)."""
     return _launch(x, weight, bias, tile, gated=False, constant_weight=constant_weight)
 
 
 def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        tile: tuple[int, int, int, int] | None = None, constant_weight: bool = False
+                        tile: tuple[int, ...] | None = None, constant_weight: bool = False
                         ) -> torch.Tensor:
     """silu(gate) * up of the projection x @ weight^T (+ bias) whose first half of columns is gate and second up:
     [M, K] x [2I, K] -> [M, I], as silu_and_mul(F.linear(x, weight, bias)) rounds it. `tile` as skinny_matmul's,
@@ -119,19 +123,19 @@ def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     program streams as many weight rows as it would for the projection alone). `constant_weight` as skinny_matmul's."""
     if weight.shape[0] % 2:
         raise ValueError(f"a gate/up projection has an even number of rows; got {weight.shape[0]}")
-    if tile is None:
+    if tile is None and x.shape[0] <= SKINNY_ROWS:
         block_n, block_k, num_warps, num_stages = skinny_tile(weight.shape[0], weight.shape[1])
         tile = (max(16, block_n // 2), block_k, num_warps, num_stages)
     return _launch(x, weight, bias, tile, gated=True, constant_weight=constant_weight)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            tile: tuple[int, int, int, int] | None, gated: bool, constant_weight: bool) -> torch.Tensor:
+            tile: tuple[int, ...] | None, gated: bool, constant_weight: bool) -> torch.Tensor:
     check_kernel_inputs(x, weight, *([] if bias is None else [bias]))
     num_rows, depth = x.shape
-    if num_rows > MAX_ROWS or weight.shape[1] != depth:
-        raise ValueError(f"skinny_matmul takes at most {MAX_ROWS} rows of x and a weight of x's width; got "
-                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.shape[1] != depth:
+        raise ValueError(f"skinny_matmul takes a weight of x's width; got x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul needs rows of x and of the weight contiguous")
     num_columns = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -144,10 +148,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             return projected
         gate, up = projected.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
-    block_n, block_k, num_warps, num_stages = tile or skinny_tile(num_columns, depth)
-    _skinny_matmul_kernel[(triton.cdiv(num_columns, block_n),)](
+    if tile is None:
+        tile = skinny_tile(num_columns, depth) if num_rows <= SKINNY_ROWS else BATCH_TILE
+    block_m, (block_n, block_k, num_warps, num_stages) = (16, tile) if len(tile) == 4 else (tile[0], tile[1:])
+    _skinny_matmul_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_columns, block_n))](
         x, weight, bias if bias is not None else weight, out, num_rows, num_columns, depth, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=MAX_ROWS,
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=depth % block_k == 0, DOT_PRECISION=dot_input_precision(x.dtype),
         CONSTANT_WEIGHT=constant_weight, num_warps=num_warps, num_stages=num_stages, **launch_options(x.device))
     return out

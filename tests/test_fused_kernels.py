@@ -75,7 +75,7 @@ def test_rotary_qk_norm_can_write_k_and_v_into_the_paged_cache(heads: int, kv_he
     assert torch.equal(v_cache.cpu(), v_expected)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 70])  # 70: row tiles of 64, the second ragged
 @pytest.mark.parametrize("depth, with_bias", [(512, False), (200, True)])  # K a multiple of the tile, or not
 @pytest.mark.parametrize("constant_weight", [False, True])  # the weight's first tile read before the wait, or after
 def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool, constant_weight: bool) -> None:
@@ -88,11 +88,12 @@ def test_skinny_matmul_matches_linear(rows: int, depth: int, with_bias: bool, co
     assert _relative_error(out, torch.nn.functional.linear(x, weight, bias)) < 1e-5
     empty = skinny_matmul(x[:, :0], weight[:, :0], bias)  # no depth: the bias alone, or zeros
     assert torch.equal(empty, torch.nn.functional.linear(x[:, :0], weight[:, :0], bias))
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        skinny_matmul(torch.randn(17, depth).to(DEVICE), weight)
+    with pytest.raises(ValueError, match="a weight of x's width"):
+        skinny_matmul(torch.randn(rows, depth + 1).to(DEVICE), weight)
 
 
-@pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True), (16, 512, False)])
+@pytest.mark.parametrize("rows, depth, with_bias", [(1, 512, False), (8, 200, True), (16, 512, False),
+                                                     (70, 200, True)])
 @pytest.mark.parametrize("constant_weight", [False, True])  # the weight's first tile read before the wait, or after
 def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: int, depth: int, with_bias: bool,
                                                                          constant_weight: bool) -> None:

@@ -9,7 +9,23 @@ import torch
 import torch.nn.functional as F
 
 
-SKINNY_ROWS = 16  # sfllm.kernels.skinny_matmul.FASTER_THAN_CUBLAS_ROWS, without importing Triton here
+# Where the linear layers run sfllm.kernels.skinny_matmul instead of cuBLAS (measured on an H200, kernel benches in
+# tests/gpu/bench_kernels.py). Up to 16 rows at every weight: launched after the kernel before it beat cuBLAS at
+# every layer of Qwen3-0.6B and -8B up to 8 rows and was even at 16 (`sweep`); launched early it reads a weight
+# tile while the kernel before ends, and a decode step's layers at 12 and 16 sequences took 0.85-0.96 of
+# cuBLAS's time (`pdl`). Up to 64 rows in layers whose largest weight (the gate/up projection) has at most 8 Mi
+# elements: alone the kernel is 1.3-1.5 us a layer slower than cuBLAS there, but launched early among the layer's
+# other kernels a Qwen3-0.6B decode step (6 Mi) at 21-64 sequences took 0.93-0.97 of cuBLAS's time; from 96 rows,
+# and on Qwen3-1.7B's layers (24 Mi, the step even within the benches' 2-3%) and the 8B's, it was not faster
+# (`batch_gemm`, `batch_steps`).
+SKINNY_ROWS = 16
+BATCH_ROWS = 64
+BATCH_WEIGHT_ELEMENTS = 8 * 2**20
+
+
+def kernel_rows(largest_weight_elements: int) -> int:
+    """The most rows for which a layer's linear layers run in the skinny kernel, by the layer's largest weight."""
+    return BATCH_ROWS if largest_weight_elements <= BATCH_WEIGHT_ELEMENTS else SKINNY_ROWS
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -17,19 +33,24 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype != torch.float32
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """layer(x); for the few rows of a small decode batch by a kernel that streams the weight at full
-    bandwidth (sfllm.kernels.skinny_matmul)."""
-    if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
+def _by_kernel(x: torch.Tensor, weight: torch.Tensor, most_rows: int) -> bool:
+    """Whether x @ weight^T runs in sfllm.kernels.skinny_matmul (or its gate/up form) rather than cuBLAS."""
+    return _use_kernels(x) and x.shape[0] <= most_rows
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS) -> torch.Tensor:
+    """layer(x); up to `most_rows` rows (kernel_rows) by a kernel that streams the weight and is launched while the
+    kernel before it ends (sfllm.kernels.skinny_matmul)."""
+    if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_matmul
         return skinny_matmul(x, layer.weight, layer.bias, constant_weight=True)
     return layer(x)
 
 
-def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """silu(gate) * up of the gate/up projection layer(x); for a small decode batch in the projection's own
-    kernel (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
-    if _use_kernels(x) and x.shape[0] <= SKINNY_ROWS:
+def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection layer(x); up to `most_rows` rows in the projection's own kernel
+    (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
+    if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_gate_up_silu
         return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
     return silu_and_mul(layer(x))

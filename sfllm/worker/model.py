@@ -15,7 +15,7 @@ from torch import nn
 from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.layer_ops import add_rms_norm, gate_up_silu, linear, rms_norm, rotary_qk_norm
+from sfllm.worker.layer_ops import add_rms_norm, gate_up_silu, kernel_rows, linear, rms_norm, rotary_qk_norm
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.rotary_embedding import RotaryEmbedding
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -35,10 +35,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
+    def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup,
+                 most_kernel_rows: int) -> None:
         super().__init__()
         self.layer = layer
         self.group = group
+        self.most_kernel_rows = most_kernel_rows
         self.num_heads = shard.num_heads
         self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
@@ -52,20 +54,25 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
-        q, k, v = rotary_qk_norm(linear(x, self.qkv_proj), positions, rope.cos_sin, self.num_heads, self.num_kv_heads,
-                                 self.head_dim, *norms, backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
-        return self.group.all_reduce(linear(backend.forward(self.layer, q, k, v, meta), self.o_proj))
+        qkv = linear(x, self.qkv_proj, self.most_kernel_rows)
+        q, k, v = rotary_qk_norm(qkv, positions, rope.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
+                                 backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
+        attended = backend.forward(self.layer, q, k, v, meta)
+        return self.group.all_reduce(linear(attended, self.o_proj, self.most_kernel_rows))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, shard: ModelShard, group: TensorParallelGroup) -> None:
+    def __init__(self, config: ModelConfig, shard: ModelShard, group: TensorParallelGroup,
+                 most_kernel_rows: int) -> None:
         super().__init__()
         self.group = group
+        self.most_kernel_rows = most_kernel_rows
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * shard.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shard.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(linear(gate_up_silu(x, self.gate_up_proj), self.down_proj))
+        rows = self.most_kernel_rows
+        return self.group.all_reduce(linear(gate_up_silu(x, self.gate_up_proj, rows), self.down_proj, rows))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -90,8 +97,10 @@ class VocabParallelEmbedding(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer, shard, group)
-        self.mlp = MLP(config, shard, group)
+        # a layer's GEMMs all in the skinny kernel or none: launched early, it gains from its neighbours being too
+        most_kernel_rows = kernel_rows(2 * shard.intermediate_size * config.hidden_size)
+        self.self_attn = Attention(config, layer, shard, group, most_kernel_rows)
+        self.mlp = MLP(config, shard, group, most_kernel_rows)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -662,16 +662,22 @@ def bench_dependent_launch() -> None:
     _skinny_rows_launched_early()
 
 
+def _kernel_up_to(rows: int):
+    """A stand-in for layer_ops._by_kernel: every linear layer of up to `rows` rows in the skinny kernel."""
+    from sfllm.worker import layer_ops
+    return lambda x, weight, most_rows: layer_ops._use_kernels(x) and x.shape[0] <= rows
+
+
 def _skinny_rows_launched_early() -> None:
     """Launched early, the skinny GEMMs beat cuBLAS past 8 rows (at 16 rows they were even launched after,
     `sweep`), the reason layer_ops.SKINNY_ROWS is 16: a decode step's layers at 12 and 16 sequences with the layers'
-    GEMMs by cuBLAS and by the skinny kernels (SKINNY_ROWS 8 and 16), microseconds per graph replay."""
+    GEMMs by cuBLAS and by the skinny kernels (to 8 and to 16 rows), microseconds per graph replay."""
     from sfllm.model_source import resolve_model
     from sfllm.worker import layer_ops
     from sfllm.worker.weight_loader import load_model
     print("\n| model | batch | cuBLAS GEMMs | skinny GEMMs | skinny / cuBLAS |")
     print("| --- | --- | --- | --- | --- |")
-    default_rows = layer_ops.SKINNY_ROWS
+    chosen = layer_ops._by_kernel
     for name in ("qwen3-0.6b", "qwen3-8b"):
         source = resolve_model(name, "dummy")
         model = load_model(source, DTYPE, torch.device("cuda"), 4096)
@@ -682,11 +688,11 @@ def _skinny_rows_launched_early() -> None:
             try:
                 with torch.inference_mode():
                     for rows in (8, 16):
-                        layer_ops.SKINNY_ROWS = rows
+                        layer_ops._by_kernel = _kernel_up_to(rows)
                         outputs.append(decode.run(*inputs).float())
                         times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
             finally:
-                layer_ops.SKINNY_ROWS = default_rows
+                layer_ops._by_kernel = chosen
             error = ((outputs[1] - outputs[0]).norm() / outputs[0].norm()).item()
             assert error < 5e-2, f"{name} batch {batch}: the skinny GEMMs' step differs by {error:.3g}"
             print(f"| {name} | {batch} | {times[0]:.0f} | {times[1]:.0f} | {times[1] / times[0]:.3f} |", flush=True)
@@ -846,13 +852,124 @@ def sweep_gemm_triton() -> None:
             print(f"| {model} | {rows} | **layer** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | |", flush=True)
         del weights
 
+BATCH_TILES = list(itertools.product((64, 128), (32, 64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))))
+BATCH_TILES_8B = list(itertools.product((64, 128), (64, 128), (64,), ((4, 3), (8, 3))))
+
+
+def _quick_microseconds(run) -> float:
+    """_graph_microseconds over a shorter measurement (5 ms a repeat): for sweeps of many tiles."""
+    try:
+        run()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(run, rep=5) * 1e3
+    except Exception:  # triton's OutOfResources and the like
+        return float("inf")
+
+
+def _batch_gemm(name: str, tile):
+    """The engine's function for a layer's GEMM `name` by the batch kernel at `tile` (None: cuBLAS, and for gate_up
+    the activation's own kernel after it)."""
+    import torch.nn.functional as F
+
+    from sfllm.kernels import silu_and_mul, skinny_gate_up_silu, skinny_matmul
+    if name == "gate_up":
+        if tile is None:
+            return lambda x, w: silu_and_mul(F.linear(x, w))
+        return lambda x, w: skinny_gate_up_silu(x, w, tile=tile, constant_weight=True)
+    if tile is None:
+        return F.linear
+    return lambda x, w: skinny_matmul(x, w, tile=tile, constant_weight=True)
+
+
+def sweep_batch_matmul() -> None:
+    """The skinny kernel past 16 rows, launched early with its weight's first tile read before the wait, against
+    cuBLAS at a layer's four GEMMs (gate_up with its activation: cuBLAS then silu_and_mul, or skinny_gate_up_silu):
+    microseconds per graph-replayed call, four copies of each weight read in turn, the best of BATCH_TILES (block_m,
+    block_n, block_k, (warps, stages)): the data behind sfllm.kernels.skinny_matmul.BATCH_TILE."""
+    print("| model | rows | GEMM | cuBLAS us | batch kernel, best tile us | best tile | relative error |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for model, shapes in LAYER_GEMMS.items():
+        weights = _rotated_weights(shapes)
+        tiles = BATCH_TILES if model == "0.6b" else BATCH_TILES_8B
+        for rows in (32, 64, 128, 192, 256) if model == "0.6b" else (64, 128, 256):
+            totals = [0.0, 0.0]
+            for name, (n, k) in shapes.items():
+                x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+                expected = _batch_gemm(name, None)(x, weights[name][0]).float()
+                cublas = _quick_microseconds(lambda: [_batch_gemm(name, None)(x, w) for w in weights[name]]) / 4
+                best = (float("inf"), None)
+                for block_m, block_n, block_k, (warps, stages) in tiles:
+                    tile = (block_m, block_n // 2 if name == "gate_up" else block_n, block_k, warps, stages)
+                    if tile[1] < 16:
+                        continue
+                    fn = _batch_gemm(name, tile)
+                    us = _quick_microseconds(lambda: [fn(x, w) for w in weights[name]]) / 4
+                    best = min(best, (us, tile), key=lambda t: t[0])
+                got = _batch_gemm(name, best[1])(x, weights[name][0]).float()
+                error = ((got - expected).norm() / expected.norm()).item()
+                assert error < 2e-2, f"{model} {name} at {rows} rows, tile {best[1]}: relative error {error:.3g}"
+                totals = [totals[0] + cublas, totals[1] + best[0]]
+                print(f"| {model} | {rows} | {name} | {cublas:.1f} | {best[0]:.1f} | {best[1]} | {error:.1e} |",
+                      flush=True)
+            print(f"| {model} | {rows} | **layer** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | | |", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
+def bench_batch_steps() -> None:
+    """A decode step's layers (the real model, dummy weights) in one CUDA graph, microseconds per replay, with the
+    layers' GEMMs past 16 rows by cuBLAS, and by the skinny kernel's row tiles (BATCH_TILE) as layer_ops chooses
+    them (to 64 rows, small weights), at every weight to 128 rows, and as layer_ops chooses but for qkv and gate_up
+    only: at contexts of 64 and 640 and at the standard workload's late steps (Qwen3-0.6B), and at a context of 640
+    (Qwen3-1.7B, -8B). The first column is the engine's choice before the row tiles."""
+    from sfllm.model_source import resolve_model
+    from sfllm.worker import layer_ops
+    from sfllm.worker.weight_loader import load_model
+    chosen = layer_ops._by_kernel
+    variants = {"cuBLAS past 16 rows": _kernel_up_to(layer_ops.SKINNY_ROWS), "the engine's": chosen,
+                "kernel to 128 rows": _kernel_up_to(128),
+                "qkv, gate_up to 64": lambda x, weight, most: chosen(x, weight, most) and (
+                    x.shape[0] <= layer_ops.SKINNY_ROWS or weight.shape[0] > weight.shape[1])}
+    print("| model | batch | mean context | " + " | ".join(variants) + " | engine's / cuBLAS | relative error |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " | --- | --- |")
+    for name in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"):
+        source = resolve_model(name, "dummy")
+        model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+        if name == "qwen3-0.6b":
+            cases = [np.full(b, 64) for b in (24, 48, 64, 96, 128)] + [np.full(b, 640) for b in (32, 48, 64)]
+            cases += [_standard_workload_contexts(step) for step in (640, 704, 768, 832, 896, 960)]
+        else:  # the 1.7B: its qkv and o proj by the kernel, gate_up and down by cuBLAS; the 8B: every GEMM by cuBLAS
+            cases = [np.full(b, 640) for b in (24, 48, 64)]
+        for contexts in cases:
+            decode = DecodeStep.build(model, source.config, contexts, DTYPE)
+            inputs = decode.rows(0, contexts.size)
+            times, outputs = [], []
+            try:
+                with torch.inference_mode():
+                    for by_kernel in variants.values():
+                        layer_ops._by_kernel = by_kernel
+                        outputs.append(decode.run(*inputs).float())
+                        times.append(_graph_microseconds(lambda: decode.run(*inputs)))
+            finally:
+                layer_ops._by_kernel = chosen
+            error = max(((out - outputs[0]).norm() / outputs[0].norm()).item() for out in outputs)
+            assert error < 5e-2, f"{name} batch {contexts.size}: the steps differ by {error:.3g}"
+            print(f"| {name} | {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in times)
+                  + f" | {times[1] / times[0]:.3f} | {error:.1e} |", flush=True)
+            del decode, inputs
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
 
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "batch": [bench_by_batch],
-         "gate_up": [sweep_gate_up_silu], "sweep": [sweep_skinny_matmul, sweep_decode], "": [bench_decode, bench_prefill]}
+         "gate_up": [sweep_gate_up_silu], "batch_gemm": [sweep_batch_matmul],
+         "batch_steps": [bench_batch_steps], "sweep": [sweep_skinny_matmul, sweep_decode],
+         "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name()}, {DTYPE}, block_size {BLOCK_SIZE}\n")

@@ -215,8 +215,19 @@ def test_fused_add_rms_norm_at_model_width(dtype: torch.dtype) -> None:
     assert relative_error(x, expected_normed) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 17, 48, 100])  # one program's rows, then row tiles (the last ragged)
+@pytest.mark.parametrize("columns, depth", [(4096, 1024), (1024, 2048), (1024, 3072)])  # Qwen3-0.6B's qkv, o, down
+def test_skinny_matmul_at_model_shapes(rows: int, columns: int, depth: int) -> None:
+    """The layers' GEMMs of a decode batch (layer_ops runs the kernel up to 64 rows on Qwen3-0.6B) against fp32."""
+    x = torch.randn(rows, depth, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(columns, depth, device="cuda", dtype=torch.bfloat16) / depth**0.5
+    out = skinny_matmul(x, weight, constant_weight=True)
+    assert out.shape == (rows, columns) and out.dtype == torch.bfloat16
+    assert relative_error(out, x.float() @ weight.float().t()) < 1e-2
+
+
 @pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (12288, 4096)])  # Qwen3-0.6B, -8B
-@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("rows", [1, 8, 48])
 def test_skinny_gate_up_silu_equals_the_projection_then_the_activation(intermediate: int, hidden: int,
                                                                         rows: int) -> None:
     """The fused gate/up projection of a small decode batch against the two kernels it replaces: the same
@@ -267,7 +278,7 @@ def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
     assert not torch.equal(draws[0], draws[1]), "each draw takes fresh noise"
 
 
-@pytest.mark.parametrize("batch", [1, 64])  # the skinny kernels' GEMMs, cuBLAS's
+@pytest.mark.parametrize("batch", [1, 48, 96])  # the skinny kernels' GEMMs (one program's rows, row tiles), cuBLAS's
 def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen3-0.6B's decode step (dummy weights: its norms, skinny or cuBLAS GEMMs, rotary and KV store, decode
     attention) captured with the kernels launched early (programmatic dependent launch) gives, replay after replay
