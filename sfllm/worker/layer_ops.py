@@ -15,9 +15,9 @@ import torch.nn.functional as F
 # tile while the kernel before ends, and a decode step's layers at 12 and 16 sequences took 0.85-0.96 of
 # cuBLAS's time (`pdl`). Up to 64 rows in layers whose largest weight (the gate/up projection) has at most 8 Mi
 # elements: alone the kernel is 1.3-1.5 us a layer slower than cuBLAS there, but launched early among the layer's
-# other kernels a Qwen3-0.6B decode step (6 Mi) at 21-64 sequences took 0.93-0.97 of cuBLAS's time; from 96 rows,
-# and on Qwen3-1.7B's layers (24 Mi, the step even within the benches' 2-3%) and the 8B's, it was not faster
-# (`batch_gemm`, `batch_steps`).
+# other kernels a Qwen3-0.6B decode step (6 Mi) at 21-64 sequences took 0.93-0.97 of cuBLAS's time (even at 24
+# sequences of 64 tokens). From 96 rows it was slower, on Qwen3-1.7B's layers (24 Mi) 1.04-1.08 with all four GEMMs
+# in it (0.97-1.03 with its two smaller ones), on the 8B's 1.10-1.12 (`batch_gemm`, `batch_steps`).
 SKINNY_ROWS = 16
 BATCH_ROWS = 64
 BATCH_WEIGHT_ELEMENTS = 8 * 2**20
@@ -34,7 +34,8 @@ def _use_kernels(x: torch.Tensor) -> bool:
 
 
 def _by_kernel(x: torch.Tensor, weight: torch.Tensor, most_rows: int) -> bool:
-    """Whether x @ weight^T runs in sfllm.kernels.skinny_matmul (or its gate/up form) rather than cuBLAS."""
+    """Whether x @ weight^T runs in sfllm.kernels.skinny_matmul (or its gate/up form) rather than cuBLAS (the
+    weight: for the kernel benches' stand-ins, which choose by GEMM)."""
     return _use_kernels(x) and x.shape[0] <= most_rows
 
 
