@@ -97,7 +97,7 @@ class VocabParallelEmbedding(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
-        # a layer's GEMMs all in the skinny kernel or none: launched early, it gains from its neighbours being too
+        # a layer's GEMMs all in the skinny kernel up to the same rows, chosen by its largest weight
         most_kernel_rows = kernel_rows(2 * shard.intermediate_size * config.hidden_size)
         self.self_attn = Attention(config, layer, shard, group, most_kernel_rows)
         self.mlp = MLP(config, shard, group, most_kernel_rows)
