@@ -40,8 +40,8 @@ def skinny_tile(num_columns: int, depth: int) -> tuple[int, int, int, int]:
 
 
 # Past SKINNY_ROWS: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), BLOCK_N counting one half's columns in the
-# gated kernel. The best of 36 tiles at 32 and 64 rows for each GEMM of a Qwen3-0.6B layer, launched early
-# (tests/gpu/bench_kernels.py batch_gemm, H200, 2026-12-03).
+# gated kernel. The best of 36 tiles for each GEMM of a Qwen3-0.6B layer at 64 rows and for three of the four at 32
+# (o_proj's best there: 3 stages), launched early (tests/gpu/bench_kernels.py batch_gemm, H200, 2026-12-03).
 BATCH_TILE = (64, 32, 128, 4, 4)
 
 

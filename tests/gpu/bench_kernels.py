@@ -95,12 +95,13 @@ def bench_prefill() -> None:
             print(f"| {model} | {seq_len} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
 
 
-def _graph_microseconds(run) -> float:
-    """Mean time of `run` replayed in a CUDA graph; inf when it cannot run (a tile over the shared memory)."""
+def _graph_microseconds(run, rep_ms: int = 20) -> float:
+    """Mean time of `run` replayed in a CUDA graph (`rep_ms` a repeat: less for sweeps of many tiles); inf when it
+    cannot run (a tile over the shared memory)."""
     try:
         run()
         torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(run) * 1e3
+        return triton.testing.do_bench_cudagraph(run, rep=rep_ms) * 1e3
     except Exception:  # triton's OutOfResources and the like
         return float("inf")
 
@@ -852,18 +853,9 @@ def sweep_gemm_triton() -> None:
             print(f"| {model} | {rows} | **layer** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | |", flush=True)
         del weights
 
+
 BATCH_TILES = list(itertools.product((64, 128), (32, 64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))))
 BATCH_TILES_8B = list(itertools.product((64, 128), (64, 128), (64,), ((4, 3), (8, 3))))
-
-
-def _quick_microseconds(run) -> float:
-    """_graph_microseconds over a shorter measurement (5 ms a repeat): for sweeps of many tiles."""
-    try:
-        run()
-        torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(run, rep=5) * 1e3
-    except Exception:  # triton's OutOfResources and the like
-        return float("inf")
 
 
 def _batch_gemm(name: str, tile):
@@ -896,14 +888,14 @@ def sweep_batch_matmul() -> None:
             for name, (n, k) in shapes.items():
                 x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
                 expected = _batch_gemm(name, None)(x, weights[name][0]).float()
-                cublas = _quick_microseconds(lambda: [_batch_gemm(name, None)(x, w) for w in weights[name]]) / 4
+                cublas = _graph_microseconds(lambda: [_batch_gemm(name, None)(x, w) for w in weights[name]], 5) / 4
                 best = (float("inf"), None)
                 for block_m, block_n, block_k, (warps, stages) in tiles:
                     tile = (block_m, block_n // 2 if name == "gate_up" else block_n, block_k, warps, stages)
                     if tile[1] < 16:
                         continue
                     fn = _batch_gemm(name, tile)
-                    us = _quick_microseconds(lambda: [fn(x, w) for w in weights[name]]) / 4
+                    us = _graph_microseconds(lambda: [fn(x, w) for w in weights[name]], 5) / 4
                     best = min(best, (us, tile), key=lambda t: t[0])
                 got = _batch_gemm(name, best[1])(x, weights[name][0]).float()
                 error = ((got - expected).norm() / expected.norm()).item()
@@ -938,7 +930,7 @@ def bench_batch_steps() -> None:
         if name == "qwen3-0.6b":
             cases = [np.full(b, 64) for b in (24, 48, 64, 96, 128)] + [np.full(b, 640) for b in (32, 48, 64)]
             cases += [_standard_workload_contexts(step) for step in (640, 704, 768, 832, 896, 960)]
-        else:  # the 1.7B: its qkv and o proj by the kernel, gate_up and down by cuBLAS; the 8B: every GEMM by cuBLAS
+        else:  # layers the engine leaves to cuBLAS (their gate/up weights are past BATCH_WEIGHT_ELEMENTS)
             cases = [np.full(b, 640) for b in (24, 48, 64)]
         for contexts in cases:
             decode = DecodeStep.build(model, source.config, contexts, DTYPE)
