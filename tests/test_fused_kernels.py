@@ -111,6 +111,29 @@ def test_skinny_gate_up_silu_matches_the_projection_then_the_activation(rows: in
         skinny_gate_up_silu(x, weight[:79])
 
 
+@pytest.mark.parametrize("rows, tile", [(5, None), (70, (64, 32, 64, 4, 2))])  # one program's rows; row tiles
+@pytest.mark.parametrize("gated", [False, True])
+def test_split_skinny_gemm_sums_its_splits_once_and_leaves_its_tickets_at_zero(rows: int, tile, gated: bool) -> None:
+    """K of 640 in 3 splits asked: whole K tiles each, so 2 of 512 for one program's rows (512-deep tiles) and 256,
+    256, 128 for the row tiles' 64-deep ones. Each output tile is summed by the last of its programs; a second call
+    finds the tile counters at zero again and gives the same bits."""
+    skinny = importlib.import_module("sfllm.kernels.skinny_matmul")
+    torch.manual_seed(6)
+    x = torch.randn(rows, 640).to(DEVICE)
+    weight = torch.randn(96, 640).to(DEVICE)
+    bias = torch.randn(96).to(DEVICE)
+    run = skinny_gate_up_silu if gated else skinny_matmul
+    out = run(x, weight, bias, tile=tile, split_k=3)
+    reference = torch.nn.functional.linear(x, weight, bias)
+    if gated:
+        gate, up = reference.chunk(2, dim=-1)
+        reference = torch.nn.functional.silu(gate) * up
+    assert _relative_error(out, reference) < 1e-5
+    assert not skinny._TICKETS[torch.device(DEVICE)].any(), "a split GEMM leaves its tile counters at zero"
+    assert torch.equal(run(x, weight, bias, tile=tile, split_k=3), out)
+    assert _relative_error(run(x, weight, bias, tile=tile, split_k=1), reference) < 1e-5
+
+
 def test_silu_and_mul_matches_torch() -> None:
     torch.manual_seed(1)
     gate_up = torch.randn(5, 2 * 1500)

@@ -954,13 +954,147 @@ def bench_batch_steps() -> None:
         torch.cuda.empty_cache()
 
 
+
+SPLIT_ROWS = (1, 8, 16, 32, 64, 96, 128, 192, 256)
+SPLIT_TILES = {"rows": [(16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4)],  # (BLOCK_N, BLOCK_K, ...) to 16 rows
+               "tiles": [(64, 16, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 64, 4, 4), (64, 64, 64, 4, 3)]}
+SPLITS = (1, 2, 3, 4, 6, 8)
+UNSPLIT_NARROW_TILE = (16, 512, 4, 3)  # skinny_tile's for at most 2,048 columns before K was split
+
+
+def _split_gemm(name: str, tile, split: int | None):
+    """The engine's function for a layer's GEMM `name` by the skinny kernel at `tile` in `split` splits of K (None:
+    the kernel's choices), launched early with its weight's first tile read before the wait."""
+    from sfllm.kernels import skinny_gate_up_silu, skinny_matmul
+    kernel = skinny_gate_up_silu if name == "gate_up" else skinny_matmul
+    return lambda x, w: kernel(x, w, tile=tile, constant_weight=True, split_k=split)
+
+
+def sweep_split_gemm() -> dict:
+    """A Qwen3-0.6B layer's four GEMMs (gate/up with its activation) by cuBLAS and by the skinny kernel: at its tile
+    unsplit, as it chooses (tile and split_count), and the best of its tiles (SPLIT_TILES, BLOCK_N counting one
+    half's columns for gate/up) and splits of K (SPLITS); microseconds per graph-replayed call over four copies of
+    each weight read in turn. Returns the best (us, tile, split) by (GEMM, rows), and cuBLAS's us."""
+    shapes = LAYER_GEMMS["0.6b"]
+    weights = _rotated_weights(shapes)
+    found = {}
+    print("| rows | GEMM | cuBLAS | kernel unsplit | kernel as it chooses | best | best tile, split | relative error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for rows in SPLIT_ROWS:
+        totals = [0.0, 0.0, 0.0, 0.0]
+        for name, (n, k) in shapes.items():
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            timed = [_graph_microseconds(lambda: [fn(x, w) for w in weights[name]], 5) / 4 for fn in
+                     (_batch_gemm(name, None), _split_gemm(name, None, 1), _split_gemm(name, None, None))]
+            best = (timed[2], None, None)
+            for tile in SPLIT_TILES["rows" if rows <= 16 else "tiles"]:
+                if name == "gate_up":
+                    tile = tile[:-4] + (max(16, tile[-4] // 2),) + tile[-3:]
+                for split in SPLITS:
+                    fn = _split_gemm(name, tile, split)
+                    us = _graph_microseconds(lambda: [fn(x, w) for w in weights[name]], 5) / 4
+                    if us < best[0]:
+                        best = (us, tile, split)
+            expected = _batch_gemm(name, None)(x, weights[name][0]).float()
+            error = max(((_split_gemm(name, *config)(x, weights[name][0]).float() - expected).norm()
+                         / expected.norm()).item() for config in ((None, None), best[1:]))
+            assert error < 2e-2, f"{name} at {rows} rows, {best[1:]}: relative error {error:.3g}"
+            found[name, rows] = best
+            found["cublas", name, rows] = timed[0]
+            totals = [total + us for total, us in zip(totals, timed + [best[0]])]
+            print(f"| {rows} | {name} | " + " | ".join(f"{us:.1f}" for us in timed + [best[0]])
+                  + f" | {best[1]}, {best[2]} | {error:.1e} |", flush=True)
+        print(f"| {rows} | **layer** | " + " | ".join(f"**{us:.1f}**" for us in totals) + " | | |", flush=True)
+    del weights
+    torch.cuda.empty_cache()
+    return found
+
+
+def _unsplit(function):
+    """`function` (a skinny GEMM) as it ran before K was split: one program per output tile, and a narrow weight's
+    tile at up to 16 rows the one of more programs (UNSPLIT_NARROW_TILE)."""
+    from sfllm.kernels.skinny_matmul import SKINNY_ROWS
+
+    def call(x, weight, bias=None, constant_weight=False):
+        narrow = x.shape[0] <= SKINNY_ROWS and weight.shape[0] <= 1024
+        return function(x, weight, bias, tile=UNSPLIT_NARROW_TILE if narrow else None,
+                        constant_weight=constant_weight, split_k=1)
+    return call
+
+
+def bench_split_steps(sweep: bool = True) -> None:
+    """A Qwen3-0.6B decode step's layers (dummy weights, one CUDA graph, microseconds per replay) with the skinny
+    GEMMs unsplit (as before), as the engine runs them, and (`sweep`) with `sweep_split_gemm`'s best tile and split
+    for each GEMM where the engine runs the kernel, then also past the engine's rows wherever it beat cuBLAS alone.
+    At a context of 640 and at the standard workload's steps."""
+    import sfllm.kernels
+    from sfllm.model_source import resolve_model
+    from sfllm.worker import layer_ops
+    from sfllm.worker.weight_loader import load_model
+    found = sweep_split_gemm() if sweep else {}
+    names = {shape: name for name, shape in LAYER_GEMMS["0.6b"].items()}
+
+    def best_for(weight: torch.Tensor, rows: int):
+        name = names[tuple(weight.shape)]
+        swept = next((r for r in SPLIT_ROWS if r >= rows), SPLIT_ROWS[-1])
+        return name, swept, found[name, swept]
+    kernels = {name: getattr(sfllm.kernels, name) for name in ("skinny_matmul", "skinny_gate_up_silu")}
+
+    def tuned(function):
+        def call(x, weight, bias=None, constant_weight=False):
+            _, _, (_, tile, split) = best_for(weight, x.shape[0])
+            return function(x, weight, bias, tile=tile, constant_weight=constant_weight, split_k=split)
+        return call
+
+    chosen = layer_ops._by_kernel
+
+    def past_the_rows(x, weight, most_rows):
+        if chosen(x, weight, most_rows):
+            return True
+        name, swept, (us, _, _) = best_for(weight, x.shape[0])
+        return layer_ops._use_kernels(x) and us < found["cublas", name, swept]
+    variants = {"unsplit (before)": (chosen, _unsplit), "the engine's": (chosen, None)}
+    if sweep:
+        variants |= {"best of the sweep": (chosen, tuned),
+                     "and past its rows where faster alone": (past_the_rows, tuned)}
+    source = resolve_model("qwen3-0.6b", "dummy")
+    model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+    print("\n| batch | mean context | " + " | ".join(variants) + " | engine's / before | relative error |")
+    print("| --- | --- | " + " | ".join("---" for _ in variants) + " | --- | --- |")
+    cases = [np.full(b, 640) for b in (1, 4, 8, 16, 32, 48, 64)]
+    cases += [_standard_workload_contexts(step) for step in (128, 384, 512, 640, 768, 832, 896, 960)]
+    for contexts in cases:
+        decode = DecodeStep.build(model, source.config, contexts, DTYPE)
+        inputs = decode.rows(0, contexts.size)
+        times, outputs = [], []
+        try:
+            with torch.inference_mode():
+                for by_kernel, wrap in variants.values():
+                    layer_ops._by_kernel = by_kernel
+                    for name, function in kernels.items():
+                        setattr(sfllm.kernels, name, wrap(function) if wrap else function)
+                    outputs.append(decode.run(*inputs).float())
+                    times.append(_graph_microseconds(lambda: decode.run(*inputs)))
+        finally:
+            layer_ops._by_kernel = chosen
+            for name, function in kernels.items():
+                setattr(sfllm.kernels, name, function)
+        error = max(((out - outputs[0]).norm() / outputs[0].norm()).item() for out in outputs)
+        assert error < 5e-2, f"batch {contexts.size}: the steps differ by {error:.3g}"
+        print(f"| {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in times)
+              + f" | {times[1] / times[0]:.3f} | {error:.1e} |", flush=True)
+        del decode, inputs
+        torch.cuda.empty_cache()
+
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "batch": [bench_by_batch],
          "gate_up": [sweep_gate_up_silu], "batch_gemm": [sweep_batch_matmul],
-         "batch_steps": [bench_batch_steps], "sweep": [sweep_skinny_matmul, sweep_decode],
+         "batch_steps": [bench_batch_steps], "split": [bench_split_steps],
+         "split_steps": [functools.partial(bench_split_steps, sweep=False)],
+         "sweep": [sweep_skinny_matmul, sweep_decode],
          "": [bench_decode, bench_prefill]}
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The Triton kernels at real model shapes on a GPU, against the fp32 references."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -224,6 +225,28 @@ def test_skinny_matmul_at_model_shapes(rows: int, columns: int, depth: int) -> N
     out = skinny_matmul(x, weight, constant_weight=True)
     assert out.shape == (rows, columns) and out.dtype == torch.bfloat16
     assert relative_error(out, x.float() @ weight.float().t()) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 48])  # one program's rows, row tiles
+@pytest.mark.parametrize("columns, depth", [(1024, 2048), (1024, 3072)])  # Qwen3-0.6B's o and down: 32 column tiles
+def test_split_skinny_matmul_replays_in_a_graph_with_the_same_bits(rows: int, columns: int, depth: int) -> None:
+    """A narrow weight's K split among programs (split_count): every graph replay sums the splits in one order,
+    so gives the eager call's bits, and leaves the tile counters at zero for the next."""
+    skinny = importlib.import_module("sfllm.kernels.skinny_matmul")
+    assert skinny.split_count(32, depth, 256, torch.device("cuda")) > 1
+    x = torch.randn(rows, depth, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(columns, depth, device="cuda", dtype=torch.bfloat16) / depth**0.5
+    eager = skinny_matmul(x, weight, constant_weight=True)
+    assert relative_error(eager, x.float() @ weight.float().t()) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_matmul(x, weight, constant_weight=True)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert not skinny._TICKETS[x.device].any()
 
 
 @pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (12288, 4096)])  # Qwen3-0.6B, -8B
