@@ -197,7 +197,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 # One counter per output tile of a split GEMM, zero between calls (each call's last program of a tile resets it); per
-# device, allocated before any CUDA graph is captured (the graphs' warm-up runs eagerly first).
+# device, allocated before any CUDA graph is captured (the graphs' warm-up runs eagerly first). Split GEMMs on one
+# device must therefore run one at a time, as they do on the engine's one stream: two on concurrent streams would
+# count into the same tiles' counters.
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 MIN_TICKETS = 4096
 

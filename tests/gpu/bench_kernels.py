@@ -532,6 +532,19 @@ class _TakingTurns:
         return out
 
 
+@contextlib.contextmanager
+def _gemms_unsplit() -> Iterator[None]:
+    """Inside: the skinny GEMMs do not split K, whose tile counters serve one stream at a time (the halves run on
+    two)."""
+    skinny = sys.modules["sfllm.kernels.skinny_matmul"]  # `sfllm.kernels.skinny_matmul` is the function
+    split_count = skinny.split_count
+    skinny.split_count = lambda *args: 1
+    try:
+        yield
+    finally:
+        skinny.split_count = split_count
+
+
 def bench_two_halves() -> None:
     """A decode step's layers (the real model, dummy weights) at batches of the standard offline workload, in one
     CUDA graph, microseconds per step: the whole batch on one stream; two halves one after another on one
@@ -586,7 +599,7 @@ def bench_two_halves() -> None:
                     "halves, one stream": lambda: in_halves(False, [backend, backend]),
                     "halves, two streams": lambda: in_halves(True, [backend, backend]),
                     "halves, taking turns": lambda: in_halves(True, turns)}
-            with torch.inference_mode():
+            with torch.inference_mode(), _gemms_unsplit():
                 expected = one_stream().float()
                 cells = []
                 for label, run in runs.items():
