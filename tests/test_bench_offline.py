@@ -69,10 +69,12 @@ def test_idle_causes_charge_each_gap_to_what_the_host_was_doing(tmp_path: Path, 
     assert causes.waiting_for_step_us == 5
     assert causes.launched_late_us == {"prepare": 28, "forward": 7}
     assert (causes.short_gaps_us, causes.not_host_us) == (2, 16)
+    assert causes.not_host_by_pair == {("k4", "k5"): 16}
     assert causes.num_steps == 1 and causes.phase_us["prepare"] == [20]
     assert [(c.name, c.total_us, c.count) for c in top_host_calls(trace, limit=1)] == [("cudaLaunchKernel", 6, 6)]
     report = format_idle_causes(causes)
     assert "waiting for the next step" in report and "launched late in prepare" in report
+    assert "after k4 before k5" in report
     from sfllm.bench import profiler_trace
     capsys.readouterr()
     assert profiler_trace.main([str(trace)]) == 0

@@ -13,6 +13,8 @@ from pathlib import Path
 # scheduler shares the process (the offline engine), "receive" and "send_result" where it does not.
 PHASES = ("schedule", "receive", "prepare", "forward", "sample", "send_result")
 SHORT_GAP_US = 5.0  # shorter gaps between kernels are the device's own, not the host's
+PAIRS_SHOWN = 6  # of the device-side gaps, the largest (work before, work after) pairs
+NAME_CHARS = 48
 
 
 @dataclass
@@ -89,6 +91,8 @@ class IdleCauses:
     waiting_for_step_us: float = 0.0  # before the step that ended the gap was received (or scheduled)
     launched_late_us: dict[str, float] = field(default_factory=dict)  # by the phase that launched late
     not_host_us: float = 0.0          # the next work was launched before the gap began
+    # not_host_us by the GPU work on either side of the gap: (before, after) -> us
+    not_host_by_pair: dict[tuple[str, str], float] = field(default_factory=dict)
     num_steps: int = 0
     phase_us: dict[str, list[float]] = field(default_factory=dict)  # each phase's durations
 
@@ -114,10 +118,12 @@ def idle_causes(trace: Path) -> IdleCauses:
     for start, end, name in phases:
         causes.phase_us.setdefault(name, []).append(end - start)
     busy_end = gpu[0]["ts"] + gpu[0].get("dur", 0) if gpu else 0.0
+    last = gpu[0] if gpu else None  # the work that ends last so far
     for event in gpu[1:]:
         start = event["ts"]
         if start <= busy_end:
-            busy_end = max(busy_end, start + event.get("dur", 0))
+            if start + event.get("dur", 0) > busy_end:
+                busy_end, last = start + event.get("dur", 0), event
             continue
         gap = start - busy_end
         launch = launches.get(event.get("args", {}).get("correlation"))
@@ -125,6 +131,8 @@ def idle_causes(trace: Path) -> IdleCauses:
             causes.short_gaps_us += gap
         elif launch is None or launch <= busy_end:
             causes.not_host_us += gap
+            pair = (last.get("name", "?"), event.get("name", "?"))
+            causes.not_host_by_pair[pair] = causes.not_host_by_pair.get(pair, 0.0) + gap
         else:
             received = step_starts[bisect.bisect_right(step_starts, launch) - 1] \
                 if step_starts and step_starts[0] <= launch else None
@@ -132,7 +140,7 @@ def idle_causes(trace: Path) -> IdleCauses:
             causes.waiting_for_step_us += waited
             phase = _phase_at(phases, launch) or "outside the phases"
             causes.launched_late_us[phase] = causes.launched_late_us.get(phase, 0.0) + gap - waited
-        busy_end = start + event.get("dur", 0)
+        busy_end, last = start + event.get("dur", 0), event
     return causes
 
 
@@ -153,6 +161,8 @@ def format_idle_causes(causes: IdleCauses) -> str:
         lines.append(f"  launched late in {phase:<21} {pct(us)}")
     lines.append(f"  gaps under {SHORT_GAP_US:.0f} us between kernels      {pct(causes.short_gaps_us)}")
     lines.append(f"  launched before the gap (device side) {pct(causes.not_host_us)}")
+    for (before, after), us in sorted(causes.not_host_by_pair.items(), key=lambda kv: -kv[1])[:PAIRS_SHOWN]:
+        lines.append(f"    {pct(us)} after {before[:NAME_CHARS]} before {after[:NAME_CHARS]}")
     lines.append("worker phases, mean / max per call:")
     for phase in PHASES:
         durations = causes.phase_us.get(phase)
