@@ -921,6 +921,27 @@ def sweep_batch_matmul() -> None:
         torch.cuda.empty_cache()
 
 
+def _step_under_setups(model, config, contexts: np.ndarray, setups: list, restore) -> tuple[list[float], float]:
+    """A decode step's layers at `contexts` in one CUDA graph, microseconds per replay after each of `setups` (calls
+    that choose the kernels; `restore` after the last), and the largest relative difference of the setups' outputs
+    from the first's."""
+    decode = DecodeStep.build(model, config, contexts, DTYPE)
+    inputs = decode.rows(0, contexts.size)
+    times, outputs = [], []
+    try:
+        with torch.inference_mode():
+            for setup in setups:
+                setup()
+                outputs.append(decode.run(*inputs).float())
+                times.append(_graph_microseconds(lambda: decode.run(*inputs)))
+    finally:
+        restore()
+    error = max(((out - outputs[0]).norm() / outputs[0].norm()).item() for out in outputs)
+    del decode, inputs
+    torch.cuda.empty_cache()
+    return times, error
+
+
 def bench_batch_steps() -> None:
     """A decode step's layers (the real model, dummy weights) in one CUDA graph, microseconds per replay, with the
     layers' GEMMs past 16 rows by cuBLAS, and by the skinny kernel's row tiles (BATCH_TILE) as layer_ops chooses
@@ -945,24 +966,13 @@ def bench_batch_steps() -> None:
             cases += [_standard_workload_contexts(step) for step in (640, 704, 768, 832, 896, 960)]
         else:  # layers the engine leaves to cuBLAS (their gate/up weights are past BATCH_WEIGHT_ELEMENTS)
             cases = [np.full(b, 640) for b in (24, 48, 64)]
+        setups = [functools.partial(setattr, layer_ops, "_by_kernel", by_kernel) for by_kernel in variants.values()]
         for contexts in cases:
-            decode = DecodeStep.build(model, source.config, contexts, DTYPE)
-            inputs = decode.rows(0, contexts.size)
-            times, outputs = [], []
-            try:
-                with torch.inference_mode():
-                    for by_kernel in variants.values():
-                        layer_ops._by_kernel = by_kernel
-                        outputs.append(decode.run(*inputs).float())
-                        times.append(_graph_microseconds(lambda: decode.run(*inputs)))
-            finally:
-                layer_ops._by_kernel = chosen
-            error = max(((out - outputs[0]).norm() / outputs[0].norm()).item() for out in outputs)
+            times, error = _step_under_setups(model, source.config, contexts, setups,
+                                              functools.partial(setattr, layer_ops, "_by_kernel", chosen))
             assert error < 5e-2, f"{name} batch {contexts.size}: the steps differ by {error:.3g}"
             print(f"| {name} | {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in times)
                   + f" | {times[1] / times[0]:.3f} | {error:.1e} |", flush=True)
-            del decode, inputs
-            torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
 
@@ -1076,28 +1086,19 @@ def bench_split_steps(sweep: bool = True) -> None:
     print("| --- | --- | " + " | ".join("---" for _ in variants) + " | --- | --- |")
     cases = [np.full(b, 640) for b in (1, 4, 8, 16, 32, 48, 64)]
     cases += [_standard_workload_contexts(step) for step in (128, 384, 512, 640, 768, 832, 896, 960)]
+
+    def setup(by_kernel, wrap) -> None:
+        layer_ops._by_kernel = by_kernel
+        for name, function in kernels.items():
+            setattr(sfllm.kernels, name, wrap(function) if wrap else function)
+    setups = [functools.partial(setup, *variant) for variant in variants.values()]
     for contexts in cases:
-        decode = DecodeStep.build(model, source.config, contexts, DTYPE)
-        inputs = decode.rows(0, contexts.size)
-        times, outputs = [], []
-        try:
-            with torch.inference_mode():
-                for by_kernel, wrap in variants.values():
-                    layer_ops._by_kernel = by_kernel
-                    for name, function in kernels.items():
-                        setattr(sfllm.kernels, name, wrap(function) if wrap else function)
-                    outputs.append(decode.run(*inputs).float())
-                    times.append(_graph_microseconds(lambda: decode.run(*inputs)))
-        finally:
-            layer_ops._by_kernel = chosen
-            for name, function in kernels.items():
-                setattr(sfllm.kernels, name, function)
-        error = max(((out - outputs[0]).norm() / outputs[0].norm()).item() for out in outputs)
+        times, error = _step_under_setups(model, source.config, contexts, setups,
+                                          functools.partial(setup, chosen, None))
         assert error < 5e-2, f"batch {contexts.size}: the steps differ by {error:.3g}"
         print(f"| {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in times)
               + f" | {times[1] / times[0]:.3f} | {error:.1e} |", flush=True)
-        del decode, inputs
-        torch.cuda.empty_cache()
+
 
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
