@@ -121,6 +121,7 @@ class Scheduler:
         self.waiting = WaitingQueue(config.schedule_policy, config.background_share, config.max_background_wait_s,
                                     config.max_waiting_requests)
         self.running: list[Request] = []
+        self._running_unsorted = False
         self.requests: dict[str, Request] = {}
         self.stop_checker = StopChecker(eos_token_ids, max_context_length)
         self.grammars = grammars  # None: no tokenizer for grammars (a constrained request is refused)
@@ -216,7 +217,9 @@ class Scheduler:
                       or any(r.priority == "high" and r.is_prefilling for r in self.running))
         if not high_first and self.high_priority_lately():
             step.budget = min(step.budget, self.config.high_priority_step_tokens or step.budget)
-        self.running.sort(key=lambda r: (r.rank, r.arrival_time))
+        if self._running_unsorted:  # (a request's rank is fixed while it runs: only admissions unsort the list)
+            self.running.sort(key=lambda r: (r.rank, r.arrival_time))
+            self._running_unsorted = False
         speculate = self.speculation.active(len(self.running))
         scheduled: set[int] = set()
         for request in list(self.running):
@@ -442,6 +445,7 @@ class Scheduler:
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self._clock()
         self.running.append(request)
+        self._running_unsorted = True
 
     def _swap_in(self, request: Request, step: _StepBuilder) -> bool:
         num_blocks = len(request.swapped_block_ids)
@@ -471,14 +475,14 @@ class Scheduler:
         `_add_to_step` would do the same, at twice the host time); False, adding nothing, otherwise."""
         end = request.num_computed_tokens + 1
         size = self.block_size
+        num_blocks = len(request.block_ids)
+        outputs = len(request.output_token_ids) + request.num_pending_samples
         if (step.budget <= 0 or request.num_tokens != end - 1 or request.num_pending_samples == 0
                 or request.num_drafts_in_flight or request.needs_sampling_state or request.matcher is not None
-                or request.prompt_logprobs is not None or end > len(request.block_ids) * size
-                or len(request.block_ids) > request.num_blocks_sent or end > self.max_context_length
+                or request.prompt_logprobs is not None or end > num_blocks * size
+                or num_blocks > request.num_blocks_sent or end > self.max_context_length
                 or end >= (len(request.block_hashes) + 1) * size
-                or len(request.output_token_ids) + request.num_pending_samples >= request.params.max_tokens
-                or (request.params.min_tokens
-                    and len(request.output_token_ids) + request.num_pending_samples < request.params.min_tokens)):
+                or outputs >= request.params.max_tokens or outputs < request.params.min_tokens):
             return False
         step.requests.append(request)
         step.slots.append(request.slot)
