@@ -70,9 +70,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Splits per sequence that fill the GPU without making any split shorter than is worth it."""
-    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(1, batch * num_kv_heads))
+def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                         programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Splits per sequence that fill the GPU without making any split shorter than is worth it
+    (`programs_per_sm`: for the kernel bench's sweep of the rule)."""
+    wanted = math.ceil(programs_per_sm * num_sms / max(1, batch * num_kv_heads))
     useful = math.ceil(max_seq_len / MIN_TOKENS_PER_SPLIT)
     splits = max(1, min(wanted, useful, MAX_KV_SPLITS))
     # Powers of two measured steadier than the counts between them (3 splits left a mostly idle last wave).

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sfllm.kernels import (DecodeWorkspace, choose_num_kv_splits, decode_attention, extend_attention,  # noqa: E402
                      extend_tile_config, extend_tiles)
+from sfllm.kernels.decode_attention import MAX_KV_SPLITS  # noqa: E402
 from sfllm.bench.workload import LengthRange, RandomTokenWorkload  # noqa: E402
 from decode_step import DecodeStep  # noqa: E402  (this folder, the script's own)
 
@@ -386,20 +387,26 @@ def _workload_attention_s(steps: list[int], seconds: list[float]) -> float:
     return 28 * np.interp(np.arange(1024), steps, seconds).sum()
 
 
+# the split rule's programs an SM that `ragged` also times (the engine's: PROGRAMS_PER_SM)
+RULE_PROGRAMS_PER_SM = (5, 6, 8)
+
+
 def bench_ragged_decode() -> None:
     """Decode attention over the batches of the standard offline workload, whose sequences differ in length:
-    KV read GB/s (graph replays) at every 128th step, for the split count the engine chooses and for fixed
-    ones, with the sequences in request order and longest first; then the attention time of the whole
+    KV read GB/s (graph replays) at steps of the workload, for the split count the engine chooses, for fixed
+    ones and for the rule at other programs an SM, with the sequences in request order and longest first; then the attention time of the whole
     workload (28 layers, every step, interpolated), the figure that moves its fraction of roofline."""
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     max_context = 40960  # the model's, which sizes the engine's split choice
     base = _load_base_decode_attention()
-    steps = list(range(0, 1024, 128))
+    # every 128th step, and the tail's, where batches shrink past the split rule's thresholds, every 32nd
+    steps = list(range(0, 640, 128)) + list(range(640, 1024, 32)) + [1008]
     k_cache, v_cache, tables = _ragged_caches()
-    variants = ["base", "chosen"] if base is not None else ["chosen"]
+    variants = ["base", "base, longest first", "chosen"] if base is not None else ["chosen"]
     variants += ["chosen, longest first", "1 split, longest first", "2 splits, longest first",
-                 "4 splits, longest first"]
+                 "4 splits, longest first", "8 splits, longest first"]
+    variants += [f"{n} programs an SM, longest first" for n in RULE_PROGRAMS_PER_SM]
     print("| step | batch | mean context | chosen splits | " + " | ".join(variants) + " |  (GB/s of KV read)")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
     seconds = {v: [] for v in variants}
@@ -408,7 +415,7 @@ def bench_ragged_decode() -> None:
         batch = contexts.size
         block_tables = tables[:batch]
         chosen = choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms)
-        workspace = DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
+        workspace = DecodeWorkspace.allocate(batch, num_heads, MAX_KV_SPLITS, head_dim, "cuda")
         runs = {
             "chosen": lambda: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
                                                chosen, workspace),
@@ -416,14 +423,22 @@ def bench_ragged_decode() -> None:
                                                               head_dim**-0.5, out, chosen, workspace,
                                                               batch_order=order),
         }
-        for splits in (1, 2, 4):
+        for splits in (1, 2, 4, 8):
             runs[f"{splits} split{'s' if splits > 1 else ''}, longest first"] = (
+                lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
+                                                  s, workspace, batch_order=order))
+        for n in RULE_PROGRAMS_PER_SM:
+            splits = choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms, programs_per_sm=n)
+            runs[f"{n} programs an SM, longest first"] = (
                 lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
                                                   s, workspace, batch_order=order))
         if base is not None:
             base_workspace = base.DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
             runs["base"] = lambda: base.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5,
                                                          out, chosen, base_workspace)
+            runs["base, longest first"] = lambda: base.decode_attention(
+                q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out, chosen, base_workspace,
+                batch_order=order)
         cells = []
         runs["chosen"]()
         expected = out.float().clone()
