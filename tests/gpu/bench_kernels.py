@@ -394,8 +394,9 @@ RULE_PROGRAMS_PER_SM = (5, 6, 8)
 def bench_ragged_decode() -> None:
     """Decode attention over the batches of the standard offline workload, whose sequences differ in length:
     KV read GB/s (graph replays) at steps of the workload, for the split count the engine chooses, for fixed
-    ones and for the rule at other programs an SM, with the sequences in request order and longest first; then the attention time of the whole
-    workload (28 layers, every step, interpolated), the figure that moves its fraction of roofline."""
+    ones and for the rule at other programs an SM, with the sequences in request order and longest first; then
+    the attention time of the whole workload (28 layers, every step, interpolated), the figure that moves its
+    fraction of roofline."""
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES["qwen3-0.6b"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     max_context = 40960  # the model's, which sizes the engine's split choice
@@ -423,15 +424,13 @@ def bench_ragged_decode() -> None:
                                                               head_dim**-0.5, out, chosen, workspace,
                                                               batch_order=order),
         }
-        for splits in (1, 2, 4, 8):
-            runs[f"{splits} split{'s' if splits > 1 else ''}, longest first"] = (
-                lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
-                                                  s, workspace, batch_order=order))
-        for n in RULE_PROGRAMS_PER_SM:
-            splits = choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms, programs_per_sm=n)
-            runs[f"{n} programs an SM, longest first"] = (
-                lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5, out,
-                                                  s, workspace, batch_order=order))
+        counts = {f"{n} split{'s' if n > 1 else ''}, longest first": n for n in (1, 2, 4, 8)}
+        counts |= {f"{n} programs an SM, longest first":
+                   choose_num_kv_splits(batch, num_kv_heads, max_context, num_sms, programs_per_sm=n)
+                   for n in RULE_PROGRAMS_PER_SM}
+        for name, splits in counts.items():
+            runs[name] = (lambda s=splits: decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                            head_dim**-0.5, out, s, workspace, batch_order=order))
         if base is not None:
             base_workspace = base.DecodeWorkspace.allocate(batch, num_heads, 4 * chosen, head_dim, "cuda")
             runs["base"] = lambda: base.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, head_dim**-0.5,
