@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,12 @@ def test_extend_tiles_cover_the_rows_of_multi_token_sequences() -> None:
     assert extend_tiles([5, 1, 0, 9, 2], 4).tolist() == [[0, 0], [0, 4], [3, 0], [3, 4], [3, 8], [4, 0]]
     assert extend_tiles([1, 1], 4).shape == (0, 2)
     assert extend_tiles([3], 4, first_seq=2).tolist() == [[2, 0]]
+
+
+def test_extend_tiles_with_prefixes_put_the_tiles_of_most_keys_first() -> None:
+    # keys a tile attends to grow with its sequence's prefix and its first row; ties keep the listed order
+    tiles = extend_tiles([5, 9, 1, 4], 4, first_seq=1, prefix_lens=np.array([0, 10, 7, 4]))
+    assert tiles.tolist() == [[2, 8], [2, 4], [2, 0], [1, 4], [4, 0], [1, 0]]
 
 
 @pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (2, 2)])

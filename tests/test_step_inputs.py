@@ -54,7 +54,7 @@ def test_values_of_a_mixed_batch() -> None:
     assert meta.seq_lens.tolist() == [5, 7, 1]
     assert meta.block_tables[:, :2].tolist() == [[10, 11], [3, 4], [8, 0]]
     assert meta.block_tables.dtype == meta.seq_lens.dtype == torch.int32
-    assert meta.tiles.tolist() == [[0, 0], [0, 2]]
+    assert meta.tiles.tolist() == [[0, 2], [0, 0]], "the tile attending to the most keys first"
     assert meta.decode_order.tolist() == [1, 0, 2], "the longest sequence first"
     assert not meta.decode_only and meta.query_lens_host == [3, 1, 1] and meta.seq_lens_host == [5, 7, 1]
     assert num_sampled == 2
@@ -78,7 +78,7 @@ def test_padding_to_a_graph_shape() -> None:
     assert meta.seq_lens.tolist() == [5, 7, 1, 0, 0]
     assert meta.decode_order.tolist() == [1, 0, 2, 3, 4], "padding sequences last"
     assert meta.block_tables[3:].eq(-1).all(), "padding sequences read the padding slot's table"
-    assert meta.tiles.tolist() == [[0, 0], [0, 2], [-1, -1], [-1, -1]]
+    assert meta.tiles.tolist() == [[0, 2], [0, 0], [-1, -1], [-1, -1]]
     assert tensors.sample_slots.tolist() == [2, 9] + [PADDING_SLOT] * 3
     assert meta.query_lens_host is None, "a graph's step has no host lengths"
 

@@ -143,7 +143,8 @@ def stage_step(batch: ForwardBatch, shape: StepShape, host: StepTensors, slot_te
 
     if shape.num_tiles:
         from sfllm.kernels.extend_attention import extend_tiles  # only backends with tiles (Triton) get here
-        tiles = extend_tiles(num_new, tile_rows) if num_new is not None else np.empty((0, 2), np.int32)
+        tiles = (extend_tiles(num_new, tile_rows, prefix_lens=context_lens - num_new) if num_new is not None
+                 else np.empty((0, 2), np.int32))
         host.tiles[:len(tiles)] = tiles
         host.tiles[len(tiles):] = -1
     return num_sampled
