@@ -55,8 +55,9 @@ def decode_tile_config(group: int, head_dim: int, dtype: torch.dtype, device: to
     # The best of sweeps at Qwen3-0.6B and SmolLM2 shapes (tests/gpu/bench_kernels.py): on an H100, tiles of 128
     # tokens at every batch; on an H200, tiles of 64 read 3-4% faster from batch 64 (4.1-4.25 TB/s) and 10%
     # slower at batch 1, and over the standard workload's ragged batches (`ragged_tiles`) 64 x 2 stages beat
-    # 64 x 3 by 1-2% from batch 112: a program's smaller footprint fits three to an SM instead of two. From 64
-    # to 111 sequences 128 x 2 read 4-6% faster than 64 x 2 (the workload's steps of 69-96 sequences).
+    # 64 x 3 by 1-2% from batch 64: a program's smaller footprint fits three to an SM instead of two. A later
+    # sweep (every 64th step) found 128 x 2 4-6% faster than 64 x 2 at 69-96 sequences and slower from 113: so
+    # 64 x 2 from 112, 128 x 2 from 64.
     # tl.dot needs at least 16 rows, so small GQA groups are padded.
     block_n, num_stages = (64, 2) if batch >= 112 else (128, 2) if batch >= 64 else (128, 3)
     config = TileConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=block_n, num_warps=4,

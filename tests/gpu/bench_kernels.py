@@ -207,8 +207,8 @@ def sweep_extend() -> None:
         cells = []
         for query_lens, prefix, k_cache, v_cache, block_tables, query_start_loc, seq_lens, q, flops in inputs:
             listed = extend_tiles(query_lens, config.block_m)
-            keys = prefix[listed[:, 0]] + listed[:, 1] + config.block_m  # keys a tile attends to, at most
-            orders = (listed, listed[np.argsort(-keys, kind="stable")]) if len(query_lens) > 1 else (listed,)
+            orders = ((listed, extend_tiles(query_lens, config.block_m, prefix_lens=prefix)) if len(query_lens) > 1
+                      else (listed,))
             out = torch.empty_like(q)
             timed = []
             for tiles in orders:
