@@ -16,6 +16,7 @@ from sfllm.config import DEFAULT_MODEL, load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.gc_freeze import full_collections_deferred
 from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
@@ -96,6 +97,12 @@ class LLM:
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
              use_tqdm: bool) -> list[GenerationResult]:
+        with full_collections_deferred():
+            return self._generate(texts, token_lists, sampling_params, priority, use_tqdm)
+
+    def _generate(self, texts: list[str | None], token_lists: list[list[int]],
+                  sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
+                  use_tqdm: bool) -> list[GenerationResult]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)

@@ -1,6 +1,7 @@
 """The offline `LLM` API on the real model: sampling, stops, n, logprobs, and clear errors."""
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -80,6 +81,21 @@ def test_every_block_is_free_after_the_requests(smollm_llm) -> None:
     smollm_llm.generate([PROMPT] * 5, SamplingParams(temperature=0.0, max_tokens=4))
     free, total = smollm_llm.kv_usage()
     assert free == total
+
+
+def test_no_full_collection_runs_inside_a_generate(smollm_llm, monkeypatch) -> None:
+    # one over torch's and the engine's objects stalled the GPU for 220 ms in the middle of a run
+    thresholds_in_steps = []
+    step = smollm_llm.engine.step
+    monkeypatch.setattr(smollm_llm.engine, "step", lambda: thresholds_in_steps.append(gc.get_threshold()) or step())
+    chosen = gc.get_threshold()
+    gc.set_threshold(500, 7, 9)  # the caller's, to be given back as they were
+    try:
+        smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3))
+        assert thresholds_in_steps and all(t[:2] == (500, 7) and t[2] >= 1 << 30 for t in thresholds_in_steps)
+        assert gc.get_threshold() == (500, 7, 9)
+    finally:
+        gc.set_threshold(*chosen)
 
 
 def test_the_worker_names_its_device_and_the_engine_takes_its_defaults(smollm_llm) -> None:

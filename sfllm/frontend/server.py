@@ -22,6 +22,7 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.gc_freeze import freeze_startup_objects
 from sfllm.http_socket import PortInUse, bind_http_socket
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ async def _serve(config: FrontendConfig, sock: socket.socket, engine_hello_timeo
                                                log_level=config.log_level,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
                                 drain, config.drain_timeout_s, on_serving)
+        freeze_startup_objects()  # a full collection would hold up every stream this frontend serves
         logger.info("serving %s on http://%s:%d", hello.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:
