@@ -9,7 +9,7 @@ import re
 import msgspec
 import pytest
 
-from sfllm import SamplingParams, StructuredOutput
+from sfllm import SamplingParams, StructuredOutput, gc_freeze
 from sfllm.config import HIGH_PRIORITY_STEP_TOKENS
 from sfllm.llm import GenerationError
 from sfllm.sampling_params import InvalidSamplingParams
@@ -96,6 +96,27 @@ def test_no_full_collection_runs_inside_a_generate(smollm_llm, monkeypatch) -> N
         assert gc.get_threshold() == (500, 7, 9)
     finally:
         gc.set_threshold(*chosen)
+
+
+def test_a_full_collection_put_off_for_long_runs_when_the_generate_ends(smollm_llm, monkeypatch) -> None:
+    events = []
+    step = smollm_llm.engine.step
+    monkeypatch.setattr(smollm_llm.engine, "step", lambda: events.append("step") or step())
+
+    def full_collections(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            events.append("full collection")
+    gc.callbacks.append(full_collections)
+    try:
+        monkeypatch.setattr(gc_freeze, "_OVERDUE", 1 << 30)  # not overdue: none
+        smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3))
+        assert "full collection" not in events
+        monkeypatch.setattr(gc_freeze, "_OVERDUE", 0)  # overdue: one, after the steps
+        events.clear()
+        smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3))
+        assert events[-1] == "full collection" and events.count("full collection") == 1 and "step" in events
+    finally:
+        gc.callbacks.remove(full_collections)
 
 
 def test_the_worker_names_its_device_and_the_engine_takes_its_defaults(smollm_llm) -> None:
