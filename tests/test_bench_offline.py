@@ -1,13 +1,15 @@
-"""`sfllm bench offline`: the profiler-trace analysis on its own, and the whole command with its
-transformers baseline on the default model (CPU)."""
+"""`sfllm bench offline`: the profiler-trace analysis and the collector's pauses on their own, and the whole command
+with its transformers baseline on the default model (CPU)."""
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import pytest
 
 from sfllm.bench import offline
+from sfllm.bench.collector_pauses import CollectorPauses
 from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_host_calls, top_kernels
 
 
@@ -98,4 +100,17 @@ def test_offline_run_with_transformers_baseline(smollm_source, tmp_path: Path, c
     assert ours["output_tokens_per_s"] == pytest.approx(12 / ours["wall_s"])
     assert data["speedup"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
     assert "static batches of 2" in theirs["engine"]
-    assert "sfllm / transformers output tokens/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sfllm / transformers output tokens/s" in printed
+    assert "garbage collections during the run: young " in printed
+
+
+def test_collector_pauses_count_and_time_each_generation() -> None:
+    with CollectorPauses() as pauses:
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+    gc.collect(1)  # after: not counted
+    assert pauses.counts == [1, 0, 2]
+    assert pauses.seconds[2] > 0.0 and pauses.longest_s[2] <= pauses.seconds[2]
+    assert "full 2 (" in pauses.summary()

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from sfllm.bench.collector_pauses import CollectorPauses
 from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
 from sfllm.bench.workload import BENCH_SCHEMA, RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.loop_time import LoopTime
@@ -222,9 +223,11 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     # one clock for the engine and the worker in this process: the host's time per step, phase by phase
     engine_loop = llm.engine.loop_time = runner.loop_time = LoopTime(interval_s=0.0)
     started = time.perf_counter()
-    results = llm.generate(prompts, params)
+    with CollectorPauses() as collector:
+        results = llm.generate(prompts, params)
     wall = time.perf_counter() - started
     print(host_times.summary())
+    print(collector.summary())
     if structured_output is not None:
         masks = engine_loop.seconds.get("grammar masks", 0.0)
         steps_run = max(llm.engine.num_steps - steps_before, 1)
