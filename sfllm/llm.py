@@ -16,7 +16,7 @@ from sfllm.config import DEFAULT_MODEL, load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.gc_freeze import full_collections_deferred
+from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec

@@ -102,7 +102,7 @@ def test_offline_run_with_transformers_baseline(smollm_source, tmp_path: Path, c
     assert "static batches of 2" in theirs["engine"]
     printed = capsys.readouterr().out
     assert "sfllm / transformers output tokens/s" in printed
-    assert "garbage collections during the run: young " in printed
+    assert "garbage collections during the run: generation 0 " in printed
 
 
 def test_collector_pauses_count_and_time_each_generation() -> None:
@@ -113,4 +113,4 @@ def test_collector_pauses_count_and_time_each_generation() -> None:
     gc.collect(1)  # after: not counted
     assert pauses.counts == [1, 0, 2]
     assert pauses.seconds[2] > 0.0 and pauses.longest_s[2] <= pauses.seconds[2]
-    assert "full 2 (" in pauses.summary()
+    assert "generation 2 (full) 2 (" in pauses.summary()

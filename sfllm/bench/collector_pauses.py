@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import time
 
-GENERATIONS = ("young", "middle", "full")
+# CPython 3.11-3.13's three generations; a collection of the oldest is a full one
+GENERATIONS = ("generation 0", "generation 1", "generation 2 (full)")
 
 
 class CollectorPauses:
@@ -24,7 +25,7 @@ class CollectorPauses:
     def __exit__(self, *exc_info: object) -> None:
         gc.callbacks.remove(self._on_collection)
 
-    def _on_collection(self, phase: str, info: dict) -> None:
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return

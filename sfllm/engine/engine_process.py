@@ -22,7 +22,7 @@ import zmq
 from sfllm.config import EngineConfig, write_config_file
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
-from sfllm.gc_freeze import freeze_startup_objects
+from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,

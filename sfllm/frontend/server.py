@@ -22,7 +22,7 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.gc_freeze import freeze_startup_objects
+from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.http_socket import PortInUse, bind_http_socket
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,10 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started and self.on_serving is not None:
+        if not self.started:
+            return
+        freeze_startup_objects()  # a full collection would hold up every stream this frontend serves
+        if self.on_serving is not None:
             self.on_serving()
 
     def start_drain(self) -> None:
@@ -143,7 +146,6 @@ async def _serve(config: FrontendConfig, sock: socket.socket, engine_hello_timeo
                                                log_level=config.log_level,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
                                 drain, config.drain_timeout_s, on_serving)
-        freeze_startup_objects()  # a full collection would hold up every stream this frontend serves
         logger.info("serving %s on http://%s:%d", hello.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:

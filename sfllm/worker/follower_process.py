@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from sfllm.config import WorkerConfig
-from sfllm.gc_freeze import freeze_startup_objects
+from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.messages import ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown
 from sfllm.model_source import resolve_model
 from sfllm.worker.model_runner import ModelRunner, pick_device

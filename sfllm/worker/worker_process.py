@@ -18,7 +18,7 @@ import traceback
 import zmq
 
 from sfllm.config import WorkerConfig
-from sfllm.gc_freeze import freeze_startup_objects
+from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown, StartProfile,
                             StopProfile, WorkerFailed)
