@@ -23,6 +23,7 @@ if importlib.util.find_spec("triton") is not None:
     from sfllm.kernels.silu_and_mul import silu_and_mul
     from sfllm.kernels.skinny_matmul import skinny_gate_up_silu, skinny_matmul
     from sfllm.kernels.store_kv_cache import store_kv_cache
+    from sfllm.kernels.tma_matmul import tma_gate_up_silu, tma_matmul
 
     __all__ = [
         "DecodeWorkspace",
@@ -38,5 +39,7 @@ if importlib.util.find_spec("triton") is not None:
         "skinny_gate_up_silu",
         "skinny_matmul",
         "store_kv_cache",
+        "tma_gate_up_silu",
+        "tma_matmul",
         "warm_up_sample_tokens",
     ]

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from sfllm.kernels import (rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_gate_up_silu,  # noqa: E402
-                           skinny_matmul)
+                           skinny_matmul, tma_gate_up_silu, tma_matmul)
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -132,6 +132,45 @@ def test_split_skinny_gemm_sums_its_splits_once_and_leaves_its_tickets_at_zero(r
     assert not skinny._TICKETS[x.device].any(), "a split GEMM leaves its tile counters at zero"
     assert torch.equal(run(x, weight, bias, tile=tile, split_k=3), out)
     assert _relative_error(run(x, weight, bias, tile=tile, split_k=1), reference) < 1e-5
+
+
+@pytest.mark.parametrize("rows, tile", [(70, None), (130, (64, 32, 64, 4, 3))])  # row and column tiles ragged
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_tma_matmul_matches_linear(rows: int, tile, with_bias: bool, gated: bool) -> None:
+    """K of 200: the last K tile reaches past the depth (the descriptor reads zeros there); 96 columns, gate and up
+    of 48 each when gated: a half's last tile reaches into the up half or past the weight, and those columns are
+    not stored."""
+    torch.manual_seed(7)
+    x = torch.randn(rows, 200).to(DEVICE)
+    weight = torch.randn(96, 200).to(DEVICE)
+    bias = torch.randn(96).to(DEVICE) if with_bias else None
+    out = (tma_gate_up_silu if gated else tma_matmul)(x, weight, bias, tile=tile)
+    reference = torch.nn.functional.linear(x, weight, bias)
+    if gated:
+        gate, up = reference.chunk(2, dim=-1)
+        reference = torch.nn.functional.silu(gate) * up
+    assert out.shape == reference.shape and out.dtype == x.dtype
+    assert _relative_error(out, reference) < 1e-5
+
+
+def test_tma_matmul_refuses_what_a_descriptor_cannot_address() -> None:
+    x = torch.randn(70, 202).to(DEVICE)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tma_matmul(x[:, 1:201], torch.randn(96, 200).to(DEVICE))  # rows start 4 bytes in
+    with pytest.raises(ValueError, match="x's width"):
+        tma_matmul(x, torch.randn(96, 200).to(DEVICE))
+    with pytest.raises(ValueError, match="even number of rows"):
+        tma_gate_up_silu(x[:, :200], torch.randn(95, 200).to(DEVICE))
+
+
+def test_layers_past_the_skinny_rows_take_the_tma_kernel_only_where_it_can_run() -> None:
+    """The interpreter, a CPU tensor and a float32 run keep torch's GEMM; the rule's rows are the model's."""
+    layer = torch.nn.Linear(200, 96).to(DEVICE)
+    x = torch.randn(100, 200).to(DEVICE)
+    assert not layer_ops._by_tma(x, layer.weight, layer_ops.TMA_ROWS)
+    assert torch.equal(layer_ops.linear(x, layer, 16, layer_ops.TMA_ROWS), layer(x))
+    assert layer_ops.tma_rows(6 * 2**20) == layer_ops.TMA_ROWS and layer_ops.tma_rows(24 * 2**20) == 0
 
 
 def test_silu_and_mul_matches_torch() -> None:

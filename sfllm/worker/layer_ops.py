@@ -21,11 +21,22 @@ import torch.nn.functional as F
 SKINNY_ROWS = 16
 BATCH_ROWS = 64
 BATCH_WEIGHT_ELEMENTS = 8 * 2**20
+# Past the skinny kernel's rows, up to TMA_ROWS, the same small layers' qkv, o and gate/up projections run in
+# sfllm.kernels.tma_matmul on a GPU with a TMA: a Qwen3-0.6B decode step at 80-256 sequences took 0.960-0.976 of its
+# time with cuBLAS there (0.989 once; at 68 sequences 1.012, within that bench's spread) (`tma_steps`); down_proj
+# stays with cuBLAS (slower alone in the kernel at 192-256 rows).
+TMA_ROWS = 256
 
 
 def kernel_rows(largest_weight_elements: int) -> int:
     """The most rows for which a layer's linear layers run in the skinny kernel, by the layer's largest weight."""
     return BATCH_ROWS if largest_weight_elements <= BATCH_WEIGHT_ELEMENTS else SKINNY_ROWS
+
+
+def tma_rows(largest_weight_elements: int) -> int:
+    """The most rows for which a layer's qkv, o and gate/up projections run in the TMA kernel past kernel_rows (0:
+    none; the larger layers' GEMMs were not measured in it)."""
+    return TMA_ROWS if largest_weight_elements <= BATCH_WEIGHT_ELEMENTS else 0
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -39,21 +50,37 @@ def _by_kernel(x: torch.Tensor, weight: torch.Tensor, most_rows: int) -> bool:
     return _use_kernels(x) and x.shape[0] <= most_rows
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS) -> torch.Tensor:
+def _by_tma(x: torch.Tensor, weight: torch.Tensor, most_tma_rows: int) -> bool:
+    if not (_use_kernels(x) and x.shape[0] <= most_tma_rows):
+        return False
+    from sfllm.kernels.tma_matmul import tma_loadable
+    return tma_loadable(x, weight)
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS,
+           most_tma_rows: int = 0) -> torch.Tensor:
     """layer(x); up to `most_rows` rows (kernel_rows) by a kernel that streams the weight and is launched while the
-    kernel before it ends (sfllm.kernels.skinny_matmul)."""
+    kernel before it ends (sfllm.kernels.skinny_matmul), then up to `most_tma_rows` (tma_rows) by the TMA kernel."""
     if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_matmul
         return skinny_matmul(x, layer.weight, layer.bias, constant_weight=True)
+    if _by_tma(x, layer.weight, most_tma_rows):
+        from sfllm.kernels import tma_matmul
+        return tma_matmul(x, layer.weight, layer.bias)
     return layer(x)
 
 
-def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS) -> torch.Tensor:
-    """silu(gate) * up of the gate/up projection layer(x); up to `most_rows` rows in the projection's own kernel
-    (sfllm.kernels.skinny_gate_up_silu), without a launch for the activation."""
+def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS,
+                 most_tma_rows: int = 0) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection layer(x); up to `most_rows` rows, then up to `most_tma_rows`, in the
+    projection's own kernel (sfllm.kernels.skinny_gate_up_silu, tma_gate_up_silu), without a launch for the
+    activation."""
     if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_gate_up_silu
         return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
+    if _by_tma(x, layer.weight, most_tma_rows):
+        from sfllm.kernels import tma_gate_up_silu
+        return tma_gate_up_silu(x, layer.weight, layer.bias)
     return silu_and_mul(layer(x))
 
 

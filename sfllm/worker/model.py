@@ -15,7 +15,8 @@ from torch import nn
 from sfllm.model_source import ModelConfig
 from sfllm.worker.attention.backend import AttentionBackend
 from sfllm.worker.attention.metadata import AttentionMetadata
-from sfllm.worker.layer_ops import add_rms_norm, gate_up_silu, kernel_rows, linear, rms_norm, rotary_qk_norm
+from sfllm.worker.layer_ops import (add_rms_norm, gate_up_silu, kernel_rows, linear, rms_norm, rotary_qk_norm,
+                                    tma_rows)
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.rotary_embedding import RotaryEmbedding
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -36,11 +37,12 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup,
-                 most_kernel_rows: int) -> None:
+                 most_kernel_rows: int, most_tma_rows: int) -> None:
         super().__init__()
         self.layer = layer
         self.group = group
         self.most_kernel_rows = most_kernel_rows
+        self.most_tma_rows = most_tma_rows
         self.num_heads = shard.num_heads
         self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
@@ -54,25 +56,27 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
-        qkv = linear(x, self.qkv_proj, self.most_kernel_rows)
+        qkv = linear(x, self.qkv_proj, self.most_kernel_rows, self.most_tma_rows)
         q, k, v = rotary_qk_norm(qkv, positions, rope.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
                                  backend.kv_cache_to_fill(self.layer), meta.slot_mapping)
         attended = backend.forward(self.layer, q, k, v, meta)
-        return self.group.all_reduce(linear(attended, self.o_proj, self.most_kernel_rows))
+        return self.group.all_reduce(linear(attended, self.o_proj, self.most_kernel_rows, self.most_tma_rows))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, shard: ModelShard, group: TensorParallelGroup,
-                 most_kernel_rows: int) -> None:
+                 most_kernel_rows: int, most_tma_rows: int) -> None:
         super().__init__()
         self.group = group
         self.most_kernel_rows = most_kernel_rows
+        self.most_tma_rows = most_tma_rows
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * shard.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shard.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.most_kernel_rows
-        return self.group.all_reduce(linear(gate_up_silu(x, self.gate_up_proj, rows), self.down_proj, rows))
+        activated = gate_up_silu(x, self.gate_up_proj, rows, self.most_tma_rows)
+        return self.group.all_reduce(linear(activated, self.down_proj, rows))  # past `rows`: cuBLAS (tma_rows)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -98,9 +102,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, shard: ModelShard, group: TensorParallelGroup) -> None:
         super().__init__()
         # a layer's GEMMs all in the skinny kernel up to the same rows, chosen by its largest weight
-        most_kernel_rows = kernel_rows(2 * shard.intermediate_size * config.hidden_size)
-        self.self_attn = Attention(config, layer, shard, group, most_kernel_rows)
-        self.mlp = MLP(config, shard, group, most_kernel_rows)
+        largest_weight = 2 * shard.intermediate_size * config.hidden_size
+        most_kernel_rows, most_tma_rows = kernel_rows(largest_weight), tma_rows(largest_weight)
+        self.self_attn = Attention(config, layer, shard, group, most_kernel_rows, most_tma_rows)
+        self.mlp = MLP(config, shard, group, most_kernel_rows, most_tma_rows)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -1,7 +1,8 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     layouts | ragged_tiles | extend | sample | batch]
+     layouts | ragged_tiles | extend | sample | batch | batch_gemm | batch_steps | split | split_steps | tma |
+     tma_steps]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -1114,6 +1115,72 @@ def bench_split_steps(sweep: bool = True) -> None:
               + f" | {times[1] / times[0]:.3f} | {error:.1e} |", flush=True)
 
 
+TMA_ROWS_SWEPT = (96, 128, 192, 256)
+
+
+def _tma_tiles(gated: bool) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the `tma` sweep, BLOCK_N one half's when gated."""
+    tiles = itertools.product((64, 128), (32, 64, 128) if gated else (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3)))
+    return [(m, n, k, w, s) for m, n, k, (w, s) in tiles if not (gated and m == n == k == 128)]
+
+
+def sweep_tma_matmul() -> None:
+    """sfllm.kernels.tma_matmul (and its gated form against cuBLAS then silu_and_mul) at a Qwen3-0.6B layer's GEMMs
+    past the skinny kernel's rows: microseconds per graph-replayed call, four copies of each weight read in turn,
+    cuBLAS, the engine's tile (tma_tile) and the best of _tma_tiles: the data behind tma_tile."""
+    import torch.nn.functional as F
+
+    from sfllm.kernels import silu_and_mul, tma_gate_up_silu, tma_matmul
+    from sfllm.kernels.tma_matmul import tma_tile
+    print("| rows | GEMM | cuBLAS us | TMA kernel, engine's tile us | best tile us | best tile | relative error |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, (n, k) in LAYER_GEMMS["0.6b"].items():
+        gated = name == "gate_up"
+        weights = [w / 32 for w in _rotated_weights({name: (n, k)})[name]]
+        reference = (lambda x, w: silu_and_mul(F.linear(x, w))) if gated else F.linear
+        kernel = tma_gate_up_silu if gated else tma_matmul
+        for rows in TMA_ROWS_SWEPT:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            timed = [_graph_microseconds(lambda: [reference(x, w) for w in weights], 5) / 4]
+            timed.append(_graph_microseconds(lambda: [kernel(x, w) for w in weights], 5) / 4)
+            best = min((_graph_microseconds(lambda: [kernel(x, w, tile=t) for w in weights], 5) / 4, t)
+                       for t in _tma_tiles(gated))
+            expected = reference(x, weights[0]).float()
+            error = ((kernel(x, weights[0]).float() - expected).norm() / expected.norm()).item()
+            assert error < 2e-2, f"{name} at {rows} rows: relative error {error:.3g}"
+            engine_tile = tma_tile(rows, n // (1 + gated), gated)
+            print(f"| {rows} | {name} | {timed[0]:.1f} | {timed[1]:.1f} (tile {engine_tile}) | {best[0]:.1f} "
+                  f"| {best[1]} | {error:.1e} |", flush=True)
+        del weights
+
+
+def bench_tma_steps() -> None:
+    """A Qwen3-0.6B decode step's layers in one CUDA graph, microseconds per replay, with the qkv, o and gate/up
+    projections past 64 rows by cuBLAS and by the TMA kernel (the engine's), twice each in turn: at contexts of 640
+    and at the standard workload's steps."""
+    from sfllm.model_source import resolve_model
+    from sfllm.worker import layer_ops
+    from sfllm.worker.weight_loader import load_model
+    chosen = layer_ops._by_tma
+    source = resolve_model("qwen3-0.6b", "dummy")
+    model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+
+    def setup(by_tma) -> None:
+        layer_ops._by_tma = by_tma
+    setups = [functools.partial(setup, by_tma) for by_tma in (lambda *args: False, chosen) * 2]
+    print("| batch | mean context | cuBLAS | TMA kernel | cuBLAS | TMA kernel | TMA / cuBLAS (best of each) | "
+          "relative error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    cases = [np.full(b, 640) for b in (68, 80, 96, 128, 192, 256)]
+    cases += [_standard_workload_contexts(step) for step in (0, 128, 384, 640, 704)]
+    for contexts in cases:
+        times, error = _step_under_setups(model, source.config, contexts, setups, functools.partial(setup, chosen))
+        assert error < 5e-2, f"batch {contexts.size}: the steps differ by {error:.3g}"
+        ratio = min(times[1], times[3]) / min(times[0], times[2])
+        print(f"| {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in times)
+              + f" | {ratio:.3f} | {error:.1e} |", flush=True)
+
+
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
@@ -1122,6 +1189,7 @@ MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [
          "gate_up": [sweep_gate_up_silu], "batch_gemm": [sweep_batch_matmul],
          "batch_steps": [bench_batch_steps], "split": [bench_split_steps],
          "split_steps": [functools.partial(bench_split_steps, sweep=False)],
+         "tma": [sweep_tma_matmul, bench_tma_steps], "tma_steps": [bench_tma_steps],
          "sweep": [sweep_skinny_matmul, sweep_decode],
          "": [bench_decode, bench_prefill]}
 

@@ -25,6 +25,8 @@ from sfllm.kernels import (  # noqa: E402
     skinny_gate_up_silu,
     skinny_matmul,
     store_kv_cache,
+    tma_gate_up_silu,
+    tma_matmul,
 )
 from sfllm.kernels.reference import (  # noqa: E402
     reference_decode_attention,
@@ -249,6 +251,35 @@ def test_split_skinny_matmul_replays_in_a_graph_with_the_same_bits(rows: int, co
         assert not skinny._TICKETS[x.device].any()
 
 
+@pytest.mark.parametrize("rows", [65, 100, 200, 256])  # the TMA kernel's rows (the last row tile ragged but at 256)
+@pytest.mark.parametrize("columns, depth, gated", [(4096, 1024, False), (1024, 2048, False), (6144, 1024, True)])
+def test_tma_matmul_at_model_shapes_replays_in_a_graph(rows: int, columns: int, depth: int, gated: bool) -> None:
+    """Qwen3-0.6B's qkv, o and gate/up projections past the skinny kernel's rows (layer_ops runs them in the TMA
+    kernel up to 256 rows) against fp32, and a graph replay (the descriptors captured) giving the eager call's bits."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel runs on compute capability 9 and later")
+    x = torch.randn(rows, depth, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(columns, depth, device="cuda", dtype=torch.bfloat16) / depth**0.5
+    run = tma_gate_up_silu if gated else tma_matmul
+    eager = run(x, weight)
+    reference = x.float() @ weight.float().t()
+    if gated:
+        gate, up = reference.chunk(2, dim=-1)
+        reference = torch.nn.functional.silu(gate) * up
+    assert eager.shape == reference.shape and eager.dtype == torch.bfloat16
+    assert relative_error(eager, reference) < 1e-2
+    if gated:  # rounded as the projection then the activation
+        assert relative_error(eager, silu_and_mul(torch.nn.functional.linear(x, weight))) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(x, weight)
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (12288, 4096)])  # Qwen3-0.6B, -8B
 @pytest.mark.parametrize("rows", [1, 8, 48])
 def test_skinny_gate_up_silu_equals_the_projection_then_the_activation(intermediate: int, hidden: int,
@@ -301,7 +332,8 @@ def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
     assert not torch.equal(draws[0], draws[1]), "each draw takes fresh noise"
 
 
-@pytest.mark.parametrize("batch", [1, 48, 96])  # the skinny kernels' GEMMs (one program's rows, row tiles), cuBLAS's
+@pytest.mark.parametrize("batch", [1, 48, 96, 200])  # the skinny kernels' GEMMs (one program's rows, row tiles), the
+# TMA kernel's (with cuBLAS's down_proj)
 def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Qwen3-0.6B's decode step (dummy weights: its norms, skinny or cuBLAS GEMMs, rotary and KV store, decode
     attention) captured with the kernels launched early (programmatic dependent launch) gives, replay after replay
