@@ -7,7 +7,7 @@ through tensor descriptors, so no thread computes addresses and the loads of a f
 beat cuBLAS on the 0.6B's o_proj (4.8-5.0 against 5.3-6.0 us from 96 to 256 rows) and on the gate/up projection with
 its activation (7.3-9.8 against 8.6-10.6 us), and tied on qkv; a decode step with the three in it took 0.960-0.976
 of its time at 80-256 sequences (H200, docs/performance.md, nineteenth session). down_proj stays with cuBLAS: it lost
-there alone (7.6-8.1 against 7.4-7.7 us at 192-256 rows unsplit).
+there alone (7.8-8.1 against 7.4-7.7 us at 192-256 rows unsplit).
 
 Each program owns one BLOCK_M x BLOCK_N output tile and the whole depth; the weight's first tile is read after the
 wait for the kernel before (read before it, as the skinny kernel does, the peeled load cost the pipeline more than it
@@ -24,9 +24,6 @@ from sfllm.kernels.dependent_launch import launch_options, wait_then_release
 from sfllm.kernels.device_check import KERNELS_INTERPRETED, check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 from sfllm.kernels.skinny_matmul import _epilogue
-
-# The most rows the engine gives this kernel: the decode batches at the default running-request limit.
-TMA_ROWS = 256
 
 
 def tma_tile(rows: int, num_columns: int, gated: bool, element_size: int = 2) -> tuple[int, int, int, int, int]:
