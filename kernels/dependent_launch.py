@@ -30,12 +30,17 @@ def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def launches_early(device: torch.device) -> bool:
-    """Whether kernels on `device` launch early: an NVIDIA GPU of compute capability 9 or later (ROCm's torch also
-    says "cuda", and an MI300 also says 9: griddepcontrol is NVIDIA's), compiled kernels."""
-    if not ENABLED or KERNELS_INTERPRETED or device.type != "cuda" or torch.version.hip is not None:
+def compiled_for_hopper(device: torch.device) -> bool:
+    """Whether kernels on `device` are compiled for an NVIDIA GPU of compute capability 9 or later (ROCm's torch also
+    says "cuda", and an MI300 also says 9: griddepcontrol and the TMA are NVIDIA's)."""
+    if KERNELS_INTERPRETED or device.type != "cuda" or torch.version.hip is not None:
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launches_early(device: torch.device) -> bool:
+    """Whether kernels on `device` launch early: compiled for compute capability 9 or later, and ENABLED."""
+    return ENABLED and compiled_for_hopper(device)
 
 
 def launch_options(device: torch.device) -> dict:

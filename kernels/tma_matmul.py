@@ -20,16 +20,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sfllm.kernels.dependent_launch import launch_options, wait_then_release
-from sfllm.kernels.device_check import KERNELS_INTERPRETED, check_kernel_inputs
+from sfllm.kernels.dependent_launch import compiled_for_hopper, launch_options, wait_then_release
+from sfllm.kernels.device_check import check_kernel_inputs
 from sfllm.kernels.dot_precision import dot_input_precision
 from sfllm.kernels.skinny_matmul import _epilogue
 
 
 def tma_tile(rows: int, num_columns: int, gated: bool, element_size: int = 2) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), BLOCK_N counting one half's columns when gated: the best of a
-    sweep of 48-72 tiles at 96, 128, 192 and 256 rows on a Qwen3-0.6B layer's GEMMs in bf16 (H200,
-    tests/gpu/bench_kernels.py tma). Past 128 rows a wide weight wants longer column tiles (fewer programs reading
+    sweep of 24-33 tiles (each also with K split in two, which won only on down_proj) at 96, 128, 192 and 256 rows on
+    a Qwen3-0.6B layer's GEMMs in bf16 (H200; the script is ported as tests/gpu/bench_kernels.py tma, without the
+    split). Past 128 rows a wide weight wants longer column tiles (fewer programs reading
     each row tile of x), a gated one shorter (two accumulators a program). float32 tiles are half as deep, to fit
     the stages in shared memory."""
     if rows <= 128 or num_columns <= 1024:
@@ -83,11 +84,7 @@ def tma_loadable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this kernel serves x @ weight^T where the engine asks: a compiled kernel on an NVIDIA GPU with a TMA
     (compute capability 9 and later; elsewhere it was never measured), and tensors a descriptor can address
     (16-byte aligned starts and rows, unit column stride: the engine's activations and weights are)."""
-    if KERNELS_INTERPRETED or x.device.type != "cuda" or torch.version.hip is not None:
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return _addressable(x, weight)
+    return compiled_for_hopper(x.device) and _addressable(x, weight)
 
 
 def _addressable(*tensors: torch.Tensor) -> bool:
