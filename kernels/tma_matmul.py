@@ -7,7 +7,8 @@ through tensor descriptors, so no thread computes addresses and the loads of a f
 beat cuBLAS on the 0.6B's o_proj (4.8-5.0 against 5.3-6.0 us from 96 to 256 rows) and on the gate/up projection with
 its activation (7.3-9.8 against 8.6-10.6 us), and tied on qkv; a decode step with the three in it took 0.960-0.976
 of its time at 80-256 sequences (H200, docs/performance.md, nineteenth session). down_proj stays with cuBLAS: it lost
-there alone (7.8-8.1 against 7.4-7.7 us at 192-256 rows unsplit).
+there alone (7.8-8.1 against 7.4-7.7 us at 192-256 rows unsplit), and in the decode step too (H100, twenty-third
+session).
 
 Each program owns one BLOCK_M x BLOCK_N output tile and the whole depth; the weight's first tile is read after the
 wait for the kernel before (read before it, as the skinny kernel does, the peeled load cost the pipeline more than it

@@ -24,7 +24,8 @@ BATCH_WEIGHT_ELEMENTS = 8 * 2**20
 # Past the skinny kernel's rows, up to TMA_ROWS, the same small layers' qkv, o and gate/up projections run in
 # sfllm.kernels.tma_matmul on a GPU with a TMA: a Qwen3-0.6B decode step at 80-256 sequences took 0.960-0.976 of its
 # time with cuBLAS there (0.989 once; at 68 sequences 1.012, within that bench's spread) (`tma_steps`); down_proj
-# stays with cuBLAS (slower alone in the kernel at 192-256 rows).
+# stays with cuBLAS (slower alone in the kernel at 192-256 rows; in the decode step, at its best tile, 0.999-1.010 of
+# the step's time at 96-256 sequences on an H100, and the standard workload 0.03-0.10 s slower: `tma_down`).
 TMA_ROWS = 256
 
 

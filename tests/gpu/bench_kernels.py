@@ -1181,6 +1181,51 @@ def bench_tma_steps() -> None:
               + f" | {ratio:.3f} | {error:.1e} |", flush=True)
 
 
+DOWN_TILES = ((64, 32, 128, 4, 4), (64, 16, 128, 4, 4))  # narrower than tma_tile's: more programs over N = 1,024
+
+
+def bench_tma_down_steps() -> None:
+    """A Qwen3-0.6B decode step's layers in one CUDA graph, microseconds per replay, the qkv, o and gate/up projections
+    past 64 rows in the TMA kernel as the engine runs them and down_proj by cuBLAS (the engine's), by the TMA kernel
+    at its tile (tma_tile), at each of DOWN_TILES, and o and down both at the first of them: three replays of each
+    in turn, the best of each; at contexts of 640 and at the standard workload's steps. The data behind leaving
+    down_proj to cuBLAS (docs/performance.md, twenty-third session)."""
+    from sfllm.model_source import resolve_model
+    from sfllm.worker import layer_ops
+    from sfllm.worker.weight_loader import load_model
+    tma_module = importlib.import_module("sfllm.kernels.tma_matmul")
+    chosen, launch = layer_ops._by_tma, tma_module._launch
+    source = resolve_model("qwen3-0.6b", "dummy")
+    config = source.config
+    down = (config.hidden_size, config.intermediate_size)
+    model = load_model(source, DTYPE, torch.device("cuda"), 4096)
+
+    def setup(down_by_tma: bool, tile=None, shapes=(down,)) -> None:
+        # the engine leaves down_proj to cuBLAS (it asks with 0 rows): asked for it, the TMA rows are TMA_ROWS
+        layer_ops._by_tma = lambda x, weight, rows: (
+            down_by_tma and chosen(x, weight, layer_ops.TMA_ROWS) if tuple(weight.shape) == down
+            else chosen(x, weight, rows))
+        tma_module._launch = lambda x, weight, bias, given, gated: launch(
+            x, weight, bias, given or (tile if tuple(weight.shape) in shapes else None), gated)
+
+    def restore() -> None:
+        layer_ops._by_tma, tma_module._launch = chosen, launch
+    variants = {"down by cuBLAS": functools.partial(setup, False), "down by TMA": functools.partial(setup, True)}
+    variants |= {f"down at {tile[1]}-column tiles": functools.partial(setup, True, tile) for tile in DOWN_TILES}
+    o_shape = (config.hidden_size, config.num_heads * config.head_dim)
+    variants[f"o and down at {DOWN_TILES[0][1]}"] = functools.partial(setup, True, DOWN_TILES[0], (down, o_shape))
+    print("| batch | mean context | " + " | ".join(variants) + " | best / cuBLAS | relative error |")
+    print("| --- | --- | " + " | ".join("---" for _ in variants) + " | --- | --- |")
+    cases = [np.full(b, 640) for b in (96, 128, 192, 256)]
+    cases += [_standard_workload_contexts(step) for step in (0, 128, 384, 640, 704)]
+    for contexts in cases:
+        times, error = _step_under_setups(model, config, contexts, list(variants.values()) * 3, restore)
+        assert error < 5e-2, f"batch {contexts.size}: the steps differ by {error:.3g}"
+        best = [min(times[i::len(variants)]) for i in range(len(variants))]
+        print(f"| {contexts.size} | {contexts.mean():.0f} | " + " | ".join(f"{t:.0f}" for t in best)
+              + f" | {min(best[1:]) / best[0]:.3f} | {error:.1e} |", flush=True)
+
+
 # each mode's benches, run in turn and printed apart; no mode (or another word): decode and prefill
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
@@ -1190,6 +1235,7 @@ MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [
          "batch_steps": [bench_batch_steps], "split": [bench_split_steps],
          "split_steps": [functools.partial(bench_split_steps, sweep=False)],
          "tma": [sweep_tma_matmul, bench_tma_steps], "tma_steps": [bench_tma_steps],
+         "tma_down": [bench_tma_down_steps],
          "sweep": [sweep_skinny_matmul, sweep_decode],
          "": [bench_decode, bench_prefill]}
 
