@@ -1,5 +1,6 @@
-"""x @ W^T for the decode batches past the skinny kernel's rows (65-256): tiles loaded by the Hopper's tensor memory
-accelerator (TMA), the products on its warpgroup tensor cores.
+"""x @ W^T for the decode batches past the skinny kernel's rows (65-256), and the gate/up projection with its activation
+there and in prefills of 2,048 rows and more: tiles loaded by the Hopper's tensor memory accelerator (TMA), the
+products on its warpgroup tensor cores.
 
 At these rows a Qwen3-0.6B layer's GEMMs are short (5-10 us for 4-13 MB of weights) and cuBLAS launches each after
 the kernel before it has drained. This kernel is launched early (sfllm.kernels.dependent_launch) and its tiles come
@@ -32,15 +33,22 @@ def tma_tile(rows: int, num_columns: int, gated: bool, element_size: int = 2) ->
     sweep of 24-33 tiles (each also with K split in two, which won only on down_proj) at 96, 128, 192 and 256 rows on
     a Qwen3-0.6B layer's GEMMs in bf16 (H200; the script is ported as tests/gpu/bench_kernels.py tma, without the
     split). Past 128 rows a wide weight wants longer column tiles (fewer programs reading
-    each row tile of x), a gated one shorter (two accumulators a program). float32 tiles are half as deep, to fit
-    the stages in shared memory."""
-    if rows <= 128 or num_columns <= 1024:
+    each row tile of x), a gated one shorter (two accumulators a program). A prefill's gated GEMM (past 256 rows) is
+    compute-bound: square tiles of two warpgroups, the best of six on Qwen3-0.6B's from 2,048 to 8,192 rows on an H100
+    and an H200, and on SmolLM2's from 4,096 (at 2,048 rows 10-12% behind 64 x 128 tiles, even with cuBLAS or ahead)
+    (`bench_kernels.py prefill_gate_up`). float32 tiles are shallower (64 deep, a prefill's gated 32), to fit the
+    stages in shared memory."""
+    if gated and rows > 256:
+        tile = (128, 128, 64, 8, 3)
+    elif rows <= 128 or num_columns <= 1024:
         tile = (64, 64, 128, 4, 4)
     elif gated:
         tile = (64, 32, 64, 4, 4)
     else:
         tile = (64, 128, 128, 4, 4)
-    return tile if element_size <= 2 else (tile[0], tile[1], min(tile[2], 64), *tile[3:])
+    if element_size > 2:
+        tile = (tile[0], tile[1], min(tile[2], 32 if gated and rows > 256 else 64), *tile[3:])
+    return tile
 
 
 @triton.jit(do_not_specialize=["num_rows"])

@@ -134,7 +134,8 @@ def test_split_skinny_gemm_sums_its_splits_once_and_leaves_its_tickets_at_zero(r
     assert _relative_error(run(x, weight, bias, tile=tile, split_k=1), reference) < 1e-5
 
 
-@pytest.mark.parametrize("rows, tile", [(70, None), (130, (64, 32, 64, 4, 3))])  # row and column tiles ragged
+# row and column tiles ragged; 300 and 1,100 rows: tma_tile's prefill tile when gated
+@pytest.mark.parametrize("rows, tile", [(70, None), (130, (64, 32, 64, 4, 3)), (300, None), (1100, None)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 def test_tma_matmul_matches_linear(rows: int, tile, with_bias: bool, gated: bool) -> None:

@@ -27,6 +27,12 @@ BATCH_WEIGHT_ELEMENTS = 8 * 2**20
 # stays with cuBLAS (slower alone in the kernel at 192-256 rows; in the decode step, at its best tile, 0.999-1.010 of
 # the step's time at 96-256 sequences on an H100, and the standard workload 0.03-0.10 s slower: `tma_down`).
 TMA_ROWS = 256
+# From PREFILL_TMA_ROWS rows on, in the same layers, the gate/up projection with its activation runs in the TMA kernel
+# again: with the activation in its epilogue it writes half the projection's bytes and no pass reads them back. Qwen3-
+# 0.6B's took 0.87-0.93 of cuBLAS's and silu_and_mul's time from 2,048 to 8,192 rows on an H200, 0.81-0.86 on an H100,
+# SmolLM2's 0.74-1.00; from 384 to 768 rows cuBLAS was faster on both (there the kernel's 72-144 tiles fill 132 SMs
+# unevenly) (`bench_kernels.py prefill_gate_up`).
+PREFILL_TMA_ROWS = 2048
 
 
 def kernel_rows(largest_weight_elements: int) -> int:
@@ -52,7 +58,11 @@ def _by_kernel(x: torch.Tensor, weight: torch.Tensor, most_rows: int) -> bool:
 
 
 def _by_tma(x: torch.Tensor, weight: torch.Tensor, most_tma_rows: int) -> bool:
-    if not (_use_kernels(x) and x.shape[0] <= most_tma_rows):
+    return x.shape[0] <= most_tma_rows and _tma_can_run(x, weight)
+
+
+def _tma_can_run(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not _use_kernels(x):
         return False
     from sfllm.kernels.tma_matmul import tma_loadable
     return tma_loadable(x, weight)
@@ -73,13 +83,14 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS
 
 def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINNY_ROWS,
                  most_tma_rows: int = 0) -> torch.Tensor:
-    """silu(gate) * up of the gate/up projection layer(x); up to `most_rows` rows, then up to `most_tma_rows`, in the
-    projection's own kernel (sfllm.kernels.skinny_gate_up_silu, tma_gate_up_silu), without a launch for the
-    activation."""
+    """silu(gate) * up of the gate/up projection layer(x); up to `most_rows` rows, then up to `most_tma_rows` and (in
+    the layers that take the TMA kernel) from PREFILL_TMA_ROWS on, in the projection's own kernel
+    (sfllm.kernels.skinny_gate_up_silu, tma_gate_up_silu), without a launch for the activation."""
     if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_gate_up_silu
         return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
-    if _by_tma(x, layer.weight, most_tma_rows):
+    prefill_by_tma = most_tma_rows > 0 and x.shape[0] >= PREFILL_TMA_ROWS and _tma_can_run(x, layer.weight)
+    if prefill_by_tma or _by_tma(x, layer.weight, most_tma_rows):
         from sfllm.kernels import tma_gate_up_silu
         return tma_gate_up_silu(x, layer.weight, layer.bias)
     return silu_and_mul(layer(x))

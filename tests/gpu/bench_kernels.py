@@ -1,8 +1,8 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     layouts | ragged_tiles | extend | sample | batch | batch_gemm | batch_steps | split | split_steps | tma |
-     tma_steps]
+     layouts | ragged_tiles | extend | sample | batch | batch_gemm | batch_steps | split |
+     split_steps | tma | tma_steps | tma_down | prefill_gate_up]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
 dtype bytes) per graph-replay second. Prefill reports TFLOP/s of causal attention (2 * 2 * heads * head_dim *
@@ -222,6 +222,40 @@ def sweep_extend() -> None:
         name = f"{config.block_m}{default} | {config.block_n} | {config.num_warps} | {config.num_stages}"
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     extend_module.extend_tile_config = chosen
+
+
+PREFILL_GATE_UP_TILES = [(64, 32, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                         (128, 128, 64, 8, 4), (128, 128, 128, 8, 2)]
+
+
+def bench_prefill_gate_up() -> None:
+    """Microseconds (graph replays) of a small model's gate/up projection with its activation at a prefill's rows:
+    cuBLAS then silu_and_mul, against sfllm.kernels.tma_gate_up_silu at tma_tile's choice and other tiles; the
+    error of each is its largest difference from cuBLAS's, relative to that output's largest value."""
+    from sfllm.kernels import silu_and_mul, tma_gate_up_silu
+    from sfllm.kernels.tma_matmul import tma_tile
+    for model, (intermediate, hidden) in {"qwen3-0.6b": (3072, 1024), "smollm2": (1536, 576)}.items():
+        weight = torch.randn(2 * intermediate, hidden, device="cuda", dtype=DTYPE) / hidden**0.5
+        print(f"\n{model} ({2 * intermediate} x {hidden}): microseconds (relative error)\n")
+        print("| rows | cuBLAS + silu_and_mul | tma_tile's | tile | " + " | ".join(map(str, PREFILL_GATE_UP_TILES))
+              + " | tma_tile's / cuBLAS |")
+        print("|---|---|---|---|" + "---|" * len(PREFILL_GATE_UP_TILES) + "---|")
+        for rows in (288, 384, 512, 768, 1024, 2048, 4096, 8192):
+            x = torch.randn(rows, hidden, device="cuda", dtype=DTYPE)
+            cublas = _graph_microseconds(lambda: silu_and_mul(torch.nn.functional.linear(x, weight)))
+            expected = silu_and_mul(torch.nn.functional.linear(x, weight)).float()
+
+            def timed(tile) -> str:
+                us = _graph_microseconds(lambda: tma_gate_up_silu(x, weight, tile=tile))
+                if us == float("inf"):
+                    return "fails"
+                error = (tma_gate_up_silu(x, weight, tile=tile).float() - expected).abs().max() / expected.abs().max()
+                return f"{us:.1f} ({error.item():.0e})"
+
+            chosen = _graph_microseconds(lambda: tma_gate_up_silu(x, weight))
+            cells = [timed(tile) for tile in PREFILL_GATE_UP_TILES]
+            print(f"| {rows} | {cublas:.1f} | {timed(None)} | {tma_tile(rows, intermediate, True)} | "
+                  + " | ".join(cells) + f" | {chosen / cublas:.3f} |", flush=True)
 
 
 SKINNY_TILES = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (2, 3, 4)))
@@ -718,7 +752,7 @@ def _skinny_rows_launched_early() -> None:
                 with torch.inference_mode():
                     for rows in (8, 16):
                         layer_ops._by_kernel = _kernel_up_to(rows)
-                        outputs.append(decode.run(*inputs).float())
+                        outputs.append(decode.layer_outputs(*inputs))
                         times.append(triton.testing.do_bench_cudagraph(lambda: decode.run(*inputs)) * 1e3)
             finally:
                 layer_ops._by_kernel = chosen
@@ -938,8 +972,8 @@ def sweep_batch_matmul() -> None:
 
 def _step_under_setups(model, config, contexts: np.ndarray, setups: list, restore) -> tuple[list[float], float]:
     """A decode step's layers at `contexts` in one CUDA graph, microseconds per replay after each of `setups` (calls
-    that choose the kernels; `restore` after the last), and the largest relative difference of the setups' outputs
-    from the first's."""
+    that choose the kernels; `restore` after the last), and the largest relative difference of the setups' layer
+    outputs (each attention's and MLP's, before the residual add) from the first's."""
     decode = DecodeStep.build(model, config, contexts, DTYPE)
     inputs = decode.rows(0, contexts.size)
     times, outputs = [], []
@@ -947,7 +981,7 @@ def _step_under_setups(model, config, contexts: np.ndarray, setups: list, restor
         with torch.inference_mode():
             for setup in setups:
                 setup()
-                outputs.append(decode.run(*inputs).float())
+                outputs.append(decode.layer_outputs(*inputs))
                 times.append(_graph_microseconds(lambda: decode.run(*inputs)))
     finally:
         restore()
@@ -1236,6 +1270,7 @@ MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [
          "split_steps": [functools.partial(bench_split_steps, sweep=False)],
          "tma": [sweep_tma_matmul, bench_tma_steps], "tma_steps": [bench_tma_steps],
          "tma_down": [bench_tma_down_steps],
+         "prefill_gate_up": [bench_prefill_gate_up],
          "sweep": [sweep_skinny_matmul, sweep_decode],
          "": [bench_decode, bench_prefill]}
 

@@ -64,3 +64,16 @@ class DecodeStep:
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's hidden states after its last norm (the LM head's input), one row per sequence."""
         return self.model(ids, positions, self.backend, meta)
+
+    def layer_outputs(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Every layer's attention and MLP outputs before their residual adds, in float32, concatenated: where two
+        setups' kernels differ, there before the residual stream's rounding can hide it."""
+        outputs: list[torch.Tensor] = []
+        hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out.float().flatten()))
+                 for layer in self.model.layers for module in (layer.self_attn, layer.mlp)]
+        try:
+            self.run(ids, positions, meta)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat(outputs)

@@ -280,6 +280,30 @@ def test_tma_matmul_at_model_shapes_replays_in_a_graph(rows: int, columns: int, 
         assert torch.equal(out, eager)
 
 
+@pytest.mark.parametrize("rows", [300, 1100, 8192])  # below PREFILL_TMA_ROWS and above; ragged row tiles
+@pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (1536, 576)])  # Qwen3-0.6B, SmolLM2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tma_gate_up_silu_at_prefill_rows(rows: int, intermediate: int, hidden: int, dtype: torch.dtype) -> None:
+    """layer_ops runs a small model's gate/up projection in the TMA kernel at a prefill's rows too: against fp32 and
+    against the projection then the activation (float32: the shallower tiles fit shared memory)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel runs on compute capability 9 and later")
+    x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
+    weight = torch.randn(2 * intermediate, hidden, device="cuda", dtype=dtype) / hidden**0.5
+    out = tma_gate_up_silu(x, weight)
+    gate, up = (x.double() @ weight.double().t()).chunk(2, dim=-1)
+    assert out.shape == (rows, intermediate) and out.dtype == dtype
+    assert relative_error(out, torch.nn.functional.silu(gate) * up) < TOLERANCE[dtype]
+    assert relative_error(out, silu_and_mul(torch.nn.functional.linear(x, weight))) < TOLERANCE[dtype]
+    if dtype == torch.bfloat16:  # a layer takes the kernel from layer_ops.PREFILL_TMA_ROWS on, cuBLAS below
+        from sfllm.worker import layer_ops
+        layer = torch.nn.Linear(hidden, 2 * intermediate, bias=False, device="cuda", dtype=dtype)
+        layer.weight.data.copy_(weight)
+        routed = layer_ops.gate_up_silu(x, layer, layer_ops.BATCH_ROWS, layer_ops.TMA_ROWS)
+        by_kernel = rows >= layer_ops.PREFILL_TMA_ROWS
+        assert torch.equal(routed, out if by_kernel else silu_and_mul(layer(x)))
+
+
 @pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (12288, 4096)])  # Qwen3-0.6B, -8B
 @pytest.mark.parametrize("rows", [1, 8, 48])
 def test_skinny_gate_up_silu_equals_the_projection_then_the_activation(intermediate: int, hidden: int,
