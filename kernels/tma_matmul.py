@@ -34,11 +34,13 @@ def tma_tile(rows: int, num_columns: int, gated: bool, element_size: int = 2) ->
     a Qwen3-0.6B layer's GEMMs in bf16 (H200; the script is ported as tests/gpu/bench_kernels.py tma, without the
     split). Past 128 rows a wide weight wants longer column tiles (fewer programs reading
     each row tile of x), a gated one shorter (two accumulators a program). A prefill's gated GEMM (past 256 rows) is
-    compute-bound: square tiles of two warpgroups, the best of six on Qwen3-0.6B's from 2,048 to 8,192 rows on an H100
-    and an H200, and on SmolLM2's from 4,096 (at 2,048 rows 10-12% behind 64 x 128 tiles, even with cuBLAS or ahead)
+    compute-bound: square tiles of two warpgroups, the best of six (or within the bench's spread of it) on Qwen3-0.6B's
+    from 2,048 to 8,192 rows on an H100 and an H200, and on SmolLM2's from 4,096; at 2,048 rows SmolLM2's is 10-12%
+    slower than at 64 x 128 tiles
     (`bench_kernels.py prefill_gate_up`). float32 tiles are shallower (64 deep, a prefill's gated 32), to fit the
     stages in shared memory."""
-    if gated and rows > 256:
+    prefill_gated = gated and rows > 256
+    if prefill_gated:
         tile = (128, 128, 64, 8, 3)
     elif rows <= 128 or num_columns <= 1024:
         tile = (64, 64, 128, 4, 4)
@@ -47,7 +49,7 @@ def tma_tile(rows: int, num_columns: int, gated: bool, element_size: int = 2) ->
     else:
         tile = (64, 128, 128, 4, 4)
     if element_size > 2:
-        tile = (tile[0], tile[1], min(tile[2], 32 if gated and rows > 256 else 64), *tile[3:])
+        tile = (tile[0], tile[1], min(tile[2], 32 if prefill_gated else 64), *tile[3:])
     return tile
 
 

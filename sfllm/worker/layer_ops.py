@@ -28,10 +28,10 @@ BATCH_WEIGHT_ELEMENTS = 8 * 2**20
 # the step's time at 96-256 sequences on an H100, and the standard workload 0.03-0.10 s slower: `tma_down`).
 TMA_ROWS = 256
 # From PREFILL_TMA_ROWS rows on, in the same layers, the gate/up projection with its activation runs in the TMA kernel
-# again: with the activation in its epilogue it writes half the projection's bytes and no pass reads them back. Qwen3-
-# 0.6B's took 0.87-0.93 of cuBLAS's and silu_and_mul's time from 2,048 to 8,192 rows on an H200, 0.81-0.86 on an H100,
-# SmolLM2's 0.74-1.00; from 384 to 768 rows cuBLAS was faster on both (there the kernel's 72-144 tiles fill 132 SMs
-# unevenly) (`bench_kernels.py prefill_gate_up`).
+# again: with the activation in its epilogue it writes half the projection's bytes and no pass reads them back.
+# Qwen3-0.6B's took 0.87-0.93 of cuBLAS's and silu_and_mul's time from 2,048 to 8,192 rows on an H200, 0.81-0.86 on an
+# H100, SmolLM2's 0.74-1.00; from 288 to 1,024 rows cuBLAS was faster at the kernel's prefill tile on Qwen3-0.6B on
+# both cards (`bench_kernels.py prefill_gate_up`).
 PREFILL_TMA_ROWS = 2048
 
 
@@ -89,7 +89,8 @@ def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear, most_rows: int = SKINN
     if _by_kernel(x, layer.weight, most_rows):
         from sfllm.kernels import skinny_gate_up_silu
         return skinny_gate_up_silu(x, layer.weight, layer.bias, constant_weight=True)
-    prefill_by_tma = most_tma_rows > 0 and x.shape[0] >= PREFILL_TMA_ROWS and _tma_can_run(x, layer.weight)
+    layer_takes_tma = most_tma_rows > 0
+    prefill_by_tma = layer_takes_tma and x.shape[0] >= PREFILL_TMA_ROWS and _tma_can_run(x, layer.weight)
     if prefill_by_tma or _by_tma(x, layer.weight, most_tma_rows):
         from sfllm.kernels import tma_gate_up_silu
         return tma_gate_up_silu(x, layer.weight, layer.bias)
