@@ -295,13 +295,45 @@ def test_tma_gate_up_silu_at_prefill_rows(rows: int, intermediate: int, hidden: 
     assert out.shape == (rows, intermediate) and out.dtype == dtype
     assert relative_error(out, torch.nn.functional.silu(gate) * up) < TOLERANCE[dtype]
     assert relative_error(out, silu_and_mul(torch.nn.functional.linear(x, weight))) < TOLERANCE[dtype]
-    if dtype == torch.bfloat16:  # a layer takes the kernel from layer_ops.PREFILL_TMA_ROWS on, cuBLAS below
-        from sfllm.worker import layer_ops
-        layer = torch.nn.Linear(hidden, 2 * intermediate, bias=False, device="cuda", dtype=dtype)
-        layer.weight.data.copy_(weight)
-        routed = layer_ops.gate_up_silu(x, layer, layer_ops.BATCH_ROWS, layer_ops.TMA_ROWS)
-        by_kernel = rows >= layer_ops.PREFILL_TMA_ROWS
-        assert torch.equal(routed, out if by_kernel else silu_and_mul(layer(x)))
+
+
+# Each boundary of layer_ops' rules from both sides; the TMA kernel and cuBLAS can give the same bits, so the routes
+# are told apart by which kernel was called, not by the output.
+@pytest.mark.parametrize("rows", [64, 65, 256, 257, 2047, 2048])
+@pytest.mark.parametrize("largest_weight", [3072 * 1024, 12288 * 4096])  # Qwen3-0.6B's layer, -8B's
+def test_layer_ops_route_each_projection_by_rows_and_layer(rows: int, largest_weight: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to kernel_rows the skinny kernel; past it, up to tma_rows (a small model's layers only), the TMA kernel;
+    the gate/up projection in the TMA kernel again from PREFILL_TMA_ROWS in those layers; cuBLAS otherwise."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel runs on compute capability 9 and later")
+    import sfllm.kernels
+    from sfllm.worker import layer_ops
+
+    called: list[str] = []
+    for name in ("skinny_matmul", "skinny_gate_up_silu", "tma_matmul", "tma_gate_up_silu"):
+        kernel = getattr(sfllm.kernels, name)
+        monkeypatch.setattr(sfllm.kernels, name,
+                            lambda *args, _kernel=kernel, _name=name, **kwargs: called.append(_name) or
+                            _kernel(*args, **kwargs))
+    most_rows, most_tma_rows = layer_ops.kernel_rows(largest_weight), layer_ops.tma_rows(largest_weight)
+    small_layer = largest_weight <= layer_ops.BATCH_WEIGHT_ELEMENTS
+    assert (most_rows, most_tma_rows) == ((64, 256) if small_layer else (16, 0))
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    o_proj = torch.nn.Linear(1024, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.nn.Linear(1024, 2 * 3072, bias=False, device="cuda", dtype=torch.bfloat16)
+
+    projected = layer_ops.linear(x, o_proj, most_rows, most_tma_rows)
+    expected = ("skinny_matmul" if rows <= most_rows else "tma_matmul" if rows <= most_tma_rows else None)
+    assert called == ([expected] if expected else [])
+    assert relative_error(projected, o_proj(x)) < TOLERANCE[torch.bfloat16]
+
+    called.clear()
+    activated = layer_ops.gate_up_silu(x, gate_up, most_rows, most_tma_rows)
+    by_tma = small_layer and (most_rows < rows <= most_tma_rows or rows >= layer_ops.PREFILL_TMA_ROWS)
+    expected = "skinny_gate_up_silu" if rows <= most_rows else "tma_gate_up_silu" if by_tma else None
+    assert called == ([expected] if expected else [])
+    assert relative_error(activated, silu_and_mul(gate_up(x))) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("intermediate, hidden", [(3072, 1024), (12288, 4096)])  # Qwen3-0.6B, -8B
