@@ -9,6 +9,8 @@
 # + trace), latency (batch 1..16 decode, graphs vs eager, overlap on/off), serve (launched server, bench serve
 # at concurrency 1, 10, 50 and a burst of 600 at 200, with GPU utilisation; extra server flags in
 # $SERVE_FLAGS, file names tagged with $SERVE_TAG),
+# text (the serve stage's concurrency 50 and the burst of 600 at 200 with text prompts of 512 characters, 512 tokens
+# of the dummy tokenizer, on /v1/completions and /v1/chat/completions, as a client without token ids sends them),
 # priority (a high-priority probe's TTFT alone and under 600 background streams of 1024-token prompts and
 # 512 outputs; then every frontend SIGKILLed and the time until /health answers again),
 # (with $SERVE_FLAGS="--log-level debug" the engine logs where each probe's first token waited),
@@ -166,6 +168,29 @@ for level in levels:
     print(f"c={level['concurrency']}: CPU % of one core, mean over the level:",
           " ".join(f"{r} {sum(v) / len(v):.0f}" for r, v in sorted(roles.items())))
 PY
+    stop_server ;;
+  text)
+    python3 - "$OUT/prompts512.txt" <<'PY'
+import random, sys
+rng = random.Random(7)
+words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+with open(sys.argv[1], "w") as f:
+    for i in range(1500):
+        line = f"Request {i}:"
+        while len(line) < 512:
+            line += " " + rng.choice(words)
+        f.write(line[:512] + "\n")
+PY
+    python3 -m sfllm launch --model qwen3-0.6b --load-format dummy --port $PORT --host 127.0.0.1 $SERVE_FLAGS \
+      >"$OUT/server-text.log" 2>&1 &
+    server=$!
+    for i in $(seq 1 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
+    for endpoint in completions chat; do
+      timeout 150 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --endpoint $endpoint --concurrency 50,200 \
+        --requests 200,600 --prompt-file "$OUT/prompts512.txt" --output-len 256 --ignore-eos --warmup 8 \
+        --gpu-monitor off >"$OUT/text-$endpoint.log" 2>&1
+      echo "text prompts, $endpoint: exit $?"; grep -vE "^c=|warm-up" "$OUT/text-$endpoint.log" | head -24
+    done
     stop_server ;;
   serve_ab)
     # $BASE's and this tree's servers alternately ($ROUNDS, 1 by default), each at its defaults plus $SERVE_FLAGS:
