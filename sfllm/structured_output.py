@@ -39,15 +39,17 @@ def grammar_of(structured_output: StructuredOutput, param: str = "response_forma
             raise InvalidGrammar(param, f"the JSON schema is not JSON: {error}") from None
         if not isinstance(schema, dict):
             raise InvalidGrammar(param, "the JSON schema must be an object")
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    elif kind == "regex":
-        grammar = llguidance.LLMatcher.grammar_from_regex(definition)
-    else:
-        try:
+    what = kind.replace("_", " ")
+    try:
+        if kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(definition)
+        else:
             grammar = llguidance.LLMatcher.grammar_from_lark(any_to_lark(definition))
-        except Exception as error:  # the GBNF converter's own errors: a bad grammar
-            raise InvalidGrammar(param, f"invalid grammar: {error}") from None
+    except Exception as error:  # what llguidance or the GBNF converter cannot encode (e.g. unpaired surrogates)
+        raise InvalidGrammar(param, f"invalid {what}: {error}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise InvalidGrammar(param, f"invalid {kind.replace('_', ' ')}: {error.strip()}")
+        raise InvalidGrammar(param, f"invalid {what}: {error.strip()}")
     return grammar

@@ -265,6 +265,7 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(engine: Scri
     counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
     assert all(chunk["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] > 0 for chunk in chunks)
     assert counts == sorted(counts) and counts[0] < counts[-1] == 12 and chunks[-1]["choices"] == []
+    assert counts[0] == (1 if path == "/v1/completions" else 0), "a chat's opening role chunk counts no token yet"
     alone = sse_payloads(post(engine, tokenizer, path, body | {"stream_options": {"continuous_usage_stats": True}}))
     assert all(chunk.get("usage") is None for chunk in alone)
 

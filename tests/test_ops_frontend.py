@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http.client
 import json
 import logging
 import socket
@@ -450,6 +451,69 @@ def test_a_handover_takes_no_new_connection_and_closes_each_open_one_after_its_n
         assert not drain.draining, "nothing is refused"
     server.thread.join(15)
     assert not server.thread.is_alive(), "it exits once its connections are closed"
+
+
+def test_a_bug_answers_500_and_the_connection_serves_the_next_request(tokenizer: Tokenizer) -> None:
+    """An exception no handler expects is a 500 in OpenAI's shape, and the keep-alive connection stays usable
+    (Starlette's own handler re-raises, and uvicorn then drops the connection unannounced: the client's next request
+    on it fails). http.client reuses its one socket and does not retry, so a dropped connection fails here."""
+    drain = DrainState()
+    engine = ScriptedEngine(tokenizer, error=RuntimeError("a bug"))  # type: ignore[arg-type]
+    server = ServerThread(create_app(ServerConfig().frontend(), engine, tokenizer, drain), drain, 5)
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    try:
+        for _ in range(2):
+            connection.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}),
+                               {"Content-Type": "application/json"})
+            reply = connection.getresponse()
+            assert reply.status == 500 and reply.getheader("connection") != "close"
+            assert json.loads(reply.read())["error"] == {"message": "internal server error: RuntimeError",
+                                                         "type": "server_error", "param": None, "code": None}
+            connection.request("GET", "/health")
+            health = connection.getresponse()
+            assert health.status == 200, "the same connection answers again"
+            health.read()
+    finally:
+        connection.close()
+        server.drain()
+        server.thread.join(15)
+    assert len(engine.requests) == 2
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/completions", {"bad_words": ["ok", "\ud800"]}, "bad_words"),
+    ("/v1/chat/completions", {"bad_words": ["\udfff"]}, "bad_words"),
+    ("/v1/chat/completions", {"response_format": {"type": "regex", "regex": "a\ud83d"}}, "response_format"),
+    ("/v1/completions", {"response_format": {"type": "json_schema",
+                                             "json_schema": {"name": "x", "schema": {"const": "\ud83d"}}}},
+     "response_format"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/completions", {"max_new_tokens": -5}, "max_new_tokens"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"n": 2, "best_of": 1}, "best_of"),
+    ("/v1/completions", {"best_of": 0}, "best_of"),
+])
+def test_each_bad_field_is_a_400_that_names_it(tokenizer: Tokenizer, path: str, fields: dict[str, Any],
+                                               param: str) -> None:
+    """Unpaired surrogates where the tokenizer or the grammar compiler would choke on them, a token budget under 1
+    in whichever field the client used, best_of under n."""
+    client = Client(create_app(ServerConfig().frontend(), ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
+    prompt = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    budget = {} if any(field.startswith("max_") for field in fields) else {"max_tokens": 2}
+    response = client.post(path, {**prompt, **budget, **fields})  # json.dumps escapes each surrogate
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+    assert param in response.json()["error"]["message"] or param == "response_format"
+
+
+def test_an_image_part_is_a_400_saying_only_text_is_read(tokenizer: Tokenizer) -> None:
+    client = Client(create_app(ServerConfig().frontend(), ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]
+    response = client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].type"
+    assert "'image_url' are not supported" in error["message"] and "text only" in error["message"], error
 
 
 # ---- fuzzing: request bodies a client could send ---------------------------------------------

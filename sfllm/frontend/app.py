@@ -12,7 +12,7 @@ from sfllm.frontend.auth import ApiKeyMiddleware
 from sfllm.frontend.chat_completions import ChatCompletionEndpoint
 from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
-from sfllm.frontend.errors import ModelNotFoundError, install_error_handlers
+from sfllm.frontend.errors import ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
@@ -39,6 +39,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     drain = drain or DrainState()
     metrics = FrontendMetrics(engine, drain)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(RequestGateMiddleware, drain=drain, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)

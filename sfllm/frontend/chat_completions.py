@@ -57,12 +57,13 @@ class ChatCompletionEndpoint:
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
         tools = ChatTools(body)
         check_unicode(body.stop_strings(), "stop")
+        check_unicode(body.bad_words or [], "bad_words")
         prompt = await chat_prompt(self.tokenizer, body, tools)
         max_context_length = engine_context_length(self.engine)
         prompt = body.truncated(prompt, max_context_length)
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt), max_context_length,
-                                        "messages", self.limits.max_output_tokens)
+                                        "messages", self.limits.max_output_tokens, body.max_tokens_field())
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
                                       tools.structured_output(), encode=self.tokenizer.encode_text)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -124,11 +125,11 @@ class ChatCompletionEndpoint:
                                                  choices=[], usage=tally.usage()).model_dump_json())
 
         def events_of(delta: ChoiceDelta) -> list[str]:
-            tally.record(delta)
             events = []
             if delta.index not in started:
                 started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
                 events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""))))
+            tally.record(delta)  # after the role chunk: its running usage counts no token yet, as vLLM's
             logprobs = self._logprobs(delta, num_top_logprobs)
             message = messages[delta.index]
             text, calls = message.add(delta)

@@ -108,6 +108,7 @@ class CompletionEndpoint:
         self.limits.check_stops(body.stop_strings(), body.stop_token_ids or [])
         check_unicode([prompt for prompt in raw_prompts if isinstance(prompt, str)], "prompt")
         check_unicode(body.stop_strings(), "stop")
+        check_unicode(body.bad_words or [], "bad_words")
         prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
         max_context_length = engine_context_length(self.engine)
         if body.truncate_prompt_tokens is not None:
@@ -123,7 +124,8 @@ class CompletionEndpoint:
         requested_max_tokens = 1 if echo_only else body.requested_max_tokens()
         params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, DEFAULT_MAX_TOKENS,
                                                           len(prompt), max_context_length, "prompt",
-                                                          self.limits.max_output_tokens), body.logprobs,
+                                                          self.limits.max_output_tokens, body.max_tokens_field()),
+                                       body.logprobs,
                                        self.tokenizer.vocab_size, encode=self.tokenizer.encode_text)
                   for prompt in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.http_responses import ClientDisconnectedError
@@ -168,6 +169,33 @@ def _validation_error(error: RequestValidationError) -> APIError:
     return InvalidRequestError(f"Invalid value for '{param}': {', or '.join(dict.fromkeys(messages))}", param=param)
 
 
+class UnexpectedErrorMiddleware:
+    """A bug's exception answered with api_error_from's 500 while no answer has started. Starlette's handler for
+    Exception answers too, then re-raises, and uvicorn drops the connection without saying so: the client's next
+    request on that keep-alive connection would fail. Added first, so that it sits inside the other middlewares."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as error:
+            if started:  # a stream cut by a bug: closing the connection is all that is left
+                raise
+            await api_error_from(error).response()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(_: Request, error: RequestValidationError) -> Response:
         return _validation_error(error).response()
@@ -185,7 +213,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(ClientDisconnectedError, on_client_disconnected)
-    # Exception last: a bug still answers in OpenAI's shape (Starlette then re-raises it to be logged).
+    # Exception last: a bug in a middleware outside UnexpectedErrorMiddleware still answers in OpenAI's shape
+    # (Starlette then re-raises it to be logged).
     for error_class in (APIError, InvalidSamplingParams, ChatTemplateError, EngineUnavailableError,
                         EngineRequestError, Exception):
         app.add_exception_handler(error_class, on_error)

@@ -127,6 +127,10 @@ class GenerationRequest(RequestBody):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
 
+    def max_tokens_field(self) -> str:
+        """The field `requested_max_tokens` came from, for the errors that name it."""
+        return "max_new_tokens" if self.max_tokens is None and self.max_new_tokens is not None else "max_tokens"
+
     def truncated(self, prompt: list[int], max_context_length: int) -> list[int]:
         """The prompt's last `truncate_prompt_tokens` tokens (-1: as many as the context holds), as vLLM cuts it."""
         keep = self.truncate_prompt_tokens
@@ -216,6 +220,8 @@ class CompletionRequest(GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.best_of is not None and self.best_of < _or(self.n, 1):
+            raise InvalidSamplingParams("best_of", f"best_of must be at least n ({_or(self.n, 1)}), got {self.best_of}")
         if self.best_of is not None and self.best_of > _or(self.n, 1):
             raise InvalidSamplingParams("best_of", f"best_of ({self.best_of}) greater than n is not supported by this "
                                                    "server: it returns every sample it draws")
@@ -242,6 +248,14 @@ class CompletionRequest(GenerationRequest):
 class ChatTextPart(StrictModel):
     type: Literal["text"]
     text: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported: the models served here read "
+                             "text only (parts of type 'text')")
+        return value
 
 
 class ChatMessage(StrictModel):
@@ -295,6 +309,9 @@ class ChatCompletionRequest(GenerationRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return super().requested_max_tokens()
+
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else super().max_tokens_field()
 
     def num_logprobs(self) -> int | None:
         """How many alternatives per token the engine must return; None for no logprobs."""

@@ -59,8 +59,8 @@ def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) ->
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, num_prompt_tokens: int, max_context_length: int,
-                       param: str, max_output_tokens: int | None = None) -> int:
-    """The completion's token budget: as requested, or the default clipped to the room left.
+                       param: str, max_output_tokens: int | None = None, field: str = "max_tokens") -> int:
+    """The completion's token budget: as requested (in the body's `field`), or the default clipped to the room left.
 
     `default` None means all the room the context leaves after the prompt; either way no
     more than `max_output_tokens`, the operator's limit."""
@@ -70,9 +70,11 @@ def resolve_max_tokens(requested: int | None, default: int | None, num_prompt_to
             raise ContextLengthExceededError(num_prompt_tokens, None, max_context_length, param)
         budget = room if default is None else min(default, room)
         return budget if max_output_tokens is None else min(budget, max_output_tokens)
+    if requested < 1:
+        raise InvalidRequestError(f"{field} must be at least 1, got {requested}", param=field)
     if max_output_tokens is not None and requested > max_output_tokens:
-        raise InvalidRequestError(f"max_tokens is {requested}, but this server generates at most {max_output_tokens} "
-                                  "tokens per sequence (max_output_tokens).", param="max_tokens",
+        raise InvalidRequestError(f"{field} is {requested}, but this server generates at most {max_output_tokens} "
+                                  "tokens per sequence (max_output_tokens).", param=field,
                                   code="max_tokens_too_large")
     if requested > room:
         raise ContextLengthExceededError(num_prompt_tokens, requested, max_context_length, param)
