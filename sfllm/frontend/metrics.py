@@ -123,7 +123,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, observed_send)
         except Exception:
             if status is None:
-                status, completed = 500, True  # a bug: the outermost middleware answers 500
+                status, completed = 500, True  # a bug in a middleware inside: Starlette's outermost one answers 500
             raise
         finally:
             if outcome.stream_error_status is not None:

@@ -124,12 +124,13 @@ class GenerationRequest(RequestBody):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server; constrain the output "
                                                   "with response_format (json_schema, regex or grammar)")
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens if self.max_tokens is not None else self.max_new_tokens
-
     def max_tokens_field(self) -> str:
-        """The field `requested_max_tokens` came from, for the errors that name it."""
+        """The field the token budget is read from (the first set of those the endpoint takes), for the errors
+        that name it."""
         return "max_new_tokens" if self.max_tokens is None and self.max_new_tokens is not None else "max_tokens"
+
+    def requested_max_tokens(self) -> int | None:
+        return getattr(self, self.max_tokens_field())
 
     def truncated(self, prompt: list[int], max_context_length: int) -> list[int]:
         """The prompt's last `truncate_prompt_tokens` tokens (-1: as many as the context holds), as vLLM cuts it."""
@@ -304,11 +305,6 @@ class ChatCompletionRequest(GenerationRequest):
         add_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
         return {"add_generation_prompt": add_prompt, "continue_final_message": continue_final,
                 "variables": self.chat_template_kwargs}
-
-    def requested_max_tokens(self) -> int | None:
-        if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return super().requested_max_tokens()
 
     def max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else super().max_tokens_field()

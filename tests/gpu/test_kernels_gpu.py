@@ -299,7 +299,7 @@ def test_tma_gate_up_silu_at_prefill_rows(rows: int, intermediate: int, hidden: 
 
 # Each boundary of layer_ops' rules from both sides; the TMA kernel and cuBLAS can give the same bits, so the routes
 # are told apart by which kernel was called, not by the output.
-@pytest.mark.parametrize("rows", [64, 65, 256, 257, 2047, 2048])
+@pytest.mark.parametrize("rows", [16, 17, 64, 65, 256, 257, 2047, 2048])
 @pytest.mark.parametrize("largest_weight", [3072 * 1024, 12288 * 4096])  # Qwen3-0.6B's layer, -8B's
 def test_layer_ops_route_each_projection_by_rows_and_layer(rows: int, largest_weight: int,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
