@@ -126,11 +126,15 @@ class ServerConfig:
                     "max_request_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_n",
                     "max_stop_sequences", "max_stop_sequence_chars", "request_timeout_s", "cpu_threads",
                     "frontend_processes", "cuda_graph_max_bs", "tensor_parallel_size", "num_speculative_tokens",
-                    "speculative_ngram_min", "speculative_max_batch_size")
+                    "speculative_ngram_min", "speculative_max_batch_size", "max_context_length", "num_kv_blocks")
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive; got {value}")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two (the kernels' tiles); got {self.block_size}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [1, 65535]; got {self.port}")
         for key in ("high_priority_slots", "high_priority_step_tokens"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be at least 0; got {getattr(self, key)}")
@@ -369,5 +373,5 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
     for name, value in overrides.items():
         if name not in FIELDS:
             raise ConfigError(f"unknown config key {name!r}")
-        values[name] = value
+        values[name] = _parse_value(name, value)  # LLM(key=...): a wrong type is a ConfigError naming the key
     return ServerConfig(**values)

@@ -28,6 +28,36 @@ class GenerationError(RuntimeError):
     pass
 
 
+Prompt = str | list[int] | dict[str, Any]
+
+
+def _prompt_of(prompt: Prompt) -> str | list[int]:
+    """A text or token ids, from any form generate takes."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        return prompt
+    raise TypeError(f"a prompt is a str, a list of token ids or a dict of either; got {type(prompt).__name__}")
+
+
+def _text_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message with its content parts (OpenAI's `[{"type": "text", "text": ...}]`) joined as the server
+    joins them."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+    if kinds - {"text"}:
+        raise ValueError(f"content parts of type {sorted(map(str, kinds - {'text'}))} are not supported: the models "
+                         "served here read text only (parts of type 'text')")
+    return {**message, "content": "\n".join(part["text"] for part in content)}
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -68,11 +98,13 @@ class LLM:
     def max_context_length(self) -> int:
         return self.engine.worker.info.max_context_length
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
+    def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: str = "normal", use_tqdm: bool = False) -> list[GenerationResult]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """A prompt is a text, a list of token ids, or vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_prompt_of(p) for p in prompts]
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
         return self._run(texts, token_lists, sampling_params, priority, use_tqdm)
@@ -90,8 +122,9 @@ class LLM:
             conversations = [conversations]
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
-        token_lists = [self.tokenizer.apply_chat_template(c, add_generation_prompt, None, continue_final_message,
-                                                          chat_template_kwargs) for c in conversations]
+        token_lists = [self.tokenizer.apply_chat_template([_text_message(m) for m in c], add_generation_prompt, None,
+                                                          continue_final_message, chat_template_kwargs)
+                       for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params, priority, use_tqdm)
 
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
@@ -113,6 +146,16 @@ class LLM:
             params.validate(vocab_size=self.tokenizer.vocab_size)
         results = [GenerationResult(text, tokens) for text, tokens in zip(texts, token_lists)]
         tracked: dict[str, _Tracked] = {}
+        try:
+            return self._generate_tracked(token_lists, params_list, priority, use_tqdm, results, tracked)
+        except BaseException:  # an error, or the caller's Ctrl-C: the next call must not find these running
+            self.engine.abort(list(tracked))  # (the finished ones are not touched)
+            self._drain()
+            raise
+
+    def _generate_tracked(self, token_lists: list[list[int]], params_list: list[SamplingParams], priority: str,
+                          use_tqdm: bool, results: list[GenerationResult],
+                          tracked: dict[str, _Tracked]) -> list[GenerationResult]:
         for choice in plan_choices(f"offline-{next(self._ids)}", token_lists, params_list, priority):
             result = results[choice.prompt_index]
             output = CompletionOutput(len(result.outputs), "", [], None,
@@ -121,8 +164,6 @@ class LLM:
             tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output)
             error = self.engine.add_request(choice.request)
             if error is not None:
-                self.engine.abort(list(tracked))
-                self._drain()
                 raise GenerationError(error.error)
         progress = tqdm(total=len(tracked), desc="generating", disable=not use_tqdm)
         remaining = len(tracked)

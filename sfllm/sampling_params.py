@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -76,6 +77,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     bad_words: list[str] = []
     bad_words_token_ids: list[list[int]] = []
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, as vLLM takes it (not a list of its characters)
+            self.stop = [self.stop]
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
@@ -105,6 +110,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return msgspec.structs.replace(self, bad_words_token_ids=bad_words_token_ids(self.bad_words, encode))
 
     def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
+        # the offline API builds these without msgspec's type checks: a wrong type is named, not a TypeError
+        for name in ("max_tokens", "min_tokens", "top_k", "n"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise InvalidSamplingParams(name, f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise InvalidSamplingParams(name, f"{name} must be a number, got {value!r}")
         checks = [
             ("max_tokens", self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             ("temperature", 0.0 <= self.temperature <= 2.0,

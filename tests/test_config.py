@@ -54,6 +54,20 @@ def test_bad_values_are_errors_with_the_value() -> None:
         load_config(_args("--high-priority-step-tokens", "-1"), environ={})
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_kv_blocks=-4), "num_kv_blocks must be positive; got -4"),
+    (dict(max_context_length=0), "max_context_length must be positive; got 0"),
+    (dict(block_size=7), "block_size must be a power of two"),
+    (dict(max_running_tokens="abc"), "max_running_tokens must be int; got 'abc'"),
+    (dict(port=99999), r"port must be in \[1, 65535\]; got 99999"),
+])
+def test_bad_sizes_and_types_given_as_keywords_are_errors_naming_them(overrides: dict, message: str) -> None:
+    """LLM(**keywords) passes them to load_config: checked and converted as flags and files are."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={}, **overrides)
+    assert load_config(environ={}, max_running_tokens="4096", block_size=32).max_running_tokens == 4096
+
+
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_profile_loads(profile: Path) -> None:
     config = load_config(_args("--config", str(profile)), environ={})

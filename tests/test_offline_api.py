@@ -133,6 +133,8 @@ def test_the_worker_names_its_device_and_the_engine_takes_its_defaults(smollm_ll
     (dict(top_k=0), "top_k"),
     (dict(n=0), "n"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_tokens=None), "max_tokens"),
+    (dict(temperature="0.5"), "temperature"),
 ])
 def test_invalid_sampling_values_are_refused(smollm_llm, params: dict, field: str) -> None:
     with pytest.raises(InvalidSamplingParams) as error:
@@ -145,6 +147,61 @@ def test_prompt_longer_than_the_context_names_the_numbers(smollm_llm) -> None:
     with pytest.raises(GenerationError, match=str(smollm_llm.max_context_length)):
         smollm_llm.generate([prompt], SamplingParams(max_tokens=1))
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
+@pytest.mark.parametrize("token_id", [49152, 10**8, -1])
+def test_a_token_id_outside_the_vocabulary_is_refused_and_the_llm_serves_on(smollm_llm, token_id: int) -> None:
+    """Past the vocabulary the embedding would fail in the worker's step, and a negative id would wrap around."""
+    with pytest.raises(GenerationError, match=f"token id {token_id}, outside the vocabulary"):
+        smollm_llm.generate([[5, token_id]], SamplingParams(max_tokens=2))
+    assert smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2))[0].outputs[0].token_ids
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
+def test_a_generate_stopped_midway_leaves_nothing_running(smollm_llm, monkeypatch) -> None:
+    """The caller's Ctrl-C (or any error) inside generate: its requests are aborted, so the next call runs at once."""
+    step, steps = smollm_llm.engine.step, []
+
+    def interrupted_step():
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(smollm_llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        smollm_llm.generate([PROMPT] * 3, SamplingParams(max_tokens=500, ignore_eos=True))
+    monkeypatch.undo()
+    assert not smollm_llm.engine.has_work()
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+    assert len(smollm_llm.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+
+
+def test_vllm_prompt_forms_and_a_single_stop_string(smollm_llm) -> None:
+    """vLLM's prompt dicts, and `stop` given as one string (not a list of its characters)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    ids = smollm_llm.tokenizer.encode(PROMPT)
+    by_text, by_ids, by_dicts = (smollm_llm.generate(PROMPT, greedy), smollm_llm.generate([ids], greedy),
+                                 smollm_llm.generate([{"prompt": PROMPT}, {"prompt_token_ids": ids}], greedy))
+    expected = by_text[0].outputs[0].token_ids
+    assert by_ids[0].outputs[0].token_ids == expected
+    assert [r.outputs[0].token_ids for r in by_dicts] == [expected, expected]
+    with pytest.raises(ValueError, match="'prompt' or 'prompt_token_ids'"):
+        smollm_llm.generate({"text": PROMPT}, greedy)
+    full = smollm_llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0].text
+    stopped = smollm_llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12, stop=" 7"))
+    assert " 7" in full and stopped[0].outputs[0].text == full[:full.index(" 7")]
+
+
+def test_chat_takes_text_content_parts_as_the_server_does(smollm_llm) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    joined = smollm_llm.chat([{"role": "user", "content": "What is 2+2?\nAnswer briefly."}], greedy)
+    parts = smollm_llm.chat([{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"},
+                                                          {"type": "text", "text": "Answer briefly."}]}], greedy)
+    assert parts[0].prompt_token_ids == joined[0].prompt_token_ids
+    assert parts[0].outputs[0].token_ids == joined[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="text only"):
+        smollm_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], greedy)
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(monkeypatch) -> None:

@@ -155,6 +155,12 @@ class Scheduler:
                                               f"{self.max_context_length}: it must be shorter", 400)
         if message.priority not in PRIORITY_RANK:
             return _error(message.request_id, f"priority must be one of {', '.join(PRIORITY_RANK)}", 400)
+        # the embedding would fail on an id past the vocabulary (the worker's step with it) and wrap a negative one
+        ids = message.prompt_token_ids
+        if self.vocab_size is not None and not (min(ids) >= 0 and max(ids) < self.vocab_size):
+            outside = next(t for t in ids if not 0 <= t < self.vocab_size)
+            return _error(message.request_id, f"the prompt holds token id {outside}, outside the vocabulary "
+                                              f"[0, {self.vocab_size})", 400)
         try:
             if self.vocab_size is not None:
                 message.params.check_vocabulary(self.vocab_size)
