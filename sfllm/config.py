@@ -322,9 +322,11 @@ def _parse_value(key: str, raw: Any) -> Any:
         raise ConfigError(f"{key} must be true or false; got {raw!r}")
     for kind in (int, float):
         if annotation.startswith(kind.__name__):
+            if kind is int and isinstance(raw, float) and not raw.is_integer():
+                raise ConfigError(f"{key} must be int; got {raw!r}")
             try:
                 return kind(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"{key} must be {kind.__name__}; got {raw!r}") from None
     if annotation.startswith("str"):
         return str(raw)

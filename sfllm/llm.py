@@ -7,6 +7,7 @@ fan-out to n choices, stop strings, detokenizer: sfllm/frontend/choices.py).
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,10 @@ def _prompt_of(prompt: Prompt) -> str | list[int]:
             prompt = prompt["prompt"]
         else:
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+    if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt, list) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]  # numpy's too
     raise TypeError(f"a prompt is a str, a list of token ids or a dict of either; got {type(prompt).__name__}")
 
 
@@ -55,6 +58,8 @@ def _text_message(message: dict[str, Any]) -> dict[str, Any]:
     if kinds - {"text"}:
         raise ValueError(f"content parts of type {sorted(map(str, kinds - {'text'}))} are not supported: the models "
                          "served here read text only (parts of type 'text')")
+    if not all(isinstance(part.get("text"), str) for part in content):
+        raise ValueError("a content part of type 'text' needs its 'text', a string")
     return {**message, "content": "\n".join(part["text"] for part in content)}
 
 
@@ -148,9 +153,12 @@ class LLM:
         tracked: dict[str, _Tracked] = {}
         try:
             return self._generate_tracked(token_lists, params_list, priority, use_tqdm, results, tracked)
-        except BaseException:  # an error, or the caller's Ctrl-C: the next call must not find these running
+        except BaseException as error:  # an error, or the caller's Ctrl-C: the next call must not find these running
             self.engine.abort(list(tracked))  # (the finished ones are not touched)
-            self._drain()
+            try:
+                self._drain()
+            except Exception as drain_error:  # the caller hears of the first error, this one noted on it
+                error.add_note(f"draining the engine after it failed too: {drain_error!r}")
             raise
 
     def _generate_tracked(self, token_lists: list[list[int]], params_list: list[SamplingParams], priority: str,
@@ -165,7 +173,13 @@ class LLM:
             error = self.engine.add_request(choice.request)
             if error is not None:
                 raise GenerationError(error.error)
-        progress = tqdm(total=len(tracked), desc="generating", disable=not use_tqdm)
+        with tqdm(total=len(tracked), desc="generating", disable=not use_tqdm) as progress:
+            self._collect(tracked, progress)
+        self._drain()
+        return results
+
+    def _collect(self, tracked: dict[str, _Tracked], progress: tqdm) -> None:
+        """Steps the engine until every tracked choice has finished, its text and tokens in its output."""
         remaining = len(tracked)
         while remaining:
             for out in self.engine.step():
@@ -189,9 +203,6 @@ class LLM:
                     progress.update(1)
                     if out.finish_reason is None:
                         self.engine.abort([out.request_id])  # a stop string ended it
-        progress.close()
-        self._drain()
-        return results
 
     def _drain(self) -> None:
         """Runs the engine until steps in flight are back, so the next call starts clean."""

@@ -60,6 +60,8 @@ def test_bad_values_are_errors_with_the_value() -> None:
     (dict(block_size=7), "block_size must be a power of two"),
     (dict(max_running_tokens="abc"), "max_running_tokens must be int; got 'abc'"),
     (dict(port=99999), r"port must be in \[1, 65535\]; got 99999"),
+    (dict(num_kv_blocks=0.5), "num_kv_blocks must be int; got 0.5"),
+    (dict(max_running_tokens=float("inf")), "max_running_tokens must be int; got inf"),
 ])
 def test_bad_sizes_and_types_given_as_keywords_are_errors_naming_them(overrides: dict, message: str) -> None:
     """LLM(**keywords) passes them to load_config: checked and converted as flags and files are."""

@@ -158,19 +158,29 @@ def test_a_token_id_outside_the_vocabulary_is_refused_and_the_llm_serves_on(smol
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
 
 
-def test_a_generate_stopped_midway_leaves_nothing_running(smollm_llm, monkeypatch) -> None:
-    """The caller's Ctrl-C (or any error) inside generate: its requests are aborted, so the next call runs at once."""
-    step, steps = smollm_llm.engine.step, []
+@pytest.mark.parametrize("where", ["between steps", "in the worker's wait for a result"])
+def test_a_generate_stopped_midway_leaves_nothing_running(smollm_llm, monkeypatch, where: str) -> None:
+    """The caller's Ctrl-C (or any error) inside generate: its requests are aborted, so the next call runs at once.
+    On a GPU it most often lands in the worker's wait for a step's copy, which must leave that step to be asked for
+    again."""
+    from sfllm.worker.pending_step import PendingStep
+    calls = []
 
-    def interrupted_step():
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return step()
+    def interrupt_third(original):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(smollm_llm.engine, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
+    if where == "between steps":
+        monkeypatch.setattr(smollm_llm.engine, "step", interrupt_third(smollm_llm.engine.step))
+    else:
+        monkeypatch.setattr(PendingStep, "result", interrupt_third(PendingStep.result))
+    with pytest.raises(KeyboardInterrupt) as interrupted:
         smollm_llm.generate([PROMPT] * 3, SamplingParams(max_tokens=500, ignore_eos=True))
+    assert not getattr(interrupted.value, "__notes__", None), "the engine drained without a second error"
     monkeypatch.undo()
     assert not smollm_llm.engine.has_work()
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]

@@ -450,11 +450,16 @@ class ModelRunner:
         the host yet)."""
         if not self._launched or not (wait or self._launched[0].ready()):
             return None
-        step = self._launched.popleft()
+        # taken off the queue only once its result is built: a wait cut short (the offline caller's Ctrl-C) leaves
+        # the step to be asked for again
+        step = self._launched[0]
         if self._num_resolved:
+            result = step.result(self._gpu_memory)
             self._num_resolved -= 1
-            return step.result(self._gpu_memory)
-        return self._resolve(step)
+        else:
+            result = self._resolve(step)
+        self._launched.popleft()
+        return result
 
     def resolve_all(self) -> None:
         """Packs every launched step's result and records its tokens (penalties and bad words need them), in
