@@ -12,6 +12,7 @@ from pathlib import Path
 from sfllm.config import without_config_environment
 
 _PR_SET_PDEATHSIG = 1
+WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
 
 class RunDirInUse(RuntimeError):

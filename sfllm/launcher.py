@@ -24,7 +24,8 @@ import yaml
 
 from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config_environment, write_config_file
 from sfllm.http_socket import PortInUse, bind_http_socket
-from sfllm.ipc import RunDirInUse, RunDirLock, die_with_parent, remove_stale_files
+from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirInUse, RunDirLock, die_with_parent, ipc_path, remove_stale_files,
+                       worker_address)
 from sfllm.rolling_restart import RollingRestart
 
 logger = logging.getLogger(__name__)
@@ -170,12 +171,27 @@ class Supervisor:
         if self.engine is not None and self.engine.poll() is None:
             self.engine.send_signal(signal.SIGTERM)
             _wait_or_kill(self.engine, STOP_GRACE_S)
+        if engine_gone:
+            self._remove_engine_leftovers()
         self.config_path.unlink(missing_ok=True)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         try:
             self.run_dir.rmdir()
         except OSError:
             pass
+
+
+    def _remove_engine_leftovers(self) -> None:
+        """What an engine killed outright leaves in the run directory: its sockets, its lock and its worker's
+        config; nothing if another engine holds the directory now."""
+        lock = RunDirLock(self.run_dir)
+        try:
+            lock.acquire()
+        except (RunDirInUse, OSError):
+            return
+        remove_stale_files(self.run_dir, WORKER_CONFIG_PREFIX)
+        sockets = [ipc_path(self.config.resolved_engine_address()), ipc_path(worker_address(self.run_dir))]
+        lock.release([path for path in sockets if path is not None])
 
 
 def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:

@@ -443,6 +443,8 @@ def test_a_stalled_engine_turns_health_503_and_a_killed_one_ends_launch_non_zero
         assert "error" in result or events[-2]["error"]["code"] == "engine_unavailable", events[-2:]
     assert_health_stays_down(statuses[killed_at:])
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "the worker and the frontend to exit too")
+    left = list(c.run_dir.iterdir()) if c.run_dir.exists() else []
+    assert not left, f"the killed engine's sockets, lock and worker config are cleaned up: {left}"
 
 
 def frontend_pid(server: LaunchedServer) -> int:

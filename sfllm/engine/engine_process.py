@@ -23,7 +23,8 @@ from sfllm.config import EngineConfig, write_config_file
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
 from sfllm.gc_pauses import freeze_startup_objects
-from sfllm.ipc import RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address, worker_environment
+from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address,
+                       worker_environment)
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
                             EngineStats, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
@@ -39,7 +40,6 @@ CLIENT_TIMEOUT_S = 3.0
 # heartbeats of many frontends) must not keep the engine from sending its next step; the rest wait one loop turn
 FRONTEND_MESSAGES_PER_READ = 256
 SEND_SLICE_MS = 200  # a send to the worker gives up this often to check that the worker still lives
-WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
 
 class TokenizerUnavailable(RuntimeError):
