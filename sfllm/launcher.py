@@ -180,7 +180,6 @@ class Supervisor:
         except OSError:
             pass
 
-
     def _remove_engine_leftovers(self) -> None:
         """What an engine killed outright leaves in the run directory: its sockets, its lock and its worker's
         config; nothing if another engine holds the directory now."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -11,6 +11,13 @@ import msgspec
 from sfllm.bad_words import bad_words_token_ids
 
 MAX_LOGIT_BIAS = 100.0
+
+
+def token_outside_vocabulary(token_ids: Iterable[int], vocab_size: int) -> int | None:
+    """The first id not in [0, vocab_size), or None."""
+    if isinstance(token_ids, list) and token_ids and min(token_ids) >= 0 and max(token_ids) < vocab_size:
+        return None  # in C: a long prompt costs microseconds
+    return next((t for t in token_ids if not 0 <= t < vocab_size), None)
 
 
 class InvalidSamplingParams(ValueError):
@@ -181,7 +188,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
                      ("bad_words", "bad_words_token_ids", banned),
                      ("allowed_token_ids", "allowed_token_ids", self.allowed_token_ids or []))
         for param, field, ids in token_ids:
-            outside = next((t for t in ids if not 0 <= t < vocab_size), None)
+            outside = token_outside_vocabulary(ids, vocab_size)
             if outside is not None:
                 raise InvalidSamplingParams(param, f"{field} holds token id {outside}, outside the vocabulary "
                                                    f"[0, {vocab_size})")

@@ -221,9 +221,10 @@ class CompletionRequest(GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.best_of is not None and self.best_of < _or(self.n, 1):
-            raise InvalidSamplingParams("best_of", f"best_of must be at least n ({_or(self.n, 1)}), got {self.best_of}")
-        if self.best_of is not None and self.best_of > _or(self.n, 1):
+        n = _or(self.n, 1)
+        if self.best_of is not None and self.best_of < n:
+            raise InvalidSamplingParams("best_of", f"best_of must be at least n ({n}), got {self.best_of}")
+        if self.best_of is not None and self.best_of > n:
             raise InvalidSamplingParams("best_of", f"best_of ({self.best_of}) greater than n is not supported by this "
                                                    "server: it returns every sample it draws")
 

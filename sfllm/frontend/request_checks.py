@@ -9,6 +9,7 @@ from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestError, ModelNotFoundError,
                                    ServiceUnavailableError)
 from sfllm.messages import PRIORITIES
+from sfllm.sampling_params import token_outside_vocabulary
 
 
 def check_model(requested: str | None, served_model_name: str) -> None:
@@ -50,9 +51,7 @@ def check_unicode(texts: Iterable[str], param: str) -> None:
 def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     if not token_ids:
         raise InvalidRequestError(f"{param} is empty; it must hold at least one token", param=param)
-    if min(token_ids) >= 0 and max(token_ids) < vocab_size:  # in C: a long prompt costs microseconds
-        return
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    bad = token_outside_vocabulary(token_ids, vocab_size)
     if bad is not None:
         raise InvalidRequestError(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab_size})",
                                   param=param)

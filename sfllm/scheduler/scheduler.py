@@ -26,7 +26,7 @@ from typing import Any
 from sfllm.config import SchedulerConfig, num_sequence_slots
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
                             RequestOutput, SampledLogprobs, SequenceSampling)
-from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, token_outside_vocabulary
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
 from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts, exceeded_limits
 from sfllm.scheduler.preemption import choose_victim, may_push_out
@@ -156,9 +156,9 @@ class Scheduler:
         if message.priority not in PRIORITY_RANK:
             return _error(message.request_id, f"priority must be one of {', '.join(PRIORITY_RANK)}", 400)
         # the embedding would fail on an id past the vocabulary (the worker's step with it) and wrap a negative one
-        ids = message.prompt_token_ids
-        if self.vocab_size is not None and not (min(ids) >= 0 and max(ids) < self.vocab_size):
-            outside = next(t for t in ids if not 0 <= t < self.vocab_size)
+        outside = None if self.vocab_size is None else token_outside_vocabulary(message.prompt_token_ids,
+                                                                                 self.vocab_size)
+        if outside is not None:
             return _error(message.request_id, f"the prompt holds token id {outside}, outside the vocabulary "
                                               f"[0, {self.vocab_size})", 400)
         try:
