@@ -165,7 +165,9 @@ class ServerConfig:
                    **resolved)
 
     def frontend(self) -> FrontendConfig:
-        return self._part(FrontendConfig, engine_address=self.resolved_engine_address())
+        # A request's sequences queue at once, in one class: more than the queue holds could never be served.
+        return self._part(FrontendConfig, engine_address=self.resolved_engine_address(),
+                          max_n=min(self.max_n, self.max_waiting_requests))
 
     def scheduler(self) -> SchedulerConfig:
         return self._part(SchedulerConfig)

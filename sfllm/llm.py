@@ -6,6 +6,7 @@ fan-out to n choices, stop strings, detokenizer: sfllm/frontend/choices.py).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import numbers
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
-from sfllm.messages import SampledLogprobs
+from sfllm.messages import GenerateRequest, SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams
+from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS
 from sfllm.worker.inprocess_worker import InProcessWorker
 
 
@@ -164,24 +166,37 @@ class LLM:
     def _generate_tracked(self, token_lists: list[list[int]], params_list: list[SamplingParams], priority: str,
                           use_tqdm: bool, results: list[GenerationResult],
                           tracked: dict[str, _Tracked]) -> list[GenerationResult]:
+        unsent: collections.deque[GenerateRequest] = collections.deque()
         for choice in plan_choices(f"offline-{next(self._ids)}", token_lists, params_list, priority):
             result = results[choice.prompt_index]
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)
             result.outputs.append(output)
             tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output)
-            error = self.engine.add_request(choice.request)
-            if error is not None:
-                raise GenerationError(error.error)
+            unsent.append(choice.request)
+        self._send(unsent)
         with tqdm(total=len(tracked), desc="generating", disable=not use_tqdm) as progress:
-            self._collect(tracked, progress)
+            self._collect(tracked, unsent, progress)
         self._drain()
         return results
 
-    def _collect(self, tracked: dict[str, _Tracked], progress: tqdm) -> None:
+    def _send(self, unsent: collections.deque[GenerateRequest]) -> None:
+        """Adds requests to the engine until its waiting queue is full (`max_waiting_requests`, a server's bound
+        on its clients); those left wait here for room."""
+        while unsent:
+            error = self.engine.add_request(unsent[0])
+            if error is not None:
+                if error.error_code == QUEUE_FULL_STATUS:
+                    return
+                raise GenerationError(error.error)
+            unsent.popleft()
+
+    def _collect(self, tracked: dict[str, _Tracked], unsent: collections.deque[GenerateRequest],
+                 progress: tqdm) -> None:
         """Steps the engine until every tracked choice has finished, its text and tokens in its output."""
         remaining = len(tracked)
         while remaining:
+            self._send(unsent)
             for out in self.engine.step():
                 entry = tracked.get(out.request_id)
                 if entry is None or entry.decoder.finish_reason is not None:

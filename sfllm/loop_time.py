@@ -43,6 +43,8 @@ class LoopTime:
                  for activity, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
         self.seconds = {}
         self.calls = {}
-        self._started = now
+        # The next interval starts at the last lap, whose successor's time is charged to it: from `now`, a long
+        # wait lapped after this report would count time before the interval and read over 100%.
+        self._started = self._last
         self._steps_at_start = num_steps
         return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts) if steps else None

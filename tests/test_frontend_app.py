@@ -47,15 +47,21 @@ class ScriptedEngine:
         self.script = tokenizer.encode(SCRIPT)
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
+        self.in_flight: set[str] = set()
+        self.ended: dict[str, Exception] = {}
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
         finished = False
+        self.in_flight.add(request.request_id)
         try:
             for step in range(request.params.max_tokens):
                 await asyncio.sleep(self.delay_s)
+                if request.request_id in self.ended:
+                    finished = True  # end_streams aborted it
+                    raise self.ended[request.request_id]
                 token_id = self.script[step % len(self.script)]
                 logprobs = None
                 if request.params.logprobs is not None:
@@ -70,11 +76,17 @@ class ScriptedEngine:
                                     prompt_logprobs=prompt_logprobs, finish_reason="length" if finished else None,
                                     num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=2)
         finally:
+            self.in_flight.discard(request.request_id)
             if not finished:
                 self.aborted.append(request.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
         self.aborted.extend(request_ids)
+
+    def end_streams(self, error: Exception) -> int:
+        self.ended.update((request_id, error) for request_id in self.in_flight)
+        self.abort(list(self.in_flight))
+        return len(self.in_flight)
 
 
 @pytest.fixture

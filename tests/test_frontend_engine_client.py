@@ -157,6 +157,31 @@ def test_closing_a_stream_early_aborts_the_request(address: str) -> None:
     run(scenario)
 
 
+def test_ending_the_streams_raises_in_each_and_aborts_them_in_the_engine(address: str) -> None:
+    """How a frontend at its drain timeout answers the requests still running (see DrainingServer)."""
+    async def scenario() -> None:
+        def unfinished(request: GenerateRequest) -> list[RequestOutput]:
+            return [RequestOutput(request_id=request.request_id, token_ids=[100])]
+        router = ScriptedRouter(address, reply=unfinished)
+        client = EngineClient(address, **FAST)
+        await client.connect(timeout_s=5)
+
+        async def read(request_id: str) -> list[int]:
+            async with aclosing(client.submit(request(request_id))) as outputs:
+                return [token async for output in outputs for token in output.token_ids]
+        readers = [asyncio.create_task(read(request_id)) for request_id in ("a", "b")]
+        await wait_until(lambda: client.num_in_flight == 2)
+        assert client.end_streams(RuntimeError("stopping")) == 2
+        for reader in readers:
+            with pytest.raises(RuntimeError, match="stopping"):
+                await reader
+        await wait_until(lambda: sorted(router.aborted()) == ["a", "b"])
+        assert client.num_in_flight == 0 and client.end_streams(RuntimeError("again")) == 0
+        await client.close()
+        await router.close()
+    run(scenario)
+
+
 def test_engine_error_carries_its_status(address: str) -> None:
     async def scenario() -> None:
         def refuse(request: GenerateRequest) -> list[RequestOutput]:

@@ -22,3 +22,21 @@ def test_laps_are_summed_by_activity_and_reported_once_per_interval() -> None:
     loop.lap("idle")
     assert loop.report(num_steps=4) is None  # a new interval, and no step ran in it
     assert loop.seconds == {} and loop.calls == {}
+
+
+def test_a_wait_begun_before_a_report_is_charged_within_the_next_interval() -> None:
+    """The worker logs between a step's last lap and its wait for the next step: the wait's lap then spans
+    the report, and its share must not pass 100%."""
+    now = [0.0]
+    loop = LoopTime(interval_s=10.0, clock=lambda: now[0])
+    now[0] += 10.0
+    loop.lap("step")
+    now[0] += 0.5
+    assert loop.report(num_steps=1) is not None
+    now[0] += 20.0
+    loop.lap("waiting")
+    now[0] += 1.0
+    loop.lap("step")
+    line = loop.report(num_steps=2)
+    assert line == ("1 steps in 21.5 s: waiting 95% (20500000 us/step, 20500000 us x 1), "
+                    "step 5% (1000000 us/step, 1000000 us x 1)")

@@ -77,6 +77,18 @@ def test_n_choices_wrap_their_seeds_into_int64_as_the_server_does(smollm_llm) ->
     assert [output.token_ids for output in wrapped] == alone, "the second choice's seed is 2^63 wrapped to 0"
 
 
+def test_more_prompts_than_the_waiting_queue_holds_all_finish(smollm_llm, monkeypatch) -> None:
+    """`max_waiting_requests` bounds a server's clients; an offline list longer than it waits for room instead of
+    failing (4,096 by default: a large offline batch went past it)."""
+    prompts = [f"{i} + {i} =" for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    expected = [r.outputs[0].token_ids for r in smollm_llm.generate(prompts, params)]
+    monkeypatch.setattr(smollm_llm.engine.scheduler.waiting, "max_per_class", 2)
+    assert [r.outputs[0].token_ids for r in smollm_llm.generate(prompts, params)] == expected
+    assert [len(o.token_ids) for o in smollm_llm.generate(PROMPT, SamplingParams(n=3, max_tokens=2))[0].outputs] == [2] * 3
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
 def test_every_block_is_free_after_the_requests(smollm_llm) -> None:
     smollm_llm.generate([PROMPT] * 5, SamplingParams(temperature=0.0, max_tokens=4))
     free, total = smollm_llm.kv_usage()

@@ -369,13 +369,13 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 class ServerThread:
     """The frontend's real uvicorn server on a loopback port, in a thread of its own."""
 
-    def __init__(self, app: Any, drain: DrainState, drain_timeout_s: float) -> None:
+    def __init__(self, app: Any, engine: Any, drain: DrainState, drain_timeout_s: float) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
         serving = threading.Event()
-        self.server = DrainingServer(config, drain, drain_timeout_s, on_serving=serving.set)
+        self.server = DrainingServer(config, engine, drain, drain_timeout_s, on_serving=serving.set)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve([self.sock]),))
         self.thread.start()
@@ -402,12 +402,16 @@ def read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, re
     result["lines"] = lines
 
 
-def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_the_timeout(
+def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_ends_the_rest_with_503_at_the_timeout(
         tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, max_context_length=4096, delay_s=0.02)
     drain = DrainState()
     app = create_app(ServerConfig().frontend(), engine, tokenizer, drain)  # type: ignore[arg-type]
-    server = ServerThread(app, drain, drain_timeout_s=1.5)
+    server = ServerThread(app, engine, drain, drain_timeout_s=1.5)
+    unstreamed: dict[str, httpx.Response] = {}
+    waiting = threading.Thread(target=lambda: unstreamed.setdefault("reply", httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 3000}, timeout=30)))
+    waiting.start()
     results: list[dict[str, Any]] = [{"lines": []}, {"lines": []}]
     started = [threading.Event(), threading.Event()]
     bodies = [{"prompt": "x", "max_tokens": 40, "stream": True}, {"prompt": "x", "max_tokens": 3000, "stream": True}]
@@ -417,6 +421,7 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
     for reader in readers:
         reader.start()
     assert all(event.wait(10) for event in started)
+    wait_until(lambda: len(engine.requests) == 3)
     server.drain()
     wait_until(lambda: drain.draining)
     long_lines_at_drain = len(lines[1])
@@ -424,22 +429,29 @@ def test_sigterm_drain_finishes_running_requests_refuses_new_ones_and_cuts_at_th
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
     assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
-    for reader in readers:
+    for reader in [*readers, waiting]:
         reader.join(15)
     server.thread.join(15)
     assert not server.thread.is_alive(), "the server exited after the drain"
     short, long = results
     assert short["outcome"] == "done", short
-    assert long["outcome"] != "done", "the long stream was cut"
+    assert long["outcome"] == "done", "the long stream ended with an error event, then [DONE]"
+    events = [line.removeprefix("data: ") for line in long["lines"] if line]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "server_shutdown" and "drain timeout" in error["message"], events[-2:]
     assert len(long["lines"]) > max(long_lines_at_drain, len(short["lines"])), "it ran on during the drain"
-    long_request = next(r for r in engine.requests if r.params.max_tokens == 3000)
-    assert long_request.request_id in engine.aborted
+    reply = unstreamed["reply"]
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "server_shutdown", reply.text
+    assert reply.headers["retry-after"]
+    long_requests = [r.request_id for r in engine.requests if r.params.max_tokens == 3000]
+    assert len(long_requests) == 2 and set(long_requests) <= set(engine.aborted)
 
 
 def test_a_handover_takes_no_new_connection_and_closes_each_open_one_after_its_next_answer(
         tokenizer: Tokenizer) -> None:
     drain = DrainState()
-    server = ServerThread(create_app(ServerConfig().frontend(), ScriptedEngine(tokenizer), tokenizer, drain), drain, 30)
+    engine = ScriptedEngine(tokenizer)
+    server = ServerThread(create_app(ServerConfig().frontend(), engine, tokenizer, drain), engine, drain, 30)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert "connection" not in client.get("/health").headers, "a keep-alive connection"
         server.hand_over()
@@ -459,7 +471,7 @@ def test_a_bug_answers_500_and_the_connection_serves_the_next_request(tokenizer:
     on it fails). http.client reuses its one socket and does not retry, so a dropped connection fails here."""
     drain = DrainState()
     engine = ScriptedEngine(tokenizer, error=RuntimeError("a bug"))  # type: ignore[arg-type]
-    server = ServerThread(create_app(ServerConfig().frontend(), engine, tokenizer, drain), drain, 5)
+    server = ServerThread(create_app(ServerConfig().frontend(), engine, tokenizer, drain), engine, drain, 5)
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
     try:
         for _ in range(2):
@@ -504,6 +516,18 @@ def test_each_bad_field_is_a_400_that_names_it(tokenizer: Tokenizer, path: str, 
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
     assert param in response.json()["error"]["message"] or param == "response_format"
+
+
+def test_more_sequences_than_the_waiting_queue_holds_are_a_400_not_a_503(tokenizer: Tokenizer) -> None:
+    """A request's sequences queue at once: past `max_waiting_requests` the engine would answer a retryable 503 that
+    no retry could pass."""
+    config = ServerConfig(max_waiting_requests=3).frontend()
+    client = Client(create_app(config, ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
+    refused = client.post("/v1/completions", {"prompt": ["a", "b"], "n": 2, "max_tokens": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_sequences", refused.text
+    assert "at most 3 per request" in refused.json()["error"]["message"]
+    assert client.post("/v1/completions", {"prompt": "a", "n": 3, "max_tokens": 1}).status_code == 200
+    assert ServerConfig().frontend().max_n == 128
 
 
 def test_an_image_part_is_a_400_saying_only_text_is_read(tokenizer: Tokenizer) -> None:

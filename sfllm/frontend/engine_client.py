@@ -205,6 +205,16 @@ class EngineClient:
         if self._connected:
             self._send(AbortRequest(request_ids=list(request_ids)))
 
+    def end_streams(self, error: Exception) -> int:
+        """End every request in flight: each stream raises `error`, and the engine is told to drop them.
+
+        How a frontend that must stop now still answers its requests; returns how many there were."""
+        request_ids = list(self._streams)
+        for queue in self._streams.values():
+            queue.put_nowait(error)
+        self.abort(request_ids)
+        return len(request_ids)
+
     def set_profiling(self, start: bool) -> bool:
         """Start or stop the engine's profiler; False if the engine could not be told."""
         return self._connected and self._send(ProfileControl(start=start))

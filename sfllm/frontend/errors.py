@@ -100,6 +100,12 @@ class ServerDrainingError(ServiceUnavailableError):
                          code="server_draining")
 
 
+class ServerShutdownError(ServiceUnavailableError):
+    def __init__(self) -> None:
+        super().__init__("This server shut down before the request finished (its drain timeout passed); retry it on "
+                         "another replica.", code="server_shutdown")
+
+
 class RequestTooLargeError(APIError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is larger than this server's limit of {limit} bytes "

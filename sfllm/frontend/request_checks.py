@@ -105,7 +105,8 @@ class RequestLimits:
         if n * num_prompts > self.max_n:
             raise InvalidRequestError(f"This request asks for {n * num_prompts} sequences (n = {n} for each of "
                                       f"{num_prompts} prompts), but this server generates at most {self.max_n} per "
-                                      "request (max_n).", param="n", code="too_many_sequences")
+                                      "request (max_n, capped by max_waiting_requests).", param="n",
+                                      code="too_many_sequences")
 
     def check_stops(self, stop: list[str], stop_token_ids: list[int]) -> None:
         for param, count in (("stop", len(stop)), ("stop_token_ids", len(stop_token_ids))):

@@ -20,6 +20,7 @@ import uvloop
 from sfllm.config import FrontendConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineClient, EngineProtocolError, EngineUnavailableError
+from sfllm.frontend.errors import ServerShutdownError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import freeze_startup_objects
@@ -31,23 +32,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENGINE_HELLO_TIMEOUT_S = 600.0
 # After the drain, connections still open get this long before they are cut (their requests aborted).
 GRACEFUL_SHUTDOWN_S = 2
+# Requests ended at the drain timeout get this long to write their 503 or error event before the server stops.
+ERROR_ANSWER_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM (or SIGINT) drains before it stops, and SIGUSR1 hands over.
 
     Draining: new requests get 503 and /ready turns 503, while requests in progress
-    may finish for up to `drain_timeout_s`; then the server stops, cutting what is
-    left. A second signal stops it at once.
+    may finish for up to `drain_timeout_s`; then those left are ended with a 503
+    (an error event where a stream has begun), aborted in the engine, and the server
+    stops. A second signal stops it at once.
 
     Handing over (another frontend on the shared port has started, see sfllm/http_socket.py):
     this one accepts no more connections and serves the requests that come on its open ones,
     each answer closing its connection; it stops once they are all closed (idle ones at
     uvicorn's keep-alive timeout), or after `drain_timeout_s`. No client sees an error."""
 
-    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float,
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, drain: DrainState, drain_timeout_s: float,
                  on_serving: Callable[[], None] | None = None) -> None:
         super().__init__(config)
+        self.engine = engine
         self.drain = drain
         self.drain_timeout_s = drain_timeout_s
         self.on_serving = on_serving
@@ -80,6 +85,7 @@ class DrainingServer(uvicorn.Server):
     def start_drain(self) -> None:
         if self.drain.draining:
             logger.warning("asked again to stop: stopping now, cutting %d requests", self.drain.in_flight)
+            self.engine.end_streams(ServerShutdownError())
             self.should_exit = self.force_exit = True
             return
         logger.info("draining: no new requests; %d in progress get up to %g s", self.drain.in_flight,
@@ -106,8 +112,10 @@ class DrainingServer(uvicorn.Server):
 
     async def _finish_drain(self) -> None:
         if not await self.drain.wait_idle(self.drain_timeout_s):
-            logger.warning("drain timeout of %g s passed with %d requests running; cutting them",
+            logger.warning("drain timeout of %g s passed with %d requests running; ending them with a 503",
                            self.drain_timeout_s, self.drain.in_flight)
+            self.engine.end_streams(ServerShutdownError())
+            await self.drain.wait_idle(ERROR_ANSWER_S)
         self.should_exit = True
 
     async def _finish_handover(self) -> None:
@@ -145,7 +153,7 @@ async def _serve(config: FrontendConfig, sock: socket.socket, engine_hello_timeo
         server = DrainingServer(uvicorn.Config(app, loop="uvloop", http="httptools", access_log=config.access_log,
                                                log_level=config.log_level,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
-                                drain, config.drain_timeout_s, on_serving)
+                                engine, drain, config.drain_timeout_s, on_serving)
         logger.info("serving %s on http://%s:%d", hello.model_name, config.host, config.port)
         await server.serve(sockets=[sock])
     finally:

@@ -34,7 +34,7 @@ from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.speculation import Speculation
 from sfllm.scheduler.stop_checker import StopChecker
-from sfllm.scheduler.waiting_queue import QueueFull, WaitingQueue
+from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS, QueueFull, WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Scheduler:
         try:
             self.waiting.add(request, self._clock())
         except QueueFull as error:
-            return _error(message.request_id, f"{error}; retry later", 503)
+            return _error(message.request_id, f"{error}; retry later", QUEUE_FULL_STATUS)
         self.requests[request.request_id] = request
         if request.priority == "high":
             self._high_priority_arrival = self._clock()

@@ -12,6 +12,9 @@ class QueueFull(RuntimeError):
     pass
 
 
+QUEUE_FULL_STATUS = 503  # a request refused for a full queue: retryable, unlike the 400s of bad requests
+
+
 class WaitingQueue:
     def __init__(self, policy: str = "fcfs", background_share: float = 0.5, max_background_wait_s: float = 30.0,
                  max_per_class: int = 4096) -> None:
