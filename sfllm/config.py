@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from sfllm.frontend.reasoning_parser import REASONING_PARSERS
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ENV_PREFIX = "SFLLM_"
 # The step budget near high-priority traffic, by the worker's device: ~5 ms of Qwen3-0.6B prefill on an H200; on a
@@ -59,6 +61,8 @@ class ServerConfig:
     max_n: int = field(default=128, metadata={"help": "most sequences per request (n times the prompts)"})
     max_stop_sequences: int = field(default=16, metadata={"help": "most stop strings, and stop token ids, per request"})
     max_stop_sequence_chars: int = field(default=256, metadata={"help": "longest stop string"})
+    reasoning_parser: str | None = field(default=None, metadata={
+        "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
 
     max_context_length: int | None = field(default=None, metadata={"help": "longest prompt + output"})
     max_running_tokens: int = field(default=8192, metadata={"help": "token budget of one step"})
@@ -117,6 +121,7 @@ class ServerConfig:
             "preemption_mode": ("recompute", "swap"),
             "log_level": ("debug", "info", "warning", "error"),
             "speculative_method": (None, "ngram"),
+            "reasoning_parser": (None, *REASONING_PARSERS),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -200,6 +205,7 @@ class FrontendConfig:
     max_n: int
     max_stop_sequences: int
     max_stop_sequence_chars: int
+    reasoning_parser: str | None
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ UNREAD_TOKENIZER_SPEC = TokenizerSpec(tokenizer_json="", chat_template=None, spe
 
 
 class ScriptedEngine:
-    """Stands in for EngineClient: every request generates SCRIPT's tokens, one per output."""
+    """Stands in for EngineClient: every request generates `script`'s tokens, one per output."""
 
     address = "scripted://engine"
 
     def __init__(self, tokenizer: Tokenizer, max_context_length: int = 128, delay_s: float = 0.0,
-                 error: EngineRequestError | EngineUnavailableError | None = None) -> None:
+                 error: EngineRequestError | EngineUnavailableError | None = None, script: str = SCRIPT) -> None:
         self.hello = EngineHello(protocol_version=PROTOCOL_VERSION, model_name=MODEL,
                                  max_context_length=max_context_length, eos_token_ids=[2], num_kv_blocks=8,
                                  block_size=16, tokenizer=UNREAD_TOKENIZER_SPEC)
@@ -44,7 +44,7 @@ class ScriptedEngine:
         self.num_in_flight = 0
         self.delay_s = delay_s
         self.error = error
-        self.script = tokenizer.encode(SCRIPT)
+        self.script = tokenizer.encode(script)
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.in_flight: set[str] = set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 
 import httpx
 import openai
@@ -25,6 +26,15 @@ CITY = {"type": "object", "additionalProperties": False, "required": ["city", "p
         "properties": {"city": {"type": "string", "maxLength": 24},
                        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
                        "coastal": {"type": "boolean"}}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The default model, with Qwen3's reasoning parser (inert unless an answer opens with <think>)."""
+    from servers import LaunchedServer
+    launched = LaunchedServer(tmp_path_factory.mktemp("server"), "--reasoning-parser", "qwen3")
+    yield launched
+    launched.stop()
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +282,20 @@ def test_logit_bias_changes_the_answer(client, smollm_llm) -> None:
     biased = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0.7, max_tokens=3,
                                        logit_bias={str(banana): 100})
     assert biased.choices[0].text == smollm_llm.tokenizer.decode([banana] * 3)
+
+
+def test_a_thinking_answer_gives_its_reasoning_apart_streamed_or_not(client) -> None:
+    """SmolLM2 does not think: a regular expression makes it write a think block first, as Qwen3 does."""
+    thinking = {"type": "regex", "regex": "<think>[a-z ]{8,30}</think>[A-Z][a-z ]{8,30}"}
+    kwargs = dict(messages=CAPITAL, temperature=0, max_tokens=80, extra_body={"response_format": thinking})
+    message = client.chat.completions.create(model=MODEL, **kwargs).choices[0].message
+    assert re.fullmatch("[a-z ]{8,30}", message.reasoning_content), message
+    assert re.fullmatch("[A-Z][a-z ]{8,30}", message.content), message
+    reasoning, content = "", ""
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+    assert (reasoning, content) == (message.reasoning_content, message.content)
+    plain = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=8)
+    assert getattr(plain.choices[0].message, "reasoning_content", None) is None

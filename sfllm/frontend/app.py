@@ -49,7 +49,8 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     created = int(time.time())
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
-    chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
+    chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics,
+                                           config.reasoning_parser)
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions", response_model=None, responses=_json_or_stream(CompletionResponse))

@@ -20,12 +20,16 @@ from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outc
 from sfllm.frontend.openai_protocol import ChatCompletionRequest
 from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                              ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
+from sfllm.frontend.reasoning_parser import ReasoningParser
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            engine_context_length, resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
 from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
 from sfllm.frontend.tools import ChatTools
+
+# The prompt's end that tells whether its template opened a think block for the answer
+PROMPT_TAIL_TOKENS = 16
 
 
 async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: ChatTools) -> list[int]:
@@ -39,8 +43,10 @@ async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: 
 
 class ChatCompletionEndpoint:
     def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
-                 limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
+                 limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.served_model_name = served_model_name
+        self.reasoning_parser = reasoning_parser
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits or RequestLimits()
@@ -68,7 +74,11 @@ class ChatCompletionEndpoint:
                                       tools.structured_output(), encode=self.tokenizer.encode_text)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
-        messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format))
+        prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+                       if self.reasoning_parser else "")
+        messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
+                                         ReasoningParser(self.reasoning_parser, prompt_tail)
+                                         if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
         tally = UsageTally([prompt])
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
@@ -132,13 +142,14 @@ class ChatCompletionEndpoint:
             tally.record(delta)  # after the role chunk: its running usage counts no token yet, as vLLM's
             logprobs = self._logprobs(delta, num_top_logprobs)
             message = messages[delta.index]
-            text, calls = message.add(delta)
-            if text or calls or logprobs is not None or delta.finish_reason is not None:
+            thought, text, calls = message.add(delta)
+            if thought or text or calls or logprobs is not None or delta.finish_reason is not None:
                 chunks = [ToolCallChunk(index=call.index, id=call.id, type="function" if call.id else None,
                                         function=FunctionCallDelta(name=call.name, arguments=call.arguments))
                           for call in calls]
                 events.append(chunk(ChatChunkChoice(
-                    index=delta.index, delta=ChatDelta(content=text or None, tool_calls=chunks or None),
+                    index=delta.index, delta=ChatDelta(content=text or None, reasoning_content=thought or None,
+                                                       tool_calls=chunks or None),
                     logprobs=logprobs, finish_reason=message.finish_reason,
                     prompt_logprobs=self._prompt_logprobs(delta) if delta.prompt_logprobs is not None else None)))
             return events
@@ -147,19 +158,33 @@ class ChatCompletionEndpoint:
 
 
 class AssistantMessage:
-    """One choice's assistant message as it streams in: its text, and with tools on, the calls read from it."""
+    """One choice's assistant message as it streams in: its reasoning, if a parser reads one, its text, and with tools
+    on, the calls read from the text after the reasoning."""
 
-    def __init__(self, parser: ToolCallParser | Llama3JsonToolCallParser | None) -> None:
+    def __init__(self, parser: ToolCallParser | Llama3JsonToolCallParser | None,
+                 reasoning_parser: ReasoningParser | None = None, include_reasoning: bool = True) -> None:
         self.parser = parser
+        self.reasoning_parser = reasoning_parser
+        self.include_reasoning = include_reasoning
+        self.reasoning = ""
         self.content = ""
         self.finish_reason: str | None = None
 
-    def add(self, delta: ChoiceDelta) -> tuple[str, list[ToolCallDelta]]:
-        """What `delta` adds: text, and pieces of tool calls."""
+    def add(self, delta: ChoiceDelta) -> tuple[str, str, list[ToolCallDelta]]:
+        """What `delta` adds: reasoning, text, and pieces of tool calls."""
+        thought, text = "", delta.text
+        if self.reasoning_parser is not None:
+            split = self.reasoning_parser.feed(text)
+            if delta.finish_reason is not None:
+                rest = self.reasoning_parser.finish()
+                split.reasoning += rest.reasoning
+                split.content += rest.content
+            thought, text = split.reasoning if self.include_reasoning else "", split.content
+        self.reasoning += thought
         if self.parser is None:
-            text, calls = delta.text, []
+            calls = []
         else:
-            parsed = self.parser.feed(delta.text)
+            parsed = self.parser.feed(text)
             if delta.finish_reason is not None:
                 rest = self.parser.finish()
                 parsed.content += rest.content
@@ -169,10 +194,10 @@ class AssistantMessage:
         if delta.finish_reason is not None:
             called = self.parser is not None and self.parser.calls and delta.finish_reason == "stop"
             self.finish_reason = "tool_calls" if called else delta.finish_reason
-        return text, calls
+        return thought, text, calls
 
     def message(self) -> ChatResponseMessage:
         calls = [ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
                  for call in (self.parser.calls if self.parser is not None else [])]
         return ChatResponseMessage(content=self.content if self.content or not calls else None,
-                                   tool_calls=calls or None)
+                                   reasoning_content=self.reasoning or None, tool_calls=calls or None)

@@ -266,6 +266,7 @@ class ChatMessage(StrictModel):
     name: str | None = None
     tool_calls: list[ChatToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's, as a reasoning parser gave it: for the template
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
@@ -295,6 +296,8 @@ class ChatCompletionRequest(GenerationRequest):
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="more variables for the chat "
                                                                                   "template, e.g. enable_thinking")
+    # vLLM's: with a reasoning parser, false leaves the reasoning out of the answer (it is still generated)
+    include_reasoning: bool | None = True
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
     # vLLM's chat options (set: the last message's text before the answer, BOS and such again, a RAG
     # template's documents)

@@ -81,11 +81,12 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with a reasoning parser (sfllm/frontend/reasoning_parser.py)
     tool_calls: list[ChatToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent_calls(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), ("tool_calls",))
+        return _without_none(handler(self), ("tool_calls", "reasoning_content"))
 
 
 class ChatChoice(BaseModel):
@@ -112,6 +113,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallChunk] | None = None
 
     @model_serializer(mode="wrap")

@@ -23,6 +23,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from sfllm.frontend.stream_tags import partial_tag_length
+
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 # name first, then arguments: the order the format and the grammars write
@@ -195,10 +197,9 @@ def _add_arguments(scanner: _ArgumentsScanner, text: str, calls: list[ToolCall],
 def _held_back(text: str) -> int:
     """How many characters at the end of `text` to hold: a possible start of the tag, and trailing space
     (which belongs to no part if a call follows)."""
-    for length in range(min(len(OPEN_TAG) - 1, len(text)), 0, -1):
-        if OPEN_TAG.startswith(text[-length:]):
-            return length + len(text[:-length]) - len(text[:-length].rstrip())
-    return len(text) - len(text.rstrip())
+    length = partial_tag_length(text, OPEN_TAG)
+    before = text[:len(text) - length]
+    return length + len(before) - len(before.rstrip())
 
 
 class Llama3JsonToolCallParser:

@@ -97,8 +97,10 @@ def _template_message(index: int, message: ChatMessage, template_takes_tools: bo
     content = message.text()
     calls = [{"name": call.function.name, "arguments": _arguments(index, call.function.arguments)}
              for call in message.tool_calls or []]
+    # Qwen3's template keeps the reasoning of the answers after the last user message (a chain of tool calls)
+    reasoning = {} if message.reasoning_content is None else {"reasoning_content": message.reasoning_content}
     if template_takes_tools:
-        rendered: dict[str, Any] = {"role": role, "content": content}
+        rendered: dict[str, Any] = {"role": role, "content": content, **reasoning}
         if calls:
             rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": function}
                                       for call, function in zip(message.tool_calls, calls)]
@@ -108,7 +110,7 @@ def _template_message(index: int, message: ChatMessage, template_takes_tools: bo
     if role == "tool":
         return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
     written = [f"{OPEN_TAG}\n{json.dumps(call, ensure_ascii=False)}\n{CLOSE_TAG}" for call in calls]
-    return {"role": role, "content": "\n".join(([content] if content else []) + written)}
+    return {"role": role, "content": "\n".join(([content] if content else []) + written), **reasoning}
 
 
 def _with_tools_described(messages: list[dict[str, Any]], tools: list[ChatTool]) -> list[dict[str, Any]]:

@@ -1,0 +1,74 @@
+"""A thinking model's reasoning out of its text, as it streams (`--reasoning-parser`): the part between
+`<think>` and `</think>` becomes the message's `reasoning_content`, the rest its `content`, as vLLM and SGLang
+return them with the same flag.
+
+    qwen3        Qwen3: the answer thinks only if it opens with `<think>` (with `enable_thinking=False` the
+                 template writes an empty think block into the prompt, and the answer is all content). A
+                 template that opens the block in the prompt (Qwen3 "thinking" releases) starts in reasoning.
+    deepseek_r1  DeepSeek R1 and its distills, QwQ: the answer starts in reasoning, `<think>` or not (their
+                 templates open the block in the prompt); it ends at `</think>`, or never.
+
+A tag split over several deltas is held back until it is whole, so the deltas of a stream join into the strings
+of the whole answer. A thought cut short (by `max_tokens`) stays reasoning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfllm.frontend.stream_tags import partial_tag_length
+
+START_TAG = "<think>"
+END_TAG = "</think>"
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
+@dataclass
+class SplitText:
+    reasoning: str = ""
+    content: str = ""
+
+
+def prompt_opens_thought(prompt_tail: str) -> bool:
+    """Whether a rendered prompt ends inside a think block: its template opened one for the answer."""
+    return prompt_tail.rfind(START_TAG) > prompt_tail.rfind(END_TAG)
+
+
+class ReasoningParser:
+    def __init__(self, name: str, prompt_tail: str) -> None:
+        if name not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {name!r}; one of {', '.join(REASONING_PARSERS)}")
+        # start: may open with <think>; reasoning: inside the block; content: after it (or never in one)
+        self._state = "reasoning" if name == "deepseek_r1" or prompt_opens_thought(prompt_tail) else "start"
+        self._optional_start = self._state == "reasoning"  # a <think> the model writes anyway is dropped
+        self._buffer = ""
+
+    def feed(self, text: str) -> SplitText:
+        split = SplitText()
+        self._buffer += text
+        if self._state == "start" or self._optional_start:
+            opening = self._buffer.lstrip()
+            if START_TAG.startswith(opening) and len(opening) < len(START_TAG):
+                return split  # space, or maybe the start of the tag: held
+            if opening.startswith(START_TAG):
+                self._buffer, self._state = opening[len(START_TAG):], "reasoning"
+            elif self._state == "start":
+                self._state = "content"
+            self._optional_start = False
+        if self._state == "reasoning":
+            end = self._buffer.find(END_TAG)
+            if end < 0:
+                cut = len(self._buffer) - partial_tag_length(self._buffer, END_TAG)
+                split.reasoning, self._buffer = self._buffer[:cut], self._buffer[cut:]
+                return split
+            split.reasoning, self._buffer = self._buffer[:end], self._buffer[end + len(END_TAG):]
+            self._state = "content"
+        split.content, self._buffer = self._buffer, ""
+        return split
+
+    def finish(self) -> SplitText:
+        """The end of the output: what was held back, as the part it was held in."""
+        held, self._buffer = self._buffer, ""
+        if self._state == "reasoning":
+            return SplitText(reasoning=held)
+        return SplitText(content=held)
+

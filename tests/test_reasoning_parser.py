@@ -1,0 +1,123 @@
+"""The reasoning parser on whole and split streams, and a chat answer's `reasoning_content` through the app."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+
+from sfllm.config import ConfigError, ServerConfig, load_config
+from sfllm.frontend.app import create_app
+from sfllm.frontend.reasoning_parser import ReasoningParser
+from sfllm.frontend.tokenizer import Tokenizer
+from test_frontend_app import ScriptedEngine, sse_payloads
+
+QWEN3_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+QWEN3_NO_THINKING = QWEN3_PROMPT + "<think>\n\n</think>\n\n"
+THINKING_TEMPLATE = QWEN3_PROMPT + "<think>\n"  # Qwen3 "thinking" releases, DeepSeek R1's newer templates
+
+
+def split(pieces: list[str], name: str = "qwen3", prompt_tail: str = QWEN3_PROMPT) -> tuple[str, str]:
+    parser = ReasoningParser(name, prompt_tail)
+    reasoning = content = ""
+    for part in [parser.feed(piece) for piece in pieces] + [parser.finish()]:
+        reasoning += part.reasoning
+        content += part.content
+    return reasoning, content
+
+
+def random_pieces(text: str, rng: random.Random) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+@pytest.mark.parametrize("name, prompt_tail, text, reasoning, content", [
+    ("qwen3", QWEN3_PROMPT, "<think>\nPlan: add.\n</think>\n\n2 + 2 = 4", "\nPlan: add.\n", "\n\n2 + 2 = 4"),
+    ("qwen3", QWEN3_PROMPT, "2 + 2 = 4 <think>not a thought</think>", "", "2 + 2 = 4 <think>not a thought</think>"),
+    ("qwen3", QWEN3_PROMPT, "<thinking> is a tag", "", "<thinking> is a tag"),
+    ("qwen3", QWEN3_PROMPT, "<thi", "", "<thi"),
+    ("qwen3", QWEN3_PROMPT, "<think>cut short by max_tokens </thi", "cut short by max_tokens </thi", ""),
+    ("qwen3", QWEN3_NO_THINKING, "<think>x</think>y", "x", "y"),
+    ("qwen3", QWEN3_NO_THINKING, "The answer.", "", "The answer."),
+    ("qwen3", THINKING_TEMPLATE, "Plan.\n</think>\n\nDone.", "Plan.\n", "\n\nDone."),
+    ("deepseek_r1", QWEN3_PROMPT, "Plan.</think>Done.", "Plan.", "Done."),
+    ("deepseek_r1", QWEN3_PROMPT, "\n<think>Plan.</think>Done.", "Plan.", "Done."),
+    ("deepseek_r1", QWEN3_PROMPT, "never closed", "never closed", ""),
+])
+def test_every_split_of_an_answer_gives_the_whole_answers_parts(name: str, prompt_tail: str, text: str,
+                                                                reasoning: str, content: str) -> None:
+    assert split([text], name, prompt_tail) == (reasoning, content)
+    assert split(list(text), name, prompt_tail) == (reasoning, content), "a character at a time"
+    rng = random.Random(text)
+    for _ in range(50):
+        assert split(random_pieces(text, rng), name, prompt_tail) == (reasoning, content)
+
+
+def test_an_unknown_parser_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="reasoning_parser must be one of None, qwen3, deepseek_r1"):
+        load_config(environ={}, reasoning_parser="qwen")
+
+
+def chat(tokenizer: Tokenizer, script: str, body: dict, reasoning_parser: str | None = "qwen3") -> httpx.Response:
+    engine = ScriptedEngine(tokenizer, max_context_length=512, script=script)
+    config = ServerConfig(reasoning_parser=reasoning_parser).frontend()
+    app = create_app(config, engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "2 + 2?"}], **body})
+    return asyncio.run(send())
+
+
+ANSWER = "<think>\nTwo and two make four.\n</think>\n\nIt is 4."
+
+
+def test_a_chat_answer_splits_into_reasoning_and_content_streamed_or_not(tokenizer: Tokenizer) -> None:
+    num_tokens = len(tokenizer.encode(ANSWER))
+    whole = chat(tokenizer, ANSWER, {"max_tokens": num_tokens}).json()["choices"][0]
+    assert whole["message"]["reasoning_content"] == "\nTwo and two make four.\n"
+    assert whole["message"]["content"] == "\n\nIt is 4." and whole["finish_reason"] == "length"
+    stream = chat(tokenizer, ANSWER, {"max_tokens": num_tokens, "stream": True})
+    deltas = [choice["delta"] for chunk in sse_payloads(stream) for choice in chunk["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == whole["message"]["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == whole["message"]["content"]
+    assert sum(1 for d in deltas if d.get("reasoning_content")) > 1, "the reasoning streams as it comes"
+    left_out = chat(tokenizer, ANSWER, {"max_tokens": num_tokens, "include_reasoning": False}).json()
+    assert left_out["choices"][0]["message"] == {"role": "assistant", "content": "\n\nIt is 4."}
+    unparsed = chat(tokenizer, ANSWER, {"max_tokens": num_tokens}, reasoning_parser=None).json()
+    assert unparsed["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}, "off by default"
+    assert "reasoning_content" not in json.dumps(chat(tokenizer, "It is 4.", {"max_tokens": 3}).json())
+
+
+def test_tool_calls_are_read_from_the_text_after_the_reasoning(tokenizer: Tokenizer) -> None:
+    answer = ('<think>The weather tool fits. <tool_call> is how I call it.</think>\n<tool_call>\n'
+              '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = chat(tokenizer, answer, {"max_tokens": len(tokenizer.encode(answer)), "tools": tools}).json()
+    message = reply["choices"][0]["message"]
+    assert message["reasoning_content"] == "The weather tool fits. <tool_call> is how I call it."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})]
+    assert message["content"] is None
+
+
+def test_an_earlier_answers_reasoning_reaches_the_template(smollm_tokenizer_spec) -> None:
+    import msgspec
+    template = ("{% for m in messages %}{{ m['role'] }}: {% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+                "</think>{% endif %}{{ m['content'] }}\n{% endfor %}assistant:")
+    tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=template))
+    engine = ScriptedEngine(tokenizer)
+    app = create_app(ServerConfig(reasoning_parser="qwen3").frontend(), engine, tokenizer)  # type: ignore[arg-type]
+    messages = [{"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
+                {"role": "user", "content": "And 3 + 3?"}]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert asyncio.run(send()).status_code == 200
+    assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == (
+        "user: 2 + 2?\nassistant: <think>Two and two.</think>4\nuser: And 3 + 3?\nassistant:")
