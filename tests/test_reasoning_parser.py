@@ -19,8 +19,9 @@ QWEN3_NO_THINKING = QWEN3_PROMPT + "<think>\n\n</think>\n\n"
 THINKING_TEMPLATE = QWEN3_PROMPT + "<think>\n"  # Qwen3 "thinking" releases, DeepSeek R1's newer templates
 
 
-def split(pieces: list[str], name: str = "qwen3", prompt_tail: str = QWEN3_PROMPT) -> tuple[str, str]:
-    parser = ReasoningParser(name, prompt_tail)
+def split(pieces: list[str], name: str = "qwen3", prompt_tail: str = QWEN3_PROMPT,
+          constrained: bool = False) -> tuple[str, str]:
+    parser = ReasoningParser(name, prompt_tail, constrained)
     reasoning = content = ""
     for part in [parser.feed(piece) for piece in pieces] + [parser.finish()]:
         reasoning += part.reasoning
@@ -45,6 +46,8 @@ def random_pieces(text: str, rng: random.Random) -> list[str]:
     ("deepseek_r1", QWEN3_PROMPT, "Plan.</think>Done.", "Plan.", "Done."),
     ("deepseek_r1", QWEN3_PROMPT, "\n<think>Plan.</think>Done.", "Plan.", "Done."),
     ("deepseek_r1", QWEN3_PROMPT, "never closed", "never closed", ""),
+    ("qwen3", "<|im_start|>user\nWhat does <think> mean?<|im_end|>\n<|im_start|>assistant\n", "A tag.", "",
+     "A tag."),
 ])
 def test_every_split_of_an_answer_gives_the_whole_answers_parts(name: str, prompt_tail: str, text: str,
                                                                 reasoning: str, content: str) -> None:
@@ -53,6 +56,14 @@ def test_every_split_of_an_answer_gives_the_whole_answers_parts(name: str, promp
     rng = random.Random(text)
     for _ in range(50):
         assert split(random_pieces(text, rng), name, prompt_tail) == (reasoning, content)
+
+
+@pytest.mark.parametrize("name, prompt_tail", [("deepseek_r1", QWEN3_PROMPT), ("qwen3", THINKING_TEMPLATE)])
+def test_a_grammar_written_answer_is_content_unless_it_opens_a_thought(name: str, prompt_tail: str) -> None:
+    """A response_format or forced tool call constrains the answer from its first token: no implicit thought."""
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert split([call], name, prompt_tail, constrained=True) == ("", call)
+    assert split(["<think>a</think>{}"], name, prompt_tail, constrained=True) == ("a", "{}")
 
 
 def test_an_unknown_parser_is_a_config_error() -> None:
@@ -121,3 +132,12 @@ def test_an_earlier_answers_reasoning_reaches_the_template(smollm_tokenizer_spec
     assert asyncio.run(send()).status_code == 200
     assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == (
         "user: 2 + 2?\nassistant: <think>Two and two.</think>4\nuser: And 3 + 3?\nassistant:")
+
+
+def test_a_forced_tool_call_under_deepseek_r1_is_a_tool_call(tokenizer: Tokenizer) -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = chat(tokenizer, call, {"max_tokens": len(tokenizer.encode(call)), "tools": tools,
+                                   "tool_choice": "required"}, reasoning_parser="deepseek_r1").json()
+    message = reply["choices"][0]["message"]
+    assert "reasoning_content" not in message and message["tool_calls"][0]["function"]["name"] == "get_weather"

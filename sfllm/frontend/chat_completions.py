@@ -77,7 +77,8 @@ class ChatCompletionEndpoint:
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
-                                         ReasoningParser(self.reasoning_parser, prompt_tail)
+                                         ReasoningParser(self.reasoning_parser, prompt_tail,
+                                                         params.structured_output is not None)
                                          if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
         tally = UsageTally([prompt])

@@ -29,16 +29,20 @@ class SplitText:
 
 
 def prompt_opens_thought(prompt_tail: str) -> bool:
-    """Whether a rendered prompt ends inside a think block: its template opened one for the answer."""
-    return prompt_tail.rfind(START_TAG) > prompt_tail.rfind(END_TAG)
+    """Whether a rendered prompt ends with an open think block: its template opened one for the answer (a tag in
+    the user's own text, followed by the template's tokens, does not count)."""
+    return prompt_tail.rstrip().endswith(START_TAG)
 
 
 class ReasoningParser:
-    def __init__(self, name: str, prompt_tail: str) -> None:
+    def __init__(self, name: str, prompt_tail: str, constrained: bool = False) -> None:
+        """`constrained`: a grammar (response_format, a forced tool call) writes the answer from its first token,
+        so it is a thought only if it opens with <think> itself."""
         if name not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {name!r}; one of {', '.join(REASONING_PARSERS)}")
         # start: may open with <think>; reasoning: inside the block; content: after it (or never in one)
-        self._state = "reasoning" if name == "deepseek_r1" or prompt_opens_thought(prompt_tail) else "start"
+        implicit = name == "deepseek_r1" or prompt_opens_thought(prompt_tail)
+        self._state = "reasoning" if implicit and not constrained else "start"
         self._optional_start = self._state == "reasoning"  # a <think> the model writes anyway is dropped
         self._buffer = ""
 

@@ -164,6 +164,12 @@ class Scheduler:
         try:
             if self.vocab_size is not None:
                 message.params.check_vocabulary(self.vocab_size)
+        except InvalidSamplingParams as error:
+            return _error(message.request_id, str(error), 400)
+        full = self.waiting.full_message(message.priority)  # before the grammar's compile, which a refusal wastes
+        if full is not None:
+            return _error(message.request_id, f"{full}; retry later", QUEUE_FULL_STATUS)
+        try:
             matcher_ready = self._compile_grammar(message.params)
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400)

@@ -37,12 +37,17 @@ class WaitingQueue:
     def num_waiting(self, priority: str) -> int:
         return len(self._queues[priority])
 
+    def full_message(self, priority: str) -> str | None:
+        """Why a request of `priority` cannot be queued now; None while there is room."""
+        held = len(self._queues[priority])
+        return f"the {priority} queue holds {held} requests, its limit" if held >= self.max_per_class else None
+
     def add(self, request: Request, now: float) -> None:
-        queue = self._queues[request.priority]
-        if len(queue) >= self.max_per_class:
-            raise QueueFull(f"the {request.priority} queue holds {len(queue)} requests, its limit")
+        full = self.full_message(request.priority)
+        if full is not None:
+            raise QueueFull(full)
         request.enqueue_time = request.waiting_since = now
-        queue.append(request)
+        self._queues[request.priority].append(request)
 
     def requeue(self, request: Request, now: float) -> None:
         """A preempted request goes back to the head of its class. Its wait for aging starts
