@@ -177,6 +177,11 @@ def test_ending_the_streams_raises_in_each_and_aborts_them_in_the_engine(address
                 await reader
         await wait_until(lambda: sorted(router.aborted()) == ["a", "b"])
         assert client.num_in_flight == 0 and client.end_streams(RuntimeError("again")) == 0
+        # a request that reaches the client after that (one still being tokenized) fails the same way, unsent
+        with pytest.raises(RuntimeError, match="again"):
+            await read("late")
+        await asyncio.sleep(0.1)
+        assert sorted(m.request_id for m in router.received if isinstance(m, GenerateRequest)) == ["a", "b"]
         await client.close()
         await router.close()
     run(scenario)

@@ -499,6 +499,16 @@ def test_a_bug_answers_500_and_the_connection_serves_the_next_request(tokenizer:
     ("/v1/completions", {"response_format": {"type": "json_schema",
                                              "json_schema": {"name": "x", "schema": {"const": "\ud83d"}}}},
      "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": "y", "reasoning_content": "\ud800"}, {"role": "user", "content": "z"}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": '{"a": "\\udc00"}'}}]}, {"role": "tool", "tool_call_id": "c1", "content": "1"}]},
+     "messages"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud83d"}}]},
+     "tools"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"enable_thinking": "\ud800"}}, "chat_template_kwargs"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/completions", {"max_new_tokens": -5}, "max_new_tokens"),
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),

@@ -91,16 +91,26 @@ def test_a_chat_answer_splits_into_reasoning_and_content_streamed_or_not(tokeniz
     whole = chat(tokenizer, ANSWER, {"max_tokens": num_tokens}).json()["choices"][0]
     assert whole["message"]["reasoning_content"] == "\nTwo and two make four.\n"
     assert whole["message"]["content"] == "\n\nIt is 4." and whole["finish_reason"] == "length"
+    assert whole["message"]["reasoning"] == whole["message"]["reasoning_content"], "current vLLM's name too"
     stream = chat(tokenizer, ANSWER, {"max_tokens": num_tokens, "stream": True})
     deltas = [choice["delta"] for chunk in sse_payloads(stream) for choice in chunk["choices"]]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == whole["message"]["reasoning_content"]
     assert "".join(d.get("content") or "" for d in deltas) == whole["message"]["content"]
     assert sum(1 for d in deltas if d.get("reasoning_content")) > 1, "the reasoning streams as it comes"
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
     left_out = chat(tokenizer, ANSWER, {"max_tokens": num_tokens, "include_reasoning": False}).json()
     assert left_out["choices"][0]["message"] == {"role": "assistant", "content": "\n\nIt is 4."}
     unparsed = chat(tokenizer, ANSWER, {"max_tokens": num_tokens}, reasoning_parser=None).json()
     assert unparsed["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}, "off by default"
-    assert "reasoning_content" not in json.dumps(chat(tokenizer, "It is 4.", {"max_tokens": 3}).json())
+    assert "reasoning" not in json.dumps(chat(tokenizer, "It is 4.", {"max_tokens": 3}).json())
+
+
+def test_an_answer_cut_inside_its_thought_has_null_content(tokenizer: Tokenizer) -> None:
+    """As vLLM answers: `content` is null, not "", when the answer held only a thought."""
+    message = chat(tokenizer, ANSWER, {"max_tokens": 4}).json()["choices"][0]["message"]
+    assert message["content"] is None and message["reasoning_content"], message
+    left_out = chat(tokenizer, ANSWER, {"max_tokens": 4, "include_reasoning": False}).json()
+    assert left_out["choices"][0]["message"] == {"role": "assistant", "content": None}
 
 
 def test_tool_calls_are_read_from_the_text_after_the_reasoning(tokenizer: Tokenizer) -> None:
@@ -122,16 +132,17 @@ def test_an_earlier_answers_reasoning_reaches_the_template(smollm_tokenizer_spec
     tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=template))
     engine = ScriptedEngine(tokenizer)
     app = create_app(ServerConfig(reasoning_parser="qwen3").frontend(), engine, tokenizer)  # type: ignore[arg-type]
-    messages = [{"role": "user", "content": "2 + 2?"},
-                {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
-                {"role": "user", "content": "And 3 + 3?"}]
+    for field in ("reasoning_content", "reasoning"):  # SGLang's name and current vLLM's
+        messages = [{"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "4", field: "Two and two."},
+                    {"role": "user", "content": "And 3 + 3?"}]
 
-    async def send() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
-    assert asyncio.run(send()).status_code == 200
-    assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == (
-        "user: 2 + 2?\nassistant: <think>Two and two.</think>4\nuser: And 3 + 3?\nassistant:")
+        async def send() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                return await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+        assert asyncio.run(send()).status_code == 200
+        assert tokenizer.decode(engine.requests[-1].prompt_token_ids) == (
+            "user: 2 + 2?\nassistant: <think>Two and two.</think>4\nuser: And 3 + 3?\nassistant:"), field
 
 
 def test_a_forced_tool_call_under_deepseek_r1_is_a_tool_call(tokenizer: Tokenizer) -> None:

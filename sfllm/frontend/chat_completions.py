@@ -22,7 +22,8 @@ from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCo
                                              ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
 from sfllm.frontend.reasoning_parser import ReasoningParser
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
-                                           engine_context_length, resolve_max_tokens, resolve_priority)
+                                           check_unicode_within, engine_context_length, resolve_max_tokens,
+                                           resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
 from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
@@ -35,8 +36,12 @@ PROMPT_TAIL_TOKENS = 16
 async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: ChatTools) -> list[int]:
     """The token ids of a chat request's conversation, its tools described as the template wants them."""
     messages = tools.template_messages(body.messages, tokenizer.chat_template.takes_tools)
-    check_unicode([message["content"] for message in messages], "messages")
-    prompt = await tokenizer.apply_chat_template_async(messages, tools.template_tools(), **body.template_options())
+    template_tools, options = tools.template_tools(), body.template_options()
+    # every text a template may render (a history's reasoning_content and call arguments too) must be encodable
+    check_unicode_within(template_tools, "tools")  # first: a template without tools gets them in a message
+    check_unicode_within(messages, "messages")
+    check_unicode_within(options["variables"], "chat_template_kwargs")
+    prompt = await tokenizer.apply_chat_template_async(messages, template_tools, **options)
     check_prompt_token_ids(prompt, tokenizer.vocab_size, "messages")
     return prompt
 
@@ -168,6 +173,7 @@ class AssistantMessage:
         self.reasoning_parser = reasoning_parser
         self.include_reasoning = include_reasoning
         self.reasoning = ""
+        self.thought = False  # whether the answer held one
         self.content = ""
         self.finish_reason: str | None = None
 
@@ -180,6 +186,7 @@ class AssistantMessage:
                 rest = self.reasoning_parser.finish()
                 split.reasoning += rest.reasoning
                 split.content += rest.content
+            self.thought = self.thought or bool(split.reasoning)
             thought, text = split.reasoning if self.include_reasoning else "", split.content
         self.reasoning += thought
         if self.parser is None:
@@ -200,5 +207,6 @@ class AssistantMessage:
     def message(self) -> ChatResponseMessage:
         calls = [ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
                  for call in (self.parser.calls if self.parser is not None else [])]
-        return ChatResponseMessage(content=self.content if self.content or not calls else None,
+        # no text: null beside calls or a thought (even one include_reasoning leaves out), as vLLM answers
+        return ChatResponseMessage(content=self.content if self.content or not (calls or self.thought) else None,
                                    reasoning_content=self.reasoning or None, tool_calls=calls or None)

@@ -101,6 +101,7 @@ class EngineClient:
         self._aborted: OrderedDict[str, None] = OrderedDict()
         self._lost: list[str] = []  # failed while the engine was silent; aborted when it answers again
         self._tasks: list[asyncio.Task[None]] = []
+        self._ended: Exception | None = None  # set by end_streams: later requests fail with it too
 
     @property
     def connected(self) -> bool:
@@ -158,6 +159,8 @@ class EngineClient:
         """Start a request and yield its outputs until the one with a finish reason.
 
         Close the iterator early (e.g. `contextlib.aclosing`) to abort the request."""
+        if self._ended is not None:
+            raise self._ended
         if not self._connected:
             raise EngineUnavailableError(self._unavailable_reason())
         if request.request_id in self._streams:
@@ -208,7 +211,9 @@ class EngineClient:
     def end_streams(self, error: Exception) -> int:
         """End every request in flight: each stream raises `error`, and the engine is told to drop them.
 
-        How a frontend that must stop now still answers its requests; returns how many there were."""
+        How a frontend that must stop now still answers its requests; a request submitted later (one still being
+        tokenized, a choice not yet started) fails with `error` too. Returns how many were in flight."""
+        self._ended = error
         request_ids = list(self._streams)
         for queue in self._streams.values():
             queue.put_nowait(error)

@@ -266,10 +266,15 @@ class ChatMessage(StrictModel):
     name: str | None = None
     tool_calls: list[ChatToolCall] | None = None
     tool_call_id: str | None = None
-    reasoning_content: str | None = None  # an earlier answer's, as a reasoning parser gave it: for the template
+    # an earlier answer's thought, as a reasoning parser gave it: for the template. `reasoning` is current vLLM's
+    # name of the same field (clients send either)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
+        if self.reasoning_content is None:
+            self.reasoning_content = self.reasoning
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a message of role tool needs the tool_call_id of the call it answers")
         if self.tool_calls and self.role != "assistant":

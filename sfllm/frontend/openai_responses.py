@@ -54,6 +54,14 @@ def _without_none(fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, A
     return {key: value for key, value in fields.items() if not (key in names and value is None)}
 
 
+def _with_reasoning_alias(fields: dict[str, Any]) -> dict[str, Any]:
+    """The thought under both names clients read: `reasoning_content` (DeepSeek's, SGLang's, the AI SDK's) and
+    `reasoning` (current vLLM's, OpenRouter's)."""
+    if fields.get("reasoning_content") is not None:
+        fields["reasoning"] = fields["reasoning_content"]
+    return fields
+
+
 class CompletionResponse(BaseModel):
     """A whole completion, and also the shape of each streamed chunk."""
     id: str
@@ -86,7 +94,7 @@ class ChatResponseMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_absent_calls(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), ("tool_calls", "reasoning_content"))
+        return _with_reasoning_alias(_without_none(handler(self), ("tool_calls", "reasoning_content")))
 
 
 class ChatChoice(BaseModel):
@@ -119,7 +127,7 @@ class ChatDelta(BaseModel):
     @model_serializer(mode="wrap")
     def _without_absent_fields(self, handler: Any) -> dict[str, Any]:
         # A delta carries only what changed: `{"content": "x"}`, and `{}` with the finish reason.
-        return {key: value for key, value in handler(self).items() if value is not None}
+        return _with_reasoning_alias({key: value for key, value in handler(self).items() if value is not None})
 
 
 class ChatChunkChoice(BaseModel):

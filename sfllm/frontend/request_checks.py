@@ -1,7 +1,8 @@
 """What every generation request must pass before it reaches the engine."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 from dataclasses import dataclass
 
 from sfllm.config import FrontendConfig
@@ -46,6 +47,23 @@ def check_unicode(texts: Iterable[str], param: str) -> None:
         except UnicodeEncodeError as error:
             raise InvalidRequestError(f"{param} holds an unpaired surrogate (\\u{ord(text[error.start]):04x}) at "
                                       f"character {error.start}; send valid Unicode text", param=param) from None
+
+
+def check_unicode_within(value: Any, param: str) -> None:
+    """check_unicode over every string in a JSON value: keys and values of its objects, items of its arrays."""
+    check_unicode(_strings_within(value), param)
+
+
+def _strings_within(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings_within(key)
+            yield from _strings_within(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings_within(item)
 
 
 def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
