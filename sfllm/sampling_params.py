@@ -28,11 +28,22 @@ class InvalidSamplingParams(ValueError):
         self.param = param
 
 
+class ThoughtTokens(msgspec.Struct, frozen=True):
+    """The tokens that open and close a thinking model's thought, which comes before the constrained answer.
+    `opened`: the prompt opened the thought (the output starts in it); otherwise the output may open one with its
+    first token, or start the answer at once."""
+    start: int
+    end: int
+    opened: bool = False
+
+
 class StructuredOutput(msgspec.Struct, frozen=True):
     """What the output's text must match: a JSON schema, a regular expression, or a grammar in Lark or
     GBNF (llama.cpp's EBNF); sfllm/structured_output.py turns it into the grammar engine's form."""
     kind: Literal["json_schema", "regex", "grammar"]
     definition: str
+    # with a reasoning parser: the grammar applies to the text after the thought, as vLLM applies it
+    after_thought: ThoughtTokens | None = None
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutput:

@@ -152,3 +152,62 @@ def test_a_forced_tool_call_under_deepseek_r1_is_a_tool_call(tokenizer: Tokenize
                                    "tool_choice": "required"}, reasoning_parser="deepseek_r1").json()
     message = reply["choices"][0]["message"]
     assert "reasoning_content" not in message and message["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def thinking_tokenizer(spec) -> Tokenizer:
+    """SmolLM2's tokenizer with <think> and </think> added as single tokens (as Qwen3's vocabulary has them), and a
+    template that closes the thought in the prompt when told `enable_thinking=False`, as Qwen3's does."""
+    import msgspec
+    backend = json.loads(spec.tokenizer_json)
+    for offset, tag in enumerate(("<think>", "</think>")):
+        backend["added_tokens"].append({"id": spec.vocab_size + offset, "content": tag, "single_word": False,
+                                        "lstrip": False, "rstrip": False, "normalized": False, "special": False})
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+                "{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    return Tokenizer(msgspec.structs.replace(spec, tokenizer_json=json.dumps(backend), chat_template=template,
+                                             vocab_size=spec.vocab_size + 2))
+
+
+@pytest.mark.parametrize("parser, template_options, opened", [
+    ("qwen3", {}, False), ("deepseek_r1", {}, True),
+    ("qwen3", {"chat_template_kwargs": {"enable_thinking": False}}, None)])
+def test_a_constrained_answer_thinks_first_where_the_tags_are_tokens(smollm_tokenizer_spec, parser: str,
+                                                                     template_options: dict, opened) -> None:
+    """With a reasoning parser, response_format (and a forced tool call) constrains the answer after the thought,
+    as vLLM does: the engine is told the thought's tokens (the scheduler's GrammarAfterThought), and the parser
+    reads the thought as reasoning. A prompt that closed the thought constrains from the first token."""
+    tokenizer = thinking_tokenizer(smollm_tokenizer_spec)
+    think, end_think = smollm_tokenizer_spec.vocab_size, smollm_tokenizer_spec.vocab_size + 1
+    answer = '<think>A number.</think>{"n": 4}' if opened is not None else '{"n": 4}'
+    engine = ScriptedEngine(tokenizer, max_context_length=512, script=answer)
+    app = create_app(ServerConfig(reasoning_parser=parser).frontend(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": len(tokenizer.encode(answer)),
+                "response_format": {"type": "json_object"}, **template_options})
+    message = asyncio.run(send()).json()["choices"][0]["message"]
+    after_thought = engine.requests[-1].params.structured_output.after_thought
+    if opened is None:
+        assert after_thought is None
+        assert message == {"role": "assistant", "content": answer}
+    else:
+        assert (after_thought.start, after_thought.end, after_thought.opened) == (think, end_think, opened)
+        assert message["reasoning_content"] == "A number." and message["content"] == '{"n": 4}', message
+
+
+def test_without_single_token_tags_the_grammar_constrains_from_the_first_token(tokenizer: Tokenizer) -> None:
+    """SmolLM2 spells <think> in several tokens: the engine is not told of a thought (the grammar could not wait
+    for a tag of several tokens); an answer the grammar wrote is content."""
+    engine = ScriptedEngine(tokenizer, max_context_length=512, script='{"n": 4}')
+    app = create_app(ServerConfig(reasoning_parser="deepseek_r1").frontend(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": len(tokenizer.encode('{"n": 4}')),
+                "response_format": {"type": "json_object"}})
+    message = asyncio.run(send()).json()["choices"][0]["message"]
+    assert engine.requests[-1].params.structured_output.after_thought is None
+    assert message == {"role": "assistant", "content": '{"n": 4}'}

@@ -13,7 +13,7 @@ import pytest
 from sfllm.config import ServerConfig
 from sfllm.engine.engine_core import EngineCore
 from sfllm.messages import PROTOCOL_VERSION, ForwardBatch, ForwardResult, GenerateRequest, GrammarMask, WorkerReady
-from sfllm.sampling_params import SamplingParams, StructuredOutput
+from sfllm.sampling_params import SamplingParams, StructuredOutput, ThoughtTokens
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.structured_output import InvalidGrammar
 
@@ -263,3 +263,44 @@ def test_a_grammar_beyond_the_engines_limits_is_the_clients_error(smollm_tokeniz
     assert huge_output.finish_reason == "error" and huge_output.error_code == 400, huge_output.error
     assert "limits" in huge_output.error and "\n" not in huge_output.error
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
+
+
+@pytest.mark.parametrize("thought, expected_prefix, finish", [
+    # the output may open a thought: its start token (1) is allowed beside the grammar's, and the worker draws it
+    # (the smallest); the thought is free (the worker draws token 0, its end); then the grammar
+    (ThoughtTokens(start=1, end=0), [1, 0], "stop"),
+    # the prompt opened it: free from the first token
+    (ThoughtTokens(start=1, end=0, opened=True), [0], "stop"),
+    # a start token above every token the grammar allows first: not drawn, and the grammar writes the answer at once
+    (ThoughtTokens(start=40000, end=0), [], "stop"),
+    # a thought that never ends is never constrained: cut by max_tokens
+    (ThoughtTokens(start=1, end=7), [1, 0, 0, 0, 0, 0], "length"),
+])
+def test_a_grammar_after_a_thought_applies_once_the_thought_ends(smollm_tokenizer_spec, tokenizer, thought,
+                                                                 expected_prefix, finish) -> None:
+    """A reasoning parser's constrained request (sfllm/scheduler/grammar_after_thought.py), with overlap: its
+    phase follows the tokens that came back before each late mask."""
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    structured = StructuredOutput("regex", PATTERN, after_thought=thought)
+    max_tokens = 6 if finish == "length" else 30
+    assert core.add_request(GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], params=SamplingParams(
+        max_tokens=max_tokens, structured_output=structured))) is None
+    tokens, reasons = [], []
+    while core.has_work():
+        for output in core.step():
+            tokens += output.token_ids
+            reasons.append(output.finish_reason)
+    assert tokens[:len(expected_prefix)] == expected_prefix and reasons[-1] == finish, (tokens, reasons)
+    if finish == "stop":
+        assert re.fullmatch(PATTERN, tokenizer.decode(tokens[len(expected_prefix):])), tokens
+    assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
+
+
+def test_a_thought_token_outside_the_vocabulary_is_the_clients_error(smollm_tokenizer_spec) -> None:
+    worker = MaskingWorker(smollm_tokenizer_spec.vocab_size, eos=2)
+    core = EngineCore(ServerConfig().scheduler(), worker, smollm_tokenizer_spec)
+    structured = StructuredOutput("regex", PATTERN, after_thought=ThoughtTokens(start=1, end=10**6))
+    refused = core.add_request(GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], params=SamplingParams(
+        max_tokens=4, structured_output=structured)))
+    assert refused is not None and refused.error_code == 400 and "outside the vocabulary" in refused.error

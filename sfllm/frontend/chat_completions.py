@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -20,7 +21,7 @@ from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outc
 from sfllm.frontend.openai_protocol import ChatCompletionRequest
 from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                              ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
-from sfllm.frontend.reasoning_parser import ReasoningParser
+from sfllm.frontend.reasoning_parser import ReasoningParser, thought_before_grammar
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
                                            check_unicode_within, engine_context_length, resolve_max_tokens,
                                            resolve_priority)
@@ -78,12 +79,15 @@ class ChatCompletionEndpoint:
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
                                       tools.structured_output(), encode=self.tokenizer.encode_text)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
+        if self.reasoning_parser and params.structured_output is not None:
+            thought = thought_before_grammar(self.reasoning_parser, prompt_tail, self.tokenizer.encode_text)
+            params.structured_output = msgspec.structs.replace(params.structured_output, after_thought=thought)
+        choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
+        constrained = params.structured_output is not None and params.structured_output.after_thought is None
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
-                                         ReasoningParser(self.reasoning_parser, prompt_tail,
-                                                         params.structured_output is not None)
+                                         ReasoningParser(self.reasoning_parser, prompt_tail, constrained)
                                          if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
         tally = UsageTally([prompt])

@@ -13,9 +13,11 @@ of the whole answer. A thought cut short (by `max_tokens`) stays reasoning.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sfllm.frontend.stream_tags import partial_tag_length
+from sfllm.sampling_params import ThoughtTokens
 
 START_TAG = "<think>"
 END_TAG = "</think>"
@@ -34,10 +36,20 @@ def prompt_opens_thought(prompt_tail: str) -> bool:
     return prompt_tail.rstrip().endswith(START_TAG)
 
 
+def thought_before_grammar(name: str, prompt_tail: str, encode: Callable[[str], list[int]]) -> ThoughtTokens | None:
+    """How a constrained answer may think first (the grammar then applies after the thought, as in vLLM): None
+    where the tags are not single tokens of the vocabulary (the grammar writes the answer from its first token)
+    or where the prompt closed the thought already (Qwen3's `enable_thinking=False` writes an empty block)."""
+    start, end = encode(START_TAG), encode(END_TAG)
+    if len(start) != 1 or len(end) != 1 or prompt_tail.rstrip().endswith(END_TAG):
+        return None
+    return ThoughtTokens(start=start[0], end=end[0], opened=name == "deepseek_r1" or prompt_opens_thought(prompt_tail))
+
+
 class ReasoningParser:
     def __init__(self, name: str, prompt_tail: str, constrained: bool = False) -> None:
-        """`constrained`: a grammar (response_format, a forced tool call) writes the answer from its first token,
-        so it is a thought only if it opens with <think> itself."""
+        """`constrained`: a grammar (response_format, a forced tool call) writes the answer from its first token
+        (no thought_before_grammar), so it is a thought only if it opens with <think> itself."""
         if name not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {name!r}; one of {', '.join(REASONING_PARSERS)}")
         # start: may open with <think>; reasoning: inside the block; content: after it (or never in one)

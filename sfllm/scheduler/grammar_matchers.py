@@ -18,8 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.numpy
+import numpy
 
 from sfllm.sampling_params import StructuredOutput
+from sfllm.scheduler.grammar_after_thought import GrammarAfterThought
 from sfllm.structured_output import InvalidGrammar, grammar_of
 
 
@@ -47,11 +49,19 @@ class GrammarMatchers:
         self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
 
-    def compile(self, structured_output: StructuredOutput) -> Future[llguidance.LLMatcher]:
+    def compile(self, structured_output: StructuredOutput) -> Future[llguidance.LLMatcher | GrammarAfterThought]:
         """A matcher at the start of the grammar, its first mask computed, built in a thread; raises
         InvalidGrammar now for what the grammar's own check finds. A grammar that fails only against the
-        tokenizer gives a matcher in error, found out at the request's first mask like one failing later."""
-        return self._compiler.submit(self._build, self._grammar(structured_output))
+        tokenizer gives a matcher in error, found out at the request's first mask like one failing later.
+        With `after_thought`, the matcher waits for the model's thought to end (GrammarAfterThought)."""
+        grammar, thought = self._grammar(structured_output), structured_output.after_thought
+        if thought is not None:
+            for token in (thought.start, thought.end):
+                if not 0 <= token < self.vocab_size:
+                    raise InvalidGrammar("response_format", f"the thought's token {token} is outside the "
+                                                            f"vocabulary [0, {self.vocab_size})")
+            return self._compiler.submit(lambda: GrammarAfterThought(self._build(grammar), thought))
+        return self._compiler.submit(self._build, grammar)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
         """A matcher at the start of the grammar, built here; raises InvalidGrammar."""
@@ -71,22 +81,34 @@ class GrammarMatchers:
             matcher.compute_bitmask()  # builds the lexer states of the start: the first mask's cost
         return matcher
 
-    def masks(self, matchers: list[llguidance.LLMatcher | None]) -> memoryview:
+    def masks(self, matchers: list[llguidance.LLMatcher | GrammarAfterThought | None]) -> memoryview:
         """The packed bitmask of the next token of each matcher, one row each; a row of None (its request
-        finished) or of a matcher in error allows every token: its token is never read. The view is of a
-        buffer the next call overwrites: send it (the worker copies it at once) before asking for more."""
+        finished), of a matcher in error or of a thought allows every token: its token is never read (a thought's
+        is free). The view is of a buffer the next call overwrites: send it (the worker copies it at once) before
+        asking for more."""
         if len(self._bitmask) < len(matchers):
             self._bitmask = llguidance.numpy.allocate_token_bitmask(max(len(matchers), 2 * len(self._bitmask)),
                                                                     self.vocab_size)
         bitmask = self._bitmask[:len(matchers)]
         live = []
+        may_open_thought = []
         for row, matcher in enumerate(matchers):
+            if isinstance(matcher, GrammarAfterThought):
+                if not matcher.masked_by_grammar:
+                    bitmask[row] = -1
+                    continue
+                if matcher.phase == "open":
+                    may_open_thought.append((row, matcher.thought.start))
+                matcher = matcher.matcher
             if matcher is None or matcher.is_error():
                 bitmask[row] = -1
             else:
                 live.append((matcher, row))  # llguidance writes the whole row, even for a matcher that fails
         if live:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, live, bitmask)
+        words = bitmask.view(numpy.uint32)
+        for row, token in may_open_thought:
+            words[row, token >> 5] |= numpy.uint32(1 << (token & 31))
         return memoryview(bitmask).cast("B")
 
 
