@@ -43,8 +43,12 @@ class LoopTime:
                  for activity, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
         self.seconds = {}
         self.calls = {}
+        self._steps_at_start = num_steps
+        if not steps:
+            # an idle interval: a wait under way is charged from now on, not spread over the next steps' report
+            self._started = self._last = now
+            return None
         # The next interval starts at the last lap, whose successor's time is charged to it: from `now`, a long
         # wait lapped after this report would count time before the interval and read over 100%.
         self._started = self._last
-        self._steps_at_start = num_steps
-        return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts) if steps else None
+        return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts)

@@ -40,3 +40,21 @@ def test_a_wait_begun_before_a_report_is_charged_within_the_next_interval() -> N
     line = loop.report(num_steps=2)
     assert line == ("1 steps in 21.5 s: waiting 95% (20500000 us/step, 20500000 us x 1), "
                     "step 5% (1000000 us/step, 1000000 us x 1)")
+
+
+def test_an_idle_interval_is_not_spread_over_the_next_report() -> None:
+    """The worker reports while it waits for a step (its wait is lapped only when the step comes): after an
+    hour idle, the next report covers the time since the last idle report, not the hour."""
+    now = [0.0]
+    loop = LoopTime(interval_s=10.0, clock=lambda: now[0])
+    now[0] += 1.0
+    loop.lap("step")
+    for _ in range(360):  # an hour of waiting, reported on each 10 s poll
+        now[0] += 10.0
+        loop.report(num_steps=1)
+    now[0] += 2.0
+    loop.lap("waiting")
+    now[0] += 8.0
+    loop.lap("step")
+    assert loop.report(num_steps=2) == ("1 steps in 10.0 s: step 80% (8000000 us/step, 8000000 us x 1), "
+                                        "waiting 20% (2000000 us/step, 2000000 us x 1)")
