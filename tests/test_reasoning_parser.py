@@ -211,3 +211,40 @@ def test_without_single_token_tags_the_grammar_constrains_from_the_first_token(t
     message = asyncio.run(send()).json()["choices"][0]["message"]
     assert engine.requests[-1].params.structured_output.after_thought is None
     assert message == {"role": "assistant", "content": '{"n": 4}'}
+
+
+@pytest.mark.parametrize("name, continued, text, reasoning, content", [
+    # the final message stopped inside its thought: the answer goes on thinking, then answers
+    ("qwen3", "<think>\nTwo and", " two.</think>It is 4.", " two.", "It is 4."),
+    ("deepseek_r1", "Two and", " two.</think>It is 4.", " two.", "It is 4."),  # R1 thinks without <think>
+    # past its thought, or plain text: all content, a <think> in it included
+    ("qwen3", "<think>Two.</think>It", " is <think>4.", "", " is <think>4."),
+    ("qwen3", "It", " is 4.", "", " is 4."),
+    ("deepseek_r1", "<think>Two.</think>It", " is 4.", "", " is 4."),
+])
+def test_a_continued_final_message_goes_on_in_the_part_it_stopped_in(name: str, continued: str, text: str,
+                                                                     reasoning: str, content: str) -> None:
+    for pieces in ([text], list(text)):
+        parser = ReasoningParser(name, continued[-8:], continued=continued)
+        parts = [parser.feed(piece) for piece in pieces] + [parser.finish()]
+        assert ("".join(p.reasoning for p in parts), "".join(p.content for p in parts)) == (reasoning, content)
+
+
+def test_a_continued_thought_is_free_before_the_grammar(smollm_tokenizer_spec) -> None:
+    """continue_final_message mid-thought with response_format: the engine is told the output starts in the thought
+    (a message continued past it is constrained from its first token)."""
+    tokenizer = thinking_tokenizer(smollm_tokenizer_spec)
+    engine = ScriptedEngine(tokenizer, max_context_length=512, script=' two.</think>{"n": 4}')
+    app = create_app(ServerConfig(reasoning_parser="qwen3").frontend(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send(final: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": final}],
+                "continue_final_message": True, "max_tokens": len(tokenizer.encode(' two.</think>{"n": 4}')),
+                "response_format": {"type": "json_object"}})
+    message = asyncio.run(send("<think>Two and")).json()["choices"][0]["message"]
+    assert engine.requests[-1].params.structured_output.after_thought.opened is True
+    assert message["reasoning_content"] == " two." and message["content"] == '{"n": 4}', message
+    asyncio.run(send("<think>Two.</think>"))
+    assert engine.requests[-1].params.structured_output.after_thought is None

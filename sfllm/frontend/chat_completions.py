@@ -81,13 +81,15 @@ class ChatCompletionEndpoint:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
+        continued = body.messages[-1].text() if body.continue_final_message else None
         if self.reasoning_parser and params.structured_output is not None:
-            thought = thought_before_grammar(self.reasoning_parser, prompt_tail, self.tokenizer.encode_text)
+            thought = thought_before_grammar(self.reasoning_parser, prompt_tail, self.tokenizer.encode_text,
+                                             continued)
             params.structured_output = msgspec.structs.replace(params.structured_output, after_thought=thought)
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
-                                         ReasoningParser(self.reasoning_parser, prompt_tail, constrained)
+                                         ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)
                                          if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
         tally = UsageTally([prompt])

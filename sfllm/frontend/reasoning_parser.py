@@ -36,26 +36,45 @@ def prompt_opens_thought(prompt_tail: str) -> bool:
     return prompt_tail.rstrip().endswith(START_TAG)
 
 
-def thought_before_grammar(name: str, prompt_tail: str, encode: Callable[[str], list[int]]) -> ThoughtTokens | None:
+def answer_opening(name: str, prompt_tail: str, continued: str | None = None) -> str:
+    """Where the answer starts: "reasoning" (inside a thought), "start" (it may open one) or "content". `continued`:
+    the final assistant message's text that the answer continues (`continue_final_message`), whose tags say where
+    it stopped."""
+    if continued is not None and continued.strip():
+        opened, closed = continued.rfind(START_TAG), continued.rfind(END_TAG)
+        if opened != closed:
+            return "reasoning" if opened > closed else "content"
+        return "reasoning" if name == "deepseek_r1" else "content"  # no tags: R1's thought needs no <think>
+    return "reasoning" if name == "deepseek_r1" or prompt_opens_thought(prompt_tail) else "start"
+
+
+def thought_before_grammar(name: str, prompt_tail: str, encode: Callable[[str], list[int]],
+                           continued: str | None = None) -> ThoughtTokens | None:
     """How a constrained answer may think first (the grammar then applies after the thought, as in vLLM): None
-    where the tags are not single tokens of the vocabulary (the grammar writes the answer from its first token)
-    or where the prompt closed the thought already (Qwen3's `enable_thinking=False` writes an empty block)."""
+    where the tags are not single tokens of the vocabulary (the grammar writes the answer from its first token),
+    where the prompt closed the thought already (Qwen3's `enable_thinking=False` writes an empty block) or where
+    the answer continues a message past its thought."""
     start, end = encode(START_TAG), encode(END_TAG)
-    if len(start) != 1 or len(end) != 1 or prompt_tail.rstrip().endswith(END_TAG):
+    opening = answer_opening(name, prompt_tail, continued)
+    if len(start) != 1 or len(end) != 1 or opening == "content" or (
+            continued is None and prompt_tail.rstrip().endswith(END_TAG)):
         return None
-    return ThoughtTokens(start=start[0], end=end[0], opened=name == "deepseek_r1" or prompt_opens_thought(prompt_tail))
+    return ThoughtTokens(start=start[0], end=end[0], opened=opening == "reasoning")
 
 
 class ReasoningParser:
-    def __init__(self, name: str, prompt_tail: str, constrained: bool = False) -> None:
+    def __init__(self, name: str, prompt_tail: str, constrained: bool = False, continued: str | None = None) -> None:
         """`constrained`: a grammar (response_format, a forced tool call) writes the answer from its first token
-        (no thought_before_grammar), so it is a thought only if it opens with <think> itself."""
+        (no thought_before_grammar), so it is a thought only if it opens with <think> itself. `continued`: see
+        answer_opening."""
         if name not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {name!r}; one of {', '.join(REASONING_PARSERS)}")
         # start: may open with <think>; reasoning: inside the block; content: after it (or never in one)
-        implicit = name == "deepseek_r1" or prompt_opens_thought(prompt_tail)
-        self._state = "reasoning" if implicit and not constrained else "start"
-        self._optional_start = self._state == "reasoning"  # a <think> the model writes anyway is dropped
+        self._state = answer_opening(name, prompt_tail, continued)
+        if constrained and self._state == "reasoning":
+            self._state = "start"
+        # a <think> the model writes anyway, where the template opened the block, is dropped
+        self._optional_start = self._state == "reasoning" and continued is None
         self._buffer = ""
 
     def feed(self, text: str) -> SplitText:
