@@ -22,7 +22,7 @@ from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import GenerateRequest, SampledLogprobs
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
-from sfllm.sampling_params import SamplingParams
+from sfllm.sampling_params import SamplingParams, StructuredOutput
 from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS
 from sfllm.worker.inprocess_worker import InProcessWorker
 
@@ -174,11 +174,24 @@ class LLM:
             result.outputs.append(output)
             tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output)
             unsent.append(choice.request)
+        self._refuse_any(unsent)
         self._send(unsent)
         with tqdm(total=len(tracked), desc="generating", disable=not use_tqdm) as progress:
             self._collect(tracked, unsent, progress)
         self._drain()
         return results
+
+    def _refuse_any(self, requests: collections.deque[GenerateRequest]) -> None:
+        """Raises for the first request the engine would refuse, before any runs: the queue takes the rest only as
+        room frees, and a bad one among them would fail the call after the earlier ones had run."""
+        checked: set[StructuredOutput] = set()  # a grammar checked once, not per prompt
+        scheduler = self.engine.scheduler
+        for request in requests:
+            structured_output = request.params.structured_output
+            refused = scheduler.refusal(request, check_grammar=structured_output not in checked)
+            if refused is not None:
+                raise GenerationError(refused.error)
+            checked.add(structured_output)
 
     def _send(self, unsent: collections.deque[GenerateRequest]) -> None:
         """Adds requests to the engine until its waiting queue is full (`max_waiting_requests`, a server's bound

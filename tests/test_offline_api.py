@@ -89,6 +89,24 @@ def test_more_prompts_than_the_waiting_queue_holds_all_finish(smollm_llm, monkey
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
 
 
+def test_a_prompt_the_engine_refuses_fails_the_call_before_any_runs(smollm_llm, monkeypatch) -> None:
+    """Past the waiting queue's room the prompts are added as it frees: one that can never run (too long, a token
+    outside the vocabulary) fails the call at once, not after the ones before it ran."""
+    steps = []
+    step = smollm_llm.engine.step
+    monkeypatch.setattr(smollm_llm.engine, "step", lambda: steps.append(1) or step())
+    monkeypatch.setattr(smollm_llm.engine.scheduler.waiting, "max_per_class", 2)
+    too_long = [1] * smollm_llm.max_context_length
+    with pytest.raises(GenerationError, match="context length"):
+        smollm_llm.generate([PROMPT] * 4 + [{"prompt_token_ids": too_long}], SamplingParams(max_tokens=2))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        smollm_llm.generate([PROMPT] * 4 + [{"prompt_token_ids": [1, 10**7]}], SamplingParams(max_tokens=2))
+    assert not steps, "nothing ran"
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1] and not smollm_llm.engine.scheduler.requests
+    good = SamplingParams(max_tokens=2, structured_output=StructuredOutput.regex("[0-9]+"))
+    assert all(o.outputs[0].finish_reason for o in smollm_llm.generate([PROMPT] * 3, good)), "one grammar, checked once"
+
+
 def test_every_block_is_free_after_the_requests(smollm_llm) -> None:
     smollm_llm.generate([PROMPT] * 5, SamplingParams(temperature=0.0, max_tokens=4))
     free, total = smollm_llm.kv_usage()

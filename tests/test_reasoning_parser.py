@@ -201,7 +201,8 @@ def test_without_single_token_tags_the_grammar_constrains_from_the_first_token(t
     """SmolLM2 spells <think> in several tokens: the engine is not told of a thought (the grammar could not wait
     for a tag of several tokens); an answer the grammar wrote is content."""
     engine = ScriptedEngine(tokenizer, max_context_length=512, script='{"n": 4}')
-    app = create_app(ServerConfig(reasoning_parser="deepseek_r1").frontend(), engine, tokenizer)  # type: ignore[arg-type]
+    config = ServerConfig(reasoning_parser="deepseek_r1").frontend()
+    app = create_app(config, engine, tokenizer)  # type: ignore[arg-type]
 
     async def send() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

@@ -54,14 +54,20 @@ class GrammarMatchers:
         InvalidGrammar now for what the grammar's own check finds. A grammar that fails only against the
         tokenizer gives a matcher in error, found out at the request's first mask like one failing later.
         With `after_thought`, the matcher waits for the model's thought to end (GrammarAfterThought)."""
-        grammar, thought = self._grammar(structured_output), structured_output.after_thought
+        grammar, thought = self.check(structured_output), structured_output.after_thought
         if thought is not None:
-            for token in (thought.start, thought.end):
-                if not 0 <= token < self.vocab_size:
-                    raise InvalidGrammar("response_format", f"the thought's token {token} is outside the "
-                                                            f"vocabulary [0, {self.vocab_size})")
             return self._compiler.submit(lambda: GrammarAfterThought(self._build(grammar), thought))
         return self._compiler.submit(self._build, grammar)
+
+    def check(self, structured_output: StructuredOutput) -> str:
+        """The grammar engine's form of the constraint; raises InvalidGrammar for what is wrong with it before
+        a matcher is built (a grammar that fails only against the tokenizer is found at its first mask)."""
+        thought = structured_output.after_thought
+        for token in () if thought is None else (thought.start, thought.end):
+            if not 0 <= token < self.vocab_size:
+                raise InvalidGrammar("response_format", f"the thought's token {token} is outside the "
+                                                        f"vocabulary [0, {self.vocab_size})")
+        return self._grammar(structured_output)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
         """A matcher at the start of the grammar, built here; raises InvalidGrammar."""

@@ -26,7 +26,7 @@ from typing import Any
 from sfllm.config import SchedulerConfig, num_sequence_slots
 from sfllm.messages import (BlockTableUpdate, ForwardBatch, ForwardResult, GenerateRequest, PromptLogprobTargets,
                             RequestOutput, SampledLogprobs, SequenceSampling)
-from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, token_outside_vocabulary
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput, token_outside_vocabulary
 from sfllm.scheduler.block_allocator import BlockAllocator, SwapSpace
 from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts, exceeded_limits
 from sfllm.scheduler.preemption import choose_victim, may_push_out
@@ -144,7 +144,33 @@ class Scheduler:
     # ---- requests in and out ------------------------------------------------------------
 
     def add_request(self, message: GenerateRequest, client_id: str = "") -> RequestOutput | None:
-        """Queues the request; returns an error output instead when it can never run."""
+        """Queues the request; returns an error output instead when it can never run, or when the queue is full."""
+        refused = self.refusal(message, check_grammar=False)  # the grammar is checked as it is compiled, below
+        if refused is not None:
+            return refused
+        full = self.waiting.full_message(message.priority)  # before the grammar's compile, which a refusal wastes
+        if full is not None:
+            return _error(message.request_id, f"{full}; retry later", QUEUE_FULL_STATUS)
+        try:
+            matcher_ready = self._compile_grammar(message.params)
+        except InvalidSamplingParams as error:
+            return _error(message.request_id, str(error), 400)
+        request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
+                          message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
+        if message.params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * (len(message.prompt_token_ids) - 1)
+        try:
+            self.waiting.add(request, self._clock())
+        except QueueFull as error:
+            return _error(message.request_id, f"{error}; retry later", QUEUE_FULL_STATUS)
+        self.requests[request.request_id] = request
+        if request.priority == "high":
+            self._high_priority_arrival = self._clock()
+        return None
+
+    def refusal(self, message: GenerateRequest, check_grammar: bool = True) -> RequestOutput | None:
+        """The error output (a 400) of a request that can never run, or None; queues nothing. A caller holding many
+        requests (LLM.generate) checks them all before it adds any."""
         if message.request_id in self.requests:
             return _error(message.request_id, f"request id {message.request_id!r} is already in use", 400)
         prompt_len = len(message.prompt_token_ids)
@@ -164,26 +190,10 @@ class Scheduler:
         try:
             if self.vocab_size is not None:
                 message.params.check_vocabulary(self.vocab_size)
+            if check_grammar and message.params.structured_output is not None:
+                self._check_grammar(message.params.structured_output)
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400)
-        full = self.waiting.full_message(message.priority)  # before the grammar's compile, which a refusal wastes
-        if full is not None:
-            return _error(message.request_id, f"{full}; retry later", QUEUE_FULL_STATUS)
-        try:
-            matcher_ready = self._compile_grammar(message.params)
-        except InvalidSamplingParams as error:
-            return _error(message.request_id, str(error), 400)
-        request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
-                          message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
-        if message.params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None] * (prompt_len - 1)
-        try:
-            self.waiting.add(request, self._clock())
-        except QueueFull as error:
-            return _error(message.request_id, f"{error}; retry later", QUEUE_FULL_STATUS)
-        self.requests[request.request_id] = request
-        if request.priority == "high":
-            self._high_priority_arrival = self._clock()
         return None
 
     def high_priority_lately(self) -> bool:
@@ -192,10 +202,16 @@ class Scheduler:
     def _compile_grammar(self, params: SamplingParams) -> Any:
         if params.structured_output is None:
             return None
+        return self._available_grammars().compile(params.structured_output)
+
+    def _check_grammar(self, structured_output: StructuredOutput) -> None:
+        self._available_grammars().check(structured_output)
+
+    def _available_grammars(self) -> GrammarMatchers:
         if self.grammars is None:
             raise InvalidSamplingParams("response_format", "this engine was started without a tokenizer for "
                                                            "grammars: structured outputs are not available")
-        return self.grammars.compile(params.structured_output)
+        return self.grammars
 
     def grammars_compiling(self) -> bool:
         """Whether a waiting request waits only for its grammar's matcher: a loop with nothing else to do
