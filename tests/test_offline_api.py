@@ -413,3 +413,17 @@ def test_grammar_state_and_bad_words_survive_preemption(smollm_llm) -> None:
             results = small.generate(prompts, banning)
             assert small.engine.scheduler.num_preemptions > preempted
             assert [r.outputs[0].token_ids for r in results] == unbanned
+
+
+def test_a_prompt_of_token_ids_is_taken_as_ints_numpys_too_and_bools_refused() -> None:
+    import numpy as np
+
+    from sfllm.llm import _prompt_of
+    ids = [1, 2, 3]
+    assert _prompt_of(ids) is ids and _prompt_of({"prompt_token_ids": ids}) is ids, "plain ints: not copied"
+    converted = _prompt_of(list(np.array([4, 5], dtype=np.int64)))
+    assert converted == [4, 5] and all(type(t) is int for t in converted)
+    with pytest.raises(TypeError):
+        _prompt_of([1, True])
+    with pytest.raises(TypeError):
+        _prompt_of([1, 2.0])
