@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 14
+PROTOCOL_VERSION = 15
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]

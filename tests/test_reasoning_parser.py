@@ -217,7 +217,9 @@ def test_without_single_token_tags_the_grammar_constrains_from_the_first_token(t
 @pytest.mark.parametrize("name, continued, text, reasoning, content", [
     # the final message stopped inside its thought: the answer goes on thinking, then answers
     ("qwen3", "<think>\nTwo and", " two.</think>It is 4.", " two.", "It is 4."),
-    ("deepseek_r1", "Two and", " two.</think>It is 4.", " two.", "It is 4."),  # R1 thinks without <think>
+    ("deepseek_r1", "<think>Two and", " two.</think>It is 4.", " two.", "It is 4."),
+    # no tags: a prefilled answer, for R1 too (whose thoughts need no <think>)
+    ("deepseek_r1", '{"n": ', '4}', "", '4}'),
     # past its thought, or plain text: all content, a <think> in it included
     ("qwen3", "<think>Two.</think>It", " is <think>4.", "", " is <think>4."),
     ("qwen3", "It", " is 4.", "", " is 4."),

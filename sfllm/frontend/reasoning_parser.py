@@ -41,10 +41,8 @@ def answer_opening(name: str, prompt_tail: str, continued: str | None = None) ->
     the final assistant message's text that the answer continues (`continue_final_message`), whose tags say where
     it stopped."""
     if continued is not None and continued.strip():
-        opened, closed = continued.rfind(START_TAG), continued.rfind(END_TAG)
-        if opened != closed:
-            return "reasoning" if opened > closed else "content"
-        return "reasoning" if name == "deepseek_r1" else "content"  # no tags: R1's thought needs no <think>
+        # without tags the message is a prefilled answer (`{"city": `), even for R1, whose thought needs no <think>
+        return "reasoning" if continued.rfind(START_TAG) > continued.rfind(END_TAG) else "content"
     return "reasoning" if name == "deepseek_r1" or prompt_opens_thought(prompt_tail) else "start"
 
 

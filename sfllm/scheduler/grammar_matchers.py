@@ -69,9 +69,9 @@ class GrammarMatchers:
                                                         f"vocabulary [0, {self.vocab_size})")
         return self._grammar(structured_output)
 
-    def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher:
-        """A matcher at the start of the grammar, built here; raises InvalidGrammar."""
-        matcher = self._build(self._grammar(structured_output))
+    def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher | GrammarAfterThought:
+        """compile's matcher, built here; raises InvalidGrammar, also for a matcher in error."""
+        matcher = self.compile(structured_output).result()
         if matcher.is_error():
             raise InvalidGrammar("response_format", matcher.get_error())
         return matcher
