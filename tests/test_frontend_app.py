@@ -16,6 +16,7 @@ from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableEr
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import (PROTOCOL_VERSION, EngineHello, EngineStats, GenerateRequest, RequestOutput,
                             SampledLogprobs, TokenizerSpec, TokenLogprob)
+from sfllm.sampling_params import StructuredOutput
 
 MODEL = "smollm2-135m-instruct"
 SCRIPT = "The quick brown fox jumps over the lazy dog. 你好"
@@ -502,24 +503,62 @@ def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedE
     assert_offsets_index_the_text(text, logprobs)
 
 
-@pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/chat/completions", "guided_json", {"type": "object"}),  # vLLM's
-    ("/v1/completions", "guided_regex", "[0-9]+"),
-    ("/v1/completions", "guided_choice", ["yes", "no"]),
-    ("/v1/chat/completions", "guided_grammar", 'root ::= "a"'),
-    ("/v1/chat/completions", "structured_outputs", {"json": {"type": "object"}}),
-    ("/v1/completions", "json_schema", '{"type": "object"}'),  # SGLang's
-    ("/v1/chat/completions", "regex", "[0-9]+"),
-    ("/v1/completions", "ebnf", 'root ::= "a"'),
+CHOICES = StructuredOutput.grammar('start: "yes" | "no \\"maybe\\""')
+
+
+@pytest.mark.parametrize(("path", "fields", "expected"), [
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, StructuredOutput.json_schema({"type": "object"})),
+    ("/v1/completions", {"guided_json": '{"type": "object"}'}, StructuredOutput.json_schema('{"type": "object"}')),
+    ("/v1/completions", {"guided_regex": "[0-9]+"}, StructuredOutput.regex("[0-9]+")),
+    ("/v1/completions", {"guided_choice": ["yes", 'no "maybe"']}, CHOICES),
+    ("/v1/chat/completions", {"guided_grammar": 'root ::= "a"'}, StructuredOutput.grammar('root ::= "a"')),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}, "guided_decoding_backend": "xgrammar"},
+     StructuredOutput.json_schema({"type": "object"})),
+    ("/v1/chat/completions", {"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}},
+     StructuredOutput.json_schema({"type": "object"})),
+    ("/v1/completions", {"structured_outputs": {"choice": ["yes", 'no "maybe"']}}, CHOICES),
+    ("/v1/completions", {"structured_outputs": {"json_object": True}}, StructuredOutput.json_object()),
+    ("/v1/completions", {"json_schema": '{"type": "object"}'}, StructuredOutput.json_schema('{"type": "object"}')),
+    ("/v1/chat/completions", {"regex": "[0-9]+"}, StructuredOutput.regex("[0-9]+")),  # SGLang's
+    ("/v1/completions", {"ebnf": 'root ::= "a"'}, StructuredOutput.grammar('root ::= "a"')),
+    ("/v1/completions", {"guided_regex": None, "guided_choice": []}, None),  # unset values are no request
 ])
-def test_other_servers_structured_output_fields_are_a_400_not_ignored(engine: ScriptedEngine, tokenizer: Tokenizer,
-                                                                      path: str, field: str, value: Any) -> None:
-    """A client of vLLM or SGLang asking for a constraint in their fields must not get unconstrained text."""
+def test_other_servers_constraint_fields_constrain_as_response_format_does(
+        engine: ScriptedEngine, tokenizer: Tokenizer, path: str, fields: dict[str, Any], expected) -> None:
+    """vLLM's (guided_*, structured_outputs) and SGLang's (json_schema, regex, ebnf) fields, as their clients send
+    them, reach the engine as the same constraint response_format would."""
     body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
-    response = post(engine, tokenizer, path, {**body, "max_tokens": 2, field: value})
-    assert response.status_code == 400
+    response = post(engine, tokenizer, path, {**body, "max_tokens": 2, **fields})
+    assert response.status_code == 200, response.text
+    assert engine.requests[-1].params.structured_output == expected
+
+
+@pytest.mark.parametrize(("fields", "param", "message"), [
+    ({"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}}, "guided_json",
+     "response_format and guided_json both set"),
+    ({"regex": "a", "guided_regex": "b"}, "regex", "guided_regex and regex both set"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "structured_outputs sets two"),
+    ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "sets no constraint"),
+    ({"structured_outputs": {"json": {}, "structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
+    ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "unknown keys ['jsn']"),
+    ({"structured_outputs": "[0-9]"}, "structured_outputs", "must be an object"),
+    ({"guided_choice": ["a", 1]}, "guided_choice", "non-empty list of strings"),
+    ({"guided_json": 3}, "guided_json", "a JSON schema is an object"),
+    ({"guided_regex": "a("}, "guided_regex", "invalid regex"),
+    ({"ebnf": "root ::= ("}, "ebnf", "invalid grammar"),
+    ({"guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "guided_regex": "a"},
+     "guided_regex", "cannot be combined with tool_choice"),
+])
+def test_a_malformed_or_second_constraint_is_a_400_naming_its_field(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                     fields: dict[str, Any], param: str,
+                                                                     message: str) -> None:
+    response = post(engine, tokenizer, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **fields})
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == field and "response_format" in error["message"]
+    assert error["param"] == param and message in error["message"], error
     assert not engine.requests
 
 

@@ -219,6 +219,23 @@ def test_json_schema_answers_validate_and_stream_the_same(client, temperature: f
     assert isinstance(json.loads(plain.choices[0].text), dict)
 
 
+def test_vllm_and_sglang_constraint_fields_constrain_the_answer(client) -> None:
+    """Their clients' fields, through the official client's extra_body: vLLM's guided_choice and structured_outputs,
+    SGLang's json_schema (JSON text)."""
+    choices = ["Paris", "Lyon", 'not "sure"']
+    for seed in (1, 2, 3):
+        reply = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=10, temperature=1.0, seed=seed,
+                                               extra_body={"guided_choice": choices})
+        assert reply.choices[0].message.content in choices and reply.choices[0].finish_reason == "stop"
+    year = client.completions.create(model=MODEL, prompt="The Eiffel Tower was built in", max_tokens=8,
+                                     extra_body={"structured_outputs": {"regex": " [0-9]{4}"}})
+    assert re.fullmatch(" [0-9]{4}", year.choices[0].text), year.choices[0].text
+    jsonschema = pytest.importorskip("jsonschema")
+    city = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe Tokyo."}],
+                                          max_tokens=60, temperature=0, extra_body={"json_schema": json.dumps(CITY)})
+    jsonschema.validate(json.loads(city.choices[0].message.content), CITY)
+
+
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

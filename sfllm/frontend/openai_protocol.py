@@ -13,9 +13,11 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sfllm.frontend.other_server_constraints import other_server_constraints
 from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolChoice
 from sfllm.messages import Priority
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
+from sfllm.structured_output import InvalidGrammar
 
 MAX_LOGPROBS = 20
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
@@ -104,11 +106,6 @@ class GenerationRequest(RequestBody):
                                                                   "this many alternatives")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
-    # vLLM's and SGLang's constraints: a 400 that points to response_format (ignored, their clients would get
-    # unconstrained text and not know it)
-    OTHER_SERVERS_CONSTRAINTS: ClassVar[tuple[str, ...]] = (
-        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",  # vLLM
-        "json_schema", "regex", "ebnf")  # SGLang
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement
     OTHER_SERVERS_OPTIONS: ClassVar[tuple[str, ...]] = (
         "use_beam_search",  # vLLM
@@ -119,10 +116,18 @@ class GenerationRequest(RequestBody):
         for name in self.UNSUPPORTED + self.OTHER_SERVERS_OPTIONS:
             if extra.get(name) not in (None, False, "", [], {}):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server")
-        for name in self.OTHER_SERVERS_CONSTRAINTS:
-            if extra.get(name) not in (None, False, "", [], {}):
-                raise InvalidSamplingParams(name, f"{name} is not supported by this server; constrain the output "
-                                                  "with response_format (json_schema, regex or grammar)")
+
+    def requested_structured_output(self) -> tuple[str, StructuredOutput] | None:
+        """The output's constraint and the field it came in: response_format, or one of vLLM's and SGLang's own
+        fields (sfllm/frontend/other_server_constraints.py); more than one is a 400."""
+        given = other_server_constraints(self.model_extra or {})
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, ("response_format", self.response_format.structured_output()))
+        if len(given) > 1:
+            first, second = given[0][0], given[1][0]
+            both = f"{first} sets two" if first == second else f"{first} and {second} both set"
+            raise InvalidSamplingParams(second, f"{both} a constraint on the output; send one")
+        return given[0] if given else None
 
     def max_tokens_field(self) -> str:
         """The field the token budget is read from (the first set of those the endpoint takes), for the errors
@@ -175,6 +180,7 @@ class GenerationRequest(RequestBody):
         `encode` (text -> ids, no special tokens) tokenizes the bad words."""
         self.check_stream_options()
         stop = self.stop_strings()
+        requested = self.requested_structured_output() if structured_output is None else None
         params = SamplingParams(
             max_tokens=max_tokens,
             min_tokens=_or(self.min_tokens, _or(self.min_new_tokens, 0)),
@@ -194,14 +200,17 @@ class GenerationRequest(RequestBody):
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=_or(self.skip_special_tokens, True),
-            structured_output=structured_output or (self.response_format and self.response_format.structured_output()),
+            structured_output=structured_output or (requested and requested[1]),
             logit_bias=self.token_logit_bias(),
             allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
             bad_words=list(self.bad_words or []),
         )
         if encode is not None:
             params = params.with_bad_words_tokenized(encode)
-        params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
+        try:
+            params.validate(max_logprobs=MAX_LOGPROBS, vocab_size=vocab_size)
+        except InvalidGrammar as error:  # named "response_format": the field the client used instead
+            raise InvalidGrammar(requested[0] if requested else error.param, str(error)) from None
         return params
 
 

@@ -34,9 +34,10 @@ class ChatTools:
         if self.forced_name is not None and self.forced_name not in names:
             raise InvalidRequestError(f"tool_choice names the function {self.forced_name!r}, which is not among "
                                       f"tools ({', '.join(names)})", param="tool_choice")
-        if self.required and body.response_format is not None and body.response_format.type != "text":
-            raise InvalidRequestError("response_format cannot be combined with tool_choice required or a named "
-                                      "function: the tool call is the format", param="response_format")
+        constraint = body.requested_structured_output() if self.required else None
+        if constraint is not None:
+            raise InvalidRequestError(f"{constraint[0]} cannot be combined with tool_choice required or a named "
+                                      "function: the tool call is the format", param=constraint[0])
         # with "none" the model is not told of the tools, and its text is never read as calls
         self.enabled = bool(self.tools) and choice != "none"
 
