@@ -17,6 +17,7 @@ from tqdm import tqdm
 from sfllm.config import DEFAULT_MODEL, load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
+from sfllm.frontend.openai_protocol import ChatTextPart, joined_text
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import GenerateRequest, SampledLogprobs
@@ -53,18 +54,12 @@ def _prompt_of(prompt: Prompt) -> str | list[int]:
 
 
 def _text_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A chat message with its content parts (OpenAI's `[{"type": "text", "text": ...}]`) joined as the server
-    joins them."""
+    """A chat message with its content parts (OpenAI's `[{"type": "text", "text": ...}]`) checked and joined as the
+    server checks and joins them (a ValueError otherwise)."""
     content = message.get("content")
     if not isinstance(content, list):
         return message
-    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
-    if kinds - {"text"}:
-        raise ValueError(f"content parts of type {sorted(map(str, kinds - {'text'}))} are not supported: the models "
-                         "served here read text only (parts of type 'text')")
-    if not all(isinstance(part.get("text"), str) for part in content):
-        raise ValueError("a content part of type 'text' needs its 'text', a string")
-    return {**message, "content": "\n".join(part["text"] for part in content)}
+    return {**message, "content": joined_text([ChatTextPart.model_validate(part) for part in content])}
 
 
 @dataclass

@@ -292,8 +292,13 @@ class ChatMessage(StrictModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
+            return joined_text(self.content)
         return self.content or ""
+
+
+def joined_text(parts: list[ChatTextPart]) -> str:
+    """A message's text parts as one text, as the server and LLM.chat give it to the template."""
+    return "\n".join(part.text for part in parts)
 
 
 class ChatCompletionRequest(GenerationRequest):
