@@ -756,3 +756,34 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(engine: ScriptedEn
         response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": value})
         assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
     assert len(engine.requests) == sent
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_return_token_ids_gives_the_prompts_and_the_outputs_ids_streamed_or_not(engine: ScriptedEngine,
+                                                                                tokenizer: Tokenizer, path: str) -> None:
+    """vLLM's return_token_ids, as RL clients read it: completions carry prompt_token_ids and token_ids per choice,
+    chat carries prompt_token_ids on the response (a stream's role chunks) and token_ids per choice; a stream's ids
+    join into the whole answer's, also where a stop string holds text back."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    body |= {"max_tokens": 12, "n": 2, "stop": "lazy", "return_token_ids": True}
+    whole = post(engine, tokenizer, path, body).json()
+    prompt_ids = engine.requests[-1].prompt_token_ids
+    script_ids = tokenizer.encode(SCRIPT, add_special_tokens=False)
+    for choice in whole["choices"]:
+        assert choice["token_ids"] == script_ids[:len(choice["token_ids"])] and choice["finish_reason"] == "stop"
+        if path == "/v1/completions":
+            assert choice["prompt_token_ids"] == prompt_ids
+    if path == "/v1/chat/completions":
+        assert whole["prompt_token_ids"] == prompt_ids
+    chunks = sse_payloads(post(engine, tokenizer, path, {**body, "stream": True}))
+    streamed: dict[int, list[int]] = {}
+    prompts = []
+    for chunk in chunks:
+        prompts += [chunk["prompt_token_ids"]] if "prompt_token_ids" in chunk else []
+        for choice in chunk["choices"]:
+            streamed.setdefault(choice["index"], []).extend(choice.get("token_ids") or [])
+            prompts += [choice["prompt_token_ids"]] if "prompt_token_ids" in choice else []
+    assert prompts == [prompt_ids, prompt_ids], "once per choice, in its first chunk"
+    assert streamed == {choice["index"]: choice["token_ids"] for choice in whole["choices"]}
+    plain = post(engine, tokenizer, path, {**body, "return_token_ids": False}).text
+    assert "token_ids" not in plain

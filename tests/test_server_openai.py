@@ -236,6 +236,21 @@ def test_vllm_and_sglang_constraint_fields_constrain_the_answer(client) -> None:
     jsonschema.validate(json.loads(city.choices[0].message.content), CITY)
 
 
+def test_return_token_ids_through_the_official_client(client, smollm_llm) -> None:
+    """vLLM's return_token_ids as RL frameworks read it off the official client's objects: the ids are the model's
+    own (the offline API's greedy answer, its prompt's encoding)."""
+    prompt = "The capital of France is"
+    expected = smollm_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6))[0]
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6,
+                                      extra_body={"return_token_ids": True})
+    assert reply.choices[0].token_ids == expected.outputs[0].token_ids
+    assert reply.choices[0].prompt_token_ids == expected.prompt_token_ids
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=6,
+                                          extra_body={"return_token_ids": True})
+    assert len(chat.choices[0].token_ids) == chat.usage.completion_tokens
+    assert len(chat.prompt_token_ids) == chat.usage.prompt_tokens
+
+
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

@@ -96,10 +96,11 @@ class ChatCompletionEndpoint:
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
             events = self._events(request_id, deltas, messages_out, tally, num_top_logprobs,
-                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), outcome)
+                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), outcome,
+                                  bool(body.return_token_ids))
             return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
         response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally,
-                                                                   num_top_logprobs))
+                                                                   num_top_logprobs, bool(body.return_token_ids)))
         return JSONResponse(response.model_dump(mode="json"))
 
     def _logprobs(self, delta: ChoiceDelta, num_top_logprobs: int | None) -> ChatLogprobs | None:
@@ -108,14 +109,19 @@ class ChatCompletionEndpoint:
         return chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs, num_top_logprobs)
 
     async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None],
-                        messages: list[AssistantMessage], tally: UsageTally,
-                        num_top_logprobs: int | None) -> ChatCompletionResponse:
+                        messages: list[AssistantMessage], tally: UsageTally, num_top_logprobs: int | None,
+                        return_token_ids: bool) -> ChatCompletionResponse:
         logprobs: list[ChatLogprobs | None] = [None] * len(messages)
         prompt_logprobs: list[PromptLogprobs | None] = [None] * len(messages)
+        token_ids: list[list[int] | None] = [[] if return_token_ids else None for _ in messages]
+        prompt_token_ids = None
         async with aclosing(deltas):
             async for delta in deltas:
                 tally.record(delta)
                 messages[delta.index].add(delta)
+                if return_token_ids:
+                    token_ids[delta.index] += delta.token_ids
+                    prompt_token_ids = delta.prompt_token_ids
                 if delta.prompt_logprobs is not None:
                     prompt_logprobs[delta.index] = self._prompt_logprobs(delta)
                 more = self._logprobs(delta, num_top_logprobs)
@@ -124,22 +130,25 @@ class ChatCompletionEndpoint:
                     so_far.content = (so_far.content or []) + (more.content or [])
                     logprobs[delta.index] = so_far
         choices = [ChatChoice(index=index, message=message.message(), logprobs=logprobs[index],
-                              finish_reason=message.finish_reason, prompt_logprobs=prompt_logprobs[index])
+                              finish_reason=message.finish_reason, prompt_logprobs=prompt_logprobs[index],
+                              token_ids=token_ids[index])
                    for index, message in enumerate(messages)]
-        return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
+        return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage(),
+                                      prompt_token_ids=prompt_token_ids)
 
     def _prompt_logprobs(self, delta: ChoiceDelta) -> PromptLogprobs:
         return prompt_logprobs_by_token(self.tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], messages: list[AssistantMessage],
                 tally: UsageTally, num_top_logprobs: int | None, include_usage: bool, usage_in_every_chunk: bool,
-                outcome: RequestOutcome) -> AsyncGenerator[str, None]:
+                outcome: RequestOutcome, return_token_ids: bool) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
 
-        def chunk(choice: ChatChunkChoice) -> str:
+        def chunk(choice: ChatChunkChoice, prompt_token_ids: list[int] | None = None) -> str:
+            usage = tally.usage() if usage_in_every_chunk else None
             return sse_event(ChatCompletionChunk(id=request_id, created=created, model=self.served_model_name,
-                                                 choices=[choice], usage=tally.usage() if usage_in_every_chunk else None
+                                                 choices=[choice], usage=usage, prompt_token_ids=prompt_token_ids
                                                  ).model_dump_json())
 
         def usage_event() -> str:
@@ -150,12 +159,14 @@ class ChatCompletionEndpoint:
             events = []
             if delta.index not in started:
                 started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
-                events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""))))
+                events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content="")),
+                                    delta.prompt_token_ids if return_token_ids else None))
             tally.record(delta)  # after the role chunk: its running usage counts no token yet, as vLLM's
             logprobs = self._logprobs(delta, num_top_logprobs)
             message = messages[delta.index]
             thought, text, calls = message.add(delta)
-            if thought or text or calls or logprobs is not None or delta.finish_reason is not None:
+            token_ids = delta.token_ids if return_token_ids else None
+            if thought or text or calls or logprobs is not None or delta.finish_reason is not None or token_ids:
                 chunks = [ToolCallChunk(index=call.index, id=call.id, type="function" if call.id else None,
                                         function=FunctionCallDelta(name=call.name, arguments=call.arguments))
                           for call in calls]
@@ -163,7 +174,8 @@ class ChatCompletionEndpoint:
                     index=delta.index, delta=ChatDelta(content=text or None, reasoning_content=thought or None,
                                                        tool_calls=chunks or None),
                     logprobs=logprobs, finish_reason=message.finish_reason,
-                    prompt_logprobs=self._prompt_logprobs(delta) if delta.prompt_logprobs is not None else None)))
+                    prompt_logprobs=self._prompt_logprobs(delta) if delta.prompt_logprobs is not None else None,
+                    token_ids=token_ids)))
             return events
 
         return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)

@@ -33,11 +33,15 @@ class _ChoiceText:
     """A choice's text and logprobs as they build up; `text_offset` counts from the echoed prompt, whose
     tokens' logprobs (`echo` with `logprobs`) come first."""
 
-    def __init__(self, index: int, echo: str, echo_logprobs: bool, prompt_logprobs_asked: bool) -> None:
+    def __init__(self, index: int, echo: str, echo_logprobs: bool, prompt_logprobs_asked: bool,
+                 return_token_ids: bool = False) -> None:
         self.index = index
         self.echo = echo
         self.echo_logprobs = echo_logprobs
         self.prompt_logprobs_asked = prompt_logprobs_asked  # the extension, not only echo's logprobs
+        self.return_token_ids = return_token_ids
+        self.prompt_token_ids: list[int] | None = None
+        self.token_ids: list[int] | None = [] if return_token_ids else None
         self.started = False
         self.text = echo
         self.text_offsets: TextOffsets | None = None  # of the generated tokens, from the first delta on
@@ -48,7 +52,11 @@ class _ChoiceText:
     def add(self, delta: ChoiceDelta, tokenizer: Tokenizer) -> CompletionChoice:
         """Record `delta`; returns what it adds, echo included the first time."""
         text = delta.text if self.started else self.echo + delta.text
+        first = not self.started
         self.started = True
+        if self.token_ids is not None:
+            self.token_ids += delta.token_ids
+            self.prompt_token_ids = delta.prompt_token_ids
         self.text += delta.text
         self.finish_reason = delta.finish_reason
         logprobs = None
@@ -71,7 +79,15 @@ class _ChoiceText:
             prompt_logprobs = prompt_logprobs_by_token(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
             self.prompt_logprobs = prompt_logprobs
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                                prompt_logprobs=prompt_logprobs)
+                                prompt_logprobs=prompt_logprobs,
+                                prompt_token_ids=delta.prompt_token_ids if first and self.return_token_ids else None,
+                                token_ids=delta.token_ids if self.return_token_ids else None)
+
+    def choice(self) -> CompletionChoice:
+        """The whole choice."""
+        return CompletionChoice(index=self.index, text=self.text, logprobs=self.logprobs,
+                                finish_reason=self.finish_reason, prompt_logprobs=self.prompt_logprobs,
+                                prompt_token_ids=self.prompt_token_ids, token_ids=self.token_ids)
 
 
 async def _prompt_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenerator[ChoiceDelta, None]:
@@ -131,7 +147,8 @@ class CompletionEndpoint:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
-                             if body.echo else "", echo_logprobs, prompt_logprobs_asked) for choice in choices]
+                             if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids))
+                 for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if echo_only:
@@ -159,10 +176,8 @@ class CompletionEndpoint:
             async for delta in deltas:
                 texts[delta.index].add(delta, self.tokenizer)
                 tally.record(delta)
-        choices = [CompletionChoice(index=text.index, text=text.text, logprobs=text.logprobs,
-                                    finish_reason=text.finish_reason, prompt_logprobs=text.prompt_logprobs)
-                   for text in texts]
-        return CompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage())
+        return CompletionResponse(id=request_id, model=self.served_model_name,
+                                  choices=[text.choice() for text in texts], usage=tally.usage())
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], texts: list[_ChoiceText],
                 tally: UsageTally, include_usage: bool, usage_in_every_chunk: bool,
@@ -172,7 +187,8 @@ class CompletionEndpoint:
         def events_of(delta: ChoiceDelta) -> list[str]:
             choice = texts[delta.index].add(delta, self.tokenizer)
             tally.record(delta)
-            if not (choice.text or choice.logprobs is not None or choice.finish_reason is not None):
+            if not (choice.text or choice.logprobs is not None or choice.finish_reason is not None
+                    or choice.token_ids or choice.prompt_token_ids is not None):
                 return []
             chunk = CompletionResponse(id=request_id, created=created, model=self.served_model_name, choices=[choice],
                                        usage=tally.usage() if usage_in_every_chunk else None)

@@ -104,6 +104,8 @@ class GenerationRequest(RequestBody):
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = Field(default=None, description="extension: logprobs of the prompt's tokens, with "
                                                                   "this many alternatives")
+    return_token_ids: bool | None = Field(default=False, description="vLLM's: the prompt's and the output's token ids "
+                                                                     "in the answer (prompt_token_ids, token_ids)")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement

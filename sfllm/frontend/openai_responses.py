@@ -44,10 +44,13 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    # vLLM's return_token_ids: the prompt's ids (a stream's first chunk of the choice) and the generated ones
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
     @model_serializer(mode="wrap")
     def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), ("prompt_logprobs",))
+        return _without_none(handler(self), ("prompt_logprobs", "prompt_token_ids", "token_ids"))
 
 
 def _without_none(fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -103,10 +106,11 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the generated ids, before any parsing
 
     @model_serializer(mode="wrap")
     def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), ("prompt_logprobs",))
+        return _without_none(handler(self), ("prompt_logprobs", "token_ids"))
 
 
 class ChatCompletionResponse(BaseModel):
@@ -116,6 +120,11 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("prompt_token_ids",))
 
 
 class ChatDelta(BaseModel):
@@ -136,10 +145,11 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the ids this chunk adds
 
     @model_serializer(mode="wrap")
     def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), ("prompt_logprobs",))
+        return _without_none(handler(self), ("prompt_logprobs", "token_ids"))
 
 
 class ChatCompletionChunk(BaseModel):
@@ -149,6 +159,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in a choice's first (role) chunk
+
+    @model_serializer(mode="wrap")
+    def _without_extension_if_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), ("prompt_token_ids",))
 
 
 class ModelCard(BaseModel):
