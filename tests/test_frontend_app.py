@@ -310,6 +310,28 @@ def test_chat_logprobs(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     assert engine.requests[0].params.logprobs == 2
 
 
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """vLLM's return_tokens_as_token_ids: "token_id:<id>" wherever a logprob names a token (completions' tokens and
+    top_logprobs keys, an echoed prompt's too; chat's token, bytes and top_logprobs)."""
+    ids = tokenizer.encode(SCRIPT, add_special_tokens=False)[:3]
+    names = [f"token_id:{i}" for i in ids]
+    body = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 3, "logprobs": 1,
+                                                       "return_tokens_as_token_ids": True}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == names and logprobs["top_logprobs"] == [{name: -0.25} for name in names]
+    assert logprobs["text_offset"] == [0, 3, 9], "offsets still count the text"
+    prompt_ids = tokenizer.encode("x y")
+    echoed = post(engine, tokenizer, "/v1/completions", {"prompt": "x y", "max_tokens": 1, "logprobs": 1, "echo": True,
+                                                         "return_tokens_as_token_ids": True}).json()
+    assert echoed["choices"][0]["logprobs"]["tokens"] == [f"token_id:{i}" for i in prompt_ids] + names[:1]
+    chat = post(engine, tokenizer, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 2,
+        "return_tokens_as_token_ids": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == names[:2] and content[1]["bytes"] == list(names[1].encode())
+    assert [top["token"] for top in content[1]["top_logprobs"]] == [names[1], "token_id:0"]
+
+
 def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1}, headers={"X-Priority": "background"})
     post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": "high"},

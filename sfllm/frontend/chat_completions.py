@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import msgspec
 from fastapi import Request
@@ -92,39 +93,39 @@ class ChatCompletionEndpoint:
                                          ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)
                                          if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
+        shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
         tally = UsageTally([prompt])
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if body.stream:
-            events = self._events(request_id, deltas, messages_out, tally, num_top_logprobs,
-                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), outcome,
-                                  bool(body.return_token_ids))
+            events = self._events(request_id, deltas, messages_out, tally, shape, body.include_usage_in_stream(),
+                                  body.usage_in_every_chunk(), outcome)
             return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
-        response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally,
-                                                                   num_top_logprobs, bool(body.return_token_ids)))
+        response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally, shape))
         return JSONResponse(response.model_dump(mode="json"))
 
-    def _logprobs(self, delta: ChoiceDelta, num_top_logprobs: int | None) -> ChatLogprobs | None:
-        if num_top_logprobs is None or delta.logprobs is None:
+    def _logprobs(self, delta: ChoiceDelta, shape: AnswerShape) -> ChatLogprobs | None:
+        if shape.num_top_logprobs is None or delta.logprobs is None:
             return None
-        return chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs, num_top_logprobs)
+        return chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs, shape.num_top_logprobs,
+                             shape.tokens_as_ids)
 
     async def _complete(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None],
-                        messages: list[AssistantMessage], tally: UsageTally, num_top_logprobs: int | None,
-                        return_token_ids: bool) -> ChatCompletionResponse:
+                        messages: list[AssistantMessage], tally: UsageTally,
+                        shape: AnswerShape) -> ChatCompletionResponse:
         logprobs: list[ChatLogprobs | None] = [None] * len(messages)
         prompt_logprobs: list[PromptLogprobs | None] = [None] * len(messages)
-        token_ids: list[list[int] | None] = [[] if return_token_ids else None for _ in messages]
+        token_ids: list[list[int] | None] = [[] if shape.return_token_ids else None for _ in messages]
         prompt_token_ids = None
         async with aclosing(deltas):
             async for delta in deltas:
                 tally.record(delta)
                 messages[delta.index].add(delta)
-                if return_token_ids:
+                if shape.return_token_ids:
                     token_ids[delta.index] += delta.token_ids
                     prompt_token_ids = delta.prompt_token_ids
                 if delta.prompt_logprobs is not None:
                     prompt_logprobs[delta.index] = self._prompt_logprobs(delta)
-                more = self._logprobs(delta, num_top_logprobs)
+                more = self._logprobs(delta, shape)
                 if more is not None:
                     so_far = logprobs[delta.index] or ChatLogprobs(content=[])
                     so_far.content = (so_far.content or []) + (more.content or [])
@@ -140,8 +141,8 @@ class ChatCompletionEndpoint:
         return prompt_logprobs_by_token(self.tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
 
     def _events(self, request_id: str, deltas: AsyncGenerator[ChoiceDelta, None], messages: list[AssistantMessage],
-                tally: UsageTally, num_top_logprobs: int | None, include_usage: bool, usage_in_every_chunk: bool,
-                outcome: RequestOutcome, return_token_ids: bool) -> AsyncGenerator[str, None]:
+                tally: UsageTally, shape: AnswerShape, include_usage: bool, usage_in_every_chunk: bool,
+                outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         created = int(time.time())
         started: set[int] = set()
 
@@ -160,12 +161,12 @@ class ChatCompletionEndpoint:
             if delta.index not in started:
                 started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
                 events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content="")),
-                                    delta.prompt_token_ids if return_token_ids else None))
+                                    delta.prompt_token_ids if shape.return_token_ids else None))
             tally.record(delta)  # after the role chunk: its running usage counts no token yet, as vLLM's
-            logprobs = self._logprobs(delta, num_top_logprobs)
+            logprobs = self._logprobs(delta, shape)
             message = messages[delta.index]
             thought, text, calls = message.add(delta)
-            token_ids = delta.token_ids if return_token_ids else None
+            token_ids = delta.token_ids if shape.return_token_ids else None
             if thought or text or calls or logprobs is not None or delta.finish_reason is not None or token_ids:
                 chunks = [ToolCallChunk(index=call.index, id=call.id, type="function" if call.id else None,
                                         function=FunctionCallDelta(name=call.name, arguments=call.arguments))
@@ -179,6 +180,14 @@ class ChatCompletionEndpoint:
             return events
 
         return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)
+
+
+@dataclass(frozen=True)
+class AnswerShape:
+    """What the client asked the answer to carry beside its message: logprobs (and how they name tokens), ids."""
+    num_top_logprobs: int | None
+    return_token_ids: bool
+    tokens_as_ids: bool  # vLLM's return_tokens_as_token_ids
 
 
 class AssistantMessage:

@@ -34,12 +34,13 @@ class _ChoiceText:
     tokens' logprobs (`echo` with `logprobs`) come first."""
 
     def __init__(self, index: int, echo: str, echo_logprobs: bool, prompt_logprobs_asked: bool,
-                 return_token_ids: bool = False) -> None:
+                 return_token_ids: bool = False, tokens_as_ids: bool = False) -> None:
         self.index = index
         self.echo = echo
         self.echo_logprobs = echo_logprobs
         self.prompt_logprobs_asked = prompt_logprobs_asked  # the extension, not only echo's logprobs
         self.return_token_ids = return_token_ids
+        self.tokens_as_ids = tokens_as_ids  # return_tokens_as_token_ids
         self.prompt_token_ids: list[int] | None = None
         self.token_ids: list[int] | None = [] if return_token_ids else None
         self.started = False
@@ -61,11 +62,13 @@ class _ChoiceText:
         self.finish_reason = delta.finish_reason
         logprobs = None
         if self.echo_logprobs and delta.prompt_logprobs is not None:
-            logprobs = prompt_completion_logprobs(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
+            logprobs = prompt_completion_logprobs(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs,
+                                                  self.tokens_as_ids)
         if delta.logprobs is not None:
             if self.text_offsets is None:
                 self.text_offsets = TextOffsets(tokenizer, len(self.echo))
-            more = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offsets)
+            more = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, self.text_offsets,
+                                       self.tokens_as_ids)
             if logprobs is None:
                 logprobs = more
             else:
@@ -147,7 +150,8 @@ class CompletionEndpoint:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
-                             if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids))
+                             if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids),
+                             bool(body.return_tokens_as_token_ids))
                  for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)

@@ -34,13 +34,20 @@ class TextOffsets:
         return offset
 
 
+def token_name(tokenizer: Tokenizer, token_id: int, as_id: bool = False) -> str:
+    """How a logprob names its token: the vocabulary's text, or with vLLM's `return_tokens_as_token_ids`
+    "token_id:<id>" (tokens of one text, or text no character completes, stay apart)."""
+    return f"token_id:{token_id}" if as_id else tokenizer.token_text(token_id)
+
+
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[SampledLogprobs],
-                        offsets: TextOffsets) -> CompletionLogprobs:
+                        offsets: TextOffsets, as_ids: bool = False) -> CompletionLogprobs:
     """Tokens, their logprobs, the top alternatives plus the sampled token, and where each starts."""
     result = CompletionLogprobs()
     for token_id, sampled in zip(token_ids, logprobs):
-        text = tokenizer.token_text(token_id)
-        top = {tokenizer.token_text(alternative.token_id): _finite(alternative.logprob) for alternative in sampled.top}
+        text = token_name(tokenizer, token_id, as_ids)
+        top = {token_name(tokenizer, alternative.token_id, as_ids): _finite(alternative.logprob)
+               for alternative in sampled.top}
         top.setdefault(text, _finite(sampled.logprob))
         result.tokens.append(text)
         result.token_logprobs.append(_finite(sampled.logprob))
@@ -56,29 +63,30 @@ def extend_completion_logprobs(total: CompletionLogprobs, more: CompletionLogpro
     total.text_offset.extend(more.text_offset)
 
 
-def _chat_top_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> ChatTopLogprob:
-    return ChatTopLogprob(token=tokenizer.token_text(token_id), logprob=_finite(logprob),
-                          bytes=list(tokenizer.token_bytes(token_id)))
+def _chat_top_logprob(tokenizer: Tokenizer, token_id: int, logprob: float, as_id: bool) -> ChatTopLogprob:
+    name = token_name(tokenizer, token_id, as_id)
+    return ChatTopLogprob(token=name, logprob=_finite(logprob),
+                          bytes=list(name.encode() if as_id else tokenizer.token_bytes(token_id)))
 
 
 def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[SampledLogprobs],
-                  num_top: int) -> ChatLogprobs:
+                  num_top: int, as_ids: bool = False) -> ChatLogprobs:
     content = []
     for token_id, sampled in zip(token_ids, logprobs):
-        entry = _chat_top_logprob(tokenizer, token_id, sampled.logprob)
-        top = [_chat_top_logprob(tokenizer, alternative.token_id, alternative.logprob)
+        entry = _chat_top_logprob(tokenizer, token_id, sampled.logprob, as_ids)
+        top = [_chat_top_logprob(tokenizer, alternative.token_id, alternative.logprob, as_ids)
                for alternative in sampled.top[:num_top]]
         content.append(ChatTokenLogprob(token=entry.token, logprob=entry.logprob, bytes=entry.bytes, top_logprobs=top))
     return ChatLogprobs(content=content)
 
 
 def prompt_completion_logprobs(tokenizer: Tokenizer, prompt_token_ids: list[int],
-                               logprobs: list[SampledLogprobs]) -> CompletionLogprobs:
+                               logprobs: list[SampledLogprobs], as_ids: bool = False) -> CompletionLogprobs:
     """An echoed prompt's part of completions' logprobs: the first token has none (null), as in OpenAI's."""
-    first = tokenizer.token_text(prompt_token_ids[0])
+    first = token_name(tokenizer, prompt_token_ids[0], as_ids)
     offsets = TextOffsets(tokenizer, 0)
     offsets.add(prompt_token_ids[0])
-    result = completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, offsets)
+    result = completion_logprobs(tokenizer, prompt_token_ids[1:], logprobs, offsets, as_ids)
     return CompletionLogprobs(tokens=[first] + result.tokens, token_logprobs=[None] + result.token_logprobs,
                               top_logprobs=[None] + result.top_logprobs, text_offset=[0] + result.text_offset)
 

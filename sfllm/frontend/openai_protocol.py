@@ -106,6 +106,8 @@ class GenerationRequest(RequestBody):
                                                                   "this many alternatives")
     return_token_ids: bool | None = Field(default=False, description="vLLM's: the prompt's and the output's token ids "
                                                                      "in the answer (prompt_token_ids, token_ids)")
+    return_tokens_as_token_ids: bool | None = Field(default=False, description="vLLM's: logprobs name their "
+                                                                               "tokens \"token_id:<id>\"")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement
