@@ -12,6 +12,7 @@ masks of a batch in parallel threads outside the GIL.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
@@ -23,6 +24,35 @@ from sfllm.sampling_params import InvalidSamplingParams, StructuredOutput
 # `oneOf` whose branches llguidance cannot prove exclusive is taken as `anyOf`, as xgrammar and outlines do
 # (Pydantic writes `oneOf` for its unions); without it such schemas would be refused.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
+
+
+# keywords whose value is a subschema, a list of them, or a map of names to them (enum and const hold data)
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def without_unlisted_properties(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` where an object lists its properties and says nothing of
+    others, as xgrammar's strict mode (vLLM's and SGLang's default) reads it: a model is not led to invent keys."""
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    if "properties" in result and "additionalProperties" not in result and "patternProperties" not in result:
+        result["additionalProperties"] = False
+    for key in _SUBSCHEMA:
+        if isinstance(result.get(key), list):  # `items` as a list: an older draft's tuple
+            result[key] = [without_unlisted_properties(item) for item in result[key]]
+        elif key in result:
+            result[key] = without_unlisted_properties(result[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(result.get(key), list):
+            result[key] = [without_unlisted_properties(item) for item in result[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: without_unlisted_properties(item) for name, item in result[key].items()}
+    return result
 
 
 class InvalidGrammar(InvalidSamplingParams):
@@ -42,7 +72,8 @@ def grammar_of(structured_output: StructuredOutput, param: str = "response_forma
     what = kind.replace("_", " ")
     try:
         if kind == "json_schema":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(without_unlisted_properties(schema),
+                                                                    defaults=JSON_OPTIONS)
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(definition)
         else:

@@ -525,7 +525,7 @@ def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedE
     assert_offsets_index_the_text(text, logprobs)
 
 
-CHOICES = StructuredOutput.grammar('start: "yes" | "no \\"maybe\\""')
+CHOICES = StructuredOutput.regex('yes|no "maybe"')
 
 
 @pytest.mark.parametrize(("path", "fields", "expected"), [
@@ -543,7 +543,12 @@ CHOICES = StructuredOutput.grammar('start: "yes" | "no \\"maybe\\""')
     ("/v1/completions", {"json_schema": '{"type": "object"}'}, StructuredOutput.json_schema('{"type": "object"}')),
     ("/v1/chat/completions", {"regex": "[0-9]+"}, StructuredOutput.regex("[0-9]+")),  # SGLang's
     ("/v1/completions", {"ebnf": 'root ::= "a"'}, StructuredOutput.grammar('root ::= "a"')),
-    ("/v1/completions", {"guided_regex": None, "guided_choice": []}, None),  # unset values are no request
+    ("/v1/completions", {"guided_regex": None, "structured_outputs": None}, None),  # null is no request
+    # as vLLM reads them: {} is a schema of any JSON value, "" a regex of the empty text
+    ("/v1/completions", {"guided_json": {}}, StructuredOutput.json_schema({})),
+    ("/v1/completions", {"guided_regex": ""}, StructuredOutput.regex("")),
+    ("/v1/completions", {"structured_outputs": {"choice": ["a", "b"], "_backend": None, "_backend_was_auto": False}},
+     StructuredOutput.regex("a|b")),  # vLLM's own fields, as a client serializing its params sends them
 ])
 def test_other_servers_constraint_fields_constrain_as_response_format_does(
         engine: ScriptedEngine, tokenizer: Tokenizer, path: str, fields: dict[str, Any], expected) -> None:
@@ -558,11 +563,14 @@ def test_other_servers_constraint_fields_constrain_as_response_format_does(
 @pytest.mark.parametrize(("fields", "param", "message"), [
     ({"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}}, "guided_json",
      "response_format and guided_json both set"),
-    ({"regex": "a", "guided_regex": "b"}, "regex", "guided_regex and regex both set"),
-    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "structured_outputs sets two"),
+    ({"regex": "a", "guided_regex": "b"}, "regex", "guided_regex and regex both set one on the output"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
+     "structured_outputs sets two constraints on the output; send one"),
     ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "sets no constraint"),
     ({"structured_outputs": {"json": {}, "structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
-    ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "unknown keys ['jsn']"),
+    ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "sets no constraint"),
+    ({"structured_outputs": {"json_object": "false"}}, "structured_outputs", "json_object must be true or false"),
+    ({"guided_choice": []}, "guided_choice", "non-empty list of strings"),
     ({"structured_outputs": "[0-9]"}, "structured_outputs", "must be an object"),
     ({"guided_choice": ["a", 1]}, "guided_choice", "non-empty list of strings"),
     ({"guided_json": 3}, "guided_json", "a JSON schema is an object"),
@@ -781,8 +789,8 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(engine: ScriptedEn
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_return_token_ids_gives_the_prompts_and_the_outputs_ids_streamed_or_not(engine: ScriptedEngine,
-                                                                                tokenizer: Tokenizer, path: str) -> None:
+def test_return_token_ids_gives_the_prompts_and_the_outputs_ids_streamed_or_not(
+        engine: ScriptedEngine, tokenizer: Tokenizer, path: str) -> None:
     """vLLM's return_token_ids, as RL clients read it: completions carry prompt_token_ids and token_ids per choice,
     chat carries prompt_token_ids on the response (a stream's role chunks) and token_ids per choice; a stream's ids
     join into the whole answer's, also where a stop string holds text back."""

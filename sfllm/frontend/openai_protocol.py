@@ -129,8 +129,8 @@ class GenerationRequest(RequestBody):
             given.insert(0, ("response_format", self.response_format.structured_output()))
         if len(given) > 1:
             first, second = given[0][0], given[1][0]
-            both = f"{first} sets two" if first == second else f"{first} and {second} both set"
-            raise InvalidSamplingParams(second, f"{both} a constraint on the output; send one")
+            both = f"{first} sets two constraints" if first == second else f"{first} and {second} both set one"
+            raise InvalidSamplingParams(second, f"{both} on the output; send one")
         return given[0] if given else None
 
     def max_tokens_field(self) -> str:

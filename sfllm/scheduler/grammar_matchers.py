@@ -120,7 +120,8 @@ class GrammarMatchers:
 
 # llguidance's errors when a grammar outgrows its resource limits (LLParserLimits), e.g. `a{1000000}`, whose
 # only allowed token "aaaa" cannot be consumed: the grammar's fault, not the server's
-LIMIT_ERRORS = ("too many expressions constructed", "fuel exhausted", "too many states", "too many items", "exceeded")
+LIMIT_ERRORS = ("too many expressions constructed", "fuel exhausted", "too many states", "too many items", "exceeded",
+                "current row has")  # "Current row has 2001 items; max is 2000": an alternation of 2,001 literals
 
 
 def exceeded_limits(error: str) -> bool:

@@ -1,0 +1,73 @@
+"""What a constraint lets through, on the grammar engine with SmolLM2's tokenizer: vLLM's choices, and JSON
+schemas' unlisted properties (sfllm/structured_output.py)."""
+from __future__ import annotations
+
+import pytest
+
+from sfllm.frontend.other_server_constraints import other_server_constraints
+from sfllm.sampling_params import StructuredOutput
+from sfllm.scheduler.grammar_matchers import GrammarMatchers
+from sfllm.structured_output import without_unlisted_properties
+
+
+@pytest.fixture(scope="module")
+def grammars(smollm_tokenizer_spec) -> GrammarMatchers:
+    return GrammarMatchers(smollm_tokenizer_spec.tokenizer_json, smollm_tokenizer_spec.vocab_size, [2])
+
+
+def allows(grammars: GrammarMatchers, tokenizer, structured_output: StructuredOutput, text: str) -> bool:
+    """Whether the constraint allows `text` whole: every token of it, and an end right after."""
+    matcher = grammars.matcher(structured_output)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    return matcher.validate_tokens(tokens) == len(tokens) and matcher.consume_tokens(tokens) and \
+        matcher.is_accepting()
+
+
+CHOICES = ['yes', 'no "maybe"', 'a\\b', 'line\nbreak\ttab', '😀 你好', '\u2028', '\x00', '\x7f', '', 'a', 'ab',
+           '(x|y)*', '[^]$^.+?{2}#&-~', 'a']
+
+
+def test_guided_choice_allows_each_choice_exactly(grammars: GrammarMatchers, tokenizer) -> None:
+    """Quotes, backslashes, the regex syntax's characters, control characters, the empty text, one choice the
+    start of another, a duplicate: each is allowed as it is, and nothing else."""
+    [(_, choice)] = other_server_constraints({"guided_choice": CHOICES})
+    for text in CHOICES:
+        assert allows(grammars, tokenizer, choice, text), repr(text)
+    for text in ["abc", "yes!", "x", "(x|y)", "no maybe", "a\\\\b"]:
+        assert not allows(grammars, tokenizer, choice, text), repr(text)
+
+
+def test_thousands_of_choices_compile(grammars: GrammarMatchers, tokenizer) -> None:
+    """A Lark alternation of literals holds 2,000 in llguidance (a 500 at the first mask past it); a regex more."""
+    [(_, choice)] = other_server_constraints({"guided_choice": [f"w{i}" for i in range(3000)]})
+    assert allows(grammars, tokenizer, choice, "w2999") and not allows(grammars, tokenizer, choice, "w3000")
+
+
+def test_a_schemas_object_gets_no_property_it_does_not_list(grammars: GrammarMatchers, tokenizer) -> None:
+    """As xgrammar's strict mode (vLLM's and SGLang's default): unless the schema allows more."""
+    listed = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert allows(grammars, tokenizer, StructuredOutput.json_schema(listed), '{"a": 1}')
+    assert not allows(grammars, tokenizer, StructuredOutput.json_schema(listed), '{"a": 1, "b": 2}')
+    more = {**listed, "additionalProperties": True}
+    assert allows(grammars, tokenizer, StructuredOutput.json_schema(more), '{"a": 1, "b": 2}')
+    assert allows(grammars, tokenizer, StructuredOutput.json_object(), '{"b": 2}'), "an object with no list: any"
+
+
+def test_unlisted_properties_are_closed_through_subschemas_and_data_is_left_alone() -> None:
+    schema = {"$defs": {"pet": {"properties": {"kind": {"enum": [{"properties": {}}]}}}},
+              "properties": {"properties": {"type": "object", "properties": {"x": {}}},
+                             "pets": {"type": "array", "items": {"$ref": "#/$defs/pet"}},
+                             "free": {"properties": {}, "additionalProperties": {"properties": {"y": {}}}},
+                             "patterned": {"properties": {}, "patternProperties": {"^z": {}}}},
+              "anyOf": [{"properties": {}}, {"type": "string"}]}
+    closed = without_unlisted_properties(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["$defs"]["pet"]["additionalProperties"] is False
+    assert closed["$defs"]["pet"]["properties"]["kind"] == {"enum": [{"properties": {}}]}, "enum values are data"
+    assert closed["properties"]["properties"]["additionalProperties"] is False, "a property named properties"
+    assert "additionalProperties" not in closed["properties"]
+    assert closed["properties"]["free"]["additionalProperties"] == {"properties": {"y": {}},
+                                                                    "additionalProperties": False}
+    assert "additionalProperties" not in closed["properties"]["patterned"]
+    assert closed["anyOf"][0]["additionalProperties"] is False and closed["anyOf"][1] == {"type": "string"}
+    assert "additionalProperties" not in schema, "the client's schema is not changed"
