@@ -71,3 +71,17 @@ def test_unlisted_properties_are_closed_through_subschemas_and_data_is_left_alon
     assert "additionalProperties" not in closed["properties"]["patterned"]
     assert closed["anyOf"][0]["additionalProperties"] is False and closed["anyOf"][1] == {"type": "string"}
     assert "additionalProperties" not in schema, "the client's schema is not changed"
+
+
+def test_a_forced_tool_calls_arguments_get_no_parameter_the_tool_does_not_list(grammars: GrammarMatchers,
+                                                                                tokenizer) -> None:
+    from sfllm.frontend.openai_protocol import ChatCompletionRequest
+    from sfllm.frontend.tools import ChatTools
+    body = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}}}}}]})
+    forced = ChatTools(body).structured_output()
+    call = '<tool_call>\n{{"name": "f", "arguments": {arguments}}}\n</tool_call>'
+    assert allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1}'))
+    assert not allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1, "b": 2}'))

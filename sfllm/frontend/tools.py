@@ -16,7 +16,7 @@ from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
 from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
 from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG, Llama3JsonToolCallParser, ToolCallParser
 from sfllm.sampling_params import StructuredOutput
-from sfllm.structured_output import JSON_OPTIONS, grammar_of
+from sfllm.structured_output import JSON_OPTIONS, grammar_of, without_unlisted_properties
 
 _ANY_ARGUMENTS = {"type": "object"}
 
@@ -79,8 +79,8 @@ def _choice_text(choice: Any) -> str:
 
 
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": tool.function.name},
-                                             "arguments": tool.function.parameters or _ANY_ARGUMENTS},
+    arguments = without_unlisted_properties(tool.function.parameters or _ANY_ARGUMENTS)  # as response_format's
+    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
             "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
 
 
