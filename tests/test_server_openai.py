@@ -251,6 +251,33 @@ def test_return_token_ids_through_the_official_client(client, smollm_llm) -> Non
     assert len(chat.prompt_token_ids) == chat.usage.prompt_tokens
 
 
+def test_responses_api_through_the_official_client(client) -> None:
+    """The Responses API as the openai SDK (and the agents built on it) calls it: the greedy answer equals the chat
+    endpoint's, streamed or not; a required function tool comes back as a function_call item the SDK parses, and
+    its output sent back as an input item continues the conversation."""
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=12)
+    reply = client.responses.create(model=MODEL, input=CAPITAL[0]["content"], temperature=0, max_output_tokens=12)
+    assert reply.output_text == chat.choices[0].message.content
+    assert reply.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens
+    with client.responses.stream(model=MODEL, input=CAPITAL[0]["content"], temperature=0,
+                                 max_output_tokens=12) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == reply.output_text
+    tools = [{"type": "function", "name": "get_weather", "description": "Current weather of a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = client.responses.create(model=MODEL, input=question, tools=tools, tool_choice="required",
+                                     parallel_tool_calls=False, temperature=0, max_output_tokens=60)
+    [call] = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    answer = client.responses.create(model=MODEL, tools=tools, temperature=0, max_output_tokens=12, input=[
+        *question, {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}])
+    assert answer.output and answer.usage.input_tokens > called.usage.input_tokens
+
+
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

@@ -18,6 +18,8 @@ from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequ
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from sfllm.frontend.request_checks import RequestLimits
 from sfllm.frontend.request_gate import DrainState, RequestGateMiddleware
+from sfllm.frontend.responses_endpoint import ResponsesEndpoint
+from sfllm.frontend.responses_protocol import ResponsesRequest
 from sfllm.frontend.tokenize_endpoints import (DetokenizeRequest, DetokenizeResponse, TokenizeEndpoints,
                                                TokenizeRequest, TokenizeResponse)
 from sfllm.frontend.tokenizer import Tokenizer
@@ -51,6 +53,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
     chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics,
                                            config.reasoning_parser)
+    responses_endpoint = ResponsesEndpoint(chat_endpoint)
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions", response_model=None, responses=_json_or_stream(CompletionResponse))
@@ -60,6 +63,10 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     @v1.post("/chat/completions", response_model=None, responses=_json_or_stream(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat_endpoint(body, request)
+
+    @v1.post("/responses", response_model=None)
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await responses_endpoint(body, request)
 
     def model_card() -> ModelCard:
         max_model_len = engine.hello.max_context_length if engine.hello is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -60,6 +60,18 @@ class ChatCompletionEndpoint:
         self.metrics = metrics
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        chat = await self.start(body, request, "chatcmpl")
+        if body.stream:
+            events = self._events(chat.request_id, chat.deltas, chat.messages, chat.tally, chat.shape,
+                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), chat.outcome)
+            return await start_event_stream(request, events, chat.high_priority_trace)
+        response = await until_disconnect(request, self._complete(chat.request_id, chat.deltas, chat.messages,
+                                                                   chat.tally, chat.shape))
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def start(self, body: ChatCompletionRequest, request: Request, id_prefix: str) -> ChatGeneration:
+        """Checks the request, renders its prompt and starts its choices in the engine (also for /v1/responses,
+        which reads the same generation its own way)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
         outcome = request_outcome(request)
@@ -79,7 +91,7 @@ class ChatCompletionEndpoint:
                                         "messages", self.limits.max_output_tokens, body.max_tokens_field())
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
                                       tools.structured_output(), encode=self.tokenizer.encode_text)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
         continued = body.messages[-1].text() if body.continue_final_message else None
@@ -94,14 +106,9 @@ class ChatCompletionEndpoint:
                                          if self.reasoning_parser else None, body.include_reasoning is not False)
                         for _ in choices]
         shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
-        tally = UsageTally([prompt])
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
-        if body.stream:
-            events = self._events(request_id, deltas, messages_out, tally, shape, body.include_usage_in_stream(),
-                                  body.usage_in_every_chunk(), outcome)
-            return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
-        response = await until_disconnect(request, self._complete(request_id, deltas, messages_out, tally, shape))
-        return JSONResponse(response.model_dump(mode="json"))
+        return ChatGeneration(request_id, deltas, messages_out, UsageTally([prompt]), shape, outcome,
+                              high_priority_trace(request_id, priority, arrival_time))
 
     def _logprobs(self, delta: ChoiceDelta, shape: AnswerShape) -> ChatLogprobs | None:
         if shape.num_top_logprobs is None or delta.logprobs is None:
@@ -180,6 +187,18 @@ class ChatCompletionEndpoint:
             return events
 
         return choice_events(deltas, events_of, usage_event if include_usage else None, outcome)
+
+
+@dataclass
+class ChatGeneration:
+    """A chat request started in the engine: its choices' deltas, and what reads them into an answer."""
+    request_id: str
+    deltas: AsyncGenerator[ChoiceDelta, None]
+    messages: list[AssistantMessage]
+    tally: UsageTally
+    shape: AnswerShape
+    outcome: RequestOutcome
+    high_priority_trace: Callable[[], None] | None
 
 
 @dataclass(frozen=True)

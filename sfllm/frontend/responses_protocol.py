@@ -1,0 +1,157 @@
+"""OpenAI's Responses API request (`POST /v1/responses`), read as the chat request it amounts to.
+
+The input's items become chat messages: `instructions` a system message first; messages as they are (their
+`input_text`/`output_text` parts joined); `function_call` items the assistant's tool calls (a run of them one
+message, joined to the assistant text before them); `function_call_output` items tool messages; a `reasoning`
+item the next assistant message's `reasoning_content`. Function tools, `tool_choice` and `text.format` become
+their chat forms. Nothing is stored: `previous_response_id` and `background` are a 400, as is any tool but a
+function (no server-side tools run here).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from sfllm.frontend.errors import InvalidRequestError
+from sfllm.frontend.openai_protocol import ChatCompletionRequest
+from sfllm.frontend.tool_protocol import StrictModel
+
+# Chat fields read from a Responses request as they are (vLLM's and sfllm's extensions among them)
+_SHARED_FIELDS = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "priority", "user")
+
+
+class ResponsesRequest(StrictModel):
+    model: str | None = None
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: bool | None = False
+    store: bool | None = None  # accepted, but nothing is kept: a response cannot be read back
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    truncation: str | None = None
+    user: str | None = None
+    priority: str | None = None
+
+    def check_supported(self) -> None:
+        if self.previous_response_id is not None:
+            raise InvalidRequestError("previous_response_id is not supported: this server stores no response; send "
+                                      "the whole conversation in input", param="previous_response_id")
+        if self.background:
+            raise InvalidRequestError("background responses are not supported", param="background")
+        if self.top_logprobs or any("logprobs" in item for item in self.include or []):
+            raise InvalidRequestError("logprobs are not supported on /v1/responses; use /v1/chat/completions",
+                                      param="top_logprobs" if self.top_logprobs else "include")
+        if self.truncation not in (None, "disabled"):
+            raise InvalidRequestError("truncation \"auto\" is not supported: a prompt past the context is a 400",
+                                      param="truncation")
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request this one amounts to; raises InvalidRequestError naming the Responses field."""
+        self.check_supported()
+        body: dict[str, Any] = {name: getattr(self, name) for name in _SHARED_FIELDS if getattr(self, name) is not None}
+        body["messages"] = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + \
+            _messages(self.input)
+        if self.max_output_tokens is not None:
+            body["max_completion_tokens"] = self.max_output_tokens
+        if self.tools:
+            body["tools"] = [_chat_tool(index, tool) for index, tool in enumerate(self.tools)]
+        if self.tool_choice is not None:
+            body["tool_choice"] = _chat_tool_choice(self.tool_choice)
+        text_format = (self.text or {}).get("format")
+        if text_format is not None:
+            body["response_format"] = _response_format(text_format)
+        effort = (self.reasoning or {}).get("effort")
+        if effort is not None:  # as vLLM passes it: to the chat template
+            body["chat_template_kwargs"] = {"reasoning_effort": effort}
+        return ChatCompletionRequest.model_validate(body)
+
+
+def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    thought: str | None = None
+    for index, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            message = {"role": item.get("role"), "content": _text(index, item.get("content"))}
+            if message["role"] == "assistant" and thought is not None:
+                message["reasoning_content"], thought = thought, None
+            messages.append(message)
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and thought is None:
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if thought is not None:
+                    messages[-1]["reasoning_content"], thought = thought, None
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": output if isinstance(output, str) else _text(index, output)})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            thought = "".join(part.get("text", "") for part in parts if isinstance(part, dict))
+        else:
+            raise InvalidRequestError(f"input[{index}]: items of type {kind!r} are not supported (message, "
+                                      "function_call, function_call_output and reasoning are)",
+                                      param=f"input[{index}].type")
+    return messages
+
+
+def _text(index: int, content: Any) -> Any:
+    """A message's content: a string, or its text parts joined as chat joins them."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text"):
+            raise InvalidRequestError(f"input[{index}].content: parts of type {kind!r} are not supported: the models "
+                                      "served here read text only (input_text)", param=f"input[{index}].content")
+        texts.append({"type": "text", "text": part.get("text")})
+    return texts
+
+
+def _chat_tool(index: int, tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise InvalidRequestError(f"tools[{index}]: tools of type {tool.get('type')!r} are not supported (this "
+                                  "server runs no tool; function tools are)", param=f"tools[{index}].type")
+    function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise InvalidRequestError("tool_choice is \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                                  "\"name\": ...}", param="tool_choice")
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(text_format: dict[str, Any]) -> dict[str, Any]:
+    kind: Literal["text", "json_object", "json_schema"] | Any = text_format.get("type")
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {key: text_format[key] for key in
+                                                       ("name", "description", "schema", "strict")
+                                                       if key in text_format}}
+    raise InvalidRequestError(f"text.format of type {kind!r} is not supported (text, json_object, json_schema)",
+                              param="text.format")

@@ -1,0 +1,141 @@
+"""POST /v1/responses (OpenAI's Responses API) through the app, on a scripted engine: the input's items as the chat
+conversation they amount to, the output items whole and streamed as events, and what is refused."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from sfllm.config import ServerConfig
+from sfllm.frontend.app import create_app
+from sfllm.frontend.responses_protocol import ResponsesRequest
+from sfllm.frontend.tokenizer import Tokenizer
+from test_frontend_app import ScriptedEngine
+
+TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def respond(tokenizer: Tokenizer, script: str, body: dict[str, Any], reasoning_parser: str | None = None,
+            engine: ScriptedEngine | None = None) -> httpx.Response:
+    engine = engine or ScriptedEngine(tokenizer, max_context_length=512, script=script)
+    app = create_app(ServerConfig(reasoning_parser=reasoning_parser).frontend(), engine, tokenizer)  # type: ignore
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/responses", json=body)
+    return asyncio.run(send())
+
+
+def events(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    parsed = []
+    for block in response.text.strip().split("\n\n"):
+        kind, data = block.split("\n")
+        payload = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {payload['type']}"
+        parsed.append(payload)
+    assert [e["sequence_number"] for e in parsed] == list(range(len(parsed)))
+    return parsed
+
+
+def test_input_items_become_the_chat_conversation() -> None:
+    body = ResponsesRequest.model_validate({"instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather"}, {"type": "input_text", "text": "?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Tool."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "c2", "output": "rain"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sun and rain."}]},
+        {"role": "user", "content": "Thanks"}],
+        "tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 7,
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}, "strict": True}}})
+    chat = body.chat_request()
+    assert [(m.role, m.text(), m.reasoning_content) for m in chat.messages] == [
+        ("system", "Be brief.", None), ("user", "Weather\n?", None), ("assistant", "", "Tool."),
+        ("tool", "sunny", None), ("tool", "rain", None), ("assistant", "Sun and rain.", None), ("user", "Thanks", None)]
+    assert [(c.id, c.function.name) for c in chat.messages[2].tool_calls] == [("c1", "get_weather"),
+                                                                              ("c2", "get_weather")]
+    assert chat.tools[0].function.name == "get_weather" and chat.tool_choice.function.name == "get_weather"
+    assert chat.max_completion_tokens == 7 and chat.response_format.json_schema.schema_ == {"type": "object"}
+
+
+def test_a_whole_answer_with_reasoning_and_text(tokenizer: Tokenizer) -> None:
+    answer = "<think>Easy.</think>It is 4."
+    reply = respond(tokenizer, answer, {"input": "2 + 2?", "max_output_tokens": len(tokenizer.encode(answer))},
+                    reasoning_parser="qwen3").json()
+    assert reply["object"] == "response" and reply["id"].startswith("resp-")
+    reasoning, message = reply["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"] == [{"type": "reasoning_text", "text": "Easy."}]
+    assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
+    assert message["content"][0]["type"] == "output_text" and message["content"][0]["text"] == "It is 4."
+    # the scripted engine ends every answer at its token budget
+    assert reply["status"] == "incomplete" and reply["incomplete_details"] == {"reason": "max_output_tokens"}
+    usage = reply["usage"]
+    assert usage["output_tokens"] == len(tokenizer.encode(answer))
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert 0 < usage["output_tokens_details"]["reasoning_tokens"] < usage["output_tokens"]
+
+
+def test_a_streamed_answer_opens_fills_and_closes_each_item_in_order(tokenizer: Tokenizer) -> None:
+    answer = "<think>Easy.</think>It is 4."
+    body = {"input": "2 + 2?", "max_output_tokens": len(tokenizer.encode(answer)), "stream": True}
+    stream = events(respond(tokenizer, answer, body, reasoning_parser="qwen3"))
+    kinds = [e["type"] for e in stream]
+    compact = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]  # runs of deltas as one
+    assert compact == ["response.created", "response.in_progress",
+                       "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.done",
+                       "response.output_item.done",
+                       "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                       "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                       "response.incomplete"]
+    assert "".join(e["delta"] for e in stream if e["type"] == "response.reasoning_text.delta") == "Easy."
+    assert "".join(e["delta"] for e in stream if e["type"] == "response.output_text.delta") == "It is 4."
+    final = stream[-1]["response"]
+    whole = respond(tokenizer, answer, {**body, "stream": False}, reasoning_parser="qwen3").json()
+    assert [(item["type"], item.get("content")) for item in final["output"]] == [
+        (item["type"], item.get("content")) for item in whole["output"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_are_function_call_items(tokenizer: Tokenizer, stream: bool) -> None:
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    body = {"input": "Weather in Paris?", "tools": TOOLS, "max_output_tokens": len(tokenizer.encode(answer)),
+            "stream": stream}
+    reply = respond(tokenizer, answer, body)
+    if stream:
+        stream_events = events(reply)
+        arguments = "".join(e["delta"] for e in stream_events if e["type"] == "response.function_call_arguments.delta")
+        assert json.loads(arguments) == {"city": "Paris"}
+        output = stream_events[-1]["response"]["output"]
+    else:
+        output = reply.json()["output"]
+    [call] = output
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"]
+    assert json.loads(call["arguments"]) == {"city": "Paris"} and call["status"] == "completed"
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores no response"),
+    ({"input": "x", "background": True}, "background", "not supported"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type", "runs no tool"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content",
+     "text only"),
+    ({"input": [{"type": "computer_call", "id": "1"}]}, "input[0].type", "not supported"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input", "role"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text.format", "not supported"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", "logprobs"),
+    ({"input": []}, "input", ""),
+])
+def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body: dict[str, Any], param: str,
+                                                      message: str) -> None:
+    engine = ScriptedEngine(tokenizer)
+    reply = respond(tokenizer, "x", body, engine=engine)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert not engine.requests
