@@ -33,26 +33,56 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+_APPLICATORS = ("allOf", "anyOf", "oneOf", "$ref")
+
+
 def without_unlisted_properties(schema: Any) -> Any:
     """The schema with `additionalProperties: false` where an object lists its properties and says nothing of
-    others, as xgrammar's strict mode (vLLM's and SGLang's default) reads it: a model is not led to invent keys."""
+    others, as xgrammar's strict mode (vLLM's and SGLang's default) reads it: a model is not led to invent keys.
+    An object whose properties other schemas may add to is left open: one beside `allOf`/`anyOf`/`oneOf`/`$ref`,
+    the branches of an `allOf` or of a listing object's `anyOf`/`oneOf`, and a definition an `allOf` refers to
+    (inheritance: closing the parts would refuse every instance of the whole)."""
+    extended = {item["$ref"] for branches in _all_of_lists(schema) for item in branches
+                if isinstance(item, dict) and isinstance(item.get("$ref"), str)}
+    return _closed(schema, "#", extended, closable=True)
+
+
+def _closed(schema: Any, path: str, extended: set[str], closable: bool) -> Any:
     if not isinstance(schema, dict):
         return schema
     result = dict(schema)
-    if "properties" in result and "additionalProperties" not in result and "patternProperties" not in result:
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", *_APPLICATORS)
+    if closable and "properties" in result and not any(key in result for key in open_keys) and path not in extended:
         result["additionalProperties"] = False
     for key in _SUBSCHEMA:
         if isinstance(result.get(key), list):  # `items` as a list: an older draft's tuple
-            result[key] = [without_unlisted_properties(item) for item in result[key]]
+            result[key] = [_closed(item, f"{path}/{key}/{i}", extended, True) for i, item in enumerate(result[key])]
         elif key in result:
-            result[key] = without_unlisted_properties(result[key])
+            result[key] = _closed(result[key], f"{path}/{key}", extended, True)
     for key in _SUBSCHEMA_LISTS:
         if isinstance(result.get(key), list):
-            result[key] = [without_unlisted_properties(item) for item in result[key]]
+            branch_closable = key == "prefixItems" or (key != "allOf" and "properties" not in result)
+            result[key] = [_closed(item, f"{path}/{key}/{i}", extended, branch_closable)
+                           for i, item in enumerate(result[key])]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(result.get(key), dict):
-            result[key] = {name: without_unlisted_properties(item) for name, item in result[key].items()}
+            result[key] = {name: _closed(item, f"{path}/{key}/{name}", extended, True)
+                           for name, item in result[key].items()}
     return result
+
+
+def _all_of_lists(schema: Any) -> list[list[Any]]:
+    """Every `allOf` list in the schema, at any depth."""
+    found = []
+    if isinstance(schema, dict):
+        if isinstance(schema.get("allOf"), list):
+            found.append(schema["allOf"])
+        for value in schema.values():
+            found += _all_of_lists(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            found += _all_of_lists(value)
+    return found
 
 
 class InvalidGrammar(InvalidSamplingParams):

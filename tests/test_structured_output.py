@@ -58,8 +58,8 @@ def test_unlisted_properties_are_closed_through_subschemas_and_data_is_left_alon
               "properties": {"properties": {"type": "object", "properties": {"x": {}}},
                              "pets": {"type": "array", "items": {"$ref": "#/$defs/pet"}},
                              "free": {"properties": {}, "additionalProperties": {"properties": {"y": {}}}},
-                             "patterned": {"properties": {}, "patternProperties": {"^z": {}}}},
-              "anyOf": [{"properties": {}}, {"type": "string"}]}
+                             "patterned": {"properties": {}, "patternProperties": {"^z": {}}},
+                             "either": {"anyOf": [{"properties": {}}, {"type": "string"}]}}}
     closed = without_unlisted_properties(schema)
     assert closed["additionalProperties"] is False
     assert closed["$defs"]["pet"]["additionalProperties"] is False
@@ -69,7 +69,8 @@ def test_unlisted_properties_are_closed_through_subschemas_and_data_is_left_alon
     assert closed["properties"]["free"]["additionalProperties"] == {"properties": {"y": {}},
                                                                     "additionalProperties": False}
     assert "additionalProperties" not in closed["properties"]["patterned"]
-    assert closed["anyOf"][0]["additionalProperties"] is False and closed["anyOf"][1] == {"type": "string"}
+    either = closed["properties"]["either"]
+    assert either["anyOf"][0]["additionalProperties"] is False and either["anyOf"][1] == {"type": "string"}
     assert "additionalProperties" not in schema, "the client's schema is not changed"
 
 
@@ -85,3 +86,25 @@ def test_a_forced_tool_calls_arguments_get_no_parameter_the_tool_does_not_list(g
     call = '<tool_call>\n{{"name": "f", "arguments": {arguments}}}\n</tool_call>'
     assert allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1}'))
     assert not allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1, "b": 2}'))
+
+
+@pytest.mark.parametrize("schema, text", [
+    # an object split over allOf's branches (zod/TypeBox intersections)
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"a": 1, "b": 2}'),
+    # inheritance: a definition extended through allOf
+    ({"$defs": {"Base": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}},
+      "allOf": [{"$ref": "#/$defs/Base"}], "properties": {"name": {"type": "string"}}, "required": ["name"]},
+     '{"id": 1, "name": "x"}'),
+    # a listing object whose anyOf branches list some of its properties
+    ({"type": "object", "properties": {"kind": {"type": "string"}, "x": {"type": "integer"}}, "required": ["kind"],
+      "anyOf": [{"properties": {"kind": {"const": "a"}}}, {"properties": {"kind": {"const": "b"}}}]},
+     '{"kind": "a", "x": 1}'),
+    # pydantic's wrapper of a field with a default: allOf of one $ref
+    ({"$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+      "type": "object", "properties": {"pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "default": None}}},
+     '{"pet": {"name": "x"}}'),
+])
+def test_objects_other_schemas_extend_stay_open(grammars: GrammarMatchers, tokenizer, schema, text: str) -> None:
+    """Closing each part of a whole would refuse every instance of the whole (JSON Schema's allOf pitfall)."""
+    assert allows(grammars, tokenizer, StructuredOutput.json_schema(schema), text)
