@@ -88,6 +88,9 @@ def test_unfinished_or_malformed_calls() -> None:
     assert (content, names) == ("<tool_call>not json</tool_call> after", {})
     content, names, _, _ = parse(["<tool_call>{\"na"])
     assert (content, names) == ('<tool_call>{"na', {})
+    # a second call cut before its name (max_tokens): dropped, not the answer's text
+    content, names, _, _ = parse(['<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name":'])
+    assert (content, names) == ("", {0: "f"})
 
 
 def test_plain_text_passes_through_with_its_spacing() -> None:
