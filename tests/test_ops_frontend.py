@@ -333,6 +333,16 @@ def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokeniz
     assert metrics[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 2
 
 
+def test_a_responses_stream_cut_by_the_timeout_ends_with_an_error_event_counted_as_its_status(
+        tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, delay_s=0.05)
+    client = Client(create_app(ServerConfig(request_timeout_s=0.4).frontend(), engine, tokenizer))  # type: ignore
+    streamed = client.post("/v1/responses", {"input": "x", "max_output_tokens": 90, "stream": True})
+    last = json.loads(streamed.text.strip().split("\n\n")[-1].split("\n")[1].removeprefix("data: "))
+    assert streamed.status_code == 200 and last["type"] == "error" and last["code"] == "request_timeout", last
+    assert scrape(client)[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 1
+
+
 def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = ScriptedEngine(tokenizer)
     app = create_app(ServerConfig(max_prompt_tokens=100).frontend(), engine, tokenizer)  # type: ignore[arg-type]

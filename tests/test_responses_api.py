@@ -26,7 +26,9 @@ def respond(tokenizer: Tokenizer, script: str, body: dict[str, Any], reasoning_p
 
     async def send() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return await client.post("/v1/responses", json=body)
+            # json.dumps escapes an unpaired surrogate, as a client's JSON may carry one
+            return await client.post("/v1/responses", content=json.dumps(body),
+                                     headers={"content-type": "application/json"})
     return asyncio.run(send())
 
 
@@ -68,10 +70,11 @@ def test_a_whole_answer_with_reasoning_and_text(tokenizer: Tokenizer) -> None:
     answer = "<think>Easy.</think>It is 4."
     reply = respond(tokenizer, answer, {"input": "2 + 2?", "max_output_tokens": len(tokenizer.encode(answer))},
                     reasoning_parser="qwen3").json()
-    assert reply["object"] == "response" and reply["id"].startswith("resp-")
+    assert reply["object"] == "response" and reply["id"].startswith("resp_")
     reasoning, message = reply["output"]
     assert reasoning["type"] == "reasoning" and reasoning["content"] == [{"type": "reasoning_text", "text": "Easy."}]
-    assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
+    assert reasoning["status"] == "completed" and message["type"] == "message" and message["role"] == "assistant"
+    assert message["status"] == "incomplete", "the item max_output_tokens cut"
     assert message["content"][0]["type"] == "output_text" and message["content"][0]["text"] == "It is 4."
     # the scripted engine ends every answer at its token budget
     assert reply["status"] == "incomplete" and reply["incomplete_details"] == {"reason": "max_output_tokens"}
@@ -88,8 +91,8 @@ def test_a_streamed_answer_opens_fills_and_closes_each_item_in_order(tokenizer: 
     kinds = [e["type"] for e in stream]
     compact = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]  # runs of deltas as one
     assert compact == ["response.created", "response.in_progress",
-                       "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.done",
-                       "response.output_item.done",
+                       "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+                       "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
                        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
                        "response.output_text.done", "response.content_part.done", "response.output_item.done",
                        "response.incomplete"]
@@ -116,7 +119,7 @@ def test_tool_calls_are_function_call_items(tokenizer: Tokenizer, stream: bool) 
         output = reply.json()["output"]
     [call] = output
     assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"]
-    assert json.loads(call["arguments"]) == {"city": "Paris"} and call["status"] == "completed"
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
 
 
 @pytest.mark.parametrize("body, param, message", [
@@ -139,3 +142,49 @@ def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body:
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert not engine.requests
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": 5}}}}, "text.format",
+     "json schema"),
+    ({"input": "x" * 3000}, "input", ""),
+    ({"input": "x", "tools": [{"type": "function", "description": "no name"}]}, "tools", "name"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
+    ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"input": "x", "n": 2}, "n", "one answer"),
+    ({"input": "x", "metadata": {"k": "\ud800"}}, "metadata", "surrogate"),
+])
+def test_errors_name_the_responses_field_the_client_sent(tokenizer: Tokenizer, body: dict[str, Any], param: str,
+                                                         message: str) -> None:
+    engine = ScriptedEngine(tokenizer)
+    reply = respond(tokenizer, "x", body, engine=engine)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert not engine.requests
+
+
+def test_vllm_extensions_reach_the_engine_and_stored_responses_are_a_clear_404(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    body = {"input": "x", "max_output_tokens": 2, "top_k": 5, "seed": 3, "guided_regex": "[0-9]+"}
+    assert respond(tokenizer, "x", body, engine=engine).status_code == 200
+    params = engine.requests[-1].params
+    assert (params.top_k, params.seed, params.structured_output.definition) == (5, 3, "[0-9]+")
+    app = create_app(ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def get() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get("/v1/responses/resp_1")
+    reply = asyncio.run(get())
+    assert reply.status_code == 404 and "stores no response" in reply.json()["error"]["message"]
+
+
+def test_a_thought_belongs_to_the_assistant_turn_right_after_it() -> None:
+    chat = ResponsesRequest.model_validate({"input": [
+        {"role": "user", "content": "a"}, {"type": "reasoning", "summary": [{"type": "summary_text", "text": "S1"},
+                                                                             {"type": "summary_text", "text": "S2"}]},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "S1"}, {"type": "summary_text", "text": "S2"}]},
+        {"role": "assistant", "content": "d"}]}).chat_request()
+    assert [m.reasoning_content for m in chat.messages] == [None, None, None, "S1\n\nS2"]

@@ -12,7 +12,7 @@ from sfllm.frontend.auth import ApiKeyMiddleware
 from sfllm.frontend.chat_completions import ChatCompletionEndpoint
 from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
-from sfllm.frontend.errors import ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
+from sfllm.frontend.errors import APIError, ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
@@ -67,6 +67,12 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     @v1.post("/responses", response_model=None)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return await responses_endpoint(body, request)
+
+    @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"], include_in_schema=False)
+    @v1.api_route("/responses/{response_id}/{action}", methods=["GET", "POST"], include_in_schema=False)
+    async def stored_response(response_id: str) -> Response:
+        raise APIError(404, f"No response {response_id!r}: this server stores no response (each is answered once, "
+                            "as with store false)", error_type="not_found_error", param="response_id")
 
     def model_card() -> ModelCard:
         max_model_len = engine.hello.max_context_length if engine.hello is not None else None

@@ -22,10 +22,12 @@ from pydantic import ValidationError
 from sfllm.frontend.chat_completions import AssistantMessage, ChatCompletionEndpoint
 from sfllm.frontend.choice_generation import UsageTally
 from sfllm.frontend.choices import ChoiceDelta
-from sfllm.frontend.errors import InvalidRequestError, api_error_from
+from sfllm.frontend.errors import APIError, InvalidRequestError, api_error_from
 from sfllm.frontend.http_responses import EventStreamResponse, start_event_stream, until_disconnect
+from sfllm.frontend.metrics import RequestOutcome
 from sfllm.frontend.responses_protocol import ResponsesRequest
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.sampling_params import InvalidSamplingParams
 
 
 class ResponsesEndpoint:
@@ -37,14 +39,18 @@ class ResponsesEndpoint:
             chat_body = body.chat_request()
         except ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            raise InvalidRequestError(f"input or tools do not make a valid conversation: {where}: "
-                                      f"{first.get('msg', 'invalid value')}", param="input") from None
-        generation = await self.chat.start(chat_body, request, "resp")
+            location = tuple(first.get("loc", ()))
+            where = ".".join(str(part) for part in location)
+            raise InvalidRequestError(f"invalid value at {where}: {first.get('msg', 'invalid value')}",
+                                      param=_responses_field(str(location[0])) if location else None) from None
+        try:
+            generation = await self.chat.start(chat_body, request, "resp_")
+        except (InvalidSamplingParams, APIError) as error:  # named by the chat field it became
+            raise _as_responses_error(api_error_from(error)) from None
         answer = _Answer(generation.request_id, body, generation.messages[0], generation.tally, self.chat,
                          streaming=bool(body.stream))
         if body.stream:
-            events = self._events(generation.deltas, answer)
+            events = self._events(generation.deltas, answer, generation.outcome)
             return await start_event_stream(request, events, generation.high_priority_trace)
         await until_disconnect(request, self._complete(generation.deltas, answer))
         return JSONResponse(answer.response("completed"))
@@ -54,10 +60,11 @@ class ResponsesEndpoint:
         async with aclosing(deltas):
             async for delta in deltas:
                 answer.add(delta)
-        answer.close_item()
+        answer.close_item(last=True)
 
     @staticmethod
-    async def _events(deltas: AsyncGenerator[ChoiceDelta, None], answer: _Answer) -> AsyncGenerator[str, None]:
+    async def _events(deltas: AsyncGenerator[ChoiceDelta, None], answer: _Answer,
+                      outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         async with aclosing(deltas):
             first = await anext(deltas)  # an error here is the response's status, not an event
             yield answer.event("response.created", response=answer.response("in_progress"))
@@ -70,10 +77,11 @@ class ResponsesEndpoint:
                         yield event
             except Exception as error:  # the status line is gone: an error event, as OpenAI streams it
                 api_error = api_error_from(error)
+                outcome.stream_error_status = api_error.status_code
                 yield answer.event("error", code=api_error.code or api_error.error_type, message=api_error.message,
                                    param=api_error.param)
                 return
-        for event in answer.close_item():
+        for event in answer.close_item(last=True):
             yield event
         status = answer.status()
         yield answer.event(f"response.{status}", response=answer.response(status))
@@ -144,9 +152,10 @@ class _Answer:
         self.open = item
         index = len(self.output) - 1
         events = [self.event("response.output_item.added", output_index=index, item=added)]
-        if kind == "message":
-            events.append(self.event("response.content_part.added", item_id=item["id"], output_index=index,
-                                     content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        part = {"type": "output_text", "text": "", "annotations": []} if kind == "message" else \
+            {"type": "reasoning_text", "text": ""}
+        events.append(self.event("response.content_part.added", item_id=item["id"], output_index=index,
+                                 content_index=0, part=part))
         return events
 
     def _call(self, call_index: int, call_id: str | None, name: str | None, arguments: str | None) -> list[str]:
@@ -168,17 +177,21 @@ class _Answer:
                                      output_index=self.output.index(item), delta=arguments))
         return events
 
-    def close_item(self) -> list[str]:
-        """Closes the item being written: its done events."""
+    def close_item(self, last: bool = False) -> list[str]:
+        """Closes the item being written: its done events. The answer's last item is incomplete where
+        max_output_tokens cut the answer."""
         item, self.open = self.open, None
         if item is None:
             return []
-        item["status"] = "completed"
+        item["status"] = "incomplete" if last and self.status() == "incomplete" else "completed"
         index = self.output.index(item)
         events = []
         if item["type"] == "reasoning":
+            part = item["content"][0]
             events.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                                     content_index=0, text=item["content"][0]["text"]))
+                                     content_index=0, text=part["text"]))
+            events.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                                     content_index=0, part=part))
         elif item["type"] == "message":
             part = item["content"][0]
             events.append(self.event("response.output_text.done", item_id=item["id"], output_index=index,
@@ -206,7 +219,9 @@ class _Answer:
                             for item in self.output if item["type"] == "reasoning")
             usage = {"input_tokens": counts.prompt_tokens, "output_tokens": counts.completion_tokens,
                      "total_tokens": counts.total_tokens,
-                     "input_tokens_details": {"cached_tokens": counts.prompt_tokens_details.cached_tokens},
+                     # cache_write_tokens: OpenAI's prompt-caching charge, none here (the SDK's type requires it)
+                     "input_tokens_details": {"cached_tokens": counts.prompt_tokens_details.cached_tokens,
+                                              "cache_write_tokens": 0},
                      "output_tokens_details": {"reasoning_tokens": min(reasoning, counts.completion_tokens)}}
         body = self.body
         return {
@@ -214,9 +229,34 @@ class _Answer:
             "status": status, "output": self.output if done else [], "usage": usage, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "tools": body.tools or [],
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "tools": body.tools or [],
             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": body.parallel_tool_calls is not False,
             "text": body.text or {"format": {"type": "text"}}, "reasoning": body.reasoning,
             "metadata": body.metadata or {}, "previous_response_id": None, "store": False, "truncation": "disabled",
             "user": body.user,
         }
+
+
+# the chat fields a Responses request's fields became, by the name the client used
+_RESPONSES_FIELDS = {"messages": "input", "max_completion_tokens": "max_output_tokens",
+                     "response_format": "text.format"}
+
+
+def _responses_field(param: str) -> str:
+    for chat_name, name in _RESPONSES_FIELDS.items():
+        if param == chat_name or param.startswith((chat_name + ".", chat_name + "[")):
+            # a message's index is not its input item's (instructions, calls joined): the field alone
+            return name if chat_name == "messages" else name + param[len(chat_name):]
+    return param
+
+
+def _as_responses_error(error: APIError) -> APIError:
+    """The error named by the Responses fields (max_output_tokens, not the max_completion_tokens it became)."""
+    message = error.message
+    for chat_name, name in _RESPONSES_FIELDS.items():
+        if chat_name != "messages":
+            message = message.replace(chat_name, name)
+    param = None if error.param is None else _responses_field(error.param)
+    return APIError(error.status_code, message, error_type=error.error_type, param=param, code=error.code,
+                    headers=error.headers)

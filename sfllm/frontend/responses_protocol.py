@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.openai_protocol import ChatCompletionRequest
+from sfllm.frontend.request_checks import check_unicode_within
 from sfllm.frontend.tool_protocol import StrictModel
 
-# Chat fields read from a Responses request as they are (vLLM's and sfllm's extensions among them)
+# Chat fields read from a Responses request as they are; the request's other fields (vLLM's and sfllm's
+# extensions: top_k, seed, stop, guided_json, ...) go to the chat request too, which reads or refuses them
 _SHARED_FIELDS = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "priority", "user")
+# Responses fields that change the answer and that this server does not implement
+_UNSUPPORTED = ("conversation", "prompt", "max_tool_calls")
 
 
 class ResponsesRequest(StrictModel):
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
@@ -45,6 +50,12 @@ class ResponsesRequest(StrictModel):
     priority: str | None = None
 
     def check_supported(self) -> None:
+        for name in _UNSUPPORTED:
+            if (self.model_extra or {}).get(name) is not None:
+                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+        # echoed in the response: text no encoder takes is the client's mistake, not a 500
+        for name in ("metadata", "user", "text", "reasoning"):
+            check_unicode_within(getattr(self, name), name)
         if self.previous_response_id is not None:
             raise InvalidRequestError("previous_response_id is not supported: this server stores no response; send "
                                       "the whole conversation in input", param="previous_response_id")
@@ -60,7 +71,11 @@ class ResponsesRequest(StrictModel):
     def chat_request(self) -> ChatCompletionRequest:
         """The chat request this one amounts to; raises InvalidRequestError naming the Responses field."""
         self.check_supported()
-        body: dict[str, Any] = {name: getattr(self, name) for name in _SHARED_FIELDS if getattr(self, name) is not None}
+        extra = self.model_extra or {}
+        if extra.get("n") not in (None, 1):
+            raise InvalidRequestError("n must be 1: a response has one answer", param="n")
+        body: dict[str, Any] = {name: value for name, value in extra.items() if name != "messages"}
+        body |= {name: getattr(self, name) for name in _SHARED_FIELDS if getattr(self, name) is not None}
         body["messages"] = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + \
             _messages(self.input)
         if self.max_output_tokens is not None:
@@ -88,7 +103,8 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "message":
             message = {"role": item.get("role"), "content": _text(index, item.get("content"))}
             if message["role"] == "assistant" and thought is not None:
-                message["reasoning_content"], thought = thought, None
+                message["reasoning_content"] = thought
+            thought = None  # a thought belongs to the assistant's turn right after it, or to none
             messages.append(message)
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
@@ -101,12 +117,14 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if thought is not None:
                     messages[-1]["reasoning_content"], thought = thought, None
         elif kind == "function_call_output":
+            thought = None
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": output if isinstance(output, str) else _text(index, output)})
         elif kind == "reasoning":
-            parts = item.get("content") or item.get("summary") or []
-            thought = "".join(part.get("text", "") for part in parts if isinstance(part, dict))
+            content, summary = item.get("content"), item.get("summary")
+            parts, separator = (content, "") if content else (summary or [], "\n\n")
+            thought = separator.join(part.get("text", "") for part in parts if isinstance(part, dict))
         else:
             raise InvalidRequestError(f"input[{index}]: items of type {kind!r} are not supported (message, "
                                       "function_call, function_call_output and reasoning are)",
@@ -132,7 +150,7 @@ def _chat_tool(index: int, tool: dict[str, Any]) -> dict[str, Any]:
     if tool.get("type") != "function":
         raise InvalidRequestError(f"tools[{index}]: tools of type {tool.get('type')!r} are not supported (this "
                                   "server runs no tool; function tools are)", param=f"tools[{index}].type")
-    function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
+    function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if tool.get(key) is not None}
     return {"type": "function", "function": function}
 
 
