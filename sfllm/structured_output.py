@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
@@ -33,56 +34,102 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-_APPLICATORS = ("allOf", "anyOf", "oneOf", "$ref")
+# what may add properties to an object beside its own list: it stays open
+_EXTENDERS = ("allOf", "anyOf", "oneOf", "$ref", "if", "then", "else", "dependentSchemas",
+              "additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
 def without_unlisted_properties(schema: Any) -> Any:
     """The schema with `additionalProperties: false` where an object lists its properties and says nothing of
     others, as xgrammar's strict mode (vLLM's and SGLang's default) reads it: a model is not led to invent keys.
-    An object whose properties other schemas may add to is left open: one beside `allOf`/`anyOf`/`oneOf`/`$ref`,
-    the branches of an `allOf` or of a listing object's `anyOf`/`oneOf`, and a definition an `allOf` refers to
-    (inheritance: closing the parts would refuse every instance of the whole)."""
-    extended = {item["$ref"] for branches in _all_of_lists(schema) for item in branches
-                if isinstance(item, dict) and isinstance(item.get("$ref"), str)}
-    return _closed(schema, "#", extended, closable=True)
+    An object whose properties other schemas may add to is left open: one beside an applicator, the branches of
+    an `allOf` or of a listing object's `anyOf`/`oneOf`, and a definition referred to anywhere but as a whole
+    subschema (inheritance: closing the parts would refuse every instance of the whole). A schema too deep to
+    walk is left as it is."""
+    try:
+        extended = _extended_definitions(schema)
+        return _closed(schema, (), extended, closable=True)
+    except RecursionError:
+        return schema
 
 
-def _closed(schema: Any, path: str, extended: set[str], closable: bool) -> Any:
+def _closed(schema: Any, path: tuple[str, ...], extended: set[tuple[str, ...]], closable: bool) -> Any:
     if not isinstance(schema, dict):
         return schema
     result = dict(schema)
-    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", *_APPLICATORS)
-    if closable and "properties" in result and not any(key in result for key in open_keys) and path not in extended:
+    if closable and "properties" in result and not any(key in result for key in _EXTENDERS) \
+            and path not in extended:
         result["additionalProperties"] = False
     for key in _SUBSCHEMA:
         if isinstance(result.get(key), list):  # `items` as a list: an older draft's tuple
-            result[key] = [_closed(item, f"{path}/{key}/{i}", extended, True) for i, item in enumerate(result[key])]
+            result[key] = [_closed(item, (*path, key, str(i)), extended, True) for i, item in enumerate(result[key])]
         elif key in result:
-            result[key] = _closed(result[key], f"{path}/{key}", extended, True)
+            result[key] = _closed(result[key], (*path, key), extended, key not in ("then", "else"))
     for key in _SUBSCHEMA_LISTS:
         if isinstance(result.get(key), list):
             branch_closable = key == "prefixItems" or (key != "allOf" and "properties" not in result)
-            result[key] = [_closed(item, f"{path}/{key}/{i}", extended, branch_closable)
+            result[key] = [_closed(item, (*path, key, str(i)), extended, branch_closable)
                            for i, item in enumerate(result[key])]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(result.get(key), dict):
-            result[key] = {name: _closed(item, f"{path}/{key}/{name}", extended, True)
+            result[key] = {name: _closed(item, (*path, key, name), extended, key != "dependentSchemas")
                            for name, item in result[key].items()}
     return result
 
 
-def _all_of_lists(schema: Any) -> list[list[Any]]:
-    """Every `allOf` list in the schema, at any depth."""
-    found = []
-    if isinstance(schema, dict):
-        if isinstance(schema.get("allOf"), list):
-            found.append(schema["allOf"])
-        for value in schema.values():
-            found += _all_of_lists(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            found += _all_of_lists(value)
-    return found
+def _extended_definitions(schema: Any) -> set[tuple[str, ...]]:
+    """The paths of the schemas a `$ref` reaches other than as a whole subschema (a property's, an item's), and
+    those they refer to in turn."""
+    whole, other = [], []
+
+    def visit(node: Any, as_whole: bool) -> None:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                (whole if as_whole and len(node.keys() - _ANNOTATIONS) == 1 else other).append(_pointer(ref))
+            for key, value in node.items():
+                if key in ("enum", "const", "default", "examples"):
+                    continue
+                in_map = key in ("properties", "$defs", "definitions") and isinstance(value, dict)
+                for item in value.values() if in_map else [value]:
+                    visit(item, in_map or key in ("items", "additionalProperties"))
+        elif isinstance(node, list):
+            for item in node:
+                visit(item, False)
+
+    visit(schema, True)
+    extended = set(other)
+    targets = {path: _at(schema, path) for path in whole + other}
+    for path in list(extended):  # a reference on to another: that one is extended too
+        while isinstance(targets.get(path), dict) and isinstance(targets[path].get("$ref"), str):
+            path = _pointer(targets[path]["$ref"])
+            if path in extended:
+                break
+            extended.add(path)
+            targets[path] = _at(schema, path)
+    return extended
+
+
+_ANNOTATIONS = {"description", "title", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment"}
+
+
+def _pointer(ref: str) -> tuple[str, ...]:
+    """A local `$ref`'s path ("#/$defs/a~1b" -> ("$defs", "a/b")); () for the root, or for a ref elsewhere."""
+    if not ref.startswith("#"):
+        return ()
+    parts = unquote(ref[1:]).split("/")[1:]
+    return tuple(part.replace("~1", "/").replace("~0", "~") for part in parts)
+
+
+def _at(schema: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if isinstance(schema, dict):
+            schema = schema.get(part)
+        elif isinstance(schema, list) and part.isdigit() and int(part) < len(schema):
+            schema = schema[int(part)]
+        else:
+            return None
+    return schema
 
 
 class InvalidGrammar(InvalidSamplingParams):

@@ -154,6 +154,8 @@ def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body:
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
     ({"input": "x", "n": 2}, "n", "one answer"),
     ({"input": "x", "metadata": {"k": "\ud800"}}, "metadata", "surrogate"),
+    ({"input": "x", "max_tokens": 5}, "max_tokens", "use max_output_tokens"),
+    ({"input": "x", "logprobs": True}, "logprobs", "chat field"),
 ])
 def test_errors_name_the_responses_field_the_client_sent(tokenizer: Tokenizer, body: dict[str, Any], param: str,
                                                          message: str) -> None:
@@ -188,3 +190,19 @@ def test_a_thought_belongs_to_the_assistant_turn_right_after_it() -> None:
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "S1"}, {"type": "summary_text", "text": "S2"}]},
         {"role": "assistant", "content": "d"}]}).chat_request()
     assert [m.reasoning_content for m in chat.messages] == [None, None, None, "S1\n\nS2"]
+
+
+def test_reasoning_effort_joins_the_clients_template_variables() -> None:
+    chat = ResponsesRequest.model_validate({"input": "x", "reasoning": {"effort": "low"},
+                                            "chat_template_kwargs": {"enable_thinking": False}}).chat_request()
+    assert chat.chat_template_kwargs == {"enable_thinking": False, "reasoning_effort": "low"}
+
+
+def test_a_whole_call_before_a_cut_one_is_completed(tokenizer: Tokenizer) -> None:
+    """max_output_tokens cut the model's second call before its name: the first call is whole, and so marked."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    answer = call + '\n<tool_call>\n{"name":'
+    reply = respond(tokenizer, answer, {"input": "Weather?", "tools": TOOLS,
+                                        "max_output_tokens": len(tokenizer.encode(answer))}).json()
+    [call] = reply["output"]
+    assert reply["status"] == "incomplete" and call["status"] == "completed" and call["name"] == "get_weather"

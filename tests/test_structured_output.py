@@ -88,6 +88,9 @@ def test_a_forced_tool_calls_arguments_get_no_parameter_the_tool_does_not_list(g
     assert not allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1, "b": 2}'))
 
 
+BASE = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+
+
 @pytest.mark.parametrize("schema, text", [
     # an object split over allOf's branches (zod/TypeBox intersections)
     ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
@@ -104,7 +107,27 @@ def test_a_forced_tool_calls_arguments_get_no_parameter_the_tool_does_not_list(g
     ({"$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
       "type": "object", "properties": {"pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "default": None}}},
      '{"pet": {"name": "x"}}'),
+    # a $ref beside the object's own properties, through a chain, inside an anyOf inside an allOf, as a listing
+    # object's anyOf branch, and to a definition whose name needs escaping
+    ({"$defs": {"Base": BASE}, "$ref": "#/$defs/Base", "properties": {"name": {"type": "string"}},
+      "required": ["name"]}, '{"id": 1, "name": "x"}'),
+    ({"$defs": {"A": {"$ref": "#/$defs/B"}, "B": BASE}, "allOf": [{"$ref": "#/$defs/A"}],
+      "properties": {"name": {"type": "string"}}, "required": ["name"]}, '{"id": 1, "name": "x"}'),
+    ({"$defs": {"C": BASE}, "allOf": [{"anyOf": [{"$ref": "#/$defs/C"}]}],
+      "properties": {"name": {"type": "string"}}, "required": ["name"]}, '{"id": 1, "name": "x"}'),
+    ({"$defs": {"K": {"type": "object", "properties": {"kind": {"const": "a"}}}}, "type": "object",
+      "properties": {"kind": {"type": "string"}, "x": {"type": "integer"}}, "anyOf": [{"$ref": "#/$defs/K"}]},
+     '{"kind": "a", "x": 1}'),
+    ({"$defs": {"a/b": BASE}, "allOf": [{"$ref": "#/$defs/a~1b"}], "properties": {"name": {"type": "string"}},
+      "required": ["name"]}, '{"id": 1, "name": "x"}'),
 ])
 def test_objects_other_schemas_extend_stay_open(grammars: GrammarMatchers, tokenizer, schema, text: str) -> None:
     """Closing each part of a whole would refuse every instance of the whole (JSON Schema's allOf pitfall)."""
     assert allows(grammars, tokenizer, StructuredOutput.json_schema(schema), text)
+
+
+def test_a_schema_too_deep_to_walk_is_left_as_it_is() -> None:
+    deep: dict = {"type": "string"}
+    for _ in range(5000):
+        deep = {"type": "object", "properties": {"a": deep}}
+    assert without_unlisted_properties(deep) is deep

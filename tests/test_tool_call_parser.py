@@ -91,6 +91,10 @@ def test_unfinished_or_malformed_calls() -> None:
     # a second call cut before its name (max_tokens): dropped, not the answer's text
     content, names, _, _ = parse(['<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name":'])
     assert (content, names) == ("", {0: "f"})
+    # text after a call that merely names the tag is the answer's
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    content, names, _, _ = parse([call + '\nNote: <tool_call> is it.'])
+    assert content.strip().startswith("Note:") and content.endswith("<tool_call> is it.") and names == {0: "f"}
 
 
 def test_plain_text_passes_through_with_its_spacing() -> None:

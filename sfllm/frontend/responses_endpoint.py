@@ -183,7 +183,7 @@ class _Answer:
         item, self.open = self.open, None
         if item is None:
             return []
-        item["status"] = "incomplete" if last and self.status() == "incomplete" else "completed"
+        item["status"] = "incomplete" if last and self.status() == "incomplete" and _cut(item) else "completed"
         index = self.output.index(item)
         events = []
         if item["type"] == "reasoning":
@@ -254,9 +254,20 @@ def _responses_field(param: str) -> str:
 def _as_responses_error(error: APIError) -> APIError:
     """The error named by the Responses fields (max_output_tokens, not the max_completion_tokens it became)."""
     message = error.message
-    for chat_name, name in _RESPONSES_FIELDS.items():
-        if chat_name != "messages":
-            message = message.replace(chat_name, name)
+    for chat_name, name in _RESPONSES_FIELDS.items():  # a message that opens with the field's name
+        if chat_name != "messages" and message.startswith(chat_name):
+            message = name + message[len(chat_name):]
     param = None if error.param is None else _responses_field(error.param)
     return APIError(error.status_code, message, error_type=error.error_type, param=param, code=error.code,
                     headers=error.headers)
+
+
+def _cut(item: dict[str, Any]) -> bool:
+    """Whether max_output_tokens cut this item: text always may be; a call only if its arguments are not whole."""
+    if item["type"] != "function_call":
+        return True
+    try:
+        json.loads(item["arguments"])
+    except json.JSONDecodeError:
+        return True
+    return False

@@ -23,6 +23,11 @@ from sfllm.frontend.tool_protocol import StrictModel
 _SHARED_FIELDS = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "priority", "user")
 # Responses fields that change the answer and that this server does not implement
 _UNSUPPORTED = ("conversation", "prompt", "max_tool_calls")
+# chat fields a Responses request must not pass on: its own fields say these (max_output_tokens, ...), or the
+# response could not carry them (logprobs)
+_CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+              "max_new_tokens": "max_output_tokens", "logprobs": None, "response_format": "text.format",
+              "stream_options": None}
 
 
 class ResponsesRequest(StrictModel):
@@ -74,7 +79,11 @@ class ResponsesRequest(StrictModel):
         extra = self.model_extra or {}
         if extra.get("n") not in (None, 1):
             raise InvalidRequestError("n must be 1: a response has one answer", param="n")
-        body: dict[str, Any] = {name: value for name, value in extra.items() if name != "messages"}
+        for name, instead in _CHAT_ONLY.items():
+            if extra.get(name) not in (None, False) and name != "stream_options":
+                use = f"; use {instead}" if instead else ""
+                raise InvalidRequestError(f"{name} is a chat field, not one of /v1/responses{use}", param=name)
+        body: dict[str, Any] = {name: value for name, value in extra.items() if name not in _CHAT_ONLY}
         body |= {name: getattr(self, name) for name in _SHARED_FIELDS if getattr(self, name) is not None}
         body["messages"] = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + \
             _messages(self.input)
@@ -88,8 +97,8 @@ class ResponsesRequest(StrictModel):
         if text_format is not None:
             body["response_format"] = _response_format(text_format)
         effort = (self.reasoning or {}).get("effort")
-        if effort is not None:  # as vLLM passes it: to the chat template
-            body["chat_template_kwargs"] = {"reasoning_effort": effort}
+        if effort is not None:  # as vLLM passes it: to the chat template, beside the client's own variables
+            body["chat_template_kwargs"] = {**(body.get("chat_template_kwargs") or {}), "reasoning_effort": effort}
         return ChatCompletionRequest.model_validate(body)
 
 

@@ -109,13 +109,15 @@ class ToolCallParser:
         return parsed
 
     def finish(self) -> ParsedText:
-        """The end of the output: what was held back. An unfinished call keeps what it has; a call cut before its
-        name, after other calls, is dropped (the next call, cut by max_tokens: no text of the answer)."""
+        """The end of the output: what was held back. An unfinished call keeps what it has; after other calls, a
+        call cut before its name (the next call, cut by max_tokens) is dropped: no text of the answer."""
         parsed = ParsedText()
         if not self._in_call and not (self.calls and self._buffer.isspace()):
             parsed.content = self._buffer
-        elif self._in_call and self._scanner is None and not self.calls:
-            parsed.content = OPEN_TAG + self._buffer  # never became a call
+        elif self._in_call and self._scanner is None:
+            cut_call = self.calls and (not self._buffer.strip() or self._buffer.lstrip().startswith("{"))
+            if not cut_call:
+                parsed.content = OPEN_TAG + self._buffer  # never became a call
         self._buffer = ""
         return parsed
 
