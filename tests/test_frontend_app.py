@@ -383,6 +383,10 @@ def test_prompt_too_long_names_the_numbers(engine: ScriptedEngine, tokenizer: To
     assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
     num_prompt_tokens = len(tokenizer.apply_chat_template(messages))
     assert f"{num_prompt_tokens} in the prompt" in error["message"] and "128" in error["message"]
+    assert error["message"].endswith("the prompt or max_tokens.")
+    budget = post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                               "max_completion_tokens": 200}).json()["error"]
+    assert budget["message"].endswith("the prompt or max_completion_tokens."), "the field the client sent"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -138,6 +138,7 @@ def test_tool_calls_are_function_call_items(tokenizer: Tokenizer, stream: bool) 
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": 5}}}}, "text.format",
      "json schema"),
     ({"input": "x" * 3000}, "input", ""),
+    ({"input": "x", "max_output_tokens": 120}, "input", "the prompt or max_output_tokens."),
     ({"input": "x", "tools": [{"type": "function", "description": "no name"}]}, "tools", "name"),
     ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),

@@ -53,7 +53,8 @@ class InvalidRequestError(APIError):
 
 
 class ContextLengthExceededError(APIError):
-    def __init__(self, num_prompt_tokens: int, max_tokens: int | None, max_context_length: int, param: str) -> None:
+    def __init__(self, num_prompt_tokens: int, max_tokens: int | None, max_context_length: int, param: str,
+                 field: str = "max_tokens") -> None:
         if max_tokens is None:
             message = (f"This model's maximum context length is {max_context_length} tokens, but the prompt has "
                        f"{num_prompt_tokens} tokens, which leaves no room for the completion. "
@@ -61,7 +62,7 @@ class ContextLengthExceededError(APIError):
         else:
             message = (f"This model's maximum context length is {max_context_length} tokens. However, you requested "
                        f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for "
-                       "the completion). Please reduce the length of the prompt or of max_tokens.")
+                       f"the completion). Please reduce the length of the prompt or {field}.")
         super().__init__(400, message, param=param, code="context_length_exceeded")
 
 

@@ -94,7 +94,7 @@ def resolve_max_tokens(requested: int | None, default: int | None, num_prompt_to
                                   "tokens per sequence (max_output_tokens).", param=field,
                                   code="max_tokens_too_large")
     if requested > room:
-        raise ContextLengthExceededError(num_prompt_tokens, requested, max_context_length, param)
+        raise ContextLengthExceededError(num_prompt_tokens, requested, max_context_length, param, field)
     return requested
 
 

@@ -254,9 +254,11 @@ def _responses_field(param: str) -> str:
 def _as_responses_error(error: APIError) -> APIError:
     """The error named by the Responses fields (max_output_tokens, not the max_completion_tokens it became)."""
     message = error.message
-    for chat_name, name in _RESPONSES_FIELDS.items():  # a message that opens with the field's name
+    for chat_name, name in _RESPONSES_FIELDS.items():  # a message that opens or ends with the field's name
         if chat_name != "messages" and message.startswith(chat_name):
             message = name + message[len(chat_name):]
+        if chat_name != "messages" and message.endswith(f" {chat_name}."):
+            message = message[:-len(chat_name) - 1] + name + "."
     param = None if error.param is None else _responses_field(error.param)
     return APIError(error.status_code, message, error_type=error.error_type, param=param, code=error.code,
                     headers=error.headers)
