@@ -278,6 +278,20 @@ def test_responses_api_through_the_official_client(client) -> None:
     assert answer.output and answer.usage.input_tokens > called.usage.input_tokens
 
 
+def test_sglangs_native_generate_against_a_launched_server(server, smollm_llm) -> None:
+    """POST /generate as SGLang's RL clients call it: token ids in, the model's own ids and their logprobs out
+    (the offline API's greedy answer)."""
+    prompt_ids = smollm_llm.tokenizer.encode("The capital of France is")
+    expected = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=6, logprobs=0))[0]
+    reply = httpx.post(f"{server.url}/generate", timeout=60, json={
+        "input_ids": prompt_ids, "sampling_params": {"temperature": 0, "max_new_tokens": 6}, "return_logprob": True})
+    answer = reply.json()
+    assert answer["output_ids"] == expected.outputs[0].token_ids and answer["text"] == expected.outputs[0].text
+    logprobs = [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
+    assert logprobs == pytest.approx([entry.logprob for entry in expected.outputs[0].logprobs], abs=1e-4)
+    assert answer["meta_info"]["prompt_tokens"] == len(prompt_ids)
+
+
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

@@ -14,6 +14,7 @@ from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import APIError, ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
+from sfllm.frontend.native_generate import NativeGenerateEndpoint, NativeGenerateRequest
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from sfllm.frontend.request_checks import RequestLimits
@@ -54,6 +55,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics,
                                            config.reasoning_parser)
     responses_endpoint = ResponsesEndpoint(chat_endpoint)
+    native_generate = NativeGenerateEndpoint(completion_endpoint)
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions", response_model=None, responses=_json_or_stream(CompletionResponse))
@@ -90,6 +92,10 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
 
     app.include_router(v1)
     tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine)
+
+    @app.post("/generate", response_model=None)
+    async def generate(body: NativeGenerateRequest, request: Request) -> Response:
+        return await native_generate(body, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

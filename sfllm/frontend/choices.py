@@ -43,6 +43,7 @@ class ChoiceDelta:
     prompt_token_ids: list[int]
     # in a choice's first delta, if asked for: the logprobs of prompt tokens 1..
     prompt_logprobs: list[SampledLogprobs] | None = None
+    matched_stop: str | None = None  # the stop string that ended the choice, if one did
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -105,4 +106,5 @@ class ChoiceDecoder:
             num_output_tokens=self.num_output_tokens,
             prompt_token_ids=self.choice.request.prompt_token_ids,
             prompt_logprobs=output.prompt_logprobs,
+            matched_stop=detokenizer.matched_stop if detokenizer is not None else None,
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -101,6 +102,17 @@ async def _prompt_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenera
                                       finish_reason=None if delta.finish_reason is None else "length")
 
 
+@dataclass
+class CompletionGeneration:
+    """A completion request started in the engine: its choices' deltas, and what reads them into an answer."""
+    request_id: str
+    deltas: AsyncGenerator[ChoiceDelta, None]
+    texts: list[_ChoiceText]
+    tally: UsageTally
+    outcome: RequestOutcome
+    high_priority_trace: Callable[[], None] | None
+
+
 class CompletionEndpoint:
     def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
                  limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None) -> None:
@@ -111,6 +123,19 @@ class CompletionEndpoint:
         self.metrics = metrics
 
     async def __call__(self, body: CompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        completion = await self.start(body, request, "cmpl-")
+        if body.stream:
+            events = self._events(completion.request_id, completion.deltas, completion.texts, completion.tally,
+                                  body.include_usage_in_stream(), body.usage_in_every_chunk(), completion.outcome)
+            return await start_event_stream(request, events, completion.high_priority_trace)
+        response = await until_disconnect(request, self._complete(completion.request_id, completion.deltas,
+                                                                   completion.texts, completion.tally))
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def start(self, body: CompletionRequest, request: Request, id_prefix: str,
+                    default_max_tokens: int = DEFAULT_MAX_TOKENS) -> CompletionGeneration:
+        """Checks the request, tokenizes its prompts and starts their choices in the engine (also for SGLang's
+        /generate, which reads the same generation its own way)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
         outcome = request_outcome(request)
@@ -141,13 +166,13 @@ class CompletionEndpoint:
         # token, as it cannot run a prompt without, and the answer leaves it out
         echo_only = bool(body.echo) and body.requested_max_tokens() == 0
         requested_max_tokens = 1 if echo_only else body.requested_max_tokens()
-        params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, DEFAULT_MAX_TOKENS,
+        params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, default_max_tokens,
                                                           len(prompt), max_context_length, "prompt",
                                                           self.limits.max_output_tokens, body.max_tokens_field()),
                                        body.logprobs,
                                        self.tokenizer.vocab_size, encode=self.tokenizer.encode_text)
                   for prompt in prompts]
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
                              if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids),
@@ -157,12 +182,8 @@ class CompletionEndpoint:
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if echo_only:
             deltas = _prompt_only(deltas)
-        if body.stream:
-            events = self._events(request_id, deltas, texts, tally, body.include_usage_in_stream(),
-                                  body.usage_in_every_chunk(), outcome)
-            return await start_event_stream(request, events, high_priority_trace(request_id, priority, arrival_time))
-        response = await until_disconnect(request, self._complete(request_id, deltas, texts, tally))
-        return JSONResponse(response.model_dump(mode="json"))
+        return CompletionGeneration(request_id, deltas, texts, tally, outcome,
+                                    high_priority_trace(request_id, priority, arrival_time))
 
     async def _token_ids(self, prompt: str | list[int]) -> list[int]:
         token_ids = await self.tokenizer.encode_async(prompt) if isinstance(prompt, str) else prompt

@@ -35,7 +35,7 @@ from sfllm.frontend.request_gate import DrainState
 from sfllm.messages import QUEUE_TIME_BUCKETS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
 # Status of a response that started but did not finish: the client left, or a shutdown cut it (nginx's 499).
 CUT_SHORT = 499
 

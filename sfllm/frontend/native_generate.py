@@ -1,0 +1,165 @@
+"""SGLang's native `POST /generate`, over the completions endpoint's generation, as SGLang's clients (RL
+rollouts among them) call it: `text` or `input_ids` (one prompt or a batch), `sampling_params` in SGLang's names,
+`return_logprob` with `top_logprobs_num`, `stream`.
+
+An answer is SGLang's: `text`, `output_ids` and `meta_info` (`id`, `finish_reason` as `{"type": "stop",
+"matched": <token id or stop string>}` or `{"type": "length", "length": <max_new_tokens>}`, `prompt_tokens`,
+`completion_tokens`, `cached_tokens`, `e2e_latency`, and with `return_logprob` `output_token_logprobs` as
+`[logprob, token_id, null]` per token, `output_top_logprobs` as such lists); one object for one prompt and one
+sample, else a list (prompt by prompt, each prompt's samples in turn). Streamed, each event holds a choice's
+text and ids so far (SGLang's default), with its `index`, then `data: [DONE]`. Prompt logprobs
+(`logprob_start_len` >= 0), images, embeddings and LoRA are a 400.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import ConfigDict
+
+from sfllm.frontend.choices import ChoiceDelta
+from sfllm.frontend.completions import CompletionEndpoint
+from sfllm.frontend.errors import InvalidRequestError, api_error_from
+from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, \
+    until_disconnect
+from sfllm.frontend.openai_protocol import CompletionRequest
+from sfllm.frontend.tool_protocol import StrictModel
+
+# SGLang's sampling params, by the completions field each is (None: the same name)
+_SAMPLING_FIELDS: dict[str, str | None] = {
+    "max_new_tokens": None, "min_new_tokens": None, "sampling_seed": "seed",
+    "no_stop_trim": "include_stop_str_in_output", "stop": None, "stop_token_ids": None, "temperature": None,
+    "top_p": None, "top_k": None, "min_p": None, "frequency_penalty": None, "presence_penalty": None,
+    "repetition_penalty": None, "ignore_eos": None, "skip_special_tokens": None, "n": None, "logit_bias": None,
+    "json_schema": None, "regex": None, "ebnf": None}
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, clipped to the room the context leaves
+_UNSUPPORTED = ("image_data", "audio_data", "video_data", "input_embeds", "lora_path", "return_hidden_states",
+                "custom_logit_processor")
+
+
+class NativeGenerateRequest(StrictModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | None = None
+    stream: bool | None = False
+    return_logprob: bool | None = False
+    top_logprobs_num: int | None = None
+    logprob_start_len: int | None = None
+    rid: str | None = None
+
+    def is_batch(self) -> bool:
+        prompt = self.text if self.text is not None else self.input_ids
+        return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+
+    def completion_request(self) -> CompletionRequest:
+        extra = self.model_extra or {}
+        for name in _UNSUPPORTED:
+            if extra.get(name) not in (None, False):
+                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+        if (self.text is None) == (self.input_ids is None):
+            raise InvalidRequestError("give one of text and input_ids", param="text")
+        if self.logprob_start_len is not None and self.logprob_start_len >= 0:
+            raise InvalidRequestError("prompt logprobs (logprob_start_len >= 0) are not supported on /generate; "
+                                      "use /v1/completions' prompt_logprobs", param="logprob_start_len")
+        sampling = dict(self.sampling_params or {})
+        unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
+        if unknown:
+            raise InvalidRequestError(f"sampling_params {unknown} are not supported; these are: "
+                                      f"{', '.join(_SAMPLING_FIELDS)}", param="sampling_params")
+        body: dict[str, Any] = {_SAMPLING_FIELDS[name] or name: value for name, value in sampling.items()
+                                if value is not None}
+        body["prompt"] = self.text if self.text is not None else self.input_ids
+        body["stream"] = bool(self.stream)
+        if self.return_logprob:
+            body["logprobs"] = self.top_logprobs_num or 0
+        return CompletionRequest.model_validate(body)
+
+
+class NativeGenerateEndpoint:
+    def __init__(self, completions: CompletionEndpoint) -> None:
+        self.completions = completions
+
+    async def __call__(self, body: NativeGenerateRequest, request: Request) -> JSONResponse | EventStreamResponse:
+        completion_body = body.completion_request()
+        arrival = time.time()
+        completion = await self.completions.start(completion_body, request, "generate-", DEFAULT_MAX_NEW_TOKENS)
+        rid = body.rid or completion.request_id  # the client's id, as SGLang answers it; the engine's stays unique
+        answers = [_Answer(f"{rid}-{index}" if len(completion.texts) > 1 else rid, body, arrival)
+                   for index in range(len(completion.texts))]
+        if body.stream:
+            return await start_event_stream(request, self._events(completion.deltas, answers),
+                                            completion.high_priority_trace)
+        await until_disconnect(request, self._complete(completion.deltas, answers))
+        whole = [answer.json() for answer in answers]
+        return JSONResponse(whole if body.is_batch() or len(whole) > 1 else whole[0])
+
+    @staticmethod
+    async def _complete(deltas: AsyncGenerator[ChoiceDelta, None], answers: list[_Answer]) -> None:
+        async with aclosing(deltas):
+            async for delta in deltas:
+                answers[delta.index].add(delta)
+
+    @staticmethod
+    async def _events(deltas: AsyncGenerator[ChoiceDelta, None],
+                      answers: list[_Answer]) -> AsyncGenerator[str, None]:
+        async with aclosing(deltas):
+            first = await anext(deltas)  # an error here is the response's status, not an event
+            answers[first.index].add(first)
+            yield sse_event(json.dumps({**answers[first.index].json(), "index": first.index}, ensure_ascii=False))
+            try:
+                async for delta in deltas:
+                    answers[delta.index].add(delta)
+                    yield sse_event(json.dumps({**answers[delta.index].json(), "index": delta.index},
+                                               ensure_ascii=False))
+            except Exception as error:  # the status line is gone: an error event, as the other endpoints send it
+                yield sse_event(json.dumps(api_error_from(error).body()))
+        yield SSE_DONE
+
+
+class _Answer:
+    """One choice's text, ids and meta_info as its deltas build them."""
+
+    def __init__(self, rid: str, body: NativeGenerateRequest, arrival: float) -> None:
+        self.rid = rid
+        self.logprobs = bool(body.return_logprob)
+        self.top = body.top_logprobs_num or 0
+        self.arrival = arrival
+        self.text = ""
+        self.output_ids: list[int] = []
+        self.token_logprobs: list[list[Any]] = []
+        self.top_logprobs: list[list[list[Any]]] = []
+        self.finish_reason: dict[str, Any] | None = None
+        self.prompt_tokens = self.cached_tokens = 0
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.output_ids += delta.token_ids
+        self.prompt_tokens, self.cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        if self.logprobs and delta.logprobs is not None:
+            for token_id, sampled in zip(delta.token_ids, delta.logprobs):
+                self.token_logprobs.append([sampled.logprob, token_id, None])
+                if self.top:
+                    self.top_logprobs.append([[alt.logprob, alt.token_id, None] for alt in sampled.top[:self.top]])
+        if delta.finish_reason == "length":
+            self.finish_reason = {"type": "length", "length": len(self.output_ids)}  # the token budget, reached
+        elif delta.finish_reason is not None:
+            matched: int | str | None = delta.matched_stop
+            if matched is None and self.output_ids:
+                matched = self.output_ids[-1]  # EOS or a stop token id
+            self.finish_reason = {"type": delta.finish_reason, "matched": matched}
+
+    def json(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"id": self.rid, "finish_reason": self.finish_reason,
+                                "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
+                                "cached_tokens": self.cached_tokens, "e2e_latency": time.time() - self.arrival}
+        if self.logprobs:
+            meta["output_token_logprobs"] = self.token_logprobs
+            if self.top:
+                meta["output_top_logprobs"] = self.top_logprobs
+        return {"text": self.text, "output_ids": self.output_ids, "meta_info": meta}

@@ -1,0 +1,86 @@
+"""SGLang's native POST /generate through the app, on a scripted engine: SGLang's names in, SGLang's answer out."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from sfllm.config import ServerConfig
+from sfllm.frontend.app import create_app
+from sfllm.frontend.tokenizer import Tokenizer
+from test_frontend_app import SCRIPT, ScriptedEngine
+
+
+def generate(tokenizer: Tokenizer, body: dict[str, Any], engine: ScriptedEngine | None = None) -> httpx.Response:
+    engine = engine or ScriptedEngine(tokenizer)
+    app = create_app(ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/generate", json=body)
+    return asyncio.run(send())
+
+
+def test_one_prompt_answers_sglangs_object(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    reply = generate(tokenizer, {"text": "Hi", "sampling_params": {"max_new_tokens": 3, "temperature": 0.5,
+                                                                    "top_k": 4, "sampling_seed": 7}}, engine).json()
+    ids = tokenizer.encode(SCRIPT, add_special_tokens=False)[:3]
+    assert reply["output_ids"] == ids and reply["text"] == tokenizer.decode(ids)
+    meta = reply["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 3} and meta["completion_tokens"] == 3
+    assert meta["prompt_tokens"] == len(tokenizer.encode("Hi")) and "output_token_logprobs" not in meta
+    params = engine.requests[-1].params
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (3, 0.5, 4, 7)
+
+
+def test_defaults_batches_samples_and_logprobs(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, max_context_length=512)
+    assert "meta_info" in generate(tokenizer, {"input_ids": [1, 2, 3]}, engine).json()
+    assert engine.requests[-1].params.max_tokens == 128, "SGLang's default max_new_tokens"
+    assert generate(tokenizer, {"input_ids": [1, 2, 3]}).json()["meta_info"]["completion_tokens"] == 125, \
+        "clipped to the room the context leaves (128 tokens here)"
+    replies = generate(tokenizer, {"input_ids": [[1, 2], [3, 4]], "return_logprob": True, "top_logprobs_num": 2,
+                                   "sampling_params": {"max_new_tokens": 2, "n": 2}}).json()
+    assert len(replies) == 4 and len({r["meta_info"]["id"] for r in replies}) == 4
+    for reply in replies:
+        meta = reply["meta_info"]
+        assert [entry[1] for entry in meta["output_token_logprobs"]] == reply["output_ids"]
+        assert all(len(top) == 2 and top[0][1] == token for top, token in zip(meta["output_top_logprobs"],
+                                                                             reply["output_ids"]))
+
+
+def test_a_stop_string_is_the_matched_stop_and_a_stream_holds_the_text_so_far(tokenizer: Tokenizer) -> None:
+    body = {"text": "Hi", "sampling_params": {"max_new_tokens": 20, "stop": ["fox"]}}
+    whole = generate(tokenizer, body).json()
+    assert whole["meta_info"]["finish_reason"] == {"type": "stop", "matched": "fox"}
+    assert whole["text"] == "The quick brown "
+    stream = generate(tokenizer, {**body, "stream": True})
+    events = stream.text.split("\n\n")
+    assert events[-2] == "data: [DONE]"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    texts = [chunk["text"] for chunk in chunks]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:])), "the text so far"
+    assert chunks[-1]["text"] == whole["text"] and chunks[-1]["meta_info"]["finish_reason"]["matched"] == "fox"
+    assert all(chunk["index"] == 0 for chunk in chunks)
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"text": "x", "input_ids": [1]}, "text", "one of text and input_ids"),
+    ({"text": "x", "sampling_params": {"max_new_tokens": 2, "top_a": 1}}, "sampling_params", "['top_a']"),
+    ({"text": "x", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len", "prompt_logprobs"),
+    ({"text": "x", "image_data": "http://x/a.png"}, "image_data", "not supported"),
+    ({"text": "x", "sampling_params": {"max_new_tokens": 2, "regex": "a("}}, "regex", "invalid regex"),
+    ({"text": "x", "sampling_params": {"max_new_tokens": 500}}, "prompt", "or max_new_tokens."),
+])
+def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body: dict[str, Any], param: str,
+                                                      message: str) -> None:
+    engine = ScriptedEngine(tokenizer)
+    reply = generate(tokenizer, body, engine)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert not engine.requests
