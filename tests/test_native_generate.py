@@ -20,7 +20,9 @@ def generate(tokenizer: Tokenizer, body: dict[str, Any], engine: ScriptedEngine 
 
     async def send() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return await client.post("/generate", json=body)
+            # json.dumps escapes an unpaired surrogate, as a client's JSON may carry one
+            return await client.post("/generate", content=json.dumps(body),
+                                     headers={"content-type": "application/json"})
     return asyncio.run(send())
 
 
@@ -35,6 +37,8 @@ def test_one_prompt_answers_sglangs_object(tokenizer: Tokenizer) -> None:
     assert meta["prompt_tokens"] == len(tokenizer.encode("Hi")) and "output_token_logprobs" not in meta
     params = engine.requests[-1].params
     assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (3, 0.5, 4, 7)
+    quiet = {"max_new_tokens": 1, "spaces_between_special_tokens": False, "stream_interval": 4}  # as slime sends
+    assert generate(tokenizer, {"text": "Hi", "sampling_params": quiet}).status_code == 200
 
 
 def test_defaults_batches_samples_and_logprobs(tokenizer: Tokenizer) -> None:
@@ -75,6 +79,11 @@ def test_a_stop_string_is_the_matched_stop_and_a_stream_holds_the_text_so_far(to
     ({"text": "x", "image_data": "http://x/a.png"}, "image_data", "not supported"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 2, "regex": "a("}}, "regex", "invalid regex"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 500}}, "prompt", "or max_new_tokens."),
+    ({"text": "x", "sampling_params": {"temperature": "0.5"}}, "sampling_params.temperature", "valid number"),
+    ({"text": "x", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params.max_new_tokens", "valid integer"),
+    ({"text": "x", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num", "at most 20"),
+    ({"text": "x", "rid": "\ud800"}, "rid", "surrogate"),
+    ({"text": ["x"], "sampling_params": [{"max_new_tokens": 1}]}, "sampling_params", ""),
 ])
 def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body: dict[str, Any], param: str,
                                                       message: str) -> None:

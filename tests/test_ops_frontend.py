@@ -343,6 +343,17 @@ def test_a_responses_stream_cut_by_the_timeout_ends_with_an_error_event_counted_
     assert scrape(client)[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 1
 
 
+def test_a_generate_stream_cut_by_the_timeout_ends_with_an_error_event_counted_as_its_status(
+        tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer, delay_s=0.05)
+    client = Client(create_app(ServerConfig(request_timeout_s=0.4).frontend(), engine, tokenizer))  # type: ignore
+    streamed = client.post("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 90}, "stream": True})
+    events = streamed.text.split("\n\n")
+    assert streamed.status_code == 200 and events[-2] == "data: [DONE]"
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "request_timeout"
+    assert scrape(client)[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 1
+
+
 def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = ScriptedEngine(tokenizer)
     app = create_app(ServerConfig(max_prompt_tokens=100).frontend(), engine, tokenizer)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from sfllm.messages import SampledLogprobs
 _LOWEST_LOGPROB = -9999.0
 
 
-def _finite(logprob: float) -> float:
+def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _LOWEST_LOGPROB
 
 
@@ -46,11 +46,11 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: li
     result = CompletionLogprobs()
     for token_id, sampled in zip(token_ids, logprobs):
         text = token_name(tokenizer, token_id, as_ids)
-        top = {token_name(tokenizer, alternative.token_id, as_ids): _finite(alternative.logprob)
+        top = {token_name(tokenizer, alternative.token_id, as_ids): finite(alternative.logprob)
                for alternative in sampled.top}
-        top.setdefault(text, _finite(sampled.logprob))
+        top.setdefault(text, finite(sampled.logprob))
         result.tokens.append(text)
-        result.token_logprobs.append(_finite(sampled.logprob))
+        result.token_logprobs.append(finite(sampled.logprob))
         result.top_logprobs.append(top)
         result.text_offset.append(offsets.add(token_id))
     return result
@@ -65,7 +65,7 @@ def extend_completion_logprobs(total: CompletionLogprobs, more: CompletionLogpro
 
 def _chat_top_logprob(tokenizer: Tokenizer, token_id: int, logprob: float, as_id: bool) -> ChatTopLogprob:
     name = token_name(tokenizer, token_id, as_id)
-    return ChatTopLogprob(token=name, logprob=_finite(logprob),
+    return ChatTopLogprob(token=name, logprob=finite(logprob),
                           bytes=list(name.encode() if as_id else tokenizer.token_bytes(token_id)))
 
 
@@ -97,11 +97,11 @@ def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
     token's own logprob and rank and the top alternatives' (ranked by their order)."""
     entries: PromptLogprobs = [None]
     for token_id, sampled in zip(prompt_token_ids[1:], logprobs):
-        entry = {str(token_id): PromptTokenLogprob(logprob=_finite(sampled.logprob), rank=sampled.rank,
+        entry = {str(token_id): PromptTokenLogprob(logprob=finite(sampled.logprob), rank=sampled.rank,
                                                    decoded_token=tokenizer.token_text(token_id))}
         for rank, alternative in enumerate(sampled.top, 1):
             entry.setdefault(str(alternative.token_id), PromptTokenLogprob(
-                logprob=_finite(alternative.logprob), rank=rank,
+                logprob=finite(alternative.logprob), rank=rank,
                 decoded_token=tokenizer.token_text(alternative.token_id)))
         entries.append(entry)
     return entries

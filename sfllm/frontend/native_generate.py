@@ -6,9 +6,11 @@ An answer is SGLang's: `text`, `output_ids` and `meta_info` (`id`, `finish_reaso
 "matched": <token id or stop string>}` or `{"type": "length", "length": <max_new_tokens>}`, `prompt_tokens`,
 `completion_tokens`, `cached_tokens`, `e2e_latency`, and with `return_logprob` `output_token_logprobs` as
 `[logprob, token_id, null]` per token, `output_top_logprobs` as such lists); one object for one prompt and one
-sample, else a list (prompt by prompt, each prompt's samples in turn). Streamed, each event holds a choice's
-text and ids so far (SGLang's default), with its `index`, then `data: [DONE]`. Prompt logprobs
-(`logprob_start_len` >= 0), images, embeddings and LoRA are a 400.
+sample, else a list (prompt by prompt, each prompt's samples in turn; with `sampling_seed`, sample i draws with
+seed + i, as on /v1/completions). Streamed, each event holds a choice's text and ids so far (SGLang's default),
+with its `index`, then `data: [DONE]`. Prompt logprobs (`logprob_start_len` >= 0), per-prompt `sampling_params`
+lists, images, embeddings and LoRA are a 400. Unlike SGLang, the text of a stop token that is not a special token
+stays in `text` (as on /v1/completions).
 """
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError
 
+from sfllm.frontend.choice_events import choice_events
 from sfllm.frontend.choices import ChoiceDelta
 from sfllm.frontend.completions import CompletionEndpoint
-from sfllm.frontend.errors import InvalidRequestError, api_error_from
-from sfllm.frontend.http_responses import SSE_DONE, EventStreamResponse, sse_event, start_event_stream, \
-    until_disconnect
-from sfllm.frontend.openai_protocol import CompletionRequest
+from sfllm.frontend.errors import InvalidRequestError
+from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
+from sfllm.frontend.logprobs_format import finite
+from sfllm.frontend.openai_protocol import MAX_LOGPROBS, CompletionRequest
+from sfllm.frontend.request_checks import check_unicode
 from sfllm.frontend.tool_protocol import StrictModel
 
 # SGLang's sampling params, by the completions field each is (None: the same name)
@@ -37,6 +41,9 @@ _SAMPLING_FIELDS: dict[str, str | None] = {
     "top_p": None, "top_k": None, "min_p": None, "frequency_penalty": None, "presence_penalty": None,
     "repetition_penalty": None, "ignore_eos": None, "skip_special_tokens": None, "n": None, "logit_bias": None,
     "json_schema": None, "regex": None, "ebnf": None}
+# SGLang's params with no effect on the answer here: its fast tokenizers put no space between special tokens either,
+# and every event is sent as it comes
+_NO_EFFECT = ("spaces_between_special_tokens", "stream_interval")
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, clipped to the room the context leaves
 _UNSUPPORTED = ("image_data", "audio_data", "video_data", "input_embeds", "lora_path", "return_hidden_states",
                 "custom_logit_processor")
@@ -67,7 +74,8 @@ class NativeGenerateRequest(StrictModel):
         if self.logprob_start_len is not None and self.logprob_start_len >= 0:
             raise InvalidRequestError("prompt logprobs (logprob_start_len >= 0) are not supported on /generate; "
                                       "use /v1/completions' prompt_logprobs", param="logprob_start_len")
-        sampling = dict(self.sampling_params or {})
+        check_unicode([self.rid or ""], "rid")
+        sampling = {name: value for name, value in (self.sampling_params or {}).items() if name not in _NO_EFFECT}
         unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
         if unknown:
             raise InvalidRequestError(f"sampling_params {unknown} are not supported; these are: "
@@ -78,7 +86,14 @@ class NativeGenerateRequest(StrictModel):
         body["stream"] = bool(self.stream)
         if self.return_logprob:
             body["logprobs"] = self.top_logprobs_num or 0
-        return CompletionRequest.model_validate(body)
+        try:
+            return CompletionRequest.model_validate(body)
+        except ValidationError as error:  # named as the client sent it
+            first = error.errors()[0]
+            field = str(first.get("loc", ("sampling_params",))[0])
+            sglang = next((name for name, same in _SAMPLING_FIELDS.items() if (same or name) == field), field)
+            raise InvalidRequestError(f"sampling_params.{sglang}: {first.get('msg', 'invalid value')}",
+                                      param=f"sampling_params.{sglang}") from None
 
 
 class NativeGenerateEndpoint:
@@ -88,13 +103,19 @@ class NativeGenerateEndpoint:
     async def __call__(self, body: NativeGenerateRequest, request: Request) -> JSONResponse | EventStreamResponse:
         completion_body = body.completion_request()
         arrival = time.time()
+        if body.return_logprob and (body.top_logprobs_num or 0) > MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs_num is at most {MAX_LOGPROBS}", param="top_logprobs_num")
         completion = await self.completions.start(completion_body, request, "generate-", DEFAULT_MAX_NEW_TOKENS)
         rid = body.rid or completion.request_id  # the client's id, as SGLang answers it; the engine's stays unique
         answers = [_Answer(f"{rid}-{index}" if len(completion.texts) > 1 else rid, body, arrival)
                    for index in range(len(completion.texts))]
         if body.stream:
-            return await start_event_stream(request, self._events(completion.deltas, answers),
-                                            completion.high_priority_trace)
+            def events_of(delta: ChoiceDelta) -> list[str]:
+                answers[delta.index].add(delta)
+                return [sse_event(json.dumps({**answers[delta.index].json(), "index": delta.index},
+                                             ensure_ascii=False))]
+            events = choice_events(completion.deltas, events_of, None, completion.outcome)
+            return await start_event_stream(request, events, completion.high_priority_trace)
         await until_disconnect(request, self._complete(completion.deltas, answers))
         whole = [answer.json() for answer in answers]
         return JSONResponse(whole if body.is_batch() or len(whole) > 1 else whole[0])
@@ -105,21 +126,6 @@ class NativeGenerateEndpoint:
             async for delta in deltas:
                 answers[delta.index].add(delta)
 
-    @staticmethod
-    async def _events(deltas: AsyncGenerator[ChoiceDelta, None],
-                      answers: list[_Answer]) -> AsyncGenerator[str, None]:
-        async with aclosing(deltas):
-            first = await anext(deltas)  # an error here is the response's status, not an event
-            answers[first.index].add(first)
-            yield sse_event(json.dumps({**answers[first.index].json(), "index": first.index}, ensure_ascii=False))
-            try:
-                async for delta in deltas:
-                    answers[delta.index].add(delta)
-                    yield sse_event(json.dumps({**answers[delta.index].json(), "index": delta.index},
-                                               ensure_ascii=False))
-            except Exception as error:  # the status line is gone: an error event, as the other endpoints send it
-                yield sse_event(json.dumps(api_error_from(error).body()))
-        yield SSE_DONE
 
 
 class _Answer:
@@ -143,11 +149,14 @@ class _Answer:
         self.prompt_tokens, self.cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
         if self.logprobs and delta.logprobs is not None:
             for token_id, sampled in zip(delta.token_ids, delta.logprobs):
-                self.token_logprobs.append([sampled.logprob, token_id, None])
+                self.token_logprobs.append([finite(sampled.logprob), token_id, None])
                 if self.top:
-                    self.top_logprobs.append([[alt.logprob, alt.token_id, None] for alt in sampled.top[:self.top]])
+                    self.top_logprobs.append([[finite(alt.logprob), alt.token_id, None]
+                                              for alt in sampled.top[:self.top]])
         if delta.finish_reason == "length":
             self.finish_reason = {"type": "length", "length": len(self.output_ids)}  # the token budget, reached
+        elif delta.finish_reason == "abort":
+            self.finish_reason = {"type": "abort", "message": "the request was aborted"}
         elif delta.finish_reason is not None:
             matched: int | str | None = delta.matched_stop
             if matched is None and self.output_ids:
