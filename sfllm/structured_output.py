@@ -32,8 +32,6 @@ _SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "con
               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
 # what may add properties to an object beside its own list: it stays open
 _EXTENDERS = ("allOf", "anyOf", "oneOf", "$ref", "if", "then", "else", "dependentSchemas",
               "additionalProperties", "patternProperties", "unevaluatedProperties")
@@ -80,13 +78,13 @@ def _closed(schema: Any, path: tuple[str, ...], extended: set[tuple[str, ...]], 
 def _extended_definitions(schema: Any) -> set[tuple[str, ...]]:
     """The paths of the schemas a `$ref` reaches other than as a whole subschema (a property's, an item's), and
     those they refer to in turn."""
-    whole, other = [], []
+    other: list[tuple[str, ...]] = []
 
     def visit(node: Any, as_whole: bool) -> None:
         if isinstance(node, dict):
             ref = node.get("$ref")
-            if isinstance(ref, str):
-                (whole if as_whole and len(node.keys() - _ANNOTATIONS) == 1 else other).append(_pointer(ref))
+            if isinstance(ref, str) and not (as_whole and len(node.keys() - _ANNOTATIONS) == 1):
+                other.append(_pointer(ref))
             for key, value in node.items():
                 if key in ("enum", "const", "default", "examples"):
                     continue
@@ -99,14 +97,14 @@ def _extended_definitions(schema: Any) -> set[tuple[str, ...]]:
 
     visit(schema, True)
     extended = set(other)
-    targets = {path: _at(schema, path) for path in whole + other}
-    for path in list(extended):  # a reference on to another: that one is extended too
-        while isinstance(targets.get(path), dict) and isinstance(targets[path].get("$ref"), str):
-            path = _pointer(targets[path]["$ref"])
+    for path in other:  # a reference on to another: that one is extended too
+        target = _at(schema, path)
+        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
+            path = _pointer(target["$ref"])
             if path in extended:
                 break
             extended.add(path)
-            targets[path] = _at(schema, path)
+            target = _at(schema, path)
     return extended
 
 

@@ -60,7 +60,7 @@ class ChatCompletionEndpoint:
         self.metrics = metrics
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | EventStreamResponse:
-        chat = await self.start(body, request, "chatcmpl")
+        chat = await self.start(body, request, "chatcmpl-")
         if body.stream:
             events = self._events(chat.request_id, chat.deltas, chat.messages, chat.tally, chat.shape,
                                   body.include_usage_in_stream(), body.usage_in_every_chunk(), chat.outcome)
@@ -91,7 +91,7 @@ class ChatCompletionEndpoint:
                                         "messages", self.limits.max_output_tokens, body.max_tokens_field())
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
                                       tools.structured_output(), encode=self.tokenizer.encode_text)
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
         continued = body.messages[-1].text() if body.continue_final_message else None

@@ -65,9 +65,7 @@ def _vllm_structured_outputs(options: Any) -> list[StructuredOutput]:
 
 def _constraint(kind: str, value: Any, field: str) -> StructuredOutput:
     if kind == "json":
-        if isinstance(value, str):
-            return StructuredOutput.json_schema(value)  # JSON text, as SGLang's json_schema always is
-        if isinstance(value, dict):
+        if isinstance(value, (str, dict)):  # a string is the schema's JSON text, as SGLang's json_schema always is
             return StructuredOutput.json_schema(value)
         raise InvalidSamplingParams(field, f"{field}: a JSON schema is an object or its JSON text")
     if kind == "choice":

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from sfllm.config import FrontendConfig
 from sfllm.frontend.engine_client import EngineClient

@@ -23,11 +23,12 @@ from sfllm.frontend.tool_protocol import StrictModel
 _SHARED_FIELDS = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "priority", "user")
 # Responses fields that change the answer and that this server does not implement
 _UNSUPPORTED = ("conversation", "prompt", "max_tool_calls")
-# chat fields a Responses request must not pass on: its own fields say these (max_output_tokens, ...), or the
+# chat fields a Responses request must not send: its own fields say these (max_output_tokens, ...), or the
 # response could not carry them (logprobs)
 _CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-              "max_new_tokens": "max_output_tokens", "logprobs": None, "response_format": "text.format",
-              "stream_options": None}
+              "max_new_tokens": "max_output_tokens", "logprobs": None, "response_format": "text.format"}
+# the Responses API's own stream_options (include_obfuscation) mean nothing to chat: not passed on
+_NOT_PASSED_ON = ("stream_options", *_CHAT_ONLY)
 
 
 class ResponsesRequest(StrictModel):
@@ -80,10 +81,10 @@ class ResponsesRequest(StrictModel):
         if extra.get("n") not in (None, 1):
             raise InvalidRequestError("n must be 1: a response has one answer", param="n")
         for name, instead in _CHAT_ONLY.items():
-            if extra.get(name) not in (None, False) and name != "stream_options":
+            if extra.get(name) not in (None, False):
                 use = f"; use {instead}" if instead else ""
                 raise InvalidRequestError(f"{name} is a chat field, not one of /v1/responses{use}", param=name)
-        body: dict[str, Any] = {name: value for name, value in extra.items() if name not in _CHAT_ONLY}
+        body: dict[str, Any] = {name: value for name, value in extra.items() if name not in _NOT_PASSED_ON}
         body |= {name: getattr(self, name) for name in _SHARED_FIELDS if getattr(self, name) is not None}
         body["messages"] = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + \
             _messages(self.input)

@@ -112,9 +112,10 @@ class GrammarMatchers:
                 live.append((matcher, row))  # llguidance writes the whole row, even for a matcher that fails
         if live:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, live, bitmask)
-        words = bitmask.view(numpy.uint32)
-        for row, token in may_open_thought:
-            words[row, token >> 5] |= numpy.uint32(1 << (token & 31))
+        if may_open_thought:
+            words = bitmask.view(numpy.uint32)
+            for row, token in may_open_thought:
+                words[row, token >> 5] |= numpy.uint32(1 << (token & 31))
         return memoryview(bitmask).cast("B")
 
 

@@ -34,7 +34,7 @@ from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.speculation import Speculation
 from sfllm.scheduler.stop_checker import StopChecker
-from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS, QueueFull, WaitingQueue
+from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS, WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +159,7 @@ class Scheduler:
                           message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
         if message.params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * (len(message.prompt_token_ids) - 1)
-        try:
-            self.waiting.add(request, self._clock())
-        except QueueFull as error:
-            return _error(message.request_id, f"{error}; retry later", QUEUE_FULL_STATUS)
+        self.waiting.add(request, self._clock())  # room checked above
         self.requests[request.request_id] = request
         if request.priority == "high":
             self._high_priority_arrival = self._clock()
