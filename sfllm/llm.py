@@ -69,6 +69,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[SampledLogprobs] | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
 
 
 @dataclass
@@ -222,7 +223,7 @@ class LLM:
                 if output.logprobs is not None:
                     output.logprobs += delta.logprobs or []
                 if delta.finish_reason is not None:
-                    output.finish_reason = delta.finish_reason
+                    output.finish_reason, output.stop_reason = delta.finish_reason, delta.stop_reason
                     result.num_cached_tokens = max(result.num_cached_tokens, delta.num_cached_tokens)
                     remaining -= 1
                     progress.update(1)

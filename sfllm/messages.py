@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 15
+PROTOCOL_VERSION = 16
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -105,6 +105,9 @@ class RequestOutput(Message):
     # in the first output of a request that asked: the prompt's tokens 1.. each given those before it
     prompt_logprobs: list[SampledLogprobs] | None = None
     finish_reason: str | None = None
+    # the last token, where it ended the request by being a stop token (EOS or one of `stop_token_ids`); a
+    # "stop" without it was the grammar's end
+    stop_token_id: int | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None

@@ -138,7 +138,7 @@ def test_completion(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     body = response.json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
     assert body["choices"] == [{"index": 0, "text": script_text(tokenizer, engine, 5), "logprobs": None,
-                                "finish_reason": "length"}]
+                                "finish_reason": "length", "stop_reason": None}]
     prompt_tokens = len(tokenizer.encode("Hello"))
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
                              "total_tokens": prompt_tokens + 5, "prompt_tokens_details": {"cached_tokens": 2}}
@@ -243,7 +243,7 @@ def test_chat_completion(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     body = post(engine, tokenizer, "/v1/chat/completions", {"messages": messages, "max_tokens": 4}).json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": script_text(
-        tokenizer, engine, 4)}, "logprobs": None, "finish_reason": "length"}]
+        tokenizer, engine, 4)}, "logprobs": None, "finish_reason": "length", "stop_reason": None}]
     assert engine.requests[0].prompt_token_ids == tokenizer.apply_chat_template(messages)
     assert body["usage"]["prompt_tokens"] == len(engine.requests[0].prompt_token_ids)
 

@@ -52,7 +52,23 @@ def test_stop_token_ids_and_max_tokens(smollm_llm) -> None:
     third = full.outputs[0].token_ids[2]
     stopped = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[third]))[0]
     assert stopped.outputs[0].token_ids == full.outputs[0].token_ids[:3]
-    assert stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == third
+    # as vLLM: the stop token's id is output, its text only when asked for
+    decode = smollm_llm.tokenizer.decode
+    assert stopped.outputs[0].text == decode(full.outputs[0].token_ids[:2]) != decode(full.outputs[0].token_ids[:3])
+    kept = smollm_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[third],
+                                                      include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == decode(full.outputs[0].token_ids[:3])
+    assert full.outputs[0].stop_reason is None
+
+
+def test_eos_text_is_left_out_even_with_special_tokens_shown(smollm_llm) -> None:
+    messages = [{"role": "user", "content": "What is 2+2? Answer with one number."}]
+    answer = smollm_llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=40,
+                                                      skip_special_tokens=False))[0].outputs[0]
+    assert answer.finish_reason == "stop" and answer.token_ids[-1] in smollm_llm.engine.worker.info.eos_token_ids
+    assert answer.text == smollm_llm.tokenizer.decode(answer.token_ids[:-1], skip_special_tokens=False)
+    assert "<|im_end|>" not in answer.text and answer.stop_reason is None  # vLLM's stop_reason: none for EOS
 
 
 def test_n_and_logprobs(smollm_llm) -> None:

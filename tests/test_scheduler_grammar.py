@@ -91,13 +91,17 @@ def test_masks_reach_the_worker_in_order_and_constrain_every_token(smollm_tokeni
                                                 params=params)) is None
     outputs: dict[str, list[int]] = {}
     reasons = {}
+    stop_tokens: dict[str, int | None] = {}
     while core.has_work():
         for output in core.step():
             outputs.setdefault(output.request_id, []).extend(output.token_ids)
             reasons[output.request_id] = output.finish_reason or reasons.get(output.request_id)
+            if output.finish_reason is not None:
+                stop_tokens[output.request_id] = output.stop_token_id
     for request_id in ("r0", "r2"):
         assert re.fullmatch(PATTERN, tokenizer.decode(outputs[request_id])), tokenizer.decode(outputs[request_id])
         assert reasons[request_id] == "stop"
+        assert stop_tokens[request_id] is None, "the grammar's end, not a stop token: its last token is text"
     assert outputs["r1"] == [100] * 6
     late = [m for m in worker.messages if isinstance(m, GrammarMask)]
     if overlap:

@@ -226,6 +226,7 @@ def run_random_workload(core: EngineCore, clock: FakeClock, rng: random.Random,
             assert got == want[:len(got)], request_id
         else:
             assert (got, finals[request_id].finish_reason) == (want, reason), f"{request_id} (seed {seed})"
+            assert finals[request_id].stop_token_id == (want[-1] if reason == "stop" else None), request_id
     assert_all_free(scheduler)
 
 

@@ -80,6 +80,17 @@ def test_completions_max_tokens_stop_and_usage(client) -> None:
     assert "7" not in stopped.choices[0].text
     assert reply.choices[0].text.startswith(stopped.choices[0].text)
     assert stopped.usage.completion_tokens < 12
+    assert stopped.choices[0].model_extra["stop_reason"] == "7" and reply.choices[0].model_extra["stop_reason"] is None
+    # vLLM's stop_token_ids: the token ends the answer, its text only with include_stop_str_in_output
+    offsets = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=4, logprobs=0,
+                                        extra_body={"return_token_ids": True}).choices[0]
+    third, starts = offsets.model_extra["token_ids"][2], offsets.logprobs.text_offset
+    for kept in (False, True):
+        by_token = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=12,
+                                             extra_body={"stop_token_ids": [third], "include_stop_str_in_output": kept})
+        choice = by_token.choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", third)
+        assert choice.text == offsets.text[:starts[3] if kept else starts[2]] and by_token.usage.completion_tokens == 3
 
 
 def test_completions_n_seed_and_logprobs(client) -> None:
@@ -290,6 +301,15 @@ def test_sglangs_native_generate_against_a_launched_server(server, smollm_llm) -
     logprobs = [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
     assert logprobs == pytest.approx([entry.logprob for entry in expected.outputs[0].logprobs], abs=1e-4)
     assert answer["meta_info"]["prompt_tokens"] == len(prompt_ids)
+    # a stop token ends it: its id is `matched` and ends output_ids, its text is trimmed unless no_stop_trim
+    third = expected.outputs[0].token_ids[2]
+    for trim in (True, False):
+        stopped = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": prompt_ids, "sampling_params": {
+            "temperature": 0, "max_new_tokens": 6, "stop_token_ids": [third], "no_stop_trim": not trim}}).json()
+        assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": third}
+        assert stopped["output_ids"] == expected.outputs[0].token_ids[:3]
+        shown = expected.outputs[0].token_ids[:2 if trim else 3]
+        assert stopped["text"] == smollm_llm.tokenizer.decode(shown)
 
 
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:

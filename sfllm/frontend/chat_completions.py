@@ -138,7 +138,8 @@ class ChatCompletionEndpoint:
                     so_far.content = (so_far.content or []) + (more.content or [])
                     logprobs[delta.index] = so_far
         choices = [ChatChoice(index=index, message=message.message(), logprobs=logprobs[index],
-                              finish_reason=message.finish_reason, prompt_logprobs=prompt_logprobs[index],
+                              finish_reason=message.finish_reason, stop_reason=message.stop_reason,
+                              prompt_logprobs=prompt_logprobs[index],
                               token_ids=token_ids[index])
                    for index, message in enumerate(messages)]
         return ChatCompletionResponse(id=request_id, model=self.served_model_name, choices=choices, usage=tally.usage(),
@@ -181,7 +182,7 @@ class ChatCompletionEndpoint:
                 events.append(chunk(ChatChunkChoice(
                     index=delta.index, delta=ChatDelta(content=text or None, reasoning_content=thought or None,
                                                        tool_calls=chunks or None),
-                    logprobs=logprobs, finish_reason=message.finish_reason,
+                    logprobs=logprobs, finish_reason=message.finish_reason, stop_reason=message.stop_reason,
                     prompt_logprobs=self._prompt_logprobs(delta) if delta.prompt_logprobs is not None else None,
                     token_ids=token_ids)))
             return events
@@ -222,6 +223,7 @@ class AssistantMessage:
         self.thought = False  # whether the answer held one
         self.content = ""
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
 
     def add(self, delta: ChoiceDelta) -> tuple[str, str, list[ToolCallDelta]]:
         """What `delta` adds: reasoning, text, and pieces of tool calls."""
@@ -248,6 +250,7 @@ class AssistantMessage:
         if delta.finish_reason is not None:
             called = self.parser is not None and self.parser.calls and delta.finish_reason == "stop"
             self.finish_reason = "tool_calls" if called else delta.finish_reason
+            self.stop_reason = delta.stop_reason
         return thought, text, calls
 
     def message(self) -> ChatResponseMessage:

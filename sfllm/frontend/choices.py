@@ -43,7 +43,10 @@ class ChoiceDelta:
     prompt_token_ids: list[int]
     # in a choice's first delta, if asked for: the logprobs of prompt tokens 1..
     prompt_logprobs: list[SampledLogprobs] | None = None
-    matched_stop: str | None = None  # the stop string that ended the choice, if one did
+    # what ended the choice, SGLang's `matched`: a stop string, or a stop token's id (EOS or of `stop_token_ids`)
+    matched_stop: int | str | None = None
+    # vLLM's `stop_reason`: the stop string, or the token of the request's `stop_token_ids`, that ended it (not EOS)
+    stop_reason: int | str | None = None
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -81,17 +84,22 @@ class ChoiceDecoder:
     def decode(self, output: RequestOutput) -> ChoiceDelta:
         """The delta of `output`; tokens after a stop string are not part of it."""
         detokenizer = self._detokenizer
+        params = self.choice.request.params
         finish_reason = output.finish_reason
+        matched: int | str | None = output.stop_token_id
         if detokenizer is None:
             text, num_consumed = "", len(output.token_ids)
         else:
+            # as vLLM and SGLang: the stop token's id is output, its text is not (unless asked for)
+            hidden = output.stop_token_id is not None and not params.include_stop_str_in_output
             consumed_before = detokenizer.num_tokens
-            text = detokenizer.append(output.token_ids)
+            text = detokenizer.append(output.token_ids[:-1] if hidden else output.token_ids)
             num_consumed = detokenizer.num_tokens - consumed_before
             if detokenizer.matched_stop is not None:
-                finish_reason = "stop"
+                finish_reason, matched = "stop", detokenizer.matched_stop
             elif finish_reason is not None:
                 text += detokenizer.flush()
+                num_consumed += hidden
         self.num_output_tokens += num_consumed
         self.finish_reason = finish_reason
         return ChoiceDelta(
@@ -106,5 +114,6 @@ class ChoiceDecoder:
             num_output_tokens=self.num_output_tokens,
             prompt_token_ids=self.choice.request.prompt_token_ids,
             prompt_logprobs=output.prompt_logprobs,
-            matched_stop=detokenizer.matched_stop if detokenizer is not None else None,
+            matched_stop=matched,
+            stop_reason=matched if isinstance(matched, str) or matched in params.stop_token_ids else None,
         )

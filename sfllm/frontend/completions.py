@@ -50,6 +50,7 @@ class _ChoiceText:
         self.logprobs: CompletionLogprobs | None = None
         self.prompt_logprobs: PromptLogprobs | None = None
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
 
     def add(self, delta: ChoiceDelta, tokenizer: Tokenizer) -> CompletionChoice:
         """Record `delta`; returns what it adds, echo included the first time."""
@@ -60,7 +61,7 @@ class _ChoiceText:
             self.token_ids += delta.token_ids
             self.prompt_token_ids = delta.prompt_token_ids
         self.text += delta.text
-        self.finish_reason = delta.finish_reason
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
         logprobs = None
         if self.echo_logprobs and delta.prompt_logprobs is not None:
             logprobs = prompt_completion_logprobs(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs,
@@ -83,14 +84,15 @@ class _ChoiceText:
             prompt_logprobs = prompt_logprobs_by_token(tokenizer, delta.prompt_token_ids, delta.prompt_logprobs)
             self.prompt_logprobs = prompt_logprobs
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                                prompt_logprobs=prompt_logprobs,
+                                stop_reason=delta.stop_reason, prompt_logprobs=prompt_logprobs,
                                 prompt_token_ids=delta.prompt_token_ids if first and self.return_token_ids else None,
                                 token_ids=delta.token_ids if self.return_token_ids else None)
 
     def choice(self) -> CompletionChoice:
         """The whole choice."""
         return CompletionChoice(index=self.index, text=self.text, logprobs=self.logprobs,
-                                finish_reason=self.finish_reason, prompt_logprobs=self.prompt_logprobs,
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                                prompt_logprobs=self.prompt_logprobs,
                                 prompt_token_ids=self.prompt_token_ids, token_ids=self.token_ids)
 
 
@@ -99,7 +101,8 @@ async def _prompt_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenera
     async with aclosing(deltas):
         async for delta in deltas:
             yield dataclasses.replace(delta, text="", token_ids=[], logprobs=None, num_output_tokens=0,
-                                      finish_reason=None if delta.finish_reason is None else "length")
+                                      finish_reason=None if delta.finish_reason is None else "length",
+                                      matched_stop=None, stop_reason=None)
 
 
 @dataclass

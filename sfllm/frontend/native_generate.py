@@ -9,8 +9,9 @@ An answer is SGLang's: `text`, `output_ids` and `meta_info` (`id`, `finish_reaso
 sample, else a list (prompt by prompt, each prompt's samples in turn; with `sampling_seed`, sample i draws with
 seed + i, as on /v1/completions). Streamed, each event holds a choice's text and ids so far (SGLang's default),
 with its `index`, then `data: [DONE]`. Prompt logprobs (`logprob_start_len` >= 0), per-prompt `sampling_params`
-lists, images, embeddings and LoRA are a 400. Unlike SGLang, the text of a stop token that is not a special token
-stays in `text` (as on /v1/completions).
+lists, images, embeddings and LoRA are a 400. As in SGLang, a stop token's text (EOS or one of `stop_token_ids`)
+is left out of `text` unless `no_stop_trim`; its id ends `output_ids`. A structured output ends when its grammar
+does: `matched` is null then (SGLang samples EOS after it).
 """
 from __future__ import annotations
 
@@ -158,10 +159,7 @@ class _Answer:
         elif delta.finish_reason == "abort":
             self.finish_reason = {"type": "abort", "message": "the request was aborted"}
         elif delta.finish_reason is not None:
-            matched: int | str | None = delta.matched_stop
-            if matched is None and self.output_ids:
-                matched = self.output_ids[-1]  # EOS or a stop token id
-            self.finish_reason = {"type": delta.finish_reason, "matched": matched}
+            self.finish_reason = {"type": delta.finish_reason, "matched": delta.matched_stop}
 
     def json(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"id": self.rid, "finish_reason": self.finish_reason,

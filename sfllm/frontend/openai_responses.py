@@ -43,6 +43,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
     prompt_logprobs: PromptLogprobs | None = None
     # vLLM's return_token_ids: the prompt's ids (a stream's first chunk of the choice) and the generated ones
     prompt_token_ids: list[int] | None = None
@@ -105,6 +106,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
     prompt_logprobs: PromptLogprobs | None = None
     token_ids: list[int] | None = None  # vLLM's return_token_ids: the generated ids, before any parsing
 
@@ -144,6 +146,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
     token_ids: list[int] | None = None  # vLLM's return_token_ids: the ids this chunk adds
 

@@ -699,10 +699,12 @@ class Scheduler:
                 if not accepts(request.matcher, token):
                     return self._grammar_failure(request, token, late_rejection)
             reason = self.stop_checker.finish_reason(request, token)
+            stop_token_id = token if reason == "stop" else None  # the checker's "stop" is a stop token's
             if reason is None and request.matcher is not None and request.matcher.is_stopped():
                 reason = "stop"  # the grammar is complete: nothing but EOS could follow, even with ignore_eos
             if reason is not None:
                 output = self._finish(request, reason)
+                output.stop_token_id = stop_token_id
                 break
         else:
             output = RequestOutput(request_id=request.request_id, token_ids=[],
