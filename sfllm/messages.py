@@ -54,6 +54,11 @@ class ProfileControl(Message):
     start: bool
 
 
+class FlushPrefixCache(Message):
+    """Forget every cached prefix (SGLang's /flush_cache, vLLM's /reset_prefix_cache): the requests that follow
+    it from the same frontend find none; blocks in use stay with their requests."""
+
+
 class Shutdown(Message):
     pass
 
@@ -281,7 +286,8 @@ class WorkerFailed(Message):
     error: str
 
 
-FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ProfileControl, Shutdown]
+FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ProfileControl, FlushPrefixCache,
+                         Shutdown]
 EngineToFrontend = Union[EngineHello, OutputBatch, EngineStats]
 SchedulerToWorker = Union[ForwardBatch, GrammarMask, StartProfile, StopProfile, Shutdown]
 WorkerToScheduler = Union[WorkerReady, ForwardResult, WorkerFailed]

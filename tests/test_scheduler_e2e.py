@@ -97,6 +97,13 @@ def test_prefix_cache_gives_the_same_greedy_outputs(tiny_model: Path, baseline: 
     assert stats["prefix_cache_hits"] <= stats["prefix_cache_queries"]
     assert stats["num_prompt_tokens"] == 2 * sum(len(p) for p in prompts())
     assert_all_blocks_free(llm)
+    # flushed (/flush_cache): the next run finds only what it caches itself, as the first did
+    assert llm.engine.scheduler.allocator.forget_cached() > 0 and llm.engine.scheduler.allocator.num_cached == 0
+    third = llm.generate(prompts(), GREEDY)
+    assert token_ids(third) == baseline
+    assert [r.num_cached_tokens for r in third] == [r.num_cached_tokens for r in first] != \
+        [r.num_cached_tokens for r in second]
+    assert_all_blocks_free(llm)
 
 
 def test_chunked_prefill_gives_the_same_greedy_outputs(tiny_model: Path, baseline: list[list[int]]) -> None:

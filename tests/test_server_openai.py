@@ -93,6 +93,24 @@ def test_completions_max_tokens_stop_and_usage(client) -> None:
         assert choice.text == offsets.text[:starts[3] if kept else starts[2]] and by_token.usage.completion_tokens == 3
 
 
+def test_flush_cache_empties_the_prefix_cache(server) -> None:
+    """SGLang's /flush_cache and vLLM's /reset_prefix_cache: a repeated prompt hits the cache, and misses it once
+    the cache is flushed."""
+    body = {"prompt": "Count with me: " + ", ".join(str(i) for i in range(60)), "max_tokens": 1}
+
+    def cached_tokens() -> int:
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cached_tokens()
+    assert cached_tokens() > 0
+    for method, path in (("POST", "/flush_cache"), ("GET", "/flush_cache"), ("POST", "/reset_prefix_cache")):
+        flush = httpx.request(method, f"{server.url}{path}", timeout=10)
+        assert flush.status_code == 200 and flush.json() == {"status": "flushed"}
+        assert cached_tokens() == 0
+        assert cached_tokens() > 0
+
+
 def test_completions_n_seed_and_logprobs(client) -> None:
     kwargs = dict(model=MODEL, prompt="Once upon a time", temperature=1.0, max_tokens=10, seed=1234, n=3)
     first = client.completions.create(**kwargs)

@@ -27,8 +27,9 @@ from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, die_with_parent, ipc_pa
                        worker_environment)
 from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
-                            EngineStats, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec, OutputBatch,
-                            ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile, TokenizerSpec)
+                            EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec,
+                            OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile,
+                            TokenizerSpec)
 from sfllm.model_source import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.scheduler.request import Request
@@ -156,6 +157,9 @@ class EngineServer:
         elif isinstance(message, ClientHello):
             logger.info("frontend %s connected", message.client_id)
             self._send_encoded(identity, self.hello)
+        elif isinstance(message, FlushPrefixCache):
+            logger.info("prefix cache flushed: %d cached KV blocks forgotten",
+                        self.core.scheduler.allocator.forget_cached())
         elif isinstance(message, ProfileControl):
             directory = self.config.profile_dir or str(Path.cwd() / "sfllm-profiles")
             self.worker.send(StartProfile(directory=directory) if message.start else StopProfile())

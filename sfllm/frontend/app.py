@@ -144,16 +144,24 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     @app.post("/start_profile")
     async def start_profile() -> JSONResponse:
         """Starts a PyTorch profiler trace in the worker; it is written to --profile-dir on /stop_profile."""
-        return _profile_answer(engine.set_profiling(True), "started")
+        return _engine_told(engine.set_profiling(True), "started")
 
     @app.post("/stop_profile")
     async def stop_profile() -> JSONResponse:
-        return _profile_answer(engine.set_profiling(False), "stopped")
+        return _engine_told(engine.set_profiling(False), "stopped")
+
+    # SGLang's name (its benchmark calls it before a run), and vLLM's
+    @app.post("/flush_cache")
+    @app.get("/flush_cache")
+    @app.post("/reset_prefix_cache")
+    async def flush_prefix_cache() -> JSONResponse:
+        """Empties the prefix cache: requests sent after this answer find no cached prefix."""
+        return _engine_told(engine.flush_prefix_cache(), "flushed")
 
     return app
 
 
-def _profile_answer(sent: bool, state: str) -> JSONResponse:
+def _engine_told(sent: bool, state: str) -> JSONResponse:
     if sent:
         return JSONResponse({"status": state})
     return JSONResponse({"error": {"message": "the engine is not connected", "type": "service_unavailable_error",

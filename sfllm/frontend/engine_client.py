@@ -20,8 +20,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from sfllm import messages
-from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
-                            Heartbeat, Message, MessageCodec, OutputBatch, ProfileControl, RequestOutput)
+from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, FlushPrefixCache,
+                            GenerateRequest, Heartbeat, Message, MessageCodec, OutputBatch, ProfileControl,
+                            RequestOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,11 @@ class EngineClient:
     def set_profiling(self, start: bool) -> bool:
         """Start or stop the engine's profiler; False if the engine could not be told."""
         return self._connected and self._send(ProfileControl(start=start))
+
+    def flush_prefix_cache(self) -> bool:
+        """Have the engine forget its cached prefixes before this frontend's next requests; False if it could not
+        be told."""
+        return self._connected and self._send(FlushPrefixCache())
 
     def _send(self, message: Message) -> bool:
         assert self._socket is not None

@@ -110,6 +110,14 @@ class BlockAllocator:
             self._hash_of_block[block] = block_hash
         return block_hash
 
+    def forget_cached(self) -> int:
+        """Drops every prefix from the cache (blocks in use stay with their requests, free ones stay free);
+        returns how many blocks were cached."""
+        forgotten = len(self._cached)
+        self._cached.clear()
+        self._hash_of_block.clear()
+        return forgotten
+
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
