@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+import sfllm
 from sfllm.config import FrontendConfig, ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
@@ -426,6 +427,9 @@ def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None
                 ).status_code == 200
     assert post(engine, tokenizer, "/v1/completions", {"prompt": "x", "model": MODEL}).status_code == 404
     assert get(engine, tokenizer, "/v1/models/nope").status_code == 404
+    assert get(engine, tokenizer, "/version").json() == {"version": sfllm.__version__}
+    assert get(engine, tokenizer, "/get_model_info").json() == {
+        "model_path": "my-model", "tokenizer_path": "my-model", "is_generation": True, "max_context_length": 128}
     assert get(engine, tokenizer, "/nope").json()["error"]["type"] == "not_found_error"
     assert get(engine, tokenizer, "/openapi.json").status_code == 200
 

@@ -5,6 +5,8 @@ import os
 import time
 
 from fastapi import APIRouter, FastAPI, Request
+
+import sfllm
 from fastapi.responses import JSONResponse, Response
 
 from sfllm.config import FrontendConfig
@@ -91,6 +93,17 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         return model_card()
 
     app.include_router(v1)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """vLLM's: the server's version."""
+        return {"version": sfllm.__version__}
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict[str, object]:
+        """SGLang's, as its router and benchmark read it."""
+        return {"model_path": served_model_name, "tokenizer_path": served_model_name, "is_generation": True,
+                "max_context_length": model_card().max_model_len}
     tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine)
 
     @app.post("/generate", response_model=None)
