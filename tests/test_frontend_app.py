@@ -633,6 +633,26 @@ def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_token
     assert not plain["choices"][0]["message"].get("tool_calls")
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed(tokenizer: Tokenizer,
+                                                                          parallel: bool) -> None:
+    """A model may write two calls whatever the request says; with parallel_tool_calls false the answer holds the
+    first (as vLLM's), streamed or not."""
+    two = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>\n'
+                  for city in ("Paris", "Rome"))
+    engine = ScriptedEngine(tokenizer, max_context_length=512, script=two)
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER_TOOL],
+            "max_tokens": len(engine.script), "parallel_tool_calls": parallel}
+    cities = ["Paris", "Rome"] if parallel else ["Paris"]
+    choice = post(engine, tokenizer, "/v1/chat/completions", body).json()["choices"][0]
+    assert [json.loads(call["function"]["arguments"])["city"] for call in choice["message"]["tool_calls"]] == cities
+    assert choice["message"]["content"] is None, "the dropped call is not text either"
+    chunks = sse_payloads(post(engine, tokenizer, "/v1/chat/completions", body | {"stream": True}))
+    deltas = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or []]
+    assert [delta["index"] for delta in deltas if delta.get("id")] == list(range(len(cities)))
+    assert not any(chunk["choices"][0]["delta"].get("content") for chunk in chunks if chunk["choices"])
+
+
 def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs reach the template; a
     combination that cannot hold is a 400 and reaches no engine."""

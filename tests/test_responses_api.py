@@ -122,6 +122,15 @@ def test_tool_calls_are_function_call_items(tokenizer: Tokenizer, stream: bool) 
     assert json.loads(call["arguments"]) == {"city": "Paris"}
 
 
+def test_parallel_tool_calls_false_gives_one_function_call_item(tokenizer: Tokenizer) -> None:
+    two = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>\n'
+                  for city in ("Paris", "Rome"))
+    body = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": len(tokenizer.encode(two))}
+    assert len(respond(tokenizer, two, body).json()["output"]) == 2
+    [call] = respond(tokenizer, two, body | {"parallel_tool_calls": False}).json()["output"]
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores no response"),
     ({"input": "x", "background": True}, "background", "not supported"),

@@ -103,7 +103,8 @@ class ChatCompletionEndpoint:
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
                                          ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)
-                                         if self.reasoning_parser else None, body.include_reasoning is not False)
+                                         if self.reasoning_parser else None, body.include_reasoning is not False,
+                                         one_call=not tools.parallel)
                         for _ in choices]
         shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
@@ -212,11 +213,14 @@ class AnswerShape:
 
 class AssistantMessage:
     """One choice's assistant message as it streams in: its reasoning, if a parser reads one, its text, and with tools
-    on, the calls read from the text after the reasoning."""
+    on, the calls read from the text after the reasoning. With `one_call` (parallel_tool_calls false) only the first
+    call is kept, as vLLM does: a model may write several whatever the request says."""
 
     def __init__(self, parser: ToolCallParser | Llama3JsonToolCallParser | None,
-                 reasoning_parser: ReasoningParser | None = None, include_reasoning: bool = True) -> None:
+                 reasoning_parser: ReasoningParser | None = None, include_reasoning: bool = True,
+                 one_call: bool = False) -> None:
         self.parser = parser
+        self.one_call = one_call
         self.reasoning_parser = reasoning_parser
         self.include_reasoning = include_reasoning
         self.reasoning = ""
@@ -246,6 +250,8 @@ class AssistantMessage:
                 parsed.content += rest.content
                 parsed.tool_calls += rest.tool_calls
             text, calls = parsed.content, parsed.tool_calls
+            if self.one_call:
+                calls = [call for call in calls if call.index == 0]
         self.content += text
         if delta.finish_reason is not None:
             called = self.parser is not None and self.parser.calls and delta.finish_reason == "stop"
@@ -255,7 +261,7 @@ class AssistantMessage:
 
     def message(self) -> ChatResponseMessage:
         calls = [ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
-                 for call in (self.parser.calls if self.parser is not None else [])]
+                 for call in (self.parser.calls if self.parser is not None else [])][:1 if self.one_call else None]
         # no text: null beside calls or a thought (even one include_reasoning leaves out), as vLLM answers
         return ChatResponseMessage(content=self.content if self.content or not (calls or self.thought) else None,
                                    reasoning_content=self.reasoning or None, tool_calls=calls or None)
