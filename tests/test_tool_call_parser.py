@@ -91,6 +91,10 @@ def test_unfinished_or_malformed_calls() -> None:
     # a second call cut before its name (max_tokens): dropped, not the answer's text
     content, names, _, _ = parse(['<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name":'])
     assert (content, names) == ("", {0: "f"})
+    # a forced call (tool_choice required or named) cut before its name, or in its tag: nothing, not text
+    for cut in ["<tool_call>\n", '<tool_call>\n{"na', "<tool_", "<tool_call>"]:
+        assert parse([cut], ToolCallParser(forced=True))[:2] == ("", {}), cut
+        assert parse([cut])[0] == cut, "unforced: the text as it came"
     # text after a call that merely names the tag is the answer's
     call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     content, names, _, _ = parse([call + '\nNote: <tool_call> is it.'])

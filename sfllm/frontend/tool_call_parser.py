@@ -87,7 +87,8 @@ class _ArgumentsScanner:
 
 
 class ToolCallParser:
-    def __init__(self) -> None:
+    def __init__(self, forced: bool = False) -> None:
+        self.forced = forced  # a grammar makes the answer calls (tool_choice required or named): none of it is text
         self.calls: list[ToolCall] = []
         self._buffer = ""  # text not yet given out: a possible start of a tag, trailing space, a call's head
         self._in_call = False
@@ -110,12 +111,16 @@ class ToolCallParser:
 
     def finish(self) -> ParsedText:
         """The end of the output: what was held back. An unfinished call keeps what it has; after other calls, a
-        call cut before its name (the next call, cut by max_tokens) is dropped: no text of the answer."""
+        call cut before its name (the next call, cut by max_tokens) is dropped: no text of the answer; so is one
+        cut before its name, or inside its opening tag, where a grammar forced the calls."""
         parsed = ParsedText()
-        if not self._in_call and not (self.calls and self._buffer.isspace()):
-            parsed.content = self._buffer
-        elif self._in_call and self._scanner is None:
-            cut_call = self.calls and (not self._buffer.strip() or self._buffer.lstrip().startswith("{"))
+        if not self._in_call:
+            cut_tag = self.forced and OPEN_TAG.startswith(self._buffer.strip())
+            if not (cut_tag or (self.calls and self._buffer.isspace())):
+                parsed.content = self._buffer
+        elif self._scanner is None:
+            cut_call = ((self.calls or self.forced)
+                        and (not self._buffer.strip() or self._buffer.lstrip().startswith("{")))
             if not cut_call:
                 parsed.content = OPEN_TAG + self._buffer  # never became a call
         self._buffer = ""

@@ -54,7 +54,7 @@ class ChatTools:
             return None
         if template_format == "llama3_json" and not self.required:
             return Llama3JsonToolCallParser()
-        return ToolCallParser()
+        return ToolCallParser(forced=self.required)
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.enabled else None
