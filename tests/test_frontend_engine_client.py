@@ -14,9 +14,10 @@ import zmq.asyncio
 
 from sfllm import messages
 from sfllm.frontend.engine_client import (EngineClient, EngineProtocolError, EngineRequestError,
-                                          EngineUnavailableError)
+                                          EngineUnavailableError, _merge)
 from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
-                            Heartbeat, MessageCodec, OutputBatch, RequestOutput, TokenizerSpec)
+                            Heartbeat, MessageCodec, OutputBatch, RequestOutput, SampledLogprobs, TokenizerSpec,
+                            TokenLogprob)
 from sfllm.sampling_params import SamplingParams
 
 FAST = {"heartbeat_interval_s": 0.05, "stats_fresh_s": 0.3, "engine_timeout_s": 0.5}
@@ -139,6 +140,16 @@ def test_a_stream_behind_the_engine_gets_its_queued_outputs_merged(address: str)
         await client.close()
         await router.close()
     run(scenario)
+
+
+def test_merged_outputs_keep_the_prompts_logprobs_and_the_stop_token() -> None:
+    prompt = [SampledLogprobs(logprob=-1.0, top=[TokenLogprob(token_id=7, logprob=-0.5)], rank=2)]
+    outputs = [RequestOutput(request_id="r", token_ids=[1], prompt_logprobs=prompt, num_prompt_tokens=3),
+               RequestOutput(request_id="r", token_ids=[2]),
+               RequestOutput(request_id="r", token_ids=[3, 4], finish_reason="stop", stop_token_id=4)]
+    merged = _merge(_merge(outputs[0], outputs[1]), outputs[2])
+    assert (merged.token_ids, merged.prompt_logprobs, merged.finish_reason, merged.stop_token_id,
+            merged.num_prompt_tokens) == ([1, 2, 3, 4], prompt, "stop", 4, 3)
 
 
 def test_closing_a_stream_early_aborts_the_request(address: str) -> None:
