@@ -5,10 +5,9 @@ import os
 import time
 
 from fastapi import APIRouter, FastAPI, Request
-
-import sfllm
 from fastapi.responses import JSONResponse, Response
 
+import sfllm
 from sfllm.config import FrontendConfig
 from sfllm.frontend.auth import ApiKeyMiddleware
 from sfllm.frontend.chat_completions import ChatCompletionEndpoint
@@ -104,6 +103,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         """SGLang's, as its router and benchmark read it."""
         return {"model_path": served_model_name, "tokenizer_path": served_model_name, "is_generation": True,
                 "max_context_length": model_card().max_model_len}
+
     tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine)
 
     @app.post("/generate", response_model=None)

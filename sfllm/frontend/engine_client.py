@@ -56,15 +56,14 @@ def _mergeable(output: RequestOutput) -> bool:
 
 
 def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """`second` appended to `first`: one output with the tokens of both, the prompt's logprobs of the first (the
-    only one that has them) and the ending of the second."""
+    """`second` appended to `first`: the second as it is (its ending: finish reason, stop token), with the tokens
+    of both and the prompt's logprobs of the first (the only one that has them)."""
     logprobs = None if first.logprobs is None and second.logprobs is None else \
         (first.logprobs or []) + (second.logprobs or [])
-    return RequestOutput(request_id=first.request_id, token_ids=first.token_ids + second.token_ids, logprobs=logprobs,
-                         prompt_logprobs=first.prompt_logprobs or second.prompt_logprobs,
-                         finish_reason=second.finish_reason, stop_token_id=second.stop_token_id,
-                         num_prompt_tokens=second.num_prompt_tokens or first.num_prompt_tokens,
-                         num_cached_tokens=second.num_cached_tokens or first.num_cached_tokens)
+    return msgspec.structs.replace(second, token_ids=first.token_ids + second.token_ids, logprobs=logprobs,
+                                   prompt_logprobs=first.prompt_logprobs or second.prompt_logprobs,
+                                   num_prompt_tokens=second.num_prompt_tokens or first.num_prompt_tokens,
+                                   num_cached_tokens=second.num_cached_tokens or first.num_cached_tokens)
 
 
 HEARTBEAT_INTERVAL_S = 0.5  # how often the engine's stats (health, metrics) are asked for
