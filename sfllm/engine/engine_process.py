@@ -30,8 +30,6 @@ from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest
                             EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec,
                             OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile,
                             TokenizerSpec)
-from sfllm.model_source import resolve_model
-from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -259,6 +257,9 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
 def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
     """Made while the worker loads the model: frontends get the tokenizer from the engine, so they need no
     transformers (nor the model's files)."""
+    # imported only now, the worker started: torch and transformers take seconds to import, beside the worker's
+    from sfllm.model_source import resolve_model
+    from sfllm.model_source.tokenizer_spec import tokenizer_spec
     try:
         return tokenizer_spec(resolve_model(config.model, config.load_format, config.cache_dir))
     except (OSError, ValueError) as error:  # the model is absent, or its files are not what they should be
