@@ -1,9 +1,12 @@
 """The published Qwen3 configs, for serving random weights of a real model's shape."""
 from __future__ import annotations
 
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from sfllm.model_source.model_config import ARCHITECTURE_OF_MODEL_TYPE, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
@@ -49,6 +52,7 @@ def dummy_preset_config(name: str) -> ModelConfig:
 
 def transformers_config(config: ModelConfig) -> PretrainedConfig:
     """A transformers config of `config`'s shape, to build a randomly initialized reference model."""
+    from transformers import AutoConfig  # here: a worker or engine that serves the preset never imports it
     model_type = next(name for name, arch in ARCHITECTURE_OF_MODEL_TYPE.items() if arch == config.architecture)
     return AutoConfig.for_model(
         model_type,

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from sfllm.byte_level_alphabet import byte_characters, character_bytes
 from sfllm.model_source.atomic_folder import cached_folder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Bump when the saved tokenizer changes, so stale cached copies are not reused.
 DUMMY_TOKENIZER_VERSION = 2
@@ -35,6 +38,7 @@ def dummy_tokenizer_folder(cache_root: Path, vocab_size: int = 0) -> Path:
 
 
 def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast  # only where the folder is built, as the GGUF tokenizer's
     vocab = dict(character_bytes())
     vocab.update({token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)})
     space = byte_characters()[ord(" ")]

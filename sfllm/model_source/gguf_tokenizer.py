@@ -8,7 +8,6 @@ from pathlib import Path
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sfllm.model_source.gguf_metadata import GGUFMetadata
 
@@ -68,6 +67,8 @@ def save_gguf_tokenizer(metadata: GGUFMetadata, folder: Path) -> None:
         token_id = metadata.get(key, None)
         return None if token_id is None else tokens[token_id]
 
+    # transformers only where a folder is built: it is seconds of import for a worker that finds the folder cached
+    from transformers import PreTrainedTokenizerFast
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_backend_tokenizer(metadata, tokens),
         bos_token=token("tokenizer.ggml.bos_token_id"),
@@ -96,6 +97,7 @@ def _backend_tokenizer(metadata: GGUFMetadata, tokens: list[str]) -> Tokenizer:
             metadata.path.name, pre, ", ".join(BYTE_PAIR_PREPROCESSING),
         )
     # SentencePiece-style ("llama") vocabularies and unknown pre-tokenizers: transformers' converter.
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(metadata.path.parent, gguf_file=metadata.path.name).backend_tokenizer
 
 
