@@ -88,6 +88,23 @@ def test_smollm2_weights_equal_transformers_gguf_loader(smollm2) -> None:
     assert torch.equal(ours["model.embed_tokens.weight"], reference["lm_head.weight"])
 
 
+def test_a_worker_reads_a_converted_model_or_a_preset_without_importing_transformers(smollm2, cache_dir: Path) -> None:
+    """transformers' import costs a worker seconds and 160 MB: only building a tokenizer folder needs it."""
+    import subprocess
+    import sys
+    check = ("import sys\n"
+             "import sfllm.worker.worker_process\n"
+             "from sfllm.model_source import resolve_model\n"
+             f"resolve_model('smollm2-135m-instruct', cache_dir={str(cache_dir)!r})\n"
+             f"resolve_model('qwen3-0.6b', 'dummy', {str(cache_dir)!r})\n"
+             "print('transformers' in sys.modules)\n")
+    resolve_model("qwen3-0.6b", "dummy", str(cache_dir))  # its tokenizer folder built here, as the engine does
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_smollm2_config(smollm2) -> None:
     config = smollm2.config
     assert smollm2.load_format == "safetensors"
