@@ -658,8 +658,8 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     combination that cannot hold is a 400 and reaches no engine."""
     import msgspec
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}assistant{% if enable_thinking is false %} (no thinking){% endif %}:"
-                "{% endif %}")
+                "{% if add_generation_prompt %}assistant{% if enable_thinking is false %} (no thinking){% endif %}"
+                "{% if reasoning_effort %} ({{ reasoning_effort }} effort){% endif %}:{% endif %}")
     tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=template))
     engine = ScriptedEngine(tokenizer)
     asked = [{"role": "user", "content": "Capital of France?"}]
@@ -669,7 +669,9 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
               "user: Capital of France?\nassistant (no thinking):"),
              ({"messages": asked, "add_generation_prompt": False}, "user: Capital of France?\n"),
              ({"messages": started, "continue_final_message": True},
-              "user: Capital of France?\nassistant: The capital is")]
+              "user: Capital of France?\nassistant: The capital is"),
+             # OpenAI's reasoning_effort, as vLLM passes it: a variable of the template
+             ({"messages": asked, "reasoning_effort": "low"}, "user: Capital of France?\nassistant (low effort):")]
     for body, prompt in cases:
         response = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": 2})
         assert response.status_code == 200, response.text
@@ -680,7 +682,8 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
              "continue_final_message"),
             ({"messages": asked, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
             ({"messages": asked, "chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
-            ({"messages": asked, "chat_template": "{{ messages }}"}, "chat_template")]:
+            ({"messages": asked, "chat_template": "{{ messages }}"}, "chat_template"),
+            ({"messages": asked, "reasoning_effort": "maximal"}, "reasoning_effort")]:
         response = post(engine, tokenizer, "/v1/chat/completions", body | {"max_tokens": 2})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert len(engine.requests) == requests_sent

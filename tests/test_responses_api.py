@@ -155,6 +155,15 @@ def test_parallel_tool_calls_false_gives_one_function_call_item(tokenizer: Token
     ({"input": "x", "metadata": {"k": "\ud800"}}, "metadata", "surrogate"),
     ({"input": "x", "max_tokens": 5}, "max_tokens", "use max_output_tokens"),
     ({"input": "x", "logprobs": True}, "logprobs", "chat field"),
+    ({"input": "x", "reasoning": {"effort": "maximal"}}, "reasoning.effort", "one of none, minimal, low"),
+    ({"input": "x", "reasoning_effort": "low"}, "reasoning_effort", "use reasoning.effort"),
+    # an output answers a call before it, as OpenAI requires: not a later one, not one of another id
+    ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c1", "output": "4"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]},
+     "input[1].call_id", "no function_call before this function_call_output has call_id 'c1'"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c2", "output": "4"}]}, "input[1].call_id", "'c2'"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id", "needs its call_id"),
 ])
 def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body: dict[str, Any], param: str,
                                                       message: str) -> None:
@@ -194,7 +203,11 @@ def test_a_thought_belongs_to_the_assistant_turn_right_after_it() -> None:
 def test_reasoning_effort_joins_the_clients_template_variables() -> None:
     chat = ResponsesRequest.model_validate({"input": "x", "reasoning": {"effort": "low"},
                                             "chat_template_kwargs": {"enable_thinking": False}}).chat_request()
-    assert chat.chat_template_kwargs == {"enable_thinking": False, "reasoning_effort": "low"}
+    assert chat.template_options()["variables"] == {"enable_thinking": False, "reasoning_effort": "low"}
+    # the client's own variable of that name is the one the template reads
+    chat = ResponsesRequest.model_validate({"input": "x", "reasoning": {"effort": "low"},
+                                            "chat_template_kwargs": {"reasoning_effort": "high"}}).chat_request()
+    assert chat.template_options()["variables"] == {"reasoning_effort": "high"}
 
 
 def test_a_whole_call_before_a_cut_one_is_completed(tokenizer: Tokenizer) -> None:

@@ -305,6 +305,10 @@ def joined_text(parts: list[ChatTextPart]) -> str:
     return "\n".join(part.text for part in parts)
 
 
+# the values OpenAI's API takes (which a model honours is the model's: a template reads the variable or not)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -319,6 +323,8 @@ class ChatCompletionRequest(GenerationRequest):
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="more variables for the chat "
                                                                                   "template, e.g. enable_thinking")
+    # OpenAI's; as vLLM, the template's `reasoning_effort` variable (a template that reads none ignores it)
+    reasoning_effort: ReasoningEffort | None = None
     # vLLM's: with a reasoning parser, false leaves the reasoning out of the answer (it is still generated)
     include_reasoning: bool | None = True
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
@@ -330,8 +336,11 @@ class ChatCompletionRequest(GenerationRequest):
         """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""
         continue_final = bool(self.continue_final_message)
         add_prompt = not continue_final if self.add_generation_prompt is None else self.add_generation_prompt
+        variables = self.chat_template_kwargs
+        if self.reasoning_effort is not None:  # the client's own variable of that name, if any, wins
+            variables = {"reasoning_effort": self.reasoning_effort} | (variables or {})
         return {"add_generation_prompt": add_prompt, "continue_final_message": continue_final,
-                "variables": self.chat_template_kwargs}
+                "variables": variables}
 
     def max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else super().max_tokens_field()

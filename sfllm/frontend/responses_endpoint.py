@@ -240,7 +240,7 @@ class _Answer:
 
 # the chat fields a Responses request's fields became, by the name the client used
 _RESPONSES_FIELDS = {"messages": "input", "max_completion_tokens": "max_output_tokens",
-                     "response_format": "text.format"}
+                     "response_format": "text.format", "reasoning_effort": "reasoning.effort"}
 
 
 def _responses_field(param: str) -> str:

@@ -2,19 +2,20 @@
 
 The input's items become chat messages: `instructions` a system message first; messages as they are (their
 `input_text`/`output_text` parts joined); `function_call` items the assistant's tool calls (a run of them one
-message, joined to the assistant text before them); `function_call_output` items tool messages; a `reasoning`
-item the next assistant message's `reasoning_content`. Function tools, `tool_choice` and `text.format` become
-their chat forms. Nothing is stored: `previous_response_id` and `background` are a 400, as is any tool but a
+message, joined to the assistant text before them); `function_call_output` items tool messages (each answers a
+call before it, by call_id, as OpenAI requires); a `reasoning` item the next assistant message's
+`reasoning_content`. Function tools, `tool_choice`, `text.format` and `reasoning.effort` become their chat
+forms. Nothing is stored: `previous_response_id` and `background` are a 400, as is any tool but a
 function (no server-side tools run here).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
 from sfllm.frontend.errors import InvalidRequestError
-from sfllm.frontend.openai_protocol import ChatCompletionRequest
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, ReasoningEffort
 from sfllm.frontend.request_checks import check_unicode_within
 from sfllm.frontend.tool_protocol import StrictModel
 
@@ -26,7 +27,8 @@ _UNSUPPORTED = ("conversation", "prompt", "max_tool_calls")
 # chat fields a Responses request must not send: its own fields say these (max_output_tokens, ...), or the
 # response could not carry them (logprobs)
 _CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-              "max_new_tokens": "max_output_tokens", "logprobs": None, "response_format": "text.format"}
+              "max_new_tokens": "max_output_tokens", "logprobs": None, "response_format": "text.format",
+              "reasoning_effort": "reasoning.effort"}
 # the Responses API's own stream_options (include_obfuscation) mean nothing to chat: not passed on
 _NOT_PASSED_ON = ("stream_options", *_CHAT_ONLY)
 
@@ -70,6 +72,10 @@ class ResponsesRequest(StrictModel):
         if self.top_logprobs or any("logprobs" in item for item in self.include or []):
             raise InvalidRequestError("logprobs are not supported on /v1/responses; use /v1/chat/completions",
                                       param="top_logprobs" if self.top_logprobs else "include")
+        effort = (self.reasoning or {}).get("effort")
+        if effort is not None and effort not in get_args(ReasoningEffort):
+            raise InvalidRequestError(f"reasoning.effort must be one of {', '.join(get_args(ReasoningEffort))}; got "
+                                      f"{effort!r}", param="reasoning.effort")
         if self.truncation not in (None, "disabled"):
             raise InvalidRequestError("truncation \"auto\" is not supported: a prompt past the context is a 400",
                                       param="truncation")
@@ -97,9 +103,8 @@ class ResponsesRequest(StrictModel):
         text_format = (self.text or {}).get("format")
         if text_format is not None:
             body["response_format"] = _response_format(text_format)
-        effort = (self.reasoning or {}).get("effort")
-        if effort is not None:  # as vLLM passes it: to the chat template, beside the client's own variables
-            body["chat_template_kwargs"] = {**(body.get("chat_template_kwargs") or {}), "reasoning_effort": effort}
+        if (self.reasoning or {}).get("effort") is not None:
+            body["reasoning_effort"] = self.reasoning["effort"]
         return ChatCompletionRequest.model_validate(body)
 
 
@@ -108,6 +113,7 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
     thought: str | None = None
+    call_ids: set[str] = set()  # of the calls so far: an output answers one of them, as OpenAI requires
     for index, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
@@ -117,6 +123,7 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             thought = None  # a thought belongs to the assistant's turn right after it, or to none
             messages.append(message)
         elif kind == "function_call":
+            call_ids.add(_call_id(index, item))
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             last = messages[-1] if messages else None
@@ -127,6 +134,9 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if thought is not None:
                     messages[-1]["reasoning_content"], thought = thought, None
         elif kind == "function_call_output":
+            if _call_id(index, item) not in call_ids:
+                raise InvalidRequestError(f"input[{index}]: no function_call before this function_call_output has "
+                                          f"call_id {item['call_id']!r}", param=f"input[{index}].call_id")
             thought = None
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
@@ -140,6 +150,14 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                                       "function_call, function_call_output and reasoning are)",
                                       param=f"input[{index}].type")
     return messages
+
+
+def _call_id(index: int, item: dict[str, Any]) -> str:
+    call_id = item.get("call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise InvalidRequestError(f"input[{index}]: a {item['type']} item needs its call_id",
+                                  param=f"input[{index}].call_id")
+    return call_id
 
 
 def _text(index: int, content: Any) -> Any:
