@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sfllm.config import ConfigError, ServerConfig, add_config_arguments, load_config
+from sfllm.cuda_presence import cuda_available
 
 COMMANDS = ("launch", "engine", "frontend", "worker", "bench")
 
@@ -27,10 +28,8 @@ CPU_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "cpu.yaml"
 
 def _default_profile(args: argparse.Namespace) -> None:
     """Without --config on a machine without CUDA, the CPU profile is the starting point."""
-    if args.config is None and CPU_PROFILE.is_file():
-        import torch
-        if not torch.cuda.is_available():
-            args.config = str(CPU_PROFILE)
+    if args.config is None and CPU_PROFILE.is_file() and not cuda_available():
+        args.config = str(CPU_PROFILE)
 
 
 def _load(parser: argparse.ArgumentParser, argv: list[str],

@@ -22,6 +22,7 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import GenerateRequest, SampledLogprobs
 from sfllm.model_source import resolve_model
+from sfllm.model_source.resolve import resolve_cache_dir
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import SamplingParams, StructuredOutput
 from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS
@@ -94,7 +95,7 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
         self.config = load_config(environ={}, model=model, **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        spec = tokenizer_spec(self.source)
+        spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
         self.tokenizer = Tokenizer(spec)
         self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source), spec)
         self._ids = itertools.count()

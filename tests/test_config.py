@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,28 @@ def test_the_workers_config_file_gives_it_the_same_config(tmp_path: Path) -> Non
     worker = ServerConfig(model="m", tensor_parallel_size=2, num_kv_blocks=64, disable_cuda_graph=True).worker()
     write_config_file(dataclasses.asdict(worker), tmp_path / "worker.yaml")
     assert load_config(_args("--config", str(tmp_path / "worker.yaml")), environ={}).worker() == worker
+
+
+def test_launch_picks_its_profile_by_what_torch_would_say_without_importing_torch() -> None:
+    """Whether CUDA is there is read from torch's build and asked of the driver: torch's own answer (the CPU
+    profile here, none on a GPU host), without the import that took each launch 1.6 s before it started anything."""
+    import torch
+
+    from sfllm.cli import CPU_PROFILE
+    from sfllm.cuda_presence import cuda_available
+    assert cuda_available() == torch.cuda.is_available()
+    check = ("import argparse, sys\n"
+             "from sfllm import cli\n"
+             "args = argparse.Namespace(config=None)\n"
+             "cli._default_profile(args)\n"
+             "print(args.config, 'torch' in sys.modules)\n")
+    for hidden in (False, True):  # CUDA_VISIBLE_DEVICES applies, as for torch
+        env = os.environ | ({"CUDA_VISIBLE_DEVICES": ""} if hidden else {})
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=REPO,
+                              env=env)
+        assert done.returncode == 0, done.stderr
+        cuda = torch.cuda.is_available() and not hidden
+        assert done.stdout.split() == [str(None if cuda else CPU_PROFILE), "False"], hidden
 
 
 def test_python_dash_m_sfllm_works() -> None:

@@ -105,6 +105,44 @@ def test_a_worker_reads_a_converted_model_or_a_preset_without_importing_transfor
     assert done.stdout.strip() == "False"
 
 
+def test_the_engine_keeps_the_tokenizer_spec_and_reads_it_back_without_transformers_torch_or_gguf(
+        smollm2, cache_dir: Path, tmp_path: Path) -> None:
+    """What transformers makes of a tokenizer is kept under a digest of its files: the engine's next start reads
+    it back with none of the imports that took it seconds; a changed file, or a kept file that does not decode,
+    makes it anew."""
+    import dataclasses
+    import hashlib
+    import subprocess
+    import sys
+
+    import msgspec
+    made = tokenizer_spec(smollm2, cache_dir)
+    assert made == tokenizer_spec(smollm2), "the kept spec is transformers' own"
+    [kept] = (cache_dir / "tokenizer-specs").iterdir()
+    check = ("import hashlib, sys\n"
+             "from pathlib import Path\n"
+             "import msgspec\n"
+             "from sfllm.model_source import resolve_model\n"
+             "from sfllm.model_source.tokenizer_spec import tokenizer_spec\n"
+             f"spec = tokenizer_spec(resolve_model('smollm2-135m-instruct', cache_dir={str(cache_dir)!r}), "
+             f"Path({str(cache_dir)!r}))\n"
+             "print(hashlib.sha256(msgspec.msgpack.encode(spec)).hexdigest())\n"
+             "print([name for name in ('transformers', 'torch', 'gguf') if name in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [hashlib.sha256(msgspec.msgpack.encode(made)).hexdigest(), "[]"]
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(smollm2.tokenizer_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    changed = tokenizer_spec(dataclasses.replace(smollm2, tokenizer_folder=folder), cache_dir)
+    assert changed.chat_template == "{{ messages[0]['content'] }}" and changed.tokenizer_json == made.tokenizer_json
+    assert len(list((cache_dir / "tokenizer-specs").iterdir())) == 2
+    kept.write_bytes(b"not a spec")
+    assert tokenizer_spec(smollm2, cache_dir) == made and kept.read_bytes() == msgspec.msgpack.encode(made)
+
+
 def test_smollm2_config(smollm2) -> None:
     config = smollm2.config
     assert smollm2.load_format == "safetensors"

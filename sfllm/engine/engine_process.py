@@ -257,11 +257,13 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
 def _tokenizer_for_frontends(config: EngineConfig) -> TokenizerSpec:
     """Made while the worker loads the model: frontends get the tokenizer from the engine, so they need no
     transformers (nor the model's files)."""
-    # imported only now, the worker started: torch and transformers take seconds to import, beside the worker's
+    # imported only now, the worker started: where no kept spec serves, transformers takes seconds to import
     from sfllm.model_source import resolve_model
+    from sfllm.model_source.resolve import resolve_cache_dir
     from sfllm.model_source.tokenizer_spec import tokenizer_spec
     try:
-        return tokenizer_spec(resolve_model(config.model, config.load_format, config.cache_dir))
+        return tokenizer_spec(resolve_model(config.model, config.load_format, config.cache_dir),
+                              resolve_cache_dir(config.cache_dir))
     except (OSError, ValueError) as error:  # the model is absent, or its files are not what they should be
         raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
 

@@ -5,15 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
 from sfllm.model_source.atomic_folder import cached_folder
-from sfllm.model_source.gguf_hf_config import generation_config_from_gguf, hf_config_from_gguf
-from sfllm.model_source.gguf_metadata import GGUFMetadata
-from sfllm.model_source.gguf_tensors import converted_dtype, hf_tensor, hf_tensor_name, weight_tensors
-from sfllm.model_source.gguf_tokenizer import save_gguf_tokenizer
 
 # Bump when the converted folder's content changes, so older cached conversions are not reused.
 CONVERTER_VERSION = 1
@@ -36,6 +28,16 @@ def conversion_key(gguf_path: Path) -> str:
 
 
 def _convert_into(gguf_path: Path, folder: Path) -> None:
+    # imported only to convert: a cache hit (every start after the first) needs neither torch nor gguf's reader
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from sfllm.model_source.gguf_hf_config import generation_config_from_gguf, hf_config_from_gguf
+    from sfllm.model_source.gguf_metadata import GGUFMetadata
+    from sfllm.model_source.gguf_tensors import converted_dtype, hf_tensor, hf_tensor_name, weight_tensors
+    from sfllm.model_source.gguf_tokenizer import save_gguf_tokenizer
+
     metadata = GGUFMetadata(gguf_path)
     tensors = weight_tensors(metadata)
     holds_bfloat16 = any(converted_dtype(tensor) == torch.bfloat16 for tensor in tensors)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from gguf import GGUFReader, ReaderTensor
+from typing import TYPE_CHECKING, Any
 
 from sfllm.model_source.model_config import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from gguf import ReaderTensor
 
 
 class UnsupportedGGUF(ValueError):
@@ -35,6 +36,8 @@ class GGUFMetadata:
     """The key-value metadata and tensor directory of one GGUF file (tensor data stays on disk)."""
 
     def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader  # imported to read a file: a cached conversion needs no gguf (nor numpy)
+
         self.path = path
         self.reader = GGUFReader(path)
         self.architecture_name: str = self.get("general.architecture")
