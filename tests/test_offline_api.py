@@ -412,9 +412,9 @@ def test_grammar_state_and_bad_words_survive_preemption(smollm_llm) -> None:
     expected = [r.outputs[0].text for r in smollm_llm.generate(prompts, params)]
     for text in expected:
         json.loads(text)
-    plain = smollm_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    plain = smollm_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     pairs = sorted({(a, b) for r in plain for a, b in zip(r.outputs[0].token_ids, r.outputs[0].token_ids[1:])})
-    banning = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+    banning = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
                              bad_words_token_ids=[list(pair) for pair in pairs])
     unbanned = [r.outputs[0].token_ids for r in smollm_llm.generate(prompts, banning)]
     assert not any(pair in pairs for tokens in unbanned for pair in zip(tokens, tokens[1:]))
