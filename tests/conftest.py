@@ -54,6 +54,16 @@ def tokenizer(smollm_tokenizer_spec) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def smollm_reference(smollm_source):
+    """SmolLM2 loaded by transformers straight from the GGUF (an independent dequantisation), float32, for
+    evaluation only: its weights and its outputs are what ours are compared with (20 s to load on 2 cores)."""
+    import transformers
+    gguf = smollm_source.gguf_path
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm_llm(smollm_source):
     from sfllm import LLM
     return LLM(dtype="float32", device="cpu")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sfllm.frontend.detokenizer import IncrementalDetokenizer
@@ -76,11 +76,9 @@ def transformers_tokenizer():
 # --- SmolLM2 from the bundled GGUF -------------------------------------------------------------
 
 
-def test_smollm2_weights_equal_transformers_gguf_loader(smollm2) -> None:
+def test_smollm2_weights_equal_transformers_gguf_loader(smollm2, smollm_reference) -> None:
     ours = load_file(smollm2.folder / "model.safetensors")
-    reference = AutoModelForCausalLM.from_pretrained(
-        SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32
-    ).state_dict()
+    reference = smollm_reference.state_dict()
     assert set(reference) == set(ours) | {"lm_head.weight"}  # tied: we store no lm_head
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32, name

@@ -35,14 +35,6 @@ def reference_greedy(model: transformers.PreTrainedModel, prompt_ids: list[int],
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def smollm_reference(smollm_source) -> transformers.PreTrainedModel:
-    """SmolLM2 loaded by transformers straight from the GGUF: an independent dequantisation."""
-    gguf = smollm_source.gguf_path
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-
-
 def test_smollm2_greedy_matches_transformers_in_one_batch(smollm_llm: LLM, smollm_reference) -> None:
     token_lists = [smollm_llm.tokenizer.encode(p) for p in PROMPTS]
     chats = [smollm_llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
