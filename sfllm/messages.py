@@ -117,6 +117,8 @@ class RequestOutput(Message):
     num_cached_tokens: int = 0
     error: str | None = None
     error_code: int = 0
+    # in a 400: the request's field at fault, by the engine's name for it (the constraint's: "response_format")
+    error_param: str | None = None
 
 
 class OutputBatch(Message):

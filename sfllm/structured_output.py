@@ -130,11 +130,16 @@ def _at(schema: Any, path: tuple[str, ...]) -> Any:
     return schema
 
 
+# how the engine names the output's constraint in its errors (OpenAI's field); the frontend names the field the
+# client used instead (guided_json, tools, ...)
+CONSTRAINT_PARAM = "response_format"
+
+
 class InvalidGrammar(InvalidSamplingParams):
     """The schema, expression or grammar cannot constrain an output; the message says where."""
 
 
-def grammar_of(structured_output: StructuredOutput, param: str = "response_format") -> str:
+def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARAM) -> str:
     """llguidance's grammar for the constraint; raises InvalidGrammar naming `param`."""
     kind, definition = structured_output.kind, structured_output.definition
     if kind == "json_schema":

@@ -404,6 +404,33 @@ def test_engine_refusing_a_prompt_is_its_status(tokenizer: Tokenizer) -> None:
     assert response.status_code == 400 and "9000" in response.json()["error"]["message"]
 
 
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": WEATHER_TOOL,
+                              "tool_choice": "required"}, "tools"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ("/v1/responses", {"input": "x", "stream": True, "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ("/v1/completions", {"prompt": "x"}, None),  # no constraint: the engine's name stands
+])
+def test_an_engine_error_about_the_constraint_names_the_field_the_client_set_it_in(
+        tokenizer: Tokenizer, path: str, body: dict[str, Any], param: str | None) -> None:
+    """A grammar that fails only once applied is found by the engine, which names the constraint as OpenAI's
+    field; the answer names the field this request used."""
+    engine = ScriptedEngine(tokenizer, error=EngineRequestError(
+        "the structured output's grammar failed once applied: no way to end", 400, "response_format"))
+    response = post(engine, tokenizer, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == (param or "response_format") and "failed once applied" in error["message"], error
+
+
 def test_engine_gone_is_503(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer)
     engine.connected = engine.healthy = False

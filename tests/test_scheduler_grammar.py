@@ -139,7 +139,7 @@ def test_a_grammar_that_fails_once_masked_ends_its_request_as_the_clients_error(
         finished.update((output.request_id, output) for output in core.step() if output.finish_reason is not None)
     assert finished["good"].finish_reason == "stop"
     bad = finished["bad"]
-    assert bad.finish_reason == "error" and bad.error_code == 400
+    assert (bad.finish_reason, bad.error_code, bad.error_param) == ("error", 400, "response_format")
     assert "grammar" in bad.error and "\n" not in bad.error and len(bad.error) < 300, bad.error
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
 
@@ -196,6 +196,7 @@ def test_a_model_without_an_end_of_sequence_token_serves_and_refuses_grammars_as
     refused = core.add_request(GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], params=SamplingParams(
         max_tokens=4, structured_output=StructuredOutput.regex(PATTERN))))
     assert refused is not None and refused.error_code == 400 and "end-of-sequence" in refused.error
+    assert refused.error_param == "response_format"
     assert core.add_request(GenerateRequest(request_id="plain", prompt_token_ids=[5, 6, 7],
                                             params=SamplingParams(max_tokens=3, ignore_eos=True))) is None
     tokens = []
@@ -264,7 +265,8 @@ def test_a_grammar_beyond_the_engines_limits_is_the_clients_error(smollm_tokeniz
         finished.update((o.request_id, o) for o in core.step() if o.finish_reason is not None)
     assert finished["plain"].finish_reason == "length"
     huge_output = finished["huge"]
-    assert huge_output.finish_reason == "error" and huge_output.error_code == 400, huge_output.error
+    assert (huge_output.finish_reason, huge_output.error_code, huge_output.error_param) == ("error", 400,
+                                                                                          "response_format")
     assert "limits" in huge_output.error and "\n" not in huge_output.error
     assert core.scheduler.allocator.num_free == worker.info.num_kv_blocks and not core.scheduler.requests
 

@@ -89,8 +89,9 @@ class ChatCompletionEndpoint:
         self.limits.check_prompt_length(len(prompt), "messages")
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt), max_context_length,
                                         "messages", self.limits.max_output_tokens, body.max_tokens_field())
-        params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size,
-                                      tools.structured_output(), encode=self.tokenizer.encode_text)
+        tool_grammar = tools.structured_output()
+        params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size, tool_grammar,
+                                      encode=self.tokenizer.encode_text)
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
@@ -99,7 +100,8 @@ class ChatCompletionEndpoint:
             thought = thought_before_grammar(self.reasoning_parser, prompt_tail, self.tokenizer.encode_text,
                                              continued)
             params.structured_output = msgspec.structs.replace(params.structured_output, after_thought=thought)
-        choices = plan_choices(request_id, [prompt], [params], priority, arrival_time)
+        choices = plan_choices(request_id, [prompt], [params], priority, arrival_time,
+                               "tools" if tool_grammar is not None else body.constraint_field())
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
         messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
                                          ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)

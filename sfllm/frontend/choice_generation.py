@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from sfllm.frontend.choices import Choice, ChoiceDecoder, ChoiceDelta
-from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.engine_client import EngineClient, EngineRequestError
 from sfllm.frontend.errors import RequestTimeoutError
 from sfllm.frontend.metrics import FrontendMetrics
 from sfllm.frontend.openai_responses import PromptTokensDetails, Usage
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.structured_output import CONSTRAINT_PARAM
 
 logger = logging.getLogger(__name__)
 
@@ -28,20 +29,25 @@ async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: C
     first_token_time: float | None = None
     first_output = True
     async with aclosing(engine.submit(request)) as outputs:
-        async for output in outputs:
-            if first_output and output.token_ids:
-                first_output = False
-                if request.priority == "high" and logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("high-priority request %s: first output in the frontend at %.1f ms",
-                                 request.request_id, 1e3 * (time.time() - request.arrival_time))
-                if metrics is not None:
-                    first_token_time = metrics.first_token(request.arrival_time)
-            delta = decoder.decode(output)
-            yield delta
-            if delta.finish_reason is not None:
-                if metrics is not None and first_token_time is not None:
-                    metrics.sequence_finished(first_token_time, delta.num_output_tokens)
-                return  # leaving `aclosing` aborts the engine's request if a stop string ended it
+        try:
+            async for output in outputs:
+                if first_output and output.token_ids:
+                    first_output = False
+                    if request.priority == "high" and logger.isEnabledFor(logging.DEBUG):
+                        logger.debug("high-priority request %s: first output in the frontend at %.1f ms",
+                                     request.request_id, 1e3 * (time.time() - request.arrival_time))
+                    if metrics is not None:
+                        first_token_time = metrics.first_token(request.arrival_time)
+                delta = decoder.decode(output)
+                yield delta
+                if delta.finish_reason is not None:
+                    if metrics is not None and first_token_time is not None:
+                        metrics.sequence_finished(first_token_time, delta.num_output_tokens)
+                    return  # leaving `aclosing` aborts the engine's request if a stop string ended it
+        except EngineRequestError as error:  # about the output's constraint: named by the field the client set
+            if error.param == CONSTRAINT_PARAM and choice.constraint_field is not None:
+                error.param = choice.constraint_field
+            raise
 
 
 def high_priority_trace(request_id: str, priority: str, arrival_time: float) -> Callable[[], None] | None:

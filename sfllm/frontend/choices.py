@@ -26,6 +26,9 @@ class Choice:
     index: int
     prompt_index: int
     request: GenerateRequest
+    # the request field the output's constraint came from (guided_json, tools, ...), which an engine error about
+    # the constraint names
+    constraint_field: str | None = None
 
 
 @dataclass
@@ -50,7 +53,7 @@ class ChoiceDelta:
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 priority: str, arrival_time: float | None = None) -> list[Choice]:
+                 priority: str, arrival_time: float | None = None, constraint_field: str | None = None) -> list[Choice]:
     """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
     choices = []
     now = time.time() if arrival_time is None else arrival_time
@@ -61,7 +64,8 @@ def plan_choices(request_id: str, prompts: list[list[int]], params: list[Samplin
             sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
             request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
                                       params=sample_params, priority=priority, arrival_time=now)
-            choices.append(Choice(index=index, prompt_index=prompt_index, request=request))
+            choices.append(Choice(index=index, prompt_index=prompt_index, request=request,
+                                  constraint_field=constraint_field))
     return choices
 
 

@@ -176,7 +176,7 @@ class CompletionEndpoint:
                                        self.tokenizer.vocab_size, encode=self.tokenizer.encode_text)
                   for prompt in prompts]
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
-        choices = plan_choices(request_id, prompts, params, priority, arrival_time)
+        choices = plan_choices(request_id, prompts, params, priority, arrival_time, body.constraint_field())
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
                              if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids),
                              bool(body.return_tokens_as_token_ids))

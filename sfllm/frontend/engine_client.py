@@ -44,11 +44,13 @@ class EngineProtocolError(Exception):
 
 
 class EngineRequestError(Exception):
-    """The engine refused or lost one request; `status_code` is the HTTP status to answer with."""
+    """The engine refused or lost one request; `status_code` is the HTTP status to answer with, `param` the
+    request field at fault where the engine names one."""
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, param: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.param = param
 
 
 def _mergeable(output: RequestOutput) -> bool:
@@ -190,7 +192,7 @@ class EngineClient:
                     raise item
                 if item.error is not None:
                     finished = True
-                    raise EngineRequestError(item.error, item.error_code or 500)
+                    raise EngineRequestError(item.error, item.error_code or 500, item.error_param)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:

@@ -134,7 +134,7 @@ def api_error_from(error: Exception) -> APIError:
         if error.status_code == 503:
             return ServiceUnavailableError(str(error), code="engine_overloaded")
         if 400 <= error.status_code < 500:
-            return APIError(error.status_code, str(error))
+            return APIError(error.status_code, str(error), param=error.param)
         return APIError(error.status_code, str(error), error_type="server_error")
     logger.error("unexpected error while serving a request", exc_info=error)
     return APIError(500, f"internal server error: {type(error).__name__}", error_type="server_error")

@@ -176,6 +176,12 @@ class GenerationRequest(RequestBody):
             bias[int(key)] = value
         return bias
 
+    def constraint_field(self) -> str | None:
+        """The field the output's constraint came in (response_format, guided_json, ...), to name in an error the
+        engine finds in it later."""
+        requested = self.requested_structured_output()
+        return requested[0] if requested else None
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int | None = None,
                         structured_output: StructuredOutput | None = None,
                         encode: Callable[[str], list[int]] | None = None) -> SamplingParams:

@@ -52,7 +52,10 @@ class ResponsesEndpoint:
         if body.stream:
             events = self._events(generation.deltas, answer, generation.outcome)
             return await start_event_stream(request, events, generation.high_priority_trace)
-        await until_disconnect(request, self._complete(generation.deltas, answer))
+        try:
+            await until_disconnect(request, self._complete(generation.deltas, answer))
+        except Exception as error:  # the engine's, named by the chat field it became
+            raise _as_responses_error(api_error_from(error)) from None
         return JSONResponse(answer.response("completed"))
 
     @staticmethod
@@ -66,7 +69,10 @@ class ResponsesEndpoint:
     async def _events(deltas: AsyncGenerator[ChoiceDelta, None], answer: _Answer,
                       outcome: RequestOutcome) -> AsyncGenerator[str, None]:
         async with aclosing(deltas):
-            first = await anext(deltas)  # an error here is the response's status, not an event
+            try:
+                first = await anext(deltas)
+            except Exception as error:  # the response's status, not an event
+                raise _as_responses_error(api_error_from(error)) from None
             yield answer.event("response.created", response=answer.response("in_progress"))
             yield answer.event("response.in_progress", response=answer.response("in_progress"))
             for event in answer.add(first):
@@ -76,7 +82,7 @@ class ResponsesEndpoint:
                     for event in answer.add(delta):
                         yield event
             except Exception as error:  # the status line is gone: an error event, as OpenAI streams it
-                api_error = api_error_from(error)
+                api_error = _as_responses_error(api_error_from(error))
                 outcome.stream_error_status = api_error.status_code
                 yield answer.event("error", code=api_error.code or api_error.error_type, message=api_error.message,
                                    param=api_error.param)

@@ -22,7 +22,7 @@ import numpy
 
 from sfllm.sampling_params import StructuredOutput
 from sfllm.scheduler.grammar_after_thought import GrammarAfterThought
-from sfllm.structured_output import InvalidGrammar, grammar_of
+from sfllm.structured_output import CONSTRAINT_PARAM, InvalidGrammar, grammar_of
 
 
 class GrammarMatchers:
@@ -65,7 +65,7 @@ class GrammarMatchers:
         thought = structured_output.after_thought
         for token in () if thought is None else (thought.start, thought.end):
             if not 0 <= token < self.vocab_size:
-                raise InvalidGrammar("response_format", f"the thought's token {token} is outside the "
+                raise InvalidGrammar(CONSTRAINT_PARAM, f"the thought's token {token} is outside the "
                                                         f"vocabulary [0, {self.vocab_size})")
         return self._grammar(structured_output)
 
@@ -73,12 +73,12 @@ class GrammarMatchers:
         """compile's matcher, built here; raises InvalidGrammar, also for a matcher in error."""
         matcher = self.compile(structured_output).result()
         if matcher.is_error():
-            raise InvalidGrammar("response_format", matcher.get_error())
+            raise InvalidGrammar(CONSTRAINT_PARAM, matcher.get_error())
         return matcher
 
     def _grammar(self, structured_output: StructuredOutput) -> str:
         if self._tokenizer is None:
-            raise InvalidGrammar("response_format", self.unavailable)
+            raise InvalidGrammar(CONSTRAINT_PARAM, self.unavailable)
         return grammar_of(structured_output)
 
     def _build(self, grammar: str) -> llguidance.LLMatcher:

@@ -35,6 +35,7 @@ from sfllm.scheduler.request import Request, RequestStatus
 from sfllm.scheduler.speculation import Speculation
 from sfllm.scheduler.stop_checker import StopChecker
 from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS, WaitingQueue
+from sfllm.structured_output import CONSTRAINT_PARAM
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Scheduler:
         try:
             matcher_ready = self._compile_grammar(message.params)
         except InvalidSamplingParams as error:
-            return _error(message.request_id, str(error), 400)
+            return _error(message.request_id, str(error), 400, error.param)
         request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
                           message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
         if message.params.prompt_logprobs is not None:
@@ -190,7 +191,7 @@ class Scheduler:
             if check_grammar and message.params.structured_output is not None:
                 self._check_grammar(message.params.structured_output)
         except InvalidSamplingParams as error:
-            return _error(message.request_id, str(error), 400)
+            return _error(message.request_id, str(error), 400, error.param)
         return None
 
     def high_priority_lately(self) -> bool:
@@ -719,9 +720,11 @@ class Scheduler:
         failed = self._finish(request, "error")
         if late_rejection:
             failed.error, failed.error_code = f"the structured output's grammar failed once applied: {reason}", 400
+            failed.error_param = CONSTRAINT_PARAM
         elif exceeded_limits(reason):
             failed.error, failed.error_code = f"the structured output's grammar exceeds the limits of the grammar " \
                                               f"engine: {reason}", 400
+            failed.error_param = CONSTRAINT_PARAM
         else:
             failed.error, failed.error_code = f"the grammar refused token {token}: {reason}", 500
         return failed
@@ -777,5 +780,6 @@ def _percent(part: int, whole: int) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-def _error(request_id: str, message: str, code: int) -> RequestOutput:
-    return RequestOutput(request_id=request_id, token_ids=[], finish_reason="error", error=message, error_code=code)
+def _error(request_id: str, message: str, code: int, param: str | None = None) -> RequestOutput:
+    return RequestOutput(request_id=request_id, token_ids=[], finish_reason="error", error=message, error_code=code,
+                         error_param=param)
