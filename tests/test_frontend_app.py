@@ -515,12 +515,17 @@ def test_client_leaving_a_stream_aborts_its_requests(tokenizer: Tokenizer, path:
     assert len(engine.aborted) == 2
 
 
-def test_client_leaving_before_a_whole_answer_aborts_its_request(tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 90}),
+    ("/v1/responses", {"input": "x", "max_output_tokens": 90})])
+def test_client_leaving_before_a_whole_answer_aborts_its_request(tokenizer: Tokenizer, path: str, body: dict[str, Any],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     engine = ScriptedEngine(tokenizer, delay_s=0.01)
     app = create_app(ServerConfig().frontend(), engine, tokenizer)  # type: ignore[arg-type]
-    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 90}
-    asyncio.run(call_and_disconnect(app, "/v1/chat/completions", body, None, disconnect_after_s=0.1))
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(call_and_disconnect(app, path, body, None, disconnect_after_s=0.1))
     assert engine.aborted == [engine.requests[0].request_id]
+    assert not caplog.records, "a client gone away is no server error"
 
 
 @pytest.mark.parametrize("bias", [{"²": 1}, {"1_000": 1}, {"9" * 5000: 1}, {"-3": 1}, {"5": 100.5}])

@@ -22,12 +22,17 @@ from pydantic import ValidationError
 from sfllm.frontend.chat_completions import AssistantMessage, ChatCompletionEndpoint
 from sfllm.frontend.choice_generation import UsageTally
 from sfllm.frontend.choices import ChoiceDelta
+from sfllm.frontend.engine_client import EngineRequestError
 from sfllm.frontend.errors import APIError, InvalidRequestError, api_error_from
 from sfllm.frontend.http_responses import EventStreamResponse, start_event_stream, until_disconnect
 from sfllm.frontend.metrics import RequestOutcome
 from sfllm.frontend.responses_protocol import ResponsesRequest
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.sampling_params import InvalidSamplingParams
+
+
+# what a generation raises that names a request field (a client gone away, or a bug, is left to the app's handlers)
+_GENERATION_ERRORS = (EngineRequestError, APIError)
 
 
 class ResponsesEndpoint:
@@ -54,7 +59,7 @@ class ResponsesEndpoint:
             return await start_event_stream(request, events, generation.high_priority_trace)
         try:
             await until_disconnect(request, self._complete(generation.deltas, answer))
-        except Exception as error:  # the engine's, named by the chat field it became
+        except _GENERATION_ERRORS as error:  # named by the chat field it became
             raise _as_responses_error(api_error_from(error)) from None
         return JSONResponse(answer.response("completed"))
 
@@ -71,7 +76,7 @@ class ResponsesEndpoint:
         async with aclosing(deltas):
             try:
                 first = await anext(deltas)
-            except Exception as error:  # the response's status, not an event
+            except _GENERATION_ERRORS as error:  # the response's status, not an event
                 raise _as_responses_error(api_error_from(error)) from None
             yield answer.event("response.created", response=answer.response("in_progress"))
             yield answer.event("response.in_progress", response=answer.response("in_progress"))
