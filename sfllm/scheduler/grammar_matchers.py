@@ -66,7 +66,7 @@ class GrammarMatchers:
         for token in () if thought is None else (thought.start, thought.end):
             if not 0 <= token < self.vocab_size:
                 raise InvalidGrammar(CONSTRAINT_PARAM, f"the thought's token {token} is outside the "
-                                                        f"vocabulary [0, {self.vocab_size})")
+                                                       f"vocabulary [0, {self.vocab_size})")
         return self._grammar(structured_output)
 
     def matcher(self, structured_output: StructuredOutput) -> llguidance.LLMatcher | GrammarAfterThought:
