@@ -15,12 +15,17 @@ _CUDA_SUCCESS = 0
 
 def cuda_available() -> bool:
     """`torch.cuda.is_available()`: torch's build has CUDA, and the driver counts a device (CUDA_VISIBLE_DEVICES
-    applies, as for torch). A build this cannot read (or a ROCm one) is asked by importing torch after all."""
+    applies, as for torch). Where this cannot tell (a build it cannot read, a ROCm one, a CUDA build with no
+    driver library found), torch is imported and asked after all."""
     build = _torch_build()
-    if build is None or build.get("hip") is not None:
-        import torch
-        return torch.cuda.is_available()
-    return build.get("cuda") is not None and _driver_device_count() > 0
+    if build is not None and build.get("hip") is None:
+        if build.get("cuda") is None:
+            return False
+        count = _driver_device_count()
+        if count is not None:
+            return count > 0
+    import torch
+    return torch.cuda.is_available()
 
 
 def _torch_build() -> dict | None:
@@ -34,12 +39,13 @@ def _torch_build() -> dict | None:
         return None
 
 
-def _driver_device_count() -> int:
-    """cuDeviceGetCount after cuInit: no context is made, so no device memory is taken."""
+def _driver_device_count() -> int | None:
+    """cuDeviceGetCount after cuInit (no context is made, so no device memory is taken); None without the driver's
+    library."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:  # no NVIDIA driver
-        return 0
+    except OSError:
+        return None
     count = ctypes.c_int(0)
     if driver.cuInit(0) != _CUDA_SUCCESS or driver.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_SUCCESS:
         return 0

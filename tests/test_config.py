@@ -136,6 +136,30 @@ def test_launch_picks_its_profile_by_what_torch_would_say_without_importing_torc
         assert done.stdout.split() == [str(None if cuda else CPU_PROFILE), "False"], hidden
 
 
+@pytest.mark.parametrize("build, devices, torch_says, expected", [
+    ({"cuda": None, "hip": None}, 1, None, False),  # a CPU build: no device it could use
+    ({"cuda": "12.8", "hip": None}, 2, None, True),  # the driver counts devices: torch is not asked
+    ({"cuda": "12.8", "hip": None}, 0, None, False),  # none visible (CUDA_VISIBLE_DEVICES, or no GPU)
+    ({"cuda": "12.8", "hip": None}, None, True, True),  # no driver library found: torch decides
+    ({"cuda": None, "hip": "6.2"}, None, True, True),  # ROCm: torch decides
+    (None, None, False, False),  # an unreadable build: torch decides
+])
+def test_the_cuda_check_asks_torch_only_where_it_cannot_tell(monkeypatch: pytest.MonkeyPatch, build: dict | None,
+                                                             devices: int | None, torch_says: bool | None,
+                                                             expected: bool) -> None:
+    import torch
+
+    from sfllm import cuda_presence
+
+    def torch_answer() -> bool:
+        assert torch_says is not None, "torch was asked where the build and the driver tell"
+        return torch_says
+    monkeypatch.setattr(cuda_presence, "_torch_build", lambda: build)
+    monkeypatch.setattr(cuda_presence, "_driver_device_count", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "is_available", torch_answer)
+    assert cuda_presence.cuda_available() is expected
+
+
 def test_python_dash_m_sfllm_works() -> None:
     ok = subprocess.run([sys.executable, "-m", "sfllm", "--help"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "launch" in ok.stdout
