@@ -123,8 +123,9 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             thought = None  # a thought belongs to the assistant's turn right after it, or to none
             messages.append(message)
         elif kind == "function_call":
-            call_ids.add(_call_id(index, item))
-            call = {"id": item.get("call_id"), "type": "function",
+            call_id = _call_id(index, item)
+            call_ids.add(call_id)
+            call = {"id": call_id, "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and thought is None:
@@ -134,12 +135,13 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if thought is not None:
                     messages[-1]["reasoning_content"], thought = thought, None
         elif kind == "function_call_output":
-            if _call_id(index, item) not in call_ids:
+            call_id = _call_id(index, item)
+            if call_id not in call_ids:
                 raise InvalidRequestError(f"input[{index}]: no function_call before this function_call_output has "
-                                          f"call_id {item['call_id']!r}", param=f"input[{index}].call_id")
+                                          f"call_id {call_id!r}", param=f"input[{index}].call_id")
             thought = None
             output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+            messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": output if isinstance(output, str) else _text(index, output)})
         elif kind == "reasoning":
             content, summary = item.get("content"), item.get("summary")
