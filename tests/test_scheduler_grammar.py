@@ -310,3 +310,22 @@ def test_a_thought_token_outside_the_vocabulary_is_the_clients_error(smollm_toke
     refused = core.add_request(GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], params=SamplingParams(
         max_tokens=4, structured_output=structured)))
     assert refused is not None and refused.error_code == 400 and "outside the vocabulary" in refused.error
+
+
+def test_the_grammar_tokenizer_built_while_the_worker_loads_is_the_one_the_engine_uses(smollm_llm, tmp_path) -> None:
+    """The engine process builds the grammar engine's tokenizer in a thread while the worker loads (0.3 s it
+    waited for after the worker was ready), for the model config's vocabulary and end tokens: the default
+    model's worker reports the same, so the engine core takes it; a worker reporting others gets its own."""
+    from sfllm.engine.engine_process import _tokenizer_for_frontends
+    config = ServerConfig(port=8099, run_dir=str(tmp_path)).engine()
+    spec, building = _tokenizer_for_frontends(config)
+    prebuilt = building.result(timeout=60)
+    info = smollm_llm.engine.worker.info  # a real worker's report on the default model
+    assert prebuilt.built_for(info.vocab_size, info.eos_token_ids)
+    worker = MaskingWorker(info.vocab_size, eos=info.eos_token_ids[0])
+    worker.info.eos_token_ids = list(info.eos_token_ids)
+    assert EngineCore(ServerConfig().scheduler(), worker, spec, grammars=prebuilt).scheduler.grammars is prebuilt
+    worker.info.eos_token_ids = [info.eos_token_ids[0], 7]
+    rebuilt = EngineCore(ServerConfig().scheduler(), worker, spec, grammars=prebuilt).scheduler.grammars
+    assert rebuilt is not prebuilt and rebuilt.built_for(info.vocab_size, [info.eos_token_ids[0], 7])
+    assert EngineCore(ServerConfig().scheduler(), worker, None, grammars=prebuilt).scheduler.grammars is None

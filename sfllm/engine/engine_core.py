@@ -64,14 +64,18 @@ class WorkerHandle(Protocol):
 
 class EngineCore:
     def __init__(self, config: SchedulerConfig, worker: WorkerHandle, tokenizer: TokenizerSpec | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        """`tokenizer`: the model's, for grammars (None: requests with a structured output are refused)."""
+                 clock: Callable[[], float] = time.perf_counter, grammars: GrammarMatchers | None = None) -> None:
+        """`tokenizer`: the model's, for grammars (None: requests with a structured output are refused).
+        `grammars`: built from it beforehand (while the worker loaded), used where built for the worker's
+        vocabulary and end tokens."""
         info = worker.info
         config = with_device_defaults(config, info.device_type)
         self.config = config
         self.worker = worker
-        grammars = None if tokenizer is None else GrammarMatchers(tokenizer.tokenizer_json, info.vocab_size,
-                                                                   info.eos_token_ids)
+        if tokenizer is None:
+            grammars = None
+        elif grammars is None or not grammars.built_for(info.vocab_size, info.eos_token_ids):
+            grammars = GrammarMatchers(tokenizer.tokenizer_json, info.vocab_size, info.eos_token_ids)
         self.scheduler = Scheduler(config, info.num_kv_blocks, info.num_cpu_kv_blocks, info.max_context_length,
                                    info.eos_token_ids, grammars=grammars, vocab_size=info.vocab_size)
         self.loop_time: LoopTime | None = None  # the engine process's: grammar masks are charged to it

@@ -29,6 +29,7 @@ class GrammarMatchers:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int],
                  num_threads: int | None = None) -> None:
         self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
         # Built now, with the engine: 0.36 s for Qwen3's 151,936 tokens on the CI machine, holding the GIL.
         # Built on the first grammar instead, it stalled every stream of the engine's loop that long, and it
         # fell inside the offline benchmark's timed run (docs/performance.md).
@@ -48,6 +49,9 @@ class GrammarMatchers:
         # llguidance's default thread count (80% of the CPUs, up to 32) unless given
         self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
+
+    def built_for(self, vocab_size: int, eos_token_ids: list[int]) -> bool:
+        return vocab_size == self.vocab_size and list(eos_token_ids) == self.eos_token_ids
 
     def compile(self, structured_output: StructuredOutput) -> Future[llguidance.LLMatcher | GrammarAfterThought]:
         """A matcher at the start of the grammar, its first mask computed, built in a thread; raises
