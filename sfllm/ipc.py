@@ -83,6 +83,20 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def supervised_child() -> None:
+    """For subprocess preexec_fn of a process its parent stops (the launcher's engine and frontends): as
+    die_with_parent, and SIGINT ignored. A terminal's Ctrl-C reaches the whole foreground group, and a child
+    that stopped on it would cut the requests its parent is draining; the ignored disposition survives exec,
+    and the child keeps it (`sigint_ignored`)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def sigint_ignored() -> bool:
+    """True in a process started ignoring SIGINT (by its supervisor, or `nohup`-like): it must not take it up."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def worker_environment() -> dict[str, str]:
     """The environment for a worker process (every tensor-parallel rank): this one's, less SFLLM_* (a worker
     reads its resolved config file)."""

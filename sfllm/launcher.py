@@ -6,7 +6,8 @@ socket; each is restarted when it dies (the engine and its loaded model stay). S
 replaces them one by one (see sfllm/rolling_restart.py). When the engine dies (its worker with it),
 launch stops the frontends and exits non-zero so an orchestrator restarts the pod.
 SIGINT/SIGTERM go to the frontends first, which drain (see `drain_timeout_s`), then to
-the engine. Every child gets SIGTERM from the kernel if launch itself dies.
+the engine; a second one stops them at once. The children ignore SIGINT (a terminal's Ctrl-C reaches the
+whole group): launch decides how they stop. Every child gets SIGTERM from the kernel if launch itself dies.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import yaml
 
 from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config_environment, write_config_file
 from sfllm.http_socket import PortInUse, bind_http_socket
-from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirInUse, RunDirLock, die_with_parent, ipc_path, remove_stale_files,
+from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirInUse, RunDirLock, ipc_path, remove_stale_files, supervised_child,
                        worker_address)
 from sfllm.rolling_restart import RollingRestart
 
@@ -76,7 +77,7 @@ class Supervisor:
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path), *args],
                                 env=without_config_environment() | (extra_env or {}), pass_fds=pass_fds,
-                                preexec_fn=die_with_parent)
+                                preexec_fn=supervised_child)
 
     def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
         """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""

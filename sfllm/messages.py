@@ -1,6 +1,6 @@
 """The contract between sfllm's processes: every message that crosses a socket.
 
-frontend <-> scheduler: hello, generate, abort, heartbeat/stats, profile control, outputs.
+frontend <-> scheduler: hello, generate, abort, heartbeat/stats, profile control, goodbye, outputs.
 scheduler <-> worker: worker ready, forward batch, forward result, shutdown.
 All are msgspec structs, encoded as msgpack; a tagged union per direction lets the
 receiver decode without guessing. `PROTOCOL_VERSION` changes whenever a struct does.
@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 16
+PROTOCOL_VERSION = 17
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -47,6 +47,12 @@ class Heartbeat(Message):
     """Sent every heartbeat interval; the engine answers with `EngineStats`.
 
     A client whose heartbeats stop is gone: the engine aborts its requests."""
+    client_id: str
+
+
+class ClientGoodbye(Message):
+    """A frontend stopping on purpose (drained, handed over): the engine forgets it at once, aborting what it
+    left, rather than when its heartbeats stop."""
     client_id: str
 
 
@@ -288,8 +294,8 @@ class WorkerFailed(Message):
     error: str
 
 
-FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ProfileControl, FlushPrefixCache,
-                         Shutdown]
+FrontendToEngine = Union[ClientHello, GenerateRequest, AbortRequest, Heartbeat, ClientGoodbye, ProfileControl,
+                         FlushPrefixCache, Shutdown]
 EngineToFrontend = Union[EngineHello, OutputBatch, EngineStats]
 SchedulerToWorker = Union[ForwardBatch, GrammarMask, StartProfile, StopProfile, Shutdown]
 WorkerToScheduler = Union[WorkerReady, ForwardResult, WorkerFailed]

@@ -15,9 +15,9 @@ import zmq.asyncio
 from sfllm import messages
 from sfllm.frontend.engine_client import (EngineClient, EngineProtocolError, EngineRequestError,
                                           EngineUnavailableError, _merge)
-from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, GenerateRequest,
-                            Heartbeat, MessageCodec, OutputBatch, RequestOutput, SampledLogprobs, TokenizerSpec,
-                            TokenLogprob)
+from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientGoodbye, ClientHello, EngineHello, EngineStats,
+                            GenerateRequest, Heartbeat, MessageCodec, OutputBatch, RequestOutput, SampledLogprobs,
+                            TokenizerSpec, TokenLogprob)
 from sfllm.sampling_params import SamplingParams
 
 FAST = {"heartbeat_interval_s": 0.05, "stats_fresh_s": 0.3, "engine_timeout_s": 0.5}
@@ -164,6 +164,26 @@ def test_closing_a_stream_early_aborts_the_request(address: str) -> None:
                 break
         await wait_until(lambda: router.aborted() == ["early"])
         await client.close()
+        await router.close()
+    run(scenario)
+
+
+def test_closing_the_client_aborts_what_runs_then_says_goodbye(address: str) -> None:
+    """A frontend that stops on purpose tells the engine, which frees its requests' blocks and logs it as gone
+    at once, rather than 3 s later as a frontend that went silent."""
+    async def scenario() -> None:
+        def unfinished(request: GenerateRequest) -> list[RequestOutput]:
+            return [RequestOutput(request_id=request.request_id, token_ids=[100])]
+        router = ScriptedRouter(address, reply=unfinished)
+        client = EngineClient(address, **FAST)
+        await client.connect(timeout_s=5)
+        outputs = client.submit(request("running"))
+        await anext(outputs)
+        await client.close()
+        await wait_until(lambda: any(isinstance(m, ClientGoodbye) for m in router.received))
+        last = [m for m in router.received if isinstance(m, (AbortRequest, ClientGoodbye))]
+        assert last == [AbortRequest(request_ids=["running"]), ClientGoodbye(client_id=client.client_id)]
+        await outputs.aclose()
         await router.close()
     run(scenario)
 

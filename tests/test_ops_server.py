@@ -447,6 +447,12 @@ def test_a_stalled_engine_turns_health_503_and_a_killed_one_ends_launch_non_zero
     assert not left, f"the killed engine's sockets, lock and worker config are cleaned up: {left}"
 
 
+def test_the_log_file_holds_whole_lines(a: LaunchedServer) -> None:
+    """Progress bars draw with carriage returns: into a log file they glue the next record onto the bar."""
+    log = a.log.read_text()
+    assert "model_runner: memory layout:" in log and "\r" not in log, "a progress bar in the log file"
+
+
 def frontend_pid(server: LaunchedServer) -> int:
     return httpx.get(f"{server.url}/health", timeout=10).json()["frontend_pid"]
 
@@ -521,6 +527,9 @@ def test_sighup_replaces_the_frontend_under_streaming_load_without_a_failed_requ
         assert {"before", "replaced"} <= {when for when, _ in lines}, "the stream ran across the handover"
     assert role_pids(a)["frontend"] not in (old_frontend, None)
     wait_for(lambda: kv_idle(a), 60, "every KV block to be free again")
+    wait_for(lambda: re.search(r"INFO \[engine\] \S+: frontend \S+ left; aborted its 0 requests", a.log.read_text()),
+             30, "the engine to log the old frontend's goodbye")
+    assert "went silent" not in a.log.read_text(), "a frontend that handed over said goodbye; it did not go silent"
 
 
 def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_kept(a: LaunchedServer) -> None:
@@ -551,11 +560,14 @@ def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_ke
     assert completion(a.url, "Hello", 2, AUTH).status_code == 200
 
 
-def test_sigterm_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
+def test_ctrl_c_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
+    """A terminal's Ctrl-C: SIGINT to the whole process group (the launch leads its own). Launch takes it as
+    it takes SIGTERM (one handler: what an orchestrator sends launch alone); the engine and the frontend ignore
+    it, so the frontend drains and is not cut by launch's SIGTERM that follows (a second signal)."""
     tree = process_tree(a.process.pid)
     body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 10, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 2, body, AUTH)
-    a.process.send_signal(signal.SIGTERM)
+    os.killpg(a.process.pid, signal.SIGINT)
     wait_for(lambda: httpx.get(f"{a.url}/ready", timeout=5).status_code == 503, 10, "/ready to turn 503")
     refused = completion(a.url, "Hi", 2, AUTH)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"

@@ -24,13 +24,13 @@ from sfllm.config import EngineConfig, write_config_file
 from sfllm.engine.engine_core import EngineCore
 from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
 from sfllm.gc_pauses import freeze_startup_objects
-from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, die_with_parent, ipc_path, remove_stale_files, worker_address,
-                       worker_environment)
+from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, die_with_parent, ipc_path, remove_stale_files, sigint_ignored,
+                       worker_address, worker_environment)
 from sfllm.loop_time import LoopTime
-from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientHello, EngineHello,
-                            EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat, MessageCodec,
-                            OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile, StopProfile,
-                            TokenizerSpec)
+from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientGoodbye, ClientHello,
+                            EngineHello, EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat,
+                            MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
+                            StopProfile, TokenizerSpec)
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.scheduler.request import Request
 
@@ -112,6 +112,7 @@ class EngineServer:
             tokenizer=tokenizer))
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
+        self.greeted: set[bytes] = set()  # frontends whose hello was logged
         self.counters = EngineCounters()
         self.loop_time = core.loop_time = LoopTime()
         self.stopping = False
@@ -141,6 +142,9 @@ class EngineServer:
                            num_spec_accepted_tokens=s["num_spec_accepted_tokens"])
 
     def _handle(self, identity: bytes, message: object) -> None:
+        if isinstance(message, ClientGoodbye):
+            self._forget_client(identity, "left")
+            return
         self.last_seen[identity] = time.monotonic()
         if isinstance(message, GenerateRequest):
             self.owner[message.request_id] = identity
@@ -155,7 +159,9 @@ class EngineServer:
         elif isinstance(message, Heartbeat):
             self._send(identity, self._stats())
         elif isinstance(message, ClientHello):
-            logger.info("frontend %s connected", message.client_id)
+            if identity not in self.greeted:  # a frontend says hello again until the answer comes
+                self.greeted.add(identity)
+                logger.info("frontend %s connected", message.client_id)
             self._send_encoded(identity, self.hello)
         elif isinstance(message, FlushPrefixCache):
             logger.info("prefix cache flushed: %d cached KV blocks forgotten",
@@ -187,13 +193,18 @@ class EngineServer:
         now = time.monotonic()
         for identity, seen in list(self.last_seen.items()):
             if now - seen > CLIENT_TIMEOUT_S:
-                del self.last_seen[identity]
-                aborted = self.core.abort_client(client_name(identity))
-                self.counters.count(aborted)
-                for output in aborted:
-                    self.owner.pop(output.request_id, None)
-                logger.warning("frontend %s went silent; aborted its %d requests", client_name(identity),
-                               len(aborted))
+                self._forget_client(identity, "went silent")
+
+    def _forget_client(self, identity: bytes, how: str) -> None:
+        """Aborts a frontend's requests, their blocks freed: it left (a goodbye) or went silent."""
+        self.last_seen.pop(identity, None)
+        self.greeted.discard(identity)
+        aborted = self.core.abort_client(client_name(identity))
+        self.counters.count(aborted)
+        for output in aborted:
+            self.owner.pop(output.request_id, None)
+        level = logging.INFO if how == "left" and not aborted else logging.WARNING
+        logger.log(level, "frontend %s %s; aborted its %d requests", client_name(identity), how, len(aborted))
 
     def serve(self) -> None:
         """Answers frontends while the worker computes: both sockets in one poll."""
@@ -304,7 +315,8 @@ def run_engine(config: EngineConfig) -> int:
 
     server: EngineServer | None = None
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if not sigint_ignored():  # ignored under `sfllm launch`, which stops the engine after the frontends drain
+        signal.signal(signal.SIGINT, stop)
     code = 0
     try:
         tokenizer, grammars = _tokenizer_for_frontends(config)

@@ -20,12 +20,14 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from sfllm import messages
-from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientHello, EngineHello, EngineStats, FlushPrefixCache,
-                            GenerateRequest, Heartbeat, Message, MessageCodec, OutputBatch, ProfileControl,
-                            RequestOutput)
+from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientGoodbye, ClientHello, EngineHello, EngineStats,
+                            FlushPrefixCache, GenerateRequest, Heartbeat, Message, MessageCodec, OutputBatch,
+                            ProfileControl, RequestOutput)
 
 logger = logging.getLogger(__name__)
 
+# How long a closing client's last messages (its aborts, its goodbye) may wait to go out: the engine is local
+GOODBYE_LINGER_MS = 200
 # How many aborted request ids to remember: outputs still arriving for them are dropped quietly.
 _MAX_REMEMBERED_ABORTS = 8192
 
@@ -146,9 +148,11 @@ class EngineClient:
         return self.hello
 
     async def close(self) -> None:
-        """Abort what is in flight, then close the socket."""
-        if self._connected and self._streams:
-            self._send(AbortRequest(request_ids=list(self._streams)))
+        """Abort what is in flight, say goodbye, then close the socket."""
+        if self._connected:
+            if self._streams:
+                self._send(AbortRequest(request_ids=list(self._streams)))
+            self._send(ClientGoodbye(client_id=self.client_id))
         self._connected = False
         self._lose_connection("the frontend is shutting down")
         for task in self._tasks:
@@ -156,7 +160,7 @@ class EngineClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._context is not None:
-            self._context.destroy(linger=0)
+            self._context.destroy(linger=GOODBYE_LINGER_MS)
         self._socket = self._monitor = self._context = None
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:

@@ -102,9 +102,10 @@ class ServerDrainingError(ServiceUnavailableError):
 
 
 class ServerShutdownError(ServiceUnavailableError):
-    def __init__(self) -> None:
-        super().__init__("This server shut down before the request finished (its drain timeout passed); retry it on "
-                         "another replica.", code="server_shutdown")
+    def __init__(self, why: str) -> None:
+        """`why`: what ended the drain, e.g. "its drain timeout passed"."""
+        super().__init__(f"This server shut down before the request finished ({why}); retry it on another replica.",
+                         code="server_shutdown")
 
 
 class RequestTooLargeError(APIError):

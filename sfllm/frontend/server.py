@@ -25,6 +25,7 @@ from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.http_socket import PortInUse, bind_http_socket
+from sfllm.ipc import sigint_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class DrainingServer(uvicorn.Server):
             yield
             return
         loop = asyncio.get_running_loop()
-        handlers = {signal.SIGTERM: self.start_drain, signal.SIGINT: self.start_drain,
-                    signal.SIGUSR1: self.start_handover}
+        handlers = {signal.SIGTERM: self.start_drain, signal.SIGUSR1: self.start_handover}
+        if not sigint_ignored():  # ignored under `sfllm launch`, which signals its frontends itself
+            handlers[signal.SIGINT] = self.start_drain
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
         try:
@@ -85,7 +87,7 @@ class DrainingServer(uvicorn.Server):
     def start_drain(self) -> None:
         if self.drain.draining:
             logger.warning("asked again to stop: stopping now, cutting %d requests", self.drain.in_flight)
-            self.engine.end_streams(ServerShutdownError())
+            self.engine.end_streams(ServerShutdownError("it was asked to stop again while draining"))
             self.should_exit = self.force_exit = True
             return
         logger.info("draining: no new requests; %d in progress get up to %g s", self.drain.in_flight,
@@ -114,7 +116,7 @@ class DrainingServer(uvicorn.Server):
         if not await self.drain.wait_idle(self.drain_timeout_s):
             logger.warning("drain timeout of %g s passed with %d requests running; ending them with a 503",
                            self.drain_timeout_s, self.drain.in_flight)
-            self.engine.end_streams(ServerShutdownError())
+            self.engine.end_streams(ServerShutdownError("its drain timeout passed"))
             await self.drain.wait_idle(ERROR_ANSWER_S)
         self.should_exit = True
 

@@ -44,7 +44,7 @@ def _convert_into(gguf_path: Path, folder: Path) -> None:
     hf_config = hf_config_from_gguf(metadata, torch_dtype="bfloat16" if holds_bfloat16 else "float32")
     state_dict = {
         hf_tensor_name(tensor.name): hf_tensor(tensor, metadata)
-        for tensor in tqdm(tensors, desc=f"Converting {gguf_path.name}", unit="tensor")
+        for tensor in tqdm(tensors, desc=f"Converting {gguf_path.name}", unit="tensor", disable=None)
     }
     save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

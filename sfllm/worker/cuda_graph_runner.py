@@ -174,7 +174,7 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         # the largest first, so that the smaller graphs reuse its pool memory
         shapes = sorted(self.shapes, key=lambda s: (s.num_tokens, s.num_seqs), reverse=True)
-        for shape in tqdm(shapes, desc="capturing CUDA graphs", leave=False):
+        for shape in tqdm(shapes, desc="capturing CUDA graphs", leave=False, disable=None):
             self.stage(_EMPTY_BATCH, shape, np.zeros(0, dtype=np.float32))
             self.run_step(shape)  # warm-up outside the graph (kernel compilation, workspaces)
             graph = torch.cuda.CUDAGraph()

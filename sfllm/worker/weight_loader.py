@@ -118,7 +118,7 @@ class _Filling:
 
 def _fill_from_checkpoint(filled: _Filling, folder: Path) -> None:
     files = _checkpoint_files(folder)
-    with tqdm(total=len(files), desc="loading weights", unit="file", leave=False) as progress:
+    with tqdm(total=len(files), desc="loading weights", unit="file", leave=False, disable=None) as progress:
         for path in files:
             with safe_open(str(path), framework="pt") as checkpoint:
                 for name in checkpoint.keys():
