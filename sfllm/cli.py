@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sfllm.config import ConfigError, ServerConfig, add_config_arguments, load_config
 from sfllm.cuda_presence import cuda_available
+from sfllm.shipped_profiles import shipped_profile
 
 COMMANDS = ("launch", "engine", "frontend", "worker", "bench")
 
@@ -23,13 +24,10 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-CPU_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "cpu.yaml"
-
-
 def _default_profile(args: argparse.Namespace) -> None:
     """Without --config on a machine without CUDA, the CPU profile is the starting point."""
-    if args.config is None and CPU_PROFILE.is_file() and not cuda_available():
-        args.config = str(CPU_PROFILE)
+    if args.config is None and (cpu_profile := shipped_profile("cpu")) is not None and not cuda_available():
+        args.config = str(cpu_profile)
 
 
 def _load(parser: argparse.ArgumentParser, argv: list[str],
@@ -39,9 +37,8 @@ def _load(parser: argparse.ArgumentParser, argv: list[str],
         _default_profile(args)
     try:
         return args, load_config(args)
-    except ConfigError as error:
-        parser.error(str(error))
-        raise
+    except ConfigError as error:  # the flags parsed: the value is at fault, not the usage
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

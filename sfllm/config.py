@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +20,9 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
+from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ENV_PREFIX = "SFLLM_"
@@ -153,6 +158,17 @@ class ServerConfig:
                               f"{self.speculative_min_acceptance_rate}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ConfigError(f"mem_fraction must be in (0, 1]; got {self.mem_fraction}")
+        if not 0.0 <= self.background_share <= 1.0:
+            raise ConfigError(f"background_share must be in [0, 1]; got {self.background_share}")
+        for key in ("max_background_wait_s", "cpu_kv_cache_gib"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{key} must be at least 0; got {getattr(self, key)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number; got {value}")
+        if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
@@ -314,8 +330,16 @@ def write_config_file(values: dict[str, Any], path: Path) -> None:
         config_file.write(yaml.safe_dump(values))
 
 
-def _parse_value(key: str, raw: Any) -> Any:
-    """Convert a string (flag or environment) or YAML value to the field's type."""
+def _parse_value(key: str, raw: Any, source: str = "") -> Any:
+    """Convert a string (flag or environment) or YAML value to the field's type; `source` says where the value
+    came from, in the error."""
+    try:
+        return _typed(key, raw)
+    except ConfigError as error:
+        raise ConfigError(f"{error} ({source})" if source else str(error)) from None
+
+
+def _typed(key: str, raw: Any) -> Any:
     annotation = str(FIELDS[key].type)
     if raw is None:
         return None
@@ -341,6 +365,34 @@ def _parse_value(key: str, raw: Any) -> Any:
     return raw
 
 
+def _config_file(given: str) -> Path:
+    """The file `--config` names: the path as given, else the shipped profile of that file name."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = shipped_profile(given)
+    if shipped is not None:
+        logger.info("config file %s: the profile sfllm ships, %s", given, shipped)
+        return shipped
+    names = ", ".join(shipped_profile_names()) or "none found"
+    raise ConfigError(f"config file {given} does not exist, nor is it a profile sfllm ships ({names})")
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}: "
+                          f"{getattr(error, 'problem', None) or error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    return data
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config key; unset flags stay None so lower layers show through."""
     parser.add_argument("--config", help="YAML file of config keys")
@@ -358,23 +410,20 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None) if args is not None else None
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must be a mapping of keys to values")
-        for key, value in data.items():
+        path = _config_file(config_file)
+        for key, value in _read_config_file(path).items():
             name = str(key).replace("-", "_")
             if name not in FIELDS:
                 raise ConfigError(f"unknown config key {key!r} in {path}")
-            values[name] = _parse_value(name, value)
+            values[name] = _parse_value(name, value, f"in {path}")
     for env_key, raw in environ.items():
         if not env_key.startswith(ENV_PREFIX):
             continue
         name = env_key[len(ENV_PREFIX):].lower()
         if name in FIELDS:
-            values[name] = _parse_value(name, raw)
+            values[name] = _parse_value(name, raw, f"from the environment's {env_key}")
+        else:
+            logger.warning("%s is not an sfllm setting (no config key %r): ignored", env_key, name)
     if args is not None:
         for name in FIELDS:
             raw = getattr(args, name, None)

@@ -15,7 +15,11 @@ _PR_SET_PDEATHSIG = 1
 WORKER_CONFIG_PREFIX = "worker-config"  # in the run directory, followed by the engine's pid
 
 
-class RunDirInUse(RuntimeError):
+class RunDirUnusable(RuntimeError):
+    """The run directory can't hold the engine's lock: the message says why."""
+
+
+class RunDirInUse(RunDirUnusable):
     pass
 
 
@@ -37,8 +41,12 @@ class RunDirLock:
         self._file = None
 
     def acquire(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:  # a file where a folder should be, no permission
+            raise RunDirUnusable(f"cannot use run directory {self.run_dir}: {error.strerror or error}; "
+                                 "pass another --run-dir") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import yaml
 
 from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config_environment, write_config_file
-from sfllm.http_socket import PortInUse, bind_http_socket
-from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirInUse, RunDirLock, ipc_path, remove_stale_files, supervised_child,
-                       worker_address)
+from sfllm.http_socket import CannotBind, bind_http_socket
+from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, RunDirUnusable, ipc_path, remove_stale_files,
+                       supervised_child, worker_address)
 from sfllm.rolling_restart import RollingRestart
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def run_engine_command(config: EngineConfig) -> int:
     from sfllm.engine.engine_process import run_engine
     try:
         return run_engine(config)
-    except RunDirInUse as error:
+    except RunDirUnusable as error:
         logger.error("%s", error)
         return 2
 
@@ -187,7 +187,7 @@ class Supervisor:
         lock = RunDirLock(self.run_dir)
         try:
             lock.acquire()
-        except (RunDirInUse, OSError):
+        except (RunDirUnusable, OSError):
             return
         remove_stale_files(self.run_dir, WORKER_CONFIG_PREFIX)
         sockets = [ipc_path(self.config.resolved_engine_address()), ipc_path(worker_address(self.run_dir))]
@@ -206,14 +206,14 @@ def _wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
 def launch(config: ServerConfig) -> int:
     try:
         http_socket = bind_http_socket(config.host, config.port)
-    except PortInUse as error:
+    except CannotBind as error:
         logger.error("%s", error)
         return 2
     try:
         probe = RunDirLock(config.resolved_run_dir())
         probe.acquire()  # fail now, not after the engine loaded its model
         probe.release([])
-    except RunDirInUse as error:
+    except RunDirUnusable as error:
         logger.error("%s", error)
         http_socket.close()
         return 2

@@ -55,6 +55,70 @@ def test_bad_values_are_errors_with_the_value() -> None:
         load_config(_args("--high-priority-step-tokens", "-1"), environ={})
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--background-share", "7"), r"background_share must be in \[0, 1\]; got 7.0"),
+    (("--background-share", "-1"), r"background_share must be in \[0, 1\]; got -1.0"),
+    (("--max-background-wait-s", "-5"), "max_background_wait_s must be at least 0; got -5.0"),
+    (("--cpu-kv-cache-gib", "-1"), "cpu_kv_cache_gib must be at least 0; got -1.0"),
+    (("--drain-timeout-s", "nan"), "drain_timeout_s must be a finite number; got nan"),
+    (("--request-timeout-s", "nan"), "request_timeout_s must be a finite number; got nan"),
+    (("--engine-address", "foo://bar"), "engine_address must be ipc://<path> or tcp://<host>:<port>; got 'foo://bar'"),
+])
+def test_out_of_range_values_are_refused_before_anything_starts(flags: tuple[str, ...], message: str) -> None:
+    """A share of -1 split the batch's slots into more than there were; a bad engine address started every
+    process, then failed in each."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(_args(*flags), environ={})
+    assert load_config(_args("--background-share", "0", "--engine-address", "tcp://127.0.0.1:5555"),
+                       environ={}).background_share == 0.0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"max_running_tokens: [1, 2\n", r"is not valid YAML \(line 2\)"),
+    (b"\xff\xfe bad", "cannot read config file .*: 'utf-8' codec can't decode"),
+    (b"- a\n- b\n", "must be a mapping of keys to values"),
+])
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as refused:
+        load_config(_args("--config", str(profile)), environ={})
+    assert str(profile) in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} does not exist, nor is it a profile sfllm ships "
+                                          r"\(cpu, h100, "):
+        load_config(_args("--config", str(tmp_path)), environ={})
+
+
+def test_a_profile_sfllm_ships_is_found_by_its_name_where_no_checkout_is(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config configs/h100.yaml` as README says, run outside a checkout (a pip install, the Docker image): the
+    shipped profile; a path elsewhere names the user's own file, and its absence is an error."""
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((REPO / "configs" / "h100.yaml").read_text())
+    for name in ("configs/h100.yaml", "h100.yaml", "h100"):
+        assert load_config(_args("--config", name), environ={}).model == shipped["model"], name
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(_args("--config", str(tmp_path / "configs" / "h100.yaml")), environ={})
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "h100.yaml").write_text("model: mine\n")
+    assert load_config(_args("--config", "configs/h100.yaml"), environ={}).model == "mine", "the user's own first"
+
+
+def test_environment_values_are_named_in_errors_and_unknown_variables_are_warned_of(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"port must be int; got 'abc' \(from the environment's SFLLM_PORT\)"):
+        load_config(_args(), environ={"SFLLM_PORT": "abc"})
+    profile = tmp_path / "p.yaml"
+    profile.write_text("port: abc\n")
+    with pytest.raises(ConfigError, match=f"port must be int; got 'abc' \\(in {profile}\\)"):
+        load_config(_args("--config", str(profile)), environ={})
+    with caplog.at_level("WARNING", logger="sfllm.config"):
+        config = load_config(_args(), environ={"SFLLM_CUDA_GRAPH_MAXBS": "8", "SFLLM_CUDA_GRAPH_MAX_BS": "16"})
+    assert config.cuda_graph_max_bs == 16
+    assert [record.getMessage() for record in caplog.records] == [
+        "SFLLM_CUDA_GRAPH_MAXBS is not an sfllm setting (no config key 'cuda_graph_maxbs'): ignored"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_kv_blocks=-4), "num_kv_blocks must be positive; got -4"),
     (dict(max_context_length=0), "max_context_length must be positive; got 0"),
@@ -119,8 +183,8 @@ def test_launch_picks_its_profile_by_what_torch_would_say_without_importing_torc
     profile here, none on a GPU host), without the import that took each launch 1.6 s before it started anything."""
     import torch
 
-    from sfllm.cli import CPU_PROFILE
     from sfllm.cuda_presence import cuda_available
+    from sfllm.shipped_profiles import shipped_profile
     assert cuda_available() == torch.cuda.is_available()
     check = ("import argparse, sys\n"
              "from sfllm import cli\n"
@@ -133,7 +197,7 @@ def test_launch_picks_its_profile_by_what_torch_would_say_without_importing_torc
                               env=env)
         assert done.returncode == 0, done.stderr
         cuda = torch.cuda.is_available() and not hidden
-        assert done.stdout.split() == [str(None if cuda else CPU_PROFILE), "False"], hidden
+        assert done.stdout.split() == [str(None if cuda else shipped_profile("cpu")), "False"], hidden
 
 
 @pytest.mark.parametrize("build, devices, torch_says, expected", [
@@ -168,4 +232,24 @@ def test_python_dash_m_sfllm_works() -> None:
 def test_a_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["launch", "--attention-backend", "magic"])
-    assert exit_.value.code != 0 and "attention_backend" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("sfllm launch: error: attention_backend must be one of ")
+    assert "usage:" not in err, "a bad value is no misuse of the flags: one line, not the 40-line usage"
+    with pytest.raises(SystemExit) as exit_:
+        main(["launch", "--no-such-flag"])
+    assert exit_.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--host", "nosuchhost.invalid"), "cannot bind to host 'nosuchhost.invalid': "),
+    (("--host", "192.0.2.1"), "192.0.2.1 is not an address of this machine"),
+    (("--run-dir", "/etc/passwd/run"), "cannot use run directory /etc/passwd/run: Not a directory; pass another"),
+])
+def test_launch_says_what_is_wrong_with_its_address_or_run_dir(caplog: pytest.LogCaptureFixture,
+                                                                flags: tuple[str, ...], message: str) -> None:
+    """Every bind error read "port ... is already in use" (a bad --host too), and a run directory under a file
+    ended in a traceback; launch fails before it starts any process."""
+    from servers import free_port
+    with caplog.at_level("ERROR", logger="sfllm.launcher"):
+        assert main(["launch", "--port", str(free_port()), *flags]) == 2
+    assert [record.getMessage() for record in caplog.records if record.name == "sfllm.launcher"][0].startswith(message)

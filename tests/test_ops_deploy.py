@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,15 +58,55 @@ def test_dockerfile_runs_sfllm_as_a_user_on_cuda_and_checks_health() -> None:
     assert entrypoint[-2:] == ["sfllm", "launch"] and "tini" in entrypoint[0], "an init forwards signals to launch"
     assert dict(instructions)["STOPSIGNAL"] == "SIGTERM", "SIGTERM drains"
     copied = [args.split()[0] for name, args in instructions if name == "COPY"]
-    assert {"sfllm", "kernels"} <= set(copied)
+    assert {"sfllm", "kernels", "configs"} <= set(copied), "the profiles ship in the image"
 
 
 def test_the_kernels_install_inside_sfllm_and_every_package_is_listed() -> None:
     """No top-level `kernels` package (Hugging Face's has that name): the folder installs as sfllm.kernels."""
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "sfllm").rglob("__init__.py")}
-    assert set(setuptools["packages"]) == folders | {"sfllm.kernels"}
-    assert setuptools["package-dir"] == {"sfllm.kernels": "kernels"}
+    assert set(setuptools["packages"]) == folders | {"sfllm.kernels", "sfllm.configs"}
+    assert setuptools["package-dir"] == {"sfllm.kernels": "kernels", "sfllm.configs": "configs"}
+
+
+def test_an_install_ships_the_profiles_and_reads_them_away_from_a_checkout(tmp_path: Path) -> None:
+    """What the Dockerfile does (its COPY lines, then `pip install .`), as a wheel: the profiles are in it as
+    sfllm/configs, and `--config configs/h100.yaml` where no checkout is (the image's working folder) reads the
+    installed h100 profile."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name, kind in dockerfile_copies().items():
+        (shutil.copytree if kind == "dir" else shutil.copy)(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("sfllm-*.whl"))) as wheel:
+        wheel.extractall(tmp_path / "site")
+        names = set(wheel.namelist())
+    assert {f"sfllm/configs/{path.name}" for path in (REPO / "configs").glob("*.yaml")} <= names
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    read = subprocess.run(
+        [sys.executable, "-c", "import argparse; from sfllm.config import load_config; "
+                               "from sfllm.shipped_profiles import shipped_profile; "
+                               "print(shipped_profile('configs/h100.yaml')); "
+                               "print(load_config(argparse.Namespace(config='configs/h100.yaml')).model)"],
+        cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
+        timeout=120)
+    assert read.returncode == 0, read.stderr
+    path, model = read.stdout.split()
+    assert Path(path) == tmp_path / "site" / "sfllm" / "configs" / "h100.yaml"
+    assert model == yaml.safe_load((REPO / "configs" / "h100.yaml").read_text())["model"]
+
+
+def dockerfile_copies() -> dict[str, str]:
+    """What the Dockerfile copies into its build folder: name -> "dir" or "file" (globs as they match here)."""
+    copies = {}
+    for name, args in dockerfile_instructions():
+        if name == "COPY":
+            for pattern in args.split()[:-1]:
+                for path in REPO.glob(pattern):
+                    copies[path.name] = "dir" if path.is_dir() else "file"
+    return copies
 
 
 def test_a_source_tree_on_the_path_finds_sfllm_kernels() -> None:
@@ -75,7 +120,7 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "tests"} <= ignored
-    assert not {"sfllm", "kernels", "pyproject.toml"} & ignored
+    assert not {"sfllm", "kernels", "configs", "pyproject.toml"} & ignored
 
 
 def test_kubernetes_deployment_probes_existing_endpoints_and_asks_for_a_gpu(route_paths: set[str]) -> None:

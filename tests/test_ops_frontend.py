@@ -88,6 +88,10 @@ def test_ready_follows_the_engine_and_the_drain(tokenizer: Tokenizer) -> None:
     assert client.get("/ready").status_code == 503
     assert client.request("HEAD", "/ready").status_code == 503
     engine.connected = True
+    engine.healthy = False  # connected, but its stats are stale: a stalled engine takes no requests either
+    assert client.get("/ready").status_code == 503
+    engine.healthy = True
+    assert client.get("/ready").status_code == 200
     drain.start_draining()
     ready = client.get("/ready")
     assert (ready.status_code, ready.json()["status"]) == (503, "draining")
@@ -535,6 +539,7 @@ def test_a_bug_answers_500_and_the_connection_serves_the_next_request(tokenizer:
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"n": 2, "best_of": 1}, "best_of"),
     ("/v1/completions", {"best_of": 0}, "best_of"),
+    ("/v1/chat/completions", {"best_of": 3}, "best_of"),  # was dropped unread: one choice, no word
 ])
 def test_each_bad_field_is_a_400_that_names_it(tokenizer: Tokenizer, path: str, fields: dict[str, Any],
                                                param: str) -> None:

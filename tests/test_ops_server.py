@@ -426,6 +426,7 @@ def test_a_stalled_engine_turns_health_503_and_a_killed_one_ends_launch_non_zero
     os.kill(engine, signal.SIGSTOP)
     try:
         wait_for(lambda: 503 in statuses, 30, "/health to turn 503 while the engine is stopped")
+        assert httpx.get(f"{c.url}/ready", timeout=5).status_code == 503, "a stalled engine is not ready"
     finally:
         os.kill(engine, signal.SIGCONT)
     wait_for(lambda: 200 in statuses[statuses.index(503):], 30, "/health to be 200 again")

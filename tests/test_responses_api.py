@@ -142,6 +142,7 @@ def test_parallel_tool_calls_false_gives_one_function_call_item(tokenizer: Token
     ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text.format", "not supported"),
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", "logprobs"),
     ({"input": []}, "input", ""),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input", "input holds no message to answer"),
     # errors name the Responses field the client sent, not the chat one it became
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": 5}}}}, "text.format",

@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = {"--dtype": str, "--device": str, "--max-context-length": int, "--max-running-requests": int,
                 "--max-running-tokens": int, "--attention-backend": str, "--schedule-policy": str,
                 "--cuda-graph-max-bs": int, "--disable-cuda-graph": bool, "--disable-overlap": bool,
-                "--mem-fraction": float, "--tensor-parallel-size": int, "--cpu-threads": int,
+                "--mem-fraction": float, "--cpu-kv-cache-gib": float, "--num-kv-blocks": int,
+                "--tensor-parallel-size": int, "--cpu-threads": int,
                 "--speculative-method": str, "--num-speculative-tokens": int, "--speculative-ngram-min": int,
                 "--speculative-ngram-max": int, "--speculative-max-batch-size": int,
                 "--speculative-min-acceptance-rate": float}
@@ -343,7 +344,11 @@ def main(argv: list[str]) -> int:
     specs = workload.take(args.num_requests)
     if args.workload == "repeat" and args.baseline != "none":
         parser.error("--workload repeat has no baseline: its prompts are made with the engine's tokenizer")
-    report, extra = run_sfllm(args, specs)
+    from sfllm.worker.memory_planner import InsufficientMemory
+    try:
+        report, extra = run_sfllm(args, specs)
+    except InsufficientMemory as error:  # its message names the flags that make room
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     _print(report)
     output = {"config": vars(args), "sfllm": asdict(report) | extra}
     if args.baseline == "transformers":

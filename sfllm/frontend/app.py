@@ -138,11 +138,12 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: 200 once the engine said hello (model loaded, graphs captured) while it stays connected;
-        503 while it is away or once this frontend drains, so load balancers send no new requests."""
+        """Readiness: 200 once the engine said hello (model loaded, graphs captured) while it answers (as for
+        /health); 503 while it is away or stalled, or once this frontend drains, so load balancers send no new
+        requests."""
         if drain.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if engine.hello is None or not engine.connected:
+        if engine.hello is None or not (engine.connected and engine.healthy):
             return JSONResponse({"status": "engine_unavailable"}, status_code=503)
         return JSONResponse({"status": "ready", "model": served_model_name})
 

@@ -162,10 +162,10 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily("sfllm_kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests",
                                 value=used / stats.num_kv_blocks if stats.num_kv_blocks else 0.0)
         yield GaugeMetricFamily("sfllm_kv_cache_blocks", "KV cache blocks in the pool", value=stats.num_kv_blocks)
-        yield CounterMetricFamily("sfllm_prefix_cache_queries", "KV blocks looked up in the prefix cache",
-                                  value=stats.prefix_cache_queries)
-        yield CounterMetricFamily("sfllm_prefix_cache_hits", "KV blocks found in the prefix cache",
-                                  value=stats.prefix_cache_hits)
+        yield CounterMetricFamily("sfllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, "
+                                  "in whole KV blocks", value=stats.prefix_cache_queries)
+        yield CounterMetricFamily("sfllm_prefix_cache_hits", "Prompt tokens found in the prefix cache, in whole "
+                                  "KV blocks", value=stats.prefix_cache_hits)
         yield GaugeMetricFamily("sfllm_prefix_cache_hit_rate", "Prefix cache hits per query since the engine started",
                                 value=stats.prefix_cache_hits / stats.prefix_cache_queries
                                 if stats.prefix_cache_queries else 0.0)

@@ -88,6 +88,7 @@ class GenerationRequest(RequestBody):
     repetition_penalty: float | None = None
     seed: int | None = None
     n: int | None = None
+    best_of: int | None = Field(default=None, description="vLLM's: samples drawn to return the n best; only n")
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     allowed_token_ids: list[TokenId] | None = Field(default=None, description="vLLM's: the only tokens the output "
@@ -120,6 +121,12 @@ class GenerationRequest(RequestBody):
         for name in self.UNSUPPORTED + self.OTHER_SERVERS_OPTIONS:
             if extra.get(name) not in (None, False, "", [], {}):
                 raise InvalidSamplingParams(name, f"{name} is not supported by this server")
+        n = _or(self.n, 1)
+        if self.best_of is not None and self.best_of < n:
+            raise InvalidSamplingParams("best_of", f"best_of must be at least n ({n}), got {self.best_of}")
+        if self.best_of is not None and self.best_of > n:
+            raise InvalidSamplingParams("best_of", f"best_of ({self.best_of}) greater than n is not supported by this "
+                                                   "server: it returns every sample it draws")
 
     def requested_structured_output(self) -> tuple[str, StructuredOutput] | None:
         """The output's constraint and the field it came in: response_format, or one of vLLM's and SGLang's own
@@ -235,17 +242,7 @@ class CompletionRequest(GenerationRequest):
     prompt: Prompt
     echo: bool | None = False
     logprobs: int | None = None
-    best_of: int | None = None
     UNSUPPORTED = ("suffix",)
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        n = _or(self.n, 1)
-        if self.best_of is not None and self.best_of < n:
-            raise InvalidSamplingParams("best_of", f"best_of must be at least n ({n}), got {self.best_of}")
-        if self.best_of is not None and self.best_of > n:
-            raise InvalidSamplingParams("best_of", f"best_of ({self.best_of}) greater than n is not supported by this "
-                                                   "server: it returns every sample it draws")
 
     @field_validator("prompt", mode="wrap")
     @classmethod

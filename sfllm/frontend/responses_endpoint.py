@@ -45,9 +45,15 @@ class ResponsesEndpoint:
         except ValidationError as error:
             first = error.errors()[0]
             location = tuple(first.get("loc", ()))
-            where = ".".join(str(part) for part in location)
+            param = _responses_field(str(location[0])) if location else None
+            if location == ("messages",) and first.get("type") == "too_short":
+                raise InvalidRequestError("input holds no message to answer, only items of other types (such as "
+                                          "reasoning)", param=param) from None
+            where = _responses_field(".".join(str(part) for part in location))
+            if location[:1] == ("messages",) and len(location) > 2:  # a message's index is not its input item's
+                where = f"input, a message's {'.'.join(str(part) for part in location[2:])}"
             raise InvalidRequestError(f"invalid value at {where}: {first.get('msg', 'invalid value')}",
-                                      param=_responses_field(str(location[0])) if location else None) from None
+                                      param=param) from None
         try:
             generation = await self.chat.start(chat_body, request, "resp_")
         except (InvalidSamplingParams, APIError) as error:  # named by the chat field it became

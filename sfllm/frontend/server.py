@@ -24,7 +24,7 @@ from sfllm.frontend.errors import ServerShutdownError
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import freeze_startup_objects
-from sfllm.http_socket import PortInUse, bind_http_socket
+from sfllm.http_socket import CannotBind, bind_http_socket
 from sfllm.ipc import sigint_ignored
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def run_frontend(config: FrontendConfig, engine_hello_timeout_s: float = DEFAULT
     else:
         try:
             sock = bind_http_socket(config.host, config.port)  # before anything slow: a taken port fails at once
-        except PortInUse as error:
+        except CannotBind as error:
             raise FrontendStartupError(str(error)) from error
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

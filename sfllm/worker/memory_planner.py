@@ -47,6 +47,7 @@ class MemoryPlan:
     graph_bytes: int | None = None  # measured once the graphs are captured
     graph_note: str = ""
     kv_note: str = ""
+    budget_name: str = "budget (mem_fraction)"
 
     def agree(self, num_blocks: int, num_cpu_blocks: int) -> None:
         """Takes the tensor-parallel ranks' common pool, the smallest rank's: a block lives on every rank
@@ -66,8 +67,8 @@ class MemoryPlan:
             graphs = ("CUDA graphs", self.graph_bytes, f"{self.graph_note} (reserved "
                                                        f"{self.graph_reserve_bytes / GIB:.2f} GiB)")
         rows = [
-            ("device memory", self.total_bytes, ""),
-            ("budget (mem_fraction)", self.budget_bytes, ""),
+            *([("device memory", self.total_bytes, "")] if self.total_bytes else []),  # none: a CPU, a set pool
+            *([(self.budget_name, self.budget_bytes, "")] if self.budget_bytes else []),
             ("model weights", self.weights_bytes, ""),
             ("KV cache pool", self.kv_bytes, f"{self.num_blocks} blocks x {self.block_size} tokens = "
                                               f"{self.num_blocks * self.block_size} tokens{self.kv_note}"),
@@ -198,5 +199,7 @@ def plan_cpu_memory(cpu_kv_cache_gib: float, kv_block_bytes: int, block_size: in
     if num_blocks < min_blocks:
         raise InsufficientMemory(
             f"--cpu-kv-cache-gib {cpu_kv_cache_gib} holds {num_blocks} KV blocks, fewer than the {min_blocks} "
-            f"one sequence of the maximum context length needs ({min_blocks * kv_block_bytes / GIB:.3f} GiB)")
-    return MemoryPlan(0, budget, weights_bytes, 0, 0, 0, kv_block_bytes, num_blocks, block_size)
+            f"one sequence of the maximum context length needs ({min_blocks * kv_block_bytes / GIB:.3f} GiB); "
+            "raise --cpu-kv-cache-gib or lower --max-context-length")
+    return MemoryPlan(0, budget, weights_bytes, 0, 0, 0, kv_block_bytes, num_blocks, block_size,
+                      budget_name="KV budget (cpu_kv_cache_gib)")

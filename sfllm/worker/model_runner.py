@@ -52,6 +52,10 @@ GPU_MEMORY_REFRESH_S = 1.0  # reading the allocator's statistics costs ~100s of 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class DeviceUnavailable(RuntimeError):
+    """The device the configuration asks for is not there."""
+
+
 def pick_device(name: str, rank: int = 0, size: int = 1) -> torch.device:
     """The device of tensor-parallel rank `rank` of `size`: GPU `rank`, or the CPU."""
     if name == "auto":
@@ -59,9 +63,9 @@ def pick_device(name: str, rank: int = 0, size: int = 1) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise DeviceUnavailable("--device cuda was asked for, but torch sees no CUDA device")
     if size > torch.cuda.device_count():
-        raise RuntimeError(f"--tensor-parallel-size {size} needs {size} GPUs, one per rank, but torch sees "
+        raise DeviceUnavailable(f"--tensor-parallel-size {size} needs {size} GPUs, one per rank, but torch sees "
                            f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
     return torch.device("cuda", rank)
 
@@ -159,6 +163,9 @@ class ModelRunner:
                     config.dtype, rank)
         self.max_context_length = min(config.max_context_length or model_config.max_position_embeddings,
                                       model_config.max_position_embeddings)
+        if config.max_context_length is not None and config.max_context_length > self.max_context_length:
+            logger.warning("max_context_length %d is past the model's %d positions (max_position_embeddings): "
+                           "serving %d", config.max_context_length, self.max_context_length, self.max_context_length)
         self.block_size = config.block_size
         self.model = load_model(source, self.dtype, self.device, self.max_context_length, config.seed, self.shard,
                                 self.group)

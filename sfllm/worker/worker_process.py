@@ -26,9 +26,17 @@ from sfllm.model_source import resolve_model
 from sfllm.nvtx import nvtx_range
 from sfllm.worker.completion_watcher import CompletionWatcher
 from sfllm.worker.follower_ranks import start_rank_zero
+from sfllm.worker.attention.registry import BackendUnavailable
 from sfllm.worker.inprocess_worker import worker_ready
+from sfllm.worker.memory_planner import InsufficientMemory
+from sfllm.worker.model_runner import DeviceUnavailable
+from sfllm.worker.weight_loader import WeightLoadError
 
 logger = logging.getLogger(__name__)
+
+# A start that fails on the setup (the model's files, the device, memory, the flags): the message says it all. Any
+# other exception is a bug and keeps its traceback in the log.
+SETUP_ERRORS = (ValueError, OSError, DeviceUnavailable, BackendUnavailable, InsufficientMemory, WeightLoadError)
 
 LOG_POLL_MS = 1000  # the longest sleep between loop-time reports (and checks of the other ranks) while idle
 LOST_RANK_WAIT_S = 1.0
@@ -54,7 +62,10 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         runner, followers = start_rank_zero(config, source)
     except Exception as error:
-        logger.exception("worker failed to start")
+        if isinstance(error, SETUP_ERRORS):
+            logger.error("worker failed to start: %s", error)
+        else:
+            logger.exception("worker failed to start")
         sock.send(codec.encode(WorkerFailed(error=f"{type(error).__name__}: {error}")))
         sock.close()
         return 1
