@@ -82,6 +82,11 @@ def counting_reply(num_tokens: int) -> Callable[[GenerateRequest], list[RequestO
     return reply
 
 
+def unfinished_reply(request: GenerateRequest) -> list[RequestOutput]:
+    """One token and no finish: the request runs until it is aborted."""
+    return [RequestOutput(request_id=request.request_id, token_ids=[100])]
+
+
 def request(request_id: str = "r-0") -> GenerateRequest:
     return GenerateRequest(request_id=request_id, prompt_token_ids=[1, 2], params=SamplingParams(), arrival_time=0.0)
 
@@ -172,9 +177,7 @@ def test_closing_the_client_aborts_what_runs_then_says_goodbye(address: str) -> 
     """A frontend that stops on purpose tells the engine, which frees its requests' blocks and logs it as gone
     at once, rather than 3 s later as a frontend that went silent."""
     async def scenario() -> None:
-        def unfinished(request: GenerateRequest) -> list[RequestOutput]:
-            return [RequestOutput(request_id=request.request_id, token_ids=[100])]
-        router = ScriptedRouter(address, reply=unfinished)
+        router = ScriptedRouter(address, reply=unfinished_reply)
         client = EngineClient(address, **FAST)
         await client.connect(timeout_s=5)
         outputs = client.submit(request("running"))
@@ -191,9 +194,7 @@ def test_closing_the_client_aborts_what_runs_then_says_goodbye(address: str) -> 
 def test_ending_the_streams_raises_in_each_and_aborts_them_in_the_engine(address: str) -> None:
     """How a frontend at its drain timeout answers the requests still running (see DrainingServer)."""
     async def scenario() -> None:
-        def unfinished(request: GenerateRequest) -> list[RequestOutput]:
-            return [RequestOutput(request_id=request.request_id, token_ids=[100])]
-        router = ScriptedRouter(address, reply=unfinished)
+        router = ScriptedRouter(address, reply=unfinished_reply)
         client = EngineClient(address, **FAST)
         await client.connect(timeout_s=5)
 
