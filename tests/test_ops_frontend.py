@@ -24,6 +24,7 @@ from test_frontend_app import MODEL, ScriptedEngine
 from sfllm.config import ServerConfig
 from sfllm.engine.engine_process import FRONTEND_MESSAGES_PER_READ, EngineCounters, EngineServer
 from sfllm.frontend.app import create_app
+from sfllm.frontend.refusal_log import RefusalLog
 from sfllm.frontend.request_gate import DrainState
 from sfllm.frontend.server import DrainingServer
 from sfllm.frontend.tokenizer import Tokenizer
@@ -320,11 +321,16 @@ def test_max_output_tokens_clips_the_default_budget(tokenizer: Tokenizer) -> Non
     assert [r.params.max_tokens for r in engine.requests] == [5, 5]
 
 
-def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokenizer) -> None:
+def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokenizer,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     engine = ScriptedEngine(tokenizer, delay_s=0.05)
     config = ServerConfig(request_timeout_s=0.4).frontend()
     client = Client(create_app(config, engine, tokenizer))  # type: ignore[arg-type]
-    whole = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100})
+    with caplog.at_level(logging.WARNING, logger="sfllm.frontend.refusal_log"):
+        whole = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100})
+    assert [record.getMessage() for record in caplog.records] == [
+        "a request on /v1/completions answered 504 request_timeout: it ran past --request-timeout-s (one such line "
+        "per 10 s at most; /metrics counts them all)"], "at the default log level, without the access log"
     assert whole.status_code == 504 and whole.json()["error"]["code"] == "request_timeout"
     assert "0.4 s" in whole.json()["error"]["message"]
     streamed = client.post("/v1/completions", {"prompt": "x", "max_tokens": 100, "stream": True})
@@ -335,6 +341,27 @@ def test_request_timeout_is_504_and_aborts_the_engine_request(tokenizer: Tokeniz
     assert sorted(engine.aborted) == sorted(r.request_id for r in engine.requests) and len(engine.aborted) == 2
     metrics = scrape(client)
     assert metrics[("sfllm_requests_total", (("priority", "normal"), ("status", "504")))] == 2
+
+
+def test_refusals_are_logged_a_line_per_interval_and_the_next_line_counts_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    refusals = RefusalLog(interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="sfllm.frontend.refusal_log"):
+        refusals.note(503, "engine_overloaded", "/v1/completions")
+        for step in range(5):
+            now[0] += 1.0
+            refusals.note(503, "engine_overloaded", "/v1/chat/completions")
+        refusals.note(504, None, "/v1/completions")  # a stream's error event without a code
+        now[0] += 10.0
+        refusals.note(503, "server_draining", "/v1/completions")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("a request on /v1/completions answered 503 engine_overloaded: the engine's waiting "
+                               "queue is full (--max-waiting-requests)")
+    assert lines[1] == ("6 more requests refused or cut short in the 15 s before: 5 x 503 engine_overloaded, "
+                        "1 x 504 error")
+    assert lines[2].startswith("a request on /v1/completions answered 503 server_draining: this frontend is draining")
 
 
 def test_a_responses_stream_cut_by_the_timeout_ends_with_an_error_event_counted_as_its_status(

@@ -27,7 +27,7 @@ async def choice_events(deltas: AsyncGenerator[ChoiceDelta, None], events_of: Ca
                     yield event
         except Exception as error:  # the status line is gone: report it in the stream
             api_error = api_error_from(error)
-            outcome.stream_error_status = api_error.status_code
+            outcome.stream_error_status, outcome.stream_error_code = api_error.status_code, api_error.code
             yield sse_event(json.dumps(api_error.body()))
             yield SSE_DONE
             return

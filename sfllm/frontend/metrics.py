@@ -17,6 +17,7 @@ arrival to the first output token, so it holds tokenization, queue time and pref
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.refusal_log import RefusalLog
 from sfllm.frontend.request_gate import DrainState
 from sfllm.messages import QUEUE_TIME_BUCKETS_S
 
@@ -38,6 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
 # Status of a response that started but did not finish: the client left, or a shutdown cut it (nginx's 499).
 CUT_SHORT = 499
+REFUSALS = (503, 504)  # answers the refusal log reports: turned away (queue full, draining) or timed out
 
 REQUEST_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -52,6 +55,7 @@ class RequestOutcome:
     """What the metrics middleware cannot read off the wire: the priority, and an error inside a stream."""
     priority: str = "none"
     stream_error_status: int | None = None
+    stream_error_code: str | None = None
 
 
 def request_outcome(request: Request) -> RequestOutcome:
@@ -101,6 +105,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: FrontendMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.refusals = RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
@@ -110,13 +115,16 @@ class MetricsMiddleware:
         outcome = scope.setdefault("state", {}).setdefault(_OUTCOME_KEY, RequestOutcome())
         status: int | None = None
         completed = False
+        error_body = b""
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, completed
+            nonlocal status, completed, error_body
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                completed = True
+            elif message["type"] == "http.response.body":
+                if status in REFUSALS:
+                    error_body += message.get("body", b"")
+                completed = not message.get("more_body", False)
             await send(message)
 
         try:
@@ -126,13 +134,24 @@ class MetricsMiddleware:
                 status, completed = 500, True  # a bug in a middleware inside: Starlette's outermost one answers 500
             raise
         finally:
+            code = _error_code(error_body)
             if outcome.stream_error_status is not None:
-                status = outcome.stream_error_status
+                status, code = outcome.stream_error_status, outcome.stream_error_code
             elif not completed:
                 status = CUT_SHORT
             self.metrics.requests.labels(str(status), outcome.priority).inc()
+            if status in REFUSALS:
+                self.refusals.note(status, code, scope["path"])
             if status == 200:
                 self.metrics.e2e_latency.observe(time.perf_counter() - started)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The `code` of an OpenAI-shaped error body."""
+    try:
+        return json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class EngineStatsCollector(Collector):

@@ -94,7 +94,7 @@ class ResponsesEndpoint:
                         yield event
             except Exception as error:  # the status line is gone: an error event, as OpenAI streams it
                 api_error = _as_responses_error(api_error_from(error))
-                outcome.stream_error_status = api_error.status_code
+                outcome.stream_error_status, outcome.stream_error_code = api_error.status_code, api_error.code
                 yield answer.event("error", code=api_error.code or api_error.error_type, message=api_error.message,
                                    param=api_error.param)
                 return
