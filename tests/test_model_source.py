@@ -648,6 +648,9 @@ def test_repo_id_resolves_from_the_local_hf_cache(tmp_path: Path, monkeypatch) -
     assert source.folder == snapshot.resolve() and source.config.hidden_size == 32
     with pytest.raises(ModelNotFound, match="acme/absent"):
         resolve_model("acme/absent", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFound, match=r"'Qwen/Qwen3-1.8B' \(the guide's Qwen3-1.8B is published as "
+                                            r"Qwen/Qwen3-1.7B\) is not in the Hugging Face cache"):
+        resolve_model("Qwen/Qwen3-1.8B", cache_dir=str(tmp_path / "cache"))
 
 
 def test_guide_repo_ids_run_as_dummy_presets(tmp_path: Path) -> None:

@@ -106,10 +106,12 @@ def _hf_cache_snapshot(repo_id: str) -> Path:
     snapshots = sorted((hub.expanduser() / f"models--{repo_id.replace('/', '--')}" / "snapshots").glob("*/"),
                        key=lambda p: p.stat().st_mtime)
     if not snapshots:
+        # the performance guide's name for a model the hub has under another
+        known_as = {"qwen/qwen3-1.8b": " (the guide's Qwen3-1.8B is published as Qwen/Qwen3-1.7B)"}
         raise ModelNotFound(
-            f"model {repo_id!r} is not in the Hugging Face cache under {hub}, and sfllm downloads nothing: "
-            f"download it on a connected machine, pass its folder, or run it with --load-format dummy; "
-            f"{_ACCEPTED_FORMS}")
+            f"model {repo_id!r}{known_as.get(repo_id.lower(), '')} is not in the Hugging Face cache under {hub}, and "
+            f"sfllm downloads nothing: download it on a connected machine, pass its folder, or run it with "
+            f"--load-format dummy; {_ACCEPTED_FORMS}")
     return snapshots[-1]
 
 
