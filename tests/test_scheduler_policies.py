@@ -242,6 +242,53 @@ def test_random_workload_on_a_tiny_pool_gives_exact_outputs(preemption_mode: str
         assert core.scheduler.num_preemptions > 0, "the pool is small enough to force preemption"
 
 
+# Seeds whose configurations once never finished (a high prompt chunked past aged background work; its cached head
+# in the free blocks), then the next seeds.
+RANDOM_CONFIG_SEEDS = [8, 33, 74, 98, 99, 168] + list(range(40))
+
+
+def test_random_configurations_finish_with_exact_outputs() -> None:
+    """Pool, block and context sizes, step budgets down to 1 token, batch limits, high-priority slots, aging
+    bounds, swap space, both policies, the prefix cache on and off, overlap on and off, aborts: every workload
+    finishes, each request with its exact tokens, every block free."""
+    for seed in RANDOM_CONFIG_SEEDS:
+        rng = random.Random(seed)
+        block_size, context = rng.choice([4, 8]), rng.choice([32, 48, 64])
+        config = dict(num_blocks=context // block_size + rng.randint(0, 6), block_size=block_size,
+                      max_context_length=context, num_cpu_blocks=rng.choice([0, 2, 8, 32]),
+                      max_running_tokens=rng.choice([1, 2, 3, 5, 8, 16, 64]), max_running_requests=rng.randint(1, 6),
+                      preemption_mode=rng.choice(["recompute", "swap"]),
+                      schedule_policy=rng.choice(["fcfs", "length-bucket"]), disable_prefix_cache=rng.random() < 0.3,
+                      max_background_wait_s=rng.choice([0.5, 2.0, 30.0]), high_priority_slots=rng.randint(0, 3),
+                      high_priority_step_tokens=rng.choice([0, 1, 4, 16]), disable_overlap=rng.random() < 0.3)
+        if config["preemption_mode"] == "swap":
+            config["num_cpu_blocks"] = max(config["num_cpu_blocks"], 1)
+        core, clock = make_engine(**config)
+        shared = prompt_of(20, start=500)
+        pending: list[tuple[str, list[int], int, str, list[int]]] = []
+        expected: dict[str, tuple[list[int], str]] = {}
+        for i in range(rng.randint(5, 30)):
+            kind = rng.random()
+            if kind < 0.5:  # a shared head, cut at and around block boundaries
+                prompt = shared[:rng.choice([block_size, 2 * block_size, 2 * block_size + 1, 3 * block_size - 1, 20])]
+                prompt += [rng.randrange(10, 400) for _ in range(rng.randint(0, 10))]
+            elif kind < 0.65 and pending:  # a prefix of an earlier prompt
+                earlier = rng.choice(pending)[1]
+                prompt = earlier[:rng.randint(1, len(earlier))]
+            elif kind < 0.75 and pending:  # an earlier prompt again
+                prompt = list(rng.choice(pending)[1])
+            else:
+                prompt = [rng.randrange(10, 400) for _ in range(rng.randint(1, 20))]
+            prompt = prompt[:context - 1]
+            max_tokens = rng.randint(1, context + 5 - len(prompt))
+            want = expected_tokens(prompt, min(max_tokens, context - len(prompt)))
+            stop = [rng.choice(want)] if rng.random() < 0.15 else []
+            expected[f"r{i}"] = (want[:want.index(stop[0]) + 1], "stop") if stop else (want, "length")
+            pending.append((f"r{i}", prompt, max_tokens, rng.choice(["high", "normal", "normal", "background"]), stop))
+        run_random_workload(core, clock, rng, pending, expected, abort_rate=rng.choice([0, 0.02, 0.1]), seed=seed,
+                            turn_s=rng.choice([0.05, 0.5]))
+
+
 def run_tiny_pool_workload(seed: int, preemption_mode: str, policy: str, prefix_cache: bool) -> EngineCore:
     rng = random.Random(seed)
     core, clock = make_engine(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=8,
@@ -438,6 +485,73 @@ def test_high_arrival_preempts_aged_background_work_last() -> None:
     assert outputs == {name: expected_tokens(prompt_of(5, start), n) for name, start, n in
                        (("n1", 10, 30), ("n2", 50, 30), ("b", 100, 30), ("h1", 200, 3), ("h2", 250, 3))}
     assert_all_free(scheduler)
+
+
+def run_until_done(scheduler: Scheduler, worker: FakeWorker, outputs: dict[str, list[int]], max_steps: int = 300) -> None:
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            return
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    raise AssertionError(f"still unfinished after {max_steps} steps: " + ", ".join(
+        f"{r.request_id} {r.status.value} at {r.num_computed_tokens}" for r in scheduler.requests.values()))
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_a_high_prompt_whose_cached_head_is_in_the_free_blocks_pushes_out_what_it_needs(preemption_mode: str) -> None:
+    """The high prompt ran before: its first blocks are cached, and they are the free ones now. Starting it
+    takes them off the free list and needs blocks for its first chunk past them: counting only the chunk, the
+    scheduler pushed out no one, could not start it, and the normal requests sat out behind it, forever."""
+    scheduler, worker, _ = make_scheduler(num_blocks=16, block_size=4, max_context_length=48, num_cpu_blocks=16,
+                                          max_running_tokens=8, max_running_requests=4,
+                                          preemption_mode=preemption_mode)
+    high_prompt = prompt_of(20, 100)
+    outputs: dict[str, list[int]] = {}
+    add(scheduler, "h1", high_prompt, max_tokens=2, priority="high", arrival=1.0)
+    run_until_done(scheduler, worker, outputs)
+    add(scheduler, "n0", prompt_of(21, 300), max_tokens=8, arrival=2.0)
+    add(scheduler, "n1", prompt_of(21, 400), max_tokens=8, arrival=3.0)
+    while not all(r.num_computed_tokens >= 21 for r in scheduler.requests.values()):
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    free = [b for b in range(16) if scheduler.allocator.is_free(b)]
+    cached, _ = scheduler.allocator.cached_prefix(high_prompt, 4)
+    assert cached and set(cached) <= set(free), "the setting: the high prompt's cached head is in the free blocks"
+    add(scheduler, "h2", high_prompt, max_tokens=2, priority="high", arrival=4.0)
+    run_until_done(scheduler, worker, outputs)
+    assert outputs == {"h1": expected_tokens(high_prompt, 2), "h2": expected_tokens(high_prompt, 2),
+                       "n0": expected_tokens(prompt_of(21, 300), 8), "n1": expected_tokens(prompt_of(21, 400), 8)}
+    assert scheduler.num_preemptions > 0
+    assert_all_free(scheduler)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_high_prompt_in_chunks_pushes_out_aged_background_work_not_itself(prefix_cache: bool) -> None:
+    """Aged background requests rank as high, and being older they were taken as the victim after the new
+    high request: it preempted itself for its second chunk's blocks, while they sat out its prefill; with the
+    prefix cache the engine stalled, without it the high request re-prefilled forever."""
+    scheduler, worker, clock = make_scheduler(num_blocks=16, block_size=4, max_context_length=48,
+                                              max_running_tokens=8, max_running_requests=4, background_share=0.0,
+                                              max_background_wait_s=0.0, disable_prefix_cache=not prefix_cache)
+    outputs: dict[str, list[int]] = {}
+    add(scheduler, "b0", prompt_of(21, 300), max_tokens=8, priority="background", arrival=1.0)
+    add(scheduler, "b1", prompt_of(21, 400), max_tokens=8, priority="background", arrival=2.0)
+    while not all(r.num_computed_tokens >= 21 for r in scheduler.requests.values()):
+        clock.now += 1.0
+        collect_outputs(step_once(scheduler, worker)[1], outputs)
+    assert all(r.aged for r in scheduler.running)
+    add(scheduler, "h", prompt_of(24, 100), max_tokens=2, priority="high", arrival=clock.now)
+    run_until_done(scheduler, worker, outputs)
+    assert outputs == {"h": expected_tokens(prompt_of(24, 100), 2), "b0": expected_tokens(prompt_of(21, 300), 8),
+                       "b1": expected_tokens(prompt_of(21, 400), 8)}
+    assert scheduler.num_preemptions <= 2, "the aged work made room once, and h never gave way to it"
+    assert_all_free(scheduler)
+
+
+def test_the_victim_among_requests_ranking_high_is_aged_background_before_high() -> None:
+    high, aged = _request("h", "high", 5.0), _request("aged", "background", 1.0)
+    aged.aged = True
+    assert choose_victim([high, aged]) is aged, "the older aged request still gives way to the high class"
+    assert choose_victim([high, aged, _request("n", "normal", 0.5)]).request_id == "n"
+    assert choose_victim([_request("h0", "high", 1.0), high]) is high, "the newest of one class"
 
 
 def test_high_arrival_preempts_the_newest_background_request_only() -> None:

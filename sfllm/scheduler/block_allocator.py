@@ -80,6 +80,16 @@ class BlockAllocator:
         the first block in `stop_at` on.
 
         Returns (block ids, their hashes); the blocks are referenced for the caller."""
+        blocks, hashes = self.cached_prefix(token_ids, max_blocks, stop_at)
+        for block in blocks:
+            if self._ref_counts[block] == 0:
+                del self._free[block]
+            self._ref_counts[block] += 1
+        return blocks, hashes
+
+    def cached_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = ()
+                      ) -> tuple[list[int], list[int]]:
+        """What match_prefix would return, without referencing the blocks."""
         if not self.enable_prefix_cache:
             return [], []
         blocks: list[int] = []
@@ -96,11 +106,11 @@ class BlockAllocator:
             blocks.append(cached.block_id)
             hashes.append(block_hash)
             parent = block_hash
-        for block in blocks:
-            if self._ref_counts[block] == 0:
-                del self._free[block]
-            self._ref_counts[block] += 1
         return blocks, hashes
+
+    def is_free(self, block: int) -> bool:
+        """Whether no request holds the block (a cached one among them: the next allocation may take it)."""
+        return self._ref_counts[block] == 0
 
     def register(self, block: int, parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
         """Record that a full block holds `token_ids` after the prefix named by `parent_hash`."""

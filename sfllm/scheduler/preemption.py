@@ -3,16 +3,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sfllm.scheduler.priority import PRIORITY_RANK
 from sfllm.scheduler.request import Request
 
 
 def choose_victim(candidates: Iterable[Request]) -> Request | None:
-    """The lowest-class, newest request among `candidates` (an aged background request ranks as high)."""
-    best: Request | None = None
-    for request in candidates:
-        if best is None or (request.rank, request.arrival_time) > (best.rank, best.arrival_time):
-            best = request
-    return best
+    """The lowest-ranked, newest request among `candidates`. An aged background request ranks as high, but
+    below a request of the high class itself: a high-priority request that needs blocks pushes it out rather
+    than itself (it did, being the newer, while the aged one sat out its steps: neither ever finished)."""
+    return max(candidates, key=_victim_order, default=None)
+
+
+def _victim_order(request: Request) -> tuple[int, int, float]:
+    return request.rank, PRIORITY_RANK[request.priority], request.arrival_time
 
 
 def may_push_out(waiting: Request, running: Request) -> bool:

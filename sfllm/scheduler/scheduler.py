@@ -382,13 +382,13 @@ class Scheduler:
         """Preempts lower-class running requests while waiting high-priority ones lack a slot or blocks."""
         high = [r for r in self.waiting.ranked_high(now) if r.num_pending_samples == 0]
         high_slots_needed = other_slots_needed = blocks_needed = 0
+        counted: set[int] = set()
         for request in high:
             if request.priority == "high":
                 high_slots_needed += 1
             else:
                 other_slots_needed += 1  # aged background: within the batch limit
-            first_chunk = min(request.num_tokens - request.num_computed_tokens, self.config.max_running_tokens)
-            blocks_needed += self._blocks_needed(request, first_chunk)
+            blocks_needed += self._free_blocks_to_start(request, self.config.max_running_tokens, counted)
             self._release_paused_blocks(blocks_needed)
             while (high_slots_needed + other_slots_needed > len(self._free_slots)
                    or 0 < other_slots_needed > self._batch_room() - high_slots_needed
@@ -397,6 +397,31 @@ class Scheduler:
                 if victim is None:
                     return
                 self._preempt(victim, step, keep_blocks=blocks_needed <= self.allocator.num_free)
+
+    def _free_blocks_to_start(self, request: Request, budget: int, counted: set[int]) -> int:
+        """Free blocks a waiting request takes when `_admit` starts it with a chunk of up to `budget` tokens: its
+        new ones, and the cached blocks of its prefix that are free now, which come off the free list with it
+        (`counted`: those already counted for requests before it). Counting only the chunk's blocks, a prompt
+        longer than the chunk whose cached head sat in the free blocks was never admitted, and the requests its
+        wait held up never freed any. A prompt that fits in the chunk takes at most its own blocks, cached or
+        not: no lookup (hundreds of aged requests may wait)."""
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= budget or not self._uses_prefix_cache(request):
+            return self._blocks_needed(request, min(remaining, budget))
+        cached, _ = self.allocator.cached_prefix(request.token_slice(0, request.num_tokens),
+                                                 (request.num_tokens - 1) // self.block_size)
+        taken = [block for block in cached if self.allocator.is_free(block) and block not in counted]
+        counted.update(taken)
+        computed = len(cached) * self.block_size
+        total = computed + min(request.num_tokens - computed, budget)
+        return len(taken) + -(-total // self.block_size) - len(cached)
+
+    def _uses_prefix_cache(self, request: Request) -> bool:
+        """Whether `_admit` looks the request's prompt up in the prefix cache: a start from nothing, without
+        prompt logprobs (they need the logits of every prompt position, which cached blocks do not keep)."""
+        return (request.status is not RequestStatus.SWAPPED and request.num_computed_tokens == 0
+                and not request.block_ids and self.allocator.enable_prefix_cache
+                and request.prompt_logprobs is None)
 
     def _batch_room(self) -> int:
         """Requests that may still start within the batch limit: what any class but high may take."""
@@ -433,9 +458,7 @@ class Scheduler:
         if request.status is RequestStatus.SWAPPED:
             return self._swap_in(request, step)
         looked_up = 0
-        # prompt logprobs need the logits of every prompt position, which cached blocks do not keep
-        if (request.num_computed_tokens == 0 and not request.block_ids and self.allocator.enable_prefix_cache
-                and request.prompt_logprobs is None):
+        if self._uses_prefix_cache(request):
             max_cached = (request.num_tokens - 1) // self.block_size
             blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
             request.block_ids, request.block_hashes = blocks, hashes
