@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import itertools
 import numbers
+
+import msgspec
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from sfllm.config import DEFAULT_MODEL, load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.openai_protocol import ChatTextPart, joined_text
+from sfllm.frontend.tool_protocol import ChatTool
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import GenerateRequest, SampledLogprobs
@@ -31,6 +34,11 @@ from sfllm.worker.inprocess_worker import InProcessWorker
 
 class GenerationError(RuntimeError):
     pass
+
+
+class InvalidPrompt(GenerationError, ValueError):
+    """A prompt the engine refuses (too long for the context, empty, a token id outside the vocabulary): a
+    ValueError, as vLLM raises it."""
 
 
 Prompt = str | list[int] | dict[str, Any]
@@ -72,6 +80,11 @@ class CompletionOutput:
     logprobs: list[SampledLogprobs] | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the sampled tokens' logprobs, where logprobs were asked for."""
+        return None if self.logprobs is None else sum(entry.logprob for entry in self.logprobs)
+
 
 @dataclass
 class GenerationResult:
@@ -81,6 +94,8 @@ class GenerationResult:
     num_cached_tokens: int = 0
     # with SamplingParams.prompt_logprobs: of prompt tokens 1.. (the first has none)
     prompt_logprobs: list[SampledLogprobs] | None = None
+    request_id: str = ""
+    finished: bool = False  # vLLM's: every output ended (what generate returns always has)
 
 
 @dataclass
@@ -119,17 +134,21 @@ class LLM:
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              priority: str = "normal", use_tqdm: bool = False, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerationResult]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[GenerationResult]:
         """Each conversation rendered by the model's chat template, then generated. `continue_final_message`:
         the model writes on in the last message; `chat_template_kwargs`: more variables for the template (Qwen3's
-        `enable_thinking`, ...), as vLLM's LLM.chat takes them. `add_generation_prompt` left out: true unless
-        continuing the final message."""
+        `enable_thinking`, ...), as vLLM's LLM.chat takes them; `tools`: OpenAI's function tools, for the
+        template (the output is the model's text: calls are not parsed out of it, as in vLLM's LLM.chat).
+        `add_generation_prompt` left out: true unless continuing the final message."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
-        token_lists = [self.tokenizer.apply_chat_template([_text_message(m) for m in c], add_generation_prompt, None,
-                                                          continue_final_message, chat_template_kwargs)
+        template_tools = None if tools is None else [
+            ChatTool.model_validate(tool).model_dump(exclude_none=True) for tool in tools]
+        token_lists = [self.tokenizer.apply_chat_template([_text_message(m) for m in c], add_generation_prompt,
+                                                          template_tools, continue_final_message, chat_template_kwargs)
                        for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params, priority, use_tqdm)
 
@@ -144,16 +163,25 @@ class LLM:
                   use_tqdm: bool) -> list[GenerationResult]:
         if sampling_params is None:
             sampling_params = SamplingParams()
+        if not isinstance(priority, str):
+            raise ValueError(f"priority is one of high, normal, background, for every prompt of the call; got "
+                             f"{priority!r} (vLLM's integer per prompt is not sfllm's)")
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(token_lists)} prompts")
+        # vLLM's max_tokens=None: as many as the context leaves
+        params_list = [params if params.max_tokens is not None else msgspec.structs.replace(
+            params, max_tokens=max(self.max_context_length - len(tokens), 1))
+            for params, tokens in zip(params_list, token_lists)]
         params_list = [params.with_bad_words_tokenized(self.tokenizer.encode_text) for params in params_list]
         for params in params_list:
             params.validate(vocab_size=self.tokenizer.vocab_size)
-        results = [GenerationResult(text, tokens) for text, tokens in zip(texts, token_lists)]
+        call = f"offline-{next(self._ids)}"
+        results = [GenerationResult(text, tokens, request_id=f"{call}-{index}", finished=True)
+                   for index, (text, tokens) in enumerate(zip(texts, token_lists))]
         tracked: dict[str, _Tracked] = {}
         try:
-            return self._generate_tracked(token_lists, params_list, priority, use_tqdm, results, tracked)
+            return self._generate_tracked(call, token_lists, params_list, priority, use_tqdm, results, tracked)
         except BaseException as error:  # an error, or the caller's Ctrl-C: the next call must not find these running
             self.engine.abort(list(tracked))  # (the finished ones are not touched)
             try:
@@ -162,11 +190,12 @@ class LLM:
                 error.add_note(f"draining the engine after it failed too: {drain_error!r}")
             raise
 
-    def _generate_tracked(self, token_lists: list[list[int]], params_list: list[SamplingParams], priority: str,
-                          use_tqdm: bool, results: list[GenerationResult],
+    def _generate_tracked(self, call: str, token_lists: list[list[int]], params_list: list[SamplingParams],
+                          priority: str, use_tqdm: bool, results: list[GenerationResult],
                           tracked: dict[str, _Tracked]) -> list[GenerationResult]:
+        """`call`: the id the requests' ids start with."""
         unsent: collections.deque[GenerateRequest] = collections.deque()
-        for choice in plan_choices(f"offline-{next(self._ids)}", token_lists, params_list, priority):
+        for choice in plan_choices(call, token_lists, params_list, priority):
             result = results[choice.prompt_index]
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)
@@ -189,7 +218,7 @@ class LLM:
             structured_output = request.params.structured_output
             refused = scheduler.refusal(request, check_grammar=structured_output not in checked)
             if refused is not None:
-                raise GenerationError(refused.error)
+                raise (InvalidPrompt if 400 <= refused.error_code < 500 else GenerationError)(refused.error)
             checked.add(structured_output)
 
     def _send(self, unsent: collections.deque[GenerateRequest]) -> None:

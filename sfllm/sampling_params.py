@@ -62,6 +62,9 @@ class StructuredOutput(msgspec.Struct, frozen=True):
         return cls("grammar", grammar)
 
 
+MIN_TEMPERATURE = 0.01  # a positive temperature below it is taken as this
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     max_tokens: int = 16
     # the output's first min_tokens tokens are never EOS (even with ignore_eos, as vLLM masks it) nor a
@@ -96,8 +99,22 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     bad_words_token_ids: list[list[int]] = []
 
     def __post_init__(self) -> None:
+        # vLLM's spellings, which code written for it passes: None for "none", one stop string, True for one
+        # logprob, top_k 0 for off
         if isinstance(self.stop, str):  # one stop string, as vLLM takes it (not a list of its characters)
             self.stop = [self.stop]
+        for name, empty in (("stop", []), ("stop_token_ids", []), ("bad_words", []), ("logit_bias", {})):
+            if getattr(self, name) is None:
+                setattr(self, name, type(empty)())
+        for name in ("logprobs", "prompt_logprobs"):
+            if isinstance(getattr(self, name), bool):
+                setattr(self, name, 1 if getattr(self, name) else None)
+        if self.top_k == 0:
+            self.top_k = -1
+        # Below 0.01 the logits over the temperature overflow (1e-38 drew token 0 over and over): vLLM raises such a
+        # temperature to 0.01 too.
+        if isinstance(self.temperature, float) and 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +171,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            ("stop", self.detokenize or not self.stop, "stop strings need the text: they cannot be combined with "
+                                                       "detokenize=False (stop_token_ids can)"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}"),
             ("min_tokens", not (self.min_tokens and self.structured_output is not None),

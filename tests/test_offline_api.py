@@ -176,16 +176,58 @@ def test_the_worker_names_its_device_and_the_engine_takes_its_defaults(smollm_ll
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(top_k=0), "top_k"),
+    (dict(top_k=-2), "top_k"),
     (dict(n=0), "n"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(max_tokens=None), "max_tokens"),
+    (dict(max_tokens="8"), "max_tokens"),
+    (dict(stop=["x"], detokenize=False), "stop"),
     (dict(temperature="0.5"), "temperature"),
 ])
 def test_invalid_sampling_values_are_refused(smollm_llm, params: dict, field: str) -> None:
     with pytest.raises(InvalidSamplingParams) as error:
         smollm_llm.generate(PROMPT, SamplingParams(**params))
     assert error.value.param == field
+
+
+def test_vllm_spellings_of_sampling_params_mean_what_they_mean_there(smollm_llm, monkeypatch) -> None:
+    """None for the lists and the bias, top_k 0 (off), logprobs True (one), a temperature under 0.01 (0.01: 1e-38
+    drew token 0 over and over), max_tokens None (what the context leaves); vLLM's output fields."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = smollm_llm.generate(PROMPT, greedy)[0].outputs[0]
+    spelled = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, stop=None, stop_token_ids=None,
+                             bad_words=None, logit_bias=None, top_k=0, logprobs=True)
+    output = smollm_llm.generate(PROMPT, spelled)[0].outputs[0]
+    assert output.token_ids == expected.token_ids and len(output.logprobs) == 4
+    assert output.cumulative_logprob == pytest.approx(sum(entry.logprob for entry in output.logprobs))
+    assert output.cumulative_logprob < 0 and expected.cumulative_logprob is None
+    assert SamplingParams(temperature=1e-38).temperature == 0.01
+    tiny = smollm_llm.generate(PROMPT, SamplingParams(temperature=1e-38, max_tokens=4, ignore_eos=True, seed=3))
+    assert 0 not in tiny[0].outputs[0].token_ids and tiny[0].outputs[0].text
+    ids = smollm_llm.tokenizer.encode(PROMPT)
+    monkeypatch.setattr(type(smollm_llm), "max_context_length", property(lambda self: len(ids) + 3))
+    result = smollm_llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[0]
+    assert (len(result.outputs[0].token_ids), result.outputs[0].finish_reason) == (3, "length")
+    assert result.finished and result.request_id.startswith("offline-")
+
+
+def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:
+    """As vLLM raises them: a prompt the engine refuses, vLLM's priority list, an allowed token that can only
+    end an output held open by min_tokens (token 0 came out); LLM.chat hands its tools to the template."""
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        smollm_llm.generate([[]], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="vLLM's integer per prompt"):
+        smollm_llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=1), priority=[0, 1])
+    eos = smollm_llm.engine.worker.info.eos_token_ids[0]
+    with pytest.raises(ValueError, match="every token of allowed_token_ids ends the output"):
+        smollm_llm.generate(PROMPT, SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos]))
+    seen = []
+    render = smollm_llm.tokenizer.apply_chat_template
+    monkeypatch.setattr(smollm_llm.tokenizer, "apply_chat_template",
+                        lambda messages, add, tools, *rest: seen.append(tools) or render(messages, add, tools, *rest))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    smollm_llm.chat([{"role": "user", "content": "Weather?"}], SamplingParams(max_tokens=1), tools=[tool])
+    assert seen == [[tool]]
+    assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
 
 
 def test_prompt_longer_than_the_context_names_the_numbers(smollm_llm) -> None:

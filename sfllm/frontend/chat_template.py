@@ -112,7 +112,8 @@ class ChatTemplate:
                                     param="continue_final_message")
         clashing = sorted(self.reserved_variables() & set(variables or {}))
         if clashing:
-            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clashing)}: the server sets them",
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clashing)}: they come from the "
+                                    "request itself (its messages, its tools; LLM.chat's tools=)",
                                     param="chat_template_kwargs")
         try:
             text = self._template.render(**(variables or {}), messages=messages, tools=tools, documents=None,

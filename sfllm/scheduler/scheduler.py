@@ -192,6 +192,12 @@ class Scheduler:
                 self._check_grammar(message.params.structured_output)
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400, error.param)
+        params = message.params
+        if params.allowed_token_ids is not None and params.min_tokens > 0 and set(params.allowed_token_ids) <= (
+                self.stop_checker.eos_token_ids | set(params.stop_token_ids)):
+            return _error(message.request_id, "every token of allowed_token_ids ends the output, which min_tokens "
+                                              "forbids for its first tokens: nothing is left to draw", 400,
+                          "allowed_token_ids")
         return None
 
     def high_priority_lately(self) -> bool:
