@@ -370,6 +370,8 @@ def _config_file(given: str) -> Path:
     path = Path(given)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {given} is a folder: name a YAML file in it")
     shipped = shipped_profile(given)
     if shipped is not None:
         logger.info("config file %s: the profile sfllm ships, %s", given, shipped)

@@ -84,8 +84,10 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path,
     with pytest.raises(ConfigError, match=message) as refused:
         load_config(_args("--config", str(profile)), environ={})
     assert str(profile) in str(refused.value) and "\n" not in str(refused.value)
-    with pytest.raises(ConfigError, match=f"config file {tmp_path} does not exist, nor is it a profile sfllm ships "
-                                          r"\(cpu, h100, "):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'absent.yaml'} does not exist, nor is it a "
+                                          r"profile sfllm ships \(cpu, h100, "):
+        load_config(_args("--config", str(tmp_path / "absent.yaml")), environ={})
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
         load_config(_args("--config", str(tmp_path)), environ={})
 
 
