@@ -9,11 +9,10 @@ from __future__ import annotations
 import collections
 import itertools
 import numbers
-
-import msgspec
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from tqdm import tqdm
 
 from sfllm.config import DEFAULT_MODEL, load_config
@@ -95,7 +94,7 @@ class GenerationResult:
     # with SamplingParams.prompt_logprobs: of prompt tokens 1.. (the first has none)
     prompt_logprobs: list[SampledLogprobs] | None = None
     request_id: str = ""
-    finished: bool = False  # vLLM's: every output ended (what generate returns always has)
+    finished: bool = True  # vLLM's: every output ended, as in every result generate returns
 
 
 @dataclass
@@ -177,7 +176,7 @@ class LLM:
         for params in params_list:
             params.validate(vocab_size=self.tokenizer.vocab_size)
         call = f"offline-{next(self._ids)}"
-        results = [GenerationResult(text, tokens, request_id=f"{call}-{index}", finished=True)
+        results = [GenerationResult(text, tokens, request_id=f"{call}-{index}")
                    for index, (text, tokens) in enumerate(zip(texts, token_lists))]
         tracked: dict[str, _Tracked] = {}
         try:

@@ -308,7 +308,7 @@ class Scheduler:
                 break
             looked_up = 0
             if self.allocator.enable_prefix_cache and request.prompt_logprobs is None:
-                max_cached = (request.num_tokens - 1) // self.block_size
+                max_cached = self._max_cached_blocks(request)
                 request.block_ids, request.block_hashes = self.allocator.match_prefix(
                     request.token_slice(0, request.num_tokens), max_cached, self._blocks_filled_by_newest_step)
                 request.num_computed_tokens = len(request.block_ids) * self.block_size
@@ -415,7 +415,7 @@ class Scheduler:
         if remaining <= budget or not self._uses_prefix_cache(request):
             return self._blocks_needed(request, min(remaining, budget))
         cached, _ = self.allocator.cached_prefix(request.token_slice(0, request.num_tokens),
-                                                 (request.num_tokens - 1) // self.block_size)
+                                                 self._max_cached_blocks(request))
         taken = [block for block in cached if self.allocator.is_free(block) and block not in counted]
         counted.update(taken)
         computed = len(cached) * self.block_size
@@ -428,6 +428,11 @@ class Scheduler:
         return (request.status is not RequestStatus.SWAPPED and request.num_computed_tokens == 0
                 and not request.block_ids and self.allocator.enable_prefix_cache
                 and request.prompt_logprobs is None)
+
+    def _max_cached_blocks(self, request: Request) -> int:
+        """The most prompt blocks a start may take from the prefix cache: its last token is always computed, for
+        the logits of the first output token."""
+        return (request.num_tokens - 1) // self.block_size
 
     def _batch_room(self) -> int:
         """Requests that may still start within the batch limit: what any class but high may take."""
@@ -465,7 +470,7 @@ class Scheduler:
             return self._swap_in(request, step)
         looked_up = 0
         if self._uses_prefix_cache(request):
-            max_cached = (request.num_tokens - 1) // self.block_size
+            max_cached = self._max_cached_blocks(request)
             blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
             request.block_ids, request.block_hashes = blocks, hashes
             request.num_computed_tokens = len(blocks) * self.block_size
