@@ -9,7 +9,8 @@ from __future__ import annotations
 import collections
 import itertools
 import numbers
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -18,14 +19,16 @@ from tqdm import tqdm
 from sfllm.config import DEFAULT_MODEL, load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
+from sfllm.frontend.logprobs_format import by_token
 from sfllm.frontend.openai_protocol import ChatTextPart, joined_text
 from sfllm.frontend.tool_protocol import ChatTool
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
-from sfllm.messages import GenerateRequest, SampledLogprobs
+from sfllm.messages import GenerateRequest
 from sfllm.model_source import resolve_model
 from sfllm.model_source.resolve import resolve_cache_dir
-from sfllm.model_source.tokenizer_spec import tokenizer_spec
+from sfllm.model_source.tokenizer_spec import tokenizer_spec, transformers_tokenizer
+from sfllm.offline_outputs import CompletionOutput, GenerationResult
 from sfllm.sampling_params import SamplingParams, StructuredOutput
 from sfllm.scheduler.waiting_queue import QUEUE_FULL_STATUS
 from sfllm.worker.inprocess_worker import InProcessWorker
@@ -71,52 +74,35 @@ def _text_message(message: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[SampledLogprobs] | None = None
-    stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
-
-    @property
-    def cumulative_logprob(self) -> float | None:
-        """vLLM's: the sum of the sampled tokens' logprobs, where logprobs were asked for."""
-        return None if self.logprobs is None else sum(entry.logprob for entry in self.logprobs)
-
-
-@dataclass
-class GenerationResult:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    # with SamplingParams.prompt_logprobs: of prompt tokens 1.. (the first has none)
-    prompt_logprobs: list[SampledLogprobs] | None = None
-    request_id: str = ""
-    finished: bool = True  # vLLM's: every output ended, as in every result generate returns
-
-
-@dataclass
 class _Tracked:
     """One choice in flight, and where its text goes."""
     decoder: ChoiceDecoder
     result: GenerationResult
     output: CompletionOutput
+    token_text: Callable[[int], str] | None  # a logprob's decoded_token (None with detokenize=False, as vLLM)
 
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
         self.config = load_config(environ={}, model=model, **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
-        self.tokenizer = Tokenizer(spec)
-        self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source), spec)
+        self._tokenizer_spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
+        self.tokenizer = Tokenizer(self._tokenizer_spec)
+        self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source),
+                                 self._tokenizer_spec)
         self._ids = itertools.count()
+        self._hf_tokenizer: Any = None
 
     @property
     def max_context_length(self) -> int:
         return self.engine.worker.info.max_context_length
+
+    def get_tokenizer(self) -> Any:
+        """vLLM's: the model's tokenizer as transformers' class, for code that calls its `apply_chat_template`,
+        `encode` or `decode` (made once, from what sfllm's own tokenizer reads, so the two give the same ids)."""
+        if self._hf_tokenizer is None:
+            self._hf_tokenizer = transformers_tokenizer(self._tokenizer_spec, self.source.config.eos_token_ids)
+        return self._hf_tokenizer
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -145,7 +131,7 @@ class LLM:
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         template_tools = None if tools is None else [
-            ChatTool.model_validate(tool).model_dump(exclude_none=True) for tool in tools]
+            ChatTool.model_validate(tool).for_template() for tool in tools]
         token_lists = [self.tokenizer.apply_chat_template([_text_message(m) for m in c], add_generation_prompt,
                                                           template_tools, continue_final_message, chat_template_kwargs)
                        for c in conversations]
@@ -199,7 +185,9 @@ class LLM:
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)
             result.outputs.append(output)
-            tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output)
+            token_text = self.tokenizer.token_text if choice.request.params.detokenize else None
+            tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output,
+                                                          token_text)
             unsent.append(choice.request)
         self._refuse_any(unsent)
         self._send(unsent)
@@ -246,11 +234,13 @@ class LLM:
                 delta = entry.decoder.decode(out)
                 result, output = entry.result, entry.output
                 if delta.prompt_logprobs is not None:
-                    result.prompt_logprobs = delta.prompt_logprobs
+                    result.prompt_logprobs = [None] + [by_token(t, e, entry.token_text) for t, e in
+                                                       zip(result.prompt_token_ids[1:], delta.prompt_logprobs)]
                 output.text += delta.text
                 output.token_ids += delta.token_ids
                 if output.logprobs is not None:
-                    output.logprobs += delta.logprobs or []
+                    output.logprobs += [by_token(t, e, entry.token_text)
+                                        for t, e in zip(delta.token_ids, delta.logprobs or [])]
                 if delta.finish_reason is not None:
                     output.finish_reason, output.stop_reason = delta.finish_reason, delta.stop_reason
                     result.num_cached_tokens = max(result.num_cached_tokens, delta.num_cached_tokens)

@@ -102,7 +102,7 @@ class SampledLogprobs(msgspec.Struct, array_like=True):
     """The chosen token's logprob and the top alternatives of one step."""
     logprob: float
     top: list[TokenLogprob]
-    rank: int | None = None  # the chosen token's rank (1: the likeliest); computed for prompt logprobs
+    rank: int | None = None  # the chosen token's rank (1: the likeliest)
 
 
 class RequestOutput(Message):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -61,6 +62,84 @@ class StructuredOutput(msgspec.Struct, frozen=True):
     def grammar(cls, grammar: str) -> StructuredOutput:
         return cls("grammar", grammar)
 
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredOutput:
+        """The output is exactly one of `choices`: one regular expression (a Lark alternation of literals holds at
+        most 2,000 in llguidance)."""
+        return cls.regex("|".join(_literal(choice) for choice in dict.fromkeys(choices)))
+
+
+# the characters a regular expression of llguidance (Rust's regex syntax) reads as syntax
+_REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def _literal(text: str) -> str:
+    """`text` as a regular expression that matches it alone."""
+    return "".join("\\" + char if char in _REGEX_SYNTAX else char for char in text)
+
+
+def constraint_of(kind: str, value: Any, field: str) -> StructuredOutput:
+    """A constraint as vLLM's and SGLang's fields give it: `kind` json (a schema, or its JSON text), choice (strings),
+    regex or grammar; InvalidSamplingParams naming `field` for a value of the wrong shape."""
+    if kind == "json":
+        if isinstance(value, (str, dict)):  # a string is the schema's JSON text, as SGLang's json_schema always is
+            return StructuredOutput.json_schema(value)
+        raise InvalidSamplingParams(field, f"{field}: a JSON schema is an object or its JSON text")
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(choice, str) for choice in value):
+            raise InvalidSamplingParams(field, f"{field}: the choices are a non-empty list of strings")
+        return StructuredOutput.choice(value)
+    if not isinstance(value, str):
+        raise InvalidSamplingParams(field, f"{field} must be a string")
+    return StructuredOutput.regex(value) if kind == "regex" else StructuredOutput.grammar(value)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's constraint (0.11 and later), offline as `SamplingParams(structured_outputs=StructuredOutputsParams(
+    json=schema))` and over HTTP as the `structured_outputs` object: one of json, regex, choice, grammar and
+    json_object (as in vLLM a field is set unless None). The options that only tune vLLM's grammar backend have no
+    effect here (JSON comes on one line anyway; properties a schema does not list are never written unless it
+    allows them); those that would change the output and that sfllm lacks are refused."""
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None  # refused
+    structural_tag: str | None = None  # refused
+
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar")
+
+    def constraints(self) -> list[StructuredOutput]:
+        """Each constraint set; InvalidSamplingParams("structured_outputs") for a malformed or unsupported one, or
+        for none."""
+        field = "structured_outputs"
+        constraints = [constraint_of(kind, getattr(self, kind), field) for kind in self.KINDS
+                       if getattr(self, kind) is not None]
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise InvalidSamplingParams(field, "structured_outputs.json_object must be true or false")
+        if self.json_object:
+            constraints.append(StructuredOutput.json_object())
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) not in (None, ""):
+                raise InvalidSamplingParams(field, f"structured_outputs.{name} is not supported by sfllm")
+        if not constraints:
+            raise InvalidSamplingParams(field, "structured_outputs sets no constraint; give one of "
+                                               f"{', '.join([*self.KINDS, 'json_object'])}")
+        return constraints
+
+    def constraint(self) -> StructuredOutput:
+        """The one constraint set (offline: a request has one)."""
+        constraints = self.constraints()
+        if len(constraints) > 1:
+            raise InvalidSamplingParams("structured_outputs", "structured_outputs sets more than one constraint; a "
+                                                              "request has one")
+        return constraints[0]
+
 
 MIN_TEMPERATURE = 0.01  # a positive temperature below it is taken as this
 
@@ -89,6 +168,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     detokenize: bool = True
     structured_output: StructuredOutput | None = None
+    # vLLM's spelling of the constraint: read into structured_output when the params are made, then None
+    structured_outputs: StructuredOutputsParams | None = None
     # added to the logits of these token ids before sampling
     logit_bias: dict[int, float] = {}
     # the only token ids the output may hold (vLLM's), None: any
@@ -111,6 +192,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
                 setattr(self, name, 1 if getattr(self, name) else None)
         if self.top_k == 0:
             self.top_k = -1
+        if self.structured_outputs is not None:
+            if self.structured_output is not None:
+                raise InvalidSamplingParams("structured_outputs", "give structured_output or structured_outputs "
+                                                                  "(vLLM's spelling), not both")
+            self.structured_output, self.structured_outputs = self.structured_outputs.constraint(), None
         # Below 0.01 the logits over the temperature overflow (1e-38 drew token 0 over and over): vLLM raises such a
         # temperature to 0.01 too.
         if isinstance(self.temperature, float) and 0.0 < self.temperature < MIN_TEMPERATURE:

@@ -118,10 +118,25 @@ def test_unknown_model_is_a_clear_error() -> None:
         resolve_model("/definitely/no-such-model")
 
 
-def test_prompt_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_reference) -> None:
-    """Each prompt token's logprob given the tokens before it, and the top alternatives, against transformers'
-    log-softmax over the same weights (float32); a repeated prompt (a prefix-cache hit otherwise) and a
-    prompt split into prefill chunks give the same numbers."""
+def _check_against(entries: dict, token_id: int, expected: torch.Tensor, num_top: int) -> None:
+    """One position's logprobs (vLLM's dict by token id) against transformers' log-softmax row there: the token's
+    own logprob and rank (within the tolerance of near ties), and the top alternatives in rank order."""
+    own = entries[token_id]
+    assert next(iter(entries)) == token_id, "the token's own entry comes first, as in vLLM"
+    torch.testing.assert_close(torch.tensor(own.logprob), expected[token_id], atol=2e-3, rtol=0)
+    surely_above = (expected > expected[token_id] + 2e-3).sum() + 1
+    assert surely_above <= own.rank <= (expected > expected[token_id] - 2e-3).sum() + 1
+    top_values, top_ids = expected.topk(num_top)
+    ranked = sorted((entry.rank, t, entry.logprob) for t, entry in entries.items() if entry.rank <= num_top)
+    assert len(entries) in (num_top, num_top + 1) and [rank for rank, _, _ in ranked] == list(range(1, num_top + 1))
+    assert ranked[0][1] == top_ids[0]
+    torch.testing.assert_close(torch.tensor([lp for _, _, lp in ranked]), top_values, atol=2e-3, rtol=0)
+
+
+def test_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_reference) -> None:
+    """Each prompt token's logprob given the tokens before it, and each sampled token's, with their ranks and the
+    top alternatives, against transformers' log-softmax over the same weights (float32); a repeated prompt (a
+    prefix-cache hit otherwise) and a prompt split into prefill chunks give the same numbers."""
     prompts = [smollm_llm.tokenizer.encode(p) for p in PROMPTS[:3] + PROMPTS[-1:]]
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3)
     first = smollm_llm.generate(prompts, params)
@@ -129,29 +144,35 @@ def test_prompt_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_
     for prompt_ids, result, repeated in zip(prompts, first, again):
         with torch.no_grad():
             logits = smollm_reference(torch.tensor([prompt_ids])).logits[0].float()
-        expected = torch.log_softmax(logits, dim=-1)[:-1]
-        targets = torch.tensor(prompt_ids[1:])
+        expected = torch.log_softmax(logits, dim=-1)
         got = result.prompt_logprobs
-        assert len(got) == len(prompt_ids) - 1
-        chosen = torch.tensor([entry.logprob for entry in got])
-        torch.testing.assert_close(chosen, expected.gather(1, targets[:, None]).squeeze(1), atol=2e-3, rtol=0)
-        top_values, top_ids = expected.topk(3, dim=-1)
-        own = expected.gather(1, targets[:, None])  # ranks within the logprobs' tolerance of near ties
-        surely_above, maybe_above = (expected > own + 2e-3).sum(-1) + 1, (expected > own - 2e-3).sum(-1) + 1
-        assert all(low <= entry.rank <= high for entry, low, high in zip(got, surely_above.tolist(),
-                                                                        maybe_above.tolist()))
-        for position, entry in enumerate(got):
-            assert [t.token_id for t in entry.top][:1] == top_ids[position, :1].tolist()
-            torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top]), top_values[position],
-                                       atol=2e-3, rtol=0)
-        assert [e.logprob for e in repeated.prompt_logprobs] == [e.logprob for e in got]
+        assert got[0] is None and len(got) == len(prompt_ids), "vLLM's layout: None for the first prompt token"
+        for position, (token_id, entries) in enumerate(zip(prompt_ids[1:], got[1:])):
+            _check_against(entries, token_id, expected[position], 3)
+            assert all(entry.decoded_token == smollm_llm.tokenizer.token_text(t) for t, entry in entries.items())
+        assert repeated.prompt_logprobs == got
     assert first[-1].num_cached_tokens == again[-1].num_cached_tokens == 0, "such requests bypass the prefix cache"
+    # sampled tokens (not greedy: their ranks vary), each given the prompt and the tokens drawn before it
+    prompt_ids = prompts[0]
+    sampled = smollm_llm.generate([prompt_ids], SamplingParams(temperature=1.5, seed=5, max_tokens=6, logprobs=2,
+                                                               ignore_eos=True))[0].outputs[0]
+    with torch.no_grad():
+        logits = smollm_reference(torch.tensor([prompt_ids + sampled.token_ids[:-1]])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1:]
+    assert len(sampled.logprobs) == len(sampled.token_ids) == 6
+    for position, (token_id, entries) in enumerate(zip(sampled.token_ids, sampled.logprobs)):
+        _check_against(entries, token_id, expected[position], 2)
+    assert any(entries[t].rank > 1 for t, entries in zip(sampled.token_ids, sampled.logprobs)), \
+        "a hot sample draws a token other than the likeliest at least once here"
+    assert sampled.cumulative_logprob == pytest.approx(expected.gather(1, torch.tensor(sampled.token_ids)[:, None]
+                                                                       ).sum().item(), abs=1e-2)
     chunked = LLM(dtype="float32", device="cpu", max_running_tokens=16, max_context_length=256)
     long_prompt = prompts[-1]
     split = chunked.generate([long_prompt], params)[0].prompt_logprobs
     assert len(long_prompt) > 16
-    torch.testing.assert_close(torch.tensor([e.logprob for e in split]),
-                               torch.tensor([e.logprob for e in first[-1].prompt_logprobs]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor([entries[t].logprob for t, entries in zip(long_prompt[1:], split[1:])]),
+                               torch.tensor([entries[t].logprob for t, entries in
+                                             zip(long_prompt[1:], first[-1].prompt_logprobs[1:])]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("min_tokens", [1, 12])

@@ -12,7 +12,7 @@ import pytest
 from sfllm import SamplingParams, StructuredOutput, gc_pauses
 from sfllm.config import HIGH_PRIORITY_STEP_TOKENS
 from sfllm.llm import GenerationError
-from sfllm.sampling_params import InvalidSamplingParams
+from sfllm.sampling_params import InvalidSamplingParams, StructuredOutputsParams
 from sfllm.worker.attention.registry import BackendUnavailable, resolve_backend_name
 
 PROMPT = "Once upon a time"
@@ -78,11 +78,15 @@ def test_n_and_logprobs(smollm_llm) -> None:
     assert len({tuple(o.token_ids) for o in result.outputs}) > 1
     for output in result.outputs:
         assert len(output.logprobs) == 5
-        for token, entry in zip(output.token_ids, output.logprobs):
-            assert entry.logprob <= 0 and len(entry.top) == 2
-            assert entry.top[0].logprob >= entry.top[1].logprob
-            assert entry.logprob <= entry.top[0].logprob + 1e-5
-            assert math.isfinite(entry.logprob)
+        for token, entries in zip(output.token_ids, output.logprobs):  # vLLM's: a dict by token id a position
+            own = entries[token]
+            assert next(iter(entries)) == token and own.logprob <= 0 and math.isfinite(own.logprob)
+            by_rank = {entry.rank: entry for entry in entries.values()}
+            assert len(entries) in (2, 3) and {1, 2} <= set(by_rank), "the sampled token and the top two"
+            assert by_rank[1].logprob >= by_rank[2].logprob >= min(e.logprob for e in entries.values())
+            assert own.rank >= 1 and own.logprob <= by_rank[1].logprob + 1e-5
+            assert own.rank > 2 or own is by_rank[own.rank]
+            assert all(entry.decoded_token == smollm_llm.tokenizer.token_text(t) for t, entry in entries.items())
 
 
 def test_n_choices_wrap_their_seeds_into_int64_as_the_server_does(smollm_llm) -> None:
@@ -198,7 +202,10 @@ def test_vllm_spellings_of_sampling_params_mean_what_they_mean_there(smollm_llm,
                              bad_words=None, logit_bias=None, top_k=0, logprobs=True)
     output = smollm_llm.generate(PROMPT, spelled)[0].outputs[0]
     assert output.token_ids == expected.token_ids and len(output.logprobs) == 4
-    assert output.cumulative_logprob == pytest.approx(sum(entry.logprob for entry in output.logprobs))
+    assert all(list(entries) == [t] and entries[t].rank == 1 for t, entries in zip(output.token_ids, output.logprobs)), \
+        "greedy: each token is the likeliest, the one alternative asked for"
+    assert output.cumulative_logprob == pytest.approx(sum(entries[t].logprob for t, entries in
+                                                          zip(output.token_ids, output.logprobs)))
     assert output.cumulative_logprob < 0 and expected.cumulative_logprob is None
     assert SamplingParams(temperature=1e-38).temperature == 0.01
     tiny = smollm_llm.generate(PROMPT, SamplingParams(temperature=1e-38, max_tokens=4, ignore_eos=True, seed=3))
@@ -208,6 +215,22 @@ def test_vllm_spellings_of_sampling_params_mean_what_they_mean_there(smollm_llm,
     result = smollm_llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[0]
     assert (len(result.outputs[0].token_ids), result.outputs[0].finish_reason) == (3, "length")
     assert result.finished and result.request_id.startswith("offline-")
+
+
+def test_get_tokenizer_is_transformers_and_agrees_with_the_engine(smollm_llm) -> None:
+    """vLLM's `llm.get_tokenizer()`, as code written for vLLM uses it: its chat template's text, given to
+    generate, is the prompt LLM.chat makes; its EOS is the model's; it decodes the output to the output's text."""
+    tokenizer = smollm_llm.get_tokenizer()
+    assert tokenizer is smollm_llm.get_tokenizer() and type(tokenizer).__module__.startswith("transformers")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    chat = smollm_llm.chat(messages, params)[0]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    templated = smollm_llm.generate(text, params)[0]
+    assert templated.prompt_token_ids == chat.prompt_token_ids == tokenizer.encode(text)
+    assert templated.outputs[0].token_ids == chat.outputs[0].token_ids
+    assert tokenizer.eos_token_id in smollm_llm.source.config.eos_token_ids
+    assert tokenizer.decode(chat.outputs[0].token_ids, skip_special_tokens=True) == chat.outputs[0].text
 
 
 def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:
@@ -360,6 +383,32 @@ def test_regex_and_grammar_constrain_the_text(smollm_llm) -> None:
         assert re.fullmatch(r"(yes|no)\.", result.outputs[0].text)
     for result in smollm_llm.generate(["What is 7 times 8?"] * 3, grammar):
         assert re.fullmatch(r"The answer is [0-9]{1,2}\.", result.outputs[0].text)
+
+
+def test_vllms_structured_outputs_params_constrain_offline(smollm_llm) -> None:
+    """vLLM's `SamplingParams(structured_outputs=StructuredOutputsParams(...))`: a choice, a schema as JSON text;
+    none set, two set, or both spellings at once are errors naming the field."""
+    choice = SamplingParams(temperature=0.9, seed=3, max_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=["Paris", "Lyon (a city)"]))
+    assert choice.structured_output == StructuredOutput.regex(r"Paris|Lyon \(a city\)")
+    assert choice.structured_outputs is None, "read into structured_output, so the engine sees one field"
+    for result in smollm_llm.generate(["The capital of France is"] * 3, choice):
+        assert result.outputs[0].text in ("Paris", "Lyon (a city)") and result.outputs[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    as_text = SamplingParams(temperature=0.0, max_tokens=20,
+                             structured_outputs=StructuredOutputsParams(json=json.dumps(schema)))
+    output = smollm_llm.generate(["Give a number as JSON."], as_text)[0].outputs[0]
+    assert output.finish_reason == "stop" and isinstance(json.loads(output.text)["n"], int)
+    for wrong, message in ((StructuredOutputsParams(), "sets no constraint"),
+                           (StructuredOutputsParams(regex="a", grammar='root ::= "a"'), "more than one"),
+                           (StructuredOutputsParams(choice="yes"), "non-empty list of strings"),
+                           (StructuredOutputsParams(structural_tag="{}"), "structural_tag")):
+        with pytest.raises(InvalidSamplingParams, match=message) as error:
+            SamplingParams(structured_outputs=wrong)
+        assert error.value.param == "structured_outputs"
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(structured_output=StructuredOutput.json_object(),
+                       structured_outputs=StructuredOutputsParams(json_object=True))
 
 
 def test_a_grammar_that_cannot_finish_ends_by_length(smollm_llm) -> None:

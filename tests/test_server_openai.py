@@ -320,7 +320,9 @@ def test_sglangs_native_generate_against_a_launched_server(server, smollm_llm) -
     answer = reply.json()
     assert answer["output_ids"] == expected.outputs[0].token_ids and answer["text"] == expected.outputs[0].text
     logprobs = [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
-    assert logprobs == pytest.approx([entry.logprob for entry in expected.outputs[0].logprobs], abs=1e-4)
+    output = expected.outputs[0]
+    assert logprobs == pytest.approx([entries[t].logprob for t, entries in zip(output.token_ids, output.logprobs)],
+                                     abs=1e-4)
     assert answer["meta_info"]["prompt_tokens"] == len(prompt_ids)
     # a stop token ends it: its id is `matched` and ends output_ids, its text is trimmed unless no_stop_trim
     third = expected.outputs[0].token_ids[2]
@@ -374,10 +376,12 @@ def test_echo_with_logprobs_returns_the_prompts_in_openai_layout(client, smollm_
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
     offline = smollm_llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    assert offline.prompt_logprobs[0] is None
     assert logprobs.token_logprobs[1:len(prompt_ids)] == pytest.approx(
-        [e.logprob for e in offline.prompt_logprobs], abs=1e-4)
-    for top, entry in zip(logprobs.top_logprobs[1:], offline.prompt_logprobs):
-        assert len(top) >= 2 and max(top.values()) == pytest.approx(entry.top[0].logprob, abs=1e-4)
+        [entries[t].logprob for t, entries in zip(prompt_ids[1:], offline.prompt_logprobs[1:])], abs=1e-4)
+    for top, entries in zip(logprobs.top_logprobs[1:], offline.prompt_logprobs[1:]):
+        likeliest = next(entry for entry in entries.values() if entry.rank == 1)
+        assert len(top) >= 2 and max(top.values()) == pytest.approx(likeliest.logprob, abs=1e-4)
     scored = client.completions.create(model=MODEL, prompt=[prompt_ids], max_tokens=0, echo=True, logprobs=1)
     assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0  # lm-eval's loglikelihood
     assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:len(prompt_ids)],

@@ -1,8 +1,11 @@
-"""Engine logprobs in the two shapes OpenAI uses: completions' lists and chat's per-token objects."""
+"""Engine logprobs in the two shapes OpenAI uses (completions' lists and chat's per-token objects) and in vLLM's
+(a dict by token id a position: the offline API's outputs and the `prompt_logprobs` extension)."""
 from __future__ import annotations
 
 import codecs
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sfllm.frontend.openai_responses import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
                                              PromptLogprobs, PromptTokenLogprob)
@@ -15,6 +18,31 @@ _LOWEST_LOGPROB = -9999.0
 
 def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _LOWEST_LOGPROB
+
+
+TokenLogprobs = dict[int, "Logprob"]
+
+
+@dataclass
+class Logprob:
+    """vLLM's: a token's log probability, its rank in the vocabulary (1: the likeliest) and its text alone."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+def by_token(token_id: int, entry: SampledLogprobs, token_text: Callable[[int], str] | None) -> TokenLogprobs:
+    """One position's logprobs, vLLM's way: the token's own first, then each alternative not already there, ranked
+    by its place in the top list. `token_text`: a token's text (None: `decoded_token` left None, as vLLM leaves it
+    with detokenize=False)."""
+    def text(t: int) -> str | None:
+        return None if token_text is None else token_text(t)
+
+    entries = {token_id: Logprob(entry.logprob, entry.rank, text(token_id))}
+    for rank, alternative in enumerate(entry.top, 1):
+        if alternative.token_id not in entries:
+            entries[alternative.token_id] = Logprob(alternative.logprob, rank, text(alternative.token_id))
+    return entries
 
 
 class TextOffsets:
@@ -97,11 +125,7 @@ def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
     token's own logprob and rank and the top alternatives' (ranked by their order)."""
     entries: PromptLogprobs = [None]
     for token_id, sampled in zip(prompt_token_ids[1:], logprobs):
-        entry = {str(token_id): PromptTokenLogprob(logprob=finite(sampled.logprob), rank=sampled.rank,
-                                                   decoded_token=tokenizer.token_text(token_id))}
-        for rank, alternative in enumerate(sampled.top, 1):
-            entry.setdefault(str(alternative.token_id), PromptTokenLogprob(
-                logprob=finite(alternative.logprob), rank=rank,
-                decoded_token=tokenizer.token_text(alternative.token_id)))
-        entries.append(entry)
+        entries.append({str(t): PromptTokenLogprob(logprob=finite(e.logprob), rank=e.rank,
+                                                   decoded_token=e.decoded_token)
+                        for t, e in by_token(token_id, sampled, tokenizer.token_text).items()})
     return entries

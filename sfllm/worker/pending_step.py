@@ -46,7 +46,8 @@ class PendingStep:
         if sampler_output is not None and sampler_output.logprobs is not None:
             self._logprobs = [t.to("cpu", non_blocking=cuda) for t in (sampler_output.logprobs,
                                                                        sampler_output.top_token_ids,
-                                                                       sampler_output.top_logprobs)]
+                                                                       sampler_output.top_logprobs,
+                                                                       sampler_output.ranks)]
         if cuda:
             # a blocking-sync event: a thread waiting on it sleeps instead of spinning
             self.copied = torch.cuda.Event(blocking=True)
@@ -68,12 +69,12 @@ class PendingStep:
         token_ids = [] if self._tokens is None else self._tokens.tolist()
         logprobs: list[SampledLogprobs | None] = [None] * len(token_ids)
         if self._logprobs is not None:
-            chosen, top_ids, top_logprobs = self._logprobs
+            chosen, top_ids, top_logprobs, ranks = self._logprobs
             for index, (row, count) in enumerate(zip(self._rows, self._logprob_counts)):
                 if count is not None:
                     top = [TokenLogprob(int(i), float(lp)) for i, lp in zip(top_ids[index, :count].tolist(),
                                                                             top_logprobs[index, :count].tolist())]
-                    logprobs[row] = SampledLogprobs(float(chosen[index]), top)
+                    logprobs[row] = SampledLogprobs(float(chosen[index]), top, int(ranks[index]))
         accepted: list[list[int]] = []
         accepted_logprobs: list[list[SampledLogprobs | None]] = []
         if self.drafts is not None:

@@ -152,6 +152,7 @@ class SamplerOutput:
     logprobs: torch.Tensor | None           # [B] float: the chosen tokens'
     top_token_ids: torch.Tensor | None      # [B, K]
     top_logprobs: torch.Tensor | None       # [B, K]
+    ranks: torch.Tensor | None = None       # [B] int64: the chosen tokens' (1: the likeliest)
 
 
 class Sampler:
@@ -196,7 +197,8 @@ class Sampler:
             return SamplerOutput(tokens, None, None, None)
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
         top_logprobs, top_ids = raw_logprobs.topk(max(inputs.max_logprobs, 1), dim=-1)
-        return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+        ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
+        return SamplerOutput(tokens, chosen, top_ids, top_logprobs, ranks)
 
     def _draw_with_kernel(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None
                           ) -> torch.Tensor:
