@@ -1,7 +1,8 @@
 """The configuration of an sfllm server or offline engine, and the part of it each process reads.
 
 Every option is defined once, in `ServerConfig`: a config-file key, a `--flag` and an `SFLLM_<KEY>`
-environment variable. Precedence: flag > environment > config file > default. Each process gets
+environment variable; vLLM's and SGLang's names for the same settings are read as keys, keywords and flags
+(sfllm/other_engine_settings.py). Precedence: flag > environment > config file > default. Each process gets
 only its part: `FrontendConfig`, `EngineConfig` (with the engine core's `SchedulerConfig` and the
 `WorkerConfig` it hands its worker), `WorkerConfig`. `sfllm launch` alone holds the whole.
 """
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
+from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
 logger = logging.getLogger(__name__)
@@ -399,11 +401,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config key; unset flags stay None so lower layers show through."""
     parser.add_argument("--config", help="YAML file of config keys")
     for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
+        # vLLM's and SGLang's flags for the same setting, beside sfllm's
+        flags = ["--" + key.replace("_", "-") for key in [name, *(k for k, o in OTHER_NAMES.items()
+                                                                    if o.setting == name and not o.negated)]]
         if "bool" in str(f.type):
-            parser.add_argument(flag, action="store_const", const=True, default=None, help=f.metadata.get("help"))
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None,
+                                help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag, default=None, help=f.metadata.get("help"))
+            parser.add_argument(*flags, dest=name, default=None, help=f.metadata.get("help"))
+    for key, other in OTHER_NAMES.items():
+        if other.negated:  # vLLM's --enable-prefix-caching and --no-enable-prefix-caching
+            flag = "--" + key.replace("_", "-")
+            parser.add_argument(flag, dest=other.setting, action="store_const", const=False, default=None,
+                                help=f"{other.engine}'s: --{other.setting.replace('_', '-')} off")
+            parser.add_argument(flag.replace("--", "--no-", 1), dest=other.setting, action="store_const", const=True,
+                                default=None, help=f"{other.engine}'s: --{other.setting.replace('_', '-')}")
+    for key in sorted(NO_EFFECT):
+        parser.add_argument("--" + key.replace("_", "-"), action="store_true",
+                            help="accepted for vLLM's and SGLang's command lines, no effect: sfllm runs its own code "
+                                 "for every architecture it serves")
 
 
 def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,
@@ -413,11 +429,7 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
     config_file = getattr(args, "config", None) if args is not None else None
     if config_file:
         path = _config_file(config_file)
-        for key, value in _read_config_file(path).items():
-            name = str(key).replace("-", "_")
-            if name not in FIELDS:
-                raise ConfigError(f"unknown config key {key!r} in {path}")
-            values[name] = _parse_value(name, value, f"in {path}")
+        values.update(_settings(_read_config_file(path), f"in {path}"))
     for env_key, raw in environ.items():
         if not env_key.startswith(ENV_PREFIX):
             continue
@@ -431,8 +443,27 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
             raw = getattr(args, name, None)
             if raw is not None:
                 values[name] = _parse_value(name, raw)
-    for name, value in overrides.items():
-        if name not in FIELDS:
-            raise ConfigError(f"unknown config key {name!r}")
-        values[name] = _parse_value(name, value)  # LLM(key=...): a wrong type is a ConfigError naming the key
+    values.update(_settings(overrides))  # LLM(key=...): a wrong type is a ConfigError naming the key
     return ServerConfig(**values)
+
+
+def _settings(given: dict, source: str = "") -> dict[str, Any]:
+    """sfllm's settings from keys of a file or `LLM(...)`: sfllm's names, vLLM's and SGLang's (OTHER_NAMES), those
+    without effect here dropped; an unknown key, or two names of one setting, is a ConfigError."""
+    settings: dict[str, Any] = {}
+    named_by: dict[str, str] = {}
+    where = f" {source}" if source else ""
+    for key, raw in given.items():
+        name = str(key).replace("-", "_")
+        if name in NO_EFFECT:
+            continue
+        other = OTHER_NAMES.get(name)
+        setting = other.setting if other is not None else name
+        if setting not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r}{where}")
+        if setting in named_by:
+            raise ConfigError(f"{named_by[setting]} and {key} both set {setting}{where}; give one")
+        named_by[setting] = str(key)
+        value = _parse_value(setting, raw, ", ".join(filter(None, [source, f"given as {key}" if other else ""])))
+        settings[setting] = other.value(value) if other is not None else value
+    return settings

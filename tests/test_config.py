@@ -41,6 +41,37 @@ def test_unknown_key_in_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
         load_config(_args("--config", str(profile)), environ={})
 
 
+def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
+    """As their users pass them: LLM(...) keywords, flags, a config file's keys; vLLM's enable_prefix_caching is
+    sfllm's disable_prefix_cache negated; trust_remote_code is accepted and does nothing."""
+    vllm = load_config(environ={}, max_model_len=512, gpu_memory_utilization=0.5, max_num_seqs=8,
+                       max_num_batched_tokens=1024, enforce_eager=True, enable_prefix_caching=False,
+                       max_cudagraph_capture_size=16, swap_space=2, trust_remote_code=True)
+    assert (vllm.max_context_length, vllm.mem_fraction, vllm.max_running_requests, vllm.max_running_tokens,
+            vllm.disable_cuda_graph, vllm.disable_prefix_cache, vllm.cuda_graph_max_bs,
+            vllm.cpu_kv_cache_gib) == (512, 0.5, 8, 1024, True, True, 16, 2.0)
+    assert load_config(environ={}, enable_prefix_caching=True).disable_prefix_cache is False
+    profile = tmp_path / "sglang.yaml"
+    profile.write_text("context_length: 300\nmem_fraction_static: 0.7\nchunked_prefill_size: 2048\n"
+                       "disable_radix_cache: true\ntp_size: 2\nrandom_seed: 9\n")
+    sglang = load_config(_args("--config", str(profile)), environ={})
+    assert (sglang.max_context_length, sglang.mem_fraction, sglang.max_running_tokens, sglang.disable_prefix_cache,
+            sglang.tensor_parallel_size, sglang.seed) == (300, 0.7, 2048, True, 2, 9)
+    flags = load_config(_args("--model-path", "m", "--max-model-len", "700", "--gpu-memory-utilization", "0.6",
+                              "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code"), environ={})
+    assert (flags.model, flags.max_context_length, flags.mem_fraction, flags.disable_prefix_cache,
+            flags.disable_cuda_graph) == ("m", 700, 0.6, True, True)
+    assert load_config(_args("--disable-prefix-cache", "--enable-prefix-caching"), environ={}).disable_prefix_cache \
+        is False, "the last flag for a setting wins, as argparse has it"
+    with pytest.raises(ConfigError, match="max_model_len and max_context_length both set max_context_length"):
+        load_config(environ={}, max_model_len=512, max_context_length=256)
+    with pytest.raises(ConfigError, match=r"max_running_requests must be int; got .many. \(given as max_num_seqs\)"):
+        load_config(environ={}, max_num_seqs="many")
+    with pytest.raises(ConfigError, match=r"in .*sglang.yaml, given as tp_size"):
+        profile.write_text("tp_size: two\n")
+        load_config(_args("--config", str(profile)), environ={})
+
+
 def test_bad_values_are_errors_with_the_value() -> None:
     with pytest.raises(ConfigError, match="attention_backend"):
         load_config(_args("--attention-backend", "magic"), environ={})
