@@ -143,7 +143,7 @@ class EngineServer:
 
     def _handle(self, identity: bytes, message: object) -> None:
         if isinstance(message, ClientGoodbye):
-            self._forget_client(identity, "left")
+            self._forget_client(identity, said_goodbye=True)
             return
         self.last_seen[identity] = time.monotonic()
         if isinstance(message, GenerateRequest):
@@ -193,18 +193,20 @@ class EngineServer:
         now = time.monotonic()
         for identity, seen in list(self.last_seen.items()):
             if now - seen > CLIENT_TIMEOUT_S:
-                self._forget_client(identity, "went silent")
+                self._forget_client(identity, said_goodbye=False)
 
-    def _forget_client(self, identity: bytes, how: str) -> None:
-        """Aborts a frontend's requests, their blocks freed: it left (a goodbye) or went silent."""
+    def _forget_client(self, identity: bytes, said_goodbye: bool) -> None:
+        """Aborts a frontend's requests, their blocks freed: it left (a goodbye) or went silent. A frontend that
+        left with nothing running is routine (INFO); one that went silent, or left requests behind, is a WARNING."""
         self.last_seen.pop(identity, None)
         self.greeted.discard(identity)
         aborted = self.core.abort_client(client_name(identity))
         self.counters.count(aborted)
         for output in aborted:
             self.owner.pop(output.request_id, None)
-        level = logging.INFO if how == "left" and not aborted else logging.WARNING
-        logger.log(level, "frontend %s %s; aborted its %d requests", client_name(identity), how, len(aborted))
+        level = logging.INFO if said_goodbye and not aborted else logging.WARNING
+        logger.log(level, "frontend %s %s; aborted its %d requests", client_name(identity),
+                   "left" if said_goodbye else "went silent", len(aborted))
 
     def serve(self) -> None:
         """Answers frontends while the worker computes: both sockets in one poll."""

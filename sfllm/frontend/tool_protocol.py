@@ -21,6 +21,10 @@ class ChatTool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
+    def for_template(self) -> dict[str, Any]:
+        """The tool as chat templates read `tools`: its fields that are set."""
+        return self.model_dump(exclude_none=True)
+
 
 class FunctionName(StrictModel):
     name: str

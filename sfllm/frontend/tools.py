@@ -57,7 +57,7 @@ class ChatTools:
         return ToolCallParser(forced=self.required)
 
     def template_tools(self) -> list[dict[str, Any]] | None:
-        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.enabled else None
+        return [tool.for_template() for tool in self.tools] if self.enabled else None
 
     def structured_output(self) -> StructuredOutput | None:
         """The grammar of one call (of the named function), or of one or more (any tool), when forced."""
