@@ -356,7 +356,7 @@ def _typed(key: str, raw: Any) -> Any:
         raise ConfigError(f"{key} must be true or false; got {raw!r}")
     for kind in (int, float):
         if annotation.startswith(kind.__name__):
-            if kind is int and isinstance(raw, float) and not raw.is_integer():
+            if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
                 raise ConfigError(f"{key} must be int; got {raw!r}")
             try:
                 return kind(raw)
@@ -427,15 +427,17 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None) if args is not None else None
+    given_as: dict[str, str] = {}
     if config_file:
         path = _config_file(config_file)
-        values.update(_settings(_read_config_file(path), f"in {path}"))
+        values.update(_settings(_read_config_file(path), f"in {path}", given_as))
     for env_key, raw in environ.items():
         if not env_key.startswith(ENV_PREFIX):
             continue
         name = env_key[len(ENV_PREFIX):].lower()
         if name in FIELDS:
             values[name] = _parse_value(name, raw, f"from the environment's {env_key}")
+            given_as.pop(name, None)
         else:
             logger.warning("%s is not an sfllm setting (no config key %r): ignored", env_key, name)
     if args is not None:
@@ -443,13 +445,21 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
             raw = getattr(args, name, None)
             if raw is not None:
                 values[name] = _parse_value(name, raw)
-    values.update(_settings(overrides))  # LLM(key=...): a wrong type is a ConfigError naming the key
-    return ServerConfig(**values)
+                given_as.pop(name, None)  # (a flag's other names are sfllm's flag: its error names sfllm's key)
+    values.update(_settings(overrides, given_as=given_as))  # LLM(key=...): a wrong type is a ConfigError naming it
+    try:
+        return ServerConfig(**values)
+    except ConfigError as error:  # a range check names sfllm's setting: also the name the user gave it by
+        setting = str(error).split(" ", 1)[0]
+        if setting in given_as:
+            raise ConfigError(f"{error} (given as {given_as[setting]})") from None
+        raise
 
 
-def _settings(given: dict, source: str = "") -> dict[str, Any]:
+def _settings(given: dict, source: str = "", given_as: dict[str, str] | None = None) -> dict[str, Any]:
     """sfllm's settings from keys of a file or `LLM(...)`: sfllm's names, vLLM's and SGLang's (OTHER_NAMES), those
-    without effect here dropped; an unknown key, or two names of one setting, is a ConfigError."""
+    without effect here dropped, None for the default (as vLLM reads it); an unknown key, or two names of one
+    setting, is a ConfigError. `given_as` gets the other engines' names of the settings they set."""
     settings: dict[str, Any] = {}
     named_by: dict[str, str] = {}
     where = f" {source}" if source else ""
@@ -464,6 +474,13 @@ def _settings(given: dict, source: str = "") -> dict[str, Any]:
         if setting in named_by:
             raise ConfigError(f"{named_by[setting]} and {key} both set {setting}{where}; give one")
         named_by[setting] = str(key)
+        if raw is None:
+            continue
+        if given_as is not None:
+            if other is not None:
+                given_as[setting] = str(key)
+            else:
+                given_as.pop(setting, None)
         value = _parse_value(setting, raw, ", ".join(filter(None, [source, f"given as {key}" if other else ""])))
         settings[setting] = other.value(value) if other is not None else value
     return settings

@@ -9,14 +9,14 @@ from __future__ import annotations
 import collections
 import itertools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from tqdm import tqdm
 
-from sfllm.config import DEFAULT_MODEL, load_config
+from sfllm.config import load_config
 from sfllm.engine.engine_core import EngineCore
 from sfllm.frontend.choices import ChoiceDecoder, plan_choices
 from sfllm.frontend.logprobs_format import by_token
@@ -43,18 +43,17 @@ class InvalidPrompt(GenerationError, ValueError):
     ValueError, as vLLM raises it."""
 
 
-Prompt = str | list[int] | dict[str, Any]
+Prompt = str | list[int] | Mapping[str, Any]
 
 
 def _prompt_of(prompt: Prompt) -> str | list[int]:
     """A text or token ids, from any form generate takes."""
-    if isinstance(prompt, dict):
-        if "prompt_token_ids" in prompt:
-            prompt = prompt["prompt_token_ids"]
-        elif "prompt" in prompt:
-            prompt = prompt["prompt"]
-        else:
+    if isinstance(prompt, Mapping):
+        # vLLM's TokensPrompt / TextPrompt, or transformers' encoding (apply_chat_template's with transformers 5)
+        key = next((k for k in ("prompt_token_ids", "input_ids", "prompt") if k in prompt), None)
+        if key is None:
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
+        prompt = prompt[key]
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(type(t) is int for t in prompt):
@@ -83,8 +82,10 @@ class _Tracked:
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, **config: Any) -> None:
-        self.config = load_config(environ={}, model=model, **config)
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        """`model`: a dummy preset name, the bundled model's name, a .gguf file or a HuggingFace folder (default
+        DEFAULT_MODEL; SGLang's `model_path=` too); `config`: settings by sfllm's, vLLM's or SGLang's names."""
+        self.config = load_config(environ={}, **({} if model is None else {"model": model}), **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
         self._tokenizer_spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
         self.tokenizer = Tokenizer(self._tokenizer_spec)
@@ -101,14 +102,16 @@ class LLM:
         """vLLM's: the model's tokenizer as transformers' class, for code that calls its `apply_chat_template`,
         `encode` or `decode` (made once, from what sfllm's own tokenizer reads, so the two give the same ids)."""
         if self._hf_tokenizer is None:
-            self._hf_tokenizer = transformers_tokenizer(self._tokenizer_spec, self.source.config.eos_token_ids)
+            self._hf_tokenizer = transformers_tokenizer(self._tokenizer_spec, self.source.config.eos_token_ids,
+                                                        self.config.model, self.max_context_length)
         return self._hf_tokenizer
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: str = "normal", use_tqdm: bool = False) -> list[GenerationResult]:
-        """A prompt is a text, a list of token ids, or vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        """A prompt is a text, a list of token ids, vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, or
+        transformers' encoding of one (`{"input_ids": ids, ...}`)."""
+        if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = [_prompt_of(p) for p in prompts]
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
@@ -135,7 +138,9 @@ class LLM:
         token_lists = [self.tokenizer.apply_chat_template([_text_message(m) for m in c], add_generation_prompt,
                                                           template_tools, continue_final_message, chat_template_kwargs)
                        for c in conversations]
-        return self._run([None] * len(token_lists), token_lists, sampling_params, priority, use_tqdm)
+        # vLLM's `prompt` of a chat result: the rendered conversation
+        texts = [self.tokenizer.decode(tokens, skip_special_tokens=False) for tokens in token_lists]
+        return self._run(texts, token_lists, sampling_params, priority, use_tqdm)
 
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
@@ -185,7 +190,7 @@ class LLM:
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)
             result.outputs.append(output)
-            token_text = self.tokenizer.token_text if choice.request.params.detokenize else None
+            token_text = self.tokenizer.token_decoded if choice.request.params.detokenize else None
             tracked[choice.request.request_id] = _Tracked(ChoiceDecoder(self.tokenizer, choice), result, output,
                                                           token_text)
             unsent.append(choice.request)

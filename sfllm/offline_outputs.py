@@ -20,6 +20,10 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or `stop_token_ids` token that ended it
 
+    def finished(self) -> bool:
+        """vLLM's: whether this output ended (always, in what generate returns)."""
+        return self.finish_reason is not None
+
     @property
     def cumulative_logprob(self) -> float | None:
         """vLLM's: the sum of the sampled tokens' logprobs, where logprobs were asked for."""

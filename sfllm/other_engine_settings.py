@@ -29,7 +29,6 @@ OTHER_NAMES = {
     "enforce_eager": OtherName("disable_cuda_graph", "vLLM"),
     "enable_prefix_caching": OtherName("disable_prefix_cache", "vLLM", negated=True),
     "max_cudagraph_capture_size": OtherName("cuda_graph_max_bs", "vLLM"),
-    "swap_space": OtherName("cpu_kv_cache_gib", "vLLM"),
     "model_path": OtherName("model", "SGLang"),
     "context_length": OtherName("max_context_length", "SGLang"),
     "mem_fraction_static": OtherName("mem_fraction", "SGLang"),

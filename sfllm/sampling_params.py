@@ -114,6 +114,9 @@ class StructuredOutputsParams:
 
     KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar")
 
+    def __post_init__(self) -> None:
+        self.constraints()  # a malformed or empty one is refused where it is made, as vLLM refuses it
+
     def constraints(self) -> list[StructuredOutput]:
         """Each constraint set; InvalidSamplingParams("structured_outputs") for a malformed or unsupported one, or
         for none."""

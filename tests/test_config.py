@@ -46,10 +46,14 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     sfllm's disable_prefix_cache negated; trust_remote_code is accepted and does nothing."""
     vllm = load_config(environ={}, max_model_len=512, gpu_memory_utilization=0.5, max_num_seqs=8,
                        max_num_batched_tokens=1024, enforce_eager=True, enable_prefix_caching=False,
-                       max_cudagraph_capture_size=16, swap_space=2, trust_remote_code=True)
+                       max_cudagraph_capture_size=16, trust_remote_code=True)
     assert (vllm.max_context_length, vllm.mem_fraction, vllm.max_running_requests, vllm.max_running_tokens,
-            vllm.disable_cuda_graph, vllm.disable_prefix_cache, vllm.cuda_graph_max_bs,
-            vllm.cpu_kv_cache_gib) == (512, 0.5, 8, 1024, True, True, 16, 2.0)
+            vllm.disable_cuda_graph, vllm.disable_prefix_cache, vllm.cuda_graph_max_bs) == (512, 0.5, 8, 1024, True,
+                                                                                             True, 16)
+    defaults = ServerConfig()
+    unset = load_config(environ={}, max_num_seqs=None, max_num_batched_tokens=None, seed=None)  # vLLM's None
+    assert (unset.max_running_requests, unset.max_running_tokens, unset.seed) == (
+        defaults.max_running_requests, defaults.max_running_tokens, defaults.seed)
     assert load_config(environ={}, enable_prefix_caching=True).disable_prefix_cache is False
     profile = tmp_path / "sglang.yaml"
     profile.write_text("context_length: 300\nmem_fraction_static: 0.7\nchunked_prefill_size: 2048\n"
@@ -67,6 +71,15 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
         load_config(environ={}, max_model_len=512, max_context_length=256)
     with pytest.raises(ConfigError, match=r"max_running_requests must be int; got .many. \(given as max_num_seqs\)"):
         load_config(environ={}, max_num_seqs="many")
+    for keywords, message in (({"gpu_memory_utilization": 1.5}, r"mem_fraction must be in \(0, 1\]; got 1.5 \(given as "
+                                                                  r"gpu_memory_utilization\)"),
+                              ({"chunked_prefill_size": -1}, r"max_running_tokens must be positive; got -1 \(given as "
+                                                             r"chunked_prefill_size\)"),
+                              ({"max_model_len": True}, r"max_context_length must be int; got True")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(environ={}, **keywords)
+    with pytest.raises(ConfigError, match=r"mem_fraction must be in \(0, 1\]; got 2.0$"):  # sfllm's name: no other
+        load_config(_args("--mem-fraction", "2"), environ={})
     with pytest.raises(ConfigError, match=r"in .*sglang.yaml, given as tp_size"):
         profile.write_text("tp_size: two\n")
         load_config(_args("--config", str(profile)), environ={})

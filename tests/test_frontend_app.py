@@ -220,8 +220,8 @@ def test_prompt_logprobs_extension_asked_with_echo_comes_as_well(engine: Scripte
     assert len(choice["prompt_logprobs"]) == len(prompt_ids)
     # vLLM's layout: by token id, the prompt's own token (its logprob is -i in the script) and the top ones
     assert choice["prompt_logprobs"][1] == {
-        str(prompt_ids[1]): {"logprob": -1.0, "rank": None, "decoded_token": tokenizer.token_text(prompt_ids[1])},
-        "0": {"logprob": -5.0, "rank": 1, "decoded_token": tokenizer.token_text(0)}}
+        str(prompt_ids[1]): {"logprob": -1.0, "rank": None, "decoded_token": tokenizer.token_decoded(prompt_ids[1])},
+        "0": {"logprob": -5.0, "rank": 1, "decoded_token": tokenizer.token_decoded(0)}}
     assert choice["logprobs"]["token_logprobs"][0] is None
 
 

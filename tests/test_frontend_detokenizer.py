@@ -72,6 +72,8 @@ def test_generation_cut_inside_a_character_drops_its_first_bytes(tokenizer: Toke
     assert tokenizer.decode(whole) == "ok 🎉 你好 \ufffd"
     cuts = [cut for cut in range(1, len(whole)) if tokenizer.decode(whole[:cut]).endswith("\ufffd")]
     assert tokenizer.token_bytes(whole[1]) == " 🎉".encode()[:3], "a token of a space and a first byte"
+    # alone, OpenAI's logprobs show its bytes (\\xNN), vLLM's decoded_token the replacement character
+    assert (tokenizer.token_text(whole[1]), tokenizer.token_decoded(whole[1])) == (" \\xf0\\x9f", " \ufffd")
     assert len(cuts) >= 4, "the emoji and the CJK characters take several tokens each"
     for cut in cuts:
         token_ids = whole[:cut] + tokenizer.encode(end)

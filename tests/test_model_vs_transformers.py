@@ -149,7 +149,7 @@ def test_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_referen
         assert got[0] is None and len(got) == len(prompt_ids), "vLLM's layout: None for the first prompt token"
         for position, (token_id, entries) in enumerate(zip(prompt_ids[1:], got[1:])):
             _check_against(entries, token_id, expected[position], 3)
-            assert all(entry.decoded_token == smollm_llm.tokenizer.token_text(t) for t, entry in entries.items())
+            assert all(entry.decoded_token == smollm_llm.tokenizer.token_decoded(t) for t, entry in entries.items())
         assert repeated.prompt_logprobs == got
     assert first[-1].num_cached_tokens == again[-1].num_cached_tokens == 0, "such requests bypass the prefix cache"
     # sampled tokens (not greedy: their ranks vary), each given the prompt and the tokens drawn before it
@@ -166,7 +166,10 @@ def test_logprobs_match_transformers_log_softmax(smollm_llm: LLM, smollm_referen
         "a hot sample draws a token other than the likeliest at least once here"
     assert sampled.cumulative_logprob == pytest.approx(expected.gather(1, torch.tensor(sampled.token_ids)[:, None]
                                                                        ).sum().item(), abs=1e-2)
-    chunked = LLM(dtype="float32", device="cpu", max_running_tokens=16, max_context_length=256)
+    # by vLLM's and SGLang's names for the settings, as their users pass them
+    chunked = LLM(model_path="smollm2-135m-instruct", dtype="float32", device="cpu", max_num_batched_tokens=16,
+                  max_model_len=256)
+    assert (chunked.config.max_running_tokens, chunked.max_context_length) == (16, 256)
     long_prompt = prompts[-1]
     split = chunked.generate([long_prompt], params)[0].prompt_logprobs
     assert len(long_prompt) > 16

@@ -86,7 +86,7 @@ def test_n_and_logprobs(smollm_llm) -> None:
             assert by_rank[1].logprob >= by_rank[2].logprob >= min(e.logprob for e in entries.values())
             assert own.rank >= 1 and own.logprob <= by_rank[1].logprob + 1e-5
             assert own.rank > 2 or own is by_rank[own.rank]
-            assert all(entry.decoded_token == smollm_llm.tokenizer.token_text(t) for t, entry in entries.items())
+            assert all(entry.decoded_token == smollm_llm.tokenizer.token_decoded(t) for t, entry in entries.items())
 
 
 def test_n_choices_wrap_their_seeds_into_int64_as_the_server_does(smollm_llm) -> None:
@@ -214,7 +214,7 @@ def test_vllm_spellings_of_sampling_params_mean_what_they_mean_there(smollm_llm,
     monkeypatch.setattr(type(smollm_llm), "max_context_length", property(lambda self: len(ids) + 3))
     result = smollm_llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[0]
     assert (len(result.outputs[0].token_ids), result.outputs[0].finish_reason) == (3, "length")
-    assert result.finished and result.request_id.startswith("offline-")
+    assert result.finished and result.outputs[0].finished() and result.request_id.startswith("offline-")
 
 
 def test_get_tokenizer_is_transformers_and_agrees_with_the_engine(smollm_llm) -> None:
@@ -231,6 +231,15 @@ def test_get_tokenizer_is_transformers_and_agrees_with_the_engine(smollm_llm) ->
     assert templated.outputs[0].token_ids == chat.outputs[0].token_ids
     assert tokenizer.eos_token_id in smollm_llm.source.config.eos_token_ids
     assert tokenizer.decode(chat.outputs[0].token_ids, skip_special_tokens=True) == chat.outputs[0].text
+    assert chat.prompt == text, "vLLM's prompt of a chat result: the rendered conversation"
+    assert (tokenizer.model_max_length, tokenizer.name_or_path) == (smollm_llm.max_context_length,
+                                                                    smollm_llm.config.model)
+    # transformers 5's apply_chat_template(tokenize=True) gives an encoding, not ids: it is one prompt, those ids
+    encoding = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    [from_encoding] = smollm_llm.generate(encoding, params)
+    assert from_encoding.prompt_token_ids == chat.prompt_token_ids
+    assert smollm_llm.generate([{"prompt_token_ids": chat.prompt_token_ids}], params)[0].outputs[0].token_ids == \
+        chat.outputs[0].token_ids
 
 
 def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:
@@ -399,13 +408,13 @@ def test_vllms_structured_outputs_params_constrain_offline(smollm_llm) -> None:
                              structured_outputs=StructuredOutputsParams(json=json.dumps(schema)))
     output = smollm_llm.generate(["Give a number as JSON."], as_text)[0].outputs[0]
     assert output.finish_reason == "stop" and isinstance(json.loads(output.text)["n"], int)
-    for wrong, message in ((StructuredOutputsParams(), "sets no constraint"),
-                           (StructuredOutputsParams(regex="a", grammar='root ::= "a"'), "more than one"),
-                           (StructuredOutputsParams(choice="yes"), "non-empty list of strings"),
-                           (StructuredOutputsParams(structural_tag="{}"), "structural_tag")):
+    for wrong, message in (({}, "sets no constraint"), ({"choice": "yes"}, "non-empty list of strings"),
+                           ({"json": {}, "structural_tag": "{}"}, "structural_tag")):
         with pytest.raises(InvalidSamplingParams, match=message) as error:
-            SamplingParams(structured_outputs=wrong)
+            StructuredOutputsParams(**wrong)  # refused where it is made, as vLLM refuses it
         assert error.value.param == "structured_outputs"
+    with pytest.raises(InvalidSamplingParams, match="more than one"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a", grammar='root ::= "a"'))
     with pytest.raises(ValueError, match="not both"):
         SamplingParams(structured_output=StructuredOutput.json_object(),
                        structured_outputs=StructuredOutputsParams(json_object=True))

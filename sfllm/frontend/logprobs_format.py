@@ -127,5 +127,5 @@ def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
     for token_id, sampled in zip(prompt_token_ids[1:], logprobs):
         entries.append({str(t): PromptTokenLogprob(logprob=finite(e.logprob), rank=e.rank,
                                                    decoded_token=e.decoded_token)
-                        for t, e in by_token(token_id, sampled, tokenizer.token_text).items()})
+                        for t, e in by_token(token_id, sampled, tokenizer.token_decoded).items()})
     return entries

@@ -135,3 +135,8 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """How one token reads on its own, as OpenAI's logprobs show it: stray bytes as \\xNN."""
         return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
+
+    def token_decoded(self, token_id: int) -> str:
+        """How one token reads on its own, as vLLM's `decoded_token` shows it: a character it does not complete as
+        U+FFFD."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")

@@ -56,15 +56,17 @@ def _made_by_transformers(source: ModelSource) -> TokenizerSpec:
                          special_tokens=dict(hf_tokenizer.special_tokens_map), vocab_size=source.config.vocab_size)
 
 
-def transformers_tokenizer(spec: TokenizerSpec, eos_token_ids: tuple[int, ...]) -> Any:
+def transformers_tokenizer(spec: TokenizerSpec, eos_token_ids: tuple[int, ...], name: str,
+                           max_length: int) -> Any:
     """The spec as transformers' tokenizer class (the offline API's `get_tokenizer()`): the same backend, chat
-    template and special tokens, with the model's EOS where transformers read another (a GGUF's)."""
+    template and special tokens, with the model's EOS where transformers read another (a GGUF's); `name` and
+    `max_length` (the engine's context) as its name_or_path and model_max_length."""
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = tokenizers.Tokenizer.from_str(spec.tokenizer_json)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=spec.chat_template,
-                                        **spec.special_tokens)
+                                        name_or_path=name, model_max_length=max_length, **spec.special_tokens)
     if eos_token_ids and tokenizer.eos_token_id not in eos_token_ids and backend.id_to_token(eos_token_ids[0]):
         tokenizer.eos_token = backend.id_to_token(eos_token_ids[0])
     return tokenizer
