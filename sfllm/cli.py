@@ -33,6 +33,11 @@ def _default_profile(args: argparse.Namespace) -> None:
 def _load(parser: argparse.ArgumentParser, argv: list[str],
           default_profile: bool = False) -> tuple[argparse.Namespace, ServerConfig]:
     args = parser.parse_args(argv)
+    positional = getattr(args, "model_positional", None)
+    if positional is not None:
+        if args.model is not None and args.model != positional:
+            parser.error(f"two models: {positional!r} and --model {args.model!r}; give one")
+        args.model = positional
     if default_profile:
         _default_profile(args)
     try:
@@ -43,11 +48,14 @@ def _load(parser: argparse.ArgumentParser, argv: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        argv = ["launch", *argv[1:]]  # vLLM's verb
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["launch", *argv]  # `sfllm --model X` serves, as `sfllm launch --model X`
     if argv[0] in ("-h", "--help"):
         print(f"usage: sfllm {{{','.join(COMMANDS)}}} ...\n\n"
               "  launch    start the engine (scheduler + worker) and the HTTP frontend, and supervise them\n"
+              "            (`sfllm launch MODEL` or `sfllm serve MODEL` as vLLM's, `sfllm --model MODEL`)\n"
               "  engine    start the scheduler and worker only (frontends connect to --engine-address)\n"
               "  frontend  start an HTTP frontend for a running engine (--engine-address)\n"
               "  bench     offline | serve | priority benchmarks\n")
@@ -74,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine": "run the scheduler and worker; frontends connect to --engine-address",
         "frontend": "run an HTTP frontend for a running engine",
     }[command])
+    if command in ("launch", "engine"):
+        parser.add_argument("model_positional", nargs="?", metavar="MODEL",
+                            help="the model, as `vllm serve MODEL` takes it (or --model)")
     if command == "frontend":
         parser.add_argument("--http-fd", type=int, help="the HTTP port's socket, inherited (set by sfllm launch)")
         parser.add_argument("--ready-fd", type=int, help="a pipe told once the frontend serves (set by sfllm launch)")

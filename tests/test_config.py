@@ -286,6 +286,19 @@ def test_a_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None
     assert exit_.value.code == 2 and "usage:" in capsys.readouterr().err
 
 
+def test_the_model_may_come_first_as_vllm_serve_takes_it(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    launched = []
+    monkeypatch.setattr("sfllm.launcher.launch", lambda config: launched.append(config) or 0)
+    assert main(["serve", "qwen3-0.6b", "--load-format", "dummy", "--max-model-len", "512"]) == 0
+    assert main(["launch", "--max-num-seqs", "8", "qwen3-0.6b"]) == 0
+    assert [(c.model, c.max_context_length, c.max_running_requests) for c in launched] == [
+        ("qwen3-0.6b", 512, ServerConfig().max_running_requests), ("qwen3-0.6b", None, 8)]
+    with pytest.raises(SystemExit) as exit_:
+        main(["launch", "qwen3-0.6b", "--model", "qwen3-8b"])
+    assert exit_.value.code == 2 and "two models: 'qwen3-0.6b' and --model 'qwen3-8b'; give one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--host", "nosuchhost.invalid"), "cannot bind to host 'nosuchhost.invalid': "),
     (("--host", "192.0.2.1"), "192.0.2.1 is not an address of this machine"),
