@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
-from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES
+from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES, SHORT_FLAGS
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
 logger = logging.getLogger(__name__)
@@ -404,6 +404,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         # vLLM's and SGLang's flags for the same setting, beside sfllm's
         flags = ["--" + key.replace("_", "-") for key in [name, *(k for k, o in OTHER_NAMES.items()
                                                                     if o.setting == name and not o.negated)]]
+        flags += [SHORT_FLAGS[name]] if name in SHORT_FLAGS else []
         if "bool" in str(f.type):
             parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None,
                                 help=f.metadata.get("help"))

@@ -38,5 +38,8 @@ OTHER_NAMES = {
     "random_seed": OtherName("seed", "SGLang"),
 }
 
+# vLLM's one-dash flags, by sfllm's setting
+SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
+
 # Accepted and without effect: sfllm runs its own code for every architecture it serves, never a model folder's.
 NO_EFFECT = {"trust_remote_code"}

@@ -62,9 +62,10 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     assert (sglang.max_context_length, sglang.mem_fraction, sglang.max_running_tokens, sglang.disable_prefix_cache,
             sglang.tensor_parallel_size, sglang.seed) == (300, 0.7, 2048, True, 2, 9)
     flags = load_config(_args("--model-path", "m", "--max-model-len", "700", "--gpu-memory-utilization", "0.6",
-                              "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code"), environ={})
+                              "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code", "-tp", "2"),
+                        environ={})
     assert (flags.model, flags.max_context_length, flags.mem_fraction, flags.disable_prefix_cache,
-            flags.disable_cuda_graph) == ("m", 700, 0.6, True, True)
+            flags.disable_cuda_graph, flags.tensor_parallel_size) == ("m", 700, 0.6, True, True, 2)
     assert load_config(_args("--disable-prefix-cache", "--enable-prefix-caching"), environ={}).disable_prefix_cache \
         is False, "the last flag for a setting wins, as argparse has it"
     with pytest.raises(ConfigError, match="max_model_len and max_context_length both set max_context_length"):
