@@ -357,7 +357,7 @@ def _typed(key: str, raw: Any) -> Any:
     for kind in (int, float):
         if annotation.startswith(kind.__name__):
             if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
-                raise ConfigError(f"{key} must be int; got {raw!r}")
+                raise ConfigError(f"{key} must be {kind.__name__}; got {raw!r}")
             try:
                 return kind(raw)
             except (TypeError, ValueError, OverflowError):

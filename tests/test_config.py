@@ -76,7 +76,8 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
                                                                   r"gpu_memory_utilization\)"),
                               ({"chunked_prefill_size": -1}, r"max_running_tokens must be positive; got -1 \(given as "
                                                              r"chunked_prefill_size\)"),
-                              ({"max_model_len": True}, r"max_context_length must be int; got True")):
+                              ({"max_model_len": True}, r"max_context_length must be int; got True"),
+                              ({"gpu_memory_utilization": False}, r"mem_fraction must be float; got False")):
         with pytest.raises(ConfigError, match=message):
             load_config(environ={}, **keywords)
     with pytest.raises(ConfigError, match=r"mem_fraction must be in \(0, 1\]; got 2.0$"):  # sfllm's name: no other
