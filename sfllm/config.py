@@ -37,6 +37,11 @@ class ConfigError(ValueError):
     pass
 
 
+def looks_like_template(chat_template: str) -> bool:
+    """Whether `--chat-template` gave the template itself rather than a file's path."""
+    return "{{" in chat_template or "{%" in chat_template
+
+
 @dataclass
 class ServerConfig:
     """Every option, flat, as users give it (flags, environment, profiles, `LLM(...)` keywords); `sfllm launch`
@@ -68,6 +73,8 @@ class ServerConfig:
     max_n: int = field(default=128, metadata={"help": "most sequences per request (n times the prompts)"})
     max_stop_sequences: int = field(default=16, metadata={"help": "most stop strings, and stop token ids, per request"})
     max_stop_sequence_chars: int = field(default=256, metadata={"help": "longest stop string"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "a Jinja chat template in place of the model's: a file's path, or the template itself (vLLM's)"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
 
@@ -169,6 +176,10 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number; got {value}")
+        if self.chat_template is not None and not looks_like_template(self.chat_template) and not Path(
+                self.chat_template).expanduser().is_file():
+            raise ConfigError(f"chat_template is neither a file nor a template ({{{{ or {{% in it}}): "
+                              f"{self.chat_template!r}")
         if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
@@ -290,6 +301,7 @@ class EngineConfig:
     load_format: str
     cache_dir: str
     served_model_name: str | None
+    chat_template: str | None  # in place of the model's, in the tokenizer frontends get
     log_level: str
     profile_dir: str | None
     scheduler: SchedulerConfig
@@ -417,10 +429,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{other.engine}'s: --{other.setting.replace('_', '-')} off")
             parser.add_argument(flag.replace("--", "--no-", 1), dest=other.setting, action="store_const", const=True,
                                 default=None, help=f"{other.engine}'s: --{other.setting.replace('_', '-')}")
-    for key in sorted(NO_EFFECT):
+    for key, why in NO_EFFECT.items():
         parser.add_argument("--" + key.replace("_", "-"), action="store_true",
-                            help="accepted for vLLM's and SGLang's command lines, no effect: sfllm runs its own code "
-                                 "for every architecture it serves")
+                            help=f"accepted for vLLM's and SGLang's command lines, no effect: {why}")
 
 
 def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,

@@ -41,5 +41,8 @@ OTHER_NAMES = {
 # vLLM's one-dash flags, by sfllm's setting
 SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
 
-# Accepted and without effect: sfllm runs its own code for every architecture it serves, never a model folder's.
-NO_EFFECT = {"trust_remote_code"}
+# Accepted and without effect, and why
+NO_EFFECT = {
+    "trust_remote_code": "sfllm runs its own code for every architecture it serves, never a model folder's",
+    "enable_auto_tool_choice": "sfllm reads the model's tool calls whenever a request has tools",
+}

@@ -62,7 +62,8 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     assert (sglang.max_context_length, sglang.mem_fraction, sglang.max_running_tokens, sglang.disable_prefix_cache,
             sglang.tensor_parallel_size, sglang.seed) == (300, 0.7, 2048, True, 2, 9)
     flags = load_config(_args("--model-path", "m", "--max-model-len", "700", "--gpu-memory-utilization", "0.6",
-                              "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code", "-tp", "2"),
+                              "--no-enable-prefix-caching", "--enforce-eager", "--trust-remote-code", "-tp", "2",
+                              "--enable-auto-tool-choice"),
                         environ={})
     assert (flags.model, flags.max_context_length, flags.mem_fraction, flags.disable_prefix_cache,
             flags.disable_cuda_graph, flags.tensor_parallel_size) == ("m", 700, 0.6, True, True, 2)

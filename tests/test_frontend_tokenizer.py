@@ -7,6 +7,7 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
+from sfllm.config import ConfigError
 from sfllm.frontend.chat_template import ChatTemplateError
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import TokenizerSpec
@@ -127,6 +128,32 @@ def test_qwen_style_template_equals_transformers(qwen_style_spec: TokenizerSpec,
     ours = Tokenizer(qwen_style_spec).apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert ours == transformers_ids(qwen_hf_tokenizer, messages, add_generation_prompt, QWEN_STYLE_TEMPLATE)
     assert "<|im_end|>" in qwen_style_spec.special_tokens.values(), "the eos_token variable is the dummy tokenizer's"
+
+
+def test_an_operators_chat_template_replaces_the_models(smollm_tokenizer_spec: TokenizerSpec, tmp_path: Path) -> None:
+    """vLLM's --chat-template: a file's path or the template itself, in the tokenizer the engine hands frontends
+    (and LLM uses); one that cannot serve is an error before anything starts."""
+    from sfllm.config import load_config
+    from sfllm.engine.engine_process import _tokenizer_for_frontends
+    from sfllm.model_source.chat_template_override import with_chat_template
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    path = tmp_path / "plain.jinja"
+    path.write_text(template)
+    for given in (str(path), template):
+        spec = with_chat_template(smollm_tokenizer_spec, given)
+        assert Tokenizer(spec).chat_template.render([{"role": "user", "content": "hi"}]) == "<user>hi<assistant>"
+    assert with_chat_template(smollm_tokenizer_spec, None) is smollm_tokenizer_spec
+    engine_spec, grammars = _tokenizer_for_frontends(load_config(environ={}, chat_template=str(path)).engine())
+    grammars.result()
+    assert engine_spec.chat_template == template and engine_spec.tokenizer_json == smollm_tokenizer_spec.tokenizer_json
+    with pytest.raises(ValueError, match="the chat template given inline cannot serve: the chat template does not "
+                                         "compile"):
+        with_chat_template(smollm_tokenizer_spec, "{% for %}")
+    with pytest.raises(ValueError, match="cannot read the chat template .*none.jinja"):
+        with_chat_template(smollm_tokenizer_spec, str(tmp_path / "none.jinja"))
+    with pytest.raises(ConfigError, match="chat_template is neither a file nor a template"):
+        load_config(environ={}, chat_template=str(tmp_path / "none.jinja"))
 
 
 def test_template_errors_are_chat_template_errors(qwen_style_spec: TokenizerSpec) -> None:

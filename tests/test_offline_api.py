@@ -242,6 +242,20 @@ def test_get_tokenizer_is_transformers_and_agrees_with_the_engine(smollm_llm) ->
         chat.outputs[0].token_ids
 
 
+def test_an_operators_chat_template_renders_llm_chat(tmp_path) -> None:
+    """LLM(chat_template=...) as vLLM's --chat-template: LLM.chat and get_tokenizer() render with it."""
+    from sfllm import LLM
+    path = tmp_path / "plain.jinja"
+    path.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    llm = LLM(dtype="float32", device="cpu", chat_template=str(path))
+    messages = [{"role": "user", "content": "hi"}]
+    result = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert result.prompt == "<user>hi<assistant>" and result.prompt_token_ids == llm.tokenizer.encode(result.prompt)
+    assert llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        result.prompt
+
+
 def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:
     """As vLLM raises them: a prompt the engine refuses, vLLM's priority list, an allowed token that can only
     end an output held open by min_tokens (token 0 came out); LLM.chat hands its tools to the template."""

@@ -90,7 +90,12 @@ class ChatTemplate:
                 if self.takes_tools and ("<|python_tag|>" in source or '"parameters": dictionary' in source):
                     self.tool_call_format = "llama3_json"
             except jinja2.TemplateSyntaxError as error:
-                self._unusable = f"the model's chat template does not compile: {error}"
+                self._unusable = f"the chat template does not compile: {error}"
+
+    @property
+    def unusable(self) -> str | None:
+        """Why no chat can be rendered (no template, or one that does not compile); None where chats can."""
+        return None if self._template is not None else self._unusable
 
     def reserved_variables(self) -> set[str]:
         """The variables `render` sets itself, which a request's own variables may not replace."""
