@@ -48,7 +48,8 @@ def _load(parser: argparse.ArgumentParser, argv: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "serve":
+    verb = argv[0] if argv else ""  # as the user typed it, for the errors
+    if verb == "serve":
         argv = ["launch", *argv[1:]]  # vLLM's verb
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["launch", *argv]  # `sfllm --model X` serves, as `sfllm launch --model X`
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, "worker")
         from sfllm.worker.worker_process import run_worker
         return run_worker(config.worker(), args.worker_address)
-    parser = _config_parser(f"sfllm {command}", {
+    parser = _config_parser(f"sfllm {'serve' if verb == 'serve' else command}", {
         "launch": "serve a model over an OpenAI-compatible HTTP API",
         "engine": "run the scheduler and worker; frontends connect to --engine-address",
         "frontend": "run an HTTP frontend for a running engine",

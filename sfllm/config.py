@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
+from sfllm.frontend.tool_call_parser import TOOL_CALL_FORMATS
 from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES, SHORT_FLAGS
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
@@ -35,11 +36,6 @@ HIGH_PRIORITY_STEP_TOKENS = {"cuda": 2048, "cpu": 256}
 
 class ConfigError(ValueError):
     pass
-
-
-def looks_like_template(chat_template: str) -> bool:
-    """Whether `--chat-template` gave the template itself rather than a file's path."""
-    return "{{" in chat_template or "{%" in chat_template
 
 
 @dataclass
@@ -75,6 +71,9 @@ class ServerConfig:
     max_stop_sequence_chars: int = field(default=256, metadata={"help": "longest stop string"})
     chat_template: str | None = field(default=None, metadata={
         "help": "a Jinja chat template in place of the model's: a file's path, or the template itself (vLLM's)"})
+    tool_call_parser: str | None = field(default=None, metadata={
+        "help": "hermes | llama3_json: how the model writes tool calls, where its chat template renders tools "
+                "(default: as the template asks; vLLM's flag)"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
 
@@ -136,6 +135,7 @@ class ServerConfig:
             "log_level": ("debug", "info", "warning", "error"),
             "speculative_method": (None, "ngram"),
             "reasoning_parser": (None, *REASONING_PARSERS),
+            "tool_call_parser": (None, *TOOL_CALL_FORMATS),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -176,10 +176,13 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number; got {value}")
-        if self.chat_template is not None and not looks_like_template(self.chat_template) and not Path(
-                self.chat_template).expanduser().is_file():
-            raise ConfigError(f"chat_template is neither a file nor a template ({{{{ or {{% in it}}): "
-                              f"{self.chat_template!r}")
+        if self.chat_template is not None:
+            # before anything starts (jinja2 imported only here: the launcher's start is lean)
+            from sfllm.model_source.chat_template_override import chat_template_source
+            try:
+                chat_template_source(self.chat_template)
+            except ValueError as error:
+                raise ConfigError(f"chat_template: {error}") from None
         if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
@@ -235,6 +238,7 @@ class FrontendConfig:
     max_stop_sequences: int
     max_stop_sequence_chars: int
     reasoning_parser: str | None
+    tool_call_parser: str | None
 
 
 @dataclass(frozen=True)
@@ -409,6 +413,21 @@ def _read_config_file(path: Path) -> dict:
     return data
 
 
+class _SettingFlag(argparse.Action):
+    """Stores a setting's value, and in `other_flags` the flag it came by where that is another engine's name for
+    it, which errors then name."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        other_flags = dict(getattr(namespace, "other_flags", None) or {})
+        if option_string != self.option_strings[0]:
+            other_flags[self.dest] = option_string
+        else:
+            other_flags.pop(self.dest, None)
+        namespace.other_flags = other_flags
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config key; unset flags stay None so lower layers show through."""
     parser.add_argument("--config", help="YAML file of config keys")
@@ -421,7 +440,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None,
                                 help=f.metadata.get("help"))
         else:
-            parser.add_argument(*flags, dest=name, default=None, help=f.metadata.get("help"))
+            parser.add_argument(*flags, dest=name, default=None, action=_SettingFlag, help=f.metadata.get("help"))
     for key, other in OTHER_NAMES.items():
         if other.negated:  # vLLM's --enable-prefix-caching and --no-enable-prefix-caching
             flag = "--" + key.replace("_", "-")
@@ -453,11 +472,16 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
         else:
             logger.warning("%s is not an sfllm setting (no config key %r): ignored", env_key, name)
     if args is not None:
+        other_flags = getattr(args, "other_flags", None) or {}
         for name in FIELDS:
             raw = getattr(args, name, None)
             if raw is not None:
-                values[name] = _parse_value(name, raw)
-                given_as.pop(name, None)  # (a flag's other names are sfllm's flag: its error names sfllm's key)
+                flag = other_flags.get(name)
+                values[name] = _parse_value(name, raw, f"given as {flag}" if flag else "")
+                if flag:
+                    given_as[name] = flag
+                else:
+                    given_as.pop(name, None)
     values.update(_settings(overrides, given_as=given_as))  # LLM(key=...): a wrong type is a ConfigError naming it
     try:
         return ServerConfig(**values)

@@ -88,8 +88,8 @@ class LLM:
         DEFAULT_MODEL; SGLang's `model_path=` too); `config`: settings by sfllm's, vLLM's or SGLang's names."""
         self.config = load_config(environ={}, **({} if model is None else {"model": model}), **config)
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
-        self._tokenizer_spec = with_chat_template(tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir)),
-                                                  self.config.chat_template)
+        model_spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
+        self._tokenizer_spec = with_chat_template(model_spec, self.config.chat_template)
         self.tokenizer = Tokenizer(self._tokenizer_spec)
         self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source),
                                  self._tokenizer_spec)

@@ -44,5 +44,6 @@ SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
 # Accepted and without effect, and why
 NO_EFFECT = {
     "trust_remote_code": "sfllm runs its own code for every architecture it serves, never a model folder's",
-    "enable_auto_tool_choice": "sfllm reads the model's tool calls whenever a request has tools",
+    "enable_auto_tool_choice": "sfllm reads the model's tool calls whenever a request has tools "
+                               "(--tool-call-parser picks their format)",
 }

@@ -83,6 +83,11 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
             load_config(environ={}, **keywords)
     with pytest.raises(ConfigError, match=r"mem_fraction must be in \(0, 1\]; got 2.0$"):  # sfllm's name: no other
         load_config(_args("--mem-fraction", "2"), environ={})
+    for flags, message in ((("--gpu-memory-utilization", "1.5"), r"got 1.5 \(given as --gpu-memory-utilization\)$"),
+                           (("--max-model-len", "abc"), r"must be int; got 'abc' \(given as --max-model-len\)$"),
+                           (("--max-num-seqs", "0", "--max-running-requests", "0"), r"positive; got 0$")):
+        with pytest.raises(ConfigError, match=message):  # the flag typed is named; sfllm's own, last, names nothing
+            load_config(_args(*flags), environ={})
     with pytest.raises(ConfigError, match=r"in .*sglang.yaml, given as tp_size"):
         profile.write_text("tp_size: two\n")
         load_config(_args("--config", str(profile)), environ={})
@@ -299,7 +304,12 @@ def test_the_model_may_come_first_as_vllm_serve_takes_it(monkeypatch: pytest.Mon
         ("qwen3-0.6b", 512, ServerConfig().max_running_requests), ("qwen3-0.6b", None, 8)]
     with pytest.raises(SystemExit) as exit_:
         main(["launch", "qwen3-0.6b", "--model", "qwen3-8b"])
-    assert exit_.value.code == 2 and "two models: 'qwen3-0.6b' and --model 'qwen3-8b'; give one" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "two models: 'qwen3-0.6b' and --model 'qwen3-8b'; give one" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-num-seqs", "0"])
+    assert capsys.readouterr().err.startswith("sfllm serve: error: max_running_requests must be positive; got 0 "
+                                              "(given as --max-num-seqs)"), "the verb and the flag typed"
 
 
 @pytest.mark.parametrize("flags, message", [

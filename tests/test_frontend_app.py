@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import sfllm
-from sfllm.config import FrontendConfig, ServerConfig
+from sfllm.config import ConfigError, FrontendConfig, ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.tokenizer import Tokenizer
@@ -663,6 +663,34 @@ def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_token
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny in Paris."} | {
         key: value for key, value in plain["choices"][0]["message"].items() if key not in ("role", "content")}
     assert not plain["choices"][0]["message"].get("tool_calls")
+
+
+def test_tool_call_parser_reads_the_format_it_names_where_the_template_renders_tools(smollm_tokenizer_spec) -> None:
+    """vLLM's --tool-call-parser: a template that renders tools without asking for Llama 3's JSON reads Hermes tags
+    by default, bare JSON calls with llama3_json; a template that renders no tools keeps sfllm's Hermes description."""
+    import msgspec
+    plain_tools = ("{% if tools %}{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}"
+                   "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: ")
+    tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=plain_tools))
+    assert tokenizer.chat_template.takes_tools and tokenizer.chat_template.tool_call_format == "hermes"
+    engine = ScriptedEngine(tokenizer)
+    engine.script = tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER_TOOL],
+            "max_tokens": len(engine.script)}
+    as_template_asks = post(engine, tokenizer, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    assert not as_template_asks.get("tool_calls") and as_template_asks["content"].startswith('{"name"')
+    config = ServerConfig(tool_call_parser="llama3_json").frontend()
+    forced = post(engine, tokenizer, "/v1/chat/completions", body, config).json()["choices"][0]["message"]
+    assert [call["function"] for call in forced["tool_calls"]] == [{"name": "get_weather",
+                                                                    "arguments": '{"city": "Paris"}'}]
+    default_tokenizer = Tokenizer(smollm_tokenizer_spec)  # SmolLM2's template renders no tools
+    engine = ScriptedEngine(default_tokenizer)
+    engine.script = default_tokenizer.encode('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>')
+    hermes = post(engine, default_tokenizer, "/v1/chat/completions", body | {"max_tokens": len(engine.script)},
+                  config).json()["choices"][0]["message"]
+    assert [call["function"] for call in hermes["tool_calls"]] == [{"name": "get_weather", "arguments": "{}"}]
+    with pytest.raises(ConfigError, match="tool_call_parser must be one of None, hermes, llama3_json; got 'mistral'"):
+        ServerConfig(tool_call_parser="mistral")
 
 
 @pytest.mark.parametrize("parallel", [True, False])

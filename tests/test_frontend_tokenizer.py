@@ -152,8 +152,13 @@ def test_an_operators_chat_template_replaces_the_models(smollm_tokenizer_spec: T
         with_chat_template(smollm_tokenizer_spec, "{% for %}")
     with pytest.raises(ValueError, match="cannot read the chat template .*none.jinja"):
         with_chat_template(smollm_tokenizer_spec, str(tmp_path / "none.jinja"))
-    with pytest.raises(ConfigError, match="chat_template is neither a file nor a template"):
-        load_config(environ={}, chat_template=str(tmp_path / "none.jinja"))
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("\n")
+    for given, message in ((str(tmp_path / "none.jinja"), "chat_template: cannot read the chat template"),
+                           (str(empty), f"chat_template: the chat template in {empty} is empty"),
+                           ("{% for %}", "chat_template: the chat template given inline cannot serve")):
+        with pytest.raises(ConfigError, match=message):  # before anything starts
+            load_config(environ={}, chat_template=given)
 
 
 def test_template_errors_are_chat_template_errors(qwen_style_spec: TokenizerSpec) -> None:

@@ -202,8 +202,8 @@ def test_vllm_spellings_of_sampling_params_mean_what_they_mean_there(smollm_llm,
                              bad_words=None, logit_bias=None, top_k=0, logprobs=True)
     output = smollm_llm.generate(PROMPT, spelled)[0].outputs[0]
     assert output.token_ids == expected.token_ids and len(output.logprobs) == 4
-    assert all(list(entries) == [t] and entries[t].rank == 1 for t, entries in zip(output.token_ids, output.logprobs)), \
-        "greedy: each token is the likeliest, the one alternative asked for"
+    assert all(list(entries) == [t] and entries[t].rank == 1
+               for t, entries in zip(output.token_ids, output.logprobs)), "greedy: the likeliest, the one asked for"
     assert output.cumulative_logprob == pytest.approx(sum(entries[t].logprob for t, entries in
                                                           zip(output.token_ids, output.logprobs)))
     assert output.cumulative_logprob < 0 and expected.cumulative_logprob is None

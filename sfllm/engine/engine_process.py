@@ -276,14 +276,13 @@ def _tokenizer_for_frontends(config: EngineConfig) -> tuple[TokenizerSpec, Futur
     vocabulary and end tokens of the model's config, which the worker reports (EngineCore builds its own if not)."""
     # imported only now, the worker started: where no kept spec serves, transformers takes seconds to import
     from sfllm.model_source import resolve_model
-    from sfllm.model_source.resolve import resolve_cache_dir
     from sfllm.model_source.chat_template_override import with_chat_template
+    from sfllm.model_source.resolve import resolve_cache_dir
     from sfllm.model_source.tokenizer_spec import tokenizer_spec
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         spec = with_chat_template(tokenizer_spec(source, resolve_cache_dir(config.cache_dir)), config.chat_template)
-    except (OSError, ValueError) as error:  # the model is absent, its files are not what they should be, or the
-        # operator's chat template is
+    except (OSError, ValueError) as error:  # the model is absent, its files are wrong, or the chat template given
         raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
     builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-tokenizer")
     grammars = builder.submit(GrammarMatchers, spec.tokenizer_json, source.config.vocab_size,

@@ -54,7 +54,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
     chat_endpoint = ChatCompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics,
-                                           config.reasoning_parser)
+                                           config.reasoning_parser, config.tool_call_parser)
     responses_endpoint = ResponsesEndpoint(chat_endpoint)
     native_generate = NativeGenerateEndpoint(completion_endpoint)
     v1 = APIRouter(prefix="/v1")

@@ -51,9 +51,12 @@ async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: 
 class ChatCompletionEndpoint:
     def __init__(self, served_model_name: str, engine: EngineClient, tokenizer: Tokenizer,
                  limits: RequestLimits | None = None, metrics: FrontendMetrics | None = None,
-                 reasoning_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> None:
+        """`tool_call_parser`: the format the model's calls are read in where its template renders tools (None: the
+        one the template asks for); a template that does not gets sfllm's description of them, in Hermes'."""
         self.served_model_name = served_model_name
         self.reasoning_parser = reasoning_parser
+        self.tool_call_parser = tool_call_parser
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits or RequestLimits()
@@ -103,7 +106,10 @@ class ChatCompletionEndpoint:
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time,
                                "tools" if tool_grammar is not None else body.constraint_field())
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
-        messages_out = [AssistantMessage(tools.parser(self.tokenizer.chat_template.tool_call_format),
+        template = self.tokenizer.chat_template
+        call_format = (self.tool_call_parser if self.tool_call_parser and template.takes_tools
+                       else template.tool_call_format)
+        messages_out = [AssistantMessage(tools.parser(call_format),
                                          ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)
                                          if self.reasoning_parser else None, body.include_reasoning is not False,
                                          one_call=not tools.parallel)

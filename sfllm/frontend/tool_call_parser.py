@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 from sfllm.frontend.stream_tags import partial_tag_length
 
+# the formats read here, by vLLM's names for its parsers of them (Qwen's and Hermes' tags, Llama 3.1-3.3's JSON)
+TOOL_CALL_FORMATS = ("hermes", "llama3_json")
+
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 # name first, then arguments: the order the format and the grammars write
