@@ -428,13 +428,17 @@ class _SettingFlag(argparse.Action):
         namespace.other_flags = other_flags
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config key; unset flags stay None so lower layers show through."""
     parser.add_argument("--config", help="YAML file of config keys")
     for name, f in FIELDS.items():
         # vLLM's and SGLang's flags for the same setting, beside sfllm's
-        flags = ["--" + key.replace("_", "-") for key in [name, *(k for k, o in OTHER_NAMES.items()
-                                                                    if o.setting == name and not o.negated)]]
+        flags = [_flag(key) for key in [name, *(k for k, o in OTHER_NAMES.items()
+                                               if o.setting == name and not o.negated)]]
         flags += [SHORT_FLAGS[name]] if name in SHORT_FLAGS else []
         if "bool" in str(f.type):
             parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None,
@@ -443,13 +447,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, default=None, action=_SettingFlag, help=f.metadata.get("help"))
     for key, other in OTHER_NAMES.items():
         if other.negated:  # vLLM's --enable-prefix-caching and --no-enable-prefix-caching
-            flag = "--" + key.replace("_", "-")
-            parser.add_argument(flag, dest=other.setting, action="store_const", const=False, default=None,
-                                help=f"{other.engine}'s: --{other.setting.replace('_', '-')} off")
-            parser.add_argument(flag.replace("--", "--no-", 1), dest=other.setting, action="store_const", const=True,
-                                default=None, help=f"{other.engine}'s: --{other.setting.replace('_', '-')}")
+            parser.add_argument(_flag(key), dest=other.setting, action="store_const", const=False, default=None,
+                                help=f"{other.engine}'s: {_flag(other.setting)} off")
+            parser.add_argument(_flag(f"no_{key}"), dest=other.setting, action="store_const", const=True,
+                                default=None, help=f"{other.engine}'s: {_flag(other.setting)}")
     for key, why in NO_EFFECT.items():
-        parser.add_argument("--" + key.replace("_", "-"), action="store_true",
+        parser.add_argument(_flag(key), action="store_true",
                             help=f"accepted for vLLM's and SGLang's command lines, no effect: {why}")
 
 
