@@ -62,7 +62,7 @@ def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}
     for family in text_string_to_metric_families(response.text):
-        assert family.name.startswith("sfllm_"), family.name
+        assert family.name.startswith(("sfllm_", "vllm:", "sglang:")), family.name
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
@@ -147,6 +147,39 @@ def test_metrics_count_requests_time_them_and_report_the_engine(tokenizer: Token
     assert value("sfllm_request_queue_time_seconds_bucket", le="+Inf") == 4
     assert value("sfllm_request_queue_time_seconds_count") == 4
     assert value("sfllm_request_queue_time_seconds_sum") == 200.5
+
+
+def test_metrics_also_under_the_names_vllm_and_sglang_give_them(tokenizer: Tokenizer) -> None:
+    """Gateways, autoscalers and dashboards built for vLLM or SGLang read the same values under their names."""
+    engine = ScriptedEngine(tokenizer)
+    engine.stats = engine_stats()
+    client = Client(create_app(ServerConfig().frontend(), engine, tokenizer))  # type: ignore[arg-type]
+    assert client.post("/v1/completions", {"prompt": "x", "max_tokens": 3, "n": 2}).status_code == 200
+    metrics = scrape(client)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics[(name, tuple(sorted((labels | {"model_name": MODEL}).items())))]
+
+    for running, waiting in (("vllm:num_requests_running", "vllm:num_requests_waiting"),
+                             ("sglang:num_running_reqs", "sglang:num_queue_reqs")):
+        assert (value(running), value(waiting)) == (3, 5), "summed over the priority classes"
+    assert value("vllm:kv_cache_usage_perc") == value("sglang:token_usage") == 0.25
+    assert (value("vllm:prefix_cache_queries_total"), value("vllm:prefix_cache_hits_total")) == (10, 4)
+    assert value("vllm:num_preemptions_total") == 3
+    assert value("vllm:prompt_tokens_total") == value("sglang:prompt_tokens_total") == 123
+    assert value("vllm:generation_tokens_total") == value("sglang:generation_tokens_total") == 456
+    assert value("vllm:request_success_total", finished_reason="stop") == 3
+    assert value("vllm:request_success_total", finished_reason="abort") == 1
+    assert value("vllm:request_queue_time_seconds_bucket", le="0.025") == 3
+    assert value("vllm:request_queue_time_seconds_sum") == 200.5
+    for name in ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds",
+                 "vllm:request_time_per_output_token_seconds"):
+        assert value(f"{name}_count") == 2, "one per sequence"
+        assert value(f"{name}_bucket", le="+Inf") == 2
+    for name in ("vllm:e2e_request_latency_seconds", "sglang:e2e_request_latency_seconds"):
+        assert value(f"{name}_count") == 1
+        assert value(f"{name}_sum") == metrics[("sfllm_e2e_request_latency_seconds_sum", ())]
+    assert not [key for key in metrics if key[0].startswith(("vllm:", "sglang:")) and ("priority", "normal") in key[1]]
 
 
 def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:

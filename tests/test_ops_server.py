@@ -204,6 +204,16 @@ def test_200_concurrent_streams_all_complete_and_free_the_kv_cache(a: LaunchedSe
     assert metric(after, "sfllm_request_queue_time_seconds_count") - metric(
         before, "sfllm_request_queue_time_seconds_count") == 200
     assert metric(after, "sfllm_time_to_first_token_seconds_count") >= 200
+    # vLLM's names, read by gateways and autoscalers: the same counts, the histograms summed over the frontends
+    model = httpx.get(f"{a.url}/ready", timeout=10).json()["model"]
+    for sfllm_name, vllm_name, labels in (
+            ("sfllm_generation_tokens_total", "vllm:generation_tokens_total", {}),
+            ("sfllm_requests_finished_total", "vllm:request_success_total", {"reason": "length"}),
+            ("sfllm_e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_count", {}),
+            ("sfllm_time_to_first_token_seconds_count", "vllm:time_to_first_token_seconds_count", {})):
+        other_labels = {("finished_reason" if key == "reason" else key): value for key, value in labels.items()}
+        assert metric(after, vllm_name, model_name=model, **other_labels) == metric(after, sfllm_name, **labels) > 0
+    assert metric(after, "vllm:num_requests_running", model_name=model) == 0
 
 
 def stream_lines(url: str, body: dict[str, Any], headers: dict[str, str] | None, first: threading.Event,

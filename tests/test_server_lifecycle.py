@@ -102,9 +102,9 @@ def _frontend_pids(url: str, tries: int = 40) -> set[int]:
     return {httpx.get(f"{url}/health", timeout=10).json()["frontend_pid"] for _ in range(tries)}  # 200 or 503
 
 
-def _requests_answered(url: str) -> float:
+def _requests_answered(url: str, sample: str = "sfllm_requests_total") -> float:
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("sfllm_requests_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(sample + "{"))
 
 
 def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_replaced_one_by_one(
@@ -117,6 +117,7 @@ def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_r
             reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
             assert reply.status_code == 200
         assert _requests_answered(server.url) == 6, "every scrape sums both frontends' counters"
+        assert _requests_answered(server.url, "vllm:e2e_request_latency_seconds_count") == 6, "and under vLLM's names"
 
         os.kill(first[0], signal.SIGKILL)
         reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)

@@ -41,15 +41,15 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     app = FastAPI(title="sfllm", description="OpenAI-compatible LLM server")
     install_error_handlers(app)
     drain = drain or DrainState()
-    metrics = FrontendMetrics(engine, drain)
+    assert engine.hello is not None, "create_app needs a connected engine"
+    served_model_name = engine.hello.model_name
+    metrics = FrontendMetrics(engine, drain, served_model_name)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(RequestGateMiddleware, drain=drain, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    assert engine.hello is not None, "create_app needs a connected engine"
-    served_model_name = engine.hello.model_name
     created = int(time.time())
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)

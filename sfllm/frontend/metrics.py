@@ -1,4 +1,5 @@
-"""GET /metrics: the server in Prometheus text format, every name prefixed `sfllm_`.
+"""GET /metrics: the server in Prometheus text format, every name prefixed `sfllm_`, and vLLM's and SGLang's names
+for those their dashboards and gateways read (other_engine_metrics.py).
 
 Two owners. The frontend times the HTTP requests it serves: counts by status and
 priority, time to first token, time per output token, end-to-end latency; those start
@@ -32,6 +33,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfllm.frontend.engine_client import EngineClient
+from sfllm.frontend.other_engine_metrics import other_engine_families
 from sfllm.frontend.refusal_log import RefusalLog
 from sfllm.frontend.request_gate import DrainState
 from sfllm.messages import QUEUE_TIME_BUCKETS_S
@@ -65,7 +67,7 @@ def request_outcome(request: Request) -> RequestOutcome:
 
 
 class FrontendMetrics:
-    def __init__(self, engine: EngineClient, drain: DrainState) -> None:
+    def __init__(self, engine: EngineClient, drain: DrainState, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "sfllm_requests", "Generation requests answered, by HTTP status and priority class; a stream that "
@@ -85,9 +87,16 @@ class FrontendMetrics:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=multiprocess_dir)
         self.exposed.register(EngineStatsCollector(engine, drain))
+        self.model_name = model_name
 
     def render(self) -> bytes:
-        return generate_latest(self.exposed)
+        return generate_latest(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Iterator[Metric]:
+        """sfllm's metrics, then those other engines name under their names (other_engine_metrics.py)."""
+        families = list(self.exposed.collect())
+        yield from families
+        yield from other_engine_families(families, self.model_name)
 
     def first_token(self, arrival_time: float) -> float:
         now = time.time()
