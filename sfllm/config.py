@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -76,6 +77,13 @@ class ServerConfig:
                 "(default: as the template asks; vLLM's flag)"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
+    generation_config: str = field(default="auto", metadata={
+        "help": "auto: the sampling values a request leaves out (temperature, top_p, top_k, min_p, "
+                "repetition_penalty, max_tokens) from the model's generation_config.json, as vLLM; vllm: sfllm's "
+                "own (OpenAI's); or a folder holding a generation_config.json"})
+    override_generation_config: dict | None = field(default=None, metadata={
+        "help": "JSON object of values over those, by generation_config.json's keys (vLLM's flag), e.g. "
+                "'{\"temperature\": 0.5}'"})
 
     max_context_length: int | None = field(default=None, metadata={"help": "longest prompt + output"})
     max_running_tokens: int = field(default=8192, metadata={"help": "token budget of one step"})
@@ -183,6 +191,20 @@ class ServerConfig:
                 chat_template_source(self.chat_template)
             except ValueError as error:
                 raise ConfigError(f"chat_template: {error}") from None
+        from sfllm.model_source.generation_defaults import (GenerationConfigError, check_generation_config_setting,
+                                                           check_overrides)
+        try:
+            check_generation_config_setting(self.generation_config)
+        except GenerationConfigError as error:
+            raise ConfigError(f"generation_config {error}") from None
+        if self.override_generation_config is not None:
+            if not isinstance(self.override_generation_config, dict):
+                raise ConfigError(f"override_generation_config must be a JSON object; got "
+                                  f"{self.override_generation_config!r}")
+            try:
+                check_overrides(self.override_generation_config)
+            except GenerationConfigError as error:
+                raise ConfigError(f"override_generation_config: {error}") from None
         if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
@@ -306,6 +328,8 @@ class EngineConfig:
     cache_dir: str
     served_model_name: str | None
     chat_template: str | None  # in place of the model's, in the tokenizer frontends get
+    generation_config: str  # where the sampling values a request leaves out come from
+    override_generation_config: dict | None
     log_level: str
     profile_dir: str | None
     scheduler: SchedulerConfig
@@ -380,6 +404,13 @@ def _typed(key: str, raw: Any) -> Any:
                 raise ConfigError(f"{key} must be {kind.__name__}; got {raw!r}") from None
     if annotation.startswith("str"):
         return str(raw)
+    if annotation.startswith("dict") and isinstance(raw, str):  # a flag's or the environment's JSON
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{key} must be a JSON object; got {raw!r} ({error})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key} must be a JSON object; got {raw!r}")
     return raw
 
 

@@ -27,6 +27,7 @@ from sfllm.gc_pauses import full_collections_deferred
 from sfllm.messages import GenerateRequest
 from sfllm.model_source import resolve_model
 from sfllm.model_source.chat_template_override import with_chat_template
+from sfllm.model_source.generation_defaults import sampling_defaults
 from sfllm.model_source.resolve import resolve_cache_dir
 from sfllm.model_source.tokenizer_spec import tokenizer_spec, transformers_tokenizer
 from sfllm.offline_outputs import CompletionOutput, GenerationResult
@@ -90,6 +91,8 @@ class LLM:
         self.source = resolve_model(self.config.model, self.config.load_format, self.config.cache_dir)
         model_spec = tokenizer_spec(self.source, resolve_cache_dir(self.config.cache_dir))
         self._tokenizer_spec = with_chat_template(model_spec, self.config.chat_template)
+        self.sampling_defaults = sampling_defaults(self.config.generation_config, self.source.config_folder,
+                                                   self.config.override_generation_config)
         self.tokenizer = Tokenizer(self._tokenizer_spec)
         self.engine = EngineCore(self.config.scheduler(), InProcessWorker(self.config.worker(), self.source),
                                  self._tokenizer_spec)
@@ -107,6 +110,11 @@ class LLM:
             self._hf_tokenizer = transformers_tokenizer(self._tokenizer_spec, self.source.config.eos_token_ids,
                                                         self.config.model, self.max_context_length)
         return self._hf_tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what `generate` and `chat` sample with when given no SamplingParams: sfllm's defaults, with the
+        values the model's generation_config.json recommends (the `generation_config` setting)."""
+        return SamplingParams(**self.sampling_defaults.given())
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -154,7 +162,7 @@ class LLM:
                   sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
                   use_tqdm: bool) -> list[GenerationResult]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if not isinstance(priority, str):
             raise ValueError(f"priority is one of high, normal, background, for every prompt of the call; got "
                              f"{priority!r} (vLLM's integer per prompt is not sfllm's)")

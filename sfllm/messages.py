@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 17
+PROTOCOL_VERSION = 18
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -83,6 +83,20 @@ class TokenizerSpec(msgspec.Struct):
     vocab_size: int
 
 
+class SamplingDefaults(msgspec.Struct, frozen=True):
+    """Values for the sampling fields a request leaves out, as the model's generation_config.json recommends them
+    (vLLM's --generation-config auto; sfllm/model_source/generation_defaults.py); None: sfllm's own, OpenAI's."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None  # the budget of a request that names none (generation_config's max_new_tokens)
+
+    def given(self) -> dict[str, float | int]:
+        return {name: value for name in self.__struct_fields__ if (value := getattr(self, name)) is not None}
+
+
 class EngineHello(Message):
     protocol_version: int
     model_name: str
@@ -91,6 +105,7 @@ class EngineHello(Message):
     num_kv_blocks: int
     block_size: int
     tokenizer: TokenizerSpec
+    sampling_defaults: SamplingDefaults
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

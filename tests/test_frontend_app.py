@@ -16,7 +16,7 @@ from sfllm.frontend.app import create_app
 from sfllm.frontend.engine_client import EngineRequestError, EngineUnavailableError
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import (PROTOCOL_VERSION, EngineHello, EngineStats, GenerateRequest, RequestOutput,
-                            SampledLogprobs, TokenizerSpec, TokenLogprob)
+                            SampledLogprobs, SamplingDefaults, TokenizerSpec, TokenLogprob)
 from sfllm.sampling_params import StructuredOutput
 
 MODEL = "smollm2-135m-instruct"
@@ -33,10 +33,11 @@ class ScriptedEngine:
     address = "scripted://engine"
 
     def __init__(self, tokenizer: Tokenizer, max_context_length: int = 128, delay_s: float = 0.0,
-                 error: EngineRequestError | EngineUnavailableError | None = None, script: str = SCRIPT) -> None:
+                 error: EngineRequestError | EngineUnavailableError | None = None, script: str = SCRIPT,
+                 sampling_defaults: SamplingDefaults = SamplingDefaults()) -> None:
         self.hello = EngineHello(protocol_version=PROTOCOL_VERSION, model_name=MODEL,
                                  max_context_length=max_context_length, eos_token_ids=[2], num_kv_blocks=8,
-                                 block_size=16, tokenizer=UNREAD_TOKENIZER_SPEC)
+                                 block_size=16, tokenizer=UNREAD_TOKENIZER_SPEC, sampling_defaults=sampling_defaults)
         self.connected = True
         self.healthy = True
         self.stats = EngineStats(running={"normal": 1}, waiting={}, num_kv_blocks=8, num_free_kv_blocks=5,

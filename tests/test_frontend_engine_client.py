@@ -17,7 +17,7 @@ from sfllm.frontend.engine_client import (EngineClient, EngineProtocolError, Eng
                                           EngineUnavailableError, _merge)
 from sfllm.messages import (PROTOCOL_VERSION, AbortRequest, ClientGoodbye, ClientHello, EngineHello, EngineStats,
                             GenerateRequest, Heartbeat, MessageCodec, OutputBatch, RequestOutput, SampledLogprobs,
-                            TokenizerSpec, TokenLogprob)
+                            SamplingDefaults, TokenizerSpec, TokenLogprob)
 from sfllm.sampling_params import SamplingParams
 
 FAST = {"heartbeat_interval_s": 0.05, "stats_fresh_s": 0.3, "engine_timeout_s": 0.5}
@@ -52,7 +52,8 @@ class ScriptedRouter:
                 await self._send(identity, EngineHello(
                     protocol_version=self.protocol_version, model_name="m", max_context_length=64,
                     eos_token_ids=[2], num_kv_blocks=4, block_size=16,
-                    tokenizer=TokenizerSpec(tokenizer_json="{}", chat_template=None, special_tokens={}, vocab_size=8)))
+                    tokenizer=TokenizerSpec(tokenizer_json="{}", chat_template=None, special_tokens={}, vocab_size=8),
+                    sampling_defaults=SamplingDefaults()))
             elif isinstance(message, Heartbeat):
                 await self._send(identity, EngineStats(
                     running={}, waiting={}, num_kv_blocks=4, num_free_kv_blocks=4, num_cached_kv_blocks=0,

@@ -134,7 +134,7 @@ def test_an_operators_chat_template_replaces_the_models(smollm_tokenizer_spec: T
     """vLLM's --chat-template: a file's path or the template itself, in the tokenizer the engine hands frontends
     (and LLM uses); one that cannot serve is an error before anything starts."""
     from sfllm.config import load_config
-    from sfllm.engine.engine_process import _tokenizer_for_frontends
+    from sfllm.engine.engine_process import _model_for_frontends
     from sfllm.model_source.chat_template_override import with_chat_template
     template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -144,7 +144,7 @@ def test_an_operators_chat_template_replaces_the_models(smollm_tokenizer_spec: T
         spec = with_chat_template(smollm_tokenizer_spec, given)
         assert Tokenizer(spec).chat_template.render([{"role": "user", "content": "hi"}]) == "<user>hi<assistant>"
     assert with_chat_template(smollm_tokenizer_spec, None) is smollm_tokenizer_spec
-    engine_spec, grammars = _tokenizer_for_frontends(load_config(environ={}, chat_template=str(path)).engine())
+    engine_spec, _, grammars = _model_for_frontends(load_config(environ={}, chat_template=str(path)).engine())
     grammars.result()
     assert engine_spec.chat_template == template and engine_spec.tokenizer_json == smollm_tokenizer_spec.tokenizer_json
     with pytest.raises(ValueError, match="the chat template given inline cannot serve: the chat template does not "

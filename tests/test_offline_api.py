@@ -242,18 +242,25 @@ def test_get_tokenizer_is_transformers_and_agrees_with_the_engine(smollm_llm) ->
         chat.outputs[0].token_ids
 
 
-def test_an_operators_chat_template_renders_llm_chat(tmp_path) -> None:
-    """LLM(chat_template=...) as vLLM's --chat-template: LLM.chat and get_tokenizer() render with it."""
+def test_an_operators_chat_template_and_generation_config_reach_llm(tmp_path) -> None:
+    """LLM(chat_template=...) as vLLM's --chat-template: LLM.chat and get_tokenizer() render with it.
+    LLM(generation_config=folder): generate without SamplingParams samples with its values, as vLLM's does."""
     from sfllm import LLM
     path = tmp_path / "plain.jinja"
     path.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                     "{% if add_generation_prompt %}<assistant>{% endif %}")
-    llm = LLM(dtype="float32", device="cpu", chat_template=str(path))
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.0, "top_k": 5, "max_new_tokens": 3}')
+    llm = LLM(dtype="float32", device="cpu", chat_template=str(path), generation_config=str(tmp_path))
     messages = [{"role": "user", "content": "hi"}]
     result = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=2))[0]
     assert result.prompt == "<user>hi<assistant>" and result.prompt_token_ids == llm.tokenizer.encode(result.prompt)
     assert llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         result.prompt
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens, defaults.top_p) == (0.0, 5, 3, 1.0)
+    assert len(llm.generate(PROMPT)[0].outputs[0].token_ids) == 3
+    assert len(llm.chat(messages)[0].outputs[0].token_ids) == 3
+    assert len(llm.generate(PROMPT, SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4, "given params stand"
 
 
 def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:

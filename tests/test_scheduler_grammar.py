@@ -316,9 +316,9 @@ def test_the_grammar_tokenizer_built_while_the_worker_loads_is_the_one_the_engin
     """The engine process builds the grammar engine's tokenizer in a thread while the worker loads (0.3 s it
     waited for after the worker was ready), for the model config's vocabulary and end tokens: the default
     model's worker reports the same, so the engine core takes it; a worker reporting others gets its own."""
-    from sfllm.engine.engine_process import _tokenizer_for_frontends
+    from sfllm.engine.engine_process import _model_for_frontends
     config = ServerConfig(port=8099, run_dir=str(tmp_path)).engine()
-    spec, building = _tokenizer_for_frontends(config)
+    spec, _, building = _model_for_frontends(config)
     prebuilt = building.result(timeout=60)
     info = smollm_llm.engine.worker.info  # a real worker's report on the default model
     assert prebuilt.built_for(info.vocab_size, info.eos_token_ids)

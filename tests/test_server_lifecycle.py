@@ -109,15 +109,19 @@ def _requests_answered(url: str, sample: str = "sfllm_requests_total") -> float:
 
 def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_replaced_one_by_one(
         tmp_path: Path) -> None:
-    server = LaunchedServer(tmp_path, "--frontend-processes", "2")
+    server = LaunchedServer(tmp_path, "--frontend-processes", "2", "--override-generation-config",
+                            '{"max_new_tokens": 3}')
     try:
         _wait_for(lambda: len(_frontend_pids(server.url)) == 2, 120, "both frontends to answer")
+        # the engine's sampling defaults reach the frontends it started (vLLM's flag: a request's default budget)
+        unbounded = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "ignore_eos": True}, timeout=120)
+        assert unbounded.json()["usage"]["completion_tokens"] == 3
         first = sorted(_frontend_pids(server.url))
         for _ in range(6):  # each on a new connection: the kernel spreads them over both frontends
             reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
             assert reply.status_code == 200
-        assert _requests_answered(server.url) == 6, "every scrape sums both frontends' counters"
-        assert _requests_answered(server.url, "vllm:e2e_request_latency_seconds_count") == 6, "and under vLLM's names"
+        assert _requests_answered(server.url) == 7, "every scrape sums both frontends' counters"
+        assert _requests_answered(server.url, "vllm:e2e_request_latency_seconds_count") == 7, "and under vLLM's names"
 
         os.kill(first[0], signal.SIGKILL)
         reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
@@ -125,7 +129,7 @@ def test_frontend_processes_share_the_port_sum_their_metrics_are_restarted_and_r
         _wait_for(lambda: len(_frontend_pids(server.url) - {first[1]}) == 1, 120, "a replacement frontend")
         replacement = _frontend_pids(server.url) - {first[1]}
         assert replacement and first[0] not in replacement
-        assert _requests_answered(server.url) == 7, "the killed frontend's counts survive it"
+        assert _requests_answered(server.url) == 8, "the killed frontend's counts survive it"
 
         before = _frontend_pids(server.url)
         server.process.send_signal(signal.SIGHUP)

@@ -30,7 +30,7 @@ from sfllm.loop_time import LoopTime
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientGoodbye, ClientHello,
                             EngineHello, EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
-                            StopProfile, TokenizerSpec)
+                            SamplingDefaults, StopProfile, TokenizerSpec)
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.scheduler.request import Request
 
@@ -98,7 +98,7 @@ def client_name(identity: bytes) -> str:
 
 class EngineServer:
     def __init__(self, config: EngineConfig, core: EngineCore, worker: RemoteWorker, frontend_sock: zmq.Socket,
-                 tokenizer: TokenizerSpec) -> None:
+                 tokenizer: TokenizerSpec, sampling_defaults: SamplingDefaults) -> None:
         self.config = config
         self.core = core
         self.worker = worker
@@ -109,7 +109,7 @@ class EngineServer:
         self.hello = self.codec.encode(EngineHello(
             protocol_version=PROTOCOL_VERSION, model_name=config.model_name, max_context_length=info.max_context_length,
             eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
-            tokenizer=tokenizer))
+            tokenizer=tokenizer, sampling_defaults=sampling_defaults))
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.greeted: set[bytes] = set()  # frontends whose hello was logged
@@ -269,26 +269,29 @@ def _start_worker_process(config_path: Path, address: str) -> subprocess.Popen:
                              "--worker-address", address], env=worker_environment(), preexec_fn=die_with_parent)
 
 
-def _tokenizer_for_frontends(config: EngineConfig) -> tuple[TokenizerSpec, Future[GrammarMatchers]]:
-    """Made while the worker loads the model: frontends get the tokenizer from the engine, so they need no
-    transformers (nor the model's files). With it, the grammar engine's tokenizer starts to build in a thread
-    (0.3-0.4 s on the CI machine, which the engine's start waited for once the worker was ready), for the
-    vocabulary and end tokens of the model's config, which the worker reports (EngineCore builds its own if not)."""
+def _model_for_frontends(config: EngineConfig) -> tuple[TokenizerSpec, SamplingDefaults, Future[GrammarMatchers]]:
+    """Made while the worker loads the model: frontends get the tokenizer and the model's sampling defaults from
+    the engine, so they need no transformers (nor the model's files). With it, the grammar engine's tokenizer
+    starts to build in a thread (0.3-0.4 s on the CI machine, which the engine's start waited for once the worker
+    was ready), for the vocabulary and end tokens of the model's config, which the worker reports (EngineCore
+    builds its own if not)."""
     # imported only now, the worker started: where no kept spec serves, transformers takes seconds to import
     from sfllm.model_source import resolve_model
     from sfllm.model_source.chat_template_override import with_chat_template
+    from sfllm.model_source.generation_defaults import sampling_defaults
     from sfllm.model_source.resolve import resolve_cache_dir
     from sfllm.model_source.tokenizer_spec import tokenizer_spec
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         spec = with_chat_template(tokenizer_spec(source, resolve_cache_dir(config.cache_dir)), config.chat_template)
+        defaults = sampling_defaults(config.generation_config, source.config_folder, config.override_generation_config)
     except (OSError, ValueError) as error:  # the model is absent, its files are wrong, or the chat template given
         raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
     builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-tokenizer")
     grammars = builder.submit(GrammarMatchers, spec.tokenizer_json, source.config.vocab_size,
                               list(source.config.eos_token_ids))
     builder.shutdown(wait=False)
-    return spec, grammars
+    return spec, defaults, grammars
 
 
 def run_engine(config: EngineConfig) -> int:
@@ -322,13 +325,13 @@ def run_engine(config: EngineConfig) -> int:
         signal.signal(signal.SIGINT, stop)
     code = 0
     try:
-        tokenizer, grammars = _tokenizer_for_frontends(config)
+        tokenizer, defaults, grammars = _model_for_frontends(config)
         worker = RemoteWorker(worker_sock, process)
         logger.info("worker ready (pid %d): %d KV blocks of %d tokens, context %d", worker.info.pid,
                     worker.info.num_kv_blocks, worker.info.block_size, worker.info.max_context_length)
         core = EngineCore(config.scheduler, worker, tokenizer, grammars=grammars.result())
         frontend_sock.bind(address)
-        server = EngineServer(config, core, worker, frontend_sock, tokenizer)
+        server = EngineServer(config, core, worker, frontend_sock, tokenizer, defaults)
         if stopping["flag"]:
             server.stopping = True
         logger.info("engine listening on %s", address)

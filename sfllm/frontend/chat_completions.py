@@ -24,8 +24,8 @@ from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCo
                                              ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
 from sfllm.frontend.reasoning_parser import ReasoningParser, thought_before_grammar
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
-                                           check_unicode_within, engine_context_length, resolve_max_tokens,
-                                           resolve_priority)
+                                           check_unicode_within, connected_hello, default_budget,
+                                           resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
 from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
@@ -87,14 +87,17 @@ class ChatCompletionEndpoint:
         check_unicode(body.stop_strings(), "stop")
         check_unicode(body.bad_words or [], "bad_words")
         prompt = await chat_prompt(self.tokenizer, body, tools)
-        max_context_length = engine_context_length(self.engine)
+        hello = connected_hello(self.engine)
+        max_context_length = hello.max_context_length
         prompt = body.truncated(prompt, max_context_length)
         self.limits.check_prompt_length(len(prompt), "messages")
-        max_tokens = resolve_max_tokens(body.requested_max_tokens(), None, len(prompt), max_context_length,
-                                        "messages", self.limits.max_output_tokens, body.max_tokens_field())
+        defaults = hello.sampling_defaults
+        max_tokens = resolve_max_tokens(body.requested_max_tokens(), default_budget(None, defaults), len(prompt),
+                                        max_context_length, "messages", self.limits.max_output_tokens,
+                                        body.max_tokens_field())
         tool_grammar = tools.structured_output()
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size, tool_grammar,
-                                      encode=self.tokenizer.encode_text)
+                                      encode=self.tokenizer.encode_text, defaults=defaults)
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")

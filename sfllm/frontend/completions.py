@@ -23,7 +23,8 @@ from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outc
 from sfllm.frontend.openai_protocol import CompletionRequest
 from sfllm.frontend.openai_responses import CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprobs
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
-                                           engine_context_length, resolve_max_tokens, resolve_priority)
+                                           connected_hello, default_budget, resolve_max_tokens,
+                                           resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
 # OpenAI's default for /v1/completions.
@@ -157,7 +158,8 @@ class CompletionEndpoint:
         check_unicode(body.stop_strings(), "stop")
         check_unicode(body.bad_words or [], "bad_words")
         prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
-        max_context_length = engine_context_length(self.engine)
+        hello = connected_hello(self.engine)
+        max_context_length = hello.max_context_length
         if body.truncate_prompt_tokens is not None:
             cut = [body.truncated(prompt, max_context_length) for prompt in prompts]
             # an echo shows what the model read
@@ -169,11 +171,13 @@ class CompletionEndpoint:
         # token, as it cannot run a prompt without, and the answer leaves it out
         echo_only = bool(body.echo) and body.requested_max_tokens() == 0
         requested_max_tokens = 1 if echo_only else body.requested_max_tokens()
-        params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, default_max_tokens,
-                                                          len(prompt), max_context_length, "prompt",
-                                                          self.limits.max_output_tokens, body.max_tokens_field()),
-                                       body.logprobs,
-                                       self.tokenizer.vocab_size, encode=self.tokenizer.encode_text)
+        defaults = hello.sampling_defaults
+        budget = default_budget(default_max_tokens, defaults)
+        params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, budget, len(prompt), max_context_length,
+                                                          "prompt", self.limits.max_output_tokens,
+                                                          body.max_tokens_field()),
+                                       body.logprobs, self.tokenizer.vocab_size, encode=self.tokenizer.encode_text,
+                                       defaults=defaults)
                   for prompt in prompts]
         request_id = f"{id_prefix}{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time, body.constraint_field())

@@ -15,11 +15,12 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from sfllm.frontend.other_server_constraints import other_server_constraints
 from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolChoice
-from sfllm.messages import Priority
+from sfllm.messages import Priority, SamplingDefaults
 from sfllm.sampling_params import InvalidSamplingParams, SamplingParams, StructuredOutput
 from sfllm.structured_output import InvalidGrammar
 
 MAX_LOGPROBS = 20
+NO_DEFAULTS = SamplingDefaults()  # sfllm's own for every field a request leaves out
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
 MAX_TOKEN_INT = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
@@ -191,23 +192,26 @@ class GenerationRequest(RequestBody):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int | None = None,
                         structured_output: StructuredOutput | None = None,
-                        encode: Callable[[str], list[int]] | None = None) -> SamplingParams:
+                        encode: Callable[[str], list[int]] | None = None,
+                        defaults: SamplingDefaults = NO_DEFAULTS) -> SamplingParams:
         """The engine's settings for one sample; raises InvalidSamplingParams naming the bad field.
         `structured_output`, where given, replaces the response format's (a forced tool call's grammar);
-        `encode` (text -> ids, no special tokens) tokenizes the bad words."""
+        `encode` (text -> ids, no special tokens) tokenizes the bad words; `defaults` fill the sampling fields
+        left out (the model's generation config), before sfllm's own."""
         self.check_stream_options()
         stop = self.stop_strings()
         requested = self.requested_structured_output() if structured_output is None else None
+        top_k = _or(self.top_k, defaults.top_k)
         params = SamplingParams(
             max_tokens=max_tokens,
             min_tokens=_or(self.min_tokens, _or(self.min_new_tokens, 0)),
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=-1 if self.top_k in (None, 0) else self.top_k,  # 0 means off to many clients
-            min_p=_or(self.min_p, 0.0),
+            temperature=_or(self.temperature, _or(defaults.temperature, 1.0)),
+            top_p=_or(self.top_p, _or(defaults.top_p, 1.0)),
+            top_k=-1 if top_k in (None, 0) else top_k,  # 0 means off to many clients
+            min_p=_or(self.min_p, _or(defaults.min_p, 0.0)),
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            repetition_penalty=_or(self.repetition_penalty, _or(defaults.repetition_penalty, 1.0)),
             seed=self.seed,
             n=_or(self.n, 1),
             stop=stop,

@@ -9,7 +9,7 @@ from sfllm.config import FrontendConfig
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestError, ModelNotFoundError,
                                    ServiceUnavailableError)
-from sfllm.messages import PRIORITIES
+from sfllm.messages import PRIORITIES, EngineHello, SamplingDefaults
 from sfllm.sampling_params import token_outside_vocabulary
 
 
@@ -33,10 +33,18 @@ def resolve_priority(body_priority: str | None, header_priority: str | None) -> 
     return priority
 
 
-def engine_context_length(engine: EngineClient) -> int:
+def connected_hello(engine: EngineClient) -> EngineHello:
+    """What the connected engine said of its model; a 503 while none is connected."""
     if engine.hello is None or not engine.connected:
         raise ServiceUnavailableError(f"the engine at {engine.address} is not connected")
-    return engine.hello.max_context_length
+    return engine.hello
+
+
+def default_budget(endpoint_default: int | None, defaults: SamplingDefaults) -> int | None:
+    """A request's max_tokens where it names none: the endpoint's (None: the room the context leaves), or the
+    model's generation config's max_new_tokens where smaller, as vLLM takes the smaller."""
+    given = [budget for budget in (endpoint_default, defaults.max_tokens) if budget is not None]
+    return min(given) if given else None
 
 
 def check_unicode(texts: Iterable[str], param: str) -> None:

@@ -37,6 +37,7 @@ class ModelSource:
     config: ModelConfig
     load_format: str  # "safetensors" | "dummy"
     tokenizer_folder: Path
+    config_folder: Path | None = None  # config.json and generation_config.json; None for a preset
 
 
 def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAULT_CACHE_DIR) -> ModelSource:
@@ -86,8 +87,8 @@ def resolve_model(model: str, load_format: str = "auto", cache_dir: str = DEFAUL
 
     config = ModelConfig.from_folder(folder)
     if load_format == "dummy":
-        return ModelSource(model, None, config, "dummy", folder)
-    return ModelSource(model, folder, config, "safetensors", folder)
+        return ModelSource(model, None, config, "dummy", folder, folder)
+    return ModelSource(model, folder, config, "safetensors", folder, folder)
 
 
 # The performance guide's model names, run with --load-format dummy as the preset of the same shapes
