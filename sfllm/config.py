@@ -56,6 +56,15 @@ class ServerConfig:
     host: str = field(default="0.0.0.0", metadata={"help": "HTTP bind address"})
     port: int = field(default=8081, metadata={"help": "HTTP port"})
     api_key: str | None = field(default=None, metadata={"help": "require this Bearer token"})
+    # browsers may call the API from any page, as vLLM's and SGLang's defaults let them (no cookies are sent)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"], metadata={
+        "help": "origins a browser may call the API from (CORS): a JSON list or comma-separated (default: any)"})
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"], metadata={
+        "help": "HTTP methods such calls may use (CORS; default: any)"})
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"], metadata={
+        "help": "request headers such calls may send (CORS; default: any)"})
+    allow_credentials: bool = field(default=False, metadata={
+        "help": "let such calls send cookies and HTTP authentication (CORS; not with any origin)"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
     run_dir: str | None = field(default=None, metadata={"help": "folder of the IPC sockets"})
@@ -205,6 +214,9 @@ class ServerConfig:
                 check_overrides(self.override_generation_config)
             except GenerationConfigError as error:
                 raise ConfigError(f"override_generation_config: {error}") from None
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ConfigError("allow_credentials needs allowed_origins to name the origins: browsers refuse "
+                              "credentials for any origin")
         if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
@@ -249,6 +261,10 @@ class FrontendConfig:
     host: str
     port: int
     api_key: str | None
+    allowed_origins: list[str]
+    allowed_methods: list[str]
+    allowed_headers: list[str]
+    allow_credentials: bool
     log_level: str
     access_log: bool
     drain_timeout_s: float
@@ -404,6 +420,17 @@ def _typed(key: str, raw: Any) -> Any:
                 raise ConfigError(f"{key} must be {kind.__name__}; got {raw!r}") from None
     if annotation.startswith("str"):
         return str(raw)
+    if annotation.startswith("list") and isinstance(raw, str):  # a flag's or the environment's: JSON, or a, b
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{key} must be a JSON list or comma-separated; got {raw!r} ({error})") from None
+        else:
+            raw = [item.strip() for item in text.split(",") if item.strip()]
+    if annotation.startswith("list") and not (isinstance(raw, list) and all(isinstance(item, str) for item in raw)):
+        raise ConfigError(f"{key} must be a list of strings; got {raw!r}")
     if annotation.startswith("dict") and isinstance(raw, str):  # a flag's or the environment's JSON
         try:
             raw = json.loads(raw)

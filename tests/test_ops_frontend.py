@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
-from sfllm.config import ServerConfig
+from sfllm.config import ConfigError, ServerConfig
 from sfllm.engine.engine_process import FRONTEND_MESSAGES_PER_READ, EngineCounters, EngineServer
 from sfllm.frontend.app import create_app
 from sfllm.frontend.refusal_log import RefusalLog
@@ -277,6 +277,36 @@ def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(
         assert client.get("/v1/models", headers={"Authorization": scheme}).status_code == 200, scheme
     for wrong in ("Basic sekret", "Bearersekret", "sekret", "Bearer sekret2", "Bearer Sekret"):
         assert client.get("/v1/models", headers={"Authorization": wrong}).status_code == 401, wrong
+
+
+def test_browsers_may_call_the_api_from_any_page_by_default_or_from_the_origins_named(tokenizer: Tokenizer) -> None:
+    """CORS, as vLLM's and SGLang's defaults: a page's preflight needs no key, and refusals carry the headers."""
+    page = {"Origin": "https://chat.example"}
+    preflight = page | {"Access-Control-Request-Method": "POST",
+                        "Access-Control-Request-Headers": "authorization, content-type"}
+    client = Client(create_app(ServerConfig(api_key="sekret").frontend(), ScriptedEngine(tokenizer),
+                               tokenizer))  # type: ignore[arg-type]
+    answer = client.request("OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+    assert "POST" in answer.headers["access-control-allow-methods"]
+    assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+    refused = client.post("/v1/completions", {"prompt": "x"}, headers=page)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*", "the page reads why"
+    served = client.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
+                         headers=page | {"Authorization": "Bearer sekret"})
+    assert served.status_code == 200 and served.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in served.headers
+
+    named = ServerConfig(allowed_origins=["https://chat.example"], allow_credentials=True).frontend()
+    client = Client(create_app(named, ScriptedEngine(tokenizer), tokenizer))  # type: ignore[arg-type]
+    answer = client.request("OPTIONS", "/v1/models", headers=preflight)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://chat.example"
+    assert answer.headers["access-control-allow-credentials"] == "true"
+    other = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    assert client.request("OPTIONS", "/v1/models", headers=other).status_code == 400
+    assert "access-control-allow-origin" not in client.get("/v1/models", headers=other).headers
+    with pytest.raises(ConfigError, match="allow_credentials needs allowed_origins"):
+        ServerConfig(allow_credentials=True)
 
 
 def call_asgi(app: Any, body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:

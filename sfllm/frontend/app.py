@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 import sfllm
 from sfllm.config import FrontendConfig
@@ -50,6 +51,9 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # outermost: a browser's preflight needs no key, and refusals (401, 413, 503) carry the headers it reads
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     created = int(time.time())
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
