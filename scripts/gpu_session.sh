@@ -336,6 +336,7 @@ PY
       case $tag in
         none) args="" ;; schema) args="--structured-output json_schema" ;;
         t1) args="--temperature 1" ;; topp) args="--temperature 1 --top-p 0.9" ;;
+        qwen3) args="--temperature 0.6 --top-k 20 --top-p 0.95" ;;  # Qwen3's generation_config.json
       esac
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m sfllm bench offline --model qwen3-0.6b \
         --num-requests 64 --input-len 512 --output-len 512 $args >"$OUT/redraw-$name-$tag.log" 2>&1)

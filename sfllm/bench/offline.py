@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sfllm's decoding: 0 greedy, above it sampled (the baseline stays greedy)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="below 1: nucleus sampling, drawn by the eager sampler from the step's logits")
+    parser.add_argument("--top-k", type=int, default=-1,
+                        help="above 0: top-k sampling, drawn by the eager sampler from the step's logits")
     parser.add_argument("--workload", choices=["random", "repeat"], default="random",
                         help="repeat: chat prompts asking to repeat a paragraph word for word (the model's own "
                              "tokenizer; output up to --output-len tokens, EOS ends it), where speculative "
@@ -206,8 +208,9 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     repeat = args.workload == "repeat"
     if repeat:
         specs = [RequestSpec(p, s.output_len, len(p)) for p, s in zip(repeat_prompts(llm, len(specs)), specs)]
-    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=s.output_len,
-                             ignore_eos=not repeat, detokenize=False, structured_output=structured_output)
+    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             max_tokens=s.output_len, ignore_eos=not repeat, detokenize=False,
+                             structured_output=structured_output)
               for s in specs]
     prompts = [list(s.prompt) for s in specs]
     warm_up = prompts[:4]

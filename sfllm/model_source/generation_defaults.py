@@ -48,7 +48,8 @@ def check_overrides(overrides: Mapping[str, object]) -> None:
     """Raises GenerationConfigError for a key vLLM does not read or a value a request could not give."""
     unknown = sorted(set(overrides) - set(GENERATION_CONFIG_KEYS))
     if unknown:
-        raise GenerationConfigError(f"unknown key {unknown[0]!r}; the keys read are {', '.join(GENERATION_CONFIG_KEYS)}")
+        raise GenerationConfigError(f"unknown key {unknown[0]!r}; the keys read are "
+                                    f"{', '.join(GENERATION_CONFIG_KEYS)}")
     for key, value in overrides.items():
         problem = _problem(key, value)
         if problem:

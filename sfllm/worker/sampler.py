@@ -15,6 +15,10 @@ from sfllm.sampling_params import SamplingParams
 from sfllm.worker.token_mask import apply_bitmask
 
 _MASK32 = 0xFFFFFFFF
+# A batch whose sampled rows all keep at most this many tokens (top_k) draws among torch.topk's columns instead of
+# sorting the whole vocabulary: on a GPU the sort of [B, V] logits and the mask, softmax, cumsum and scatter over all
+# of it are most of a top-k/p row's cost. Past this, topk is a sort anyway.
+TOP_K_BOUND_LIMIT = 1024
 
 
 @dataclass
@@ -47,6 +51,8 @@ class SamplingInputs:
     max_logprobs: int               # -1: nobody asked
     logit_bias: LogitBias | None = None
     token_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32: grammars' allowed tokens
+    # every sampled row's top_k is at most this (TOP_K_BOUND_LIMIT at most): they draw among that many top tokens
+    top_k_bound: int | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], vocab_size: int, device: torch.device,
@@ -77,6 +83,7 @@ class SamplingInputs:
         need_top_p = any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g)
         need_min_p = any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g)
         seeded = any(p.seed is not None for p in params)
+        bound = max((k for k, g in zip(top_ks, greedy) if not g), default=vocab_size) if need_top_k else vocab_size
         return cls(
             all_greedy=False,
             temperatures=tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
@@ -90,6 +97,7 @@ class SamplingInputs:
             max_logprobs=max(logprobs) if logprobs else -1,
             logit_bias=logit_bias,
             token_bitmask=token_bitmask,
+            top_k_bound=bound if bound <= TOP_K_BOUND_LIMIT and bound < vocab_size else None,
         )
 
 
@@ -225,7 +233,11 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
         logits = logits / temperatures[:, None]
-        if inputs.top_ks is not None:
+        token_ids = None  # the columns' tokens where a bounded top_k keeps the top ones only (sorted, descending)
+        if inputs.top_k_bound is not None:
+            logits, token_ids = logits.topk(inputs.top_k_bound, dim=-1)
+            logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)
+        elif inputs.top_ks is not None:
             logits = _top_k_top_p(logits, inputs.top_ks, inputs.top_ps)
         probs = torch.softmax(logits, dim=-1)
         if inputs.min_ps is not None:
@@ -234,10 +246,11 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
         if inputs.seeds is not None:
             seeded = inputs.seeds >= 0
-            noise = torch.where(seeded[:, None], _seeded_exponential(inputs.seeds, inputs.positions, probs.shape[1]),
-                                noise)
-        # exponential race: argmax(p / E) samples from p
-        return (probs / noise).argmax(dim=-1)
+            columns = token_ids if token_ids is not None else torch.arange(probs.shape[1], device=probs.device)[None]
+            noise = torch.where(seeded[:, None], _seeded_exponential(inputs.seeds, inputs.positions, columns), noise)
+        # exponential race: argmax(p / E) samples from p (a seeded row's noise is its tokens', whichever columns)
+        choice = (probs / noise).argmax(dim=-1, keepdim=True)
+        return (choice if token_ids is None else token_ids.gather(1, choice)).squeeze(1)
 
 
 def _apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
@@ -250,13 +263,17 @@ def _apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=logits.device)
+    return torch.empty_like(logits).scatter_(1, order, _top_k_top_p_sorted(sorted_logits, top_ks, top_ps))
+
+
+def _top_k_top_p_sorted(sorted_logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Logits sorted descending (a row's leading columns, or all of them) with those top-k and top-p drop at -inf."""
+    ranks = torch.arange(sorted_logits.shape[1], device=sorted_logits.device)
     masked = ranks[None, :] >= top_ks[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(masked, float("-inf")), dim=-1)
     # drop a token when the ones above it already reach top_p (the first is always kept)
     masked |= (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_ps[:, None]
-    sorted_logits = sorted_logits.masked_fill(masked, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return sorted_logits.masked_fill(masked, float("-inf"))
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -266,11 +283,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def _seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's noise for `token_ids` ([1, V] or [B, K]): a function of (seed, position, token id) alone."""
     seeds = seeds.clamp(min=0)
     row_key = _hash32((seeds & _MASK32) ^ _hash32((seeds >> 32) & _MASK32))
     row_key = _hash32(row_key ^ (positions & _MASK32))
-    token_ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _hash32(_hash32(row_key[:, None] ^ token_ids[None, :]) ^ row_key[:, None])
+    bits = _hash32(_hash32(row_key[:, None] ^ token_ids) ^ row_key[:, None])
     uniform = (bits.double() + 0.5) / 2.0**32
     return (-torch.log(uniform)).float()
