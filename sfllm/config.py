@@ -64,9 +64,11 @@ class ServerConfig:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"], metadata={
         "help": "request headers such calls may send (CORS; default: any)"})
     allow_credentials: bool = field(default=False, metadata={
-        "help": "let such calls send cookies and HTTP authentication (CORS; not with any origin)"})
+        "help": "let such calls send cookies and HTTP authentication (CORS; with any origin, every page may)"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    disable_log_stats: bool = field(default=False, metadata={
+        "help": "no engine loop and worker loop lines (where their time went) every 10 s while steps run"})
     run_dir: str | None = field(default=None, metadata={"help": "folder of the IPC sockets"})
     engine_address: str | None = field(default=None, metadata={"help": "engine socket (ipc:// or tcp://)"})
     frontend_processes: int | None = field(default=None, metadata={
@@ -214,9 +216,6 @@ class ServerConfig:
                 check_overrides(self.override_generation_config)
             except GenerationConfigError as error:
                 raise ConfigError(f"override_generation_config: {error}") from None
-        if self.allow_credentials and "*" in self.allowed_origins:
-            raise ConfigError("allow_credentials needs allowed_origins to name the origins: browsers refuse "
-                              "credentials for any origin")
         if self.engine_address is not None and not self.engine_address.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"engine_address must be ipc://<path> or tcp://<host>:<port>; got {self.engine_address!r}")
 
@@ -315,6 +314,7 @@ class WorkerConfig:
     tensor_parallel_size: int
     seed: int
     log_level: str
+    disable_log_stats: bool
     max_context_length: int | None
     max_running_tokens: int
     max_running_requests: int
@@ -344,6 +344,7 @@ class EngineConfig:
     cache_dir: str
     served_model_name: str | None
     chat_template: str | None  # in place of the model's, in the tokenizer frontends get
+    disable_log_stats: bool
     generation_config: str  # where the sampling values a request leaves out come from
     override_generation_config: dict | None
     log_level: str
@@ -539,6 +540,9 @@ def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] 
             if raw is not None:
                 flag = other_flags.get(name)
                 values[name] = _parse_value(name, raw, f"given as {flag}" if flag else "")
+                other = OTHER_NAMES.get(flag.lstrip("-").replace("-", "_")) if flag else None
+                if other is not None:  # its values in sfllm's words (SGLang's --sampling-defaults model)
+                    values[name] = other.value(values[name])
                 if flag:
                     given_as[name] = flag
                 else:

@@ -7,6 +7,7 @@ of a step.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -52,3 +53,8 @@ class LoopTime:
         # wait lapped after this report would count time before the interval and read over 100%.
         self._started = self._last
         return f"{steps} steps in {elapsed:.1f} s: " + ", ".join(parts)
+
+
+def loop_time(disable_log_stats: bool) -> LoopTime:
+    """A process loop's clock: reporting every LOG_INTERVAL_S, or never (the disable_log_stats setting)."""
+    return LoopTime(math.inf if disable_log_stats else LOG_INTERVAL_S)

@@ -16,9 +16,12 @@ class OtherName:
     setting: str  # sfllm's
     engine: str  # whose name it is
     negated: bool = False  # true for sfllm's setting is false for this one (vLLM's enable_prefix_caching)
+    values: tuple[tuple[str, str], ...] = ()  # the other engine's values -> sfllm's, where they differ
 
     def value(self, given: object) -> object:
-        return (not given) if self.negated and isinstance(given, bool) else given
+        if self.negated and isinstance(given, bool):
+            return not given
+        return dict(self.values).get(given, given) if isinstance(given, str) else given
 
 
 OTHER_NAMES = {
@@ -36,6 +39,7 @@ OTHER_NAMES = {
     "disable_radix_cache": OtherName("disable_prefix_cache", "SGLang"),
     "tp_size": OtherName("tensor_parallel_size", "SGLang"),
     "random_seed": OtherName("seed", "SGLang"),
+    "sampling_defaults": OtherName("generation_config", "SGLang", values=(("model", "auto"), ("openai", "sfllm"))),
 }
 
 # vLLM's one-dash flags, by sfllm's setting
@@ -46,4 +50,6 @@ NO_EFFECT = {
     "trust_remote_code": "sfllm runs its own code for every architecture it serves, never a model folder's",
     "enable_auto_tool_choice": "sfllm reads the model's tool calls whenever a request has tools "
                                "(--tool-call-parser picks their format)",
+    "enable_metrics": "sfllm always serves /metrics (SGLang's flag)",
+    "disable_log_requests": "sfllm logs no request's prompt or parameters (vLLM's flag)",
 }

@@ -56,6 +56,11 @@ def test_the_settings_as_flags_keys_and_environment_and_their_errors(tmp_path: P
     assert load_config(environ={}, override_generation_config={"min_p": 0.1}).override_generation_config == {
         "min_p": 0.1}
     assert load_config(environ={}).generation_config == "auto"
+    # SGLang's --sampling-defaults in sfllm's words; flags of theirs that change nothing here are accepted
+    sglang = load_config(_args("--sampling-defaults", "openai", "--enable-metrics", "--disable-log-requests"),
+                         environ={})
+    assert sglang.generation_config == "sfllm"
+    assert load_config(environ={}, sampling_defaults="model").generation_config == "auto"
     folder = folder_with(tmp_path, QWEN3)
     assert load_config(environ={}, generation_config=str(folder)).generation_config == str(folder)
     for given, message in [
@@ -65,7 +70,9 @@ def test_the_settings_as_flags_keys_and_environment_and_their_errors(tmp_path: P
             ({"override_generation_config": {"temperature": 3}}, r"temperature must be in \[0, 2\]"),
             ({"override_generation_config": {"max_new_tokens": 0}}, "max_tokens must be at least 1"),
             ({"generation_config": str(tmp_path / "nowhere")}, "generation_config must be auto, vllm"),
-            ({"generation_config": "model"}, "generation_config must be auto, vllm")]:
+            ({"generation_config": "model"}, "generation_config must be auto, vllm"),
+            ({"generation_config": str(folder_with(tmp_path, {"top_p": 2}, "named"))}, "top_p must be in"),
+            ({"sampling_defaults": "modle"}, r"generation_config must be .* \(given as sampling_defaults\)")]:
         with pytest.raises(ConfigError, match=message):
             load_config(environ={}, **given)
 
@@ -89,10 +96,13 @@ def test_a_request_takes_the_models_values_for_what_it_leaves_out(tokenizer: Tok
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     for path, body in [("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "Hi"}),
                        ("/generate", {"text": "Hi"}), ("/v1/responses", {"input": "Hi"})]:
-        assert post(engine, tokenizer, path, body).status_code == 200, path
+        answer = post(engine, tokenizer, path, body)
+        assert answer.status_code == 200, path
         params = engine.requests[-1].params
         assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
                 params.max_tokens) == (0.6, 0.95, 20, 0.01, 1.05, 5), path
+    echoed = answer.json()  # the Responses API echoes what ran, as vLLM does
+    assert (echoed["temperature"], echoed["top_p"], echoed["max_output_tokens"]) == (0.6, 0.95, 5)
     explicit = {"temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0, "repetition_penalty": 1, "max_tokens": 9}
     assert post(engine, tokenizer, "/v1/chat/completions", chat | explicit).status_code == 200
     params = engine.requests[-1].params

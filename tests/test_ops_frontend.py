@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_frontend_app import MODEL, ScriptedEngine
 
-from sfllm.config import ConfigError, ServerConfig
+from sfllm.config import ServerConfig
 from sfllm.engine.engine_process import FRONTEND_MESSAGES_PER_READ, EngineCounters, EngineServer
 from sfllm.frontend.app import create_app
 from sfllm.frontend.refusal_log import RefusalLog
@@ -180,6 +180,12 @@ def test_metrics_also_under_the_names_vllm_and_sglang_give_them(tokenizer: Token
         assert value(f"{name}_count") == 1
         assert value(f"{name}_sum") == metrics[("sfllm_e2e_request_latency_seconds_sum", ())]
     assert not [key for key in metrics if key[0].startswith(("vllm:", "sglang:")) and ("priority", "normal") in key[1]]
+    prompt_tokens = len(tokenizer.encode("x"))
+    assert value("vllm:request_prompt_tokens_count") == 2
+    assert value("vllm:request_prompt_tokens_sum") == 2 * prompt_tokens
+    assert value("vllm:request_generation_tokens_sum") == 6
+    assert value("vllm:request_generation_tokens_bucket", le="5.0") == 2
+    assert value("vllm:request_success_total", finished_reason="length") == 0, "every reason from 0"
 
 
 def test_engine_counters_total_tokens_finishes_and_queue_time() -> None:
@@ -279,7 +285,8 @@ def test_api_key_guards_all_but_the_probes_and_compares_in_constant_time(
         assert client.get("/v1/models", headers={"Authorization": wrong}).status_code == 401, wrong
 
 
-def test_browsers_may_call_the_api_from_any_page_by_default_or_from_the_origins_named(tokenizer: Tokenizer) -> None:
+def test_browsers_may_call_the_api_from_any_page_by_default_or_from_the_origins_named(
+        tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     """CORS, as vLLM's and SGLang's defaults: a page's preflight needs no key, and refusals carry the headers."""
     page = {"Origin": "https://chat.example"}
     preflight = page | {"Access-Control-Request-Method": "POST",
@@ -305,8 +312,12 @@ def test_browsers_may_call_the_api_from_any_page_by_default_or_from_the_origins_
     other = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
     assert client.request("OPTIONS", "/v1/models", headers=other).status_code == 400
     assert "access-control-allow-origin" not in client.get("/v1/models", headers=other).headers
-    with pytest.raises(ConfigError, match="allow_credentials needs allowed_origins"):
-        ServerConfig(allow_credentials=True)
+    with caplog.at_level(logging.WARNING, logger="sfllm.frontend.app"):  # vLLM's --allow-credentials alone
+        client = Client(create_app(ServerConfig(allow_credentials=True).frontend(), ScriptedEngine(tokenizer),
+                                   tokenizer))  # type: ignore[arg-type]
+    assert "allow_credentials with any origin" in caplog.text
+    answer = client.request("OPTIONS", "/v1/models", headers=other)
+    assert answer.headers["access-control-allow-origin"] == "https://elsewhere.example", "echoed, as vLLM's"
 
 
 def call_asgi(app: Any, body_chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:

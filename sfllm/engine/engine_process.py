@@ -26,7 +26,7 @@ from sfllm.engine.remote_worker import RemoteWorker, WorkerDied
 from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, die_with_parent, ipc_path, remove_stale_files, sigint_ignored,
                        worker_address, worker_environment)
-from sfllm.loop_time import LoopTime
+from sfllm.loop_time import loop_time
 from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest, ClientGoodbye, ClientHello,
                             EngineHello, EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
@@ -114,7 +114,7 @@ class EngineServer:
         self.last_seen: dict[bytes, float] = {}
         self.greeted: set[bytes] = set()  # frontends whose hello was logged
         self.counters = EngineCounters()
-        self.loop_time = core.loop_time = LoopTime()
+        self.loop_time = core.loop_time = loop_time(config.disable_log_stats)
         self.stopping = False
 
     def _send(self, identity: bytes, message: object) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: routes, authentication, error shapes."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -27,6 +28,8 @@ from sfllm.frontend.tokenize_endpoints import (DetokenizeRequest, DetokenizeResp
                                                TokenizeRequest, TokenizeResponse)
 from sfllm.frontend.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 def _json_or_stream(model: type) -> dict[int | str, dict[str, object]]:
     return {200: {"model": model, "description": "JSON; with `stream`, server-sent events of chunks "
@@ -44,13 +47,16 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     drain = drain or DrainState()
     assert engine.hello is not None, "create_app needs a connected engine"
     served_model_name = engine.hello.model_name
-    metrics = FrontendMetrics(engine, drain, served_model_name)
+    metrics = FrontendMetrics(engine, drain, served_model_name, engine.hello.max_context_length)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(RequestGateMiddleware, drain=drain, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if config.allow_credentials and "*" in config.allowed_origins:
+        logger.warning("allow_credentials with any origin: every page a user opens may call this API with their "
+                       "cookies (the page's origin is echoed back); --allowed-origins names the ones to trust")
     # outermost: a browser's preflight needs no key, and refusals (401, 413, 503) carry the headers it reads
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
                        allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)

@@ -30,6 +30,7 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
 from sfllm.frontend.tool_protocol import ChatToolCall, FunctionCall, FunctionCallDelta, ToolCallChunk
 from sfllm.frontend.tools import ChatTools
+from sfllm.sampling_params import SamplingParams
 
 # The prompt's end that tells whether its template opened a think block for the answer
 PROMPT_TAIL_TOKENS = 16
@@ -120,7 +121,7 @@ class ChatCompletionEndpoint:
         shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         return ChatGeneration(request_id, deltas, messages_out, UsageTally([prompt]), shape, outcome,
-                              high_priority_trace(request_id, priority, arrival_time))
+                              high_priority_trace(request_id, priority, arrival_time), params)
 
     def _logprobs(self, delta: ChoiceDelta, shape: AnswerShape) -> ChatLogprobs | None:
         if shape.num_top_logprobs is None or delta.logprobs is None:
@@ -212,6 +213,7 @@ class ChatGeneration:
     shape: AnswerShape
     outcome: RequestOutcome
     high_priority_trace: Callable[[], None] | None
+    params: SamplingParams  # what the choices sample with: the request's values, else the model's, else sfllm's
 
 
 @dataclass(frozen=True)

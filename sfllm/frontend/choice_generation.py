@@ -42,7 +42,7 @@ async def _generate_choice(engine: EngineClient, tokenizer: Tokenizer, choice: C
                 yield delta
                 if delta.finish_reason is not None:
                     if metrics is not None and first_token_time is not None:
-                        metrics.sequence_finished(first_token_time, delta.num_output_tokens)
+                        metrics.sequence_finished(first_token_time, delta.num_prompt_tokens, delta.num_output_tokens)
                     return  # leaving `aclosing` aborts the engine's request if a stop string ended it
         except EngineRequestError as error:  # about the output's constraint: named by the field the client set
             if error.param == CONSTRAINT_PARAM and choice.constraint_field is not None:

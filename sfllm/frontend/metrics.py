@@ -42,6 +42,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
 # Status of a response that started but did not finish: the client left, or a shutdown cut it (nginx's 499).
 CUT_SHORT = 499
+FINISH_REASONS = ("stop", "length", "abort", "error")
 REFUSALS = (503, 504)  # answers the refusal log reports: turned away (queue full, draining) or timed out
 
 REQUEST_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
@@ -66,8 +67,19 @@ def request_outcome(request: Request) -> RequestOutcome:
     return state.setdefault(_OUTCOME_KEY, RequestOutcome())
 
 
+def token_count_buckets(max_context_length: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the context, as vLLM's token-count histograms bucket."""
+    buckets, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > max_context_length:
+                return tuple(buckets)
+            buckets.append(step * scale)
+        scale *= 10
+
+
 class FrontendMetrics:
-    def __init__(self, engine: EngineClient, drain: DrainState, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, drain: DrainState, model_name: str, max_context_length: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "sfllm_requests", "Generation requests answered, by HTTP status and priority class; a stream that "
@@ -82,6 +94,13 @@ class FrontendMetrics:
         self.e2e_latency = Histogram(
             "sfllm_e2e_request_latency_seconds", "From arrival to the last byte of a successful (200) request",
             buckets=REQUEST_LATENCY_BUCKETS_S, registry=self.registry)
+        token_buckets = token_count_buckets(max_context_length)
+        self.prompt_tokens = Histogram(
+            "sfllm_request_prompt_tokens", "Prompt tokens of each sequence that produced output",
+            buckets=token_buckets, registry=self.registry)
+        self.generation_tokens = Histogram(
+            "sfllm_request_generation_tokens", "Output tokens of each sequence, as it finished",
+            buckets=token_buckets, registry=self.registry)
         self.exposed = self.registry
         if multiprocess_dir := os.environ.get(MULTIPROCESS_DIR_ENV):
             self.exposed = CollectorRegistry()
@@ -103,7 +122,9 @@ class FrontendMetrics:
         self.time_to_first_token.observe(max(now - arrival_time, 0.0))
         return now
 
-    def sequence_finished(self, first_token_time: float, num_output_tokens: int) -> None:
+    def sequence_finished(self, first_token_time: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        self.prompt_tokens.observe(num_prompt_tokens)
+        self.generation_tokens.observe(num_output_tokens)
         if num_output_tokens > 1:
             self.time_per_output_token.observe((time.time() - first_token_time) / (num_output_tokens - 1))
 
@@ -215,8 +236,8 @@ class EngineStatsCollector(Collector):
                                   value=stats.num_spec_accepted_tokens)
         finished = CounterMetricFamily("sfllm_requests_finished", "Engine requests (one per sequence) finished, "
                                        "by reason: stop, length, abort, error", labels=["reason"])
-        for reason, count in stats.num_finished.items():
-            finished.add_metric([reason], count)
+        for reason in dict.fromkeys([*FINISH_REASONS, *stats.num_finished]):  # each from 0, so no rise is lost
+            finished.add_metric([reason], stats.num_finished.get(reason, 0))
         yield finished
         if len(stats.queue_time_counts) == len(QUEUE_TIME_BUCKETS_S) + 1:
             yield _queue_time_histogram(stats.queue_time_counts, stats.queue_time_sum_s)

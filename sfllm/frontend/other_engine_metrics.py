@@ -8,8 +8,10 @@ metric; a metric sfllm keeps by priority class is summed over the classes, as th
 
 Near, not equal: sfllm's time per output token is each sequence's mean, so it takes vLLM's per-request name
 (`vllm:request_time_per_output_token_seconds`), not `vllm:inter_token_latency_seconds`, which counts every gap;
-vLLM's `request_success` counts engine requests by finish reason as sfllm's does, one per sequence of `n`. Bucket
-bounds are sfllm's.
+`request_success`, time to first token and the token-count histograms count one per sequence of `n`, as vLLM's, but
+the end-to-end latency one per successful HTTP request (vLLM: per sequence, whatever its end). Bucket bounds are
+sfllm's. Not served: vLLM's inter-token latency and prefill / decode time histograms, SGLang's cache hit rate
+(sfllm's counts since the start, SGLang's recent batches) and generation throughput.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ OTHER_METRIC_NAMES: dict[str, tuple[OtherMetricName, ...]] = {
     "sfllm_time_per_output_token_seconds": (OtherMetricName("vllm:request_time_per_output_token_seconds"),),
     "sfllm_e2e_request_latency_seconds": (OtherMetricName("vllm:e2e_request_latency_seconds"),
                                           OtherMetricName("sglang:e2e_request_latency_seconds")),
+    "sfllm_request_prompt_tokens": (OtherMetricName("vllm:request_prompt_tokens"),),
+    "sfllm_request_generation_tokens": (OtherMetricName("vllm:request_generation_tokens"),),
 }
 
 

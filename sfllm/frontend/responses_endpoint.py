@@ -28,7 +28,7 @@ from sfllm.frontend.http_responses import EventStreamResponse, start_event_strea
 from sfllm.frontend.metrics import RequestOutcome
 from sfllm.frontend.responses_protocol import ResponsesRequest
 from sfllm.frontend.tokenizer import Tokenizer
-from sfllm.sampling_params import InvalidSamplingParams
+from sfllm.sampling_params import InvalidSamplingParams, SamplingParams
 
 
 # what a generation raises that names a request field (a client gone away, or a bug, is left to the app's handlers)
@@ -59,7 +59,7 @@ class ResponsesEndpoint:
         except (InvalidSamplingParams, APIError) as error:  # named by the chat field it became
             raise _as_responses_error(api_error_from(error)) from None
         answer = _Answer(generation.request_id, body, generation.messages[0], generation.tally, self.chat,
-                         streaming=bool(body.stream))
+                         generation.params, streaming=bool(body.stream))
         if body.stream:
             events = self._events(generation.deltas, answer, generation.outcome)
             return await start_event_stream(request, events, generation.high_priority_trace)
@@ -108,10 +108,11 @@ class _Answer:
     """The response's output items as the deltas build them, and the events that tell each step."""
 
     def __init__(self, request_id: str, body: ResponsesRequest, message: AssistantMessage, tally: UsageTally,
-                 chat: ChatCompletionEndpoint, streaming: bool) -> None:
+                 chat: ChatCompletionEndpoint, params: SamplingParams, streaming: bool) -> None:
         self.id = request_id
         self.streaming = streaming  # whole answers build the same items and write no event
         self.body = body
+        self.params = params  # echoed as vLLM echoes them: what ran, the model's defaults included
         self.message = message
         self.tally = tally
         self.tokenizer: Tokenizer = chat.tokenizer
@@ -245,9 +246,8 @@ class _Answer:
             "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
             "status": status, "output": self.output if done else [], "usage": usage, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "tools": body.tools or [],
+            "instructions": body.instructions, "max_output_tokens": self.params.max_tokens,
+            "temperature": self.params.temperature, "top_p": self.params.top_p, "tools": body.tools or [],
             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": body.parallel_tool_calls is not False,
             "text": body.text or {"format": {"type": "text"}}, "reasoning": body.reasoning,
             "metadata": body.metadata or {}, "previous_response_id": None, "store": False, "truncation": "disabled",

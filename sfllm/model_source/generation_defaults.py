@@ -4,8 +4,9 @@ vLLM (`--generation-config auto`, its default) and SGLang (`--sampling-defaults 
 temperature, top_p, top_k, min_p and repetition_penalty from the model's generation_config.json, and its missing
 max_tokens from max_new_tokens: Qwen3's file asks for temperature 0.6, top_p 0.95 and top_k 20, and a client that
 sends none of them gets those there. sfllm does the same on every endpoint and in `LLM.generate` without
-SamplingParams. One difference: vLLM also caps a request's own max_tokens at max_new_tokens; here a request's
-value stands (OpenAI's meaning of it).
+SamplingParams. The file's values are taken as written, as vLLM reads them with transformers 5 (transformers 4's
+diff against its own defaults left out a top_k of 50). One difference: vLLM also caps a request's own max_tokens at
+max_new_tokens; here a request's value stands (OpenAI's meaning of it).
 
 `generation_config`: "auto" (the model's file), "vllm" or "sfllm" (none: sfllm's own defaults, OpenAI's), or a
 folder holding a generation_config.json; `override_generation_config` sets values over either, as vLLM's flag.
@@ -41,7 +42,10 @@ def check_generation_config_setting(setting: str) -> None:
     if not (folder / FILE_NAME).is_file():
         raise GenerationConfigError(f"must be auto, vllm (sfllm's own defaults) or a folder holding {FILE_NAME}; "
                                     f"{setting!r} is none of them")
-    _read(folder / FILE_NAME)
+    for key, value in _read(folder / FILE_NAME).items():  # a file the operator named: its values must all hold
+        problem = _problem(key, value) if key in GENERATION_CONFIG_KEYS and value is not None else None
+        if problem:
+            raise GenerationConfigError(f"names {folder / FILE_NAME}, whose {problem}")
 
 
 def check_overrides(overrides: Mapping[str, object]) -> None:
@@ -59,8 +63,8 @@ def check_overrides(overrides: Mapping[str, object]) -> None:
 def sampling_defaults(setting: str, model_folder: Path | None,
                       overrides: Mapping[str, object] | None = None) -> SamplingDefaults:
     """The defaults `setting` (see the module's docstring) and `overrides` give for the model in `model_folder`
-    (None: a preset, which has no file). Values of the model's file that a request could not give are left out,
-    with a warning."""
+    (None: a preset, which has no file). Values of the model's own file that a request could not give are left out,
+    with a warning (a folder the operator names is checked whole by check_generation_config_setting)."""
     values: dict[str, object] = {}
     source = None
     if setting == "auto" and model_folder is not None and (model_folder / FILE_NAME).is_file():

@@ -19,7 +19,7 @@ import zmq
 
 from sfllm.config import WorkerConfig
 from sfllm.gc_pauses import freeze_startup_objects
-from sfllm.loop_time import LoopTime
+from sfllm.loop_time import loop_time
 from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerToWorker, Shutdown, StartProfile,
                             StopProfile, WorkerFailed)
 from sfllm.model_source import resolve_model
@@ -79,7 +79,7 @@ def run_worker(config: WorkerConfig, address: str) -> int:
             followers.close(graceful=False)
         return 1
     freeze_startup_objects()
-    clock = runner.loop_time = LoopTime()
+    clock = runner.loop_time = loop_time(config.disable_log_stats)
     watcher = CompletionWatcher()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
