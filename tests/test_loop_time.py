@@ -1,7 +1,7 @@
 """The engine loop's time accounting, on a scripted clock."""
 from __future__ import annotations
 
-from sfllm.loop_time import LoopTime
+from sfllm.loop_time import LoopTime, loop_time
 
 
 def test_laps_are_summed_by_activity_and_reported_once_per_interval() -> None:
@@ -58,3 +58,15 @@ def test_an_idle_interval_is_not_spread_over_the_next_report() -> None:
     loop.lap("step")
     assert loop.report(num_steps=2) == ("1 steps in 10.0 s: step 80% (8000000 us/step, 8000000 us x 1), "
                                         "waiting 20% (2000000 us/step, 2000000 us x 1)")
+
+
+def test_disable_log_stats_gives_a_clock_that_never_reports() -> None:
+    for disabled, reports in ((False, True), (True, False)):
+        now = [0.0]
+        loop = loop_time(disabled)
+        loop._clock = lambda: now[0]
+        loop._started = loop._last = 0.0
+        loop.lap("step")
+        now[0] += 3600.0
+        loop.lap("step")
+        assert (loop.report(num_steps=2) is not None) == reports
