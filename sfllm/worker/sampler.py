@@ -232,10 +232,11 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
-        logits = logits / temperatures[:, None]
         token_ids = None  # the columns' tokens where a bounded top_k keeps the top ones only (sorted, descending)
-        if inputs.top_k_bound is not None:
+        if inputs.top_k_bound is not None:  # before the temperature, which keeps the order: it divides k columns
             logits, token_ids = logits.topk(inputs.top_k_bound, dim=-1)
+        logits = logits / temperatures[:, None]
+        if token_ids is not None:
             logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)
         elif inputs.top_ks is not None:
             logits = _top_k_top_p(logits, inputs.top_ks, inputs.top_ps)
