@@ -284,9 +284,12 @@ def _model_for_frontends(config: EngineConfig) -> tuple[TokenizerSpec, SamplingD
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
         spec = with_chat_template(tokenizer_spec(source, resolve_cache_dir(config.cache_dir)), config.chat_template)
-        defaults = sampling_defaults(config.generation_config, source.config_folder, config.override_generation_config)
     except (OSError, ValueError) as error:  # the model is absent, its files are wrong, or the chat template given
         raise TokenizerUnavailable(f"cannot load the tokenizer of {config.model!r}: {error}") from error
+    try:
+        defaults = sampling_defaults(config.generation_config, source.config_folder, config.override_generation_config)
+    except ValueError as error:  # a generation config that changed since the settings were checked
+        raise TokenizerUnavailable(f"cannot read the generation config of {config.model!r}: {error}") from error
     builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-tokenizer")
     grammars = builder.submit(GrammarMatchers, spec.tokenizer_json, source.config.vocab_size,
                               list(source.config.eos_token_ids))

@@ -40,8 +40,8 @@ def check_generation_config_setting(setting: str) -> None:
         return
     folder = Path(setting).expanduser()
     if not (folder / FILE_NAME).is_file():
-        raise GenerationConfigError(f"must be auto, vllm (sfllm's own defaults) or a folder holding {FILE_NAME}; "
-                                    f"{setting!r} is none of them")
+        raise GenerationConfigError(f"must be auto (SGLang's model), vllm (sfllm's own defaults; SGLang's openai) "
+                                    f"or a folder holding {FILE_NAME}; {setting!r} is none of them")
     for key, value in _read(folder / FILE_NAME).items():  # a file the operator named: its values must all hold
         problem = _problem(key, value) if key in GENERATION_CONFIG_KEYS and value is not None else None
         if problem:
@@ -49,13 +49,11 @@ def check_generation_config_setting(setting: str) -> None:
 
 
 def check_overrides(overrides: Mapping[str, object]) -> None:
-    """Raises GenerationConfigError for a key vLLM does not read or a value a request could not give."""
-    unknown = sorted(set(overrides) - set(GENERATION_CONFIG_KEYS))
-    if unknown:
-        raise GenerationConfigError(f"unknown key {unknown[0]!r}; the keys read are "
-                                    f"{', '.join(GENERATION_CONFIG_KEYS)}")
+    """Raises GenerationConfigError for a value a request could not give. Other keys than those read are left
+    to `sampling_defaults`, which warns of them: vLLM takes them and reads none (`do_sample`), so a copied command
+    line starts."""
     for key, value in overrides.items():
-        problem = _problem(key, value)
+        problem = _problem(key, value) if key in GENERATION_CONFIG_KEYS else None
         if problem:
             raise GenerationConfigError(problem)
 
@@ -80,12 +78,17 @@ def sampling_defaults(setting: str, model_folder: Path | None,
                 logger.warning("%s: %s; left out", source, problem)
             else:
                 values[key] = value
-    values.update(overrides or {})
+    read = {key: value for key, value in (overrides or {}).items() if key in GENERATION_CONFIG_KEYS}
+    unread = sorted(set(overrides or {}) - set(read))
+    if unread:
+        logger.warning("override_generation_config: %s not read (the keys read are %s)", ", ".join(unread),
+                       ", ".join(GENERATION_CONFIG_KEYS))
+    values.update(read)
     defaults = SamplingDefaults(**{GENERATION_CONFIG_KEYS[key]: value for key, value in values.items()})
     if defaults.given():
-        origin = f"{source}" if source is not None else "override_generation_config"
+        origins = ([str(source)] if source is not None else []) + (["override_generation_config"] if read else [])
         logger.info("sampling values a request leaves out, from %s: %s (generation_config vllm: sfllm's own)",
-                    origin, ", ".join(f"{key} {value}" for key, value in defaults.given().items()))
+                    " and ".join(origins), ", ".join(f"{key} {value}" for key, value in defaults.given().items()))
     return defaults
 
 

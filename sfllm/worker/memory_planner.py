@@ -135,8 +135,8 @@ def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, 
 def profile_activation_bytes(config: WorkerConfig, c: ModelConfig, model: CausalLM, device: torch.device,
                              num_tokens: int, max_context_length: int) -> int:
     """Peak memory of the largest step: a prompt filling the token budget beside as many one-token
-    sequences as may run (high priority's slots too), every one sampled with top-k/p, measured with a throwaway KV
-    cache."""
+    sequences as may run (high priority's slots too), sampled with top-k/p both ways the sampler has (a small top_k
+    among the top columns, top-p alone over the sorted vocabulary), measured with a throwaway KV cache."""
     num_seqs = min(num_sequence_slots(config), num_tokens)
     long_tokens = num_tokens - (num_seqs - 1)
     long_blocks = math.ceil(long_tokens / config.block_size)
@@ -160,7 +160,7 @@ def profile_activation_bytes(config: WorkerConfig, c: ModelConfig, model: Causal
         tables.apply(batch.block_table_updates)
         hidden, _ = eager.forward(batch, np.ones(num_seqs + 1, dtype=np.float32))
         logits = model.compute_logits(hidden)
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_seqs
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50 if seq % 2 else -1) for seq in range(num_seqs)]
         Sampler(config.seed)(logits, SamplingInputs.build(params, [0] * num_seqs, c.vocab_size, device))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base

@@ -15,10 +15,11 @@ from sfllm.sampling_params import SamplingParams
 from sfllm.worker.token_mask import apply_bitmask
 
 _MASK32 = 0xFFFFFFFF
-# A batch whose sampled rows all keep at most this many tokens (top_k) draws among torch.topk's columns instead of
+# A sampled row that keeps at most this many tokens (top_k) draws among torch.topk's this many columns instead of
 # sorting the whole vocabulary: on a GPU the sort of [B, V] logits and the mask, softmax, cumsum and scatter over all
-# of it are most of a top-k/p row's cost. Past this, topk is a sort anyway.
-TOP_K_BOUND_LIMIT = 1024
+# of it are most of a top-k/p row's cost. The count is fixed, not the batch's largest top_k: which of tied logits
+# make a row's top k is then the same whatever shares its batch, so a seeded row draws the same tokens.
+TOP_K_BOUND = 256
 
 
 @dataclass
@@ -51,8 +52,9 @@ class SamplingInputs:
     max_logprobs: int               # -1: nobody asked
     logit_bias: LogitBias | None = None
     token_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32: grammars' allowed tokens
-    # every sampled row's top_k is at most this (TOP_K_BOUND_LIMIT at most): they draw among that many top tokens
-    top_k_bound: int | None = None
+    # [B] bool: the rows that draw among the TOP_K_BOUND top tokens (None: no row); `all_bounded`: every sampled one
+    bounded_rows: torch.Tensor | None = None
+    all_bounded: bool = False
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], vocab_size: int, device: torch.device,
@@ -83,7 +85,7 @@ class SamplingInputs:
         need_top_p = any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g)
         need_min_p = any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g)
         seeded = any(p.seed is not None for p in params)
-        bound = max((k for k, g in zip(top_ks, greedy) if not g), default=vocab_size) if need_top_k else vocab_size
+        bounded = [not g and k <= TOP_K_BOUND < vocab_size for k, g in zip(top_ks, greedy)]
         return cls(
             all_greedy=False,
             temperatures=tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
@@ -97,7 +99,8 @@ class SamplingInputs:
             max_logprobs=max(logprobs) if logprobs else -1,
             logit_bias=logit_bias,
             token_bitmask=token_bitmask,
-            top_k_bound=bound if bound <= TOP_K_BOUND_LIMIT and bound < vocab_size else None,
+            bounded_rows=tensor(bounded, torch.bool) if any(bounded) else None,
+            all_bounded=all(b or g for b, g in zip(bounded, greedy)),
         )
 
 
@@ -231,10 +234,20 @@ class Sampler:
         return tokens
 
     def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        if inputs.bounded_rows is None:
+            return self._race(logits, inputs, bounded=False)
+        tokens = self._race(logits, inputs, bounded=True)
+        if inputs.all_bounded:
+            return tokens
+        # rows of both kinds (rare): each row takes its own kind's draw
+        return torch.where(inputs.bounded_rows, tokens, self._race(logits, inputs, bounded=False))
+
+    def _race(self, logits: torch.Tensor, inputs: SamplingInputs, bounded: bool) -> torch.Tensor:
+        """Every row's draw, among the TOP_K_BOUND top tokens if `bounded`, else the whole vocabulary."""
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
-        token_ids = None  # the columns' tokens where a bounded top_k keeps the top ones only (sorted, descending)
-        if inputs.top_k_bound is not None:  # before the temperature, which keeps the order: it divides k columns
-            logits, token_ids = logits.topk(inputs.top_k_bound, dim=-1)
+        token_ids = None  # the columns' tokens where bounded (sorted, descending)
+        if bounded:  # before the temperature, which keeps the order: it then divides the columns kept alone
+            logits, token_ids = logits.topk(TOP_K_BOUND, dim=-1)
         logits = logits / temperatures[:, None]
         if token_ids is not None:
             logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)
