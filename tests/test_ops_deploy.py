@@ -34,7 +34,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def route_paths() -> set[str]:
-    engine = SimpleNamespace(hello=SimpleNamespace(model_name="m"), stats=None, connected=False, healthy=False)
+    engine = SimpleNamespace(hello=SimpleNamespace(model_name="m", max_context_length=64), stats=None, connected=False, healthy=False)
     app = create_app(ServerConfig().frontend(), engine, tokenizer=None)  # type: ignore[arg-type]
     return set(app.openapi()["paths"])
 
