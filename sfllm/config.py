@@ -46,7 +46,7 @@ class ServerConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or a dummy preset name"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name in the API (default: model)"})
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | float16 | bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | float16 | bfloat16 (vLLM's half, float)"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "GPUs one model is split over (tensor parallelism: one worker process per GPU, NCCL; gloo on CPU)"})
@@ -144,6 +144,8 @@ class ServerConfig:
         if self.frontend_processes is None:
             # one Python process streams ~20k tokens/s; the GPU hosts' 16 cores serve four with room to spare
             self.frontend_processes = min(4, max(1, len(os.sched_getaffinity(0)) // 4))
+        # vLLM's dtype names beside torch's (`--dtype half`, common in commands for older cards)
+        self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
         choices = {
             "load_format": ("auto", "safetensors", "gguf", "dummy"),
             "dtype": ("auto", "float32", "float16", "bfloat16"),

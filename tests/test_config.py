@@ -55,6 +55,8 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     assert (unset.max_running_requests, unset.max_running_tokens, unset.seed) == (
         defaults.max_running_requests, defaults.max_running_tokens, defaults.seed)
     assert load_config(environ={}, enable_prefix_caching=True).disable_prefix_cache is False
+    assert (load_config(_args("--dtype", "half"), environ={}).dtype, load_config(environ={}, dtype="float").dtype) == (
+        "float16", "float32"), "vLLM's dtype names"
     profile = tmp_path / "sglang.yaml"
     profile.write_text("context_length: 300\nmem_fraction_static: 0.7\nchunked_prefill_size: 2048\n"
                        "disable_radix_cache: true\ntp_size: 2\nrandom_seed: 9\n")
