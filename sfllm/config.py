@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
-from sfllm.frontend.tool_call_parser import TOOL_CALL_FORMATS
+from sfllm.frontend.tool_call_parser import SGLANG_FORMAT_NAMES, TOOL_CALL_FORMATS
 from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES, SHORT_FLAGS
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
@@ -84,8 +84,8 @@ class ServerConfig:
     chat_template: str | None = field(default=None, metadata={
         "help": "a Jinja chat template in place of the model's: a file's path, or the template itself (vLLM's)"})
     tool_call_parser: str | None = field(default=None, metadata={
-        "help": "hermes | llama3_json: how the model writes tool calls, where its chat template renders tools "
-                "(default: as the template asks; vLLM's flag)"})
+        "help": "hermes | llama3_json (SGLang's qwen25 | llama3): how the model writes tool calls, where its chat "
+                "template renders tools (default: as the template asks; vLLM's flag)"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
     generation_config: str = field(default="auto", metadata={
@@ -146,6 +146,7 @@ class ServerConfig:
             self.frontend_processes = min(4, max(1, len(os.sched_getaffinity(0)) // 4))
         # vLLM's dtype names beside torch's (`--dtype half`, common in commands for older cards)
         self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
+        self.tool_call_parser = SGLANG_FORMAT_NAMES.get(self.tool_call_parser, self.tool_call_parser)
         choices = {
             "load_format": ("auto", "safetensors", "gguf", "dummy"),
             "dtype": ("auto", "float32", "float16", "bfloat16"),

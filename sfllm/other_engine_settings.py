@@ -51,5 +51,7 @@ NO_EFFECT = {
     "enable_auto_tool_choice": "sfllm reads the model's tool calls whenever a request has tools "
                                "(--tool-call-parser picks their format)",
     "enable_metrics": "sfllm always serves /metrics (SGLang's flag)",
+    "enable_chunked_prefill": "sfllm always chunks prompts into steps of max_running_tokens (vLLM's flag)",
+    "disable_custom_all_reduce": "sfllm's tensor parallelism reduces with NCCL alone (vLLM's flag)",
     "disable_log_requests": "sfllm logs no request's prompt or parameters (vLLM's flag)",
 }

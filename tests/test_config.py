@@ -57,6 +57,10 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     assert load_config(environ={}, enable_prefix_caching=True).disable_prefix_cache is False
     assert (load_config(_args("--dtype", "half"), environ={}).dtype, load_config(environ={}, dtype="float").dtype) == (
         "float16", "float32"), "vLLM's dtype names"
+    copied = load_config(_args("--enable-chunked-prefill", "--disable-custom-all-reduce", "--tool-call-parser",
+                               "qwen25"), environ={})
+    assert copied.tool_call_parser == "hermes", "SGLang's name of the format"
+    assert load_config(environ={}, tool_call_parser="llama3").tool_call_parser == "llama3_json"
     profile = tmp_path / "sglang.yaml"
     profile.write_text("context_length: 300\nmem_fraction_static: 0.7\nchunked_prefill_size: 2048\n"
                        "disable_radix_cache: true\ntp_size: 2\nrandom_seed: 9\n")
