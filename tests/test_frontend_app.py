@@ -269,6 +269,29 @@ def test_chat_stream(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     assert chunks[-1]["usage"]["completion_tokens"] == 2 * num_tokens
 
 
+def test_a_clients_x_request_id_names_the_answer_and_comes_back(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """As vLLM: the answer's id carries the client's X-Request-Id (and the header is echoed, as with vLLM's
+    --enable-request-id-headers); the engine's ids stay apart when two clients send the same one."""
+    trace = {"X-Request-Id": "trace-42.a:b_c"}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for path, body, answer_id in [("/v1/chat/completions", chat, "chatcmpl-trace-42.a:b_c"),
+                                  ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, "cmpl-trace-42.a:b_c"),
+                                  ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}, "resp_trace-42.a:b_c")]:
+        response = post(engine, tokenizer, path, body, headers=trace)
+        assert response.status_code == 200 and response.json()["id"] == answer_id, path
+        assert response.headers["x-request-id"] == "trace-42.a:b_c"
+    streamed = post(engine, tokenizer, "/v1/chat/completions", chat | {"stream": True}, headers=trace)
+    assert {chunk["id"] for chunk in sse_payloads(streamed)} == {"chatcmpl-trace-42.a:b_c"}
+    engine_ids = [request.request_id for request in engine.requests if "trace-42" in request.request_id]
+    assert len(engine_ids) == 4 and len(set(engine_ids)) == 4, engine_ids
+    assert all(engine_id.startswith(("chatcmpl-trace-42.a:b_c.", "cmpl-trace-42.a:b_c.", "resp_trace-42.a:b_c."))
+               for engine_id in engine_ids)
+    assert "x-request-id" not in post(engine, tokenizer, "/v1/completions", {"prompt": "Hi"}).headers
+    for bad in ("two words", "x" * 129, ""):
+        refused = post(engine, tokenizer, "/v1/completions", {"prompt": "Hi"}, headers={"X-Request-Id": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Request-Id", bad
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(engine: ScriptedEngine, tokenizer: Tokenizer,
                                                                     path: str) -> None:

@@ -22,6 +22,7 @@ from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequ
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from sfllm.frontend.request_checks import RequestLimits
 from sfllm.frontend.request_gate import DrainState, RequestGateMiddleware
+from sfllm.frontend.request_id_header import RequestIdHeaderMiddleware
 from sfllm.frontend.responses_endpoint import ResponsesEndpoint
 from sfllm.frontend.responses_protocol import ResponsesRequest
 from sfllm.frontend.tokenize_endpoints import (DetokenizeRequest, DetokenizeResponse, TokenizeEndpoints,
@@ -57,6 +58,7 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     if config.allow_credentials and "*" in config.allowed_origins:
         logger.warning("allow_credentials with any origin: every page a user opens may call this API with their "
                        "cookies (the page's origin is echoed back); --allowed-origins names the ones to trust")
+    app.add_middleware(RequestIdHeaderMiddleware)
     # outermost: a browser's preflight needs no key, and refusals (401, 413, 503) carry the headers it reads
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
                        allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)

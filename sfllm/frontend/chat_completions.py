@@ -3,7 +3,6 @@ the tool calls read from it)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from sfllm.frontend.openai_responses import (ChatChoice, ChatChunkChoice, ChatCo
                                              ChatDelta, ChatLogprobs, ChatResponseMessage, PromptLogprobs)
 from sfllm.frontend.reasoning_parser import ReasoningParser, thought_before_grammar
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
-                                           check_unicode_within, connected_hello, default_budget,
+                                           check_unicode_within, connected_hello, default_budget, request_ids,
                                            resolve_max_tokens, resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.frontend.tool_call_parser import Llama3JsonToolCallParser, ToolCallDelta, ToolCallParser
@@ -78,6 +77,7 @@ class ChatCompletionEndpoint:
         which reads the same generation its own way)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
+        answer_id, request_id = request_ids(request, id_prefix)
         outcome = request_outcome(request)
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         body.check_supported()
@@ -99,7 +99,6 @@ class ChatCompletionEndpoint:
         tool_grammar = tools.structured_output()
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size, tool_grammar,
                                       encode=self.tokenizer.encode_text, defaults=defaults)
-        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
                        if self.reasoning_parser else "")
         continued = body.messages[-1].text() if body.continue_final_message else None
@@ -120,7 +119,7 @@ class ChatCompletionEndpoint:
                         for _ in choices]
         shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
-        return ChatGeneration(request_id, deltas, messages_out, UsageTally([prompt]), shape, outcome,
+        return ChatGeneration(answer_id, deltas, messages_out, UsageTally([prompt]), shape, outcome,
                               high_priority_trace(request_id, priority, arrival_time), params)
 
     def _logprobs(self, delta: ChoiceDelta, shape: AnswerShape) -> ChatLogprobs | None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from sfllm.frontend.metrics import FrontendMetrics, RequestOutcome, request_outc
 from sfllm.frontend.openai_protocol import CompletionRequest
 from sfllm.frontend.openai_responses import CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprobs
 from sfllm.frontend.request_checks import (RequestLimits, check_model, check_prompt_token_ids, check_unicode,
-                                           connected_hello, default_budget, resolve_max_tokens,
+                                           connected_hello, default_budget, request_ids, resolve_max_tokens,
                                            resolve_priority)
 from sfllm.frontend.tokenizer import Tokenizer
 
@@ -142,6 +141,7 @@ class CompletionEndpoint:
         /generate, which reads the same generation its own way)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
+        answer_id, request_id = request_ids(request, id_prefix)
         outcome = request_outcome(request)
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         body.check_supported()
@@ -179,7 +179,6 @@ class CompletionEndpoint:
                                        body.logprobs, self.tokenizer.vocab_size, encode=self.tokenizer.encode_text,
                                        defaults=defaults)
                   for prompt in prompts]
-        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         choices = plan_choices(request_id, prompts, params, priority, arrival_time, body.constraint_field())
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
                              if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids),
@@ -189,7 +188,7 @@ class CompletionEndpoint:
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if echo_only:
             deltas = _prompt_only(deltas)
-        return CompletionGeneration(request_id, deltas, texts, tally, outcome,
+        return CompletionGeneration(answer_id, deltas, texts, tally, outcome,
                                     high_priority_trace(request_id, priority, arrival_time))
 
     async def _token_ids(self, prompt: str | list[int]) -> list[int]:

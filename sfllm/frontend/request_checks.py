@@ -1,9 +1,13 @@
 """What every generation request must pass before it reaches the engine."""
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from starlette.requests import Request
 
 from sfllm.config import FrontendConfig
 from sfllm.frontend.engine_client import EngineClient
@@ -11,6 +15,25 @@ from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestErr
                                    ServiceUnavailableError)
 from sfllm.messages import PRIORITIES, EngineHello, SamplingDefaults
 from sfllm.sampling_params import token_outside_vocabulary
+
+
+# what an X-Request-Id may hold: the characters of UUIDs and of the ids gateways and tracers send, nothing a log line
+# or a header could be split by
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_ids(request: Request, prefix: str) -> tuple[str, str]:
+    """The answer's `id` and the base of its engine requests' ids: from the client's X-Request-Id where it sends
+    one, as vLLM names its answers (the engine's ids add a random part: two clients may send the same id), else
+    random."""
+    given = request.headers.get("x-request-id")
+    if given is None:
+        answer_id = f"{prefix}{uuid.uuid4().hex}"
+        return answer_id, answer_id
+    if not _CLIENT_REQUEST_ID.fullmatch(given):
+        raise InvalidRequestError("X-Request-Id must be 1 to 128 letters, digits, '.', '_', ':' or '-'",
+                                  param="X-Request-Id")
+    return f"{prefix}{given}", f"{prefix}{given}.{uuid.uuid4().hex[:12]}"
 
 
 def check_model(requested: str | None, served_model_name: str) -> None:
