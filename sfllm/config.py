@@ -23,7 +23,7 @@ import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
 from sfllm.frontend.tool_call_parser import SGLANG_FORMAT_NAMES, TOOL_CALL_FORMATS
-from sfllm.other_engine_settings import NO_EFFECT, OTHER_NAMES, SHORT_FLAGS
+from sfllm.other_engine_settings import NO_EFFECT, NO_EFFECT_WITH_VALUE, OTHER_NAMES, SHORT_FLAGS
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ class ServerConfig:
     chat_template: str | None = field(default=None, metadata={
         "help": "a Jinja chat template in place of the model's: a file's path, or the template itself (vLLM's)"})
     tool_call_parser: str | None = field(default=None, metadata={
-        "help": "hermes | llama3_json (SGLang's qwen25 | llama3): how the model writes tool calls, where its chat "
-                "template renders tools (default: as the template asks; vLLM's flag)"})
+        "help": "hermes | llama3_json (SGLang's qwen, qwen25 | llama3): how the model writes tool calls, where its "
+                "chat template renders tools (default: as the template asks; vLLM's flag)"})
     reasoning_parser: str | None = field(default=None, metadata={
         "help": "qwen3 | deepseek_r1: a thinking model's <think> text as the chat message's reasoning_content"})
     generation_config: str = field(default="auto", metadata={
@@ -514,8 +514,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(f"no_{key}"), dest=other.setting, action="store_const", const=True,
                                 default=None, help=f"{other.engine}'s: {_flag(other.setting)}")
     for key, why in NO_EFFECT.items():
-        parser.add_argument(_flag(key), action="store_true",
-                            help=f"accepted for vLLM's and SGLang's command lines, no effect: {why}")
+        help_text = f"accepted for vLLM's and SGLang's command lines, no effect: {why}"
+        if key in NO_EFFECT_WITH_VALUE:  # older vLLM took a value (--enable-chunked-prefill True)
+            parser.add_argument(_flag(key), nargs="?", const="true", type=str.lower, choices=("true", "false"),
+                                help=help_text)
+        else:
+            parser.add_argument(_flag(key), action="store_true", help=help_text)
 
 
 def load_config(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,

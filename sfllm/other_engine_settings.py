@@ -55,3 +55,5 @@ NO_EFFECT = {
     "disable_custom_all_reduce": "sfllm's tensor parallelism reduces with NCCL alone (vLLM's flag)",
     "disable_log_requests": "sfllm logs no request's prompt or parameters (vLLM's flag)",
 }
+# of those, the flags older vLLM also took a true or false after
+NO_EFFECT_WITH_VALUE = frozenset({"enable_chunked_prefill"})

@@ -57,10 +57,12 @@ def test_vllms_and_sglangs_names_set_the_same_settings(tmp_path: Path) -> None:
     assert load_config(environ={}, enable_prefix_caching=True).disable_prefix_cache is False
     assert (load_config(_args("--dtype", "half"), environ={}).dtype, load_config(environ={}, dtype="float").dtype) == (
         "float16", "float32"), "vLLM's dtype names"
-    copied = load_config(_args("--enable-chunked-prefill", "--disable-custom-all-reduce", "--tool-call-parser",
+    copied = load_config(_args("--enable-chunked-prefill", "True", "--disable-custom-all-reduce", "--tool-call-parser",
                                "qwen25"), environ={})
     assert copied.tool_call_parser == "hermes", "SGLang's name of the format"
     assert load_config(environ={}, tool_call_parser="llama3").tool_call_parser == "llama3_json"
+    assert load_config(_args("--enable-chunked-prefill=true", "--tool-call-parser", "qwen"),
+                       environ={}).tool_call_parser == "hermes"
     profile = tmp_path / "sglang.yaml"
     profile.write_text("context_length: 300\nmem_fraction_static: 0.7\nchunked_prefill_size: 2048\n"
                        "disable_radix_cache: true\ntp_size: 2\nrandom_seed: 9\n")
@@ -306,8 +308,10 @@ def test_the_model_may_come_first_as_vllm_serve_takes_it(monkeypatch: pytest.Mon
     monkeypatch.setattr("sfllm.launcher.launch", lambda config: launched.append(config) or 0)
     assert main(["serve", "qwen3-0.6b", "--load-format", "dummy", "--max-model-len", "512"]) == 0
     assert main(["launch", "--max-num-seqs", "8", "qwen3-0.6b"]) == 0
+    assert main(["serve", "--trust-remote-code", "qwen3-1.7b"]) == 0  # a flag of no value leaves the model alone
     assert [(c.model, c.max_context_length, c.max_running_requests) for c in launched] == [
-        ("qwen3-0.6b", 512, ServerConfig().max_running_requests), ("qwen3-0.6b", None, 8)]
+        ("qwen3-0.6b", 512, ServerConfig().max_running_requests), ("qwen3-0.6b", None, 8),
+        ("qwen3-1.7b", None, ServerConfig().max_running_requests)]
     with pytest.raises(SystemExit) as exit_:
         main(["launch", "qwen3-0.6b", "--model", "qwen3-8b"])
     err = capsys.readouterr().err

@@ -77,7 +77,7 @@ class ChatCompletionEndpoint:
         which reads the same generation its own way)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
-        answer_id, request_id = request_ids(request, id_prefix)
+        answer_id, request_id = request_ids(request, id_prefix, body.request_id)
         outcome = request_outcome(request)
         priority = outcome.priority = resolve_priority(body.priority, request.headers.get("x-priority"))
         body.check_supported()

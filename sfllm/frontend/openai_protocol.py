@@ -110,6 +110,8 @@ class GenerationRequest(RequestBody):
                                                                      "in the answer (prompt_token_ids, token_ids)")
     return_tokens_as_token_ids: bool | None = Field(default=False, description="vLLM's: logprobs name their "
                                                                                "tokens \"token_id:<id>\"")
+    request_id: str | None = Field(default=None, description="vLLM's: names the answer (the X-Request-Id header "
+                                                             "wins)")
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement

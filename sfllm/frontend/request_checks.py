@@ -22,17 +22,15 @@ from sfllm.sampling_params import token_outside_vocabulary
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_ids(request: Request, prefix: str) -> tuple[str, str]:
-    """The answer's `id` and the base of its engine requests' ids: from the client's X-Request-Id where it sends
-    one, as vLLM names its answers (the engine's ids add a random part: two clients may send the same id), else
-    random."""
-    given = request.headers.get("x-request-id")
-    if given is None:
+def request_ids(request: Request, prefix: str, body_request_id: str | None = None) -> tuple[str, str]:
+    """The answer's `id` and the base of its engine requests' ids: from the client's X-Request-Id, else vLLM's
+    `request_id` field, as vLLM names its answers (the engine's ids add a random part: two clients may send the same
+    id), else random. An id of other characters (a gateway's base64, say) is not refused: the answer gets a random
+    one (the header still comes back as sent)."""
+    given = request.headers.get("x-request-id") or body_request_id
+    if given is None or not _CLIENT_REQUEST_ID.fullmatch(given):
         answer_id = f"{prefix}{uuid.uuid4().hex}"
         return answer_id, answer_id
-    if not _CLIENT_REQUEST_ID.fullmatch(given):
-        raise InvalidRequestError("X-Request-Id must be 1 to 128 letters, digits, '.', '_', ':' or '-'",
-                                  param="X-Request-Id")
     return f"{prefix}{given}", f"{prefix}{given}.{uuid.uuid4().hex[:12]}"
 
 
