@@ -300,8 +300,9 @@ def test_browsers_may_call_the_api_from_any_page_by_default_or_from_the_origins_
     refused = client.post("/v1/completions", {"prompt": "x"}, headers=page)
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*", "the page reads why"
     served = client.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
-                         headers=page | {"Authorization": "Bearer sekret"})
+                         headers=page | {"Authorization": "Bearer sekret", "X-Request-Id": "page-1"})
     assert served.status_code == 200 and served.headers["access-control-allow-origin"] == "*"
+    assert served.headers["access-control-expose-headers"].lower() == "x-request-id", "the page may read its id"
     assert "access-control-allow-credentials" not in served.headers
 
     named = ServerConfig(allowed_origins=["https://chat.example"], allow_credentials=True).frontend()

@@ -61,7 +61,8 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     app.add_middleware(RequestIdHeaderMiddleware)
     # outermost: a browser's preflight needs no key, and refusals (401, 413, 503) carry the headers it reads
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
-                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials,
+                       expose_headers=["X-Request-Id"])
     created = int(time.time())
     limits = RequestLimits.from_config(config)
     completion_endpoint = CompletionEndpoint(served_model_name, engine, tokenizer, limits, metrics)
