@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sfllm.frontend.other_server_constraints import other_server_constraints
 from sfllm.frontend.tool_protocol import ChatTool, ChatToolCall, StrictModel, ToolChoice
@@ -112,6 +112,8 @@ class GenerationRequest(RequestBody):
                                                                                "tokens \"token_id:<id>\"")
     request_id: str | None = Field(default=None, description="vLLM's: names the answer (the X-Request-Id header "
                                                              "wins)")
+    _requested_constraint: Any = PrivateAttr(default=None)
+    _constraint_known: bool = PrivateAttr(default=False)
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
     # vLLM's and SGLang's options that change the answer and that sfllm does not implement
@@ -133,7 +135,14 @@ class GenerationRequest(RequestBody):
 
     def requested_structured_output(self) -> tuple[str, StructuredOutput] | None:
         """The output's constraint and the field it came in: response_format, or one of vLLM's and SGLang's own
-        fields (sfllm/frontend/other_server_constraints.py); more than one is a 400."""
+        fields (sfllm/frontend/other_server_constraints.py); more than one is a 400. Worked out once a request (a
+        schema's grammar text is a JSON dump of it)."""
+        if not self._constraint_known:
+            self._requested_constraint = self._structured_output_fields()
+            self._constraint_known = True
+        return self._requested_constraint
+
+    def _structured_output_fields(self) -> tuple[str, StructuredOutput] | None:
         given = other_server_constraints(self.model_extra or {})
         if self.response_format is not None and self.response_format.type != "text":
             given.insert(0, ("response_format", self.response_format.structured_output()))
