@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import yaml
 
 from sfllm.frontend.reasoning_parser import REASONING_PARSERS
-from sfllm.frontend.tool_call_parser import SGLANG_FORMAT_NAMES, TOOL_CALL_FORMATS
-from sfllm.other_engine_settings import NO_EFFECT, NO_EFFECT_WITH_VALUE, OTHER_NAMES, SHORT_FLAGS
+from sfllm.frontend.tool_call_parser import TOOL_CALL_FORMATS
+from sfllm.other_engine_settings import NO_EFFECT, NO_EFFECT_WITH_VALUE, OTHER_NAMES, OTHER_VALUES, SHORT_FLAGS
 from sfllm.shipped_profiles import shipped_profile, shipped_profile_names
 
 logger = logging.getLogger(__name__)
@@ -144,9 +144,8 @@ class ServerConfig:
         if self.frontend_processes is None:
             # one Python process streams ~20k tokens/s; the GPU hosts' 16 cores serve four with room to spare
             self.frontend_processes = min(4, max(1, len(os.sched_getaffinity(0)) // 4))
-        # vLLM's dtype names beside torch's (`--dtype half`, common in commands for older cards)
-        self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
-        self.tool_call_parser = SGLANG_FORMAT_NAMES.get(self.tool_call_parser, self.tool_call_parser)
+        for key, words in OTHER_VALUES.items():
+            setattr(self, key, words.get(getattr(self, key), getattr(self, key)))
         choices = {
             "load_format": ("auto", "safetensors", "gguf", "dummy"),
             "dtype": ("auto", "float32", "float16", "bfloat16"),

@@ -42,6 +42,12 @@ OTHER_NAMES = {
     "sampling_defaults": OtherName("generation_config", "SGLang", values=(("model", "auto"), ("openai", "sfllm"))),
 }
 
+# Other engines' words for the values of sfllm's settings of the same name, by setting
+OTHER_VALUES = {
+    "dtype": {"half": "float16", "float": "float32"},  # vLLM's (`--dtype half`, common in commands for older cards)
+    "tool_call_parser": {"qwen": "hermes", "qwen25": "hermes", "llama3": "llama3_json"},  # SGLang's parsers' names
+}
+
 # vLLM's one-dash flags, by sfllm's setting
 SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
 

@@ -12,8 +12,8 @@ class RequestIdHeaderMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        given = next((value for name, value in scope.get("headers", ()) if name == _HEADER), None) \
-            if scope["type"] == "http" else None
+        headers = scope.get("headers", ()) if scope["type"] == "http" else ()
+        given = next((value for name, value in headers if name == _HEADER), None)
         if given is None:
             await self.app(scope, receive, send)
             return

@@ -27,8 +27,6 @@ from sfllm.frontend.stream_tags import partial_tag_length
 
 # the formats read here, by vLLM's names for its parsers of them (Qwen's and Hermes' tags, Llama 3.1-3.3's JSON)
 TOOL_CALL_FORMATS = ("hermes", "llama3_json")
-# SGLang's --tool-call-parser names of the same formats
-SGLANG_FORMAT_NAMES = {"qwen": "hermes", "qwen25": "hermes", "llama3": "llama3_json"}
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
