@@ -24,7 +24,8 @@
 # burst (prefill of 200 prompts at once, profiled), policy (fcfs vs length-bucket on the standard workload),
 # large (Qwen3-4B and -8B presets), smallbatch (batch 1 and 10: offline and served, each with a worker trace
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
-# redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9),
+# redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9; tags t1,
+# topp, qwen3 (Qwen3's sampling), schema, none, and each with a b1 prefix for batch 1),
 # structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
 # throughput ratio and the grammar masks' time per step; offline, then served at concurrency 64),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
@@ -333,13 +334,15 @@ PY
     for spec in "${runs[@]}"; do
       read -r name tag <<<"$spec"
       tree=$PWD; [ $name = base ] && tree=/tmp/base
-      case $tag in
+      shape="--num-requests 64 --input-len 512 --output-len 512"
+      case $tag in b1*) shape="--num-requests 1 --input-len 512 --output-len 256" ;; esac  # batch 1
+      case ${tag#b1} in
         none) args="" ;; schema) args="--structured-output json_schema" ;;
         t1) args="--temperature 1" ;; topp) args="--temperature 1 --top-p 0.9" ;;
         qwen3) args="--temperature 0.6 --top-k 20 --top-p 0.95" ;;  # Qwen3's generation_config.json
       esac
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 -m sfllm bench offline --model qwen3-0.6b \
-        --num-requests 64 --input-len 512 --output-len 512 $args >"$OUT/redraw-$name-$tag.log" 2>&1)
+        $shape $args >"$OUT/redraw-$name-$tag.log" 2>&1)
       echo "$name $tag: exit $? $(grep -E '^wall|grammar masks' "$OUT/redraw-$name-$tag.log" | tr '\n' ' ')"
     done ;;
   tp)
