@@ -150,10 +150,7 @@ class TopTokenSampler:
         self.last_tokens.index_copy_(0, t.slots, tokens)
 
     def capture(self, pool: tuple) -> None:
-        """One graph per row count, the largest first (the smaller reuse its pool memory); none for a vocabulary
-        of at most TOP_K_BOUND tokens (no row is drawn here: `top_tokens_only`)."""
-        if self.vocab_size <= TOP_K_BOUND:
-            return
+        """One graph per row count, the largest first (the smaller reuse its pool memory)."""
         buffer = torch.zeros(self.inputs.numel(), dtype=torch.uint8)
         _pad(_numpy(_views(buffer, self.max_rows, self.max_rows)), 0, self.padding_slot)
         self.inputs.copy_(buffer)
