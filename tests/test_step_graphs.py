@@ -52,7 +52,7 @@ def graph_step(runner: ModelRunner, graphs: CudaGraphRunner, batch: ForwardBatch
     shape = graphs.shape_for(batch)
     assert shape is not None
     with torch.inference_mode():
-        num_sampled, _ = graphs.stage(batch, shape, runner.slot_temperature)
+        num_sampled = graphs.stage(batch, shape, runner.slot_temperature)
         graphs.run_step(shape)
     return graphs.logits[:num_sampled].float(), graphs.tokens[:num_sampled].clone()
 
@@ -117,58 +117,3 @@ def test_graph_verify_step_equals_the_eager_step(runner: ModelRunner) -> None:
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert tokens.tolist() == expected.argmax(dim=-1).tolist()
     assert runner.last_tokens[[5, 6]].tolist() == [tokens[3].item(), tokens[4].item()], "each sequence's last row"
-
-
-def test_top_k_rows_of_a_graph_step_draw_what_the_eager_sampler_draws(runner: ModelRunner) -> None:
-    """Rows with a top_k (Qwen3's 20 with top-p 0.95; min-p; seeded and not) beside a greedy and a temperature
-    row, in a decode step and then a mixed one: the top-token sampler's draw (its graph's work, run without
-    capture) gives a seeded row the token the eager sampler draws from the same logits, an unseeded row a
-    token of its top k, leaves the other rows' tokens, and makes each drawn token its slot's next input."""
-    from sfllm.worker.sampler import Sampler, SamplingInputs
-    graphs = graphs_for(runner)
-    params = {0: GREEDY, 1: SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=7, max_tokens=8),
-              2: SamplingParams(temperature=1.0, max_tokens=8),
-              3: SamplingParams(temperature=0.7, top_k=5, min_p=0.05, max_tokens=8),
-              4: SamplingParams(temperature=1.3, top_k=50, top_p=0.8, seed=8, max_tokens=8),
-              5: SamplingParams(temperature=1.0, top_k=3, max_tokens=8),
-              6: SamplingParams(temperature=0.9, top_k=40, seed=9, max_tokens=8)}
-    for slot, sampling in params.items():
-        graphs.top_tokens.settings.set(slot, sampling)
-    assert graphs.top_tokens.settings.num_drawn == 5, "greedy and temperature-only rows are the step graph's"
-    slots = [0, 1, 2, 3, 4, 5]
-    lengths = [4 + slot for slot in slots]
-    first = ForwardBatch(step_id=20, slots=slots, num_new_tokens=lengths, context_lens=lengths,
-                         input_token_ids=[t for slot, n in zip(slots, lengths) for t in prompt(n, slot)],
-                         sample=[True] * 6,
-                         new_sequences=[SequenceSampling(slot=slot, params=params[slot]) for slot in params],
-                         block_table_updates=[BlockTableUpdate(slot, 0, [20 + slot]) for slot in params])
-    runner.execute(first)
-    runner.next_result(wait=True)
-    decode = ForwardBatch(step_id=21, slots=slots, num_new_tokens=[1] * 6, context_lens=[n + 1 for n in lengths],
-                          input_token_ids=[-1] * 6, sample=[True] * 6)
-    # slot 6 prefills a prompt of 9 beside three decodes: its row draws the token at position 9
-    mixed = ForwardBatch(step_id=22, slots=[1, 3, 6, 0], num_new_tokens=[1, 1, 9, 1],
-                         context_lens=[7, 9, 9, 6], input_token_ids=[-1, -1] + prompt(9, 6) + [-1],
-                         sample=[True] * 4)
-    for batch, positions in ((decode, [n + 1 for n in lengths]), (mixed, [7, 9, 9, 6])):
-        with torch.inference_mode():
-            shape = graphs.shape_for(batch)
-            num_sampled, rows = graphs.stage(batch, shape, runner.slot_temperature)
-            assert rows == {6: 6, 4: 4}[num_sampled], "the smallest top-k graph that holds the rows"
-            graphs.run_step(shape)
-            step_tokens = graphs.tokens[:num_sampled].tolist()
-            logits = graphs.logits[:num_sampled, :VOCAB].float()
-            graphs.top_tokens.run(rows)
-        tokens = graphs.tokens[:num_sampled].tolist()
-        for row, slot in enumerate(batch.slots):
-            sampling = params[slot]
-            if sampling.seed is not None:
-                inputs = SamplingInputs.build([sampling], [positions[row]], VOCAB, runner.device)
-                assert tokens[row] == Sampler(0)(logits[row:row + 1], inputs).token_ids.item(), (slot, "seeded")
-            elif sampling.top_k > 0:
-                assert tokens[row] in logits[row].topk(sampling.top_k).indices.tolist(), (slot, "within top k")
-            else:
-                assert tokens[row] == step_tokens[row], (slot, "the step graph's draw")
-        assert runner.last_tokens[batch.slots].tolist() == tokens, "each drawn token is its slot's next input"
-    graphs.top_tokens.settings.set(1, GREEDY)
-    assert graphs.top_tokens.settings.num_drawn == 4, "a slot taken by a greedy request is no longer drawn"

@@ -179,7 +179,7 @@ def _run_steps(runner: ModelRunner) -> dict:
     with torch.inference_mode():
         for batch in (mixed, decode):
             shape = graphs.shape_for(batch)
-            num_sampled, _ = graphs.stage(batch, shape, runner.slot_temperature)
+            num_sampled = graphs.stage(batch, shape, runner.slot_temperature)
             graphs.run_step(shape)
             graph.append((graphs.tokens[:num_sampled].tolist(), graphs.logits[:num_sampled, :VOCAB].tolist()))
     return {"eager": eager, "graph": graph, "last_tokens": runner.last_tokens.tolist()}

@@ -14,10 +14,9 @@ rows (with speculative decoding, every draft position of a verifying sequence to
 tokens per sequence are captured for verify steps), samples (argmax or temperature, by
 `sfllm.kernels.sample_tokens`, whose noise seed is a device counter the graph advances: every rank draws the same
 tokens), and writes the tokens back to `last_tokens`. A step then
-costs the host one staging, one copy in, one replay and one copy out. Rows with a top_k of at most
-TOP_K_BOUND (and top-p, min-p or a seed besides) are drawn again right after, by a second graph
-(sfllm.worker.top_token_sampler); rows that need more (penalties, logprobs, grammars, top-p alone) are
-redrawn by the eager sampler from the logits the graph leaves behind.
+costs the host one staging, one copy in, one replay and one copy out. Rows that need more than
+temperature (top-k/p, penalties, logprobs, seeds) are redrawn by the eager sampler from the logits the
+graph leaves behind.
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from sfllm.worker.block_tables import BlockTables
 from sfllm.worker.kv_splits import KVSplits
 from sfllm.worker.model import CausalLM
 from sfllm.worker.step_inputs import StepShape, StepStaging, device_metadata, stage_step
-from sfllm.worker.top_token_sampler import TopTokenSampler
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +119,6 @@ class CudaGraphRunner:
                                   device=device)
         # Philox key of the sampling noise: the engine's seed in the high bits, the step count in the low
         self.noise_seed = torch.tensor([(seed & 0x7FFFFFFF) << 32], dtype=torch.int64, device=device)
-        self.top_tokens = TopTokenSampler(self.logits, self.tokens, last_tokens, self.noise_seed,
-                                          model.config.vocab_size, self.decode_sizes, device)
         self.graphs: dict[StepShape, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
@@ -150,17 +146,12 @@ class CudaGraphRunner:
             return None
         return shape
 
-    def stage(self, batch: ForwardBatch, shape: StepShape, slot_temperatures: np.ndarray) -> tuple[int, int]:
-        """Copies the step's inputs and padding into the graph's input buffer, and its top-k rows' settings
-        into the top-token sampler's; returns the sampled rows and the top-token graph's rows (0: none)."""
+    def stage(self, batch: ForwardBatch, shape: StepShape, slot_temperatures: np.ndarray) -> int:
+        """Copies the step's inputs and padding into the graph's input buffer; returns the sampled rows."""
         host_buffer, host = self.staging.host(shape)
         num_sampled = stage_step(batch, shape, host, slot_temperatures, self.tables.padding_slot, self.tile_rows)
         self.staging.copy(host_buffer, self.inputs)
-        top_token_rows = 0
-        if not batch.num_draft_tokens:  # a verify step's rows are drawn against their drafts, eagerly
-            top_token_rows = self.top_tokens.stage(host.sample_slots[:num_sampled], host.positions,
-                                                   host.logits_indices, slot_temperatures)
-        return num_sampled, top_token_rows
+        return num_sampled
 
     def run_step(self, shape: StepShape) -> None:
         """The work a graph of `shape` captures, on the staged inputs (capture runs it once outside the
@@ -190,23 +181,17 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self.run_step(shape)
             self.graphs[shape] = graph
-        self.top_tokens.capture(pool)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - before
         logger.info("captured %d CUDA graphs in %.1f s using %.2f GiB: decode steps of 1..%d sequences, mixed "
-                    "steps of %d..%d tokens, top-k draws of 1..%d rows", len(self.graphs) + len(self.top_tokens.graphs),
-                    self.capture_seconds, self.capture_bytes / 1024**3, self.max_decode_batch, self.mixed_sizes[0],
-                    self.mixed_sizes[-1], self.top_tokens.max_rows)
+                    "steps of %d..%d tokens", len(self.graphs), self.capture_seconds, self.capture_bytes / 1024**3,
+                    self.max_decode_batch, self.mixed_sizes[0], self.mixed_sizes[-1])
 
-    def replay(self, shape: StepShape, num_sampled: int, top_token_rows: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Runs the staged step (and the top-token graph of `top_token_rows`, if any); returns the sampled rows'
-        tokens, logits (in the model's dtype) and slots: views of the graphs' buffers that the next step
-        overwrites (use them before it, in stream order)."""
+    def replay(self, shape: StepShape, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs the staged step; returns the sampled rows' tokens, logits (in the model's dtype) and slots:
+        views of the graphs' buffers that the next step overwrites (use them before it, in stream order)."""
         self.graphs[shape].replay()
-        if top_token_rows:
-            self.top_tokens.replay(top_token_rows)
         return self.outputs(shape, num_sampled)
 
     def outputs(self, shape: StepShape, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

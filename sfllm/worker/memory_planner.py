@@ -107,10 +107,7 @@ def plan_memory(config: WorkerConfig, model_config: ModelConfig, model: CausalLM
     else:
         num_tokens = min(config.max_running_tokens, max_context_length)
         activation = profile_activation_bytes(config, c, model, device, num_tokens, max_context_length)
-        graph_reserve = 0
-        if cuda_graphs:
-            graph_reserve = graph_reserve_bytes(c, graph_logit_rows(config), activation, num_tokens,
-                                                decode_graph_limit(config, device))
+        graph_reserve = graph_reserve_bytes(c, graph_logit_rows(config), activation, num_tokens) if cuda_graphs else 0
         plan = plan_gpu_memory(device, config.mem_fraction, weights, activation, graph_reserve, block_bytes,
                                block_size, min_blocks)
     if config.preemption_mode == "swap" and device.type == "cpu":
@@ -126,13 +123,11 @@ def graph_logit_rows(config: WorkerConfig) -> int:
     return num_sequence_slots(config) + drafts * sequences
 
 
-def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, num_tokens: int,
-                        top_token_rows: int) -> int:
+def graph_reserve_bytes(c: ModelConfig, logit_rows: int, activation_bytes: int, num_tokens: int) -> int:
     """The graphs' shared output buffers (`logit_rows` rows of logits, 16-bit) and their pool, which holds
-    about the activations of the largest mixed step (steps of up to 8192 tokens are captured) and the
-    top-token sampler's float32 copy of `top_token_rows` rows of logits (sfllm.worker.top_token_sampler)."""
+    about the activations of the largest mixed step (steps of up to 8192 tokens are captured)."""
     from sfllm.worker.cuda_graph_runner import MAX_GRAPH_TOKENS
-    outputs = logit_rows * (c.vocab_size * 2 + 8) + top_token_rows * c.vocab_size * 4
+    outputs = logit_rows * (c.vocab_size * 2 + 8)
     pool = activation_bytes * min(1.0, MAX_GRAPH_TOKENS / num_tokens)
     return int(outputs + pool) + 256 * 1024**2
 

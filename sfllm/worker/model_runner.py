@@ -99,7 +99,6 @@ class StagedStep:
     # every slot's state as of this step: a slot freed while the step is in flight may be the next request's by
     # the time its tokens are drawn or recorded
     slot_states: list[SlotState | None]
-    top_token_rows: int = 0  # the top-token graph's rows after the step's graph (0: none)
 
 
 @dataclass
@@ -221,8 +220,7 @@ class ModelRunner:
             self.graph_runner.capture()
             self.plan.graph_bytes = self.graph_runner.capture_bytes
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
-                                    f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens, top-k draws of 1.."
-                                    f"{self.graph_runner.top_tokens.max_rows} rows")
+                                    f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
         if self.device.type == "cuda":
             from sfllm.kernels import warm_up_sample_tokens
             warm_up_sample_tokens(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device)
@@ -261,7 +259,7 @@ class ModelRunner:
         staged, self._deferred = self._deferred, None
         if self._deferred_inputs_stale and staged.shape is not None:
             with torch.inference_mode():
-                _, staged.top_token_rows = self.graph_runner.stage(staged.batch, staged.shape, self.slot_temperature)
+                self.graph_runner.stage(staged.batch, staged.shape, self.slot_temperature)
         self._deferred_inputs_stale = False
         return self._launch_staged(staged)
 
@@ -321,11 +319,9 @@ class ModelRunner:
             # prompt logprobs need every position's hidden state, which only the eager step keeps
             graph = self.graph_runner is not None and not batch.prompt_logprobs
             shape = self.graph_runner.shape_for(batch) if graph and batch.slots else None
-            num_sampled, top_token_rows = (self.graph_runner.stage(batch, shape, self.slot_temperature)
-                                           if shape is not None else (0, 0))
+            num_sampled = self.graph_runner.stage(batch, shape, self.slot_temperature) if shape is not None else 0
         self._lap("prepare" if shape is not None else "eager prepare")
-        return StagedStep(batch, started, time.perf_counter() - started, shape, num_sampled, list(self.slots),
-                          top_token_rows)
+        return StagedStep(batch, started, time.perf_counter() - started, shape, num_sampled, list(self.slots))
 
     def _launch_staged(self, staged: StagedStep) -> list[PendingStep]:
         batch = staged.batch
@@ -373,18 +369,15 @@ class ModelRunner:
                           prompt_logprobs)
 
     def _replay_graph(self, staged: StagedStep, sampled_slots: list[int]) -> StepLogits:
-        """A staged step as one captured graph (and its top-k rows' draw as another); the eager sampler redraws,
-        from the graph's logits, only the rows that need more."""
+        """A staged step as one captured graph; the eager sampler redraws, from the graph's logits, only the
+        rows that need more than a temperature."""
         batch = staged.batch
         with nvtx_range("forward"):
-            tokens, logits, slots = self.graph_runner.replay(staged.shape, staged.num_sampled, staged.top_token_rows)
+            tokens, logits, slots = self.graph_runner.replay(staged.shape, staged.num_sampled)
             if batch.grammar_rows and not batch.grammar_mask:
                 slots = slots.clone()  # a view of the graphs' inputs, which the step held behind this one restages
         self._lap("forward")
-        drawn = self.slot_temperature_only
-        if staged.top_token_rows:
-            drawn = drawn | self.graph_runner.top_tokens.settings.drawn
-        redraw = [row for row, slot in enumerate(sampled_slots) if not drawn[slot]]
+        redraw = [row for row, slot in enumerate(sampled_slots) if not self.slot_temperature_only[slot]]
         return StepLogits(batch, staged.started, staged.slot_states, sampled_slots, logits, slots, tokens, redraw)
 
     def _sample(self, step: StepLogits, grammar_mask: memoryview) -> PendingStep:
@@ -434,8 +427,6 @@ class ModelRunner:
         self.slots[slot] = state
         self.slot_temperature[slot] = 0.0 if state.params.greedy else state.params.temperature
         self.slot_temperature_only[slot] = temperature_only(state.params, self.source.config.vocab_size)
-        if self.graph_runner is not None:
-            self.graph_runner.top_tokens.settings.set(slot, state.params)
 
     def _sampling_inputs(self, states: list[SlotState], positions: list[int],
                          token_bitmask: torch.Tensor | None = None,

@@ -148,25 +148,13 @@ def _penalty_inputs(params: list[SamplingParams], tokens: list[tuple[list[int], 
 def temperature_only(params: SamplingParams, vocab_size: int) -> bool:
     """Whether temperature alone decides the draw (greedy counts as temperature 0): what a captured
     decode step samples by itself (sfllm.worker.cuda_graph_runner)."""
-    if _needs_eager_sampler(params):
+    if (params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias
+            or params.min_tokens or params.allowed_token_ids is not None or params.bad_words_token_ids):
         return False
     if params.greedy:
         return True
     return (params.seed is None and (params.top_k == -1 or params.top_k >= vocab_size) and params.top_p >= 1.0
             and params.min_p == 0.0)
-
-
-def top_tokens_only(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether the draw is among the TOP_K_BOUND likeliest tokens (a top_k within it), with top-p, min-p and a
-    seed if any, and nothing else: what a captured step's top-token sampler draws
-    (sfllm.worker.top_token_sampler)."""
-    return not _needs_eager_sampler(params) and not params.greedy and 0 < params.top_k <= TOP_K_BOUND < vocab_size
-
-
-def _needs_eager_sampler(params: SamplingParams) -> bool:
-    """What only the eager sampler does: penalties, logprobs, grammars, logit bias and banned tokens."""
-    return bool(params.has_penalties or params.logprobs is not None or params.constrained or params.logit_bias
-                or params.min_tokens or params.allowed_token_ids is not None or params.bad_words_token_ids)
 
 
 @dataclass
@@ -257,52 +245,26 @@ class Sampler:
     def _race(self, logits: torch.Tensor, inputs: SamplingInputs, bounded: bool) -> torch.Tensor:
         """Every row's draw, among the TOP_K_BOUND top tokens if `bounded`, else the whole vocabulary."""
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
-        if bounded:
-            top_logits, token_ids = logits.topk(TOP_K_BOUND, dim=-1)
-            probs = _top_probabilities(top_logits, temperatures, inputs.top_ks, inputs.top_ps, inputs.min_ps)
-            columns = token_ids
-        else:
-            token_ids = None
-            logits = logits / temperatures[:, None]
-            if inputs.top_ks is not None:
-                logits = _top_k_top_p(logits, inputs.top_ks, inputs.top_ps)
-            probs = _min_p(torch.softmax(logits, dim=-1), inputs.min_ps)
-            columns = torch.arange(probs.shape[1], device=probs.device)[None]
+        token_ids = None  # the columns' tokens where bounded (sorted, descending)
+        if bounded:  # before the temperature, which keeps the order: it then divides the columns kept alone
+            logits, token_ids = logits.topk(TOP_K_BOUND, dim=-1)
+        logits = logits / temperatures[:, None]
+        if token_ids is not None:
+            logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)
+        elif inputs.top_ks is not None:
+            logits = _top_k_top_p(logits, inputs.top_ks, inputs.top_ps)
+        probs = torch.softmax(logits, dim=-1)
+        if inputs.min_ps is not None:
+            threshold = inputs.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
         if inputs.seeds is not None:
             seeded = inputs.seeds >= 0
+            columns = token_ids if token_ids is not None else torch.arange(probs.shape[1], device=probs.device)[None]
             noise = torch.where(seeded[:, None], _seeded_exponential(inputs.seeds, inputs.positions, columns), noise)
         # exponential race: argmax(p / E) samples from p (a seeded row's noise is its tokens', whichever columns)
         choice = (probs / noise).argmax(dim=-1, keepdim=True)
         return (choice if token_ids is None else token_ids.gather(1, choice)).squeeze(1)
-
-
-def draw_among_top_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-                          top_ps: torch.Tensor, min_ps: torch.Tensor, seeds: torch.Tensor,
-                          positions: torch.Tensor) -> torch.Tensor:
-    """Each row's token among its TOP_K_BOUND likeliest (float32 logits [B, V]; every row's top_k at most
-    that), every row's noise from its seed: the draw `Sampler` makes of a seeded bounded row, as a captured
-    step's top-token sampler (sfllm.worker.top_token_sampler) makes it for every row."""
-    top_logits, token_ids = logits.topk(TOP_K_BOUND, dim=-1)
-    probs = _top_probabilities(top_logits, temperatures, top_ks, top_ps, min_ps)
-    choice = (probs / _seeded_exponential(seeds, positions, token_ids)).argmax(dim=-1, keepdim=True)
-    return token_ids.gather(1, choice).squeeze(1)
-
-
-def _top_probabilities(top_logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-                       top_ps: torch.Tensor, min_ps: torch.Tensor | None) -> torch.Tensor:
-    """The probabilities of a row's top tokens (its logits sorted descending), those top-k, top-p and min-p
-    drop at 0."""
-    # the temperature after the top-k: it keeps the order, and divides the columns kept alone
-    logits = _top_k_top_p_sorted(top_logits / temperatures[:, None], top_ks, top_ps)
-    return _min_p(torch.softmax(logits, dim=-1), min_ps)
-
-
-def _min_p(probs: torch.Tensor, min_ps: torch.Tensor | None) -> torch.Tensor:
-    if min_ps is None:
-        return probs
-    threshold = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
-    return probs.masked_fill(probs < threshold, 0.0)
 
 
 def _apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:

@@ -195,41 +195,6 @@ def test_sampling_inside_the_graph(checkpoint: Path) -> None:
     assert sampled == [o.token_ids for o in runs["graphs again"]], "one engine seed, one draw"
 
 
-def test_top_k_rows_are_drawn_by_the_top_token_graph(checkpoint: Path) -> None:
-    """Rows with a top_k (Qwen3's recommended 20 / 0.95, a min-p, seeded and not) beside greedy and temperature
-    rows: on graph steps the top-token graph draws them and the eager sampler is never called; the seeded
-    rows' tokens equal an eager engine's, and one engine seed draws the same tokens again."""
-    from sfllm import SamplingParams
-
-    def params(**kwargs):
-        return SamplingParams(max_tokens=24, ignore_eos=True, **kwargs)
-
-    prompts = _prompts()
-    batch = [params(temperature=0.0), params(temperature=0.6, top_k=20, top_p=0.95, seed=21),
-             params(temperature=0.6, top_k=20, top_p=0.95), params(temperature=1.0),
-             params(temperature=1.0, top_k=50, min_p=0.05, seed=22), params(temperature=0.8, top_k=5),
-             params(temperature=0.7, top_k=256, top_p=0.9, seed=23), params(temperature=0.0)]
-    runs, eager_calls = {}, {}
-    for name, overrides in (("eager", {"disable_cuda_graph": True}), ("graphs", {}), ("graphs again", {})):
-        llm = _llm(checkpoint, dtype="bfloat16", attention_backend="triton", **overrides)
-        runner = llm.engine.worker.runner
-        calls = []
-        sampler_call = runner.sampler.__call__
-        runner.sampler = lambda logits, inputs, out=None, _call=sampler_call: calls.append(len(logits)) or _call(
-            logits, inputs, out)
-        runs[name] = [r.outputs[0].token_ids for r in llm.generate(prompts, batch)]
-        eager_calls[name] = len(calls)
-        assert llm.kv_usage()[0] == llm.kv_usage()[1]
-        del llm, runner
-        gc.collect()
-        torch.cuda.empty_cache()
-    assert eager_calls["eager"] > 0 and eager_calls["graphs"] == 0, eager_calls
-    for row in (0, 1, 4, 6, 7):  # greedy and seeded
-        assert runs["graphs"][row] == runs["eager"][row], f"row {row}: graph and eager disagree"
-    assert all(len(t) == 24 and all(0 <= x < VOCAB for x in t) for t in runs["graphs"])
-    assert runs["graphs"] == runs["graphs again"], "one engine seed, one draw"
-
-
 def test_constrained_rows_of_graph_steps_draw_what_eager_steps_draw(checkpoint: Path) -> None:
     """Grammar rows of graph steps are drawn by the eager sampler from the graph's logits, their masks computed
     while the forward runs (overlap on): the same tokens as an eager engine, every constrained answer matches its
