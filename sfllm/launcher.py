@@ -6,8 +6,11 @@ socket; each is restarted when it dies (the engine and its loaded model stay). S
 replaces them one by one (see sfllm/rolling_restart.py). When the engine dies (its worker with it),
 launch stops the frontends and exits non-zero so an orchestrator restarts the pod.
 SIGINT/SIGTERM go to the frontends first, which drain (see `drain_timeout_s`), then to
-the engine; a second one stops them at once. The children ignore SIGINT (a terminal's Ctrl-C reaches the
-whole group): launch decides how they stop. Every child gets SIGTERM from the kernel if launch itself dies.
+the engine; a second one stops them at once. The children run in sessions of their own, so that a signal to
+launch's process group (a terminal's Ctrl-C, `kill -TERM -- -PGID`) reaches launch alone: launch decides how
+they stop (a frontend signalled by the group too could take launch's SIGTERM for a second one and stop without
+draining, and the engine would stop under the frontends' draining requests). They ignore SIGINT besides. Every
+child gets SIGTERM from the kernel if launch itself dies.
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ class Supervisor:
                pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "sfllm", command, "--config", str(self.config_path), *args],
                                 env=without_config_environment() | (extra_env or {}), pass_fds=pass_fds,
-                                preexec_fn=supervised_child)
+                                start_new_session=True, preexec_fn=supervised_child)
 
     def spawn_frontend(self, tell_ready: bool = False) -> tuple[subprocess.Popen, int | None]:
         """A frontend on the shared socket; with `tell_ready`, also the pipe it tells once it serves."""

@@ -157,3 +157,31 @@ def test_nginx_config_balances_least_connections_and_streams() -> None:
     assert "proxy_buffering off;" in text
     body_limit = re.search(r"client_max_body_size\s+(\d+)m;", text)
     assert int(body_limit.group(1)) << 20 == ServerConfig().max_request_body_bytes
+
+
+def test_the_systemd_unit_signals_launch_alone_and_waits_for_the_drain() -> None:
+    """deploy/sfllm.service: SIGTERM to launch alone (KillMode=mixed: launch stops its processes in order), a
+    stop timeout past the drain and launch's grace for the frontends and the engine, SIGHUP as the reload (a
+    rolling restart), and a command line the launch parser takes."""
+    import argparse
+
+    from sfllm.config import add_config_arguments, load_config
+    from sfllm.launcher import STOP_GRACE_S
+    service: dict[str, str] = {}
+    environment: dict[str, str] = {}
+    for line in (DEPLOY / "sfllm.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            if key == "Environment":
+                environment.update([value.split("=", 1)])
+            service[key] = value
+    assert service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) >= float(environment["SFLLM_DRAIN_TIMEOUT_S"]) + 2 * STOP_GRACE_S
+    assert service["ExecReload"].split()[-2:] == ["-HUP", "$MAINPID"]
+    program, command, *args = shlex.split(service["ExecStart"])
+    assert program.endswith("/sfllm") and command == "launch"
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    config = load_config(parser.parse_args(args), environ=environment)
+    assert config.drain_timeout_s == float(environment["SFLLM_DRAIN_TIMEOUT_S"]), "the unit's environment is read"
+    assert config.model.endswith("Qwen3-8B") and config.port == 8081

@@ -571,14 +571,16 @@ def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_ke
     assert completion(a.url, "Hello", 2, AUTH).status_code == 200
 
 
-def test_ctrl_c_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
-    """A terminal's Ctrl-C: SIGINT to the whole process group (the launch leads its own). Launch takes it as
-    it takes SIGTERM (one handler: what an orchestrator sends launch alone); the engine and the frontend ignore
-    it, so the frontend drains and is not cut by launch's SIGTERM that follows (a second signal)."""
+def test_a_signal_to_the_process_group_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
+    """A signal to launch's whole process group (launch leads its own): a terminal's Ctrl-C (SIGINT) or a
+    script's `kill -TERM -- -PGID`, SIGTERM here. The children run in sessions of their own, so it reaches launch
+    alone, which takes SIGINT as it takes SIGTERM: the frontend drains, and is not cut as it would be by the
+    group's SIGTERM and launch's arriving as two."""
     tree = process_tree(a.process.pid)
+    assert all(os.getsid(pid) != os.getsid(a.process.pid) for pid in tree if pid != a.process.pid)
     body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 10, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 2, body, AUTH)
-    os.killpg(a.process.pid, signal.SIGINT)
+    os.killpg(a.process.pid, signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{a.url}/ready", timeout=5).status_code == 503, 10, "/ready to turn 503")
     refused = completion(a.url, "Hi", 2, AUTH)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
