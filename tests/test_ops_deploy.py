@@ -1,6 +1,7 @@
 """The deploy files read right: Dockerfile, Kubernetes manifests and the nginx config agree with the server."""
 from __future__ import annotations
 
+import argparse
 import importlib.machinery
 import json
 import os
@@ -17,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sfllm.config import ENV_PREFIX, FIELDS, ServerConfig
+from sfllm.config import ENV_PREFIX, FIELDS, ServerConfig, add_config_arguments, load_config
 from sfllm.frontend.app import create_app
+from sfllm.launcher import STOP_GRACE_S
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -163,10 +165,6 @@ def test_the_systemd_unit_signals_launch_alone_and_waits_for_the_drain() -> None
     """deploy/sfllm.service: SIGTERM to launch alone (KillMode=mixed: launch stops its processes in order), a
     stop timeout past the drain and launch's grace for the frontends and the engine, SIGHUP as the reload (a
     rolling restart), and a command line the launch parser takes."""
-    import argparse
-
-    from sfllm.config import add_config_arguments, load_config
-    from sfllm.launcher import STOP_GRACE_S
     service: dict[str, str] = {}
     environment: dict[str, str] = {}
     for line in (DEPLOY / "sfllm.service").read_text().splitlines():
