@@ -1,4 +1,4 @@
-"""Triton kernels of sfllm: paged-KV attention, cache writes and fused normalisation.
+"""Triton kernels of sfllm: paged-KV attention, cache writes, fused normalisation, GEMMs and sampling.
 
 Triton ships for Linux only; without it this package still imports, so that `sfllm.kernels.reference`
 (the plain-torch versions) serves the CPU backend everywhere.
@@ -24,6 +24,7 @@ if importlib.util.find_spec("triton") is not None:
     from sfllm.kernels.skinny_matmul import skinny_gate_up_silu, skinny_matmul
     from sfllm.kernels.store_kv_cache import store_kv_cache
     from sfllm.kernels.tma_matmul import tma_gate_up_silu, tma_matmul
+    from sfllm.kernels.top_k_select import top_k_select, warm_up_top_k_select
 
     __all__ = [
         "DecodeWorkspace",
@@ -41,5 +42,7 @@ if importlib.util.find_spec("triton") is not None:
         "store_kv_cache",
         "tma_gate_up_silu",
         "tma_matmul",
+        "top_k_select",
         "warm_up_sample_tokens",
+        "warm_up_top_k_select",
     ]

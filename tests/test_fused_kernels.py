@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from sfllm.kernels import (rotary_qk_norm_, sample_tokens, silu_and_mul, skinny_gate_up_silu,  # noqa: E402
-                           skinny_matmul, tma_gate_up_silu, tma_matmul)
+                           skinny_matmul, tma_gate_up_silu, tma_matmul, top_k_select)
 from sfllm.worker import layer_ops  # noqa: E402
 from sfllm.worker.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -292,3 +292,78 @@ def test_warm_up_runs_every_variant_a_step_can_meet(monkeypatch: pytest.MonkeyPa
         (torch.float16, vocab + 24), (torch.float16, vocab), (torch.float32, vocab + 24), (torch.float32, vocab)}
     assert {(greedy, unmasked, programs) for _, _, greedy, unmasked, programs in calls} == {
         (g, u, n) for g in (True, False) for u in (True, False) for n in (1, 2)}
+
+
+def _stable_top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the k largest by a stable sort, so equal logits keep the lower id first."""
+    values, ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
+def _awkward_logits(dtype: torch.dtype, vocab: int) -> torch.Tensor:
+    """Rows a sampler meets: spread logits, a row all tied, a grammar's -inf over most of a row (fewer finite
+    logits than k), zeros of both signs, a NaN, and a tie across the k-th place; in rows padded as a graph's are."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(7, vocab, generator=generator) * 4).to(dtype)
+    logits[1] = 1.5
+    logits[2, 40:] = float("-inf")
+    logits[3, ::2], logits[3, 1::2] = -0.0, 0.0
+    logits[4, 11] = float("nan")
+    logits[5, 300:420] = logits[5].float().topk(30).values[-1]  # 120 ties at about rank 30
+    logits[6, :vocab // 2] = 9.0  # half the row tied above the rest
+    padded = torch.zeros(7, vocab + 24, dtype=dtype)
+    padded[:, :vocab] = logits
+    return padded.to(DEVICE)[:, :vocab]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top_k_select_is_a_stable_sorts_first_k(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k largest of each row, descending, the lower id first among equal logits (and the lowest ids of a tie at
+    the k-th place kept), whatever the rows' chunking among programs; -0.0 and 0.0 are equal, NaN is the largest."""
+    module = importlib.import_module("sfllm.kernels.top_k_select")
+    monkeypatch.setattr(module, "BLOCK", 256)  # several chunks a row at an interpreter's size
+    logits = _awkward_logits(dtype, 1500)
+    # k below the sampler's 256: the interpreter's sort takes about a second a row at 256
+    for k, chunks_per_row in ((64, None), (64, 2), (37, 1)):
+        values, ids = top_k_select(logits, k, chunks_per_row)
+        expected_values, expected_ids = _stable_top_k(logits.cpu(), k)
+        assert ids.dtype == torch.int64 and values.dtype == torch.float32
+        assert torch.equal(ids.cpu(), expected_ids), (k, chunks_per_row)
+        assert torch.equal(values.cpu().nan_to_num(), expected_values.nan_to_num()), (k, chunks_per_row)
+
+
+def test_top_k_select_keeps_a_rows_tied_tokens_whatever_shares_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 row with a 60-way tie across rank 20: alone, or beside other rows, its k are the same ids."""
+    module = importlib.import_module("sfllm.kernels.top_k_select")
+    monkeypatch.setattr(module, "BLOCK", 256)
+    row = torch.randn(1200, generator=torch.Generator().manual_seed(2)) - 5
+    row[:12] = torch.linspace(9.0, 5.0, 12)
+    row[500:560] = 4.0
+    row = row.to(torch.bfloat16).to(DEVICE)
+    others = (torch.randn(5, 1200, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16).to(DEVICE)
+    alone = top_k_select(row[None], 20)[1][0]
+    assert alone[12:].tolist() == list(range(500, 508))
+    for batch in (torch.cat([others[:2], row[None]]), torch.cat([row[None], others])):
+        position = 2 if torch.equal(batch[2], row) else 0
+        assert torch.equal(top_k_select(batch, 20)[1][position], alone)
+
+
+def test_top_k_select_refuses_what_it_cannot_select() -> None:
+    with pytest.raises(ValueError, match="0 < k <= 64"):
+        top_k_select(torch.zeros(2, 64, device=DEVICE), 65)
+    with pytest.raises(ValueError, match="float logits"):
+        top_k_select(torch.zeros(2, 64, dtype=torch.int32, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        top_k_select(torch.zeros(64, 2, device=DEVICE).t(), 4)
+
+
+def test_top_k_select_warm_up_compiles_both_key_widths_and_row_strides(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("sfllm.kernels.top_k_select")
+    calls = []
+    monkeypatch.setattr(module, "top_k_select", lambda logits, k: calls.append((logits.dtype, logits.stride(0), k)))
+    module.warm_up_top_k_select(300, 320, torch.bfloat16, torch.device(DEVICE), 256)
+    assert sorted(calls, key=str) == sorted([(torch.bfloat16, 320, 256), (torch.bfloat16, 300, 256),
+                                             (torch.float32, 320, 256), (torch.float32, 300, 256)], key=str)
+    calls.clear()
+    module.warm_up_top_k_select(256, 320, torch.bfloat16, torch.device(DEVICE), 256)
+    assert calls == []  # a vocabulary of k tokens or fewer: never bounded

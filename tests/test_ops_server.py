@@ -98,7 +98,8 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 
 def kv_idle(server: LaunchedServer) -> bool:
     health = httpx.get(f"{server.url}/health", timeout=10).json()
-    return health["kv_blocks_free"] == health["kv_blocks_total"] and not any(health["running"].values())
+    return (health["kv_blocks_free"] == health["kv_blocks_total"] and not any(health["running"].values())
+            and health["batch_size"] == 0)
 
 
 def metrics(server: LaunchedServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

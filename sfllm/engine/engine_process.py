@@ -132,7 +132,7 @@ class EngineServer:
                            num_free_kv_blocks=s["num_free_kv_blocks"], num_cached_kv_blocks=s["num_cached_kv_blocks"],
                            prefix_cache_queries=s["prefix_cache_queries"], prefix_cache_hits=s["prefix_cache_hits"],
                            num_preemptions=s["num_preemptions"], num_steps=self.core.num_steps,
-                           step_time_s=self.core.last_step_time_s, batch_size=self.core.last_batch_size,
+                           step_time_s=self.core.last_step_time_s, batch_size=self.core.last_batch_size if self.core.has_work() else 0,
                            gpu_memory_allocated=self.core.gpu_memory[0], gpu_memory_reserved=self.core.gpu_memory[1],
                            ready=True, num_prompt_tokens=self.counters.num_prompt_tokens,
                            num_generation_tokens=self.counters.num_generation_tokens,

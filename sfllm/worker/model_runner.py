@@ -38,7 +38,7 @@ from sfllm.worker.memory_planner import decode_graph_limit, plan_memory
 from sfllm.worker.model_shard import ModelShard
 from sfllm.worker.pending_step import PendingStep
 from sfllm.worker.prompt_logprobs import prompt_token_logprobs
-from sfllm.worker.sampler import Sampler, SamplingInputs, temperature_only, to_device
+from sfllm.worker.sampler import TOP_K_BOUND, Sampler, SamplingInputs, temperature_only, to_device
 from sfllm.worker.step_inputs import StepShape, StepStaging
 from sfllm.worker.step_profiler import StepProfiler
 from sfllm.worker.tensor_parallel import TensorParallelGroup
@@ -222,8 +222,10 @@ class ModelRunner:
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
                                     f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
         if self.device.type == "cuda":
-            from sfllm.kernels import warm_up_sample_tokens
+            from sfllm.kernels import warm_up_sample_tokens, warm_up_top_k_select
             warm_up_sample_tokens(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device)
+            warm_up_top_k_select(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device,
+                                 TOP_K_BOUND)
         logger.info("memory layout%s:\n%s", rank, self.plan.layout())
         self.group.wait_for_all("ready")  # no rank's first step waits in a collective for another's last allocation
 

@@ -171,6 +171,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._noise_seeds: dict[torch.device, torch.Tensor] = {}
         self._sample_tokens: Callable[..., torch.Tensor] | None = None
+        self._top_k_select: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self._seed = seed
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -201,7 +202,7 @@ class Sampler:
         if logits.device.type == "cuda" and inputs.top_ks is None and inputs.min_ps is None and inputs.seeds is None:
             tokens = self._draw_with_kernel(logits, inputs, out)
         else:
-            tokens = self._draw(logits.float(), inputs)
+            tokens = self._draw(logits, inputs)
             if out is not None:
                 tokens = out.copy_(tokens)
         if raw_logprobs is None:
@@ -224,7 +225,20 @@ class Sampler:
             seed.add_(1)
         return tokens
 
+    def _top_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's TOP_K_BOUND largest logits (float32, descending) and their ids. On a GPU by a radix select
+        that keeps the lowest ids of a tie and reads the logits in their own dtype; torch.topk's float32 copy and
+        selection cost 100-650 us (docs/performance.md, thirty-fourth session)."""
+        if self._top_k_select is None:
+            if logits.device.type != "cuda":
+                return logits.float().topk(TOP_K_BOUND, dim=-1)
+            from sfllm.kernels import top_k_select  # Triton: only on a GPU
+            self._top_k_select = top_k_select
+        return self._top_k_select(logits, TOP_K_BOUND)
+
     def _draw(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """logits in the model's dtype or float32: the bounded rows' selection reads them as they are, the rest
+        of the draw is in float32."""
         if inputs.token_bitmask is not None:
             logits = apply_bitmask(logits, inputs.token_bitmask)
         tokens = logits.argmax(dim=-1)
@@ -247,7 +261,9 @@ class Sampler:
         temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
         token_ids = None  # the columns' tokens where bounded (sorted, descending)
         if bounded:  # before the temperature, which keeps the order: it then divides the columns kept alone
-            logits, token_ids = logits.topk(TOP_K_BOUND, dim=-1)
+            logits, token_ids = self._top_tokens(logits)
+        else:
+            logits = logits.float()
         logits = logits / temperatures[:, None]
         if token_ids is not None:
             logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)

@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     layouts | ragged_tiles | extend | sample | batch | batch_gemm | batch_steps | split |
+     layouts | ragged_tiles | extend | sample | top_k | batch | batch_gemm | batch_steps | split |
      split_steps | tma | tma_steps | tma_down | prefill_gate_up]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
@@ -852,6 +852,49 @@ def sweep_sample_programs() -> None:
     finally:
         module.TARGET_PROGRAMS = chosen
 
+
+def sweep_top_k_select() -> None:
+    """The top 256 of Qwen3's vocabulary a row (the sampler's bounded rows): torch.topk against
+    sfllm.kernels.top_k_select at several TARGET_PROGRAMS and BLOCKs, microseconds per graph replay (GPU time), and
+    eagerly per call as the sampler launches them (host and GPU; synchronised). Each result is checked against a
+    stable sort: the same ids in the same order."""
+    module = sys.modules["sfllm.kernels.top_k_select"]
+    vocab, k, chosen = 151936, 256, (module.TARGET_PROGRAMS, module.BLOCK)
+    settings = [(512, 2048), (2048, 1024), (2048, 2048), (2048, 4096), (4096, 2048), (8192, 1024)]
+    print("| logits | rows | torch.topk | " + " | ".join(f"{t} programs, block {b}" for t, b in settings)
+          + " | eager: topk / top_k_select (chosen) |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in settings) + " | --- |")
+
+    def eager_microseconds(run) -> float:
+        run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / 50
+
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in (1, 8, 64, 256):
+                logits = (torch.randn(rows, vocab + 64, device="cuda") * 4).to(dtype)[:, :vocab]
+                expected = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+                cells = [f"{_graph_microseconds(lambda: torch.topk(logits, k)):.1f}"]
+                for target, block in settings:
+                    module.TARGET_PROGRAMS, module.BLOCK = target, block
+                    ids = module.top_k_select(logits, k)[1]
+                    assert torch.equal(ids, expected), f"{target} programs, block {block}, {rows} rows"
+                    cells.append(f"{_graph_microseconds(lambda: module.top_k_select(logits, k)):.1f}")
+                module.TARGET_PROGRAMS, module.BLOCK = chosen
+                eager = (f"{eager_microseconds(lambda: torch.topk(logits, k)):.1f} / "
+                         f"{eager_microseconds(lambda: module.top_k_select(logits, k)):.1f}")
+                print(f"| {str(dtype)[6:]} | {rows} | " + " | ".join(cells) + f" | {eager} |", flush=True)
+    finally:
+        module.TARGET_PROGRAMS, module.BLOCK = chosen
+
+
 @triton.jit
 def _tiled_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1264,7 +1307,8 @@ def bench_tma_down_steps() -> None:
 MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [sweep_ragged_layouts],
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
-         "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "batch": [bench_by_batch],
+         "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "top_k": [sweep_top_k_select],
+         "batch": [bench_by_batch],
          "gate_up": [sweep_gate_up_silu], "batch_gemm": [sweep_batch_matmul],
          "batch_steps": [bench_batch_steps], "split": [bench_split_steps],
          "split_steps": [functools.partial(bench_split_steps, sweep=False)],

@@ -388,6 +388,46 @@ def test_eager_sampler_draws_on_the_gpu_what_its_torch_path_draws() -> None:
     assert not torch.equal(draws[0], draws[1]), "each draw takes fresh noise"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 8, 64, 256])
+def test_top_k_select_at_qwen3s_vocabulary_is_a_stable_sorts_first_256(rows: int, dtype: torch.dtype) -> None:
+    """Each row's 256 largest of 151,936 logits in rows padded as a graph's are, compiled: the ids and values of a
+    stable sort (equal logits, frequent in bf16, keep the lower id first), and the same for a row alone."""
+    from sfllm.kernels import top_k_select
+
+    generator = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, 151936 + 64, generator=generator) * 4).to(dtype).cuda()[:, :151936]
+    logits[0, 1000:1400] = logits[0].float().topk(200).values[-1]  # a 400-way tie across rank 256
+    values, ids = top_k_select(logits, 256)
+    expected_values, expected_ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    assert torch.equal(ids, expected_ids[:, :256])
+    assert torch.equal(values, expected_values[:, :256])
+    assert torch.equal(top_k_select(logits[-1:], 256)[1], ids[-1:])
+
+
+def test_bounded_rows_draw_on_the_gpu_the_seeded_tokens_the_cpu_draws() -> None:
+    """Qwen3's sampling (temperature 0.6, top_k 20, top_p 0.95) and other bounded rows, seeded, at its vocabulary:
+    the GPU's radix select and the CPU's torch.topk pick the same columns from distinct float32 logits, so the
+    sampler draws the same tokens on both; rows asking for logprobs (float32 keys) and greedy rows among them."""
+    from sfllm.sampling_params import SamplingParams
+    from sfllm.worker.sampler import Sampler, SamplingInputs
+
+    vocab, rows = 151936, 48
+    kinds = [dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=1.0, top_k=50, min_p=0.05),
+             dict(temperature=0.8, top_k=256), dict(temperature=0.0)]
+    params = [SamplingParams(**kinds[row % 4], seed=row, logprobs=1 if row % 5 == 0 else None)
+              for row in range(rows)]
+    generator = torch.Generator().manual_seed(4)
+    for step in range(3):
+        logits = torch.randn(rows, vocab, generator=generator) * 3
+        positions = [step + row for row in range(rows)]
+        drawn = {device: Sampler(seed=2)(logits.to(device), SamplingInputs.build(params, positions, vocab,
+                                                                                torch.device(device)))
+                 for device in ("cpu", "cuda")}
+        assert drawn["cuda"].token_ids.cpu().tolist() == drawn["cpu"].token_ids.tolist()
+        assert drawn["cpu"].token_ids[3::4].tolist() == logits[3::4].argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("batch", [1, 48, 96, 200])  # the skinny kernels' GEMMs (one program's rows, row tiles), the
 # TMA kernel's (with cuBLAS's down_proj)
 def test_a_decode_step_launched_early_equals_it_launched_after(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
