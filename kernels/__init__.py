@@ -16,6 +16,7 @@ if importlib.util.find_spec("triton") is not None:
         patch_interpreter_scalar_index()
 
     from sfllm.kernels.decode_attention import DecodeWorkspace, choose_num_kv_splits, decode_attention
+    from sfllm.kernels.draw_top_tokens import draw_top_tokens, warm_up_draw_top_tokens
     from sfllm.kernels.extend_attention import extend_attention, extend_tile_config, extend_tiles
     from sfllm.kernels.fused_norm import fused_add_rms_norm
     from sfllm.kernels.rotary_qk_norm import rotary_qk_norm_
@@ -30,6 +31,7 @@ if importlib.util.find_spec("triton") is not None:
         "DecodeWorkspace",
         "choose_num_kv_splits",
         "decode_attention",
+        "draw_top_tokens",
         "extend_attention",
         "extend_tile_config",
         "extend_tiles",
@@ -43,6 +45,7 @@ if importlib.util.find_spec("triton") is not None:
         "tma_gate_up_silu",
         "tma_matmul",
         "top_k_select",
+        "warm_up_draw_top_tokens",
         "warm_up_sample_tokens",
         "warm_up_top_k_select",
     ]

@@ -222,10 +222,12 @@ class ModelRunner:
             self.plan.graph_note = (f"decode steps of 1..{self.graph_runner.max_decode_batch} sequences, mixed "
                                     f"steps of up to {self.graph_runner.mixed_sizes[-1]} tokens")
         if self.device.type == "cuda":
-            from sfllm.kernels import warm_up_sample_tokens, warm_up_top_k_select
+            from sfllm.kernels import warm_up_draw_top_tokens, warm_up_sample_tokens, warm_up_top_k_select
             warm_up_sample_tokens(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device)
-            warm_up_top_k_select(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device,
-                                 TOP_K_BOUND)
+            if model_config.vocab_size > TOP_K_BOUND:  # the sampler's bounded rows: sfllm.worker.sampler
+                warm_up_top_k_select(model_config.vocab_size, self.shard.padded_vocab_size, self.dtype, self.device,
+                                     TOP_K_BOUND)
+                warm_up_draw_top_tokens(TOP_K_BOUND, self.device)
         logger.info("memory layout%s:\n%s", rank, self.plan.layout())
         self.group.wait_for_all("ready")  # no rank's first step waits in a collective for another's last allocation
 

@@ -172,6 +172,7 @@ class Sampler:
         self._noise_seeds: dict[torch.device, torch.Tensor] = {}
         self._sample_tokens: Callable[..., torch.Tensor] | None = None
         self._top_k_select: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._draw_top_tokens: Callable[..., torch.Tensor] | None = None
         self._seed = seed
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -236,11 +237,26 @@ class Sampler:
             self._top_k_select = top_k_select
         return self._top_k_select(logits, TOP_K_BOUND)
 
+    def _draw_from_top_tokens(self, values: torch.Tensor, token_ids: torch.Tensor, inputs: SamplingInputs
+                              ) -> torch.Tensor:
+        """The rest of a bounded draw in one kernel a step (the torch path below launches some forty); a greedy row
+        takes its top token. Unseeded rows take the kernel's noise, keyed by the counter `_draw_with_kernel` uses."""
+        if self._draw_top_tokens is None:
+            from sfllm.kernels import draw_top_tokens  # Triton: only on a GPU
+            self._draw_top_tokens = draw_top_tokens
+        seed = self._noise_seed(values.device)
+        tokens = self._draw_top_tokens(values, token_ids, inputs.temperatures, inputs.top_ks, inputs.top_ps,
+                                       inputs.min_ps, inputs.seeds, inputs.positions, seed)
+        seed.add_(1)
+        return tokens
+
     def _draw(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         """logits in the model's dtype or float32: the bounded rows' selection reads them as they are, the rest
         of the draw is in float32."""
         if inputs.token_bitmask is not None:
             logits = apply_bitmask(logits, inputs.token_bitmask)
+        if not inputs.all_greedy and inputs.all_bounded and logits.device.type == "cuda":
+            return self._race(logits, inputs, bounded=True)  # its greedy rows take their top token: the argmax
         tokens = logits.argmax(dim=-1)
         if not inputs.all_greedy:
             sampled = self._sample(logits, inputs)
@@ -258,12 +274,14 @@ class Sampler:
 
     def _race(self, logits: torch.Tensor, inputs: SamplingInputs, bounded: bool) -> torch.Tensor:
         """Every row's draw, among the TOP_K_BOUND top tokens if `bounded`, else the whole vocabulary."""
-        temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
         token_ids = None  # the columns' tokens where bounded (sorted, descending)
         if bounded:  # before the temperature, which keeps the order: it then divides the columns kept alone
             logits, token_ids = self._top_tokens(logits)
+            if logits.device.type == "cuda":
+                return self._draw_from_top_tokens(logits, token_ids, inputs)
         else:
             logits = logits.float()
+        temperatures = torch.where(inputs.greedy, torch.ones_like(inputs.temperatures), inputs.temperatures)
         logits = logits / temperatures[:, None]
         if token_ids is not None:
             logits = _top_k_top_p_sorted(logits, inputs.top_ks, inputs.top_ps)
