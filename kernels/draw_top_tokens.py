@@ -58,8 +58,10 @@ def _draw_kernel(values_ptr, ids_ptr, temperatures_ptr, top_ks_ptr, top_ps_ptr, 
         bits = _hash32(_hash32(row_key ^ ids) ^ row_key)
         seeded_noise = (-tl.log((bits.to(tl.float64) + 0.5) * (1.0 / 4294967296.0))).to(tl.float32)
         noise = tl.where(seed >= 0, seeded_noise, noise)
-    # exponential race: argmax(p / E) samples from p
-    choice = tl.argmax(probs / noise, axis=0)
+    # exponential race: argmax(p / E) samples from p. A row of NaN scores (an infinite or NaN logit, or none
+    # finite) takes its first column as torch's argmax does: a compiled argmax never picks a NaN
+    scores = probs / noise
+    choice = tl.argmax(tl.where(scores != scores, float("inf"), scores), axis=0)
     choice = tl.where(temperature == 0.0, 0, choice)
     tl.store(out_ptr + row, tl.sum(tl.where(columns == choice, ids, 0), axis=0))
 

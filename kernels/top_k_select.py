@@ -26,19 +26,23 @@ TARGET_PROGRAMS = 2048
 ID_BITS = 24  # a token id's bits in a sort key: vocabularies below 16.7M tokens
 _ID_BITS = tl.constexpr(ID_BITS)
 _ID_MASK = tl.constexpr((1 << ID_BITS) - 1)
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}  # +inf's bits
 
 
 @triton.jit
-def _ordered_keys(row_start, columns, mask, KEY_BITS: tl.constexpr):
+def _ordered_keys(row_start, columns, mask, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr):
     """Unsigned keys (int64) in the logits' order: a float's bits with the sign bit set for positives and every bit
-    flipped for negatives; -0.0 takes +0.0's key, as the two compare equal."""
+    flipped for negatives; -0.0 takes +0.0's key, as the two compare equal, and a NaN of either sign is the largest,
+    as torch.topk and argmax take it."""
+    values = tl.load(row_start + columns, mask=mask, other=0)
     if KEY_BITS == 16:
-        bits = tl.load(row_start + columns, mask=mask, other=0).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        bits = values.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
     else:
-        bits = tl.load(row_start + columns, mask=mask, other=0).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        bits = values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     sign: tl.constexpr = 1 << (KEY_BITS - 1)
     every: tl.constexpr = (1 << KEY_BITS) - 1
-    bits = tl.where(bits == sign, 0, bits)
+    # a NaN by its bits (all exponent bits and some mantissa bit set): the interpreter's bf16 compares no NaN unequal
+    bits = tl.where((bits == sign) | ((bits & (sign - 1)) > INF_BITS), bits & (sign - 1), bits)
     return tl.where(bits >= sign, bits ^ every, bits | sign)
 
 
@@ -57,53 +61,56 @@ def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr):
     return prefix, remaining
 
 
-# the ints that change with the batch are not specialised on (== 1, a multiple of 16): one compiled variant serves every
-# batch, so none is compiled while requests wait (warm_up_top_k_select compiles them at the engine's start)
-@triton.jit(do_not_specialize=["stride_row", "batch", "chunk_size"])
+# The ints that change with the batch are not specialised on (== 1, a multiple of 16): one compiled variant serves every
+# batch, so none is compiled while requests wait (warm_up_top_k_select compiles the row strides a step has at the
+# engine's start). The row stride stays specialised, and a chunk's start is a multiple of BLOCK: known 16-byte
+# aligned, a row's loads are vector loads (8 scalar loads a thread without, by a review's reading of the PTX).
+@triton.jit(do_not_specialize=["batch", "chunk_size"])
 def _digit_histogram_kernel(logits_ptr, stride_row, hist_ptr, batch, vocab_size, chunk_size, k,
-                            DIGIT: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                            DIGIT: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     prefix, _ = _threshold(hist_ptr, row, batch, k, DIGIT)
     shift: tl.constexpr = KEY_BITS - 8 * (DIGIT + 1)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
-    chunk_start = chunk * chunk_size
+    chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
     counts = tl.zeros((256,), tl.int32)
     for start in range(chunk_start, chunk_end, BLOCK):
         columns = start + tl.arange(0, BLOCK)
         mask = columns < chunk_end
-        keys = _ordered_keys(row_start, columns, mask, KEY_BITS)
+        keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
         if DIGIT > 0:
             mask = mask & ((keys >> (shift + 8)) == prefix)
         counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=mask)
     tl.atomic_add(hist_ptr + (DIGIT * batch + row) * 256 + tl.arange(0, 256), counts, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["stride_row", "batch", "chunk_size", "num_chunks"])
+@triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
 def _count_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, batch, vocab_size, chunk_size, num_chunks,
-                  k, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                  k, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     threshold, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
-    chunk_start = chunk * chunk_size
+    chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
     above = tl.zeros((), tl.int32)
     ties = tl.zeros((), tl.int32)
     for start in range(chunk_start, chunk_end, BLOCK):
         columns = start + tl.arange(0, BLOCK)
         mask = columns < chunk_end
-        keys = _ordered_keys(row_start, columns, mask, KEY_BITS)
+        keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
         above += tl.sum((mask & (keys > threshold)).to(tl.int32), axis=0)
         ties += tl.sum((mask & (keys == threshold)).to(tl.int32), axis=0)
     tl.store(above_ptr + row * num_chunks + chunk, above)
     tl.store(ties_ptr + row * num_chunks + chunk, ties)
 
 
-@triton.jit(do_not_specialize=["stride_row", "batch", "chunk_size", "num_chunks"])
+@triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
 def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, selected_ptr, batch, vocab_size,
-                   chunk_size, num_chunks, k, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   chunk_size, num_chunks, k, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr,
                    BLOCK_CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -116,12 +123,12 @@ def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, select
     has_ties = (tl.load(ties_ptr + row * num_chunks + chunk) > 0) & (ties_before < ties_taken)
     if has_above | has_ties:
         row_start = logits_ptr + row.to(tl.int64) * stride_row
-        chunk_start = chunk * chunk_size
+        chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
         chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
         for start in range(chunk_start, chunk_end, BLOCK):
             columns = start + tl.arange(0, BLOCK)
             mask = columns < chunk_end
-            keys = _ordered_keys(row_start, columns, mask, KEY_BITS)
+            keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
             is_above = mask & (keys > threshold)
             is_tie = mask & (keys == threshold)
             above_rank = above_before + tl.cumsum(is_above.to(tl.int32), axis=0) - 1
@@ -135,7 +142,7 @@ def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, select
             ties_before += tl.sum(is_tie.to(tl.int32), axis=0)
 
 
-@triton.jit(do_not_specialize=["stride_row"])
+@triton.jit
 def _sort_kernel(logits_ptr, stride_row, selected_ptr, values_ptr, ids_ptr, k, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     slots = tl.arange(0, BLOCK_K)
@@ -166,6 +173,7 @@ def top_k_select(logits: torch.Tensor, k: int, chunks_per_row: int | None = None
     if not batch:
         return values, ids
     key_bits = logits.element_size() * 8
+    inf_bits = _INF_BITS[logits.dtype]
     blocks = triton.cdiv(vocab_size, BLOCK)
     num_chunks = max(1, min(blocks, chunks_per_row or TARGET_PROGRAMS // batch))
     chunk_size = triton.cdiv(blocks, num_chunks) * BLOCK
@@ -177,11 +185,11 @@ def top_k_select(logits: torch.Tensor, k: int, chunks_per_row: int | None = None
     grid = (batch, num_chunks)
     for digit in range(key_bits // 8):
         _digit_histogram_kernel[grid](logits, logits.stride(0), hist, batch, vocab_size, chunk_size, k,
-                                      DIGIT=digit, KEY_BITS=key_bits, BLOCK=BLOCK, num_warps=8)
+                                      DIGIT=digit, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
     _count_kernel[grid](logits, logits.stride(0), hist, above, ties, batch, vocab_size, chunk_size, num_chunks, k,
-                        KEY_BITS=key_bits, BLOCK=BLOCK, num_warps=8)
+                        KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
     _gather_kernel[grid](logits, logits.stride(0), hist, above, ties, selected, batch, vocab_size, chunk_size,
-                         num_chunks, k, KEY_BITS=key_bits, BLOCK=BLOCK,
+                         num_chunks, k, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK,
                          BLOCK_CHUNKS=triton.next_power_of_2(blocks), num_warps=8)
     _sort_kernel[(batch,)](logits, logits.stride(0), selected, values, ids, k, BLOCK_K=triton.next_power_of_2(k),
                            num_warps=4)

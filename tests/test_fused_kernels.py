@@ -309,6 +309,8 @@ def _awkward_logits(dtype: torch.dtype, vocab: int) -> torch.Tensor:
     logits[2, 40:] = float("-inf")
     logits[3, ::2], logits[3, 1::2] = -0.0, 0.0
     logits[4, 11] = float("nan")
+    sign_and_nan = {torch.bfloat16: (torch.int16, -0x40), torch.float32: (torch.int32, -0x400000)}[dtype]
+    logits[4:5].view(sign_and_nan[0])[0, 5] = sign_and_nan[1]  # a NaN with its sign bit set: still the largest
     logits[5, 300:420] = logits[5].float().topk(30).values[-1]  # 120 ties at about rank 30
     logits[6, :vocab // 2] = 9.0  # half the row tied above the rest
     padded = torch.zeros(7, vocab + 24, dtype=dtype)
@@ -377,7 +379,8 @@ def _bounded_inputs(params: list, vocab: int):
 @pytest.mark.parametrize("with_min_p", [True, False])
 def test_draw_top_tokens_draws_the_seeded_tokens_of_the_samplers_torch_path(with_min_p: bool) -> None:
     """Qwen3's sampling beside other bounded rows, seeded, from the same top 256 columns: the kernel draws the torch
-    path's tokens (the same noise, a hash of seed, position and token id); a greedy row takes its top token."""
+    path's tokens (the same noise, a hash of seed, position and token id); a greedy row takes its top token, and a
+    row with an infinite logit (every score NaN) its first column, as torch's argmax."""
     from sfllm.sampling_params import SamplingParams
     from sfllm.worker.sampler import TOP_K_BOUND, Sampler
 
@@ -401,6 +404,9 @@ def test_draw_top_tokens_draws_the_seeded_tokens_of_the_samplers_torch_path(with
         tokens = draw_top_tokens(*on_device, noise_seed).cpu()
         assert tokens[:4].tolist() == expected[:4].tolist()
         assert tokens[4] == logits[4].argmax()
+    values[1, 0] = float("inf")
+    on_device[0] = values.to(DEVICE)
+    assert draw_top_tokens(*on_device, noise_seed)[1].item() == ids[1, 0].item()
 
 
 def test_draw_top_tokens_unseeded_rows_draw_from_the_renormalised_nucleus() -> None:

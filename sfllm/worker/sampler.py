@@ -230,9 +230,9 @@ class Sampler:
         """Each row's TOP_K_BOUND largest logits (float32, descending) and their ids. On a GPU by a radix select
         that keeps the lowest ids of a tie and reads the logits in their own dtype; torch.topk's float32 copy and
         selection cost 100-650 us (docs/performance.md, thirty-fourth session)."""
+        if logits.device.type != "cuda":
+            return logits.float().topk(TOP_K_BOUND, dim=-1)
         if self._top_k_select is None:
-            if logits.device.type != "cuda":
-                return logits.float().topk(TOP_K_BOUND, dim=-1)
             from sfllm.kernels import top_k_select  # Triton: only on a GPU
             self._top_k_select = top_k_select
         return self._top_k_select(logits, TOP_K_BOUND)
