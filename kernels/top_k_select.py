@@ -24,8 +24,6 @@ BLOCK = 2048
 # over ~75 programs of Qwen3's vocabulary, so one row's passes are bound by their launches, not the bytes.
 TARGET_PROGRAMS = 2048
 ID_BITS = 24  # a token id's bits in a sort key: vocabularies below 16.7M tokens
-# A digit's bits, a histogram pass each: 8 (256 bins, two passes for 16-bit keys) or 4 (16 bins, four passes)
-RADIX_BITS = 8
 _ID_BITS = tl.constexpr(ID_BITS)
 _ID_MASK = tl.constexpr((1 << ID_BITS) - 1)
 _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}  # +inf's bits
@@ -49,19 +47,17 @@ def _ordered_keys(row_start, columns, mask, KEY_BITS: tl.constexpr, INF_BITS: tl
 
 
 @triton.jit
-def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """The first DIGITS digits of the row's k-th largest key, and how many of the k share them (the rest are
-    above)."""
-    num_bins: tl.constexpr = 1 << RADIX_BITS
+def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr):
+    """The first DIGITS bytes of the row's k-th largest key, and how many of the k share them (the rest are above)."""
     prefix = tl.zeros((), tl.int64)
     remaining = k
-    bins = tl.arange(0, num_bins)
+    bins = tl.arange(0, 256)
     for digit_index in tl.static_range(DIGITS):
-        counts = tl.load(hist_ptr + (digit_index * batch + row) * num_bins + bins)
+        counts = tl.load(hist_ptr + (digit_index * batch + row) * 256 + bins)
         at_or_above = tl.cumsum(counts, axis=0, reverse=True)
         digit = tl.sum((at_or_above >= remaining).to(tl.int32), axis=0) - 1
         remaining -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
-        prefix = prefix * num_bins + digit
+        prefix = prefix * 256 + digit
     return prefix, remaining
 
 
@@ -71,33 +67,32 @@ def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr, RADIX_BITS: tl.con
 # aligned, a row's loads are vector loads (8 scalar loads a thread without, by a review's reading of the PTX).
 @triton.jit(do_not_specialize=["batch", "chunk_size"])
 def _digit_histogram_kernel(logits_ptr, stride_row, hist_ptr, batch, vocab_size, chunk_size, k,
-                            DIGIT: tl.constexpr, RADIX_BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                            INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                            DIGIT: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    prefix, _ = _threshold(hist_ptr, row, batch, k, DIGIT, RADIX_BITS)
-    num_bins: tl.constexpr = 1 << RADIX_BITS
-    shift: tl.constexpr = KEY_BITS - RADIX_BITS * (DIGIT + 1)
+    prefix, _ = _threshold(hist_ptr, row, batch, k, DIGIT)
+    shift: tl.constexpr = KEY_BITS - 8 * (DIGIT + 1)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
     chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
-    counts = tl.zeros((num_bins,), tl.int32)
+    counts = tl.zeros((256,), tl.int32)
     for start in range(chunk_start, chunk_end, BLOCK):
         columns = start + tl.arange(0, BLOCK)
         mask = columns < chunk_end
         keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
         if DIGIT > 0:
-            mask = mask & ((keys >> (shift + RADIX_BITS)) == prefix)
-        counts += tl.histogram(((keys >> shift) & (num_bins - 1)).to(tl.int32), num_bins, mask=mask)
-    tl.atomic_add(hist_ptr + (DIGIT * batch + row) * num_bins + tl.arange(0, num_bins), counts, sem="relaxed")
+            mask = mask & ((keys >> (shift + 8)) == prefix)
+        counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=mask)
+    tl.atomic_add(hist_ptr + (DIGIT * batch + row) * 256 + tl.arange(0, 256), counts, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
 def _count_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, batch, vocab_size, chunk_size, num_chunks,
-                  k, RADIX_BITS: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                  k, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    threshold, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // RADIX_BITS, RADIX_BITS)
+    threshold, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
     chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
@@ -115,11 +110,11 @@ def _count_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, batch, 
 
 @triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
 def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, selected_ptr, batch, vocab_size,
-                   chunk_size, num_chunks, k, RADIX_BITS: tl.constexpr, KEY_BITS: tl.constexpr,
-                   INF_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+                   chunk_size, num_chunks, k, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    threshold, ties_taken = _threshold(hist_ptr, row, batch, k, KEY_BITS // RADIX_BITS, RADIX_BITS)
+    threshold, ties_taken = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8)
     chunks = tl.arange(0, BLOCK_CHUNKS)
     before = chunks < chunk
     above_before = tl.sum(tl.load(above_ptr + row * num_chunks + chunks, mask=before, other=0), axis=0)
@@ -183,20 +178,18 @@ def top_k_select(logits: torch.Tensor, k: int, chunks_per_row: int | None = None
     num_chunks = max(1, min(blocks, chunks_per_row or TARGET_PROGRAMS // batch))
     chunk_size = triton.cdiv(blocks, num_chunks) * BLOCK
     num_chunks = triton.cdiv(vocab_size, chunk_size)
-    passes = key_bits // RADIX_BITS
-    hist = torch.zeros(passes, batch, 1 << RADIX_BITS, dtype=torch.int32, device=device)
+    hist = torch.zeros(key_bits // 8, batch, 256, dtype=torch.int32, device=device)
     above = torch.empty(batch, num_chunks, dtype=torch.int32, device=device)
     ties = torch.empty(batch, num_chunks, dtype=torch.int32, device=device)
     selected = torch.empty(batch, k, dtype=torch.int64, device=device)
     grid = (batch, num_chunks)
-    for digit in range(passes):
+    for digit in range(key_bits // 8):
         _digit_histogram_kernel[grid](logits, logits.stride(0), hist, batch, vocab_size, chunk_size, k,
-                                      DIGIT=digit, RADIX_BITS=RADIX_BITS, KEY_BITS=key_bits, INF_BITS=inf_bits,
-                                      BLOCK=BLOCK, num_warps=8)
+                                      DIGIT=digit, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
     _count_kernel[grid](logits, logits.stride(0), hist, above, ties, batch, vocab_size, chunk_size, num_chunks, k,
-                        RADIX_BITS=RADIX_BITS, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
+                        KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
     _gather_kernel[grid](logits, logits.stride(0), hist, above, ties, selected, batch, vocab_size, chunk_size,
-                         num_chunks, k, RADIX_BITS=RADIX_BITS, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK,
+                         num_chunks, k, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK,
                          BLOCK_CHUNKS=triton.next_power_of_2(blocks), num_warps=8)
     _sort_kernel[(batch,)](logits, logits.stride(0), selected, values, ids, k, BLOCK_K=triton.next_power_of_2(k),
                            num_warps=4)

@@ -318,15 +318,12 @@ def _awkward_logits(dtype: torch.dtype, vocab: int) -> torch.Tensor:
     return padded.to(DEVICE)[:, :vocab]
 
 
-@pytest.mark.parametrize("dtype, radix_bits", [(torch.bfloat16, 8), (torch.float32, 8), (torch.bfloat16, 4)])
-def test_top_k_select_is_a_stable_sorts_first_k(dtype: torch.dtype, radix_bits: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top_k_select_is_a_stable_sorts_first_k(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The k largest of each row, descending, the lower id first among equal logits (and the lowest ids of a tie at
-    the k-th place kept), whatever the rows' chunking among programs and the digits' width; -0.0 and 0.0 are equal,
-    NaN is the largest."""
+    the k-th place kept), whatever the rows' chunking among programs; -0.0 and 0.0 are equal, NaN is the largest."""
     module = importlib.import_module("sfllm.kernels.top_k_select")
     monkeypatch.setattr(module, "BLOCK", 256)  # several chunks a row at an interpreter's size
-    monkeypatch.setattr(module, "RADIX_BITS", radix_bits)
     logits = _awkward_logits(dtype, 1500)
     # k below the sampler's 256: the interpreter's sort takes about a second a row at 256
     for k, chunks_per_row in ((64, None), (64, 2), (37, 1)):

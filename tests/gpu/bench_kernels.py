@@ -855,14 +855,13 @@ def sweep_sample_programs() -> None:
 
 def sweep_top_k_select() -> None:
     """The top 256 of Qwen3's vocabulary a row (the sampler's bounded rows): torch.topk against
-    sfllm.kernels.top_k_select at several TARGET_PROGRAMS, BLOCKs and RADIX_BITS, microseconds per graph replay (GPU
-    time), and eagerly per call as the sampler launches them (host and GPU; synchronised). Each result is checked against a
+    sfllm.kernels.top_k_select at several TARGET_PROGRAMS and BLOCKs, microseconds per graph replay (GPU time), and
+    eagerly per call as the sampler launches them (host and GPU; synchronised). Each result is checked against a
     stable sort: the same ids in the same order."""
     module = sys.modules["sfllm.kernels.top_k_select"]
-    vocab, k, chosen = 151936, 256, (module.TARGET_PROGRAMS, module.BLOCK, module.RADIX_BITS)
-    settings = [(2048, 2048, 8), (2048, 1024, 8), (2048, 2048, 4), (2048, 1024, 4), (4096, 1024, 4), (512, 2048, 4)]
-    print("| logits | rows | torch.topk | "
-          + " | ".join(f"{t} programs, block {b}, {r}-bit digits" for t, b, r in settings)
+    vocab, k, chosen = 151936, 256, (module.TARGET_PROGRAMS, module.BLOCK)
+    settings = [(512, 2048), (2048, 1024), (2048, 2048), (2048, 4096), (4096, 2048), (8192, 1024)]
+    print("| logits | rows | torch.topk | " + " | ".join(f"{t} programs, block {b}" for t, b in settings)
           + " | eager: topk / top_k_select (chosen) |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in settings) + " | --- |")
 
@@ -883,17 +882,17 @@ def sweep_top_k_select() -> None:
                 logits = (torch.randn(rows, vocab + 64, device="cuda") * 4).to(dtype)[:, :vocab]
                 expected = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
                 cells = [f"{_graph_microseconds(lambda: torch.topk(logits, k)):.1f}"]
-                for target, block, radix_bits in settings:
-                    module.TARGET_PROGRAMS, module.BLOCK, module.RADIX_BITS = target, block, radix_bits
+                for target, block in settings:
+                    module.TARGET_PROGRAMS, module.BLOCK = target, block
                     ids = module.top_k_select(logits, k)[1]
-                    assert torch.equal(ids, expected), f"{target}, {block}, {radix_bits} bits, {rows} rows"
+                    assert torch.equal(ids, expected), f"{target} programs, block {block}, {rows} rows"
                     cells.append(f"{_graph_microseconds(lambda: module.top_k_select(logits, k)):.1f}")
-                module.TARGET_PROGRAMS, module.BLOCK, module.RADIX_BITS = chosen
+                module.TARGET_PROGRAMS, module.BLOCK = chosen
                 eager = (f"{eager_microseconds(lambda: torch.topk(logits, k)):.1f} / "
                          f"{eager_microseconds(lambda: module.top_k_select(logits, k)):.1f}")
                 print(f"| {str(dtype)[6:]} | {rows} | " + " | ".join(cells) + f" | {eager} |", flush=True)
     finally:
-        module.TARGET_PROGRAMS, module.BLOCK, module.RADIX_BITS = chosen
+        module.TARGET_PROGRAMS, module.BLOCK = chosen
 
 
 @triton.jit
