@@ -1,7 +1,7 @@
 """Time the attention kernels on a GPU at model shapes and print tables for docs/performance.md.
 
 Run: python tests/gpu/bench_kernels.py [sweep | gate_up | gemm | gemm_triton | halves | bandwidth | pdl | ragged |
-     layouts | ragged_tiles | extend | sample | top_k | batch | batch_gemm | batch_steps | split |
+     layouts | ragged_tiles | extend | sample | top_k | top_k_passes | batch | batch_gemm | batch_steps | split |
      split_steps | tma | tma_steps | tma_down | prefill_gate_up]
 Decode is timed replayed in a CUDA graph, as the engine runs it, and eagerly (which adds the Python and
 launch overhead of two kernels); its bandwidth is the KV bytes read (2 * batch * seq * kv_heads * head_dim *
@@ -895,6 +895,54 @@ def sweep_top_k_select() -> None:
         module.TARGET_PROGRAMS, module.BLOCK = chosen
 
 
+
+def time_top_k_select_kernels() -> None:
+    """Where top_k_select's time goes: each of its kernels replayed alone in a CUDA graph (microseconds), bf16 logits
+    of Qwen3's vocabulary in rows padded as the decode graphs' are, at the default programs and block."""
+    module = sys.modules["sfllm.kernels.top_k_select"]
+    vocab, k, inf_bits = 151936, 256, 0x7F80
+    print("| rows | zero + first histogram | second histogram | count | gather | sort | top_k_select |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for rows in (1, 8, 64, 256):
+        logits = (torch.randn(rows, vocab + 64, device="cuda") * 4).to(DTYPE)[:, :vocab]
+        blocks = triton.cdiv(vocab, module.BLOCK)
+        num_chunks = max(1, min(blocks, module.TARGET_PROGRAMS // rows))
+        chunk_size = triton.cdiv(blocks, num_chunks) * module.BLOCK
+        num_chunks = triton.cdiv(vocab, chunk_size)
+        hist = torch.zeros(2, rows, 256, dtype=torch.int32, device="cuda")
+        above, ties = (torch.empty(rows, num_chunks, dtype=torch.int32, device="cuda") for _ in range(2))
+        selected = torch.empty(rows, k, dtype=torch.int64, device="cuda")
+        values = torch.empty(rows, k, dtype=torch.float32, device="cuda")
+        ids = torch.empty(rows, k, dtype=torch.int64, device="cuda")
+        grid, common = (rows, num_chunks), dict(KEY_BITS=16, INF_BITS=inf_bits, BLOCK=module.BLOCK, num_warps=8)
+
+        def histogram(digit: int) -> None:
+            if digit == 0:
+                hist.zero_()
+            module._digit_histogram_kernel[grid](logits, logits.stride(0), hist, rows, vocab, chunk_size, k,
+                                                 DIGIT=digit, **common)
+
+        def count() -> None:
+            module._count_kernel[grid](logits, logits.stride(0), hist, above, ties, rows, vocab, chunk_size,
+                                       num_chunks, k, **common)
+
+        def gather() -> None:
+            module._gather_kernel[grid](logits, logits.stride(0), hist, above, ties, selected, rows, vocab,
+                                        chunk_size, num_chunks, k, BLOCK_CHUNKS=triton.next_power_of_2(blocks),
+                                        **common)
+
+        def sort() -> None:
+            module._sort_kernel[(rows,)](logits, logits.stride(0), selected, values, ids, k, BLOCK_K=k, num_warps=4)
+
+        stages = [lambda: histogram(0), lambda: histogram(1), count, gather, sort]
+        for stage in stages:  # once in order, so that each replay below reads what the one before it wrote
+            stage()
+        assert torch.equal(ids, module.top_k_select(logits, k)[1])
+        cells = [f"{_graph_microseconds(stage):.1f}" for stage in stages]
+        cells.append(f"{_graph_microseconds(lambda: module.top_k_select(logits, k)):.1f}")
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
 @triton.jit
 def _tiled_matmul_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1308,6 +1356,7 @@ MODES = {"extend": [sweep_extend], "ragged": [bench_ragged_decode], "layouts": [
          "ragged_tiles": [sweep_ragged_tiles], "gemm": [sweep_gemm_backends],
          "halves": [bench_two_halves], "bandwidth": [bench_bandwidth], "pdl": [bench_dependent_launch],
          "gemm_triton": [sweep_gemm_triton], "sample": [sweep_sample_programs], "top_k": [sweep_top_k_select],
+         "top_k_passes": [time_top_k_select_kernels],
          "batch": [bench_by_batch],
          "gate_up": [sweep_gate_up_silu], "batch_gemm": [sweep_batch_matmul],
          "batch_steps": [bench_batch_steps], "split": [bench_split_steps],
