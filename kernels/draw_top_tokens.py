@@ -71,8 +71,9 @@ def draw_top_tokens(values: torch.Tensor, ids: torch.Tensor, temperatures: torch
                     seeds: torch.Tensor | None, positions: torch.Tensor | None, noise_seed: torch.Tensor
                     ) -> torch.Tensor:
     """values [B, K] float32 sorted descending with their token ids [B, K] int64; per row: temperatures [B] float32
-    (0: greedy), top_ks [B] int64 (K or more: off), top_ps [B] float32 (1: off), min_ps [B] float32, seeds [B] int64 (-1:
-    unseeded) with positions [B] int64 (the sampled token's); noise_seed [1] int64 -> token ids [B] int64."""
+    (0: greedy), top_ks [B] int64 (K or more: off), top_ps [B] float32 (1: off), min_ps [B] float32, seeds [B]
+    int64 (-1: unseeded) with positions [B] int64 (the sampled token's); noise_seed [1] int64 -> token ids [B]
+    int64."""
     check_kernel_inputs(values, ids, temperatures, top_ks, top_ps, noise_seed)
     batch, k = values.shape
     if (values.dtype != torch.float32 or ids.dtype != torch.int64 or ids.shape != values.shape

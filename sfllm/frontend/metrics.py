@@ -220,7 +220,8 @@ class EngineStatsCollector(Collector):
                                 if stats.prefix_cache_queries else 0.0)
         yield CounterMetricFamily("sfllm_preemptions", "Requests preempted to make room", value=stats.num_preemptions)
         yield CounterMetricFamily("sfllm_engine_steps", "Model steps run", value=stats.num_steps)
-        yield GaugeMetricFamily("sfllm_batch_size", "Sequences in the latest step (0 while idle)", value=stats.batch_size)
+        yield GaugeMetricFamily("sfllm_batch_size", "Sequences in the latest step (0 while idle)",
+                                value=stats.batch_size)
         yield GaugeMetricFamily("sfllm_step_time_seconds", "Duration of the latest step", value=stats.step_time_s)
         yield GaugeMetricFamily("sfllm_gpu_memory_allocated_bytes", "GPU memory held by tensors in the worker",
                                 value=stats.gpu_memory_allocated)

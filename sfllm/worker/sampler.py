@@ -15,10 +15,11 @@ from sfllm.sampling_params import SamplingParams
 from sfllm.worker.token_mask import apply_bitmask
 
 _MASK32 = 0xFFFFFFFF
-# A sampled row that keeps at most this many tokens (top_k) draws among torch.topk's this many columns instead of
-# sorting the whole vocabulary: on a GPU the sort of [B, V] logits and the mask, softmax, cumsum and scatter over all
-# of it are most of a top-k/p row's cost. The count is fixed, not the batch's largest top_k: which of tied logits
-# make a row's top k is then the same whatever shares its batch, so a seeded row draws the same tokens.
+# A sampled row that keeps at most this many tokens (top_k) draws among its this many top columns (torch.topk on a
+# CPU, sfllm.kernels.top_k_select on a GPU) instead of sorting the whole vocabulary: on a GPU the sort of [B, V]
+# logits and the mask, softmax, cumsum and scatter over all of it are most of a top-k/p row's cost. The count is
+# fixed, not the batch's largest top_k: which of tied logits make a row's top k is then the same whatever shares its
+# batch, so a seeded row draws the same tokens.
 TOP_K_BOUND = 256
 
 
