@@ -6,8 +6,8 @@ a preemption re-runs it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -171,9 +171,7 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._noise_seeds: dict[torch.device, torch.Tensor] = {}
-        self._sample_tokens: Callable[..., torch.Tensor] | None = None
-        self._top_k_select: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._draw_top_tokens: Callable[..., torch.Tensor] | None = None
+        self._kernels: ModuleType | None = None  # sfllm.kernels, once a GPU's draw needs it
         self._seed = seed
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -214,15 +212,19 @@ class Sampler:
         ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs, ranks)
 
+    def _gpu_kernels(self) -> ModuleType:
+        if self._kernels is None:
+            from sfllm import kernels  # Triton: only on a GPU
+            self._kernels = kernels
+        return self._kernels
+
     def _draw_with_kernel(self, logits: torch.Tensor, inputs: SamplingInputs, out: torch.Tensor | None
                           ) -> torch.Tensor:
         """Argmax or temperature, over a grammar's allowed tokens, in one pass over the logits (no masked or
         float32 copy of them): the same draw as `_draw`, in a launch or two instead of a dozen."""
-        if self._sample_tokens is None:
-            from sfllm.kernels import sample_tokens  # Triton: only on a GPU
-            self._sample_tokens = sample_tokens
         seed = self._noise_seed(logits.device)
-        tokens = self._sample_tokens(logits, inputs.temperatures, seed, out=out, bitmask=inputs.token_bitmask)
+        tokens = self._gpu_kernels().sample_tokens(logits, inputs.temperatures, seed, out=out,
+                                                   bitmask=inputs.token_bitmask)
         if not inputs.all_greedy:
             seed.add_(1)
         return tokens
@@ -233,21 +235,16 @@ class Sampler:
         selection cost 100-650 us (docs/performance.md, thirty-fourth session)."""
         if logits.device.type != "cuda":
             return logits.float().topk(TOP_K_BOUND, dim=-1)
-        if self._top_k_select is None:
-            from sfllm.kernels import top_k_select  # Triton: only on a GPU
-            self._top_k_select = top_k_select
-        return self._top_k_select(logits, TOP_K_BOUND)
+        return self._gpu_kernels().top_k_select(logits, TOP_K_BOUND)
 
     def _draw_from_top_tokens(self, values: torch.Tensor, token_ids: torch.Tensor, inputs: SamplingInputs
                               ) -> torch.Tensor:
         """The rest of a bounded draw in one kernel a step (the torch path below launches some forty); a greedy row
         takes its top token. Unseeded rows take the kernel's noise, keyed by the counter `_draw_with_kernel` uses."""
-        if self._draw_top_tokens is None:
-            from sfllm.kernels import draw_top_tokens  # Triton: only on a GPU
-            self._draw_top_tokens = draw_top_tokens
         seed = self._noise_seed(values.device)
-        tokens = self._draw_top_tokens(values, token_ids, inputs.temperatures, inputs.top_ks, inputs.top_ps,
-                                       inputs.min_ps, inputs.seeds, inputs.positions, seed)
+        tokens = self._gpu_kernels().draw_top_tokens(values, token_ids, inputs.temperatures, inputs.top_ks,
+                                                     inputs.top_ps, inputs.min_ps, inputs.seeds, inputs.positions,
+                                                     seed)
         seed.add_(1)
         return tokens
 
@@ -257,7 +254,8 @@ class Sampler:
         if inputs.token_bitmask is not None:
             logits = apply_bitmask(logits, inputs.token_bitmask)
         if not inputs.all_greedy and inputs.all_bounded and logits.device.type == "cuda":
-            return self._race(logits, inputs, bounded=True)  # its greedy rows take their top token: the argmax
+            # its greedy rows take their top token: the argmax
+            return self._draw_from_top_tokens(*self._top_tokens(logits), inputs)
         tokens = logits.argmax(dim=-1)
         if not inputs.all_greedy:
             sampled = self._sample(logits, inputs)
