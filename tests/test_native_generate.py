@@ -11,7 +11,9 @@ import pytest
 from sfllm.config import ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.tokenizer import Tokenizer
-from test_frontend_app import SCRIPT, ScriptedEngine
+from test_frontend_app import MODEL, SCRIPT, ScriptedEngine, post, sse_payloads
+
+PROMPT = "The quick brown fox jumps"
 
 
 def generate(tokenizer: Tokenizer, body: dict[str, Any], engine: ScriptedEngine | None = None) -> httpx.Response:
@@ -75,7 +77,9 @@ def test_a_stop_string_is_the_matched_stop_and_a_stream_holds_the_text_so_far(to
 @pytest.mark.parametrize("body, param, message", [
     ({"text": "x", "input_ids": [1]}, "text", "one of text and input_ids"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 2, "top_a": 1}}, "sampling_params", "['top_a']"),
-    ({"text": "x", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len", "prompt_logprobs"),
+    ({"text": "x", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len", "is -2"),
+    ({"text": ["Hi", PROMPT], "return_logprob": True, "logprob_start_len": 1, "sampling_params": {"max_new_tokens": 0}},
+     "logprob_start_len", "is 1, past a prompt whose last token is at position 0"),
     ({"text": "x", "image_data": "http://x/a.png"}, "image_data", "not supported"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 2, "regex": "a("}}, "regex", "invalid regex"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 500}}, "prompt", "or max_new_tokens."),
@@ -93,3 +97,80 @@ def test_what_it_cannot_do_is_a_400_naming_the_field(tokenizer: Tokenizer, body:
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert not engine.requests
+
+
+def _echo_logprobs(tokenizer: Tokenizer, prompt: str) -> dict[str, Any]:
+    """/v1/completions' logprobs of `prompt` alone: lm-eval's loglikelihood request."""
+    reply = post(ScriptedEngine(tokenizer), tokenizer, "/v1/completions",
+                 {"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0}).json()
+    return reply["choices"][0]["logprobs"]
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_prompt_logprobs_are_completions_echo_ones_from_logprob_start_len_on(tokenizer: Tokenizer, start: int) -> None:
+    engine = ScriptedEngine(tokenizer)
+    reply = generate(tokenizer, {"text": PROMPT, "return_logprob": True, "logprob_start_len": start,
+                                 "top_logprobs_num": 2, "return_text_in_logprobs": True,
+                                 "sampling_params": {"max_new_tokens": 0}}, engine).json()
+    meta, echo = reply["meta_info"], _echo_logprobs(tokenizer, PROMPT)
+    prompt_ids = tokenizer.encode(PROMPT)
+    entries, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+    assert len(entries) == len(tops) == len(prompt_ids) - start
+    assert [entry[1] for entry in entries] == prompt_ids[start:]
+    assert [entry[2] for entry in entries] == echo["tokens"][start:]
+    assert entries[0][0] is None and tops[0] is None, "SGLang scores no token at logprob_start_len"
+    assert [entry[0] for entry in entries[1:]] == pytest.approx(echo["token_logprobs"][start + 1:])
+    for top, echo_top in zip(tops[1:], echo["top_logprobs"][start + 1:]):
+        assert top and all(echo_top[text] == pytest.approx(logprob) for logprob, _, text in top)
+    assert engine.requests[-1].params.prompt_logprobs == 2
+    assert engine.requests[-1].params.max_tokens == 1, "the engine samples one token, the answer shows none"
+    assert (reply["text"], reply["output_ids"], meta["completion_tokens"]) == ("", [], 0)
+    assert meta["finish_reason"] == {"type": "length", "length": 0} and meta["prompt_tokens"] == len(prompt_ids)
+    assert meta["output_token_logprobs"] == [] and meta["output_top_logprobs"] == []
+
+
+def test_by_default_only_the_last_prompt_token_is_listed_without_text(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    meta = generate(tokenizer, {"text": PROMPT, "return_logprob": True, "sampling_params": {"max_new_tokens": 2}},
+                    engine).json()["meta_info"]
+    assert meta["input_token_logprobs"] == [[None, tokenizer.encode(PROMPT)[-1], None]]
+    assert "input_top_logprobs" not in meta and "output_top_logprobs" not in meta, "SGLang's, top_logprobs_num 0"
+    assert [entry[2] for entry in meta["output_token_logprobs"]] == [None, None]
+    assert engine.requests[-1].params.prompt_logprobs is None, "no prompt logprobs computed for it"
+
+
+def test_generation_lists_the_prompts_and_the_outputs_logprobs_streamed_or_not(tokenizer: Tokenizer) -> None:
+    body = {"text": PROMPT, "return_logprob": True, "logprob_start_len": 1, "top_logprobs_num": 1,
+            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 3}}
+    whole = generate(tokenizer, body).json()
+    meta = whole["meta_info"]
+    assert len(meta["input_token_logprobs"]) == len(tokenizer.encode(PROMPT)) - 1 and meta["completion_tokens"] == 3
+    assert [entry[1] for entry in meta["output_token_logprobs"]] == whole["output_ids"]
+    assert [entry[2] for entry in meta["output_token_logprobs"]] == [tokenizer.token_decoded(t)
+                                                                     for t in whole["output_ids"]]
+    assert [top[0][1] for top in meta["output_top_logprobs"]] == whole["output_ids"]
+    chunks = sse_payloads(generate(tokenizer, {**body, "stream": True}))
+    assert len(chunks) == 3, "an event a token"
+    last = chunks[-1]
+    assert (last["text"], last["output_ids"]) == (whole["text"], whole["output_ids"])
+    for key in ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs", "output_top_logprobs"):
+        assert last["meta_info"][key] == meta[key], key
+    assert all(chunk["meta_info"]["input_token_logprobs"] == meta["input_token_logprobs"] for chunk in chunks)
+
+
+def test_max_new_tokens_0_answers_no_tokens_whole_streamed_and_batched(tokenizer: Tokenizer) -> None:
+    engine = ScriptedEngine(tokenizer)
+    body = {"input_ids": [tokenizer.encode(PROMPT), tokenizer.encode("Hi there")],
+            "sampling_params": {"max_new_tokens": 0}}
+    replies = generate(tokenizer, body, engine).json()
+    chunks = sse_payloads(generate(tokenizer, {**body, "stream": True}))
+    assert len(replies) == 2 and sorted(chunk["index"] for chunk in chunks) == [0, 1], "one event a prompt"
+    for reply, prompt in zip(replies + sorted(chunks, key=lambda chunk: chunk["index"]), body["input_ids"] * 2):
+        meta = reply["meta_info"]
+        assert (reply["text"], reply["output_ids"], meta["completion_tokens"]) == ("", [], 0)
+        assert meta["finish_reason"] == {"type": "length", "length": 0} and meta["prompt_tokens"] == len(prompt)
+        assert "input_token_logprobs" not in meta and meta["e2e_latency"] >= 0
+    assert [request.params.max_tokens for request in engine.requests] == [1, 1]
+    scored = generate(tokenizer, {**body, "return_logprob": True, "logprob_start_len": 1}).json()
+    assert [[entry[1] for entry in reply["meta_info"]["input_token_logprobs"]] for reply in scored] == [
+        prompt[1:] for prompt in body["input_ids"]]

@@ -335,6 +335,27 @@ def test_sglangs_native_generate_against_a_launched_server(server, smollm_llm) -
         assert stopped["text"] == smollm_llm.tokenizer.decode(shown)
 
 
+def test_sglangs_prompt_logprobs_are_the_echoed_ones_of_completions(server, client) -> None:
+    """/generate with `max_new_tokens` 0 and `logprob_start_len`, as SGLang's select() and scorers send it: the
+    prompt's logprobs are those /v1/completions echoes for lm-eval's loglikelihood, and no token is generated."""
+    prompt = "The capital of France is"
+    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2).choices[0]
+    for start in (0, 3):
+        reply = httpx.post(f"{server.url}/generate", timeout=60, json={
+            "text": prompt, "sampling_params": {"max_new_tokens": 0, "temperature": 0}, "return_logprob": True,
+            "logprob_start_len": start, "top_logprobs_num": 2, "return_text_in_logprobs": True}).json()
+        meta = reply["meta_info"]
+        entries, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+        assert len(entries) == len(tops) == meta["prompt_tokens"] - start
+        assert [entry[2] for entry in entries] == echo.logprobs.tokens[start:]
+        assert entries[0][0] is None and tops[0] is None
+        assert [entry[0] for entry in entries[1:]] == pytest.approx(echo.logprobs.token_logprobs[start + 1:], abs=1e-4)
+        for top, echoed in zip(tops[1:], echo.logprobs.top_logprobs[start + 1:]):
+            assert len(top) == 2 and top[0][0] == pytest.approx(max(echoed.values()), abs=1e-4)
+        assert (reply["text"], reply["output_ids"], meta["completion_tokens"]) == ("", [], 0)
+        assert meta["finish_reason"] == {"type": "length", "length": 0} and meta["output_token_logprobs"] == []
+
+
 def test_forced_tool_calls_stream_the_same_and_round_trip(client) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

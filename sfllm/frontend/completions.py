@@ -109,7 +109,8 @@ async def _prompt_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenera
 class CompletionGeneration:
     """A completion request started in the engine: its choices' deltas, and what reads them into an answer."""
     request_id: str
-    deltas: AsyncGenerator[ChoiceDelta, None]
+    prompt_token_ids: list[list[int]]
+    deltas: AsyncGenerator[ChoiceDelta, None]  # lazy: the engine sees the request once they are read
     texts: list[_ChoiceText]
     tally: UsageTally
     outcome: RequestOutcome
@@ -136,9 +137,11 @@ class CompletionEndpoint:
         return JSONResponse(response.model_dump(mode="json"))
 
     async def start(self, body: CompletionRequest, request: Request, id_prefix: str,
-                    default_max_tokens: int = DEFAULT_MAX_TOKENS) -> CompletionGeneration:
+                    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                    zero_max_tokens_scores_prompt: bool = False) -> CompletionGeneration:
         """Checks the request, tokenizes its prompts and starts their choices in the engine (also for SGLang's
-        /generate, which reads the same generation its own way)."""
+        /generate, which reads the same generation its own way). A budget of 0 tokens scores the prompt alone with
+        `echo`, or always with `zero_max_tokens_scores_prompt` (SGLang's `max_new_tokens` 0)."""
         arrival_time = time.time()
         check_model(body.model, self.served_model_name)
         answer_id, request_id = request_ids(request, id_prefix, body.request_id)
@@ -167,10 +170,10 @@ class CompletionEndpoint:
             prompts = cut
         for prompt in prompts:
             self.limits.check_prompt_length(len(prompt), "prompt")
-        # `echo` with `max_tokens` 0 scores the prompt (lm-eval's loglikelihood): the engine samples one
+        # a budget of 0 scores the prompt (lm-eval's loglikelihood, SGLang's select()): the engine samples one
         # token, as it cannot run a prompt without, and the answer leaves it out
-        echo_only = bool(body.echo) and body.requested_max_tokens() == 0
-        requested_max_tokens = 1 if echo_only else body.requested_max_tokens()
+        prompt_only = body.requested_max_tokens() == 0 and (bool(body.echo) or zero_max_tokens_scores_prompt)
+        requested_max_tokens = 1 if prompt_only else body.requested_max_tokens()
         defaults = hello.sampling_defaults
         budget = default_budget(default_max_tokens, defaults)
         params = [body.sampling_params(resolve_max_tokens(requested_max_tokens, budget, len(prompt), max_context_length,
@@ -186,9 +189,9 @@ class CompletionEndpoint:
                  for choice in choices]
         tally = UsageTally(prompts)
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
-        if echo_only:
+        if prompt_only:
             deltas = _prompt_only(deltas)
-        return CompletionGeneration(answer_id, deltas, texts, tally, outcome,
+        return CompletionGeneration(answer_id, prompts, deltas, texts, tally, outcome,
                                     high_priority_trace(request_id, priority, arrival_time))
 
     async def _token_ids(self, prompt: str | list[int]) -> list[int]:

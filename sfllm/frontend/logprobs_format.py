@@ -1,11 +1,13 @@
-"""Engine logprobs in the two shapes OpenAI uses (completions' lists and chat's per-token objects) and in vLLM's
-(a dict by token id a position: the offline API's outputs and the `prompt_logprobs` extension)."""
+"""Engine logprobs in the two shapes OpenAI uses (completions' lists and chat's per-token objects), in vLLM's
+(a dict by token id a position: the offline API's outputs and the `prompt_logprobs` extension) and in SGLang's
+(`[logprob, token_id, text]` triples: /generate's meta_info)."""
 from __future__ import annotations
 
 import codecs
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sfllm.frontend.openai_responses import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
                                              PromptLogprobs, PromptTokenLogprob)
@@ -129,3 +131,32 @@ def prompt_logprobs_by_token(tokenizer: Tokenizer, prompt_token_ids: list[int],
                                                    decoded_token=e.decoded_token)
                         for t, e in by_token(token_id, sampled, tokenizer.token_decoded).items()})
     return entries
+
+
+# SGLang's form of one token's logprob: [logprob (None where none is computed), token id, text (None unless asked)]
+SGLangLogprob = list[Any]
+
+
+def sglang_logprobs(token_ids: list[int], logprobs: list[SampledLogprobs], num_top: int,
+                    token_text: Callable[[int], str] | None) -> tuple[list[SGLangLogprob], list[list[SGLangLogprob]]]:
+    """SGLang's `*_token_logprobs` and `*_top_logprobs` of `token_ids`: each token's triple, and its `num_top`
+    likeliest alternatives' (no lists when `num_top` is 0). `token_text`: a token's text (None: text left null)."""
+    def triple(token_id: int, logprob: float) -> SGLangLogprob:
+        return [finite(logprob), token_id, None if token_text is None else token_text(token_id)]
+
+    entries = [triple(token_id, sampled.logprob) for token_id, sampled in zip(token_ids, logprobs)]
+    tops = [[triple(alternative.token_id, alternative.logprob) for alternative in sampled.top[:num_top]]
+            for sampled in logprobs] if num_top else []
+    return entries, tops
+
+
+def sglang_prompt_logprobs(prompt_token_ids: list[int], logprobs: list[SampledLogprobs], start: int, num_top: int,
+                           token_text: Callable[[int], str] | None) -> tuple[list[SGLangLogprob],
+                                                                             list[list[SGLangLogprob] | None]]:
+    """SGLang's `input_token_logprobs` and `input_top_logprobs`: the prompt's tokens from `start` on, `logprobs`
+    being the engine's of prompt tokens 1 on. The first entry's logprob and top list are null even where `start` > 0:
+    SGLang scores the positions from `start` on, and a position's logits give the next token's logprob."""
+    first = prompt_token_ids[start]
+    entries, tops = sglang_logprobs(prompt_token_ids[start + 1:], logprobs[start:], num_top, token_text)
+    return ([[None, first, None if token_text is None else token_text(first)]] + entries,
+            [None] + tops if num_top else [])

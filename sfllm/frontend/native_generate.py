@@ -1,23 +1,28 @@
 """SGLang's native `POST /generate`, over the completions endpoint's generation, as SGLang's clients (RL
-rollouts among them) call it: `text` or `input_ids` (one prompt or a batch), `sampling_params` in SGLang's names,
-`return_logprob` with `top_logprobs_num`, `stream`.
+rollouts, the frontend language's `select()`, scoring) call it: `text` or `input_ids` (one prompt or a batch),
+`sampling_params` in SGLang's names, `return_logprob` with `top_logprobs_num`, `logprob_start_len` and
+`return_text_in_logprobs`, `stream`.
 
 An answer is SGLang's: `text`, `output_ids` and `meta_info` (`id`, `finish_reason` as `{"type": "stop",
 "matched": <token id or stop string>}` or `{"type": "length", "length": <max_new_tokens>}`, `prompt_tokens`,
-`completion_tokens`, `cached_tokens`, `e2e_latency`, and with `return_logprob` `output_token_logprobs` as
-`[logprob, token_id, null]` per token, `output_top_logprobs` as such lists); one object for one prompt and one
-sample, else a list (prompt by prompt, each prompt's samples in turn; with `sampling_seed`, sample i draws with
-seed + i, as on /v1/completions). Streamed, each event holds a choice's text and ids so far (SGLang's default),
-with its `index`, then `data: [DONE]`. Prompt logprobs (`logprob_start_len` >= 0), per-prompt `sampling_params`
-lists, images, embeddings and LoRA are a 400. As in SGLang, a stop token's text (EOS or one of `stop_token_ids`)
-is left out of `text` unless `no_stop_trim`; its id ends `output_ids`. A structured output ends when its grammar
-does: `matched` is null then (SGLang samples EOS after it).
+`completion_tokens`, `cached_tokens`, `e2e_latency`); one object for one prompt and one sample, else a list (prompt
+by prompt, each prompt's samples in turn; with `sampling_seed`, sample i draws with seed + i, as on /v1/completions).
+With `return_logprob`, `input_token_logprobs` and `output_token_logprobs` hold a `[logprob, token_id, text]` per
+token (text null unless `return_text_in_logprobs`), and with `top_logprobs_num` > 0 `input_top_logprobs` and
+`output_top_logprobs` such lists per token. The input ones cover the prompt from `logprob_start_len` on (-1, the
+default: its last token alone), the first entry's logprob and top list null, as SGLang scores them; a start past
+the prompt's last token is a 400. `max_new_tokens` 0 scores the prompt alone: no output tokens, `completion_tokens`
+0, `{"type": "length", "length": 0}` (the engine samples one token, which the answer leaves out). Streamed, each
+event holds a choice's text, ids and logprobs so far (SGLang's default), with its `index`, then `data: [DONE]`.
+Per-prompt `sampling_params` lists, images, embeddings and LoRA are a 400. As in SGLang, a stop token's text (EOS or
+one of `stop_token_ids`) is left out of `text` unless `no_stop_trim`; its id ends `output_ids`. A structured output
+ends when its grammar does: `matched` is null then (SGLang samples EOS after it).
 """
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -30,7 +35,7 @@ from sfllm.frontend.choices import ChoiceDelta
 from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
-from sfllm.frontend.logprobs_format import finite
+from sfllm.frontend.logprobs_format import SGLangLogprob, sglang_logprobs, sglang_prompt_logprobs
 from sfllm.frontend.openai_protocol import MAX_LOGPROBS, CompletionRequest
 from sfllm.frontend.request_checks import check_unicode
 from sfllm.frontend.tool_protocol import StrictModel
@@ -59,6 +64,7 @@ class NativeGenerateRequest(StrictModel):
     return_logprob: bool | None = False
     top_logprobs_num: int | None = None
     logprob_start_len: int | None = None
+    return_text_in_logprobs: bool | None = False
     rid: str | None = None
 
     def is_batch(self) -> bool:
@@ -72,9 +78,9 @@ class NativeGenerateRequest(StrictModel):
                 raise InvalidRequestError(f"{name} is not supported by this server", param=name)
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("give one of text and input_ids", param="text")
-        if self.logprob_start_len is not None and self.logprob_start_len >= 0:
-            raise InvalidRequestError("prompt logprobs (logprob_start_len >= 0) are not supported on /generate; "
-                                      "use /v1/completions' prompt_logprobs", param="logprob_start_len")
+        if self.logprob_start_len is not None and self.logprob_start_len < -1:
+            raise InvalidRequestError(f"logprob_start_len is {self.logprob_start_len}; it is a prompt position "
+                                      "(0 or more) or -1 (the last prompt token)", param="logprob_start_len")
         check_unicode([self.rid or ""], "rid")
         sampling = {name: value for name, value in (self.sampling_params or {}).items() if name not in _NO_EFFECT}
         unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
@@ -87,6 +93,8 @@ class NativeGenerateRequest(StrictModel):
         body["stream"] = bool(self.stream)
         if self.return_logprob:
             body["logprobs"] = self.top_logprobs_num or 0
+            if self.logprob_start_len is not None and self.logprob_start_len >= 0:
+                body["prompt_logprobs"] = self.top_logprobs_num or 0
         try:
             return CompletionRequest.model_validate(body)
         except ValidationError as error:  # named as the client sent it
@@ -95,6 +103,17 @@ class NativeGenerateRequest(StrictModel):
             sglang = next((name for name, same in _SAMPLING_FIELDS.items() if (same or name) == field), field)
             raise InvalidRequestError(f"sampling_params.{sglang}: {first.get('msg', 'invalid value')}",
                                       param=f"sampling_params.{sglang}") from None
+
+    def logprob_start(self, num_prompt_tokens: int) -> int:
+        """The prompt position `input_token_logprobs` begin at: by default (-1) the last token's, as in SGLang."""
+        start = self.logprob_start_len
+        if start is None or start == -1:
+            return num_prompt_tokens - 1
+        if start >= num_prompt_tokens:
+            raise InvalidRequestError(f"logprob_start_len is {start}, past a prompt whose last token is at position "
+                                      f"{num_prompt_tokens - 1}: it must be at most that (or -1, that token alone)",
+                                      param="logprob_start_len")
+        return start
 
 
 class NativeGenerateEndpoint:
@@ -106,9 +125,14 @@ class NativeGenerateEndpoint:
         arrival = time.time()
         if body.return_logprob and (body.top_logprobs_num or 0) > MAX_LOGPROBS:
             raise InvalidRequestError(f"top_logprobs_num is at most {MAX_LOGPROBS}", param="top_logprobs_num")
-        completion = await self.completions.start(completion_body, request, "generate-", DEFAULT_MAX_NEW_TOKENS)
+        completion = await self.completions.start(completion_body, request, "generate-", DEFAULT_MAX_NEW_TOKENS,
+                                                  zero_max_tokens_scores_prompt=True)
+        if body.return_logprob:  # before the deltas are read: a bad start reaches no engine
+            for prompt in completion.prompt_token_ids:
+                body.logprob_start(len(prompt))
         rid = body.rid or completion.request_id  # the client's id, as SGLang answers it; the engine's stays unique
-        answers = [_Answer(f"{rid}-{index}" if len(completion.texts) > 1 else rid, body, arrival)
+        token_text = self.completions.tokenizer.token_decoded if body.return_text_in_logprobs else None
+        answers = [_Answer(f"{rid}-{index}" if len(completion.texts) > 1 else rid, body, arrival, token_text)
                    for index in range(len(completion.texts))]
         if body.stream:
             def events_of(delta: ChoiceDelta) -> list[str]:
@@ -128,19 +152,23 @@ class NativeGenerateEndpoint:
                 answers[delta.index].add(delta)
 
 
-
 class _Answer:
     """One choice's text, ids and meta_info as its deltas build them."""
 
-    def __init__(self, rid: str, body: NativeGenerateRequest, arrival: float) -> None:
+    def __init__(self, rid: str, body: NativeGenerateRequest, arrival: float,
+                 token_text: Callable[[int], str] | None) -> None:
         self.rid = rid
+        self.logprob_start = body.logprob_start
         self.logprobs = bool(body.return_logprob)
         self.top = body.top_logprobs_num or 0
+        self.token_text = token_text
         self.arrival = arrival
         self.text = ""
         self.output_ids: list[int] = []
-        self.token_logprobs: list[list[Any]] = []
-        self.top_logprobs: list[list[list[Any]]] = []
+        self.input_token_logprobs: list[SGLangLogprob] | None = None  # from the choice's first delta on
+        self.input_top_logprobs: list[list[SGLangLogprob] | None] = []
+        self.token_logprobs: list[SGLangLogprob] = []
+        self.top_logprobs: list[list[SGLangLogprob]] = []
         self.finish_reason: dict[str, Any] | None = None
         self.prompt_tokens = self.cached_tokens = 0
 
@@ -148,12 +176,14 @@ class _Answer:
         self.text += delta.text
         self.output_ids += delta.token_ids
         self.prompt_tokens, self.cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+        if self.logprobs and self.input_token_logprobs is None:  # the first delta holds the prompt's logprobs
+            start = self.logprob_start(len(delta.prompt_token_ids))
+            self.input_token_logprobs, self.input_top_logprobs = sglang_prompt_logprobs(
+                delta.prompt_token_ids, delta.prompt_logprobs or [], start, self.top, self.token_text)
         if self.logprobs and delta.logprobs is not None:
-            for token_id, sampled in zip(delta.token_ids, delta.logprobs):
-                self.token_logprobs.append([finite(sampled.logprob), token_id, None])
-                if self.top:
-                    self.top_logprobs.append([[finite(alt.logprob), alt.token_id, None]
-                                              for alt in sampled.top[:self.top]])
+            entries, tops = sglang_logprobs(delta.token_ids, delta.logprobs, self.top, self.token_text)
+            self.token_logprobs += entries
+            self.top_logprobs += tops
         if delta.finish_reason == "length":
             self.finish_reason = {"type": "length", "length": len(self.output_ids)}  # the token budget, reached
         elif delta.finish_reason == "abort":
@@ -166,7 +196,9 @@ class _Answer:
                                 "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
                                 "cached_tokens": self.cached_tokens, "e2e_latency": time.time() - self.arrival}
         if self.logprobs:
+            meta["input_token_logprobs"] = self.input_token_logprobs or []
             meta["output_token_logprobs"] = self.token_logprobs
-            if self.top:
+            if self.top:  # as SGLang: no top lists without top_logprobs_num
+                meta["input_top_logprobs"] = self.input_top_logprobs
                 meta["output_top_logprobs"] = self.top_logprobs
         return {"text": self.text, "output_ids": self.output_ids, "meta_info": meta}
