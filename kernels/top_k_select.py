@@ -5,11 +5,12 @@ torch.topk(256) over Qwen3's 151,936 float32 logits took 103 us at 1 row and 210
 an unsigned key whose order is the logits' order (16 bits for bf16 and fp16, 32 for float32), and the key at rank k
 is found a byte at a time: a histogram of the first byte over the row, split among many programs that add their
 counts into 256 bins, picks the byte of the k-th key; a histogram of the next byte among the keys that start with it
-picks the next, and so on (two passes for 16-bit logits). Then each program counts its chunk's keys above that
-threshold key and equal to it, and a gather pass writes every key above it and the first of the ties, in token
-order, each to a place given by the counts of the chunks before it: which tied tokens make a row's k is fixed by
-the row alone (the lowest ids), never by what shares its batch or how programs ran. One program a row then sorts
-its k by (key, then lower id first). Every pass reads the row once; no pass sorts more than k values.
+(an atomic add a key instead, where few keys do) picks the next, and so on (two passes for 16-bit logits). Then each
+program counts its chunk's keys above that threshold key and equal to it, and a gather pass writes every key above
+it and the first of the ties, in token order, each to a place given by the counts of the chunks before it: which
+tied tokens make a row's k is fixed by the row alone (the lowest ids), never by what shares its batch or how programs
+ran. One program a row then sorts its k by (key, then lower id first). Every pass reads the row once; no pass sorts
+more than k values.
 """
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ import triton.language as tl
 
 from sfllm.kernels.device_check import check_kernel_inputs
 
-BLOCK = 2048
+BLOCK = 2048  # a row's columns a program reads at once
+NUM_WARPS = 4  # against 8 and 16, and blocks of 4096 and 8192: the fastest from 8 rows up, 2 us slower at one
+# A row whose keys under the first digits' prefix are at most this many counts them by an atomic each (a few percent
+# of a row, where a model's top tokens stand out) instead of a histogram over every key: half a pass's time at 64
+# rows. A row of many equal logits keeps the histogram: atomics on one bin serialise (~0.75 ns each on an H100).
+FEW_KEYS = 8192
 # Programs for the whole batch, a row's chunks read one after another by its programs: a row alone still spreads
 # over ~75 programs of Qwen3's vocabulary, so one row's passes are bound by their launches, not the bytes.
 TARGET_PROGRAMS = 2048
@@ -31,12 +37,13 @@ _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F8
 
 @triton.jit
 def _ordered_keys(row_start, columns, mask, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr):
-    """Unsigned keys (int64) in the logits' order: a float's bits with the sign bit set for positives and every bit
-    flipped for negatives; -0.0 takes +0.0's key, as the two compare equal, and a NaN of either sign is the largest,
-    as torch.topk and argmax take it."""
+    """Unsigned keys in the logits' order (int32 for 16-bit logits, int64 for float32: a GPU does 64-bit integer
+    arithmetic in two instructions): a float's bits with the sign bit set for positives and every bit flipped for
+    negatives; -0.0 takes +0.0's key, as the two compare equal, and a NaN of either sign is the largest, as
+    torch.topk and argmax take it."""
     values = tl.load(row_start + columns, mask=mask, other=0)
     if KEY_BITS == 16:
-        bits = values.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        bits = values.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     else:
         bits = values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     sign: tl.constexpr = 1 << (KEY_BITS - 1)
@@ -47,44 +54,62 @@ def _ordered_keys(row_start, columns, mask, KEY_BITS: tl.constexpr, INF_BITS: tl
 
 
 @triton.jit
-def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr):
-    """The first DIGITS bytes of the row's k-th largest key, and how many of the k share them (the rest are above)."""
-    prefix = tl.zeros((), tl.int64)
+def _threshold(hist_ptr, row, batch, k, DIGITS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The first DIGITS bytes of the row's k-th largest key (in the keys' integer type), how many of the k share
+    them (the rest are above), and how many of the row's keys do (DIGITS > 0)."""
+    if KEY_BITS == 16:
+        prefix = tl.zeros((), tl.int32)
+    else:
+        prefix = tl.zeros((), tl.int64)
     remaining = k
+    sharing = tl.zeros((), tl.int32)
     bins = tl.arange(0, 256)
     for digit_index in tl.static_range(DIGITS):
         counts = tl.load(hist_ptr + (digit_index * batch + row) * 256 + bins)
         at_or_above = tl.cumsum(counts, axis=0, reverse=True)
         digit = tl.sum((at_or_above >= remaining).to(tl.int32), axis=0) - 1
         remaining -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
+        sharing = tl.sum(tl.where(bins == digit, counts, 0), axis=0)
         prefix = prefix * 256 + digit
-    return prefix, remaining
+    return prefix, remaining, sharing
 
 
 # The ints that change with the batch are not specialised on (== 1, a multiple of 16): one compiled variant serves every
 # batch, so none is compiled while requests wait (warm_up_top_k_select compiles the row strides a step has at the
 # engine's start). The row stride stays specialised, and a chunk's start is a multiple of BLOCK: known 16-byte
 # aligned, a row's loads are vector loads (8 scalar loads a thread without, by a review's reading of the PTX).
-@triton.jit(do_not_specialize=["batch", "chunk_size"])
-def _digit_histogram_kernel(logits_ptr, stride_row, hist_ptr, batch, vocab_size, chunk_size, k,
+@triton.jit(do_not_specialize=["batch", "chunk_size", "few_keys"])
+def _digit_histogram_kernel(logits_ptr, stride_row, hist_ptr, batch, vocab_size, chunk_size, k, few_keys,
                             DIGIT: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr,
                             BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    prefix, _ = _threshold(hist_ptr, row, batch, k, DIGIT)
+    prefix, _, sharing = _threshold(hist_ptr, row, batch, k, DIGIT, KEY_BITS)
     shift: tl.constexpr = KEY_BITS - 8 * (DIGIT + 1)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
+    row_hist = hist_ptr + (DIGIT * batch + row) * 256
     chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
-    counts = tl.zeros((256,), tl.int32)
-    for start in range(chunk_start, chunk_end, BLOCK):
-        columns = start + tl.arange(0, BLOCK)
-        mask = columns < chunk_end
-        keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
-        if DIGIT > 0:
-            mask = mask & ((keys >> (shift + 8)) == prefix)
-        counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=mask)
-    tl.atomic_add(hist_ptr + (DIGIT * batch + row) * 256 + tl.arange(0, 256), counts, sem="relaxed")
+    by_atomics = False
+    if DIGIT > 0:
+        by_atomics = sharing <= few_keys
+    if by_atomics:
+        for start in range(chunk_start, chunk_end, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            mask = columns < chunk_end
+            keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
+            under_prefix = mask & ((keys >> (shift + 8)) == prefix)
+            tl.atomic_add(row_hist + ((keys >> shift) & 255), 1, mask=under_prefix, sem="relaxed")
+    else:
+        counts = tl.zeros((256,), tl.int32)
+        for start in range(chunk_start, chunk_end, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            mask = columns < chunk_end
+            keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
+            if DIGIT > 0:
+                mask = mask & ((keys >> (shift + 8)) == prefix)
+            counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=mask)
+        tl.atomic_add(row_hist + tl.arange(0, 256), counts, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
@@ -92,20 +117,20 @@ def _count_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, batch, 
                   k, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    threshold, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8)
+    threshold, _, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8, KEY_BITS)
     row_start = logits_ptr + row.to(tl.int64) * stride_row
     chunk_start = tl.multiple_of(chunk * chunk_size, BLOCK)
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
-    above = tl.zeros((), tl.int32)
-    ties = tl.zeros((), tl.int32)
+    above = tl.zeros((BLOCK,), tl.int32)  # a lane's counts, summed across lanes once: no reduction a block
+    ties = tl.zeros((BLOCK,), tl.int32)
     for start in range(chunk_start, chunk_end, BLOCK):
         columns = start + tl.arange(0, BLOCK)
         mask = columns < chunk_end
         keys = _ordered_keys(row_start, columns, mask, KEY_BITS, INF_BITS)
-        above += tl.sum((mask & (keys > threshold)).to(tl.int32), axis=0)
-        ties += tl.sum((mask & (keys == threshold)).to(tl.int32), axis=0)
-    tl.store(above_ptr + row * num_chunks + chunk, above)
-    tl.store(ties_ptr + row * num_chunks + chunk, ties)
+        above += (mask & (keys > threshold)).to(tl.int32)
+        ties += (mask & (keys == threshold)).to(tl.int32)
+    tl.store(above_ptr + row * num_chunks + chunk, tl.sum(above, axis=0))
+    tl.store(ties_ptr + row * num_chunks + chunk, tl.sum(ties, axis=0))
 
 
 @triton.jit(do_not_specialize=["batch", "chunk_size", "num_chunks"])
@@ -114,7 +139,7 @@ def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, select
                    BLOCK_CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    threshold, ties_taken = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8)
+    threshold, ties_taken, _ = _threshold(hist_ptr, row, batch, k, KEY_BITS // 8, KEY_BITS)
     chunks = tl.arange(0, BLOCK_CHUNKS)
     before = chunks < chunk
     above_before = tl.sum(tl.load(above_ptr + row * num_chunks + chunks, mask=before, other=0), axis=0)
@@ -136,7 +161,7 @@ def _gather_kernel(logits_ptr, stride_row, hist_ptr, above_ptr, ties_ptr, select
             # above the threshold first (k - ties_taken of them), then the lowest ids among the ties
             slot = tl.where(is_above, above_rank, k - ties_taken + tie_rank)
             keep = is_above | (is_tie & (tie_rank < ties_taken))
-            sort_keys = (keys << _ID_BITS) | (_ID_MASK - columns)
+            sort_keys = (keys.to(tl.int64) << _ID_BITS) | (_ID_MASK - columns)
             tl.store(selected_ptr + row * k + slot, sort_keys, mask=keep)
             above_before += tl.sum(is_above.to(tl.int32), axis=0)
             ties_before += tl.sum(is_tie.to(tl.int32), axis=0)
@@ -184,13 +209,14 @@ def top_k_select(logits: torch.Tensor, k: int, chunks_per_row: int | None = None
     selected = torch.empty(batch, k, dtype=torch.int64, device=device)
     grid = (batch, num_chunks)
     for digit in range(key_bits // 8):
-        _digit_histogram_kernel[grid](logits, logits.stride(0), hist, batch, vocab_size, chunk_size, k,
-                                      DIGIT=digit, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
+        _digit_histogram_kernel[grid](logits, logits.stride(0), hist, batch, vocab_size, chunk_size, k, FEW_KEYS,
+                                      DIGIT=digit, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK,
+                                      num_warps=NUM_WARPS)
     _count_kernel[grid](logits, logits.stride(0), hist, above, ties, batch, vocab_size, chunk_size, num_chunks, k,
-                        KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=8)
+                        KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _gather_kernel[grid](logits, logits.stride(0), hist, above, ties, selected, batch, vocab_size, chunk_size,
                          num_chunks, k, KEY_BITS=key_bits, INF_BITS=inf_bits, BLOCK=BLOCK,
-                         BLOCK_CHUNKS=triton.next_power_of_2(blocks), num_warps=8)
+                         BLOCK_CHUNKS=triton.next_power_of_2(blocks), num_warps=NUM_WARPS)
     _sort_kernel[(batch,)](logits, logits.stride(0), selected, values, ids, k, BLOCK_K=triton.next_power_of_2(k),
                            num_warps=4)
     return values, ids

@@ -318,12 +318,17 @@ def _awkward_logits(dtype: torch.dtype, vocab: int) -> torch.Tensor:
     return padded.to(DEVICE)[:, :vocab]
 
 
+@pytest.mark.parametrize("few_keys", ["default", 0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_top_k_select_is_a_stable_sorts_first_k(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_top_k_select_is_a_stable_sorts_first_k(dtype: torch.dtype, few_keys: str | int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The k largest of each row, descending, the lower id first among equal logits (and the lowest ids of a tie at
-    the k-th place kept), whatever the rows' chunking among programs; -0.0 and 0.0 are equal, NaN is the largest."""
+    the k-th place kept), whatever the rows' chunking among programs; -0.0 and 0.0 are equal, NaN is the largest.
+    The later digits counted by atomics (every row of 1500 has few keys) and, with no row's keys few, by histograms."""
     module = importlib.import_module("sfllm.kernels.top_k_select")
     monkeypatch.setattr(module, "BLOCK", 256)  # several chunks a row at an interpreter's size
+    if few_keys != "default":
+        monkeypatch.setattr(module, "FEW_KEYS", few_keys)
     logits = _awkward_logits(dtype, 1500)
     # k below the sampler's 256: the interpreter's sort takes about a second a row at 256
     for k, chunks_per_row in ((64, None), (64, 2), (37, 1)):

@@ -914,13 +914,14 @@ def time_top_k_select_kernels() -> None:
         selected = torch.empty(rows, k, dtype=torch.int64, device="cuda")
         values = torch.empty(rows, k, dtype=torch.float32, device="cuda")
         ids = torch.empty(rows, k, dtype=torch.int64, device="cuda")
-        grid, common = (rows, num_chunks), dict(KEY_BITS=16, INF_BITS=inf_bits, BLOCK=module.BLOCK, num_warps=8)
+        grid, common = (rows, num_chunks), dict(KEY_BITS=16, INF_BITS=inf_bits, BLOCK=module.BLOCK,
+                                                num_warps=module.NUM_WARPS)
 
         def histogram(digit: int) -> None:
             if digit == 0:
                 hist.zero_()
             module._digit_histogram_kernel[grid](logits, logits.stride(0), hist, rows, vocab, chunk_size, k,
-                                                 DIGIT=digit, **common)
+                                                 module.FEW_KEYS, DIGIT=digit, **common)
 
         def count() -> None:
             module._count_kernel[grid](logits, logits.stride(0), hist, above, ties, rows, vocab, chunk_size,
