@@ -24,7 +24,7 @@ from sfllm.frontend.openai_protocol import ChatTextPart, joined_text
 from sfllm.frontend.tool_protocol import ChatTool
 from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import full_collections_deferred
-from sfllm.messages import GenerateRequest
+from sfllm.messages import GenerateRequest, priority_class
 from sfllm.model_source import resolve_model
 from sfllm.model_source.chat_template_override import with_chat_template
 from sfllm.model_source.generation_defaults import sampling_defaults
@@ -46,6 +46,8 @@ class InvalidPrompt(GenerationError, ValueError):
 
 
 Prompt = str | list[int] | Mapping[str, Any]
+# one for every prompt of a call, or vLLM's list of one a prompt; a class name or vLLM's integer (lower runs earlier)
+PriorityArg = str | int | list[str | int] | None
 
 
 def _prompt_of(prompt: Prompt) -> str | list[int]:
@@ -63,6 +65,16 @@ def _prompt_of(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, list) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
         return [int(t) for t in prompt]  # numpy's too
     raise TypeError(f"a prompt is a str, a list of token ids or a dict of either; got {type(prompt).__name__}")
+
+
+def _priority_classes(priority: PriorityArg, num_prompts: int) -> list[str]:
+    """Each prompt's scheduling class (None: normal, as vLLM's default 0)."""
+    if isinstance(priority, (list, tuple)):
+        if len(priority) != num_prompts:
+            raise ValueError(f"{len(priority)} priorities for {num_prompts} prompts: give one a prompt, or one "
+                             "for all of them")
+        return [priority_class(each) for each in priority]
+    return [priority_class("normal" if priority is None else priority)] * num_prompts
 
 
 def _text_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +130,10 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 priority: str = "normal", use_tqdm: bool = False) -> list[GenerationResult]:
+                 priority: PriorityArg = "normal", use_tqdm: bool = False) -> list[GenerationResult]:
         """A prompt is a text, a list of token ids, vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, or
-        transformers' encoding of one (`{"input_ids": ids, ...}`)."""
+        transformers' encoding of one (`{"input_ids": ids, ...}`). `priority`: high, normal or background, or vLLM's
+        integer (below 0 high, 0 normal, above 0 background); one for every prompt, or a list of one a prompt."""
         if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = [_prompt_of(p) for p in prompts]
@@ -130,7 +143,7 @@ class LLM:
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             priority: str = "normal", use_tqdm: bool = False, add_generation_prompt: bool | None = None,
+             priority: PriorityArg = "normal", use_tqdm: bool = False, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
              tools: list[dict[str, Any]] | None = None) -> list[GenerationResult]:
@@ -153,19 +166,17 @@ class LLM:
         return self._run(texts, token_lists, sampling_params, priority, use_tqdm)
 
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
-             sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
+             sampling_params: SamplingParams | list[SamplingParams] | None, priority: PriorityArg,
              use_tqdm: bool) -> list[GenerationResult]:
         with full_collections_deferred():
             return self._generate(texts, token_lists, sampling_params, priority, use_tqdm)
 
     def _generate(self, texts: list[str | None], token_lists: list[list[int]],
-                  sampling_params: SamplingParams | list[SamplingParams] | None, priority: str,
+                  sampling_params: SamplingParams | list[SamplingParams] | None, priority: PriorityArg,
                   use_tqdm: bool) -> list[GenerationResult]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if not isinstance(priority, str):
-            raise ValueError(f"priority is one of high, normal, background, for every prompt of the call; got "
-                             f"{priority!r} (vLLM's integer per prompt is not sfllm's)")
+        priorities = _priority_classes(priority, len(token_lists))
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(token_lists)} prompts")
@@ -181,7 +192,7 @@ class LLM:
                    for index, (text, tokens) in enumerate(zip(texts, token_lists))]
         tracked: dict[str, _Tracked] = {}
         try:
-            return self._generate_tracked(call, token_lists, params_list, priority, use_tqdm, results, tracked)
+            return self._generate_tracked(call, token_lists, params_list, priorities, use_tqdm, results, tracked)
         except BaseException as error:  # an error, or the caller's Ctrl-C: the next call must not find these running
             self.engine.abort(list(tracked))  # (the finished ones are not touched)
             try:
@@ -191,11 +202,11 @@ class LLM:
             raise
 
     def _generate_tracked(self, call: str, token_lists: list[list[int]], params_list: list[SamplingParams],
-                          priority: str, use_tqdm: bool, results: list[GenerationResult],
+                          priorities: list[str], use_tqdm: bool, results: list[GenerationResult],
                           tracked: dict[str, _Tracked]) -> list[GenerationResult]:
         """`call`: the id the requests' ids start with."""
         unsent: collections.deque[GenerateRequest] = collections.deque()
-        for choice in plan_choices(call, token_lists, params_list, priority):
+        for choice in plan_choices(call, token_lists, params_list, priorities):
             result = results[choice.prompt_index]
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)

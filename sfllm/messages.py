@@ -7,6 +7,7 @@ receiver decode without guessing. `PROTOCOL_VERSION` changes whenever a struct d
 """
 from __future__ import annotations
 
+import numbers
 from typing import Literal, Union, get_args
 
 import msgspec
@@ -18,6 +19,17 @@ PROTOCOL_VERSION = 18
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
 PRIORITIES: tuple[str, ...] = get_args(Priority)
+
+
+def priority_class(priority: str | int) -> str:
+    """The class of a priority given by name, or as vLLM's integer, where lower runs earlier: below 0 high, 0
+    normal, above 0 background. (SGLang runs higher values earlier unless --schedule-low-priority-values-first.)"""
+    if isinstance(priority, str) and priority in PRIORITIES:
+        return priority
+    if isinstance(priority, numbers.Integral) and not isinstance(priority, bool):
+        return "high" if priority < 0 else "normal" if priority == 0 else "background"
+    raise ValueError(f"priority is one of {', '.join(PRIORITIES)}, or an integer (below 0 high, 0 normal, above 0 "
+                     f"background); got {priority!r}")
 
 
 class Message(msgspec.Struct, tag=True, kw_only=True):

@@ -235,8 +235,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def validate(self, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
         # the offline API builds these without msgspec's type checks: a wrong type is named, not a TypeError
-        for name in ("max_tokens", "min_tokens", "top_k", "n"):
+        for name in ("max_tokens", "min_tokens", "top_k", "n", "seed"):
             value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise InvalidSamplingParams(name, f"{name} must be an integer, got {value!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -267,7 +269,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("min_tokens", not (self.min_tokens and self.structured_output is not None),
              "min_tokens cannot be combined with a structured output (or a forced tool call): its grammar decides "
              "where the output may end"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            # any int64, as vLLM takes it (plan_choices wraps it into the worker's range)
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63,
+             f"seed must be in [-2^63, 2^63), got {self.seed}"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
              f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}"),
             ("logit_bias", all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for bias in self.logit_bias.values()),

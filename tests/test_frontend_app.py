@@ -171,6 +171,25 @@ def test_n_and_prompt_lists_fan_out(engine: ScriptedEngine, tokenizer: Tokenizer
     assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("a")) + len(tokenizer.encode("b"))
 
 
+def test_a_negative_seed_is_any_int64_wrapped_into_the_workers_range(engine: ScriptedEngine,
+                                                                   tokenizer: Tokenizer) -> None:
+    """vLLM takes any int64 seed; the worker draws with seeds in [0, 2^63), so a negative one goes as s + 2^63: the
+    same seed twice sends the same seed, distinct ones distinct ones, and choice i still draws with the seed + i."""
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", chat)):
+        for seed in (-1, -1, -2, -2**63):
+            response = post(engine, tokenizer, path, body | {"max_tokens": 1, "seed": seed})
+            assert response.status_code == 200, response.text
+    assert [r.params.seed for r in engine.requests] == [2**63 - 1, 2**63 - 1, 2**63 - 2, 0] * 2
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "seed": -2, "n": 3})
+    assert sorted(r.params.seed for r in engine.requests[-3:]) == [0, 2**63 - 2, 2**63 - 1]
+    sent = len(engine.requests)
+    for seed in (-2**63 - 1, 2**63):
+        response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "seed": seed})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "seed", response.text
+    assert len(engine.requests) == sent
+
+
 def test_token_id_prompts_and_echo(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     prompt_ids = tokenizer.encode("Echo me")
     body = post(engine, tokenizer, "/v1/completions", {"prompt": prompt_ids, "max_tokens": 3, "echo": True}).json()
@@ -312,6 +331,24 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(engine: Scri
     assert all(chunk.get("usage") is None for chunk in alone)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_empty_stream_options_ask_for_no_usage_and_need_no_stream(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                                   path: str) -> None:
+    """As OpenAI and vLLM (since its PR #36379) read them: `{}` leaves include_usage false, so its stream has no
+    usage chunk; and `{}` without `stream` is served, where any option set, known or not, is a 400, as in vLLM."""
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    body |= {"max_tokens": 2}
+    empty = sse_payloads(post(engine, tokenizer, path, body | {"stream": True, "stream_options": {}}))
+    assert empty and all(chunk.get("usage") is None for chunk in empty)
+    asked = sse_payloads(post(engine, tokenizer, path, body | {"stream": True,
+                                                               "stream_options": {"include_usage": True}}))
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] == 2
+    assert post(engine, tokenizer, path, body | {"stream_options": {}}).status_code == 200
+    for options in ({"include_usage": False}, {"include_obfuscation": True}):
+        response = post(engine, tokenizer, path, body | {"stream": False, "stream_options": options})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options", options
+
+
 def test_completion_stream_without_usage(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     response = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 6, "stream": True})
     chunks = sse_payloads(response)
@@ -366,6 +403,26 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": "high"},
          headers={"X-Priority": "background"})
     assert [r.priority for r in engine.requests] == ["background", "high"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+    ("/v1/responses", {"input": "x", "max_output_tokens": 1}),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 1}}),
+])
+def test_an_integer_priority_is_vllms_where_lower_runs_earlier(engine: ScriptedEngine, tokenizer: Tokenizer,
+                                                               path: str, body: dict[str, Any]) -> None:
+    """vLLM's integer on every endpoint that takes a priority: below 0 high, 0 normal, above 0 background, over the
+    header as a class name is; a boolean, a float or a value past int64 (vLLM's bounds) is a 400."""
+    for priority in (-2**63, -1, 0, 7, 2**63 - 1, "high"):
+        response = post(engine, tokenizer, path, body | {"priority": priority}, headers={"X-Priority": "background"})
+        assert response.status_code == 200, response.text
+    assert [r.priority for r in engine.requests] == ["high", "high", "normal", "background", "background", "high"]
+    for priority in (True, 1.0, 2**63, -2**63 - 1, "1"):
+        response = post(engine, tokenizer, path, body | {"priority": priority})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "priority", response.text
+    assert len(engine.requests) == 6
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -781,7 +838,6 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     ("/v1/completions", "use_beam_search", True),  # vLLM's
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
     ("/v1/chat/completions", "echo", True),  # vLLM's on chat
-    ("/v1/chat/completions", "add_special_tokens", True),
     ("/v1/chat/completions", "documents", [{"title": "a", "text": "b"}]),
 ])
 def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
@@ -793,7 +849,7 @@ def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedE
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field and "not supported" in response.json()["error"]["message"]
     assert not engine.requests
-    inert = {"use_beam_search": False, "no_stop_trim": False, "echo": False, "add_special_tokens": False}.get(field)
+    inert = {"use_beam_search": False, "no_stop_trim": False, "echo": False}.get(field)
     if inert is not None:
         assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200
 
@@ -875,7 +931,6 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(engine: ScriptedEngine, tok
     sent = len(engine.requests)
     for path, request, param in [
             ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"), ("/tokenize", {}, "prompt"),
-            ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
             ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
             ("/tokenize", {"messages": messages, "chat_template": "{{ messages }}"}, "chat_template"),
             ("/detokenize", {"tokens": [tokenizer.num_known_tokens]}, "tokens"),
@@ -883,6 +938,42 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(engine: ScriptedEngine, tok
         response = post(engine, tokenizer, path, request)
         assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, response.text
     assert len(engine.requests) == sent
+
+
+def bos_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    """SmolLM2's tokenizer made to put a BOS (<|im_start|>, id 1) before every prompt, as Llama's puts its own."""
+    import msgspec
+    import tokenizers
+    backend = tokenizers.Tokenizer.from_str(spec.tokenizer_json)
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 1)])
+    return Tokenizer(msgspec.structs.replace(spec, tokenizer_json=backend.to_str()))
+
+
+def test_add_special_tokens_decides_whether_a_prompt_gets_the_tokenizers_bos(smollm_tokenizer_spec: TokenizerSpec
+                                                                             ) -> None:
+    """vLLM's add_special_tokens. Completions: a text prompt gets the BOS unless false (a client that rendered its
+    own template sends false), token ids go as they are. Chat: the template writes its own BOS, and true adds the
+    tokenizer's again, as vLLM does; /tokenize of the messages says the same."""
+    tokenizer = bos_tokenizer(smollm_tokenizer_spec)
+    engine = ScriptedEngine(tokenizer)
+    text_ids = tokenizer.encode("Hello world", add_special_tokens=False)
+    assert text_ids and text_ids[0] != 1
+    for body, expected in [({"prompt": "Hello world"}, [1, *text_ids]),
+                           ({"prompt": "Hello world", "add_special_tokens": True}, [1, *text_ids]),
+                           ({"prompt": "Hello world", "add_special_tokens": False}, text_ids),
+                           ({"prompt": ["Hello world"], "add_special_tokens": False}, text_ids),
+                           ({"prompt": text_ids}, text_ids)]:
+        assert post(engine, tokenizer, "/v1/completions", body | {"max_tokens": 1}).status_code == 200
+        assert engine.requests[-1].prompt_token_ids == expected, body
+    messages = [{"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(messages)
+    assert rendered[0] == 1 and rendered[1] != 1, "the template's own BOS, once"
+    for option, expected in [({}, rendered), ({"add_special_tokens": False}, rendered),
+                             ({"add_special_tokens": True}, [1, *rendered])]:
+        response = post(engine, tokenizer, "/v1/chat/completions", {"messages": messages, "max_tokens": 1} | option)
+        assert response.status_code == 200 and engine.requests[-1].prompt_token_ids == expected, option
+        assert post(engine, tokenizer, "/tokenize", {"messages": messages} | option).json()["tokens"] == expected
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:

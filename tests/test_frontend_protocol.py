@@ -74,7 +74,8 @@ def test_malformed_prompts_are_rejected(prompt: object) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", "hot"), ("temperature", [1]), ("stream", "yes"), ("max_tokens", 1.5), ("n", True),
-    ("stop", 5), ("seed", "7"), ("priority", "urgent"), ("logprobs", "3"),
+    ("stop", 5), ("seed", "7"), ("priority", "urgent"), ("priority", True), ("priority", 1.0), ("priority", 2**63),
+    ("logprobs", "3"),
 ])
 def test_wrong_types_are_rejected_with_the_field_named(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as error:
@@ -93,16 +94,34 @@ def test_wrong_types_are_rejected_with_the_field_named(field: str, value: object
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"n": 0}, "n"),
     ({"n": 1000}, "n"),
-    ({"seed": -1}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"seed": 2**63}, "seed"),
     ({"stop": [""]}, "stop"),
     ({"logprobs": 21}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
 ])
 def test_out_of_range_values_name_the_param(fields: dict[str, object], param: str) -> None:
     request = completion(**fields)
     with pytest.raises(InvalidSamplingParams) as error:
         request.sampling_params(16, request.logprobs)
     assert error.value.param == param
+
+
+def test_any_int64_seed_is_valid_and_a_seed_of_another_type_is_named() -> None:
+    for seed in (-2**63, -1, 0, 2**63 - 1):
+        assert completion(seed=seed).sampling_params(16, None).seed == seed
+    for seed in (True, 1.5, "7"):
+        with pytest.raises(InvalidSamplingParams) as error:
+            SamplingParams(seed=seed).validate()  # the offline API's values, which msgspec does not check
+        assert error.value.param == "seed"
+
+
+def test_empty_stream_options_are_no_option() -> None:
+    """vLLM's reading: `{}` sets nothing, so it needs no stream and asks for no usage."""
+    request = completion(stream_options={})
+    assert request.sampling_params(16, None) and not request.include_usage_in_stream()
+    assert completion(stream=True, stream_options={"continuous_usage_stats": True}).usage_in_every_chunk() is False
 
 
 def test_max_tokens_below_one_is_rejected() -> None:
@@ -164,6 +183,9 @@ def test_priority_from_body_or_header() -> None:
     assert resolve_priority(None, None) == "normal"
     assert resolve_priority(None, " Background ") == "background"
     assert resolve_priority("high", "background") == "high"
+    # vLLM's integer: lower runs earlier
+    assert [resolve_priority(value, "high") for value in (-2**63, -1, 0, 1, 2**63 - 1)] == [
+        "high", "high", "normal", "background", "background"]
     with pytest.raises(InvalidRequestError) as error:
         resolve_priority(None, "urgent")
     assert error.value.param == "X-Priority"

@@ -43,6 +43,20 @@ def test_one_prompt_answers_sglangs_object(tokenizer: Tokenizer) -> None:
     assert generate(tokenizer, {"text": "Hi", "sampling_params": quiet}).status_code == 200
 
 
+def test_priority_and_a_negative_sampling_seed_are_read_as_on_completions(tokenizer: Tokenizer) -> None:
+    """SGLang's top-level integer priority, read as vLLM's (lower runs earlier); any int64 seed, wrapped into the
+    worker's [0, 2^63) as on /v1/completions."""
+    engine = ScriptedEngine(tokenizer)
+    body = {"text": "Hi", "priority": -1, "sampling_params": {"max_new_tokens": 1, "sampling_seed": -3}}
+    assert generate(tokenizer, body, engine).status_code == 200
+    assert (engine.requests[-1].priority, engine.requests[-1].params.seed) == ("high", 2**63 - 3)
+    assert generate(tokenizer, body | {"priority": 3}, engine).status_code == 200
+    assert engine.requests[-1].priority == "background"
+    reply = generate(tokenizer, body | {"sampling_params": {"sampling_seed": 2**63}}, engine)
+    assert reply.status_code == 400 and "seed must be in [-2^63, 2^63)" in reply.json()["error"]["message"]
+    assert len(engine.requests) == 2
+
+
 def test_defaults_batches_samples_and_logprobs(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, max_context_length=512)
     assert "meta_info" in generate(tokenizer, {"input_ids": [1, 2, 3]}, engine).json()

@@ -25,6 +25,10 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(smollm_llm) -> None:
 
     assert run(7) == run(7)
     assert run(7) != run(8)
+    # any int64, as vLLM takes it: a negative seed repeats too, drawing as s + 2^63 (the worker's seeds are
+    # [0, 2^63)), so distinct negative seeds differ
+    assert run(-7) == run(-7) == run(2**63 - 7)
+    assert run(-7) != run(-8)
 
 
 def test_top_k_one_equals_greedy(smollm_llm) -> None:
@@ -264,12 +268,16 @@ def test_an_operators_chat_template_and_generation_config_reach_llm(tmp_path) ->
 
 
 def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monkeypatch) -> None:
-    """As vLLM raises them: a prompt the engine refuses, vLLM's priority list, an allowed token that can only
-    end an output held open by min_tokens (token 0 came out); LLM.chat hands its tools to the template."""
+    """As vLLM raises them: a prompt the engine refuses, a priority list of another length than the prompts', an
+    allowed token that can only end an output held open by min_tokens (token 0 came out); LLM.chat hands its tools
+    to the template."""
     with pytest.raises(ValueError, match="the prompt is empty"):
         smollm_llm.generate([[]], SamplingParams(max_tokens=1))
-    with pytest.raises(ValueError, match="vLLM's integer per prompt"):
-        smollm_llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=1), priority=[0, 1])
+    with pytest.raises(ValueError, match="3 priorities for 2 prompts"):
+        smollm_llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=1), priority=[0, 1, 2])
+    for priority in (True, "urgent", [0, 1.5]):
+        with pytest.raises(ValueError, match="an integer"):
+            smollm_llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=1), priority=priority)
     eos = smollm_llm.engine.worker.info.eos_token_ids[0]
     with pytest.raises(ValueError, match="every token of allowed_token_ids ends the output"):
         smollm_llm.generate(PROMPT, SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos]))
@@ -281,6 +289,20 @@ def test_offline_mistakes_are_value_errors_naming_what_is_wrong(smollm_llm, monk
     smollm_llm.chat([{"role": "user", "content": "Weather?"}], SamplingParams(max_tokens=1), tools=[tool])
     assert seen == [[tool]]
     assert smollm_llm.kv_usage()[0] == smollm_llm.kv_usage()[1]
+
+
+def test_priority_is_a_class_or_vllms_integer_for_every_prompt_or_each(smollm_llm, monkeypatch) -> None:
+    """vLLM's `priority=[...]`, one integer a prompt, lower earlier: below 0 high, 0 normal, above 0 background."""
+    sent = []
+    add_request = smollm_llm.engine.add_request
+    monkeypatch.setattr(smollm_llm.engine, "add_request", lambda request: sent.append(request) or add_request(request))
+    params = SamplingParams(max_tokens=1, n=2)
+    smollm_llm.generate([PROMPT] * 3, params, priority=[-1, 0, 5])
+    smollm_llm.chat([{"role": "user", "content": "Hi"}], params, priority=-2)
+    smollm_llm.generate(PROMPT, params, priority=None)
+    smollm_llm.generate(PROMPT, params, priority="background")
+    assert [request.priority for request in sent] == ["high"] * 2 + ["normal"] * 2 + ["background"] * 2 + [
+        "high"] * 2 + ["normal"] * 2 + ["background"] * 2
 
 
 def test_prompt_longer_than_the_context_names_the_numbers(smollm_llm) -> None:

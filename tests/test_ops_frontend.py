@@ -698,14 +698,14 @@ _SAMPLING = {
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
     "repetition_penalty": st.floats(0.5, 2),
-    "seed": st.integers(0, 2**63 - 1),
+    "seed": st.integers(-2**63, 2**63 - 1),
     "n": st.integers(1, 2),
     "stop": _TEXT | st.lists(_TEXT, max_size=3),
     "stop_token_ids": st.lists(st.integers(0, _VOCAB_SIZE - 1), max_size=3),
     "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
-    "priority": st.sampled_from(["high", "normal", "background"]),
+    "priority": st.sampled_from(["high", "normal", "background"]) | st.integers(-2**63, 2**63 - 1),
     "user": _TEXT,
 }
 _STREAMING = st.sampled_from([{}, {"stream": False}, {"stream": True},
@@ -783,7 +783,8 @@ def test_fuzzed_requests_get_no_5xx_from_the_frontend(fuzz_client: Client, reque
 @pytest.mark.parametrize("body", [
     b"", b"null", b"[]", b"{", b'"x"', b"\xff\xfe{}", b"[" * 50_000, b'{"prompt": "a\\ud800b"}',
     b'{"messages": [{"role": "user", "content": "\\udfff"}]}', b'{"prompt": "x", "stop": "\\ud800"}',
-    b'{"prompt": "x", "seed": 9223372036854775807, "n": 3, "max_tokens": 1}'])
+    b'{"prompt": "x", "seed": 9223372036854775807, "n": 3, "max_tokens": 1}',
+    b'{"prompt": "x", "seed": -9223372036854775808, "n": 3, "max_tokens": 1}'])
 def test_odd_bodies_are_4xx(tokenizer: Tokenizer, body: bytes) -> None:
     engine = ScriptedEngine(tokenizer)
     client = Client(create_app(ServerConfig().frontend(), engine, tokenizer))  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.messages import GenerateRequest, RequestOutput, SampledLogprobs
 from sfllm.sampling_params import SamplingParams
 
-# Seeds are wrapped into [0, 2^63): the worker keeps them in int64 tensors.
+# Seeds (any int64, as vLLM takes them) are wrapped into [0, 2^63), the seeds the worker draws with (its int64 tensors
+# mark an unseeded row -1): a negative seed s samples as s + 2^63 does, so distinct negative seeds stay distinct.
 SEED_BOUND = 2**63
 
 
@@ -53,17 +54,20 @@ class ChoiceDelta:
 
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 priority: str, arrival_time: float | None = None, constraint_field: str | None = None) -> list[Choice]:
-    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i."""
+                 priority: str | list[str], arrival_time: float | None = None,
+                 constraint_field: str | None = None) -> list[Choice]:
+    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i. `priority`: the class
+    of every prompt, or of each."""
+    priorities = [priority] * len(prompts) if isinstance(priority, str) else priority
     choices = []
     now = time.time() if arrival_time is None else arrival_time
-    for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
+    for prompt_index, (prompt, prompt_params, prompt_priority) in enumerate(zip(prompts, params, priorities)):
         for sample in range(prompt_params.n):
             index = prompt_index * prompt_params.n + sample
             seed = None if prompt_params.seed is None else (prompt_params.seed + sample) % SEED_BOUND
             sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
             request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
-                                      params=sample_params, priority=priority, arrival_time=now)
+                                      params=sample_params, priority=prompt_priority, arrival_time=now)
             choices.append(Choice(index=index, prompt_index=prompt_index, request=request,
                                   constraint_field=constraint_field))
     return choices

@@ -160,7 +160,7 @@ class CompletionEndpoint:
         check_unicode([prompt for prompt in raw_prompts if isinstance(prompt, str)], "prompt")
         check_unicode(body.stop_strings(), "stop")
         check_unicode(body.bad_words or [], "bad_words")
-        prompts = [await self._token_ids(prompt) for prompt in raw_prompts]
+        prompts = [await self._token_ids(prompt, body.add_special_tokens is not False) for prompt in raw_prompts]
         hello = connected_hello(self.engine)
         max_context_length = hello.max_context_length
         if body.truncate_prompt_tokens is not None:
@@ -194,8 +194,8 @@ class CompletionEndpoint:
         return CompletionGeneration(answer_id, prompts, deltas, texts, tally, outcome,
                                     high_priority_trace(request_id, priority, arrival_time))
 
-    async def _token_ids(self, prompt: str | list[int]) -> list[int]:
-        token_ids = await self.tokenizer.encode_async(prompt) if isinstance(prompt, str) else prompt
+    async def _token_ids(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        token_ids = await self.tokenizer.encode_async(prompt, add_special_tokens) if isinstance(prompt, str) else prompt
         check_prompt_token_ids(token_ids, self.tokenizer.vocab_size, "prompt")
         return token_ids
 

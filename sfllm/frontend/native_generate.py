@@ -1,7 +1,7 @@
 """SGLang's native `POST /generate`, over the completions endpoint's generation, as SGLang's clients (RL
 rollouts, the frontend language's `select()`, scoring) call it: `text` or `input_ids` (one prompt or a batch),
 `sampling_params` in SGLang's names, `return_logprob` with `top_logprobs_num`, `logprob_start_len` and
-`return_text_in_logprobs`, `stream`.
+`return_text_in_logprobs`, `stream`, `priority` (as /v1/completions reads it: lower runs earlier).
 
 An answer is SGLang's: `text`, `output_ids` and `meta_info` (`id`, `finish_reason` as `{"type": "stop",
 "matched": <token id or stop string>}` or `{"type": "length", "length": <max_new_tokens>}`, `prompt_tokens`,
@@ -36,7 +36,7 @@ from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.errors import InvalidRequestError
 from sfllm.frontend.http_responses import EventStreamResponse, sse_event, start_event_stream, until_disconnect
 from sfllm.frontend.logprobs_format import SGLangLogprob, sglang_logprobs, sglang_prompt_logprobs
-from sfllm.frontend.openai_protocol import MAX_LOGPROBS, CompletionRequest
+from sfllm.frontend.openai_protocol import MAX_LOGPROBS, CompletionRequest, RequestPriority
 from sfllm.frontend.request_checks import check_unicode
 from sfllm.frontend.tool_protocol import StrictModel
 
@@ -66,6 +66,8 @@ class NativeGenerateRequest(StrictModel):
     logprob_start_len: int | None = None
     return_text_in_logprobs: bool | None = False
     rid: str | None = None
+    # as on /v1/completions: lower runs earlier, as in vLLM and in SGLang with --schedule-low-priority-values-first
+    priority: RequestPriority | None = None
 
     def is_batch(self) -> bool:
         prompt = self.text if self.text is not None else self.input_ids
@@ -91,6 +93,7 @@ class NativeGenerateRequest(StrictModel):
                                 if value is not None}
         body["prompt"] = self.text if self.text is not None else self.input_ids
         body["stream"] = bool(self.stream)
+        body["priority"] = self.priority
         if self.return_logprob:
             body["logprobs"] = self.top_logprobs_num or 0
             if self.logprob_start_len is not None and self.logprob_start_len >= 0:

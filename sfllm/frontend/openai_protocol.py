@@ -24,6 +24,9 @@ NO_DEFAULTS = SamplingDefaults()  # sfllm's own for every field a request leaves
 # Integers the engine stores in int32/int64 tensors; a larger one is no meaningful value.
 MAX_TOKEN_INT = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# sfllm's class, or vLLM's integer (int64, as vLLM bounds it; sfllm.messages.priority_class reads it)
+RequestPriority = Priority | Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 # a logit_bias key: a token id in ASCII digits (str.isdigit also takes "²", and int() refuses 4301 digits)
 _TOKEN_ID_KEY = re.compile(r"\s*-?[0-9]{1,18}\s*")
 
@@ -34,6 +37,9 @@ class RequestBody(StrictModel):
 
 
 class StreamOptions(StrictModel):
+    # unknown options are kept: any option at all, known or not, needs `stream`, as vLLM checks it
+    model_config = ConfigDict(strict=True, extra="allow")
+    # false when left out, as OpenAI and vLLM read it (vLLM defaulted to true before its PR #36379)
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = Field(default=False, description="vLLM's: with include_usage, the usage "
                                                                            "so far in every chunk too")
@@ -101,7 +107,9 @@ class GenerationRequest(RequestBody):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: Priority | None = Field(default=None, description="scheduling class; also the X-Priority header")
+    priority: RequestPriority | None = Field(default=None, description="scheduling class, or vLLM's integer (below 0 "
+                                                                       "high, 0 normal, above 0 background); also "
+                                                                       "the X-Priority header")
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = Field(default=None, description="extension: logprobs of the prompt's tokens, with "
@@ -184,7 +192,9 @@ class GenerationRequest(RequestBody):
         return self.include_usage_in_stream() and bool(self.stream_options.continuous_usage_stats)
 
     def check_stream_options(self) -> None:
-        if self.stream_options is not None and not self.stream:
+        """Options without `stream` are a 400, as in vLLM; an empty `{}` is not, as vLLM lets it pass."""
+        options = self.stream_options
+        if options is not None and (options.model_fields_set or options.model_extra) and not self.stream:
             raise InvalidSamplingParams("stream_options", "stream_options is only allowed when stream is true")
 
     def token_logit_bias(self) -> dict[int, float]:
@@ -257,6 +267,9 @@ class CompletionRequest(GenerationRequest):
     prompt: Prompt
     echo: bool | None = False
     logprobs: int | None = None
+    # vLLM's: false leaves out the BOS and such that the tokenizer puts around a text prompt, for a client that
+    # rendered its chat template itself (token id prompts are taken as they are)
+    add_special_tokens: bool | None = True
     UNSUPPORTED = ("suffix",)
 
     @field_validator("prompt", mode="wrap")
@@ -345,10 +358,11 @@ class ChatCompletionRequest(GenerationRequest):
     reasoning_effort: ReasoningEffort | None = None
     # vLLM's: with a reasoning parser, false leaves the reasoning out of the answer (it is still generated)
     include_reasoning: bool | None = True
+    # vLLM's: true adds the tokenizer's BOS and such to the rendered template, which already holds them (so twice)
+    add_special_tokens: bool | None = False
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
-    # vLLM's chat options (set: the last message's text before the answer, BOS and such again, a RAG
-    # template's documents)
-    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo", "add_special_tokens", "documents")
+    # vLLM's chat options (set: the last message's text before the answer, a RAG template's documents)
+    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo", "documents")
 
     def template_options(self) -> dict[str, Any]:
         """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""

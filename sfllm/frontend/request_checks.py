@@ -13,7 +13,7 @@ from sfllm.config import FrontendConfig
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import (ContextLengthExceededError, InvalidRequestError, ModelNotFoundError,
                                    ServiceUnavailableError)
-from sfllm.messages import PRIORITIES, EngineHello, SamplingDefaults
+from sfllm.messages import PRIORITIES, EngineHello, SamplingDefaults, priority_class
 from sfllm.sampling_params import token_outside_vocabulary
 
 
@@ -41,10 +41,11 @@ def check_model(requested: str | None, served_model_name: str) -> None:
         raise ModelNotFoundError(requested, served_model_name)
 
 
-def resolve_priority(body_priority: str | None, header_priority: str | None) -> str:
-    """The body's `priority` wins over the X-Priority header; normal if neither is given."""
+def resolve_priority(body_priority: str | int | None, header_priority: str | None) -> str:
+    """The scheduling class: the body's `priority` (a class, or vLLM's integer) wins over the X-Priority header;
+    normal if neither is given."""
     if body_priority is not None:
-        return body_priority
+        return priority_class(body_priority)
     if header_priority is None:
         return "normal"
     priority = header_priority.strip().lower()

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from pydantic import ConfigDict, Field
 
 from sfllm.frontend.errors import InvalidRequestError
-from sfllm.frontend.openai_protocol import ChatCompletionRequest, ReasoningEffort
+from sfllm.frontend.openai_protocol import ChatCompletionRequest, ReasoningEffort, RequestPriority
 from sfllm.frontend.request_checks import check_unicode_within
 from sfllm.frontend.tool_protocol import StrictModel
 
@@ -55,7 +55,7 @@ class ResponsesRequest(StrictModel):
     top_logprobs: int | None = None
     truncation: str | None = None
     user: str | None = None
-    priority: str | None = None
+    priority: RequestPriority | None = None
 
     def check_supported(self) -> None:
         for name in _UNSUPPORTED:

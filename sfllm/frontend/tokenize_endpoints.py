@@ -22,8 +22,9 @@ class TokenizeRequest(StrictModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[ChatTool] | None = None
-    add_special_tokens: bool | None = Field(default=None, description="the prompt's BOS and such (default true); "
-                                                                      "the chat template writes a chat's own")
+    add_special_tokens: bool | None = Field(default=None, description="the tokenizer's BOS and such (default true "
+                                                                      "for a prompt; false for messages, whose "
+                                                                      "template writes its own)")
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -62,13 +63,11 @@ class TokenizeEndpoints:
         if body.messages is None:
             check_unicode([body.prompt], "prompt")
             tokens = await self.tokenizer.encode_async(body.prompt, body.add_special_tokens is not False)
-        else:
-            if body.add_special_tokens:
-                raise InvalidRequestError("add_special_tokens applies to a prompt; the chat template writes a "
-                                          "chat's special tokens", param="add_special_tokens")
+        else:  # as /v1/chat/completions renders them
             chat = ChatCompletionRequest(
                 messages=body.messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs)
+                continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs,
+                add_special_tokens=body.add_special_tokens)
             tokens = await chat_prompt(self.tokenizer, chat, ChatTools(chat))
         strings = self.tokenizer.vocabulary_strings(tokens) if body.return_token_strs else None
         hello = self.engine.hello

@@ -75,20 +75,21 @@ class Tokenizer:
     async def apply_chat_template_async(self, messages: list[dict[str, Any]],
                                         tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
                                         continue_final_message: bool = False,
-                                        variables: dict[str, Any] | None = None) -> list[int]:
+                                        variables: dict[str, Any] | None = None,
+                                        add_special_tokens: bool = False) -> list[int]:
         """`apply_chat_template` off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(
             self._encode_thread, functools.partial(self.apply_chat_template, messages, add_generation_prompt, tools,
-                                                   continue_final_message, variables))
+                                                   continue_final_message, variables, add_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                            variables: dict[str, Any] | None = None) -> list[int]:
+                            variables: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
         """Token ids of the rendered conversation (ChatTemplate.render's options); raises ChatTemplateError if
-        the template refuses it."""
+        the template refuses it. The template writes the special tokens (BOS and friends) itself: only
+        `add_special_tokens` (vLLM's chat option) adds the tokenizer's again."""
         prompt = self.chat_template.render(messages, add_generation_prompt, tools, continue_final_message, variables)
-        # The template already wrote the special tokens (BOS and friends); adding them again would double them.
-        return self._backend.encode(prompt, add_special_tokens=False).ids
+        return self._backend.encode(prompt, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of the ids, never "cleaned up": streamed text must equal the whole decode."""
