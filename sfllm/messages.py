@@ -37,6 +37,8 @@ class GenerateRequest(Message):
     params: SamplingParams
     priority: str = "normal"
     arrival_time: float = 0.0
+    # vLLM's `cache_salt`: only requests of one salt share cached prefixes (tenants can't probe each other's)
+    cache_salt: str | None = None
 
 
 class AbortRequest(Message):

@@ -368,6 +368,20 @@ def test_priority_header(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
     assert [r.priority for r in engine.requests] == ["background", "high"]
 
 
+def test_cache_salt_reaches_every_choice_of_each_endpoint(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """vLLM's cache_salt, on completions, chat and the Responses API (its request passed on to chat); an empty salt
+    is a 400, as in vLLM."""
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 2, "cache_salt": "tenant-1"})
+    post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": 1, "cache_salt": "tenant-2"})
+    post(engine, tokenizer, "/v1/responses", {"input": "Hi", "max_output_tokens": 1, "cache_salt": "tenant-3"})
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert [r.cache_salt for r in engine.requests] == ["tenant-1", "tenant-1", "tenant-2", "tenant-3", None]
+    refused = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "cache_salt": ""})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"
+    assert len(engine.requests) == 5
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_debug_log_says_when_a_high_priority_stream_got_and_wrote_its_first_token(
         engine: ScriptedEngine, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture, path: str) -> None:
