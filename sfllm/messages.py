@@ -13,7 +13,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 18
+PROTOCOL_VERSION = 19
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
