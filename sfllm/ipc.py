@@ -85,10 +85,10 @@ def remove_stale_files(run_dir: Path, prefix: str) -> None:
                 path.unlink(missing_ok=True)
 
 
-def die_with_parent() -> None:
-    """For subprocess preexec_fn: the kernel sends SIGTERM to this child if its parent dies."""
+def die_with_parent(death_signal: int = signal.SIGTERM) -> None:
+    """For subprocess preexec_fn: the kernel sends `death_signal` to this child if its parent dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(_PR_SET_PDEATHSIG, death_signal)
 
 
 def supervised_child() -> None:

@@ -5,12 +5,11 @@ Launch binds the HTTP port and its `frontend_processes` frontends all accept on 
 socket; each is restarted when it dies (the engine and its loaded model stay). SIGHUP
 replaces them one by one (see sfllm/rolling_restart.py). When the engine dies (its worker with it),
 launch stops the frontends and exits non-zero so an orchestrator restarts the pod.
-SIGINT/SIGTERM go to the frontends first, which drain (see `drain_timeout_s`), then to
-the engine; a second one stops them at once. The children run in sessions of their own, so that a signal to
-launch's process group (a terminal's Ctrl-C, `kill -TERM -- -PGID`) reaches launch alone: launch decides how
-they stop (a frontend signalled by the group too could take launch's SIGTERM for a second one and stop without
-draining, and the engine would stop under the frontends' draining requests). They ignore SIGINT besides. Every
-child gets SIGTERM from the kernel if launch itself dies.
+SIGINT/SIGTERM make launch stop them in order (sfllm.ordered_stop): the frontends first, which drain (see
+`drain_timeout_s`), then the engine. The children run in sessions of their own, so that a signal to launch's
+process group (a terminal's Ctrl-C, `kill -TERM -- -PGID`) reaches launch alone, and they ignore SIGINT; a SIGTERM
+sent to every process at once (systemd's default KillMode) drains the frontends as launch's order does, while
+the engine and its worker wait for theirs. Every child gets SIGTERM from the kernel if launch itself dies.
 """
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from sfllm.config import API_KEY_ENV, EngineConfig, ServerConfig, without_config
 from sfllm.http_socket import CannotBind, bind_http_socket
 from sfllm.ipc import (WORKER_CONFIG_PREFIX, RunDirLock, RunDirUnusable, ipc_path, remove_stale_files,
                        supervised_child, worker_address)
+from sfllm.ordered_stop import LAUNCH_PID_ENV, ORDERED_STOP
 from sfllm.rolling_restart import RollingRestart
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Supervisor:
         if self.config.frontend_processes > 1:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir.mkdir(mode=0o700)
-        self.engine = self._spawn("engine")
+        self.engine = self._spawn("engine", extra_env={LAUNCH_PID_ENV: str(os.getpid())})
         self.frontends = [FrontendSlot(self.spawn_frontend()[0], time.monotonic())
                           for _ in range(self.config.frontend_processes)]
 
@@ -153,8 +153,8 @@ class Supervisor:
         slot.process, slot.started_at = self.spawn_frontend()[0], now
 
     def stop(self) -> None:
-        # With the engine gone no request can finish, so the frontends get no drain: a second
-        # SIGTERM cuts their connections at once (see DrainingServer).
+        # With the engine gone no request can finish, so the frontends get no drain: a SIGTERM after the order
+        # cuts their connections at once (see DrainingServer).
         engine_gone = self.engine is not None and self.engine.poll() is not None
         replacement = self.rolling_restart.current if self.rolling_restart is not None else None
         candidates = [slot.process for slot in self.frontends] + self.retiring
@@ -162,7 +162,7 @@ class Supervisor:
             candidates.append(replacement.process)
         frontends = [process for process in candidates if process.poll() is None]
         for process in frontends:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(ORDERED_STOP)
         if engine_gone and frontends:
             time.sleep(SIGNAL_GAP_S)  # two signals at once may arrive as one
             for process in frontends:
@@ -173,7 +173,7 @@ class Supervisor:
         for process in frontends:
             _wait_or_kill(process, max(deadline - time.monotonic(), 0.0))
         if self.engine is not None and self.engine.poll() is None:
-            self.engine.send_signal(signal.SIGTERM)
+            self.engine.send_signal(ORDERED_STOP)
             _wait_or_kill(self.engine, STOP_GRACE_S)
         if engine_gone:
             self._remove_engine_leftovers()

@@ -14,7 +14,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 18
+PROTOCOL_VERSION = 19
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]
@@ -49,6 +49,8 @@ class GenerateRequest(Message):
     params: SamplingParams
     priority: str = "normal"
     arrival_time: float = 0.0
+    # vLLM's `cache_salt`: only requests of one salt share cached prefixes (tenants can't probe each other's)
+    cache_salt: str | None = None
 
 
 class AbortRequest(Message):

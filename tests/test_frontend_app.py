@@ -425,6 +425,40 @@ def test_an_integer_priority_is_vllms_where_lower_runs_earlier(engine: ScriptedE
     assert len(engine.requests) == 6
 
 
+def test_health_generate_is_healthy_once_a_token_comes_back(tokenizer: Tokenizer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang's /health_generate: one greedy token of prompt [0], high priority; 503 with the reason where the
+    engine refuses, is away, or generates nothing in time (its request then aborted)."""
+    engine = ScriptedEngine(tokenizer)
+    response = get(engine, tokenizer, "/health_generate")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    (request,) = engine.requests
+    assert (request.prompt_token_ids, request.params.max_tokens, request.params.temperature, request.priority) == (
+        [0], 1, 0.0, "high")
+    for error in (EngineUnavailableError("the engine is away"), EngineRequestError("no room", 503)):
+        response = get(ScriptedEngine(tokenizer, error=error), tokenizer, "/health_generate")
+        assert response.status_code == 503 and response.json()["reason"] == str(error)
+    monkeypatch.setattr("sfllm.frontend.health_generate.HEALTH_GENERATE_TIMEOUT_S", 0.05)
+    stalled = ScriptedEngine(tokenizer, delay_s=5.0)
+    response = get(stalled, tokenizer, "/health_generate")
+    assert response.status_code == 503 and "no token within 0.05 s" in response.json()["reason"]
+    assert stalled.aborted == [stalled.requests[0].request_id]
+
+
+def test_cache_salt_reaches_every_choice_of_each_endpoint(engine: ScriptedEngine, tokenizer: Tokenizer) -> None:
+    """vLLM's cache_salt, on completions, chat and the Responses API (its request passed on to chat); an empty salt
+    is a 400, as in vLLM."""
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 2, "cache_salt": "tenant-1"})
+    post(engine, tokenizer, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": 1, "cache_salt": "tenant-2"})
+    post(engine, tokenizer, "/v1/responses", {"input": "Hi", "max_output_tokens": 1, "cache_salt": "tenant-3"})
+    post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert [r.cache_salt for r in engine.requests] == ["tenant-1", "tenant-1", "tenant-2", "tenant-3", None]
+    refused = post(engine, tokenizer, "/v1/completions", {"prompt": "x", "max_tokens": 1, "cache_salt": ""})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"
+    assert len(engine.requests) == 5
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_debug_log_says_when_a_high_priority_stream_got_and_wrote_its_first_token(
         engine: ScriptedEngine, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture, path: str) -> None:

@@ -572,16 +572,23 @@ def test_a_killed_frontend_is_replaced_its_requests_aborted_and_engine_totals_ke
     assert completion(a.url, "Hello", 2, AUTH).status_code == 200
 
 
-def test_a_signal_to_the_process_group_drains_running_streams_then_launch_exits_cleanly(a: LaunchedServer) -> None:
-    """A signal to launch's whole process group (launch leads its own): a terminal's Ctrl-C (SIGINT) or a
-    script's `kill -TERM -- -PGID`, SIGTERM here. The children run in sessions of their own, so it reaches launch
-    alone, which takes SIGINT as it takes SIGTERM: the frontend drains, and is not cut as it would be by the
-    group's SIGTERM and launch's arriving as two."""
+def test_sigterm_to_launchs_group_and_to_every_process_drains_running_streams_then_all_exit_cleanly(
+        a: LaunchedServer) -> None:
+    """A signal to launch's whole process group (launch leads its own: a terminal's Ctrl-C, a script's `kill -TERM
+    -- -PGID`) reaches launch alone, the children running in sessions of their own; systemd's default KillMode and
+    `pkill -f sfllm` send SIGTERM to every process besides. Both at once here: the frontend drains (launch's order
+    after the SIGTERM does not cut it), the engine and its worker log the SIGTERM and serve until launch stops them
+    in order, the streams finish, every process exits and launch exits 0, with nothing logged as an error."""
     tree = process_tree(a.process.pid)
+    roles = role_pids(a)
+    assert {"engine", "worker"} <= set(roles) and len(tree) >= 4, (roles, tree)
     assert all(os.getsid(pid) != os.getsid(a.process.pid) for pid in tree if pid != a.process.pid)
+    logged_before = len(a.log.read_text())
     body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 10, "ignore_eos": True, "stream": True}
     threads, results = start_streams(a.url, 2, body, AUTH)
     os.killpg(a.process.pid, signal.SIGTERM)
+    for pid in tree[1:]:
+        os.kill(pid, signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{a.url}/ready", timeout=5).status_code == 503, 10, "/ready to turn 503")
     refused = completion(a.url, "Hi", 2, AUTH)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
@@ -593,3 +600,7 @@ def test_a_signal_to_the_process_group_drains_running_streams_then_launch_exits_
     assert a.process.wait(60) == 0
     wait_for(lambda: not any(alive(pid) for pid in tree), 30, "every process to exit")
     assert not a.run_dir.exists() or not list(a.run_dir.iterdir())
+    log = a.log.read_text()[logged_before:]
+    assert "[engine] sfllm.ordered_stop: SIGTERM while sfllm launch" in log, log
+    assert "[worker] sfllm.ordered_stop: SIGTERM while its engine" in log, log
+    assert not re.findall(r".* (?:ERROR|CRITICAL) .*|Traceback.*", log)

@@ -830,6 +830,30 @@ def test_prefix_cache_shares_full_blocks_and_computes_the_last_token() -> None:
     assert scheduler.allocator.num_cached > 0, "freed blocks stay cached"
 
 
+def test_a_cache_salt_shares_cached_prefixes_only_among_its_own_requests() -> None:
+    """vLLM's cache_salt: a prompt cached under one salt (or none) is computed anew under another, and taken from
+    the cache under its own; the tokens are the same every way."""
+    scheduler, worker, _ = make_scheduler(max_context_length=64)
+    prompt = prompt_of(9)
+
+    def run(name: str, salt: str | None) -> tuple[int, list[int]]:
+        scheduler.add_request(GenerateRequest(request_id=name, prompt_token_ids=prompt, arrival_time=1.0,
+                                              cache_salt=salt, params=SamplingParams(max_tokens=3, ignore_eos=True)))
+        outputs: list[RequestOutput] = []
+        while scheduler.has_unfinished():
+            outputs += step_once(scheduler, worker)[1]
+        return max(out.num_cached_tokens for out in outputs), collect_outputs(outputs)[name]
+
+    first = run("plain", None)
+    assert first[0] == 0
+    assert run("tenant-a", "a")[0] == 0, "the unsalted blocks are not the salt's"
+    assert run("tenant-b", "b")[0] == 0, "nor are another salt's"
+    assert run("tenant-a-again", "a")[0] == 8, "its own salt's two full blocks"
+    assert run("plain-again", None) == (8, first[1])
+    assert run("tenant-b-again", "b")[1] == first[1]
+    assert_all_free(scheduler)
+
+
 def test_prefix_cache_is_off_when_disabled() -> None:
     scheduler, worker, _ = make_scheduler(disable_prefix_cache=True)
     for name in ("a", "b"):

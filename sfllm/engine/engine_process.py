@@ -31,6 +31,7 @@ from sfllm.messages import (PROTOCOL_VERSION, QUEUE_TIME_BUCKETS_S, AbortRequest
                             EngineHello, EngineStats, FlushPrefixCache, FrontendToEngine, GenerateRequest, Heartbeat,
                             MessageCodec, OutputBatch, ProfileControl, RequestOutput, Shutdown, StartProfile,
                             SamplingDefaults, StopProfile, TokenizerSpec)
+from sfllm.ordered_stop import ORDERED_STOP, SigtermFromOutside, launch_pid
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.scheduler.request import Request
 
@@ -324,7 +325,8 @@ def run_engine(config: EngineConfig) -> int:
             server.stopping = True
 
     server: EngineServer | None = None
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(ORDERED_STOP, stop)  # launch's, once its frontends drained
+    signal.signal(signal.SIGTERM, SigtermFromOutside(launch_pid(), stop, "sfllm launch"))
     if not sigint_ignored():  # ignored under `sfllm launch`, which stops the engine after the frontends drain
         signal.signal(signal.SIGINT, stop)
     code = 0
@@ -347,7 +349,7 @@ def run_engine(config: EngineConfig) -> int:
         code = 1
     finally:
         if process.poll() is None:
-            process.terminate()
+            process.send_signal(ORDERED_STOP)  # its SIGTERM would wait for this engine's end
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

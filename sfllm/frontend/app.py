@@ -16,6 +16,7 @@ from sfllm.frontend.chat_completions import ChatCompletionEndpoint
 from sfllm.frontend.completions import CompletionEndpoint
 from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import APIError, ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
+from sfllm.frontend.health_generate import health_generate
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
 from sfllm.frontend.native_generate import NativeGenerateEndpoint, NativeGenerateRequest
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -148,6 +149,12 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
                              "step_time_s": stats.step_time_s, "num_preemptions": stats.num_preemptions,
                              "frontend_requests_in_flight": engine.num_in_flight, "draining": drain.draining,
                              "frontend_pid": os.getpid()})
+
+    @app.get("/health_generate")
+    async def generation_health() -> JSONResponse:
+        """SGLang's: 200 once the engine generated a token (within 20 s), else 503; behind the API key, as it
+        costs a step."""
+        return await health_generate(engine)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

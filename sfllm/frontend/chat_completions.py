@@ -108,7 +108,7 @@ class ChatCompletionEndpoint:
                                              continued)
             params.structured_output = msgspec.structs.replace(params.structured_output, after_thought=thought)
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time,
-                               "tools" if tool_grammar is not None else body.constraint_field())
+                               "tools" if tool_grammar is not None else body.constraint_field(), body.cache_salt)
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
         template = self.tokenizer.chat_template
         call_format = (self.tool_call_parser if self.tool_call_parser and template.takes_tools

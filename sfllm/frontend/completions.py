@@ -182,7 +182,8 @@ class CompletionEndpoint:
                                        body.logprobs, self.tokenizer.vocab_size, encode=self.tokenizer.encode_text,
                                        defaults=defaults)
                   for prompt in prompts]
-        choices = plan_choices(request_id, prompts, params, priority, arrival_time, body.constraint_field())
+        choices = plan_choices(request_id, prompts, params, priority, arrival_time, body.constraint_field(),
+                               body.cache_salt)
         texts = [_ChoiceText(choice.index, self._echo(raw_prompts[choice.prompt_index], prompts[choice.prompt_index])
                              if body.echo else "", echo_logprobs, prompt_logprobs_asked, bool(body.return_token_ids),
                              bool(body.return_tokens_as_token_ids))

@@ -120,6 +120,8 @@ class GenerationRequest(RequestBody):
                                                                                "tokens \"token_id:<id>\"")
     request_id: str | None = Field(default=None, description="vLLM's: names the answer (the X-Request-Id header "
                                                              "wins)")
+    cache_salt: str | None = Field(default=None, min_length=1, description="vLLM's: only requests of the same salt "
+                                                                           "share cached prompt prefixes")
     _requested_constraint: Any = PrivateAttr(default=None)
     _constraint_known: bool = PrivateAttr(default=False)
     # OpenAI fields that change the answer and that sfllm does not implement: set, they are a 400

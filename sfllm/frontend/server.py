@@ -26,6 +26,7 @@ from sfllm.frontend.tokenizer import Tokenizer
 from sfllm.gc_pauses import freeze_startup_objects
 from sfllm.http_socket import CannotBind, bind_http_socket
 from sfllm.ipc import sigint_ignored
+from sfllm.ordered_stop import ORDERED_STOP
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,14 @@ ERROR_ANSWER_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM (or SIGINT) drains before it stops, and SIGUSR1 hands over.
+    """uvicorn, except that SIGTERM (or SIGINT, or launch's ORDERED_STOP) drains before it stops, and SIGUSR1 hands
+    over.
 
     Draining: new requests get 503 and /ready turns 503, while requests in progress
     may finish for up to `drain_timeout_s`; then those left are ended with a 503
     (an error event where a stream has begun), aborted in the engine, and the server
-    stops. A second signal stops it at once.
+    stops. A second SIGTERM or SIGINT stops it at once; launch's order never does (it may follow a SIGTERM sent to
+    every process at once, see sfllm.ordered_stop).
 
     Handing over (another frontend on the shared port has started, see sfllm/http_socket.py):
     this one accepts no more connections and serves the requests that come on its open ones,
@@ -65,7 +68,8 @@ class DrainingServer(uvicorn.Server):
             yield
             return
         loop = asyncio.get_running_loop()
-        handlers = {signal.SIGTERM: self.start_drain, signal.SIGUSR1: self.start_handover}
+        handlers = {signal.SIGTERM: self.start_drain, signal.SIGUSR1: self.start_handover,
+                    ORDERED_STOP: self.start_ordered_drain}
         if not sigint_ignored():  # ignored under `sfllm launch`, which signals its frontends itself
             handlers[signal.SIGINT] = self.start_drain
         for sig, handler in handlers.items():
@@ -94,6 +98,10 @@ class DrainingServer(uvicorn.Server):
                     self.drain_timeout_s)
         self.drain.start_draining()
         self._drain_task = asyncio.ensure_future(self._finish_drain())
+
+    def start_ordered_drain(self) -> None:
+        if not self.drain.draining:
+            self.start_drain()
 
     def start_handover(self) -> None:
         if self.drain.draining or self.drain.handing_over:

@@ -74,27 +74,33 @@ class BlockAllocator:
     def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent_hash, token_ids))
 
-    def match_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = ()
-                     ) -> tuple[list[int], list[int]]:
-        """Cached blocks holding the longest prefix of `token_ids`, at most `max_blocks` of them, and none from
-        the first block in `stop_at` on.
+    @staticmethod
+    def salted_root(cache_salt: str | None) -> int | None:
+        """The parent hash of a prompt's first block: None, or one of the salt's own, so that no block of one
+        salt's prompts matches another's."""
+        return None if cache_salt is None else hash(("cache_salt", cache_salt))
+
+    def match_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = (),
+                     root: int | None = None) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the longest prefix of `token_ids` after `root` (see salted_root), at most
+        `max_blocks` of them, and none from the first block in `stop_at` on.
 
         Returns (block ids, their hashes); the blocks are referenced for the caller."""
-        blocks, hashes = self.cached_prefix(token_ids, max_blocks, stop_at)
+        blocks, hashes = self.cached_prefix(token_ids, max_blocks, stop_at, root)
         for block in blocks:
             if self._ref_counts[block] == 0:
                 del self._free[block]
             self._ref_counts[block] += 1
         return blocks, hashes
 
-    def cached_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = ()
-                      ) -> tuple[list[int], list[int]]:
+    def cached_prefix(self, token_ids: list[int], max_blocks: int, stop_at: Collection[int] = (),
+                      root: int | None = None) -> tuple[list[int], list[int]]:
         """What match_prefix would return, without referencing the blocks."""
         if not self.enable_prefix_cache:
             return [], []
         blocks: list[int] = []
         hashes: list[int] = []
-        parent = None
+        parent = root
         size = self.block_size
         for i in range(min(len(token_ids) // size, max_blocks)):
             chunk = tuple(token_ids[i * size:(i + 1) * size])

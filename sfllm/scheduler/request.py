@@ -29,6 +29,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    # the parent hash of its first block in the prefix cache: its cache salt's (BlockAllocator.salted_root)
+    prefix_root: int | None = None
     swapped_block_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     # leading entries of block_ids that the worker's table for `slot` already holds

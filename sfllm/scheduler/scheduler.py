@@ -157,7 +157,8 @@ class Scheduler:
         except InvalidSamplingParams as error:
             return _error(message.request_id, str(error), 400, error.param)
         request = Request(message.request_id, client_id, list(message.prompt_token_ids), message.params,
-                          message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready)
+                          message.priority, message.arrival_time or time.time(), matcher_ready=matcher_ready,
+                          prefix_root=BlockAllocator.salted_root(message.cache_salt))
         if message.params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * (len(message.prompt_token_ids) - 1)
         self.waiting.add(request, self._clock())  # room checked above
@@ -310,7 +311,8 @@ class Scheduler:
             if self.allocator.enable_prefix_cache and request.prompt_logprobs is None:
                 max_cached = self._max_cached_blocks(request)
                 request.block_ids, request.block_hashes = self.allocator.match_prefix(
-                    request.token_slice(0, request.num_tokens), max_cached, self._blocks_filled_by_newest_step)
+                    request.token_slice(0, request.num_tokens), max_cached, self._blocks_filled_by_newest_step,
+                    request.prefix_root)
                 request.num_computed_tokens = len(request.block_ids) * self.block_size
                 looked_up = max_cached * self.block_size
             num_new = request.num_tokens - request.num_computed_tokens
@@ -415,7 +417,7 @@ class Scheduler:
         if remaining <= budget or not self._uses_prefix_cache(request):
             return self._blocks_needed(request, min(remaining, budget))
         cached, _ = self.allocator.cached_prefix(request.token_slice(0, request.num_tokens),
-                                                 self._max_cached_blocks(request))
+                                                 self._max_cached_blocks(request), root=request.prefix_root)
         taken = [block for block in cached if self.allocator.is_free(block) and block not in counted]
         counted.update(taken)
         computed = len(cached) * self.block_size
@@ -471,7 +473,8 @@ class Scheduler:
         looked_up = 0
         if self._uses_prefix_cache(request):
             max_cached = self._max_cached_blocks(request)
-            blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached)
+            blocks, hashes = self.allocator.match_prefix(request.token_slice(0, request.num_tokens), max_cached,
+                                                         root=request.prefix_root)
             request.block_ids, request.block_hashes = blocks, hashes
             request.num_computed_tokens = len(blocks) * self.block_size
             looked_up = max_cached * self.block_size
@@ -631,7 +634,7 @@ class Scheduler:
             return  # no block filled since the last call: what most decode steps find
         full = min(request.num_computed_tokens, request.num_tokens) // size
         for index in range(len(request.block_hashes), full):
-            parent = request.block_hashes[-1] if request.block_hashes else None
+            parent = request.block_hashes[-1] if request.block_hashes else request.prefix_root
             tokens = tuple(request.token_slice(index * size, (index + 1) * size))
             request.block_hashes.append(self.allocator.register(request.block_ids[index], parent, tokens))
 

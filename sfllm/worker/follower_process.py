@@ -1,7 +1,8 @@
 """A tensor-parallel rank other than 0: runs every step that rank 0 relays to it and reports nothing.
 
-Rank 0 starts it (sfllm.worker.follower_ranks) and watches it; the kernel sends it SIGTERM when rank 0
-dies, and SIGTERM ends it at once, inside a collective too (no handler waits for Python to run).
+Rank 0 starts it (sfllm.worker.follower_ranks), watches it and stops it (a Shutdown message, else a kill); the
+kernel kills it when rank 0 dies, inside a collective too (no handler waits for Python to run). It ignores SIGTERM,
+which systemd's default KillMode sends every process of the unit at once (sfllm.ordered_stop).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 def run_follower(config: WorkerConfig, address: str, rank: int, rendezvous: Path) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 stops it (sfllm.ordered_stop); its death kills it
     codec = MessageCodec(SchedulerToWorker)
     context = zmq.Context()
     sock = context.socket(zmq.PAIR)

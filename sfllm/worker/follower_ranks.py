@@ -16,9 +16,11 @@ frees its GPU, and the scheduler (or the offline caller's shell) sees it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,12 +69,13 @@ class FollowerRanks:
             sock.setsockopt(zmq.SNDTIMEO, int(STEP_TIMEOUT_S * 1000))
             sock.bind(address)
             self._sockets.append(sock)
-            # die_with_parent: the kernel signals a rank when the thread that started it ends (rank 0 starts them
-            # from the thread that builds the worker: the worker process's main thread, or the LLM's creator)
+            # the kernel kills a rank when the thread that started it ends (rank 0 starts them from the thread that
+            # builds the worker: the worker process's main thread, or the LLM's creator); SIGKILL, as a rank
+            # ignores SIGTERM (sfllm.ordered_stop) and may be inside a collective
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "sfllm", "worker", "--config", str(config_path), "--worker-address", address,
                  "--tensor-parallel-rank", str(rank), "--rendezvous", str(self.rendezvous)],
-                env=worker_environment(), preexec_fn=die_with_parent))
+                env=worker_environment(), preexec_fn=functools.partial(die_with_parent, signal.SIGKILL)))
         self.group: TensorParallelGroup | None = None
         self.failure: str | None = None
         self._handled = threading.Event()

@@ -24,6 +24,7 @@ from sfllm.messages import (ForwardBatch, GrammarMask, MessageCodec, SchedulerTo
                             StopProfile, WorkerFailed)
 from sfllm.model_source import resolve_model
 from sfllm.nvtx import nvtx_range
+from sfllm.ordered_stop import ORDERED_STOP, SigtermFromOutside
 from sfllm.worker.completion_watcher import CompletionWatcher
 from sfllm.worker.follower_ranks import start_rank_zero
 from sfllm.worker.attention.registry import BackendUnavailable
@@ -56,7 +57,8 @@ def run_worker(config: WorkerConfig, address: str) -> int:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(ORDERED_STOP, request_stop)  # the engine's, after its Shutdown message
+    signal.signal(signal.SIGTERM, SigtermFromOutside(os.getppid(), request_stop, "its engine"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; Ctrl-C reaches the whole group
     try:
         source = resolve_model(config.model, config.load_format, config.cache_dir)
