@@ -760,6 +760,27 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
+def test_chat_documents_reach_the_template_and_must_be_strings(smollm_tokenizer_spec) -> None:
+    """vLLM's `documents` on chat and on /tokenize's messages: a retrieval template renders them into the prompt;
+    a document's value that is not a string is a 400."""
+    import msgspec
+    from test_frontend_tokenizer import DOCUMENTS_TEMPLATE
+    tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=DOCUMENTS_TEMPLATE))
+    engine = ScriptedEngine(tokenizer)
+    messages = [{"role": "user", "content": "Which city?"}]
+    documents = [{"title": "Paris", "text": "The capital of France."}]
+    assert post(engine, tokenizer, "/v1/chat/completions",
+                {"messages": messages, "max_tokens": 1, "documents": documents}).status_code == 200
+    expected = tokenizer.apply_chat_template(messages, documents=documents)
+    assert engine.requests[0].prompt_token_ids == expected != tokenizer.apply_chat_template(messages)
+    assert post(engine, tokenizer, "/tokenize", {"messages": messages, "documents": documents}).json()[
+        "tokens"] == expected
+    refused = post(engine, tokenizer, "/v1/chat/completions",
+                   {"messages": messages, "max_tokens": 1, "documents": [{"title": 1}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("documents")
+    assert len(engine.requests) == 1
+
+
 def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_tokenizer_spec) -> None:
     import msgspec
     tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=LLAMA3_TEMPLATE))
@@ -872,7 +893,6 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     ("/v1/completions", "use_beam_search", True),  # vLLM's
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
     ("/v1/chat/completions", "echo", True),  # vLLM's on chat
-    ("/v1/chat/completions", "documents", [{"title": "a", "text": "b"}]),
 ])
 def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
                                                               path: str, field: str, value: Any) -> None:

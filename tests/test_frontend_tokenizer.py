@@ -213,6 +213,29 @@ def test_request_variables_reach_the_template_as_transformers_passes_them(qwen_s
     assert ("</think>" in tokenizer.decode(ours, skip_special_tokens=False)) == (variables == {"enable_thinking": False})
 
 
+DOCUMENTS_TEMPLATE = """
+{%- if documents %}{{ '<|im_start|>system\nSources:\n' }}
+{%- for document in documents %}{{ loop.index }}. {{ document.title }}: {{ document.text }}\n{% endfor %}
+{{- '<|im_end|>\n' }}{%- endif %}
+{%- for message in messages %}{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{% endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}
+"""
+
+
+@pytest.mark.parametrize("documents", [None, [{"title": "Paris", "text": "The capital of France."},
+                                              {"title": "Lyon", "text": "A city on the Rhône."}]])
+def test_documents_reach_a_retrieval_template_as_transformers_passes_them(qwen_style_spec: TokenizerSpec,
+                                                                          qwen_hf_tokenizer,
+                                                                          documents: list | None) -> None:
+    """vLLM's chat `documents`, transformers' argument of that name: the sources a RAG template renders."""
+    messages = CONVERSATIONS[0]
+    tokenizer = Tokenizer(msgspec.structs.replace(qwen_style_spec, chat_template=DOCUMENTS_TEMPLATE))
+    ours = tokenizer.apply_chat_template(messages, documents=documents)
+    assert ours == qwen_hf_tokenizer.apply_chat_template(messages, chat_template=DOCUMENTS_TEMPLATE, documents=documents,
+                                                         add_generation_prompt=True)["input_ids"]
+    assert ("Rhône" in tokenizer.decode(ours, skip_special_tokens=False)) == (documents is not None)
+
+
 @pytest.mark.parametrize("last", ["The capital of France is", "The capital is ", "  Paris, of course.\n"])
 def test_continue_final_message_equals_transformers(tokenizer: Tokenizer, smollm_hf_tokenizer, last: str) -> None:
     messages = CONVERSATIONS[0] + [{"role": "assistant", "content": last}]

@@ -43,6 +43,7 @@ async def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest, tools: 
     check_unicode_within(template_tools, "tools")  # first: a template without tools gets them in a message
     check_unicode_within(messages, "messages")
     check_unicode_within(options["variables"], "chat_template_kwargs")
+    check_unicode_within(options["documents"], "documents")
     prompt = await tokenizer.apply_chat_template_async(messages, template_tools, **options,
                                                        add_special_tokens=bool(body.add_special_tokens))
     check_prompt_token_ids(prompt, tokenizer.vocab_size, "messages")

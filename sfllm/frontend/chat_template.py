@@ -103,10 +103,12 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-               variables: dict[str, Any] | None = None) -> str:
+               variables: dict[str, Any] | None = None, documents: list[dict[str, str]] | None = None) -> str:
         """The conversation as the model's prompt. `continue_final_message`: the text ends where the last
         message's content does (no end of turn after it), so the model writes on in that message, as
-        transformers' option of that name. `variables`: more for the template, none of `reserved_variables`."""
+        transformers' option of that name. `variables`: more for the template, none of `reserved_variables`.
+        `documents`: a retrieval template's sources (transformers' and vLLM's), each a dict such as `{"title",
+        "text"}`; a template that names none ignores them."""
         if self._template is None:
             raise ChatTemplateError(self._unusable)
         if not messages:
@@ -121,7 +123,7 @@ class ChatTemplate:
                                     "request itself (its messages, its tools; LLM.chat's tools=)",
                                     param="chat_template_kwargs")
         try:
-            text = self._template.render(**(variables or {}), messages=messages, tools=tools, documents=None,
+            text = self._template.render(**(variables or {}), messages=messages, tools=tools, documents=documents,
                                          add_generation_prompt=add_generation_prompt, **self._special_tokens)
         except _RENDER_ERRORS as error:
             raise ChatTemplateError(f"the chat template rejected the messages: {error}") from error

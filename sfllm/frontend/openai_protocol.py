@@ -363,8 +363,10 @@ class ChatCompletionRequest(GenerationRequest):
     # vLLM's: true adds the tokenizer's BOS and such to the rendered template, which already holds them (so twice)
     add_special_tokens: bool | None = False
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
-    # vLLM's chat options (set: the last message's text before the answer, a RAG template's documents)
-    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo", "documents")
+    # vLLM's: a retrieval template's sources (e.g. {"title", "text"} each), as transformers' `documents`
+    documents: list[dict[str, str]] | None = None
+    # vLLM's chat option (set: the last message's text before the answer)
+    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo",)
 
     def template_options(self) -> dict[str, Any]:
         """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""
@@ -374,7 +376,7 @@ class ChatCompletionRequest(GenerationRequest):
         if self.reasoning_effort is not None:  # the client's own variable of that name, if any, wins
             variables = {"reasoning_effort": self.reasoning_effort} | (variables or {})
         return {"add_generation_prompt": add_prompt, "continue_final_message": continue_final,
-                "variables": variables}
+                "variables": variables, "documents": self.documents}
 
     def max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else super().max_tokens_field()

@@ -28,6 +28,7 @@ class TokenizeRequest(StrictModel):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
     chat_template: str | None = Field(default=None, description="not supported, as on the chat endpoint")
     return_token_strs: bool | None = False
 
@@ -67,7 +68,7 @@ class TokenizeEndpoints:
             chat = ChatCompletionRequest(
                 messages=body.messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs,
-                add_special_tokens=body.add_special_tokens)
+                add_special_tokens=body.add_special_tokens, documents=body.documents)
             tokens = await chat_prompt(self.tokenizer, chat, ChatTools(chat))
         strings = self.tokenizer.vocabulary_strings(tokens) if body.return_token_strs else None
         hello = self.engine.hello

@@ -76,19 +76,22 @@ class Tokenizer:
                                         tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
                                         continue_final_message: bool = False,
                                         variables: dict[str, Any] | None = None,
-                                        add_special_tokens: bool = False) -> list[int]:
+                                        add_special_tokens: bool = False,
+                                        documents: list[dict[str, str]] | None = None) -> list[int]:
         """`apply_chat_template` off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(
             self._encode_thread, functools.partial(self.apply_chat_template, messages, add_generation_prompt, tools,
-                                                   continue_final_message, variables, add_special_tokens))
+                                                   continue_final_message, variables, add_special_tokens, documents))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                            variables: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+                            variables: dict[str, Any] | None = None, add_special_tokens: bool = False,
+                            documents: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of the rendered conversation (ChatTemplate.render's options); raises ChatTemplateError if
         the template refuses it. The template writes the special tokens (BOS and friends) itself: only
         `add_special_tokens` (vLLM's chat option) adds the tokenizer's again."""
-        prompt = self.chat_template.render(messages, add_generation_prompt, tools, continue_final_message, variables)
+        prompt = self.chat_template.render(messages, add_generation_prompt, tools, continue_final_message, variables,
+                                           documents)
         return self._backend.encode(prompt, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
