@@ -889,10 +889,27 @@ def test_chat_template_options_shape_the_prompt(smollm_tokenizer_spec) -> None:
     assert len(engine.requests) == requests_sent
 
 
+def test_chat_echo_repeats_a_continued_assistant_message_before_the_answer(engine: ScriptedEngine,
+                                                                         tokenizer: Tokenizer) -> None:
+    """vLLM's chat `echo`: with a last message of the assistant's, whole answers start with its text and streams
+    send it in a chunk of its own after the role's; a last message of the user's is not repeated."""
+    started = [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "The city is"}]
+    body = {"messages": started, "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 3,
+            "echo": True, "n": 2}
+    whole = post(engine, tokenizer, "/v1/chat/completions", body).json()
+    generated = script_text(tokenizer, engine, 3)
+    assert [choice["message"]["content"] for choice in whole["choices"]] == ["The city is" + generated] * 2
+    streamed = sse_payloads(post(engine, tokenizer, "/v1/chat/completions", body | {"stream": True, "n": 1}))
+    contents = [chunk["choices"][0]["delta"].get("content") for chunk in streamed if chunk["choices"]]
+    assert contents[:2] == ["", "The city is"] and "".join(c or "" for c in contents) == "The city is" + generated
+    asked = post(engine, tokenizer, "/v1/chat/completions",
+                 {"messages": started[:1], "max_tokens": 3, "echo": True}).json()
+    assert asked["choices"][0]["message"]["content"] == generated
+
+
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/completions", "use_beam_search", True),  # vLLM's
     ("/v1/chat/completions", "no_stop_trim", True),  # SGLang's
-    ("/v1/chat/completions", "echo", True),  # vLLM's on chat
 ])
 def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedEngine, tokenizer: Tokenizer,
                                                               path: str, field: str, value: Any) -> None:
@@ -903,7 +920,7 @@ def test_other_servers_sampling_options_are_a_400_unless_inert(engine: ScriptedE
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field and "not supported" in response.json()["error"]["message"]
     assert not engine.requests
-    inert = {"use_beam_search": False, "no_stop_trim": False, "echo": False}.get(field)
+    inert = {"use_beam_search": False, "no_stop_trim": False}.get(field)
     if inert is not None:
         assert post(engine, tokenizer, path, {**body, "max_tokens": 2, field: inert}).status_code == 200
 

@@ -114,10 +114,12 @@ class ChatCompletionEndpoint:
         template = self.tokenizer.chat_template
         call_format = (self.tool_call_parser if self.tool_call_parser and template.takes_tools
                        else template.tool_call_format)
+        last = body.messages[-1]
+        echoed = last.text() if body.echo and last.role == "assistant" else ""
         messages_out = [AssistantMessage(tools.parser(call_format),
                                          ReasoningParser(self.reasoning_parser, prompt_tail, constrained, continued)
                                          if self.reasoning_parser else None, body.include_reasoning is not False,
-                                         one_call=not tools.parallel)
+                                         one_call=not tools.parallel, echoed=echoed)
                         for _ in choices]
         shape = AnswerShape(num_top_logprobs, bool(body.return_token_ids), bool(body.return_tokens_as_token_ids))
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
@@ -184,6 +186,9 @@ class ChatCompletionEndpoint:
                 started.add(delta.index)  # each choice opens with the assistant role, as OpenAI's do
                 events.append(chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content="")),
                                     delta.prompt_token_ids if shape.return_token_ids else None))
+                if messages[delta.index].echoed:  # vLLM's echo: the continued message first, in a chunk of its own
+                    events.append(chunk(ChatChunkChoice(index=delta.index,
+                                                        delta=ChatDelta(content=messages[delta.index].echoed))))
             tally.record(delta)  # after the role chunk: its running usage counts no token yet, as vLLM's
             logprobs = self._logprobs(delta, shape)
             message = messages[delta.index]
@@ -228,12 +233,14 @@ class AnswerShape:
 class AssistantMessage:
     """One choice's assistant message as it streams in: its reasoning, if a parser reads one, its text, and with tools
     on, the calls read from the text after the reasoning. With `one_call` (parallel_tool_calls false) only the first
-    call is kept, as vLLM does: a model may write several whatever the request says."""
+    call is kept, as vLLM does: a model may write several whatever the request says. `echoed`: the text the answer
+    repeats first (vLLM's chat `echo` of a continued assistant message)."""
 
     def __init__(self, parser: ToolCallParser | Llama3JsonToolCallParser | None,
                  reasoning_parser: ReasoningParser | None = None, include_reasoning: bool = True,
-                 one_call: bool = False) -> None:
+                 one_call: bool = False, echoed: str = "") -> None:
         self.parser = parser
+        self.echoed = echoed
         self.one_call = one_call
         self.reasoning_parser = reasoning_parser
         self.include_reasoning = include_reasoning
@@ -277,5 +284,8 @@ class AssistantMessage:
         calls = [ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
                  for call in (self.parser.calls if self.parser is not None else [])][:1 if self.one_call else None]
         # no text: null beside calls or a thought (even one include_reasoning leaves out), as vLLM answers
-        return ChatResponseMessage(content=self.content if self.content or not (calls or self.thought) else None,
-                                   reasoning_content=self.reasoning or None, tool_calls=calls or None)
+        content = self.content if self.content or not (calls or self.thought) else None
+        if self.echoed:
+            content = self.echoed + (content or "")
+        return ChatResponseMessage(content=content, reasoning_content=self.reasoning or None,
+                                   tool_calls=calls or None)

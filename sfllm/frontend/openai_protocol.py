@@ -365,8 +365,8 @@ class ChatCompletionRequest(GenerationRequest):
     UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "chat_template")
     # vLLM's: a retrieval template's sources (e.g. {"title", "text"} each), as transformers' `documents`
     documents: list[dict[str, str]] | None = None
-    # vLLM's chat option (set: the last message's text before the answer)
-    OTHER_SERVERS_OPTIONS = GenerationRequest.OTHER_SERVERS_OPTIONS + ("echo",)
+    # vLLM's: a last message of the assistant's (continue_final_message) is repeated before what the model adds
+    echo: bool | None = False
 
     def template_options(self) -> dict[str, Any]:
         """add_generation_prompt, continue_final_message and the template's variables, for ChatTemplate.render."""
