@@ -425,6 +425,15 @@ def test_an_integer_priority_is_vllms_where_lower_runs_earlier(engine: ScriptedE
     assert len(engine.requests) == 6
 
 
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank", "/score", "/classify"])
+def test_pooling_endpoints_are_a_404_that_says_why(engine: ScriptedEngine, tokenizer: Tokenizer, path: str) -> None:
+    response = post(engine, tokenizer, path, {"model": MODEL, "input": "x"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "endpoint_not_supported" and "generative models only" in error["message"]
+    assert path in error["message"] and not engine.requests
+
+
 def test_health_generate_is_healthy_once_a_token_comes_back(tokenizer: Tokenizer,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """SGLang's /health_generate: one greedy token of prompt [0], high priority; 503 with the reason where the

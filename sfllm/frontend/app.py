@@ -184,6 +184,10 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     async def stop_profile() -> JSONResponse:
         return _engine_told(engine.set_profiling(False), "stopped")
 
+    # vLLM's and SGLang's endpoints of pooling, scoring and classifying models: a clear 404 rather than "Not Found"
+    for path in POOLING_PATHS:
+        app.add_api_route(path, pooling_not_served, methods=["POST"], include_in_schema=False)
+
     # SGLang's name (its benchmark calls it before a run), and vLLM's
     @app.post("/flush_cache")
     @app.get("/flush_cache")
@@ -193,6 +197,16 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         return _engine_told(engine.flush_prefix_cache(), "flushed")
 
     return app
+
+
+POOLING_PATHS = ("/v1/embeddings", "/pooling", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                 "/classify", "/encode")
+
+
+async def pooling_not_served(request: Request) -> JSONResponse:
+    raise APIError(404, f"{request.url.path} needs an embedding, scoring or reward model, which vLLM and SGLang serve "
+                        "as such; this server serves generative models only", error_type="not_found_error",
+                   code="endpoint_not_supported")
 
 
 def _engine_told(sent: bool, state: str) -> JSONResponse:
