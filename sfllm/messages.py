@@ -120,6 +120,11 @@ class EngineHello(Message):
     block_size: int
     tokenizer: TokenizerSpec
     sampling_defaults: SamplingDefaults
+    # the engine's limits, as SGLang's /get_server_info names them to its clients
+    max_running_requests: int = 0
+    max_running_tokens: int = 0
+    tensor_parallel_size: int = 1
+    prefix_cache: bool = True
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

@@ -585,6 +585,13 @@ def test_health_and_models(engine: ScriptedEngine, tokenizer: Tokenizer) -> None
     assert get(engine, tokenizer, "/version").json() == {"version": sfllm.__version__}
     assert get(engine, tokenizer, "/get_model_info").json() == {
         "model_path": "my-model", "tokenizer_path": "my-model", "is_generation": True, "max_context_length": 128}
+    engine.hello.max_running_requests, engine.hello.max_running_tokens = 24, 2048
+    for path in ("/get_server_info", "/server_info"):
+        assert get(engine, tokenizer, path).json() == {
+            "model_path": "my-model", "tokenizer_path": "my-model", "served_model_name": "my-model",
+            "context_length": 128, "page_size": 16, "max_total_num_tokens": 8 * 16, "max_running_requests": 24,
+            "chunked_prefill_size": 2048, "tp_size": 1, "dp_size": 1, "disable_radix_cache": False,
+            "version": sfllm.__version__}
     assert get(engine, tokenizer, "/nope").json()["error"]["type"] == "not_found_error"
     assert get(engine, tokenizer, "/openapi.json").status_code == 200
 

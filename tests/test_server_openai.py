@@ -46,6 +46,16 @@ def test_models_lists_the_served_model(client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_sglangs_server_info_reports_the_engines_limits(server) -> None:
+    from sfllm.config import ServerConfig
+    defaults = ServerConfig()
+    info = httpx.get(f"{server.url}/get_server_info", timeout=10).json()
+    kv_blocks = httpx.get(f"{server.url}/health", timeout=10).json()["kv_blocks_total"]
+    assert (info["max_running_requests"], info["chunked_prefill_size"], info["tp_size"]) == (
+        defaults.max_running_requests, defaults.max_running_tokens, 1)
+    assert info["max_total_num_tokens"] == kv_blocks * info["page_size"] > 0 and info["model_path"] == MODEL
+
+
 def test_chat_greedy_answers_paris_and_streaming_equals_non_streaming(client) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=32)
     text = reply.choices[0].message.content

@@ -110,7 +110,11 @@ class EngineServer:
         self.hello = self.codec.encode(EngineHello(
             protocol_version=PROTOCOL_VERSION, model_name=config.model_name, max_context_length=info.max_context_length,
             eos_token_ids=info.eos_token_ids, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
-            tokenizer=tokenizer, sampling_defaults=sampling_defaults))
+            tokenizer=tokenizer, sampling_defaults=sampling_defaults,
+            max_running_requests=config.scheduler.max_running_requests,
+            max_running_tokens=config.scheduler.max_running_tokens,
+            tensor_parallel_size=config.worker.tensor_parallel_size,
+            prefix_cache=not config.scheduler.disable_prefix_cache))
         self.owner: dict[str, bytes] = {}
         self.last_seen: dict[bytes, float] = {}
         self.greeted: set[bytes] = set()  # frontends whose hello was logged

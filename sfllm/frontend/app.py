@@ -118,6 +118,20 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
         return {"model_path": served_model_name, "tokenizer_path": served_model_name, "is_generation": True,
                 "max_context_length": model_card().max_model_len}
 
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def get_server_info() -> JSONResponse:
+        """SGLang's (and its newer name): the engine's limits under SGLang's names, from the engine's latest hello,
+        as SGLang's benchmarks and routers read them."""
+        hello = engine.hello
+        return JSONResponse({
+            "model_path": served_model_name, "tokenizer_path": served_model_name,
+            "served_model_name": served_model_name, "context_length": hello.max_context_length,
+            "page_size": hello.block_size, "max_total_num_tokens": hello.num_kv_blocks * hello.block_size,
+            "max_running_requests": hello.max_running_requests, "chunked_prefill_size": hello.max_running_tokens,
+            "tp_size": hello.tensor_parallel_size, "dp_size": 1, "disable_radix_cache": not hello.prefix_cache,
+            "version": sfllm.__version__})
+
     tokenize_endpoints = TokenizeEndpoints(served_model_name, tokenizer, engine)
 
     @app.post("/generate", response_model=None)
