@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -201,16 +202,24 @@ THINKING_SWITCH_TEMPLATE = """\
 """
 
 
+def rendered_text_equal_to_transformers(spec: TokenizerSpec, hf_tokenizer, template: str, ours: dict[str, Any],
+                                        theirs: dict[str, Any]) -> str:
+    """The first conversation rendered by `template` with our options `ours` and transformers' `theirs`: the same
+    ids; returns their text."""
+    tokenizer = Tokenizer(msgspec.structs.replace(spec, chat_template=template))
+    ids = tokenizer.apply_chat_template(CONVERSATIONS[0], **ours)
+    assert ids == hf_tokenizer.apply_chat_template(CONVERSATIONS[0], chat_template=template, add_generation_prompt=True,
+                                                   **theirs)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 @pytest.mark.parametrize("variables", [None, {"enable_thinking": False}, {"enable_thinking": True}])
 def test_request_variables_reach_the_template_as_transformers_passes_them(qwen_style_spec: TokenizerSpec,
                                                                           qwen_hf_tokenizer,
                                                                           variables: dict | None) -> None:
-    messages = CONVERSATIONS[0]
-    tokenizer = Tokenizer(msgspec.structs.replace(qwen_style_spec, chat_template=THINKING_SWITCH_TEMPLATE))
-    ours = tokenizer.apply_chat_template(messages, variables=variables)
-    assert ours == qwen_hf_tokenizer.apply_chat_template(messages, chat_template=THINKING_SWITCH_TEMPLATE,
-                                                         add_generation_prompt=True, **(variables or {}))["input_ids"]
-    assert ("</think>" in tokenizer.decode(ours, skip_special_tokens=False)) == (variables == {"enable_thinking": False})
+    text = rendered_text_equal_to_transformers(qwen_style_spec, qwen_hf_tokenizer, THINKING_SWITCH_TEMPLATE,
+                                               {"variables": variables}, variables or {})
+    assert ("</think>" in text) == (variables == {"enable_thinking": False})
 
 
 DOCUMENTS_TEMPLATE = """
@@ -228,12 +237,9 @@ def test_documents_reach_a_retrieval_template_as_transformers_passes_them(qwen_s
                                                                           qwen_hf_tokenizer,
                                                                           documents: list | None) -> None:
     """vLLM's chat `documents`, transformers' argument of that name: the sources a RAG template renders."""
-    messages = CONVERSATIONS[0]
-    tokenizer = Tokenizer(msgspec.structs.replace(qwen_style_spec, chat_template=DOCUMENTS_TEMPLATE))
-    ours = tokenizer.apply_chat_template(messages, documents=documents)
-    assert ours == qwen_hf_tokenizer.apply_chat_template(messages, chat_template=DOCUMENTS_TEMPLATE, documents=documents,
-                                                         add_generation_prompt=True)["input_ids"]
-    assert ("Rhône" in tokenizer.decode(ours, skip_special_tokens=False)) == (documents is not None)
+    text = rendered_text_equal_to_transformers(qwen_style_spec, qwen_hf_tokenizer, DOCUMENTS_TEMPLATE,
+                                               {"documents": documents}, {"documents": documents})
+    assert ("Rhône" in text) == (documents is not None)
 
 
 @pytest.mark.parametrize("last", ["The capital of France is", "The capital is ", "  Paris, of course.\n"])
