@@ -4,6 +4,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import threading
+import time
 
 import httpx
 import openai
@@ -343,6 +345,39 @@ def test_sglangs_native_generate_against_a_launched_server(server, smollm_llm) -
         assert stopped["output_ids"] == expected.outputs[0].token_ids[:3]
         shown = expected.outputs[0].token_ids[:2 if trim else 3]
         assert stopped["text"] == smollm_llm.tokenizer.decode(shown)
+
+
+def test_sglangs_abort_request_ends_a_stream_by_its_rid_and_everything_with_abort_all(server) -> None:
+    """SGLang's /abort_request as RL rollouts use it: a streamed /generate named by its rid ends at once with an
+    abort finish reason; `abort_all` ends whole requests in flight the same way; an unknown rid aborts nothing."""
+    long = {"sampling_params": {"max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}}
+    events: list[dict] = []
+    with httpx.stream("POST", f"{server.url}/generate", timeout=120,
+                      json={"text": "Count:", "rid": "rollout-1", "stream": True} | long) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line.removeprefix("data: ")))
+                if len(events) == 1:
+                    assert httpx.post(f"{server.url}/abort_request", json={"rid": "rollout-1"},
+                                      timeout=10).json() == {"aborted": 1}
+    meta = events[-1]["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and meta["id"] == "rollout-1"
+    assert 0 < meta["completion_tokens"] < 3000
+    answers: list[dict] = []
+    threads = [threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{server.url}/generate", json={"text": "Count:"} | long, timeout=120).json())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while sum(httpx.get(f"{server.url}/health", timeout=10).json()["running"].values()) < 2:
+        assert time.monotonic() < deadline, "both requests running"
+        time.sleep(0.05)
+    assert httpx.post(f"{server.url}/abort_request", json={"abort_all": True}, timeout=10).json() == {"aborted": 2}
+    for thread in threads:
+        thread.join(60)
+    assert [answer["meta_info"]["finish_reason"]["type"] for answer in answers] == ["abort", "abort"]
+    assert all(answer["meta_info"]["completion_tokens"] < 3000 for answer in answers)
+    assert httpx.post(f"{server.url}/abort_request", json={"rid": "nobody"}, timeout=10).json() == {"aborted": 0}
 
 
 def test_sglangs_prompt_logprobs_are_the_echoed_ones_of_completions(server, client) -> None:

@@ -18,7 +18,7 @@ from sfllm.frontend.engine_client import EngineClient
 from sfllm.frontend.errors import APIError, ModelNotFoundError, UnexpectedErrorMiddleware, install_error_handlers
 from sfllm.frontend.health_generate import health_generate
 from sfllm.frontend.metrics import CONTENT_TYPE, FrontendMetrics, MetricsMiddleware
-from sfllm.frontend.native_generate import NativeGenerateEndpoint, NativeGenerateRequest
+from sfllm.frontend.native_generate import AbortRequestBody, NativeGenerateEndpoint, NativeGenerateRequest
 from sfllm.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from sfllm.frontend.openai_responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from sfllm.frontend.request_checks import RequestLimits
@@ -137,6 +137,11 @@ def create_app(config: FrontendConfig, engine: EngineClient, tokenizer: Tokenize
     @app.post("/generate", response_model=None)
     async def generate(body: NativeGenerateRequest, request: Request) -> Response:
         return await native_generate(body, request)
+
+    @app.post("/abort_request")
+    async def abort_request(body: AbortRequestBody) -> JSONResponse:
+        """SGLang's: ends a /generate request by its rid, or every request this frontend runs (`abort_all`)."""
+        return native_generate.abort(body)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -110,6 +110,7 @@ class CompletionGeneration:
     """A completion request started in the engine: its choices' deltas, and what reads them into an answer."""
     request_id: str
     prompt_token_ids: list[list[int]]
+    engine_request_ids: list[str]  # a choice's, by its index
     deltas: AsyncGenerator[ChoiceDelta, None]  # lazy: the engine sees the request once they are read
     texts: list[_ChoiceText]
     tally: UsageTally
@@ -192,7 +193,8 @@ class CompletionEndpoint:
         deltas = generate_choices(self.engine, self.tokenizer, choices, self.metrics, self.limits.request_timeout_s)
         if prompt_only:
             deltas = _prompt_only(deltas)
-        return CompletionGeneration(answer_id, prompts, deltas, texts, tally, outcome,
+        return CompletionGeneration(answer_id, prompts, [choice.request.request_id for choice in choices], deltas,
+                                    texts, tally, outcome,
                                     high_priority_trace(request_id, priority, arrival_time))
 
     async def _token_ids(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:

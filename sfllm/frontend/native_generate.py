@@ -119,9 +119,40 @@ class NativeGenerateRequest(StrictModel):
         return start
 
 
+class AbortRequestBody(StrictModel):
+    """SGLang's `POST /abort_request`: one request by its `rid` (a batch's, or one answer's `meta_info.id`), or
+    every request this frontend runs (`abort_all`, as RL rollouts end a round)."""
+    rid: str = ""
+    abort_all: bool = False
+
+
 class NativeGenerateEndpoint:
     def __init__(self, completions: CompletionEndpoint) -> None:
         self.completions = completions
+        self.running: dict[str, list[str]] = {}  # an answer's or a batch's rid: its engine requests' ids
+
+    def abort(self, body: AbortRequestBody) -> JSONResponse:
+        """Ends the requests named (their answers finish with `{"type": "abort"}`); 200 whether or not any ran,
+        as SGLang answers."""
+        engine = self.completions.engine
+        if body.abort_all:
+            count = engine.abort_running()
+        else:
+            count = engine.abort_running(self.running.get(body.rid, []))
+        return JSONResponse({"aborted": count})
+
+    async def _tracked(self, names: dict[str, list[str]],
+                       deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenerator[ChoiceDelta, None]:
+        """`deltas`, their requests abortable by `names` meanwhile."""
+        for name, ids in names.items():
+            self.running[name] = ids
+        try:
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
+        finally:
+            for name in names:
+                self.running.pop(name, None)
 
     async def __call__(self, body: NativeGenerateRequest, request: Request) -> JSONResponse | EventStreamResponse:
         completion_body = body.completion_request()
@@ -137,14 +168,17 @@ class NativeGenerateEndpoint:
         token_text = self.completions.tokenizer.token_decoded if body.return_text_in_logprobs else None
         answers = [_Answer(f"{rid}-{index}" if len(completion.texts) > 1 else rid, body, arrival, token_text)
                    for index in range(len(completion.texts))]
+        ids = completion.engine_request_ids
+        deltas = self._tracked({rid: ids} | {answer.rid: [ids[index]] for index, answer in enumerate(answers)},
+                               completion.deltas)
         if body.stream:
             def events_of(delta: ChoiceDelta) -> list[str]:
                 answers[delta.index].add(delta)
                 return [sse_event(json.dumps({**answers[delta.index].json(), "index": delta.index},
                                              ensure_ascii=False))]
-            events = choice_events(completion.deltas, events_of, None, completion.outcome)
+            events = choice_events(deltas, events_of, None, completion.outcome)
             return await start_event_stream(request, events, completion.high_priority_trace)
-        await until_disconnect(request, self._complete(completion.deltas, answers))
+        await until_disconnect(request, self._complete(deltas, answers))
         whole = [answer.json() for answer in answers]
         return JSONResponse(whole if body.is_batch() or len(whole) > 1 else whole[0])
 
