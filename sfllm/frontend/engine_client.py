@@ -219,10 +219,12 @@ class EngineClient:
     def abort_running(self, request_ids: list[str] | None = None) -> int:
         """Asks the engine to end these requests of this client's in flight (None: all of them); each stream then
         ends with the engine's output of finish reason "abort", as a request the engine stopped. How many it asked."""
+        if not self._connected:
+            return 0
         running = list(self._streams) if request_ids is None else [r for r in request_ids if r in self._streams]
-        if running and self._connected:
+        if running:
             self._send(AbortRequest(request_ids=running))
-        return len(running) if self._connected else 0
+        return len(running)
 
     def end_streams(self, error: Exception) -> int:
         """End every request in flight: each stream raises `error`, and the engine is told to drop them.
