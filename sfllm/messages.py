@@ -14,7 +14,7 @@ import msgspec
 
 from sfllm.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 19
+PROTOCOL_VERSION = 20
 
 # The scheduling classes of a request, highest first.
 Priority = Literal["high", "normal", "background"]

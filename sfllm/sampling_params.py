@@ -39,9 +39,10 @@ class ThoughtTokens(msgspec.Struct, frozen=True):
 
 
 class StructuredOutput(msgspec.Struct, frozen=True):
-    """What the output's text must match: a JSON schema, a regular expression, or a grammar in Lark or
-    GBNF (llama.cpp's EBNF); sfllm/structured_output.py turns it into the grammar engine's form."""
-    kind: Literal["json_schema", "regex", "grammar"]
+    """What the output's text must match: a JSON schema, a regular expression, a grammar in Lark or GBNF
+    (llama.cpp's EBNF), or structural tags (free text with schema-bound calls, sfllm/structural_tag.py);
+    sfllm/structured_output.py turns it into the grammar engine's form."""
+    kind: Literal["json_schema", "regex", "grammar", "structural_tag"]
     definition: str
     # with a reasoning parser: the grammar applies to the text after the thought, as vLLM applies it
     after_thought: ThoughtTokens | None = None
@@ -68,6 +69,13 @@ class StructuredOutput(msgspec.Struct, frozen=True):
         most 2,000 in llguidance)."""
         return cls.regex("|".join(_literal(choice) for choice in dict.fromkeys(choices)))
 
+    @classmethod
+    def structural_tag(cls, spec: dict[str, Any] | str, field: str = "response_format") -> StructuredOutput:
+        """`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}` or its JSON text; InvalidSamplingParams
+        naming `field` for one of the wrong shape."""
+        from sfllm.structural_tag import structural_tag_definition  # it raises this module's error
+        return cls("structural_tag", structural_tag_definition(spec, field))
+
 
 # the characters a regular expression of llguidance (Rust's regex syntax) reads as syntax
 _REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$#&-~")
@@ -80,7 +88,8 @@ def _literal(text: str) -> str:
 
 def constraint_of(kind: str, value: Any, field: str) -> StructuredOutput:
     """A constraint as vLLM's and SGLang's fields give it: `kind` json (a schema, or its JSON text), choice (strings),
-    regex or grammar; InvalidSamplingParams naming `field` for a value of the wrong shape."""
+    regex, grammar or structural_tag (the object or its JSON text); InvalidSamplingParams naming `field` for a value
+    of the wrong shape."""
     if kind == "json":
         if isinstance(value, (str, dict)):  # a string is the schema's JSON text, as SGLang's json_schema always is
             return StructuredOutput.json_schema(value)
@@ -89,6 +98,8 @@ def constraint_of(kind: str, value: Any, field: str) -> StructuredOutput:
         if not isinstance(value, list) or not value or not all(isinstance(choice, str) for choice in value):
             raise InvalidSamplingParams(field, f"{field}: the choices are a non-empty list of strings")
         return StructuredOutput.choice(value)
+    if kind == "structural_tag":
+        return StructuredOutput.structural_tag(value, field)
     if not isinstance(value, str):
         raise InvalidSamplingParams(field, f"{field} must be a string")
     return StructuredOutput.regex(value) if kind == "regex" else StructuredOutput.grammar(value)
@@ -97,10 +108,11 @@ def constraint_of(kind: str, value: Any, field: str) -> StructuredOutput:
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """vLLM's constraint (0.11 and later), offline as `SamplingParams(structured_outputs=StructuredOutputsParams(
-    json=schema))` and over HTTP as the `structured_outputs` object: one of json, regex, choice, grammar and
-    json_object (as in vLLM a field is set unless None). The options that only tune vLLM's grammar backend have no
-    effect here (JSON comes on one line anyway; properties a schema does not list are never written unless it
-    allows them); those that would change the output and that sfllm lacks are refused."""
+    json=schema))` and over HTTP as the `structured_outputs` object: one of json, regex, choice, grammar,
+    structural_tag (its JSON text) and json_object (as in vLLM a field is set unless None). The options that only
+    tune vLLM's grammar backend have no effect here (JSON comes on one line anyway; properties a schema does not
+    list are never written unless it allows them); those that would change the output and that sfllm lacks are
+    refused."""
     json: str | dict[str, Any] | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -110,9 +122,9 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None  # refused
-    structural_tag: str | None = None  # refused
+    structural_tag: str | dict[str, Any] | None = None
 
-    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar")
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "structural_tag")
 
     def __post_init__(self) -> None:
         self.constraints()  # a malformed or empty one is refused where it is made, as vLLM refuses it
@@ -127,9 +139,8 @@ class StructuredOutputsParams:
             raise InvalidSamplingParams(field, "structured_outputs.json_object must be true or false")
         if self.json_object:
             constraints.append(StructuredOutput.json_object())
-        for name in ("whitespace_pattern", "structural_tag"):
-            if getattr(self, name) not in (None, ""):
-                raise InvalidSamplingParams(field, f"structured_outputs.{name} is not supported by sfllm")
+        if self.whitespace_pattern not in (None, ""):
+            raise InvalidSamplingParams(field, "structured_outputs.whitespace_pattern is not supported by sfllm")
         if not constraints:
             raise InvalidSamplingParams(field, "structured_outputs sets no constraint; give one of "
                                                f"{', '.join([*self.KINDS, 'json_object'])}")

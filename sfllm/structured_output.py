@@ -12,6 +12,7 @@ masks of a batch in parallel threads outside the GIL.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -19,6 +20,7 @@ import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
 
 from sfllm.sampling_params import InvalidSamplingParams, StructuredOutput
+from sfllm.structural_tag import structural_tag_lark
 
 
 # JSON as json.dumps writes it, on one line: with free whitespace small models wander into blank lines. A
@@ -139,8 +141,11 @@ class InvalidGrammar(InvalidSamplingParams):
     """The schema, expression or grammar cannot constrain an output; the message says where."""
 
 
-def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARAM) -> str:
-    """llguidance's grammar for the constraint; raises InvalidGrammar naming `param`."""
+def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARAM,
+               special_token: Callable[[str], int | None] = lambda text: None) -> str:
+    """llguidance's grammar for the constraint; raises InvalidGrammar naming `param`. `special_token(text)`: the id
+    of the model's special token written `text`, or None (structural tags' triggers; without a tokenizer every
+    trigger is text, which checks the spec as well)."""
     kind, definition = structured_output.kind, structured_output.definition
     if kind == "json_schema":
         try:
@@ -156,6 +161,9 @@ def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARA
                                                                     defaults=JSON_OPTIONS)
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(definition)
+        elif kind == "structural_tag":
+            grammar = llguidance.LLMatcher.grammar_from_lark(structural_tag_lark(definition, _closed_inline_json_schema,
+                                                                                 special_token))
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(any_to_lark(definition))
     except Exception as error:  # what llguidance or the GBNF converter cannot encode (e.g. unpaired surrogates)
@@ -164,3 +172,12 @@ def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARA
     if error:
         raise InvalidGrammar(param, f"invalid {what}: {error.strip()}")
     return grammar
+
+
+def inline_json_schema(schema: dict[str, Any]) -> str:
+    """A schema to inline in a Lark grammar (`%json{...}`), its JSON to be written as response_format's is."""
+    return json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+def _closed_inline_json_schema(schema: dict[str, Any]) -> str:
+    return inline_json_schema(without_unlisted_properties(schema))

@@ -701,6 +701,11 @@ def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedE
 
 
 CHOICES = StructuredOutput.regex('yes|no "maybe"')
+STRUCTURAL_TAG = {"structures": [{"begin": "<function=f>", "schema": {"type": "object"}, "end": "</function>"},
+                                 {"begin": "<|python_tag|>", "end": ""}], "triggers": ["<function=", "<|python_tag|>"]}
+TOOL_CALL_TAGS = StructuredOutput("structural_tag", json.dumps({"structures": [
+    {"trigger": "<function=", "begin": "<function=f>", "schema": {"type": "object"}, "end": "</function>"},
+    {"trigger": "<|python_tag|>", "begin": "<|python_tag|>", "schema": {}, "end": ""}]}))
 
 
 @pytest.mark.parametrize(("path", "fields", "expected"), [
@@ -724,6 +729,10 @@ CHOICES = StructuredOutput.regex('yes|no "maybe"')
     ("/v1/completions", {"guided_regex": ""}, StructuredOutput.regex("")),
     ("/v1/completions", {"structured_outputs": {"choice": ["a", "b"], "_backend": None, "_backend_was_auto": False}},
      StructuredOutput.regex("a|b")),  # vLLM's own fields, as a client serializing its params sends them
+    # structural tags: vLLM's and SGLang's response_format, vLLM's structured_outputs and SGLang's field (JSON text)
+    ("/v1/chat/completions", {"response_format": {"type": "structural_tag", **STRUCTURAL_TAG}}, TOOL_CALL_TAGS),
+    ("/v1/completions", {"structured_outputs": {"structural_tag": json.dumps(STRUCTURAL_TAG)}}, TOOL_CALL_TAGS),
+    ("/v1/completions", {"structural_tag": json.dumps(STRUCTURAL_TAG)}, TOOL_CALL_TAGS),
 ])
 def test_other_servers_constraint_fields_constrain_as_response_format_does(
         engine: ScriptedEngine, tokenizer: Tokenizer, path: str, fields: dict[str, Any], expected) -> None:
@@ -742,7 +751,22 @@ def test_other_servers_constraint_fields_constrain_as_response_format_does(
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
      "structured_outputs sets two constraints on the output; send one"),
     ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "sets no constraint"),
-    ({"structured_outputs": {"json": {}, "structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
+    ({"structured_outputs": {"json": {}, "structural_tag": "{}"}}, "structured_outputs",
+     "structured_outputs: a structural tag's triggers must be a non-empty list"),
+    ({"structured_outputs": {"json": {}, "structural_tag": json.dumps(STRUCTURAL_TAG)}}, "structured_outputs",
+     "sets two constraints"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": []}}, "response_format",
+     "structures must be a non-empty list"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": [
+        {"begin": "<g>", "schema": {}, "end": ""}]}}, "response_format",
+     "structures[0]: begin '<g>' starts with none of the triggers ['<f']"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": [
+        {"begin": "<f>", "schema": {"type": "nonsense"}, "end": ""}]}}, "response_format", "invalid structural tag"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": [{"begin": "<f>", "end": 1}]}},
+     "response_format", "structures[0]: begin and end must be strings"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, "response_format",
+     "format form (xgrammar's) is not supported"),
+    ({"structural_tag": "{not json"}, "structural_tag", "the structural tag is not JSON"),
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "sets no constraint"),
     ({"structured_outputs": {"json_object": "false"}}, "structured_outputs", "json_object must be true or false"),
     ({"guided_choice": []}, "guided_choice", "non-empty list of strings"),

@@ -11,6 +11,7 @@ import pytest
 from sfllm.config import ServerConfig
 from sfllm.frontend.app import create_app
 from sfllm.frontend.tokenizer import Tokenizer
+from sfllm.sampling_params import StructuredOutput
 from test_frontend_app import MODEL, SCRIPT, ScriptedEngine, post, sse_payloads
 
 PROMPT = "The quick brown fox jumps"
@@ -57,6 +58,15 @@ def test_priority_and_a_negative_sampling_seed_are_read_as_on_completions(tokeni
     assert len(engine.requests) == 2
 
 
+def test_a_structural_tag_in_sampling_params_constrains_as_response_format_does(tokenizer: Tokenizer) -> None:
+    """SGLang's `sampling_params.structural_tag`, the spec's JSON text."""
+    engine = ScriptedEngine(tokenizer)
+    spec = {"structures": [{"begin": "<f>", "schema": {"type": "integer"}, "end": "</f>"}], "triggers": ["<f"]}
+    body = {"text": "Hi", "sampling_params": {"max_new_tokens": 1, "structural_tag": json.dumps(spec)}}
+    assert generate(tokenizer, body, engine).status_code == 200
+    assert engine.requests[-1].params.structured_output == StructuredOutput.structural_tag(spec)
+
+
 def test_defaults_batches_samples_and_logprobs(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(tokenizer, max_context_length=512)
     assert "meta_info" in generate(tokenizer, {"input_ids": [1, 2, 3]}, engine).json()
@@ -96,6 +106,8 @@ def test_a_stop_string_is_the_matched_stop_and_a_stream_holds_the_text_so_far(to
      "logprob_start_len", "is 1, past a prompt whose last token is at position 0"),
     ({"text": "x", "image_data": "http://x/a.png"}, "image_data", "not supported"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 2, "regex": "a("}}, "regex", "invalid regex"),
+    ({"text": "x", "sampling_params": {"max_new_tokens": 2, "structural_tag": "{}"}}, "structural_tag",
+     "structural tag's triggers"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 500}}, "prompt", "or max_new_tokens."),
     ({"text": "x", "sampling_params": {"temperature": "0.5"}}, "sampling_params.temperature", "valid number"),
     ({"text": "x", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params.max_new_tokens", "valid integer"),

@@ -5,6 +5,7 @@ import gc
 import json
 import math
 import re
+from typing import Any
 
 import msgspec
 import pytest
@@ -452,7 +453,7 @@ def test_vllms_structured_outputs_params_constrain_offline(smollm_llm) -> None:
     output = smollm_llm.generate(["Give a number as JSON."], as_text)[0].outputs[0]
     assert output.finish_reason == "stop" and isinstance(json.loads(output.text)["n"], int)
     for wrong, message in (({}, "sets no constraint"), ({"choice": "yes"}, "non-empty list of strings"),
-                           ({"json": {}, "structural_tag": "{}"}, "structural_tag")):
+                           ({"json": {}, "structural_tag": "{}"}, "structural tag's triggers")):
         with pytest.raises(InvalidSamplingParams, match=message) as error:
             StructuredOutputsParams(**wrong)  # refused where it is made, as vLLM refuses it
         assert error.value.param == "structured_outputs"
@@ -461,6 +462,29 @@ def test_vllms_structured_outputs_params_constrain_offline(smollm_llm) -> None:
     with pytest.raises(ValueError, match="not both"):
         SamplingParams(structured_output=StructuredOutput.json_object(),
                        structured_outputs=StructuredOutputsParams(json_object=True))
+
+
+def test_a_structural_tag_binds_what_follows_each_trigger_offline(smollm_llm) -> None:
+    """vLLM's `StructuredOutputsParams(structural_tag=...)`: free text, and after each trigger the structure's
+    schema and end. The trigger is a word the answer writes (" is"), so the structure is sure to be opened."""
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    tag = {"structures": [{"begin": " is", "schema": city, "end": "."}], "triggers": [" is"]}
+    params = SamplingParams(temperature=0.0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(structural_tag=json.dumps(tag)))
+    [result] = smollm_llm.chat([{"role": "user", "content": "What is the capital of France?"}], params)
+    calls = structures_after(result.outputs[0].text, " is", ".")
+    assert calls and all(isinstance(call["city"], str) for call in calls), result.outputs[0].text
+
+
+def structures_after(text: str, trigger: str, end: str) -> list[Any]:
+    """The JSON value after each `trigger` in `text`, each checked to be followed by `end`."""
+    values, start = [], text.find(trigger)
+    while start >= 0:
+        value, stop = json.JSONDecoder().raw_decode(text, start + len(trigger))
+        assert text.startswith(end, stop), text
+        values.append(value)
+        start = text.find(trigger, stop + len(end))
+    return values
 
 
 def test_a_grammar_that_cannot_finish_ends_by_length(smollm_llm) -> None:

@@ -280,6 +280,25 @@ def test_vllm_and_sglang_constraint_fields_constrain_the_answer(client) -> None:
     jsonschema.validate(json.loads(city.choices[0].message.content), CITY)
 
 
+def test_a_structural_tag_binds_each_structure_the_answer_opens_streamed_or_not(client) -> None:
+    """response_format of type structural_tag (vLLM's and SGLang's): the answer's " is" opens the structure, whose
+    schema and end follow; the stream gives the same text."""
+    tag = {"type": "structural_tag", "triggers": [" is"],
+           "structures": [{"begin": " is", "schema": CITY, "end": "."}]}
+    kwargs = dict(messages=CAPITAL, temperature=0, max_tokens=60, extra_body={"response_format": tag})
+    reply = client.chat.completions.create(model=MODEL, **kwargs)
+    text = reply.choices[0].message.content
+    jsonschema = pytest.importorskip("jsonschema")
+    values, start = [], text.find(" is")
+    while start >= 0:  # each structure: the JSON value right after the trigger, then its end
+        value, stop = json.JSONDecoder().raw_decode(text, start + len(" is"))
+        assert text.startswith(".", stop), text
+        values.append(jsonschema.validate(value, CITY) or value)
+        start = text.find(" is", stop)
+    assert values, text
+    assert streamed_chat(client, **kwargs) == (text, {}, reply.choices[0].finish_reason)
+
+
 def test_return_token_ids_through_the_official_client(client, smollm_llm) -> None:
     """vLLM's return_token_ids as RL frameworks read it off the official client's objects: the ids are the model's
     own (the offline API's greedy answer, its prompt's encoding)."""

@@ -131,3 +131,35 @@ def test_a_schema_too_deep_to_walk_is_left_as_it_is() -> None:
     for _ in range(5000):
         deep = {"type": "object", "properties": {"a": deep}}
     assert without_unlisted_properties(deep) is deep
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TIME = {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}
+
+
+def test_a_structural_tag_is_free_text_until_a_trigger_then_the_structure_it_begins(grammars: GrammarMatchers,
+                                                                                     tokenizer) -> None:
+    """vLLM's and SGLang's structures and triggers: two functions behind one text trigger, and a trigger that is
+    one of the model's special tokens (SmolLM2's `<|im_start|>`), matched as that token."""
+    [(_, tags)] = other_server_constraints({"structural_tag": {"triggers": ["<function=", "<|im_start|>"], "structures": [
+        {"begin": "<function=weather>", "schema": WEATHER, "end": "</function>"},
+        {"begin": "<function=time>", "schema": TIME, "end": "</function>"},
+        {"begin": "<|im_start|>n=", "schema": {"type": "integer"}, "end": ""}]}})
+    for text in ["", "No call.\n\nNone at all.", 'a <function=weather>{"city": "Paris"}</function> and '
+                 '<function=time>{"zone": "UTC"}</function>, done', 'x <|im_start|>n=42 y']:
+        assert allows(grammars, tokenizer, tags, text), repr(text)
+    for text in ['<function=weather>{"city": "Paris", "zone": "UTC"}</function>',  # a property the schema lacks
+                 '<function=weather>{"zone": "UTC"}</function>', '<function=other>{}</function>',
+                 '<function=weather>{"city": "Paris"}', '<function=weather>{"city": "Paris"}</func>',
+                 'x <|im_start|>n=four', 'x <|im_start|>']:
+        assert not allows(grammars, tokenizer, tags, text), repr(text)
+
+
+def test_a_text_trigger_is_found_inside_a_token(grammars: GrammarMatchers, tokenizer) -> None:
+    """A trigger is text, not a token: " is" inside " island" opens the structure there, so " island" cannot be
+    written, while a text never writing the trigger is free."""
+    tags = StructuredOutput.structural_tag({"triggers": [" is"], "structures": [
+        {"begin": " is", "schema": {"type": "integer"}, "end": "!"}]})
+    assert allows(grammars, tokenizer, tags, "It is7! An apple") and allows(grammars, tokenizer, tags, "Paris")
+    assert allows(grammars, tokenizer, tags, "An is12!land")
+    assert not allows(grammars, tokenizer, tags, "An island") and not allows(grammars, tokenizer, tags, "It is 7!")

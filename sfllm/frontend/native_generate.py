@@ -46,7 +46,7 @@ _SAMPLING_FIELDS: dict[str, str | None] = {
     "no_stop_trim": "include_stop_str_in_output", "stop": None, "stop_token_ids": None, "temperature": None,
     "top_p": None, "top_k": None, "min_p": None, "frequency_penalty": None, "presence_penalty": None,
     "repetition_penalty": None, "ignore_eos": None, "skip_special_tokens": None, "n": None, "logit_bias": None,
-    "json_schema": None, "regex": None, "ebnf": None}
+    "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None}
 # SGLang's params with no effect on the answer here: its fast tokenizers put no space between special tokens either,
 # and every event is sent as it comes
 _NO_EFFECT = ("spaces_between_special_tokens", "stream_interval")

@@ -54,11 +54,15 @@ class JsonSchemaFormat(StrictModel):
 
 
 class ResponseFormat(StrictModel):
-    """OpenAI's text, json_object and json_schema; and the extensions regex and grammar (Lark or GBNF)."""
-    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    """OpenAI's text, json_object and json_schema; the extensions regex and grammar (Lark or GBNF); vLLM's and
+    SGLang's structural_tag (structures and triggers, checked by sfllm/structural_tag.py)."""
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
     regex: str | None = None
     grammar: str | None = None
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
+    format: Any = None  # xgrammar's newer structural tag: refused by name
 
     def structured_output(self) -> StructuredOutput | None:
         if self.type == "text":
@@ -70,6 +74,9 @@ class ResponseFormat(StrictModel):
                 raise InvalidSamplingParams("response_format", "response_format of type json_schema needs "
                                                                "json_schema.schema")
             return StructuredOutput.json_schema(self.json_schema.schema_)
+        if self.type == "structural_tag":
+            return StructuredOutput.structural_tag(self.model_dump(include={"structures", "triggers", "format"},
+                                                                   exclude_unset=True), "response_format")
         text = self.regex if self.type == "regex" else self.grammar
         if text is None:
             raise InvalidSamplingParams("response_format", f"response_format of type {self.type} needs {self.type}")

@@ -1,8 +1,8 @@
 """vLLM's and SGLang's own constraint fields, read as `response_format` is: their clients send these.
 
-    vLLM      `structured_outputs: {json | regex | choice | grammar | json_object}` (0.11 and later), and
-              before it `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`
-    SGLang    `json_schema` (the schema as JSON text), `regex`, `ebnf`
+    vLLM      `structured_outputs: {json | regex | choice | grammar | structural_tag | json_object}` (0.11 and
+              later), and before it `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`
+    SGLang    `json_schema` (the schema as JSON text), `regex`, `ebnf`, `structural_tag` (its JSON text)
 
 A request sets at most one constraint, in whichever field; as in vLLM a field is set unless null, so `{}` is a
 schema of any JSON value and `""` a regex of the empty text. vLLM's options that only pick or tune its grammar
@@ -21,7 +21,7 @@ from sfllm.sampling_params import InvalidSamplingParams, StructuredOutput, Struc
 
 # vLLM's older top-level fields, by the kind of constraint they ask for
 _VLLM_FIELDS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}
-_SGLANG_KINDS = {"json_schema": "json", "regex": "regex", "ebnf": "grammar"}
+_SGLANG_KINDS = {"json_schema": "json", "regex": "regex", "ebnf": "grammar", "structural_tag": "structural_tag"}
 _STRUCTURED_OUTPUTS_KEYS = frozenset(field.name for field in dataclasses.fields(StructuredOutputsParams))
 
 

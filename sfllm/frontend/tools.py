@@ -16,7 +16,7 @@ from sfllm.frontend.openai_protocol import ChatCompletionRequest, ChatMessage
 from sfllm.frontend.tool_protocol import ChatTool, NamedToolChoice
 from sfllm.frontend.tool_call_parser import CLOSE_TAG, OPEN_TAG, Llama3JsonToolCallParser, ToolCallParser
 from sfllm.sampling_params import StructuredOutput
-from sfllm.structured_output import JSON_OPTIONS, grammar_of, without_unlisted_properties
+from sfllm.structured_output import grammar_of, inline_json_schema, without_unlisted_properties
 
 _ANY_ARGUMENTS = {"type": "object"}
 
@@ -64,7 +64,7 @@ class ChatTools:
         if not self.required:
             return None
         tools = [t for t in self.tools if self.forced_name in (None, t.function.name)]
-        bodies = [f"call_{index}: %json{json.dumps(_call_schema(tool))}" for index, tool in enumerate(tools)]
+        bodies = [f"call_{index}: %json{inline_json_schema(_call_schema(tool))}" for index, tool in enumerate(tools)]
         calls = "call" if not self.parallel else 'call ("\\n" call)*'
         lark = "\n".join([f"start: {calls}", f"call: {json.dumps(OPEN_TAG + chr(10))} body "
                           f"{json.dumps(chr(10) + CLOSE_TAG)}",
@@ -81,7 +81,7 @@ def _choice_text(choice: Any) -> str:
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     arguments = without_unlisted_properties(tool.function.parameters or _ANY_ARGUMENTS)  # as response_format's
     return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
-            "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
+            "required": ["name", "arguments"], "additionalProperties": False}
 
 
 def _arguments(message_index: int, text: str) -> Any:

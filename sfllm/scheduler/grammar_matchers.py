@@ -83,7 +83,12 @@ class GrammarMatchers:
     def _grammar(self, structured_output: StructuredOutput) -> str:
         if self._tokenizer is None:
             raise InvalidGrammar(CONSTRAINT_PARAM, self.unavailable)
-        return grammar_of(structured_output)
+        return grammar_of(structured_output, special_token=self._special_token)
+
+    def _special_token(self, text: str) -> int | None:
+        """The id of the special token written `text` (a structural tag's trigger such as `<|python_tag|>`)."""
+        tokens = self._tokenizer.tokenize_str(text)
+        return tokens[0] if len(tokens) == 1 and self._tokenizer.is_special_token(tokens[0]) else None
 
     def _build(self, grammar: str) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
