@@ -67,6 +67,14 @@ def _prompt_of(prompt: Prompt) -> str | list[int]:
     raise TypeError(f"a prompt is a str, a list of token ids or a dict of either; got {type(prompt).__name__}")
 
 
+def _cache_salt_of(prompt: Prompt) -> str | None:
+    """vLLM's `cache_salt` of a prompt dict: only prompts of the same salt share cached prefixes."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"a prompt's cache_salt is a non-empty string; got {salt!r}")
+    return salt
+
+
 def _priority_classes(priority: PriorityArg, num_prompts: int) -> list[str]:
     """Each prompt's scheduling class (None: normal, as vLLM's default 0)."""
     if isinstance(priority, (list, tuple)):
@@ -131,15 +139,17 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: PriorityArg = "normal", use_tqdm: bool = False) -> list[GenerationResult]:
-        """A prompt is a text, a list of token ids, vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, or
-        transformers' encoding of one (`{"input_ids": ids, ...}`). `priority`: high, normal or background, or vLLM's
-        integer (below 0 high, 0 normal, above 0 background); one for every prompt, or a list of one a prompt."""
+        """A prompt is a text, a list of token ids, vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}` (with its
+        `cache_salt`: only prompts of one salt share cached prefixes), or transformers' encoding of one
+        (`{"input_ids": ids, ...}`). `priority`: high, normal or background, or vLLM's integer (below 0 high, 0
+        normal, above 0 background); one for every prompt, or a list of one a prompt."""
         if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        salts = [_cache_salt_of(p) for p in prompts]
         prompts = [_prompt_of(p) for p in prompts]
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return self._run(texts, token_lists, sampling_params, priority, use_tqdm)
+        return self._run(texts, token_lists, sampling_params, priority, use_tqdm, salts)
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -167,13 +177,13 @@ class LLM:
 
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None, priority: PriorityArg,
-             use_tqdm: bool) -> list[GenerationResult]:
+             use_tqdm: bool, cache_salts: list[str | None] | None = None) -> list[GenerationResult]:
         with full_collections_deferred():
-            return self._generate(texts, token_lists, sampling_params, priority, use_tqdm)
+            return self._generate(texts, token_lists, sampling_params, priority, use_tqdm, cache_salts)
 
     def _generate(self, texts: list[str | None], token_lists: list[list[int]],
                   sampling_params: SamplingParams | list[SamplingParams] | None, priority: PriorityArg,
-                  use_tqdm: bool) -> list[GenerationResult]:
+                  use_tqdm: bool, cache_salts: list[str | None] | None) -> list[GenerationResult]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         priorities = _priority_classes(priority, len(token_lists))
@@ -192,7 +202,8 @@ class LLM:
                    for index, (text, tokens) in enumerate(zip(texts, token_lists))]
         tracked: dict[str, _Tracked] = {}
         try:
-            return self._generate_tracked(call, token_lists, params_list, priorities, use_tqdm, results, tracked)
+            return self._generate_tracked(call, token_lists, params_list, priorities, use_tqdm, results, tracked,
+                                          cache_salts)
         except BaseException as error:  # an error, or the caller's Ctrl-C: the next call must not find these running
             self.engine.abort(list(tracked))  # (the finished ones are not touched)
             try:
@@ -203,10 +214,10 @@ class LLM:
 
     def _generate_tracked(self, call: str, token_lists: list[list[int]], params_list: list[SamplingParams],
                           priorities: list[str], use_tqdm: bool, results: list[GenerationResult],
-                          tracked: dict[str, _Tracked]) -> list[GenerationResult]:
+                          tracked: dict[str, _Tracked], cache_salts: list[str | None] | None) -> list[GenerationResult]:
         """`call`: the id the requests' ids start with."""
         unsent: collections.deque[GenerateRequest] = collections.deque()
-        for choice in plan_choices(call, token_lists, params_list, priorities):
+        for choice in plan_choices(call, token_lists, params_list, priorities, cache_salt=cache_salts):
             result = results[choice.prompt_index]
             output = CompletionOutput(len(result.outputs), "", [], None,
                                       [] if choice.request.params.logprobs is not None else None)

@@ -67,12 +67,13 @@ class StructuredOutput(msgspec.Struct, frozen=True):
     def choice(cls, choices: list[str]) -> StructuredOutput:
         """The output is exactly one of `choices`: one regular expression (a Lark alternation of literals holds at
         most 2,000 in llguidance)."""
-        return cls.regex("|".join(_literal(choice) for choice in dict.fromkeys(choices)))
+        return cls.regex("|".join(regex_literal(choice) for choice in dict.fromkeys(choices)))
 
     @classmethod
     def structural_tag(cls, spec: dict[str, Any] | str, field: str = "response_format") -> StructuredOutput:
-        """`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}` or its JSON text; InvalidSamplingParams
-        naming `field` for one of the wrong shape."""
+        """`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}` or xgrammar's `{"format": {...}}`
+        (sfllm/structural_tag.py), or its JSON text; InvalidSamplingParams naming `field` for one of the wrong
+        shape."""
         from sfllm.structural_tag import structural_tag_definition  # it raises this module's error
         return cls("structural_tag", structural_tag_definition(spec, field))
 
@@ -81,7 +82,7 @@ class StructuredOutput(msgspec.Struct, frozen=True):
 _REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$#&-~")
 
 
-def _literal(text: str) -> str:
+def regex_literal(text: str) -> str:
     """`text` as a regular expression that matches it alone."""
     return "".join("\\" + char if char in _REGEX_SYNTAX else char for char in text)
 

@@ -162,8 +162,9 @@ def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARA
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(definition)
         elif kind == "structural_tag":
-            grammar = llguidance.LLMatcher.grammar_from_lark(structural_tag_lark(definition, _closed_inline_json_schema,
-                                                                                 special_token))
+            grammar = structural_tag_lark(definition, _closed_inline_json_schema, any_to_lark, special_token)
+            if not grammar.startswith("{"):  # Lark alone; a list of grammars is llguidance's form already
+                grammar = llguidance.LLMatcher.grammar_from_lark(grammar)
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(any_to_lark(definition))
     except Exception as error:  # what llguidance or the GBNF converter cannot encode (e.g. unpaired surrogates)

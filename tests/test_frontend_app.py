@@ -703,9 +703,7 @@ def test_text_offsets_count_characters_across_multibyte_tokens(engine: ScriptedE
 CHOICES = StructuredOutput.regex('yes|no "maybe"')
 STRUCTURAL_TAG = {"structures": [{"begin": "<function=f>", "schema": {"type": "object"}, "end": "</function>"},
                                  {"begin": "<|python_tag|>", "end": ""}], "triggers": ["<function=", "<|python_tag|>"]}
-TOOL_CALL_TAGS = StructuredOutput("structural_tag", json.dumps({"structures": [
-    {"trigger": "<function=", "begin": "<function=f>", "schema": {"type": "object"}, "end": "</function>"},
-    {"trigger": "<|python_tag|>", "begin": "<|python_tag|>", "schema": {}, "end": ""}]}))
+TOOL_CALL_TAGS = StructuredOutput.structural_tag(STRUCTURAL_TAG)
 
 
 @pytest.mark.parametrize(("path", "fields", "expected"), [
@@ -752,7 +750,7 @@ def test_other_servers_constraint_fields_constrain_as_response_format_does(
      "structured_outputs sets two constraints on the output; send one"),
     ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "sets no constraint"),
     ({"structured_outputs": {"json": {}, "structural_tag": "{}"}}, "structured_outputs",
-     "structured_outputs: a structural tag's triggers must be a non-empty list"),
+     "structured_outputs: the structural tag's triggers must be a non-empty list"),
     ({"structured_outputs": {"json": {}, "structural_tag": json.dumps(STRUCTURAL_TAG)}}, "structured_outputs",
      "sets two constraints"),
     ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": []}}, "response_format",
@@ -764,8 +762,18 @@ def test_other_servers_constraint_fields_constrain_as_response_format_does(
         {"begin": "<f>", "schema": {"type": "nonsense"}, "end": ""}]}}, "response_format", "invalid structural tag"),
     ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": [{"begin": "<f>", "end": 1}]}},
      "response_format", "structures[0]: begin and end must be strings"),
-    ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, "response_format",
-     "format form (xgrammar's) is not supported"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "dispatch", "rules": []}}}, "response_format",
+     "format: format 'dispatch' is not supported by sfllm"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f", "<f="],
+                                                               "tags": [{"begin": "<f=a>", "content": {
+                                                                   "type": "const_string", "value": ""}, "end": ""}]}}},
+     "response_format", "format.tags[0]: begin '<f=a>' starts with more than one of the triggers"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "any_text"}, {"type": "json_schema", "json_schema": {}}]}}}, "response_format",
+     "any_text must end the output or come before a fixed string"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": {},
+                                                               "style": "qwen_xml"}}}, "response_format",
+     "style 'qwen_xml' is not supported by sfllm"),
     ({"structural_tag": "{not json"}, "structural_tag", "the structural tag is not JSON"),
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "sets no constraint"),
     ({"structured_outputs": {"json_object": "false"}}, "structured_outputs", "json_object must be true or false"),

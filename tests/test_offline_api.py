@@ -487,6 +487,21 @@ def structures_after(text: str, trigger: str, end: str) -> list[Any]:
     return values
 
 
+def test_a_prompts_cache_salt_shares_cached_prefixes_only_within_its_salt(smollm_llm) -> None:
+    """vLLM's `{"prompt": ..., "cache_salt": ...}`: a prompt run under one salt is cached for that salt alone."""
+    prompt = "Salted prefixes: " + " ".join(f"w{i}" for i in range(60))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def cached(**salt: str) -> int:
+        return smollm_llm.generate({"prompt": prompt, **salt}, params)[0].num_cached_tokens
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") >= 32, "the same salt: the prefix is reused"
+    assert cached(cache_salt="tenant-b") == 0 and cached() == 0, "another salt, or none: computed anew"
+    with pytest.raises(ValueError, match="cache_salt is a non-empty string"):
+        smollm_llm.generate({"prompt": prompt, "cache_salt": ""}, params)
+
+
 def test_a_grammar_that_cannot_finish_ends_by_length(smollm_llm) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=5, structured_output=StructuredOutput.regex("a{50}"))
     output = smollm_llm.generate(PROMPT, params)[0].outputs[0]

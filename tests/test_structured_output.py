@@ -141,7 +141,8 @@ def test_a_structural_tag_is_free_text_until_a_trigger_then_the_structure_it_beg
                                                                                      tokenizer) -> None:
     """vLLM's and SGLang's structures and triggers: two functions behind one text trigger, and a trigger that is
     one of the model's special tokens (SmolLM2's `<|im_start|>`), matched as that token."""
-    [(_, tags)] = other_server_constraints({"structural_tag": {"triggers": ["<function=", "<|im_start|>"], "structures": [
+    triggers = ["<function=", "<|im_start|>"]
+    [(_, tags)] = other_server_constraints({"structural_tag": {"triggers": triggers, "structures": [
         {"begin": "<function=weather>", "schema": WEATHER, "end": "</function>"},
         {"begin": "<function=time>", "schema": TIME, "end": "</function>"},
         {"begin": "<|im_start|>n=", "schema": {"type": "integer"}, "end": ""}]}})
@@ -163,3 +164,62 @@ def test_a_text_trigger_is_found_inside_a_token(grammars: GrammarMatchers, token
     assert allows(grammars, tokenizer, tags, "It is7! An apple") and allows(grammars, tokenizer, tags, "Paris")
     assert allows(grammars, tokenizer, tags, "An is12!land")
     assert not allows(grammars, tokenizer, tags, "An island") and not allows(grammars, tokenizer, tags, "It is 7!")
+
+
+def formatted(grammars: GrammarMatchers, tokenizer, format_: dict, accepted: list[str], refused: list[str]) -> None:
+    """xgrammar's `format` form of a structural tag: each text of `accepted` allowed whole, none of `refused`."""
+    [(_, tags)] = other_server_constraints({"structural_tag": {"type": "structural_tag", "format": format_}})
+    for text in accepted:
+        assert allows(grammars, tokenizer, tags, text), repr(text)
+    for text in refused:
+        assert not allows(grammars, tokenizer, tags, text), repr(text)
+
+
+def weather_tag(end: str = "</function>") -> dict:
+    return {"type": "tag", "begin": "<function=weather>", "content": {"type": "json_schema", "json_schema": WEATHER},
+            "end": end}
+
+
+def test_a_format_thought_then_text_with_tool_calls(grammars: GrammarMatchers, tokenizer) -> None:
+    """A thought of any text (it stops at its tag's end, and may hold a trigger), then text with calls."""
+    format_ = {"type": "sequence", "elements": [
+        {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"},
+        {"type": "triggered_tags", "triggers": ["<function="], "tags": [weather_tag()]}]}
+    formatted(grammars, tokenizer, format_,
+              ["<think></think>", "<think>call <function=x> later?</think>Sure: <function=weather>"
+               '{"city": "Oslo"}</function> done', "<think>a\nb</think>no call"],
+              ["no thought", "<think>never closed", '<think>x</think><function=weather>{"city": 1}</function>',
+               "<think>x</think> <function=other>"])
+
+
+def test_a_formats_triggered_tags_flags_read_as_xgrammar_reads_them(grammars: GrammarMatchers, tokenizer) -> None:
+    tags = {"type": "triggered_tags", "triggers": ["<function="], "tags": [weather_tag()]}
+    call = '<function=weather>{"city": "Oslo"}</function>'
+    formatted(grammars, tokenizer, {**tags, "at_least_one": True}, [call, f"{call} and {call}", f"{call} text"],
+              ["text first " + call, "", "text"])
+    formatted(grammars, tokenizer, {**tags, "stop_after_first": True}, [f"text {call}", "just text", call],
+              [f"{call} more", f"{call}{call}"])
+    formatted(grammars, tokenizer, {**tags, "at_least_one": True, "stop_after_first": True}, [call],
+              [f"a {call}", f"{call} b", "text"])
+    formatted(grammars, tokenizer, {**tags, "excludes": ["STOP"]}, [f"a {call} b"], [f"a STOP {call}", "STOP"])
+
+
+def test_a_formats_fixed_parts_and_repetitions(grammars: GrammarMatchers, tokenizer) -> None:
+    """const_string, regex (a slash in it), a nested grammar (GBNF), or, optional, repeat, and tags with a
+    separator."""
+    format_ = {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "date: "}, {"type": "regex", "pattern": r"[0-9]{2}/[0-9]{2}"},
+        {"type": "optional", "content": {"type": "const_string", "value": "!"}},
+        {"type": "or", "elements": [{"type": "const_string", "value": " yes"},
+                                    {"type": "grammar", "grammar": 'root ::= " n" "o"+'}]},
+        {"type": "repeat", "min": 1, "max": 2, "content": {"type": "const_string", "value": "."}},
+        {"type": "tags_with_separator", "separator": ", ", "tags": [weather_tag("]")], "at_least_one": True}]}
+    call = '<function=weather>{"city": "Oslo"}]'
+    formatted(grammars, tokenizer, format_, [f"date: 12/31 yes.{call}", f"date: 01/02! nooo..{call}, {call}"],
+              [f"date: 12-31 yes.{call}", f"date: 12/31 maybe.{call}", f"date: 12/31 yes...{call}",
+               "date: 12/31 yes.", f"date: 12/31 yes.{call}{call}"])
+
+
+def test_any_text_at_the_outputs_end_keeps_out_its_excludes(grammars: GrammarMatchers, tokenizer) -> None:
+    formatted(grammars, tokenizer, {"type": "any_text", "excludes": ["<|", "//"]}, ["", "free text/ here"],
+              ["a <| b", "http://x"])

@@ -55,20 +55,22 @@ class ChoiceDelta:
 
 def plan_choices(request_id: str, prompts: list[list[int]], params: list[SamplingParams],
                  priority: str | list[str], arrival_time: float | None = None,
-                 constraint_field: str | None = None, cache_salt: str | None = None) -> list[Choice]:
-    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i. `priority`: the class
-    of every prompt, or of each."""
+                 constraint_field: str | None = None, cache_salt: str | None | list[str | None] = None) -> list[Choice]:
+    """n choices per prompt, indexed prompt_index * n + i; a seed gives choice i the seed + i. `priority` and
+    `cache_salt`: those of every prompt, or of each."""
     priorities = [priority] * len(prompts) if isinstance(priority, str) else priority
+    salts = cache_salt if isinstance(cache_salt, list) else [cache_salt] * len(prompts)
     choices = []
     now = time.time() if arrival_time is None else arrival_time
-    for prompt_index, (prompt, prompt_params, prompt_priority) in enumerate(zip(prompts, params, priorities)):
+    for prompt_index, (prompt, prompt_params, prompt_priority, salt) in enumerate(zip(prompts, params, priorities,
+                                                                                     salts)):
         for sample in range(prompt_params.n):
             index = prompt_index * prompt_params.n + sample
             seed = None if prompt_params.seed is None else (prompt_params.seed + sample) % SEED_BOUND
             sample_params = msgspec.structs.replace(prompt_params, n=1, seed=seed)
             request = GenerateRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
                                       params=sample_params, priority=prompt_priority, arrival_time=now,
-                                      cache_salt=cache_salt)
+                                      cache_salt=salt)
             choices.append(Choice(index=index, prompt_index=prompt_index, request=request,
                                   constraint_field=constraint_field))
     return choices
