@@ -38,7 +38,7 @@ def structural_tag_definition(value: Any, field: str) -> str:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise InvalidSamplingParams(field, f"{field}: the structural tag is not JSON: {error}") from None
     if not isinstance(value, dict):
         raise InvalidSamplingParams(field, f"{field}: a structural tag is an object with a format, or with "
@@ -100,10 +100,9 @@ class _Checker:
         kind = node["type"]
         if kind in _NOT_TAKEN:
             self.fail(f"{where}: format {kind!r} is not supported by sfllm")
-        check = getattr(self, f"_{kind}", None)
-        if check is None:
+        if kind not in _FORMATS:
             self.fail(f"{where}: unknown format type {kind!r}")
-        return {"type": kind, **check(node, where, depth + 1)}
+        return {"type": kind, **getattr(self, f"_{kind}")(node, where, depth + 1)}
 
     def _const_string(self, node: dict[str, Any], where: str, depth: int) -> dict[str, Any]:
         if not isinstance(node.get("value"), str):
@@ -195,6 +194,11 @@ class _Checker:
         if not _is_int(low) or not _is_int(high) or low < 0 or (high != -1 and high < low):
             self.fail(f"{where}: min must be an integer of at least 0 and max -1 (no bound) or at least min")
         return {"min": low, "max": high, **self._optional(node, where, depth)}
+
+
+# the format types taken, each checked by _Checker's method of its name
+_FORMATS = frozenset({"const_string", "json_schema", "regex", "grammar", "any_text", "sequence", "or", "tag",
+                      "triggered_tags", "tags_with_separator", "optional", "plus", "star", "repeat"})
 
 
 def _is_int(value: Any) -> bool:
