@@ -1,5 +1,7 @@
 """Host time per decode step of 64 rows constrained by the offline bench's JSON schema, on the CPU: what lies
-between step N's tokens coming back and step N+1's sampling being launched.
+between step N's tokens coming back and step N+1's sampling being launched. `--constraint structural_tag`: the
+same schema as a tool call behind a `<tool_call>` trigger in free text (a random path rarely writes the trigger,
+so this times the free text's masks, where such rows spend most of their tokens).
 
 The qwen3-0.6b dummy tokenizer (vocabulary 151,936) and BENCH_SCHEMA, as `sfllm bench offline --load-format
 dummy --structured-output json_schema` runs them. Each row follows its own valid path, drawn beforehand: at
@@ -9,7 +11,7 @@ GrammarMask message is encoded and decoded (only a worker in another process, or
 ranks, pay this), the worker builds its bitmask, and the sampler applies it to CPU logits (on a GPU this is
 a few kernel launches; here it is the CPU's own arithmetic, timed on one step in 16).
 
-    python scripts/bench_grammar_step.py [--rows 64] [--steps 512] [--threads N]
+    python scripts/bench_grammar_step.py [--rows 64] [--steps 512] [--threads N] [--constraint structural_tag]
 """
 from __future__ import annotations
 
@@ -27,17 +29,23 @@ from sfllm.model_source.resolve import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
 from sfllm.sampling_params import StructuredOutput
 from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts
-from sfllm.worker.token_mask import GrammarBitmasks, apply_bitmask
+from sfllm.worker.token_mask import TokenBitmasks, apply_bitmask
 
 APPLY_EVERY = 16
+CONSTRAINTS = {
+    "json_schema": StructuredOutput.json_schema(BENCH_SCHEMA),
+    "structural_tag": StructuredOutput.structural_tag({"triggers": ["<tool_call>"], "structures": [
+        {"begin": "<tool_call>\n", "schema": BENCH_SCHEMA, "end": "\n</tool_call>"}]}),
+}
 
 
-def token_paths(grammars: GrammarMatchers, rows: int, steps: int, seed: int) -> list[list[int]]:
+def token_paths(grammars: GrammarMatchers, constraint: StructuredOutput, rows: int, steps: int,
+                seed: int) -> list[list[int]]:
     """Per row, `steps` tokens its grammar accepts one after another (shorter where it completes)."""
     rng = np.random.default_rng(seed)
     paths = []
     for _ in range(rows):
-        matcher = grammars.matcher(StructuredOutput.json_schema(BENCH_SCHEMA))
+        matcher = grammars.matcher(constraint)
         path: list[int] = []
         while len(path) < steps and not matcher.is_stopped():
             words = np.frombuffer(matcher.compute_bitmask(), dtype="<u4")
@@ -49,13 +57,13 @@ def token_paths(grammars: GrammarMatchers, rows: int, steps: int, seed: int) -> 
     return paths
 
 
-def run(grammars: GrammarMatchers, paths: list[list[int]], steps: int) -> dict[str, float]:
+def run(grammars: GrammarMatchers, constraint: StructuredOutput, paths: list[list[int]],
+        steps: int) -> dict[str, float]:
     """Seconds spent in each part over `steps` steps."""
     codec = MessageCodec(SchedulerToWorker)
-    worker_masks = GrammarBitmasks(grammars.vocab_size, torch.device("cpu"))
+    worker_masks = TokenBitmasks(grammars.vocab_size, torch.device("cpu"))
     rows = list(range(len(paths)))
-    matchers: list[llguidance.LLMatcher | None] = [grammars.matcher(StructuredOutput.json_schema(BENCH_SCHEMA))
-                                                   for _ in paths]
+    matchers: list[llguidance.LLMatcher | None] = [grammars.matcher(constraint) for _ in paths]
     logits = torch.randn(len(paths), grammars.vocab_size)
     seconds: dict[str, float] = defaultdict(float)
     for step in range(steps):
@@ -94,14 +102,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="the fastest run of each part counts")
     parser.add_argument("--threads", type=int, default=None, help="LLExecutor threads (default: llguidance's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--constraint", choices=sorted(CONSTRAINTS), default="json_schema")
     args = parser.parse_args()
     source = resolve_model("qwen3-0.6b", "dummy")
     grammars = GrammarMatchers(tokenizer_spec(source).tokenizer_json, source.config.vocab_size,
                                list(source.config.eos_token_ids), num_threads=args.threads)
     started = time.perf_counter()
-    paths = token_paths(grammars, args.rows, args.steps, args.seed)
+    constraint = CONSTRAINTS[args.constraint]
+    paths = token_paths(grammars, constraint, args.rows, args.steps, args.seed)
     print(f"{args.rows} paths of up to {args.steps} tokens drawn in {time.perf_counter() - started:.1f} s")
-    runs = [run(grammars, paths, args.steps) for _ in range(args.repeats)]
+    runs = [run(grammars, constraint, paths, args.steps) for _ in range(args.repeats)]
     best = {part: min(r[part] for r in runs) for part in runs[0]}
     for part, total in best.items():
         print(f"{part:30s} {1e6 * total / args.steps:8.0f} us/step")
