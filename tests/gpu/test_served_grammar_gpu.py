@@ -18,6 +18,11 @@ from servers import LaunchedServer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 PATTERN = r"[0-9]{3}-[a-z]{4}"
+# xgrammar's structural tag form: exactly one tag, nothing around it
+ONE_TAG = {"type": "structural_tag", "format": {
+    "type": "triggered_tags", "triggers": ["<f="], "at_least_one": True, "stop_after_first": True,
+    "tags": [{"type": "tag", "begin": "<f=a>", "content": {"type": "regex", "pattern": "[0-9]{3}"}, "end": "</f>"}]}}
+TAG_PATTERN = r"<f=a>[0-9]{3}</f>"
 
 
 def test_constrained_and_plain_requests_served_together(tmp_path: Path) -> None:
@@ -27,7 +32,9 @@ def test_constrained_and_plain_requests_served_together(tmp_path: Path) -> None:
         def complete(index: int) -> dict:
             body = {"prompt": f"request {index}:", "max_tokens": 24,
                     "temperature": 0.0 if index % 3 else 1.0}
-            if index % 4:
+            if index % 8 == 3:
+                body["response_format"] = ONE_TAG
+            elif index % 4:
                 body["response_format"] = {"type": "regex", "regex": PATTERN}
             else:
                 body["ignore_eos"] = True
@@ -39,7 +46,7 @@ def test_constrained_and_plain_requests_served_together(tmp_path: Path) -> None:
             choices = list(pool.map(complete, range(96)))
         for index, choice in enumerate(choices):
             if index % 4:
-                assert re.fullmatch(PATTERN, choice["text"]), (index, choice)
+                assert re.fullmatch(TAG_PATTERN if index % 8 == 3 else PATTERN, choice["text"]), (index, choice)
                 assert choice["finish_reason"] == "stop"
             else:
                 assert choice["finish_reason"] == "length"
