@@ -829,6 +829,21 @@ def test_chat_documents_reach_the_template_and_must_be_strings(smollm_tokenizer_
     assert len(engine.requests) == 1
 
 
+def test_strict_tools_under_auto_reach_the_engine_as_a_structural_tag(engine: ScriptedEngine,
+                                                                       tokenizer: Tokenizer) -> None:
+    """A strict tool with tool_choice auto constrains the calls (tests/test_structured_output.py says how); its bad
+    schema is a 400 naming tools; without a strict tool the answer is free."""
+    strict = {"type": "function", "function": {**WEATHER_TOOL["function"], "strict": True}}
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 2}
+    assert post(engine, tokenizer, "/v1/chat/completions", body | {"tools": [strict]}).status_code == 200
+    assert engine.requests[-1].params.structured_output.kind == "structural_tag"
+    assert post(engine, tokenizer, "/v1/chat/completions", body | {"tools": [WEATHER_TOOL]}).status_code == 200
+    assert engine.requests[-1].params.structured_output is None
+    bad = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {"type": "nonsense"}}}
+    refused = post(engine, tokenizer, "/v1/chat/completions", body | {"tools": [bad]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools", refused.text
+
+
 def test_a_llama3_template_reads_bare_json_calls_whole_and_streamed(smollm_tokenizer_spec) -> None:
     import msgspec
     tokenizer = Tokenizer(msgspec.structs.replace(smollm_tokenizer_spec, chat_template=LLAMA3_TEMPLATE))

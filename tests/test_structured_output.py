@@ -1,6 +1,8 @@
-"""What a constraint lets through, on the grammar engine with SmolLM2's tokenizer: vLLM's choices, and JSON
-schemas' unlisted properties (sfllm/structured_output.py)."""
+"""What a constraint lets through, on the grammar engine with SmolLM2's tokenizer: vLLM's choices, JSON schemas'
+unlisted properties (sfllm/structured_output.py), structural tags (sfllm/structural_tag.py) and strict tools."""
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -82,10 +84,43 @@ def test_a_forced_tool_calls_arguments_get_no_parameter_the_tool_does_not_list(g
         "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"a": {"type": "integer"}}}}}]})
-    forced = ChatTools(body).structured_output()
+    forced = ChatTools(body).structured_output("hermes")
     call = '<tool_call>\n{{"name": "f", "arguments": {arguments}}}\n</tool_call>'
     assert allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1}'))
     assert not allows(grammars, tokenizer, forced, call.format(arguments='{"a": 1, "b": 2}'))
+
+
+def strict_tools_grammar(call_format: str, **request: Any) -> StructuredOutput | None:
+    from sfllm.frontend.openai_protocol import ChatCompletionRequest
+    from sfllm.frontend.tools import ChatTools
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+        {"type": "function", "function": {"name": "g"}}], **request})
+    return ChatTools(body).structured_output(call_format)
+
+
+def test_strict_tools_bind_each_call_the_model_opens_under_tool_choice_auto(grammars: GrammarMatchers,
+                                                                             tokenizer) -> None:
+    """OpenAI's `strict` under `auto`, as SGLang reads it: free text, and each call names a tool and gives its
+    schema's arguments (any object for a tool not strict); parallel_tool_calls false: one call, last."""
+    tags = strict_tools_grammar("hermes")
+    call = '<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+    f_call, g_call = call.format(name="f", arguments='{"a": 1}'), call.format(name="g", arguments='{"z": [1]}')
+    for text in ["No call needed.", f_call, f"Let me check. {f_call}\n{g_call} Done."]:
+        assert allows(grammars, tokenizer, tags, text), repr(text)
+    for text in [call.format(name="f", arguments='{"a": "one"}'), call.format(name="f", arguments='{"a": 1, "b": 2}'),
+                 call.format(name="h", arguments="{}"), call.format(name="g", arguments="[1]")]:
+        assert not allows(grammars, tokenizer, tags, text), repr(text)
+    single = strict_tools_grammar("hermes", parallel_tool_calls=False)
+    assert allows(grammars, tokenizer, single, f"Sure. {f_call}")
+    assert not allows(grammars, tokenizer, single, f"{f_call} more") and \
+        not allows(grammars, tokenizer, single, f"{f_call}\n{g_call}")
+    llama = strict_tools_grammar("llama3_json")
+    assert allows(grammars, tokenizer, llama, '{"name": "f", "parameters": {"a": 2}}')
+    assert not allows(grammars, tokenizer, llama, '{"name": "f", "parameters": {"a": "x"}}')
+    assert strict_tools_grammar("hermes", response_format={"type": "json_object"}) is None, "the request's own wins"
+    assert strict_tools_grammar("hermes", tool_choice="none") is None
 
 
 BASE = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}

@@ -98,7 +98,10 @@ class ChatCompletionEndpoint:
         max_tokens = resolve_max_tokens(body.requested_max_tokens(), default_budget(None, defaults), len(prompt),
                                         max_context_length, "messages", self.limits.max_output_tokens,
                                         body.max_tokens_field())
-        tool_grammar = tools.structured_output()
+        template = self.tokenizer.chat_template
+        call_format = (self.tool_call_parser if self.tool_call_parser and template.takes_tools
+                       else template.tool_call_format)
+        tool_grammar = tools.structured_output(call_format)
         params = body.sampling_params(max_tokens, num_top_logprobs, self.tokenizer.vocab_size, tool_grammar,
                                       encode=self.tokenizer.encode_text, defaults=defaults)
         prompt_tail = (self.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
@@ -111,9 +114,6 @@ class ChatCompletionEndpoint:
         choices = plan_choices(request_id, [prompt], [params], priority, arrival_time,
                                "tools" if tool_grammar is not None else body.constraint_field(), body.cache_salt)
         constrained = params.structured_output is not None and params.structured_output.after_thought is None
-        template = self.tokenizer.chat_template
-        call_format = (self.tool_call_parser if self.tool_call_parser and template.takes_tools
-                       else template.tool_call_format)
         last = body.messages[-1]
         echoed = last.text() if body.echo and last.role == "assistant" else ""
         messages_out = [AssistantMessage(tools.parser(call_format),

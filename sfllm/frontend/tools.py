@@ -4,7 +4,10 @@ A template that renders `tools` gets them and the history's calls and results as
 them. One that does not (SmolLM2's) still serves tools: the tools are described in the system message,
 past calls are written into the assistant's text and results as `<tool_response>` user turns, all in
 the Hermes format that sfllm/frontend/tool_call_parser.py reads. `tool_choice` `required` or a named
-function is a grammar (a JSON schema per tool inside a Lark rule), so the call comes whatever the model.
+function is a grammar (a JSON schema per tool inside a Lark rule), so the call comes whatever the model. With
+`auto` and a tool marked `strict` (OpenAI's: its arguments follow its schema), a structural tag, as SGLang builds
+one: the answer is free, and a call, once the model opens one, names one of the tools and gives arguments of its
+schema (any object for a tool not strict); with `parallel_tool_calls` false, the answer ends with its first call.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ class ChatTools:
         if self.forced_name is not None and self.forced_name not in names:
             raise InvalidRequestError(f"tool_choice names the function {self.forced_name!r}, which is not among "
                                       f"tools ({', '.join(names)})", param="tool_choice")
-        constraint = body.requested_structured_output() if self.required else None
+        own_constraint = body.requested_structured_output()
+        # strict tools give way to the request's own constraint, which OpenAI's clients may send beside them
+        self.strict = any(tool.function.strict for tool in self.tools) and own_constraint is None
+        constraint = own_constraint if self.required else None
         if constraint is not None:
             raise InvalidRequestError(f"{constraint[0]} cannot be combined with tool_choice required or a named "
                                       "function: the tool call is the format", param=constraint[0])
@@ -59,10 +65,11 @@ class ChatTools:
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [tool.for_template() for tool in self.tools] if self.enabled else None
 
-    def structured_output(self) -> StructuredOutput | None:
-        """The grammar of one call (of the named function), or of one or more (any tool), when forced."""
+    def structured_output(self, call_format: str) -> StructuredOutput | None:
+        """The grammar of one call (of the named function), or of one or more (any tool), when forced; the
+        structural tag of strict tools' calls in `call_format` (the parser's, llama3_json or Hermes) with `auto`."""
         if not self.required:
-            return None
+            return self._strict_calls(call_format) if self.enabled and self.strict else None
         tools = [t for t in self.tools if self.forced_name in (None, t.function.name)]
         bodies = [f"call_{index}: %json{inline_json_schema(_call_schema(tool))}" for index, tool in enumerate(tools)]
         calls = "call" if not self.parallel else 'call ("\\n" call)*'
@@ -70,6 +77,20 @@ class ChatTools:
                           f"{json.dumps(chr(10) + CLOSE_TAG)}",
                           "body: " + " | ".join(f"call_{index}" for index in range(len(tools))), *bodies])
         structured_output = StructuredOutput.grammar(lark)
+        grammar_of(structured_output, param="tools")  # a bad parameters schema is the client's 400
+        return structured_output
+
+    def _strict_calls(self, call_format: str) -> StructuredOutput:
+        if call_format == "llama3_json":  # Llama 3's bare JSON call
+            trigger, begin, end = '{"name": ', '{{"name": {name}, "parameters": ', "}"
+        else:  # Hermes, as forced calls are written
+            trigger, begin, end = OPEN_TAG, OPEN_TAG + '\n{{"name": {name}, "arguments": ', "}\n" + CLOSE_TAG
+        tags = [{"type": "tag", "begin": begin.format(name=json.dumps(tool.function.name)), "end": end,
+                 "content": {"type": "json_schema", "json_schema": (tool.function.parameters or _ANY_ARGUMENTS)
+                             if tool.function.strict else _ANY_ARGUMENTS}} for tool in self.tools]
+        structured_output = StructuredOutput.structural_tag({"format": {
+            "type": "triggered_tags", "triggers": [trigger], "tags": tags, "stop_after_first": not self.parallel}},
+            "tools")
         grammar_of(structured_output, param="tools")  # a bad parameters schema is the client's 400
         return structured_output
 
