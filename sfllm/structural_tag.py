@@ -237,7 +237,7 @@ class StructuralTagLark:
     def emit(self, node: dict[str, Any], follow: list[str] | None) -> str:
         kind = node["type"]
         if kind == "any_text":
-            return self.text_until(node["excludes"], follow, f"any_text must end the output or come before a fixed "
+            return self.text_until(node["excludes"], follow, "any_text must end the output or come before a fixed "
                                                              "string")
         if kind == "sequence":
             return self.sequence(node["elements"], follow)
