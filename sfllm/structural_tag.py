@@ -208,9 +208,10 @@ def _is_int(value: Any) -> bool:
 class StructuralTagLark:
     """llguidance's grammar of a kept spec (structural_tag_definition's text). `json_body(schema)`: the JSON schema
     to inline for a `%json` value; `to_lark(grammar)`: a `grammar` format's text (Lark or GBNF) as Lark;
-    `special_token(trigger)`: the id of the model's special token that a trigger names, or None where the trigger is
-    text. A special token is never text to the grammar engine: a trigger such as Llama 3.1's `<|python_tag|>` must
-    be matched as the token, or the model could not write it.
+    `special_token(text)`: the id of the model's special token that a trigger, begin, end or constant string names,
+    or None where it is text. A special token is never text to the grammar engine: a trigger such as Llama 3.1's
+    `<|python_tag|>`, or an end such as its `<|eom_id|>`, must be matched as the token, or the model could not
+    write it.
 
     `emit(format, follow)` writes a format's expression followed by `follow`, the fixed strings that may come right
     after it (one of them; None: the output ends there; []: something that is not a fixed string). Text that can be
@@ -244,25 +245,25 @@ class StructuralTagLark:
         if kind == "or":
             return "(" + " | ".join(self.emit(element, follow) for element in node["elements"]) + ")"
         if kind == "tag":
-            return _join(_literal(node["begin"]), self.emit(node["content"], node["end"]), _one_of(follow))
+            return _join(self.literal(node["begin"]), self.emit(node["content"], node["end"]), self.one_of(follow))
         if kind == "triggered_tags":
             return self.triggered_tags(node, follow)
         if kind == "tags_with_separator":
             tag = "(" + " | ".join(self.emit(t, None) for t in node["tags"]) + ")"
-            tags = tag if node["stop_after_first"] else f"{tag} ({_join(_literal(node['separator']), tag)})*"
-            return _join(tags if node["at_least_one"] else f"({tags})?", _one_of(follow))
+            tags = tag if node["stop_after_first"] else f"{tag} ({_join(self.literal(node['separator']), tag)})*"
+            return _join(tags if node["at_least_one"] else f"({tags})?", self.one_of(follow))
         if kind in ("optional", "plus", "star", "repeat"):
             count = {"optional": "?", "plus": "+", "star": "*"}.get(kind)
             if count is None:
                 count = f"{{{node['min']},{'' if node['max'] == -1 else node['max']}}}"
-            return _join(f"({self.emit(node['content'], [])}){count}", _one_of(follow))
-        return _join(self.fixed(node), _one_of(follow))
+            return _join(f"({self.emit(node['content'], [])}){count}", self.one_of(follow))
+        return _join(self.fixed(node), self.one_of(follow))
 
     def fixed(self, node: dict[str, Any]) -> str:
         """A format that never holds text that can be anything."""
         kind = node["type"]
         if kind == "const_string":
-            return _literal(node["value"]) or '""'
+            return self.literal(node["value"]) or '""'
         if kind == "json_schema":
             return f"%json{self.json_body(node['json_schema'])}"
         if kind == "regex":
@@ -285,6 +286,16 @@ class StructuralTagLark:
             index += 1
         return _join(*parts)
 
+    def literal(self, text: str) -> str:
+        """`text` as the grammar matches it: the model's special token where `text` names one (never text to the
+        grammar engine), else the text."""
+        token = self.special_token(text) if text else None
+        return _literal(text) if token is None else f"<[{token}]>"
+
+    def one_of(self, strings: list[str] | None) -> str:
+        literals = list(dict.fromkeys(self.literal(s) or '""' for s in strings or []))
+        return literals[0] if len(literals) == 1 else "(" + " | ".join(literals) + ")" if literals else ""
+
     def free_text(self, stops: list[str]) -> str:
         """A terminal of any text that holds none of `stops`."""
         pattern = r"/(.|\n)*/"
@@ -300,7 +311,12 @@ class StructuralTagLark:
             return text
         if not any(follow):
             raise ValueError(f"the structural tag's {misplaced}")
-        return self.rule(f"{text} {_one_of(follow)}", lazy=True)
+        tokens = [s for s in follow if s and self.literal(s).startswith("<[")]
+        written = [s for s in follow if s and s not in tokens]
+        # a written stop ends the text lazily, at its first occurrence; a special token is never in the text
+        ends = [self.rule(f"{text} {_one_of(written)}", lazy=True)] if written else []
+        ends += [_join(text, self.one_of(tokens))] if tokens else []
+        return ends[0] if len(ends) == 1 else "(" + " | ".join(ends) + ")"
 
     def triggered_tags(self, node: dict[str, Any], follow: list[str] | None) -> str:
         """Free text in which each trigger opens its tag; with at_least_one the text opens with a tag, with
@@ -308,21 +324,20 @@ class StructuralTagLark:
         text = self.free_text([*node["excludes"], *(follow or [])])
         opened, bare = [], []  # each tag after its free text; and alone, where no text may come first
         for tag in node["tags"]:
-            rest = _join(_literal(tag["begin"][len(tag["trigger"]):]), self.emit(tag["content"], tag["end"]))
-            token = self.special_token(tag["trigger"])
-            trigger = _literal(tag["trigger"]) if token is None else f"<[{token}]>"
-            if token is None:  # lazy: the text ends at the trigger's first occurrence, which opens the tag
+            rest = _join(self.literal(tag["begin"][len(tag["trigger"]):]), self.emit(tag["content"], tag["end"]))
+            trigger = self.literal(tag["trigger"])
+            if not trigger.startswith("<["):  # lazy: the text ends at the trigger's first occurrence: the tag's start
                 opened.append(_join(self.rule(f"{text} {trigger}", lazy=True), rest))
             else:
                 opened.append(_join(text, trigger, rest))
             bare.append(_join(trigger, rest))
         first = "(" + " | ".join(bare if node["at_least_one"] else opened) + ")"
         if node["stop_after_first"] and node["at_least_one"]:
-            return _join(first, _one_of(follow))
+            return _join(first, self.one_of(follow))
         tail = self.text_until(node["excludes"], follow, "triggered_tags must end the output or come before a "
                                                          "fixed string")
         if node["stop_after_first"]:  # text with no trigger, or text up to the one tag
-            return f"({_join(first, _one_of(follow))} | {tail})"
+            return f"({_join(first, self.one_of(follow))} | {tail})"
         return _join(first if node["at_least_one"] else "", "(" + " | ".join(opened) + ")*", tail)
 
 
@@ -336,9 +351,10 @@ def _literal(text: str) -> str:
     return json.dumps(text) if text else ""
 
 
-def _one_of(strings: list[str] | None) -> str:
-    literals = list(dict.fromkeys(_literal(s) or '""' for s in strings or []))
-    return literals[0] if len(literals) == 1 else "(" + " | ".join(literals) + ")" if literals else ""
+def _one_of(texts: list[str]) -> str:
+    """One of non-empty texts, as text (a lazy rule's end: no special token may be in it)."""
+    literals = list(dict.fromkeys(_literal(text) for text in texts))
+    return literals[0] if len(literals) == 1 else "(" + " | ".join(literals) + ")"
 
 
 def _join(*parts: str) -> str:

@@ -191,6 +191,19 @@ def test_a_structural_tag_is_free_text_until_a_trigger_then_the_structure_it_beg
         assert not allows(grammars, tokenizer, tags, text), repr(text)
 
 
+def test_an_end_or_begin_naming_a_special_token_is_that_token(grammars: GrammarMatchers, tokenizer) -> None:
+    """As Llama 3.1's `<|python_tag|>` call ends with `<|eom_id|>`: SmolLM2's `<|im_start|>` and `<file_sep>` here,
+    after a value of a schema and after text that can be anything."""
+    legacy = StructuredOutput.structural_tag({"triggers": ["<|im_start|>"], "structures": [
+        {"begin": "<|im_start|>", "schema": {"type": "integer"}, "end": "<file_sep>"}]})
+    assert allows(grammars, tokenizer, legacy, "a <|im_start|>42<file_sep> b")
+    assert not allows(grammars, tokenizer, legacy, "a <|im_start|>42") and \
+        not allows(grammars, tokenizer, legacy, "a <|im_start|>42 <file_sep>")
+    formatted(grammars, tokenizer, {"type": "tag", "begin": "<|im_start|>", "content": {"type": "any_text"},
+                                    "end": ["<file_sep>", "."]},
+              ["<|im_start|>any text<file_sep>", "<|im_start|>any text."], ["<|im_start|>any text", "any text."])
+
+
 def test_a_text_trigger_is_found_inside_a_token(grammars: GrammarMatchers, tokenizer) -> None:
     """A trigger is text, not a token: " is" inside " island" opens the structure there, so " island" cannot be
     written, while a text never writing the trigger is free."""
