@@ -11,6 +11,7 @@ masks of a batch in parallel threads outside the GIL.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -142,18 +143,37 @@ class InvalidGrammar(InvalidSamplingParams):
 
 
 def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARAM,
-               special_token: Callable[[str], int | None] = lambda text: None) -> str:
+               special_token: Callable[[str], int | None] | None = None) -> str:
     """llguidance's grammar for the constraint; raises InvalidGrammar naming `param`. `special_token(text)`: the id
-    of the model's special token written `text`, or None (structural tags' triggers; without a tokenizer every
-    trigger is text, which checks the spec as well)."""
+    of the model's special token written `text`, or None (structural tags' strings); left out, every string is text,
+    which checks the spec as well (a frontend's check, whose grammars are remembered: an agent sends its tools and
+    schemas again and again, and ten strict tools take ~2 ms to write and check)."""
     kind, definition = structured_output.kind, structured_output.definition
+    try:
+        if special_token is None:
+            return _checked_grammar(kind, definition)
+        return _grammar(kind, definition, special_token)
+    except _Refused as refused:
+        raise InvalidGrammar(param, str(refused)) from None
+
+
+class _Refused(ValueError):
+    """What is wrong with a constraint, before InvalidGrammar names the field it came in."""
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_grammar(kind: str, definition: str) -> str:
+    return _grammar(kind, definition, lambda text: None)
+
+
+def _grammar(kind: str, definition: str, special_token: Callable[[str], int | None]) -> str:
     if kind == "json_schema":
         try:
             schema = json.loads(definition)
         except json.JSONDecodeError as error:
-            raise InvalidGrammar(param, f"the JSON schema is not JSON: {error}") from None
+            raise _Refused(f"the JSON schema is not JSON: {error}") from None
         if not isinstance(schema, dict):
-            raise InvalidGrammar(param, "the JSON schema must be an object")
+            raise _Refused("the JSON schema must be an object")
     what = kind.replace("_", " ")
     try:
         if kind == "json_schema":
@@ -168,10 +188,10 @@ def grammar_of(structured_output: StructuredOutput, param: str = CONSTRAINT_PARA
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(any_to_lark(definition))
     except Exception as error:  # what llguidance or the GBNF converter cannot encode (e.g. unpaired surrogates)
-        raise InvalidGrammar(param, f"invalid {what}: {error}") from None
+        raise _Refused(f"invalid {what}: {error}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise InvalidGrammar(param, f"invalid {what}: {error.strip()}")
+        raise _Refused(f"invalid {what}: {error.strip()}")
     return grammar
 
 

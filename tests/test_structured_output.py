@@ -271,3 +271,17 @@ def test_a_formats_fixed_parts_and_repetitions(grammars: GrammarMatchers, tokeni
 def test_any_text_at_the_outputs_end_keeps_out_its_excludes(grammars: GrammarMatchers, tokenizer) -> None:
     formatted(grammars, tokenizer, {"type": "any_text", "excludes": ["<|", "//"]}, ["", "free text/ here"],
               ["a <| b", "http://x"])
+
+
+def test_a_frontends_check_remembers_a_grammar_and_refuses_a_bad_one_every_time() -> None:
+    """grammar_of without a tokenizer (the frontends' check of every request) writes a constraint's grammar once."""
+    from sfllm.structured_output import InvalidGrammar, _checked_grammar, grammar_of
+    tags = StructuredOutput.structural_tag({"triggers": ["<f"], "structures": [{"begin": "<f>", "end": "</f>"}]})
+    first = grammar_of(tags)
+    hits = _checked_grammar.cache_info().hits
+    assert grammar_of(tags, param="tools") == first and _checked_grammar.cache_info().hits == hits + 1
+    bad = StructuredOutput.regex("a(")
+    for param in ("guided_regex", "regex"):
+        with pytest.raises(InvalidGrammar, match="invalid regex") as error:
+            grammar_of(bad, param=param)
+        assert error.value.param == param
