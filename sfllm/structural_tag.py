@@ -5,9 +5,10 @@ vLLM and SGLang take them as `response_format: {"type": "structural_tag", ...}` 
 two forms:
 
 - `structures` and `triggers` (the first form, which vLLM's and SGLang's llguidance backends take): the output is
-  any text until it writes a trigger; the structure whose `begin` starts with that trigger (the first such trigger,
-  as vLLM picks it) then has to be written out: the rest of `begin`, a JSON value of its schema, `end`; then free
-  text again, and more calls.
+  any text until it writes a trigger; the structure whose `begin` starts with that trigger (the shortest trigger
+  its begin starts with: vLLM takes the first listed, which with a trigger the prefix of another opens the wrong
+  structure) then has to be written out: the rest of `begin`, a JSON value of its schema, `end`; then free text
+  again, and more calls.
 - `format` (xgrammar's): a tree of formats, `const_string`, `json_schema`, `regex`, `grammar`, `any_text`,
   `sequence`, `or`, `tag`, `triggered_tags`, `tags_with_separator`, `optional`, `plus`, `star`, `repeat`, read as
   xgrammar reads them. Not taken (a 400 naming it): the token formats, `dispatch`, a JSON schema's `style` other
@@ -43,8 +44,16 @@ def structural_tag_definition(value: Any, field: str) -> str:
     if not isinstance(value, dict):
         raise InvalidSamplingParams(field, f"{field}: a structural tag is an object with a format, or with "
                                            "structures and triggers")
+    try:
+        return json.dumps({"format": _checked(value, field)})
+    except RecursionError:  # a schema inside nested past what Python encodes
+        raise InvalidSamplingParams(field, f"{field}: the structural tag is nested too deep") from None
+
+
+def _checked(value: dict[str, Any], field: str) -> dict[str, Any]:
+    """The spec's format tree, its defaults filled in."""
     if value.get("format") is not None:
-        return json.dumps({"format": _Checker(field).format(value["format"], "format", 0)})
+        return _Checker(field).format(value["format"], "format", 0)
     triggers, structures = value.get("triggers"), value.get("structures")
     checker = _Checker(field)
     checker.strings(triggers, "triggers", non_empty_items=True)
@@ -61,13 +70,13 @@ def structural_tag_definition(value: Any, field: str) -> str:
             checker.fail(f"{where}: begin and end must be strings")
         if schema is not None and not isinstance(schema, dict):
             checker.fail(f"{where}: schema must be a JSON schema object")
-        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        # the shortest trigger it starts with: a longer one's text holds the shorter, which opens the tag first
+        trigger = min((t for t in triggers if begin.startswith(t)), key=len, default=None)
         if trigger is None:
             checker.fail(f"{where}: begin {begin!r} starts with none of the triggers {triggers!r}")
         tags.append({"type": "tag", "begin": begin, "trigger": trigger, "end": [end],
                      "content": {"type": "json_schema", "json_schema": schema or {}}})
-    return json.dumps({"format": {"type": "triggered_tags", "tags": tags, "excludes": [], "at_least_one": False,
-                                  "stop_after_first": False}})
+    return {"type": "triggered_tags", "tags": tags, "excludes": [], "at_least_one": False, "stop_after_first": False}
 
 
 class _Checker:
@@ -222,6 +231,7 @@ class StructuralTagLark:
         self.json_body, self.to_lark, self.special_token = json_body, to_lark, special_token
         self.rules: list[str] = []
         self.side_grammars: list[dict[str, str]] = []
+        self.within: list[str] = []  # the ends of the tag being written
 
     def grammar(self, definition: str) -> str:
         start = self.emit(json.loads(definition)["format"], None)
@@ -245,14 +255,23 @@ class StructuralTagLark:
         if kind == "or":
             return "(" + " | ".join(self.emit(element, follow) for element in node["elements"]) + ")"
         if kind == "tag":
-            return _join(self.literal(node["begin"]), self.emit(node["content"], node["end"]), self.one_of(follow))
+            outer, self.within = self.within, [end for end in node["end"] if end]
+            content = self.emit(node["content"], node["end"])
+            self.within = outer
+            return _join(self.literal(node["begin"]), content, self.one_of(follow))
         if kind == "triggered_tags":
             return self.triggered_tags(node, follow)
         if kind == "tags_with_separator":
             tag = "(" + " | ".join(self.emit(t, None) for t in node["tags"]) + ")"
             tags = tag if node["stop_after_first"] else f"{tag} ({_join(self.literal(node['separator']), tag)})*"
             return _join(tags if node["at_least_one"] else f"({tags})?", self.one_of(follow))
+        if kind == "optional" and follow:  # the content with what follows it, or what follows alone
+            return f"({self.emit(node['content'], follow)} | {self.one_of(follow)})"
         if kind in ("optional", "plus", "star", "repeat"):
+            if node["content"]["type"] == "any_text":  # any text, repeated or not, is any text
+                return self.emit(node["content"], follow)
+            if kind == "repeat" and node["max"] == 0:
+                return _join('""', self.one_of(follow))
             count = {"optional": "?", "plus": "+", "star": "*"}.get(kind)
             if count is None:
                 count = f"{{{node['min']},{'' if node['max'] == -1 else node['max']}}}"
@@ -273,14 +292,18 @@ class StructuralTagLark:
         return f"@{name}"
 
     def sequence(self, elements: list[dict[str, Any]], follow: list[str] | None) -> str:
+        """Each element followed by the next; an element before a constant string writes that string too."""
+        elements = [e for e in elements if e["type"] != "const_string" or e["value"]] or elements[:1]
         parts, index = [], 0
         while index < len(elements):
             following = elements[index + 1] if index + 1 < len(elements) else None
             if following is None:
                 parts.append(self.emit(elements[index], follow))
-            elif following["type"] == "const_string" and following["value"]:
-                parts.append(self.emit(elements[index], [following["value"]]))  # it writes that string too
+            elif following["type"] == "const_string":
+                parts.append(self.emit(elements[index], [following["value"]]))
                 index += 1
+                if index == len(elements) - 1:  # that string was the last: then what follows the sequence
+                    parts.append(self.one_of(follow))
             else:
                 parts.append(self.emit(elements[index], []))
             index += 1
@@ -297,7 +320,9 @@ class StructuralTagLark:
         return literals[0] if len(literals) == 1 else "(" + " | ".join(literals) + ")" if literals else ""
 
     def free_text(self, stops: list[str]) -> str:
-        """A terminal of any text that holds none of `stops`."""
+        """A terminal of any text that holds none of `stops`, nor the end of the tag it is in (as xgrammar keeps
+        text out of its enclosing tag's end wherever in the tag it is)."""
+        stops = [*stops, *self.within]
         pattern = r"/(.|\n)*/"
         if any(stops):
             pattern += r" & ~/(.|\n)*(" + "|".join(_slashes_escaped(regex_literal(s)) for s in stops if s) + \
@@ -316,6 +341,7 @@ class StructuralTagLark:
         # a written stop ends the text lazily, at its first occurrence; a special token is never in the text
         ends = [self.rule(f"{text} {_one_of(written)}", lazy=True)] if written else []
         ends += [_join(text, self.one_of(tokens))] if tokens else []
+        ends += [text] if "" in follow else []  # an empty end: the text may stop anywhere
         return ends[0] if len(ends) == 1 else "(" + " | ".join(ends) + ")"
 
     def triggered_tags(self, node: dict[str, Any], follow: list[str] | None) -> str:

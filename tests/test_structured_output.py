@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from sfllm.frontend.other_server_constraints import other_server_constraints
-from sfllm.sampling_params import StructuredOutput
+from sfllm.sampling_params import InvalidSamplingParams, StructuredOutput
 from sfllm.scheduler.grammar_matchers import GrammarMatchers
 from sfllm.structured_output import without_unlisted_properties
 
@@ -285,3 +285,44 @@ def test_a_frontends_check_remembers_a_grammar_and_refuses_a_bad_one_every_time(
         with pytest.raises(InvalidGrammar, match="invalid regex") as error:
             grammar_of(bad, param=param)
         assert error.value.param == param
+
+
+def test_a_formats_edges_found_in_review(grammars: GrammarMatchers, tokenizer) -> None:
+    """A sequence ending in a constant inside a tag keeps the tag's end; text anywhere in a tag stays out of its
+    end; optional or repeated any text; an empty end beside another; repeat up to 0."""
+    number = {"type": "json_schema", "json_schema": {"type": "integer"}}
+    any_text = {"type": "any_text"}
+
+    def tag(content: dict, end: str | list[str]) -> dict:
+        return {"type": "tag", "begin": "<a>", "content": content, "end": end}
+
+    def const(value: str) -> dict:
+        return {"type": "const_string", "value": value}
+
+    formatted(grammars, tokenizer, tag({"type": "sequence", "elements": [number, const("!")]}, "</a>"),
+              ["<a>1!</a>"], ["<a>1!", "<a>1</a>"])
+    formatted(grammars, tokenizer, tag({"type": "sequence", "elements": [any_text, const("X"), number]}, "</a>"),
+              ["<a>pqX1</a>"], ["<a>p</a>qX1</a>"])
+    formatted(grammars, tokenizer, {"type": "optional", "content": any_text}, ["", "text"], [])
+    formatted(grammars, tokenizer, tag({"type": "star", "content": any_text}, "</a>"), ["<a></a>", "<a>x y</a>"],
+              ["<a>x</a>y</a>"])
+    formatted(grammars, tokenizer, tag(any_text, ["", "</a>"]), ["<a>foo", "<a>foo</a>"], ["<a>foo</a>bar"])
+    formatted(grammars, tokenizer, {"type": "sequence", "elements": [
+        {"type": "repeat", "min": 0, "max": 0, "content": const("z")}, const("y")]}, ["y"], ["zy"])
+
+
+def test_legacy_triggers_one_the_prefix_of_another_open_each_structure(grammars: GrammarMatchers,
+                                                                      tokenizer) -> None:
+    """A structure is opened by the shortest trigger its begin starts with: "<f" appears first in "<func=a>"."""
+    tags = StructuredOutput.structural_tag({"triggers": ["<func", "<f"], "structures": [
+        {"begin": "<func=a>", "schema": {"type": "integer"}, "end": "</func>"},
+        {"begin": "<fx>", "schema": {"type": "integer"}, "end": "</fx>"}]})
+    assert allows(grammars, tokenizer, tags, "hi <func=a>1</func> and <fx>2</fx>")
+    assert not allows(grammars, tokenizer, tags, "hi <fun>1</func>")
+
+
+def test_a_schema_nested_past_pythons_encoder_is_a_400_not_a_crash() -> None:
+    deep = '{"items": ' * 990 + "{}" + "}" * 990
+    spec = '{"triggers": ["<f"], "structures": [{"begin": "<f>", "end": "</f>", "schema": ' + deep + "}]}"
+    with pytest.raises(InvalidSamplingParams, match="structural tag"):
+        StructuredOutput.structural_tag(spec, "structural_tag")
