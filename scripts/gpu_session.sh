@@ -41,7 +41,9 @@ mkdir -p "$OUT"
   .whl/*.whl >"$OUT/pip.log" 2>&1 && touch /tmp/site/.installed; }
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
-git log -1 --format=%H >>"$OUT/gpu.txt" 2>/dev/null || true
+# the host's .git may be older than the carried files: the count of files changed since says so
+{ git log -1 --format=%H && echo "files changed since that commit: $(git status --short | wc -l)"; } \
+  >>"$OUT/gpu.txt" 2>/dev/null || true
 BENCH="python3 -m sfllm bench offline"
 # $BASE (a commit, or a folder holding one's files, carried where the host has no .git) into /tmp/base
 unpack_base() {
