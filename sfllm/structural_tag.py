@@ -14,8 +14,8 @@ two forms:
   xgrammar reads them. Not taken (a 400 naming it): the token formats, `dispatch`, a JSON schema's `style` other
   than `json` and `any_order`, `any_text`'s token and character limits. Text that can be anything (`any_text`, the
   text around triggered tags) must end the output or be followed by a fixed string (the enclosing tag's end, a
-  `const_string`): it stops at that string's first occurrence, as in xgrammar, which stops it at the enclosing
-  tag's end.
+  `const_string`): it stops at that string's first occurrence; and anywhere in a tag it never holds the tag's end,
+  as xgrammar keeps it out.
 
 This module checks a spec's shape (no grammar engine needed: the frontend's check) and keeps it as one `format`
 tree (the first form as the `triggered_tags` it means), then writes the Lark grammar of llguidance for it.
