@@ -326,3 +326,19 @@ def test_a_schema_nested_past_pythons_encoder_is_a_400_not_a_crash() -> None:
     spec = '{"triggers": ["<f"], "structures": [{"begin": "<f>", "end": "</f>", "schema": ' + deep + "}]}"
     with pytest.raises(InvalidSamplingParams, match="structural tag"):
         StructuredOutput.structural_tag(spec, "structural_tag")
+
+
+def test_a_repeated_constraint_gets_its_own_matcher_copied_at_the_start(smollm_tokenizer_spec, tokenizer) -> None:
+    """The scheduler keeps a matcher at the start of each recent grammar and copies it for the next request with
+    that constraint: the copy starts where a build would, and advancing one request's matcher leaves the next's."""
+    grammars = GrammarMatchers(smollm_tokenizer_spec.tokenizer_json, smollm_tokenizer_spec.vocab_size, [2])
+    schema = StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    first = grammars.matcher(schema)
+    assert len(grammars._started) == 1
+    start_mask = bytes(first.compute_bitmask())
+    for token in tokenizer.encode('{"a": 1', add_special_tokens=False):
+        assert first.consume_token(token)
+    second = grammars.matcher(schema)
+    assert len(grammars._started) == 1, "the second request copied the kept matcher"
+    assert bytes(second.compute_bitmask()) == start_mask != bytes(first.compute_bitmask())
+    assert allows(grammars, tokenizer, schema, '{"a": 2}') and not allows(grammars, tokenizer, schema, '{"b": 2}')

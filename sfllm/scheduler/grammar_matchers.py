@@ -10,10 +10,16 @@ allocating and copying 1.2 MB per step (64 rows of a 152k vocabulary) took a thi
 A new request's matcher is built in a thread of its own, with its first mask (`compile`): llguidance builds a
 grammar's lexer at the first mask, about 1 ms for the offline bench's schema but 0.39 s for `a{1000000}` (CI
 machine), which on the engine's loop every stream would wait for. The scheduler admits the request once
-that is done.
+that is done. Requests mostly repeat their constraints (a client's schema, an agent's tools): the last grammars
+written and matchers built are kept: a request whose constraint was seen gets its grammar without writing it
+on the engine's loop again (0.3 ms for the offline bench's schema, 1.0 ms for it as a structural tag, Qwen3's
+vocabulary on the CI machine) and a copy of its matcher at the start (a microsecond) instead of a build (0.9 and
+3.0 ms until built, the first mask included; docs/performance.md, thirty-seventh section).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
@@ -23,6 +29,9 @@ import numpy
 from sfllm.sampling_params import StructuredOutput
 from sfllm.scheduler.grammar_after_thought import GrammarAfterThought
 from sfllm.structured_output import CONSTRAINT_PARAM, InvalidGrammar, grammar_of
+
+
+KEPT = 64  # grammars, and matchers at their start, kept for the requests that repeat a constraint
 
 
 class GrammarMatchers:
@@ -49,6 +58,9 @@ class GrammarMatchers:
         # llguidance's default thread count (80% of the CPUs, up to 32) unless given
         self._executor = llguidance.LLExecutor() if num_threads is None else llguidance.LLExecutor(num_threads=num_threads)
         self._bitmask = llguidance.numpy.allocate_token_bitmask(0, vocab_size)
+        self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()  # written on the engine's loop only
+        self._started: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # never advanced: copied
+        self._started_lock = threading.Lock()  # the compiler's threads share them
 
     def built_for(self, vocab_size: int, eos_token_ids: list[int]) -> bool:
         return vocab_size == self.vocab_size and list(eos_token_ids) == self.eos_token_ids
@@ -83,7 +95,12 @@ class GrammarMatchers:
     def _grammar(self, structured_output: StructuredOutput) -> str:
         if self._tokenizer is None:
             raise InvalidGrammar(CONSTRAINT_PARAM, self.unavailable)
-        return grammar_of(structured_output, special_token=self._special_token)
+        key = (structured_output.kind, structured_output.definition)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = grammar_of(structured_output, special_token=self._special_token)
+        _keep(self._grammars, key, grammar)
+        return grammar
 
     def _special_token(self, text: str) -> int | None:
         """The id of the special token written `text` (a structural tag's trigger such as `<|python_tag|>`)."""
@@ -91,9 +108,16 @@ class GrammarMatchers:
         return tokens[0] if len(tokens) == 1 and self._tokenizer.is_special_token(tokens[0]) else None
 
     def _build(self, grammar: str) -> llguidance.LLMatcher:
+        with self._started_lock:
+            started = self._started.get(grammar)
+            if started is not None:
+                _keep(self._started, grammar, started)
+                return started.deep_copy()
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if not matcher.is_error():
             matcher.compute_bitmask()  # builds the lexer states of the start: the first mask's cost
+            with self._started_lock:
+                _keep(self._started, grammar, matcher.deep_copy())
         return matcher
 
     def masks(self, matchers: list[llguidance.LLMatcher | GrammarAfterThought | None]) -> memoryview:
@@ -136,6 +160,14 @@ LIMIT_ERRORS = ("too many expressions constructed", "fuel exhausted", "too many 
 
 def exceeded_limits(error: str) -> bool:
     return any(text in error.lower() for text in LIMIT_ERRORS)
+
+
+def _keep(kept: OrderedDict, key, value) -> None:
+    """`value` kept as the newest of `kept`, the oldest beyond KEPT let go."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > KEPT:
+        kept.popitem(last=False)
 
 
 def accepts(matcher: llguidance.LLMatcher, token: int) -> bool:
