@@ -23,7 +23,7 @@ import llguidance
 import numpy as np
 import torch
 
-from sfllm.bench.workload import BENCH_SCHEMA
+from sfllm.bench.workload import BENCH_CONSTRAINTS
 from sfllm.messages import GrammarMask, MessageCodec, SchedulerToWorker
 from sfllm.model_source.resolve import resolve_model
 from sfllm.model_source.tokenizer_spec import tokenizer_spec
@@ -32,11 +32,6 @@ from sfllm.scheduler.grammar_matchers import GrammarMatchers, accepts
 from sfllm.worker.token_mask import TokenBitmasks, apply_bitmask
 
 APPLY_EVERY = 16
-CONSTRAINTS = {
-    "json_schema": StructuredOutput.json_schema(BENCH_SCHEMA),
-    "structural_tag": StructuredOutput.structural_tag({"triggers": ["<tool_call>"], "structures": [
-        {"begin": "<tool_call>\n", "schema": BENCH_SCHEMA, "end": "\n</tool_call>"}]}),
-}
 
 
 def token_paths(grammars: GrammarMatchers, constraint: StructuredOutput, rows: int, steps: int,
@@ -102,13 +97,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="the fastest run of each part counts")
     parser.add_argument("--threads", type=int, default=None, help="LLExecutor threads (default: llguidance's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--constraint", choices=sorted(CONSTRAINTS), default="json_schema")
+    parser.add_argument("--constraint", choices=sorted(BENCH_CONSTRAINTS), default="json_schema")
     args = parser.parse_args()
     source = resolve_model("qwen3-0.6b", "dummy")
     grammars = GrammarMatchers(tokenizer_spec(source).tokenizer_json, source.config.vocab_size,
                                list(source.config.eos_token_ids), num_threads=args.threads)
     started = time.perf_counter()
-    constraint = CONSTRAINTS[args.constraint]
+    constraint = BENCH_CONSTRAINTS[args.constraint]
     paths = token_paths(grammars, constraint, args.rows, args.steps, args.seed)
     print(f"{args.rows} paths of up to {args.steps} tokens drawn in {time.perf_counter() - started:.1f} s")
     runs = [run(grammars, constraint, paths, args.steps) for _ in range(args.repeats)]

@@ -26,8 +26,9 @@
 # whose GPU idle time is charged to what the host was doing; the served part runs with $SERVE_FLAGS),
 # redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9; tags t1,
 # topp, qwen3 (Qwen3's sampling), schema, none, and each with a b1 prefix for batch 1),
-# structured (64 requests at once, unconstrained and then each under a JSON schema, back to back: the
-# throughput ratio and the grammar masks' time per step; offline, then served at concurrency 64),
+# structured (64 requests at once, unconstrained, then each under a JSON schema, then under it as a structural tag's
+# call in free text, back to back: the throughput ratios and the grammar masks' time per step; offline, then the
+# first two served at concurrency 64),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
 # and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline),
 # spec (speculative decoding, issue 16: its GPU tests; batch 1 with drafts accepted (dummy weights, greedy: random
@@ -309,7 +310,7 @@ PY
     grep -E "engine loop|worker loop" "$OUT/server-smallbatch$SERVE_TAG.log"
     stop_server ;;
   structured)
-    for so in none json_schema; do
+    for so in none json_schema structural_tag; do
       timeout 300 $BENCH --model qwen3-0.6b --load-format dummy --num-requests 64 --input-len 512 --output-len 512 \
         --structured-output $so --output-file "$OUT/structured-$so.json" >"$OUT/structured-$so.log" 2>&1
       echo "structured $so: exit $?"; grep -E "wall time|grammar masks|host loop" "$OUT/structured-$so.log"
@@ -318,7 +319,7 @@ PY
       >"$OUT/server-structured.log" 2>&1 &
     server=$!
     for i in $(seq 1 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
-    for so in none json_schema; do
+    for so in none json_schema structural_tag; do
       flag=""; [ $so = json_schema ] && flag=--json-schema
       timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency 64 --requests 128 \
         --input-len 512 --output-len 512 --vocab-size 151936 --warmup 8 --gpu-monitor off $flag \

@@ -21,9 +21,9 @@ import torch
 
 from sfllm.bench.collector_pauses import CollectorPauses
 from sfllm.bench.profiler_trace import format_idle_causes, gpu_idle, idle_causes, top_kernels
-from sfllm.bench.workload import BENCH_SCHEMA, RandomTokenWorkload, RequestSpec, parse_length_range
+from sfllm.bench.workload import BENCH_CONSTRAINTS, RandomTokenWorkload, RequestSpec, parse_length_range
 from sfllm.loop_time import LoopTime
-from sfllm.sampling_params import SamplingParams, StructuredOutput
+from sfllm.sampling_params import SamplingParams
 
 
 @dataclass
@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-force-reject", action="store_true",
                         help="with --speculative-method: drafts the target almost never samples (a token after "
                              "the last one), for speculation's overhead when nothing is accepted")
-    parser.add_argument("--structured-output", choices=["none", "json_schema"], default="none",
+    parser.add_argument("--structured-output", choices=["none", *BENCH_CONSTRAINTS], default="none",
                         help="json_schema: every request follows BENCH_SCHEMA, a list of records too long to close "
-                             "within the output lengths, so both runs decode the same tokens")
+                             "within the output lengths, so both runs decode the same tokens; structural_tag: "
+                             "free text with BENCH_SCHEMA as a call behind a <tool_call> trigger")
     engine = parser.add_argument_group("engine settings (default: the engine's own, as `sfllm launch` and "
                                        "`LLM()` use them)")
     for flag, kind in ENGINE_FLAGS.items():
@@ -204,7 +205,7 @@ def run_sfllm(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[Offli
     speculation = llm.engine.scheduler.speculation
     if args.spec_force_reject:
         speculation.proposer = RejectedDrafts(llm.source.config.vocab_size)
-    structured_output = StructuredOutput.json_schema(BENCH_SCHEMA) if args.structured_output == "json_schema" else None
+    structured_output = BENCH_CONSTRAINTS.get(args.structured_output)
     repeat = args.workload == "repeat"
     if repeat:
         specs = [RequestSpec(p, s.output_len, len(p)) for p, s in zip(repeat_prompts(llm, len(specs)), specs)]

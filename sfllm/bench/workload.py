@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sfllm.sampling_params import StructuredOutput
+
 
 # What the structured-output benchmarks constrain every request to: a list of records too long to close
 # within their output lengths, so that a run with it and one without decode the same number of tokens
@@ -15,6 +17,13 @@ BENCH_SCHEMA = {"type": "object", "required": ["id", "notes"], "properties": {
     "notes": {"type": "array", "minItems": 200, "items": {
         "type": "object", "required": ["title", "score"],
         "properties": {"title": {"type": "string"}, "score": {"type": "number"}}}}}}
+# the constraints a benchmark can put on every request: BENCH_SCHEMA itself, or as a tool call behind a trigger in
+# free text (a random model's text rarely writes the trigger: this times a structural tag's free text)
+BENCH_CONSTRAINTS = {
+    "json_schema": StructuredOutput.json_schema(BENCH_SCHEMA),
+    "structural_tag": StructuredOutput.structural_tag({"triggers": ["<tool_call>"], "structures": [
+        {"begin": "<tool_call>\n", "schema": BENCH_SCHEMA, "end": "\n</tool_call>"}]}),
+}
 
 
 class WorkloadError(ValueError):
