@@ -27,8 +27,8 @@
 # redraw (the eager sampler's rows: $BASE and this tree under a JSON schema, this tree with top-p 0.9; tags t1,
 # topp, qwen3 (Qwen3's sampling), schema, none, and each with a b1 prefix for batch 1),
 # structured (64 requests at once, unconstrained, then each under a JSON schema, then under it as a structural tag's
-# call in free text, back to back: the throughput ratios and the grammar masks' time per step; offline, then the
-# first two served at concurrency 64),
+# call in free text, back to back: the throughput ratios and the grammar masks' time per step; offline, then
+# served at concurrency 64),
 # tp (tensor parallelism on a host of two GPUs: its GPU tests, Qwen3-8B at TP 1 and 2 served at concurrency 1
 # and offline, a TP 2 decode profile, Qwen3-32B at TP 2 against its roofline),
 # spec (speculative decoding, issue 16: its GPU tests; batch 1 with drafts accepted (dummy weights, greedy: random
@@ -320,7 +320,7 @@ PY
     server=$!
     for i in $(seq 1 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done
     for so in none json_schema structural_tag; do
-      flag=""; [ $so = json_schema ] && flag=--json-schema
+      flag=""; [ $so = json_schema ] && flag=--json-schema; [ $so = structural_tag ] && flag=--structural-tag
       timeout 120 python3 -m sfllm bench serve --url http://127.0.0.1:$PORT --concurrency 64 --requests 128 \
         --input-len 512 --output-len 512 --vocab-size 151936 --warmup 8 --gpu-monitor off $flag \
         --output-file "$OUT/structured-served-$so.json" >"$OUT/structured-served-$so.log" 2>&1

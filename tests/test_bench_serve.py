@@ -154,9 +154,9 @@ def test_payload_asks_for_usage_and_carries_extensions() -> None:
     assert chat.url == "http://h:1/v1/chat/completions"
     assert body["messages"] == [{"role": "user", "content": "hello"}] and "priority" not in body
     assert "response_format" not in body
-    constrained = ServerTarget("http://h:1", "completions", "m", True, None, {"type": "integer"})
-    assert constrained.payload(spec)["response_format"] == {
-        "type": "json_schema", "json_schema": {"name": "bench", "schema": {"type": "integer"}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "bench", "schema": {"type": "integer"}}}
+    constrained = ServerTarget("http://h:1", "completions", "m", True, None, schema)
+    assert constrained.payload(spec)["response_format"] == schema
 
 
 # ---- statistics ------------------------------------------------------------------------
@@ -399,13 +399,18 @@ def test_live_benchmark_matches_server_usage(live_server, tmp_path: Path) -> Non
 
 def test_live_benchmark_under_a_json_schema_decodes_every_token(live_server, tmp_path: Path) -> None:
     """--json-schema: the server takes the schema (a 400 would count as a failure) and, the records being too many
-    to close, every request decodes all of its tokens, as the unconstrained run does."""
+    to close, every request decodes all of its tokens, as the unconstrained run does; --structural-tag's requests
+    are taken too."""
     out = tmp_path / "results.json"
     rc = serve.main(["--url", live_server.url, "--concurrency", "4", "--requests", "4", "--input-len", "16",
                      "--output-len", "12", "--vocab-size", "1000", "--json-schema", "--output-file", str(out)])
     assert rc == 0
     records = json.loads(out.read_text())["levels"][0]["requests"]
     assert [(r["status"], r["completion_tokens"]) for r in records] == [(200, 12)] * 4
+    rc = serve.main(["--url", live_server.url, "--concurrency", "4", "--requests", "4", "--input-len", "16",
+                     "--output-len", "12", "--vocab-size", "1000", "--structural-tag", "--output-file", str(out)])
+    assert rc == 0, "--structural-tag: the server takes the tag"
+    assert [r["status"] for r in json.loads(out.read_text())["levels"][0]["requests"]] == [200] * 4
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from sfllm.bench.serve_report import (
 )
 from sfllm.bench.workload import (
     BENCH_SCHEMA,
+    BENCH_STRUCTURAL_TAG,
     LengthRange,
     PromptFileWorkload,
     RandomTokenWorkload,
@@ -95,7 +96,7 @@ class ServerTarget:
     model: str
     ignore_eos: bool
     priority: str | None
-    json_schema: dict | None = None  # every request's response_format
+    response_format: dict | None = None  # every request's
 
     @property
     def url(self) -> str:
@@ -115,9 +116,8 @@ class ServerTarget:
             body["prompt"] = spec.prompt
         if self.priority is not None:
             body["priority"] = self.priority
-        if self.json_schema is not None:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "bench", "schema": self.json_schema}}
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
         return body
 
 
@@ -298,7 +298,7 @@ async def run_benchmark(args: argparse.Namespace, workload: Workload,
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         model = args.model or await fetch_model_name(session, base_url)
         target = ServerTarget(base_url, args.endpoint, model, args.ignore_eos, args.priority,
-                              BENCH_SCHEMA if args.json_schema else None)
+                              bench_response_format(args))
         if args.warmup > 0:
             warmup = await run_at_concurrency(
                 session, target, workload.take(args.warmup), max(concurrencies, default=args.warmup), "warm-up"
@@ -377,6 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-schema", action="store_true",
                         help="every request constrained to BENCH_SCHEMA (response_format json_schema), a list of "
                              "records too long to close: structured outputs' throughput against a run without")
+    parser.add_argument("--structural-tag", action="store_true",
+                        help="every request a structural tag: free text with BENCH_SCHEMA as a call behind a "
+                             "<tool_call> trigger (response_format structural_tag)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     parser.add_argument("--warmup", type=int, default=0, help="uncounted requests sent before the first level")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout in seconds")
@@ -388,6 +391,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-id", type=int, default=0, help="the GPU that --gpu-monitor watches (nvidia-smi index)")
 
 
+def bench_response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Every request's response_format: --json-schema's, --structural-tag's, or none."""
+    if args.json_schema:
+        return {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}
+    if args.structural_tag:
+        return {"type": "structural_tag", **BENCH_STRUCTURAL_TAG}
+    return None
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """Fill defaults that depend on other options; raise OptionError for contradictions."""
     if args.concurrency and args.request_rate:
@@ -396,6 +408,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         args.concurrency = args.concurrency or [1]
     if args.warmup < 0:
         raise OptionError("--warmup must be at least 0")
+    if args.json_schema and args.structural_tag:
+        raise OptionError("give --json-schema or --structural-tag, not both: a request has one constraint")
     num_levels = len(args.concurrency or args.request_rate)
     if len(args.requests) not in (1, num_levels):
         raise OptionError(f"--requests has {len(args.requests)} values for {num_levels} levels: give one, or one "

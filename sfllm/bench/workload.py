@@ -19,10 +19,11 @@ BENCH_SCHEMA = {"type": "object", "required": ["id", "notes"], "properties": {
         "properties": {"title": {"type": "string"}, "score": {"type": "number"}}}}}}
 # the constraints a benchmark can put on every request: BENCH_SCHEMA itself, or as a tool call behind a trigger in
 # free text (a random model's text rarely writes the trigger: this times a structural tag's free text)
+BENCH_STRUCTURAL_TAG = {"triggers": ["<tool_call>"], "structures": [
+    {"begin": "<tool_call>\n", "schema": BENCH_SCHEMA, "end": "\n</tool_call>"}]}
 BENCH_CONSTRAINTS = {
     "json_schema": StructuredOutput.json_schema(BENCH_SCHEMA),
-    "structural_tag": StructuredOutput.structural_tag({"triggers": ["<tool_call>"], "structures": [
-        {"begin": "<tool_call>\n", "schema": BENCH_SCHEMA, "end": "\n</tool_call>"}]}),
+    "structural_tag": StructuredOutput.structural_tag(BENCH_STRUCTURAL_TAG),
 }
 
 
