@@ -322,8 +322,11 @@ def test_legacy_triggers_one_the_prefix_of_another_open_each_structure(grammars:
 
 
 def test_a_schema_nested_past_pythons_encoder_is_a_400_not_a_crash() -> None:
-    deep = '{"items": ' * 990 + "{}" + "}" * 990
-    spec = '{"triggers": ["<f"], "structures": [{"begin": "<f>", "end": "</f>", "schema": ' + deep + "}]}"
+    """A spec given as an object (JSON text this deep would fail to parse first): the kept tree's encoding fails."""
+    deep: dict = {}
+    for _ in range(1200):
+        deep = {"items": deep}
+    spec = {"triggers": ["<f"], "structures": [{"begin": "<f>", "end": "</f>", "schema": deep}]}
     with pytest.raises(InvalidSamplingParams, match="structural tag"):
         StructuredOutput.structural_tag(spec, "structural_tag")
 

@@ -55,14 +55,14 @@ class JsonSchemaFormat(StrictModel):
 
 class ResponseFormat(StrictModel):
     """OpenAI's text, json_object and json_schema; the extensions regex and grammar (Lark or GBNF); vLLM's and
-    SGLang's structural_tag (structures and triggers, checked by sfllm/structural_tag.py)."""
+    SGLang's structural_tag (structures and triggers, or xgrammar's format; checked by sfllm/structural_tag.py)."""
     type: Literal["text", "json_object", "json_schema", "regex", "grammar", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
     regex: str | None = None
     grammar: str | None = None
     structures: list[Any] | None = None
     triggers: list[Any] | None = None
-    format: Any = None  # xgrammar's newer structural tag: refused by name
+    format: Any = None  # xgrammar's form of a structural tag
 
     def structured_output(self) -> StructuredOutput | None:
         if self.type == "text":

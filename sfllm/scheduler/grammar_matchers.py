@@ -103,7 +103,8 @@ class GrammarMatchers:
         return grammar
 
     def _special_token(self, text: str) -> int | None:
-        """The id of the special token written `text` (a structural tag's trigger such as `<|python_tag|>`)."""
+        """The id of the special token written `text` (a structural tag's trigger, begin or end such as
+        `<|python_tag|>`), or None."""
         tokens = self._tokenizer.tokenize_str(text)
         return tokens[0] if len(tokens) == 1 and self._tokenizer.is_special_token(tokens[0]) else None
 
